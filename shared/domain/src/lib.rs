@@ -1,0 +1,17 @@
+//! Tidemark's domain: what an order is, how money and time are represented, how
+//! orders fall into time buckets and dimensions, where a row sits in the log, and
+//! the Avro schemas producers write.
+//!
+//! Nothing here does I/O. Wire formats (HTTP request bodies, raw-lake JSON lines,
+//! database rows) live at the edges of the services and convert into these types.
+
+pub mod avro;
+pub mod bucket;
+pub mod money;
+pub mod order;
+pub mod position;
+
+pub use bucket::{Dimension, Granularity};
+pub use money::{Currency, CurrencyError};
+pub use order::{Order, OrderLimits, Violation};
+pub use position::LogPosition;

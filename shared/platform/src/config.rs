@@ -1,0 +1,369 @@
+//! Layered configuration: compiled defaults → optional TOML file → `TIDEMARK_*`
+//! environment variables, validated at start-up.
+//!
+//! Nested keys are separated by a double underscore in the environment:
+//! `TIDEMARK_POSTGRES__URL` sets `postgres.url`. Secrets are [`SecretString`]s and
+//! print as `[REDACTED]`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// The environment variable prefix of every setting.
+pub const ENV_PREFIX: &str = "TIDEMARK_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(String),
+    #[error("configuration could not be read: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+/// A configuration that can check itself once loaded.
+pub trait Validate {
+    /// Pushes one sentence per problem found.
+    fn validate(&self, problems: &mut Vec<String>);
+}
+
+/// Loads `T` from its defaults, the optional file and the environment, then validates it.
+pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Validate,
+{
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile(path.display().to_string()));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    let config: T = figment
+        .merge(Env::prefixed(ENV_PREFIX).split("__"))
+        .extract()
+        .map_err(Box::new)?;
+    let mut problems = Vec::new();
+    config.validate(&mut problems);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+/// Where a service listens and how it treats requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Whole-request deadline; a request over it gets 503 problem+json.
+    #[serde(with = "millis")]
+    pub request_timeout: Duration,
+    /// Requests handled at once before new ones are shed with 503.
+    pub max_concurrency: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(with = "millis")]
+    pub shutdown_grace: Duration,
+}
+
+impl HttpConfig {
+    pub fn on_port(port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            request_timeout: Duration::from_secs(30),
+            max_concurrency: 1024,
+            shutdown_grace: Duration::from_secs(25),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self::on_port(8080)
+    }
+}
+
+impl Validate for HttpConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if self.max_concurrency == 0 {
+            problems.push("http.max_concurrency must be at least 1".into());
+        }
+        if self.request_timeout.is_zero() {
+            problems.push("http.request_timeout must be positive".into());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-friendly, for a terminal.
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A `tracing` env-filter directive, e.g. `info,tidemark_ingest=debug`.
+    pub log_filter: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Pretty,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+impl Validate for TelemetryConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
+            problems.push(format!("telemetry.log_filter is not a valid filter: {e}"));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database`
+    pub url: SecretString,
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before 503.
+    #[serde(with = "millis")]
+    pub acquire_timeout: Duration,
+    /// Apply the migrations in `migrations/postgres` at start-up.
+    pub migrate: bool,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:54320/tidemark".into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            migrate: true,
+        }
+    }
+}
+
+impl Validate for PostgresConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        let url = self.url.expose_secret();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            problems.push("postgres.url must start with postgres://".into());
+        }
+        if self.max_connections == 0 {
+            problems.push("postgres.max_connections must be at least 1".into());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`
+    pub url: SecretString,
+    /// Every key this deployment writes starts with this prefix and a colon.
+    pub key_prefix: String,
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:63790".into(),
+            key_prefix: "tidemark".into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Validate for RedisConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if !self.url.expose_secret().starts_with("redis://") {
+            problems.push("redis.url must start with redis://".into());
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            problems.push("redis.key_prefix must be non-empty without whitespace".into());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClickHouseConfig {
+    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: SecretString,
+    /// Apply the migrations in `migrations/clickhouse` at start-up.
+    pub migrate: bool,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:18123".into(),
+            database: "tidemark".into(),
+            user: "default".into(),
+            password: "".into(),
+            migrate: true,
+        }
+    }
+}
+
+impl Validate for ClickHouseConfig {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if !self.url.starts_with("http://") && !self.url.starts_with("https://") {
+            problems.push("clickhouse.url must be an http(s) URL".into());
+        }
+        if self.database.is_empty()
+            || !self
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            problems.push("clickhouse.database must be letters, digits and underscores".into());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct S3Config {
+    /// Endpoint of an S3-compatible server; addressing is path-style.
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Every object this deployment writes lives under this prefix (may be empty).
+    pub prefix: String,
+    /// Static credentials; when unset, the AWS default chain is used.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<SecretString>,
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:39000".into(),
+            region: "us-east-1".into(),
+            bucket: "tidemark".into(),
+            prefix: String::new(),
+            access_key_id: Some("tidemark".into()),
+            secret_access_key: Some("tidemark-local-secret".into()),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl S3Config {
+    /// The full object key for a key relative to the configured prefix.
+    pub fn key(&self, relative: &str) -> String {
+        if self.prefix.is_empty() {
+            relative.to_owned()
+        } else {
+            format!("{}/{relative}", self.prefix.trim_end_matches('/'))
+        }
+    }
+}
+
+impl Validate for S3Config {
+    fn validate(&self, problems: &mut Vec<String>) {
+        if self.bucket.is_empty() {
+            problems.push("s3.bucket must be set".into());
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            problems.push("s3.access_key_id and s3.secret_access_key must be set together".into());
+        }
+    }
+}
+
+/// Durations in config files and the environment are whole milliseconds.
+pub mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(default)]
+    struct Sample {
+        http: HttpConfig,
+        postgres: PostgresConfig,
+    }
+
+    impl Validate for Sample {
+        fn validate(&self, problems: &mut Vec<String>) {
+            self.http.validate(problems);
+            self.postgres.validate(problems);
+        }
+    }
+
+    #[test]
+    fn layers_file_then_environment_and_redacts_secrets() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "t.toml",
+                "[http]\nlisten = \"0.0.0.0:9000\"\n[postgres]\nmax_connections = 3\n",
+            )?;
+            jail.set_env("TIDEMARK_POSTGRES__MAX_CONNECTIONS", "7");
+            jail.set_env("TIDEMARK_POSTGRES__URL", "postgres://u:hunter2@db/x");
+            let c: Sample = load(Some(Path::new("t.toml"))).expect("loads");
+            assert_eq!(c.http.listen.port(), 9000, "file overrides default");
+            assert_eq!(c.postgres.max_connections, 7, "env overrides file");
+            assert_eq!(
+                c.http.request_timeout,
+                Duration::from_secs(30),
+                "default kept"
+            );
+            let printed = format!("{c:?}");
+            assert!(!printed.contains("hunter2"), "secret printed: {printed}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn reports_every_invalid_value() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIDEMARK_POSTGRES__URL", "mysql://nope");
+            jail.set_env("TIDEMARK_HTTP__MAX_CONCURRENCY", "0");
+            let err = load::<Sample>(None).unwrap_err().to_string();
+            assert!(err.contains("postgres.url"), "{err}");
+            assert!(err.contains("http.max_concurrency"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_file_must_exist() {
+        let err = load::<Sample>(Some(Path::new("/nonexistent/tidemark.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+}

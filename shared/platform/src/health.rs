@@ -1,0 +1,86 @@
+//! Liveness and readiness.
+//!
+//! `/healthz` answers 200 while the process runs. `/readyz` runs every registered
+//! check (each bounded by a timeout) and answers 200 only when all pass; a check
+//! does no more than the service itself does with that dependency.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Serialize;
+
+type CheckFn = dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync;
+
+/// How long one readiness check may take before it counts as failed.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The named checks that make a service ready.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Arc<Vec<(&'static str, Arc<CheckFn>)>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ready: bool,
+    /// Check name → `ok` or a short reason.
+    pub checks: BTreeMap<&'static str, String>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a check; its error text is reported on `/readyz`, so keep it short.
+    pub fn with<F, Fut>(mut self, name: &'static str, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let check: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
+        Arc::make_mut(&mut self.checks).push((name, check));
+        self
+    }
+
+    /// Runs every check concurrently.
+    pub async fn report(&self) -> Report {
+        let runs = self.checks.iter().map(|(name, check)| async move {
+            let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
+                Ok(Ok(())) => "ok".to_owned(),
+                Ok(Err(reason)) => reason,
+                Err(_) => "timed out".to_owned(),
+            };
+            (*name, outcome)
+        });
+        let checks: BTreeMap<_, _> = futures::future::join_all(runs).await.into_iter().collect();
+        Report {
+            ready: checks.values().all(|v| v == "ok"),
+            checks,
+        }
+    }
+}
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(readiness): State<Readiness>) -> impl IntoResponse {
+    let report = readiness.report().await;
+    if !report.ready {
+        tracing::warn!(checks = ?report.checks, "Not ready");
+    }
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report))
+}

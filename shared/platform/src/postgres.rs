@@ -1,0 +1,72 @@
+//! Postgres: the source of truth and the log. A lazily connecting pool, the
+//! embedded migrations, and the rule for which errors mean "unavailable".
+
+use secrecy::ExposeSecret;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::config::PostgresConfig;
+
+/// The migrations in `migrations/postgres`, embedded at build time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// A pool that connects on first use, so a service starts (and reports not-ready)
+/// while Postgres is down.
+pub fn pool(config: &PostgresConfig, application_name: &str) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = config.url.expose_secret().parse()?;
+    let options = options.application_name(application_name);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Applies pending migrations; a no-op when all are applied.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Readiness: one round trip.
+pub async fn check(pool: PgPool) -> Result<(), String> {
+    sqlx::query("SELECT 1")
+        .execute(&pool)
+        .await
+        .map(drop)
+        .map_err(|e| {
+            tracing::debug!(error = %e, "Postgres readiness check failed");
+            classify(&e).to_owned()
+        })
+}
+
+/// True when the error means Postgres is unreachable or refusing work right now
+/// (answer 503 + Retry-After), rather than a bug or a constraint (answer 4xx/500).
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources;
+            // 57P0x: shutting down / cannot connect now; 40001/40P01: retryable.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// A short, safe description of an error for readiness reports.
+pub fn classify(err: &sqlx::Error) -> &'static str {
+    match err {
+        sqlx::Error::PoolTimedOut => "timed out waiting for a connection",
+        sqlx::Error::Io(_) => "unreachable",
+        e if is_unavailable(e) => "unavailable",
+        _ => "error",
+    }
+}

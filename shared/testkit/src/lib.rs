@@ -1,0 +1,320 @@
+//! Test helpers for Tidemark's integration tests.
+//!
+//! Tests run against real servers that `cargo xtask test` starts on loopback and
+//! describes in `.tidemark/test/stack.env` (and in the environment of the test
+//! processes). Every test isolates itself: its own Postgres database, Redis key
+//! prefix, ClickHouse database and S3 prefix. The test stack is wiped each time
+//! `cargo xtask test` starts it, so nothing a test creates outlives the run.
+//!
+//! Tests that stop a server (readiness, fault injection) start a private one with
+//! [`PrivatePostgres`] instead of disturbing the shared servers.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tidemark_platform::config::{ClickHouseConfig, PostgresConfig, RedisConfig, S3Config};
+use uuid::Uuid;
+
+const HINT: &str = "the test servers are not running. Run the tests with `cargo xtask test` \
+    (it starts Postgres, Redis, ClickHouse and S3 on loopback), or keep them up for \
+    repeated runs with `cargo xtask test --keep` and then `cargo nextest run`.";
+
+/// Where the shared test servers listen.
+#[derive(Debug, Clone)]
+pub struct TestStack {
+    vars: HashMap<String, String>,
+}
+
+impl TestStack {
+    fn var(&self, name: &str) -> &str {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("{name} is not set: {HINT}"))
+    }
+
+    pub fn postgres_admin_url(&self) -> &str {
+        self.var("TIDEMARK_TEST_POSTGRES_URL")
+    }
+
+    pub fn postgres_bin_dir(&self) -> PathBuf {
+        PathBuf::from(self.var("TIDEMARK_TEST_POSTGRES_BIN"))
+    }
+
+    pub fn redis_url(&self) -> &str {
+        self.var("TIDEMARK_TEST_REDIS_URL")
+    }
+
+    pub fn redis_server_bin(&self) -> &str {
+        self.var("TIDEMARK_TEST_REDIS_SERVER")
+    }
+
+    pub fn clickhouse_url(&self) -> &str {
+        self.var("TIDEMARK_TEST_CLICKHOUSE_URL")
+    }
+}
+
+/// The workspace root (where `.tidemark/` lives).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root exists")
+}
+
+/// The running test stack; panics with instructions when there is none.
+pub fn stack() -> &'static TestStack {
+    static STACK: OnceLock<TestStack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let mut vars: HashMap<String, String> = HashMap::new();
+        let file = workspace_root().join(".tidemark/test/stack.env");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=') {
+                    vars.insert(k.trim().to_owned(), v.trim().to_owned());
+                }
+            }
+        }
+        for (k, v) in std::env::vars() {
+            if k.starts_with("TIDEMARK_TEST_") {
+                vars.insert(k, v);
+            }
+        }
+        let stack = TestStack { vars };
+        // Fail fast, never hang, when the servers are down.
+        let pg = stack.postgres_admin_url().to_owned();
+        let addr = pg
+            .rsplit('@')
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let reachable = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+        assert!(reachable, "Postgres at {addr} is unreachable: {HINT}");
+        stack
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", Uuid::new_v4().simple())
+}
+
+/// A fresh Postgres database with the migrations applied.
+pub struct TestDb {
+    pub name: String,
+    pub pool: PgPool,
+    pub config: PostgresConfig,
+}
+
+/// Creates a database of its own for one test, migrated.
+pub async fn postgres() -> TestDb {
+    let stack = stack();
+    let admin = stack.postgres_admin_url();
+    let name = unique("t_");
+    let admin_pool = PgPool::connect(admin).await.expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin_pool)
+        .await
+        .expect("create test database");
+    admin_pool.close().await;
+    let base = admin.rsplit_once('/').expect("url has a database").0;
+    let config = PostgresConfig {
+        url: format!("{base}/{name}").into(),
+        max_connections: 20,
+        ..PostgresConfig::default()
+    };
+    let pool = tidemark_platform::postgres::pool(&config, "tidemark-test").expect("pool");
+    tidemark_platform::postgres::migrate(&pool)
+        .await
+        .expect("migrations apply");
+    TestDb { name, pool, config }
+}
+
+/// A Redis config with a key prefix of its own.
+pub fn redis() -> RedisConfig {
+    RedisConfig {
+        url: stack().redis_url().into(),
+        key_prefix: unique("t"),
+        ..RedisConfig::default()
+    }
+}
+
+/// A ClickHouse config naming a database of its own (created by the migrations).
+pub fn clickhouse() -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: stack().clickhouse_url().to_owned(),
+        database: unique("t_"),
+        ..ClickHouseConfig::default()
+    }
+}
+
+/// An S3 config with a prefix of its own in the shared test bucket.
+pub fn s3() -> S3Config {
+    let stack = stack();
+    S3Config {
+        endpoint: stack.var("TIDEMARK_TEST_S3_ENDPOINT").to_owned(),
+        bucket: stack.var("TIDEMARK_TEST_S3_BUCKET").to_owned(),
+        access_key_id: Some(stack.var("TIDEMARK_TEST_S3_ACCESS_KEY_ID").to_owned()),
+        secret_access_key: Some(stack.var("TIDEMARK_TEST_S3_SECRET_ACCESS_KEY").into()),
+        prefix: unique("t-"),
+        ..S3Config::default()
+    }
+}
+
+/// A free loopback port (racy in theory; fine for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs a Postgres binary, as the `postgres` user when we are root (Postgres
+/// refuses to run as root).
+fn pg_command(bin: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+/// A Postgres server of one test's own, for tests that stop and restart it.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// Initialises and starts a server with the migrations applied to `postgres`.
+    pub async fn start() -> PrivatePostgres {
+        let bin = stack().postgres_bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-pg-")
+            .tempdir()
+            .expect("tempdir");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown runs");
+            assert!(ok.success(), "chown of the private Postgres directory");
+        }
+        let data = dir.path().join("data");
+        let status = pg_command(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("initdb runs");
+        assert!(status.success(), "initdb failed");
+        let pg = PrivatePostgres {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        pg.resume();
+        let pool = PgPool::connect(&pg.url())
+            .await
+            .expect("private postgres up");
+        tidemark_platform::postgres::migrate(&pool)
+            .await
+            .expect("migrations apply");
+        pool.close().await;
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn config(&self) -> PostgresConfig {
+        PostgresConfig {
+            url: self.url().into(),
+            acquire_timeout: Duration::from_millis(500),
+            ..PostgresConfig::default()
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.path().join("data");
+        let status = pg_command(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("pg_ctl runs");
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn resume(&self) {
+        let socket_dir = self.dir.path().display().to_string();
+        let log = self.dir.path().join("log").display().to_string();
+        let opts = format!(
+            "-p {} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port
+        );
+        self.pg_ctl(&["-w", "-l", &log, "-o", &opts, "start"]);
+    }
+
+    /// Stops the server (fast shutdown) and waits until it is gone.
+    pub fn stop(&self) {
+        self.pg_ctl(&["-w", "-m", "fast", "stop"]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        drop(
+            pg_command(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-m", "immediate", "stop"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status(),
+        );
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

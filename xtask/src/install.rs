@@ -1,0 +1,150 @@
+//! Installs what the stacks need and is missing: servers from Debian packages,
+//! the S3-compatible server from crates.io (pinned).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::proc::{is_root, run};
+
+/// The S3-compatible server: s3s-fs, pinned (0.15+ needs a newer rustc).
+pub const S3S_FS_VERSION: &str = "0.14.1";
+
+/// Where `cargo install` puts binaries.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin").join(name)
+}
+
+/// The newest installed PostgreSQL's binary directory.
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/initdb")).exists())
+        .collect();
+    versions.sort_unstable();
+    versions
+        .last()
+        .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+struct Package {
+    /// Debian package.
+    apt: &'static str,
+    installed: fn() -> bool,
+}
+
+const PACKAGES: &[Package] = &[
+    Package {
+        apt: "postgresql",
+        installed: || postgres_bin_dir().is_some(),
+    },
+    Package {
+        apt: "redis-server",
+        installed: || which("redis-server").is_some(),
+    },
+    Package {
+        apt: "clickhouse-server",
+        installed: || which("clickhouse-server").is_some(),
+    },
+    Package {
+        apt: "clickhouse-client",
+        installed: || which("clickhouse-client").is_some(),
+    },
+    Package {
+        apt: "prometheus",
+        installed: || which("prometheus").is_some(),
+    },
+    Package {
+        apt: "docker-compose",
+        installed: || which("docker-compose").is_some(),
+    },
+];
+
+fn s3s_fs_installed() -> bool {
+    cargo_bin("s3s-fs").exists()
+        && run(Command::new("cargo").args(["install", "--list"]))
+            .is_ok_and(|list| list.contains(&format!("s3s-fs v{S3S_FS_VERSION}:")))
+}
+
+/// Installs whatever is missing; without root, prints the exact commands instead.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|p| !(p.installed)())
+        .map(|p| p.apt)
+        .collect();
+    let need_s3 = !s3s_fs_installed();
+    if missing.is_empty() && !need_s3 {
+        return Ok(());
+    }
+    let apt_line = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    let cargo_line =
+        format!("cargo install s3s-fs@{S3S_FS_VERSION} --features binary --locked --force");
+    if !is_root() {
+        let mut msg = String::from("Tidemark needs these installed first (run as root):\n");
+        if !missing.is_empty() {
+            msg += &format!("  sudo apt-get update && sudo {apt_line}\n");
+        }
+        if need_s3 {
+            msg += &format!("  {cargo_line}\n");
+        }
+        bail!(msg);
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {} (apt-get)", missing.join(", "));
+        // Keep Debian from starting system-wide copies of these servers: the stacks
+        // run their own on other ports.
+        let policy = PathBuf::from("/usr/sbin/policy-rc.d");
+        let own_policy = !policy.exists();
+        if own_policy {
+            std::fs::write(&policy, "#!/bin/sh\nexit 101\n")?;
+            run(Command::new("chmod").args(["+x", "/usr/sbin/policy-rc.d"]))?;
+        }
+        let result = run(Command::new("apt-get").args(["update", "-qq"])).and_then(|_| {
+            run(Command::new("sh")
+                .arg("-c")
+                .arg(format!("{apt_line} -qq"))
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        });
+        if own_policy {
+            std::fs::remove_file(&policy)?;
+        }
+        result?;
+    }
+    if need_s3 {
+        eprintln!("xtask: installing s3s-fs {S3S_FS_VERSION} (cargo install, ~2 minutes)");
+        let status = Command::new("cargo")
+            .args([
+                "install",
+                &format!("s3s-fs@{S3S_FS_VERSION}"),
+                "--features",
+                "binary",
+                "--locked",
+                "--force",
+            ])
+            .env_remove("CARGO_TARGET_DIR")
+            .status()?;
+        if !status.success() {
+            bail!("cargo install s3s-fs failed");
+        }
+    }
+    Ok(())
+}

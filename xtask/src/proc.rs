@@ -1,0 +1,127 @@
+//! Processes the stacks start: spawned detached (their own process group, so they
+//! outlive `cargo xtask up` and ignore the terminal's Ctrl-C), tracked by pid files,
+//! stopped by pid.
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use std::os::unix::process::CommandExt;
+
+/// Starts `cmd` in its own process group with stdout and stderr appended to `log`,
+/// and records its pid in `pid_file`.
+pub fn spawn_detached(cmd: &mut Command, log: &Path, pid_file: &Path) -> Result<u32> {
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("start {:?}", cmd.get_program()))?;
+    let pid = child.id();
+    fs::write(pid_file, format!("{pid}\n"))?;
+    Ok(pid)
+}
+
+pub fn read_pid(pid_file: &Path) -> Option<u32> {
+    fs::read_to_string(pid_file)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// True when `pid` runs and is not a zombie, and its command line mentions `name`
+/// (so a recycled pid is never mistaken for ours).
+pub fn alive(pid: u32, name: &str) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next());
+    if matches!(state, Some("Z" | "X")) {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline).contains(name)
+}
+
+fn signal(pid: u32, sig: &str) {
+    // `kill` the command keeps this crate free of `unsafe`.
+    drop(
+        Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .stderr(Stdio::null())
+            .status(),
+    );
+}
+
+/// Sends `sig`, waits up to `grace` for the process to exit, then SIGKILLs it.
+pub async fn stop(pid: u32, name: &str, sig: &str, grace: Duration) -> Result<()> {
+    if !alive(pid, name) {
+        return Ok(());
+    }
+    signal(pid, sig);
+    if wait_until(grace, || !alive(pid, name)).await {
+        return Ok(());
+    }
+    signal(pid, "KILL");
+    if wait_until(Duration::from_secs(5), || !alive(pid, name)).await {
+        return Ok(());
+    }
+    bail!("{name} (pid {pid}) survived SIGKILL")
+}
+
+/// Polls `condition` every 50 ms; true if it held before `timeout`.
+pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a command to completion, failing with its output when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let output = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    if !output.status.success() {
+        bail!(
+            "{:?} {:?} failed ({}):\n{}{}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+pub fn is_root() -> bool {
+    run(Command::new("id").arg("-u")).is_ok_and(|out| out.trim() == "0")
+}
+
+/// The last `n` lines of a file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,276 @@
+//! `cargo xtask up|down|status|logs`: the local platform.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tidemark_platform::auth::{self, Scope};
+use tidemark_platform::config::ClickHouseConfig;
+
+use crate::install;
+use crate::proc::{self, alive, read_pid, spawn_detached};
+use crate::stack::{Kind, S3_ACCESS_KEY, S3_SECRET_KEY, Stack, wait_async};
+
+/// The services and their ports, in start order.
+pub const SERVICES: &[(&str, u16)] = &[
+    ("ingest", 8081),
+    ("speed", 8083),
+    ("compactor", 8084),
+    ("serving", 8082),
+    ("generator", 8085),
+];
+
+/// Stop order: the reverse of start order.
+fn stop_order() -> Vec<&'static str> {
+    SERVICES.iter().rev().map(|(name, _)| *name).collect()
+}
+
+pub async fn up() -> Result<()> {
+    install::ensure()?;
+    let stack = Stack::new(Kind::Up);
+    eprintln!("xtask: starting servers under {}", stack.base.display());
+    stack.start_servers().await?;
+
+    let pool = sqlx::PgPool::connect(&stack.postgres_url("tidemark")).await?;
+    tidemark_platform::postgres::migrate(&pool).await?;
+    tidemark_platform::clickhouse::migrate(&clickhouse_config(&stack)).await?;
+    let keys = demo_keys(&stack, &pool).await?;
+    pool.close().await;
+
+    eprintln!("xtask: building services");
+    let packages: Vec<String> = SERVICES
+        .iter()
+        .flat_map(|(name, _)| ["-p".to_owned(), format!("tidemark-{name}")])
+        .collect();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--bins", "--quiet"])
+        .args(&packages)
+        .current_dir(&stack.root)
+        .status()?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+
+    let env = service_env(&stack, &keys);
+    for (name, port) in SERVICES {
+        start_service(&stack, name, *port, &env)?;
+    }
+    let client = reqwest::Client::new();
+    for (name, port) in SERVICES {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let ready = wait_async(Duration::from_secs(60), || {
+            let request = client.get(&url).send();
+            async move { request.await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        if !ready {
+            bail!(
+                "{name} is not ready at {url}; last log lines:\n{}",
+                proc::tail(&stack.log(name), 30)
+            );
+        }
+    }
+    let targets: Vec<(String, String)> = SERVICES
+        .iter()
+        .map(|(name, port)| ((*name).to_owned(), format!("127.0.0.1:{port}")))
+        .collect();
+    stack.write_prometheus_targets("services", &targets)?;
+
+    let mut vars = vec![];
+    for (name, port) in SERVICES {
+        vars.push((
+            format!("TIDEMARK_{}_URL", name.to_uppercase()),
+            format!("http://127.0.0.1:{port}"),
+        ));
+    }
+    vars.extend([
+        ("TIDEMARK_PROMETHEUS_URL".to_owned(), stack.prometheus_url()),
+        (
+            "TIDEMARK_POSTGRES_URL".to_owned(),
+            stack.postgres_url("tidemark"),
+        ),
+        ("TIDEMARK_REDIS_URL".to_owned(), stack.redis_url()),
+        ("TIDEMARK_CLICKHOUSE_URL".to_owned(), stack.clickhouse_url()),
+        ("TIDEMARK_S3_ENDPOINT".to_owned(), stack.s3_endpoint()),
+        ("TIDEMARK_S3_BUCKET".to_owned(), stack.bucket().to_owned()),
+    ]);
+    vars.extend(keys);
+    stack.write_env(&vars)?;
+
+    println!("Tidemark is up.\n");
+    for (k, v) in &vars {
+        if k.ends_with("_URL") || k.ends_with("_ENDPOINT") {
+            println!("  {:<26} {v}", k.trim_start_matches("TIDEMARK_"));
+        }
+    }
+    println!(
+        "\nDemo API keys and these URLs: {}\n  source {0}\n\
+         API docs: http://127.0.0.1:8081/docs (ingest), http://127.0.0.1:8082/docs (serving)\n\
+         Stop with `cargo xtask down`; see `cargo xtask status` and `cargo xtask logs <name>`.",
+        stack.env_file().display()
+    );
+    Ok(())
+}
+
+fn clickhouse_config(stack: &Stack) -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: stack.clickhouse_url(),
+        database: "tidemark".into(),
+        ..ClickHouseConfig::default()
+    }
+}
+
+/// The demo keys: reused from stack.env when present, created otherwise.
+async fn demo_keys(stack: &Stack, pool: &sqlx::PgPool) -> Result<Vec<(String, String)>> {
+    let previous = stack.read_env();
+    let mut out = Vec::new();
+    for (var, scope) in [
+        ("TIDEMARK_INGEST_KEY", Scope::Ingest),
+        ("TIDEMARK_READ_KEY", Scope::Read),
+        ("TIDEMARK_ADMIN_KEY", Scope::Admin),
+    ] {
+        let token = previous
+            .iter()
+            .find(|(k, _)| k == var)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(auth::generate_token);
+        auth::store(
+            pool,
+            &token,
+            &format!("demo-{}", scope.as_str()),
+            &[scope],
+            None,
+        )
+        .await?;
+        out.push((var.to_owned(), token));
+    }
+    Ok(out)
+}
+
+/// Settings every service reads (each ignores what it does not use).
+fn service_env(stack: &Stack, keys: &[(String, String)]) -> Vec<(String, String)> {
+    let ingest_key = keys
+        .iter()
+        .find(|(k, _)| k == "TIDEMARK_INGEST_KEY")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let s3 = stack.s3_config();
+    vec![
+        (
+            "TIDEMARK_POSTGRES__URL".into(),
+            stack.postgres_url("tidemark"),
+        ),
+        ("TIDEMARK_REDIS__URL".into(), stack.redis_url()),
+        ("TIDEMARK_CLICKHOUSE__URL".into(), stack.clickhouse_url()),
+        ("TIDEMARK_CLICKHOUSE__DATABASE".into(), "tidemark".into()),
+        ("TIDEMARK_S3__ENDPOINT".into(), s3.endpoint),
+        ("TIDEMARK_S3__BUCKET".into(), s3.bucket),
+        ("TIDEMARK_S3__ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
+        (
+            "TIDEMARK_S3__SECRET_ACCESS_KEY".into(),
+            S3_SECRET_KEY.into(),
+        ),
+        (
+            "TIDEMARK_TARGET__INGEST_URL".into(),
+            "http://127.0.0.1:8081".into(),
+        ),
+        ("TIDEMARK_TARGET__API_KEY".into(), ingest_key),
+    ]
+}
+
+fn binary(stack: &Stack, name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| stack.root.join("target"), PathBuf::from);
+    target.join("debug").join(format!("tidemark-{name}"))
+}
+
+/// Starts a service unless it runs already with the current binary.
+fn start_service(stack: &Stack, name: &str, port: u16, env: &[(String, String)]) -> Result<()> {
+    let pid_file = stack.pid_file(name);
+    let bin = binary(stack, name);
+    let process = format!("tidemark-{name}");
+    if let Some(pid) = read_pid(&pid_file).filter(|&pid| alive(pid, &process)) {
+        let started = std::fs::metadata(&pid_file)?.modified()?;
+        let built = std::fs::metadata(&bin)?.modified()?;
+        if built <= started {
+            return Ok(());
+        }
+        eprintln!("xtask: restarting {name} (rebuilt)");
+        futures_stop(pid, &process)?;
+    }
+    let mut cmd = Command::new(&bin);
+    cmd.arg("serve")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .current_dir(&stack.root);
+    spawn_detached(&mut cmd, &stack.log(name), &pid_file)
+        .with_context(|| format!("start {name}"))?;
+    Ok(())
+}
+
+/// Stops a process synchronously from a non-async context.
+fn futures_stop(pid: u32, process: &str) -> Result<()> {
+    let process = process.to_owned();
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(proc::stop(
+            pid,
+            &process,
+            "TERM",
+            Duration::from_secs(30),
+        ))
+    })
+}
+
+pub async fn down(test: bool) -> Result<()> {
+    let stack = Stack::new(if test { Kind::Test } else { Kind::Up });
+    stack.stop(&stop_order()).await?;
+    println!("Stopped the {} stack.", if test { "test" } else { "up" });
+    Ok(())
+}
+
+pub async fn status(test: bool) -> Result<()> {
+    let stack = Stack::new(if test { Kind::Test } else { Kind::Up });
+    let services: &[(&str, u16)] = if test { &[] } else { SERVICES };
+    print!("{}", stack.status_lines(services));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()?;
+    for (name, port) in services {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let state = match client.get(&url).send().await {
+            Ok(r) => format!(
+                "{} {}",
+                r.status().as_u16(),
+                r.text().await.unwrap_or_default()
+            ),
+            Err(_) => "unreachable".to_owned(),
+        };
+        println!("{name:<12} /readyz {state}");
+    }
+    if stack.env_file().exists() {
+        println!("URLs and demo keys: {}", stack.env_file().display());
+    }
+    Ok(())
+}
+
+pub async fn logs(name: &str, lines: usize, follow: bool, test: bool) -> Result<()> {
+    let stack = Stack::new(if test { Kind::Test } else { Kind::Up });
+    let path = stack.log(name);
+    if !path.exists() {
+        bail!("no log for `{name}` at {}", path.display());
+    }
+    if follow {
+        let status = tokio::process::Command::new("tail")
+            .args(["-n", &lines.to_string(), "-F"])
+            .arg(&path)
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("tail failed");
+        }
+    } else {
+        println!("{}", proc::tail(&path, lines));
+    }
+    Ok(())
+}
