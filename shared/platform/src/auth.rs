@@ -335,6 +335,15 @@ pub enum KeysCommand {
         #[arg(long)]
         rate: Option<i32>,
     },
+    /// Store a given token (idempotent), e.g. a demo key known to a compose file.
+    Import {
+        #[arg(long, env = "TIDEMARK_IMPORT_TOKEN")]
+        token: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<Scope>,
+    },
     /// List keys (never their tokens).
     List,
     /// Revoke a key by id or display prefix.
@@ -347,6 +356,18 @@ impl KeysCommand {
             KeysCommand::Create { name, scopes, rate } => {
                 let (key, token) = create(pool, &name, &scopes, rate).await?;
                 println!("{}", serde_json::json!({ "key": key, "token": token }));
+            }
+            KeysCommand::Import {
+                token,
+                name,
+                scopes,
+            } => {
+                anyhow::ensure!(
+                    token.starts_with(TOKEN_PREFIX) && (20..=128).contains(&token.len()),
+                    "a token starts with {TOKEN_PREFIX} and has 20 to 128 characters"
+                );
+                let key = store(pool, &token, &name, &scopes, None).await?;
+                println!("{}", serde_json::to_string(&key)?);
             }
             KeysCommand::List => {
                 for key in list(pool).await? {

@@ -1,0 +1,15 @@
+//! The service's operational endpoints, started on port 0 against real servers.
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics_answer() {
+    let db = tidemark_testkit::postgres().await;
+    let config = tidemark_serving::Config {
+        postgres: db.config.clone(),
+        redis: tidemark_testkit::redis(),
+        clickhouse: tidemark_testkit::clickhouse(),
+        ..Default::default()
+    };
+    let svc = tidemark_testkit::start(|l, s| tidemark_serving::serve(config, l, s)).await;
+    tidemark_testkit::assert_operational(&svc).await;
+    svc.stop().await.expect("clean shutdown");
+}
