@@ -1,1 +1,150 @@
-//! placeholder
+//! Load-test scenarios against a running Tidemark stack, with latency percentiles
+//! from an HDR histogram and a JSON report.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{TimeDelta, Utc};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tidemark_domain::Order;
+use uuid::Uuid;
+
+/// Deterministic orders for benchmarks: the same seed gives the same orders, so a
+/// benchmark and its anchor load identical rows.
+pub fn orders(seed: u64, count: usize) -> Vec<Order> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = Utc::now();
+    (0..count)
+        .map(|_| Order {
+            order_id: Uuid::from_u128(rng.random()),
+            user_id: format!("user-{}", rng.random_range(0..100_000)),
+            city: ["Berlin", "Paris", "Lisbon", "Oslo", "Madrid", "Vienna"][rng.random_range(0..6)]
+                .into(),
+            product_id: format!("sku-{}", rng.random_range(0..5_000)),
+            category: ["books", "games", "garden", "kitchen"][rng.random_range(0..4)].into(),
+            quantity: rng.random_range(1..5),
+            unit_price_minor: rng.random_range(100..50_000),
+            currency: ["EUR", "USD", "GBP"][rng.random_range(0..3)]
+                .parse()
+                .expect("listed"),
+            created_at: chrono::SubsecRound::trunc_subsecs(
+                now - TimeDelta::seconds(rng.random_range(0..86_400)),
+                6,
+            ),
+        })
+        .collect()
+}
+
+pub fn order_json(o: &Order) -> serde_json::Value {
+    serde_json::json!({
+        "order_id": o.order_id, "user_id": o.user_id, "city": o.city,
+        "product_id": o.product_id, "category": o.category, "quantity": o.quantity,
+        "unit_price_minor": o.unit_price_minor, "currency": o.currency.as_str(),
+        "created_at": o.created_at.to_rfc3339(),
+    })
+}
+
+/// What a scenario measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub requests: u64,
+    pub items: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub requests_per_sec: f64,
+    pub items_per_sec: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Collects latencies and counts from concurrent workers.
+pub struct Recorder {
+    histogram: std::sync::Mutex<Histogram<u64>>,
+    errors: AtomicU64,
+    items: AtomicU64,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self {
+            histogram: std::sync::Mutex::new(
+                Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+            ),
+            errors: AtomicU64::new(0),
+            items: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Recorder {
+    pub fn record(&self, latency: Duration, ok: bool, items: u64) {
+        let micros = (latency.as_micros() as u64).clamp(1, 120_000_000);
+        self.histogram
+            .lock()
+            .expect("not poisoned")
+            .saturating_record(micros);
+        if ok {
+            self.items.fetch_add(items, Ordering::Relaxed);
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn report(&self, scenario: &str, elapsed: Duration) -> Report {
+        let h = self.histogram.lock().expect("not poisoned");
+        let seconds = elapsed.as_secs_f64();
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let items = self.items.load(Ordering::Relaxed);
+        Report {
+            scenario: scenario.to_owned(),
+            requests: h.len(),
+            items,
+            errors: self.errors.load(Ordering::Relaxed),
+            seconds,
+            requests_per_sec: h.len() as f64 / seconds,
+            items_per_sec: items as f64 / seconds,
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            max_ms: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+/// Sends pre-built bodies to `url` with `concurrency` requests in flight; each body
+/// counts `items` on success.
+pub async fn send_all(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    content_type: &str,
+    bodies: Vec<(Vec<u8>, u64)>,
+    concurrency: usize,
+) -> (Arc<Recorder>, Duration) {
+    let recorder = Arc::new(Recorder::default());
+    let started = Instant::now();
+    futures::stream::iter(bodies)
+        .for_each_concurrent(concurrency, |(body, items)| {
+            let recorder = recorder.clone();
+            let request = client
+                .post(url)
+                .bearer_auth(key)
+                .header("content-type", content_type)
+                .body(body);
+            async move {
+                let t = Instant::now();
+                let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
+                recorder.record(t.elapsed(), ok, items);
+            }
+        })
+        .await;
+    (recorder, started.elapsed())
+}

@@ -4,6 +4,7 @@
 //! - `test`: the whole check, exactly what CI runs.
 //! - `down`, `status`, `logs`: look after a running stack.
 
+mod bench;
 mod install;
 mod proc;
 mod stack;
@@ -64,6 +65,8 @@ enum Task {
     },
     /// Install the servers and tools the stacks need, then exit.
     Install,
+    /// A benchmark, printed next to an anchor measured in the same run: ingest.
+    Bench { name: String },
 }
 
 #[tokio::main]
@@ -85,6 +88,7 @@ async fn main() -> ExitCode {
             args,
         } => test::run(keep, !no_lint, &args).await,
         Task::Install => install::ensure(),
+        Task::Bench { name } => bench::run_bench(&name).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -212,6 +212,10 @@ impl Stack {
         Ok(())
     }
 
+    pub fn is_running(&self, server: Server) -> bool {
+        self.running(server).is_some()
+    }
+
     fn running(&self, server: Server) -> Option<u32> {
         read_pid(&self.pid_file(server.name())).filter(|&pid| alive(pid, server.process_name()))
     }

@@ -90,6 +90,10 @@ fn test_env(stack: &Stack) -> Result<Vec<(String, String)>> {
         var("S3_BUCKET", stack.bucket().to_owned()),
         var("S3_ACCESS_KEY_ID", S3_ACCESS_KEY.to_owned()),
         var("S3_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_owned()),
+        var(
+            "S3_SERVER",
+            install::cargo_bin("s3s-fs").display().to_string(),
+        ),
         var("PROMETHEUS_URL", stack.prometheus_url()),
         var(
             "PROMETHEUS_TARGETS",

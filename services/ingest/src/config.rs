@@ -1,7 +1,11 @@
 //! The ingest service's settings.
 
+use std::time::Duration;
+
 use serde::Deserialize;
-use tidemark_platform::config::{HttpConfig, PostgresConfig, S3Config, TelemetryConfig, Validate};
+use tidemark_platform::config::{
+    HttpConfig, PostgresConfig, S3Config, TelemetryConfig, Validate, millis,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -10,6 +14,65 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub postgres: PostgresConfig,
     pub s3: S3Config,
+    pub ingest: IngestSettings,
+    pub relay: RelaySettings,
+}
+
+/// Limits of `POST /v1/orders` (documented in the OpenAPI spec).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct IngestSettings {
+    /// Largest accepted request body; larger ones get 413 before being read.
+    pub max_body_bytes: usize,
+    /// Most orders in one request.
+    pub max_batch: usize,
+    /// How far `created_at` may lie in the future.
+    pub max_future_skew_secs: i64,
+    /// Requests per second per API key without its own rate; unset is unlimited.
+    pub default_rate_per_second: Option<u32>,
+    /// How long an API-key lookup is trusted (a revoked key works this long).
+    #[serde(with = "millis")]
+    pub auth_cache_ttl: Duration,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 * 1024 * 1024,
+            max_batch: 10_000,
+            max_future_skew_secs: 300,
+            default_rate_per_second: None,
+            auth_cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The lake relay: orders log → raw JSON Lines in S3.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RelaySettings {
+    /// Run the relay inside this process (one relay runs at a time per database;
+    /// others wait on an advisory lock).
+    pub enabled: bool,
+    /// Most rows per raw file batch.
+    pub batch_size: i64,
+    /// Pause between polls when the log is idle.
+    #[serde(with = "millis")]
+    pub poll_interval: Duration,
+    /// Longest pause between retries when S3 or Postgres fail.
+    #[serde(with = "millis")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 5_000,
+            poll_interval: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for Config {
@@ -19,6 +82,8 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             postgres: PostgresConfig::default(),
             s3: S3Config::default(),
+            ingest: IngestSettings::default(),
+            relay: RelaySettings::default(),
         }
     }
 }
@@ -29,5 +94,11 @@ impl Validate for Config {
         self.telemetry.validate(problems);
         self.postgres.validate(problems);
         self.s3.validate(problems);
+        if self.ingest.max_batch == 0 || self.ingest.max_body_bytes == 0 {
+            problems.push("ingest.max_batch and ingest.max_body_bytes must be positive".into());
+        }
+        if self.relay.batch_size <= 0 {
+            problems.push("relay.batch_size must be positive".into());
+        }
     }
 }

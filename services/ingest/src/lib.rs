@@ -1,9 +1,16 @@
-//! Ingest: `POST /v1/orders` commits orders to Postgres, the log; the lake relay
-//! lands them as raw JSON Lines in S3.
+//! Ingest: `POST /v1/orders` commits orders to Postgres, the log, and answers only
+//! after the commit; the lake relay lands them as raw JSON Lines in S3.
+//!
+//! Readiness depends on Postgres only: while S3 is down the relay waits and retries,
+//! and ingest keeps accepting orders.
 
+pub mod api;
 pub mod config;
+pub mod decode;
+pub mod relay;
+pub mod store;
 
-use axum::Router;
+use tidemark_platform::auth::{AuthConfig, Authenticator};
 use tidemark_platform::health::Readiness;
 use tidemark_platform::{http, postgres, s3};
 use tokio::net::TcpListener;
@@ -11,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// Runs the service on `listener` until `shutdown` is cancelled.
+/// Runs the API (and, when enabled, the lake relay) until `shutdown` is cancelled.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -21,17 +28,41 @@ pub async fn serve(
     if config.postgres.migrate {
         postgres::migrate(&pool).await?;
     }
-    let s3 = s3::client(&config.s3).await;
-    let readiness = Readiness::new()
-        .with("postgres", {
-            let pool = pool.clone();
-            move || postgres::check(pool.clone())
-        })
-        .with("s3", {
-            let bucket = config.s3.bucket.clone();
-            move || s3::check(s3.clone(), bucket.clone())
-        });
-    let router = http::finish(Router::new(), readiness, &config.http);
-    http::serve(listener, router, shutdown, config.http.shutdown_grace).await?;
+    let relay = if config.relay.enabled {
+        let client = s3::client(&config.s3).await;
+        let relay = relay::Relay::new(
+            pool.clone(),
+            client,
+            config.s3.clone(),
+            config.relay.clone(),
+        );
+        let token = shutdown.child_token();
+        Some((tokio::spawn(relay.run(token.clone())), token))
+    } else {
+        None
+    };
+
+    let auth = Authenticator::new(
+        pool.clone(),
+        AuthConfig {
+            cache_ttl: config.ingest.auth_cache_ttl,
+            default_rate_per_second: config.ingest.default_rate_per_second,
+        },
+    );
+    let readiness = Readiness::new().with("postgres", {
+        let pool = pool.clone();
+        move || postgres::check(pool.clone())
+    });
+    let state = api::ApiState {
+        pool,
+        settings: config.ingest.clone(),
+    };
+    let router = http::finish(api::router(state, auth), readiness, &config.http);
+    let served = http::serve(listener, router, shutdown, config.http.shutdown_grace).await;
+    if let Some((task, token)) = relay {
+        token.cancel();
+        task.await?;
+    }
+    served?;
     Ok(())
 }

@@ -266,3 +266,33 @@ mod tests {
         assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
     }
 }
+
+/// The problem+json body, for OpenAPI documents.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemSchema {
+    /// A URI naming the kind of problem, e.g. `https://tidemark.dev/problems/validation`.
+    #[schema(example = "https://tidemark.dev/problems/validation")]
+    pub r#type: String,
+    #[schema(example = "Invalid request")]
+    pub title: String,
+    #[schema(example = 400)]
+    pub status: u16,
+    /// What went wrong, in a sentence.
+    pub detail: Option<String>,
+    /// Field-level errors (validation problems).
+    pub errors: Option<Vec<FieldErrorSchema>>,
+}
+
+/// One field-level error, for OpenAPI documents.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = FieldError)]
+pub struct FieldErrorSchema {
+    /// JSON pointer to the field; batches are prefixed with the item index.
+    #[schema(example = "/3/currency")]
+    pub pointer: String,
+    #[schema(example = "invalid")]
+    pub code: String,
+    #[schema(example = "must be an accepted ISO 4217 code (e.g. EUR, USD, JPY)")]
+    pub detail: String,
+}

@@ -384,3 +384,81 @@ pub async fn assert_operational(svc: &Running) {
         "no request counter in:\n{metrics}"
     );
 }
+
+/// An S3 server (s3s-fs) of one test's own, for tests that stop and restart it.
+pub struct PrivateS3 {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl PrivateS3 {
+    pub const ACCESS_KEY: &str = "private";
+    pub const SECRET_KEY: &str = "private-secret";
+    pub const BUCKET: &str = "private";
+
+    /// Starts a server with one bucket.
+    pub async fn start() -> PrivateS3 {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-s3-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir(dir.path().join(Self::BUCKET)).expect("bucket directory");
+        let s3 = PrivateS3 {
+            dir,
+            port: free_port(),
+            child: std::sync::Mutex::new(None),
+        };
+        s3.resume().await;
+        s3
+    }
+
+    pub fn config(&self) -> S3Config {
+        S3Config {
+            endpoint: format!("http://127.0.0.1:{}", self.port),
+            bucket: Self::BUCKET.into(),
+            access_key_id: Some(Self::ACCESS_KEY.into()),
+            secret_access_key: Some(Self::SECRET_KEY.into()),
+            timeout: Duration::from_secs(2),
+            ..S3Config::default()
+        }
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub async fn resume(&self) {
+        let child = Command::new(stack().var("TIDEMARK_TEST_S3_SERVER"))
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--access-key",
+                Self::ACCESS_KEY,
+                "--secret-key",
+                Self::SECRET_KEY,
+            ])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("s3s-fs starts");
+        *self.child.lock().unwrap() = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "private S3 listens", || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(addr).await.is_ok() }
+        })
+        .await;
+    }
+
+    /// Kills the server (its data stays).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            drop(child.kill());
+            drop(child.wait());
+        }
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

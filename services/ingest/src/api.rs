@@ -1,0 +1,298 @@
+//! `POST /v1/orders`, its OpenAPI document and Swagger UI.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router, middleware};
+use chrono::{TimeDelta, Utc};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use sqlx::PgPool;
+use tidemark_domain::{Order, OrderLimits};
+use tidemark_platform::auth::{self, Authenticator, Scope};
+use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
+use utoipa::{OpenApi, ToSchema};
+use uuid::Uuid;
+
+use crate::config::IngestSettings;
+use crate::decode::{self, BodyError, Format};
+use crate::store::{self, StoreError};
+
+/// Most field errors listed in one 400 (the count of invalid orders is exact).
+const MAX_LISTED_ERRORS: usize = 1_000;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: PgPool,
+    pub settings: IngestSettings,
+}
+
+pub fn router(state: ApiState, auth: Arc<Authenticator>) -> Router {
+    let swagger =
+        utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
+    Router::new()
+        .route("/v1/orders", post(post_orders))
+        .route_layer(middleware::from_fn_with_state(
+            (auth, Scope::Ingest),
+            auth::require,
+        ))
+        .with_state(state)
+        .merge(swagger)
+}
+
+/// What a committed request did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IngestResponse {
+    /// Orders in the request.
+    pub received: usize,
+    /// Orders stored by this request.
+    pub created: usize,
+    /// Orders already stored with identical content (or repeated in the request).
+    pub duplicates: usize,
+    pub duplicate_order_ids: Vec<Uuid>,
+}
+
+/// An order. Unknown fields are rejected.
+#[allow(dead_code)] // documentation only: the wire type lives in `decode`
+#[derive(ToSchema)]
+#[schema(as = Order, example = json!({
+    "order_id": "0193a1b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b",
+    "user_id": "user-1042", "city": "Berlin", "product_id": "sku-778",
+    "category": "books", "quantity": 2, "unit_price_minor": 1299, "currency": "EUR",
+    "created_at": "2026-11-21T10:15:00Z"
+}))]
+struct OrderSchema {
+    /// Client-chosen UUID: the idempotency key.
+    order_id: Uuid,
+    /// 1–64 characters, no control characters.
+    #[schema(min_length = 1, max_length = 64)]
+    user_id: String,
+    #[schema(min_length = 1, max_length = 64)]
+    city: String,
+    #[schema(min_length = 1, max_length = 64)]
+    product_id: String,
+    #[schema(min_length = 1, max_length = 64)]
+    category: String,
+    #[schema(minimum = 1, maximum = 1000)]
+    quantity: i32,
+    /// Price of one unit in minor units of `currency` (cents for EUR, yen for JPY).
+    #[schema(minimum = 0, maximum = 100_000_000)]
+    unit_price_minor: i64,
+    /// ISO 4217: AUD BRL CAD CHF CNY CZK DKK EUR GBP INR JPY KRW MXN NOK NZD PLN SEK SGD USD.
+    #[schema(pattern = "^[A-Z]{3}$")]
+    currency: String,
+    /// Event time, RFC 3339 (any offset; stored in UTC, microsecond precision). At
+    /// most 5 minutes in the future, not before 2000-01-01.
+    created_at: chrono::DateTime<Utc>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tidemark ingest API",
+        description = "Send orders; a 2xx means they are committed to the log.\n\n\
+            Limits: 10 MB per body and 10,000 orders per request (configurable: \
+            `ingest.max_body_bytes`, `ingest.max_batch`). Errors are RFC 9457 problem+json.",
+    ),
+    paths(post_orders),
+    components(schemas(OrderSchema, IngestResponse,
+        tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Ingest one order, a batch, NDJSON or an Avro container file.
+///
+/// The response comes after the transaction commits. A batch is atomic: if any order
+/// is invalid or conflicts, nothing is stored. Resending an order that is already
+/// stored with the same content is reported as a duplicate and stores nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    request_body(
+        description = "One order (object), a batch (array), NDJSON (one order per line) \
+                       or an Avro Object Container File (schema v1 or v2).",
+        content(
+            (OrderSchema = "application/json"),
+            (Vec<OrderSchema> = "application/json"),
+            ("application/x-ndjson"),
+            ("application/avro"),
+        )
+    ),
+    responses(
+        (status = 201, description = "Committed; at least one order was new", body = IngestResponse),
+        (status = 200, description = "Committed; every order was a duplicate", body = IngestResponse),
+        (status = 400, description = "Malformed or invalid; nothing stored", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, unknown or revoked API key", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 403, description = "The key lacks the `ingest` scope", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 409, description = "An order id exists with different content; nothing stored", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 413, description = "Body or batch over the limit", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 429, description = "The key is over its rate; see Retry-After", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, description = "Postgres unavailable or the service is shedding load; see Retry-After", body = ProblemSchema, content_type = "application/problem+json"),
+    ),
+)]
+async fn post_orders(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    match ingest(&state, &headers, body).await {
+        Ok((status, response)) => (status, Json(response)).into_response(),
+        Err(problem) => {
+            metrics::counter!("ingest_requests_rejected_total", "kind" => problem.kind.slug())
+                .increment(1);
+            problem.into_response()
+        }
+    }
+}
+
+use tidemark_platform::problem::ProblemSchema;
+
+async fn ingest(
+    state: &ApiState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, IngestResponse), Problem> {
+    let started = Instant::now();
+    let settings = &state.settings;
+    let format = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_content_type)
+        .ok_or_else(|| {
+            Problem::new(ProblemKind::UnsupportedMediaType)
+                .detail("Send application/json, application/x-ndjson or application/avro.")
+        })?;
+    let too_large = || {
+        Problem::new(ProblemKind::PayloadTooLarge).detail(format!(
+            "The body exceeds {} bytes.",
+            settings.max_body_bytes
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > settings.max_body_bytes) {
+        return Err(too_large());
+    }
+    // Reads at most the limit, whatever the body claims.
+    let bytes = match Limited::new(body, settings.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Err(_) => return Err(Problem::malformed("The request body could not be read.")),
+    };
+
+    let limits = OrderLimits {
+        max_future_skew: TimeDelta::seconds(settings.max_future_skew_secs),
+        ..OrderLimits::default()
+    };
+    let decoded = decode::decode(format, &bytes, settings.max_batch, Utc::now(), &limits).map_err(
+        |e| match e {
+            BodyError::Malformed(detail) => Problem::malformed(detail),
+            BodyError::TooMany(max) => Problem::new(ProblemKind::PayloadTooLarge)
+                .detail(format!("A request holds at most {max} orders.")),
+            BodyError::Empty => {
+                Problem::new(ProblemKind::Validation).detail("The request holds no orders.")
+            }
+        },
+    )?;
+
+    let total = decoded.items.len();
+    let mut orders: Vec<Order> = Vec::with_capacity(total);
+    let mut errors: Vec<FieldError> = Vec::new();
+    let mut invalid = 0;
+    for (index, item) in decoded.items.into_iter().enumerate() {
+        match item {
+            Ok(order) => orders.push(order),
+            Err(violations) => {
+                invalid += 1;
+                for v in violations {
+                    if errors.len() == MAX_LISTED_ERRORS {
+                        break;
+                    }
+                    let mut pointer = if decoded.batch {
+                        format!("/{index}")
+                    } else {
+                        String::new()
+                    };
+                    if !v.field.is_empty() {
+                        pointer = format!("{pointer}/{}", v.field);
+                    }
+                    errors.push(FieldError {
+                        pointer,
+                        code: v.code,
+                        detail: v.message,
+                    });
+                }
+            }
+        }
+    }
+    if invalid > 0 {
+        metrics::counter!("ingest_orders_total", "outcome" => "rejected").increment(total as u64);
+        let detail = if decoded.batch {
+            format!("{invalid} of {total} orders are invalid; nothing was stored.")
+        } else {
+            "The order is invalid; nothing was stored.".to_owned()
+        };
+        return Err(Problem::new(ProblemKind::Validation)
+            .detail(detail)
+            .errors(errors));
+    }
+
+    let outcome = store::store(&state.pool, &orders)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(ids) => Problem::new(ProblemKind::Conflict)
+                .detail(format!(
+                    "{} order id(s) already exist with different content; nothing was stored.",
+                    ids.len()
+                ))
+                .extension("conflicting_order_ids", &ids),
+            StoreError::Database(e) if tidemark_platform::postgres::is_unavailable(&e) => {
+                tracing::warn!(error = %e, "Postgres unavailable; answering 503");
+                Problem::unavailable("The order log is unavailable; retry shortly.")
+            }
+            StoreError::Database(e) => {
+                tracing::error!(error = %e, "Storing orders failed");
+                Problem::internal()
+            }
+        })?;
+
+    let duplicates = outcome.duplicates.len();
+    metrics::counter!("ingest_orders_total", "outcome" => "created")
+        .increment(outcome.created as u64);
+    metrics::counter!("ingest_orders_total", "outcome" => "duplicate").increment(duplicates as u64);
+    metrics::histogram!("ingest_commit_seconds", "format" => format.as_str())
+        .record(started.elapsed().as_secs_f64());
+    let status = if outcome.created > 0 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        IngestResponse {
+            received: total,
+            created: outcome.created,
+            duplicates,
+            duplicate_order_ids: outcome.duplicates,
+        },
+    ))
+}

@@ -1,0 +1,321 @@
+//! The lake relay: tails the orders log and lands raw JSON Lines in S3.
+//!
+//! Each step plans a batch, writes it, and confirms it:
+//!
+//! 1. *Plan.* Read the tail after the cursor. Record the batch's end as the
+//!    cursor's `pending` position (compare-and-set on the cursor).
+//! 2. *Write.* Group the rows by event hour and PUT one object per hour under a key
+//!    derived from the batch bounds: `raw/orders/dt=…/hour=…/<after>-<until>.jsonl`.
+//! 3. *Confirm.* In one transaction, add the objects to `lake_raw_files` and move
+//!    the cursor to the batch end.
+//!
+//! A crash anywhere redoes the pending batch with exactly the same bounds, hence the
+//! same rows and keys: a retried PUT overwrites the object, and the manifest insert
+//! is idempotent. Nothing is lost (the cursor moves only after the objects exist)
+//! and nothing is duplicated (same key, same content).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use chrono::{Datelike, NaiveDate, Timelike};
+use sqlx::PgPool;
+use tidemark_domain::LogPosition;
+use tidemark_orderlog::{LogRow, RawRecord};
+use tidemark_platform::config::S3Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelaySettings;
+
+/// The relay's row in `consumer_cursors`.
+pub const CONSUMER: &str = "lake-relay";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("s3: {0}")]
+    S3(String),
+}
+
+/// What one step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Landed a batch of this many rows in this many objects.
+    Wrote { rows: usize, objects: usize },
+    /// Nothing new below the horizon.
+    Idle,
+    /// Another relay moved the cursor first.
+    Contended,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    position: LogPosition,
+    horizon: u64,
+    pending: Option<LogPosition>,
+}
+
+struct RawObject {
+    key: String,
+    dt: NaiveDate,
+    hour: i16,
+    body: Vec<u8>,
+    rows: i32,
+    min_txid: u64,
+    max_txid: u64,
+}
+
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    s3: aws_sdk_s3::Client,
+    s3_config: S3Config,
+    settings: RelaySettings,
+}
+
+impl Relay {
+    pub fn new(
+        pool: PgPool,
+        s3: aws_sdk_s3::Client,
+        s3_config: S3Config,
+        settings: RelaySettings,
+    ) -> Self {
+        Self {
+            pool,
+            s3,
+            s3_config,
+            settings,
+        }
+    }
+
+    /// Runs steps until `shutdown`, backing off while S3 or Postgres fail.
+    /// A step in progress is finished (or fails) before stopping.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let min_backoff = Duration::from_millis(100);
+        let mut backoff = min_backoff;
+        let lag = tokio::spawn(self.clone().report_lag(shutdown.clone()));
+        while !shutdown.is_cancelled() {
+            let pause = match self.step().await {
+                Ok(Step::Wrote { rows, objects }) => {
+                    metrics::counter!("relay_rows_total").increment(rows as u64);
+                    metrics::counter!("relay_objects_total").increment(objects as u64);
+                    backoff = min_backoff;
+                    continue;
+                }
+                Ok(Step::Contended) => Duration::ZERO,
+                Ok(Step::Idle) => {
+                    backoff = min_backoff;
+                    self.settings.poll_interval
+                }
+                Err(e) => {
+                    match &e {
+                        RelayError::S3(_) => {
+                            metrics::counter!("relay_s3_errors_total").increment(1)
+                        }
+                        RelayError::Postgres(_) => {
+                            metrics::counter!("relay_postgres_errors_total").increment(1);
+                        }
+                    }
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Relay step failed");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(self.settings.max_backoff);
+                    pause
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        lag.abort();
+    }
+
+    async fn report_lag(self, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if let Ok(cursor) = load_cursor(&self.pool).await
+                && let Ok(lag) = tidemark_orderlog::lag(&self.pool, cursor.position).await
+            {
+                metrics::gauge!("relay_lag_rows").set(lag.rows as f64);
+                metrics::gauge!("relay_lag_seconds").set(lag.seconds);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// Plans, writes and confirms one batch (or redoes the pending one).
+    pub async fn step(&self) -> Result<Step, RelayError> {
+        let cursor = load_cursor(&self.pool).await?;
+        let (until, rows) = match cursor.pending {
+            Some(until) => {
+                let rows = tidemark_orderlog::range(&self.pool, cursor.position, until).await?;
+                (until, rows)
+            }
+            None => {
+                let tail =
+                    tidemark_orderlog::tail(&self.pool, cursor.position, self.settings.batch_size)
+                        .await?;
+                let Some(last) = tail.rows.last() else {
+                    if tail.horizon > cursor.horizon {
+                        sqlx::query(
+                            "UPDATE consumer_cursors SET horizon = $2::int8::text::xid8, \
+                             updated_at = now() WHERE consumer = $1 AND pending_txid IS NULL",
+                        )
+                        .bind(CONSUMER)
+                        .bind(tail.horizon as i64)
+                        .execute(&self.pool)
+                        .await?;
+                    }
+                    return Ok(Step::Idle);
+                };
+                let until = last.position;
+                let horizon = tail.complete.then_some(tail.horizon);
+                let planned = sqlx::query(
+                    "UPDATE consumer_cursors SET pending_txid = $4::int8::text::xid8, \
+                       pending_seq = $5, pending_horizon = $6::int8::text::xid8, updated_at = now() \
+                     WHERE consumer = $1 AND txid = $2::int8::text::xid8 AND seq = $3 \
+                       AND pending_txid IS NULL",
+                )
+                .bind(CONSUMER)
+                .bind(cursor.position.txid as i64)
+                .bind(cursor.position.seq)
+                .bind(until.txid as i64)
+                .bind(until.seq)
+                .bind(horizon.map(|h| h as i64))
+                .execute(&self.pool)
+                .await?;
+                if planned.rows_affected() == 0 {
+                    return Ok(Step::Contended);
+                }
+                (until, tail.rows)
+            }
+        };
+
+        let objects = objects(cursor.position, until, &rows);
+        for object in &objects {
+            self.s3
+                .put_object()
+                .bucket(&self.s3_config.bucket)
+                .key(self.s3_config.key(&object.key))
+                .content_type("application/x-ndjson")
+                .body(ByteStream::from(object.body.clone()))
+                .send()
+                .await
+                .map_err(|e| {
+                    RelayError::S3(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())
+                })?;
+        }
+
+        let mut tx = self.pool.begin().await?;
+        for o in &objects {
+            sqlx::query(
+                "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
+                   until_seq, min_txid, max_txid, rows, bytes) \
+                 VALUES ($1, $2, $3, $4::int8::text::xid8, $5, $6::int8::text::xid8, $7, \
+                   $8::int8::text::xid8, $9::int8::text::xid8, $10, $11) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(&o.key)
+            .bind(o.dt)
+            .bind(o.hour)
+            .bind(cursor.position.txid as i64)
+            .bind(cursor.position.seq)
+            .bind(until.txid as i64)
+            .bind(until.seq)
+            .bind(o.min_txid as i64)
+            .bind(o.max_txid as i64)
+            .bind(o.rows)
+            .bind(o.body.len() as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE consumer_cursors SET txid = pending_txid, seq = pending_seq, \
+               horizon = GREATEST(horizon, COALESCE(pending_horizon, horizon)), \
+               pending_txid = NULL, pending_seq = NULL, pending_horizon = NULL, updated_at = now() \
+             WHERE consumer = $1 AND pending_txid = $2::int8::text::xid8 AND pending_seq = $3",
+        )
+        .bind(CONSUMER)
+        .bind(until.txid as i64)
+        .bind(until.seq)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Step::Wrote {
+            rows: rows.len(),
+            objects: objects.len(),
+        })
+    }
+}
+
+/// The relay's cursor, created at the start of the log on first use.
+async fn load_cursor(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
+    type Row = (i64, i64, i64, Option<i64>, Option<i64>);
+    let select = || {
+        sqlx::query_as::<_, Row>(
+            "SELECT txid::text::int8, seq, horizon::text::int8, pending_txid::text::int8, \
+                    pending_seq \
+             FROM consumer_cursors WHERE consumer = $1",
+        )
+        .bind(CONSUMER)
+    };
+    let row = match select().fetch_optional(pool).await? {
+        Some(row) => row,
+        None => {
+            sqlx::query(
+                "INSERT INTO consumer_cursors (consumer) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(CONSUMER)
+            .execute(pool)
+            .await?;
+            select().fetch_one(pool).await?
+        }
+    };
+    let (txid, seq, horizon, pending_txid, pending_seq) = row;
+    Ok(Cursor {
+        position: LogPosition::new(txid as u64, seq),
+        horizon: horizon as u64,
+        pending: pending_txid
+            .zip(pending_seq)
+            .map(|(t, s)| LogPosition::new(t as u64, s)),
+    })
+}
+
+/// The batch's rows grouped by event hour, one object each, keyed by the batch bounds.
+fn objects(after: LogPosition, until: LogPosition, rows: &[LogRow]) -> Vec<RawObject> {
+    let mut by_hour: BTreeMap<(NaiveDate, u32), Vec<&LogRow>> = BTreeMap::new();
+    for row in rows {
+        let t = row.order.created_at;
+        by_hour
+            .entry((t.date_naive(), t.hour()))
+            .or_default()
+            .push(row);
+    }
+    by_hour
+        .into_iter()
+        .map(|((dt, hour), rows)| {
+            let mut body = Vec::with_capacity(rows.len() * 320);
+            for row in &rows {
+                serde_json::to_writer(&mut body, &RawRecord::from(*row)).expect("serializes");
+                body.push(b'\n');
+            }
+            RawObject {
+                key: format!(
+                    "raw/orders/dt={:04}-{:02}-{:02}/hour={hour:02}/{after}-{until}.jsonl",
+                    dt.year(),
+                    dt.month(),
+                    dt.day()
+                ),
+                dt,
+                hour: hour as i16,
+                body,
+                rows: rows.len() as i32,
+                min_txid: rows.iter().map(|r| r.position.txid).min().unwrap_or(0),
+                max_txid: rows.iter().map(|r| r.position.txid).max().unwrap_or(0),
+            }
+        })
+        .collect()
+}

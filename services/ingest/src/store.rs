@@ -1,0 +1,161 @@
+//! Committing orders: one transaction per request, idempotent on `order_id`.
+//!
+//! A resent identical order is a duplicate (no second row); the same id with other
+//! content is a conflict, and then nothing of the request is stored. Concurrent
+//! inserts of one id serialise on the primary key: the later one waits for the
+//! earlier to commit, then sees its row. Rows are inserted in id order, so two
+//! batches sharing ids cannot deadlock.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tidemark_domain::Order;
+use uuid::Uuid;
+
+/// What a committed request did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub created: usize,
+    /// Ids already stored with identical content (or repeated within the request).
+    pub duplicates: Vec<Uuid>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// These ids exist (or repeat in the request) with different content.
+    #[error("conflicting orders")]
+    Conflict(Vec<Uuid>),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+type Existing = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    i64,
+    String,
+    DateTime<Utc>,
+);
+
+/// Stores the orders in one transaction.
+pub async fn store(pool: &PgPool, orders: &[Order]) -> Result<Outcome, StoreError> {
+    // Repeats inside the request: identical ones are duplicates, others conflicts.
+    let mut first: HashMap<Uuid, &Order> = HashMap::with_capacity(orders.len());
+    let mut duplicates = Vec::new();
+    let mut conflicts = Vec::new();
+    let mut unique: Vec<&Order> = Vec::with_capacity(orders.len());
+    for order in orders {
+        match first.get(&order.order_id) {
+            None => {
+                first.insert(order.order_id, order);
+                unique.push(order);
+            }
+            Some(seen) if *seen == order => duplicates.push(order.order_id),
+            Some(_) => conflicts.push(order.order_id),
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(StoreError::Conflict(conflicts));
+    }
+    // Every transaction takes its unique-index locks in the same (id) order, so
+    // concurrent batches sharing ids wait for each other instead of deadlocking.
+    unique.sort_unstable_by_key(|o| o.order_id);
+
+    let mut tx = pool.begin().await?;
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
+                             unit_price_minor, currency, created_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                              $6::int4[], $7::int8[], $8::text[], $9::timestamptz[]) \
+         ON CONFLICT (order_id) DO NOTHING \
+         RETURNING order_id",
+    )
+    .bind(unique.iter().map(|o| o.order_id).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|o| o.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(unique.iter().map(|o| o.city.as_str()).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|o| o.product_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        unique
+            .iter()
+            .map(|o| o.category.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(unique.iter().map(|o| o.quantity).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|o| o.unit_price_minor)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        unique
+            .iter()
+            .map(|o| o.currency.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(unique.iter().map(|o| o.created_at).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+
+    let created = inserted.len();
+    if created < unique.len() {
+        let inserted: HashSet<Uuid> = inserted.into_iter().collect();
+        let others: Vec<Uuid> = unique
+            .iter()
+            .map(|o| o.order_id)
+            .filter(|id| !inserted.contains(id))
+            .collect();
+        let existing: Vec<Existing> = sqlx::query_as(
+            "SELECT order_id, user_id, city, product_id, category, quantity, \
+                    unit_price_minor, currency, created_at \
+             FROM orders WHERE order_id = ANY($1)",
+        )
+        .bind(&others)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in existing {
+            let id = row.0;
+            if same(&row, first[&id]) {
+                duplicates.push(id);
+            } else {
+                conflicts.push(id);
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        tx.rollback().await?;
+        return Err(StoreError::Conflict(conflicts));
+    }
+    tx.commit().await?;
+    Ok(Outcome {
+        created,
+        duplicates,
+    })
+}
+
+fn same(row: &Existing, order: &Order) -> bool {
+    let (_, user_id, city, product_id, category, quantity, price, currency, created_at) = row;
+    *user_id == order.user_id
+        && *city == order.city
+        && *product_id == order.product_id
+        && *category == order.category
+        && *quantity == order.quantity
+        && *price == order.unit_price_minor
+        && currency.trim() == order.currency.as_str()
+        && *created_at == order.created_at
+}

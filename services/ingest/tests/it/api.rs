@@ -1,0 +1,397 @@
+//! `POST /v1/orders`: idempotency, batches, formats, limits, auth and outages.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use tidemark_domain::avro::{SchemaVersion, write_container};
+use tidemark_platform::auth::{self, Scope};
+
+use crate::{Harness, order_json, random_order};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_orders_with_duplicates_sent_concurrently_leave_one_row_each() {
+    let h = Harness::start().await;
+    let mut rng = StdRng::seed_from_u64(7);
+    let unique: Vec<_> = (0..8_000).map(|_| random_order(&mut rng)).collect();
+    let mut all: Vec<_> = unique.clone();
+    for _ in 0..2_000 {
+        all.push(unique[rand::Rng::random_range(&mut rng, 0..unique.len())].clone());
+    }
+    all.shuffle(&mut rng);
+
+    // Batches of 50 from 24 concurrent senders.
+    let bodies: Vec<_> = all
+        .chunks(50)
+        .map(|c| serde_json::Value::Array(c.iter().map(order_json).collect()))
+        .collect();
+    let results: Vec<serde_json::Value> = futures::stream::iter(bodies)
+        .map(|body| {
+            let h = &h;
+            async move {
+                let r = h.post_json(&body).await;
+                assert!(r.status().is_success(), "{}", r.status());
+                r.json().await.unwrap()
+            }
+        })
+        .buffer_unordered(24)
+        .collect()
+        .await;
+    let created: u64 = results.iter().map(|r| r["created"].as_u64().unwrap()).sum();
+    let duplicates: u64 = results
+        .iter()
+        .map(|r| r["duplicates"].as_u64().unwrap())
+        .sum();
+    assert_eq!(created, 8_000);
+    assert_eq!(duplicates, 2_000);
+    assert_eq!(h.count().await, 8_000, "exactly one row per order_id");
+
+    // The same single order from 20 senders at once: one created, 19 duplicates.
+    let one = random_order(&mut rng);
+    let statuses: Vec<u16> = futures::stream::iter(0..20)
+        .map(|_| {
+            let h = &h;
+            let body = order_json(&one);
+            async move { h.post_json(&body).await.status().as_u16() }
+        })
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        19,
+        "{statuses:?}"
+    );
+
+    // A conflicting replay: same id, other content.
+    let mut changed = unique[0].clone();
+    changed.quantity += 1;
+    let r = h.post_json(&order_json(&changed)).await;
+    assert_eq!(r.status(), 409);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["conflicting_order_ids"][0],
+        unique[0].order_id.to_string()
+    );
+    let stored: i32 = sqlx::query_scalar("SELECT quantity FROM orders WHERE order_id = $1")
+        .bind(unique[0].order_id)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, unique[0].quantity, "never a silent overwrite");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_is_atomic_and_lists_every_bad_item() {
+    let h = Harness::start().await;
+    let mut rng = StdRng::seed_from_u64(8);
+    let good = order_json(&random_order(&mut rng));
+    let mut bad_type = order_json(&random_order(&mut rng));
+    bad_type["quantity"] = "three".into();
+    let mut bad_currency = order_json(&random_order(&mut rng));
+    bad_currency["currency"] = "XXX".into();
+    let r = h
+        .post_json(&serde_json::json!([good, bad_type, bad_currency]))
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = r.json().await.unwrap();
+    let pointers: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    assert_eq!(pointers, ["/1/quantity", "/2/currency"]);
+    assert_eq!(h.count().await, 0, "nothing of an invalid batch is stored");
+
+    // A batch whose one member conflicts stores nothing either.
+    let first = random_order(&mut rng);
+    assert_eq!(h.post_json(&order_json(&first)).await.status(), 201);
+    let mut conflicting = first.clone();
+    conflicting.city = "Elsewhere".into();
+    let fresh = random_order(&mut rng);
+    let r = h
+        .post_json(&serde_json::json!([
+            order_json(&fresh),
+            order_json(&conflicting)
+        ]))
+        .await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(h.count().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ndjson_and_avro_of_every_schema_version_are_accepted() {
+    let h = Harness::start().await;
+    let mut rng = StdRng::seed_from_u64(9);
+    let lines: Vec<u8> = (0..3)
+        .flat_map(|_| {
+            let mut l = serde_json::to_vec(&order_json(&random_order(&mut rng))).unwrap();
+            l.push(b'\n');
+            l
+        })
+        .collect();
+    let r = h.post("application/x-ndjson", lines).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+
+    let mut v1: Vec<_> = (0..5).map(|_| random_order(&mut rng)).collect();
+    for o in &mut v1 {
+        o.quantity = 1;
+    }
+    let r = h
+        .post(
+            "application/avro",
+            write_container(&v1, SchemaVersion::V1).unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v2: Vec<_> = (0..5).map(|_| random_order(&mut rng)).collect();
+    let r = h
+        .post(
+            "application/avro",
+            write_container(&v2, SchemaVersion::V2).unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(h.count().await, 13);
+    let q: i32 = sqlx::query_scalar("SELECT quantity FROM orders WHERE order_id = $1")
+        .bind(v1[0].order_id)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(q, 1, "a v1 order gets the default quantity");
+
+    let mut corrupt = write_container(&v2, SchemaVersion::V2).unwrap();
+    let n = corrupt.len();
+    corrupt.truncate(n - 20);
+    let r = h.post("application/avro", corrupt).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(h.count().await, 13);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_inputs_get_4xx_problems_never_5xx() {
+    let h = Harness::with(|c| c.ingest.max_body_bytes = 64 * 1024).await;
+    let mut rng = StdRng::seed_from_u64(10);
+    let good = serde_json::to_vec(&order_json(&random_order(&mut rng))).unwrap();
+    let mut invalid_utf8 = good.clone();
+    let at = invalid_utf8
+        .iter()
+        .position(|&b| b == b'B' || b == b'P' || b == b'L' || b == b'O')
+        .unwrap();
+    invalid_utf8[at] = 0xc3;
+    invalid_utf8[at + 1] = 0x28;
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    let deep_object = "{\"a\":".repeat(10_000) + "1" + &"}".repeat(10_000);
+    let huge = vec![b' '; 1024 * 1024];
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("application/json", b"{\"order_id\": 42}".to_vec(), 400),
+        ("application/json", b"{not json".to_vec(), 400),
+        ("application/json", invalid_utf8, 400),
+        ("application/json", deep.into_bytes(), 400),
+        ("application/json", deep_object.into_bytes(), 400),
+        ("application/json", b"\"just a string\"".to_vec(), 400),
+        ("application/json", b"[]".to_vec(), 400),
+        ("application/json", Vec::new(), 400),
+        ("application/json", huge, 413),
+        ("application/x-ndjson", b"{}\n[1,2]\n".to_vec(), 400),
+        ("application/avro", b"Obj\x01garbage".to_vec(), 400),
+        ("text/plain", good.clone(), 415),
+        ("application/xml", good.clone(), 415),
+    ];
+    for (content_type, body, expected) in cases {
+        let r = h.post(content_type, body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), expected, "{content_type}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    // A streamed body without Content-Length is cut off at the limit.
+    let chunks = futures::stream::iter((0..64).map(|_| Ok::<_, std::io::Error>(vec![b' '; 4096])));
+    let r = h
+        .post("application/json", reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = h
+        .http
+        .get(h.svc.url("/v1/orders"))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(h.count().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_hashed_scoped_rate_limited_and_unknown_equals_revoked() {
+    let h = Harness::with(|c| c.ingest.auth_cache_ttl = Duration::ZERO).await;
+    let body =
+        serde_json::to_vec(&order_json(&random_order(&mut StdRng::seed_from_u64(11)))).unwrap();
+    let send = |key: Option<String>| {
+        let mut r = h
+            .http
+            .post(h.svc.url("/v1/orders"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        r.send()
+    };
+
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
+        .fetch_all(&h.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        stored
+            .iter()
+            .all(|hash| hash.len() == 32 && !hash.windows(4).any(|w| w == b"tdm_"))
+    );
+
+    let (revoked_key, revoked) = auth::create(&h.db.pool, "old", &[Scope::Ingest], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        auth::revoke(&h.db.pool, &revoked_key.key_id.to_string())
+            .await
+            .unwrap(),
+        1
+    );
+    let unknown = send(Some(auth::generate_token())).await.unwrap();
+    let revoked = send(Some(revoked)).await.unwrap();
+    let missing = send(None).await.unwrap();
+    assert_eq!(unknown.status(), 401);
+    assert_eq!(revoked.status(), 401);
+    assert_eq!(missing.status(), 401);
+    let (a, b) = (
+        unknown.bytes().await.unwrap(),
+        revoked.bytes().await.unwrap(),
+    );
+    assert_eq!(a, b, "unknown and revoked keys are indistinguishable");
+
+    let (_, reader) = auth::create(&h.db.pool, "reader", &[Scope::Read], None)
+        .await
+        .unwrap();
+    assert_eq!(send(Some(reader)).await.unwrap().status(), 403);
+
+    let (_, slow) = auth::create(&h.db.pool, "slow", &[Scope::Ingest], Some(2))
+        .await
+        .unwrap();
+    let mut limited = None;
+    for _ in 0..10 {
+        let r = send(Some(slow.clone())).await.unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let limited = limited.expect("a key over 2/s is limited within 10 quick requests");
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(
+        send(Some(h.key.clone())).await.unwrap().status().as_u16() / 100,
+        2,
+        "other keys are not limited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_down_is_503_with_retry_after_and_recovers() {
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let s3 = tidemark_testkit::s3();
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let (_, key) = auth::create(&pool, "t", &[Scope::Ingest], None)
+        .await
+        .unwrap();
+    pool.close().await;
+    let config = tidemark_ingest::Config {
+        postgres: pg.config(),
+        s3,
+        ..Default::default()
+    };
+    let svc = tidemark_testkit::start(|l, s| tidemark_ingest::serve(config, l, s)).await;
+    let http = reqwest::Client::new();
+    let mut rng = StdRng::seed_from_u64(12);
+    let send = |order: serde_json::Value| {
+        http.post(svc.url("/v1/orders"))
+            .bearer_auth(&key)
+            .json(&order)
+            .send()
+    };
+    assert_eq!(
+        send(order_json(&random_order(&mut rng)))
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    pg.stop();
+    let mut seen = HashSet::new();
+    for _ in 0..5 {
+        let r = send(order_json(&random_order(&mut rng))).await.unwrap();
+        seen.insert(r.status().as_u16());
+        if r.status() == 503 {
+            assert!(r.headers().contains_key("retry-after"));
+            assert_eq!(r.headers()["content-type"], "application/problem+json");
+        }
+    }
+    assert_eq!(
+        seen,
+        HashSet::from([503]),
+        "only 503 while Postgres is down"
+    );
+    pg.resume();
+    let started = std::time::Instant::now();
+    tidemark_testkit::eventually(Duration::from_secs(10), "ingest recovers", || {
+        let order = order_json(&random_order(&mut rng));
+        let request = send(order);
+        async move { request.await.is_ok_and(|r| r.status() == 201) }
+    })
+    .await;
+    eprintln!(
+        "recovered {} ms after Postgres restarted",
+        started.elapsed().as_millis()
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_and_swagger_ui_are_served() {
+    let h = Harness::start().await;
+    let spec: serde_json::Value = h
+        .http
+        .get(h.svc.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let post = &spec["paths"]["/v1/orders"]["post"];
+    assert!(
+        post["requestBody"]["content"]["application/avro"].is_object(),
+        "{post}"
+    );
+    assert!(post["responses"]["409"].is_object());
+    assert!(
+        spec["components"]["schemas"]["Order"]["properties"]["quantity"]["maximum"].is_number()
+    );
+    let docs = h.http.get(h.svc.url("/docs/")).send().await.unwrap();
+    assert_eq!(docs.status(), 200);
+    assert!(docs.text().await.unwrap().contains("swagger"));
+}
