@@ -111,7 +111,7 @@ impl Relay {
                 Err(e) => {
                     match &e {
                         RelayError::S3(_) => {
-                            metrics::counter!("relay_s3_errors_total").increment(1)
+                            metrics::counter!("relay_s3_errors_total").increment(1);
                         }
                         RelayError::Postgres(_) => {
                             metrics::counter!("relay_postgres_errors_total").increment(1);
