@@ -1,9 +1,13 @@
-//! Embeds `migrations/clickhouse/*.sql` so the runner ships inside every binary.
+//! Embeds `migrations/clickhouse/*.sql` so the runner ships inside every binary,
+//! and rebuilds when a Postgres migration is added (`sqlx::migrate!` embeds those,
+//! but cargo would not notice a new file on its own).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() {
+    let postgres = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/postgres");
+    println!("cargo:rerun-if-changed={}", postgres.display());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/clickhouse");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut files: Vec<_> = std::fs::read_dir(&dir)

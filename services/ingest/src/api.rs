@@ -157,7 +157,16 @@ async fn post_orders(State(state): State<ApiState>, headers: HeaderMap, body: Bo
         Err(problem) => {
             metrics::counter!("ingest_requests_rejected_total", "kind" => problem.kind.slug())
                 .increment(1);
-            problem.into_response()
+            let too_large = problem.kind == ProblemKind::PayloadTooLarge;
+            let mut response = problem.into_response();
+            if too_large {
+                // The rest of the body was not read; do not reuse the connection.
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            response
         }
     }
 }

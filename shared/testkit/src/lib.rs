@@ -462,3 +462,151 @@ impl Drop for PrivateS3 {
         self.stop();
     }
 }
+
+/// Ground truth: revenue, orders and items per (bucket start, dimension value,
+/// currency), computed by SQL over Postgres `orders`, for rows whose transaction
+/// id lies in `[from_txid, to_txid)`.
+///
+/// `granularity_secs` is 60, 3600 or 86400; `dimension` is `total`, `city`,
+/// `category` or `product`.
+pub async fn ground_truth(
+    pool: &PgPool,
+    granularity_secs: i64,
+    dimension: &str,
+    from_txid: u64,
+    to_txid: u64,
+) -> std::collections::BTreeMap<(i64, String, String), [i64; 3]> {
+    let value = match dimension {
+        "total" => "''",
+        "city" => "city",
+        "category" => "category",
+        "product" => "product_id",
+        other => panic!("unknown dimension {other}"),
+    };
+    let sql = format!(
+        "SELECT (floor(extract(epoch FROM created_at) / $1) * $1)::int8, {value}, currency::text, \
+                sum(quantity::int8 * unit_price_minor)::int8, count(*)::int8, sum(quantity)::int8 \
+         FROM orders \
+         WHERE txid >= $2::int8::text::xid8 AND txid < $3::int8::text::xid8 \
+         GROUP BY 1, 2, 3"
+    );
+    let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(granularity_secs)
+        .bind(from_txid as i64)
+        .bind(to_txid.min(i64::MAX as u64) as i64)
+        .fetch_all(pool)
+        .await
+        .expect("ground truth query");
+    rows.into_iter()
+        .map(|(bucket, value, currency, revenue, orders, items)| {
+            ((bucket, value, currency), [revenue, orders, items])
+        })
+        .collect()
+}
+
+/// A Redis server of one test's own (no persistence), for tests that flush or
+/// restart it.
+pub struct PrivateRedis {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-redis-")
+            .tempdir()
+            .expect("tempdir");
+        let redis = PrivateRedis {
+            dir,
+            port: free_port(),
+            child: std::sync::Mutex::new(None),
+        };
+        redis.resume().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn config(&self) -> RedisConfig {
+        RedisConfig {
+            url: self.url().into(),
+            key_prefix: unique("t"),
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// Starts (or restarts, empty) the server and waits until it answers.
+    pub async fn resume(&self) {
+        let child = Command::new(stack().redis_server_bin())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        *self.child.lock().unwrap() = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "private Redis listens", || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(addr).await.is_ok() }
+        })
+        .await;
+    }
+
+    /// Kills the server; without persistence, its data is gone.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            drop(child.kill());
+            drop(child.wait());
+        }
+    }
+
+    /// FLUSHALL.
+    pub fn flushall(&self) {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "FLUSHALL"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "FLUSHALL failed");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The position of the newest committed row in `orders` (log order), if any.
+///
+/// Consumers pause while *any* transaction in the Postgres cluster (other tests'
+/// databases included) holds the horizon, so "caught up" means reaching this
+/// position, not seeing one idle poll.
+pub async fn log_head(pool: &PgPool) -> Option<(u64, i64)> {
+    let head: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .expect("log head");
+    head.map(|(t, s)| (t as u64, s))
+}
+
+/// Who holds the cluster's horizon back: the oldest transactions with an id.
+pub async fn horizon_holders(pool: &PgPool) -> String {
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT coalesce(datname, ''), coalesce(application_name, ''), coalesce(state, ''), \
+                coalesce(left(query, 80), '') \
+         FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+         ORDER BY age(backend_xid) DESC LIMIT 5",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    format!("{rows:?}")
+}

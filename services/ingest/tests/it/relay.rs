@@ -44,11 +44,27 @@ async fn relay(pool: &PgPool, s3: &S3Config, batch_size: i64) -> Relay {
     )
 }
 
-async fn drain(relay: &Relay) {
+/// Steps until the relay has landed the newest committed row.
+async fn drain(relay: &Relay, pool: &PgPool) {
+    let head = tidemark_testkit::log_head(pool).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match relay.step().await.expect("relay step") {
-            Step::Idle => return,
-            Step::Wrote { .. } | Step::Contended => {}
+        if relay.step().await.expect("relay step") == Step::Idle {
+            let cursor: (i64, i64) = sqlx::query_as(
+                "SELECT txid::text::int8, seq FROM consumer_cursors WHERE consumer = 'lake-relay'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if head.is_none_or(|(t, s)| (cursor.0 as u64, cursor.1) >= (t, s)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "relay never caught up"
+            );
+            // Another transaction in the cluster holds the horizon; wait for it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -121,7 +137,7 @@ async fn late_committing_transactions_are_never_skipped() {
     for tx in open {
         tx.commit().await.unwrap();
     }
-    drain(&relay).await;
+    drain(&relay, &db.pool).await;
     assert!(
         steps_with_open > 100,
         "the schedule held transactions open across relay steps"
@@ -160,7 +176,7 @@ async fn a_relay_stopped_at_random_points_loses_and_duplicates_nothing() {
         }
     }
     writer.await.unwrap();
-    drain(&relay).await;
+    drain(&relay, &db.pool).await;
     eprintln!("{interrupted} steps interrupted");
     assert!(interrupted >= 200);
     assert_lake_matches_log(&db.pool, &s3).await;

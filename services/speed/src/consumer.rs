@@ -1,0 +1,211 @@
+//! The speed consumer: tails the orders log into the speed view, exactly once.
+//!
+//! Each step reads, in one REPEATABLE READ snapshot, the epoch cuts and the log
+//! tail after the view's cursor; assigns every row to its epoch by transaction id;
+//! and applies the batch together with the new cursor in one atomic Redis script
+//! that only succeeds if the cursor has not moved. A crash anywhere repeats the
+//! step from the cursor Redis holds.
+//!
+//! When Redis has lost the view (no cursor), the consumer rebuilds it from the
+//! published batch watermark: the batch view covers everything before it, and the
+//! epochs after it are replayed from the log. Because epochs are a function of the
+//! transaction id and the durable cut list, the replay lands in the same epochs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tidemark_domain::LogPosition;
+use tidemark_orderlog::epochs::{self, epoch_of};
+use tidemark_speedview::{Applied, Delta, SpeedView};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SpeedSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error(transparent)]
+    Redis(#[from] tidemark_speedview::Error),
+}
+
+/// What one step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Applied(usize),
+    Idle,
+    /// The view was lost (or never built) and was started afresh.
+    Rebuilt {
+        from: LogPosition,
+        base_epoch: u64,
+    },
+    /// Another consumer moved the cursor first.
+    Contended,
+}
+
+#[derive(Clone)]
+pub struct Consumer {
+    pool: PgPool,
+    view: SpeedView,
+    settings: SpeedSettings,
+    lag: Arc<watch::Sender<f64>>,
+}
+
+impl Consumer {
+    pub fn new(pool: PgPool, view: SpeedView, settings: SpeedSettings) -> Self {
+        Self {
+            pool,
+            view,
+            settings,
+            lag: Arc::new(watch::Sender::new(0.0)),
+        }
+    }
+
+    /// The last measured lag in seconds.
+    pub fn lag_seconds(&self) -> f64 {
+        *self.lag.borrow()
+    }
+
+    /// Runs steps until `shutdown`, with backoff on errors, plus the lag and
+    /// epoch-expiry housekeeping.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let housekeeping = tokio::spawn(self.clone().housekeeping(shutdown.clone()));
+        let min_backoff = Duration::from_millis(50);
+        let mut backoff = min_backoff;
+        while !shutdown.is_cancelled() {
+            let started = Instant::now();
+            let pause = match self.step().await {
+                Ok(Step::Applied(rows)) => {
+                    metrics::counter!("speed_applied_rows_total").increment(rows as u64);
+                    metrics::histogram!("speed_step_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    backoff = min_backoff;
+                    continue;
+                }
+                Ok(Step::Rebuilt { from, base_epoch }) => {
+                    tracing::warn!(%from, base_epoch, "Speed view was empty; rebuilding from the batch watermark");
+                    metrics::counter!("speed_rebuilds_total").increment(1);
+                    continue;
+                }
+                Ok(Step::Contended) => Duration::ZERO,
+                Ok(Step::Idle) => {
+                    backoff = min_backoff;
+                    self.settings.poll_interval
+                }
+                Err(e) => {
+                    let which = match e {
+                        StepError::Postgres(_) => "postgres",
+                        StepError::Redis(_) => "redis",
+                    };
+                    metrics::counter!("speed_errors_total", "store" => which).increment(1);
+                    tracing::warn!(error = %e, "Speed step failed");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(self.settings.max_backoff);
+                    pause
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        housekeeping.abort();
+    }
+
+    /// Reads a batch and applies it atomically with the cursor.
+    pub async fn step(&self) -> Result<Step, StepError> {
+        let Some(meta) = self.view.meta().await? else {
+            return self.rebuild().await;
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let cuts = epochs::load(&mut *tx).await?;
+        let tail = tidemark_orderlog::tail(&mut *tx, meta.cursor, self.settings.batch_size).await?;
+        tx.commit().await?;
+        let Some(last) = tail.rows.last() else {
+            return Ok(Step::Idle);
+        };
+        let to = last.position;
+        let mut delta = Delta::default();
+        for row in &tail.rows {
+            delta.add(epoch_of(row.position.txid, &cuts), &row.order);
+        }
+        let now_ms = Utc::now().timestamp_millis();
+        match self.view.apply(meta.cursor, to, now_ms, &delta).await? {
+            Applied::Done => {
+                if let Some(newest) = tail.rows.iter().map(|r| r.ingested_at).max() {
+                    let age = (Utc::now() - newest).num_milliseconds().max(0);
+                    metrics::histogram!("speed_freshness_seconds").record(age as f64 / 1000.0);
+                }
+                Ok(Step::Applied(tail.rows.len()))
+            }
+            Applied::Lost => self.rebuild().await,
+            Applied::Moved => Ok(Step::Contended),
+        }
+    }
+
+    /// Starts the view at the published batch watermark (or the start of the log).
+    async fn rebuild(&self) -> Result<Step, StepError> {
+        let published: Option<(i64, i64)> =
+            sqlx::query_as("SELECT epoch, threshold::text::int8 FROM batch_state")
+                .fetch_optional(&self.pool)
+                .await?;
+        let (base_epoch, from) = match published {
+            Some((epoch, threshold)) => (epoch as u64, LogPosition::before_txid(threshold as u64)),
+            None => (0, LogPosition::ZERO),
+        };
+        let now_ms = Utc::now().timestamp_millis();
+        if self.view.reset(from, base_epoch, now_ms).await? {
+            Ok(Step::Rebuilt { from, base_epoch })
+        } else {
+            Ok(Step::Contended)
+        }
+    }
+
+    /// Every few seconds: measure lag; drop epochs the batch view has covered for
+    /// longer than the grace period.
+    async fn housekeeping(self, shutdown: CancellationToken) {
+        let mut covered_since: BTreeMap<u64, Instant> = BTreeMap::new();
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.housekeep(&mut covered_since).await {
+                tracing::debug!(error = %e, "Speed housekeeping failed");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
+    async fn housekeep(&self, covered_since: &mut BTreeMap<u64, Instant>) -> Result<(), StepError> {
+        if let Some(meta) = self.view.meta().await? {
+            let lag = tidemark_orderlog::lag(&self.pool, meta.cursor).await?;
+            metrics::gauge!("speed_lag_rows").set(lag.rows as f64);
+            metrics::gauge!("speed_lag_seconds").set(lag.seconds);
+            self.lag.send_replace(lag.seconds);
+        }
+        let published: Option<i64> = sqlx::query_scalar("SELECT epoch FROM batch_state")
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(published) = published.map(|e| e as u64) else {
+            return Ok(());
+        };
+        covered_since.entry(published).or_insert_with(Instant::now);
+        for epoch in self.view.epochs().await? {
+            // Epochs below a published epoch are covered by the batch view since that
+            // publish was first seen here.
+            let since = covered_since.range(epoch + 1..).next().map(|(_, t)| *t);
+            if since.is_some_and(|t| t.elapsed() >= self.settings.epoch_grace) {
+                self.view.drop_epoch(epoch).await?;
+                tracing::info!(epoch, "Dropped a speed epoch covered by the batch view");
+            }
+        }
+        Ok(())
+    }
+}

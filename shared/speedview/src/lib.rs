@@ -1,0 +1,397 @@
+//! The speed view: real-time revenue per epoch, time bucket and dimension value, in
+//! Redis.
+//!
+//! ## Layout (every key starts with the deployment's prefix `p`)
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `p:meta` | hash | the consumer cursor `txid`, `seq`; `updated_ms`; `base_epoch` |
+//! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
+//! | `p:e:{epoch}:{granularity}:{bucket}` | hash | one field per metric, dimension, currency and value |
+//! | `p:e:{epoch}:idx:{granularity}` | sorted set | the buckets of that epoch (score = unix seconds) |
+//!
+//! Fields are `{metric}:{dimension}:{currency}:{value}` with metric `r` (revenue in
+//! minor units), `o` (orders) or `i` (items); the value comes last so it may
+//! contain colons. Example: `r:city:EUR:Berlin`, `o:total:EUR:`.
+//!
+//! ## Exactly once
+//!
+//! [`SpeedView::apply`] adds a batch of log rows and moves the cursor in one Lua
+//! script, and only if the cursor is where the consumer last left it. A crash
+//! before the script changes nothing; after it, everything. A missing cursor means
+//! Redis lost its data: the consumer rebuilds ([`SpeedView::reset`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use redis::{AsyncCommands, Script};
+use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order};
+use tidemark_platform::redis::Redis;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected speed view data: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Revenue, orders and items of one dimension value in one bucket and currency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub revenue_minor: i64,
+    pub orders: i64,
+    pub items: i64,
+}
+
+impl Totals {
+    pub fn add(&mut self, other: Totals) {
+        self.revenue_minor += other.revenue_minor;
+        self.orders += other.orders;
+        self.items += other.items;
+    }
+}
+
+/// A cell of a revenue grid: bucket start (unix seconds), dimension value, currency.
+pub type CellKey = (i64, String, Currency);
+
+/// Changes to apply, grouped by Redis hash.
+#[derive(Debug, Default)]
+pub struct Delta {
+    hashes: HashMap<(u64, Granularity, i64), HashMap<String, i64>>,
+    rows: usize,
+}
+
+impl Delta {
+    /// Adds one order, in `epoch`, to every granularity and dimension.
+    pub fn add(&mut self, epoch: u64, order: &Order) {
+        let secs = order.created_at.timestamp();
+        let currency = order.currency.as_str();
+        let revenue = order.revenue_minor();
+        let items = i64::from(order.quantity);
+        for granularity in Granularity::ALL {
+            let fields = self
+                .hashes
+                .entry((epoch, granularity, granularity.bucket_of_secs(secs)))
+                .or_default();
+            for dim in Dimension::ALL {
+                let value = order.dimension_value(dim);
+                for (metric, amount) in [("r", revenue), ("o", 1), ("i", items)] {
+                    let field = format!("{metric}:{}:{currency}:{value}", dim.as_str());
+                    *fields.entry(field).or_insert(0) += amount;
+                }
+            }
+        }
+        self.rows += 1;
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// The cursor is gone: Redis lost its data.
+    Lost,
+    /// The cursor moved: another consumer applied first.
+    Moved,
+}
+
+/// The cursor and its freshness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub cursor: LogPosition,
+    /// When the cursor last moved (unix ms).
+    pub updated_ms: i64,
+}
+
+/// The speed view of a range and grouping, epoch by epoch.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// `None` when the view is empty (never built, or lost and not yet rebuilt).
+    pub meta: Option<Meta>,
+    pub epochs: BTreeMap<u64, BTreeMap<CellKey, Totals>>,
+}
+
+impl Snapshot {
+    /// The cells summed over every epoch in the snapshot.
+    pub fn total(&self) -> BTreeMap<CellKey, Totals> {
+        let mut out: BTreeMap<CellKey, Totals> = BTreeMap::new();
+        for cells in self.epochs.values() {
+            for (key, totals) in cells {
+                out.entry(key.clone()).or_default().add(*totals);
+            }
+        }
+        out
+    }
+}
+
+const APPLY: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'txid', 'seq')
+if not cur[1] then return -1 end
+if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return -2 end
+local p = ARGV[1]
+local i = 7
+while i <= #ARGV do
+  local e, g, b, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local key = p .. ':e:' .. e .. ':' .. g .. ':' .. b
+  i = i + 4
+  for _ = 1, n do
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  redis.call('ZADD', p .. ':e:' .. e .. ':idx:' .. g, b, b)
+  redis.call('ZADD', p .. ':epochs', e, e)
+end
+redis.call('HSET', KEYS[1], 'txid', ARGV[4], 'seq', ARGV[5], 'updated_ms', ARGV[6])
+return 1
+";
+
+const READ: &str = r"
+local p = ARGV[1]
+local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms')
+local out = {meta[1] or '', meta[2] or '', meta[3] or ''}
+local needle = ':' .. ARGV[6] .. ':'
+local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
+for _, e in ipairs(epochs) do
+  local buckets = redis.call('ZRANGEBYSCORE', p .. ':e:' .. e .. ':idx:' .. ARGV[3], ARGV[4], '(' .. ARGV[5])
+  for _, b in ipairs(buckets) do
+    local h = redis.call('HGETALL', p .. ':e:' .. e .. ':' .. ARGV[3] .. ':' .. b)
+    for j = 1, #h, 2 do
+      if string.sub(h[j], 2, 1 + #needle) == needle then
+        out[#out + 1] = e
+        out[#out + 1] = b
+        out[#out + 1] = h[j]
+        out[#out + 1] = h[j + 1]
+      end
+    end
+  end
+end
+return out
+";
+
+const INIT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[3], 'base_epoch', ARGV[4])
+return 1
+";
+
+const DROP_EPOCH: &str = r"
+local p, e = ARGV[1], ARGV[2]
+for _, g in ipairs({'minute', 'hour', 'day'}) do
+  local idx = p .. ':e:' .. e .. ':idx:' .. g
+  for _, b in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
+    redis.call('DEL', p .. ':e:' .. e .. ':' .. g .. ':' .. b)
+  end
+  redis.call('DEL', idx)
+end
+redis.call('ZREM', p .. ':epochs', e)
+return 1
+";
+
+/// The speed view of one deployment (one key prefix).
+#[derive(Clone)]
+pub struct SpeedView {
+    redis: Arc<Redis>,
+    apply: Arc<Script>,
+    read: Arc<Script>,
+    init: Arc<Script>,
+    drop_epoch: Arc<Script>,
+}
+
+impl SpeedView {
+    pub fn new(redis: Arc<Redis>) -> Self {
+        Self {
+            redis,
+            apply: Arc::new(Script::new(APPLY)),
+            read: Arc::new(Script::new(READ)),
+            init: Arc::new(Script::new(INIT)),
+            drop_epoch: Arc::new(Script::new(DROP_EPOCH)),
+        }
+    }
+
+    fn meta_key(&self) -> String {
+        self.redis.key("meta")
+    }
+
+    /// The cursor, or `None` if the view has no state (lost or never built).
+    pub async fn meta(&self) -> Result<Option<Meta>> {
+        let mut conn = self.redis.conn().await?;
+        let (txid, seq, updated): (Option<u64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.meta_key())
+            .arg(&["txid", "seq", "updated_ms"])
+            .query_async(&mut conn)
+            .await?;
+        Ok(txid.zip(seq).map(|(txid, seq)| Meta {
+            cursor: LogPosition::new(txid, seq),
+            updated_ms: updated.unwrap_or(0),
+        }))
+    }
+
+    /// Adds `delta` and moves the cursor from `expected` to `to`, atomically.
+    pub async fn apply(
+        &self,
+        expected: LogPosition,
+        to: LogPosition,
+        now_ms: i64,
+        delta: &Delta,
+    ) -> Result<Applied> {
+        let mut conn = self.redis.conn().await?;
+        let mut invocation = self.apply.key(self.meta_key());
+        invocation
+            .arg(self.redis.prefix())
+            .arg(expected.txid)
+            .arg(expected.seq)
+            .arg(to.txid)
+            .arg(to.seq)
+            .arg(now_ms);
+        for ((epoch, granularity, bucket), fields) in &delta.hashes {
+            invocation
+                .arg(*epoch)
+                .arg(granularity.as_str())
+                .arg(*bucket)
+                .arg(fields.len());
+            for (field, amount) in fields {
+                invocation.arg(field).arg(*amount);
+            }
+        }
+        let outcome: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(match outcome {
+            1 => Applied::Done,
+            -1 => Applied::Lost,
+            _ => Applied::Moved,
+        })
+    }
+
+    /// Clears whatever is left of the view and starts it at `cursor`, whose rows
+    /// belong to epoch `base_epoch` or later. Returns false if another consumer
+    /// started it first.
+    pub async fn reset(&self, cursor: LogPosition, base_epoch: u64, now_ms: i64) -> Result<bool> {
+        let mut conn = self.redis.conn().await?;
+        // Leftovers of a partial loss would be counted twice by the replay.
+        let pattern = format!("{}:e:*", self.redis.prefix());
+        let mut keys: Vec<String> = Vec::new();
+        let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(&pattern).await?;
+        while let Some(key) = iter.next_item().await {
+            keys.push(key?);
+        }
+        drop(iter);
+        for chunk in keys.chunks(500) {
+            redis::cmd("DEL")
+                .arg(chunk)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        redis::cmd("DEL")
+            .arg(self.redis.key("epochs"))
+            .query_async::<()>(&mut conn)
+            .await?;
+        let started: i64 = self
+            .init
+            .key(self.meta_key())
+            .arg(cursor.txid)
+            .arg(cursor.seq)
+            .arg(now_ms)
+            .arg(base_epoch)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(started == 1)
+    }
+
+    /// Epochs with data, ascending.
+    pub async fn epochs(&self) -> Result<Vec<u64>> {
+        let mut conn = self.redis.conn().await?;
+        Ok(redis::cmd("ZRANGE")
+            .arg(self.redis.key("epochs"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Deletes every key of `epoch`.
+    pub async fn drop_epoch(&self, epoch: u64) -> Result<()> {
+        let mut conn = self.redis.conn().await?;
+        self.drop_epoch
+            .arg(self.redis.prefix())
+            .arg(epoch)
+            .invoke_async::<i64>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The cells of `dimension` at `granularity` with bucket start in
+    /// `[from_secs, to_secs)`, from every epoch `>= min_epoch`, read atomically.
+    pub async fn read(
+        &self,
+        min_epoch: u64,
+        granularity: Granularity,
+        dimension: Dimension,
+        from_secs: i64,
+        to_secs: i64,
+    ) -> Result<Snapshot> {
+        let mut conn = self.redis.conn().await?;
+        let out: Vec<String> = self
+            .read
+            .arg(self.redis.prefix())
+            .arg(min_epoch)
+            .arg(granularity.as_str())
+            .arg(from_secs)
+            .arg(to_secs)
+            .arg(dimension.as_str())
+            .invoke_async(&mut conn)
+            .await?;
+        decode_snapshot(&out)
+    }
+}
+
+fn decode_snapshot(out: &[String]) -> Result<Snapshot> {
+    let corrupt = |what: &str| Error::Corrupt(what.to_owned());
+    let [txid, seq, updated, rest @ ..] = out else {
+        return Err(corrupt("short reply"));
+    };
+    let meta = match (txid.parse::<u64>(), seq.parse::<i64>()) {
+        (Ok(txid), Ok(seq)) => Some(Meta {
+            cursor: LogPosition::new(txid, seq),
+            updated_ms: updated.parse().unwrap_or(0),
+        }),
+        _ => None,
+    };
+    let mut epochs: BTreeMap<u64, BTreeMap<CellKey, Totals>> = BTreeMap::new();
+    for chunk in rest.chunks(4) {
+        let [epoch, bucket, field, amount] = chunk else {
+            return Err(corrupt("odd reply"));
+        };
+        let epoch: u64 = epoch.parse().map_err(|_| corrupt(epoch))?;
+        let bucket: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
+        let amount: i64 = amount.parse().map_err(|_| corrupt(amount))?;
+        let mut parts = field.splitn(4, ':');
+        let (Some(metric), Some(_dim), Some(currency), Some(value)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt(field));
+        };
+        let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
+        let totals = epochs
+            .entry(epoch)
+            .or_default()
+            .entry((bucket, value.to_owned(), currency))
+            .or_default();
+        match metric {
+            "r" => totals.revenue_minor += amount,
+            "o" => totals.orders += amount,
+            "i" => totals.items += amount,
+            _ => return Err(corrupt(field)),
+        }
+    }
+    Ok(Snapshot { meta, epochs })
+}
