@@ -1,6 +1,8 @@
 //! Load-test scenarios against a running Tidemark stack, with latency percentiles
 //! from an HDR histogram and a JSON report.
 
+pub mod freshness;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -42,6 +42,27 @@ enum Scenario {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// Freshness: ingest at a fixed rate and measure 2xx → visible in the speed view.
+    Freshness {
+        #[arg(long, env = "TIDEMARK_INGEST_URL")]
+        url: String,
+        #[arg(long, env = "TIDEMARK_INGEST_KEY")]
+        key: String,
+        #[arg(long)]
+        redis_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        postgres_url: String,
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        seed: u64,
+    },
     /// Write `count` deterministic orders as CSV (for a COPY anchor).
     Csv {
         #[arg(long, default_value_t = 1)]
@@ -113,6 +134,32 @@ async fn main() -> anyhow::Result<()> {
             )
             .await;
             rec.report("ingest-single", elapsed)
+        }
+        Scenario::Freshness {
+            url,
+            key,
+            redis_url,
+            prefix,
+            postgres_url,
+            rate,
+            batch,
+            seconds,
+            seed,
+        } => {
+            let report = tidemark_loadtest::freshness::run(tidemark_loadtest::freshness::Settings {
+                ingest_url: url,
+                key,
+                redis_url,
+                prefix,
+                postgres_url,
+                rate,
+                batch,
+                seconds,
+                seed,
+            })
+            .await?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
         }
         Scenario::Csv { seed, count } => {
             let mut out = String::with_capacity(count * 150);

@@ -15,138 +15,178 @@ use crate::proc::{self, run, spawn_detached};
 use crate::stack::{Kind, Server, Stack, wait_async};
 
 pub async fn run_bench(name: &str) -> Result<()> {
-    match name {
-        "ingest" => ingest().await,
-        other => bail!("unknown benchmark `{other}`; known: ingest"),
-    }
-}
-
-/// Ingest: batched orders/s next to `COPY` of the same rows into the same table, and
-/// single-order orders/s at 32 connections next to pgbench single-row inserts at 32
-/// clients.
-async fn ingest() -> Result<()> {
     install::ensure()?;
     let stack = Stack::new(Kind::Test);
     let was_running = stack.is_running(Server::Postgres);
     stack.start_servers().await?;
-    let result = ingest_on(&stack).await;
+    let mut bench = Harness::new(&stack).await?;
+    let result = match name {
+        "ingest" => ingest(&mut bench).await,
+        "speed" => speed(&mut bench).await,
+        other => Err(anyhow::anyhow!("unknown benchmark `{other}`; known: ingest, speed")),
+    };
+    bench.cleanup().await;
     if !was_running {
         stack.stop(&[]).await?;
     }
     result
 }
 
-async fn ingest_on(stack: &Stack) -> Result<()> {
-    cargo_release(&["tidemark-ingest", "tidemark-loadtest"])?;
-    let bin = |name: &str| stack.root.join("target/release").join(name);
-    let tag = chrono_free_tag();
-    let (db_api, db_copy, db_pgbench) = (
-        format!("bench_api_{tag}"),
-        format!("bench_copy_{tag}"),
-        format!("bench_pgbench_{tag}"),
-    );
-    let admin = sqlx::PgPool::connect(&stack.postgres_url("postgres")).await?;
-    for db in [&db_api, &db_copy, &db_pgbench] {
+/// Bench databases and release-built service processes, cleaned up afterwards.
+struct Harness<'a> {
+    stack: &'a Stack,
+    tag: String,
+    admin: sqlx::PgPool,
+    databases: Vec<String>,
+    processes: Vec<(u32, String, std::path::PathBuf)>,
+}
+
+impl<'a> Harness<'a> {
+    async fn new(stack: &'a Stack) -> Result<Harness<'a>> {
+        cargo_release(&["tidemark-ingest", "tidemark-speed", "tidemark-loadtest"])?;
+        Ok(Harness {
+            stack,
+            tag: chrono_free_tag(),
+            admin: sqlx::PgPool::connect(&stack.postgres_url("postgres")).await?,
+            databases: Vec::new(),
+            processes: Vec::new(),
+        })
+    }
+
+    fn bin(&self, name: &str) -> std::path::PathBuf {
+        self.stack.root.join("target/release").join(name)
+    }
+
+    /// A fresh, migrated database; returns its URL.
+    async fn database(&mut self, name: &str) -> Result<String> {
+        let db = format!("bench_{name}_{}", self.tag);
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-            .execute(&admin)
+            .execute(&self.admin)
             .await?;
-        let pool = sqlx::PgPool::connect(&stack.postgres_url(db)).await?;
+        self.databases.push(db.clone());
+        let url = self.stack.postgres_url(&db);
+        let pool = sqlx::PgPool::connect(&url).await?;
         tidemark_platform::postgres::migrate(&pool).await?;
         pool.close().await;
-    }
-    let pool = sqlx::PgPool::connect(&stack.postgres_url(&db_api)).await?;
-    let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
-
-    let port = free_port()?;
-    let url = format!("http://127.0.0.1:{port}");
-    let log = stack.base.join("logs/bench-ingest.log");
-    let pid_file = stack.base.join("pids/bench-ingest.pid");
-    let mut cmd = Command::new(bin("tidemark-ingest"));
-    cmd.arg("serve")
-        .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("TIDEMARK_POSTGRES__URL", stack.postgres_url(&db_api))
-        .env("TIDEMARK_POSTGRES__MAX_CONNECTIONS", "32")
-        .env("TIDEMARK_RELAY__ENABLED", "false")
-        .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn");
-    let pid = spawn_detached(&mut cmd, &log, &pid_file)?;
-    let client = reqwest::Client::new();
-    let ready = wait_async(Duration::from_secs(30), || {
-        let r = client.get(format!("{url}/readyz")).send();
-        async move { r.await.is_ok_and(|r| r.status().is_success()) }
-    })
-    .await;
-    if !ready {
-        bail!("ingest did not start:\n{}", proc::tail(&log, 20));
+        Ok(url)
     }
 
+    /// Starts a release binary serving on a free port; returns its base URL.
+    async fn service(&mut self, name: &str, env: &[(&str, String)]) -> Result<String> {
+        let port = free_port()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let log = self.stack.base.join(format!("logs/bench-{name}.log"));
+        let pid_file = self.stack.base.join(format!("pids/bench-{name}.pid"));
+        let mut cmd = Command::new(self.bin(&format!("tidemark-{name}")));
+        cmd.arg("serve")
+            .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v)));
+        let pid = spawn_detached(&mut cmd, &log, &pid_file)?;
+        self.processes.push((pid, format!("tidemark-{name}"), pid_file));
+        let client = reqwest::Client::new();
+        let ready = wait_async(Duration::from_secs(30), || {
+            let r = client.get(format!("{url}/healthz")).send();
+            async move { r.await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        if !ready {
+            bail!("{name} did not start:\n{}", proc::tail(&log, 20));
+        }
+        Ok(url)
+    }
+
+    async fn stop_services(&mut self) {
+        for (pid, name, pid_file) in self.processes.drain(..) {
+            drop(proc::stop(pid, &name, "TERM", Duration::from_secs(30)).await);
+            drop(std::fs::remove_file(pid_file));
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        self.stop_services().await;
+        for db in self.databases.drain(..) {
+            drop(
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+                    .execute(&self.admin)
+                    .await,
+            );
+        }
+    }
+
+    fn loadtest(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Value> {
+        let out = run(Command::new(self.bin("tidemark-loadtest"))
+            .args(args)
+            .envs(env.iter().copied()))?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
+    /// Writes `count` deterministic orders as CSV and returns the file.
+    fn csv(&self, seed: u64, count: usize) -> Result<std::path::PathBuf> {
+        let rows = run(Command::new(self.bin("tidemark-loadtest")).args([
+            "csv",
+            "--seed",
+            &seed.to_string(),
+            "--count",
+            &count.to_string(),
+        ]))?;
+        let path = self.stack.base.join(format!("bench-orders-{seed}.csv"));
+        std::fs::write(&path, rows)?;
+        Ok(path)
+    }
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Ingest: batched orders/s next to `COPY` of the same rows into the same table, and
+/// single-order orders/s at 32 connections next to pgbench single-row inserts at 32
+/// clients.
+async fn ingest(bench: &mut Harness<'_>) -> Result<()> {
     const BATCH_ORDERS: usize = 200_000;
     const SINGLE_ORDERS: usize = 30_000;
-    let loadtest = |args: &[&str]| -> Result<Value> {
-        let out = run(Command::new(bin("tidemark-loadtest"))
-            .args(args)
-            .env("TIDEMARK_INGEST_URL", &url)
-            .env("TIDEMARK_INGEST_KEY", &key))?;
-        Ok(serde_json::from_str(out.trim())?)
-    };
+    let api_db = bench.database("api").await?;
+    let copy_db = bench.database("copy").await?;
+    let pgbench_db = bench.database("pgbench").await?;
+    let pool = sqlx::PgPool::connect(&api_db).await?;
+    let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
+    let url = bench
+        .service(
+            "ingest",
+            &[
+                ("TIDEMARK_POSTGRES__URL", api_db.clone()),
+                ("TIDEMARK_POSTGRES__MAX_CONNECTIONS", "32".into()),
+                ("TIDEMARK_RELAY__ENABLED", "false".into()),
+            ],
+        )
+        .await?;
+    let env = [("TIDEMARK_INGEST_URL", url.as_str()), ("TIDEMARK_INGEST_KEY", key.as_str())];
 
     // 1. Batched ingest vs COPY of the same rows.
-    let batch = loadtest(&[
-        "ingest-batch",
-        "--seed",
-        "1",
-        "--count",
-        &BATCH_ORDERS.to_string(),
-        "--batch",
-        "1000",
-        "--concurrency",
-        "4",
-    ])?;
-    let csv = stack.base.join("bench-orders.csv");
-    let rows = run(Command::new(bin("tidemark-loadtest")).args([
-        "csv",
-        "--seed",
-        "1",
-        "--count",
-        &BATCH_ORDERS.to_string(),
-    ]))?;
-    std::fs::write(&csv, rows)?;
-    let copy_secs = copy_csv(stack, &db_copy, &csv)?;
+    let batch = bench.loadtest(
+        &["ingest-batch", "--seed", "1", "--count", &BATCH_ORDERS.to_string(), "--batch", "1000", "--concurrency", "4"],
+        &env,
+    )?;
+    let csv = bench.csv(1, BATCH_ORDERS)?;
+    let copy_secs = copy_csv(&copy_db, &csv)?;
+    drop(std::fs::remove_file(&csv));
     let copy_rate = BATCH_ORDERS as f64 / copy_secs;
 
     // 2. Single orders at 32 connections vs pgbench single-row inserts at 32 clients.
-    let single = loadtest(&[
-        "ingest-single",
-        "--seed",
-        "2",
-        "--count",
-        &SINGLE_ORDERS.to_string(),
-        "--concurrency",
-        "32",
-    ])?;
-    let pgbench_tps = pgbench(stack, &db_pgbench)?;
+    let single = bench.loadtest(
+        &["ingest-single", "--seed", "2", "--count", &SINGLE_ORDERS.to_string(), "--concurrency", "32"],
+        &env,
+    )?;
+    let pgbench_tps = pgbench(bench.stack, &pgbench_db)?;
+    bench.stop_services().await;
 
-    proc::stop(pid, "tidemark-ingest", "TERM", Duration::from_secs(30)).await?;
-    drop(std::fs::remove_file(pid_file));
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
-        .fetch_one(&pool)
-        .await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&pool).await?;
     pool.close().await;
-    for db in [&db_api, &db_copy, &db_pgbench] {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {db} WITH (FORCE)"
-        )))
-        .execute(&admin)
-        .await?;
-    }
-    drop(std::fs::remove_file(&csv));
-
     let expected = (BATCH_ORDERS + SINGLE_ORDERS) as i64;
     if stored != expected || batch["errors"] != 0 || single["errors"] != 0 {
-        bail!(
-            "bench run was not clean: stored {stored} of {expected}; batch {batch}; single {single}"
-        );
+        bail!("bench run was not clean: stored {stored} of {expected}; batch {batch}; single {single}");
     }
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let batch_rate = f(&batch, "items_per_sec");
     let single_rate = f(&single, "items_per_sec");
     println!("\ningest benchmark (release build, same Postgres for every figure)\n");
@@ -166,6 +206,152 @@ async fn ingest_on(stack: &Stack) -> Result<()> {
         "\nbatched request latency p50 {:.0} ms, p99 {:.0} ms; {stored} orders stored, 0 errors",
         f(&batch, "p50_ms"),
         f(&batch, "p99_ms")
+    );
+    Ok(())
+}
+
+/// Speed: freshness (ingest 2xx → visible in the speed view) at 5,000 orders/s, and
+/// applied rows/s at saturation next to redis-benchmark for the same command mix.
+async fn speed(bench: &mut Harness<'_>) -> Result<()> {
+    const RATE: u64 = 5_000;
+    const SECONDS: u64 = 30;
+    const SATURATION_ROWS: usize = 300_000;
+    let redis_url = bench.stack.redis_url();
+
+    // 1. Freshness at a sustained rate.
+    let db = bench.database("fresh").await?;
+    let pool = sqlx::PgPool::connect(&db).await?;
+    let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
+    pool.close().await;
+    let prefix = format!("bench{}", bench.tag);
+    let ingest = bench
+        .service(
+            "ingest",
+            &[
+                ("TIDEMARK_POSTGRES__URL", db.clone()),
+                ("TIDEMARK_RELAY__ENABLED", "false".into()),
+            ],
+        )
+        .await?;
+    bench
+        .service(
+            "speed",
+            &[
+                ("TIDEMARK_POSTGRES__URL", db.clone()),
+                ("TIDEMARK_REDIS__URL", redis_url.clone()),
+                ("TIDEMARK_REDIS__KEY_PREFIX", prefix.clone()),
+                ("TIDEMARK_SPEED__POLL_INTERVAL", "10".into()),
+            ],
+        )
+        .await?;
+    let fresh = bench.loadtest(
+        &[
+            "freshness",
+            "--redis-url", &redis_url,
+            "--prefix", &prefix,
+            "--postgres-url", &db,
+            "--rate", &RATE.to_string(),
+            "--batch", "50",
+            "--seconds", &SECONDS.to_string(),
+        ],
+        &[("TIDEMARK_INGEST_URL", ingest.as_str()), ("TIDEMARK_INGEST_KEY", key.as_str())],
+    )?;
+    bench.stop_services().await;
+
+    // 2. Saturation: a preloaded log, consumed from scratch.
+    let db = bench.database("saturate").await?;
+    let csv = bench.csv(4, SATURATION_ROWS)?;
+    copy_csv(&db, &csv)?;
+    drop(std::fs::remove_file(&csv));
+    let prefix = format!("benchsat{}", bench.tag);
+    let client = redis::Client::open(redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("CONFIG").arg("RESETSTAT").query_async::<()>(&mut conn).await?;
+    let started = Instant::now();
+    bench
+        .service(
+            "speed",
+            &[
+                ("TIDEMARK_POSTGRES__URL", db.clone()),
+                ("TIDEMARK_REDIS__URL", redis_url.clone()),
+                ("TIDEMARK_REDIS__KEY_PREFIX", prefix.clone()),
+            ],
+        )
+        .await?;
+    let pool = sqlx::PgPool::connect(&db).await?;
+    let head: (i64, i64) =
+        sqlx::query_as("SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await?;
+    pool.close().await;
+    let caught_up = wait_async(Duration::from_secs(600), || {
+        let mut conn = conn.clone();
+        let meta = format!("{prefix}:meta");
+        async move {
+            let cur: (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+                .arg(meta)
+                .arg(&["txid", "seq"])
+                .query_async(&mut conn)
+                .await
+                .unwrap_or((None, None));
+            matches!(cur, (Some(t), Some(s)) if (t, s) >= head)
+        }
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !caught_up {
+        bail!("the speed layer did not consume the preloaded log");
+    }
+    bench.stop_services().await;
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+    let calls = |cmd: &str| -> f64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (hincrby, zadd) = (calls("hincrby"), calls("zadd"));
+    let rows_per_sec = SATURATION_ROWS as f64 / elapsed;
+    let ops_per_row = (hincrby + zadd) / SATURATION_ROWS as f64;
+
+    // 3. redis-benchmark for the same commands, pipelined as the script batches them.
+    let port = bench.stack.ports.redis.to_string();
+    let rb = |args: &[&str]| -> Result<f64> {
+        let out = run(Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &port, "-c", "4", "-n", "2000000", "-P", "100", "-r", "100000", "-q"])
+            .args(args))?;
+        out.split_whitespace()
+            .zip(out.split_whitespace().skip(1))
+            .find(|(_, next)| *next == "requests")
+            .and_then(|(v, _)| v.parse().ok())
+            .with_context(|| format!("no rate in redis-benchmark output: {out}"))
+    };
+    let hincrby_rate = rb(&["hincrby", "benchmix:h:__rand_int__", "f:__rand_int__", "3"])?;
+    let zadd_rate = rb(&["zadd", "benchmix:z:__rand_int__", "__rand_int__", "__rand_int__"])?;
+    let share = hincrby / (hincrby + zadd);
+    let mix_rate = 1.0 / (share / hincrby_rate + (1.0 - share) / zadd_rate);
+    let anchor_rows = mix_rate / ops_per_row;
+    let mut cleanup = redis::pipe();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("benchmix:*").query_async(&mut conn).await?;
+    for chunk in keys.chunks(1000) {
+        cleanup.cmd("DEL").arg(chunk);
+    }
+    cleanup.query_async::<()>(&mut conn).await?;
+
+    println!("\nspeed benchmark (release build; same Redis and Postgres for every figure)\n");
+    println!("| measure | Tidemark | anchor | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s (achieved {:.0}/s, {} orders, {} errors) | p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms | | p99 ≤ 500 ms |",
+        f(&fresh, "achieved_rate"), fresh["orders"], fresh["errors"],
+        f(&fresh, "p50_ms"), f(&fresh, "p90_ms"), f(&fresh, "p99_ms"), f(&fresh, "max_ms")
+    );
+    println!(
+        "| applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} Redis writes per row) | {rows_per_sec:.0} rows/s | redis-benchmark, same HINCRBY/ZADD mix, pipelined: {mix_rate:.0} ops/s = {anchor_rows:.0} rows/s | {:.2}× of raw Redis |",
+        rows_per_sec / anchor_rows
     );
     Ok(())
 }
@@ -190,10 +376,10 @@ fn pg_bin(name: &str) -> Result<std::path::PathBuf> {
 }
 
 /// Seconds `COPY orders FROM` takes for the CSV file.
-fn copy_csv(stack: &Stack, db: &str, csv: &Path) -> Result<f64> {
+fn copy_csv(db_url: &str, csv: &Path) -> Result<f64> {
     let started = Instant::now();
     run(Command::new(pg_bin("psql")?)
-        .arg(stack.postgres_url(db))
+        .arg(db_url)
         .args(["-v", "ON_ERROR_STOP=1", "-c"])
         .arg(format!(
             "\\copy orders (order_id, user_id, city, product_id, category, quantity, \
@@ -204,7 +390,7 @@ fn copy_csv(stack: &Stack, db: &str, csv: &Path) -> Result<f64> {
 }
 
 /// pgbench: single-row inserts into `orders`, 32 clients, 15 s; returns tps.
-fn pgbench(stack: &Stack, db: &str) -> Result<f64> {
+fn pgbench(stack: &Stack, db_url: &str) -> Result<f64> {
     let script = stack.base.join("bench-insert.sql");
     std::fs::write(
         &script,
@@ -216,7 +402,7 @@ fn pgbench(stack: &Stack, db: &str) -> Result<f64> {
     let out = run(Command::new(pg_bin("pgbench")?)
         .args(["-n", "-c", "32", "-j", "2", "-T", "15", "-f"])
         .arg(&script)
-        .arg(stack.postgres_url(db)))?;
+        .arg(db_url))?;
     drop(std::fs::remove_file(script));
     out.lines()
         .find(|l| l.starts_with("tps = "))

@@ -14,7 +14,11 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
 /// while Postgres is down.
 pub fn pool(config: &PostgresConfig, application_name: &str) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = config.url.expose_secret().parse()?;
-    let options = options.application_name(application_name);
+    // A transaction of ours left idle (a stuck client, a bug) would hold back the
+    // log horizon of every consumer in the cluster; Postgres ends it instead.
+    let options = options
+        .application_name(application_name)
+        .options([("idle_in_transaction_session_timeout", "60s")]);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
