@@ -107,7 +107,9 @@ pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
             let ok = matches!(request.await, Ok(r) if r.status().is_success());
             let at = start.elapsed();
             if ok {
-                acks.lock().unwrap().extend(ids.into_iter().map(|id| (id, at)));
+                acks.lock()
+                    .unwrap()
+                    .extend(ids.into_iter().map(|id| (id, at)));
             } else {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }

@@ -146,18 +146,19 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             seed,
         } => {
-            let report = tidemark_loadtest::freshness::run(tidemark_loadtest::freshness::Settings {
-                ingest_url: url,
-                key,
-                redis_url,
-                prefix,
-                postgres_url,
-                rate,
-                batch,
-                seconds,
-                seed,
-            })
-            .await?;
+            let report =
+                tidemark_loadtest::freshness::run(tidemark_loadtest::freshness::Settings {
+                    ingest_url: url,
+                    key,
+                    redis_url,
+                    prefix,
+                    postgres_url,
+                    rate,
+                    batch,
+                    seconds,
+                    seed,
+                })
+                .await?;
             println!("{}", serde_json::to_string(&report)?);
             return Ok(());
         }

@@ -23,7 +23,9 @@ pub async fn run_bench(name: &str) -> Result<()> {
     let result = match name {
         "ingest" => ingest(&mut bench).await,
         "speed" => speed(&mut bench).await,
-        other => Err(anyhow::anyhow!("unknown benchmark `{other}`; known: ingest, speed")),
+        other => Err(anyhow::anyhow!(
+            "unknown benchmark `{other}`; known: ingest, speed"
+        )),
     };
     bench.cleanup().await;
     if !was_running {
@@ -83,7 +85,8 @@ impl<'a> Harness<'a> {
             .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v)));
         let pid = spawn_detached(&mut cmd, &log, &pid_file)?;
-        self.processes.push((pid, format!("tidemark-{name}"), pid_file));
+        self.processes
+            .push((pid, format!("tidemark-{name}"), pid_file));
         let client = reqwest::Client::new();
         let ready = wait_async(Duration::from_secs(30), || {
             let r = client.get(format!("{url}/healthz")).send();
@@ -107,9 +110,11 @@ impl<'a> Harness<'a> {
         self.stop_services().await;
         for db in self.databases.drain(..) {
             drop(
-                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
-                    .execute(&self.admin)
-                    .await,
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE {db} WITH (FORCE)"
+                )))
+                .execute(&self.admin)
+                .await,
             );
         }
     }
@@ -161,11 +166,24 @@ async fn ingest(bench: &mut Harness<'_>) -> Result<()> {
             ],
         )
         .await?;
-    let env = [("TIDEMARK_INGEST_URL", url.as_str()), ("TIDEMARK_INGEST_KEY", key.as_str())];
+    let env = [
+        ("TIDEMARK_INGEST_URL", url.as_str()),
+        ("TIDEMARK_INGEST_KEY", key.as_str()),
+    ];
 
-    // 1. Batched ingest vs COPY of the same rows.
+    eprintln!("xtask bench: batched ingest of {BATCH_ORDERS} orders, then COPY");
     let batch = bench.loadtest(
-        &["ingest-batch", "--seed", "1", "--count", &BATCH_ORDERS.to_string(), "--batch", "1000", "--concurrency", "4"],
+        &[
+            "ingest-batch",
+            "--seed",
+            "1",
+            "--count",
+            &BATCH_ORDERS.to_string(),
+            "--batch",
+            "1000",
+            "--concurrency",
+            "4",
+        ],
         &env,
     )?;
     let csv = bench.csv(1, BATCH_ORDERS)?;
@@ -173,19 +191,31 @@ async fn ingest(bench: &mut Harness<'_>) -> Result<()> {
     drop(std::fs::remove_file(&csv));
     let copy_rate = BATCH_ORDERS as f64 / copy_secs;
 
-    // 2. Single orders at 32 connections vs pgbench single-row inserts at 32 clients.
+    eprintln!("xtask bench: single-order ingest at 32 connections, then pgbench");
     let single = bench.loadtest(
-        &["ingest-single", "--seed", "2", "--count", &SINGLE_ORDERS.to_string(), "--concurrency", "32"],
+        &[
+            "ingest-single",
+            "--seed",
+            "2",
+            "--count",
+            &SINGLE_ORDERS.to_string(),
+            "--concurrency",
+            "32",
+        ],
         &env,
     )?;
     let pgbench_tps = pgbench(bench.stack, &pgbench_db)?;
     bench.stop_services().await;
 
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&pool).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&pool)
+        .await?;
     pool.close().await;
     let expected = (BATCH_ORDERS + SINGLE_ORDERS) as i64;
     if stored != expected || batch["errors"] != 0 || single["errors"] != 0 {
-        bail!("bench run was not clean: stored {stored} of {expected}; batch {batch}; single {single}");
+        bail!(
+            "bench run was not clean: stored {stored} of {expected}; batch {batch}; single {single}"
+        );
     }
     let batch_rate = f(&batch, "items_per_sec");
     let single_rate = f(&single, "items_per_sec");
@@ -218,7 +248,7 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
     const SATURATION_ROWS: usize = 300_000;
     let redis_url = bench.stack.redis_url();
 
-    // 1. Freshness at a sustained rate.
+    eprintln!("xtask bench: freshness at {RATE} orders/s for {SECONDS} s");
     let db = bench.database("fresh").await?;
     let pool = sqlx::PgPool::connect(&db).await?;
     let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
@@ -247,18 +277,27 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
     let fresh = bench.loadtest(
         &[
             "freshness",
-            "--redis-url", &redis_url,
-            "--prefix", &prefix,
-            "--postgres-url", &db,
-            "--rate", &RATE.to_string(),
-            "--batch", "50",
-            "--seconds", &SECONDS.to_string(),
+            "--redis-url",
+            &redis_url,
+            "--prefix",
+            &prefix,
+            "--postgres-url",
+            &db,
+            "--rate",
+            &RATE.to_string(),
+            "--batch",
+            "50",
+            "--seconds",
+            &SECONDS.to_string(),
         ],
-        &[("TIDEMARK_INGEST_URL", ingest.as_str()), ("TIDEMARK_INGEST_KEY", key.as_str())],
+        &[
+            ("TIDEMARK_INGEST_URL", ingest.as_str()),
+            ("TIDEMARK_INGEST_KEY", key.as_str()),
+        ],
     )?;
     bench.stop_services().await;
 
-    // 2. Saturation: a preloaded log, consumed from scratch.
+    eprintln!("xtask bench: saturation over {SATURATION_ROWS} preloaded rows");
     let db = bench.database("saturate").await?;
     let csv = bench.csv(4, SATURATION_ROWS)?;
     copy_csv(&db, &csv)?;
@@ -266,7 +305,10 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
     let prefix = format!("benchsat{}", bench.tag);
     let client = redis::Client::open(redis_url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    redis::cmd("CONFIG").arg("RESETSTAT").query_async::<()>(&mut conn).await?;
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut conn)
+        .await?;
     let started = Instant::now();
     bench
         .service(
@@ -279,10 +321,11 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
         )
         .await?;
     let pool = sqlx::PgPool::connect(&db).await?;
-    let head: (i64, i64) =
-        sqlx::query_as("SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1")
-            .fetch_one(&pool)
-            .await?;
+    let head: (i64, i64) = sqlx::query_as(
+        "SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await?;
     pool.close().await;
     let caught_up = wait_async(Duration::from_secs(600), || {
         let mut conn = conn.clone();
@@ -303,7 +346,10 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
         bail!("the speed layer did not consume the preloaded log");
     }
     bench.stop_services().await;
-    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await?;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
     let calls = |cmd: &str| -> f64 {
         stats
             .lines()
@@ -317,11 +363,25 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
     let rows_per_sec = SATURATION_ROWS as f64 / elapsed;
     let ops_per_row = (hincrby + zadd) / SATURATION_ROWS as f64;
 
-    // 3. redis-benchmark for the same commands, pipelined as the script batches them.
+    eprintln!("xtask bench: redis-benchmark for the same command mix");
     let port = bench.stack.ports.redis.to_string();
     let rb = |args: &[&str]| -> Result<f64> {
         let out = run(Command::new("redis-benchmark")
-            .args(["-h", "127.0.0.1", "-p", &port, "-c", "4", "-n", "2000000", "-P", "100", "-r", "100000", "-q"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-c",
+                "4",
+                "-n",
+                "2000000",
+                "-P",
+                "100",
+                "-r",
+                "100000",
+                "-q",
+            ])
             .args(args))?;
         out.split_whitespace()
             .zip(out.split_whitespace().skip(1))
@@ -330,24 +390,37 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
             .with_context(|| format!("no rate in redis-benchmark output: {out}"))
     };
     let hincrby_rate = rb(&["hincrby", "benchmix:h:__rand_int__", "f:__rand_int__", "3"])?;
-    let zadd_rate = rb(&["zadd", "benchmix:z:__rand_int__", "__rand_int__", "__rand_int__"])?;
+    let zadd_rate = rb(&[
+        "zadd",
+        "benchmix:z:__rand_int__",
+        "__rand_int__",
+        "__rand_int__",
+    ])?;
     let share = hincrby / (hincrby + zadd);
     let mix_rate = 1.0 / (share / hincrby_rate + (1.0 - share) / zadd_rate);
     let anchor_rows = mix_rate / ops_per_row;
-    let mut cleanup = redis::pipe();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("benchmix:*").query_async(&mut conn).await?;
+    // Remove the benchmark's keys without one huge blocking reply.
+    let keys =
+        run(Command::new("redis-cli").args(["-p", &port, "--scan", "--pattern", "benchmix:*"]))?;
+    let keys: Vec<&str> = keys.lines().collect();
     for chunk in keys.chunks(1000) {
-        cleanup.cmd("DEL").arg(chunk);
+        run(Command::new("redis-cli")
+            .args(["-p", &port, "UNLINK"])
+            .args(chunk))?;
     }
-    cleanup.query_async::<()>(&mut conn).await?;
 
     println!("\nspeed benchmark (release build; same Redis and Postgres for every figure)\n");
     println!("| measure | Tidemark | anchor | target |");
     println!("|---|---|---|---|");
     println!(
         "| freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s (achieved {:.0}/s, {} orders, {} errors) | p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms | | p99 ≤ 500 ms |",
-        f(&fresh, "achieved_rate"), fresh["orders"], fresh["errors"],
-        f(&fresh, "p50_ms"), f(&fresh, "p90_ms"), f(&fresh, "p99_ms"), f(&fresh, "max_ms")
+        f(&fresh, "achieved_rate"),
+        fresh["orders"],
+        fresh["errors"],
+        f(&fresh, "p50_ms"),
+        f(&fresh, "p90_ms"),
+        f(&fresh, "p99_ms"),
+        f(&fresh, "max_ms")
     );
     println!(
         "| applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} Redis writes per row) | {rows_per_sec:.0} rows/s | redis-benchmark, same HINCRBY/ZADD mix, pipelined: {mix_rate:.0} ops/s = {anchor_rows:.0} rows/s | {:.2}× of raw Redis |",

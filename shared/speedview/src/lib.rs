@@ -7,8 +7,13 @@
 //! |---|---|---|
 //! | `p:meta` | hash | the consumer cursor `txid`, `seq`; `updated_ms`; `base_epoch` |
 //! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
-//! | `p:e:{epoch}:{granularity}:{bucket}` | hash | one field per metric, dimension, currency and value |
-//! | `p:e:{epoch}:idx:{granularity}` | sorted set | the buckets of that epoch (score = unix seconds) |
+//! | `p:e:{epoch}:minute:{bucket}` | hash | one field per metric, dimension, currency and value |
+//! | `p:e:{epoch}:idx:minute` | sorted set | the minute buckets of that epoch (score = unix seconds) |
+//!
+//! Only minute buckets are stored; hours and days are summed from them when read.
+//! A speed epoch spans only the time since the last batch cut (plus the odd late
+//! event), so a read touches few buckets, and each order costs a third of the
+//! writes it would with all three granularities maintained.
 //!
 //! Fields are `{metric}:{dimension}:{currency}:{value}` with metric `r` (revenue in
 //! minor units), `o` (orders) or `i` (items); the value comes last so it may
@@ -60,28 +65,23 @@ pub type CellKey = (i64, String, Currency);
 /// Changes to apply, grouped by Redis hash.
 #[derive(Debug, Default)]
 pub struct Delta {
-    hashes: HashMap<(u64, Granularity, i64), HashMap<String, i64>>,
+    hashes: HashMap<(u64, i64), HashMap<String, i64>>,
     rows: usize,
 }
 
 impl Delta {
-    /// Adds one order, in `epoch`, to every granularity and dimension.
+    /// Adds one order, in `epoch`, to its minute bucket for every dimension.
     pub fn add(&mut self, epoch: u64, order: &Order) {
-        let secs = order.created_at.timestamp();
+        let bucket = Granularity::Minute.bucket_of_secs(order.created_at.timestamp());
         let currency = order.currency.as_str();
         let revenue = order.revenue_minor();
         let items = i64::from(order.quantity);
-        for granularity in Granularity::ALL {
-            let fields = self
-                .hashes
-                .entry((epoch, granularity, granularity.bucket_of_secs(secs)))
-                .or_default();
-            for dim in Dimension::ALL {
-                let value = order.dimension_value(dim);
-                for (metric, amount) in [("r", revenue), ("o", 1), ("i", items)] {
-                    let field = format!("{metric}:{}:{currency}:{value}", dim.as_str());
-                    *fields.entry(field).or_insert(0) += amount;
-                }
+        let fields = self.hashes.entry((epoch, bucket)).or_default();
+        for dim in Dimension::ALL {
+            let value = order.dimension_value(dim);
+            for (metric, amount) in [("r", revenue), ("o", 1), ("i", items)] {
+                let field = format!("{metric}:{}:{currency}:{value}", dim.as_str());
+                *fields.entry(field).or_insert(0) += amount;
             }
         }
         self.rows += 1;
@@ -142,14 +142,14 @@ if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return -2 end
 local p = ARGV[1]
 local i = 7
 while i <= #ARGV do
-  local e, g, b, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local key = p .. ':e:' .. e .. ':' .. g .. ':' .. b
-  i = i + 4
+  local e, b, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local key = p .. ':e:' .. e .. ':minute:' .. b
+  i = i + 3
   for _ = 1, n do
     redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
     i = i + 2
   end
-  redis.call('ZADD', p .. ':e:' .. e .. ':idx:' .. g, b, b)
+  redis.call('ZADD', p .. ':e:' .. e .. ':idx:minute', b, b)
   redis.call('ZADD', p .. ':epochs', e, e)
 end
 redis.call('HSET', KEYS[1], 'txid', ARGV[4], 'seq', ARGV[5], 'updated_ms', ARGV[6])
@@ -160,12 +160,12 @@ const READ: &str = r"
 local p = ARGV[1]
 local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms')
 local out = {meta[1] or '', meta[2] or '', meta[3] or ''}
-local needle = ':' .. ARGV[6] .. ':'
+local needle = ':' .. ARGV[5] .. ':'
 local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
 for _, e in ipairs(epochs) do
-  local buckets = redis.call('ZRANGEBYSCORE', p .. ':e:' .. e .. ':idx:' .. ARGV[3], ARGV[4], '(' .. ARGV[5])
+  local buckets = redis.call('ZRANGEBYSCORE', p .. ':e:' .. e .. ':idx:minute', ARGV[3], '(' .. ARGV[4])
   for _, b in ipairs(buckets) do
-    local h = redis.call('HGETALL', p .. ':e:' .. e .. ':' .. ARGV[3] .. ':' .. b)
+    local h = redis.call('HGETALL', p .. ':e:' .. e .. ':minute:' .. b)
     for j = 1, #h, 2 do
       if string.sub(h[j], 2, 1 + #needle) == needle then
         out[#out + 1] = e
@@ -187,13 +187,11 @@ return 1
 
 const DROP_EPOCH: &str = r"
 local p, e = ARGV[1], ARGV[2]
-for _, g in ipairs({'minute', 'hour', 'day'}) do
-  local idx = p .. ':e:' .. e .. ':idx:' .. g
-  for _, b in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
-    redis.call('DEL', p .. ':e:' .. e .. ':' .. g .. ':' .. b)
-  end
-  redis.call('DEL', idx)
+local idx = p .. ':e:' .. e .. ':idx:minute'
+for _, b in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
+  redis.call('DEL', p .. ':e:' .. e .. ':minute:' .. b)
 end
+redis.call('DEL', idx)
 redis.call('ZREM', p .. ':epochs', e)
 return 1
 ";
@@ -254,12 +252,8 @@ impl SpeedView {
             .arg(to.txid)
             .arg(to.seq)
             .arg(now_ms);
-        for ((epoch, granularity, bucket), fields) in &delta.hashes {
-            invocation
-                .arg(*epoch)
-                .arg(granularity.as_str())
-                .arg(*bucket)
-                .arg(fields.len());
+        for ((epoch, bucket), fields) in &delta.hashes {
+            invocation.arg(*epoch).arg(*bucket).arg(fields.len());
             for (field, amount) in fields {
                 invocation.arg(field).arg(*amount);
             }
@@ -329,8 +323,10 @@ impl SpeedView {
         Ok(())
     }
 
-    /// The cells of `dimension` at `granularity` with bucket start in
-    /// `[from_secs, to_secs)`, from every epoch `>= min_epoch`, read atomically.
+    /// The cells of `dimension` at `granularity` for events in `[from_secs,
+    /// to_secs)`, from every epoch `>= min_epoch`, read atomically. Hours and days
+    /// are sums of their minutes; pass bounds aligned to `granularity` to get whole
+    /// buckets.
     pub async fn read(
         &self,
         min_epoch: u64,
@@ -344,17 +340,16 @@ impl SpeedView {
             .read
             .arg(self.redis.prefix())
             .arg(min_epoch)
-            .arg(granularity.as_str())
             .arg(from_secs)
             .arg(to_secs)
             .arg(dimension.as_str())
             .invoke_async(&mut conn)
             .await?;
-        decode_snapshot(&out)
+        decode_snapshot(&out, granularity)
     }
 }
 
-fn decode_snapshot(out: &[String]) -> Result<Snapshot> {
+fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot> {
     let corrupt = |what: &str| Error::Corrupt(what.to_owned());
     let [txid, seq, updated, rest @ ..] = out else {
         return Err(corrupt("short reply"));
@@ -372,7 +367,8 @@ fn decode_snapshot(out: &[String]) -> Result<Snapshot> {
             return Err(corrupt("odd reply"));
         };
         let epoch: u64 = epoch.parse().map_err(|_| corrupt(epoch))?;
-        let bucket: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
+        let minute: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
+        let bucket = granularity.bucket_of_secs(minute);
         let amount: i64 = amount.parse().map_err(|_| corrupt(amount))?;
         let mut parts = field.splitn(4, ':');
         let (Some(metric), Some(_dim), Some(currency), Some(value)) =
