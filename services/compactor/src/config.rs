@@ -1,8 +1,10 @@
-//! The compactor service's settings.
+//! The compactor's settings.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use tidemark_platform::config::{
-    ClickHouseConfig, HttpConfig, PostgresConfig, S3Config, TelemetryConfig, Validate,
+    ClickHouseConfig, HttpConfig, PostgresConfig, S3Config, TelemetryConfig, Validate, millis,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -13,6 +15,38 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub clickhouse: ClickHouseConfig,
     pub s3: S3Config,
+    pub compactor: CompactorSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CompactorSettings {
+    /// `serve` starts a run at least this often.
+    #[serde(with = "millis")]
+    pub interval: Duration,
+    /// ... and sooner once this many orders have landed past the watermark.
+    pub min_new_rows: i64,
+    /// How often `serve` checks the row count.
+    #[serde(with = "millis")]
+    pub check_interval: Duration,
+    /// How long a run waits for the lake relay to land every row before its cut;
+    /// after that it stays pending and is resumed by the next run.
+    #[serde(with = "millis")]
+    pub relay_wait: Duration,
+    /// Parquet files a date partition may hold before they are compacted into one.
+    pub max_files_per_partition: usize,
+}
+
+impl Default for CompactorSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            min_new_rows: 50_000,
+            check_interval: Duration::from_secs(5),
+            relay_wait: Duration::from_secs(60),
+            max_files_per_partition: 8,
+        }
+    }
 }
 
 impl Default for Config {
@@ -23,6 +57,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             clickhouse: ClickHouseConfig::default(),
             s3: S3Config::default(),
+            compactor: CompactorSettings::default(),
         }
     }
 }
@@ -34,5 +69,8 @@ impl Validate for Config {
         self.postgres.validate(problems);
         self.clickhouse.validate(problems);
         self.s3.validate(problems);
+        if self.compactor.max_files_per_partition < 2 {
+            problems.push("compactor.max_files_per_partition must be at least 2".into());
+        }
     }
 }

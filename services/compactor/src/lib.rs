@@ -1,22 +1,27 @@
 //! Batch layer: turns the raw JSON Lines in S3 into a Parquet lake and publishes
-//! exact aggregates to ClickHouse with Write-Audit-Publish.
+//! exact aggregates to ClickHouse with Write-Audit-Publish (see [`run`]).
 
+pub mod aggregate;
 pub mod config;
+pub mod lake;
+pub mod run;
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
+use chrono::Utc;
+use tidemark_batchview::PublishedState;
 use tidemark_platform::health::Readiness;
 use tidemark_platform::{clickhouse, http, postgres, s3};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use run::{Compactor, Kind, Outcome};
 
-/// Runs the service on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+/// Connects to the stores (applying migrations when configured).
+pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
     let pool = postgres::pool(&config.postgres, "tidemark-compactor")?;
     if config.postgres.migrate {
         postgres::migrate(&pool).await?;
@@ -24,11 +29,27 @@ pub async fn serve(
     if config.clickhouse.migrate {
         clickhouse::migrate(&config.clickhouse).await?;
     }
-    let ch = clickhouse::client(&config.clickhouse);
+    Ok(Compactor {
+        pool,
+        ch: clickhouse::client(&config.clickhouse),
+        store: lake::Store::new(s3::client(&config.s3).await, config.s3.clone()),
+        settings: config.compactor.clone(),
+    })
+}
+
+/// Runs batch runs on an interval (and when enough orders have landed) until
+/// `shutdown`, serving the operational endpoints meanwhile.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let compactor = Arc::new(connect(&config).await?);
     let s3 = s3::client(&config.s3).await;
+    let ch = clickhouse::client(&config.clickhouse);
     let readiness = Readiness::new()
         .with("postgres", {
-            let pool = pool.clone();
+            let pool = compactor.pool.clone();
             move || postgres::check(pool.clone())
         })
         .with("clickhouse", move || clickhouse::check(ch.clone()))
@@ -36,7 +57,70 @@ pub async fn serve(
             let bucket = config.s3.bucket.clone();
             move || s3::check(s3.clone(), bucket.clone())
         });
+    let token = shutdown.child_token();
+    let task = tokio::spawn(schedule(compactor, token.clone()));
     let router = http::finish(Router::new(), readiness, &config.http);
-    http::serve(listener, router, shutdown, config.http.shutdown_grace).await?;
+    let served = http::serve(listener, router, shutdown, config.http.shutdown_grace).await;
+    token.cancel();
+    task.await?;
+    served?;
     Ok(())
+}
+
+async fn schedule(compactor: Arc<Compactor>, shutdown: CancellationToken) {
+    let settings = compactor.settings.clone();
+    let mut last_run: Option<Instant> = None;
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(settings.check_interval) => {}
+        }
+        let pool = compactor.pool.clone();
+        let state = PublishedState::load(&pool).await.ok().flatten();
+        let threshold = state.as_ref().map_or(0, |s| s.threshold);
+        if let Some(state) = &state {
+            let lag = (Utc::now() - state.watermark_time)
+                .num_milliseconds()
+                .max(0);
+            metrics::gauge!("compactor_batch_lag_seconds").set(lag as f64 / 1000.0);
+        }
+        let due = last_run.is_none_or(|t| t.elapsed() >= settings.interval)
+            || new_rows(pool, threshold, settings.min_new_rows).await >= settings.min_new_rows;
+        if !due {
+            continue;
+        }
+        last_run = Some(Instant::now());
+        let mut run = {
+            let compactor = compactor.clone();
+            tokio::spawn(async move { compactor.run_once(Kind::Incremental).await })
+        };
+        // A run cut short by shutdown is resumed by the next start.
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                run.abort();
+                return;
+            }
+            outcome = &mut run => match outcome {
+                Ok(Ok(outcome)) => tracing::info!(?outcome, "Batch run finished"),
+                Ok(Err(e)) => {
+                    metrics::counter!("compactor_errors_total").increment(1);
+                    tracing::warn!(error = %e, "Batch run failed; retrying later");
+                }
+                Err(e) => tracing::error!(error = %e, "Batch run panicked"),
+            }
+        }
+    }
+}
+
+/// Orders past the published watermark, counted up to `cap`.
+async fn new_rows(pool: sqlx::PgPool, threshold: u64, cap: i64) -> i64 {
+    let threshold = threshold as i64;
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM orders WHERE txid >= $1::int8::text::xid8 LIMIT $2) n",
+    )
+    .bind(threshold)
+    .bind(cap)
+    .fetch_one(&pool)
+    .await
+    .unwrap_or(0)
 }

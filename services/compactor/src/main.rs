@@ -1,4 +1,7 @@
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+use tidemark_compactor::{Kind, Outcome};
 use tidemark_platform::service::{self, CommonArgs, ENV_HELP};
 use tidemark_platform::shutdown;
 
@@ -15,19 +18,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the service (the default).
+    /// Run batch runs on an interval and when enough orders have landed (the default).
     Serve,
+    /// One incremental run, then exit (0 published, 2 audit failed, 3 relay behind).
+    RunOnce,
+    /// Recompute every aggregate from the Parquet lake (after a logic change).
+    Rebuild,
+    /// Re-derive the lake's date partitions in [from, to] from the raw JSON, then rebuild.
+    Backfill {
+        /// First event date, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last event date, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        to: chrono::NaiveDate,
+    },
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let config: tidemark_compactor::Config =
         service::load(&cli.common, |c: &tidemark_compactor::Config| &c.telemetry)?;
-    match cli.command.unwrap_or(Command::Serve) {
+    let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let listener = service::bind(config.http.listen).await?;
-            tidemark_compactor::serve(config, listener, shutdown::on_signal()).await
+            tidemark_compactor::serve(config, listener, shutdown::on_signal()).await?;
+            return Ok(ExitCode::SUCCESS);
         }
-    }
+        Command::RunOnce => {
+            let compactor = tidemark_compactor::connect(&config).await?;
+            compactor.run_once(Kind::Incremental).await?
+        }
+        Command::Rebuild => {
+            let compactor = tidemark_compactor::connect(&config).await?;
+            compactor.run_once(Kind::Rebuild).await?
+        }
+        Command::Backfill { from, to } => {
+            anyhow::ensure!(from <= to, "--from must not be after --to");
+            let compactor = tidemark_compactor::connect(&config).await?;
+            compactor.backfill(from, to).await?
+        }
+    };
+    println!("{outcome:?}");
+    Ok(match outcome {
+        Outcome::Published { .. } => ExitCode::SUCCESS,
+        Outcome::AuditFailed { .. } => ExitCode::from(2),
+        Outcome::RelayBehind { .. } => ExitCode::from(3),
+    })
 }

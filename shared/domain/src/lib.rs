@@ -5,12 +5,14 @@
 //! Nothing here does I/O. Wire formats (HTTP request bodies, raw-lake JSON lines,
 //! database rows) live at the edges of the services and convert into these types.
 
+pub mod aggregate;
 pub mod avro;
 pub mod bucket;
 pub mod money;
 pub mod order;
 pub mod position;
 
+pub use aggregate::{CellKey, Grid, Totals};
 pub use bucket::{Dimension, Granularity};
 pub use money::{Currency, CurrencyError};
 pub use order::{Order, OrderLimits, Violation};

@@ -43,24 +43,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Revenue, orders and items of one dimension value in one bucket and currency.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Totals {
-    pub revenue_minor: i64,
-    pub orders: i64,
-    pub items: i64,
-}
-
-impl Totals {
-    pub fn add(&mut self, other: Totals) {
-        self.revenue_minor += other.revenue_minor;
-        self.orders += other.orders;
-        self.items += other.items;
-    }
-}
-
-/// A cell of a revenue grid: bucket start (unix seconds), dimension value, currency.
-pub type CellKey = (i64, String, Currency);
+pub use tidemark_domain::{CellKey, Grid, Totals};
 
 /// Changes to apply, grouped by Redis hash.
 #[derive(Debug, Default)]
@@ -119,17 +102,15 @@ pub struct Meta {
 pub struct Snapshot {
     /// `None` when the view is empty (never built, or lost and not yet rebuilt).
     pub meta: Option<Meta>,
-    pub epochs: BTreeMap<u64, BTreeMap<CellKey, Totals>>,
+    pub epochs: BTreeMap<u64, Grid>,
 }
 
 impl Snapshot {
     /// The cells summed over every epoch in the snapshot.
-    pub fn total(&self) -> BTreeMap<CellKey, Totals> {
-        let mut out: BTreeMap<CellKey, Totals> = BTreeMap::new();
+    pub fn total(&self) -> Grid {
+        let mut out = Grid::new();
         for cells in self.epochs.values() {
-            for (key, totals) in cells {
-                out.entry(key.clone()).or_default().add(*totals);
-            }
+            tidemark_domain::aggregate::merge(&mut out, cells);
         }
         out
     }
@@ -361,7 +342,7 @@ fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot>
         }),
         _ => None,
     };
-    let mut epochs: BTreeMap<u64, BTreeMap<CellKey, Totals>> = BTreeMap::new();
+    let mut epochs: BTreeMap<u64, Grid> = BTreeMap::new();
     for chunk in rest.chunks(4) {
         let [epoch, bucket, field, amount] = chunk else {
             return Err(corrupt("odd reply"));

@@ -1,0 +1,208 @@
+//! The lake: raw JSON Lines in, Parquet out, both in S3.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use aws_sdk_s3::primitives::ByteStream;
+use polars::prelude::*;
+use tidemark_platform::config::S3Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error("s3: {0}")]
+    S3(String),
+    #[error("polars: {0}")]
+    Polars(#[from] PolarsError),
+}
+
+pub type Result<T, E = LakeError> = std::result::Result<T, E>;
+
+/// Object storage under the deployment's prefix.
+#[derive(Clone)]
+pub struct Store {
+    client: aws_sdk_s3::Client,
+    config: S3Config,
+}
+
+fn s3_error<E: std::error::Error + 'static>(e: &E) -> LakeError {
+    LakeError::S3(aws_sdk_s3::error::DisplayErrorContext(e).to_string())
+}
+
+impl Store {
+    pub fn new(client: aws_sdk_s3::Client, config: S3Config) -> Self {
+        Self { client, config }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<bytes::Bytes> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(key))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        Ok(object
+            .body
+            .collect()
+            .await
+            .map_err(|e| s3_error(&e))?
+            .into_bytes())
+    }
+
+    pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
+        self.client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(key))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(key))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        Ok(())
+    }
+
+    /// Keys under `prefix`, relative to the deployment's prefix.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let base = self.config.key("");
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.config.bucket)
+                .prefix(self.config.key(prefix))
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| s3_error(&e))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(|k| k.strip_prefix(base.as_str()).unwrap_or(k).to_owned()),
+            );
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+}
+
+/// The columns of a raw record, typed.
+fn raw_schema() -> Schema {
+    Schema::from_iter([
+        Field::new("order_id".into(), DataType::String),
+        Field::new("user_id".into(), DataType::String),
+        Field::new("city".into(), DataType::String),
+        Field::new("product_id".into(), DataType::String),
+        Field::new("category".into(), DataType::String),
+        Field::new("quantity".into(), DataType::Int64),
+        Field::new("unit_price_minor".into(), DataType::Int64),
+        Field::new("currency".into(), DataType::String),
+        Field::new("created_at".into(), DataType::String),
+        Field::new("ingested_at".into(), DataType::String),
+        Field::new("txid".into(), DataType::Int64),
+        Field::new("seq".into(), DataType::Int64),
+    ])
+}
+
+/// Parses raw JSON Lines into a frame with the raw schema.
+pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
+    Ok(JsonReader::new(Cursor::new(bytes))
+        .with_json_format(JsonFormat::JsonLines)
+        .with_schema(Arc::new(raw_schema()))
+        .finish()?)
+}
+
+fn timestamp(column: &str) -> Expr {
+    col(column).str().to_datetime(
+        Some(TimeUnit::Microseconds),
+        None,
+        StrptimeOptions {
+            format: Some(tidemark_orderlog::RAW_TIME_FORMAT.into()),
+            strict: true,
+            exact: true,
+            cache: false,
+        },
+        lit("raise"),
+    )
+}
+
+/// Raw records → the lake's order rows: typed timestamps, only `txid` in
+/// `[from_txid, to_txid)`, one row per order id (the first in log order).
+pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> LazyFrame {
+    raw.lazy()
+        .filter(
+            col("txid")
+                .gt_eq(lit(from_txid as i64))
+                .and(col("txid").lt(lit(to_txid.min(i64::MAX as u64) as i64))),
+        )
+        .with_columns([
+            timestamp("created_at").alias("created_at"),
+            timestamp("ingested_at").alias("ingested_at"),
+        ])
+        .sort(["txid", "seq"], SortMultipleOptions::default())
+        .unique_stable(Some(cols(["order_id"])), UniqueKeepStrategy::First)
+}
+
+/// Adds the derived columns aggregation needs: event time in µs, revenue, day.
+pub fn with_measures(orders: LazyFrame) -> LazyFrame {
+    orders.with_columns([
+        col("created_at").cast(DataType::Int64).alias("created_us"),
+        (col("quantity") * col("unit_price_minor")).alias("revenue"),
+    ])
+}
+
+/// A frame as Parquet (zstd).
+pub fn to_parquet(df: &mut DataFrame) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    ParquetWriter::new(&mut out)
+        .with_compression(ParquetCompression::Zstd(None))
+        .finish(df)?;
+    Ok(out)
+}
+
+pub fn from_parquet(bytes: &[u8]) -> Result<DataFrame> {
+    Ok(ParquetReader::new(Cursor::new(bytes)).finish()?)
+}
+
+/// Splits orders by event date: `(days since the epoch, rows)`.
+pub fn by_date(orders: &DataFrame) -> Result<Vec<(i64, DataFrame)>> {
+    const DAY_US: i64 = 86_400_000_000;
+    let us = || col("created_at").cast(DataType::Int64);
+    let with_day = orders
+        .clone()
+        .lazy()
+        .with_column((us() - us() % lit(DAY_US)).alias("day_us"))
+        .collect()?;
+    let mut out = Vec::new();
+    for part in with_day.partition_by(["day_us"], true)? {
+        let day = part.column("day_us")?.i64()?.get(0).unwrap_or(0) / DAY_US;
+        out.push((day, part.drop("day_us")?));
+    }
+    out.sort_by_key(|(day, _)| *day);
+    Ok(out)
+}
+
+/// `lake/orders/dt=YYYY-MM-DD/<name>.parquet`
+pub fn lake_key(day: i64, name: &str) -> String {
+    let date = chrono::DateTime::from_timestamp(day * 86_400, 0).map_or_else(
+        || "1970-01-01".to_owned(),
+        |d| d.format("%Y-%m-%d").to_string(),
+    );
+    format!("lake/orders/dt={date}/{name}.parquet")
+}

@@ -1,0 +1,143 @@
+//! The batch view: revenue aggregates in ClickHouse `revenue_agg`, published with
+//! Write-Audit-Publish by the compactor.
+//!
+//! Each batch run adds rows tagged with its `run_id` holding the sums of the orders
+//! it processed. The published state (Postgres `batch_state`, one row, changed
+//! atomically) says which runs count: `base_run_id ..= run_id`. The view of a cell
+//! is the sum of its rows from those runs; rows of unpublished runs are invisible.
+//! Reads use `FINAL` so a run copied twice (a crash during publish) counts once.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgExecutor;
+use tidemark_domain::{Currency, Dimension, Granularity, Grid, Totals};
+
+/// What is published: which runs count, and what they cover.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PublishedState {
+    pub run_id: u64,
+    pub base_run_id: u64,
+    /// Speed epochs from this one on hold what the batch view does not.
+    pub epoch: u64,
+    /// Every order with a smaller transaction id is in the batch view.
+    pub threshold: u64,
+    /// When the cut at `threshold` was made.
+    pub watermark_time: DateTime<Utc>,
+    pub published_at: DateTime<Utc>,
+}
+
+impl PublishedState {
+    /// The published state, or `None` before the first publish.
+    pub async fn load(db: impl PgExecutor<'_>) -> Result<Option<Self>, sqlx::Error> {
+        type Row = (i64, i64, i64, i64, DateTime<Utc>, DateTime<Utc>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT run_id, base_run_id, epoch, threshold::text::int8, watermark_time, published_at \
+             FROM batch_state",
+        )
+        .fetch_optional(db)
+        .await?;
+        Ok(row.map(
+            |(run_id, base, epoch, threshold, watermark_time, published_at)| PublishedState {
+                run_id: run_id as u64,
+                base_run_id: base as u64,
+                epoch: epoch as u64,
+                threshold: threshold as u64,
+                watermark_time,
+                published_at,
+            },
+        ))
+    }
+}
+
+/// The ClickHouse `Enum8` code of a granularity.
+pub fn granularity_code(g: Granularity) -> i8 {
+    match g {
+        Granularity::Minute => 1,
+        Granularity::Hour => 2,
+        Granularity::Day => 3,
+    }
+}
+
+/// The ClickHouse `Enum8` code of a dimension.
+pub fn dimension_code(d: Dimension) -> i8 {
+    match d {
+        Dimension::Total => 1,
+        Dimension::City => 2,
+        Dimension::Category => 3,
+        Dimension::Product => 4,
+    }
+}
+
+/// One row of `revenue_agg` (and of a run's staging table).
+#[derive(Clone, Debug, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct AggRow {
+    pub granularity: i8,
+    pub dimension: i8,
+    /// Bucket start, unix seconds.
+    pub bucket: u32,
+    pub value: String,
+    pub currency: String,
+    pub run_id: u64,
+    pub revenue_minor: i64,
+    pub orders: u64,
+    pub items: u64,
+}
+
+/// The columns of `revenue_agg`, in order.
+pub const COLUMNS: &str =
+    "granularity, dimension, bucket, value, currency, run_id, revenue_minor, orders, items";
+
+#[derive(clickhouse::Row, Deserialize)]
+struct CellRow {
+    bucket: u32,
+    value: String,
+    currency: String,
+    revenue_minor: i64,
+    orders: u64,
+    items: u64,
+}
+
+/// The published cells of `dimension` at `granularity` with bucket start in
+/// `[from_secs, to_secs)`.
+pub async fn read(
+    client: &clickhouse::Client,
+    state: &PublishedState,
+    granularity: Granularity,
+    dimension: Dimension,
+    from_secs: i64,
+    to_secs: i64,
+) -> Result<Grid, clickhouse::error::Error> {
+    let rows: Vec<CellRow> = client
+        .query(
+            "SELECT bucket, value, currency, sum(revenue_minor) AS s_revenue, \
+                    sum(orders) AS s_orders, sum(items) AS s_items \
+             FROM revenue_agg FINAL \
+             WHERE granularity = ? AND dimension = ? \
+               AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
+               AND run_id >= ? AND run_id <= ? \
+             GROUP BY bucket, value, currency",
+        )
+        .bind(granularity.as_str())
+        .bind(dimension.as_str())
+        .bind(from_secs.clamp(0, i64::from(u32::MAX)) as u32)
+        .bind(to_secs.clamp(0, i64::from(u32::MAX)) as u32)
+        .bind(state.base_run_id)
+        .bind(state.run_id)
+        .fetch_all()
+        .await?;
+    let mut grid = Grid::new();
+    for row in rows {
+        let Ok(currency) = row.currency.parse::<Currency>() else {
+            continue;
+        };
+        grid.insert(
+            (i64::from(row.bucket), row.value, currency),
+            Totals {
+                revenue_minor: row.revenue_minor,
+                orders: row.orders as i64,
+                items: row.items as i64,
+            },
+        );
+    }
+    Ok(grid)
+}
