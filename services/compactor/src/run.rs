@@ -292,15 +292,6 @@ impl Compactor {
         .bind(run.threshold as i64)
         .fetch_all(&self.pool)
         .await?;
-        let bodies = self.fetch(&keys).await?;
-        let mut raw_bytes = Vec::with_capacity(bodies.iter().map(bytes::Bytes::len).sum());
-        for body in &bodies {
-            raw_bytes.extend_from_slice(body);
-            if !body.ends_with(b"\n") {
-                raw_bytes.push(b'\n');
-            }
-        }
-        drop(bodies);
         let mut written = Written {
             orders: DataFrame::empty(),
             raw_records: 0,
@@ -308,23 +299,27 @@ impl Compactor {
             parquet_keys: Vec::new(),
             days: BTreeSet::new(),
         };
-        if raw_bytes.is_empty() {
+        // Parse object by object (in groups, downloads overlapping), keeping only
+        // the run's range, so memory holds frames rather than text.
+        let mut frames = Vec::with_capacity(keys.len());
+        for group in keys.chunks(16) {
+            for body in self.fetch(group).await? {
+                let frame = lake::parse_raw(&body)?.lazy().filter(
+                    col("txid")
+                        .gt_eq(lit(run.from_threshold as i64))
+                        .and(col("txid").lt(lit(run.threshold as i64))),
+                );
+                frames.push(frame);
+            }
+        }
+        if frames.is_empty() {
             return Ok(written);
         }
-        let raw = lake::parse_raw(&raw_bytes)?;
-        drop(raw_bytes);
-        let in_range = raw
-            .clone()
-            .lazy()
-            .filter(
-                col("txid")
-                    .gt_eq(lit(run.from_threshold as i64))
-                    .and(col("txid").lt(lit(run.threshold as i64))),
-            )
-            .collect()?;
+        let in_range = concat(frames, UnionArgs::default())?.collect()?;
         written.raw_records = in_range.height() as u64;
         written.raw_totals = aggregate::currency_totals(&in_range)?;
-        let orders = lake::orders_from_raw(raw, run.from_threshold, run.threshold).collect()?;
+        let orders =
+            lake::orders_from_raw(in_range, run.from_threshold, run.threshold).collect()?;
         for (day, mut part) in lake::by_date(&orders)? {
             let key = lake::lake_key(day, &format!("part-{:012}", run.run_id));
             let rows = part.height() as i64;
