@@ -599,6 +599,7 @@ async fn compaction_round(
         .join(format!("bench-duckdb-{orders}.parquet"));
     let script = format!(
         "import duckdb, time\n\
+         duckdb.sql('SET enable_progress_bar = false')\n\
          t = time.time()\n\
          duckdb.sql(\"COPY (SELECT * FROM read_json('{}/*.jsonl', format='newline_delimited')) \
          TO '{}' (FORMAT parquet, COMPRESSION zstd)\")\n\

@@ -1,8 +1,10 @@
 //! The serving service's settings.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use tidemark_platform::config::{
-    ClickHouseConfig, HttpConfig, PostgresConfig, RedisConfig, TelemetryConfig, Validate,
+    ClickHouseConfig, HttpConfig, PostgresConfig, RedisConfig, TelemetryConfig, Validate, millis,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -13,6 +15,58 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub clickhouse: ClickHouseConfig,
+    pub serving: ServingSettings,
+}
+
+/// Limits and caches (documented in the OpenAPI spec).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServingSettings {
+    /// Most buckets in one revenue series.
+    pub max_points: i64,
+    /// Widest query range.
+    pub max_range_days: i64,
+    /// Most orders per history page.
+    pub max_page: usize,
+    /// Most entries in a summary's top list (per currency).
+    pub max_top: usize,
+    /// How long the published batch state is reused before it is read again.
+    #[serde(with = "millis")]
+    pub state_ttl: Duration,
+    /// Batch answers kept per published state.
+    pub cache_entries: usize,
+    /// GraphQL: deepest query accepted.
+    pub graphql_max_depth: usize,
+    /// GraphQL: highest complexity accepted (every field counts 1, lists 10×).
+    pub graphql_max_complexity: usize,
+    /// GraphQL: allow schema introspection.
+    pub graphql_introspection: bool,
+    /// How often a subscription checks the speed view for new orders.
+    #[serde(with = "millis")]
+    pub subscription_poll: Duration,
+    /// Requests per second per API key without its own rate; unset is unlimited.
+    pub default_rate_per_second: Option<u32>,
+    #[serde(with = "millis")]
+    pub auth_cache_ttl: Duration,
+}
+
+impl Default for ServingSettings {
+    fn default() -> Self {
+        Self {
+            max_points: 10_000,
+            max_range_days: 400,
+            max_page: 500,
+            max_top: 100,
+            state_ttl: Duration::from_millis(500),
+            cache_entries: 2_000,
+            graphql_max_depth: 8,
+            graphql_max_complexity: 300,
+            graphql_introspection: true,
+            subscription_poll: Duration::from_millis(100),
+            default_rate_per_second: None,
+            auth_cache_ttl: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for Config {
@@ -23,6 +77,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             clickhouse: ClickHouseConfig::default(),
+            serving: ServingSettings::default(),
         }
     }
 }
@@ -34,5 +89,8 @@ impl Validate for Config {
         self.postgres.validate(problems);
         self.redis.validate(problems);
         self.clickhouse.validate(problems);
+        if self.serving.max_points <= 0 || self.serving.max_page == 0 {
+            problems.push("serving.max_points and serving.max_page must be positive".into());
+        }
     }
 }

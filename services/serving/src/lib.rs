@@ -1,20 +1,36 @@
 //! Serving: REST and GraphQL over the exact merge of the batch view (ClickHouse)
-//! and the speed view (Redis), plus order history from Postgres.
+//! and the speed view (Redis), plus order history from Postgres (see [`views`]).
 
 pub mod config;
+pub mod graphql;
+pub mod history;
+pub mod query;
+pub mod rest;
+pub mod views;
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::middleware;
+use sqlx::PgPool;
+use tidemark_platform::auth::{self, AuthConfig, Authenticator, Scope};
 use tidemark_platform::health::Readiness;
 use tidemark_platform::redis::Redis;
 use tidemark_platform::{clickhouse, http, postgres};
+use tidemark_speedview::SpeedView;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+use config::ServingSettings;
 
-/// Runs the service on `listener` until `shutdown` is cancelled.
+/// What every handler shares.
+pub struct AppState {
+    pub pool: PgPool,
+    pub views: views::Views,
+    pub settings: ServingSettings,
+}
+
+/// Runs the APIs until `shutdown` is cancelled.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -29,6 +45,32 @@ pub async fn serve(
     }
     let redis = Arc::new(Redis::new(&config.redis)?);
     let ch = clickhouse::client(&config.clickhouse);
+    let settings = config.serving.clone();
+    let state = Arc::new(AppState {
+        pool: pool.clone(),
+        views: views::Views::new(
+            pool.clone(),
+            ch.clone(),
+            SpeedView::new(redis.clone()),
+            settings.state_ttl,
+            settings.cache_entries,
+        ),
+        settings: settings.clone(),
+    });
+    let auth = Authenticator::new(
+        pool.clone(),
+        AuthConfig {
+            cache_ttl: settings.auth_cache_ttl,
+            default_rate_per_second: settings.default_rate_per_second,
+        },
+    );
+    let schema = graphql::schema(state.clone(), &settings);
+    let api = rest::router()
+        .merge(graphql::router(schema))
+        .route_layer(middleware::from_fn_with_state((auth, Scope::Read), auth::require))
+        .merge(graphql::graphiql())
+        .with_state(state)
+        .merge(rest::swagger());
     let readiness = Readiness::new()
         .with("postgres", {
             let pool = pool.clone();
@@ -42,7 +84,7 @@ pub async fn serve(
             }
         })
         .with("clickhouse", move || clickhouse::check(ch.clone()));
-    let router = http::finish(Router::new(), readiness, &config.http);
+    let router = http::finish(api, readiness, &config.http);
     http::serve(listener, router, shutdown, config.http.shutdown_grace).await?;
     Ok(())
 }

@@ -189,6 +189,7 @@ impl Consumer {
             metrics::gauge!("speed_lag_rows").set(lag.rows as f64);
             metrics::gauge!("speed_lag_seconds").set(lag.seconds);
             self.lag.send_replace(lag.seconds);
+            self.view.set_lag((lag.seconds * 1000.0) as i64).await?;
         }
         let published: Option<i64> = sqlx::query_scalar("SELECT epoch FROM batch_state")
             .fetch_optional(&self.pool)

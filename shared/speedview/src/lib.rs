@@ -5,7 +5,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `p:meta` | hash | the consumer cursor `txid`, `seq`; `updated_ms`; `base_epoch` |
+//! | `p:meta` | hash | the consumer cursor `txid`, `seq`; `updated_ms`; `lag_ms`; `base_epoch` |
 //! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
 //! | `p:e:{epoch}:minute:{bucket}` | hash | one field per metric, dimension, currency and value |
 //! | `p:e:{epoch}:idx:minute` | sorted set | the minute buckets of that epoch (score = unix seconds) |
@@ -95,6 +95,8 @@ pub struct Meta {
     pub cursor: LogPosition,
     /// When the cursor last moved (unix ms).
     pub updated_ms: i64,
+    /// How far the consumer was behind the log when last measured.
+    pub lag_ms: Option<i64>,
 }
 
 /// The speed view of a range and grouping, epoch by epoch.
@@ -139,8 +141,8 @@ return 1
 
 const READ: &str = r"
 local p = ARGV[1]
-local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms')
-local out = {meta[1] or '', meta[2] or '', meta[3] or ''}
+local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms')
+local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or ''}
 local needle = ':' .. ARGV[5] .. ':'
 local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
 for _, e in ipairs(epochs) do
@@ -166,6 +168,12 @@ redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[
 return 1
 ";
 
+const SET_LAG: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'lag_ms', ARGV[1])
+return 1
+";
+
 const DROP_EPOCH: &str = r"
 local p, e = ARGV[1], ARGV[2]
 local idx = p .. ':e:' .. e .. ':idx:minute'
@@ -184,6 +192,7 @@ pub struct SpeedView {
     apply: Arc<Script>,
     read: Arc<Script>,
     init: Arc<Script>,
+    set_lag: Arc<Script>,
     drop_epoch: Arc<Script>,
 }
 
@@ -194,6 +203,7 @@ impl SpeedView {
             apply: Arc::new(Script::new(APPLY)),
             read: Arc::new(Script::new(READ)),
             init: Arc::new(Script::new(INIT)),
+            set_lag: Arc::new(Script::new(SET_LAG)),
             drop_epoch: Arc::new(Script::new(DROP_EPOCH)),
         }
     }
@@ -205,15 +215,28 @@ impl SpeedView {
     /// The cursor, or `None` if the view has no state (lost or never built).
     pub async fn meta(&self) -> Result<Option<Meta>> {
         let mut conn = self.redis.conn().await?;
-        let (txid, seq, updated): (Option<u64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
+        type Fields = (Option<u64>, Option<i64>, Option<i64>, Option<i64>);
+        let (txid, seq, updated, lag): Fields = redis::cmd("HMGET")
             .arg(self.meta_key())
-            .arg(&["txid", "seq", "updated_ms"])
+            .arg(&["txid", "seq", "updated_ms", "lag_ms"])
             .query_async(&mut conn)
             .await?;
         Ok(txid.zip(seq).map(|(txid, seq)| Meta {
             cursor: LogPosition::new(txid, seq),
             updated_ms: updated.unwrap_or(0),
+            lag_ms: lag,
         }))
+    }
+
+    /// Records the consumer's measured lag (only while the view has a cursor).
+    pub async fn set_lag(&self, lag_ms: i64) -> Result<()> {
+        let mut conn = self.redis.conn().await?;
+        self.set_lag
+            .key(self.meta_key())
+            .arg(lag_ms)
+            .invoke_async::<i64>(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Adds `delta` and moves the cursor from `expected` to `to`, atomically.
@@ -332,13 +355,14 @@ impl SpeedView {
 
 fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot> {
     let corrupt = |what: &str| Error::Corrupt(what.to_owned());
-    let [txid, seq, updated, rest @ ..] = out else {
+    let [txid, seq, updated, lag, rest @ ..] = out else {
         return Err(corrupt("short reply"));
     };
     let meta = match (txid.parse::<u64>(), seq.parse::<i64>()) {
         (Ok(txid), Ok(seq)) => Some(Meta {
             cursor: LogPosition::new(txid, seq),
             updated_ms: updated.parse().unwrap_or(0),
+            lag_ms: lag.parse().ok(),
         }),
         _ => None,
     };

@@ -1,6 +1,6 @@
 //! The service's operational endpoints, started on port 0 against real servers.
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn healthz_readyz_and_metrics_answer() {
     let db = tidemark_testkit::postgres().await;
     let config = tidemark_serving::Config {

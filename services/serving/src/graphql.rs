@@ -1,0 +1,298 @@
+//! GraphQL: the REST questions as queries, plus a subscription that pushes live
+//! revenue whenever the speed view moves. Depth and complexity are limited and
+//! introspection can be switched off (`serving.graphql_*`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql::{
+    Context, EmptyMutation, Enum, ErrorExtensions, Object, Schema, Subscription,
+};
+use async_graphql_axum::{GraphQL, GraphQLSubscription};
+use axum::Router;
+use axum::response::Html;
+use axum::routing::{get, post_service};
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use tidemark_platform::problem::Problem;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::config::ServingSettings;
+use crate::history::{self, OrderPage, OrderView};
+use crate::query::{self, RevenueSeries, Summary};
+
+pub type TidemarkSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+pub enum GroupBy {
+    City,
+    Category,
+    Product,
+}
+
+impl Granularity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+        }
+    }
+}
+
+impl GroupBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::City => "city",
+            GroupBy::Category => "category",
+            GroupBy::Product => "product",
+        }
+    }
+}
+
+/// A problem as a GraphQL error: message, and `code`, `status`, field `errors` in
+/// the extensions.
+fn error(problem: &Problem) -> async_graphql::Error {
+    let message = problem
+        .detail
+        .clone()
+        .unwrap_or_else(|| problem.kind.title().to_owned());
+    let errors = serde_json::to_value(&problem.errors).unwrap_or_default();
+    async_graphql::Error::new(message).extend_with(|_, e| {
+        e.set("code", problem.kind.slug());
+        e.set("status", problem.kind.status().as_u16());
+        if !problem.errors.is_empty()
+            && let Ok(v) = async_graphql::Value::from_json(errors.clone())
+        {
+            e.set("errors", v);
+        }
+    })
+}
+
+fn record(field: &'static str, started: Instant) {
+    metrics::histogram!("graphql_field_duration_seconds", "field" => field)
+        .record(started.elapsed().as_secs_f64());
+}
+
+#[allow(clippy::too_many_arguments)]
+fn revenue_params(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    granularity: Granularity,
+    group_by: Option<GroupBy>,
+    city: Option<String>,
+    category: Option<String>,
+    product: Option<String>,
+    currency: Option<String>,
+    allow_partial: bool,
+) -> HashMap<String, String> {
+    let mut params = HashMap::from([
+        ("from".to_owned(), from.to_rfc3339()),
+        ("to".to_owned(), to.to_rfc3339()),
+        ("granularity".to_owned(), granularity.as_str().to_owned()),
+        ("allow_partial".to_owned(), allow_partial.to_string()),
+    ]);
+    for (k, v) in [
+        ("group_by", group_by.map(|g| g.as_str().to_owned())),
+        ("city", city),
+        ("category", category),
+        ("product", product),
+        ("currency", currency),
+    ] {
+        if let Some(v) = v {
+            params.insert(k.to_owned(), v);
+        }
+    }
+    params
+}
+
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// Revenue per time bucket: the exact merge of the batch and speed views.
+    #[allow(clippy::too_many_arguments)]
+    async fn revenue(
+        &self,
+        ctx: &Context<'_>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        #[graphql(default_with = "Granularity::Hour")] granularity: Granularity,
+        group_by: Option<GroupBy>,
+        city: Option<String>,
+        category: Option<String>,
+        product: Option<String>,
+        currency: Option<String>,
+        #[graphql(default)] allow_partial: bool,
+    ) -> async_graphql::Result<RevenueSeries> {
+        let started = Instant::now();
+        let state = ctx.data::<Arc<AppState>>()?;
+        let params = revenue_params(
+            from, to, granularity, group_by, city, category, product, currency, allow_partial,
+        );
+        let result = async {
+            let request = query::revenue_request(&params, &state.settings)?;
+            query::revenue(&state.views, &request).await
+        }
+        .await
+        .map_err(|p| error(&p));
+        record("revenue", started);
+        result
+    }
+
+    /// Totals per currency and the top values of a dimension, for a range.
+    async fn summary(
+        &self,
+        ctx: &Context<'_>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        #[graphql(default_with = "GroupBy::City")] top_by: GroupBy,
+        #[graphql(default = 5)] top: u32,
+        currency: Option<String>,
+    ) -> async_graphql::Result<Summary> {
+        let started = Instant::now();
+        let state = ctx.data::<Arc<AppState>>()?;
+        let mut params = HashMap::from([
+            ("from".to_owned(), from.to_rfc3339()),
+            ("to".to_owned(), to.to_rfc3339()),
+            ("top_by".to_owned(), top_by.as_str().to_owned()),
+            ("top".to_owned(), top.to_string()),
+        ]);
+        if let Some(c) = currency {
+            params.insert("currency".to_owned(), c);
+        }
+        let result = async {
+            let request = query::summary_request(&params, &state.settings)?;
+            query::summary(&state.views, &request).await
+        }
+        .await
+        .map_err(|p| error(&p));
+        record("summary", started);
+        result
+    }
+
+    /// One order.
+    async fn order(&self, ctx: &Context<'_>, order_id: Uuid) -> async_graphql::Result<Option<OrderView>> {
+        let started = Instant::now();
+        let state = ctx.data::<Arc<AppState>>()?;
+        let result = history::order(&state.pool, order_id).await.map_err(|p| error(&p));
+        record("order", started);
+        result
+    }
+
+    /// A user's orders, newest first.
+    async fn user_orders(
+        &self,
+        ctx: &Context<'_>,
+        user_id: String,
+        #[graphql(default = 50)] limit: u32,
+        cursor: Option<String>,
+    ) -> async_graphql::Result<OrderPage> {
+        let started = Instant::now();
+        let state = ctx.data::<Arc<AppState>>()?;
+        let limit = limit as usize;
+        if !(1..=state.settings.max_page).contains(&limit) {
+            return Err(async_graphql::Error::new(format!(
+                "limit must be between 1 and {}",
+                state.settings.max_page
+            )));
+        }
+        let result = history::user_orders(&state.pool, &user_id, limit, cursor.as_deref())
+            .await
+            .map_err(|p| error(&p));
+        record("userOrders", started);
+        result
+    }
+}
+
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// Live revenue: the series is pushed at once and again whenever new orders
+    /// reach the speed view. Without `to`, the window rolls: it ends with the
+    /// current bucket and starts at `from` (default: one hour before now).
+    async fn revenue(
+        &self,
+        ctx: &Context<'_>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        #[graphql(default_with = "Granularity::Minute")] granularity: Granularity,
+        group_by: Option<GroupBy>,
+        currency: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RevenueSeries>>> {
+        let state = ctx.data::<Arc<AppState>>()?.clone();
+        let window = move || {
+            let now = Utc::now();
+            let from = from.unwrap_or(now - chrono::TimeDelta::hours(1));
+            let to = to.unwrap_or(now + chrono::TimeDelta::seconds(60));
+            revenue_params(from, to, granularity, group_by, None, None, None, currency.clone(), false)
+        };
+        // Reject bad arguments before the first push.
+        query::revenue_request(&window(), &state.settings).map_err(|p| error(&p))?;
+        let poll = state.settings.subscription_poll;
+        Ok(futures::stream::unfold(None::<String>, move |last| {
+            let state = state.clone();
+            let window = window.clone();
+            async move {
+                loop {
+                    let cursor = state.views.speed_cursor().await;
+                    if last.is_none() || cursor != last {
+                        let result = async {
+                            let request = query::revenue_request(&window(), &state.settings)?;
+                            query::revenue(&state.views, &request).await
+                        }
+                        .await
+                        .map_err(|p| error(&p));
+                        return Some((result, cursor.or_else(|| Some(String::new()))));
+                    }
+                    tokio::time::sleep(poll).await;
+                }
+            }
+        }))
+    }
+}
+
+pub fn schema(state: Arc<AppState>, settings: &ServingSettings) -> TidemarkSchema {
+    let builder = Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot)
+        .data(state)
+        .limit_depth(settings.graphql_max_depth)
+        .limit_complexity(settings.graphql_max_complexity);
+    if settings.graphql_introspection {
+        builder.finish()
+    } else {
+        builder.disable_introspection().finish()
+    }
+}
+
+/// `POST /graphql` and the subscription endpoint `/graphql/ws` (authenticated).
+pub fn router(schema: TidemarkSchema) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/graphql", post_service(GraphQL::new(schema.clone())))
+        .route_service("/graphql/ws", GraphQLSubscription::new(schema))
+}
+
+/// `GET /graphql`: GraphiQL, for people (send the API key as a header from it).
+pub fn graphiql() -> Router<Arc<AppState>> {
+    Router::new().route(
+        "/graphql",
+        get(|| async {
+            Html(
+                GraphiQLSource::build()
+                    .endpoint("/graphql")
+                    .subscription_endpoint("/graphql/ws")
+                    .finish(),
+            )
+        }),
+    )
+}

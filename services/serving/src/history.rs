@@ -1,0 +1,125 @@
+//! Order history from Postgres: one order by id, a user's orders newest first with
+//! opaque cursors (served by the `orders_user_history` index).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use tidemark_platform::problem::Problem;
+use uuid::Uuid;
+
+/// An order as served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub user_id: String,
+    pub city: String,
+    pub product_id: String,
+    pub category: String,
+    pub quantity: i32,
+    pub unit_price_minor: i64,
+    pub currency: String,
+    /// quantity × unit price, in minor units.
+    pub revenue_minor: i64,
+    pub created_at: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct OrderPage {
+    pub orders: Vec<OrderView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+type Row = (Uuid, String, String, String, String, i32, i64, String, DateTime<Utc>, DateTime<Utc>);
+
+const COLUMNS: &str = "order_id, user_id, city, product_id, category, quantity, unit_price_minor, \
+                       currency, created_at, ingested_at";
+
+fn view(row: Row) -> OrderView {
+    let (order_id, user_id, city, product_id, category, quantity, price, currency, created_at, ingested_at) = row;
+    OrderView {
+        order_id,
+        user_id,
+        city,
+        product_id,
+        category,
+        quantity,
+        unit_price_minor: price,
+        currency: currency.trim().to_owned(),
+        revenue_minor: i64::from(quantity) * price,
+        created_at,
+        ingested_at,
+    }
+}
+
+fn db_problem(e: &sqlx::Error) -> Problem {
+    if tidemark_platform::postgres::is_unavailable(e) {
+        Problem::unavailable("Order history (Postgres) is unavailable; retry shortly.")
+    } else {
+        tracing::error!(error = %e, "Order history query failed");
+        Problem::internal()
+    }
+}
+
+pub async fn order(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, Problem> {
+    let sql = format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1");
+    let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| db_problem(&e))?;
+    Ok(row.map(view))
+}
+
+/// `{created_at µs}_{order_id}`, URL-safe.
+fn encode_cursor(o: &OrderView) -> String {
+    format!("{}_{}", o.created_at.timestamp_micros(), o.order_id.simple())
+}
+
+fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (micros, id) = cursor.split_once('_')?;
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+pub async fn user_orders(
+    pool: &PgPool,
+    user_id: &str,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<OrderPage, Problem> {
+    let after = match cursor {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            Problem::new(tidemark_platform::problem::ProblemKind::Validation)
+                .detail("`cursor` is not a cursor this API returned.")
+        })?),
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM orders WHERE user_id = $1 \
+           AND ($2::timestamptz IS NULL OR (created_at, order_id) < ($2, $3)) \
+         ORDER BY created_at DESC, order_id DESC LIMIT $4"
+    );
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(user_id)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .bind(limit as i64 + 1)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| db_problem(&e))?;
+    let mut orders: Vec<OrderView> = rows.into_iter().map(view).collect();
+    let next_cursor = if orders.len() > limit {
+        orders.truncate(limit);
+        orders.last().map(encode_cursor)
+    } else {
+        None
+    };
+    Ok(OrderPage {
+        orders,
+        next_cursor,
+    })
+}

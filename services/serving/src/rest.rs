@@ -1,0 +1,229 @@
+//! REST: revenue series and summaries over the merged views, order history, the
+//! OpenAPI document and Swagger UI.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tidemark_platform::problem::{Problem, ProblemSchema};
+use utoipa::OpenApi;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::history::{self, OrderPage, OrderView};
+use crate::query::{self, RevenueSeries, Summary};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/revenue", get(revenue))
+        .route("/v1/revenue/summary", get(summary))
+        .route("/v1/orders/{order_id}", get(order))
+        .route("/v1/users/{user_id}/orders", get(user_orders))
+}
+
+pub fn swagger() -> utoipa_swagger_ui::SwaggerUi {
+    utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi())
+}
+
+fn timed<T: serde::Serialize>(route: &'static str, result: Result<T, Problem>) -> Response {
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(problem) => {
+            metrics::counter!("serving_rejected_total", "route" => route, "kind" => problem.kind.slug())
+                .increment(1);
+            problem.into_response()
+        }
+    }
+}
+
+/// Query parameters of `GET /v1/revenue` (documentation).
+#[allow(dead_code)]
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RevenueParams {
+    /// Start (RFC 3339), truncated to the granularity.
+    from: String,
+    /// End (RFC 3339, exclusive), rounded up to the granularity.
+    to: String,
+    /// `minute`, `hour` (default) or `day`. At most 10,000 buckets per query and
+    /// 400 days per range (`serving.max_points`, `serving.max_range_days`).
+    granularity: Option<String>,
+    /// `city`, `category` or `product`; omitted: totals.
+    group_by: Option<String>,
+    /// Only this city (group by city or nothing).
+    city: Option<String>,
+    /// Only this category (group by category or nothing).
+    category: Option<String>,
+    /// Only this product id (group by product or nothing).
+    product: Option<String>,
+    /// Only this ISO 4217 currency.
+    currency: Option<String>,
+    /// When a store is down, answer 200 with what is available, flagged `partial`,
+    /// instead of 503.
+    allow_partial: Option<bool>,
+}
+
+/// Revenue, orders and items per time bucket: the exact merge of the batch view
+/// and the speed view. Buckets without orders are omitted; amounts are minor units
+/// per currency.
+#[utoipa::path(get, path = "/v1/revenue", params(RevenueParams),
+    responses(
+        (status = 200, body = RevenueSeries),
+        (status = 400, description = "Invalid parameters, with every field's problem", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 401, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 403, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, description = "A store is down; see Retry-After, or use allow_partial", body = ProblemSchema, content_type = "application/problem+json"),
+    ))]
+async fn revenue(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let request = query::revenue_request(&params, &state.settings)?;
+        query::revenue(&state.views, &request).await
+    }
+    .await;
+    timed("/v1/revenue", result)
+}
+
+/// Query parameters of `GET /v1/revenue/summary` (documentation).
+#[allow(dead_code)]
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SummaryParams {
+    /// Start (RFC 3339), truncated to the minute.
+    from: String,
+    /// End (RFC 3339, exclusive), truncated to the minute.
+    to: String,
+    /// `city` (default), `category` or `product`.
+    top_by: Option<String>,
+    /// How many top values per currency, 1–100 (default 5).
+    top: Option<u32>,
+    currency: Option<String>,
+    allow_partial: Option<bool>,
+}
+
+/// Totals, orders and average order value per currency, and the top values of a
+/// dimension by revenue, for a range.
+#[utoipa::path(get, path = "/v1/revenue/summary", params(SummaryParams),
+    responses(
+        (status = 200, body = Summary),
+        (status = 400, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 401, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, body = ProblemSchema, content_type = "application/problem+json"),
+    ))]
+async fn summary(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let request = query::summary_request(&params, &state.settings)?;
+        query::summary(&state.views, &request).await
+    }
+    .await;
+    timed("/v1/revenue/summary", result)
+}
+
+/// One order, from the source of truth.
+#[utoipa::path(get, path = "/v1/orders/{order_id}",
+    params(("order_id" = Uuid, Path)),
+    responses(
+        (status = 200, body = OrderView),
+        (status = 400, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 404, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, body = ProblemSchema, content_type = "application/problem+json"),
+    ))]
+async fn order(State(state): State<Arc<AppState>>, Path(order_id): Path<String>) -> Response {
+    let result = async {
+        let id = Uuid::parse_str(&order_id)
+            .map_err(|_| Problem::malformed("`order_id` must be a UUID."))?;
+        history::order(&state.pool, id)
+            .await?
+            .ok_or_else(|| Problem::not_found("No order has this id."))
+    }
+    .await;
+    timed("/v1/orders/{order_id}", result)
+}
+
+/// Query parameters of `GET /v1/users/{user_id}/orders` (documentation).
+#[allow(dead_code)]
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageParams {
+    /// Orders per page, 1–500 (default 50).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// A user's orders, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/users/{user_id}/orders",
+    params(("user_id" = String, Path), PageParams),
+    responses(
+        (status = 200, body = OrderPage),
+        (status = 400, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, body = ProblemSchema, content_type = "application/problem+json"),
+    ))]
+async fn user_orders(
+    State(state): State<Arc<AppState>>,
+    Path(user_id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let mut errors = query::Errors::default();
+        for name in params.keys() {
+            if name != "limit" && name != "cursor" {
+                let shown: String = name.chars().take(40).collect();
+                errors.add(&shown, "unknown_parameter", "is not a parameter of this endpoint");
+            }
+        }
+        let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+            None => 50,
+            Some(Ok(n)) if (1..=state.settings.max_page).contains(&n) => n,
+            Some(_) => {
+                errors.add(
+                    "limit",
+                    "out_of_range",
+                    format!("must be between 1 and {}", state.settings.max_page),
+                );
+                50
+            }
+        };
+        errors.finish()?;
+        history::user_orders(&state.pool, &user_id, limit, params.get("cursor").map(String::as_str)).await
+    }
+    .await;
+    timed("/v1/users/{user_id}/orders", result)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tidemark serving API",
+        description = "Exact, real-time revenue: the published batch view plus the speed view \
+            after its watermark. Every answer states its freshness. Errors are RFC 9457 \
+            problem+json. GraphQL is at /graphql (GraphiQL in a browser), subscriptions at \
+            /graphql/ws.",
+    ),
+    paths(revenue, summary, order, user_orders),
+    components(schemas(RevenueSeries, Summary, OrderView, OrderPage, ProblemSchema)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

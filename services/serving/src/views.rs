@@ -1,0 +1,247 @@
+//! The exact merge: published batch view + speed epochs after it.
+//!
+//! A read takes, in this order: the published state (which runs count, and the
+//! first speed epoch they do not cover), the batch cells of that state, and the
+//! speed epochs from that epoch on. The batch view covers exactly the orders with
+//! `txid` below the state's threshold; the speed epochs from the state's epoch hold
+//! only orders at or above it. Their sum therefore counts every consumed order once
+//! and never exceeds the truth, even while a publish happens between the reads: a
+//! state read before the publish still finds its epochs, which are kept for a grace
+//! period after the next publish.
+//!
+//! The batch cells of a published state never change, so they are cached by state.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use tidemark_batchview::PublishedState;
+use tidemark_domain::aggregate::merge;
+use tidemark_domain::{Dimension, Granularity, Grid};
+use tidemark_speedview::SpeedView;
+
+/// Which part of an answer a store could not provide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    Batch,
+    Speed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("the {0:?} view is unavailable")]
+    Unavailable(Part),
+}
+
+/// How fresh an answer is.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct Freshness {
+    /// The published batch state, if any.
+    pub batch: Option<BatchFreshness>,
+    /// The speed layer's position, if its view is available.
+    pub speed: Option<SpeedFreshness>,
+    /// When the answer was computed.
+    pub as_of: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct BatchFreshness {
+    pub run_id: u64,
+    /// Every order whose transaction id is below this is in the batch view.
+    pub watermark_txid: u64,
+    /// When the watermark was cut.
+    pub watermark_time: DateTime<Utc>,
+    pub published_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct SpeedFreshness {
+    /// The last log position applied, `txid_seq`.
+    pub cursor: String,
+    /// When the cursor last moved.
+    pub updated_at: DateTime<Utc>,
+    /// How far the speed layer was behind the log when last measured.
+    pub lag_seconds: Option<f64>,
+}
+
+/// A merged grid and how it was made.
+pub struct Merged {
+    pub grid: Grid,
+    pub freshness: Freshness,
+    /// Parts left out because their store was down (only with `allow_partial`).
+    pub missing: Vec<Part>,
+}
+
+type BatchKey = (u64, u64, Granularity, Dimension, i64, i64);
+
+pub struct Views {
+    pool: PgPool,
+    ch: clickhouse::Client,
+    speed: SpeedView,
+    state_ttl: Duration,
+    cache_entries: usize,
+    state: Mutex<Option<(Option<PublishedState>, Instant)>>,
+    batch: Mutex<HashMap<BatchKey, Arc<Grid>>>,
+}
+
+impl Views {
+    pub fn new(
+        pool: PgPool,
+        ch: clickhouse::Client,
+        speed: SpeedView,
+        state_ttl: Duration,
+        cache_entries: usize,
+    ) -> Self {
+        Self {
+            pool,
+            ch,
+            speed,
+            state_ttl,
+            cache_entries,
+            state: Mutex::new(None),
+            batch: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The published state, cached briefly. A stale state stays exact (see the
+    /// module docs); when Postgres is down the last known state is used.
+    pub async fn state(&self) -> Result<Option<PublishedState>, ViewError> {
+        if let Some((state, at)) = self.state.lock().expect("not poisoned").as_ref()
+            && at.elapsed() < self.state_ttl
+        {
+            return Ok(state.clone());
+        }
+        match PublishedState::load(&self.pool).await {
+            Ok(state) => {
+                let mut cached = self.state.lock().expect("not poisoned");
+                let changed = cached
+                    .as_ref()
+                    .is_none_or(|(old, _)| old.as_ref().map(|s| s.run_id) != state.as_ref().map(|s| s.run_id));
+                if changed {
+                    // Cells of an older state are never asked for again.
+                    self.batch.lock().expect("not poisoned").clear();
+                }
+                *cached = Some((state.clone(), Instant::now()));
+                Ok(state)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Published state unavailable");
+                self.state
+                    .lock()
+                    .expect("not poisoned")
+                    .as_ref()
+                    .map(|(s, _)| s.clone())
+                    .ok_or(ViewError::Unavailable(Part::Batch))
+            }
+        }
+    }
+
+    async fn batch(
+        &self,
+        state: &PublishedState,
+        granularity: Granularity,
+        dimension: Dimension,
+        from: i64,
+        to: i64,
+    ) -> Result<Arc<Grid>, clickhouse::error::Error> {
+        let key = (state.run_id, state.base_run_id, granularity, dimension, from, to);
+        if let Some(grid) = self.batch.lock().expect("not poisoned").get(&key) {
+            metrics::counter!("serving_batch_cache_total", "result" => "hit").increment(1);
+            return Ok(grid.clone());
+        }
+        metrics::counter!("serving_batch_cache_total", "result" => "miss").increment(1);
+        let grid = Arc::new(
+            tidemark_batchview::read(&self.ch, state, granularity, dimension, from, to).await?,
+        );
+        let mut cache = self.batch.lock().expect("not poisoned");
+        if cache.len() >= self.cache_entries {
+            cache.clear();
+        }
+        cache.insert(key, grid.clone());
+        Ok(grid)
+    }
+
+    /// The merged cells for buckets starting in `[from, to)` (aligned to the
+    /// granularity by the caller).
+    pub async fn revenue(
+        &self,
+        granularity: Granularity,
+        dimension: Dimension,
+        from: i64,
+        to: i64,
+        allow_partial: bool,
+    ) -> Result<Merged, ViewError> {
+        let mut missing = Vec::new();
+        let state = match self.state().await {
+            Ok(state) => state,
+            Err(e) if !allow_partial => return Err(e),
+            Err(_) => {
+                missing.push(Part::Batch);
+                None
+            }
+        };
+        let mut grid = Grid::new();
+        if let Some(state) = &state {
+            match self.batch(state, granularity, dimension, from, to).await {
+                Ok(batch) => merge(&mut grid, &batch),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Batch view unavailable");
+                    if !allow_partial {
+                        return Err(ViewError::Unavailable(Part::Batch));
+                    }
+                    missing.push(Part::Batch);
+                }
+            }
+        }
+        let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
+        let speed = match self.speed.read(min_epoch, granularity, dimension, from, to).await {
+            Ok(snapshot) => {
+                merge(&mut grid, &snapshot.total());
+                snapshot.meta.map(|meta| SpeedFreshness {
+                    cursor: meta.cursor.to_string(),
+                    updated_at: Utc
+                        .timestamp_millis_opt(meta.updated_ms)
+                        .single()
+                        .unwrap_or_default(),
+                    lag_seconds: meta.lag_ms.map(|ms| ms as f64 / 1000.0),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Speed view unavailable");
+                if !allow_partial {
+                    return Err(ViewError::Unavailable(Part::Speed));
+                }
+                missing.push(Part::Speed);
+                None
+            }
+        };
+        Ok(Merged {
+            grid,
+            freshness: Freshness {
+                batch: state.map(|s| BatchFreshness {
+                    run_id: s.run_id,
+                    watermark_txid: s.threshold,
+                    watermark_time: s.watermark_time,
+                    published_at: s.published_at,
+                }),
+                speed,
+                as_of: Utc::now(),
+            },
+            missing,
+        })
+    }
+
+    /// The speed view's cursor, for subscriptions to notice new data.
+    pub async fn speed_cursor(&self) -> Option<String> {
+        self.speed
+            .meta()
+            .await
+            .ok()
+            .flatten()
+            .map(|m| m.cursor.to_string())
+    }
+}

@@ -1,0 +1,224 @@
+//! Parameters, limits, history, outages and the live subscription.
+
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::{Env, full_range, random_order};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_parameters_get_400_with_field_details_and_limits_hold() {
+    let env = Env::new().await;
+    let (from, to) = full_range();
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        ("/v1/revenue".into(), vec!["from", "to"]),
+        (format!("/v1/revenue?from=yesterday&to={to}"), vec!["from"]),
+        (format!("/v1/revenue?from={from}&to={to}&granularity=week"), vec!["granularity"]),
+        (format!("/v1/revenue?from={from}&to={to}&group_by=colour"), vec!["group_by"]),
+        (format!("/v1/revenue?from={from}&to={to}&currency=EUE"), vec!["currency"]),
+        (format!("/v1/revenue?from={from}&to={to}&citty=Berlin"), vec!["citty"]),
+        (format!("/v1/revenue?from={from}&to={to}&group_by=category&city=Berlin"), vec!["city"]),
+        (format!("/v1/revenue?from={to}&to={from}"), vec!["to"]),
+        // 4+ days of minutes is more than 10,000 points.
+        (format!("/v1/revenue?from={from}&to={to}&granularity=minute"), vec!["granularity"]),
+        ("/v1/revenue?from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&granularity=day".into(), vec!["to"]),
+        (format!("/v1/revenue/summary?from={from}&to={to}&top=1000"), vec!["top"]),
+        ("/v1/users/u-1/orders?limit=0".into(), vec!["limit"]),
+    ];
+    for (path, fields) in cases {
+        let r = env.get(&path).await;
+        assert_eq!(r.status(), 400, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let body: serde_json::Value = r.json().await.unwrap();
+        let pointers: Vec<&str> = body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}: {body}"))
+            .iter()
+            .map(|e| e["pointer"].as_str().unwrap())
+            .collect();
+        for field in fields {
+            assert!(pointers.contains(&field), "{path}: {field} not in {pointers:?}");
+        }
+    }
+    let r = env.get("/v1/orders/not-a-uuid").await;
+    assert_eq!(r.status(), 400);
+    let r = env.get("/v1/orders/0193a1b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b").await;
+    assert_eq!(r.status(), 404);
+    let r = env.http.get(env.serving.url("/v1/revenue")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a read key is required");
+
+    // GraphQL: depth, complexity (aliases count) and validation errors.
+    let nested = "{ a: revenue(from: \"2026-01-01T00:00:00Z\", to: \"2026-01-02T00:00:00Z\") { freshness { batch { runId } speed { cursor } } } }";
+    assert!(env.graphql(nested).await["errors"].is_null());
+    let aliases: String = (0..100)
+        .map(|i| format!("a{i}: revenue(from: \"2026-01-01T00:00:00Z\", to: \"2026-01-02T00:00:00Z\") {{ points {{ orders }} }} "))
+        .collect();
+    let started = Instant::now();
+    let body = env.graphql(&format!("{{ {aliases} }}")).await;
+    let rejected_in = started.elapsed();
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default().to_lowercase();
+    assert!(message.contains("complex"), "100 aliases are refused: {body}");
+    assert!(rejected_in < Duration::from_secs(1), "refused fast, took {rejected_in:?}");
+    let body = env
+        .graphql("{ revenue(from: \"2026-01-02T00:00:00Z\", to: \"2026-01-01T00:00:00Z\") { points { orders } } }")
+        .await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "validation", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn introspection_can_be_switched_off_and_depth_is_limited() {
+    let env = Env::with(tidemark_testkit::redis(), |c| {
+        c.serving.graphql_introspection = false;
+        c.serving.graphql_max_depth = 3;
+    })
+    .await;
+    let body = env.graphql("{ __schema { types { name } } }").await;
+    assert!(!body["errors"].is_null(), "introspection is off: {body}");
+    let body = env
+        .graphql("{ revenue(from: \"2026-01-01T00:00:00Z\", to: \"2026-01-02T00:00:00Z\") { freshness { batch { runId } } } }")
+        .await;
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default().to_lowercase();
+    assert!(message.contains("nested") || message.contains("depth"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_pages_through_a_users_orders_newest_first() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(63);
+    let mut orders: Vec<_> = (0..25).map(|_| random_order(&mut rng)).collect();
+    for o in &mut orders {
+        o.user_id = "pager".into();
+    }
+    env.ingest(&orders).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/users/pager/orders?limit=10&cursor={c}"),
+            None => "/v1/users/pager/orders?limit=10".into(),
+        };
+        let body: serde_json::Value = env.get(&path).await.json().await.unwrap();
+        for o in body["orders"].as_array().unwrap() {
+            seen.push((o["created_at"].as_str().unwrap().to_owned(), o["order_id"].as_str().unwrap().to_owned()));
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first, no repeats");
+    let one: serde_json::Value = env
+        .get(&format!("/v1/orders/{}", orders[0].order_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["revenue_minor"], orders[0].revenue_minor());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_down_is_503_or_a_flagged_partial_answer() {
+    let redis = tidemark_testkit::PrivateRedis::start().await;
+    let env = Env::with(redis.config(), |_| {}).await;
+    let (from, to) = full_range();
+    let path = format!("/v1/revenue?from={from}&to={to}&granularity=day");
+    assert_eq!(env.get(&path).await.status(), 200);
+    redis.stop();
+    let r = env.get(&path).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("speed view"), "{body}");
+    let r = env.get(&format!("{path}&allow_partial=true")).await;
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["partial"], true);
+    assert_eq!(body["missing"][0], "speed");
+    redis.resume().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
+    let env = Env::new().await;
+    // An ingest service, so the order's 2xx is real.
+    let ingest_config = tidemark_ingest::Config {
+        postgres: env.db.config.clone(),
+        relay: tidemark_ingest::config::RelaySettings {
+            enabled: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let ingest = tidemark_testkit::start(|l, s| tidemark_ingest::serve(ingest_config, l, s)).await;
+    let (_, ingest_key) = tidemark_platform::auth::create(
+        &env.db.pool,
+        "writer",
+        &[tidemark_platform::auth::Scope::Ingest],
+        None,
+    )
+    .await
+    .unwrap();
+
+    let mut request = format!("ws://{}/graphql/ws", env.serving.addr)
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert("sec-websocket-protocol", "graphql-transport-ws".parse().unwrap());
+    headers.insert("authorization", format!("Bearer {}", env.key).parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::text(r#"{"type":"connection_init","payload":{}}"#)).await.unwrap();
+    let subscribe = serde_json::json!({
+        "id": "1",
+        "type": "subscribe",
+        "payload": { "query": "subscription { revenue(granularity: MINUTE) { points { orders } } }" }
+    });
+    ws.send(Message::text(subscribe.to_string())).await.unwrap();
+    let orders_in = |m: &serde_json::Value| -> i64 {
+        m["payload"]["data"]["revenue"]["points"]
+            .as_array()
+            .map_or(0, |p| p.iter().map(|x| x["orders"].as_i64().unwrap_or(0)).sum())
+    };
+    let mut next = async || loop {
+        let message = ws.next().await.expect("open").expect("frame");
+        if let Message::Text(text) = message {
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if value["type"] == "next" {
+                return value;
+            }
+            assert!(value["type"] != "error", "{value}");
+        }
+    };
+    let first = next().await;
+    assert_eq!(orders_in(&first), 0);
+
+    let mut rng = StdRng::seed_from_u64(64);
+    let mut order = random_order(&mut rng);
+    order.created_at = chrono::Utc::now();
+    let response = reqwest::Client::new()
+        .post(ingest.url("/v1/orders"))
+        .bearer_auth(&ingest_key)
+        .json(&crate::api_order_json(&order))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let acked = Instant::now();
+    let pushed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if orders_in(&next().await) == 1 {
+                return acked.elapsed();
+            }
+        }
+    })
+    .await
+    .expect("the order was pushed");
+    eprintln!("subscription update {} ms after the 2xx", pushed.as_millis());
+    assert!(pushed < Duration::from_secs(1), "took {pushed:?}");
+}

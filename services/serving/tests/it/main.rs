@@ -1,0 +1,201 @@
+//! Serving integration tests: the whole pipeline on real servers (ingest's relay,
+//! the speed consumer, the compactor) behind the REST and GraphQL APIs.
+
+mod api;
+mod merge;
+mod ops;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{SubsecRound, TimeDelta, Utc};
+use rand::Rng;
+use rand::rngs::StdRng;
+use tidemark_compactor::Compactor;
+use tidemark_domain::Order;
+use tidemark_platform::auth::{self, Scope};
+use tidemark_platform::config::RedisConfig;
+use tidemark_platform::redis::Redis;
+use tidemark_speedview::SpeedView;
+use tidemark_testkit::{Running, TestDb};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub struct Env {
+    pub db: TestDb,
+    pub redis: RedisConfig,
+    pub compactor: Compactor,
+    pub serving: Running,
+    pub key: String,
+    pub http: reqwest::Client,
+    background: CancellationToken,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.background.cancel();
+    }
+}
+
+impl Env {
+    pub async fn new() -> Env {
+        Self::with(tidemark_testkit::redis(), |_| {}).await
+    }
+
+    pub async fn with(
+        redis: RedisConfig,
+        adjust: impl FnOnce(&mut tidemark_serving::Config),
+    ) -> Env {
+        let db = tidemark_testkit::postgres().await;
+        let s3 = tidemark_testkit::s3();
+        let ch = tidemark_testkit::clickhouse();
+        let background = CancellationToken::new();
+
+        let mut compactor_config = tidemark_compactor::Config {
+            postgres: db.config.clone(),
+            s3: s3.clone(),
+            clickhouse: ch.clone(),
+            ..Default::default()
+        };
+        compactor_config.compactor.relay_wait = Duration::from_secs(30);
+        let compactor = tidemark_compactor::connect(&compactor_config).await.unwrap();
+
+        let relay = tidemark_ingest::relay::Relay::new(
+            db.pool.clone(),
+            tidemark_platform::s3::client(&s3).await,
+            s3,
+            tidemark_ingest::config::RelaySettings {
+                poll_interval: Duration::from_millis(10),
+                ..Default::default()
+            },
+        );
+        tokio::spawn(relay.run(background.clone()));
+        let speed = tidemark_speed::Consumer::new(
+            db.pool.clone(),
+            SpeedView::new(Arc::new(Redis::new(&redis).unwrap())),
+            tidemark_speed::config::SpeedSettings {
+                poll_interval: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(200),
+                ..Default::default()
+            },
+        );
+        tokio::spawn(speed.run(background.clone()));
+
+        let mut config = tidemark_serving::Config {
+            postgres: db.config.clone(),
+            redis: redis.clone(),
+            clickhouse: ch,
+            ..Default::default()
+        };
+        config.serving.state_ttl = Duration::ZERO;
+        adjust(&mut config);
+        let serving = tidemark_testkit::start(|l, s| tidemark_serving::serve(config, l, s)).await;
+        let (_, key) = auth::create(&db.pool, "reader", &[Scope::Read], None).await.unwrap();
+        Env {
+            db,
+            redis,
+            compactor,
+            serving,
+            key,
+            http: reqwest::Client::new(),
+            background,
+        }
+    }
+
+    pub async fn ingest(&self, orders: &[Order]) {
+        for chunk in orders.chunks(200) {
+            tidemark_ingest::store::store(&self.db.pool, chunk).await.unwrap();
+        }
+    }
+
+    /// Waits until the speed layer has applied the newest committed order.
+    pub async fn speed_caught_up(&self) {
+        let head = tidemark_testkit::log_head(&self.db.pool).await;
+        let view = SpeedView::new(Arc::new(Redis::new(&self.redis).unwrap()));
+        tidemark_testkit::eventually(Duration::from_secs(30), "the speed layer catches up", || {
+            let view = view.clone();
+            async move {
+                let cursor = view.meta().await.ok().flatten().map(|m| (m.cursor.txid, m.cursor.seq));
+                head.is_none() || cursor >= head
+            }
+        })
+        .await;
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.http
+            .get(self.serving.url(path_and_query))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn graphql(&self, query: &str) -> serde_json::Value {
+        self.http
+            .post(self.serving.url("/graphql"))
+            .bearer_auth(&self.key)
+            .json(&serde_json::json!({ "query": query }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+/// A grid in ground-truth shape from a REST/GraphQL series' points.
+pub fn grid_of(points: &serde_json::Value) -> BTreeMap<(i64, String, String), [i64; 3]> {
+    points
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| {
+            let bucket = chrono::DateTime::parse_from_rfc3339(p["bucket"].as_str().unwrap())
+                .unwrap()
+                .timestamp();
+            let group = p["group"].as_str().unwrap_or("").to_owned();
+            let currency = p["currency"].as_str().unwrap().to_owned();
+            let n = |k: &str| p[k].as_i64().unwrap();
+            ((bucket, group, currency), [n("revenue_minor"), n("orders"), n("items")])
+        })
+        .collect()
+}
+
+pub fn random_order(rng: &mut StdRng) -> Order {
+    let age = if rng.random_bool(0.8) {
+        rng.random_range(0..3_600)
+    } else {
+        rng.random_range(3_600..259_200)
+    };
+    Order {
+        order_id: Uuid::from_u128(rng.random()),
+        user_id: format!("u-{}", rng.random_range(0..20)),
+        city: ["Berlin", "Paris", "Zürich", "Oslo"][rng.random_range(0..4)].into(),
+        product_id: format!("p-{}", rng.random_range(0..15)),
+        category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
+        quantity: rng.random_range(1..6),
+        unit_price_minor: rng.random_range(1..100_000),
+        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)].parse().unwrap(),
+        created_at: (Utc::now() - TimeDelta::seconds(age)).trunc_subsecs(6),
+    }
+}
+
+/// Four days back to one day ahead, RFC 3339, URL-safe.
+pub fn full_range() -> (String, String) {
+    let from = (Utc::now() - TimeDelta::days(4)).format("%Y-%m-%dT00:00:00Z").to_string();
+    let to = (Utc::now() + TimeDelta::days(1)).format("%Y-%m-%dT00:00:00Z").to_string();
+    (from, to)
+}
+
+/// The JSON body ingest accepts for an order.
+pub fn api_order_json(o: &Order) -> serde_json::Value {
+    serde_json::json!({
+        "order_id": o.order_id, "user_id": o.user_id, "city": o.city,
+        "product_id": o.product_id, "category": o.category, "quantity": o.quantity,
+        "unit_price_minor": o.unit_price_minor, "currency": o.currency.as_str(),
+        "created_at": o.created_at.to_rfc3339(),
+    })
+}
