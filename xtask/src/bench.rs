@@ -422,6 +422,12 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
             .args(chunk))?;
     }
 
+    for prefix in [
+        format!("bench{}", bench.tag),
+        format!("benchsat{}", bench.tag),
+    ] {
+        unlink_prefix(&port, &format!("{prefix}:*"))?;
+    }
     println!("\nspeed benchmark (release build; same Redis and Postgres for every figure)\n");
     println!("| measure | Tidemark | anchor | target |");
     println!("|---|---|---|---|");
@@ -620,6 +626,18 @@ async fn compaction_round(
         .execute()
         .await?;
     Ok((ours, duck))
+}
+
+/// Removes a benchmark's Redis keys without one huge blocking reply.
+fn unlink_prefix(port: &str, pattern: &str) -> Result<()> {
+    let keys = run(Command::new("redis-cli").args(["-p", port, "--scan", "--pattern", pattern]))?;
+    let keys: Vec<&str> = keys.lines().collect();
+    for chunk in keys.chunks(1000) {
+        run(Command::new("redis-cli")
+            .args(["-p", port, "UNLINK"])
+            .args(chunk))?;
+    }
+    Ok(())
 }
 
 fn cargo_release(packages: &[&str]) -> Result<()> {

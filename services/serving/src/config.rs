@@ -37,7 +37,8 @@ pub struct ServingSettings {
     pub cache_entries: usize,
     /// GraphQL: deepest query accepted.
     pub graphql_max_depth: usize,
-    /// GraphQL: highest complexity accepted (every field counts 1, lists 10×).
+    /// GraphQL: highest complexity accepted (a field counts 1; `revenue` 20,
+    /// `summary` 40, `userOrders` 10).
     pub graphql_max_complexity: usize,
     /// GraphQL: allow schema introspection.
     pub graphql_introspection: bool,

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_graphql::http::GraphiQLSource;
-use async_graphql::{
-    Context, EmptyMutation, Enum, ErrorExtensions, Object, Schema, Subscription,
-};
+use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, Object, Schema, Subscription};
 use async_graphql_axum::{GraphQL, GraphQLSubscription};
 use axum::Router;
 use axum::response::Html;
@@ -121,7 +119,9 @@ pub struct QueryRoot;
 #[Object]
 impl QueryRoot {
     /// Revenue per time bucket: the exact merge of the batch and speed views.
+    /// Costs 20 toward the complexity limit (it reads three stores).
     #[allow(clippy::too_many_arguments)]
+    #[graphql(complexity = "20 + child_complexity")]
     async fn revenue(
         &self,
         ctx: &Context<'_>,
@@ -138,7 +138,15 @@ impl QueryRoot {
         let started = Instant::now();
         let state = ctx.data::<Arc<AppState>>()?;
         let params = revenue_params(
-            from, to, granularity, group_by, city, category, product, currency, allow_partial,
+            from,
+            to,
+            granularity,
+            group_by,
+            city,
+            category,
+            product,
+            currency,
+            allow_partial,
         );
         let result = async {
             let request = query::revenue_request(&params, &state.settings)?;
@@ -151,6 +159,8 @@ impl QueryRoot {
     }
 
     /// Totals per currency and the top values of a dimension, for a range.
+    /// Costs 40 toward the complexity limit.
+    #[graphql(complexity = "40 + child_complexity")]
     async fn summary(
         &self,
         ctx: &Context<'_>,
@@ -182,15 +192,22 @@ impl QueryRoot {
     }
 
     /// One order.
-    async fn order(&self, ctx: &Context<'_>, order_id: Uuid) -> async_graphql::Result<Option<OrderView>> {
+    async fn order(
+        &self,
+        ctx: &Context<'_>,
+        order_id: Uuid,
+    ) -> async_graphql::Result<Option<OrderView>> {
         let started = Instant::now();
         let state = ctx.data::<Arc<AppState>>()?;
-        let result = history::order(&state.pool, order_id).await.map_err(|p| error(&p));
+        let result = history::order(&state.pool, order_id)
+            .await
+            .map_err(|p| error(&p));
         record("order", started);
         result
     }
 
-    /// A user's orders, newest first.
+    /// A user's orders, newest first. Costs 10 toward the complexity limit.
+    #[graphql(complexity = "10 + child_complexity")]
     async fn user_orders(
         &self,
         ctx: &Context<'_>,
@@ -222,6 +239,7 @@ impl SubscriptionRoot {
     /// Live revenue: the series is pushed at once and again whenever new orders
     /// reach the speed view. Without `to`, the window rolls: it ends with the
     /// current bucket and starts at `from` (default: one hour before now).
+    #[allow(clippy::unused_async)] // the macro requires an async resolver
     async fn revenue(
         &self,
         ctx: &Context<'_>,
@@ -236,7 +254,17 @@ impl SubscriptionRoot {
             let now = Utc::now();
             let from = from.unwrap_or(now - chrono::TimeDelta::hours(1));
             let to = to.unwrap_or(now + chrono::TimeDelta::seconds(60));
-            revenue_params(from, to, granularity, group_by, None, None, None, currency.clone(), false)
+            revenue_params(
+                from,
+                to,
+                granularity,
+                group_by,
+                None,
+                None,
+                None,
+                currency.clone(),
+                false,
+            )
         };
         // Reject bad arguments before the first push.
         query::revenue_request(&window(), &state.settings).map_err(|p| error(&p))?;

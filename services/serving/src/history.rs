@@ -31,13 +31,35 @@ pub struct OrderPage {
     pub next_cursor: Option<String>,
 }
 
-type Row = (Uuid, String, String, String, String, i32, i64, String, DateTime<Utc>, DateTime<Utc>);
+type Row = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    i64,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
 
 const COLUMNS: &str = "order_id, user_id, city, product_id, category, quantity, unit_price_minor, \
                        currency, created_at, ingested_at";
 
 fn view(row: Row) -> OrderView {
-    let (order_id, user_id, city, product_id, category, quantity, price, currency, created_at, ingested_at) = row;
+    let (
+        order_id,
+        user_id,
+        city,
+        product_id,
+        category,
+        quantity,
+        price,
+        currency,
+        created_at,
+        ingested_at,
+    ) = row;
     OrderView {
         order_id,
         user_id,
@@ -74,7 +96,11 @@ pub async fn order(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, Problem
 
 /// `{created_at µs}_{order_id}`, URL-safe.
 fn encode_cursor(o: &OrderView) -> String {
-    format!("{}_{}", o.created_at.timestamp_micros(), o.order_id.simple())
+    format!(
+        "{}_{}",
+        o.created_at.timestamp_micros(),
+        o.order_id.simple()
+    )
 }
 
 fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, Uuid)> {

@@ -67,7 +67,10 @@ pub async fn serve(
     let schema = graphql::schema(state.clone(), &settings);
     let api = rest::router()
         .merge(graphql::router(schema))
-        .route_layer(middleware::from_fn_with_state((auth, Scope::Read), auth::require))
+        .route_layer(middleware::from_fn_with_state(
+            (auth, Scope::Read),
+            auth::require,
+        ))
         .merge(graphql::graphiql())
         .with_state(state)
         .merge(rest::swagger());

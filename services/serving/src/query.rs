@@ -129,13 +129,21 @@ impl Errors {
 fn parse_time(raw: Option<&str>, field: &str, errors: &mut Errors) -> Option<DateTime<Utc>> {
     match raw {
         None => {
-            errors.add(field, "required", "is required (RFC 3339, e.g. 2026-11-21T00:00:00Z)");
+            errors.add(
+                field,
+                "required",
+                "is required (RFC 3339, e.g. 2026-11-21T00:00:00Z)",
+            );
             None
         }
         Some(s) => match DateTime::parse_from_rfc3339(s) {
             Ok(t) => Some(t.with_timezone(&Utc)),
             Err(_) => {
-                errors.add(field, "invalid", "must be an RFC 3339 time, e.g. 2026-11-21T00:00:00Z");
+                errors.add(
+                    field,
+                    "invalid",
+                    "must be an RFC 3339 time, e.g. 2026-11-21T00:00:00Z",
+                );
                 None
             }
         },
@@ -157,12 +165,23 @@ pub fn revenue_request(
     let mut errors = Errors::default();
     for name in params.keys() {
         let known = [
-            "from", "to", "granularity", "group_by", "city", "category", "product", "currency",
+            "from",
+            "to",
+            "granularity",
+            "group_by",
+            "city",
+            "category",
+            "product",
+            "currency",
             "allow_partial",
         ];
         if !known.contains(&name.as_str()) {
             let shown: String = name.chars().take(40).collect();
-            errors.add(&shown, "unknown_parameter", "is not a parameter of this endpoint");
+            errors.add(
+                &shown,
+                "unknown_parameter",
+                "is not a parameter of this endpoint",
+            );
         }
     }
     let get = |k: &str| params.get(k).map(String::as_str);
@@ -177,7 +196,11 @@ pub fn revenue_request(
         None => None,
         Some(g) => match g.parse::<Dimension>() {
             Ok(Dimension::Total) | Err(_) => {
-                errors.add("group_by", "invalid", "must be one of city, category, product");
+                errors.add(
+                    "group_by",
+                    "invalid",
+                    "must be one of city, category, product",
+                );
                 None
             }
             Ok(d) => Some(d),
@@ -188,7 +211,11 @@ pub fn revenue_request(
         .filter_map(|(name, dim)| get(name).map(|v| (*dim, v)))
         .collect();
     if filters.len() > 1 {
-        errors.add("city", "unsupported", "filter by at most one of city, category, product");
+        errors.add(
+            "city",
+            "unsupported",
+            "filter by at most one of city, category, product",
+        );
     }
     if let (Some(group), Some((dim, _))) = (group_by, filters.first())
         && group != *dim
@@ -228,7 +255,14 @@ pub fn revenue_request(
         if to <= from {
             errors.add("to", "invalid", "must be after `from`");
         } else if to - from > settings.max_range_days * 86_400 {
-            errors.add("to", "too_wide", format!("the range may span at most {} days", settings.max_range_days));
+            errors.add(
+                "to",
+                "too_wide",
+                format!(
+                    "the range may span at most {} days",
+                    settings.max_range_days
+                ),
+            );
         } else if (to - from) / width > settings.max_points {
             errors.add(
                 "granularity",
@@ -285,7 +319,13 @@ fn missing(parts: &[Part]) -> Vec<String> {
 /// Answers a revenue question from the merged views.
 pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSeries, Problem> {
     let merged = views
-        .revenue(req.granularity, req.dimension, req.from, req.to, req.allow_partial)
+        .revenue(
+            req.granularity,
+            req.dimension,
+            req.from,
+            req.to,
+            req.allow_partial,
+        )
         .await
         .map_err(|e| unavailable(&e))?;
     let points = merged
@@ -339,7 +379,11 @@ pub fn summary_request(
     for name in params.keys() {
         if !["from", "to", "top_by", "top", "currency", "allow_partial"].contains(&name.as_str()) {
             let shown: String = name.chars().take(40).collect();
-            errors.add(&shown, "unknown_parameter", "is not a parameter of this endpoint");
+            errors.add(
+                &shown,
+                "unknown_parameter",
+                "is not a parameter of this endpoint",
+            );
         }
     }
     let get = |k: &str| params.get(k).map(String::as_str);
@@ -347,7 +391,11 @@ pub fn summary_request(
     let to = parse_time(get("to"), "to", &mut errors);
     let top_by = match get("top_by").unwrap_or("city").parse::<Dimension>() {
         Ok(Dimension::Total) | Err(_) => {
-            errors.add("top_by", "invalid", "must be one of city, category, product");
+            errors.add(
+                "top_by",
+                "invalid",
+                "must be one of city, category, product",
+            );
             Dimension::City
         }
         Ok(d) => d,
@@ -355,7 +403,11 @@ pub fn summary_request(
     let top = match get("top").unwrap_or("5").parse::<usize>() {
         Ok(n) if (1..=settings.max_top).contains(&n) => n,
         _ => {
-            errors.add("top", "out_of_range", format!("must be between 1 and {}", settings.max_top));
+            errors.add(
+                "top",
+                "out_of_range",
+                format!("must be between 1 and {}", settings.max_top),
+            );
             5
         }
     };
@@ -377,7 +429,14 @@ pub fn summary_request(
         if to <= from {
             errors.add("to", "invalid", "must be at least a minute after `from`");
         } else if to - from > settings.max_range_days * 86_400 {
-            errors.add("to", "too_wide", format!("the range may span at most {} days", settings.max_range_days));
+            errors.add(
+                "to",
+                "too_wide",
+                format!(
+                    "the range may span at most {} days",
+                    settings.max_range_days
+                ),
+            );
         }
         bounds = Some((from, to));
     }
@@ -413,20 +472,41 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
     let sum_by = |grid: &Grid, with_value: bool| -> BTreeMap<(String, String), Totals> {
         let mut out: BTreeMap<(String, String), Totals> = BTreeMap::new();
         for ((bucket, value, currency), t) in grid {
-            if *bucket < req.from || *bucket >= req.to || req.currency.is_some_and(|c| c != *currency) {
+            if *bucket < req.from
+                || *bucket >= req.to
+                || req.currency.is_some_and(|c| c != *currency)
+            {
                 continue;
             }
-            let value = if with_value { value.clone() } else { String::new() };
-            out.entry((currency.to_string(), value)).or_default().add(*t);
+            let value = if with_value {
+                value.clone()
+            } else {
+                String::new()
+            };
+            out.entry((currency.to_string(), value))
+                .or_default()
+                .add(*t);
         }
         out
     };
     let total = views
-        .revenue(req.granularity, Dimension::Total, req.from, req.to, req.allow_partial)
+        .revenue(
+            req.granularity,
+            Dimension::Total,
+            req.from,
+            req.to,
+            req.allow_partial,
+        )
         .await
         .map_err(|e| unavailable(&e))?;
     let by = views
-        .revenue(req.granularity, req.top_by, req.from, req.to, req.allow_partial)
+        .revenue(
+            req.granularity,
+            req.top_by,
+            req.from,
+            req.to,
+            req.allow_partial,
+        )
         .await
         .map_err(|e| unavailable(&e))?;
     let totals = sum_by(&total.grid, false)
@@ -445,18 +525,25 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         if t.is_zero() {
             continue;
         }
-        per_currency.entry(currency.clone()).or_default().push(TopEntry {
-            group,
-            currency,
-            revenue_minor: t.revenue_minor,
-            orders: t.orders,
-            items: t.items,
-            average_order_value_minor: aov(&t),
-        });
+        per_currency
+            .entry(currency.clone())
+            .or_default()
+            .push(TopEntry {
+                group,
+                currency,
+                revenue_minor: t.revenue_minor,
+                orders: t.orders,
+                items: t.items,
+                average_order_value_minor: aov(&t),
+            });
     }
     let mut top = Vec::new();
     for (_, mut entries) in per_currency {
-        entries.sort_by(|a, b| b.revenue_minor.cmp(&a.revenue_minor).then(a.group.cmp(&b.group)));
+        entries.sort_by(|a, b| {
+            b.revenue_minor
+                .cmp(&a.revenue_minor)
+                .then(a.group.cmp(&b.group))
+        });
         top.extend(entries.into_iter().take(req.top));
     }
     let mut missing_parts = total.missing.clone();

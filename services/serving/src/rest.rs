@@ -177,7 +177,11 @@ async fn user_orders(
         for name in params.keys() {
             if name != "limit" && name != "cursor" {
                 let shown: String = name.chars().take(40).collect();
-                errors.add(&shown, "unknown_parameter", "is not a parameter of this endpoint");
+                errors.add(
+                    &shown,
+                    "unknown_parameter",
+                    "is not a parameter of this endpoint",
+                );
             }
         }
         let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
@@ -193,7 +197,13 @@ async fn user_orders(
             }
         };
         errors.finish()?;
-        history::user_orders(&state.pool, &user_id, limit, params.get("cursor").map(String::as_str)).await
+        history::user_orders(
+            &state.pool,
+            &user_id,
+            limit,
+            params.get("cursor").map(String::as_str),
+        )
+        .await
     }
     .await;
     timed("/v1/users/{user_id}/orders", result)

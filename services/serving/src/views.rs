@@ -118,9 +118,9 @@ impl Views {
         match PublishedState::load(&self.pool).await {
             Ok(state) => {
                 let mut cached = self.state.lock().expect("not poisoned");
-                let changed = cached
-                    .as_ref()
-                    .is_none_or(|(old, _)| old.as_ref().map(|s| s.run_id) != state.as_ref().map(|s| s.run_id));
+                let changed = cached.as_ref().is_none_or(|(old, _)| {
+                    old.as_ref().map(|s| s.run_id) != state.as_ref().map(|s| s.run_id)
+                });
                 if changed {
                     // Cells of an older state are never asked for again.
                     self.batch.lock().expect("not poisoned").clear();
@@ -148,7 +148,14 @@ impl Views {
         from: i64,
         to: i64,
     ) -> Result<Arc<Grid>, clickhouse::error::Error> {
-        let key = (state.run_id, state.base_run_id, granularity, dimension, from, to);
+        let key = (
+            state.run_id,
+            state.base_run_id,
+            granularity,
+            dimension,
+            from,
+            to,
+        );
         if let Some(grid) = self.batch.lock().expect("not poisoned").get(&key) {
             metrics::counter!("serving_batch_cache_total", "result" => "hit").increment(1);
             return Ok(grid.clone());
@@ -198,7 +205,11 @@ impl Views {
             }
         }
         let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
-        let speed = match self.speed.read(min_epoch, granularity, dimension, from, to).await {
+        let speed = match self
+            .speed
+            .read(min_epoch, granularity, dimension, from, to)
+            .await
+        {
             Ok(snapshot) => {
                 merge(&mut grid, &snapshot.total());
                 snapshot.meta.map(|meta| SpeedFreshness {

@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use redis::{AsyncCommands, Script};
+use redis::Script;
 use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order};
 use tidemark_platform::redis::Redis;
 
@@ -275,19 +275,29 @@ impl SpeedView {
     /// started it first.
     pub async fn reset(&self, cursor: LogPosition, base_epoch: u64, now_ms: i64) -> Result<bool> {
         let mut conn = self.redis.conn().await?;
-        // Leftovers of a partial loss would be counted twice by the replay.
+        // Leftovers of a partial loss would be counted twice by the replay. SCAN in
+        // large steps: the default step of 10 keys makes this crawl on a big Redis.
         let pattern = format!("{}:e:*", self.redis.prefix());
-        let mut keys: Vec<String> = Vec::new();
-        let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(&pattern).await?;
-        while let Some(key) = iter.next_item().await {
-            keys.push(key?);
-        }
-        drop(iter);
-        for chunk in keys.chunks(500) {
-            redis::cmd("DEL")
-                .arg(chunk)
-                .query_async::<()>(&mut conn)
+        let mut scan: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(scan)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut conn)
                 .await?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                break;
+            }
+            scan = next;
         }
         redis::cmd("DEL")
             .arg(self.redis.key("epochs"))

@@ -59,7 +59,9 @@ impl Env {
             ..Default::default()
         };
         compactor_config.compactor.relay_wait = Duration::from_secs(30);
-        let compactor = tidemark_compactor::connect(&compactor_config).await.unwrap();
+        let compactor = tidemark_compactor::connect(&compactor_config)
+            .await
+            .unwrap();
 
         let relay = tidemark_ingest::relay::Relay::new(
             db.pool.clone(),
@@ -91,7 +93,9 @@ impl Env {
         config.serving.state_ttl = Duration::ZERO;
         adjust(&mut config);
         let serving = tidemark_testkit::start(|l, s| tidemark_serving::serve(config, l, s)).await;
-        let (_, key) = auth::create(&db.pool, "reader", &[Scope::Read], None).await.unwrap();
+        let (_, key) = auth::create(&db.pool, "reader", &[Scope::Read], None)
+            .await
+            .unwrap();
         Env {
             db,
             redis,
@@ -105,7 +109,9 @@ impl Env {
 
     pub async fn ingest(&self, orders: &[Order]) {
         for chunk in orders.chunks(200) {
-            tidemark_ingest::store::store(&self.db.pool, chunk).await.unwrap();
+            tidemark_ingest::store::store(&self.db.pool, chunk)
+                .await
+                .unwrap();
         }
     }
 
@@ -113,13 +119,22 @@ impl Env {
     pub async fn speed_caught_up(&self) {
         let head = tidemark_testkit::log_head(&self.db.pool).await;
         let view = SpeedView::new(Arc::new(Redis::new(&self.redis).unwrap()));
-        tidemark_testkit::eventually(Duration::from_secs(30), "the speed layer catches up", || {
-            let view = view.clone();
-            async move {
-                let cursor = view.meta().await.ok().flatten().map(|m| (m.cursor.txid, m.cursor.seq));
-                head.is_none() || cursor >= head
-            }
-        })
+        tidemark_testkit::eventually(
+            Duration::from_secs(30),
+            "the speed layer catches up",
+            || {
+                let view = view.clone();
+                async move {
+                    let cursor = view
+                        .meta()
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|m| (m.cursor.txid, m.cursor.seq));
+                    head.is_none() || cursor >= head
+                }
+            },
+        )
         .await;
     }
 
@@ -159,7 +174,10 @@ pub fn grid_of(points: &serde_json::Value) -> BTreeMap<(i64, String, String), [i
             let group = p["group"].as_str().unwrap_or("").to_owned();
             let currency = p["currency"].as_str().unwrap().to_owned();
             let n = |k: &str| p[k].as_i64().unwrap();
-            ((bucket, group, currency), [n("revenue_minor"), n("orders"), n("items")])
+            (
+                (bucket, group, currency),
+                [n("revenue_minor"), n("orders"), n("items")],
+            )
         })
         .collect()
 }
@@ -178,15 +196,21 @@ pub fn random_order(rng: &mut StdRng) -> Order {
         category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
         quantity: rng.random_range(1..6),
         unit_price_minor: rng.random_range(1..100_000),
-        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)].parse().unwrap(),
+        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)]
+            .parse()
+            .unwrap(),
         created_at: (Utc::now() - TimeDelta::seconds(age)).trunc_subsecs(6),
     }
 }
 
 /// Four days back to one day ahead, RFC 3339, URL-safe.
 pub fn full_range() -> (String, String) {
-    let from = (Utc::now() - TimeDelta::days(4)).format("%Y-%m-%dT00:00:00Z").to_string();
-    let to = (Utc::now() + TimeDelta::days(1)).format("%Y-%m-%dT00:00:00Z").to_string();
+    let from = (Utc::now() - TimeDelta::days(4))
+        .format("%Y-%m-%dT00:00:00Z")
+        .to_string();
+    let to = (Utc::now() + TimeDelta::days(1))
+        .format("%Y-%m-%dT00:00:00Z")
+        .to_string();
     (from, to)
 }
 

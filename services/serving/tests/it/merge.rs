@@ -45,7 +45,10 @@ async fn rest_and_graphql_equal_sql_with_ingest_and_batch_runs_interleaved() {
         env.ingest(&orders).await;
         if round % 2 == 1 {
             let outcome = env.compactor.run_once(Kind::Incremental).await.unwrap();
-            assert!(matches!(outcome, tidemark_compactor::Outcome::Published { .. }));
+            assert!(matches!(
+                outcome,
+                tidemark_compactor::Outcome::Published { .. }
+            ));
         }
         env.speed_caught_up().await;
         for granularity in ["minute", "hour", "day"] {
@@ -56,10 +59,16 @@ async fn rest_and_graphql_equal_sql_with_ingest_and_batch_runs_interleaved() {
             };
             for (group_by, dimension) in GROUPINGS {
                 let truth =
-                    tidemark_testkit::ground_truth(&env.db.pool, secs, dimension, 0, u64::MAX).await;
+                    tidemark_testkit::ground_truth(&env.db.pool, secs, dimension, 0, u64::MAX)
+                        .await;
                 let truth: std::collections::BTreeMap<_, _> = truth
                     .into_iter()
-                    .map(|((b, v, c), t)| ((b, if group_by.is_some() { v } else { String::new() }, c), t))
+                    .map(|((b, v, c), t)| {
+                        (
+                            (b, if group_by.is_some() { v } else { String::new() }, c),
+                            t,
+                        )
+                    })
                     .collect();
                 let served = rest_grid(&env, granularity, group_by).await;
                 assert_eq!(served, truth, "round {round}: {granularity} by {dimension}");
@@ -78,18 +87,25 @@ async fn rest_and_graphql_equal_sql_with_ingest_and_batch_runs_interleaved() {
     assert!(body["errors"].is_null(), "{body}");
     let graphql = grid_of(&body["data"]["revenue"]["points"]);
     assert_eq!(graphql, rest_grid(&env, "hour", Some("city")).await);
-    assert!(body["data"]["revenue"]["freshness"]["batch"]["runId"].as_u64().unwrap() >= 2);
+    assert!(
+        body["data"]["revenue"]["freshness"]["batch"]["runId"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn never_above_ground_truth_while_publishing() {
     let env = Env::new().await;
     let mut rng = StdRng::seed_from_u64(62);
-    env.ingest(&(0..300).map(|_| random_order(&mut rng)).collect::<Vec<_>>()).await;
+    env.ingest(&(0..300).map(|_| random_order(&mut rng)).collect::<Vec<_>>())
+        .await;
     env.speed_caught_up().await;
     let mut checks = 0;
     for _ in 0..3 {
-        env.ingest(&(0..200).map(|_| random_order(&mut rng)).collect::<Vec<_>>()).await;
+        env.ingest(&(0..200).map(|_| random_order(&mut rng)).collect::<Vec<_>>())
+            .await;
         let compactor = &env.compactor;
         let run = compactor.run_once(Kind::Incremental);
         tokio::pin!(run);
@@ -113,7 +129,14 @@ async fn never_above_ground_truth_while_publishing() {
         }
         env.speed_caught_up().await;
         let truth = tidemark_testkit::ground_truth(&env.db.pool, 86_400, "city", 0, u64::MAX).await;
-        assert_eq!(rest_grid(&env, "day", Some("city")).await, truth, "equal once quiet");
+        assert_eq!(
+            rest_grid(&env, "day", Some("city")).await,
+            truth,
+            "equal once quiet"
+        );
     }
-    assert!(checks >= 10, "answers were checked during publishes ({checks})");
+    assert!(
+        checks >= 10,
+        "answers were checked during publishes ({checks})"
+    );
 }

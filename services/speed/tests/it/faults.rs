@@ -141,3 +141,40 @@ async fn the_service_consumes_and_reports_lag_in_metrics() {
     .await;
     svc.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_is_visible_within_milliseconds_while_the_loop_runs() {
+    let db = tidemark_testkit::postgres().await;
+    let redis = tidemark_testkit::redis();
+    let (_, view) = consumer(&db.pool, &redis, 1000);
+    let token = tokio_util::sync::CancellationToken::new();
+    let settings = tidemark_speed::config::SpeedSettings {
+        poll_interval: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let consumer = tidemark_speed::Consumer::new(db.pool.clone(), view.clone(), settings);
+    tokio::spawn(consumer.run(token.clone()));
+    let mut rng = StdRng::seed_from_u64(34);
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        insert(&db.pool, &random_order(&mut rng)).await;
+        let head = tidemark_testkit::log_head(&db.pool).await;
+        let t = std::time::Instant::now();
+        loop {
+            let cursor = view
+                .meta()
+                .await
+                .ok()
+                .flatten()
+                .map(|m| (m.cursor.txid, m.cursor.seq));
+            if cursor >= head {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        worst = worst.max(t.elapsed());
+    }
+    token.cancel();
+    eprintln!("worst insert-to-visible: {} ms", worst.as_millis());
+    assert!(worst < Duration::from_millis(300), "worst {worst:?}");
+}
