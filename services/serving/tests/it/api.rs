@@ -212,7 +212,7 @@ async fn a_store_down_is_503_or_a_flagged_partial_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
-    let env = Env::new().await;
+    let env = Env::isolated().await;
     // An ingest service, so the order's 2xx is real.
     let ingest_config = tidemark_ingest::Config {
         postgres: env.db.config.clone(),

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub struct Env {
+    /// A Postgres cluster of the test's own, when it needs one.
+    _private: Option<tidemark_testkit::PrivatePostgres>,
     pub db: TestDb,
     pub redis: RedisConfig,
     pub compactor: Compactor,
@@ -47,7 +49,35 @@ impl Env {
         redis: RedisConfig,
         adjust: impl FnOnce(&mut tidemark_serving::Config),
     ) -> Env {
-        let db = tidemark_testkit::postgres().await;
+        Self::build(redis, false, adjust).await
+    }
+
+    /// With a Postgres cluster of its own: no other test's transaction can hold the
+    /// log horizon back (it is cluster-wide), so latencies are this test's alone.
+    pub async fn isolated() -> Env {
+        Self::build(tidemark_testkit::redis(), true, |_| {}).await
+    }
+
+    async fn build(
+        redis: RedisConfig,
+        private_postgres: bool,
+        adjust: impl FnOnce(&mut tidemark_serving::Config),
+    ) -> Env {
+        let (private, db) = if private_postgres {
+            let pg = tidemark_testkit::PrivatePostgres::start().await;
+            let config = pg.config();
+            let pool = tidemark_platform::postgres::pool(&config, "tidemark-test").unwrap();
+            (
+                Some(pg),
+                TestDb {
+                    name: "postgres".into(),
+                    pool,
+                    config,
+                },
+            )
+        } else {
+            (None, tidemark_testkit::postgres().await)
+        };
         let s3 = tidemark_testkit::s3();
         let ch = tidemark_testkit::clickhouse();
         let background = CancellationToken::new();
@@ -97,6 +127,7 @@ impl Env {
             .await
             .unwrap();
         Env {
+            _private: private,
             db,
             redis,
             compactor,
