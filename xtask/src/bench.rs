@@ -453,7 +453,13 @@ async fn speed(bench: &mut Harness<'_>) -> Result<()> {
 async fn compactor(bench: &mut Harness<'_>) -> Result<()> {
     let python = duckdb_python(bench.stack)?;
     let mut rounds = Vec::new();
-    for orders in [1_000_000_usize, 10_000_000] {
+    // TIDEMARK_BENCH_SIZES=a,b overrides the sizes (for quick iterations).
+    let sizes: Vec<usize> = std::env::var("TIDEMARK_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| v.len() == 2)
+        .unwrap_or_else(|| vec![1_000_000, 10_000_000]);
+    for orders in sizes {
         eprintln!("xtask bench: compaction of {orders} orders");
         rounds.push((orders, compaction_round(bench, &python, orders).await?));
     }
@@ -471,8 +477,9 @@ async fn compactor(bench: &mut Harness<'_>) -> Result<()> {
         );
     }
     let (small, large) = (&rounds[0], &rounds[1]);
+    let factor = large.0 as f64 / small.0 as f64;
     println!(
-        "\nscaling: 10× the orders took {:.1}× the time (DuckDB {:.1}×); linear is 10×",
+        "\nscaling: {factor:.0}× the orders took {:.1}× the time (DuckDB {:.1}×); linear is {factor:.0}×",
         large.1.0 / small.1.0,
         large.1.1 / small.1.1
     );
@@ -576,7 +583,11 @@ async fn compaction_round(
     let started = Instant::now();
     let out = run(Command::new(bench.bin("tidemark-compactor"))
         .arg("run-once")
-        .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
+        .env(
+            "TIDEMARK_TELEMETRY__LOG_FILTER",
+            "warn,tidemark_compactor=info",
+        )
+        .env("TIDEMARK_TELEMETRY__LOG_FORMAT", "json")
         .env("TIDEMARK_POSTGRES__URL", &db)
         .env("TIDEMARK_CLICKHOUSE__URL", bench.stack.clickhouse_url())
         .env("TIDEMARK_CLICKHOUSE__DATABASE", &ch_db)
@@ -589,6 +600,9 @@ async fn compaction_round(
             crate::stack::S3_SECRET_KEY,
         ))?;
     let ours = started.elapsed().as_secs_f64();
+    if let Some(steps) = out.lines().find(|l| l.contains("Batch run steps")) {
+        eprintln!("xtask bench: {steps}");
+    }
     if !out.contains("Published") || !out.contains(&format!("rows_in: {orders}")) {
         bail!("the compactor run did not publish all {orders} orders: {out}");
     }

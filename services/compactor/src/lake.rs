@@ -143,7 +143,8 @@ fn timestamp(column: &str) -> Expr {
 }
 
 /// Raw records → the lake's order rows: typed timestamps, only `txid` in
-/// `[from_txid, to_txid)`, one row per order id (the first in log order).
+/// `[from_txid, to_txid)`, one row per order id. Copies of an order id are the
+/// same immutable row of the log, so any copy may be kept (no sort needed).
 pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> LazyFrame {
     raw.lazy()
         .filter(
@@ -178,6 +179,13 @@ pub fn to_parquet(df: &mut DataFrame) -> Result<Vec<u8>> {
 
 pub fn from_parquet(bytes: &[u8]) -> Result<DataFrame> {
     Ok(ParquetReader::new(Cursor::new(bytes)).finish()?)
+}
+
+/// Only some columns of a Parquet file (less to decode).
+pub fn columns_from_parquet(bytes: &[u8], columns: &[&str]) -> Result<DataFrame> {
+    Ok(ParquetReader::new(Cursor::new(bytes))
+        .with_columns(Some(columns.iter().map(|c| (*c).to_owned()).collect()))
+        .finish()?)
 }
 
 /// Splits orders by event date: `(days since the epoch, rows)`.

@@ -227,17 +227,33 @@ impl Compactor {
             );
             return Ok(Outcome::RelayBehind { run_id: run.run_id });
         }
+        let t = Instant::now();
         let written = self.write_lake(run).await?;
+        let lake_ms = t.elapsed().as_millis() as u64;
         let source = match run.kind {
             Kind::Incremental => written.orders.clone(),
             Kind::Rebuild => self.read_lake(run.threshold).await?,
         };
+        let t = Instant::now();
         let staged = self.stage(run, &source).await?;
+        let stage_ms = t.elapsed().as_millis() as u64;
+        let t = Instant::now();
         let report = self.audit(run, &written, &source).await?;
+        let audit_ms = t.elapsed().as_millis() as u64;
         if !report.problems.is_empty() {
             return self.fail(run, report).await;
         }
+        let t = Instant::now();
         self.publish(run, &report).await?;
+        tracing::info!(
+            run_id = run.run_id,
+            rows = written.orders.height(),
+            lake_ms,
+            stage_ms,
+            audit_ms,
+            publish_ms = t.elapsed().as_millis() as u64,
+            "Batch run steps"
+        );
         if let Err(e) = self.compact(&written.days).await {
             tracing::warn!(error = %e, "Lake compaction failed; it is retried after the next run");
         }
@@ -439,11 +455,12 @@ impl Compactor {
                 .push("raw totals changed by de-duplication without duplicates".into());
         }
 
-        // Parquet, read back from S3.
-        let parquet = self.read_parquet(&written.parquet_keys).await?;
+        // Parquet, read back from S3 (only the columns the totals need).
         let mut parquet_totals = CurrencyTotals::new();
-        for frame in &parquet {
-            for (currency, t) in aggregate::currency_totals(frame)? {
+        for body in self.fetch(&written.parquet_keys).await? {
+            let frame =
+                lake::columns_from_parquet(&body, &["currency", "quantity", "unit_price_minor"])?;
+            for (currency, t) in aggregate::currency_totals(&frame)? {
                 let e = parquet_totals.entry(currency).or_insert([0; 3]);
                 for i in 0..3 {
                     e[i] += t[i];
@@ -458,7 +475,10 @@ impl Compactor {
         report.parquet = parquet_totals;
 
         // Staging: every granularity × dimension adds up to the source, per currency.
-        report.source = aggregate::currency_totals(source)?;
+        report.source = match run.kind {
+            Kind::Incremental => deduped.clone(),
+            Kind::Rebuild => aggregate::currency_totals(source)?,
+        };
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Sums {
             granularity: String,
