@@ -2,6 +2,7 @@
 //! from an HDR histogram and a JSON report.
 
 pub mod freshness;
+pub mod rate;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -63,6 +63,21 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         seed: u64,
     },
+    /// A fixed request rate against one URL (GET, or POST with --body).
+    Rate {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        url: String,
+        #[arg(long, env = "TIDEMARK_READ_KEY")]
+        key: Option<String>,
+        #[arg(long)]
+        body: Option<String>,
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
     /// Write `count` deterministic orders as CSV (for a COPY anchor).
     Csv {
         #[arg(long, default_value_t = 1)]
@@ -161,6 +176,27 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             println!("{}", serde_json::to_string(&report)?);
             return Ok(());
+        }
+        Scenario::Rate {
+            name,
+            url,
+            key,
+            body,
+            rate,
+            seconds,
+        } => {
+            tidemark_loadtest::rate::run(
+                &name,
+                tidemark_loadtest::rate::Settings {
+                    url,
+                    key,
+                    body,
+                    rate,
+                    seconds,
+                    max_in_flight: 256,
+                },
+            )
+            .await?
         }
         Scenario::Csv { seed, count } => {
             let mut out = String::with_capacity(count * 150);
