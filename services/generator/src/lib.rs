@@ -1,16 +1,187 @@
-//! Demo data: realistic orders, deterministic from a seed, streamed to the ingest API.
+//! Demo data: realistic orders, deterministic from a seed, sent to the ingest API.
+//!
+//! Three ways to run it: `stream` sends live orders at a steady rate, `backfill`
+//! sends days of history, and `serve` (what `cargo xtask up` starts) serves the
+//! operational endpoints and streams at the configured demo rate. Each ends with a
+//! [`Tally`] of what ingest stored, to compare with the served totals.
 
 pub mod config;
+pub mod model;
+pub mod send;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use chrono::{DateTime, TimeDelta, Utc};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
 use tidemark_platform::health::Readiness;
 use tidemark_platform::http;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use model::{Shape, Shop};
+pub use send::{Format, Sender, Tally};
 
-/// Serves the generator's operational endpoints until `shutdown` is cancelled.
+/// A live stream: `rate` orders per second in batches, until `count` orders,
+/// `duration` or shutdown, whichever comes first.
+#[derive(Debug, Clone)]
+pub struct StreamPlan {
+    pub seed: u64,
+    pub rate: f64,
+    pub batch: usize,
+    pub count: Option<u64>,
+    pub duration: Option<Duration>,
+    pub shape: Shape,
+}
+
+/// Sends live orders at the planned rate; requests overlap (up to 8 in flight) so a
+/// slow answer does not lower the rate.
+pub async fn stream(
+    sender: &Sender,
+    plan: &StreamPlan,
+    shutdown: CancellationToken,
+    progress: bool,
+) -> anyhow::Result<Tally> {
+    anyhow::ensure!(plan.rate > 0.0, "the rate must be positive");
+    let mut shop = Shop::new(plan.seed, plan.shape);
+    // At least four requests a second, so a low demo rate still looks live.
+    let batch = plan
+        .batch
+        .clamp(1, (plan.rate / 4.0).ceil().max(1.0) as usize);
+    let period = Duration::from_secs_f64(batch as f64 / plan.rate);
+    let bar = bar(progress, plan.count);
+    let in_flight = Arc::new(Semaphore::new(8));
+    let mut sends = JoinSet::new();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut planned = 0u64;
+    let mut tally = Tally::default();
+    loop {
+        if plan.count.is_some_and(|c| planned >= c)
+            || plan.duration.is_some_and(|d| started.elapsed() >= d)
+        {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let n = plan
+            .count
+            .map_or(batch as u64, |c| (c - planned).min(batch as u64));
+        let now = Utc::now();
+        let orders: Vec<_> = (0..n).map(|_| shop.live_order(now)).collect();
+        planned += n;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let sender = sender.clone();
+        sends.spawn(async move {
+            let result = sender.send(&orders).await;
+            drop(permit);
+            result
+        });
+        while let Some(done) = sends.try_join_next() {
+            account(&mut tally, &done??, &bar);
+        }
+    }
+    while let Some(done) = sends.join_next().await {
+        account(&mut tally, &done??, &bar);
+    }
+    bar.finish_and_clear();
+    Ok(tally)
+}
+
+/// History: `per_day` orders a day over the `days` before `until`, following each
+/// city's daily rhythm. With the same seed and `until` a backfill sends the same
+/// orders again, which ingest reports as duplicates.
+#[derive(Debug, Clone)]
+pub struct BackfillPlan {
+    pub seed: u64,
+    pub days: u32,
+    pub per_day: u64,
+    pub until: DateTime<Utc>,
+    pub batch: usize,
+    pub concurrency: usize,
+    pub shape: Shape,
+}
+
+pub async fn backfill(
+    sender: &Sender,
+    plan: &BackfillPlan,
+    shutdown: CancellationToken,
+    progress: bool,
+) -> anyhow::Result<Tally> {
+    let total = plan.per_day * u64::from(plan.days);
+    let from = plan.until - TimeDelta::days(i64::from(plan.days));
+    let batch = plan.batch.max(1);
+    let bar = bar(progress, Some(total));
+    let mut shop = Shop::new(plan.seed, plan.shape);
+    let batches = (0..total.div_ceil(batch as u64)).map(|i| {
+        let n = (total - i * batch as u64).min(batch as u64);
+        (0..n)
+            .map(|_| shop.historic_order(from, plan.until))
+            .collect::<Vec<_>>()
+    });
+    let results = futures::stream::iter(batches)
+        .take_until(shutdown.cancelled())
+        .map(|orders| async move { sender.send(&orders).await })
+        .buffer_unordered(plan.concurrency.max(1));
+    let mut results = std::pin::pin!(results);
+    let mut tally = Tally::default();
+    while let Some(done) = results.next().await {
+        account(&mut tally, &done?, &bar);
+    }
+    bar.finish_and_clear();
+    Ok(tally)
+}
+
+fn account(tally: &mut Tally, batch: &Tally, bar: &ProgressBar) {
+    tally.add(batch);
+    bar.inc(batch.created + batch.duplicates + batch.rejected);
+    metrics::counter!("generator_orders_total", "outcome" => "created").increment(batch.created);
+    metrics::counter!("generator_orders_total", "outcome" => "duplicate")
+        .increment(batch.duplicates);
+    metrics::counter!("generator_orders_total", "outcome" => "rejected").increment(batch.rejected);
+    for (currency, minor) in &batch.revenue_minor {
+        metrics::counter!("generator_revenue_minor_total", "currency" => currency.clone())
+            .increment(u64::try_from(*minor).unwrap_or(0));
+    }
+}
+
+/// A progress bar on stderr (drawn only on a terminal): with a length when the
+/// total is known, a counter otherwise.
+fn bar(enabled: bool, total: Option<u64>) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    match total {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:32}] {pos}/{len} orders ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} orders ({per_sec})")
+                .expect("valid template"),
+        ),
+    }
+}
+
+/// A seed from the clock, for runs that did not ask for one (logged, so the run
+/// can be repeated).
+pub fn clock_seed() -> u64 {
+    Utc::now().timestamp_micros().unsigned_abs()
+}
+
+/// Serves the generator's operational endpoints until `shutdown` is cancelled and,
+/// when `stream.rate` is above zero, streams demo orders meanwhile.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -28,7 +199,45 @@ pub async fn serve(
             }
         }
     });
+    let streaming = demo_stream(&config, shutdown.clone())?;
     let router = http::finish(Router::new(), readiness, &config.http);
     http::serve(listener, router, shutdown, config.http.shutdown_grace).await?;
+    if let Some(task) = streaming {
+        let tally = task.await??;
+        tracing::info!(
+            created = tally.created,
+            duplicates = tally.duplicates,
+            rejected = tally.rejected,
+            "demo stream stopped"
+        );
+    }
     Ok(())
+}
+
+type StreamTask = tokio::task::JoinHandle<anyhow::Result<Tally>>;
+
+fn demo_stream(config: &Config, shutdown: CancellationToken) -> anyhow::Result<Option<StreamTask>> {
+    if config.stream.rate <= 0.0 {
+        return Ok(None);
+    }
+    let Some(key) = &config.target.api_key else {
+        anyhow::bail!("stream.rate is set but target.api_key is missing");
+    };
+    let sender = Sender::new(
+        &config.target.ingest_url,
+        secrecy::ExposeSecret::expose_secret(key),
+        config.stream.format,
+    )?;
+    let plan = StreamPlan {
+        seed: config.stream.seed.unwrap_or_else(clock_seed),
+        rate: config.stream.rate,
+        batch: config.stream.batch,
+        count: None,
+        duration: None,
+        shape: Shape::default(),
+    };
+    tracing::info!(seed = plan.seed, rate = plan.rate, "streaming demo orders");
+    Ok(Some(tokio::spawn(async move {
+        stream(&sender, &plan, shutdown, false).await
+    })))
 }

@@ -1,0 +1,335 @@
+//! A small, seeded model of a shop: cities of skewed sizes with their own currency
+//! and time zone, users living in them, a catalogue of products whose popularity
+//! follows Zipf's law, a daily rhythm and varied basket sizes.
+//!
+//! Everything is drawn from one seeded generator, so the same seed (and, for
+//! backfills, the same end time) gives the same orders, byte for byte.
+
+use chrono::{DateTime, SubsecRound, TimeDelta, Timelike, Utc};
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tidemark_domain::{Currency, Order};
+use uuid::Uuid;
+
+/// A city: name, currency, UTC offset in minutes and population (thousands), which
+/// sets its share of users.
+struct CitySpec {
+    name: &'static str,
+    currency: &'static str,
+    utc_offset_minutes: i64,
+    population_k: u32,
+    /// Minor units of the local currency per euro cent.
+    per_euro_cent: f64,
+}
+
+const CITIES: &[CitySpec] = &[
+    city("Tokyo", "JPY", 540, 14_000, 1.6),
+    city("Mumbai", "INR", 330, 12_400, 0.9),
+    city("São Paulo", "BRL", -180, 12_300, 5.9),
+    city("Seoul", "KRW", 540, 9_700, 14.5),
+    city("Mexico City", "MXN", -360, 9_200, 19.0),
+    city("London", "GBP", 0, 9_000, 0.85),
+    city("New York", "USD", -300, 8_300, 1.08),
+    city("Singapore", "SGD", 480, 5_900, 1.45),
+    city("Sydney", "AUD", 600, 5_300, 1.65),
+    city("Berlin", "EUR", 60, 3_700, 1.0),
+    city("Madrid", "EUR", 60, 3_300, 1.0),
+    city("Toronto", "CAD", -300, 2_800, 1.48),
+    city("Chicago", "USD", -360, 2_700, 1.08),
+    city("Paris", "EUR", 60, 2_100, 1.0),
+    city("Warsaw", "PLN", 60, 1_800, 4.3),
+    city("Stockholm", "SEK", 60, 980, 11.5),
+    city("Oslo", "NOK", 60, 700, 11.7),
+    city("Zürich", "CHF", 60, 420, 0.95),
+];
+
+const fn city(
+    name: &'static str,
+    currency: &'static str,
+    utc_offset_minutes: i64,
+    population_k: u32,
+    per_euro_cent: f64,
+) -> CitySpec {
+    CitySpec {
+        name,
+        currency,
+        utc_offset_minutes,
+        population_k,
+        per_euro_cent,
+    }
+}
+
+/// A category: name, share of the catalogue, and the price range in euro cents.
+const CATEGORIES: &[(&str, u32, i64, i64)] = &[
+    ("books", 22, 500, 4_000),
+    ("fashion", 18, 1_500, 25_000),
+    ("electronics", 12, 2_000, 150_000),
+    ("kitchen", 12, 800, 20_000),
+    ("toys", 10, 700, 9_000),
+    ("beauty", 10, 300, 6_000),
+    ("garden", 8, 500, 30_000),
+    ("games", 8, 1_500, 7_000),
+];
+
+/// Relative order intensity by local hour: quiet nights, a lunch bump, an evening peak.
+const DAILY_RHYTHM: [f64; 24] = [
+    0.25, 0.15, 0.08, 0.05, 0.05, 0.08, 0.15, 0.30, 0.45, 0.55, 0.60, 0.65, //
+    0.80, 0.75, 0.60, 0.55, 0.60, 0.70, 0.85, 0.95, 1.00, 0.90, 0.65, 0.40,
+];
+
+/// Basket sizes and their weights: most orders are of one item.
+const QUANTITIES: &[(i32, u32)] = &[
+    (1, 700),
+    (2, 170),
+    (3, 70),
+    (4, 30),
+    (5, 15),
+    (6, 6),
+    (8, 5),
+    (10, 4),
+];
+
+/// Zipf exponent of product popularity.
+const ZIPF_S: f64 = 1.07;
+
+/// Shape of the generated world.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub users: usize,
+    pub products: usize,
+    /// Share of streamed orders whose event time lies in the past (apps that were
+    /// offline, retries): between one minute and two hours late.
+    pub late_share: f64,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            users: 20_000,
+            products: 400,
+            late_share: 0.02,
+        }
+    }
+}
+
+struct Product {
+    id: String,
+    category: &'static str,
+    /// Price in euro cents; each city sees it converted to its own currency.
+    price_euro_cents: i64,
+}
+
+/// The seeded world and the random stream of orders drawn from it.
+pub struct Shop {
+    rng: StdRng,
+    shape: Shape,
+    products: Vec<Product>,
+    popularity: WeightedIndex<f64>,
+    /// Home city (index into `CITIES`) of each user.
+    homes: Vec<usize>,
+    quantities: WeightedIndex<u32>,
+    currencies: Vec<Currency>,
+}
+
+impl Shop {
+    pub fn new(seed: u64, shape: Shape) -> Shop {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let category_pick =
+            WeightedIndex::new(CATEGORIES.iter().map(|c| c.1)).expect("positive weights");
+        let products: Vec<Product> = (0..shape.products.max(1))
+            .map(|i| {
+                let (category, _, low, high) = CATEGORIES[category_pick.sample(&mut rng)];
+                // Log-uniform within the category's range: many cheap, few dear.
+                let ln = rng.random_range((low as f64).ln()..(high as f64).ln());
+                Product {
+                    id: format!("sku-{i:05}"),
+                    category,
+                    price_euro_cents: ln.exp().round() as i64,
+                }
+            })
+            .collect();
+        // Popularity ranks are a shuffle, so best sellers are spread over categories.
+        let mut ranks: Vec<usize> = (1..=products.len()).collect();
+        ranks.shuffle(&mut rng);
+        let popularity = WeightedIndex::new(ranks.iter().map(|&r| 1.0 / (r as f64).powf(ZIPF_S)))
+            .expect("positive weights");
+        let city_pick =
+            WeightedIndex::new(CITIES.iter().map(|c| c.population_k)).expect("positive weights");
+        let homes = (0..shape.users.max(1))
+            .map(|_| city_pick.sample(&mut rng))
+            .collect();
+        let quantities =
+            WeightedIndex::new(QUANTITIES.iter().map(|q| q.1)).expect("positive weights");
+        let currencies = CITIES
+            .iter()
+            .map(|c| c.currency.parse().expect("listed currency"))
+            .collect();
+        Shop {
+            rng,
+            shape,
+            products,
+            popularity,
+            homes,
+            quantities,
+            currencies,
+        }
+    }
+
+    /// An order placed at about `now`: usually at `now`, sometimes late.
+    pub fn live_order(&mut self, now: DateTime<Utc>) -> Order {
+        let at = if self.rng.random_bool(self.shape.late_share.clamp(0.0, 1.0)) {
+            now - TimeDelta::seconds(self.rng.random_range(60..7_200))
+        } else {
+            now
+        };
+        self.order_at(at)
+    }
+
+    /// An order at a time drawn from `[from, to)` following the daily rhythm of the
+    /// buyer's city.
+    pub fn historic_order(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Order {
+        let span = (to - from).num_seconds().max(1);
+        loop {
+            let at = from + TimeDelta::seconds(self.rng.random_range(0..span));
+            let user = self.rng.random_range(0..self.homes.len());
+            if self.rng.random::<f64>() < rhythm(self.homes[user], at) {
+                return self.order_for(user, at);
+            }
+        }
+    }
+
+    /// An order at `at` by a user who is likely awake then.
+    fn order_at(&mut self, at: DateTime<Utc>) -> Order {
+        loop {
+            let user = self.rng.random_range(0..self.homes.len());
+            if self.rng.random::<f64>() < rhythm(self.homes[user], at) {
+                return self.order_for(user, at);
+            }
+        }
+    }
+
+    fn order_for(&mut self, user: usize, at: DateTime<Utc>) -> Order {
+        let home = self.homes[user];
+        let product = &self.products[self.popularity.sample(&mut self.rng)];
+        let spec = &CITIES[home];
+        let currency = self.currencies[home];
+        Order {
+            order_id: Uuid::from_u128(self.rng.random::<u128>() | 1),
+            user_id: format!("user-{user:06}"),
+            city: spec.name.to_owned(),
+            product_id: product.id.clone(),
+            category: product.category.to_owned(),
+            quantity: QUANTITIES[self.quantities.sample(&mut self.rng)].0,
+            unit_price_minor: local_price(product.price_euro_cents, spec.per_euro_cent, currency),
+            currency,
+            created_at: at.trunc_subsecs(6),
+        }
+    }
+}
+
+/// The daily rhythm at `at` in the local time of city `home`, in (0, 1].
+fn rhythm(home: usize, at: DateTime<Utc>) -> f64 {
+    let local = at + TimeDelta::minutes(CITIES[home].utc_offset_minutes);
+    DAILY_RHYTHM[local.hour() as usize]
+}
+
+/// A euro price converted and rounded the way shops price: to whole units ending
+/// in .99 for currencies with cents, to tens for those without.
+fn local_price(euro_cents: i64, per_euro_cent: f64, currency: Currency) -> i64 {
+    let minor = (euro_cents as f64 * per_euro_cent).round() as i64;
+    if currency.exponent() == 0 {
+        (minor / 10).max(1) * 10
+    } else {
+        ((minor + 50) / 100).max(1) * 100 - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use chrono::Timelike;
+    use tidemark_domain::order::OrderLimits;
+
+    fn t0() -> DateTime<Utc> {
+        "2026-11-20T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_orders() {
+        let a: Vec<Order> = {
+            let mut shop = Shop::new(7, Shape::default());
+            (0..200)
+                .map(|_| shop.historic_order(t0(), t0() + TimeDelta::days(1)))
+                .collect()
+        };
+        let mut shop = Shop::new(7, Shape::default());
+        let b: Vec<Order> = (0..200)
+            .map(|_| shop.historic_order(t0(), t0() + TimeDelta::days(1)))
+            .collect();
+        assert_eq!(a, b);
+        let mut other = Shop::new(8, Shape::default());
+        assert_ne!(a[0], other.historic_order(t0(), t0() + TimeDelta::days(1)));
+    }
+
+    #[test]
+    fn orders_are_valid_and_priced_in_the_city_currency() {
+        let mut shop = Shop::new(1, Shape::default());
+        let limits = OrderLimits::default();
+        for _ in 0..5_000 {
+            let o = shop.live_order(Utc::now());
+            o.validate(Utc::now(), &limits).expect("valid order");
+            let spec = CITIES.iter().find(|c| c.name == o.city).unwrap();
+            assert_eq!(o.currency.as_str(), spec.currency);
+            assert!(o.unit_price_minor > 0);
+        }
+    }
+
+    #[test]
+    fn popularity_and_city_sizes_are_skewed() {
+        let mut shop = Shop::new(3, Shape::default());
+        let mut products: HashMap<String, u32> = HashMap::new();
+        let mut cities: HashMap<String, u32> = HashMap::new();
+        for _ in 0..20_000 {
+            let o = shop.historic_order(t0(), t0() + TimeDelta::days(7));
+            *products.entry(o.product_id).or_default() += 1;
+            *cities.entry(o.city).or_default() += 1;
+        }
+        let mut counts: Vec<u32> = products.into_values().collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        // Zipf: the best seller sells far more than the 50th.
+        assert!(counts[0] > 10 * counts[49], "{:?}", &counts[..50]);
+        assert!(cities["Tokyo"] > 10 * cities["Zürich"], "{cities:?}");
+    }
+
+    #[test]
+    fn history_follows_the_daily_rhythm() {
+        let mut shop = Shop::new(4, Shape::default());
+        let mut berlin_by_hour = [0u32; 24];
+        for _ in 0..40_000 {
+            let o = shop.historic_order(t0(), t0() + TimeDelta::days(7));
+            if o.city == "Berlin" {
+                berlin_by_hour[((o.created_at.hour() + 1) % 24) as usize] += 1;
+            }
+        }
+        // Local 20:00 is the peak; 03:00–04:00 the trough.
+        assert!(
+            berlin_by_hour[20] > 5 * berlin_by_hour[3],
+            "{berlin_by_hour:?}"
+        );
+    }
+
+    #[test]
+    fn prices_end_like_shop_prices() {
+        let eur: Currency = "EUR".parse().unwrap();
+        let jpy: Currency = "JPY".parse().unwrap();
+        assert_eq!(local_price(1_249, 1.0, eur), 1_199);
+        assert_eq!(local_price(1_250, 1.0, eur), 1_299);
+        assert_eq!(local_price(10, 1.0, eur), 99);
+        assert_eq!(local_price(1_249, 1.6, jpy), 1_990);
+    }
+}
