@@ -3,7 +3,9 @@
 
 pub mod freshness;
 pub mod rate;
+pub mod scenario;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,6 +68,10 @@ pub struct Report {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Failed requests by cause: an HTTP status, `timeout`, `connection`,
+    /// `overloaded` (too many in flight), `graphql-errors`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors_by_kind: BTreeMap<String, u64>,
 }
 
 /// Collects latencies and counts from concurrent workers.
@@ -73,6 +79,7 @@ pub struct Recorder {
     histogram: std::sync::Mutex<Histogram<u64>>,
     errors: AtomicU64,
     items: AtomicU64,
+    causes: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Recorder {
@@ -83,6 +90,7 @@ impl Default for Recorder {
             ),
             errors: AtomicU64::new(0),
             items: AtomicU64::new(0),
+            causes: std::sync::Mutex::default(),
         }
     }
 }
@@ -99,6 +107,22 @@ impl Recorder {
         } else {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A failed request and why it failed.
+    pub fn record_error(&self, latency: Duration, why: &str) {
+        self.record(latency, false, 0);
+        *self
+            .causes
+            .lock()
+            .expect("not poisoned")
+            .entry(why.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Requests recorded so far, failed ones included.
+    pub fn requests(&self) -> u64 {
+        self.histogram.lock().expect("not poisoned").len()
     }
 
     pub fn report(&self, scenario: &str, elapsed: Duration) -> Report {
@@ -118,6 +142,7 @@ impl Recorder {
             p90_ms: ms(0.9),
             p99_ms: ms(0.99),
             max_ms: h.max() as f64 / 1000.0,
+            errors_by_kind: self.causes.lock().expect("not poisoned").clone(),
         }
     }
 }

@@ -78,6 +78,45 @@ enum Scenario {
         #[arg(long, default_value_t = 15)]
         seconds: u64,
     },
+    /// A named scenario (ingest-heavy, rest-reads, graphql-reads, mixed) at a target
+    /// request rate: prints a summary table and writes a JSON report.
+    Run {
+        #[arg(value_enum)]
+        scenario: tidemark_loadtest::scenario::Name,
+        #[arg(
+            long,
+            env = "TIDEMARK_INGEST_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        ingest_url: String,
+        #[arg(
+            long,
+            env = "TIDEMARK_SERVING_URL",
+            default_value = "http://127.0.0.1:8082"
+        )]
+        serving_url: String,
+        #[arg(long, env = "TIDEMARK_INGEST_KEY", hide_env_values = true)]
+        ingest_key: String,
+        #[arg(long, env = "TIDEMARK_READ_KEY", hide_env_values = true)]
+        read_key: String,
+        /// Requests per second, all kinds together.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Orders per ingest request.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Seed of orders and request mix; from the clock when absent.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// A few seconds at a low rate, failing on any error.
+        #[arg(long)]
+        smoke: bool,
+        /// Where to write the JSON report.
+        #[arg(long, default_value = "loadtest-report.json")]
+        report: std::path::PathBuf,
+    },
     /// Write `count` deterministic orders as CSV (for a COPY anchor).
     Csv {
         #[arg(long, default_value_t = 1)]
@@ -197,6 +236,41 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?
+        }
+        Scenario::Run {
+            scenario,
+            ingest_url,
+            serving_url,
+            ingest_key,
+            read_key,
+            rate,
+            seconds,
+            batch,
+            seed,
+            smoke,
+            report,
+        } => {
+            let mut settings = tidemark_loadtest::scenario::Settings {
+                ingest_url,
+                serving_url,
+                ingest_key,
+                read_key,
+                rate,
+                duration: std::time::Duration::from_secs(seconds),
+                batch,
+                seed: seed.unwrap_or_else(tidemark_generator::clock_seed),
+                max_in_flight: 512,
+            };
+            if smoke {
+                settings = settings.smoke();
+            }
+            let reports = tidemark_loadtest::scenario::run(scenario, &settings).await?;
+            print!("{}", tidemark_loadtest::scenario::table(&reports));
+            std::fs::write(&report, serde_json::to_vec_pretty(&reports)?)?;
+            println!("report: {}", report.display());
+            let errors = reports.last().map_or(0, |r| r.errors);
+            anyhow::ensure!(!smoke || errors == 0, "{errors} requests failed");
+            return Ok(());
         }
         Scenario::Csv { seed, count } => {
             let mut out = String::with_capacity(count * 150);

@@ -46,7 +46,9 @@ async fn aborted_steps_flushall_and_restart_end_exact() {
         if tokio::time::timeout(budget, consumer.step()).await.is_err() {
             aborted += 1;
         }
-        if rng.random_bool(0.01) && flushed < 4 {
+        // Random FLUSHALLs, and surely one by the 40th aborted step.
+        let due = flushed == 0 && aborted >= 40;
+        if (due || rng.random_bool(0.01)) && flushed < 4 {
             redis_server.flushall();
             flushed += 1;
         }

@@ -1,0 +1,90 @@
+//! The load test's smoke mode against real ingest and serving: every scenario runs
+//! a few seconds at a low rate and every request of every kind succeeds.
+
+use std::time::Duration;
+
+use tidemark_loadtest::scenario::{self, Name, Settings};
+use tidemark_platform::auth::{self, Scope};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_scenario_passes_in_smoke_mode() {
+    let db = tidemark_testkit::postgres().await;
+    let mut ingest_config = tidemark_ingest::Config {
+        postgres: db.config.clone(),
+        s3: tidemark_testkit::s3(),
+        ..Default::default()
+    };
+    ingest_config.relay.enabled = false;
+    let ingest = tidemark_testkit::start(|l, s| tidemark_ingest::serve(ingest_config, l, s)).await;
+    let serving_config = tidemark_serving::Config {
+        postgres: db.config.clone(),
+        redis: tidemark_testkit::redis(),
+        clickhouse: tidemark_testkit::clickhouse(),
+        ..Default::default()
+    };
+    let serving =
+        tidemark_testkit::start(|l, s| tidemark_serving::serve(serving_config, l, s)).await;
+    let (_, ingest_key) = auth::create(&db.pool, "loadtest", &[Scope::Ingest], None)
+        .await
+        .unwrap();
+    let (_, read_key) = auth::create(&db.pool, "loadtest", &[Scope::Read], None)
+        .await
+        .unwrap();
+    let settings = Settings {
+        ingest_url: ingest.url(""),
+        serving_url: serving.url(""),
+        ingest_key,
+        read_key,
+        rate: 0.0,
+        duration: Duration::ZERO,
+        batch: 0,
+        seed: 5,
+        max_in_flight: 64,
+    }
+    .smoke();
+
+    let names = [
+        Name::IngestHeavy,
+        Name::RestReads,
+        Name::GraphqlReads,
+        Name::Mixed,
+    ];
+    let runs = futures::future::join_all(names.map(|n| scenario::run(n, &settings))).await;
+    let mut stored = 0;
+    for (name, reports) in names.iter().zip(runs) {
+        let reports = reports.unwrap();
+        let table = scenario::table(&reports);
+        println!("{table}");
+        let total = reports.last().unwrap();
+        assert_eq!(total.scenario, format!("{}/total", name.as_str()));
+        assert_eq!(total.errors, 0, "{table}");
+        // 3 s at 40 requests/s.
+        assert_eq!(total.requests, 120, "{table}");
+        assert!(
+            total.p99_ms > 0.0 && total.p99_ms <= total.max_ms,
+            "{table}"
+        );
+        if *name == Name::Mixed {
+            let kinds: Vec<&str> = reports.iter().map(|r| r.scenario.as_str()).collect();
+            assert_eq!(
+                kinds,
+                ["mixed/ingest", "mixed/rest", "mixed/graphql", "mixed/total"],
+                "the mixed scenario sends every kind"
+            );
+        }
+        stored += reports
+            .iter()
+            .filter(|r| r.scenario.ends_with("/ingest"))
+            .map(|r| r.items)
+            .sum::<u64>();
+    }
+    // Every order a scenario counted as stored is in Postgres, once.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(stored > 0);
+    assert_eq!(rows as u64, stored);
+    serving.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+}
