@@ -158,7 +158,9 @@ pub async fn run(name: Name, s: &Settings) -> anyhow::Result<Vec<Report>> {
                 Ok(r) if r.status().is_success() => {
                     // A GraphQL error arrives with 200: count it as the error it is.
                     match r.json::<serde_json::Value>().await {
-                        Ok(body) if body.get("errors").is_none_or(serde_json::Value::is_null) => Ok(()),
+                        Ok(body) if body.get("errors").is_none_or(serde_json::Value::is_null) => {
+                            Ok(())
+                        }
                         Ok(_) => Err("graphql-errors".to_owned()),
                         Err(_) => Err("unreadable-body".to_owned()),
                     }

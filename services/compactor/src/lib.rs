@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use chrono::Utc;
 use tidemark_batchview::PublishedState;
 use tidemark_platform::health::Readiness;
 use tidemark_platform::{clickhouse, http, postgres, s3};
@@ -29,6 +28,11 @@ pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
     if config.clickhouse.migrate {
         clickhouse::migrate(&config.clickhouse).await?;
     }
+    // Counters exist from the start, so a dashboard shows 0 rather than no data
+    // (the recorder must be installed first, or they go nowhere).
+    drop(tidemark_platform::metrics::handle());
+    metrics::counter!("compactor_audit_failures_total").increment(0);
+    metrics::counter!("compactor_errors_total").increment(0);
     Ok(Compactor {
         pool,
         ch: clickhouse::client(&config.clickhouse),
@@ -79,10 +83,7 @@ async fn schedule(compactor: Arc<Compactor>, shutdown: CancellationToken) {
         let state = PublishedState::load(&pool).await.ok().flatten();
         let threshold = state.as_ref().map_or(0, |s| s.threshold);
         if let Some(state) = &state {
-            let lag = (Utc::now() - state.watermark_time)
-                .num_milliseconds()
-                .max(0);
-            metrics::gauge!("compactor_batch_lag_seconds").set(lag as f64 / 1000.0);
+            run::set_batch_lag(state);
         }
         let due = last_run.is_none_or(|t| t.elapsed() >= settings.interval)
             || new_rows(pool, threshold, settings.min_new_rows).await >= settings.min_new_rows;

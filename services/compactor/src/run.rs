@@ -123,6 +123,14 @@ pub struct Compactor {
     pub settings: CompactorSettings,
 }
 
+/// Batch lag: now minus the published watermark's time.
+pub(crate) fn set_batch_lag(state: &PublishedState) {
+    let lag = (Utc::now() - state.watermark_time)
+        .num_milliseconds()
+        .max(0);
+    metrics::gauge!("compactor_batch_lag_seconds").set(lag as f64 / 1000.0);
+}
+
 /// An arbitrary, fixed key for the compactor's advisory lock.
 const LOCK_KEY: i64 = 0x7469_6465_6d61_726b; // "tidemark"
 
@@ -154,6 +162,11 @@ impl Compactor {
                 .await,
         );
         metrics::histogram!("compactor_run_seconds").record(started.elapsed().as_secs_f64());
+        if let Ok(Outcome::Published { .. }) = &result
+            && let Ok(Some(state)) = PublishedState::load(&self.pool).await
+        {
+            set_batch_lag(&state);
+        }
         result
     }
 

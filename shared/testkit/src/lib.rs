@@ -57,6 +57,15 @@ impl TestStack {
     pub fn clickhouse_url(&self) -> &str {
         self.var("TIDEMARK_TEST_CLICKHOUSE_URL")
     }
+
+    pub fn prometheus_url(&self) -> &str {
+        self.var("TIDEMARK_TEST_PROMETHEUS_URL")
+    }
+
+    /// The folder of file-based scrape targets the test Prometheus watches.
+    pub fn prometheus_targets(&self) -> PathBuf {
+        PathBuf::from(self.var("TIDEMARK_TEST_PROMETHEUS_TARGETS"))
+    }
 }
 
 /// The workspace root (where `.tidemark/` lives).

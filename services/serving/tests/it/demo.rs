@@ -3,7 +3,6 @@
 use chrono::{DurationRound, TimeDelta, Utc};
 use tidemark_compactor::Kind;
 use tidemark_generator::{BackfillPlan, Format, Sender, Shape, StreamPlan, Tally};
-use tidemark_platform::auth::{self, Scope};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Env, full_range};
@@ -11,16 +10,7 @@ use crate::{Env, full_range};
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
     let env = Env::new().await;
-    let mut config = tidemark_ingest::Config {
-        postgres: env.db.config.clone(),
-        s3: tidemark_testkit::s3(),
-        ..Default::default()
-    };
-    config.relay.enabled = false; // the environment runs the relay
-    let ingest = tidemark_testkit::start(|l, s| tidemark_ingest::serve(config, l, s)).await;
-    let (_, key) = auth::create(&env.db.pool, "generator", &[Scope::Ingest], None)
-        .await
-        .unwrap();
+    let (ingest, key) = env.ingest_api().await;
     let small = Shape {
         users: 2_000,
         products: 120,

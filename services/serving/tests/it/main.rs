@@ -2,6 +2,7 @@
 //! the speed consumer, the compactor) behind the REST and GraphQL APIs.
 
 mod api;
+mod dashboards;
 mod demo;
 mod merge;
 mod ops;
@@ -28,6 +29,7 @@ pub struct Env {
     _private: Option<tidemark_testkit::PrivatePostgres>,
     pub db: TestDb,
     pub redis: RedisConfig,
+    pub clickhouse: tidemark_platform::config::ClickHouseConfig,
     pub compactor: Compactor,
     pub serving: Running,
     pub key: String,
@@ -118,7 +120,7 @@ impl Env {
         let mut config = tidemark_serving::Config {
             postgres: db.config.clone(),
             redis: redis.clone(),
-            clickhouse: ch,
+            clickhouse: ch.clone(),
             ..Default::default()
         };
         config.serving.state_ttl = Duration::ZERO;
@@ -131,6 +133,7 @@ impl Env {
             _private: private,
             db,
             redis,
+            clickhouse: ch,
             compactor,
             serving,
             key,
@@ -145,6 +148,22 @@ impl Env {
                 .await
                 .unwrap();
         }
+    }
+
+    /// The ingest HTTP API on this environment's database (its relay off: the
+    /// environment runs one), and an `ingest` key for it.
+    pub async fn ingest_api(&self) -> (Running, String) {
+        let mut config = tidemark_ingest::Config {
+            postgres: self.db.config.clone(),
+            s3: tidemark_testkit::s3(),
+            ..Default::default()
+        };
+        config.relay.enabled = false;
+        let ingest = tidemark_testkit::start(|l, s| tidemark_ingest::serve(config, l, s)).await;
+        let (_, key) = auth::create(&self.db.pool, "ingest", &[Scope::Ingest], None)
+            .await
+            .unwrap();
+        (ingest, key)
     }
 
     /// Waits until the speed layer has applied the newest committed order.
