@@ -4,6 +4,7 @@
 pub mod freshness;
 pub mod rate;
 pub mod scenario;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

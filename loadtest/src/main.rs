@@ -117,6 +117,31 @@ enum Scenario {
         #[arg(long, default_value = "loadtest-report.json")]
         report: std::path::PathBuf,
     },
+    /// Subscribe to live revenue over GraphQL and print each update as it arrives.
+    Watch {
+        #[arg(
+            long,
+            env = "TIDEMARK_SERVING_URL",
+            default_value = "http://127.0.0.1:8082"
+        )]
+        serving_url: String,
+        #[arg(long, env = "TIDEMARK_READ_KEY", hide_env_values = true)]
+        key: String,
+        /// The subscription document.
+        #[arg(
+            long,
+            default_value = "subscription { revenue(granularity: MINUTE, groupBy: CITY) \
+                             { points { bucket group currency revenueMinor orders } \
+                               freshness { speed { lagSeconds } asOf } } }"
+        )]
+        query: String,
+        /// Stop after this many updates.
+        #[arg(long)]
+        updates: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Write `count` deterministic orders as CSV (for a COPY anchor).
     Csv {
         #[arg(long, default_value_t = 1)]
@@ -270,6 +295,24 @@ async fn main() -> anyhow::Result<()> {
             println!("report: {}", report.display());
             let errors = reports.last().map_or(0, |r| r.errors);
             anyhow::ensure!(!smoke || errors == 0, "{errors} requests failed");
+            return Ok(());
+        }
+        Scenario::Watch {
+            serving_url,
+            key,
+            query,
+            updates,
+            seconds,
+        } => {
+            let settings = tidemark_loadtest::watch::Settings {
+                serving_url,
+                key,
+                query,
+                updates,
+                duration: seconds.map(std::time::Duration::from_secs),
+            };
+            let n = tidemark_loadtest::watch::run(&settings).await?;
+            eprintln!("{n} updates");
             return Ok(());
         }
         Scenario::Csv { seed, count } => {

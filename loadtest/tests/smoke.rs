@@ -85,6 +85,16 @@ async fn every_scenario_passes_in_smoke_mode() {
         .unwrap();
     assert!(stored > 0);
     assert_eq!(rows as u64, stored);
+
+    // `watch`: the subscription pushes the current series at once.
+    let watch = tidemark_loadtest::watch::Settings {
+        serving_url: settings.serving_url.clone(),
+        key: settings.read_key.clone(),
+        query: "subscription { revenue(granularity: MINUTE) { points { orders } } }".into(),
+        updates: Some(1),
+        duration: Some(Duration::from_secs(10)),
+    };
+    assert_eq!(tidemark_loadtest::watch::run(&watch).await.unwrap(), 1);
     serving.stop().await.unwrap();
     ingest.stop().await.unwrap();
 }

@@ -105,10 +105,17 @@ pub async fn up() -> Result<()> {
         }
     }
     println!(
-        "\nDemo API keys and these URLs: {}\n  source {0}\n\
-         API docs: http://127.0.0.1:8081/docs (ingest), http://127.0.0.1:8082/docs (serving)\n\
+        "\nDemo API keys and these URLs: {}\n  source {0}\n\n\
+         The generator streams {} orders/s (TIDEMARK_DEMO_RATE); the compactor publishes a \
+         batch every minute. Where to look:\n\
+         \x20 API docs     http://127.0.0.1:8081/docs (ingest), http://127.0.0.1:8082/docs (serving)\n\
+         \x20 GraphiQL     http://127.0.0.1:8082/graphql\n\
+         \x20 Prometheus   {}/graph?g0.expr=sum%20by%20(outcome)%20(rate(ingest_orders_total%5B1m%5D))\n\
+         \x20 Walkthrough  README.md, \"Five minutes with Tidemark\"\n\
          Stop with `cargo xtask down`; see `cargo xtask status` and `cargo xtask logs <name>`.",
-        stack.env_file().display()
+        stack.env_file().display(),
+        demo_rate(),
+        stack.prometheus_url(),
     );
     Ok(())
 }
@@ -176,7 +183,14 @@ fn service_env(stack: &Stack, keys: &[(String, String)]) -> Vec<(String, String)
             "http://127.0.0.1:8081".into(),
         ),
         ("TIDEMARK_TARGET__API_KEY".into(), ingest_key),
+        ("TIDEMARK_STREAM__RATE".into(), demo_rate()),
     ]
+}
+
+/// Orders per second the generator streams in the demo (`TIDEMARK_DEMO_RATE`,
+/// 0 to stop it).
+fn demo_rate() -> String {
+    std::env::var("TIDEMARK_DEMO_RATE").unwrap_or_else(|_| "20".into())
 }
 
 fn binary(stack: &Stack, name: &str) -> PathBuf {

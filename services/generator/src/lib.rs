@@ -199,6 +199,10 @@ pub async fn serve(
             }
         }
     });
+    drop(tidemark_platform::metrics::handle()); // installed before registering
+    for outcome in ["created", "duplicate", "rejected"] {
+        metrics::counter!("generator_orders_total", "outcome" => outcome).increment(0);
+    }
     let streaming = demo_stream(&config, shutdown.clone())?;
     let router = http::finish(Router::new(), readiness, &config.http);
     http::serve(listener, router, shutdown, config.http.shutdown_grace).await?;

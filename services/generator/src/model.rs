@@ -27,7 +27,7 @@ struct CitySpec {
 
 const CITIES: &[CitySpec] = &[
     city("Tokyo", "JPY", 540, 14_000, 1.6),
-    city("Mumbai", "INR", 330, 12_400, 0.9),
+    city("Mumbai", "INR", 330, 12_400, 90.0),
     city("São Paulo", "BRL", -180, 12_300, 5.9),
     city("Seoul", "KRW", 540, 9_700, 14.5),
     city("Mexico City", "MXN", -360, 9_200, 19.0),

@@ -175,7 +175,13 @@ impl Sender {
                     .map_or(backoff, Duration::from_secs),
                 Ok(r) => {
                     let status = r.status();
-                    let detail = r.text().await.unwrap_or_default();
+                    // The problem's sentence; not its lists of ids, which can be long.
+                    let detail = r
+                        .json::<serde_json::Value>()
+                        .await
+                        .ok()
+                        .and_then(|p| p["detail"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
                     tracing::warn!(%status, %detail, orders = orders.len(), "ingest refused a batch");
                     tally.rejected += orders.len() as u64;
                     return Ok(tally);
