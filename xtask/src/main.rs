@@ -10,6 +10,7 @@ mod proc;
 mod stack;
 mod test;
 mod up;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -67,6 +68,13 @@ enum Task {
     Install,
     /// A benchmark, printed next to an anchor measured in the same run: ingest.
     Bench { name: String },
+    /// Reconcile the running `up` stack: served totals against Postgres, the raw
+    /// lake against Postgres, Parquet against ClickHouse; non-zero exit on drift.
+    Verify {
+        /// How many recent days to compare.
+        #[arg(long, default_value_t = 3)]
+        days: i64,
+    },
 }
 
 #[tokio::main]
@@ -89,6 +97,7 @@ async fn main() -> ExitCode {
         } => test::run(keep, !no_lint, &args).await,
         Task::Install => install::ensure(),
         Task::Bench { name } => bench::run_bench(&name).await,
+        Task::Verify { days } => verify::verify(days).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

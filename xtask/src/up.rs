@@ -156,7 +156,7 @@ async fn demo_keys(stack: &Stack, pool: &sqlx::PgPool) -> Result<Vec<(String, St
 }
 
 /// Settings every service reads (each ignores what it does not use).
-fn service_env(stack: &Stack, keys: &[(String, String)]) -> Vec<(String, String)> {
+pub(crate) fn service_env(stack: &Stack, keys: &[(String, String)]) -> Vec<(String, String)> {
     let ingest_key = keys
         .iter()
         .find(|(k, _)| k == "TIDEMARK_INGEST_KEY")
@@ -193,7 +193,7 @@ fn demo_rate() -> String {
     std::env::var("TIDEMARK_DEMO_RATE").unwrap_or_else(|_| "20".into())
 }
 
-fn binary(stack: &Stack, name: &str) -> PathBuf {
+pub(crate) fn binary(stack: &Stack, name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| stack.root.join("target"), PathBuf::from);
     target.join("debug").join(format!("tidemark-{name}"))

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod config;
 pub mod lake;
 pub mod run;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Instant;

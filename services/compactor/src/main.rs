@@ -33,6 +33,9 @@ enum Command {
         #[arg(long)]
         to: chrono::NaiveDate,
     },
+    /// Compare the Parquet lake below the published watermark with the published
+    /// aggregates in ClickHouse, every cell; print the drift as JSON (exit 1 on drift).
+    Verify,
 }
 
 #[tokio::main]
@@ -53,6 +56,19 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Rebuild => {
             let compactor = tidemark_compactor::connect(&config).await?;
             compactor.run_once(Kind::Rebuild).await?
+        }
+        Command::Verify => {
+            let mut config = config;
+            config.postgres.migrate = false;
+            config.clickhouse.migrate = false;
+            let compactor = tidemark_compactor::connect(&config).await?;
+            let drift = compactor.verify_lake().await?;
+            println!("{}", serde_json::to_string(&drift)?);
+            return Ok(if drift.cells_differing == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Command::Backfill { from, to } => {
             anyhow::ensure!(from <= to, "--from must not be after --to");

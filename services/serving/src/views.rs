@@ -10,6 +10,10 @@
 //! period after the next publish.
 //!
 //! The batch cells of a published state never change, so they are cached by state.
+//! The speed cells are cached by the speed cursor they were read at: each request
+//! reads the cursor (one small Redis call) and recomputes only when it moved, one
+//! computation per question at a time. An answer is thus always the exact merge as
+//! of the cursor it states, and live.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +25,7 @@ use sqlx::PgPool;
 use tidemark_batchview::PublishedState;
 use tidemark_domain::aggregate::merge;
 use tidemark_domain::{Dimension, Granularity, Grid};
-use tidemark_speedview::SpeedView;
+use tidemark_speedview::{Meta, SpeedView};
 
 /// Which part of an answer a store could not provide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,6 +81,8 @@ pub struct Merged {
 }
 
 type BatchKey = (u64, u64, Granularity, Dimension, i64, i64);
+type SpeedKey = (u64, Granularity, Dimension, i64, i64);
+type SpeedSlot = Arc<tokio::sync::Mutex<Option<(Meta, Arc<Grid>)>>>;
 
 pub struct Views {
     pool: PgPool,
@@ -86,6 +92,7 @@ pub struct Views {
     cache_entries: usize,
     state: Mutex<Option<(Option<PublishedState>, Instant)>>,
     batch: Mutex<HashMap<BatchKey, Arc<Grid>>>,
+    speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
 }
 
 impl Views {
@@ -104,6 +111,7 @@ impl Views {
             cache_entries,
             state: Mutex::new(None),
             batch: Mutex::new(HashMap::new()),
+            speed_cells: Mutex::new(HashMap::new()),
         }
     }
 
@@ -172,6 +180,57 @@ impl Views {
         Ok(grid)
     }
 
+    /// The speed cells of epochs `>= min_epoch`, with the position they are exact
+    /// at: from the cache when the cursor has not moved past the cached read.
+    async fn speed(
+        &self,
+        min_epoch: u64,
+        granularity: Granularity,
+        dimension: Dimension,
+        from: i64,
+        to: i64,
+    ) -> Result<(Arc<Grid>, Option<Meta>), tidemark_speedview::Error> {
+        let Some(observed) = self.speed.meta().await? else {
+            // Empty view (lost, being rebuilt): nothing to key a cache on.
+            let snapshot = self
+                .speed
+                .read(min_epoch, granularity, dimension, from, to)
+                .await?;
+            return Ok((Arc::new(snapshot.total()), snapshot.meta));
+        };
+        let key = (min_epoch, granularity, dimension, from, to);
+        let slot = {
+            let mut slots = self.speed_cells.lock().expect("not poisoned");
+            if slots.len() >= self.cache_entries && !slots.contains_key(&key) {
+                slots.clear();
+            }
+            slots.entry(key).or_default().clone()
+        };
+        let mut entry = slot.lock().await;
+        if let Some((meta, grid)) = entry.as_ref()
+            && meta.cursor >= observed.cursor
+        {
+            metrics::counter!("serving_speed_cache_total", "result" => "hit").increment(1);
+            // The same position: the newer lag measurement describes it as well.
+            let meta = if meta.cursor == observed.cursor {
+                observed
+            } else {
+                *meta
+            };
+            return Ok((grid.clone(), Some(meta)));
+        }
+        metrics::counter!("serving_speed_cache_total", "result" => "miss").increment(1);
+        let snapshot = self
+            .speed
+            .read(min_epoch, granularity, dimension, from, to)
+            .await?;
+        let grid = Arc::new(snapshot.total());
+        if let Some(meta) = &snapshot.meta {
+            *entry = Some((*meta, grid.clone()));
+        }
+        Ok((grid, snapshot.meta))
+    }
+
     /// The merged cells for buckets starting in `[from, to)` (aligned to the
     /// granularity by the caller).
     pub async fn revenue(
@@ -206,13 +265,12 @@ impl Views {
         }
         let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
         let speed = match self
-            .speed
-            .read(min_epoch, granularity, dimension, from, to)
+            .speed(min_epoch, granularity, dimension, from, to)
             .await
         {
-            Ok(snapshot) => {
-                merge(&mut grid, &snapshot.total());
-                snapshot.meta.map(|meta| SpeedFreshness {
+            Ok((cells, meta)) => {
+                merge(&mut grid, &cells);
+                meta.map(|meta| SpeedFreshness {
                     cursor: meta.cursor.to_string(),
                     updated_at: Utc
                         .timestamp_millis_opt(meta.updated_ms)

@@ -45,6 +45,27 @@ async fn published_aggregates_equal_sql_below_the_watermark() {
         .await
         .unwrap();
     assert_eq!(mirrored, state.run_id);
+
+    // `verify`: the lake and ClickHouse agree cell by cell...
+    let drift = env.compactor.verify_lake().await.unwrap();
+    assert_eq!(drift.run_id, state.run_id);
+    assert_eq!(drift.lake_orders, sent.len() as u64);
+    assert!(drift.cells_compared > 1_000, "{drift:?}");
+    assert_eq!(drift.cells_differing, 0, "{drift:?}");
+    // ...and a published cell altered behind its back is found.
+    client
+        .query(
+            "INSERT INTO revenue_agg (granularity, dimension, bucket, value, currency, run_id, \
+             revenue_minor, orders, items) VALUES ('day', 'city', toDateTime(86400), 'Nowhere', \
+             'EUR', ?, 100, 1, 1)",
+        )
+        .bind(state.run_id)
+        .execute()
+        .await
+        .unwrap();
+    let drift = env.compactor.verify_lake().await.unwrap();
+    assert_eq!(drift.cells_differing, 1, "{drift:?}");
+    assert!(drift.examples[0].contains("Nowhere"), "{drift:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
