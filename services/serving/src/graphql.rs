@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_graphql::http::GraphiQLSource;
+use async_graphql::parser::types::{OperationType, Selection};
 use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, Object, Schema, Subscription};
-use async_graphql_axum::{GraphQL, GraphQLSubscription};
+use async_graphql_axum::{GraphQLRequest, GraphQLSubscription};
 use axum::Router;
-use axum::response::Html;
-use axum::routing::{get, post_service};
+use axum::extract::State;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use tidemark_platform::problem::Problem;
@@ -305,9 +307,99 @@ pub fn schema(state: Arc<AppState>, settings: &ServingSettings) -> TidemarkSchem
 
 /// `POST /graphql` and the subscription endpoint `/graphql/ws` (authenticated).
 pub fn router(schema: TidemarkSchema) -> Router<Arc<AppState>> {
+    let cache = Arc::new(ResponseCache::default());
+    let executor = schema.clone();
     Router::new()
-        .route("/graphql", post_service(GraphQL::new(schema.clone())))
+        .route(
+            "/graphql",
+            post(
+                move |State(app): State<Arc<AppState>>, request: GraphQLRequest| {
+                    let (schema, cache) = (executor.clone(), cache.clone());
+                    async move { execute(&app, &schema, &cache, request.into_inner()).await }
+                },
+            ),
+        )
         .route_service("/graphql/ws", GraphQLSubscription::new(schema))
+}
+
+/// Answers of revenue questions, by question, with the data version they were
+/// computed at: the published run and the speed cursor. A revenue or summary answer
+/// is a function of the question and those two, so a repeated question whose data
+/// has not moved gets the same bytes without re-resolving thousands of fields
+/// (`as_of` then says when they were computed). Order history is never cached.
+#[derive(Default)]
+struct ResponseCache {
+    entries: std::sync::Mutex<HashMap<String, Cached>>,
+}
+
+/// The published run and the speed cursor an answer was computed at.
+type DataVersion = (Option<u64>, Option<String>);
+type Cached = (DataVersion, Arc<Vec<u8>>);
+
+/// Top-level fields whose answers depend only on the data version.
+const CACHEABLE_FIELDS: [&str; 3] = ["revenue", "summary", "__typename"];
+const CACHE_ENTRIES: usize = 1_000;
+
+fn cacheable(query: &str) -> bool {
+    let Ok(document) = async_graphql::parser::parse_query(query) else {
+        return false;
+    };
+    document.operations.iter().all(|(_, operation)| {
+        operation.node.ty == OperationType::Query
+            && operation.node.selection_set.node.items.iter().all(|item| {
+                matches!(&item.node, Selection::Field(field)
+                    if CACHEABLE_FIELDS.contains(&field.node.name.node.as_str()))
+            })
+    })
+}
+
+async fn execute(
+    app: &AppState,
+    schema: &TidemarkSchema,
+    cache: &ResponseCache,
+    request: async_graphql::Request,
+) -> Response {
+    let key = cacheable(&request.query)
+        .then(|| {
+            serde_json::to_string(&(&request.query, &request.operation_name, &request.variables))
+                .ok()
+        })
+        .flatten();
+    let version = match &key {
+        Some(_) => Some((
+            app.views.state().await.ok().flatten().map(|s| s.run_id),
+            app.views.speed_cursor().await,
+        )),
+        None => None,
+    };
+    if let (Some(key), Some(version)) = (&key, &version)
+        && let Some((cached_at, body)) = cache.entries.lock().expect("not poisoned").get(key)
+        && cached_at == version
+    {
+        metrics::counter!("serving_graphql_cache_total", "result" => "hit").increment(1);
+        return json(body.as_ref().clone());
+    }
+    let response = schema.execute(request).await;
+    let body = serde_json::to_vec(&response).unwrap_or_default();
+    if let (Some(key), Some(version)) = (key, version)
+        && response.errors.is_empty()
+    {
+        metrics::counter!("serving_graphql_cache_total", "result" => "miss").increment(1);
+        let mut entries = cache.entries.lock().expect("not poisoned");
+        if entries.len() >= CACHE_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(key, (version, Arc::new(body.clone())));
+    }
+    json(body)
+}
+
+fn json(body: Vec<u8>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /graphql`: GraphiQL, for people (send the API key as a header from it).

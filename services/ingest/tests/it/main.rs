@@ -2,6 +2,7 @@
 
 mod api;
 mod ops;
+mod process;
 mod relay;
 
 use std::collections::HashMap;
