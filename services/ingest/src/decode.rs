@@ -5,6 +5,7 @@ use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 use tidemark_domain::avro;
+use tidemark_domain::order;
 use tidemark_domain::{Order, OrderLimits, Violation};
 use uuid::Uuid;
 
@@ -275,6 +276,7 @@ fn diagnose(value: &Value) -> Result<Order, Vec<Violation>> {
         }
     }
     if !v.is_empty() {
+        check_values(object, &mut v);
         return Err(v);
     }
     // Every field has the right type, so the typed parse succeeds; a currency
@@ -282,6 +284,45 @@ fn diagnose(value: &Value) -> Result<Order, Vec<Violation>> {
     let wire: OrderWire = serde_json::from_value(value.clone())
         .map_err(|e| vec![Violation::new("", "invalid", e.to_string())])?;
     from_wire(wire)
+}
+
+/// The domain's rules for the fields that are present and well typed, so one answer
+/// lists them beside the missing and ill-typed ones (the typed path checks them
+/// through `Order::validate` when every field parses).
+fn check_values(object: &serde_json::Map<String, Value>, v: &mut Vec<Violation>) {
+    let reported: Vec<String> = v.iter().map(|x| x.field.clone()).collect();
+    let present = |name: &str| {
+        object
+            .get(name)
+            .filter(|_| !reported.iter().any(|r| r == name))
+    };
+    let mut found = Vec::new();
+    for name in ["user_id", "city", "product_id", "category"] {
+        if let Some(text) = present(name).and_then(Value::as_str) {
+            found.extend(order::check_text(name, text).err());
+        }
+    }
+    if let Some(q) = present("quantity").and_then(Value::as_i64) {
+        found.extend(order::check_quantity(i32::try_from(q).unwrap_or(0)).err());
+    }
+    if let Some(p) = present("unit_price_minor").and_then(Value::as_i64) {
+        found.extend(order::check_unit_price(p).err());
+    }
+    if let Some(code) = present("currency").and_then(Value::as_str)
+        && code.parse::<tidemark_domain::Currency>().is_err()
+    {
+        found.push(Violation::new(
+            "currency",
+            "invalid",
+            "must be an accepted ISO 4217 code (e.g. EUR, USD, JPY)",
+        ));
+    }
+    // In the order of the fields, before unknown ones.
+    let at = v
+        .iter()
+        .position(|x| x.code == "unknown_field")
+        .unwrap_or(v.len());
+    v.splice(at..at, found);
 }
 
 fn check_kind(field: &Value, kind: Kind) -> Option<(&'static str, &'static str)> {
@@ -368,7 +409,33 @@ mod tests {
             [
                 ("city", "required"),
                 ("quantity", "type"),
+                ("currency", "invalid"),
                 ("colour", "unknown_field")
+            ]
+        );
+    }
+
+    #[test]
+    fn range_errors_are_listed_beside_missing_fields() {
+        let mut bad = order_json(3);
+        bad["quantity"] = 0.into();
+        bad["unit_price_minor"] = (-5).into();
+        bad["user_id"] = "  ".into();
+        bad.as_object_mut().unwrap().remove("city");
+        let body = serde_json::to_vec(&bad).unwrap();
+        let d = run(Format::Json, &body).unwrap();
+        let errs = d.items[0].as_ref().unwrap_err();
+        let fields: Vec<_> = errs
+            .iter()
+            .map(|v| (v.field.as_str(), v.code.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("city", "required"),
+                ("user_id", "required"),
+                ("quantity", "out_of_range"),
+                ("unit_price_minor", "out_of_range")
             ]
         );
     }

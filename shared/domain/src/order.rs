@@ -70,20 +70,8 @@ impl Order {
                 v.push(violation);
             }
         }
-        if !(1..=MAX_QUANTITY).contains(&self.quantity) {
-            v.push(Violation::new(
-                "quantity",
-                "out_of_range",
-                format!("must be between 1 and {MAX_QUANTITY}"),
-            ));
-        }
-        if !(0..=MAX_UNIT_PRICE_MINOR).contains(&self.unit_price_minor) {
-            v.push(Violation::new(
-                "unit_price_minor",
-                "out_of_range",
-                format!("must be between 0 and {MAX_UNIT_PRICE_MINOR} minor units"),
-            ));
-        }
+        v.extend(check_quantity(self.quantity).err());
+        v.extend(check_unit_price(self.unit_price_minor).err());
         if self.created_at > now + limits.max_future_skew {
             v.push(Violation::new(
                 "created_at",
@@ -105,7 +93,35 @@ impl Order {
     }
 }
 
-fn check_text(field: &'static str, value: &str) -> Result<(), Violation> {
+/// The quantity rule: 1 to [`MAX_QUANTITY`].
+pub fn check_quantity(quantity: i32) -> Result<(), Violation> {
+    if (1..=MAX_QUANTITY).contains(&quantity) {
+        Ok(())
+    } else {
+        Err(Violation::new(
+            "quantity",
+            "out_of_range",
+            format!("must be between 1 and {MAX_QUANTITY}"),
+        ))
+    }
+}
+
+/// The unit price rule: 0 to [`MAX_UNIT_PRICE_MINOR`] minor units.
+pub fn check_unit_price(minor: i64) -> Result<(), Violation> {
+    if (0..=MAX_UNIT_PRICE_MINOR).contains(&minor) {
+        Ok(())
+    } else {
+        Err(Violation::new(
+            "unit_price_minor",
+            "out_of_range",
+            format!("must be between 0 and {MAX_UNIT_PRICE_MINOR} minor units"),
+        ))
+    }
+}
+
+/// The rule for the text fields: not blank, at most [`MAX_TEXT_CHARS`], no control
+/// characters.
+pub fn check_text(field: &str, value: &str) -> Result<(), Violation> {
     let chars = value.chars().count();
     if value.trim().is_empty() {
         return Err(Violation::new(field, "required", "must not be empty"));
