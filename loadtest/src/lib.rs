@@ -46,14 +46,7 @@ pub fn orders(seed: u64, count: usize) -> Vec<Order> {
         .collect()
 }
 
-pub fn order_json(o: &Order) -> serde_json::Value {
-    serde_json::json!({
-        "order_id": o.order_id, "user_id": o.user_id, "city": o.city,
-        "product_id": o.product_id, "category": o.category, "quantity": o.quantity,
-        "unit_price_minor": o.unit_price_minor, "currency": o.currency.as_str(),
-        "created_at": o.created_at.to_rfc3339(),
-    })
-}
+pub use tidemark_generator::send::order_json;
 
 /// What a scenario measured.
 #[derive(Debug, Serialize)]

@@ -127,10 +127,7 @@ pub async fn run(name: Name, s: &Settings) -> anyhow::Result<Vec<Report>> {
             Kind::Ingest => {
                 let now = Utc::now();
                 let orders: Vec<_> = (0..s.batch).map(|_| shop.live_order(now)).collect();
-                let body: Vec<_> = orders
-                    .iter()
-                    .map(tidemark_generator::send::order_json)
-                    .collect();
+                let body: Vec<_> = orders.iter().map(crate::order_json).collect();
                 let r = client
                     .post(format!("{}/v1/orders", s.ingest_url.trim_end_matches('/')))
                     .bearer_auth(&s.ingest_key)

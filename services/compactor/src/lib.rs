@@ -29,11 +29,8 @@ pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
     if config.clickhouse.migrate {
         clickhouse::migrate(&config.clickhouse).await?;
     }
-    // Counters exist from the start, so a dashboard shows 0 rather than no data
-    // (the recorder must be installed first, or they go nowhere).
-    drop(tidemark_platform::metrics::handle());
-    metrics::counter!("compactor_audit_failures_total").increment(0);
-    metrics::counter!("compactor_errors_total").increment(0);
+    tidemark_platform::metrics::register_counter("compactor_audit_failures_total", &[]);
+    tidemark_platform::metrics::register_counter("compactor_errors_total", &[]);
     Ok(Compactor {
         pool,
         ch: clickhouse::client(&config.clickhouse),

@@ -199,9 +199,11 @@ pub async fn serve(
             }
         }
     });
-    drop(tidemark_platform::metrics::handle()); // installed before registering
     for outcome in ["created", "duplicate", "rejected"] {
-        metrics::counter!("generator_orders_total", "outcome" => outcome).increment(0);
+        tidemark_platform::metrics::register_counter(
+            "generator_orders_total",
+            &[("outcome", outcome)],
+        );
     }
     let streaming = demo_stream(&config, shutdown.clone())?;
     let router = http::finish(Router::new(), readiness, &config.http);

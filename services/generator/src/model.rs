@@ -194,8 +194,7 @@ impl Shop {
         let span = (to - from).num_seconds().max(1);
         loop {
             let at = from + TimeDelta::seconds(self.rng.random_range(0..span));
-            let user = self.rng.random_range(0..self.homes.len());
-            if self.rng.random::<f64>() < rhythm(self.homes[user], at) {
+            if let Some(user) = self.awake_user(at) {
                 return self.order_for(user, at);
             }
         }
@@ -204,11 +203,17 @@ impl Shop {
     /// An order at `at` by a user who is likely awake then.
     fn order_at(&mut self, at: DateTime<Utc>) -> Order {
         loop {
-            let user = self.rng.random_range(0..self.homes.len());
-            if self.rng.random::<f64>() < rhythm(self.homes[user], at) {
+            if let Some(user) = self.awake_user(at) {
                 return self.order_for(user, at);
             }
         }
+    }
+
+    /// A random user, kept with the probability of the daily rhythm of their city
+    /// at `at` (rejection sampling).
+    fn awake_user(&mut self, at: DateTime<Utc>) -> Option<usize> {
+        let user = self.rng.random_range(0..self.homes.len());
+        (self.rng.random::<f64>() < rhythm(self.homes[user], at)).then_some(user)
     }
 
     fn order_for(&mut self, user: usize, at: DateTime<Utc>) -> Order {

@@ -94,8 +94,7 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let min_backoff = Duration::from_millis(100);
         let mut backoff = min_backoff;
-        drop(tidemark_platform::metrics::handle()); // installed before registering
-        metrics::counter!("relay_s3_errors_total").increment(0);
+        tidemark_platform::metrics::register_counter("relay_s3_errors_total", &[]);
         let lag = tokio::spawn(self.clone().report_lag(shutdown.clone()));
         while !shutdown.is_cancelled() {
             let pause = match self.step().await {

@@ -47,6 +47,18 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Registers a counter at zero, so dashboards show 0 rather than no data before
+/// the first event. Installs the recorder first: a counter registered before it
+/// would go nowhere.
+pub fn register_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
+    drop(handle());
+    let labels: Vec<metrics::Label> = labels
+        .iter()
+        .map(|(k, v)| metrics::Label::new(*k, *v))
+        .collect();
+    metrics::counter!(name, labels).increment(0);
+}
+
 /// Middleware: counts requests and records latency by method, matched route and status.
 pub async fn track_http(request: Request, next: Next) -> Response {
     let started = Instant::now();

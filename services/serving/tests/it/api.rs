@@ -280,7 +280,7 @@ async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
     let response = reqwest::Client::new()
         .post(ingest.url("/v1/orders"))
         .bearer_auth(&ingest_key)
-        .json(&crate::api_order_json(&order))
+        .json(&tidemark_generator::send::order_json(&order))
         .send()
         .await
         .unwrap();

@@ -264,13 +264,3 @@ pub fn full_range() -> (String, String) {
         .to_string();
     (from, to)
 }
-
-/// The JSON body ingest accepts for an order.
-pub fn api_order_json(o: &Order) -> serde_json::Value {
-    serde_json::json!({
-        "order_id": o.order_id, "user_id": o.user_id, "city": o.city,
-        "product_id": o.product_id, "category": o.category, "quantity": o.quantity,
-        "unit_price_minor": o.unit_price_minor, "currency": o.currency.as_str(),
-        "created_at": o.created_at.to_rfc3339(),
-    })
-}
