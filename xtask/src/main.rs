@@ -60,6 +60,10 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Run the heavier fault variants too (longer outages, more kills, more
+        /// property-test cases); sets TIDEMARK_TEST_HEAVY=1 for the tests.
+        #[arg(long)]
+        heavy: bool,
         /// Extra arguments for `cargo nextest run`, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -93,8 +97,9 @@ async fn main() -> ExitCode {
         Task::Test {
             keep,
             no_lint,
+            heavy,
             args,
-        } => test::run(keep, !no_lint, &args).await,
+        } => test::run(keep, !no_lint, heavy, &args).await,
         Task::Install => install::ensure(),
         Task::Bench { name } => bench::run_bench(&name).await,
         Task::Verify { days } => verify::verify(days).await,

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use crate::install::{self, which};
 use crate::stack::{Kind, S3_ACCESS_KEY, S3_SECRET_KEY, Stack};
 
-pub async fn run(keep: bool, lint: bool, nextest_args: &[String]) -> Result<()> {
+pub async fn run(keep: bool, lint: bool, heavy: bool, nextest_args: &[String]) -> Result<()> {
     let started = Instant::now();
     install::ensure()?;
     if lint {
@@ -18,8 +18,12 @@ pub async fn run(keep: bool, lint: bool, nextest_args: &[String]) -> Result<()> 
     let stack = Stack::new(Kind::Test);
     stack.stop(&[]).await?;
     stack.wipe()?;
+    let figures = stack.base.join("figures");
+    if figures.exists() {
+        std::fs::remove_dir_all(&figures)?;
+    }
     let outcome = tokio::select! {
-        result = checks(&stack, lint, nextest_args) => result,
+        result = checks(&stack, lint, heavy, nextest_args) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     if keep {
@@ -31,6 +35,7 @@ pub async fn run(keep: bool, lint: bool, nextest_args: &[String]) -> Result<()> 
     } else {
         stack.stop(&[]).await?;
     }
+    print_figures(&figures, nextest_args.is_empty());
     let secs = started.elapsed().as_secs();
     match &outcome {
         Ok(()) => eprintln!("xtask: all checks passed in {secs} s"),
@@ -39,14 +44,21 @@ pub async fn run(keep: bool, lint: bool, nextest_args: &[String]) -> Result<()> 
     outcome
 }
 
-async fn checks(stack: &Stack, lint: bool, nextest_args: &[String]) -> Result<()> {
+async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String]) -> Result<()> {
     eprintln!(
         "xtask: starting test servers under {}",
         stack.base.display()
     );
     stack.start_servers().await?;
-    let env = test_env(stack)?;
+    let mut env = test_env(stack)?;
     stack.write_env(&env)?;
+    env.push((
+        "TIDEMARK_TEST_FIGURES".into(),
+        stack.base.join("figures").display().to_string(),
+    ));
+    if heavy {
+        env.push(("TIDEMARK_TEST_HEAVY".into(), "1".into()));
+    }
     if lint {
         cargo(
             &[
@@ -75,6 +87,39 @@ async fn checks(stack: &Stack, lint: bool, nextest_args: &[String]) -> Result<()
     cargo(&args, &env).await
 }
 
+/// The fault rows of RELIABILITY.md, each with the figure its tests recorded
+/// (`tidemark_testkit::figure`); on a whole-suite run, a row without one is named.
+fn print_figures(dir: &std::path::Path, whole_suite: bool) {
+    let mut rows: Vec<(u32, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix('R')?.strip_suffix(".txt")?.parse().ok()?;
+            Some((n, std::fs::read_to_string(entry.path()).ok()?))
+        })
+        .collect();
+    rows.sort();
+    if rows.is_empty() && !whole_suite {
+        return;
+    }
+    eprintln!("xtask: fault figures (RELIABILITY.md)");
+    for n in 1..=15 {
+        match rows.iter().find(|(row, _)| *row == n) {
+            Some((_, text)) => {
+                let mut lines: Vec<&str> = text.lines().collect();
+                lines.sort_unstable();
+                for line in lines {
+                    eprintln!("  R{n:<3} {line}");
+                }
+            }
+            None if whole_suite => eprintln!("  R{n:<3} (no figure recorded)"),
+            None => {}
+        }
+    }
+}
+
 /// What the tests need to find the servers (also written to the stack's env file).
 fn test_env(stack: &Stack) -> Result<Vec<(String, String)>> {
     let pg_bin = install::postgres_bin_dir().ok_or_else(|| anyhow::anyhow!("no postgres"))?;
@@ -86,6 +131,13 @@ fn test_env(stack: &Stack) -> Result<Vec<(String, String)>> {
         var("REDIS_URL", stack.redis_url()),
         var("REDIS_SERVER", redis.display().to_string()),
         var("CLICKHOUSE_URL", stack.clickhouse_url()),
+        var(
+            "CLICKHOUSE_SERVER",
+            which("clickhouse-server")
+                .ok_or_else(|| anyhow::anyhow!("no clickhouse-server"))?
+                .display()
+                .to_string(),
+        ),
         var("S3_ENDPOINT", stack.s3_endpoint()),
         var("S3_BUCKET", stack.bucket().to_owned()),
         var("S3_ACCESS_KEY_ID", S3_ACCESS_KEY.to_owned()),

@@ -619,3 +619,267 @@ pub async fn horizon_holders(pool: &PgPool) -> String {
     .unwrap_or_default();
     format!("{rows:?}")
 }
+
+/// Records the figure of a fault row of `RELIABILITY.md` (`"R4"`, …): printed to the
+/// test's output, and appended to `<stack>/figures/<row>.txt`, which
+/// `cargo xtask test` prints as a table after the suite.
+pub fn figure(row: &str, text: impl std::fmt::Display) {
+    let line = format!("{row} {text}");
+    println!("{line}");
+    let dir = match std::env::var_os("TIDEMARK_TEST_FIGURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_root().join(".tidemark/test/figures"),
+    };
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{row}.txt")))?;
+        // One write per line: concurrent tests never interleave within one.
+        file.write_all(format!("{text}\n").as_bytes())
+    });
+    if let Err(e) = written {
+        eprintln!("could not record the {row} figure: {e}");
+    }
+}
+
+/// Whether the heavier fault variants run (`cargo xtask test --heavy`, which sets
+/// `TIDEMARK_TEST_HEAVY=1`): longer outages, more kills, more property cases.
+pub fn heavy() -> bool {
+    std::env::var("TIDEMARK_TEST_HEAVY").is_ok_and(|v| v == "1")
+}
+
+/// The `TIDEMARK_*` environment that points a service binary at these stores.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceEnv(pub Vec<(String, String)>);
+
+impl ServiceEnv {
+    pub fn set(mut self, key: &str, value: impl ToString) -> ServiceEnv {
+        self.0.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn postgres(self, config: &PostgresConfig) -> ServiceEnv {
+        use secrecy::ExposeSecret;
+        self.set("TIDEMARK_POSTGRES__URL", config.url.expose_secret())
+    }
+
+    pub fn redis(self, config: &RedisConfig) -> ServiceEnv {
+        use secrecy::ExposeSecret;
+        self.set("TIDEMARK_REDIS__URL", config.url.expose_secret())
+            .set("TIDEMARK_REDIS__KEY_PREFIX", &config.key_prefix)
+    }
+
+    pub fn clickhouse(self, config: &ClickHouseConfig) -> ServiceEnv {
+        self.set("TIDEMARK_CLICKHOUSE__URL", &config.url)
+            .set("TIDEMARK_CLICKHOUSE__DATABASE", &config.database)
+    }
+
+    pub fn s3(self, config: &S3Config) -> ServiceEnv {
+        use secrecy::ExposeSecret;
+        let mut env = self
+            .set("TIDEMARK_S3__ENDPOINT", &config.endpoint)
+            .set("TIDEMARK_S3__BUCKET", &config.bucket)
+            .set("TIDEMARK_S3__PREFIX", &config.prefix);
+        if let Some(id) = &config.access_key_id {
+            env = env.set("TIDEMARK_S3__ACCESS_KEY_ID", id);
+        }
+        if let Some(secret) = &config.secret_access_key {
+            env = env.set("TIDEMARK_S3__SECRET_ACCESS_KEY", secret.expose_secret());
+        }
+        env
+    }
+}
+
+/// A Tidemark service binary run as a process of its own, for tests that kill it,
+/// stop it, or measure its memory and CPU. Killed when dropped.
+pub struct Process {
+    child: std::process::Child,
+}
+
+impl Process {
+    /// Starts `bin` (e.g. `env!("CARGO_BIN_EXE_tidemark-speed")`) with `args` and the
+    /// environment; its logs (warnings and worse) go to the test's stderr.
+    pub fn spawn(bin: &str, args: &[&str], env: &ServiceEnv) -> Process {
+        let child = Command::new(bin)
+            .args(args)
+            .envs(env.0.iter().map(|(k, v)| (k, v)))
+            .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin} starts: {e}"));
+        Process { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+
+    /// Sends `signal` (e.g. `"TERM"`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits for the process to exit by itself, up to `timeout`.
+    pub async fn exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "process {} still running after {timeout:?}",
+                self.pid()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether it has exited (and its status, reaped).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Peak resident set size so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// User plus system CPU time used so far, in milliseconds.
+    pub fn cpu_millis(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("/proc/<pid>/stat");
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let out = Command::new("getconf").arg("CLK_TCK").output();
+        let hz: f64 = out
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0);
+        ticks as f64 * 1000.0 / hz
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        drop(self.child.kill());
+        drop(self.child.wait());
+    }
+}
+
+/// Waits until `GET http://127.0.0.1:<port><path>` answers 2xx.
+pub async fn http_ready(port: u16, path: &str, timeout: Duration) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    eventually(timeout, &format!("{url} answers 2xx"), || {
+        let request = reqwest::get(url.clone());
+        async move { request.await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+}
+
+/// A ClickHouse server of one test's own, for tests that stop it mid-run.
+pub struct PrivateClickHouse {
+    dir: tempfile::TempDir,
+    pub http_port: u16,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl PrivateClickHouse {
+    pub async fn start() -> PrivateClickHouse {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-clickhouse-")
+            .tempdir()
+            .expect("tempdir");
+        let ch = PrivateClickHouse {
+            dir,
+            http_port: free_port(),
+            child: std::sync::Mutex::new(None),
+        };
+        ch.resume().await;
+        ch
+    }
+
+    /// A config naming a database of its own on this server.
+    pub fn config(&self) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: format!("http://127.0.0.1:{}", self.http_port),
+            database: unique("t_"),
+            ..ClickHouseConfig::default()
+        }
+    }
+
+    /// Starts (or restarts, with its data) the server and waits until it answers.
+    pub async fn resume(&self) {
+        let p = |s: &str| format!("{}/{s}", self.dir.path().display());
+        let bin = std::env::var("TIDEMARK_TEST_CLICKHOUSE_SERVER")
+            .unwrap_or_else(|_| "clickhouse-server".into());
+        let child = Command::new(bin)
+            .arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg("--")
+            .arg(format!("--path={}", p("")))
+            .arg(format!("--tmp_path={}", p("tmp/")))
+            .arg(format!("--user_files_path={}", p("user_files/")))
+            .arg(format!("--format_schema_path={}", p("format_schemas/")))
+            .arg(format!("--logger.log={}", p("clickhouse.log")))
+            .arg(format!("--logger.errorlog={}", p("clickhouse.err.log")))
+            .arg("--logger.level=warning")
+            .arg(format!("--http_port={}", self.http_port))
+            .arg(format!("--tcp_port={}", free_port()))
+            .arg(format!("--interserver_http_port={}", free_port()))
+            .arg("--listen_host=127.0.0.1")
+            .arg("--timezone=UTC")
+            .arg("--mark_cache_size=268435456")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("clickhouse-server starts");
+        *self.child.lock().unwrap() = Some(child);
+        let url = format!("http://127.0.0.1:{}/?query=SELECT%201", self.http_port);
+        eventually(Duration::from_secs(60), "private ClickHouse answers", || {
+            let request = reqwest::get(url.clone());
+            async move {
+                match request.await {
+                    Ok(r) => r.text().await.is_ok_and(|t| t.trim() == "1"),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Kills the server (its data stays for `resume`).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            drop(child.kill());
+            drop(child.wait());
+        }
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -87,6 +87,19 @@ async fn ten_thousand_orders_with_duplicates_sent_concurrently_leave_one_row_eac
         .await
         .unwrap();
     assert_eq!(stored, unique[0].quantity, "never a silent overwrite");
+    let (rows, ids): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT order_id) FROM orders")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    tidemark_testkit::figure(
+        "R1",
+        format!(
+            "10,000 orders (2,000 resent ids) from 24 concurrent senders + one order from 20: \
+             duplicate rows {}; conflicting replay 409",
+            rows - ids
+        ),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

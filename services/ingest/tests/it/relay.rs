@@ -108,7 +108,7 @@ async fn late_committing_transactions_are_never_skipped() {
     eprintln!("seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut open: Vec<Transaction<'static, Postgres>> = Vec::new();
-    let mut steps_with_open = 0;
+    let (mut steps_with_open, mut late_commits) = (0, 0);
     for _ in 0..1_500 {
         match rng.random_range(0..10) {
             // A transaction that writes and stays open.
@@ -122,6 +122,7 @@ async fn late_committing_transactions_are_never_skipped() {
                 let tx = open.swap_remove(rng.random_range(0..open.len()));
                 if rng.random_bool(0.9) {
                     tx.commit().await.unwrap();
+                    late_commits += 1;
                 } else {
                     tx.rollback().await.unwrap();
                 }
@@ -141,6 +142,18 @@ async fn late_committing_transactions_are_never_skipped() {
     assert!(
         steps_with_open > 100,
         "the schedule held transactions open across relay steps"
+    );
+    let landed = raw_order_ids(&s3).await;
+    let logged = pg_order_ids(&db.pool).await;
+    let skipped = logged.iter().filter(|id| !landed.contains_key(id)).count();
+    tidemark_testkit::figure(
+        "R3",
+        format!(
+            "lake relay, 1,500-step random schedule ({late_commits} transactions committed \
+             late, {steps_with_open} relay steps past an open one): skipped rows {skipped} \
+             of {}",
+            logged.len()
+        ),
     );
     assert_lake_matches_log(&db.pool, &s3).await;
 }

@@ -85,3 +85,58 @@ async fn a_late_committing_transaction_is_not_skipped() {
     drain(&consumer, &db.pool, &view).await;
     assert_exact(&db.pool, &view, 0, 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_random_schedule_of_late_commits_skips_nothing() {
+    let db = tidemark_testkit::postgres().await;
+    let redis = tidemark_testkit::redis();
+    let (consumer, view) = consumer(&db.pool, &redis, 3);
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut open: Vec<sqlx::Transaction<'static, sqlx::Postgres>> = Vec::new();
+    let (mut steps_with_open, mut late_commits) = (0, 0);
+    for _ in 0..1_500 {
+        match rng.random_range(0..10) {
+            0..=2 if open.len() < 6 => {
+                let mut tx = db.pool.begin().await.unwrap();
+                crate::insert(&mut *tx, &random_order(&mut rng)).await;
+                open.push(tx);
+            }
+            3 | 4 if !open.is_empty() => {
+                let tx = open.swap_remove(rng.random_range(0..open.len()));
+                if rng.random_bool(0.9) {
+                    tx.commit().await.unwrap();
+                    late_commits += 1;
+                } else {
+                    tx.rollback().await.unwrap();
+                }
+            }
+            5 | 6 => crate::insert(&db.pool, &random_order(&mut rng)).await,
+            _ => {
+                steps_with_open += usize::from(!open.is_empty());
+                consumer.step().await.unwrap();
+            }
+        }
+    }
+    for tx in open {
+        tx.commit().await.unwrap();
+    }
+    drain(&consumer, &db.pool, &view).await;
+    assert!(steps_with_open > 100, "transactions were open across steps");
+    let truth = tidemark_testkit::ground_truth(&db.pool, 86_400, "total", 0, u64::MAX).await;
+    let seen = speed_grid(&view, 0, Granularity::Day, Dimension::Total, None).await;
+    let orders = |grid: &std::collections::BTreeMap<_, [i64; 3]>| -> i64 {
+        grid.values().map(|v| v[1]).sum()
+    };
+    tidemark_testkit::figure(
+        "R3",
+        format!(
+            "speed layer, 1,500-step random schedule ({late_commits} transactions committed \
+             late, {steps_with_open} steps past an open one): skipped rows {} of {}",
+            orders(&truth) - orders(&seen),
+            orders(&truth)
+        ),
+    );
+    assert_exact(&db.pool, &view, 0, 0).await;
+}

@@ -3,6 +3,7 @@
 mod exactness;
 mod faults;
 mod ops;
+mod process;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
