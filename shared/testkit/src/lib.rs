@@ -706,6 +706,7 @@ impl Process {
             .args(args)
             .envs(env.0.iter().map(|(k, v)| (k, v)))
             .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
+            .env("RUST_BACKTRACE", "0")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()

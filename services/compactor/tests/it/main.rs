@@ -2,6 +2,7 @@
 
 mod batch;
 mod ops;
+mod process;
 
 use std::time::Duration;
 
@@ -34,9 +35,13 @@ impl Drop for Env {
 
 impl Env {
     pub async fn new(max_files_per_partition: usize) -> Env {
+        Self::on(tidemark_testkit::clickhouse(), max_files_per_partition).await
+    }
+
+    /// On the given ClickHouse (a private server for tests that stop it).
+    pub async fn on(ch: ClickHouseConfig, max_files_per_partition: usize) -> Env {
         let db = tidemark_testkit::postgres().await;
         let s3 = tidemark_testkit::s3();
-        let ch = tidemark_testkit::clickhouse();
         let mut config = tidemark_compactor::Config {
             postgres: db.config.clone(),
             s3: s3.clone(),
@@ -126,6 +131,56 @@ impl Env {
                 );
             }
         }
+    }
+
+    /// Cells of the published view that differ from SQL below the watermark, over
+    /// every granularity and dimension, and how many cells the truth has.
+    pub async fn drift(&self) -> (usize, usize) {
+        let state = self.published().await;
+        let (mut differing, mut cells) = (0, 0);
+        for granularity in Granularity::ALL {
+            for dimension in Dimension::ALL {
+                let truth = tidemark_testkit::ground_truth(
+                    &self.db.pool,
+                    granularity.seconds(),
+                    dimension.as_str(),
+                    0,
+                    state.threshold,
+                )
+                .await;
+                let batch = self.batch_grid(granularity, dimension).await;
+                cells += truth.len();
+                differing += truth
+                    .keys()
+                    .chain(batch.keys())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .filter(|k| truth.get(*k) != batch.get(*k))
+                    .count();
+            }
+        }
+        (differing, cells)
+    }
+
+    /// Rows in ClickHouse's `revenue_agg` beyond one per key (a run copied twice).
+    pub async fn duplicate_rows(&self) -> u64 {
+        tidemark_platform::clickhouse::client(&self.ch)
+            .query(
+                "SELECT count() - uniqExact(granularity, dimension, bucket, value, currency, run_id) \
+                 FROM revenue_agg",
+            )
+            .fetch_one()
+            .await
+            .unwrap()
+    }
+
+    /// What `tidemark-compactor` needs to run on this environment's stores.
+    pub fn service_env(&self) -> tidemark_testkit::ServiceEnv {
+        tidemark_testkit::ServiceEnv::default()
+            .postgres(&self.db.config)
+            .s3(&self.s3)
+            .clickhouse(&self.ch)
+            .set("TIDEMARK_COMPACTOR__RELAY_WAIT", 30_000)
     }
 
     /// Lake objects in S3 are exactly those in the manifest.

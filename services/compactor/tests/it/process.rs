@@ -1,0 +1,149 @@
+//! R5 with the compactor as a process of its own: SIGKILLed at each step of a run,
+//! and ClickHouse stopped mid-run. Nothing is ever half-published, and the rerun
+//! publishes the exact result with no ClickHouse row twice.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tidemark_testkit::Process;
+
+use crate::{Env, batch};
+
+const STEPS: [&str; 5] = ["wait_for_relay", "write_lake", "stage", "audit", "publish"];
+
+fn run_once(env: &Env) -> Process {
+    Process::spawn(
+        env!("CARGO_BIN_EXE_tidemark-compactor"),
+        &["run-once"],
+        &env.service_env(),
+    )
+}
+
+/// The step the running batch run has reached, if one is running.
+async fn running_step(env: &Env) -> Option<String> {
+    sqlx::query_scalar("SELECT step FROM batch_runs WHERE status = 'running'")
+        .fetch_optional(&env.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Starts `run-once` and waits until it is inside `step`; `None` when the run went
+/// past the step (or finished) before it was seen.
+async fn at_step(env: &Env, step: &str) -> Option<Process> {
+    let mut process = run_once(env);
+    loop {
+        if running_step(env).await.as_deref() == Some(step) {
+            return Some(process);
+        }
+        if process.exited().is_some() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Runs `run-once` to its end; it must publish.
+async fn rerun(env: &Env) {
+    let status = run_once(env).exit(Duration::from_secs(120)).await;
+    assert!(status.success(), "the rerun publishes: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r5_compactor_sigkilled_at_each_step_never_half_publishes() {
+    let env = Env::new(8).await;
+    let mut rng = StdRng::seed_from_u64(51);
+    let mut sent = Vec::new();
+    env.ingest(&batch(&mut rng, &mut sent, 500)).await;
+    rerun(&env).await;
+    let rounds = if tidemark_testkit::heavy() { 3 } else { 1 };
+    let (mut kills, mut worst_drift, mut worst_dupes, mut cells) = (0, 0, 0, 0);
+    for _ in 0..rounds {
+        for step in STEPS {
+            // Enough orders that every step lasts long enough to be caught in.
+            env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
+            let mut attempts = 0;
+            let process = loop {
+                attempts += 1;
+                if let Some(p) = at_step(&env, step).await {
+                    break p;
+                }
+                assert!(attempts < 10, "never caught a run inside {step}");
+            };
+            // Somewhere inside the step.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+            process.kill();
+            kills += 1;
+            // Nothing half-published: what is published is exact below its watermark.
+            let (drift, _) = env.drift().await;
+            worst_drift = worst_drift.max(drift);
+            rerun(&env).await;
+            let (drift, n) = env.drift().await;
+            let dupes = env.duplicate_rows().await;
+            eprintln!("killed in {step}: drift {drift} of {n} cells, duplicate rows {dupes}");
+            worst_drift = worst_drift.max(drift);
+            worst_dupes = worst_dupes.max(dupes);
+            cells = n;
+        }
+    }
+    env.assert_lake_consistent().await;
+    tidemark_testkit::figure(
+        "R5",
+        format!(
+            "compactor as a process, SIGKILLed inside each of {} steps ({kills} kills), \
+             {} orders: drift {worst_drift} (of {cells} cells, after each kill and rerun), \
+             duplicate ClickHouse rows {worst_dupes}",
+            STEPS.len(),
+            sent.len()
+        ),
+    );
+    assert_eq!(worst_drift, 0);
+    assert_eq!(worst_dupes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact() {
+    let clickhouse = tidemark_testkit::PrivateClickHouse::start().await;
+    let env = Env::on(clickhouse.config(), 8).await;
+    let mut rng = StdRng::seed_from_u64(52);
+    let mut sent = Vec::new();
+    env.ingest(&batch(&mut rng, &mut sent, 500)).await;
+    rerun(&env).await;
+    let (mut worst_drift, mut worst_dupes, mut cells) = (0, 0, 0);
+    for step in ["stage", "publish"] {
+        env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
+        let before = env.published().await.run_id;
+        let process = loop {
+            if let Some(p) = at_step(&env, step).await {
+                break p;
+            }
+        };
+        clickhouse.stop();
+        let status = process.exit(Duration::from_secs(120)).await;
+        assert!(!status.success(), "a run without ClickHouse fails: {status}");
+        let state = tidemark_batchview::PublishedState::load(&env.db.pool)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.run_id, before, "nothing published without ClickHouse");
+        clickhouse.resume().await;
+        let (drift, _) = env.drift().await;
+        worst_drift = worst_drift.max(drift);
+        rerun(&env).await;
+        assert!(env.published().await.run_id > before);
+        let (drift, n) = env.drift().await;
+        worst_drift = worst_drift.max(drift);
+        worst_dupes = worst_dupes.max(env.duplicate_rows().await);
+        cells = n;
+    }
+    tidemark_testkit::figure(
+        "R5",
+        format!(
+            "ClickHouse stopped while the compactor was in stage, then in publish: the runs \
+             failed, nothing published; after restart the rerun: drift {worst_drift} of \
+             {cells} cells, duplicate ClickHouse rows {worst_dupes}"
+        ),
+    );
+    assert_eq!(worst_drift, 0);
+    assert_eq!(worst_dupes, 0);
+}
