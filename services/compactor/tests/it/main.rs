@@ -3,6 +3,7 @@
 mod batch;
 mod ops;
 mod process;
+mod s3_outage;
 
 use std::time::Duration;
 
@@ -35,13 +36,17 @@ impl Drop for Env {
 
 impl Env {
     pub async fn new(max_files_per_partition: usize) -> Env {
-        Self::on(tidemark_testkit::clickhouse(), max_files_per_partition).await
+        Self::on(
+            tidemark_testkit::clickhouse(),
+            tidemark_testkit::s3(),
+            max_files_per_partition,
+        )
+        .await
     }
 
-    /// On the given ClickHouse (a private server for tests that stop it).
-    pub async fn on(ch: ClickHouseConfig, max_files_per_partition: usize) -> Env {
+    /// On the given ClickHouse and S3 (private servers for tests that stop them).
+    pub async fn on(ch: ClickHouseConfig, s3: S3Config, max_files_per_partition: usize) -> Env {
         let db = tidemark_testkit::postgres().await;
-        let s3 = tidemark_testkit::s3();
         let mut config = tidemark_compactor::Config {
             postgres: db.config.clone(),
             s3: s3.clone(),
@@ -57,6 +62,7 @@ impl Env {
             s3.clone(),
             RelaySettings {
                 poll_interval: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(500),
                 batch_size: 500,
                 ..RelaySettings::default()
             },

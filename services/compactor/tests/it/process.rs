@@ -104,7 +104,7 @@ async fn r5_compactor_sigkilled_at_each_step_never_half_publishes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact() {
     let clickhouse = tidemark_testkit::PrivateClickHouse::start().await;
-    let env = Env::on(clickhouse.config(), 8).await;
+    let env = Env::on(clickhouse.config(), tidemark_testkit::s3(), 8).await;
     let mut rng = StdRng::seed_from_u64(52);
     let mut sent = Vec::new();
     env.ingest(&batch(&mut rng, &mut sent, 500)).await;
