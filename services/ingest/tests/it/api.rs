@@ -1,6 +1,8 @@
 //! `POST /v1/orders`: idempotency, batches, formats, limits, auth and outages.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -340,47 +342,88 @@ async fn postgres_down_is_503_with_retry_after_and_recovers() {
         ..Default::default()
     };
     let svc = tidemark_testkit::start(|l, s| tidemark_ingest::serve(config, l, s)).await;
-    let http = reqwest::Client::new();
-    let mut rng = StdRng::seed_from_u64(12);
-    let send = |order: serde_json::Value| {
-        http.post(svc.url("/v1/orders"))
-            .bearer_auth(&key)
-            .json(&order)
-            .send()
-    };
-    assert_eq!(
-        send(order_json(&random_order(&mut rng)))
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
-    pg.stop();
-    let mut seen = HashSet::new();
-    for _ in 0..5 {
-        let r = send(order_json(&random_order(&mut rng))).await.unwrap();
-        seen.insert(r.status().as_u16());
-        if r.status() == 503 {
-            assert!(r.headers().contains_key("retry-after"));
-            assert_eq!(r.headers()["content-type"], "application/problem+json");
-        }
-    }
-    assert_eq!(
-        seen,
-        HashSet::from([503]),
-        "only 503 while Postgres is down"
-    );
-    pg.resume();
-    let started = std::time::Instant::now();
-    tidemark_testkit::eventually(Duration::from_secs(10), "ingest recovers", || {
-        let order = order_json(&random_order(&mut rng));
-        let request = send(order);
-        async move { request.await.is_ok_and(|r| r.status() == 201) }
+
+    // Eight clients posting one order at a time throughout, counting statuses;
+    // every 503 must carry Retry-After and be problem+json.
+    let statuses = Arc::new(Mutex::new(BTreeMap::<u16, u64>::new()));
+    let bad_503 = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (statuses, bad_503, stop) = (statuses.clone(), bad_503.clone(), stop.clone());
+            let (url, key) = (svc.url("/v1/orders"), key.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut rng = StdRng::seed_from_u64(120 + i);
+                while !stop.load(Ordering::Relaxed) {
+                    let order = order_json(&random_order(&mut rng));
+                    let Ok(r) = http.post(&url).bearer_auth(&key).json(&order).send().await
+                    else {
+                        continue;
+                    };
+                    let status = r.status().as_u16();
+                    if status == 503
+                        && (!r.headers().contains_key("retry-after")
+                            || r.headers()["content-type"] != "application/problem+json")
+                    {
+                        bad_503.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *statuses.lock().unwrap().entry(status).or_default() += 1;
+                    if status == 503 {
+                        // As a client honouring Retry-After would, roughly.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let count = |status: u16| statuses.lock().unwrap().get(&status).copied().unwrap_or(0);
+    tidemark_testkit::eventually(Duration::from_secs(10), "orders are accepted", || {
+        let n = count(201);
+        async move { n >= 100 }
     })
     .await;
-    eprintln!(
-        "recovered {} ms after Postgres restarted",
-        started.elapsed().as_millis()
+    pg.stop();
+    let before = count(503);
+    tidemark_testkit::eventually(Duration::from_secs(10), "503s while down", || {
+        let n = count(503);
+        async move { n >= before + 50 }
+    })
+    .await;
+    let restarted = std::time::Instant::now();
+    pg.resume();
+    let accepted = count(201);
+    tidemark_testkit::eventually(Duration::from_secs(10), "ingest recovers", || {
+        let n = count(201);
+        async move { n > accepted + 20 }
+    })
+    .await;
+    let recovery = restarted.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let statuses = statuses.lock().unwrap().clone();
+    let other_5xx: u64 = statuses
+        .iter()
+        .filter(|(s, _)| **s >= 500 && **s != 503)
+        .map(|(_, n)| n)
+        .sum();
+    let bad_503 = bad_503.load(Ordering::Relaxed);
+    tidemark_testkit::figure(
+        "R7",
+        format!(
+            "Postgres stopped under 8-client load, then restarted: statuses {statuses:?}; \
+             5xx other than 503: {other_5xx}; 503 without Retry-After or problem+json: \
+             {bad_503}; recovery {recovery:.2} s after the restart"
+        ),
+    );
+    assert_eq!(other_5xx, 0);
+    assert_eq!(bad_503, 0);
+    assert!(recovery <= 10.0);
+    assert!(
+        statuses.keys().all(|s| [201, 503].contains(s)),
+        "only 201 and 503: {statuses:?}"
     );
     svc.stop().await.unwrap();
 }

@@ -1,40 +1,31 @@
-//! Faults with ingest as a process of its own (RELIABILITY.md R2 and R12): killed
-//! with SIGKILL under load at random points, and stopped with SIGTERM under load.
+//! Faults with ingest as a process of its own (RELIABILITY.md R2, R8 and R12):
+//! killed with SIGKILL under load at random points, stopped with SIGTERM under
+//! load, and flooded with bad and oversized bodies while its memory is watched.
 //! Every order that got a 2xx must be in Postgres.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
+use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use tidemark_platform::auth::{self, Scope};
-use tidemark_testkit::TestDb;
+use tidemark_testkit::{Process, ServiceEnv, TestDb};
 use uuid::Uuid;
 
 use crate::{order_json, random_order};
 
-fn spawn_ingest(db: &TestDb, port: u16) -> Child {
-    let url = secrecy::ExposeSecret::expose_secret(&db.config.url).to_owned();
-    Command::new(env!("CARGO_BIN_EXE_tidemark-ingest"))
-        .env("TIDEMARK_POSTGRES__URL", url)
-        .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("TIDEMARK_RELAY__ENABLED", "false")
-        .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the ingest binary starts")
+fn spawn_ingest(db: &TestDb, port: u16) -> Process {
+    let env = ServiceEnv::default()
+        .postgres(&db.config)
+        .set("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .set("TIDEMARK_RELAY__ENABLED", false);
+    Process::spawn(env!("CARGO_BIN_EXE_tidemark-ingest"), &[], &env)
 }
 
 async fn ready(port: u16) {
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    tidemark_testkit::eventually(Duration::from_secs(30), "ingest is ready", || {
-        let request = reqwest::get(url.clone());
-        async move { request.await.is_ok_and(|r| r.status().is_success()) }
-    })
-    .await;
+    tidemark_testkit::http_ready(port, "/readyz", Duration::from_secs(30)).await;
 }
 
 /// Sixteen clients posting one order per request until `stop`; the ids of the
@@ -118,20 +109,23 @@ async fn r2_sigkill_under_load_loses_no_acked_order() {
     let port = tidemark_testkit::free_port();
     let load = Load::start(port, &key, 2);
     for kill in 0..10 {
-        let mut child = spawn_ingest(&db, port);
+        let ingest = spawn_ingest(&db, port);
         ready(port).await;
         // A random point: after a random number of further acknowledgements.
         let target = load.acked() + rng.random_range(20..300);
         load.until_acked(target).await;
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        ingest.kill(); // SIGKILL
         eprintln!("R2: kill {kill} after {} acked orders", load.acked());
     }
     let acked = load.stop().await;
     let lost = missing(&db, &acked).await;
-    println!(
-        "R2 figure: {} orders acked across 10 SIGKILLs under 16-client load; acked-but-missing {lost}",
-        acked.len()
+    tidemark_testkit::figure(
+        "R2",
+        format!(
+            "ingest as a process, 10 SIGKILLs at random points under 16-client load: {} \
+             orders acked, acked-but-missing {lost}",
+            acked.len()
+        ),
     );
     assert_eq!(lost, 0);
 }
@@ -143,28 +137,137 @@ async fn r12_sigterm_under_load_finishes_in_flight_and_exits_promptly() {
         .await
         .unwrap();
     let port = tidemark_testkit::free_port();
-    let mut child = spawn_ingest(&db, port);
+    let ingest = spawn_ingest(&db, port);
     ready(port).await;
     let load = Load::start(port, &key, 12);
     load.until_acked(500).await;
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    ingest.signal("TERM");
     let signalled = Instant::now();
-    let exited = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let exited = ingest.exit(Duration::from_secs(60)).await;
     let exit_seconds = signalled.elapsed().as_secs_f64();
     let acked = load.stop().await;
     let lost = missing(&db, &acked).await;
-    println!(
-        "R12 figure: exit {exit_seconds:.2} s after SIGTERM under 16-client load \
-         (status {exited}); {} acked, acked-but-missing {lost}",
-        acked.len()
+    tidemark_testkit::figure(
+        "R12",
+        format!(
+            "ingest as a process, SIGTERM under 16-client load: exit {exit_seconds:.2} s \
+             (status {exited}); {} acked, acked-but-missing {lost}",
+            acked.len()
+        ),
     );
     assert!(exited.success(), "a graceful exit: {exited}");
     assert!(exit_seconds <= 30.0);
     assert_eq!(lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r8_bad_inputs_get_4xx_and_memory_stays_bounded() {
+    let db = tidemark_testkit::postgres().await;
+    let (_, key) = auth::create(&db.pool, "r8", &[Scope::Ingest], None)
+        .await
+        .unwrap();
+    let port = tidemark_testkit::free_port();
+    let ingest = spawn_ingest(&db, port);
+    ready(port).await;
+    let baseline_kib = ingest.peak_rss_kib();
+
+    let mut rng = StdRng::seed_from_u64(8);
+    let good = serde_json::to_vec(&order_json(&random_order(&mut rng))).unwrap();
+    let mut invalid_utf8 = good.clone();
+    invalid_utf8[12] = 0xff;
+    let mut wrong_type = order_json(&random_order(&mut rng));
+    wrong_type["quantity"] = "three".into();
+    let mut malformed: Vec<(&str, Vec<u8>)> = vec![
+        ("application/json", b"{not json".to_vec()),
+        ("application/json", serde_json::to_vec(&wrong_type).unwrap()),
+        ("application/json", invalid_utf8),
+        ("application/json", ("[".repeat(10_000) + &"]".repeat(10_000)).into_bytes()),
+        (
+            "application/json",
+            ("{\"a\":".repeat(10_000) + "1" + &"}".repeat(10_000)).into_bytes(),
+        ),
+        ("application/x-ndjson", b"{}\n[1,2]\n{\"order_id\":".to_vec()),
+        ("application/avro", b"Obj\x01\xff\xff\xff\xffgarbage".to_vec()),
+        ("text/plain", good.clone()),
+    ];
+    // A 9 MB NDJSON body (under the 10 MiB limit) of one very long bad line.
+    malformed.push((
+        "application/x-ndjson",
+        format!("{{\"city\":\"{}\"}}\n", "x".repeat(9_000_000)).into_bytes(),
+    ));
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/orders");
+    let send = |content_type: &'static str, body: reqwest::Body| {
+        http.post(&url)
+            .bearer_auth(&key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let (mut not_problem, mut cut_off) = (0, 0);
+    // Each malformed body 50 times, 16 requests at a time.
+    let requests: Vec<_> = (0..50).flat_map(|_| malformed.clone()).collect();
+    let answers: Vec<_> = futures::stream::iter(requests)
+        .map(|(content_type, body)| send(content_type, body.into()))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    // 16 streamed bodies of 64 MiB each at once, no Content-Length: cut at the limit.
+    let oversized: Vec<_> = futures::future::join_all((0..16).map(|_| {
+        let chunks = futures::stream::iter(
+            (0..1024).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])),
+        );
+        send("application/json", reqwest::Body::wrap_stream(chunks))
+    }))
+    .await;
+    for answer in answers.into_iter().chain(oversized) {
+        match answer {
+            Ok(r) => {
+                *statuses.entry(r.status().as_u16()).or_default() += 1;
+                not_problem += usize::from(
+                    r.headers()
+                        .get("content-type")
+                        .is_none_or(|v| v != "application/problem+json"),
+                );
+            }
+            // The server may close a connection once it has answered 413, before
+            // the client has finished sending.
+            Err(_) => cut_off += 1,
+        }
+    }
+    let peak_kib = ingest.peak_rss_kib();
+    let five_xx: usize = statuses
+        .iter()
+        .filter(|(s, _)| **s >= 500)
+        .map(|(_, n)| n)
+        .sum();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    tidemark_testkit::figure(
+        "R8",
+        format!(
+            "ingest as a process, {} malformed bodies (9 kinds incl. 10k-deep nesting, invalid \
+             UTF-8, a 9 MB bad line) 16 at a time, then 16 concurrent 64 MiB streamed bodies: \
+             statuses {statuses:?} (+{cut_off} connections closed after an early 413); \
+             5xx {five_xx}; peak RSS {} MiB (after startup {} MiB)",
+            malformed.len() * 50,
+            peak_kib / 1024,
+            baseline_kib / 1024
+        ),
+    );
+    assert_eq!(five_xx, 0);
+    assert_eq!(not_problem, 0, "every error is problem+json");
+    assert_eq!(stored, 0, "nothing stored");
+    assert!(
+        statuses.keys().all(|s| [400, 413, 415].contains(s)),
+        "{statuses:?}"
+    );
+    // At most the body limit per request in flight, plus the process itself.
+    assert!(
+        peak_kib < baseline_kib + 16 * 3 * 10 * 1024 + 64 * 1024,
+        "peak RSS {peak_kib} KiB"
+    );
 }
