@@ -40,6 +40,8 @@ pub struct ServingSettings {
     /// GraphQL: highest complexity accepted (a field counts 1; `revenue` 20,
     /// `summary` 40, `userOrders` 10).
     pub graphql_max_complexity: usize,
+    /// GraphQL: longest query text accepted, in bytes.
+    pub graphql_max_query_bytes: usize,
     /// GraphQL: allow schema introspection.
     pub graphql_introspection: bool,
     /// How often a subscription checks the speed view for new orders.
@@ -62,6 +64,7 @@ impl Default for ServingSettings {
             cache_entries: 2_000,
             graphql_max_depth: 8,
             graphql_max_complexity: 300,
+            graphql_max_query_bytes: 16 * 1024,
             graphql_introspection: true,
             subscription_poll: Duration::from_millis(100),
             default_rate_per_second: None,

@@ -340,17 +340,99 @@ type Cached = (DataVersion, Arc<Vec<u8>>);
 const CACHEABLE_FIELDS: [&str; 3] = ["revenue", "summary", "__typename"];
 const CACHE_ENTRIES: usize = 1_000;
 
-fn cacheable(query: &str) -> bool {
+/// What a cheap look at a query's text finds, before async-graphql validates it.
+#[derive(Debug, PartialEq)]
+enum Precheck {
+    /// Not parseable: async-graphql reports why.
+    Unparsed,
+    /// Certainly over a limit: refused with this message, unvalidated.
+    Refused(&'static str),
+    /// Within the limits; whether only revenue/summary questions are asked.
+    Admitted { cacheable: bool },
+}
+
+/// Refuses a query over the limits from its text alone. async-graphql checks depth
+/// and complexity only after its validation rules, one of which
+/// (overlapping fields) is quadratic in the number of fields: a 20 kB query of
+/// repeated fields would cost tens of milliseconds of CPU before being refused.
+/// Every field counts at least 1 toward complexity and fragment spreads are
+/// expanded, so a query with more fields than the complexity limit, or fields
+/// nested deeper than the depth limit, would be refused anyway.
+fn precheck(query: &str, settings: &ServingSettings) -> Precheck {
+    if query.len() > settings.graphql_max_query_bytes {
+        return Precheck::Refused("Query is too large.");
+    }
     let Ok(document) = async_graphql::parser::parse_query(query) else {
-        return false;
+        return Precheck::Unparsed;
     };
-    document.operations.iter().all(|(_, operation)| {
-        operation.node.ty == OperationType::Query
-            && operation.node.selection_set.node.items.iter().all(|item| {
+    let mut walk = Walk {
+        document: &document,
+        fields: 0,
+        depth: 0,
+        max_fields: settings.graphql_max_complexity,
+        max_depth: settings.graphql_max_depth,
+        spreads: Vec::new(),
+    };
+    let mut cacheable = true;
+    for (_, operation) in document.operations.iter() {
+        let selections = &operation.node.selection_set.node;
+        cacheable &= operation.node.ty == OperationType::Query
+            && selections.items.iter().all(|item| {
                 matches!(&item.node, Selection::Field(field)
                     if CACHEABLE_FIELDS.contains(&field.node.name.node.as_str()))
-            })
-    })
+            });
+        walk.selections(selections, 0);
+    }
+    if walk.fields > walk.max_fields {
+        Precheck::Refused("Query is too complex.")
+    } else if walk.depth > walk.max_depth {
+        Precheck::Refused("Query is nested too deep.")
+    } else {
+        Precheck::Admitted { cacheable }
+    }
+}
+
+/// Counts fields and their nesting, expanding fragment spreads, and stops as soon
+/// as a limit is passed (so a cyclic or exponential fragment costs nothing more).
+struct Walk<'a> {
+    document: &'a async_graphql::parser::types::ExecutableDocument,
+    fields: usize,
+    depth: usize,
+    max_fields: usize,
+    max_depth: usize,
+    spreads: Vec<&'a str>,
+}
+
+impl<'a> Walk<'a> {
+    fn selections(&mut self, set: &'a async_graphql::parser::types::SelectionSet, depth: usize) {
+        for item in &set.items {
+            if self.fields > self.max_fields || self.depth > self.max_depth {
+                return;
+            }
+            match &item.node {
+                Selection::Field(field) => {
+                    self.fields += 1;
+                    self.depth = self.depth.max(depth + 1);
+                    self.selections(&field.node.selection_set.node, depth + 1);
+                }
+                Selection::InlineFragment(fragment) => {
+                    self.selections(&fragment.node.selection_set.node, depth);
+                }
+                Selection::FragmentSpread(spread) => {
+                    let name = spread.node.fragment_name.node.as_str();
+                    // A cycle is a validation error async-graphql reports.
+                    if self.spreads.contains(&name) {
+                        continue;
+                    }
+                    if let Some(fragment) = self.document.fragments.get(name) {
+                        self.spreads.push(name);
+                        self.selections(&fragment.node.selection_set.node, depth);
+                        self.spreads.pop();
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn execute(
@@ -359,7 +441,19 @@ async fn execute(
     cache: &ResponseCache,
     request: async_graphql::Request,
 ) -> Response {
-    let key = cacheable(&request.query)
+    let cacheable = match precheck(&request.query, &app.settings) {
+        Precheck::Refused(message) => {
+            metrics::counter!("serving_graphql_refused_total").increment(1);
+            let refused =
+                async_graphql::Response::from_errors(vec![async_graphql::ServerError::new(
+                    message, None,
+                )]);
+            return json(serde_json::to_vec(&refused).unwrap_or_default());
+        }
+        Precheck::Admitted { cacheable } => cacheable,
+        Precheck::Unparsed => false,
+    };
+    let key = cacheable
         .then(|| {
             serde_json::to_string(&(&request.query, &request.operation_name, &request.variables))
                 .ok()
@@ -415,4 +509,79 @@ pub fn graphiql() -> Router<Arc<AppState>> {
             )
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Precheck, precheck};
+    use crate::config::ServingSettings;
+
+    fn settings() -> ServingSettings {
+        ServingSettings {
+            graphql_max_depth: 4,
+            graphql_max_complexity: 10,
+            ..ServingSettings::default()
+        }
+    }
+
+    #[test]
+    fn queries_within_the_limits_are_admitted() {
+        let s = settings();
+        assert_eq!(
+            precheck("{ revenue(from: 1, to: 2) { points { bucket } } }", &s),
+            Precheck::Admitted { cacheable: true }
+        );
+        assert_eq!(
+            precheck("{ userOrders(userId: \"u\") { orders { orderId } } }", &s),
+            Precheck::Admitted { cacheable: false }
+        );
+        assert_eq!(precheck("{ not graphql", &s), Precheck::Unparsed);
+    }
+
+    #[test]
+    fn too_many_fields_or_too_deep_are_refused_from_the_text() {
+        let s = settings();
+        let aliases: String = (0..11).map(|i| format!("a{i}: __typename ")).collect();
+        assert_eq!(
+            precheck(&format!("{{ {aliases} }}"), &s),
+            Precheck::Refused("Query is too complex.")
+        );
+        assert_eq!(
+            precheck("{ a { b { c { d { e } } } } }", &s),
+            Precheck::Refused("Query is nested too deep.")
+        );
+        // Inline fragments add no depth; fields inside them count.
+        assert_eq!(
+            precheck("{ a { ... on A { b { c { d } } } } }", &s),
+            Precheck::Admitted { cacheable: false }
+        );
+        assert_eq!(
+            precheck(&"{ a }".replace('a', &"x ".repeat(10_000)), &s),
+            Precheck::Refused("Query is too large.")
+        );
+    }
+
+    #[test]
+    fn fragment_spreads_are_expanded_and_cycles_cost_nothing() {
+        let s = settings();
+        // Each spread of F brings its four fields: 3 × 4 > 10.
+        let spread = "{ a { ...F } b { ...F } c { ...F } } fragment F on T { w x y z }";
+        assert_eq!(
+            precheck(spread, &s),
+            Precheck::Refused("Query is too complex.")
+        );
+        // Doubling fragments: expanded naively, 2^30 fields; refused at the limit.
+        let mut doubling = String::from("{ ...F0 } ");
+        for i in 0..30 {
+            doubling += &format!("fragment F{i} on Q {{ ...F{} ...F{} }} ", i + 1, i + 1);
+        }
+        doubling += "fragment F30 on Q { __typename }";
+        assert_eq!(
+            precheck(&doubling, &s),
+            Precheck::Refused("Query is too complex.")
+        );
+        // A cycle is left for async-graphql's validation to report.
+        let cycle = "{ ...A } fragment A on Q { x ...B } fragment B on Q { y ...A }";
+        assert_eq!(precheck(cycle, &s), Precheck::Admitted { cacheable: false });
+    }
 }

@@ -655,19 +655,19 @@ pub fn heavy() -> bool {
 pub struct ServiceEnv(pub Vec<(String, String)>);
 
 impl ServiceEnv {
-    pub fn set(mut self, key: &str, value: impl ToString) -> ServiceEnv {
+    pub fn set(mut self, key: &str, value: &dyn std::fmt::Display) -> ServiceEnv {
         self.0.push((key.to_owned(), value.to_string()));
         self
     }
 
     pub fn postgres(self, config: &PostgresConfig) -> ServiceEnv {
         use secrecy::ExposeSecret;
-        self.set("TIDEMARK_POSTGRES__URL", config.url.expose_secret())
+        self.set("TIDEMARK_POSTGRES__URL", &config.url.expose_secret())
     }
 
     pub fn redis(self, config: &RedisConfig) -> ServiceEnv {
         use secrecy::ExposeSecret;
-        self.set("TIDEMARK_REDIS__URL", config.url.expose_secret())
+        self.set("TIDEMARK_REDIS__URL", &config.url.expose_secret())
             .set("TIDEMARK_REDIS__KEY_PREFIX", &config.key_prefix)
     }
 
@@ -683,10 +683,10 @@ impl ServiceEnv {
             .set("TIDEMARK_S3__BUCKET", &config.bucket)
             .set("TIDEMARK_S3__PREFIX", &config.prefix);
         if let Some(id) = &config.access_key_id {
-            env = env.set("TIDEMARK_S3__ACCESS_KEY_ID", id);
+            env = env.set("TIDEMARK_S3__ACCESS_KEY_ID", &id);
         }
         if let Some(secret) = &config.secret_access_key {
-            env = env.set("TIDEMARK_S3__SECRET_ACCESS_KEY", secret.expose_secret());
+            env = env.set("TIDEMARK_S3__SECRET_ACCESS_KEY", &secret.expose_secret());
         }
         env
     }
@@ -858,15 +858,19 @@ impl PrivateClickHouse {
             .expect("clickhouse-server starts");
         *self.child.lock().unwrap() = Some(child);
         let url = format!("http://127.0.0.1:{}/?query=SELECT%201", self.http_port);
-        eventually(Duration::from_secs(60), "private ClickHouse answers", || {
-            let request = reqwest::get(url.clone());
-            async move {
-                match request.await {
-                    Ok(r) => r.text().await.is_ok_and(|t| t.trim() == "1"),
-                    Err(_) => false,
+        eventually(
+            Duration::from_secs(60),
+            "private ClickHouse answers",
+            || {
+                let request = reqwest::get(url.clone());
+                async move {
+                    match request.await {
+                        Ok(r) => r.text().await.is_ok_and(|t| t.trim() == "1"),
+                        Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
     }
 
@@ -914,24 +918,25 @@ impl SlowProxy {
                     };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
-                                mut to: tokio::net::tcp::OwnedWriteHalf| {
-                        let delay = delay.clone();
-                        async move {
-                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                            let mut buf = vec![0; 64 * 1024];
-                            while let Ok(n @ 1..) = from.read(&mut buf).await {
-                                let ms = delay.load(Ordering::Relaxed);
-                                if ms > 0 {
-                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let pipe =
+                        |mut from: tokio::net::tcp::OwnedReadHalf,
+                         mut to: tokio::net::tcp::OwnedWriteHalf| {
+                            let delay = delay.clone();
+                            async move {
+                                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                                let mut buf = vec![0; 64 * 1024];
+                                while let Ok(n @ 1..) = from.read(&mut buf).await {
+                                    let ms = delay.load(Ordering::Relaxed);
+                                    if ms > 0 {
+                                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                                    }
+                                    if to.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
                                 }
-                                if to.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
+                                drop(to.shutdown().await);
                             }
-                            drop(to.shutdown().await);
-                        }
-                    };
+                        };
                     tokio::join!(
                         pipe(client_read, server_write),
                         pipe(server_read, client_write)

@@ -186,7 +186,7 @@ impl Env {
             .postgres(&self.db.config)
             .s3(&self.s3)
             .clickhouse(&self.ch)
-            .set("TIDEMARK_COMPACTOR__RELAY_WAIT", 30_000)
+            .set("TIDEMARK_COMPACTOR__RELAY_WAIT", &30_000)
     }
 
     /// Lake objects in S3 are exactly those in the manifest.

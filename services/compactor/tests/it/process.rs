@@ -120,7 +120,10 @@ async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact
         };
         clickhouse.stop();
         let status = process.exit(Duration::from_secs(120)).await;
-        assert!(!status.success(), "a run without ClickHouse fails: {status}");
+        assert!(
+            !status.success(),
+            "a run without ClickHouse fails: {status}"
+        );
         let state = tidemark_batchview::PublishedState::load(&env.db.pool)
             .await
             .unwrap()

@@ -1,6 +1,6 @@
 //! `POST /v1/orders`: idempotency, batches, formats, limits, auth and outages.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -284,18 +284,32 @@ async fn keys_are_hashed_scoped_rate_limited_and_unknown_equals_revoked() {
     let (revoked_key, revoked) = auth::create(&h.db.pool, "old", &[Scope::Ingest], None)
         .await
         .unwrap();
+    let revoked_token_text = revoked.clone();
     assert_eq!(
         auth::revoke(&h.db.pool, &revoked_key.key_id.to_string())
             .await
             .unwrap(),
         1
     );
-    let unknown = send(Some(auth::generate_token())).await.unwrap();
-    let revoked = send(Some(revoked)).await.unwrap();
+    let unknown_token = auth::generate_token();
+    let unknown = send(Some(unknown_token.clone())).await.unwrap();
+    let revoked = send(Some(revoked.clone())).await.unwrap();
     let missing = send(None).await.unwrap();
     assert_eq!(unknown.status(), 401);
     assert_eq!(revoked.status(), 401);
     assert_eq!(missing.status(), 401);
+    let headers = |r: &reqwest::Response| {
+        let mut h: Vec<String> = r
+            .headers()
+            .iter()
+            // Per request by design: the date and the request id.
+            .filter(|(k, _)| *k != "date" && *k != "x-request-id")
+            .map(|(k, v)| format!("{k}: {v:?}"))
+            .collect();
+        h.sort();
+        h
+    };
+    let (unknown_headers, revoked_headers) = (headers(&unknown), headers(&revoked));
     let (a, b) = (
         unknown.bytes().await.unwrap(),
         revoked.bytes().await.unwrap(),
@@ -305,7 +319,40 @@ async fn keys_are_hashed_scoped_rate_limited_and_unknown_equals_revoked() {
     let (_, reader) = auth::create(&h.db.pool, "reader", &[Scope::Read], None)
         .await
         .unwrap();
-    assert_eq!(send(Some(reader)).await.unwrap().status(), 403);
+    let wrong_scope = send(Some(reader.clone())).await.unwrap();
+    assert_eq!(wrong_scope.status(), 403);
+    let wrong_scope = wrong_scope.bytes().await.unwrap();
+
+    // Leaks: a token readable in the database, an answer that tells unknown from
+    // revoked, or an answer that echoes the token it was sent.
+    let tokens = [&h.key, &revoked_token_text, &reader, &unknown_token];
+    let stored_text: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(k)::text FROM api_keys k")
+            .fetch_all(&h.db.pool)
+            .await
+            .unwrap();
+    let readable = stored_text
+        .iter()
+        .filter(|row| tokens.iter().any(|t| row.contains(t.as_str())))
+        .count();
+    let echoed = [&a, &b, &wrong_scope]
+        .iter()
+        .filter(|body| {
+            let body = String::from_utf8_lossy(body);
+            tokens.iter().any(|t| body.contains(t.as_str()))
+        })
+        .count();
+    let distinguishable = usize::from(a != b) + usize::from(unknown_headers != revoked_headers);
+    let leaks = readable + echoed + distinguishable;
+    tidemark_testkit::figure(
+        "R9",
+        format!(
+            "no key, unknown, revoked → 401 (unknown and revoked byte-identical, headers too), \
+             wrong scope → 403: leaks {leaks} (tokens readable in api_keys {readable}, echoed \
+             {echoed}, unknown/revoked distinguishable {distinguishable})"
+        ),
+    );
+    assert_eq!(leaks, 0);
 
     let (_, slow) = auth::create(&h.db.pool, "slow", &[Scope::Ingest], Some(2))
         .await
@@ -357,8 +404,7 @@ async fn postgres_down_is_503_with_retry_after_and_recovers() {
                 let mut rng = StdRng::seed_from_u64(120 + i);
                 while !stop.load(Ordering::Relaxed) {
                     let order = order_json(&random_order(&mut rng));
-                    let Ok(r) = http.post(&url).bearer_auth(&key).json(&order).send().await
-                    else {
+                    let Ok(r) = http.post(&url).bearer_auth(&key).json(&order).send().await else {
                         continue;
                     };
                     let status = r.status().as_u16();
@@ -452,4 +498,131 @@ async fn openapi_and_swagger_ui_are_served() {
     let docs = h.http.get(h.svc.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
     assert!(docs.text().await.unwrap().contains("swagger"));
+}
+
+/// p99 of `latencies`, in milliseconds.
+fn p99(latencies: &mut [Duration]) -> f64 {
+    latencies.sort_unstable();
+    let i = (latencies.len() * 99).div_ceil(100).saturating_sub(1);
+    latencies[i].as_secs_f64() * 1e3
+}
+
+/// One order per request on `key` at `rate` per second for `seconds`, open loop;
+/// the latencies of the answers and how many were not 2xx.
+async fn steady(
+    h: &Harness,
+    key: &str,
+    rate: u64,
+    seconds: u64,
+    seed: u64,
+) -> (Vec<Duration>, u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut requests = Vec::new();
+    for _ in 0..rate * seconds {
+        tick.tick().await;
+        let request = h
+            .http
+            .post(h.svc.url("/v1/orders"))
+            .bearer_auth(key)
+            .json(&order_json(&random_order(&mut rng)))
+            .send();
+        requests.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let ok = request.await.is_ok_and(|r| r.status().is_success());
+            (started.elapsed(), ok)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for request in requests {
+        let (latency, ok) = request.await.unwrap();
+        latencies.push(latency);
+        failed += u64::from(!ok);
+    }
+    (latencies, failed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latency() {
+    let h = Harness::start().await;
+    let (_, burster) = auth::create(&h.db.pool, "burster", &[Scope::Ingest], Some(10))
+        .await
+        .unwrap();
+    // Warm up, then the other key alone.
+    steady(&h, &h.key, 50, 1, 1).await;
+    let (mut alone, failed_alone) = steady(&h, &h.key, 100, 4, 2).await;
+
+    // The same again while the limited key (10/s) bursts at 1,000 requests/s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (limited, with_retry_after, bursts) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let burst = {
+        let (stop, limited, with_retry_after, bursts) = (
+            stop.clone(),
+            limited.clone(),
+            with_retry_after.clone(),
+            bursts.clone(),
+        );
+        let (http, url) = (h.http.clone(), h.svc.url("/v1/orders"));
+        let body = order_json(&random_order(&mut StdRng::seed_from_u64(3)));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut inflight = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let request = http.post(&url).bearer_auth(&burster).json(&body).send();
+                let (limited, with_retry_after) = (limited.clone(), with_retry_after.clone());
+                bursts.fetch_add(1, Ordering::Relaxed);
+                inflight.push(tokio::spawn(async move {
+                    if let Ok(r) = request.await
+                        && r.status() == 429
+                    {
+                        limited.fetch_add(1, Ordering::Relaxed);
+                        if r.headers().contains_key("retry-after") {
+                            with_retry_after.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            for request in inflight {
+                request.await.unwrap();
+            }
+        })
+    };
+    let (mut during, failed_during) = steady(&h, &h.key, 100, 4, 4).await;
+    stop.store(true, Ordering::Relaxed);
+    burst.await.unwrap();
+    let (before, after) = (p99(&mut alone), p99(&mut during));
+    let (bursts, limited, with_retry_after) = (
+        bursts.load(Ordering::Relaxed),
+        limited.load(Ordering::Relaxed),
+        with_retry_after.load(Ordering::Relaxed),
+    );
+    tidemark_testkit::figure(
+        "R11",
+        format!(
+            "a key limited to 10/s bursting at 1,000 requests/s ({bursts} sent, {limited} got \
+             429, {with_retry_after} with Retry-After); another key at 100 orders/s: p99 \
+             {before:.1} ms alone → {after:.1} ms during the burst ({:+.1} ms), non-2xx \
+             {failed_alone} → {failed_during}",
+            after - before
+        ),
+    );
+    assert!(limited >= bursts * 9 / 10, "the burst is limited");
+    assert_eq!(limited, with_retry_after);
+    assert_eq!(
+        failed_alone + failed_during,
+        0,
+        "the other key is never limited"
+    );
+    // Unchanged within what two shared cores allow (the burst's own requests
+    // take CPU on this machine, client and server alike).
+    assert!(
+        after <= before * 3.0 + 10.0,
+        "p99 {before:.1} → {after:.1} ms"
+    );
 }

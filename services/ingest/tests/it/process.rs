@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
 use futures::StreamExt;
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tidemark_platform::auth::{self, Scope};
 use tidemark_testkit::{Process, ServiceEnv, TestDb};
@@ -19,8 +19,8 @@ use crate::{order_json, random_order};
 fn spawn_ingest(db: &TestDb, port: u16) -> Process {
     let env = ServiceEnv::default()
         .postgres(&db.config)
-        .set("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .set("TIDEMARK_RELAY__ENABLED", false);
+        .set("TIDEMARK_HTTP__LISTEN", &format!("127.0.0.1:{port}"))
+        .set("TIDEMARK_RELAY__ENABLED", &false);
     Process::spawn(env!("CARGO_BIN_EXE_tidemark-ingest"), &[], &env)
 }
 
@@ -181,13 +181,22 @@ async fn r8_bad_inputs_get_4xx_and_memory_stays_bounded() {
         ("application/json", b"{not json".to_vec()),
         ("application/json", serde_json::to_vec(&wrong_type).unwrap()),
         ("application/json", invalid_utf8),
-        ("application/json", ("[".repeat(10_000) + &"]".repeat(10_000)).into_bytes()),
+        (
+            "application/json",
+            ("[".repeat(10_000) + &"]".repeat(10_000)).into_bytes(),
+        ),
         (
             "application/json",
             ("{\"a\":".repeat(10_000) + "1" + &"}".repeat(10_000)).into_bytes(),
         ),
-        ("application/x-ndjson", b"{}\n[1,2]\n{\"order_id\":".to_vec()),
-        ("application/avro", b"Obj\x01\xff\xff\xff\xffgarbage".to_vec()),
+        (
+            "application/x-ndjson",
+            b"{}\n[1,2]\n{\"order_id\":".to_vec(),
+        ),
+        (
+            "application/avro",
+            b"Obj\x01\xff\xff\xff\xffgarbage".to_vec(),
+        ),
         ("text/plain", good.clone()),
     ];
     // A 9 MB NDJSON body (under the 10 MiB limit) of one very long bad line.

@@ -6,6 +6,7 @@ mod dashboards;
 mod demo;
 mod merge;
 mod ops;
+mod process;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -23,10 +23,10 @@ async fn r4_speed_killed_flushed_and_restarted_rebuilds_itself_exactly() {
     let env = ServiceEnv::default()
         .postgres(&db.config)
         .redis(&redis)
-        .set("TIDEMARK_HTTP__LISTEN", "127.0.0.1:0")
-        .set("TIDEMARK_SPEED__POLL_INTERVAL", 5)
-        .set("TIDEMARK_SPEED__MAX_BACKOFF", 100)
-        .set("TIDEMARK_SPEED__BATCH_SIZE", 50);
+        .set("TIDEMARK_HTTP__LISTEN", &"127.0.0.1:0")
+        .set("TIDEMARK_SPEED__POLL_INTERVAL", &5)
+        .set("TIDEMARK_SPEED__MAX_BACKOFF", &100)
+        .set("TIDEMARK_SPEED__BATCH_SIZE", &50);
     let kills = if tidemark_testkit::heavy() { 40 } else { 12 };
     let writer = {
         let pool = db.pool.clone();
@@ -73,13 +73,17 @@ async fn r4_speed_killed_flushed_and_restarted_rebuilds_itself_exactly() {
     let started = Instant::now();
     let head = tidemark_testkit::log_head(&db.pool).await;
     let (_, view) = consumer(&db.pool, &redis, 1);
-    tidemark_testkit::eventually(Duration::from_secs(60), "the speed layer catches up", || {
-        let view = view.clone();
-        async move {
-            let cursor = view.meta().await.ok().flatten();
-            cursor.map(|m| (m.cursor.txid, m.cursor.seq)) >= head
-        }
-    })
+    tidemark_testkit::eventually(
+        Duration::from_secs(60),
+        "the speed layer catches up",
+        || {
+            let view = view.clone();
+            async move {
+                let cursor = view.meta().await.ok().flatten();
+                cursor.map(|m| (m.cursor.txid, m.cursor.seq)) >= head
+            }
+        },
+    )
     .await;
     let catch_up = started.elapsed().as_secs_f64();
     let mut drift = 0;
