@@ -1,6 +1,7 @@
 //! Speed-layer integration tests against real Postgres and Redis.
 
 mod exactness;
+mod horizon;
 mod faults;
 mod ops;
 mod process;
