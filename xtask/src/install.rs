@@ -73,7 +73,33 @@ const PACKAGES: &[Package] = &[
         apt: "docker-compose",
         installed: || which("docker-compose").is_some(),
     },
+    // Virtualenvs for the PyPI tools: schemathesis (tests), DuckDB (benchmarks).
+    Package {
+        apt: "python3-venv",
+        installed: || run(Command::new("python3").args(["-c", "import ensurepip, venv"])).is_ok(),
+    },
 ];
+
+/// Schemathesis from PyPI, pinned: the API fuzzer the tests run against each
+/// OpenAPI spec (RELIABILITY.md R14).
+pub const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// Installs schemathesis into `.tidemark/tools/schemathesis` if it is not there,
+/// and returns the path of its command.
+pub fn schemathesis() -> Result<PathBuf> {
+    let venv = crate::stack::workspace_root().join(".tidemark/tools/schemathesis");
+    let st = venv.join("bin/schemathesis");
+    let version = SCHEMATHESIS.split("==").nth(1).unwrap_or_default();
+    if run(Command::new(&st).arg("--version")).is_ok_and(|v| v.contains(version)) {
+        return Ok(st);
+    }
+    eprintln!("xtask: installing {SCHEMATHESIS} from PyPI (~15 s)");
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", SCHEMATHESIS]))?;
+    Ok(st)
+}
 
 fn s3s_fs_installed() -> bool {
     cargo_bin("s3s-fs").exists()

@@ -148,6 +148,10 @@ fn test_env(stack: &Stack) -> Result<Vec<(String, String)>> {
         ),
         var("PROMETHEUS_URL", stack.prometheus_url()),
         var(
+            "SCHEMATHESIS",
+            install::schemathesis()?.display().to_string(),
+        ),
+        var(
             "PROMETHEUS_TARGETS",
             stack.base.join("prometheus/targets").display().to_string(),
         ),

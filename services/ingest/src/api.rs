@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use tidemark_platform::problem::BearerAuth;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -59,7 +60,8 @@ pub struct IngestResponse {
 
 /// An order. Unknown fields are rejected.
 #[allow(dead_code)] // documentation only: the wire type lives in `decode`
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)] // states `additionalProperties: false`
 #[schema(as = Order, example = json!({
     "order_id": "0193a1b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b",
     "user_id": "user-1042", "city": "Berlin", "product_id": "sku-778",
@@ -69,22 +71,41 @@ pub struct IngestResponse {
 struct OrderSchema {
     /// Client-chosen UUID: the idempotency key.
     order_id: Uuid,
-    /// 1–64 characters, no control characters.
-    #[schema(min_length = 1, max_length = 64)]
+    /// 1–64 characters, not blank, no control characters (U+0000–U+001F,
+    /// U+007F–U+009F); the same pattern on each text field.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     user_id: String,
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     city: String,
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     product_id: String,
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     category: String,
     #[schema(minimum = 1, maximum = 1000)]
     quantity: i32,
     /// Price of one unit in minor units of `currency` (cents for EUR, yen for JPY).
     #[schema(minimum = 0, maximum = 100_000_000)]
     unit_price_minor: i64,
-    /// ISO 4217: AUD BRL CAD CHF CNY CZK DKK EUR GBP INR JPY KRW MXN NOK NZD PLN SEK SGD USD.
-    #[schema(pattern = "^[A-Z]{3}$")]
+    /// ISO 4217, one of the accepted codes.
+    #[schema(
+        pattern = "^(AUD|BRL|CAD|CHF|CNY|CZK|DKK|EUR|GBP|INR|JPY|KRW|MXN|NOK|NZD|PLN|SEK|SGD|USD)$"
+    )]
     currency: String,
     /// Event time, RFC 3339 (any offset; stored in UTC, microsecond precision). At
     /// most 5 minutes in the future, not before 2000-01-01.
@@ -102,21 +123,41 @@ struct OrderSchema {
     paths(post_orders),
     components(schemas(OrderSchema, IngestResponse,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &OrdersBody),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
 
-struct BearerAuth;
+/// The JSON body: one order, or an array of 1 to 10,000 (the default
+/// `ingest.max_batch`). The path macro cannot state both forms with bounds.
+struct OrdersBody;
 
-impl utoipa::Modify for BearerAuth {
+impl utoipa::Modify for OrdersBody {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
+        use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr};
+        let body = OneOfBuilder::new()
+            .item(Ref::from_schema_name("Order"))
+            .item(
+                ArrayBuilder::new()
+                    .items(Ref::from_schema_name("Order"))
+                    .min_items(Some(1))
+                    .max_items(Some(10_000)),
+            )
+            .build();
+        let body: RefOr<Schema> = Schema::OneOf(body).into();
+        let request = openapi
+            .paths
+            .paths
+            .get_mut("/v1/orders")
+            .and_then(|path| path.post.as_mut())
+            .and_then(|post| post.request_body.as_mut());
+        if let Some(RefOr::T(request)) = request {
+            request.content.insert(
+                "application/json".into(),
+                RefOr::T(ContentBuilder::new().schema(Some(body)).build()),
+            );
+        }
     }
 }
 
@@ -132,8 +173,8 @@ impl utoipa::Modify for BearerAuth {
         description = "One order (object), a batch (array), NDJSON (one order per line) \
                        or an Avro Object Container File (schema v1 or v2).",
         content(
+            // One order or a batch of 1 to 10,000: see `OrdersBody`.
             (OrderSchema = "application/json"),
-            (Vec<OrderSchema> = "application/json"),
             ("application/x-ndjson"),
             ("application/avro"),
         )
@@ -304,4 +345,27 @@ async fn ingest(
             duplicate_order_ids: outcome.duplicates,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi;
+
+    #[test]
+    fn the_specs_currency_pattern_lists_exactly_the_accepted_codes() {
+        let spec = serde_json::to_value(super::ApiDoc::openapi()).unwrap();
+        let pattern = spec["components"]["schemas"]["Order"]["properties"]["currency"]["pattern"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let listed: Vec<&str> = pattern
+            .trim_start_matches("^(")
+            .trim_end_matches(")$")
+            .split('|')
+            .collect();
+        let accepted: Vec<String> = tidemark_domain::Currency::all()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        assert_eq!(listed, accepted);
+    }
 }

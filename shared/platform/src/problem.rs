@@ -296,3 +296,55 @@ pub struct FieldErrorSchema {
     #[schema(example = "must be an accepted ISO 4217 code (e.g. EUR, USD, JPY)")]
     pub detail: String,
 }
+
+/// An OpenAPI modifier for APIs behind a bearer key: declares the `bearer` scheme
+/// and documents on every operation the answers the key check can give (401, 403,
+/// 429), so each operation's spec lists every status it can return.
+pub struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        let answers = [
+            ("401", "Missing, unknown or revoked API key"),
+            ("403", "The key lacks the scope this operation needs"),
+            ("429", "The key is over its rate; see Retry-After"),
+        ];
+        for path in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut path.get,
+                &mut path.post,
+                &mut path.put,
+                &mut path.patch,
+                &mut path.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, description) in answers {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .description(description)
+                                    .content(
+                                        "application/problem+json",
+                                        ContentBuilder::new()
+                                            .schema(Some(Ref::from_schema_name("Problem")))
+                                            .build(),
+                                    )
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Ingest integration tests against the real servers `cargo xtask test` starts.
 
 mod api;
+mod fuzz;
 mod ops;
 mod process;
 mod relay;

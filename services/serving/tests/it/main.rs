@@ -4,6 +4,7 @@
 mod api;
 mod dashboards;
 mod demo;
+mod fuzz;
 mod merge;
 mod ops;
 mod process;

@@ -60,9 +60,11 @@ async fn r13_an_idle_transaction_pauses_the_consumers_and_nothing_is_skipped() {
             .map(|v| v[1])
             .sum()
     };
-    tidemark_testkit::eventually(Duration::from_secs(20), "the speed layer applies", || async {
-        applied().await == 100
-    })
+    tidemark_testkit::eventually(
+        Duration::from_secs(20),
+        "the speed layer applies",
+        || async { applied().await == 100 },
+    )
     .await;
 
     // An unrelated session takes a transaction id and then sits idle.
@@ -101,14 +103,18 @@ async fn r13_an_idle_transaction_pauses_the_consumers_and_nothing_is_skipped() {
     let released = Instant::now();
 
     // Released, both catch up with everything, skipping nothing.
-    tidemark_testkit::eventually(Duration::from_secs(30), "the consumers catch up", || async {
-        let landed: i64 =
-            sqlx::query_scalar("SELECT COALESCE(sum(rows), 0)::int8 FROM lake_raw_files")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        landed == total_during && applied().await == total_during
-    })
+    tidemark_testkit::eventually(
+        Duration::from_secs(30),
+        "the consumers catch up",
+        || async {
+            let landed: i64 =
+                sqlx::query_scalar("SELECT COALESCE(sum(rows), 0)::int8 FROM lake_raw_files")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            landed == total_during && applied().await == total_during
+        },
+    )
     .await;
     let caught_up = released.elapsed().as_secs_f64();
     let truth = tidemark_testkit::ground_truth(&pool, 86_400, "total", 0, u64::MAX).await;
@@ -135,8 +141,14 @@ async fn r13_an_idle_transaction_pauses_the_consumers_and_nothing_is_skipped() {
     );
     assert!(paused_at <= 100, "the speed layer passed the held horizon");
     assert!(landed_during <= 100, "the relay passed the held horizon");
-    assert!(speed_lag >= idle_for.as_secs_f64() - 5.0, "speed lag rose: {speed_lag}");
-    assert!(relay_lag >= idle_for.as_secs_f64() - 5.0, "relay lag rose: {relay_lag}");
+    assert!(
+        speed_lag >= idle_for.as_secs_f64() - 5.0,
+        "speed lag rose: {speed_lag}"
+    );
+    assert!(
+        relay_lag >= idle_for.as_secs_f64() - 5.0,
+        "relay lag rose: {relay_lag}"
+    );
     assert_eq!(seen, truth);
     assert_eq!((speed_skipped, relay_skipped), (0, 0));
     ingest.stop().await.unwrap();

@@ -1,8 +1,8 @@
 //! Speed-layer integration tests against real Postgres and Redis.
 
 mod exactness;
-mod horizon;
 mod faults;
+mod horizon;
 mod ops;
 mod process;
 
