@@ -138,10 +138,13 @@ impl Compactor {
     /// Plans and executes one run of `kind` (finishing a pending run first).
     pub async fn run_once(&self, kind: Kind) -> Result<Outcome> {
         let started = Instant::now();
-        let mut lock = self.pool.acquire().await?;
+        // A connection of its own, out of the pool: if this future is dropped
+        // mid-run, closing it releases the session lock (a pooled connection would
+        // go back to the pool still holding it).
+        let mut lock = self.pool.acquire().await?.detach();
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(LOCK_KEY)
-            .execute(&mut *lock)
+            .execute(&mut lock)
             .await?;
         let result = async {
             self.repair().await?;
@@ -155,12 +158,8 @@ impl Compactor {
             self.execute(&run).await
         }
         .await;
-        drop(
-            sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(LOCK_KEY)
-                .execute(&mut *lock)
-                .await,
-        );
+        // Closing the session releases its lock.
+        drop(sqlx::Connection::close(lock).await);
         metrics::histogram!("compactor_run_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(Outcome::Published { .. }) = &result
             && let Ok(Some(state)) = PublishedState::load(&self.pool).await

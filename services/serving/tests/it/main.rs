@@ -6,6 +6,7 @@ mod dashboards;
 mod demo;
 mod fuzz;
 mod merge;
+mod model;
 mod ops;
 mod process;
 
