@@ -327,19 +327,32 @@ impl Compactor {
             parquet_keys: Vec::new(),
             days: BTreeSet::new(),
         };
-        // Parse object by object (in groups, downloads overlapping), keeping only
-        // the run's range, so memory holds frames rather than text.
-        let mut frames = Vec::with_capacity(keys.len());
-        for group in keys.chunks(16) {
-            for body in self.fetch(group).await? {
-                let frame = lake::parse_raw(&body)?.lazy().filter(
-                    col("txid")
-                        .gt_eq(lit(run.from_threshold as i64))
-                        .and(col("txid").lt(lit(run.threshold as i64))),
-                );
-                frames.push(frame);
-            }
-        }
+        // Download eight objects at a time and parse them on blocking threads, two
+        // at a time (downloads and parsing overlap; the runtime's threads stay
+        // free), keeping only the run's range, so memory holds frames rather than
+        // text.
+        let (from, to) = (run.from_threshold as i64, run.threshold as i64);
+        let store = self.store.clone();
+        let frames: Vec<LazyFrame> = futures::stream::iter(keys.clone())
+            .map(move |key| {
+                let store = store.clone();
+                async move { store.get(&key).await }
+            })
+            .buffered(8)
+            .map(|body| async move {
+                let body = body?;
+                let parsed = tokio::task::spawn_blocking(move || lake::parse_raw(&body))
+                    .await
+                    .expect("the parse task does not panic")?;
+                Ok::<_, RunError>(
+                    parsed
+                        .lazy()
+                        .filter(col("txid").gt_eq(lit(from)).and(col("txid").lt(lit(to)))),
+                )
+            })
+            .buffered(2)
+            .try_collect()
+            .await?;
         if frames.is_empty() {
             return Ok(written);
         }
@@ -429,14 +442,34 @@ impl Compactor {
             ))
             .execute()
             .await?;
-        for chunk in rows.chunks(100_000) {
-            let mut insert = self.ch.insert::<AggRow>(&staging).await?;
-            for row in chunk {
-                insert.write(row).await?;
-            }
-            insert.end().await?;
+        // Several inserts at once: ClickHouse parses and writes each on threads of
+        // its own while this process serialises the next.
+        let staged = rows.len() as u64;
+        // Owned chunks of 100,000 (split from the end: each split moves one chunk).
+        let mut rows = rows;
+        let mut chunks: Vec<Vec<AggRow>> = Vec::new();
+        while !rows.is_empty() {
+            let at = rows.len().saturating_sub(100_000);
+            chunks.push(rows.split_off(at));
         }
-        Ok(rows.len() as u64)
+        let ch = self.ch.clone();
+        let table = staging.clone();
+        futures::stream::iter(chunks)
+            .map(move |chunk| {
+                let (ch, staging) = (ch.clone(), table.clone());
+                async move {
+                    let mut insert = ch.insert::<AggRow>(&staging).await?;
+                    for row in &chunk {
+                        insert.write(row).await?;
+                    }
+                    insert.end().await?;
+                    Ok::<_, RunError>(())
+                }
+            })
+            .buffer_unordered(3)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(staged)
     }
 
     /// Reconciles raw JSON ↔ Parquet ↔ staging and checks keys, amounts and
