@@ -593,12 +593,13 @@ async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latenc
     stop.store(true, Ordering::Relaxed);
     let burst = burst.await.unwrap();
 
-    let (mut on, mut off): (Vec<_>, Vec<_>) = other.iter().partition(|(at, _, _)| burst_on(*at));
+    let (on, off): (Vec<_>, Vec<_>) = other.iter().partition(|(at, _, _)| burst_on(*at));
     let failed = |half: &[&(Duration, Duration, bool)]| half.iter().filter(|r| !r.2).count();
     let (failed_on, failed_off) = (failed(&on), failed(&off));
-    let mut latencies =
-        |half: &mut Vec<&(Duration, Duration, bool)>| half.iter().map(|r| r.1).collect::<Vec<_>>();
-    let (p99_off, p99_on) = (p99(&mut latencies(&mut off)), p99(&mut latencies(&mut on)));
+    let latencies = |half: &[&(Duration, Duration, bool)]| -> Vec<Duration> {
+        half.iter().map(|r| r.1).collect()
+    };
+    let (p99_off, p99_on) = (p99(&mut latencies(&off)), p99(&mut latencies(&on)));
     let limited = burst.iter().flatten().filter(|(s, _)| *s == 429).count();
     let with_retry_after = burst
         .iter()
