@@ -121,13 +121,23 @@ impl Consumer {
         let Some(meta) = self.view.meta().await? else {
             return self.rebuild().await;
         };
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let cuts = epochs::load(&mut *tx).await?;
-        let tail = tidemark_orderlog::tail(&mut *tx, meta.cursor, self.settings.batch_size).await?;
-        tx.commit().await?;
+        // The read runs as a task of its own: if this step is cancelled (a
+        // shutdown, a caller's timeout), the transaction still ends and its
+        // connection goes back to the pool clean. Cancelled mid-BEGIN in place, the
+        // connection would return with a read-only transaction open on the server
+        // that sqlx does not know of (found by the model test).
+        let (pool, cursor, batch_size) = (self.pool.clone(), meta.cursor, self.settings.batch_size);
+        let (cuts, tail) = tokio::spawn(async move {
+            let mut tx = pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await?;
+            let cuts = epochs::load(&mut *tx).await?;
+            let tail = tidemark_orderlog::tail(&mut *tx, cursor, batch_size).await?;
+            tx.commit().await?;
+            Ok::<_, StepError>((cuts, tail))
+        })
+        .await
+        .expect("the log read does not panic")?;
         let Some(last) = tail.rows.last() else {
             return Ok(Step::Idle);
         };
