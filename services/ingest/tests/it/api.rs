@@ -591,6 +591,8 @@ async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latenc
     };
     let other = steady(&h, &h.key, 100, 10, t0).await;
     stop.store(true, Ordering::Relaxed);
+    // On a loaded machine the ten seconds stretch: the quota applies to the real span.
+    let span = t0.elapsed().as_secs_f64();
     let burst = burst.await.unwrap();
 
     let (on, off): (Vec<_>, Vec<_>) = other.iter().partition(|(at, _, _)| burst_on(*at));
@@ -631,8 +633,8 @@ async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latenc
     );
     assert_eq!(limited, with_retry_after, "every 429 says when to retry");
     assert!(
-        limited > 0 && accepted <= 10 * 10 + 20,
-        "the burst is held to its quota"
+        limited > 0 && accepted as f64 <= 10.0 * span + 20.0,
+        "the burst is held to its quota: {accepted} accepted in {span:.1} s"
     );
     assert_eq!(other_status, 0, "the burster gets 2xx or 429 only");
     assert!(
