@@ -602,8 +602,12 @@ async fn compaction_round(
             crate::stack::S3_SECRET_KEY,
         ))?;
     let ours = started.elapsed().as_secs_f64();
-    if let Some(steps) = out.lines().find(|l| l.contains("Batch run steps")) {
-        eprintln!("xtask bench: {steps}");
+    for line in out.lines().filter(|l| {
+        ["Lake written", "Staged", "Batch run steps"]
+            .iter()
+            .any(|m| l.contains(m))
+    }) {
+        eprintln!("xtask bench: {line}");
     }
     if !out.contains("Published") || !out.contains(&format!("rows_in: {orders}")) {
         bail!("the compactor run did not publish all {orders} orders: {out}");

@@ -19,14 +19,24 @@ fn value_of(dimension: Dimension) -> Expr {
     }
 }
 
-/// One run's rows for `revenue_agg` from orders carrying `created_us` and `revenue`.
+/// One granularity × dimension of a run's aggregates: a frame with `bucket_us`,
+/// `value`, `currency`, `revenue_minor`, `orders` and `items`, one row per cell.
+pub struct Grid {
+    pub granularity: Granularity,
+    pub dimension: Dimension,
+    pub cells: DataFrame,
+}
+
+/// Every granularity × dimension grid of the orders (which carry `created_us` and
+/// `revenue`).
 ///
 /// Each dimension is grouped once by minute over the orders; hours and days are
-/// rolled up from those (much smaller) minute grids, since sums compose.
-pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
-    let mut rows = Vec::new();
+/// rolled up from those minute grids (sums compose), which for every dimension but
+/// products are far smaller than the orders.
+pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
+    let mut grids = Vec::new();
     if orders.height() == 0 {
-        return Ok(rows);
+        return Ok(grids);
     }
     for dimension in Dimension::ALL {
         let minutes = orders
@@ -43,58 +53,109 @@ pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
                 col("quantity").sum().alias("items"),
             ])
             .collect()?;
-        for granularity in Granularity::ALL {
-            let grid = if granularity == Granularity::Minute {
-                minutes.clone()
-            } else {
-                let width_us = granularity.seconds() * 1_000_000;
-                minutes
-                    .clone()
-                    .lazy()
-                    .with_column(
-                        (col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us"),
-                    )
-                    .group_by([col("bucket_us"), col("value"), col("currency")])
-                    .agg([
-                        col("revenue_minor").sum(),
-                        col("orders").sum(),
-                        col("items").sum(),
-                    ])
-                    .collect()?
-            };
-            push_rows(&grid, granularity, dimension, run_id, &mut rows)?;
+        for granularity in [Granularity::Hour, Granularity::Day] {
+            let width_us = granularity.seconds() * 1_000_000;
+            let cells = minutes
+                .clone()
+                .lazy()
+                .with_column(
+                    (col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us"),
+                )
+                .group_by([col("bucket_us"), col("value"), col("currency")])
+                .agg([
+                    col("revenue_minor").sum(),
+                    col("orders").sum(),
+                    col("items").sum(),
+                ])
+                .collect()?;
+            grids.push(Grid {
+                granularity,
+                dimension,
+                cells,
+            });
         }
+        grids.push(Grid {
+            granularity: Granularity::Minute,
+            dimension,
+            cells: minutes,
+        });
     }
-    Ok(rows)
+    Ok(grids)
 }
 
-fn push_rows(
-    grid: &DataFrame,
+/// A row of a run's staging table, borrowing its strings from a grid.
+#[derive(clickhouse::Row, serde::Serialize)]
+pub struct StagedRow<'a> {
+    pub granularity: i8,
+    pub dimension: i8,
+    /// Bucket start, unix seconds.
+    pub bucket: u32,
+    pub value: &'a str,
+    pub currency: &'a str,
+    pub run_id: u64,
+    pub revenue_minor: i64,
+    pub orders: u64,
+    pub items: u64,
+}
+
+/// The rows of (a slice of) a grid, in `revenue_agg`'s column order.
+pub fn staged_rows<'a>(
+    cells: &'a DataFrame,
     granularity: Granularity,
     dimension: Dimension,
     run_id: u64,
-    rows: &mut Vec<AggRow>,
-) -> PolarsResult<()> {
-    let bucket = grid.column("bucket_us")?.i64()?;
-    let value = grid.column("value")?.str()?;
-    let currency = grid.column("currency")?.str()?;
-    let revenue = grid.column("revenue_minor")?.i64()?;
-    let count = grid.column("orders")?.i64()?;
-    let items = grid.column("items")?.i64()?;
-    for i in 0..grid.height() {
-        rows.push(AggRow {
-            granularity: granularity_code(granularity),
-            dimension: dimension_code(dimension),
-            bucket: (bucket.get(i).unwrap_or(0) / 1_000_000) as u32,
-            value: value.get(i).unwrap_or("").to_owned(),
-            currency: currency.get(i).unwrap_or("").to_owned(),
-            run_id,
-            revenue_minor: revenue.get(i).unwrap_or(0),
-            orders: count.get(i).unwrap_or(0) as u64,
-            items: items.get(i).unwrap_or(0) as u64,
-        });
+) -> PolarsResult<Vec<StagedRow<'a>>> {
+    let bucket = cells.column("bucket_us")?.i64()?;
+    let value = cells.column("value")?.str()?;
+    let currency = cells.column("currency")?.str()?;
+    let revenue = cells.column("revenue_minor")?.i64()?;
+    let count = cells.column("orders")?.i64()?;
+    let items = cells.column("items")?.i64()?;
+    let (granularity, dimension) = (granularity_code(granularity), dimension_code(dimension));
+    Ok(bucket
+        .iter()
+        .zip(value.iter())
+        .zip(currency.iter())
+        .zip(revenue.iter())
+        .zip(count.iter().zip(items.iter()))
+        .map(
+            |((((bucket, value), currency), revenue), (count, items))| StagedRow {
+                granularity,
+                dimension,
+                bucket: (bucket.unwrap_or(0) / 1_000_000) as u32,
+                value: value.unwrap_or(""),
+                currency: currency.unwrap_or(""),
+                run_id,
+                revenue_minor: revenue.unwrap_or(0),
+                orders: count.unwrap_or(0) as u64,
+                items: items.unwrap_or(0) as u64,
+            },
+        )
+        .collect())
+}
+
+/// One run's rows for `revenue_agg`, owned (for comparisons; staging streams
+/// [`StagedRow`]s instead).
+pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
+    let mut rows = Vec::new();
+    for grid in grids(orders)? {
+        rows.extend(
+            staged_rows(&grid.cells, grid.granularity, grid.dimension, run_id)?
+                .into_iter()
+                .map(|r| AggRow {
+                    granularity: r.granularity,
+                    dimension: r.dimension,
+                    bucket: r.bucket,
+                    value: r.value.to_owned(),
+                    currency: r.currency.to_owned(),
+                    run_id: r.run_id,
+                    revenue_minor: r.revenue_minor,
+                    orders: r.orders,
+                    items: r.items,
+                }),
+        );
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// Revenue, orders and items per currency, from frames with `quantity`,

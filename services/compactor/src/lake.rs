@@ -144,7 +144,9 @@ fn timestamp(column: &str) -> Expr {
 
 /// Raw records → the lake's order rows: typed timestamps, only `txid` in
 /// `[from_txid, to_txid)`, one row per order id. Copies of an order id are the
-/// same immutable row of the log, so any copy may be kept (no sort needed).
+/// same immutable row of the log, so any copy may be kept: the first one is, which
+/// keeps the rows in the order they were read (the log's order, as the relay
+/// landed it) without sorting.
 pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> LazyFrame {
     raw.lazy()
         .filter(
@@ -156,7 +158,6 @@ pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> LazyFram
             timestamp("created_at").alias("created_at"),
             timestamp("ingested_at").alias("ingested_at"),
         ])
-        .sort(["txid", "seq"], SortMultipleOptions::default())
         .unique_stable(Some(cols(["order_id"])), UniqueKeepStrategy::First)
 }
 

@@ -8,8 +8,9 @@
 //! and a rebuild re-reads everything older from the Parquet lake.
 //!
 //! Every step is idempotent: files have deterministic names, staging is rebuilt
-//! from scratch, the copy into `revenue_agg` is deduplicated by `FINAL`, and the
-//! publish is one Postgres transaction guarded by the run's status. A run killed at
+//! from scratch, publishing attaches each staging partition to `revenue_agg` once
+//! (and `FINAL` would fold a row copied twice), and the flip is one Postgres
+//! transaction guarded by the run's status. A run killed at
 //! any step is resumed by the next invocation and ends in the same state.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 use serde::Serialize;
 use sqlx::PgPool;
-use tidemark_batchview::{AggRow, COLUMNS, PublishedState};
+use tidemark_batchview::PublishedState;
 use tidemark_domain::{Currency, Dimension, Granularity};
 use tidemark_orderlog::epochs;
 
@@ -38,6 +39,8 @@ pub enum RunError {
     Lake(#[from] LakeError),
     #[error("polars: {0}")]
     Polars(#[from] PolarsError),
+    #[error("publish: {0}")]
+    Publish(String),
 }
 
 pub type Result<T, E = RunError> = std::result::Result<T, E>;
@@ -332,6 +335,7 @@ impl Compactor {
         // free), keeping only the run's range, so memory holds frames rather than
         // text.
         let (from, to) = (run.from_threshold as i64, run.threshold as i64);
+        let started = Instant::now();
         let store = self.store.clone();
         let frames: Vec<LazyFrame> = futures::stream::iter(keys.clone())
             .map(move |key| {
@@ -357,10 +361,14 @@ impl Compactor {
             return Ok(written);
         }
         let in_range = concat(frames, UnionArgs::default())?.collect()?;
+        let read_ms = started.elapsed().as_millis() as u64;
+        let t = Instant::now();
         written.raw_records = in_range.height() as u64;
         written.raw_totals = aggregate::currency_totals(&in_range)?;
         let orders =
             lake::orders_from_raw(in_range, run.from_threshold, run.threshold).collect()?;
+        let dedupe_ms = t.elapsed().as_millis() as u64;
+        let t = Instant::now();
         for (day, mut part) in lake::by_date(&orders)? {
             let key = lake::lake_key(day, &format!("part-{:012}", run.run_id));
             let rows = part.height() as i64;
@@ -382,6 +390,17 @@ impl Compactor {
             written.parquet_keys.push(key);
             written.days.insert(day);
         }
+        tracing::info!(
+            run_id = run.run_id,
+            raw_files = keys.len(),
+            raw_records = written.raw_records,
+            orders = orders.height(),
+            parquet_files = written.parquet_keys.len(),
+            read_ms,
+            dedupe_ms,
+            parquet_ms = t.elapsed().as_millis() as u64,
+            "Lake written"
+        );
         written.orders = lake::with_measures(orders.lazy()).collect()?;
         Ok(written)
     }
@@ -426,40 +445,53 @@ impl Compactor {
     }
 
     /// Writes the run's aggregates to a staging table of its own (rebuilt from
-    /// scratch on every attempt). Returns the rows staged.
+    /// scratch on every attempt), shaped like `revenue_agg` so that publishing can
+    /// attach its partitions. Returns the rows staged.
     pub async fn stage(&self, run: &Run, source: &DataFrame) -> Result<u64> {
+        /// Rows per INSERT: ClickHouse writes each as a part per partition.
+        const CHUNK: usize = 250_000;
         self.set_step(run, "stage").await?;
-        let rows = aggregate::aggregate(source, run.run_id)?;
+        let t = Instant::now();
+        let orders = source.clone();
+        let grids = tokio::task::spawn_blocking(move || aggregate::grids(&orders))
+            .await
+            .expect("the aggregation task does not panic")?;
+        let aggregate_ms = t.elapsed().as_millis() as u64;
+        let t = Instant::now();
         let staging = run.staging();
         self.ch
             .query(&format!("DROP TABLE IF EXISTS {staging}"))
             .execute()
             .await?;
         self.ch
-            .query(&format!(
-                "CREATE TABLE {staging} AS revenue_agg \
-                 ENGINE = MergeTree ORDER BY (granularity, dimension, bucket, value, currency)"
-            ))
+            .query(&format!("CREATE TABLE {staging} AS revenue_agg"))
             .execute()
             .await?;
-        // Several inserts at once: ClickHouse parses and writes each on threads of
-        // its own while this process serialises the next.
-        let staged = rows.len() as u64;
-        // Owned chunks of 100,000 (split from the end: each split moves one chunk).
-        let mut rows = rows;
-        let mut chunks: Vec<Vec<AggRow>> = Vec::new();
-        while !rows.is_empty() {
-            let at = rows.len().saturating_sub(100_000);
-            chunks.push(rows.split_off(at));
+        let staged: usize = grids.iter().map(|g| g.cells.height()).sum();
+        // Zero-copy slices of the grids, several inserted at once: ClickHouse
+        // parses and writes each on threads of its own while this process
+        // serialises the next.
+        let mut slices = Vec::new();
+        for grid in grids {
+            let mut offset = 0;
+            while offset < grid.cells.height() {
+                slices.push((
+                    grid.granularity,
+                    grid.dimension,
+                    grid.cells.slice(offset as i64, CHUNK),
+                ));
+                offset += CHUNK;
+            }
         }
-        let ch = self.ch.clone();
+        let (ch, run_id) = (self.ch.clone(), run.run_id);
         let table = staging.clone();
-        futures::stream::iter(chunks)
-            .map(move |chunk| {
+        futures::stream::iter(slices)
+            .map(move |(granularity, dimension, cells)| {
                 let (ch, staging) = (ch.clone(), table.clone());
                 async move {
-                    let mut insert = ch.insert::<AggRow>(&staging).await?;
-                    for row in &chunk {
+                    let rows = aggregate::staged_rows(&cells, granularity, dimension, run_id)?;
+                    let mut insert = ch.insert::<aggregate::StagedRow<'_>>(&staging).await?;
+                    for row in &rows {
                         insert.write(row).await?;
                     }
                     insert.end().await?;
@@ -469,7 +501,14 @@ impl Compactor {
             .buffer_unordered(3)
             .try_collect::<Vec<()>>()
             .await?;
-        Ok(staged)
+        tracing::info!(
+            run_id = run.run_id,
+            rows = staged,
+            aggregate_ms,
+            insert_ms = t.elapsed().as_millis() as u64,
+            "Staged"
+        );
+        Ok(staged as u64)
     }
 
     /// Reconciles raw JSON ↔ Parquet ↔ staging and checks keys, amounts and
@@ -500,30 +539,6 @@ impl Compactor {
                 .push("raw totals changed by de-duplication without duplicates".into());
         }
 
-        // Parquet, read back from S3 (only the columns the totals need).
-        let mut parquet_totals = CurrencyTotals::new();
-        for body in self.fetch(&written.parquet_keys).await? {
-            let frame =
-                lake::columns_from_parquet(&body, &["currency", "quantity", "unit_price_minor"])?;
-            for (currency, t) in aggregate::currency_totals(&frame)? {
-                let e = parquet_totals.entry(currency).or_insert([0; 3]);
-                for i in 0..3 {
-                    e[i] += t[i];
-                }
-            }
-        }
-        if parquet_totals != deduped {
-            report.problems.push(format!(
-                "parquet totals {parquet_totals:?} differ from raw {deduped:?}"
-            ));
-        }
-        report.parquet = parquet_totals;
-
-        // Staging: every granularity × dimension adds up to the source, per currency.
-        report.source = match run.kind {
-            Kind::Incremental => deduped.clone(),
-            Kind::Rebuild => aggregate::currency_totals(source)?,
-        };
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct Sums {
             granularity: String,
@@ -537,20 +552,60 @@ impl Compactor {
             negative: u64,
             rows: u64,
         }
-        let sums: Vec<Sums> = self
-            .ch
-            .query(&format!(
-                "SELECT toString(granularity) AS g, toString(dimension) AS d, currency AS c, \
-                        sum(revenue_minor) AS s_revenue, sum(orders) AS s_orders, \
-                        sum(items) AS s_items, \
-                        countIf(value = '' AND dimension != 'total') AS s_empty_values, \
-                        countIf(orders = 0) AS s_empty_orders, \
-                        countIf(revenue_minor < 0) AS s_negative, count() AS s_rows \
-                 FROM {} GROUP BY granularity, dimension, currency",
-                run.staging()
-            ))
-            .fetch_all()
-            .await?;
+        // The Parquet files, read back from S3 (only the columns the totals need),
+        // and staging's sums in ClickHouse, both at once.
+        let parquet = async {
+            let bodies = self.fetch(&written.parquet_keys).await?;
+            let totals = tokio::task::spawn_blocking(move || {
+                let mut totals = CurrencyTotals::new();
+                for body in bodies {
+                    let frame = lake::columns_from_parquet(
+                        &body,
+                        &["currency", "quantity", "unit_price_minor"],
+                    )?;
+                    for (currency, t) in aggregate::currency_totals(&frame)? {
+                        let e = totals.entry(currency).or_insert([0; 3]);
+                        for i in 0..3 {
+                            e[i] += t[i];
+                        }
+                    }
+                }
+                Ok::<_, RunError>(totals)
+            })
+            .await
+            .expect("the Parquet audit task does not panic")?;
+            Ok::<_, RunError>(totals)
+        };
+        let sums = async {
+            Ok::<_, RunError>(
+                self.ch
+                    .query(&format!(
+                        "SELECT toString(granularity) AS g, toString(dimension) AS d, currency AS c, \
+                                sum(revenue_minor) AS s_revenue, sum(orders) AS s_orders, \
+                                sum(items) AS s_items, \
+                                countIf(value = '' AND dimension != 'total') AS s_empty_values, \
+                                countIf(orders = 0) AS s_empty_orders, \
+                                countIf(revenue_minor < 0) AS s_negative, count() AS s_rows \
+                         FROM {} GROUP BY granularity, dimension, currency",
+                        run.staging()
+                    ))
+                    .fetch_all::<Sums>()
+                    .await?,
+            )
+        };
+        let (parquet_totals, sums) = tokio::try_join!(parquet, sums)?;
+        if parquet_totals != deduped {
+            report.problems.push(format!(
+                "parquet totals {parquet_totals:?} differ from raw {deduped:?}"
+            ));
+        }
+        report.parquet = parquet_totals;
+
+        // Staging: every granularity × dimension adds up to the source, per currency.
+        report.source = match run.kind {
+            Kind::Incremental => deduped.clone(),
+            Kind::Rebuild => aggregate::currency_totals(source)?,
+        };
         let mut seen: BTreeMap<(String, String), CurrencyTotals> = BTreeMap::new();
         for s in &sums {
             report.staging_rows += s.rows;
@@ -642,31 +697,52 @@ impl Compactor {
         self.flip(run, report, staged).await
     }
 
-    /// Copies the run's staging rows into `revenue_agg` (invisible to readers until
-    /// the flip). Returns the rows staged.
+    /// Attaches the run's staging partitions to `revenue_agg` (invisible to readers
+    /// until the flip: they read published runs only). ClickHouse attaches all parts
+    /// of a partition at once, sharing their files; a partition already holding the
+    /// run's rows (an attempt that died between partitions) is skipped, so a rerun
+    /// adds no row twice. Returns the rows staged.
     pub async fn copy(&self, run: &Run) -> Result<u64> {
         self.set_step(run, "publish").await?;
         let staging = run.staging();
-        let copied: u64 = self
+        let partitions: Vec<String> = self
             .ch
-            .query("SELECT count() FROM revenue_agg WHERE run_id = ?")
-            .bind(run.run_id)
-            .fetch_one()
+            .query(
+                "SELECT DISTINCT partition_id FROM system.parts \
+                 WHERE database = currentDatabase() AND table = ? AND active",
+            )
+            .bind(&staging)
+            .fetch_all()
             .await?;
+        // `revenue_agg` is partitioned by toYYYYMM(bucket) (migrations/clickhouse):
+        // a partition's id is that number.
+        let attached: Vec<String> = self
+            .ch
+            .query("SELECT DISTINCT toString(toYYYYMM(bucket)) FROM revenue_agg WHERE run_id = ?")
+            .bind(run.run_id)
+            .fetch_all()
+            .await?;
+        for partition in partitions.iter().filter(|p| !attached.contains(p)) {
+            if !partition
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(RunError::Publish(format!(
+                    "unexpected partition id `{partition}` in {staging}"
+                )));
+            }
+            self.ch
+                .query(&format!(
+                    "ALTER TABLE revenue_agg ATTACH PARTITION ID '{partition}' FROM {staging}"
+                ))
+                .execute()
+                .await?;
+        }
         let staged: u64 = self
             .ch
             .query(&format!("SELECT count() FROM {staging}"))
             .fetch_one()
             .await?;
-        if copied < staged {
-            // A partial earlier copy is harmless: identical rows collapse under FINAL.
-            self.ch
-                .query(&format!(
-                    "INSERT INTO revenue_agg ({COLUMNS}) SELECT {COLUMNS} FROM {staging}"
-                ))
-                .execute()
-                .await?;
-        }
         Ok(staged)
     }
 

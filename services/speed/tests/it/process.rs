@@ -72,7 +72,13 @@ async fn r4_speed_killed_flushed_and_restarted_rebuilds_itself_exactly() {
     let _speed = spawn_speed(&env);
     let started = Instant::now();
     let head = tidemark_testkit::log_head(&db.pool).await;
-    let (_, view) = consumer(&db.pool, &redis, 1);
+    // The checks read whole grids: a loaded machine may take longer than the
+    // service's short Redis timeout (which is there to notice an outage fast).
+    let reader = tidemark_platform::config::RedisConfig {
+        timeout: Duration::from_secs(10),
+        ..redis.clone()
+    };
+    let (_, view) = consumer(&db.pool, &reader, 1);
     tidemark_testkit::eventually(
         Duration::from_secs(60),
         "the speed layer catches up",
