@@ -143,12 +143,16 @@ fn timestamp(column: &str) -> Expr {
 }
 
 /// Raw records → the lake's order rows: typed timestamps, only `txid` in
-/// `[from_txid, to_txid)`, one row per order id. Copies of an order id are the
-/// same immutable row of the log, so any copy may be kept: the first one is, which
-/// keeps the rows in the order they were read (the log's order, as the relay
-/// landed it) without sorting.
-pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> LazyFrame {
-    raw.lazy()
+/// `[from_txid, to_txid)`, one row per order id.
+///
+/// Copies of an order id are the same immutable row of the log (the relay landed
+/// a range twice), so any copy may be kept: the first one is, which keeps the rows
+/// in the order they were read. Copies are rare, and removing them gathers every
+/// column, so the ids are checked first (hashing one column) and the frame is
+/// de-duplicated only when some repeat.
+pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<DataFrame> {
+    let typed = raw
+        .lazy()
         .filter(
             col("txid")
                 .gt_eq(lit(from_txid as i64))
@@ -158,7 +162,15 @@ pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> LazyFram
             timestamp("created_at").alias("created_at"),
             timestamp("ingested_at").alias("ingested_at"),
         ])
-        .unique_stable(Some(cols(["order_id"])), UniqueKeepStrategy::First)
+        .collect()?;
+    if typed.column("order_id")?.n_unique()? == typed.height() {
+        return Ok(typed);
+    }
+    Ok(typed.unique_stable(
+        Some(&["order_id".to_owned()]),
+        UniqueKeepStrategy::First,
+        None,
+    )?)
 }
 
 /// Adds the derived columns aggregation needs: event time in µs, revenue, day.
@@ -189,21 +201,24 @@ pub fn columns_from_parquet(bytes: &[u8], columns: &[&str]) -> Result<DataFrame>
         .finish()?)
 }
 
-/// Splits orders by event date: `(days since the epoch, rows)`.
+/// Splits orders by event date: `(days since the epoch, rows)`, in date order. A
+/// run's orders usually fall on one date: then the frame is returned as it is.
 pub fn by_date(orders: &DataFrame) -> Result<Vec<(i64, DataFrame)>> {
     const DAY_US: i64 = 86_400_000_000;
-    let us = || col("created_at").cast(DataType::Int64);
-    let with_day = orders
-        .clone()
-        .lazy()
-        .with_column((us() - us() % lit(DAY_US)).alias("day_us"))
-        .collect()?;
-    let mut out = Vec::new();
-    for part in with_day.partition_by(["day_us"], true)? {
-        let day = part.column("day_us")?.i64()?.get(0).unwrap_or(0) / DAY_US;
-        out.push((day, part.drop("day_us")?));
+    let day = orders
+        .column("created_at")?
+        .cast(&DataType::Int64)?
+        .i64()?
+        .apply_values(|us| us.div_euclid(DAY_US));
+    let mut days: Vec<i64> = day.unique()?.into_no_null_iter().collect();
+    days.sort_unstable();
+    if let [only] = days[..] {
+        return Ok(vec![(only, orders.clone())]);
     }
-    out.sort_by_key(|(day, _)| *day);
+    let mut out = Vec::with_capacity(days.len());
+    for d in days {
+        out.push((d, orders.filter(&day.equal(d))?));
+    }
     Ok(out)
 }
 

@@ -365,14 +365,29 @@ impl Compactor {
         let t = Instant::now();
         written.raw_records = in_range.height() as u64;
         written.raw_totals = aggregate::currency_totals(&in_range)?;
-        let orders =
-            lake::orders_from_raw(in_range, run.from_threshold, run.threshold).collect()?;
+        let orders = tokio::task::spawn_blocking({
+            let (from, to) = (run.from_threshold, run.threshold);
+            move || lake::orders_from_raw(in_range, from, to)
+        })
+        .await
+        .expect("the de-duplication task does not panic")?;
         let dedupe_ms = t.elapsed().as_millis() as u64;
         let t = Instant::now();
-        for (day, mut part) in lake::by_date(&orders)? {
-            let key = lake::lake_key(day, &format!("part-{:012}", run.run_id));
-            let rows = part.height() as i64;
-            let body = lake::to_parquet(&mut part)?;
+        // One file per event date: each encoded on a blocking thread, two at a time,
+        // while the previous one uploads.
+        let parts = lake::by_date(&orders)?;
+        let run_id = run.run_id;
+        let mut encoded = futures::stream::iter(parts)
+            .map(|(day, mut part)| async move {
+                let rows = part.height() as i64;
+                let body = tokio::task::spawn_blocking(move || lake::to_parquet(&mut part))
+                    .await
+                    .expect("the Parquet task does not panic")?;
+                Ok::<_, RunError>((day, rows, body))
+            })
+            .buffered(2);
+        while let Some((day, rows, body)) = encoded.try_next().await? {
+            let key = lake::lake_key(day, &format!("part-{run_id:012}"));
             let bytes = body.len() as i64;
             self.store.put(&key, body).await?;
             sqlx::query(
@@ -382,7 +397,7 @@ impl Compactor {
             )
             .bind(&key)
             .bind(day as f64)
-            .bind(run.run_id as i64)
+            .bind(run_id as i64)
             .bind(rows)
             .bind(bytes)
             .execute(&self.pool)
@@ -948,7 +963,7 @@ impl Compactor {
             .await?;
         if !raw_bytes.is_empty() {
             let raw = lake::parse_raw(&raw_bytes)?;
-            let mut orders = lake::orders_from_raw(raw, 0, state.threshold).collect()?;
+            let mut orders = lake::orders_from_raw(raw, 0, state.threshold)?;
             if orders.height() > 0 {
                 let rows = orders.height() as i64;
                 let body = lake::to_parquet(&mut orders)?;
