@@ -30,9 +30,9 @@ pub struct Grid {
 /// Every granularity × dimension grid of the orders (which carry `created_us` and
 /// `revenue`).
 ///
-/// Each dimension is grouped once by minute over the orders; hours and days are
-/// rolled up from those minute grids (sums compose), which for every dimension but
-/// products are far smaller than the orders.
+/// Each dimension is grouped once by minute over the orders; hours are rolled up
+/// from the minute grid and days from the hour grid (sums compose), each far
+/// smaller than the orders for every dimension but products by minute.
 pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
     let mut grids = Vec::new();
     if orders.height() == 0 {
@@ -53,34 +53,39 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
                 col("quantity").sum().alias("items"),
             ])
             .collect()?;
-        for granularity in [Granularity::Hour, Granularity::Day] {
-            let width_us = granularity.seconds() * 1_000_000;
-            let cells = minutes
-                .clone()
-                .lazy()
-                .with_column(
-                    (col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us"),
-                )
-                .group_by([col("bucket_us"), col("value"), col("currency")])
-                .agg([
-                    col("revenue_minor").sum(),
-                    col("orders").sum(),
-                    col("items").sum(),
-                ])
-                .collect()?;
+        // Hours from minutes, days from hours: each roll-up reads the smallest grid
+        // it can.
+        let hours = roll_up(&minutes, Granularity::Hour)?;
+        let days = roll_up(&hours, Granularity::Day)?;
+        for (granularity, cells) in [
+            (Granularity::Minute, minutes),
+            (Granularity::Hour, hours),
+            (Granularity::Day, days),
+        ] {
             grids.push(Grid {
                 granularity,
                 dimension,
                 cells,
             });
         }
-        grids.push(Grid {
-            granularity: Granularity::Minute,
-            dimension,
-            cells: minutes,
-        });
     }
     Ok(grids)
+}
+
+/// A grid's cells summed into the coarser buckets of `granularity`.
+fn roll_up(cells: &DataFrame, granularity: Granularity) -> PolarsResult<DataFrame> {
+    let width_us = granularity.seconds() * 1_000_000;
+    cells
+        .clone()
+        .lazy()
+        .with_column((col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us"))
+        .group_by([col("bucket_us"), col("value"), col("currency")])
+        .agg([
+            col("revenue_minor").sum(),
+            col("orders").sum(),
+            col("items").sum(),
+        ])
+        .collect()
 }
 
 /// A row of a run's staging table, borrowing its strings from a grid.

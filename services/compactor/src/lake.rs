@@ -230,3 +230,81 @@ pub fn lake_key(day: i64, name: &str) -> String {
     );
     format!("lake/orders/dt={date}/{name}.parquet")
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, TimeZone, Utc};
+
+    use super::*;
+
+    fn raw_line(order: u32, created_at: DateTime<Utc>, txid: i64, seq: i64) -> String {
+        let at = created_at.format(tidemark_orderlog::RAW_TIME_FORMAT);
+        format!(
+            r#"{{"order_id":"00000000-0000-0000-0000-{order:012}","user_id":"u","city":"Oslo","product_id":"p","category":"c","quantity":2,"unit_price_minor":150,"currency":"EUR","created_at":"{at}","ingested_at":"{at}","txid":{txid},"seq":{seq}}}"#
+        )
+    }
+
+    #[test]
+    fn raw_timestamps_parse_to_the_exact_microsecond() {
+        let times = [
+            Utc.with_ymd_and_hms(2024, 2, 29, 23, 59, 59).unwrap()
+                + chrono::TimeDelta::microseconds(999_999),
+            Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(2000, 1, 1, 12, 30, 5).unwrap()
+                + chrono::TimeDelta::microseconds(7),
+        ];
+        let text: String = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| raw_line(i as u32, *t, 5, i as i64) + "\n")
+            .collect();
+        let orders = orders_from_raw(parse_raw(text.as_bytes()).unwrap(), 0, 10).unwrap();
+        let created: Vec<i64> = orders
+            .column("created_at")
+            .unwrap()
+            .cast(&DataType::Int64)
+            .unwrap()
+            .i64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect();
+        let expected: Vec<i64> = times.iter().map(DateTime::timestamp_micros).collect();
+        assert_eq!(created, expected);
+    }
+
+    #[test]
+    fn copies_of_an_order_id_collapse_to_the_first_and_the_range_is_applied() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        let next_day = at + chrono::TimeDelta::hours(2);
+        let text = [
+            raw_line(1, at, 5, 1),
+            raw_line(2, next_day, 5, 2),
+            raw_line(1, at, 5, 1),
+            raw_line(3, at, 9, 1),
+        ]
+        .join("\n");
+        let orders = orders_from_raw(parse_raw(text.as_bytes()).unwrap(), 0, 9).unwrap();
+        let ids: Vec<&str> = orders
+            .column("order_id")
+            .unwrap()
+            .str()
+            .unwrap()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "00000000-0000-0000-0000-000000000001",
+                "00000000-0000-0000-0000-000000000002"
+            ]
+        );
+        let days: Vec<(i64, usize)> = by_date(&orders)
+            .unwrap()
+            .into_iter()
+            .map(|(day, part)| (day, part.height()))
+            .collect();
+        let day = at.timestamp() / 86_400;
+        assert_eq!(days, [(day, 1), (day + 1, 1)]);
+    }
+}
