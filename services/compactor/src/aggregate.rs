@@ -30,31 +30,50 @@ pub struct Grid {
 /// Every granularity × dimension grid of the orders (which carry `created_us` and
 /// `revenue`).
 ///
-/// Each dimension is grouped once by minute over the orders; hours are rolled up
-/// from the minute grid and days from the hour grid (sums compose), each far
-/// smaller than the orders for every dimension but products by minute.
+/// The orders are grouped twice: by minute × city × category × currency (a grid
+/// far smaller than the orders, from which the total, city and category minute
+/// grids are summed) and by minute × product × currency. Hours are rolled up from
+/// minutes and days from hours (sums compose).
 pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
     let mut grids = Vec::new();
     if orders.height() == 0 {
         return Ok(grids);
     }
-    for dimension in Dimension::ALL {
-        let minutes = orders
+    let by_minute = |keys: &[Expr]| {
+        let keys: Vec<Expr> = [col("bucket_us")]
+            .into_iter()
+            .chain(keys.iter().cloned())
+            .chain([col("currency")])
+            .collect();
+        orders
             .clone()
             .lazy()
-            .with_columns([
+            .with_column(
                 (col("created_us") - col("created_us") % lit(60_000_000_i64)).alias("bucket_us"),
-                value_of(dimension).alias("value"),
-            ])
-            .group_by([col("bucket_us"), col("value"), col("currency")])
+            )
+            .group_by(keys)
             .agg([
                 col("revenue").sum().alias("revenue_minor"),
                 len().cast(DataType::Int64).alias("orders"),
                 col("quantity").sum().alias("items"),
             ])
-            .collect()?;
-        // Hours from minutes, days from hours: each roll-up reads the smallest grid
-        // it can.
+    };
+    let places = by_minute(&[col("city"), col("category")]).collect()?;
+    for dimension in Dimension::ALL {
+        let minutes = match dimension {
+            Dimension::Product => by_minute(&[col("product_id").alias("value")]).collect()?,
+            _ => places
+                .clone()
+                .lazy()
+                .with_column(value_of(dimension).alias("value"))
+                .group_by([col("bucket_us"), col("value"), col("currency")])
+                .agg([
+                    col("revenue_minor").sum(),
+                    col("orders").sum(),
+                    col("items").sum(),
+                ])
+                .collect()?,
+        };
         let hours = roll_up(&minutes, Granularity::Hour)?;
         let days = roll_up(&hours, Granularity::Day)?;
         for (granularity, cells) in [
