@@ -463,8 +463,9 @@ impl Compactor {
     /// scratch on every attempt), shaped like `revenue_agg` so that publishing can
     /// attach its partitions. Returns the rows staged.
     pub async fn stage(&self, run: &Run, source: &DataFrame) -> Result<u64> {
-        /// Rows per INSERT: ClickHouse writes each as a part per partition.
-        const CHUNK: usize = 250_000;
+        /// Inserts running at once: ClickHouse parses and writes each on threads of
+        /// its own while this process serialises the next.
+        const INSERTS: usize = 3;
         self.set_step(run, "stage").await?;
         let t = Instant::now();
         let orders = source.clone();
@@ -482,38 +483,53 @@ impl Compactor {
             .query(&format!("CREATE TABLE {staging} AS revenue_agg"))
             .execute()
             .await?;
+        // Staging is written once and attached whole: merging its parts would only
+        // spend CPU during the run (revenue_agg merges them later).
+        self.ch
+            .query(&format!("SYSTEM STOP MERGES {staging}"))
+            .execute()
+            .await?;
         let staged: usize = grids.iter().map(|g| g.cells.height()).sum();
-        // Zero-copy slices of the grids, several inserted at once: ClickHouse
-        // parses and writes each on threads of its own while this process
-        // serialises the next.
-        let mut slices = Vec::new();
+        // The grids in batches of about a third of the rows each (ClickHouse writes
+        // each INSERT as a few parts, so few large ones), as zero-copy slices.
+        let batch_rows = staged.div_ceil(INSERTS).max(50_000);
+        let mut batches: Vec<Vec<(Granularity, Dimension, DataFrame)>> = vec![Vec::new()];
+        let mut filled = 0;
         for grid in grids {
             let mut offset = 0;
             while offset < grid.cells.height() {
-                slices.push((
+                let take = (batch_rows - filled).min(grid.cells.height() - offset);
+                let slice = grid.cells.slice(offset as i64, take);
+                batches.last_mut().expect("never empty").push((
                     grid.granularity,
                     grid.dimension,
-                    grid.cells.slice(offset as i64, CHUNK),
+                    slice,
                 ));
-                offset += CHUNK;
+                (offset, filled) = (offset + take, filled + take);
+                if filled == batch_rows {
+                    batches.push(Vec::new());
+                    filled = 0;
+                }
             }
         }
         let (ch, run_id) = (self.ch.clone(), run.run_id);
         let table = staging.clone();
-        futures::stream::iter(slices)
-            .map(move |(granularity, dimension, cells)| {
+        futures::stream::iter(batches.into_iter().filter(|b| !b.is_empty()))
+            .map(move |batch| {
                 let (ch, staging) = (ch.clone(), table.clone());
                 async move {
-                    let rows = aggregate::staged_rows(&cells, granularity, dimension, run_id)?;
                     let mut insert = ch.insert::<aggregate::StagedRow<'_>>(&staging).await?;
-                    for row in &rows {
-                        insert.write(row).await?;
+                    for (granularity, dimension, cells) in &batch {
+                        let rows = aggregate::staged_rows(cells, *granularity, *dimension, run_id)?;
+                        for row in &rows {
+                            insert.write(row).await?;
+                        }
                     }
                     insert.end().await?;
                     Ok::<_, RunError>(())
                 }
             })
-            .buffer_unordered(3)
+            .buffer_unordered(INSERTS)
             .try_collect::<Vec<()>>()
             .await?;
         tracing::info!(
