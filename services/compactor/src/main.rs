@@ -5,6 +5,12 @@ use tidemark_compactor::{Kind, Outcome};
 use tidemark_platform::service::{self, CommonArgs, ENV_HELP};
 use tidemark_platform::shutdown;
 
+/// Polars allocates and frees buffers of hundreds of MB per operation on large
+/// runs; with glibc's malloc each is a fresh mapping, and the run spent whole
+/// seconds with both cores in the kernel (page faults, unmapping).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Tidemark compactor, the batch layer: raw JSON Lines in S3 to a Parquet lake to
 /// exact aggregates in ClickHouse, published with Write-Audit-Publish.
 #[derive(Parser)]
