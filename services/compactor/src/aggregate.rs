@@ -61,18 +61,14 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
     let places = by_minute(&[col("city"), col("category")]).collect()?;
     for dimension in Dimension::ALL {
         let minutes = match dimension {
-            Dimension::Product => by_minute(&[col("product_id").alias("value")]).collect()?,
-            _ => places
-                .clone()
-                .lazy()
-                .with_column(value_of(dimension).alias("value"))
-                .group_by([col("bucket_us"), col("value"), col("currency")])
-                .agg([
-                    col("revenue_minor").sum(),
-                    col("orders").sum(),
-                    col("items").sum(),
-                ])
-                .collect()?,
+            Dimension::Product => by_minute(&[value_of(dimension).alias("value")]).collect()?,
+            _ => sum_cells(
+                places
+                    .clone()
+                    .lazy()
+                    .with_column(value_of(dimension).alias("value")),
+            )
+            .collect()?,
         };
         let hours = roll_up(&minutes, Granularity::Hour)?;
         let days = roll_up(&hours, Granularity::Day)?;
@@ -94,17 +90,24 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
 /// A grid's cells summed into the coarser buckets of `granularity`.
 fn roll_up(cells: &DataFrame, granularity: Granularity) -> PolarsResult<DataFrame> {
     let width_us = granularity.seconds() * 1_000_000;
+    sum_cells(
+        cells
+            .clone()
+            .lazy()
+            .with_column((col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us")),
+    )
+    .collect()
+}
+
+/// Cells with the same bucket, value and currency summed into one.
+fn sum_cells(cells: LazyFrame) -> LazyFrame {
     cells
-        .clone()
-        .lazy()
-        .with_column((col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us"))
         .group_by([col("bucket_us"), col("value"), col("currency")])
         .agg([
             col("revenue_minor").sum(),
             col("orders").sum(),
             col("items").sum(),
         ])
-        .collect()
 }
 
 /// A row of a run's staging table, borrowing its strings from a grid.
