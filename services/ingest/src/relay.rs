@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{Datelike, NaiveDate, Timelike};
+use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use tidemark_domain::LogPosition;
 use tidemark_orderlog::{LogRow, RawRecord};
@@ -29,6 +30,9 @@ use crate::config::RelaySettings;
 
 /// The relay's row in `consumer_cursors`.
 pub const CONSUMER: &str = "lake-relay";
+
+/// Objects of one batch put to S3 at the same time.
+const PARALLEL_PUTS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -196,43 +200,53 @@ impl Relay {
         };
 
         let objects = objects(cursor.position, until, &rows);
-        for object in &objects {
-            self.s3
-                .put_object()
-                .bucket(&self.s3_config.bucket)
-                .key(self.s3_config.key(&object.key))
-                .content_type("application/x-ndjson")
-                .body(ByteStream::from(object.body.clone()))
-                .send()
-                .await
-                .map_err(|e| {
-                    RelayError::S3(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())
-                })?;
-        }
+        // A batch spread over many event hours is many objects: they are put a few
+        // at a time (catching up after an S3 outage is otherwise one round trip per
+        // hour of the backlog). All or none are confirmed: on any failure the pending
+        // batch is redone with the same keys.
+        let puts: Vec<_> = objects
+            .iter()
+            .map(|object| {
+                self.s3
+                    .put_object()
+                    .bucket(&self.s3_config.bucket)
+                    .key(self.s3_config.key(&object.key))
+                    .content_type("application/x-ndjson")
+                    .body(ByteStream::from(object.body.clone()))
+                    .send()
+            })
+            .collect();
+        futures::stream::iter(puts)
+            .buffer_unordered(PARALLEL_PUTS)
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .map_err(|e| RelayError::S3(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
 
         let mut tx = self.pool.begin().await?;
-        for o in &objects {
-            sqlx::query(
-                "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
-                   until_seq, min_txid, max_txid, rows, bytes) \
-                 VALUES ($1, $2, $3, $4::int8::text::xid8, $5, $6::int8::text::xid8, $7, \
-                   $8::int8::text::xid8, $9::int8::text::xid8, $10, $11) \
-                 ON CONFLICT (key) DO NOTHING",
-            )
-            .bind(&o.key)
-            .bind(o.dt)
-            .bind(o.hour)
-            .bind(cursor.position.txid as i64)
-            .bind(cursor.position.seq)
-            .bind(until.txid as i64)
-            .bind(until.seq)
-            .bind(o.min_txid as i64)
-            .bind(o.max_txid as i64)
-            .bind(o.rows)
-            .bind(o.body.len() as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let column = |f: fn(&RawObject) -> i64| objects.iter().map(f).collect::<Vec<i64>>();
+        sqlx::query(
+            "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
+               until_seq, min_txid, max_txid, rows, bytes) \
+             SELECT o.key, o.dt, o.hour, $4::int8::text::xid8, $5, $6::int8::text::xid8, $7, \
+               o.min_txid::text::xid8, o.max_txid::text::xid8, o.rows, o.bytes \
+             FROM UNNEST($1::text[], $2::date[], $3::int2[], $8::int8[], $9::int8[], \
+                         $10::int4[], $11::int8[]) \
+               AS o(key, dt, hour, min_txid, max_txid, rows, bytes) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>())
+        .bind(objects.iter().map(|o| o.dt).collect::<Vec<_>>())
+        .bind(objects.iter().map(|o| o.hour).collect::<Vec<_>>())
+        .bind(cursor.position.txid as i64)
+        .bind(cursor.position.seq)
+        .bind(until.txid as i64)
+        .bind(until.seq)
+        .bind(column(|o| o.min_txid as i64))
+        .bind(column(|o| o.max_txid as i64))
+        .bind(objects.iter().map(|o| o.rows).collect::<Vec<_>>())
+        .bind(column(|o| o.body.len() as i64))
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "UPDATE consumer_cursors SET txid = pending_txid, seq = pending_seq, \
                horizon = GREATEST(horizon, COALESCE(pending_horizon, horizon)), \
