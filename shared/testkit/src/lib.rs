@@ -265,6 +265,24 @@ impl PrivatePostgres {
         }
     }
 
+    /// The server's migrated database as a [`TestDb`], for tests that hold
+    /// transactions open or cut steps short: the log horizon is cluster-wide, so on
+    /// the shared server an open transaction would pause every other test's
+    /// consumers.
+    pub fn test_db(&self) -> TestDb {
+        let config = PostgresConfig {
+            url: self.url().into(),
+            max_connections: 20,
+            ..PostgresConfig::default()
+        };
+        let pool = tidemark_platform::postgres::pool(&config, "tidemark-test").expect("pool");
+        TestDb {
+            name: "postgres".into(),
+            pool,
+            config,
+        }
+    }
+
     fn pg_ctl(&self, args: &[&str]) {
         let data = self.dir.path().join("data");
         let status = pg_command(&self.bin.join("pg_ctl"))

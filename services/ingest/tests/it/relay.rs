@@ -101,7 +101,10 @@ async fn assert_lake_matches_log(pool: &PgPool, s3: &S3Config) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn late_committing_transactions_are_never_skipped() {
-    let db = tidemark_testkit::postgres().await;
+    // Its own cluster: it holds transactions open or cuts steps short (the log
+    // horizon is cluster-wide).
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let db = pg.test_db();
     let s3 = tidemark_testkit::s3();
     let relay = relay(&db.pool, &s3, 3).await;
     let seed: u64 = rand::rng().random();
@@ -160,7 +163,10 @@ async fn late_committing_transactions_are_never_skipped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_stopped_at_random_points_loses_and_duplicates_nothing() {
-    let db = tidemark_testkit::postgres().await;
+    // Its own cluster: it holds transactions open or cuts steps short (the log
+    // horizon is cluster-wide).
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let db = pg.test_db();
     let s3 = tidemark_testkit::s3();
     let relay = relay(&db.pool, &s3, 40).await;
     let writer = {

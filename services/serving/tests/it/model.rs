@@ -79,6 +79,11 @@ struct World {
     relay: tidemark_ingest::relay::Relay,
     speed: tidemark_speed::Consumer,
     compactor: tidemark_compactor::Compactor,
+    compactor_config: tidemark_compactor::Config,
+    /// The relay's and the speed layer's connections: each a process of its own in
+    /// production, so a crash closes them (see [`World::crash`]).
+    relay_pool: sqlx::PgPool,
+    speed_pool: sqlx::PgPool,
     serving: tidemark_testkit::Running,
     key: String,
     http: reqwest::Client,
@@ -107,8 +112,10 @@ impl World {
         let (_, key) = auth::create(&db.pool, "model", &[Scope::Read], None)
             .await
             .unwrap();
-        let relay = Self::relay(&db, &s3).await;
-        let speed = Self::speed(&db, &redis);
+        let relay_pool = Self::pool(&db);
+        let speed_pool = Self::pool(&db);
+        let relay = Self::relay(&relay_pool, &s3).await;
+        let speed = Self::speed(&speed_pool, &redis);
         let serving = Self::serving(&db, &redis, &ch).await;
         World {
             db,
@@ -119,6 +126,9 @@ impl World {
             relay,
             speed,
             compactor,
+            compactor_config,
+            relay_pool,
+            speed_pool,
             serving,
             key,
             http: reqwest::Client::new(),
@@ -127,12 +137,25 @@ impl World {
         }
     }
 
+    fn pool(db: &tidemark_testkit::TestDb) -> sqlx::PgPool {
+        tidemark_platform::postgres::pool(&db.config, "model").unwrap()
+    }
+
+    /// A step cut short is a process that died: its connections close with it.
+    /// (Dropping the step's future alone could leave a pooled connection inside a
+    /// transaction whose BEGIN was sent but not answered, which no process that
+    /// crashed would keep.) Returns a fresh pool for the restarted component.
+    async fn crash(&self, pool: &sqlx::PgPool) -> sqlx::PgPool {
+        pool.close().await;
+        Self::pool(&self.db)
+    }
+
     async fn relay(
-        db: &tidemark_testkit::TestDb,
+        pool: &sqlx::PgPool,
         s3: &tidemark_platform::config::S3Config,
     ) -> tidemark_ingest::relay::Relay {
         tidemark_ingest::relay::Relay::new(
-            db.pool.clone(),
+            pool.clone(),
             tidemark_platform::s3::client(s3).await,
             s3.clone(),
             tidemark_ingest::config::RelaySettings {
@@ -143,11 +166,11 @@ impl World {
     }
 
     fn speed(
-        db: &tidemark_testkit::TestDb,
+        pool: &sqlx::PgPool,
         redis: &tidemark_platform::config::RedisConfig,
     ) -> tidemark_speed::Consumer {
         tidemark_speed::Consumer::new(
-            db.pool.clone(),
+            pool.clone(),
             SpeedView::new(Arc::new(Redis::new(redis).unwrap())),
             tidemark_speed::config::SpeedSettings {
                 batch_size: 25,
@@ -196,7 +219,13 @@ impl World {
                     match crash_us.filter(|_| i + 1 == steps) {
                         Some(us) => {
                             let step = self.relay.step();
-                            drop(tokio::time::timeout(Duration::from_micros(us), step).await);
+                            if tokio::time::timeout(Duration::from_micros(us), step)
+                                .await
+                                .is_err()
+                            {
+                                self.relay_pool = self.crash(&self.relay_pool).await;
+                                self.relay = Self::relay(&self.relay_pool, &self.s3).await;
+                            }
                         }
                         None => drop(self.relay.step().await),
                     }
@@ -207,7 +236,13 @@ impl World {
                     match crash_us.filter(|_| i + 1 == steps) {
                         Some(us) => {
                             let step = self.speed.step();
-                            drop(tokio::time::timeout(Duration::from_micros(us), step).await);
+                            if tokio::time::timeout(Duration::from_micros(us), step)
+                                .await
+                                .is_err()
+                            {
+                                self.speed_pool = self.crash(&self.speed_pool).await;
+                                self.speed = Self::speed(&self.speed_pool, &self.redis);
+                            }
                         }
                         None => drop(self.speed.step().await),
                     }
@@ -224,14 +259,24 @@ impl World {
                     .compactor
                     .run_once(tidemark_compactor::Kind::Incremental);
                 match crash_ms {
-                    Some(ms) => drop(tokio::time::timeout(Duration::from_millis(ms), run).await),
+                    Some(ms) => {
+                        if tokio::time::timeout(Duration::from_millis(ms), run)
+                            .await
+                            .is_err()
+                        {
+                            self.compactor.pool.close().await;
+                            self.compactor = tidemark_compactor::connect(&self.compactor_config)
+                                .await
+                                .unwrap();
+                        }
+                    }
                     None => {
                         run.await.unwrap();
                     }
                 }
             }
-            Op::RestartSpeed => self.speed = Self::speed(&self.db, &self.redis),
-            Op::RestartRelay => self.relay = Self::relay(&self.db, &self.s3).await,
+            Op::RestartSpeed => self.speed = Self::speed(&self.speed_pool, &self.redis),
+            Op::RestartRelay => self.relay = Self::relay(&self.relay_pool, &self.s3).await,
             Op::RestartServing => {
                 let fresh = Self::serving(&self.db, &self.redis, &self.ch).await;
                 let old = std::mem::replace(&mut self.serving, fresh);

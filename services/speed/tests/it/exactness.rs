@@ -60,7 +60,10 @@ async fn the_view_equals_sql_for_every_bucket_dimension_and_epoch() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_committing_transaction_is_not_skipped() {
-    let db = tidemark_testkit::postgres().await;
+    // Its own cluster: it holds transactions open or cuts steps short (the log
+    // horizon is cluster-wide).
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let db = pg.test_db();
     let redis = tidemark_testkit::redis();
     let (consumer, view) = consumer(&db.pool, &redis, 10);
     let mut rng = StdRng::seed_from_u64(5);
@@ -88,7 +91,10 @@ async fn a_late_committing_transaction_is_not_skipped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_random_schedule_of_late_commits_skips_nothing() {
-    let db = tidemark_testkit::postgres().await;
+    // Its own cluster: it holds transactions open or cuts steps short (the log
+    // horizon is cluster-wide).
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let db = pg.test_db();
     let redis = tidemark_testkit::redis();
     let (consumer, view) = consumer(&db.pool, &redis, 3);
     let seed: u64 = rand::rng().random();

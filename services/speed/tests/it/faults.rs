@@ -11,7 +11,10 @@ use crate::{assert_exact, consumer, drain, insert, random_order, speed_grid};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn aborted_steps_flushall_and_restart_end_exact() {
-    let db = tidemark_testkit::postgres().await;
+    // Its own cluster: it holds transactions open or cuts steps short (the log
+    // horizon is cluster-wide).
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let db = pg.test_db();
     let redis_server = tidemark_testkit::PrivateRedis::start().await;
     let (consumer, view) = consumer(&db.pool, &redis_server.config(), 25);
     let writer = {
