@@ -306,8 +306,17 @@ async fn ingest(
             .errors(errors));
     }
 
-    let outcome = store::store(&state.pool, &orders)
+    // Stored on a task of its own, which finishes even if the client disconnects
+    // and this handler is dropped: a transaction cut inside its BEGIN would stay open
+    // on a pooled connection, holding every consumer's horizon back until Postgres
+    // ends it.
+    let pool = state.pool.clone();
+    let outcome = tokio::spawn(async move { store::store(&pool, &orders).await })
         .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "The store task failed");
+            Problem::internal()
+        })?
         .map_err(|e| match e {
             StoreError::Conflict(ids) => Problem::new(ProblemKind::Conflict)
                 .detail(format!(
