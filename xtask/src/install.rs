@@ -1,5 +1,5 @@
 //! Installs what the stacks need and is missing: servers from Debian packages,
-//! the S3-compatible server from crates.io (pinned).
+//! the S3-compatible server and the test runner from crates.io (pinned).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,6 +10,10 @@ use crate::proc::{is_root, run};
 
 /// The S3-compatible server: s3s-fs, pinned (0.15+ needs a newer rustc).
 pub const S3S_FS_VERSION: &str = "0.14.1";
+
+/// The test runner the suite's schedule (`.config/nextest.toml`, which needs 0.9.91
+/// or newer for test priorities) is written for.
+pub const NEXTEST_VERSION: &str = "0.9.143";
 
 /// Where `cargo install` puts binaries.
 pub fn cargo_bin(name: &str) -> PathBuf {
@@ -107,8 +111,38 @@ fn s3s_fs_installed() -> bool {
             .is_ok_and(|list| list.contains(&format!("s3s-fs v{S3S_FS_VERSION}:")))
 }
 
+pub fn nextest_installed() -> bool {
+    run(Command::new("cargo").args(["nextest", "--version"])).is_ok()
+}
+
+/// cargo-nextest, which runs the suite on its schedule: timing figures alone,
+/// CPU-heavy tests two at a time. Best effort: without it `cargo xtask test` runs
+/// `cargo test`, unscheduled.
+fn ensure_nextest() {
+    if nextest_installed() {
+        return;
+    }
+    eprintln!("xtask: installing cargo-nextest {NEXTEST_VERSION} (cargo install, a few minutes)");
+    let installed = Command::new("cargo")
+        .args([
+            "install",
+            &format!("cargo-nextest@{NEXTEST_VERSION}"),
+            "--locked",
+        ])
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        eprintln!(
+            "xtask: cargo-nextest could not be installed; the suite runs under `cargo test` \
+             without its schedule (timing figures may be measured beside other tests)"
+        );
+    }
+}
+
 /// Installs whatever is missing; without root, prints the exact commands instead.
 pub fn ensure() -> Result<()> {
+    ensure_nextest();
     let missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|p| !(p.installed)())

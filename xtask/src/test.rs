@@ -73,7 +73,7 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
         )
         .await?;
     }
-    let has_nextest = nextest_available().await || install_nextest().await;
+    let has_nextest = install::nextest_installed();
     let mut args: Vec<&str> = if has_nextest {
         vec!["nextest", "run", "--workspace", "--no-fail-fast"]
     } else {
@@ -81,42 +81,6 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
     };
     args.extend(nextest_args.iter().map(String::as_str));
     cargo(&args, &env).await
-}
-
-/// The nextest this suite's schedule was written for (`.config/nextest.toml` needs
-/// 0.9.91 or newer for test priorities).
-const NEXTEST_VERSION: &str = "0.9.143";
-
-async fn nextest_available() -> bool {
-    tokio::process::Command::new(env!("CARGO"))
-        .args(["nextest", "--version"])
-        .output()
-        .await
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Installs cargo-nextest from crates.io. Without it the suite still runs (under
-/// `cargo test`), but without the schedule that keeps timing figures apart from
-/// CPU-heavy tests.
-async fn install_nextest() -> bool {
-    eprintln!("xtask: installing cargo-nextest {NEXTEST_VERSION} (cargo install, a few minutes)");
-    let installed = tokio::process::Command::new(env!("CARGO"))
-        .args([
-            "install",
-            &format!("cargo-nextest@{NEXTEST_VERSION}"),
-            "--locked",
-        ])
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if !installed {
-        eprintln!(
-            "xtask: cargo-nextest could not be installed; running `cargo test` without the \
-             suite's schedule (timing figures may be measured beside other tests)"
-        );
-    }
-    installed && nextest_available().await
 }
 
 /// The fault rows of RELIABILITY.md, each with the figure its tests recorded
