@@ -1,5 +1,13 @@
 //! Aggregates with polars: revenue, orders and items per time bucket, dimension
 //! value and currency, for every granularity and dimension.
+//!
+//! Cells are grouped by one integer key, not by strings. Each string column a
+//! cell is keyed by (city, category, product, currency) is dictionary-coded, a
+//! value's code being its rank in byte order, and a cell's key packs its bucket,
+//! value code and currency code (see [`Layout`]). Grouping hashes one `u64`
+//! instead of two or three strings per order, and a grid sorted by key is sorted
+//! as `revenue_agg` sorts its rows (bucket, value, currency): staging receives its
+//! rows in order, which ClickHouse then need not sort.
 
 use std::collections::BTreeMap;
 
@@ -10,107 +18,276 @@ use tidemark_domain::{Dimension, Granularity};
 /// Per currency: `[revenue, orders, items]`.
 pub type CurrencyTotals = BTreeMap<String, [i64; 3]>;
 
-fn value_of(dimension: Dimension) -> Expr {
-    match dimension {
-        Dimension::Total => lit(""),
-        Dimension::City => col("city"),
-        Dimension::Category => col("category"),
-        Dimension::Product => col("product_id"),
+const MINUTE_US: i64 = 60_000_000;
+const DAY_US: i64 = 86_400_000_000;
+
+/// The distinct values of a string column in byte order, and each row's code: the
+/// rank of its value, so that codes sort as the strings do.
+struct Dictionary {
+    values: Vec<String>,
+    codes: Vec<u64>,
+}
+
+impl Dictionary {
+    fn of(column: &Column) -> PolarsResult<Self> {
+        let column = column.str()?;
+        let mut index: PlHashMap<&str, u32> = PlHashMap::default();
+        let mut seen = Vec::with_capacity(column.len());
+        for value in column.iter() {
+            let next = index.len() as u32;
+            seen.push(*index.entry(value.unwrap_or("")).or_insert(next));
+        }
+        let mut distinct: Vec<(&str, u32)> = index.into_iter().collect();
+        distinct.sort_unstable();
+        let mut rank = vec![0_u64; distinct.len()];
+        for (r, (_, first)) in distinct.iter().enumerate() {
+            rank[*first as usize] = r as u64;
+        }
+        Ok(Self {
+            values: distinct.iter().map(|(v, _)| (*v).to_owned()).collect(),
+            codes: seen.into_iter().map(|s| rank[s as usize]).collect(),
+        })
     }
 }
 
-/// One granularity × dimension of a run's aggregates: a frame with `bucket_us`,
-/// `value`, `currency`, `revenue_minor`, `orders` and `items`, one row per cell.
+/// How a cell's key packs its bucket, value and currency, in mixed radix:
+/// `key = (bucket · values + value) · currencies + currency`, where `bucket`
+/// counts buckets of the grid's width from the run's first midnight (UTC) and
+/// `value`, `currency` are dictionary codes. Keys order cells by bucket, then
+/// value, then currency.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    values: u64,
+    currencies: u64,
+}
+
+impl Layout {
+    fn key(self, bucket: u64, value: u64, currency: u64) -> u64 {
+        (bucket * self.values + value) * self.currencies + currency
+    }
+
+    /// `(bucket, value, currency)`
+    fn split(self, key: u64) -> (u64, u64, u64) {
+        let currency = key % self.currencies;
+        let rest = key / self.currencies;
+        (rest / self.values, rest % self.values, currency)
+    }
+
+    /// Fails when keys of buckets below `buckets` might not fit 64 bits.
+    fn check(self, buckets: u64) -> PolarsResult<Self> {
+        buckets
+            .checked_mul(self.values)
+            .and_then(|k| k.checked_mul(self.currencies))
+            .map(|_| self)
+            .ok_or_else(|| {
+                polars_err!(ComputeError:
+                    "a run's buckets × values × currencies ({buckets} × {} × {}) do not fit a 64-bit key",
+                    self.values, self.currencies)
+            })
+    }
+}
+
+/// One granularity × dimension of a run's aggregates: `key`, `revenue_minor`,
+/// `orders` and `items`, one row per cell, sorted by key.
 pub struct Grid {
     pub granularity: Granularity,
     pub dimension: Dimension,
+    layout: Layout,
     pub cells: DataFrame,
+}
+
+/// A run's aggregates: every granularity × dimension grid, in `revenue_agg`'s
+/// order (granularity, then dimension), with the dictionaries to read them.
+pub struct Aggregates {
+    /// The first midnight (UTC) of the run's orders, in µs: bucket 0.
+    base_us: i64,
+    currencies: Vec<String>,
+    /// Per dimension, in [`Dimension::ALL`]'s order.
+    values: [Vec<String>; 4],
+    pub grids: Vec<Grid>,
+}
+
+fn dimension_index(dimension: Dimension) -> usize {
+    Dimension::ALL
+        .iter()
+        .position(|d| *d == dimension)
+        .expect("listed")
+}
+
+/// Sums of the `revenue`/`quantity` (orders) or `revenue_minor`/`orders`/`items`
+/// (cells) of rows with the same key, sorted by key.
+fn group(keys: Vec<u64>, rows: &DataFrame, from_orders: bool) -> PolarsResult<DataFrame> {
+    let sums = if from_orders {
+        [
+            col("revenue").sum().alias("revenue_minor"),
+            len().cast(DataType::Int64).alias("orders"),
+            col("quantity").sum().alias("items"),
+        ]
+    } else {
+        [
+            col("revenue_minor").sum(),
+            col("orders").sum(),
+            col("items").sum(),
+        ]
+    };
+    let measures: &[&str] = if from_orders {
+        &["revenue", "quantity"]
+    } else {
+        &["revenue_minor", "orders", "items"]
+    };
+    let mut columns = vec![Column::new("key".into(), keys)];
+    for name in measures {
+        columns.push(rows.column(name)?.clone());
+    }
+    DataFrame::new(rows.height(), columns)?
+        .lazy()
+        .group_by([col("key")])
+        .agg(sums)
+        .sort(["key"], SortMultipleOptions::default())
+        .collect()
+}
+
+fn keys_of(cells: &DataFrame) -> PolarsResult<&[u64]> {
+    cells.column("key")?.u64()?.cont_slice()
 }
 
 /// Every granularity × dimension grid of the orders (which carry `created_us` and
 /// `revenue`).
 ///
-/// The orders are grouped twice: by minute × city × category × currency (a grid
+/// The orders are grouped twice: by minute × (city, category) × currency (a grid
 /// far smaller than the orders, from which the total, city and category minute
 /// grids are summed) and by minute × product × currency. Hours are rolled up from
 /// minutes and days from hours (sums compose).
-pub fn grids(orders: &DataFrame) -> PolarsResult<Vec<Grid>> {
-    let mut grids = Vec::new();
-    if orders.height() == 0 {
-        return Ok(grids);
-    }
-    let by_minute = |keys: &[Expr]| {
-        let keys: Vec<Expr> = [col("bucket_us")]
-            .into_iter()
-            .chain(keys.iter().cloned())
-            .chain([col("currency")])
-            .collect();
-        orders
-            .clone()
-            .lazy()
-            .with_column(
-                (col("created_us") - col("created_us") % lit(60_000_000_i64)).alias("bucket_us"),
-            )
-            .group_by(keys)
-            .agg([
-                col("revenue").sum().alias("revenue_minor"),
-                len().cast(DataType::Int64).alias("orders"),
-                col("quantity").sum().alias("items"),
-            ])
+pub fn grids(orders: &DataFrame) -> PolarsResult<Aggregates> {
+    let mut out = Aggregates {
+        base_us: 0,
+        currencies: Vec::new(),
+        values: [vec![String::new()], Vec::new(), Vec::new(), Vec::new()],
+        grids: Vec::new(),
     };
-    let places = by_minute(&[col("city"), col("category")]).collect()?;
-    for dimension in Dimension::ALL {
-        let minutes = match dimension {
-            Dimension::Product => by_minute(&[value_of(dimension).alias("value")]).collect()?,
-            _ => sum_cells(
-                places
-                    .clone()
-                    .lazy()
-                    .with_column(value_of(dimension).alias("value")),
-            )
-            .collect()?,
-        };
-        let hours = roll_up(&minutes, Granularity::Hour)?;
-        let days = roll_up(&hours, Granularity::Day)?;
-        for (granularity, cells) in [
-            (Granularity::Minute, minutes),
-            (Granularity::Hour, hours),
-            (Granularity::Day, days),
-        ] {
-            grids.push(Grid {
-                granularity,
-                dimension,
-                cells,
-            });
-        }
+    if orders.height() == 0 {
+        return Ok(out);
     }
-    Ok(grids)
+    let created = orders.column("created_us")?.i64()?;
+    let (Some(first), Some(last)) = (created.min(), created.max()) else {
+        polars_bail!(ComputeError: "orders without an event time");
+    };
+    out.base_us = first.div_euclid(DAY_US) * DAY_US;
+    let minutes: Vec<u64> = created
+        .into_no_null_iter()
+        .map(|us| ((us - out.base_us) / MINUTE_US) as u64)
+        .collect();
+    let buckets = ((last - out.base_us) / MINUTE_US) as u64 + 1;
+    let currency = Dictionary::of(orders.column("currency")?)?;
+    let city = Dictionary::of(orders.column("city")?)?;
+    let category = Dictionary::of(orders.column("category")?)?;
+    let product = Dictionary::of(orders.column("product_id")?)?;
+    let currencies = currency.values.len() as u64;
+    let (cities, categories) = (city.values.len() as u64, category.values.len() as u64);
+    let layout = |values: usize| Layout {
+        values: values as u64,
+        currencies,
+    };
+
+    // Minute × (city, category) × currency: the place's code is city · categories
+    // + category.
+    let places_layout = Layout {
+        values: cities * categories,
+        currencies,
+    }
+    .check(buckets)?;
+    let keys = (0..orders.height())
+        .map(|i| {
+            places_layout.key(
+                minutes[i],
+                city.codes[i] * categories + category.codes[i],
+                currency.codes[i],
+            )
+        })
+        .collect();
+    let places = group(keys, orders, true)?;
+    let product_layout = layout(product.values.len()).check(buckets)?;
+    let keys = (0..orders.height())
+        .map(|i| product_layout.key(minutes[i], product.codes[i], currency.codes[i]))
+        .collect();
+    let products = group(keys, orders, true)?;
+    drop(minutes);
+
+    let mut minute_grids = Vec::new();
+    for dimension in Dimension::ALL {
+        let (target, value_of): (Layout, fn(u64, u64) -> u64) = match dimension {
+            Dimension::Total => (layout(1), |_, _| 0),
+            Dimension::City => (layout(city.values.len()), |place, categories| {
+                place / categories
+            }),
+            Dimension::Category => (layout(category.values.len()), |place, categories| {
+                place % categories
+            }),
+            Dimension::Product => {
+                minute_grids.push(Grid {
+                    granularity: Granularity::Minute,
+                    dimension,
+                    layout: product_layout,
+                    cells: products.clone(),
+                });
+                continue;
+            }
+        };
+        let keys = keys_of(&places)?
+            .iter()
+            .map(|&key| {
+                let (minute, place, currency) = places_layout.split(key);
+                target.key(minute, value_of(place, categories), currency)
+            })
+            .collect();
+        minute_grids.push(Grid {
+            granularity: Granularity::Minute,
+            dimension,
+            layout: target,
+            cells: group(keys, &places, false)?,
+        });
+    }
+    drop((places, products));
+    let hour_grids = minute_grids
+        .iter()
+        .map(|g| g.roll_up(Granularity::Hour, 60))
+        .collect::<PolarsResult<Vec<_>>>()?;
+    let day_grids = hour_grids
+        .iter()
+        .map(|g| g.roll_up(Granularity::Day, 24))
+        .collect::<PolarsResult<Vec<_>>>()?;
+    out.grids = [minute_grids, hour_grids, day_grids]
+        .into_iter()
+        .flatten()
+        .collect();
+    out.currencies = currency.values;
+    out.values[dimension_index(Dimension::City)] = city.values;
+    out.values[dimension_index(Dimension::Category)] = category.values;
+    out.values[dimension_index(Dimension::Product)] = product.values;
+    Ok(out)
 }
 
-/// A grid's cells summed into the coarser buckets of `granularity`.
-fn roll_up(cells: &DataFrame, granularity: Granularity) -> PolarsResult<DataFrame> {
-    let width_us = granularity.seconds() * 1_000_000;
-    sum_cells(
-        cells
-            .clone()
-            .lazy()
-            .with_column((col("bucket_us") - col("bucket_us") % lit(width_us)).alias("bucket_us")),
-    )
-    .collect()
+impl Grid {
+    /// The grid's cells summed into buckets `factor` times as wide.
+    fn roll_up(&self, granularity: Granularity, factor: u64) -> PolarsResult<Grid> {
+        let layout = self.layout;
+        let keys = keys_of(&self.cells)?
+            .iter()
+            .map(|&key| {
+                let (bucket, value, currency) = layout.split(key);
+                layout.key(bucket / factor, value, currency)
+            })
+            .collect();
+        Ok(Grid {
+            granularity,
+            dimension: self.dimension,
+            layout,
+            cells: group(keys, &self.cells, false)?,
+        })
+    }
 }
 
-/// Cells with the same bucket, value and currency summed into one.
-fn sum_cells(cells: LazyFrame) -> LazyFrame {
-    cells
-        .group_by([col("bucket_us"), col("value"), col("currency")])
-        .agg([
-            col("revenue_minor").sum(),
-            col("orders").sum(),
-            col("items").sum(),
-        ])
-}
-
-/// A row of a run's staging table, borrowing its strings from a grid.
+/// A row of a run's staging table, borrowing its strings from the dictionaries.
 #[derive(clickhouse::Row, serde::Serialize)]
 pub struct StagedRow<'a> {
     pub granularity: i8,
@@ -125,49 +302,57 @@ pub struct StagedRow<'a> {
     pub items: u64,
 }
 
-/// The rows of (a slice of) a grid, in `revenue_agg`'s column order.
-pub fn staged_rows<'a>(
-    cells: &'a DataFrame,
-    granularity: Granularity,
-    dimension: Dimension,
-    run_id: u64,
-) -> PolarsResult<Vec<StagedRow<'a>>> {
-    let bucket = cells.column("bucket_us")?.i64()?;
-    let value = cells.column("value")?.str()?;
-    let currency = cells.column("currency")?.str()?;
-    let revenue = cells.column("revenue_minor")?.i64()?;
-    let count = cells.column("orders")?.i64()?;
-    let items = cells.column("items")?.i64()?;
-    let (granularity, dimension) = (granularity_code(granularity), dimension_code(dimension));
-    Ok(bucket
-        .iter()
-        .zip(value.iter())
-        .zip(currency.iter())
-        .zip(revenue.iter())
-        .zip(count.iter().zip(items.iter()))
-        .map(
-            |((((bucket, value), currency), revenue), (count, items))| StagedRow {
-                granularity,
-                dimension,
-                bucket: (bucket.unwrap_or(0) / 1_000_000) as u32,
-                value: value.unwrap_or(""),
-                currency: currency.unwrap_or(""),
-                run_id,
-                revenue_minor: revenue.unwrap_or(0),
-                orders: count.unwrap_or(0) as u64,
-                items: items.unwrap_or(0) as u64,
-            },
-        )
-        .collect())
+impl Aggregates {
+    /// The rows of `cells` (a grid or a slice of one), in `revenue_agg`'s column
+    /// order.
+    pub fn staged_rows<'a>(
+        &'a self,
+        grid: &Grid,
+        cells: &DataFrame,
+        run_id: u64,
+    ) -> PolarsResult<Vec<StagedRow<'a>>> {
+        let width_us = grid.granularity.seconds() * 1_000_000;
+        let values = &self.values[dimension_index(grid.dimension)];
+        let revenue = cells.column("revenue_minor")?.i64()?;
+        let count = cells.column("orders")?.i64()?;
+        let items = cells.column("items")?.i64()?;
+        let (granularity, dimension) = (
+            granularity_code(grid.granularity),
+            dimension_code(grid.dimension),
+        );
+        Ok(cells
+            .column("key")?
+            .u64()?
+            .into_no_null_iter()
+            .zip(revenue.into_no_null_iter())
+            .zip(count.into_no_null_iter().zip(items.into_no_null_iter()))
+            .map(|((key, revenue), (count, items))| {
+                let (bucket, value, currency) = grid.layout.split(key);
+                StagedRow {
+                    granularity,
+                    dimension,
+                    bucket: ((self.base_us + bucket as i64 * width_us) / 1_000_000) as u32,
+                    value: &values[value as usize],
+                    currency: &self.currencies[currency as usize],
+                    run_id,
+                    revenue_minor: revenue,
+                    orders: count as u64,
+                    items: items as u64,
+                }
+            })
+            .collect())
+    }
 }
 
 /// One run's rows for `revenue_agg`, owned (for comparisons; staging streams
 /// [`StagedRow`]s instead).
 pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
+    let aggregates = grids(orders)?;
     let mut rows = Vec::new();
-    for grid in grids(orders)? {
+    for grid in &aggregates.grids {
         rows.extend(
-            staged_rows(&grid.cells, grid.granularity, grid.dimension, run_id)?
+            aggregates
+                .staged_rows(grid, &grid.cells, run_id)?
                 .into_iter()
                 .map(|r| AggRow {
                     granularity: r.granularity,
