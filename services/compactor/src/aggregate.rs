@@ -370,6 +370,16 @@ pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
     Ok(rows)
 }
 
+/// Adds `more` to `totals`, currency by currency.
+pub fn add_totals(totals: &mut CurrencyTotals, more: CurrencyTotals) {
+    for (currency, t) in more {
+        let e = totals.entry(currency).or_insert([0; 3]);
+        for i in 0..3 {
+            e[i] += t[i];
+        }
+    }
+}
+
 /// Revenue, orders and items per currency, from frames with `quantity`,
 /// `unit_price_minor` and `currency`.
 pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {

@@ -1,11 +1,14 @@
 //! The lake: raw JSON Lines in, Parquet out, both in S3.
 
-use std::io::Cursor;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::io::{Cursor, Write};
+use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::primitives::ByteStream;
 use polars::prelude::*;
 use tidemark_platform::config::S3Config;
+
+use crate::aggregate::{self, CurrencyTotals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -13,6 +16,8 @@ pub enum LakeError {
     S3(String),
     #[error("polars: {0}")]
     Polars(#[from] PolarsError),
+    #[error("invalid raw record: {0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = LakeError> = std::result::Result<T, E>;
@@ -142,35 +147,211 @@ fn timestamp(column: &str) -> Expr {
     )
 }
 
-/// Raw records → the lake's order rows: typed timestamps, only `txid` in
-/// `[from_txid, to_txid)`, one row per order id.
-///
-/// Copies of an order id are the same immutable row of the log (the relay landed
-/// a range twice), so any copy may be kept: the first one is, which keeps the rows
-/// in the order they were read. Copies are rare, and removing them gathers every
-/// column, so the ids are checked first (hashing one column) and the frame is
-/// de-duplicated only when some repeat.
-pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<DataFrame> {
-    let typed = raw
+/// Raw records with typed timestamps.
+fn typed(raw: DataFrame) -> Result<DataFrame> {
+    Ok(raw
         .lazy()
-        .filter(
-            col("txid")
-                .gt_eq(lit(from_txid as i64))
-                .and(col("txid").lt(lit(to_txid.min(i64::MAX as u64) as i64))),
-        )
         .with_columns([
             timestamp("created_at").alias("created_at"),
             timestamp("ingested_at").alias("ingested_at"),
         ])
-        .collect()?;
-    if typed.column("order_id")?.n_unique()? == typed.height() {
-        return Ok(typed);
+        .collect()?)
+}
+
+/// Only the records with `txid` in `[from_txid, to_txid)`.
+pub fn in_range(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<DataFrame> {
+    let (from, to) = (
+        from_txid.min(i64::MAX as u64) as i64,
+        to_txid.min(i64::MAX as u64) as i64,
+    );
+    Ok(raw
+        .lazy()
+        .filter(col("txid").gt_eq(lit(from)).and(col("txid").lt(lit(to))))
+        .collect()?)
+}
+
+/// Raw records → the lake's order rows: typed timestamps, only `txid` in
+/// `[from_txid, to_txid)`, one row per order id (the first).
+pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<DataFrame> {
+    let mut ids = OrderIds::default();
+    let orders = typed(in_range(raw, from_txid, to_txid)?)?;
+    ids.first_copies(orders)
+}
+
+/// The order ids seen so far in a run, to keep one copy of each.
+///
+/// Copies of an order id are the same immutable row of the log (the relay landed
+/// a range twice), so any copy may be kept: the first one is, which keeps the rows
+/// in the order they were read. Ids are UUIDs and are kept as 128-bit integers.
+#[derive(Default)]
+struct OrderIds(PlHashSet<u128>);
+
+impl OrderIds {
+    /// The rows whose order id was not seen before (in this frame or earlier ones).
+    fn first_copies(&mut self, orders: DataFrame) -> Result<DataFrame> {
+        let ids = orders.column("order_id")?.str()?;
+        let mut first = Vec::with_capacity(ids.len());
+        for id in ids.iter() {
+            let id = id.unwrap_or("");
+            let id = uuid::Uuid::try_parse(id)
+                .map_err(|e| LakeError::Invalid(format!("order_id `{id}` is not a UUID: {e}")))?;
+            first.push(self.0.insert(id.as_u128()));
+        }
+        if first.iter().all(|f| *f) {
+            return Ok(orders);
+        }
+        Ok(orders.filter(&BooleanChunked::from_slice("first".into(), &first))?)
     }
-    Ok(typed.unique_stable(
-        Some(&["order_id".to_owned()]),
-        UniqueKeepStrategy::First,
-        None,
-    )?)
+}
+
+/// A Write that appends to a buffer it shares (so that the bytes can be taken
+/// once polars' batched Parquet writer, which keeps its writer, has finished).
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .expect("no writer panics holding the buffer")
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct DayFile {
+    writer: polars::io::parquet::write::BatchedWriter<SharedBuffer>,
+    buffer: SharedBuffer,
+    rows: u64,
+}
+
+/// One event date's Parquet file of a run.
+pub struct LakeFile {
+    /// Days since the epoch.
+    pub day: i64,
+    pub rows: u64,
+    pub body: Vec<u8>,
+}
+
+/// The raw records of a run, group by group, into the lake: one Parquet file per
+/// event date (each group adds a row group to its dates' files), the orders'
+/// columns that aggregation and the audit need, and the raw totals. Memory holds
+/// one group of raw records at a time, not the whole run.
+pub struct LakeWriter {
+    ids: OrderIds,
+    days: BTreeMap<i64, DayFile>,
+    orders: Vec<DataFrame>,
+    pub raw_records: u64,
+    pub raw_totals: CurrencyTotals,
+}
+
+/// The columns of the lake's orders that aggregation and the audit read.
+const MEASURED: [&str; 8] = [
+    "created_us",
+    "revenue",
+    "quantity",
+    "unit_price_minor",
+    "city",
+    "category",
+    "product_id",
+    "currency",
+];
+
+impl LakeWriter {
+    pub fn new() -> Self {
+        Self {
+            ids: OrderIds::default(),
+            days: BTreeMap::new(),
+            orders: Vec::new(),
+            raw_records: 0,
+            raw_totals: CurrencyTotals::new(),
+        }
+    }
+
+    /// Adds a group of raw records (already restricted to the run's range).
+    pub fn add(&mut self, raw: Vec<DataFrame>) -> Result<()> {
+        let raw = concat(
+            raw.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
+            UnionArgs::default(),
+        )?
+        .collect()?;
+        if raw.height() == 0 {
+            return Ok(());
+        }
+        self.raw_records += raw.height() as u64;
+        aggregate::add_totals(&mut self.raw_totals, aggregate::currency_totals(&raw)?);
+        let orders = self.ids.first_copies(typed(raw)?)?;
+        for (day, mut part) in by_date(&orders)? {
+            part.rechunk_mut_par();
+            let file = match self.days.entry(day) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let buffer = SharedBuffer::default();
+                    let writer = ParquetWriter::new(buffer.clone())
+                        .with_compression(ParquetCompression::Zstd(None))
+                        .batched(part.schema())?;
+                    e.insert(DayFile {
+                        writer,
+                        buffer,
+                        rows: 0,
+                    })
+                }
+            };
+            file.writer.write_batch(&part)?;
+            file.rows += part.height() as u64;
+        }
+        self.orders.push(
+            with_measures(orders.lazy())
+                .select(MEASURED.map(col))
+                .collect()?,
+        );
+        Ok(())
+    }
+
+    /// The Parquet files, in date order, and the orders with the [`MEASURED`]
+    /// columns.
+    pub fn finish(self) -> Result<(Vec<LakeFile>, DataFrame)> {
+        let mut files = Vec::with_capacity(self.days.len());
+        for (day, file) in self.days {
+            file.writer.finish()?;
+            drop(file.writer);
+            let body = std::mem::take(
+                &mut *file
+                    .buffer
+                    .0
+                    .lock()
+                    .expect("no writer panics holding the buffer"),
+            );
+            files.push(LakeFile {
+                day,
+                rows: file.rows,
+                body,
+            });
+        }
+        let orders = if self.orders.is_empty() {
+            DataFrame::empty()
+        } else {
+            concat(
+                self.orders
+                    .into_iter()
+                    .map(IntoLazy::lazy)
+                    .collect::<Vec<_>>(),
+                UnionArgs::default(),
+            )?
+            .collect()?
+        };
+        Ok((files, orders))
+    }
+}
+
+impl Default for LakeWriter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Adds the derived columns aggregation needs: event time in µs, revenue, day.
@@ -306,5 +487,39 @@ mod tests {
             .collect();
         let day = at.timestamp() / 86_400;
         assert_eq!(days, [(day, 1), (day + 1, 1)]);
+    }
+
+    #[test]
+    fn the_writer_keeps_the_first_copy_across_groups_and_writes_a_file_per_date() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        let next_day = at + chrono::TimeDelta::hours(2);
+        let group = |lines: &[String]| {
+            vec![in_range(parse_raw(lines.join("\n").as_bytes()).unwrap(), 0, 9).unwrap()]
+        };
+        let mut writer = LakeWriter::new();
+        writer
+            .add(group(&[raw_line(1, at, 5, 1), raw_line(2, next_day, 5, 2)]))
+            .unwrap();
+        writer
+            .add(group(&[
+                raw_line(1, at, 5, 1),
+                raw_line(3, at, 6, 1),
+                raw_line(4, at, 9, 1),
+            ]))
+            .unwrap();
+        assert_eq!(writer.raw_records, 4, "txid 9 is outside the range");
+        assert_eq!(writer.raw_totals["EUR"], [1200, 4, 8]);
+        let (files, orders) = writer.finish().unwrap();
+        let day = at.timestamp() / 86_400;
+        let written: Vec<(i64, u64, usize)> = files
+            .iter()
+            .map(|f| (f.day, f.rows, from_parquet(&f.body).unwrap().height()))
+            .collect();
+        assert_eq!(written, [(day, 2, 2), (day + 1, 1, 1)]);
+        assert_eq!(orders.height(), 3);
+        assert_eq!(
+            aggregate::currency_totals(&orders).unwrap()["EUR"],
+            [900, 3, 6]
+        );
     }
 }

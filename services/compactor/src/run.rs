@@ -312,7 +312,16 @@ impl Compactor {
 
     /// Reads the run's new orders from the raw lake and writes them to the Parquet
     /// lake, one file per event date.
+    ///
+    /// A task downloads the raw objects (eight at a time) and parses them (two at a
+    /// time, on blocking threads), keeping only the run's range; meanwhile this one
+    /// types, de-duplicates and encodes them in groups of about [`GROUP_ROWS`]
+    /// records. Memory holds a group of raw records and the Parquet files being
+    /// written, not the whole run as text or as full frames.
     pub async fn write_lake(&self, run: &Run) -> Result<Written> {
+        /// Records per group: large enough for good Parquet row groups, small
+        /// enough to stay in memory comfortably.
+        const GROUP_ROWS: usize = 1_000_000;
         self.set_step(run, "write_lake").await?;
         let keys: Vec<String> = sqlx::query_scalar(
             "SELECT key FROM lake_raw_files \
@@ -323,100 +332,101 @@ impl Compactor {
         .bind(run.threshold as i64)
         .fetch_all(&self.pool)
         .await?;
+        let raw_files = keys.len();
+        let (from, to) = (run.from_threshold, run.threshold);
+        let (tx, mut parsed) = tokio::sync::mpsc::channel::<Result<DataFrame>>(4);
+        let store = self.store.clone();
+        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut frames = futures::stream::iter(keys)
+                .map(move |key| {
+                    let store = store.clone();
+                    async move { store.get(&key).await }
+                })
+                .buffered(8)
+                .map(|body| async move {
+                    let body = body?;
+                    tokio::task::spawn_blocking(move || {
+                        lake::in_range(lake::parse_raw(&body)?, from, to)
+                    })
+                    .await
+                    .expect("the parse task does not panic")
+                    .map_err(RunError::from)
+                })
+                .buffered(2);
+            while let Some(frame) = frames.next().await {
+                let failed = frame.is_err();
+                if tx.send(frame).await.is_err() || failed {
+                    return;
+                }
+            }
+        }));
+        let (mut writer, mut group, mut rows) = (lake::LakeWriter::new(), Vec::new(), 0);
+        let (mut wait_ms, mut encode_ms) = (0, 0);
+        loop {
+            let t = Instant::now();
+            let next = parsed.recv().await.transpose()?;
+            wait_ms += t.elapsed().as_millis() as u64;
+            let done = next.is_none();
+            if let Some(frame) = next {
+                rows += frame.height();
+                group.push(frame);
+            }
+            if rows >= GROUP_ROWS || (done && !group.is_empty()) {
+                let t = Instant::now();
+                let frames = std::mem::take(&mut group);
+                writer = tokio::task::spawn_blocking(move || writer.add(frames).map(|()| writer))
+                    .await
+                    .expect("the lake task does not panic")?;
+                encode_ms += t.elapsed().as_millis() as u64;
+                rows = 0;
+            }
+            if done {
+                break;
+            }
+        }
+        let t = Instant::now();
+        let (raw_records, raw_totals) = (writer.raw_records, writer.raw_totals.clone());
+        let (files, orders) = tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .expect("the lake task does not panic")?;
         let mut written = Written {
-            orders: DataFrame::empty(),
-            raw_records: 0,
-            raw_totals: CurrencyTotals::new(),
+            orders,
+            raw_records,
+            raw_totals,
             parquet_keys: Vec::new(),
             days: BTreeSet::new(),
         };
-        // Download eight objects at a time and parse them on blocking threads, two
-        // at a time (downloads and parsing overlap; the runtime's threads stay
-        // free), keeping only the run's range, so memory holds frames rather than
-        // text.
-        let (from, to) = (run.from_threshold as i64, run.threshold as i64);
-        let started = Instant::now();
-        let store = self.store.clone();
-        let frames: Vec<LazyFrame> = futures::stream::iter(keys.clone())
-            .map(move |key| {
-                let store = store.clone();
-                async move { store.get(&key).await }
-            })
-            .buffered(8)
-            .map(|body| async move {
-                let body = body?;
-                let parsed = tokio::task::spawn_blocking(move || lake::parse_raw(&body))
-                    .await
-                    .expect("the parse task does not panic")?;
-                Ok::<_, RunError>(
-                    parsed
-                        .lazy()
-                        .filter(col("txid").gt_eq(lit(from)).and(col("txid").lt(lit(to)))),
-                )
-            })
-            .buffered(2)
-            .try_collect()
-            .await?;
-        if frames.is_empty() {
-            return Ok(written);
-        }
-        let in_range = concat(frames, UnionArgs::default())?.collect()?;
-        let read_ms = started.elapsed().as_millis() as u64;
-        let t = Instant::now();
-        written.raw_records = in_range.height() as u64;
-        written.raw_totals = aggregate::currency_totals(&in_range)?;
-        let orders = tokio::task::spawn_blocking({
-            let (from, to) = (run.from_threshold, run.threshold);
-            move || lake::orders_from_raw(in_range, from, to)
-        })
-        .await
-        .expect("the de-duplication task does not panic")?;
-        let dedupe_ms = t.elapsed().as_millis() as u64;
-        let t = Instant::now();
-        // One file per event date: each encoded on a blocking thread, two at a time,
-        // while the previous one uploads.
-        let parts = lake::by_date(&orders)?;
         let run_id = run.run_id;
-        let mut encoded = futures::stream::iter(parts)
-            .map(|(day, mut part)| async move {
-                let rows = part.height() as i64;
-                let body = tokio::task::spawn_blocking(move || lake::to_parquet(&mut part))
-                    .await
-                    .expect("the Parquet task does not panic")?;
-                Ok::<_, RunError>((day, rows, body))
-            })
-            .buffered(2);
-        while let Some((day, rows, body)) = encoded.try_next().await? {
-            let key = lake::lake_key(day, &format!("part-{run_id:012}"));
-            let bytes = body.len() as i64;
-            self.store.put(&key, body).await?;
+        for file in files {
+            let key = lake::lake_key(file.day, &format!("part-{run_id:012}"));
+            let bytes = file.body.len() as i64;
+            self.store.put(&key, file.body).await?;
             sqlx::query(
                 "INSERT INTO lake_files (key, dt, run_id, rows, bytes) \
                  VALUES ($1, to_timestamp($2 * 86400)::date, $3, $4, $5) \
                  ON CONFLICT (key) DO UPDATE SET rows = EXCLUDED.rows, bytes = EXCLUDED.bytes",
             )
             .bind(&key)
-            .bind(day as f64)
+            .bind(file.day as f64)
             .bind(run_id as i64)
-            .bind(rows)
+            .bind(file.rows as i64)
             .bind(bytes)
             .execute(&self.pool)
             .await?;
             written.parquet_keys.push(key);
-            written.days.insert(day);
+            written.days.insert(file.day);
         }
         tracing::info!(
             run_id = run.run_id,
-            raw_files = keys.len(),
+            raw_files,
             raw_records = written.raw_records,
-            orders = orders.height(),
+            orders = written.orders.height(),
             parquet_files = written.parquet_keys.len(),
-            read_ms,
-            dedupe_ms,
-            parquet_ms = t.elapsed().as_millis() as u64,
+            wait_ms,
+            encode_ms,
+            upload_ms = t.elapsed().as_millis() as u64,
             "Lake written"
         );
-        written.orders = lake::with_measures(orders.lazy()).collect()?;
         Ok(written)
     }
 
@@ -595,12 +605,7 @@ impl Compactor {
                         &body,
                         &["currency", "quantity", "unit_price_minor"],
                     )?;
-                    for (currency, t) in aggregate::currency_totals(&frame)? {
-                        let e = totals.entry(currency).or_insert([0; 3]);
-                        for i in 0..3 {
-                            e[i] += t[i];
-                        }
-                    }
+                    aggregate::add_totals(&mut totals, aggregate::currency_totals(&frame)?);
                 }
                 Ok::<_, RunError>(totals)
             })
