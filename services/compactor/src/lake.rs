@@ -1,5 +1,6 @@
 //! The lake: raw JSON Lines in, Parquet out, both in S3.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
 use std::sync::{Arc, Mutex};
@@ -107,32 +108,106 @@ impl Store {
     }
 }
 
-/// The columns of a raw record, typed.
-fn raw_schema() -> Schema {
-    Schema::from_iter([
-        Field::new("order_id".into(), DataType::String),
-        Field::new("user_id".into(), DataType::String),
-        Field::new("city".into(), DataType::String),
-        Field::new("product_id".into(), DataType::String),
-        Field::new("category".into(), DataType::String),
-        Field::new("quantity".into(), DataType::Int64),
-        Field::new("unit_price_minor".into(), DataType::Int64),
-        Field::new("currency".into(), DataType::String),
-        Field::new("created_at".into(), DataType::String),
-        Field::new("ingested_at".into(), DataType::String),
-        Field::new("txid".into(), DataType::Int64),
-        Field::new("seq".into(), DataType::Int64),
-    ])
+/// One raw record as the relay writes it ([`tidemark_orderlog::RawRecord`]),
+/// borrowing its strings from the text (unless they hold escapes).
+#[derive(serde::Deserialize)]
+struct RawLine<'a> {
+    #[serde(borrow)]
+    order_id: Cow<'a, str>,
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    city: Cow<'a, str>,
+    #[serde(borrow)]
+    product_id: Cow<'a, str>,
+    #[serde(borrow)]
+    category: Cow<'a, str>,
+    quantity: i64,
+    unit_price_minor: i64,
+    #[serde(borrow)]
+    currency: Cow<'a, str>,
+    #[serde(borrow)]
+    created_at: Cow<'a, str>,
+    #[serde(borrow)]
+    ingested_at: Cow<'a, str>,
+    txid: i64,
+    seq: i64,
 }
 
-/// Parses raw JSON Lines into a frame with the raw schema (in a few chunks: the
-/// lake writer joins a group's chunks once, not each file's).
+/// Parses raw JSON Lines into a frame of the raw records' columns (timestamps
+/// still as text). Each line is deserialized straight into the columns, with no
+/// document tree in between; a malformed line fails the whole file, naming the
+/// line.
 pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
-    Ok(JsonReader::new(Cursor::new(bytes))
-        .with_json_format(JsonFormat::JsonLines)
-        .with_schema(Arc::new(raw_schema()))
-        .set_rechunk(false)
-        .finish()?)
+    /// A little below the relay's typical record size, so that columns rarely grow.
+    const RECORD_BYTES: usize = 256;
+    let rows = bytes.len() / RECORD_BYTES + 1;
+    let text = |name: &str| StringChunkedBuilder::new(name.into(), rows);
+    let mut strings = [
+        "order_id",
+        "user_id",
+        "city",
+        "product_id",
+        "category",
+        "currency",
+        "created_at",
+        "ingested_at",
+    ]
+    .map(text);
+    let mut numbers: [Vec<i64>; 4] = std::array::from_fn(|_| Vec::with_capacity(rows));
+    for record in serde_json::Deserializer::from_slice(bytes).into_iter::<RawLine<'_>>() {
+        let r = record.map_err(|e| LakeError::Invalid(e.to_string()))?;
+        for (column, value) in strings.iter_mut().zip([
+            &r.order_id,
+            &r.user_id,
+            &r.city,
+            &r.product_id,
+            &r.category,
+            &r.currency,
+            &r.created_at,
+            &r.ingested_at,
+        ]) {
+            column.append_value(&**value);
+        }
+        for (column, value) in
+            numbers
+                .iter_mut()
+                .zip([r.quantity, r.unit_price_minor, r.txid, r.seq])
+        {
+            column.push(value);
+        }
+    }
+    let [
+        order_id,
+        user_id,
+        city,
+        product_id,
+        category,
+        currency,
+        created_at,
+        ingested_at,
+    ] = strings.map(|b| b.finish().into_column());
+    let [quantity, unit_price_minor, txid, seq] = numbers;
+    let height = order_id.len();
+    let int =
+        |name: &str, values: Vec<i64>| Int64Chunked::from_vec(name.into(), values).into_column();
+    Ok(DataFrame::new(
+        height,
+        vec![
+            order_id,
+            user_id,
+            city,
+            product_id,
+            category,
+            int("quantity", quantity),
+            int("unit_price_minor", unit_price_minor),
+            currency,
+            created_at,
+            ingested_at,
+            int("txid", txid),
+            int("seq", seq),
+        ],
+    )?)
 }
 
 fn timestamp(column: &str) -> Expr {
@@ -523,5 +598,19 @@ mod tests {
             aggregate::currency_totals(&orders).unwrap()["EUR"],
             [900, 3, 6]
         );
+    }
+
+    #[test]
+    fn a_malformed_record_fails_the_file_naming_its_line() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        let text = [
+            raw_line(1, at, 5, 1),
+            r#"{"order_id":"x","city":7}"#.to_owned(),
+        ]
+        .join("\n");
+        let error = parse_raw(text.as_bytes()).unwrap_err().to_string();
+        assert!(error.contains("line 2"), "{error}");
+        let parsed = parse_raw(format!("{}\n\n", raw_line(1, at, 5, 1)).as_bytes()).unwrap();
+        assert_eq!(parsed.height(), 1, "blank lines are not records");
     }
 }
