@@ -336,7 +336,7 @@ impl Compactor {
         let (from, to) = (run.from_threshold, run.threshold);
         let (tx, mut parsed) = tokio::sync::mpsc::channel::<Result<DataFrame>>(4);
         let store = self.store.clone();
-        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let mut frames = futures::stream::iter(keys)
                 .map(move |key| {
                     let store = store.clone();
@@ -384,6 +384,9 @@ impl Compactor {
                 break;
             }
         }
+        // The channel also closes if the reader died: only its clean end means that
+        // every object was read.
+        reader.await.expect("the raw reader does not panic");
         let t = Instant::now();
         let (raw_records, raw_totals) = (writer.raw_records, writer.raw_totals.clone());
         let (files, orders) = tokio::task::spawn_blocking(move || writer.finish())
