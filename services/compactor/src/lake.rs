@@ -318,6 +318,7 @@ pub struct LakeFile {
 /// event date (each group adds a row group to its dates' files), the orders'
 /// columns that aggregation and the audit need, and the raw totals. Memory holds
 /// one group of raw records at a time, not the whole run.
+#[derive(Default)]
 pub struct LakeWriter {
     ids: OrderIds,
     days: BTreeMap<i64, DayFile>,
@@ -339,16 +340,6 @@ const MEASURED: [&str; 8] = [
 ];
 
 impl LakeWriter {
-    pub fn new() -> Self {
-        Self {
-            ids: OrderIds::default(),
-            days: BTreeMap::new(),
-            orders: Vec::new(),
-            raw_records: 0,
-            raw_totals: CurrencyTotals::new(),
-        }
-    }
-
     /// Adds a group of raw records (already restricted to the run's range).
     pub fn add(&mut self, raw: Vec<DataFrame>) -> Result<()> {
         let raw = concat(
@@ -368,9 +359,7 @@ impl LakeWriter {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(e) => {
                     let buffer = SharedBuffer::default();
-                    let writer = ParquetWriter::new(buffer.clone())
-                        .with_compression(ParquetCompression::Zstd(None))
-                        .batched(part.schema())?;
+                    let writer = parquet_writer(buffer.clone()).batched(part.schema())?;
                     e.insert(DayFile {
                         writer,
                         buffer,
@@ -425,12 +414,6 @@ impl LakeWriter {
     }
 }
 
-impl Default for LakeWriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Adds the derived columns aggregation needs: event time in µs, revenue, day.
 pub fn with_measures(orders: LazyFrame) -> LazyFrame {
     orders.with_columns([
@@ -439,12 +422,15 @@ pub fn with_measures(orders: LazyFrame) -> LazyFrame {
     ])
 }
 
-/// A frame as Parquet (zstd).
+/// The lake's Parquet settings (zstd).
+fn parquet_writer<W: Write>(out: W) -> ParquetWriter<W> {
+    ParquetWriter::new(out).with_compression(ParquetCompression::Zstd(None))
+}
+
+/// A frame as Parquet.
 pub fn to_parquet(df: &mut DataFrame) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    ParquetWriter::new(&mut out)
-        .with_compression(ParquetCompression::Zstd(None))
-        .finish(df)?;
+    parquet_writer(&mut out).finish(df)?;
     Ok(out)
 }
 
@@ -573,7 +559,7 @@ mod tests {
         let group = |lines: &[String]| {
             vec![in_range(parse_raw(lines.join("\n").as_bytes()).unwrap(), 0, 9).unwrap()]
         };
-        let mut writer = LakeWriter::new();
+        let mut writer = LakeWriter::default();
         writer
             .add(group(&[raw_line(1, at, 5, 1), raw_line(2, next_day, 5, 2)]))
             .unwrap();

@@ -360,7 +360,7 @@ impl Compactor {
                 }
             }
         }));
-        let (mut writer, mut group, mut rows) = (lake::LakeWriter::new(), Vec::new(), 0);
+        let (mut writer, mut group, mut rows) = (lake::LakeWriter::default(), Vec::new(), 0);
         let (mut wait_ms, mut encode_ms) = (0, 0);
         loop {
             let t = Instant::now();
