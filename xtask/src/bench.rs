@@ -603,9 +603,17 @@ async fn compaction_round(
         ))?;
     let ours = started.elapsed().as_secs_f64();
     for line in out.lines().filter(|l| {
-        ["Lake written", "Staged", "Batch run steps"]
-            .iter()
-            .any(|m| l.contains(m))
+        [
+            "Connected",
+            "Planned",
+            "Lake written",
+            "Staged",
+            "Audit read back",
+            "Batch run steps",
+            "Published",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
     }) {
         eprintln!("xtask bench: {line}");
     }

@@ -6,6 +6,7 @@ use std::io::{Cursor, Write};
 use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::primitives::ByteStream;
+use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 use tidemark_platform::config::S3Config;
 
@@ -45,6 +46,40 @@ impl Store {
             .get_object()
             .bucket(&self.config.bucket)
             .key(self.config.key(key))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        Ok(object
+            .body
+            .collect()
+            .await
+            .map_err(|e| s3_error(&e))?
+            .into_bytes())
+    }
+
+    /// An object's size in bytes.
+    pub async fn size(&self, key: &str) -> Result<u64> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(key))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        head.content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| LakeError::S3(format!("no size in the answer to HEAD {key}")))
+    }
+
+    /// Bytes `range` of an object (not empty, inside the object).
+    pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<bytes::Bytes> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(key))
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
             .send()
             .await
             .map_err(|e| s3_error(&e))?;
@@ -438,11 +473,84 @@ pub fn from_parquet(bytes: &[u8]) -> Result<DataFrame> {
     Ok(ParquetReader::new(Cursor::new(bytes)).finish()?)
 }
 
-/// Only some columns of a Parquet file (less to decode).
-pub fn columns_from_parquet(bytes: &[u8], columns: &[&str]) -> Result<DataFrame> {
-    Ok(ParquetReader::new(Cursor::new(bytes))
-        .with_columns(Some(columns.iter().map(|c| (*c).to_owned()).collect()))
-        .finish()?)
+/// Reads `columns` of the Parquet object `key`, downloading only its footer and
+/// those columns' chunks (ranged GETs, four at a time) rather than the whole file.
+pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<DataFrame> {
+    /// Bytes fetched from the end first: the footer of a lake file is a few KB.
+    const TAIL: u64 = 64 * 1024;
+    /// Chunks closer than this are fetched in one GET.
+    const GAP: u64 = 256 * 1024;
+    // The size first: a suffix range (`bytes=-n`) longer than the object is
+    // valid HTTP, but s3s-fs answers it with a 500.
+    let size = store.size(key).await?;
+    let not_parquet = || LakeError::Invalid(format!("{key} is not a Parquet file"));
+    // Magic bytes at both ends and the metadata's length.
+    if size < 12 {
+        return Err(not_parquet());
+    }
+    let mut tail = store
+        .get_range(key, size.saturating_sub(TAIL)..size)
+        .await?;
+    let footer = footer_len(&tail).ok_or_else(not_parquet)?;
+    if footer > tail.len() {
+        tail = store
+            .get_range(key, size.saturating_sub(footer as u64)..size)
+            .await?;
+    }
+    let tail_start = size - tail.len() as u64;
+    let metadata = ParquetReader::new(Cursor::new(&tail[..]))
+        .get_metadata()?
+        .clone();
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+    for group in &metadata.row_groups {
+        for column in columns {
+            let chunks = group
+                .columns_under_root_iter(column)
+                .ok_or_else(|| LakeError::Invalid(format!("{key} has no column `{column}`")))?;
+            for chunk in chunks {
+                ranges.push(chunk.byte_range());
+            }
+        }
+    }
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        match merged.last_mut() {
+            Some(last) if range.start <= last.end + GAP => last.end = last.end.max(range.end),
+            _ => merged.push(range),
+        }
+    }
+    // Chunks inside the tail are already here.
+    merged.retain(|r| r.start < tail_start);
+    let pieces: Vec<(u64, bytes::Bytes)> = futures::stream::iter(merged)
+        .map(|r| {
+            let (store, key) = (store.clone(), key.to_owned());
+            async move { Ok::<_, LakeError>((r.start, store.get_range(&key, r).await?)) }
+        })
+        .buffered(4)
+        .try_collect()
+        .await?;
+    let columns: Vec<String> = columns.iter().map(|c| (*c).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut sparse = vec![0u8; size as usize];
+        for (start, body) in pieces.iter().chain([(tail_start, tail)].iter()) {
+            let start = *start as usize;
+            sparse[start..start + body.len()].copy_from_slice(body);
+        }
+        let mut reader = ParquetReader::new(Cursor::new(sparse));
+        reader.set_metadata(metadata);
+        Ok(reader.with_columns(Some(columns)).finish()?)
+    })
+    .await
+    .expect("the Parquet decoding task does not panic")
+}
+
+/// The length of a Parquet file's footer (metadata, its length and the magic
+/// bytes) from the file's last bytes, if they end like a Parquet file.
+fn footer_len(tail: &[u8]) -> Option<usize> {
+    let (rest, magic) = tail.split_last_chunk::<4>()?;
+    let (_, len) = rest.split_last_chunk::<4>()?;
+    (magic == b"PAR1").then(|| u32::from_le_bytes(*len) as usize + 8)
 }
 
 /// Splits orders by event date: `(days since the epoch, rows)`, in date order. A

@@ -22,6 +22,7 @@ pub use run::{Compactor, Kind, Outcome};
 
 /// Connects to the stores (applying migrations when configured).
 pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
+    let started = Instant::now();
     let pool = postgres::pool(&config.postgres, "tidemark-compactor")?;
     if config.postgres.migrate {
         postgres::migrate(&pool).await?;
@@ -29,6 +30,10 @@ pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
     if config.clickhouse.migrate {
         clickhouse::migrate(&config.clickhouse).await?;
     }
+    tracing::info!(
+        connect_ms = started.elapsed().as_millis() as u64,
+        "Connected and migrated"
+    );
     tidemark_platform::metrics::register_counter("compactor_audit_failures_total", &[]);
     tidemark_platform::metrics::register_counter("compactor_errors_total", &[]);
     Ok(Compactor {

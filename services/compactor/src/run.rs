@@ -597,27 +597,25 @@ impl Compactor {
             negative: u64,
             rows: u64,
         }
-        // The Parquet files, read back from S3 (only the columns the totals need),
-        // and staging's sums in ClickHouse, both at once.
+        // The Parquet files, read back from S3 (only the columns the totals need,
+        // fetched by range), and staging's sums in ClickHouse, both at once.
+        let t = Instant::now();
         let parquet = async {
-            let bodies = self.fetch(&written.parquet_keys).await?;
-            let totals = tokio::task::spawn_blocking(move || {
-                let mut totals = CurrencyTotals::new();
-                for body in bodies {
-                    let frame = lake::columns_from_parquet(
-                        &body,
-                        &["currency", "quantity", "unit_price_minor"],
-                    )?;
-                    aggregate::add_totals(&mut totals, aggregate::currency_totals(&frame)?);
-                }
-                Ok::<_, RunError>(totals)
-            })
-            .await
-            .expect("the Parquet audit task does not panic")?;
-            Ok::<_, RunError>(totals)
+            const COLUMNS: [&str; 3] = ["currency", "quantity", "unit_price_minor"];
+            let mut totals = CurrencyTotals::new();
+            let mut frames = futures::stream::iter(written.parquet_keys.clone())
+                .map(|key| {
+                    let store = self.store.clone();
+                    async move { lake::read_columns(&store, &key, &COLUMNS).await }
+                })
+                .buffered(2);
+            while let Some(frame) = frames.try_next().await? {
+                aggregate::add_totals(&mut totals, aggregate::currency_totals(&frame)?);
+            }
+            Ok::<_, RunError>((totals, t.elapsed().as_millis() as u64))
         };
         let sums = async {
-            Ok::<_, RunError>(
+            Ok::<_, RunError>((
                 self.ch
                     .query(&format!(
                         "SELECT toString(granularity) AS g, toString(dimension) AS d, currency AS c, \
@@ -631,9 +629,16 @@ impl Compactor {
                     ))
                     .fetch_all::<Sums>()
                     .await?,
-            )
+                t.elapsed().as_millis() as u64,
+            ))
         };
-        let (parquet_totals, sums) = tokio::try_join!(parquet, sums)?;
+        let ((parquet_totals, parquet_ms), (sums, staging_ms)) = tokio::try_join!(parquet, sums)?;
+        tracing::info!(
+            run_id = run.run_id,
+            parquet_ms,
+            staging_ms,
+            "Audit read back"
+        );
         if parquet_totals != deduped {
             report.problems.push(format!(
                 "parquet totals {parquet_totals:?} differ from raw {deduped:?}"

@@ -1,6 +1,7 @@
 //! Batch-layer integration tests against real Postgres, S3 and ClickHouse.
 
 mod batch;
+mod lake;
 mod ops;
 mod process;
 mod s3_outage;
