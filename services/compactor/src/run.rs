@@ -319,9 +319,10 @@ impl Compactor {
     /// records. Memory holds a group of raw records and the Parquet files being
     /// written, not the whole run as text or as full frames.
     pub async fn write_lake(&self, run: &Run) -> Result<Written> {
-        /// Records per group: large enough for good Parquet row groups, small
-        /// enough to stay in memory comfortably.
-        const GROUP_ROWS: usize = 1_000_000;
+        /// Records per group (each a Parquet row group per date): large enough
+        /// for good row groups (DuckDB writes 122,880 rows), small enough that the
+        /// first group's encoding starts early and overlaps the rest's parsing.
+        const GROUP_ROWS: usize = 250_000;
         self.set_step(run, "write_lake").await?;
         let keys: Vec<String> = sqlx::query_scalar(
             "SELECT key FROM lake_raw_files \
