@@ -257,13 +257,16 @@ pub fn random_order(rng: &mut StdRng) -> Order {
     }
 }
 
-/// Four days back to one day ahead, RFC 3339, URL-safe.
+/// From five midnights back to the next midnight (six days, 8,640 minutes: under
+/// `serving.max_points`), RFC 3339, URL-safe. It must hold every order the tests
+/// make at any time of day: the oldest are 102 hours old (`random_order`'s three
+/// days plus the model test's 30 late hours). With four days back from midnight,
+/// between 00:00 and 06:00 UTC the oldest minutes fell outside the range.
 pub fn full_range() -> (String, String) {
-    let from = (Utc::now() - TimeDelta::days(4))
-        .format("%Y-%m-%dT00:00:00Z")
-        .to_string();
-    let to = (Utc::now() + TimeDelta::days(1))
-        .format("%Y-%m-%dT00:00:00Z")
-        .to_string();
-    (from, to)
+    let today = Utc::now().date_naive();
+    let day = |d: chrono::NaiveDate| d.format("%Y-%m-%dT00:00:00Z").to_string();
+    (
+        day(today - chrono::Days::new(5)),
+        day(today + chrono::Days::new(1)),
+    )
 }

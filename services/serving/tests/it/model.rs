@@ -395,13 +395,26 @@ impl World {
                 let served = self.served(granularity, group_by).await?;
                 let truth = self.truth(secs, dimension).await;
                 if served != truth {
-                    let differing = truth
+                    let differing: std::collections::BTreeSet<_> = truth
                         .keys()
                         .chain(served.keys())
                         .filter(|k| truth.get(*k) != served.get(*k))
-                        .count();
+                        .collect();
+                    let shown: Vec<String> = differing
+                        .iter()
+                        .take(3)
+                        .map(|k| {
+                            format!(
+                                "{k:?}: served {:?}, truth {:?}",
+                                served.get(*k),
+                                truth.get(*k)
+                            )
+                        })
+                        .collect();
                     return Err(format!(
-                        "after quiescence, {granularity} by {dimension}: {differing} cells differ"
+                        "after quiescence, {granularity} by {dimension}: {} cells differ, e.g. {}",
+                        differing.len(),
+                        shown.join("; ")
                     ));
                 }
             }
@@ -439,6 +452,9 @@ async fn served_aggregates_are_never_above_truth_and_equal_it_when_quiet() {
         Config {
             cases,
             max_shrink_iters: 300,
+            // A failure must be reported before nextest kills the test (240 s):
+            // shrinking stops after a minute with the smallest input found so far.
+            max_shrink_time: 60_000,
             failure_persistence: None,
             ..Config::default()
         },
