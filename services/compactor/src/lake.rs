@@ -41,20 +41,7 @@ impl Store {
     }
 
     pub async fn get(&self, key: &str) -> Result<bytes::Bytes> {
-        let object = self
-            .client
-            .get_object()
-            .bucket(&self.config.bucket)
-            .key(self.config.key(key))
-            .send()
-            .await
-            .map_err(|e| s3_error(&e))?;
-        Ok(object
-            .body
-            .collect()
-            .await
-            .map_err(|e| s3_error(&e))?
-            .into_bytes())
+        self.get_object(key, None).await
     }
 
     /// An object's size in bytes.
@@ -74,12 +61,18 @@ impl Store {
 
     /// Bytes `range` of an object (not empty, inside the object).
     pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<bytes::Bytes> {
+        let range = format!("bytes={}-{}", range.start, range.end - 1);
+        self.get_object(key, Some(range)).await
+    }
+
+    /// An object's body, whole or of an HTTP `range`.
+    async fn get_object(&self, key: &str, range: Option<String>) -> Result<bytes::Bytes> {
         let object = self
             .client
             .get_object()
             .bucket(&self.config.bucket)
             .key(self.config.key(key))
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_range(range)
             .send()
             .await
             .map_err(|e| s3_error(&e))?;

@@ -558,8 +558,11 @@ async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latenc
     // One stall of these shared machines (another tenant) during a burst second
     // can triple the p99 of a few hundred samples: when the first trial is over
     // the bound, a second one is run and reported (the figure says which).
+    // Unchanged within what two shared cores allow (the burst's requests take CPU
+    // on this machine, client and server alike).
+    let bound = |p99_off: f64| p99_off * 3.0 + 20.0;
     let mut trial = 0;
-    let (burst, other, span) = loop {
+    let (burst, other, span, p99_off, p99_on) = loop {
         trial += 1;
         // The other key sends 100 orders/s for 10 s while the limited key (10/s)
         // bursts at 500 requests/s in alternate seconds: the two halves see the same
@@ -604,23 +607,16 @@ async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latenc
         let p99_of = |half: &[&(Duration, Duration, bool)]| {
             p99(&mut half.iter().map(|r| r.1).collect::<Vec<_>>())
         };
-        if p99_of(&on) <= p99_of(&off) * 3.0 + 20.0 || trial == 2 {
-            break (burst, other, span);
+        let (p99_off, p99_on) = (p99_of(&off), p99_of(&on));
+        if p99_on <= bound(p99_off) || trial == 2 {
+            break (burst, other, span, p99_off, p99_on);
         }
-        eprintln!(
-            "R11: trial 1 p99 {:.1} → {:.1} ms, over the bound; a second trial",
-            p99_of(&off),
-            p99_of(&on)
-        );
+        eprintln!("R11: trial 1 p99 {p99_off:.1} → {p99_on:.1} ms, over the bound; a second trial");
     };
 
     let (on, off): (Vec<_>, Vec<_>) = other.iter().partition(|(at, _, _)| burst_on(*at));
     let failed = |half: &[&(Duration, Duration, bool)]| half.iter().filter(|r| !r.2).count();
     let (failed_on, failed_off) = (failed(&on), failed(&off));
-    let latencies = |half: &[&(Duration, Duration, bool)]| -> Vec<Duration> {
-        half.iter().map(|r| r.1).collect()
-    };
-    let (p99_off, p99_on) = (p99(&mut latencies(&off)), p99(&mut latencies(&on)));
     let limited = burst.iter().flatten().filter(|(s, _)| *s == 429).count();
     let with_retry_after = burst
         .iter()
@@ -670,10 +666,8 @@ async fn r11_a_key_bursting_over_its_quota_gets_429_and_others_keep_their_latenc
         failed_on <= failed_off + other.len() / 100,
         "the other key is not refused because of the burst: {failed_off} → {failed_on}"
     );
-    // Unchanged within what two shared cores allow (the burst's requests take CPU
-    // on this machine, client and server alike).
     assert!(
-        p99_on <= p99_off * 3.0 + 20.0,
+        p99_on <= bound(p99_off),
         "p99 {p99_off:.1} → {p99_on:.1} ms"
     );
 }
