@@ -12,6 +12,7 @@ use crate::stack::{Kind, S3_ACCESS_KEY, S3_SECRET_KEY, Stack};
 pub async fn run(keep: bool, lint: bool, heavy: bool, nextest_args: &[String]) -> Result<()> {
     let started = Instant::now();
     install::ensure()?;
+    report_free_disk();
     if lint {
         cargo(&["fmt", "--all", "--", "--check"], &[]).await?;
     }
@@ -81,6 +82,37 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
     };
     args.extend(nextest_args.iter().map(String::as_str));
     cargo(&args, &env).await
+}
+
+/// A clean build of the workspace and its tests takes about 9 GiB under
+/// `target/`; a disk too full for that fails the build halfway with "No space
+/// left on device", so the free space is printed first and a shortfall named.
+fn report_free_disk() {
+    const NEEDED_GIB: u64 = 12;
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| ".".into());
+    let output = std::process::Command::new("df")
+        .args(["-Pk", &dir])
+        .output();
+    // `df -P`: a header, then "filesystem blocks used available capacity mount".
+    let free_gib = output.ok().and_then(|out| {
+        let text = String::from_utf8(out.stdout).ok()?;
+        let kib: u64 = text
+            .lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse()
+            .ok()?;
+        Some(kib >> 20)
+    });
+    match free_gib {
+        Some(gib) if gib < NEEDED_GIB => eprintln!(
+            "xtask: warning: {gib} GiB free on the disk holding {dir}; a clean build and \
+             the suite need about {NEEDED_GIB} GiB"
+        ),
+        Some(gib) => eprintln!("xtask: {gib} GiB free on the disk holding {dir}"),
+        None => eprintln!("xtask: could not read the free disk space (df)"),
+    }
 }
 
 /// The fault rows of RELIABILITY.md, each with the figure its tests recorded
