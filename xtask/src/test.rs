@@ -84,9 +84,10 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
     cargo(&args, &env).await
 }
 
-/// A clean build of the workspace and its tests takes about 9 GiB under
-/// `target/`; a disk too full for that fails the build halfway with "No space
-/// left on device", so the free space is printed first and a shortfall named.
+/// A clean build of the workspace and its tests fills about 6 GiB of `target/`
+/// (7.5 GiB with incremental caches); a disk too full for that fails the build
+/// halfway with "No space left on device", so the free space is printed first
+/// and a shortfall named.
 fn report_free_disk() {
     const NEEDED_GIB: u64 = 12;
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| ".".into());
