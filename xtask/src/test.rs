@@ -91,12 +91,9 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
 fn report_free_disk() {
     const NEEDED_GIB: u64 = 12;
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| ".".into());
-    let output = std::process::Command::new("df")
-        .args(["-Pk", &dir])
-        .output();
+    let out = crate::proc::run(std::process::Command::new("df").args(["-Pk", &dir]));
     // `df -P`: a header, then "filesystem blocks used available capacity mount".
-    let free_gib = output.ok().and_then(|out| {
-        let text = String::from_utf8(out.stdout).ok()?;
+    let free_gib = out.ok().and_then(|text| {
         let kib: u64 = text
             .lines()
             .nth(1)?
