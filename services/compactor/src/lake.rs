@@ -1,6 +1,5 @@
 //! The lake: raw JSON Lines in, Parquet out, both in S3.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
 use std::sync::{Arc, Mutex};
@@ -8,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_s3::primitives::ByteStream;
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
+use tidemark_orderlog::RawRecordRef;
 use tidemark_platform::config::S3Config;
 
 use crate::aggregate::{self, CurrencyTotals};
@@ -136,32 +136,6 @@ impl Store {
     }
 }
 
-/// One raw record as the relay writes it ([`tidemark_orderlog::RawRecord`]),
-/// borrowing its strings from the text (unless they hold escapes).
-#[derive(serde::Deserialize)]
-struct RawLine<'a> {
-    #[serde(borrow)]
-    order_id: Cow<'a, str>,
-    #[serde(borrow)]
-    user_id: Cow<'a, str>,
-    #[serde(borrow)]
-    city: Cow<'a, str>,
-    #[serde(borrow)]
-    product_id: Cow<'a, str>,
-    #[serde(borrow)]
-    category: Cow<'a, str>,
-    quantity: i64,
-    unit_price_minor: i64,
-    #[serde(borrow)]
-    currency: Cow<'a, str>,
-    #[serde(borrow)]
-    created_at: Cow<'a, str>,
-    #[serde(borrow)]
-    ingested_at: Cow<'a, str>,
-    txid: i64,
-    seq: i64,
-}
-
 /// Parses raw JSON Lines into a frame of the raw records' columns (timestamps
 /// still as text). Each line is deserialized straight into the columns, with no
 /// document tree in between; a malformed line fails the whole file, naming the
@@ -183,7 +157,7 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
     ]
     .map(text);
     let mut numbers: [Vec<i64>; 4] = std::array::from_fn(|_| Vec::with_capacity(rows));
-    for record in serde_json::Deserializer::from_slice(bytes).into_iter::<RawLine<'_>>() {
+    for record in serde_json::Deserializer::from_slice(bytes).into_iter::<RawRecordRef<'_>>() {
         let r = record.map_err(|e| LakeError::Invalid(e.to_string()))?;
         for (column, value) in strings.iter_mut().zip([
             &r.order_id,
@@ -197,11 +171,13 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         ]) {
             column.append_value(&**value);
         }
-        for (column, value) in
-            numbers
-                .iter_mut()
-                .zip([r.quantity, r.unit_price_minor, r.txid, r.seq])
-        {
+        for (column, value) in numbers.iter_mut().zip([
+            i64::from(r.quantity),
+            r.unit_price_minor,
+            i64::try_from(r.txid)
+                .map_err(|_| LakeError::Invalid(format!("txid {} out of range", r.txid)))?,
+            r.seq,
+        ]) {
             column.push(value);
         }
     }

@@ -99,13 +99,13 @@ struct OrderSchema {
     category: String,
     #[schema(minimum = 1, maximum = 1000)]
     quantity: i32,
-    /// Price of one unit in minor units of `currency` (cents for EUR, yen for JPY).
+    /// Price of one unit in minor units of `currency`, by its ISO 4217 exponent:
+    /// cents for EUR (1299 = 12.99 EUR), yen for JPY (1299 = 1,299 JPY), fils
+    /// for KWD (1299 = 1.299 KWD).
     #[schema(minimum = 0, maximum = 100_000_000)]
     unit_price_minor: i64,
-    /// ISO 4217, one of the accepted codes.
-    #[schema(
-        pattern = "^(AUD|BRL|CAD|CHF|CNY|CZK|DKK|EUR|GBP|INR|JPY|KRW|MXN|NOK|NZD|PLN|SEK|SGD|USD)$"
-    )]
+    /// ISO 4217: any active currency with minor units (not `XXX`, `XTS`, metals,
+    /// funds or superseded codes). The pattern lists every accepted code.
     currency: String,
     /// Event time, RFC 3339 (any offset; stored in UTC, microsecond precision). At
     /// most 5 minutes in the future, not before 2000-01-01.
@@ -123,7 +123,7 @@ struct OrderSchema {
     paths(post_orders),
     components(schemas(OrderSchema, IngestResponse,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
-    modifiers(&BearerAuth, &OrdersBody),
+    modifiers(&BearerAuth, &OrdersBody, &CurrencyCodes),
     security(("bearer" = [])),
 )]
 pub struct ApiDoc;
@@ -131,6 +131,31 @@ pub struct ApiDoc;
 /// The JSON body: one order, or an array of 1 to 10,000 (the default
 /// `ingest.max_batch`). The path macro cannot state both forms with bounds.
 struct OrdersBody;
+
+/// States the accepted currency codes as the `Order.currency` pattern, from the
+/// same list that decoding checks against.
+struct CurrencyCodes;
+
+impl utoipa::Modify for CurrencyCodes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::Schema;
+        let codes: Vec<String> = tidemark_domain::Currency::all()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        let currency = openapi
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut("Order"))
+            .and_then(|order| match order {
+                RefOr::T(Schema::Object(order)) => order.properties.get_mut("currency"),
+                _ => None,
+            });
+        if let Some(RefOr::T(Schema::Object(currency))) = currency {
+            currency.pattern = Some(format!("^({})$", codes.join("|")));
+        }
+    }
+}
 
 impl utoipa::Modify for OrdersBody {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -376,5 +401,11 @@ mod tests {
             .map(|c| c.as_str().to_owned())
             .collect();
         assert_eq!(listed, accepted);
+        for code in ["EUR", "JPY", "RUB", "KWD", "BHD"] {
+            assert!(listed.contains(&code), "{code} missing from {pattern}");
+        }
+        for code in ["XXX", "XTS", "BOV", "EUE"] {
+            assert!(!listed.contains(&code), "{code} listed in {pattern}");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! after the commit; the lake relay lands them as raw JSON Lines in S3.
 //!
 //! Readiness depends on Postgres only: while S3 is down the relay waits and retries,
-//! and ingest keeps accepting orders.
+//! and ingest keeps accepting orders. A relay stopped at a row it cannot decode is
+//! reported on `/readyz` as an advisory (`relay`), without taking intake down.
 
 pub mod api;
 pub mod config;
@@ -28,6 +29,10 @@ pub async fn serve(
     if config.postgres.migrate {
         postgres::migrate(&pool).await?;
     }
+    let mut readiness = Readiness::new().with("postgres", {
+        let pool = pool.clone();
+        move || postgres::check(pool.clone())
+    });
     let relay = if config.relay.enabled {
         let client = s3::client(&config.s3).await;
         let relay = relay::Relay::new(
@@ -36,6 +41,11 @@ pub async fn serve(
             config.s3.clone(),
             config.relay.clone(),
         );
+        let status = relay.status();
+        readiness = readiness.advise("relay", move || {
+            let stopped = status.check();
+            async move { stopped }
+        });
         let token = shutdown.child_token();
         Some((tokio::spawn(relay.run(token.clone())), token))
     } else {
@@ -49,10 +59,6 @@ pub async fn serve(
             default_rate_per_second: config.ingest.default_rate_per_second,
         },
     );
-    let readiness = Readiness::new().with("postgres", {
-        let pool = pool.clone();
-        move || postgres::check(pool.clone())
-    });
     let state = api::ApiState {
         pool,
         settings: config.ingest.clone(),

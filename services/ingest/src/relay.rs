@@ -13,6 +13,11 @@
 //! same rows and keys: a retried PUT overwrites the object, and the manifest insert
 //! is idempotent. Nothing is lost (the cursor moves only after the objects exist)
 //! and nothing is duplicated (same key, same content).
+//!
+//! A row this build cannot decode stops the relay right before it: the rows before
+//! it land, its horizon is not recorded (the compactor would take the rows below
+//! it as landed), and nothing after it is relayed until a build that can decode it
+//! runs (see [`tidemark_platform::worker`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,8 +27,9 @@ use chrono::{Datelike, NaiveDate, Timelike};
 use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use tidemark_domain::LogPosition;
-use tidemark_orderlog::{LogRow, RawRecord};
+use tidemark_orderlog::{LogError, LogRow, RawRecord, Undecodable};
 use tidemark_platform::config::S3Config;
+use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelaySettings;
@@ -40,6 +46,33 @@ pub enum RelayError {
     Postgres(#[from] sqlx::Error),
     #[error("s3: {0}")]
     S3(String),
+    #[error(transparent)]
+    Undecodable(#[from] Undecodable),
+}
+
+impl From<LogError> for RelayError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::Postgres(e) => RelayError::Postgres(e),
+            LogError::Undecodable(e) => RelayError::Undecodable(e),
+        }
+    }
+}
+
+impl worker::StepError for RelayError {
+    fn store(&self) -> &'static str {
+        match self {
+            RelayError::Postgres(_) | RelayError::Undecodable(_) => "postgres",
+            RelayError::S3(_) => "s3",
+        }
+    }
+
+    fn stopped_at(&self) -> Option<String> {
+        match self {
+            RelayError::Undecodable(row) => Some(row.position.to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// What one step did.
@@ -76,6 +109,7 @@ pub struct Relay {
     s3: aws_sdk_s3::Client,
     s3_config: S3Config,
     settings: RelaySettings,
+    status: Status,
 }
 
 impl Relay {
@@ -90,49 +124,44 @@ impl Relay {
             s3,
             s3_config,
             settings,
+            status: Status::default(),
         }
+    }
+
+    /// Whether the relay is stopped at a row it cannot decode (for `/readyz`).
+    pub fn status(&self) -> Status {
+        self.status.clone()
     }
 
     /// Runs steps until `shutdown`, backing off while S3 or Postgres fail.
     /// A step in progress is finished (or fails) before stopping.
     pub async fn run(self, shutdown: CancellationToken) {
-        let min_backoff = Duration::from_millis(100);
-        let mut backoff = min_backoff;
-        tidemark_platform::metrics::register_counter("relay_s3_errors_total", &[]);
         let lag = tokio::spawn(self.clone().report_lag(shutdown.clone()));
-        while !shutdown.is_cancelled() {
-            let pause = match self.step().await {
-                Ok(Step::Wrote { rows, objects }) => {
-                    metrics::counter!("relay_rows_total").increment(rows as u64);
-                    metrics::counter!("relay_objects_total").increment(objects as u64);
-                    backoff = min_backoff;
-                    continue;
-                }
-                Ok(Step::Contended) => Duration::ZERO,
-                Ok(Step::Idle) => {
-                    backoff = min_backoff;
-                    self.settings.poll_interval
-                }
-                Err(e) => {
-                    match &e {
-                        RelayError::S3(_) => {
-                            metrics::counter!("relay_s3_errors_total").increment(1);
-                        }
-                        RelayError::Postgres(_) => {
-                            metrics::counter!("relay_postgres_errors_total").increment(1);
-                        }
+        let pacing = Pacing {
+            poll_interval: self.settings.poll_interval,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: self.settings.max_backoff,
+        };
+        worker::run(
+            "relay",
+            &["postgres", "s3"],
+            pacing,
+            &self.status,
+            shutdown,
+            || async {
+                let step = self.step().await?;
+                Ok::<_, RelayError>(match step {
+                    Step::Wrote { rows, objects } => {
+                        metrics::counter!("relay_rows_total").increment(rows as u64);
+                        metrics::counter!("relay_objects_total").increment(objects as u64);
+                        Pace::Progress
                     }
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Relay step failed");
-                    let pause = backoff;
-                    backoff = (backoff * 2).min(self.settings.max_backoff);
-                    pause
-                }
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
-            }
-        }
+                    Step::Idle => Pace::Idle,
+                    Step::Contended => Pace::Contended,
+                })
+            },
+        )
+        .await;
         lag.abort();
     }
 
@@ -164,6 +193,10 @@ impl Relay {
                     tidemark_orderlog::tail(&self.pool, cursor.position, self.settings.batch_size)
                         .await?;
                 let Some(last) = tail.rows.last() else {
+                    if let Some(stopped) = tail.stopped {
+                        // The horizon is not passed: the row below it is not landed.
+                        return Err(stopped.into());
+                    }
                     if tail.horizon > cursor.horizon {
                         sqlx::query(
                             "UPDATE consumer_cursors SET horizon = $2::int8::text::xid8, \
@@ -314,8 +347,7 @@ fn objects(after: LogPosition, until: LogPosition, rows: &[LogRow]) -> Vec<RawOb
         .map(|((dt, hour), rows)| {
             let mut body = Vec::with_capacity(rows.len() * 320);
             for row in &rows {
-                serde_json::to_writer(&mut body, &RawRecord::from(*row)).expect("serializes");
-                body.push(b'\n');
+                RawRecord::from(*row).write_line(&mut body);
             }
             RawObject {
                 key: format!(

@@ -8,9 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tidemark_domain::Order;
+use tidemark_orderlog::OrderRow;
 use uuid::Uuid;
 
 /// What a committed request did.
@@ -29,18 +29,6 @@ pub enum StoreError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
-
-type Existing = (
-    Uuid,
-    String,
-    String,
-    String,
-    String,
-    i32,
-    i64,
-    String,
-    DateTime<Utc>,
-);
 
 /// Stores the orders in one transaction.
 pub async fn store(pool: &PgPool, orders: &[Order]) -> Result<Outcome, StoreError> {
@@ -85,8 +73,8 @@ pub async fn store(pool: &PgPool, orders: &[Order]) -> Result<Outcome, StoreErro
             .filter(|id| !inserted.contains(id))
             .collect();
         for row in existing(&others).fetch_all(&mut *tx).await? {
-            let id = row.0;
-            if same(&row, first[&id]) {
+            let id = row.order_id;
+            if row.holds(first[&id]) {
                 duplicates.push(id);
             } else {
                 conflicts.push(id);
@@ -116,7 +104,7 @@ async fn store_one(
         });
     }
     match existing(&[order.order_id]).fetch_optional(pool).await? {
-        Some(row) if same(&row, order) => {
+        Some(row) if row.holds(order) => {
             duplicates.push(order.order_id);
             Ok(Outcome {
                 created: 0,
@@ -171,25 +159,13 @@ fn insert<'q>(orders: &[&Order]) -> Insert<'q> {
     .bind(orders.iter().map(|o| o.created_at).collect::<Vec<_>>())
 }
 
-type Select<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, Existing, sqlx::postgres::PgArguments>;
+type Select<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, OrderRow, sqlx::postgres::PgArguments>;
 
 fn existing<'q>(ids: &[Uuid]) -> Select<'q> {
-    sqlx::query_as(
-        "SELECT order_id, user_id, city, product_id, category, quantity, \
-                unit_price_minor, currency, created_at \
-         FROM orders WHERE order_id = ANY($1)",
-    )
+    sqlx::query_as(concat!(
+        "SELECT ",
+        tidemark_orderlog::order_columns!(),
+        " FROM orders WHERE order_id = ANY($1)"
+    ))
     .bind(ids.to_vec())
-}
-
-fn same(row: &Existing, order: &Order) -> bool {
-    let (_, user_id, city, product_id, category, quantity, price, currency, created_at) = row;
-    *user_id == order.user_id
-        && *city == order.city
-        && *product_id == order.product_id
-        && *category == order.category
-        && *quantity == order.quantity
-        && *price == order.unit_price_minor
-        && currency.trim() == order.currency.as_str()
-        && *created_at == order.created_at
 }

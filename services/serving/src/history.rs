@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
+use tidemark_orderlog::{OrderRow, order_columns};
 use tidemark_platform::problem::Problem;
 use uuid::Uuid;
 
@@ -31,47 +32,21 @@ pub struct OrderPage {
     pub next_cursor: Option<String>,
 }
 
-type Row = (
-    Uuid,
-    String,
-    String,
-    String,
-    String,
-    i32,
-    i64,
-    String,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
-
-const COLUMNS: &str = "order_id, user_id, city, product_id, category, quantity, unit_price_minor, \
-                       currency, created_at, ingested_at";
-
-fn view(row: Row) -> OrderView {
-    let (
-        order_id,
-        user_id,
-        city,
-        product_id,
-        category,
-        quantity,
-        price,
-        currency,
-        created_at,
-        ingested_at,
-    ) = row;
-    OrderView {
-        order_id,
-        user_id,
-        city,
-        product_id,
-        category,
-        quantity,
-        unit_price_minor: price,
-        currency: currency.trim().to_owned(),
-        revenue_minor: i64::from(quantity) * price,
-        created_at,
-        ingested_at,
+impl From<OrderRow> for OrderView {
+    fn from(row: OrderRow) -> Self {
+        OrderView {
+            currency: row.currency_code().to_owned(),
+            revenue_minor: i64::from(row.quantity) * row.unit_price_minor,
+            order_id: row.order_id,
+            user_id: row.user_id,
+            city: row.city,
+            product_id: row.product_id,
+            category: row.category,
+            quantity: row.quantity,
+            unit_price_minor: row.unit_price_minor,
+            created_at: row.created_at,
+            ingested_at: row.ingested_at,
+        }
     }
 }
 
@@ -85,13 +60,16 @@ fn db_problem(e: &sqlx::Error) -> Problem {
 }
 
 pub async fn order(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, Problem> {
-    let sql = format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1");
-    let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .map_err(|e| db_problem(&e))?;
-    Ok(row.map(view))
+    let row: Option<OrderRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders WHERE order_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(|e| db_problem(&e))?;
+    Ok(row.map(OrderView::from))
 }
 
 /// `{created_at µs}_{order_id}`, URL-safe.
@@ -124,20 +102,21 @@ pub async fn user_orders(
                 .detail("`cursor` is not a cursor this API returned.")
         })?),
     };
-    let sql = format!(
-        "SELECT {COLUMNS} FROM orders WHERE user_id = $1 \
+    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders WHERE user_id = $1 \
            AND ($2::timestamptz IS NULL OR (created_at, order_id) < ($2, $3)) \
          ORDER BY created_at DESC, order_id DESC LIMIT $4"
-    );
-    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(user_id)
-        .bind(after.map(|a| a.0))
-        .bind(after.map(|a| a.1))
-        .bind(limit as i64 + 1)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| db_problem(&e))?;
-    let mut orders: Vec<OrderView> = rows.into_iter().map(view).collect();
+    ))
+    .bind(user_id)
+    .bind(after.map(|a| a.0))
+    .bind(after.map(|a| a.1))
+    .bind(limit as i64 + 1)
+    .fetch_all(pool)
+    .await
+    .map_err(|e| db_problem(&e))?;
+    let mut orders: Vec<OrderView> = rows.into_iter().map(OrderView::from).collect();
     let next_cursor = if orders.len() > limit {
         orders.truncate(limit);
         orders.last().map(encode_cursor)

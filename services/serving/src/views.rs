@@ -155,7 +155,7 @@ impl Views {
         dimension: Dimension,
         from: i64,
         to: i64,
-    ) -> Result<Arc<Grid>, clickhouse::error::Error> {
+    ) -> Result<Arc<Grid>, tidemark_batchview::Error> {
         let key = (
             state.run_id,
             state.base_run_id,

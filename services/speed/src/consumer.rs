@@ -10,6 +10,10 @@
 //! published batch watermark: the batch view covers everything before it, and the
 //! epochs after it are replayed from the log. Because epochs are a function of the
 //! transaction id and the durable cut list, the replay lands in the same epochs.
+//!
+//! A row this build cannot decode stops the consumer right before it: the rows
+//! before it are applied, nothing after it is (see [`tidemark_platform::worker`]);
+//! `/readyz` says why.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +22,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sqlx::PgPool;
 use tidemark_domain::LogPosition;
+use tidemark_orderlog::Undecodable;
 use tidemark_orderlog::epochs::{self, epoch_of};
+use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tidemark_speedview::{Applied, Delta, SpeedView};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +37,24 @@ pub enum StepError {
     Postgres(#[from] sqlx::Error),
     #[error(transparent)]
     Redis(#[from] tidemark_speedview::Error),
+    #[error(transparent)]
+    Undecodable(#[from] Undecodable),
+}
+
+impl worker::StepError for StepError {
+    fn store(&self) -> &'static str {
+        match self {
+            StepError::Postgres(_) | StepError::Undecodable(_) => "postgres",
+            StepError::Redis(_) => "redis",
+        }
+    }
+
+    fn stopped_at(&self) -> Option<String> {
+        match self {
+            StepError::Undecodable(row) => Some(row.position.to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// What one step did.
@@ -53,6 +77,7 @@ pub struct Consumer {
     view: SpeedView,
     settings: SpeedSettings,
     lag: Arc<watch::Sender<f64>>,
+    status: Status,
 }
 
 impl Consumer {
@@ -62,7 +87,13 @@ impl Consumer {
             view,
             settings,
             lag: Arc::new(watch::Sender::new(0.0)),
+            status: Status::default(),
         }
+    }
+
+    /// Whether the consumer is stopped at a row it cannot decode (for `/readyz`).
+    pub fn status(&self) -> Status {
+        self.status.clone()
     }
 
     /// The last measured lag in seconds.
@@ -74,45 +105,37 @@ impl Consumer {
     /// epoch-expiry housekeeping.
     pub async fn run(self, shutdown: CancellationToken) {
         let housekeeping = tokio::spawn(self.clone().housekeeping(shutdown.clone()));
-        let min_backoff = Duration::from_millis(50);
-        let mut backoff = min_backoff;
-        while !shutdown.is_cancelled() {
-            let started = Instant::now();
-            let pause = match self.step().await {
-                Ok(Step::Applied(rows)) => {
-                    metrics::counter!("speed_applied_rows_total").increment(rows as u64);
-                    metrics::histogram!("speed_step_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    backoff = min_backoff;
-                    continue;
-                }
-                Ok(Step::Rebuilt { from, base_epoch }) => {
-                    tracing::warn!(%from, base_epoch, "Speed view was empty; rebuilding from the batch watermark");
-                    metrics::counter!("speed_rebuilds_total").increment(1);
-                    continue;
-                }
-                Ok(Step::Contended) => Duration::ZERO,
-                Ok(Step::Idle) => {
-                    backoff = min_backoff;
-                    self.settings.poll_interval
-                }
-                Err(e) => {
-                    let which = match e {
-                        StepError::Postgres(_) => "postgres",
-                        StepError::Redis(_) => "redis",
-                    };
-                    metrics::counter!("speed_errors_total", "store" => which).increment(1);
-                    tracing::warn!(error = %e, "Speed step failed");
-                    let pause = backoff;
-                    backoff = (backoff * 2).min(self.settings.max_backoff);
-                    pause
-                }
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
-            }
-        }
+        let pacing = Pacing {
+            poll_interval: self.settings.poll_interval,
+            min_backoff: Duration::from_millis(50),
+            max_backoff: self.settings.max_backoff,
+        };
+        worker::run(
+            "speed",
+            &["postgres", "redis"],
+            pacing,
+            &self.status,
+            shutdown,
+            || async {
+                let started = Instant::now();
+                Ok::<_, StepError>(match self.step().await? {
+                    Step::Applied(rows) => {
+                        metrics::counter!("speed_applied_rows_total").increment(rows as u64);
+                        metrics::histogram!("speed_step_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                        Pace::Progress
+                    }
+                    Step::Rebuilt { from, base_epoch } => {
+                        tracing::warn!(%from, base_epoch, "Speed view was empty; rebuilding from the batch watermark");
+                        metrics::counter!("speed_rebuilds_total").increment(1);
+                        Pace::Progress
+                    }
+                    Step::Contended => Pace::Contended,
+                    Step::Idle => Pace::Idle,
+                })
+            },
+        )
+        .await;
         housekeeping.abort();
     }
 
@@ -139,7 +162,10 @@ impl Consumer {
         .await
         .expect("the log read does not panic")?;
         let Some(last) = tail.rows.last() else {
-            return Ok(Step::Idle);
+            return match tail.stopped {
+                Some(stopped) => Err(stopped.into()),
+                None => Ok(Step::Idle),
+            };
         };
         let to = last.position;
         let mut delta = Delta::default();

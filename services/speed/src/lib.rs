@@ -46,6 +46,13 @@ pub async fn serve(
                 async move { redis.check().await }
             }
         })
+        .with("log", {
+            let status = consumer.status();
+            move || {
+                let stopped = status.check();
+                async move { stopped }
+            }
+        })
         .with("lag", {
             let consumer = consumer.clone();
             move || {

@@ -12,6 +12,16 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
 use tidemark_domain::{Currency, Dimension, Granularity, Grid, Totals};
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    /// A published row this build cannot read: an answer without it would be
+    /// silently wrong, so there is no answer.
+    #[error("unexpected batch view data: {0}")]
+    Corrupt(String),
+}
+
 /// What is published: which runs count, and what they cover.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PublishedState {
@@ -106,7 +116,7 @@ pub async fn read(
     dimension: Dimension,
     from_secs: i64,
     to_secs: i64,
-) -> Result<Grid, clickhouse::error::Error> {
+) -> Result<Grid, Error> {
     let rows: Vec<CellRow> = client
         .query(
             "SELECT bucket, value, currency, sum(revenue_minor) AS s_revenue, \
@@ -127,9 +137,11 @@ pub async fn read(
         .await?;
     let mut grid = Grid::new();
     for row in rows {
-        let Ok(currency) = row.currency.parse::<Currency>() else {
-            continue;
-        };
+        let currency = row.currency.parse::<Currency>().map_err(|e| {
+            Error::Corrupt(format!(
+                "a published row of {granularity} by {dimension} has {e}"
+            ))
+        })?;
         grid.insert(
             (i64::from(row.bucket), row.value, currency),
             Totals {

@@ -5,33 +5,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The currencies Tidemark accepts, with their minor-unit exponent (ISO 4217).
+/// An ISO 4217 currency that a shop may sell in: every active code with a
+/// minor-unit exponent, from the maintained list of the `iso_currency` crate.
 ///
-/// A fixed list rather than "any three letters": a typo such as `EUE` must be
-/// rejected at ingest, not become its own revenue series.
-const CURRENCIES: &[(&str, u8)] = &[
-    ("AUD", 2),
-    ("BRL", 2),
-    ("CAD", 2),
-    ("CHF", 2),
-    ("CNY", 2),
-    ("CZK", 2),
-    ("DKK", 2),
-    ("EUR", 2),
-    ("GBP", 2),
-    ("INR", 2),
-    ("JPY", 0),
-    ("KRW", 0),
-    ("MXN", 2),
-    ("NOK", 2),
-    ("NZD", 2),
-    ("PLN", 2),
-    ("SEK", 2),
-    ("SGD", 2),
-    ("USD", 2),
-];
-
-/// An ISO 4217 currency code from the accepted list.
+/// Refused: anything not in ISO 4217 (a typo such as `EUE` must be rejected at
+/// ingest, not become its own revenue series), codes without minor units (`XXX`
+/// "no currency", `XAU` gold, `XDR`), special codes (`XTS` for testing), funds
+/// (`BOV`, `CLF`, `USN`, …) and codes superseded by another (`HRK`).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Currency([u8; 3]);
 
@@ -39,24 +19,44 @@ pub struct Currency([u8; 3]);
 #[error("`{0}` is not an accepted ISO 4217 currency code")]
 pub struct CurrencyError(pub String);
 
+/// Whether a shop may take payments in `c`, and its exponent if so.
+fn accepted(c: iso_currency::Currency) -> Option<u8> {
+    let exponent = c.exponent()?;
+    let active = !c.is_fund() && !c.is_special() && c.is_superseded().is_none();
+    active.then(|| u8::try_from(exponent).ok()).flatten()
+}
+
 impl Currency {
     /// Every accepted code, in alphabetical order.
     pub fn all() -> impl Iterator<Item = Currency> {
-        CURRENCIES
-            .iter()
-            .map(|(code, _)| Currency(code.as_bytes().try_into().expect("three letters")))
+        use iso_currency::IntoEnumIterator;
+        let mut codes: Vec<Currency> = iso_currency::Currency::iter()
+            .filter(|c| accepted(*c).is_some())
+            .map(|c| Currency::from_code(c.code()))
+            .collect();
+        codes.sort_unstable();
+        codes.into_iter()
+    }
+
+    fn from_code(code: &str) -> Currency {
+        Currency(
+            code.as_bytes()
+                .try_into()
+                .expect("ISO 4217 codes are three letters"),
+        )
+    }
+
+    fn iso(&self) -> iso_currency::Currency {
+        iso_currency::Currency::from_code(self.as_str()).expect("constructed from the ISO list")
     }
 
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("currency codes are ASCII")
     }
 
-    /// Digits after the decimal point (2 for EUR, 0 for JPY).
+    /// Digits after the decimal point (2 for EUR, 0 for JPY, 3 for KWD).
     pub fn exponent(&self) -> u8 {
-        CURRENCIES
-            .iter()
-            .find(|(code, _)| code.as_bytes() == self.0)
-            .map_or(2, |(_, exp)| *exp)
+        accepted(self.iso()).expect("only accepted codes are constructed")
     }
 }
 
@@ -64,10 +64,9 @@ impl FromStr for Currency {
     type Err = CurrencyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        CURRENCIES
-            .iter()
-            .find(|(code, _)| *code == s)
-            .map(|(code, _)| Currency(code.as_bytes().try_into().expect("three letters")))
+        iso_currency::Currency::from_code(s)
+            .filter(|c| accepted(*c).is_some())
+            .map(|c| Currency::from_code(c.code()))
             .ok_or_else(|| CurrencyError(s.chars().take(16).collect()))
     }
 }
@@ -120,12 +119,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_only_accepted_codes() {
-        assert_eq!("EUR".parse::<Currency>().unwrap().as_str(), "EUR");
-        assert!("eur".parse::<Currency>().is_err());
-        assert!("EUE".parse::<Currency>().is_err());
-        assert!("".parse::<Currency>().is_err());
-        assert_eq!(Currency::all().count(), CURRENCIES.len());
+    fn parses_every_active_code_and_refuses_the_rest() {
+        for (code, exponent) in [
+            ("EUR", 2),
+            ("JPY", 0),
+            ("RUB", 2),
+            ("KZT", 2),
+            ("TRY", 2),
+            ("AED", 2),
+            ("ZAR", 2),
+            ("KWD", 3),
+            ("BHD", 3),
+            ("OMR", 3),
+            ("JOD", 3),
+            ("TND", 3),
+            ("CLP", 0),
+        ] {
+            let currency: Currency = code.parse().unwrap();
+            assert_eq!(currency.as_str(), code);
+            assert_eq!(currency.exponent(), exponent, "{code}");
+        }
+        for refused in [
+            "eur", "EUE", "", "EURO", "XXX", "XTS", "XAU", "XDR", "BOV", "CLF", "USN", "HRK",
+        ] {
+            assert!(
+                refused.parse::<Currency>().is_err(),
+                "{refused} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn the_list_is_sorted_unique_and_round_trips() {
+        let all: Vec<Currency> = Currency::all().collect();
+        assert!(
+            all.len() > 140,
+            "every active code, not a hand-kept few: {}",
+            all.len()
+        );
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        for c in all {
+            assert_eq!(c.as_str().parse::<Currency>(), Ok(c));
+            assert!(c.exponent() <= 4);
+        }
     }
 
     #[test]
@@ -136,5 +172,8 @@ mod tests {
         assert_eq!(format_minor(5, eur), "0.05 EUR");
         assert_eq!(format_minor(-5, eur), "-0.05 EUR");
         assert_eq!(format_minor(500, jpy), "500 JPY");
+        let kwd: Currency = "KWD".parse().unwrap();
+        assert_eq!(format_minor(12_345, kwd), "12.345 KWD");
+        assert_eq!(format_minor(-7, kwd), "-0.007 KWD");
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` runs every registered
 //! check (each bounded by a timeout) and answers 200 only when all pass; a check
-//! does no more than the service itself does with that dependency.
+//! does no more than the service itself does with that dependency. Advisories are
+//! reported beside the checks without making the service unready: a part that
+//! must not take the service out of a load balancer when it fails (ingest's lake
+//! relay: order intake goes on while it is stopped).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,6 +28,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Arc<Vec<(&'static str, Arc<CheckFn>)>>,
+    advisories: Arc<Vec<(&'static str, Arc<CheckFn>)>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,6 +36,9 @@ pub struct Report {
     pub ready: bool,
     /// Check name → `ok` or a short reason.
     pub checks: BTreeMap<&'static str, String>,
+    /// Advisory name → `ok` or a short reason; never affects `ready`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub advisories: BTreeMap<&'static str, String>,
 }
 
 impl Readiness {
@@ -50,22 +57,40 @@ impl Readiness {
         self
     }
 
-    /// Runs every check concurrently.
+    /// Adds an advisory: reported on `/readyz` like a check, but a failing one
+    /// leaves the service ready.
+    pub fn advise<F, Fut>(mut self, name: &'static str, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let check: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
+        Arc::make_mut(&mut self.advisories).push((name, check));
+        self
+    }
+
+    /// Runs every check and advisory concurrently.
     pub async fn report(&self) -> Report {
-        let runs = self.checks.iter().map(|(name, check)| async move {
-            let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
-                Ok(Ok(())) => "ok".to_owned(),
-                Ok(Err(reason)) => reason,
-                Err(_) => "timed out".to_owned(),
-            };
-            (*name, outcome)
-        });
-        let checks: BTreeMap<_, _> = futures::future::join_all(runs).await.into_iter().collect();
+        let (checks, advisories) =
+            futures::future::join(run_all(&self.checks), run_all(&self.advisories)).await;
         Report {
             ready: checks.values().all(|v| v == "ok"),
             checks,
+            advisories,
         }
     }
+}
+
+async fn run_all(checks: &[(&'static str, Arc<CheckFn>)]) -> BTreeMap<&'static str, String> {
+    let runs = checks.iter().map(|(name, check)| async move {
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(reason)) => reason,
+            Err(_) => "timed out".to_owned(),
+        };
+        (*name, outcome)
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
 }
 
 pub async fn healthz() -> impl IntoResponse {

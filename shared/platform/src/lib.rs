@@ -1,6 +1,6 @@
 //! What every Tidemark service needs and none of them owns: layered configuration,
 //! telemetry, RFC 9457 problem details, the HTTP scaffolding (health, readiness,
-//! metrics, graceful shutdown), API keys, and clients for the four stores with their
+//! metrics, graceful shutdown), the background workers' loop, API keys, and clients for the four stores with their
 //! migrations.
 
 pub mod auth;
@@ -16,5 +16,6 @@ pub mod s3;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod worker;
 
 pub use problem::Problem;

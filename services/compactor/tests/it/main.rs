@@ -8,7 +8,6 @@ mod s3_outage;
 
 use std::time::Duration;
 
-use chrono::{SubsecRound, TimeDelta, Utc};
 use rand::Rng;
 use rand::rngs::StdRng;
 use tidemark_batchview::PublishedState;
@@ -18,7 +17,6 @@ use tidemark_ingest::config::RelaySettings;
 use tidemark_platform::config::{ClickHouseConfig, S3Config};
 use tidemark_testkit::TestDb;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// Postgres, S3 and ClickHouse of one test's own, a lake relay running, a compactor.
 pub struct Env {
@@ -202,26 +200,7 @@ impl Env {
     }
 }
 
-pub fn random_order(rng: &mut StdRng) -> Order {
-    let age = if rng.random_bool(0.8) {
-        rng.random_range(0..7_200)
-    } else {
-        rng.random_range(7_200..432_000)
-    };
-    Order {
-        order_id: Uuid::from_u128(rng.random()),
-        user_id: format!("u-{}", rng.random_range(0..100)),
-        city: ["Berlin", "Paris", "Zürich", "Oslo"][rng.random_range(0..4)].into(),
-        product_id: format!("p-{}", rng.random_range(0..25)),
-        category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
-        quantity: rng.random_range(1..6),
-        unit_price_minor: rng.random_range(1..100_000),
-        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)]
-            .parse()
-            .unwrap(),
-        created_at: (Utc::now() - TimeDelta::seconds(age)).trunc_subsecs(6),
-    }
-}
+pub use tidemark_testkit::random_order;
 
 /// New orders plus some already-sent ones resent (duplicates).
 pub fn batch(rng: &mut StdRng, sent: &mut Vec<Order>, n: usize) -> Vec<Order> {

@@ -203,10 +203,12 @@ async fn bad_inputs_get_4xx_problems_never_5xx() {
     let mut rng = StdRng::seed_from_u64(10);
     let good = serde_json::to_vec(&order_json(&random_order(&mut rng))).unwrap();
     let mut invalid_utf8 = good.clone();
+    // The first two bytes of the city become an invalid UTF-8 sequence.
     let at = invalid_utf8
-        .iter()
-        .position(|&b| b == b'B' || b == b'P' || b == b'L' || b == b'O')
-        .unwrap();
+        .windows(8)
+        .position(|w| w == b"\"city\":\"")
+        .unwrap()
+        + 8;
     invalid_utf8[at] = 0xc3;
     invalid_utf8[at + 1] = 0x28;
     let deep = "[".repeat(10_000) + &"]".repeat(10_000);
@@ -437,7 +439,7 @@ async fn postgres_down_is_503_with_retry_after_and_recovers() {
     })
     .await;
     let restarted = std::time::Instant::now();
-    pg.resume();
+    pg.resume().await;
     let accepted = count(201);
     tidemark_testkit::eventually(Duration::from_secs(10), "ingest recovers", || {
         let n = count(201);

@@ -9,9 +9,6 @@ mod relay;
 use std::collections::HashMap;
 
 use aws_sdk_s3::Client;
-use chrono::{DateTime, TimeDelta, Utc};
-use rand::Rng;
-use rand::rngs::StdRng;
 use tidemark_domain::Order;
 use tidemark_platform::auth::{self, Scope};
 use tidemark_platform::config::S3Config;
@@ -81,34 +78,7 @@ impl Harness {
     }
 }
 
-/// A random valid order with event time within the last two days (some late).
-pub fn random_order(rng: &mut StdRng) -> Order {
-    let now = Utc::now();
-    let created_at: DateTime<Utc> = now - TimeDelta::seconds(rng.random_range(0..172_800));
-    Order {
-        order_id: Uuid::from_u128(rng.random()),
-        user_id: format!("u-{}", rng.random_range(0..200)),
-        city: ["Berlin", "Paris", "Lisbon", "Oslo"][rng.random_range(0..4)].into(),
-        product_id: format!("p-{}", rng.random_range(0..50)),
-        category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
-        quantity: rng.random_range(1..5),
-        unit_price_minor: rng.random_range(100..100_000),
-        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)]
-            .parse()
-            .unwrap(),
-        created_at: created_at.trunc_micros(),
-    }
-}
-
-trait TruncMicros {
-    fn trunc_micros(self) -> Self;
-}
-
-impl TruncMicros for DateTime<Utc> {
-    fn trunc_micros(self) -> Self {
-        chrono::SubsecRound::trunc_subsecs(self, 6)
-    }
-}
+pub use tidemark_testkit::random_order;
 
 pub fn order_json(order: &Order) -> serde_json::Value {
     serde_json::json!({

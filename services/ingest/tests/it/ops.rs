@@ -66,7 +66,7 @@ async fn readyz_follows_postgres_down_and_back() {
         .unwrap();
     assert_ne!(body["checks"]["postgres"], "ok");
 
-    pg.resume();
+    pg.resume().await;
     eventually(
         Duration::from_secs(10),
         "readyz answers 200 again",

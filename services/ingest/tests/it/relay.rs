@@ -9,27 +9,10 @@ use tidemark_domain::Order;
 use tidemark_ingest::config::RelaySettings;
 use tidemark_ingest::relay::{Relay, Step};
 use tidemark_platform::config::S3Config;
+use tidemark_testkit::orders::insert_as;
+use tidemark_testkit::{eventually, insert, metric};
 
 use crate::{list_keys, pg_order_ids, random_order, raw_order_ids};
-
-async fn insert(db: impl sqlx::PgExecutor<'_>, order: &Order) {
-    sqlx::query(
-        "INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
-           unit_price_minor, currency, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
-    )
-    .bind(order.order_id)
-    .bind(&order.user_id)
-    .bind(&order.city)
-    .bind(&order.product_id)
-    .bind(&order.category)
-    .bind(order.quantity)
-    .bind(order.unit_price_minor)
-    .bind(order.currency.as_str())
-    .bind(order.created_at)
-    .execute(db)
-    .await
-    .unwrap();
-}
 
 async fn relay(pool: &PgPool, s3: &S3Config, batch_size: i64) -> Relay {
     let settings = RelaySettings {
@@ -226,7 +209,8 @@ async fn ingest_keeps_accepting_while_s3_is_down_and_the_relay_catches_up() {
         let request = http.get(&metrics_url).send();
         async move {
             let text = request.await.unwrap().text().await.unwrap();
-            text.contains("relay_s3_errors_total")
+            tidemark_testkit::metric(&text, r#"relay_errors_total{store="s3"}"#)
+                .is_some_and(|errors| errors > 0.0)
         }
     })
     .await;
@@ -252,4 +236,137 @@ async fn ingest_keeps_accepting_while_s3_is_down_and_the_relay_catches_up() {
     })
     .await;
     assert_lake_matches_log(&h.db.pool, &s3).await;
+}
+
+/// RELIABILITY.md R19: a row the relay cannot decode stops it right before that
+/// row. The rows before it land; nothing after it lands, and its horizon is not
+/// recorded (the compactor would take the rows below it as landed); the stop is
+/// logged, counted and shown on `/readyz` while intake stays up. Once the row can
+/// be decoded, the relay goes on from there and skips nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn r19_a_row_the_relay_cannot_decode_stops_it_there_and_nothing_after_is_skipped() {
+    let db = tidemark_testkit::postgres().await;
+    let s3 = tidemark_testkit::s3();
+    let mut rng = StdRng::seed_from_u64(19);
+    let mut orders = |n: usize| -> Vec<Order> { (0..n).map(|_| random_order(&mut rng)).collect() };
+    let (before, bad, after) = (orders(40), orders(1).remove(0), orders(40));
+    // Three transactions, in log order: before, the undecodable row, after.
+    for (batch, currency) in [
+        (&before, None),
+        (&vec![bad.clone()], Some("XYZ")),
+        (&after, None),
+    ] {
+        let mut tx = db.pool.begin().await.unwrap();
+        for order in batch {
+            insert_as(&mut *tx, order, currency.unwrap_or(order.currency.as_str())).await;
+        }
+        tx.commit().await.unwrap();
+    }
+    let (bad_txid, bad_seq): (i64, i64) =
+        sqlx::query_as("SELECT txid::text::int8, seq FROM orders WHERE order_id = $1")
+            .bind(bad.order_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+
+    let mut config = tidemark_ingest::Config {
+        postgres: db.config.clone(),
+        s3: s3.clone(),
+        ..Default::default()
+    };
+    config.relay.poll_interval = Duration::from_millis(10);
+    config.relay.max_backoff = Duration::from_millis(200);
+    // The undecodable row falls inside the second batch.
+    config.relay.batch_size = 25;
+    let svc = tidemark_testkit::start(|l, s| tidemark_ingest::serve(config, l, s)).await;
+    let http = reqwest::Client::new();
+    let readyz = async || -> (u16, serde_json::Value) {
+        let r = http.get(svc.url("/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    };
+    let metrics = async || -> String {
+        let r = http.get(svc.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the relay reports where it stopped",
+        || async {
+            readyz().await.1["advisories"]["relay"]
+                .as_str()
+                .is_some_and(|why| why.contains("XYZ"))
+        },
+    )
+    .await;
+    let (status, body) = readyz().await;
+    assert_eq!(status, 200, "intake stays ready: {body}");
+    let why = body["advisories"]["relay"].as_str().unwrap();
+    assert!(why.contains(&format!("{bad_txid}_{bad_seq}")), "{why}");
+    assert!(why.contains(&bad.order_id.to_string()), "{why}");
+    let text = metrics().await;
+    assert_eq!(
+        metric(&text, "relay_undecodable_rows_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "relay_stopped"), Some(1.0), "{text}");
+
+    // Exactly the rows before it landed, once each; the horizon stays below it.
+    let landed = raw_order_ids(&s3).await;
+    let mut expected: Vec<_> = before.iter().map(|o| o.order_id).collect();
+    expected.sort();
+    let mut got: Vec<_> = landed.keys().copied().collect();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "the raw lake holds exactly the rows before the stop"
+    );
+    assert!(landed.values().all(|n| *n == 1));
+    let (cursor_txid, horizon): (i64, i64) = sqlx::query_as(
+        "SELECT txid::text::int8, horizon::text::int8 FROM consumer_cursors \
+         WHERE consumer = 'lake-relay'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(cursor_txid < bad_txid, "the cursor stays before the row");
+    assert!(
+        horizon <= bad_txid,
+        "horizon {horizon} passed the row's txid {bad_txid}"
+    );
+    let after_landed = after
+        .iter()
+        .filter(|o| landed.contains_key(&o.order_id))
+        .count();
+
+    // The row becomes decodable (here it is corrected; a newer build would read
+    // it as it is): the relay goes on from the row and lands everything.
+    sqlx::query("UPDATE orders SET currency = 'EUR' WHERE order_id = $1")
+        .bind(bad.order_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the relay lands the rest",
+        || async { raw_order_ids(&s3).await.len() == 81 },
+    )
+    .await;
+    assert_lake_matches_log(&db.pool, &s3).await;
+    eventually(Duration::from_secs(10), "the stop is cleared", || async {
+        readyz().await.1["advisories"]["relay"] == "ok"
+            && metric(&metrics().await, "relay_stopped") == Some(0.0)
+    })
+    .await;
+    svc.stop().await.unwrap();
+    tidemark_testkit::figure(
+        "R19",
+        format!(
+            "lake relay: stopped at the undecodable row {bad_txid}_{bad_seq} (reported on /readyz, \
+             counted once, intake still ready); landed before it {} of 40, after it {after_landed} \
+             of 40, horizon kept below it; after the row was made readable all 81 landed once: \
+             skipped rows 0",
+            before.len()
+        ),
+    );
 }

@@ -14,9 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{SubsecRound, TimeDelta, Utc};
-use rand::Rng;
-use rand::rngs::StdRng;
+use chrono::Utc;
 use tidemark_compactor::Compactor;
 use tidemark_domain::Order;
 use tidemark_platform::auth::{self, Scope};
@@ -25,7 +23,6 @@ use tidemark_platform::redis::Redis;
 use tidemark_speedview::SpeedView;
 use tidemark_testkit::{Running, TestDb};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub struct Env {
     /// A Postgres cluster of the test's own, when it needs one.
@@ -236,26 +233,7 @@ pub fn grid_of(points: &serde_json::Value) -> BTreeMap<(i64, String, String), [i
         .collect()
 }
 
-pub fn random_order(rng: &mut StdRng) -> Order {
-    let age = if rng.random_bool(0.8) {
-        rng.random_range(0..3_600)
-    } else {
-        rng.random_range(3_600..259_200)
-    };
-    Order {
-        order_id: Uuid::from_u128(rng.random()),
-        user_id: format!("u-{}", rng.random_range(0..20)),
-        city: ["Berlin", "Paris", "Zürich", "Oslo"][rng.random_range(0..4)].into(),
-        product_id: format!("p-{}", rng.random_range(0..15)),
-        category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
-        quantity: rng.random_range(1..6),
-        unit_price_minor: rng.random_range(1..100_000),
-        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)]
-            .parse()
-            .unwrap(),
-        created_at: (Utc::now() - TimeDelta::seconds(age)).trunc_subsecs(6),
-    }
-}
+pub use tidemark_testkit::random_order;
 
 /// From five midnights back to the next midnight (six days, 8,640 minutes: under
 /// `serving.max_points`), RFC 3339, URL-safe. It must hold every order the tests

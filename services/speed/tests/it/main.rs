@@ -5,45 +5,21 @@ mod faults;
 mod horizon;
 mod ops;
 mod process;
+mod undecodable;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
-use rand::Rng;
-use rand::rngs::StdRng;
 use sqlx::PgPool;
-use tidemark_domain::{Dimension, Granularity, Order};
+use tidemark_domain::{Dimension, Granularity};
 use tidemark_platform::config::RedisConfig;
 use tidemark_platform::redis::Redis;
 use tidemark_speed::Consumer;
 use tidemark_speed::config::SpeedSettings;
 use tidemark_speed::consumer::Step;
 use tidemark_speedview::SpeedView;
-use uuid::Uuid;
 
-pub fn random_order(rng: &mut StdRng) -> Order {
-    // Mostly recent, some late (up to three days old).
-    let age = if rng.random_bool(0.8) {
-        rng.random_range(0..3_600)
-    } else {
-        rng.random_range(3_600..259_200)
-    };
-    let created_at: DateTime<Utc> = (Utc::now() - TimeDelta::seconds(age)).trunc_subsecs(6);
-    Order {
-        order_id: Uuid::from_u128(rng.random()),
-        user_id: format!("u-{}", rng.random_range(0..100)),
-        city: ["Berlin", "Paris", "São Paulo", "Oslo"][rng.random_range(0..4)].into(),
-        product_id: format!("p:{}", rng.random_range(0..30)),
-        category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
-        quantity: rng.random_range(1..6),
-        unit_price_minor: rng.random_range(1..100_000),
-        currency: ["EUR", "USD", "JPY"][rng.random_range(0..3)]
-            .parse()
-            .unwrap(),
-        created_at,
-    }
-}
+pub use tidemark_testkit::{insert, random_order};
 
 pub fn consumer(pool: &PgPool, redis: &RedisConfig, batch_size: i64) -> (Consumer, SpeedView) {
     let view = SpeedView::new(Arc::new(Redis::new(redis).unwrap()));
@@ -130,23 +106,4 @@ pub async fn assert_exact(pool: &PgPool, view: &SpeedView, min_epoch: u64, from_
             assert_eq!(speed, truth, "{granularity} by {dimension}");
         }
     }
-}
-
-pub async fn insert(db: impl sqlx::PgExecutor<'_>, order: &Order) {
-    sqlx::query(
-        "INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
-           unit_price_minor, currency, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
-    )
-    .bind(order.order_id)
-    .bind(&order.user_id)
-    .bind(&order.city)
-    .bind(&order.product_id)
-    .bind(&order.category)
-    .bind(order.quantity)
-    .bind(order.unit_price_minor)
-    .bind(order.currency.as_str())
-    .bind(order.created_at)
-    .execute(db)
-    .await
-    .unwrap();
 }

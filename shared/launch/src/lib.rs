@@ -1,0 +1,11 @@
+//! How to start the real servers Tidemark runs on, and how to tell that each
+//! answers: the one place that knows their binaries, arguments and readiness.
+//! `cargo xtask` runs them detached for the `up` and `test` stacks; the tests'
+//! private servers run them as child processes. Neither repeats what is here.
+
+pub mod host;
+pub mod servers;
+pub mod wait;
+
+pub use host::{cargo_bin, free_port, is_root, postgres_bin_dir, which, workspace_root};
+pub use wait::until;

@@ -1,0 +1,236 @@
+//! Each server's command line and its readiness probe. The commands run in the
+//! foreground (the caller decides whether as a child or detached, and where the
+//! output goes); every server listens on 127.0.0.1 only.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// How long a readiness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub mod postgres {
+    use std::os::unix::process::CommandExt;
+
+    use super::*;
+
+    /// Runs a Postgres binary as the `postgres` user when we are root (Postgres
+    /// refuses to run as root).
+    pub fn command(bin: &Path) -> Command {
+        let mut command = Command::new(bin);
+        if crate::is_root()
+            && let Some((uid, gid)) = crate::host::user_ids("postgres")
+        {
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+
+    /// Makes `dir` (and what is in it) the `postgres` user's when we are root.
+    pub fn give_to_postgres(dir: &Path) -> std::io::Result<()> {
+        if !crate::is_root() {
+            return Ok(());
+        }
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir)
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "chown postgres {} failed",
+                dir.display()
+            )))
+        }
+    }
+
+    /// `initdb` of a cluster with trust authentication for `postgres`, UTF-8.
+    pub fn initdb(bin_dir: &Path, data: &Path) -> Command {
+        let mut command = command(&bin_dir.join("initdb"));
+        command
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ])
+            .arg("--no-sync")
+            .arg("-D")
+            .arg(data);
+        command
+    }
+
+    /// The server on `port`, its socket in `data`, in UTC, with `settings` added
+    /// as `-c name=value`. SIGINT stops it fast (clean); SIGQUIT immediately.
+    pub fn server(bin_dir: &Path, data: &Path, port: u16, settings: &[&str]) -> Command {
+        let mut command = command(&bin_dir.join("postgres"));
+        command
+            .arg("-D")
+            .arg(data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(data)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "timezone=UTC"]);
+        for setting in settings {
+            command.args(["-c", setting]);
+        }
+        command
+    }
+
+    /// Whether the server accepts connections (`pg_isready`).
+    pub async fn ready(bin_dir: &Path, port: u16) -> bool {
+        tokio::process::Command::new(bin_dir.join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-t", "2"])
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+}
+
+pub mod redis {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// `redis-server` on `port` with its files in `dir`; with `persist`, an
+    /// append-only file keeps the data across restarts.
+    pub fn server(bin: &Path, port: u16, dir: &Path, persist: bool) -> Command {
+        let mut command = Command::new(bin);
+        command
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", if persist { "yes" } else { "no" }])
+            .arg("--dir")
+            .arg(dir);
+        command
+    }
+
+    /// Whether the server answers `PING`.
+    pub async fn ready(port: u16) -> bool {
+        let ping = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream.write_all(b"PING\r\n").await?;
+            let mut reply = [0u8; 7];
+            stream.read_exact(&mut reply).await?;
+            Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, ping).await,
+            Ok(Ok(true))
+        )
+    }
+}
+
+pub mod clickhouse {
+    use super::*;
+
+    /// The ports a ClickHouse server listens on.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Ports {
+        pub http: u16,
+        pub tcp: u16,
+        pub interserver: u16,
+    }
+
+    /// `clickhouse-server` with its data in `dir` (a path ending in `/` is not
+    /// needed) and its logs in `logs`, at `level` (`warning`, `information`).
+    pub fn server(bin: &Path, dir: &Path, logs: &Path, level: &str, ports: Ports) -> Command {
+        let p = |s: &str| format!("{}/{s}", dir.display());
+        let mut command = Command::new(bin);
+        command
+            .arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg("--")
+            .arg(format!("--path={}", p("")))
+            .arg(format!("--tmp_path={}", p("tmp/")))
+            .arg(format!("--user_files_path={}", p("user_files/")))
+            .arg(format!("--format_schema_path={}", p("format_schemas/")))
+            .arg(format!(
+                "--logger.log={}",
+                logs.join("clickhouse.log").display()
+            ))
+            .arg(format!(
+                "--logger.errorlog={}",
+                logs.join("clickhouse.err.log").display()
+            ))
+            .arg(format!("--logger.level={level}"))
+            .arg(format!("--http_port={}", ports.http))
+            .arg(format!("--tcp_port={}", ports.tcp))
+            .arg(format!("--interserver_http_port={}", ports.interserver))
+            .arg("--listen_host=127.0.0.1")
+            .arg("--timezone=UTC")
+            .arg("--mark_cache_size=268435456");
+        command
+    }
+
+    /// Whether `SELECT 1` over HTTP answers `1`.
+    pub async fn ready(http_port: u16) -> bool {
+        let url = format!("http://127.0.0.1:{http_port}/?query=SELECT%201");
+        let answer = async { reqwest::get(url).await?.text().await };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, answer).await,
+            Ok(Ok(text)) if text.trim() == "1"
+        )
+    }
+}
+
+pub mod s3 {
+    use super::*;
+
+    /// `s3s-fs` serving the folder `dir` (each sub-folder a bucket) with one key.
+    pub fn server(
+        bin: &Path,
+        port: u16,
+        dir: &Path,
+        access_key: &str,
+        secret_key: &str,
+    ) -> Command {
+        let mut command = Command::new(bin);
+        command
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", access_key, "--secret-key", secret_key])
+            .arg(dir);
+        command
+    }
+
+    /// Whether the server accepts connections.
+    pub async fn ready(port: u16) -> bool {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+pub mod prometheus {
+    use super::*;
+
+    /// Prometheus with its configuration file and data folder.
+    pub fn server(bin: &Path, config: &Path, data: &Path, port: u16) -> Command {
+        let mut command = Command::new(bin);
+        command
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.enable-lifecycle");
+        command
+    }
+
+    /// Whether `/-/ready` answers 2xx.
+    pub async fn ready(port: u16) -> bool {
+        let url = format!("http://127.0.0.1:{port}/-/ready");
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, reqwest::get(url)).await,
+            Ok(Ok(r)) if r.status().is_success()
+        )
+    }
+}

@@ -1,0 +1,166 @@
+//! Reading the log in log order.
+//!
+//! [`tail`] is the only way Tidemark's consumers read new rows. It returns rows
+//! after a cursor whose transaction id is below the horizon
+//! `pg_snapshot_xmin(pg_current_snapshot())` taken in the *same statement*: every
+//! transaction below the horizon has finished, and any transaction that writes
+//! later gets a larger id, so a row below the horizon can never appear after the
+//! tail has passed it. A transaction that commits late holds the horizon back;
+//! consumers wait for it instead of skipping its rows.
+//!
+//! A row this build cannot decode ends the read at that row ([`Tail::stopped`]):
+//! the rows before it are returned, nothing after it is.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgExecutor, Row};
+use tidemark_domain::LogPosition;
+
+use crate::row::{LogRow, OrderRow, Undecodable};
+
+/// One read of the tail.
+#[derive(Debug)]
+pub struct Tail {
+    /// Rows after the cursor and below the horizon, in log order, up to the first
+    /// row that cannot be decoded.
+    pub rows: Vec<LogRow>,
+    /// The horizon the rows were read under: every transaction with a smaller id
+    /// has finished.
+    pub horizon: u64,
+    /// True when every row below `horizon` has been read once these are consumed
+    /// (fewer rows than asked, none undecodable).
+    pub complete: bool,
+    /// The row right after `rows` when this build cannot decode it: a consumer
+    /// stops there, and must not treat the horizon as passed.
+    pub stopped: Option<Undecodable>,
+}
+
+/// Reading a range of the log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error(transparent)]
+    Undecodable(#[from] Undecodable),
+}
+
+/// The horizon, and the row of the tail beside it (none when the tail is empty).
+struct TailRow {
+    horizon: i64,
+    row: Option<OrderRow>,
+}
+
+impl<'r> FromRow<'r, PgRow> for TailRow {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        let horizon = row.try_get("horizon")?;
+        let present: Option<i64> = row.try_get("seq")?;
+        Ok(TailRow {
+            horizon,
+            row: present.map(|_| OrderRow::from_row(row)).transpose()?,
+        })
+    }
+}
+
+/// Decodes rows in log order up to the first one this build cannot decode.
+fn decode_until_stopped(
+    rows: impl IntoIterator<Item = OrderRow>,
+) -> (Vec<LogRow>, Option<Undecodable>) {
+    let mut decoded = Vec::new();
+    for row in rows {
+        match row.decode() {
+            Ok(row) => decoded.push(row),
+            Err(stopped) => return (decoded, Some(stopped)),
+        }
+    }
+    (decoded, None)
+}
+
+/// Reads up to `limit` rows after `after`, below the current horizon.
+pub async fn tail<'e>(
+    db: impl PgExecutor<'e>,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Tail, sqlx::Error> {
+    // The horizon and the rows come from one statement, so one snapshot.
+    let read: Vec<TailRow> = sqlx::query_as(concat!(
+        "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
+         SELECT h.xmin::text::int8 AS horizon, o.* \
+         FROM h LEFT JOIN LATERAL ( \
+             SELECT ",
+        crate::order_columns!(),
+        " FROM orders \
+             WHERE (txid, seq) > ($1::int8::text::xid8, $2) AND txid < h.xmin \
+             ORDER BY txid, seq LIMIT $3 \
+         ) o ON true"
+    ))
+    .bind(after.txid as i64)
+    .bind(after.seq)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    let horizon = read.first().map_or(0, |r| r.horizon) as u64;
+    let fetched = read.iter().filter(|r| r.row.is_some()).count() as i64;
+    let (rows, stopped) = decode_until_stopped(read.into_iter().filter_map(|r| r.row));
+    Ok(Tail {
+        complete: fetched < limit && stopped.is_none(),
+        rows,
+        horizon,
+        stopped,
+    })
+}
+
+/// Reads every row in `(after, until]` in log order, regardless of the horizon
+/// (the caller read them below a horizon before, so they are final). A row that
+/// cannot be decoded fails the read.
+pub async fn range<'e>(
+    db: impl PgExecutor<'e>,
+    after: LogPosition,
+    until: LogPosition,
+) -> Result<Vec<LogRow>, LogError> {
+    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        crate::order_columns!(),
+        " FROM orders \
+         WHERE (txid, seq) > ($1::int8::text::xid8, $2) \
+           AND (txid, seq) <= ($3::int8::text::xid8, $4) \
+         ORDER BY txid, seq"
+    ))
+    .bind(after.txid as i64)
+    .bind(after.seq)
+    .bind(until.txid as i64)
+    .bind(until.seq)
+    .fetch_all(db)
+    .await?;
+    match decode_until_stopped(rows) {
+        (rows, None) => Ok(rows),
+        (_, Some(stopped)) => Err(stopped.into()),
+    }
+}
+
+/// How far a consumer is behind the log.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lag {
+    /// Rows after the cursor (visible, committed), capped at 1,000,000.
+    pub rows: i64,
+    /// Seconds since the oldest row after the cursor was ingested; 0 when none.
+    pub seconds: f64,
+}
+
+/// Measures a consumer's lag from its cursor.
+pub async fn lag<'e>(db: impl PgExecutor<'e>, cursor: LogPosition) -> Result<Lag, sqlx::Error> {
+    let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT count(*), min(ingested_at) FROM ( \
+             SELECT ingested_at FROM orders \
+             WHERE (txid, seq) > ($1::int8::text::xid8, $2) \
+             ORDER BY txid, seq LIMIT 1000000 \
+         ) behind",
+    )
+    .bind(cursor.txid as i64)
+    .bind(cursor.seq)
+    .fetch_one(db)
+    .await?;
+    let seconds = oldest.map_or(0.0, |t| {
+        (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+    });
+    Ok(Lag { rows, seconds })
+}

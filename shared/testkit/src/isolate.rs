@@ -1,0 +1,86 @@
+//! What one test owns on the shared servers: a Postgres database (migrated), a
+//! Redis key prefix, a ClickHouse database, an S3 prefix. Names are random, so
+//! tests running at once never meet.
+
+use sqlx::PgPool;
+use tidemark_platform::config::{ClickHouseConfig, PostgresConfig, RedisConfig, S3Config};
+use uuid::Uuid;
+
+use crate::stack::stack;
+
+pub(crate) fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", Uuid::new_v4().simple())
+}
+
+/// A Postgres database with the migrations applied.
+pub struct TestDb {
+    pub name: String,
+    pub pool: PgPool,
+    pub config: PostgresConfig,
+}
+
+impl TestDb {
+    /// The migrated database at `url` (a private server's), with a pool of 20.
+    pub(crate) fn at(name: &str, url: String) -> TestDb {
+        let config = PostgresConfig {
+            url: url.into(),
+            max_connections: 20,
+            ..PostgresConfig::default()
+        };
+        let pool = tidemark_platform::postgres::pool(&config, "tidemark-test").expect("pool");
+        TestDb {
+            name: name.to_owned(),
+            pool,
+            config,
+        }
+    }
+}
+
+/// Creates a database of its own for one test, migrated.
+pub async fn postgres() -> TestDb {
+    let admin = stack().postgres_admin_url();
+    let name = unique("t_");
+    let admin_pool = PgPool::connect(admin).await.expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin_pool)
+        .await
+        .expect("create test database");
+    admin_pool.close().await;
+    let base = admin.rsplit_once('/').expect("url has a database").0;
+    let db = TestDb::at(&name, format!("{base}/{name}"));
+    tidemark_platform::postgres::migrate(&db.pool)
+        .await
+        .expect("migrations apply");
+    db
+}
+
+/// A Redis config with a key prefix of its own.
+pub fn redis() -> RedisConfig {
+    RedisConfig {
+        url: stack().redis_url().into(),
+        key_prefix: unique("t"),
+        ..RedisConfig::default()
+    }
+}
+
+/// A ClickHouse config naming a database of its own (created by the migrations).
+pub fn clickhouse() -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: stack().clickhouse_url().to_owned(),
+        database: unique("t_"),
+        ..ClickHouseConfig::default()
+    }
+}
+
+/// An S3 config with a prefix of its own in the shared test bucket.
+pub fn s3() -> S3Config {
+    let stack = stack();
+    S3Config {
+        endpoint: stack.var("TIDEMARK_TEST_S3_ENDPOINT").to_owned(),
+        bucket: stack.var("TIDEMARK_TEST_S3_BUCKET").to_owned(),
+        access_key_id: Some(stack.var("TIDEMARK_TEST_S3_ACCESS_KEY_ID").to_owned()),
+        secret_access_key: Some(stack.var("TIDEMARK_TEST_S3_SECRET_ACCESS_KEY").into()),
+        prefix: unique("t-"),
+        ..S3Config::default()
+    }
+}

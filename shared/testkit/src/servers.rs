@@ -1,0 +1,322 @@
+//! Servers of one test's own, for tests that stop, flush or restart one (or hold
+//! transactions open: the log horizon is cluster-wide, so on the shared Postgres
+//! an open transaction would pause every other test's consumers).
+//!
+//! One type, [`PrivateServer`], runs any of them as a child process with its data
+//! in a temporary folder; its command line and readiness probe come from
+//! `tidemark-launch`, as the stacks' do. The four named types add what a test
+//! needs of each (a URL, a config, FLUSHALL).
+
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tidemark_launch::servers;
+use tidemark_platform::config::{ClickHouseConfig, PostgresConfig, RedisConfig, S3Config};
+
+use crate::isolate::{TestDb, unique};
+use crate::stack::stack;
+
+/// Which server, and what its command and probe need.
+enum Kind {
+    Postgres { bin_dir: PathBuf },
+    Redis,
+    S3,
+    ClickHouse { ports: servers::clickhouse::Ports },
+}
+
+/// A server run as a child process of the test, on a port of its own, with its
+/// data in a temporary folder that outlives restarts. Stopped when dropped.
+pub struct PrivateServer {
+    kind: Kind,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl PrivateServer {
+    async fn start(kind: Kind, port: u16) -> PrivateServer {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-private-")
+            .tempdir()
+            .expect("tempdir");
+        let server = PrivateServer {
+            kind,
+            dir,
+            port,
+            child: Mutex::new(None),
+        };
+        server.prepare();
+        server.resume().await;
+        server
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What the server needs in its folder before its first start.
+    fn prepare(&self) {
+        match &self.kind {
+            Kind::Postgres { bin_dir } => {
+                servers::postgres::give_to_postgres(self.path()).expect("chown");
+                let status = servers::postgres::initdb(bin_dir, &self.path().join("data"))
+                    .stdout(Stdio::null())
+                    .status()
+                    .expect("initdb runs");
+                assert!(status.success(), "initdb failed");
+            }
+            Kind::S3 => {
+                std::fs::create_dir(self.path().join(PrivateS3::BUCKET)).expect("bucket folder");
+            }
+            Kind::Redis | Kind::ClickHouse { .. } => {}
+        }
+    }
+
+    fn command(&self) -> Command {
+        let stack = stack();
+        let dir = self.path();
+        match &self.kind {
+            Kind::Postgres { bin_dir } => {
+                servers::postgres::server(bin_dir, &dir.join("data"), self.port, &["fsync=off"])
+            }
+            Kind::Redis => {
+                servers::redis::server(stack.redis_server_bin().as_ref(), self.port, dir, false)
+            }
+            Kind::S3 => servers::s3::server(
+                stack.s3_server_bin().as_ref(),
+                self.port,
+                dir,
+                PrivateS3::ACCESS_KEY,
+                PrivateS3::SECRET_KEY,
+            ),
+            Kind::ClickHouse { ports } => servers::clickhouse::server(
+                stack.clickhouse_server_bin().as_ref(),
+                dir,
+                dir,
+                "warning",
+                *ports,
+            ),
+        }
+    }
+
+    async fn ready(&self) -> bool {
+        match &self.kind {
+            Kind::Postgres { bin_dir } => servers::postgres::ready(bin_dir, self.port).await,
+            Kind::Redis => servers::redis::ready(self.port).await,
+            Kind::S3 => servers::s3::ready(self.port).await,
+            Kind::ClickHouse { ports } => servers::clickhouse::ready(ports.http).await,
+        }
+    }
+
+    /// Starts (or restarts, with its data; Redis starts empty) the server and
+    /// waits until it answers.
+    pub async fn resume(&self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.path().join("server.log"))
+            .expect("server log");
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("the private server starts");
+        *self.child.lock().unwrap() = Some(child);
+        let held =
+            tidemark_launch::until(Duration::from_secs(60), Duration::from_millis(20), || {
+                self.ready()
+            })
+            .await;
+        assert!(
+            held,
+            "the private server did not answer within 60 s; its log:\n{}",
+            std::fs::read_to_string(self.path().join("server.log")).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server and waits until it is gone: Postgres shuts down fast
+    /// (cleanly), the others are killed (Redis loses its data).
+    pub fn stop(&self) {
+        let signal = match self.kind {
+            Kind::Postgres { .. } => "INT",
+            _ => "KILL",
+        };
+        self.end(signal);
+    }
+
+    fn end(&self, signal: &str) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            drop(
+                Command::new("kill")
+                    .args([&format!("-{signal}"), &child.id().to_string()])
+                    .status(),
+            );
+            drop(child.wait());
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        // Postgres: immediate shutdown (its backends exit with it).
+        let signal = match self.kind {
+            Kind::Postgres { .. } => "QUIT",
+            _ => "KILL",
+        };
+        self.end(signal);
+    }
+}
+
+/// A Postgres server of one test's own, migrated.
+pub struct PrivatePostgres(PrivateServer);
+
+impl Deref for PrivatePostgres {
+    type Target = PrivateServer;
+
+    fn deref(&self) -> &PrivateServer {
+        &self.0
+    }
+}
+
+impl PrivatePostgres {
+    /// Initialises and starts a server with the migrations applied to `postgres`.
+    pub async fn start() -> PrivatePostgres {
+        let kind = Kind::Postgres {
+            bin_dir: stack().postgres_bin_dir(),
+        };
+        let pg = PrivatePostgres(PrivateServer::start(kind, tidemark_launch::free_port()).await);
+        let pool = PgPool::connect(&pg.url())
+            .await
+            .expect("private postgres up");
+        tidemark_platform::postgres::migrate(&pool)
+            .await
+            .expect("migrations apply");
+        pool.close().await;
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A config that fails fast while the server is down.
+    pub fn config(&self) -> PostgresConfig {
+        PostgresConfig {
+            url: self.url().into(),
+            acquire_timeout: Duration::from_millis(500),
+            ..PostgresConfig::default()
+        }
+    }
+
+    /// The server's migrated database as a [`TestDb`].
+    pub fn test_db(&self) -> TestDb {
+        TestDb::at("postgres", self.url())
+    }
+}
+
+/// A Redis server of one test's own, without persistence.
+pub struct PrivateRedis(PrivateServer);
+
+impl Deref for PrivateRedis {
+    type Target = PrivateServer;
+
+    fn deref(&self) -> &PrivateServer {
+        &self.0
+    }
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        PrivateRedis(PrivateServer::start(Kind::Redis, tidemark_launch::free_port()).await)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn config(&self) -> RedisConfig {
+        RedisConfig {
+            url: self.url().into(),
+            key_prefix: unique("t"),
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// FLUSHALL.
+    pub fn flushall(&self) {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "FLUSHALL"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "FLUSHALL failed");
+    }
+}
+
+/// An S3 server (s3s-fs) of one test's own, with one bucket.
+pub struct PrivateS3(PrivateServer);
+
+impl Deref for PrivateS3 {
+    type Target = PrivateServer;
+
+    fn deref(&self) -> &PrivateServer {
+        &self.0
+    }
+}
+
+impl PrivateS3 {
+    pub const ACCESS_KEY: &str = "private";
+    pub const SECRET_KEY: &str = "private-secret";
+    pub const BUCKET: &str = "private";
+
+    pub async fn start() -> PrivateS3 {
+        PrivateS3(PrivateServer::start(Kind::S3, tidemark_launch::free_port()).await)
+    }
+
+    pub fn config(&self) -> S3Config {
+        S3Config {
+            endpoint: format!("http://127.0.0.1:{}", self.port),
+            bucket: Self::BUCKET.into(),
+            access_key_id: Some(Self::ACCESS_KEY.into()),
+            secret_access_key: Some(Self::SECRET_KEY.into()),
+            timeout: Duration::from_secs(2),
+            ..S3Config::default()
+        }
+    }
+}
+
+/// A ClickHouse server of one test's own; `port` is its HTTP port.
+pub struct PrivateClickHouse(PrivateServer);
+
+impl Deref for PrivateClickHouse {
+    type Target = PrivateServer;
+
+    fn deref(&self) -> &PrivateServer {
+        &self.0
+    }
+}
+
+impl PrivateClickHouse {
+    pub async fn start() -> PrivateClickHouse {
+        let ports = servers::clickhouse::Ports {
+            http: tidemark_launch::free_port(),
+            tcp: tidemark_launch::free_port(),
+            interserver: tidemark_launch::free_port(),
+        };
+        PrivateClickHouse(PrivateServer::start(Kind::ClickHouse { ports }, ports.http).await)
+    }
+
+    /// A config naming a database of its own on this server.
+    pub fn config(&self) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: format!("http://127.0.0.1:{}", self.port),
+            database: unique("t_"),
+            ..ClickHouseConfig::default()
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Ground truth by SQL over Postgres `orders`, and where the log stands.
+
+use sqlx::PgPool;
+
+/// Ground truth: revenue, orders and items per (bucket start, dimension value,
+/// currency), computed by SQL over Postgres `orders`, for rows whose transaction
+/// id lies in `[from_txid, to_txid)`.
+///
+/// `granularity_secs` is 60, 3600 or 86400; `dimension` is `total`, `city`,
+/// `category` or `product`.
+pub async fn ground_truth(
+    pool: &PgPool,
+    granularity_secs: i64,
+    dimension: &str,
+    from_txid: u64,
+    to_txid: u64,
+) -> std::collections::BTreeMap<(i64, String, String), [i64; 3]> {
+    let value = match dimension {
+        "total" => "''",
+        "city" => "city",
+        "category" => "category",
+        "product" => "product_id",
+        other => panic!("unknown dimension {other}"),
+    };
+    let sql = format!(
+        "SELECT (floor(extract(epoch FROM created_at) / $1) * $1)::int8, {value}, currency::text, \
+                sum(quantity::int8 * unit_price_minor)::int8, count(*)::int8, sum(quantity)::int8 \
+         FROM orders \
+         WHERE txid >= $2::int8::text::xid8 AND txid < $3::int8::text::xid8 \
+         GROUP BY 1, 2, 3"
+    );
+    let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(granularity_secs)
+        .bind(from_txid as i64)
+        .bind(to_txid.min(i64::MAX as u64) as i64)
+        .fetch_all(pool)
+        .await
+        .expect("ground truth query");
+    rows.into_iter()
+        .map(|(bucket, value, currency, revenue, orders, items)| {
+            ((bucket, value, currency), [revenue, orders, items])
+        })
+        .collect()
+}
+
+/// The position of the newest committed row in `orders` (log order), if any.
+///
+/// Consumers pause while *any* transaction in the Postgres cluster (other tests'
+/// databases included) holds the horizon, so "caught up" means reaching this
+/// position, not seeing one idle poll.
+pub async fn log_head(pool: &PgPool) -> Option<(u64, i64)> {
+    let head: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .expect("log head");
+    head.map(|(t, s)| (t as u64, s))
+}
+
+/// Who holds the cluster's horizon back: the oldest transactions with an id.
+pub async fn horizon_holders(pool: &PgPool) -> String {
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT coalesce(datname, ''), coalesce(application_name, ''), coalesce(state, ''), \
+                coalesce(left(query, 80), '') \
+         FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+         ORDER BY age(backend_xid) DESC LIMIT 5",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    format!("{rows:?}")
+}
