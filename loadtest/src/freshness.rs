@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -31,7 +31,8 @@ pub struct Settings {
     pub seed: u64,
 }
 
-#[derive(Debug, Serialize)]
+/// What the freshness run measured: ingest 2xx → visible in the speed view.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FreshnessReport {
     pub orders: usize,
     pub target_rate: u64,

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tidemark_domain::Order;
 use uuid::Uuid;
 
@@ -48,8 +48,9 @@ pub fn orders(seed: u64, count: usize) -> Vec<Order> {
 
 pub use tidemark_generator::send::order_json;
 
-/// What a scenario measured.
-#[derive(Debug, Serialize)]
+/// What a scenario measured (printed as JSON by the load test, read back by
+/// `cargo xtask bench`).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,
     pub requests: u64,
@@ -64,7 +65,7 @@ pub struct Report {
     pub max_ms: f64,
     /// Failed requests by cause: an HTTP status, `timeout`, `connection`,
     /// `overloaded` (too many in flight), `graphql-errors`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors_by_kind: BTreeMap<String, u64>,
 }
 

@@ -6,7 +6,9 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::proc::{is_root, run};
+use tidemark_launch::{cargo_bin, is_root, postgres_bin_dir, which};
+
+use crate::proc::run;
 
 /// The S3-compatible server: s3s-fs, pinned (0.15+ needs a newer rustc).
 pub const S3S_FS_VERSION: &str = "0.14.1";
@@ -14,37 +16,6 @@ pub const S3S_FS_VERSION: &str = "0.14.1";
 /// The test runner the suite's schedule (`.config/nextest.toml`, which needs 0.9.91
 /// or newer for test priorities) is written for.
 pub const NEXTEST_VERSION: &str = "0.9.143";
-
-/// Where `cargo install` puts binaries.
-pub fn cargo_bin(name: &str) -> PathBuf {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
-    home.join("bin").join(name)
-}
-
-/// The newest installed PostgreSQL's binary directory.
-pub fn postgres_bin_dir() -> Option<PathBuf> {
-    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/initdb")).exists())
-        .collect();
-    versions.sort_unstable();
-    versions
-        .last()
-        .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
-}
-
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
-}
 
 struct Package {
     /// Debian package.
@@ -91,7 +62,7 @@ pub const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 /// Installs schemathesis into `.tidemark/tools/schemathesis` if it is not there,
 /// and returns the path of its command.
 pub fn schemathesis() -> Result<PathBuf> {
-    let venv = crate::stack::workspace_root().join(".tidemark/tools/schemathesis");
+    let venv = tidemark_launch::workspace_root().join(".tidemark/tools/schemathesis");
     let st = venv.join("bin/schemathesis");
     let version = SCHEMATHESIS.split("==").nth(1).unwrap_or_default();
     if run(Command::new(&st).arg("--version")).is_ok_and(|v| v.contains(version)) {

@@ -102,7 +102,7 @@ async fn main() -> ExitCode {
         } => test::run(keep, !no_lint, heavy, &args).await,
         Task::Install => install::ensure(),
         Task::Bench { name } => bench::run_bench(&name).await,
-        Task::Verify { days } => verify::verify(days).await,
+        Task::Verify { days } => verify::verify(days),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

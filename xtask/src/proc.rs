@@ -72,29 +72,17 @@ pub async fn stop(pid: u32, name: &str, sig: &str, grace: Duration) -> Result<()
     if !alive(pid, name) {
         return Ok(());
     }
+    let gone = || async { !alive(pid, name) };
+    let every = Duration::from_millis(50);
     signal(pid, sig);
-    if wait_until(grace, || !alive(pid, name)).await {
+    if tidemark_launch::until(grace, every, gone).await {
         return Ok(());
     }
     signal(pid, "KILL");
-    if wait_until(Duration::from_secs(5), || !alive(pid, name)).await {
+    if tidemark_launch::until(Duration::from_secs(5), every, gone).await {
         return Ok(());
     }
     bail!("{name} (pid {pid}) survived SIGKILL")
-}
-
-/// Polls `condition` every 50 ms; true if it held before `timeout`.
-pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs a command to completion, failing with its output when it fails.
@@ -113,10 +101,6 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-pub fn is_root() -> bool {
-    run(Command::new("id").arg("-u")).is_ok_and(|out| out.trim() == "0")
 }
 
 /// The last `n` lines of a file, for error messages.

@@ -10,9 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use tidemark_launch::servers;
+use tidemark_launch::{cargo_bin, is_root, postgres_bin_dir, which};
 
-use crate::install::{self, cargo_bin, which};
-use crate::proc::{self, alive, is_root, read_pid, run, spawn_detached};
+use crate::proc::{self, alive, read_pid, spawn_detached};
 
 /// Static credentials of the local S3 server (loopback only).
 pub const S3_ACCESS_KEY: &str = "tidemark";
@@ -111,7 +112,7 @@ pub struct Stack {
 
 impl Stack {
     pub fn new(kind: Kind) -> Stack {
-        let root = workspace_root();
+        let root = tidemark_launch::workspace_root();
         let base = match kind {
             Kind::Up => root.join(".tidemark"),
             Kind::Test => root.join(".tidemark/test"),
@@ -199,17 +200,94 @@ impl Stack {
     /// Starts every server not already running and waits until each answers.
     pub async fn start_servers(&self) -> Result<()> {
         self.make_dirs()?;
-        // Spawn the slow starters first, then Postgres (pg_ctl waits), then wait.
-        self.spawn_clickhouse()?;
-        self.spawn_s3()?;
-        self.spawn_redis()?;
-        self.spawn_prometheus()?;
-        self.start_postgres().await?;
-        self.wait_clickhouse().await?;
-        self.wait_s3().await?;
-        self.wait_redis().await?;
-        self.wait_prometheus().await?;
+        for server in Server::ALL {
+            if self.running(server).is_none() {
+                self.spawn(server)?;
+            }
+        }
+        for server in Server::ALL {
+            self.wait(server).await?;
+        }
+        if self.kind == Kind::Up {
+            self.create_database("tidemark").await?;
+        }
+        let config = self.s3_config();
+        let client = tidemark_platform::s3::client(&config).await;
+        tidemark_platform::s3::ensure_bucket(&client, &config.bucket)
+            .await
+            .context("create the S3 bucket")?;
         Ok(())
+    }
+
+    /// Starts `server` detached, its output appended to its log.
+    fn spawn(&self, server: Server) -> Result<()> {
+        let name = server.name();
+        let mut command = match server {
+            Server::Postgres => self.postgres_command()?,
+            Server::Redis => {
+                let dir = self.data("redis");
+                fs::create_dir_all(&dir)?;
+                let bin = which("redis-server").context("redis-server is not installed")?;
+                servers::redis::server(&bin, self.ports.redis, &dir, self.kind == Kind::Up)
+            }
+            Server::ClickHouse => {
+                let dir = self.data("clickhouse");
+                fs::create_dir_all(&dir)?;
+                let bin =
+                    which("clickhouse-server").context("clickhouse-server is not installed")?;
+                let level = "information";
+                let ports = servers::clickhouse::Ports {
+                    http: self.ports.clickhouse_http,
+                    tcp: self.ports.clickhouse_tcp,
+                    interserver: self.ports.clickhouse_interserver,
+                };
+                servers::clickhouse::server(&bin, &dir, &self.base.join("logs"), level, ports)
+            }
+            Server::S3 => {
+                let dir = self.data("s3");
+                fs::create_dir_all(&dir)?;
+                let bin = cargo_bin("s3s-fs");
+                servers::s3::server(&bin, self.ports.s3, &dir, S3_ACCESS_KEY, S3_SECRET_KEY)
+            }
+            Server::Prometheus => self.prometheus_command()?,
+        };
+        let log = match server {
+            // ClickHouse writes its own logs; its stdout is kept apart.
+            Server::ClickHouse => self.base.join("logs/clickhouse.stdout.log"),
+            _ => self.log(name),
+        };
+        spawn_detached(&mut command, &log, &self.pid_file(name))?;
+        Ok(())
+    }
+
+    /// Waits until `server` answers, or fails with the end of its log.
+    async fn wait(&self, server: Server) -> Result<()> {
+        let ports = &self.ports;
+        let pg_bin = postgres_bin_dir().context("PostgreSQL is not installed")?;
+        let ready =
+            tidemark_launch::until(Duration::from_secs(60), Duration::from_millis(100), || {
+                let pg_bin = pg_bin.clone();
+                async move {
+                    match server {
+                        Server::Postgres => servers::postgres::ready(&pg_bin, ports.postgres).await,
+                        Server::Redis => servers::redis::ready(ports.redis).await,
+                        Server::ClickHouse => {
+                            servers::clickhouse::ready(ports.clickhouse_http).await
+                        }
+                        Server::S3 => servers::s3::ready(ports.s3).await,
+                        Server::Prometheus => servers::prometheus::ready(ports.prometheus).await,
+                    }
+                }
+            })
+            .await;
+        if ready {
+            return Ok(());
+        }
+        bail!(
+            "{} did not become ready; last log lines:\n{}",
+            server.name(),
+            proc::tail(&self.log(server.name()), 30)
+        )
     }
 
     pub fn is_running(&self, server: Server) -> bool {
@@ -238,200 +316,42 @@ impl Stack {
         PathBuf::from(format!("/var/lib/postgresql/tidemark/{kind}{tag}"))
     }
 
-    async fn start_postgres(&self) -> Result<()> {
-        if self.running(Server::Postgres).is_some() {
-            return Ok(());
-        }
-        let bin = install::postgres_bin_dir().context("PostgreSQL is not installed")?;
+    /// Postgres's command; initialises the cluster on first use.
+    fn postgres_command(&self) -> Result<Command> {
+        let bin = postgres_bin_dir().context("PostgreSQL is not installed")?;
         let pg_root = self.postgres_root();
         let data = pg_root.join("data");
         fs::create_dir_all(&pg_root)?;
-        if is_root() {
-            run(Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&pg_root))?;
-        }
+        servers::postgres::give_to_postgres(&pg_root)?;
         if !data.join("PG_VERSION").exists() {
-            run(pg_command(&bin.join("initdb"))
-                .args([
-                    "-A",
-                    "trust",
-                    "-U",
-                    "postgres",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                ])
-                .arg("--no-sync")
-                .arg("-D")
-                .arg(&data))
-            .context("initdb")?;
+            proc::run(&mut servers::postgres::initdb(&bin, &data)).context("initdb")?;
         }
-        let mut options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c timezone=UTC -c max_connections=300",
-            self.ports.postgres,
-            data.display()
-        );
+        let mut settings = vec!["max_connections=300"];
         if self.kind == Kind::Test {
             // Speed over crash safety of the OS: the test stack is thrown away.
-            options += " -c fsync=off -c full_page_writes=off -c shared_buffers=256MB";
+            settings.extend(["fsync=off", "full_page_writes=off", "shared_buffers=256MB"]);
         }
-        let log = pg_root.join("postgres.log");
-        run(pg_command(&bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "60", "-o", &options, "start"]))
-        .with_context(|| format!("pg_ctl start; log:\n{}", proc::tail(&log, 20)))?;
-        let pid = fs::read_to_string(data.join("postmaster.pid"))?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        fs::write(self.pid_file("postgres"), format!("{pid}\n"))?;
-        if self.kind == Kind::Up {
-            let admin = sqlx::PgPool::connect(&self.postgres_url("postgres")).await?;
-            let exists: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'tidemark')",
-            )
-            .fetch_one(&admin)
-            .await?;
-            if !exists {
-                sqlx::query("CREATE DATABASE tidemark")
-                    .execute(&admin)
-                    .await?;
-            }
-            admin.close().await;
-        }
-        Ok(())
+        Ok(servers::postgres::server(
+            &bin,
+            &data,
+            self.ports.postgres,
+            &settings,
+        ))
     }
 
-    // ---- Redis ----------------------------------------------------------------
-
-    fn spawn_redis(&self) -> Result<()> {
-        if self.running(Server::Redis).is_some() {
-            return Ok(());
+    async fn create_database(&self, name: &str) -> Result<()> {
+        let admin = sqlx::PgPool::connect(&self.postgres_url("postgres")).await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(name)
+                .fetch_one(&admin)
+                .await?;
+        if !exists {
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&admin)
+                .await?;
         }
-        let dir = self.data("redis");
-        fs::create_dir_all(&dir)?;
-        let bin = which("redis-server").context("redis-server is not installed")?;
-        let appendonly = if self.kind == Kind::Up { "yes" } else { "no" };
-        run(Command::new(bin)
-            .args(["--port", &self.ports.redis.to_string()])
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                appendonly,
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(self.log("redis"))
-            .arg("--pidfile")
-            .arg(self.pid_file("redis"))
-            .args(["--daemonize", "yes"]))?;
-        Ok(())
-    }
-
-    async fn wait_redis(&self) -> Result<()> {
-        let url = self.redis_url();
-        let ok = wait_async(Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                let Ok(client) = redis::Client::open(url) else {
-                    return false;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            }
-        })
-        .await;
-        self.ready_or_bail(ok, Server::Redis)
-    }
-
-    // ---- ClickHouse -----------------------------------------------------------
-
-    fn spawn_clickhouse(&self) -> Result<()> {
-        if self.running(Server::ClickHouse).is_some() {
-            return Ok(());
-        }
-        let dir = self.data("clickhouse");
-        fs::create_dir_all(&dir)?;
-        let bin = which("clickhouse-server").context("clickhouse-server is not installed")?;
-        let logs = self.base.join("logs");
-        let p = |s: &str| format!("{}/{s}", dir.display());
-        let mut cmd = Command::new(bin);
-        cmd.arg("--config-file=/etc/clickhouse-server/config.xml")
-            .arg("--")
-            .arg(format!("--path={}/", dir.display()))
-            .arg(format!("--tmp_path={}", p("tmp/")))
-            .arg(format!("--user_files_path={}", p("user_files/")))
-            .arg(format!("--format_schema_path={}", p("format_schemas/")))
-            .arg(format!(
-                "--logger.log={}",
-                logs.join("clickhouse.log").display()
-            ))
-            .arg(format!(
-                "--logger.errorlog={}",
-                logs.join("clickhouse.err.log").display()
-            ))
-            .arg("--logger.level=information")
-            .arg(format!("--http_port={}", self.ports.clickhouse_http))
-            .arg(format!("--tcp_port={}", self.ports.clickhouse_tcp))
-            .arg(format!(
-                "--interserver_http_port={}",
-                self.ports.clickhouse_interserver
-            ))
-            .arg("--listen_host=127.0.0.1")
-            .arg("--timezone=UTC")
-            .arg("--mark_cache_size=268435456");
-        spawn_detached(
-            &mut cmd,
-            &logs.join("clickhouse.stdout.log"),
-            &self.pid_file("clickhouse"),
-        )?;
-        Ok(())
-    }
-
-    async fn wait_clickhouse(&self) -> Result<()> {
-        let url = format!("{}/?query=SELECT%201", self.clickhouse_url());
-        let client = reqwest::Client::new();
-        let ok = wait_async(Duration::from_secs(60), || {
-            let request = client.get(&url).send();
-            async move {
-                match request.await {
-                    Ok(r) => r.text().await.is_ok_and(|t| t.trim() == "1"),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
-        self.ready_or_bail(ok, Server::ClickHouse)
-    }
-
-    // ---- S3 -------------------------------------------------------------------
-
-    fn spawn_s3(&self) -> Result<()> {
-        if self.running(Server::S3).is_some() {
-            return Ok(());
-        }
-        let dir = self.data("s3");
-        fs::create_dir_all(&dir)?;
-        let mut cmd = Command::new(cargo_bin("s3s-fs"));
-        cmd.args(["--host", "127.0.0.1", "--port", &self.ports.s3.to_string()])
-            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(&dir);
-        spawn_detached(&mut cmd, &self.log("s3"), &self.pid_file("s3"))?;
+        admin.close().await;
         Ok(())
     }
 
@@ -445,30 +365,11 @@ impl Stack {
         }
     }
 
-    async fn wait_s3(&self) -> Result<()> {
-        let config = self.s3_config();
-        let client = tidemark_platform::s3::client(&config).await;
-        let ok = wait_async(Duration::from_secs(20), || {
-            let client = client.clone();
-            let bucket = config.bucket.clone();
-            async move {
-                tidemark_platform::s3::ensure_bucket(&client, &bucket)
-                    .await
-                    .is_ok()
-            }
-        })
-        .await;
-        self.ready_or_bail(ok, Server::S3)
-    }
-
     // ---- Prometheus -----------------------------------------------------------
 
     /// Prometheus scrapes the targets listed in `prometheus/targets/*.json`:
     /// the `up` stack writes its services there; tests add their own.
-    fn spawn_prometheus(&self) -> Result<()> {
-        if self.running(Server::Prometheus).is_some() {
-            return Ok(());
-        }
+    fn prometheus_command(&self) -> Result<Command> {
         let targets = self.base.join("prometheus/targets");
         fs::create_dir_all(&targets)?;
         let config = self.base.join("prometheus/prometheus.yml");
@@ -482,34 +383,12 @@ impl Stack {
             ),
         )?;
         let bin = which("prometheus").context("prometheus is not installed")?;
-        let mut cmd = Command::new(bin);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                self.data("prometheus").display()
-            ))
-            .arg(format!(
-                "--web.listen-address=127.0.0.1:{}",
-                self.ports.prometheus
-            ))
-            .arg("--web.enable-lifecycle");
-        spawn_detached(
-            &mut cmd,
-            &self.log("prometheus"),
-            &self.pid_file("prometheus"),
-        )?;
-        Ok(())
-    }
-
-    async fn wait_prometheus(&self) -> Result<()> {
-        let url = format!("{}/-/ready", self.prometheus_url());
-        let client = reqwest::Client::new();
-        let ok = wait_async(Duration::from_secs(30), || {
-            let request = client.get(&url).send();
-            async move { request.await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await;
-        self.ready_or_bail(ok, Server::Prometheus)
+        Ok(servers::prometheus::server(
+            &bin,
+            &config,
+            &self.data("prometheus"),
+            self.ports.prometheus,
+        ))
     }
 
     /// Writes the file Prometheus discovers scrape targets from.
@@ -527,17 +406,6 @@ impl Stack {
             serde_json::to_vec_pretty(&entries)?,
         )?;
         Ok(())
-    }
-
-    fn ready_or_bail(&self, ok: bool, server: Server) -> Result<()> {
-        if ok {
-            return Ok(());
-        }
-        bail!(
-            "{} did not become ready; last log lines:\n{}",
-            server.name(),
-            proc::tail(&self.log(server.name()), 30)
-        )
     }
 
     // ---- Stop and status -------------------------------------------------------
@@ -622,24 +490,6 @@ impl Stack {
     }
 }
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-/// Runs a Postgres binary as the `postgres` user when we are root.
-fn pg_command(bin: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    }
-}
-
 /// Whether the `postgres` user can reach and create files under `dir`'s parents.
 fn reachable_by_postgres(dir: &Path) -> bool {
     let probe = dir.parent().unwrap_or(dir);
@@ -648,22 +498,4 @@ fn reachable_by_postgres(dir: &Path) -> bool {
         .arg(probe)
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Polls an async condition every 100 ms; true if it held before `timeout`.
-pub async fn wait_async<F, Fut>(timeout: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

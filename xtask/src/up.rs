@@ -10,7 +10,7 @@ use tidemark_platform::config::ClickHouseConfig;
 
 use crate::install;
 use crate::proc::{self, alive, read_pid, spawn_detached};
-use crate::stack::{Kind, S3_ACCESS_KEY, S3_SECRET_KEY, Stack, wait_async};
+use crate::stack::{Kind, S3_ACCESS_KEY, S3_SECRET_KEY, Stack};
 
 /// The services and their ports, in start order.
 pub const SERVICES: &[(&str, u16)] = &[
@@ -59,11 +59,12 @@ pub async fn up() -> Result<()> {
     let client = reqwest::Client::new();
     for (name, port) in SERVICES {
         let url = format!("http://127.0.0.1:{port}/readyz");
-        let ready = wait_async(Duration::from_secs(60), || {
-            let request = client.get(&url).send();
-            async move { request.await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await;
+        let ready =
+            tidemark_launch::until(Duration::from_secs(60), Duration::from_millis(100), || {
+                let request = client.get(&url).send();
+                async move { request.await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await;
         if !ready {
             bail!(
                 "{name} is not ready at {url}; last log lines:\n{}",
@@ -105,7 +106,7 @@ pub async fn up() -> Result<()> {
         }
     }
     println!(
-        "\nDemo API keys and these URLs: {}\n  source {0}\n\n\
+        "\nDemo API keys and these URLs: {}\n  set -a; . {0}; set +a   # export them to the programs you start\n\n\
          The generator streams {} orders/s (TIDEMARK_DEMO_RATE); the compactor publishes a \
          batch every minute. Where to look:\n\
          \x20 API docs     http://127.0.0.1:8081/docs (ingest), http://127.0.0.1:8082/docs (serving)\n\

@@ -1,30 +1,15 @@
-//! `cargo xtask verify`: reconciles the running `up` deployment and prints the drift
-//! of each check; fails when any drift is not zero.
-//!
-//! 1. Served totals against SQL over Postgres, for the last days, at day and hour
-//!    granularity, by every grouping. Each answer names what it covers (the batch
-//!    threshold and the speed cursor), so the truth is computed for exactly those
-//!    orders; an answer is retried when the stream moved under it.
-//! 2. The raw lake's order ids against Postgres, up to the relay's cursor: missing,
-//!    extra and repeated ids.
-//! 3. The Parquet lake against ClickHouse, below the published watermark, every
-//!    cell of every granularity and dimension (`tidemark-compactor verify`).
+//! `cargo xtask verify`: runs `tidemark-verify` (the reconciliation binary, which
+//! needs no source tree) against the running `up` stack, with its addresses and
+//! read key.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use chrono::{DurationRound, TimeDelta, Utc};
-use futures::StreamExt;
-use serde_json::Value;
-use sqlx::PgPool;
-use tidemark_orderlog::RawRecord;
 
 use crate::stack::{Kind, Stack};
 
-type Grid = BTreeMap<(i64, String, String), [i64; 3]>;
-
-pub async fn verify(days: i64) -> Result<()> {
+pub fn verify(days: i64) -> Result<()> {
     let stack = Stack::new(Kind::Up);
     let env: HashMap<String, String> = stack.read_env().into_iter().collect();
     let var = |k: &str| {
@@ -35,276 +20,23 @@ pub async fn verify(days: i64) -> Result<()> {
             )
         })
     };
-    let serving = var("TIDEMARK_SERVING_URL")?;
-    let read_key = var("TIDEMARK_READ_KEY")?;
-    let pool = PgPool::connect(&stack.postgres_url("tidemark")).await?;
-    let mut failures = 0;
-
-    println!("1. served totals against Postgres (last {days} days)");
-    let http = reqwest::Client::new();
-    let to = Utc::now().duration_trunc(TimeDelta::hours(1))? + TimeDelta::hours(2);
-    let from = to.duration_trunc(TimeDelta::days(1))? - TimeDelta::days(days);
-    for (granularity, width) in [("day", 86_400), ("hour", 3_600)] {
-        let (from, to) = if granularity == "day" {
-            (
-                from,
-                to.duration_trunc(TimeDelta::days(1))? + TimeDelta::days(1),
-            )
-        } else {
-            (from, to)
-        };
-        for group_by in [None, Some("city"), Some("category"), Some("product")] {
-            let mut url = format!(
-                "{serving}/v1/revenue?from={}&to={}&granularity={granularity}",
-                from.format("%Y-%m-%dT%H:%M:%SZ"),
-                to.format("%Y-%m-%dT%H:%M:%SZ")
-            );
-            if let Some(g) = group_by {
-                url.push_str(&format!("&group_by={g}"));
-            }
-            let mut outcome = (0, 0, 0);
-            for _attempt in 0..5 {
-                let body: Value = http
-                    .get(&url)
-                    .bearer_auth(&read_key)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
-                let served = served_grid(&body)?;
-                let (threshold, cursor) = covered(&body)?;
-                let truth = truth(
-                    &pool,
-                    width,
-                    group_by,
-                    from.timestamp(),
-                    to.timestamp(),
-                    threshold,
-                    cursor,
-                )
-                .await?;
-                outcome = compare(&served, &truth);
-                if outcome.1 == 0 {
-                    break;
-                }
-            }
-            let (cells, differing, orders) = outcome;
-            println!(
-                "   {granularity:<4} by {:<8} {cells:>6} cells, {orders:>8} orders, drift {differing}",
-                group_by.unwrap_or("total")
-            );
-            if differing > 0 {
-                failures += 1;
-            }
-        }
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--bin", "tidemark-verify"])
+        .current_dir(&stack.root)
+        .status()?;
+    if !status.success() {
+        bail!("cargo build --bin tidemark-verify failed");
     }
-
-    println!("2. raw lake order ids against Postgres (up to the relay's cursor)");
-    let drift = raw_lake(&stack, &pool).await?;
-    println!(
-        "   {} ids in Postgres, {} in the lake: missing {}, extra {}, repeated {}",
-        drift.postgres, drift.lake, drift.missing, drift.extra, drift.repeated
-    );
-    if drift.missing + drift.extra + drift.repeated > 0 {
-        failures += 1;
+    let status = Command::new(crate::up::binary(&stack, "verify"))
+        .args(["--days", &days.to_string()])
+        .envs(crate::up::service_env(&stack, &[]))
+        .env("TIDEMARK_VERIFY__SERVING_URL", var("TIDEMARK_SERVING_URL")?)
+        .env("TIDEMARK_VERIFY__READ_KEY", var("TIDEMARK_READ_KEY")?)
+        .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
+        .status()
+        .context("running tidemark-verify")?;
+    if !status.success() {
+        bail!("tidemark-verify found drift or failed ({status})");
     }
-
-    println!("3. Parquet lake against ClickHouse (published runs)");
-    let mut cmd = Command::new(crate::up::binary(&stack, "compactor"));
-    cmd.arg("verify").envs(crate::up::service_env(&stack, &[]));
-    cmd.env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn");
-    let output = cmd
-        .output()
-        .context("running tidemark-compactor verify (run `cargo xtask up` first)")?;
-    let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
-        format!(
-            "tidemark-compactor verify: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
-    println!(
-        "   run {}: {} lake orders, {} cells compared, drift {}",
-        report["run_id"],
-        report["lake_orders"],
-        report["cells_compared"],
-        report["cells_differing"]
-    );
-    for example in report["examples"].as_array().into_iter().flatten() {
-        println!("     {}", example.as_str().unwrap_or_default());
-    }
-    if report["cells_differing"].as_u64() != Some(0) {
-        failures += 1;
-    }
-
-    if failures > 0 {
-        bail!("{failures} checks found drift");
-    }
-    println!("No drift.");
     Ok(())
-}
-
-fn served_grid(body: &Value) -> Result<Grid> {
-    let points = body["points"]
-        .as_array()
-        .context("an answer without points")?;
-    let mut grid = Grid::new();
-    for p in points {
-        let bucket =
-            chrono::DateTime::parse_from_rfc3339(p["bucket"].as_str().unwrap_or_default())?
-                .timestamp();
-        let key = (
-            bucket,
-            p["group"].as_str().unwrap_or_default().to_owned(),
-            p["currency"].as_str().unwrap_or_default().to_owned(),
-        );
-        let n = |k: &str| p[k].as_i64().unwrap_or_default();
-        grid.insert(key, [n("revenue_minor"), n("orders"), n("items")]);
-    }
-    Ok(grid)
-}
-
-/// What an answer covers: orders below the batch threshold, and orders at or
-/// before the speed cursor.
-fn covered(body: &Value) -> Result<(u64, (i64, i64))> {
-    let threshold = body["freshness"]["batch"]["watermark_txid"]
-        .as_u64()
-        .unwrap_or(0);
-    let cursor = match body["freshness"]["speed"]["cursor"].as_str() {
-        Some(c) => {
-            let (t, s) = c.split_once('_').context("a cursor is txid_seq")?;
-            (t.parse()?, s.parse()?)
-        }
-        None => (0, 0),
-    };
-    Ok((threshold, cursor))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn truth(
-    pool: &PgPool,
-    width: i64,
-    group_by: Option<&str>,
-    from: i64,
-    to: i64,
-    threshold: u64,
-    cursor: (i64, i64),
-) -> Result<Grid> {
-    let value = match group_by {
-        Some("city") => "city",
-        Some("category") => "category",
-        Some("product") => "product_id",
-        _ => "''",
-    };
-    let sql = format!(
-        "SELECT (floor(extract(epoch FROM created_at) / $1) * $1)::int8 AS bucket, \
-                {value} AS value, currency, sum(quantity::int8 * unit_price_minor)::int8, \
-                count(*)::int8, sum(quantity)::int8 \
-         FROM orders \
-         WHERE created_at >= to_timestamp($2) AND created_at < to_timestamp($3) \
-           AND (txid < $4::text::xid8 OR (txid, seq) <= ($5::text::xid8, $6)) \
-         GROUP BY 1, 2, 3"
-    );
-    let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)) // `value` is one of four fixed column names
-        .bind(width as f64)
-        .bind(from as f64)
-        .bind(to as f64)
-        .bind(threshold.to_string())
-        .bind(cursor.0.to_string())
-        .bind(cursor.1)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(b, v, c, r, o, i)| ((b, v, c), [r, o, i]))
-        .collect())
-}
-
-/// (cells compared, cells differing, orders in the truth)
-fn compare(served: &Grid, truth: &Grid) -> (u64, u64, i64) {
-    let keys: HashSet<_> = served.keys().chain(truth.keys()).collect();
-    let zero = [0, 0, 0];
-    let differing = keys
-        .iter()
-        .filter(|k| served.get(**k).unwrap_or(&zero) != truth.get(**k).unwrap_or(&zero))
-        .count();
-    let orders = truth.values().map(|t| t[1]).sum();
-    (keys.len() as u64, differing as u64, orders)
-}
-
-struct LakeDrift {
-    postgres: usize,
-    lake: usize,
-    missing: usize,
-    extra: usize,
-    repeated: usize,
-}
-
-async fn raw_lake(stack: &Stack, pool: &PgPool) -> Result<LakeDrift> {
-    let cursor: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid::text::int8, seq FROM consumer_cursors WHERE consumer = 'lake-relay'",
-    )
-    .fetch_optional(pool)
-    .await?;
-    let (txid, seq) = cursor.unwrap_or((0, 0));
-    let ids: Vec<(String,)> = sqlx::query_as(
-        "SELECT order_id::text FROM orders WHERE (txid, seq) <= ($1::text::xid8, $2)",
-    )
-    .bind(txid.to_string())
-    .bind(seq)
-    .fetch_all(pool)
-    .await?;
-    let in_postgres: HashSet<String> = ids.into_iter().map(|(t,)| t).collect();
-
-    let config = stack.s3_config();
-    let s3 = tidemark_platform::s3::client(&config).await;
-    let mut keys = Vec::new();
-    let mut pages = s3
-        .list_objects_v2()
-        .bucket(&config.bucket)
-        .prefix("raw/orders/")
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        keys.extend(
-            page?
-                .contents()
-                .iter()
-                .filter_map(|o| o.key().map(str::to_owned)),
-        );
-    }
-    // Many small objects: fetch them sixteen at a time.
-    let bodies = futures::stream::iter(keys)
-        .map(|key| {
-            let request = s3.get_object().bucket(&config.bucket).key(&key).send();
-            async move {
-                let object = request.await.with_context(|| format!("reading {key}"))?;
-                let bytes = object.body.collect().await?.into_bytes();
-                anyhow::Ok((key, bytes))
-            }
-        })
-        .buffer_unordered(16);
-    let mut bodies = std::pin::pin!(bodies);
-    let mut seen = HashSet::new();
-    let mut repeated = 0;
-    while let Some(fetched) = bodies.next().await {
-        let (key, bytes) = fetched?;
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let record: RawRecord =
-                serde_json::from_slice(line).with_context(|| format!("a raw record in {key}"))?;
-            if (record.txid as i64, record.seq) > (txid, seq) {
-                continue; // written for a batch the relay has not confirmed yet
-            }
-            if !seen.insert(record.order_id.to_string()) {
-                repeated += 1;
-            }
-        }
-    }
-    Ok(LakeDrift {
-        postgres: in_postgres.len(),
-        lake: seen.len(),
-        missing: in_postgres.difference(&seen).count(),
-        extra: seen.difference(&in_postgres).count(),
-        repeated,
-    })
 }

@@ -12,15 +12,15 @@ pub struct Config {
     /// Where the generator serves its own /healthz, /readyz and /metrics.
     pub http: HttpConfig,
     pub telemetry: TelemetryConfig,
-    pub target: TargetConfig,
+    pub target: TargetSettings,
     /// The demo stream `serve` sends while it runs.
-    pub stream: StreamConfig,
+    pub stream: StreamSettings,
 }
 
 /// The ingest API the generator sends to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct TargetConfig {
+pub struct TargetSettings {
     pub ingest_url: String,
     /// An API key with the `ingest` scope.
     pub api_key: Option<SecretString>,
@@ -29,7 +29,7 @@ pub struct TargetConfig {
 /// The demo stream of `serve`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
-pub struct StreamConfig {
+pub struct StreamSettings {
     /// Orders per second; 0 serves the endpoints without streaming.
     pub rate: f64,
     /// Orders per request (fewer at low rates, so requests stay several a second).
@@ -39,7 +39,7 @@ pub struct StreamConfig {
     pub seed: Option<u64>,
 }
 
-impl Default for TargetConfig {
+impl Default for TargetSettings {
     fn default() -> Self {
         Self {
             ingest_url: "http://127.0.0.1:8081".into(),
@@ -48,7 +48,7 @@ impl Default for TargetConfig {
     }
 }
 
-impl Default for StreamConfig {
+impl Default for StreamSettings {
     fn default() -> Self {
         Self {
             rate: 0.0,
@@ -64,8 +64,8 @@ impl Default for Config {
         Self {
             http: HttpConfig::on_port(8085),
             telemetry: TelemetryConfig::default(),
-            target: TargetConfig::default(),
-            stream: StreamConfig::default(),
+            target: TargetSettings::default(),
+            stream: StreamSettings::default(),
         }
     }
 }

@@ -28,12 +28,12 @@ use crate::store::{self, StoreError};
 const MAX_LISTED_ERRORS: usize = 1_000;
 
 #[derive(Clone)]
-pub struct ApiState {
+pub struct AppState {
     pub pool: PgPool,
     pub settings: IngestSettings,
 }
 
-pub fn router(state: ApiState, auth: Arc<Authenticator>) -> Router {
+pub fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
     let swagger =
         utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
     Router::new()
@@ -217,11 +217,11 @@ impl utoipa::Modify for OrdersBody {
         (status = 503, description = "Postgres unavailable or the service is shedding load; see Retry-After", body = ProblemSchema, content_type = "application/problem+json"),
     ),
 )]
-async fn post_orders(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+async fn post_orders(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match ingest(&state, &headers, body).await {
         Ok((status, response)) => (status, Json(response)).into_response(),
         Err(problem) => {
-            metrics::counter!("ingest_requests_rejected_total", "kind" => problem.kind.slug())
+            metrics::counter!("ingest_requests_rejected_total", "route" => "/v1/orders", "kind" => problem.kind.slug())
                 .increment(1);
             let too_large = problem.kind == ProblemKind::PayloadTooLarge;
             let mut response = problem.into_response();
@@ -240,7 +240,7 @@ async fn post_orders(State(state): State<ApiState>, headers: HeaderMap, body: Bo
 use tidemark_platform::problem::ProblemSchema;
 
 async fn ingest(
-    state: &ApiState,
+    state: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, IngestResponse), Problem> {

@@ -59,7 +59,7 @@ pub async fn serve(
             default_rate_per_second: config.ingest.default_rate_per_second,
         },
     );
-    let state = api::ApiState {
+    let state = api::AppState {
         pool,
         settings: config.ingest.clone(),
     };

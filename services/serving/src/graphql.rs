@@ -80,7 +80,7 @@ fn error(problem: &Problem) -> async_graphql::Error {
 }
 
 fn record(field: &'static str, started: Instant) {
-    metrics::histogram!("graphql_field_duration_seconds", "field" => field)
+    metrics::histogram!("serving_graphql_field_duration_seconds", "field" => field)
         .record(started.elapsed().as_secs_f64());
 }
 

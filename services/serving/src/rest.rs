@@ -33,7 +33,7 @@ fn timed<T: serde::Serialize>(route: &'static str, result: Result<T, Problem>) -
     match result {
         Ok(body) => Json(body).into_response(),
         Err(problem) => {
-            metrics::counter!("serving_rejected_total", "route" => route, "kind" => problem.kind.slug())
+            metrics::counter!("serving_requests_rejected_total", "route" => route, "kind" => problem.kind.slug())
                 .increment(1);
             problem.into_response()
         }

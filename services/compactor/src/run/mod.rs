@@ -1,0 +1,221 @@
+//! A batch run, step by step — Write-Audit-Publish:
+//!
+//! 1. [`plan`]: resume the run in progress, if any; otherwise cut a new speed epoch
+//!    and record the run in the same transaction, so the run's threshold is that
+//!    transaction's id. Then wait until the lake relay has landed every row below it.
+//! 2. [`write`]: the run's new orders (from the previous published threshold) from
+//!    the raw lake into the Parquet lake; a rebuild also re-reads everything older.
+//! 3. [`stage`]: aggregates into a staging table of the run's own.
+//! 4. [`audit`]: raw ↔ Parquet read back ↔ staging reconcile; or the run fails and
+//!    publishes nothing.
+//! 5. [`publish`]: attach staging to `revenue_agg`, then flip the published state in
+//!    one Postgres transaction (the moment readers see the run).
+//!
+//! Afterwards [`maintenance`] compacts lake partitions; it also holds `backfill`.
+//! [`manifest`] owns the SQL of the lake manifests.
+//!
+//! Every step is idempotent: files have deterministic names, staging is rebuilt
+//! from scratch, publishing attaches each staging partition to `revenue_agg` once
+//! (and `FINAL` would fold a row copied twice), and the flip is one Postgres
+//! transaction guarded by the run's status. A run killed at any step is resumed by
+//! the next invocation and ends in the same state.
+
+mod audit;
+mod maintenance;
+pub mod manifest;
+mod plan;
+mod publish;
+mod stage;
+mod write;
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use polars::prelude::PolarsError;
+use serde::Serialize;
+use sqlx::PgPool;
+use tidemark_batchview::PublishedState;
+
+use crate::config::CompactorSettings;
+use crate::lake::{LakeError, Store};
+
+pub use audit::AuditReport;
+pub use write::Written;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("polars: {0}")]
+    Polars(#[from] PolarsError),
+    #[error("publish: {0}")]
+    Publish(String),
+}
+
+pub type Result<T, E = RunError> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Adds the orders since the last publish.
+    Incremental,
+    /// Recomputes every aggregate from the lake (after a logic change).
+    Rebuild,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Incremental => "incremental",
+            Kind::Rebuild => "rebuild",
+        }
+    }
+}
+
+/// A planned run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub run_id: u64,
+    pub kind: Kind,
+    /// The speed epoch this run's cut starts.
+    pub epoch: u64,
+    /// New orders: `from_threshold <= txid < threshold`.
+    pub from_threshold: u64,
+    pub threshold: u64,
+    pub cut_at: DateTime<Utc>,
+}
+
+impl Run {
+    fn staging(&self) -> String {
+        format!("staging_run_{}", self.run_id)
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Published {
+        run_id: u64,
+        rows_in: u64,
+        rows_out: u64,
+    },
+    /// The audit failed: nothing published, staging kept.
+    AuditFailed { run_id: u64, problems: Vec<String> },
+    /// The relay has not landed every row below the cut yet; the run stays pending.
+    RelayBehind { run_id: u64 },
+}
+
+pub struct Compactor {
+    pub pool: PgPool,
+    pub ch: clickhouse::Client,
+    pub store: Store,
+    pub settings: CompactorSettings,
+}
+
+/// Batch lag: now minus the published watermark's time.
+pub(crate) fn set_batch_lag(state: &PublishedState) {
+    let lag = (Utc::now() - state.watermark_time)
+        .num_milliseconds()
+        .max(0);
+    metrics::gauge!("compactor_batch_lag_seconds").set(lag as f64 / 1000.0);
+}
+
+/// An arbitrary, fixed key for the compactor's advisory lock.
+const LOCK_KEY: i64 = 0x7469_6465_6d61_726b; // "tidemark"
+
+impl Compactor {
+    /// Plans and executes one run of `kind` (finishing a pending run first).
+    pub async fn run_once(&self, kind: Kind) -> Result<Outcome> {
+        let started = Instant::now();
+        // A connection of its own, out of the pool: if this future is dropped
+        // mid-run, closing it releases the session lock (a pooled connection would
+        // go back to the pool still holding it).
+        let mut lock = self.pool.acquire().await?.detach();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .execute(&mut lock)
+            .await?;
+        let result = async {
+            self.repair().await?;
+            if let Some(pending) = self.pending().await? {
+                let outcome = self.execute(&pending).await?;
+                if !matches!(outcome, Outcome::Published { .. }) || pending.kind == kind {
+                    return Ok(outcome);
+                }
+            }
+            let run = self.plan(kind).await?;
+            self.execute(&run).await
+        }
+        .await;
+        // Closing the session releases its lock.
+        drop(sqlx::Connection::close(lock).await);
+        metrics::histogram!("compactor_run_seconds").record(started.elapsed().as_secs_f64());
+        if let Ok(Outcome::Published { .. }) = &result
+            && let Ok(Some(state)) = PublishedState::load(&self.pool).await
+        {
+            set_batch_lag(&state);
+        }
+        result
+    }
+
+    /// Runs every remaining step of `run`.
+    pub async fn execute(&self, run: &Run) -> Result<Outcome> {
+        if !self.wait_for_relay(run).await? {
+            tracing::warn!(
+                run_id = run.run_id,
+                "The lake relay has not passed the cut yet"
+            );
+            return Ok(Outcome::RelayBehind { run_id: run.run_id });
+        }
+        let t = Instant::now();
+        let written = self.write_lake(run).await?;
+        let lake_ms = t.elapsed().as_millis() as u64;
+        let source = match run.kind {
+            Kind::Incremental => written.orders.clone(),
+            Kind::Rebuild => self.read_lake(run.threshold).await?,
+        };
+        let t = Instant::now();
+        let staged = self.stage(run, &source).await?;
+        let stage_ms = t.elapsed().as_millis() as u64;
+        let t = Instant::now();
+        let report = self.audit(run, &written, &source).await?;
+        let audit_ms = t.elapsed().as_millis() as u64;
+        if !report.problems.is_empty() {
+            return self.fail(run, report).await;
+        }
+        let t = Instant::now();
+        self.publish(run, &report).await?;
+        tracing::info!(
+            run_id = run.run_id,
+            rows = written.orders.height(),
+            lake_ms,
+            stage_ms,
+            audit_ms,
+            publish_ms = t.elapsed().as_millis() as u64,
+            "Batch run steps"
+        );
+        if let Err(e) = self.compact(&written.days).await {
+            tracing::warn!(error = %e, "Lake compaction failed; it is retried after the next run");
+        }
+        metrics::counter!("compactor_rows_in_total").increment(written.orders.height() as u64);
+        metrics::counter!("compactor_rows_out_total").increment(staged);
+        Ok(Outcome::Published {
+            run_id: run.run_id,
+            rows_in: written.orders.height() as u64,
+            rows_out: staged,
+        })
+    }
+
+    async fn set_step(&self, run: &Run, step: &str) -> Result<()> {
+        sqlx::query("UPDATE batch_runs SET step = $2 WHERE run_id = $1")
+            .bind(run.run_id as i64)
+            .bind(step)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

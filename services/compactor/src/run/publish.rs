@@ -1,0 +1,151 @@
+//! Step 5: publish — attach staging to `revenue_agg`, then flip the published state.
+
+use tidemark_batchview::PublishedState;
+
+use super::{AuditReport, Compactor, Kind, Result, Run, RunError};
+
+impl Compactor {
+    /// Copies staging into `revenue_agg`, then switches the published state in one
+    /// Postgres transaction: the moment readers see the run.
+    pub async fn publish(&self, run: &Run, report: &AuditReport) -> Result<()> {
+        let staged = self.copy(run).await?;
+        self.flip(run, report, staged).await
+    }
+
+    /// Attaches the run's staging partitions to `revenue_agg` (invisible to readers
+    /// until the flip: they read published runs only). ClickHouse attaches all parts
+    /// of a partition at once, sharing their files; a partition already holding the
+    /// run's rows (an attempt that died between partitions) is skipped, so a rerun
+    /// adds no row twice. Returns the rows staged.
+    pub async fn copy(&self, run: &Run) -> Result<u64> {
+        self.set_step(run, "publish").await?;
+        let staging = run.staging();
+        let partitions: Vec<String> = self
+            .ch
+            .query(
+                "SELECT DISTINCT partition_id FROM system.parts \
+                 WHERE database = currentDatabase() AND table = ? AND active",
+            )
+            .bind(&staging)
+            .fetch_all()
+            .await?;
+        // `revenue_agg` is partitioned by toYYYYMM(bucket) (migrations/clickhouse):
+        // a partition's id is that number.
+        let attached: Vec<String> = self
+            .ch
+            .query("SELECT DISTINCT toString(toYYYYMM(bucket)) FROM revenue_agg WHERE run_id = ?")
+            .bind(run.run_id)
+            .fetch_all()
+            .await?;
+        for partition in partitions.iter().filter(|p| !attached.contains(p)) {
+            if !partition
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(RunError::Publish(format!(
+                    "unexpected partition id `{partition}` in {staging}"
+                )));
+            }
+            self.ch
+                .query(&format!(
+                    "ALTER TABLE revenue_agg ATTACH PARTITION ID '{partition}' FROM {staging}"
+                ))
+                .execute()
+                .await?;
+        }
+        let staged: u64 = self
+            .ch
+            .query(&format!("SELECT count() FROM {staging}"))
+            .fetch_one()
+            .await?;
+        Ok(staged)
+    }
+
+    /// Makes the run the published state, with its watermark and epoch.
+    pub async fn flip(&self, run: &Run, report: &AuditReport, staged: u64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let base = match run.kind {
+            Kind::Rebuild => run.run_id as i64,
+            Kind::Incremental => PublishedState::load(&mut *tx)
+                .await?
+                .map_or(run.run_id, |p| p.base_run_id) as i64,
+        };
+        let claimed = sqlx::query(
+            "UPDATE batch_runs SET status = 'published', step = 'published', rows_in = $2, \
+               rows_out = $3, audit = $4, finished_at = now() \
+             WHERE run_id = $1 AND status = 'running'",
+        )
+        .bind(run.run_id as i64)
+        .bind(report.source.values().map(|t| t[1]).sum::<i64>())
+        .bind(staged as i64)
+        .bind(sqlx::types::Json(report))
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 1 {
+            sqlx::query(
+                "INSERT INTO batch_state (run_id, base_run_id, epoch, threshold, watermark_time, published_at) \
+                 VALUES ($1, $2, $3, $4::int8::text::xid8, $5, now()) \
+                 ON CONFLICT (singleton) DO UPDATE SET run_id = EXCLUDED.run_id, \
+                   base_run_id = EXCLUDED.base_run_id, epoch = EXCLUDED.epoch, \
+                   threshold = EXCLUDED.threshold, watermark_time = EXCLUDED.watermark_time, \
+                   published_at = EXCLUDED.published_at",
+            )
+            .bind(run.run_id as i64)
+            .bind(base)
+            .bind(run.epoch as i64)
+            .bind(run.threshold as i64)
+            .bind(run.cut_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(run_id = run.run_id, rows = staged, "Published a batch run");
+        self.repair().await
+    }
+
+    /// Brings ClickHouse in line with the published state after a crash between
+    /// the publish and its follow-ups: mirrors the publication, drops staging
+    /// tables of published runs.
+    pub async fn repair(&self) -> Result<()> {
+        let Some(state) = PublishedState::load(&self.pool).await? else {
+            return Ok(());
+        };
+        self.ch
+            .query(
+                "INSERT INTO batch_publications (run_id, base_run_id, watermark_txid, \
+                   watermark_time, published_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(state.run_id)
+            .bind(state.base_run_id)
+            .bind(state.threshold)
+            .bind(state.watermark_time.timestamp().max(0) as u32)
+            .bind(state.published_at.timestamp().max(0) as u32)
+            .execute()
+            .await?;
+        let tables: Vec<String> = self
+            .ch
+            .query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE 'staging_run_%'")
+            .fetch_all()
+            .await?;
+        for table in tables {
+            let Some(run_id) = table
+                .strip_prefix("staging_run_")
+                .and_then(|r| r.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM batch_runs WHERE run_id = $1")
+                    .bind(run_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if status.as_deref() == Some("published") {
+                self.ch
+                    .query(&format!("DROP TABLE IF EXISTS {table}"))
+                    .execute()
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}

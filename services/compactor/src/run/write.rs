@@ -1,0 +1,176 @@
+//! Step 2: write the run's orders from the raw lake to the Parquet lake.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use futures::{StreamExt, TryStreamExt};
+use polars::prelude::*;
+
+use super::{Compactor, Result, Run, RunError, manifest};
+use crate::aggregate::CurrencyTotals;
+use crate::lake;
+
+/// The new orders a run read from the raw lake and wrote to the Parquet lake.
+pub struct Written {
+    /// Orders with `created_us` and `revenue`.
+    pub orders: DataFrame,
+    /// Raw records in the run's range, before de-duplication.
+    pub raw_records: u64,
+    pub raw_totals: CurrencyTotals,
+    /// The run's Parquet files.
+    pub parquet_keys: Vec<String>,
+    pub days: BTreeSet<i64>,
+}
+
+impl Compactor {
+    /// Reads the run's new orders from the raw lake and writes them to the Parquet
+    /// lake, one file per event date.
+    ///
+    /// A task downloads the raw objects (eight at a time) and parses them (two at a
+    /// time, on blocking threads), keeping only the run's range; meanwhile this one
+    /// types, de-duplicates and encodes them in groups of about [`GROUP_ROWS`]
+    /// records. Memory holds a group of raw records and the Parquet files being
+    /// written, not the whole run as text or as full frames.
+    pub async fn write_lake(&self, run: &Run) -> Result<Written> {
+        /// Records per group (each a Parquet row group per date): large enough
+        /// for good row groups (DuckDB writes 122,880 rows), small enough that the
+        /// first group's encoding starts early and overlaps the rest's parsing.
+        const GROUP_ROWS: usize = 250_000;
+        self.set_step(run, "write_lake").await?;
+        let keys =
+            manifest::raw_files_between(&self.pool, run.from_threshold, run.threshold).await?;
+        let raw_files = keys.len();
+        let (from, to) = (run.from_threshold, run.threshold);
+        let (tx, mut parsed) = tokio::sync::mpsc::channel::<Result<DataFrame>>(4);
+        let store = self.store.clone();
+        let reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut frames = futures::stream::iter(keys)
+                .map(move |key| {
+                    let store = store.clone();
+                    async move { store.get(&key).await }
+                })
+                .buffered(8)
+                .map(|body| async move {
+                    let body = body?;
+                    tokio::task::spawn_blocking(move || {
+                        lake::in_range(lake::parse_raw(&body)?, from, to)
+                    })
+                    .await
+                    .expect("the parse task does not panic")
+                    .map_err(RunError::from)
+                })
+                .buffered(2);
+            while let Some(frame) = frames.next().await {
+                let failed = frame.is_err();
+                if tx.send(frame).await.is_err() || failed {
+                    return;
+                }
+            }
+        }));
+        let (mut writer, mut group, mut rows) = (lake::LakeWriter::default(), Vec::new(), 0);
+        let (mut wait_ms, mut encode_ms) = (0, 0);
+        loop {
+            let t = Instant::now();
+            let next = parsed.recv().await.transpose()?;
+            wait_ms += t.elapsed().as_millis() as u64;
+            let done = next.is_none();
+            if let Some(frame) = next {
+                rows += frame.height();
+                group.push(frame);
+            }
+            if rows >= GROUP_ROWS || (done && !group.is_empty()) {
+                let t = Instant::now();
+                let frames = std::mem::take(&mut group);
+                writer = tokio::task::spawn_blocking(move || writer.add(frames).map(|()| writer))
+                    .await
+                    .expect("the lake task does not panic")?;
+                encode_ms += t.elapsed().as_millis() as u64;
+                rows = 0;
+            }
+            if done {
+                break;
+            }
+        }
+        // The channel also closes if the reader died: only its clean end means that
+        // every object was read.
+        reader.await.expect("the raw reader does not panic");
+        let t = Instant::now();
+        let (raw_records, raw_totals) = (writer.raw_records, writer.raw_totals.clone());
+        let (files, orders) = tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .expect("the lake task does not panic")?;
+        let mut written = Written {
+            orders,
+            raw_records,
+            raw_totals,
+            parquet_keys: Vec::new(),
+            days: BTreeSet::new(),
+        };
+        let run_id = run.run_id;
+        for file in files {
+            let key = lake::lake_key(file.day, &format!("part-{run_id:012}"));
+            let bytes = file.body.len() as i64;
+            self.store.put(&key, file.body).await?;
+            let record = manifest::LakeFile {
+                key: &key,
+                dt: manifest::date_of(file.day),
+                run_id: run_id as i64,
+                rows: file.rows as i64,
+                bytes,
+                compacted: false,
+            };
+            manifest::record(&self.pool, &record).await?;
+            written.parquet_keys.push(key);
+            written.days.insert(file.day);
+        }
+        tracing::info!(
+            run_id = run.run_id,
+            raw_files,
+            raw_records = written.raw_records,
+            orders = written.orders.height(),
+            parquet_files = written.parquet_keys.len(),
+            wait_ms,
+            encode_ms,
+            upload_ms = t.elapsed().as_millis() as u64,
+            "Lake written"
+        );
+        Ok(written)
+    }
+
+    /// Every order in the Parquet lake with `txid < threshold`.
+    pub async fn read_lake(&self, threshold: u64) -> Result<DataFrame> {
+        let keys = manifest::lake_files(&self.pool).await?;
+        let frames = self.read_parquet(&keys).await?;
+        if frames.is_empty() {
+            return Ok(DataFrame::empty());
+        }
+        let all = concat(
+            frames.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
+            UnionArgs::default(),
+        )?
+        .filter(col("txid").lt(lit(threshold.min(i64::MAX as u64) as i64)));
+        Ok(lake::with_measures(all).collect()?)
+    }
+
+    /// Downloads objects, eight at a time, in order.
+    async fn fetch(&self, keys: &[String]) -> Result<Vec<bytes::Bytes>> {
+        let bodies: Vec<bytes::Bytes> = futures::stream::iter(keys.to_vec())
+            .map(|key| {
+                let store = self.store.clone();
+                async move { store.get(&key).await }
+            })
+            .buffered(8)
+            .try_collect()
+            .await?;
+        Ok(bodies)
+    }
+
+    pub(super) async fn read_parquet(&self, keys: &[String]) -> Result<Vec<DataFrame>> {
+        let bodies = self.fetch(keys).await?;
+        let mut frames = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            frames.push(lake::from_parquet(&body)?);
+        }
+        Ok(frames)
+    }
+}

@@ -1,0 +1,206 @@
+//! Compactor: rows/s from raw JSON Lines in S3 to Parquet plus published ClickHouse
+//! aggregates, next to DuckDB converting the same files to Parquet; 1M and 10M orders.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use futures::{StreamExt, TryStreamExt};
+
+use super::{BenchReport, Harness};
+use crate::proc::run;
+use crate::stack::Stack;
+
+pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
+    let python = duckdb_python(bench.stack)?;
+    let mut rounds = Vec::new();
+    // TIDEMARK_BENCH_SIZES=a,b overrides the sizes (for quick iterations).
+    let sizes: Vec<usize> = std::env::var("TIDEMARK_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| v.len() == 2)
+        .unwrap_or_else(|| vec![1_000_000, 10_000_000]);
+    for orders in sizes {
+        eprintln!("xtask bench: compaction of {orders} orders");
+        rounds.push((orders, compaction_round(bench, &python, orders).await?));
+    }
+    let mut report = BenchReport::new(
+        "compactor",
+        "release build; raw JSON Lines in the same S3 store",
+    );
+    for (orders, (ours, duck)) in &rounds {
+        report.row(
+            format!(
+                "{orders} orders: JSON in S3 → Parquet + audited, published ClickHouse aggregates"
+            ),
+            format!("{ours:.1} s = {:.0} rows/s", *orders as f64 / ours),
+            format!(
+                "DuckDB JSON → Parquet, same files: {duck:.1} s = {:.0} rows/s",
+                *orders as f64 / duck
+            ),
+            Some(duck / ours),
+            "≥ 0.5×",
+        );
+    }
+    let (small, large) = (&rounds[0], &rounds[1]);
+    let factor = large.0 as f64 / small.0 as f64;
+    report.notes.push(format!(
+        "scaling: {factor:.0}× the orders took {:.1}× the time (DuckDB {:.1}×); linear is {factor:.0}×",
+        large.1.0 / small.1.0,
+        large.1.1 / small.1.1
+    ));
+    Ok(report)
+}
+
+/// Python with DuckDB from PyPI (pinned), in a virtualenv of the test stack.
+fn duckdb_python(stack: &Stack) -> Result<std::path::PathBuf> {
+    const DUCKDB: &str = "duckdb==1.1.3";
+    let venv = stack.base.join("bench-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    if run(Command::new(&python).args(["-c", "import duckdb"])).is_err() {
+        eprintln!("xtask bench: installing {DUCKDB} from PyPI");
+        run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", DUCKDB]))?;
+    }
+    Ok(python)
+}
+
+/// Returns (Tidemark seconds, DuckDB seconds).
+async fn compaction_round(
+    bench: &mut Harness<'_>,
+    python: &Path,
+    orders: usize,
+) -> Result<(f64, f64)> {
+    const PER_FILE: usize = 50_000;
+    let db = bench.database(&format!("compact{orders}")).await?;
+    let mut s3 = bench.stack.s3_config();
+    s3.prefix = format!("bench-{}-{orders}", bench.tag);
+    let client = tidemark_platform::s3::client(&s3).await;
+    let pool = sqlx::PgPool::connect(&db).await?;
+    let files = orders.div_ceil(PER_FILE);
+    let uploads = futures::stream::iter(0..files).map(|i| {
+        let (client, s3, pool) = (client.clone(), s3.clone(), pool.clone());
+        async move {
+            let count = PER_FILE.min(orders - i * PER_FILE);
+            let mut body = Vec::with_capacity(count * 330);
+            for (j, order) in tidemark_loadtest::orders(1_000 + i as u64, count)
+                .into_iter()
+                .enumerate()
+            {
+                let row = tidemark_orderlog::LogRow {
+                    // Below any real cut: these rows predate the benchmark's run.
+                    position: tidemark_domain::LogPosition::new(3, (i * PER_FILE + j + 1) as i64),
+                    ingested_at: order.created_at,
+                    order,
+                };
+                tidemark_orderlog::RawRecord::from(&row).write_line(&mut body);
+            }
+            let key = format!("raw/orders/bench/part-{i:05}.jsonl");
+            let bytes = body.len() as i64;
+            client
+                .put_object()
+                .bucket(&s3.bucket)
+                .key(s3.key(&key))
+                .body(aws_sdk_s3::primitives::ByteStream::from(body))
+                .send()
+                .await?;
+            sqlx::query(
+                "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
+                   until_seq, min_txid, max_txid, rows, bytes) \
+                 VALUES ($1, current_date, 0, '3', 0, '3', 0, '3', '3', $2, $3)",
+            )
+            .bind(&key)
+            .bind(count as i32)
+            .bind(bytes)
+            .execute(&pool)
+            .await?;
+            anyhow::Ok(())
+        }
+    });
+    uploads.buffer_unordered(4).try_collect::<Vec<()>>().await?;
+    // The relay has "landed" everything: its horizon is past any cut.
+    sqlx::query(
+        "INSERT INTO consumer_cursors (consumer, horizon) VALUES ('lake-relay', '1099511627776') \
+         ON CONFLICT (consumer) DO UPDATE SET horizon = EXCLUDED.horizon",
+    )
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+
+    let ch_db = format!("bench_{}_{orders}", bench.tag);
+    let started = Instant::now();
+    let out = run(Command::new(bench.bin("tidemark-compactor"))
+        .arg("run-once")
+        .env(
+            "TIDEMARK_TELEMETRY__LOG_FILTER",
+            "warn,tidemark_compactor=info",
+        )
+        .env("TIDEMARK_TELEMETRY__LOG_FORMAT", "json")
+        .env("TIDEMARK_POSTGRES__URL", &db)
+        .env("TIDEMARK_CLICKHOUSE__URL", bench.stack.clickhouse_url())
+        .env("TIDEMARK_CLICKHOUSE__DATABASE", &ch_db)
+        .env("TIDEMARK_S3__ENDPOINT", &s3.endpoint)
+        .env("TIDEMARK_S3__BUCKET", &s3.bucket)
+        .env("TIDEMARK_S3__PREFIX", &s3.prefix)
+        .env("TIDEMARK_S3__ACCESS_KEY_ID", crate::stack::S3_ACCESS_KEY)
+        .env(
+            "TIDEMARK_S3__SECRET_ACCESS_KEY",
+            crate::stack::S3_SECRET_KEY,
+        ))?;
+    let ours = started.elapsed().as_secs_f64();
+    for line in out.lines().filter(|l| {
+        [
+            "Connected",
+            "Planned",
+            "Lake written",
+            "Staged",
+            "Audit read back",
+            "Batch run steps",
+            "Published",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
+    }) {
+        eprintln!("xtask bench: {line}");
+    }
+    if !out.contains("Published") || !out.contains(&format!("rows_in: {orders}")) {
+        bail!("the compactor run did not publish all {orders} orders: {out}");
+    }
+
+    let raw_dir = bench
+        .stack
+        .data("s3")
+        .join(&s3.bucket)
+        .join(&s3.prefix)
+        .join("raw/orders/bench");
+    let parquet = bench
+        .stack
+        .base
+        .join(format!("bench-duckdb-{orders}.parquet"));
+    let script = format!(
+        "import duckdb, time\n\
+         duckdb.sql('SET enable_progress_bar = false')\n\
+         t = time.time()\n\
+         duckdb.sql(\"COPY (SELECT * FROM read_json('{}/*.jsonl', format='newline_delimited')) \
+         TO '{}' (FORMAT parquet, COMPRESSION zstd)\")\n\
+         print(time.time() - t)\n",
+        raw_dir.display(),
+        parquet.display()
+    );
+    let duck: f64 = run(Command::new(python).args(["-c", &script]))?
+        .trim()
+        .parse()?;
+    drop(std::fs::remove_file(&parquet));
+    drop(std::fs::remove_dir_all(
+        bench.stack.data("s3").join(&s3.bucket).join(&s3.prefix),
+    ));
+    bench
+        .admin_clickhouse()
+        .query(&format!("DROP DATABASE IF EXISTS {ch_db}"))
+        .execute()
+        .await?;
+    Ok((ours, duck))
+}

@@ -1,0 +1,103 @@
+//! Ingest: batched orders/s next to `COPY` of the same rows into the same table, and
+//! single-order orders/s at 32 connections next to pgbench single-row inserts at 32
+//! clients.
+
+use anyhow::{Result, bail};
+use tidemark_loadtest::Report;
+use tidemark_platform::auth::{self, Scope};
+
+use super::{BenchReport, Harness, copy_csv, pgbench};
+
+pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
+    const BATCH_ORDERS: usize = 200_000;
+    const SINGLE_ORDERS: usize = 30_000;
+    let api_db = bench.database("api").await?;
+    let copy_db = bench.database("copy").await?;
+    let pgbench_db = bench.database("pgbench").await?;
+    let pool = sqlx::PgPool::connect(&api_db).await?;
+    let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
+    let url = bench
+        .service(
+            "ingest",
+            &[
+                ("TIDEMARK_POSTGRES__URL", api_db.clone()),
+                ("TIDEMARK_POSTGRES__MAX_CONNECTIONS", "32".into()),
+                ("TIDEMARK_RELAY__ENABLED", "false".into()),
+            ],
+        )
+        .await?;
+    let env = [
+        ("TIDEMARK_INGEST_URL", url.as_str()),
+        ("TIDEMARK_INGEST_KEY", key.as_str()),
+    ];
+
+    eprintln!("xtask bench: batched ingest of {BATCH_ORDERS} orders, then COPY");
+    let batch: Report = bench.loadtest(
+        &[
+            "ingest-batch",
+            "--seed",
+            "1",
+            "--count",
+            &BATCH_ORDERS.to_string(),
+            "--batch",
+            "1000",
+            "--concurrency",
+            "4",
+        ],
+        &env,
+    )?;
+    let csv = bench.csv(1, BATCH_ORDERS)?;
+    let copy_secs = copy_csv(&copy_db, &csv)?;
+    drop(std::fs::remove_file(&csv));
+    let copy_rate = BATCH_ORDERS as f64 / copy_secs;
+
+    eprintln!("xtask bench: single-order ingest at 32 connections, then pgbench");
+    let single: Report = bench.loadtest(
+        &[
+            "ingest-single",
+            "--seed",
+            "2",
+            "--count",
+            &SINGLE_ORDERS.to_string(),
+            "--concurrency",
+            "32",
+        ],
+        &env,
+    )?;
+    let pgbench_tps = pgbench(bench.stack, &pgbench_db)?;
+    bench.stop_services().await;
+
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&pool)
+        .await?;
+    pool.close().await;
+    let expected = (BATCH_ORDERS + SINGLE_ORDERS) as i64;
+    if stored != expected || batch.errors != 0 || single.errors != 0 {
+        bail!(
+            "bench run was not clean: stored {stored} of {expected}; batch {batch:?}; single {single:?}"
+        );
+    }
+    let mut report = BenchReport::new("ingest", "release build, same Postgres for every figure");
+    report.row(
+        format!("batched ingest, {BATCH_ORDERS} orders in batches of 1000, 4 connections"),
+        format!("{:.0} orders/s", batch.items_per_sec),
+        format!("COPY of the same rows: {copy_rate:.0} rows/s"),
+        Some(batch.items_per_sec / copy_rate),
+        "≥ 0.5×",
+    );
+    report.row(
+        "single-order ingest, 32 connections".into(),
+        format!(
+            "{:.0} orders/s (p50 {:.1} ms, p99 {:.1} ms)",
+            single.items_per_sec, single.p50_ms, single.p99_ms
+        ),
+        format!("pgbench single-row INSERT, 32 clients: {pgbench_tps:.0} tps"),
+        Some(single.items_per_sec / pgbench_tps),
+        "≥ 0.5×",
+    );
+    report.notes.push(format!(
+        "batched request latency p50 {:.0} ms, p99 {:.0} ms; {stored} orders stored, 0 errors",
+        batch.p50_ms, batch.p99_ms
+    ));
+    Ok(report)
+}

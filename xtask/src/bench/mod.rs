@@ -1,0 +1,326 @@
+//! `cargo xtask bench <name>`: benchmarks that print their figure next to an anchor
+//! measured in the same run, on the same servers (the test stack's), because the
+//! machines are shared and noisy. Each writes its report to
+//! `target/bench/<name>.json` as well.
+//!
+//! One module per benchmark; the harness here starts release-built services on
+//! databases of their own and reads the load test's reports as the load test's own
+//! types.
+
+mod compactor;
+mod ingest;
+mod serving;
+mod speed;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::install;
+use crate::proc::{self, run, spawn_detached};
+use crate::stack::{Kind, Server, Stack};
+
+pub async fn run_bench(name: &str) -> Result<()> {
+    install::ensure()?;
+    let stack = Stack::new(Kind::Test);
+    let was_running = stack.is_running(Server::Postgres);
+    stack.start_servers().await?;
+    let mut bench = Harness::new(&stack).await?;
+    let report = match name {
+        "ingest" => ingest::measure(&mut bench).await,
+        "speed" => speed::measure(&mut bench).await,
+        "compactor" => compactor::measure(&mut bench).await,
+        "serving" => serving::measure(&mut bench).await,
+        other => Err(anyhow::anyhow!(
+            "unknown benchmark `{other}`; known: ingest, speed, compactor, serving"
+        )),
+    };
+    bench.cleanup().await;
+    if !was_running {
+        stack.stop(&[]).await?;
+    }
+    let report = report?;
+    report.print();
+    let path = report.write(&stack.root)?;
+    eprintln!("xtask bench: report written to {}", path.display());
+    Ok(())
+}
+
+/// What a benchmark measured: a table of figures next to their anchors, and notes.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub benchmark: &'static str,
+    pub title: String,
+    pub measured_at: chrono::DateTime<chrono::Utc>,
+    pub rows: Vec<Row>,
+    pub notes: Vec<String>,
+}
+
+/// One figure, its anchor from the same run, and the target.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub measure: String,
+    pub tidemark: String,
+    pub anchor: String,
+    /// Tidemark's figure over the anchor's, where they measure the same thing.
+    pub ratio: Option<f64>,
+    pub target: String,
+}
+
+impl BenchReport {
+    fn new(benchmark: &'static str, title: impl Into<String>) -> BenchReport {
+        BenchReport {
+            benchmark,
+            title: title.into(),
+            measured_at: chrono::Utc::now(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn row(
+        &mut self,
+        measure: String,
+        tidemark: String,
+        anchor: String,
+        ratio: Option<f64>,
+        target: &str,
+    ) {
+        self.rows.push(Row {
+            measure,
+            tidemark,
+            anchor,
+            ratio,
+            target: target.to_owned(),
+        });
+    }
+
+    fn print(&self) {
+        println!("\n{} benchmark ({})\n", self.benchmark, self.title);
+        println!("| measure | Tidemark | anchor | ratio | target |");
+        println!("|---|---|---|---|---|");
+        for row in &self.rows {
+            let ratio = row.ratio.map_or_else(String::new, |r| format!("{r:.2}×"));
+            println!(
+                "| {} | {} | {} | {ratio} | {} |",
+                row.measure, row.tidemark, row.anchor, row.target
+            );
+        }
+        if !self.notes.is_empty() {
+            println!();
+        }
+        for note in &self.notes {
+            println!("{note}");
+        }
+    }
+
+    /// Writes the report to `target/bench/<benchmark>.json`.
+    fn write(&self, root: &Path) -> Result<std::path::PathBuf> {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+        let dir = target.join("bench");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.json", self.benchmark));
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)?;
+        Ok(path)
+    }
+}
+
+/// Bench databases and release-built service processes, cleaned up afterwards.
+pub(super) struct Harness<'a> {
+    pub(super) stack: &'a Stack,
+    pub(super) tag: String,
+    admin: sqlx::PgPool,
+    databases: Vec<String>,
+    processes: Vec<(u32, String, std::path::PathBuf)>,
+}
+
+impl<'a> Harness<'a> {
+    pub(super) async fn new(stack: &'a Stack) -> Result<Harness<'a>> {
+        cargo_release(&[
+            "tidemark-ingest",
+            "tidemark-speed",
+            "tidemark-compactor",
+            "tidemark-serving",
+            "tidemark-loadtest",
+        ])?;
+        Ok(Harness {
+            stack,
+            tag: chrono::Utc::now().timestamp().to_string(),
+            admin: sqlx::PgPool::connect(&stack.postgres_url("postgres")).await?,
+            databases: Vec::new(),
+            processes: Vec::new(),
+        })
+    }
+
+    pub(super) fn admin_clickhouse(&self) -> clickhouse::Client {
+        clickhouse::Client::default()
+            .with_url(self.stack.clickhouse_url())
+            .with_validation(false)
+    }
+
+    pub(super) fn bin(&self, name: &str) -> std::path::PathBuf {
+        self.stack.root.join("target/release").join(name)
+    }
+
+    /// A fresh, migrated database; returns its URL.
+    pub(super) async fn database(&mut self, name: &str) -> Result<String> {
+        let db = format!("bench_{name}_{}", self.tag);
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(&self.admin)
+            .await?;
+        self.databases.push(db.clone());
+        let url = self.stack.postgres_url(&db);
+        let pool = sqlx::PgPool::connect(&url).await?;
+        tidemark_platform::postgres::migrate(&pool).await?;
+        pool.close().await;
+        Ok(url)
+    }
+
+    /// Starts a release binary serving on a free port; returns its base URL.
+    pub(super) async fn service(&mut self, name: &str, env: &[(&str, String)]) -> Result<String> {
+        let port = tidemark_launch::free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = self.stack.base.join(format!("logs/bench-{name}.log"));
+        let pid_file = self.stack.base.join(format!("pids/bench-{name}.pid"));
+        let mut cmd = Command::new(self.bin(&format!("tidemark-{name}")));
+        cmd.arg("serve")
+            .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v)));
+        let pid = spawn_detached(&mut cmd, &log, &pid_file)?;
+        self.processes
+            .push((pid, format!("tidemark-{name}"), pid_file));
+        let client = reqwest::Client::new();
+        let ready =
+            tidemark_launch::until(Duration::from_secs(30), Duration::from_millis(100), || {
+                let r = client.get(format!("{url}/healthz")).send();
+                async move { r.await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await;
+        if !ready {
+            bail!("{name} did not start:\n{}", proc::tail(&log, 20));
+        }
+        Ok(url)
+    }
+
+    pub(super) async fn stop_services(&mut self) {
+        for (pid, name, pid_file) in self.processes.drain(..) {
+            drop(proc::stop(pid, &name, "TERM", Duration::from_secs(30)).await);
+            drop(std::fs::remove_file(pid_file));
+        }
+    }
+
+    pub(super) async fn cleanup(&mut self) {
+        self.stop_services().await;
+        for db in self.databases.drain(..) {
+            drop(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE {db} WITH (FORCE)"
+                )))
+                .execute(&self.admin)
+                .await,
+            );
+        }
+    }
+
+    /// Runs a load-test scenario and reads back its report.
+    pub(super) fn loadtest<T: DeserializeOwned>(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<T> {
+        let out = run(Command::new(self.bin("tidemark-loadtest"))
+            .args(args)
+            .envs(env.iter().copied()))?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("a load-test report from `{}`: {out}", args.join(" ")))
+    }
+
+    /// Writes `count` deterministic orders as CSV and returns the file.
+    pub(super) fn csv(&self, seed: u64, count: usize) -> Result<std::path::PathBuf> {
+        let rows = run(Command::new(self.bin("tidemark-loadtest")).args([
+            "csv",
+            "--seed",
+            &seed.to_string(),
+            "--count",
+            &count.to_string(),
+        ]))?;
+        let path = self.stack.base.join(format!("bench-orders-{seed}.csv"));
+        std::fs::write(&path, rows)?;
+        Ok(path)
+    }
+}
+
+/// Removes a benchmark's Redis keys without one huge blocking reply.
+pub(super) fn unlink_prefix(port: &str, pattern: &str) -> Result<()> {
+    let keys = run(Command::new("redis-cli").args(["-p", port, "--scan", "--pattern", pattern]))?;
+    let keys: Vec<&str> = keys.lines().collect();
+    for chunk in keys.chunks(1000) {
+        run(Command::new("redis-cli")
+            .args(["-p", port, "UNLINK"])
+            .args(chunk))?;
+    }
+    Ok(())
+}
+
+fn cargo_release(packages: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--release", "--quiet"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let status = cmd
+        .current_dir(tidemark_launch::workspace_root())
+        .status()?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    Ok(())
+}
+
+pub(super) fn pg_bin(name: &str) -> Result<std::path::PathBuf> {
+    Ok(tidemark_launch::postgres_bin_dir()
+        .context("PostgreSQL is not installed")?
+        .join(name))
+}
+
+/// Seconds `COPY orders FROM` takes for the CSV file.
+pub(super) fn copy_csv(db_url: &str, csv: &Path) -> Result<f64> {
+    let started = Instant::now();
+    run(Command::new(pg_bin("psql")?)
+        .arg(db_url)
+        .args(["-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "\\copy orders (order_id, user_id, city, product_id, category, quantity, \
+             unit_price_minor, currency, created_at) FROM '{}' WITH (FORMAT csv)",
+            csv.display()
+        )))?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// pgbench: single-row inserts into `orders`, 32 clients, 15 s; returns tps.
+pub(super) fn pgbench(stack: &Stack, db_url: &str) -> Result<f64> {
+    let script = stack.base.join("bench-insert.sql");
+    std::fs::write(
+        &script,
+        "\\set u random(1, 100000)\n\
+         INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
+         unit_price_minor, currency, created_at) VALUES (gen_random_uuid(), 'user-' || :u, \
+         'Berlin', 'sku-1', 'books', 2, 1299, 'EUR', now());\n",
+    )?;
+    let out = run(Command::new(pg_bin("pgbench")?)
+        .args(["-n", "-c", "32", "-j", "2", "-T", "15", "-f"])
+        .arg(&script)
+        .arg(db_url))?;
+    drop(std::fs::remove_file(script));
+    out.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no tps in pgbench output:\n{out}"))
+}

@@ -1,0 +1,220 @@
+//! Speed: freshness (ingest 2xx → visible in the speed view) at 5,000 orders/s, and
+//! applied rows/s at saturation next to redis-benchmark for the same command mix.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tidemark_loadtest::freshness::FreshnessReport;
+use tidemark_platform::auth::{self, Scope};
+
+use super::{BenchReport, Harness, copy_csv, unlink_prefix};
+use crate::proc::run;
+
+pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
+    const RATE: u64 = 5_000;
+    const SECONDS: u64 = 30;
+    const SATURATION_ROWS: usize = 300_000;
+    let redis_url = bench.stack.redis_url();
+
+    eprintln!("xtask bench: freshness at {RATE} orders/s for {SECONDS} s");
+    let db = bench.database("fresh").await?;
+    let pool = sqlx::PgPool::connect(&db).await?;
+    let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
+    pool.close().await;
+    let prefix = format!("bench{}", bench.tag);
+    let ingest = bench
+        .service(
+            "ingest",
+            &[
+                ("TIDEMARK_POSTGRES__URL", db.clone()),
+                ("TIDEMARK_RELAY__ENABLED", "false".into()),
+            ],
+        )
+        .await?;
+    bench
+        .service(
+            "speed",
+            &[
+                ("TIDEMARK_POSTGRES__URL", db.clone()),
+                ("TIDEMARK_REDIS__URL", redis_url.clone()),
+                ("TIDEMARK_REDIS__KEY_PREFIX", prefix.clone()),
+                ("TIDEMARK_SPEED__POLL_INTERVAL", "10".into()),
+            ],
+        )
+        .await?;
+    let fresh: FreshnessReport = bench.loadtest(
+        &[
+            "freshness",
+            "--redis-url",
+            &redis_url,
+            "--prefix",
+            &prefix,
+            "--postgres-url",
+            &db,
+            "--rate",
+            &RATE.to_string(),
+            "--batch",
+            "50",
+            "--seconds",
+            &SECONDS.to_string(),
+        ],
+        &[
+            ("TIDEMARK_INGEST_URL", ingest.as_str()),
+            ("TIDEMARK_INGEST_KEY", key.as_str()),
+        ],
+    )?;
+    bench.stop_services().await;
+
+    eprintln!("xtask bench: saturation over {SATURATION_ROWS} preloaded rows");
+    let db = bench.database("saturate").await?;
+    let csv = bench.csv(4, SATURATION_ROWS)?;
+    copy_csv(&db, &csv)?;
+    drop(std::fs::remove_file(&csv));
+    let prefix = format!("benchsat{}", bench.tag);
+    let client = redis::Client::open(redis_url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let started = Instant::now();
+    bench
+        .service(
+            "speed",
+            &[
+                ("TIDEMARK_POSTGRES__URL", db.clone()),
+                ("TIDEMARK_REDIS__URL", redis_url.clone()),
+                ("TIDEMARK_REDIS__KEY_PREFIX", prefix.clone()),
+            ],
+        )
+        .await?;
+    let pool = sqlx::PgPool::connect(&db).await?;
+    let head: (i64, i64) = sqlx::query_as(
+        "SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    let caught_up =
+        tidemark_launch::until(Duration::from_secs(600), Duration::from_millis(100), || {
+            let mut conn = conn.clone();
+            let meta = format!("{prefix}:meta");
+            async move {
+                let cur: (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+                    .arg(meta)
+                    .arg(&["txid", "seq"])
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or((None, None));
+                matches!(cur, (Some(t), Some(s)) if (t, s) >= head)
+            }
+        })
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    if !caught_up {
+        bail!("the speed layer did not consume the preloaded log");
+    }
+    bench.stop_services().await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    let calls = |cmd: &str| -> f64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (hincrby, zadd) = (calls("hincrby"), calls("zadd"));
+    let rows_per_sec = SATURATION_ROWS as f64 / elapsed;
+    let ops_per_row = (hincrby + zadd) / SATURATION_ROWS as f64;
+
+    eprintln!("xtask bench: redis-benchmark for the same command mix");
+    let port = bench.stack.ports.redis.to_string();
+    let rb = |args: &[&str]| -> Result<f64> {
+        let out = run(Command::new("redis-benchmark")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-c",
+                "4",
+                "-n",
+                "2000000",
+                "-P",
+                "100",
+                "-r",
+                "100000",
+                "-q",
+            ])
+            .args(args))?;
+        out.split_whitespace()
+            .zip(out.split_whitespace().skip(1))
+            .find(|(_, next)| *next == "requests")
+            .and_then(|(v, _)| v.parse().ok())
+            .with_context(|| format!("no rate in redis-benchmark output: {out}"))
+    };
+    let hincrby_rate = rb(&["hincrby", "benchmix:h:__rand_int__", "f:__rand_int__", "3"])?;
+    let zadd_rate = rb(&[
+        "zadd",
+        "benchmix:z:__rand_int__",
+        "__rand_int__",
+        "__rand_int__",
+    ])?;
+    let share = hincrby / (hincrby + zadd);
+    let mix_rate = 1.0 / (share / hincrby_rate + (1.0 - share) / zadd_rate);
+    let anchor_rows = mix_rate / ops_per_row;
+    // Remove the benchmark's keys without one huge blocking reply.
+    let keys =
+        run(Command::new("redis-cli").args(["-p", &port, "--scan", "--pattern", "benchmix:*"]))?;
+    let keys: Vec<&str> = keys.lines().collect();
+    for chunk in keys.chunks(1000) {
+        run(Command::new("redis-cli")
+            .args(["-p", &port, "UNLINK"])
+            .args(chunk))?;
+    }
+
+    for prefix in [
+        format!("bench{}", bench.tag),
+        format!("benchsat{}", bench.tag),
+    ] {
+        unlink_prefix(&port, &format!("{prefix}:*"))?;
+    }
+    let mut report = BenchReport::new(
+        "speed",
+        "release build; same Redis and Postgres for every figure",
+    );
+    report.row(
+        format!(
+            "freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s \
+             (achieved {:.0}/s, {} orders, {} errors)",
+            fresh.achieved_rate, fresh.orders, fresh.errors
+        ),
+        format!(
+            "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            fresh.p50_ms, fresh.p90_ms, fresh.p99_ms, fresh.max_ms
+        ),
+        String::new(),
+        None,
+        "p99 ≤ 500 ms",
+    );
+    report.row(
+        format!(
+            "applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} \
+             Redis writes per row)"
+        ),
+        format!("{rows_per_sec:.0} rows/s"),
+        format!(
+            "redis-benchmark, same HINCRBY/ZADD mix, pipelined: {mix_rate:.0} ops/s = \
+             {anchor_rows:.0} rows/s"
+        ),
+        Some(rows_per_sec / anchor_rows),
+        "a share of raw Redis",
+    );
+    Ok(report)
+}
