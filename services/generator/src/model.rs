@@ -44,6 +44,8 @@ const CITIES: &[CitySpec] = &[
     city("Stockholm", "SEK", 60, 980, 11.5),
     city("Oslo", "NOK", 60, 700, 11.7),
     city("Zürich", "CHF", 60, 420, 0.95),
+    city("Moscow", "RUB", 180, 12_600, 100.0),
+    city("Kuwait City", "KWD", 180, 3_100, 3.3),
 ];
 
 const fn city(
@@ -242,14 +244,16 @@ fn rhythm(home: usize, at: DateTime<Utc>) -> f64 {
 }
 
 /// A euro price converted and rounded the way shops price: to whole units ending
-/// in .99 for currencies with cents, to tens for those without.
+/// in .99 for currencies with minor units (.990 with three decimals), to tens for
+/// those without.
 fn local_price(euro_cents: i64, per_euro_cent: f64, currency: Currency) -> i64 {
     let minor = (euro_cents as f64 * per_euro_cent).round() as i64;
-    if currency.exponent() == 0 {
-        (minor / 10).max(1) * 10
-    } else {
-        ((minor + 50) / 100).max(1) * 100 - 1
+    let exponent = u32::from(currency.exponent());
+    if exponent == 0 {
+        return (minor / 10).max(1) * 10;
     }
+    let unit = 10_i64.pow(exponent);
+    ((minor + unit / 2) / unit).max(1) * unit - unit / 100
 }
 
 #[cfg(test)]
@@ -336,5 +340,9 @@ mod tests {
         assert_eq!(local_price(1_250, 1.0, eur), 1_299);
         assert_eq!(local_price(10, 1.0, eur), 99);
         assert_eq!(local_price(1_249, 1.6, jpy), 1_990);
+        let kwd: Currency = "KWD".parse().unwrap();
+        assert_eq!(local_price(1_249, 3.3, kwd), 3_990, "3.990 KWD");
+        let rub: Currency = "RUB".parse().unwrap();
+        assert_eq!(local_price(1_249, 100.0, rub), 124_899, "1248.99 RUB");
     }
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
+use tidemark_domain::money::decimal;
 use tidemark_domain::{Currency, Dimension, Granularity, Grid, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
@@ -37,10 +38,33 @@ pub struct Point {
     pub group: Option<String>,
     pub currency: String,
     pub revenue_minor: i64,
+    /// The same revenue in major units, exact, by the currency's exponent
+    /// (`1299` → `"12.99"` EUR, `"1299"` JPY, `"1.299"` KWD).
+    pub revenue: String,
     pub orders: i64,
     pub items: i64,
     /// Revenue per order in minor units, rounded half up.
     pub average_order_value_minor: i64,
+}
+
+/// A currency of an answer and its ISO 4217 minor-unit exponent: an amount in
+/// minor units divided by 10^exponent is the amount in major units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct CurrencyInfo {
+    pub code: String,
+    pub exponent: u8,
+}
+
+/// The currencies of `codes`, each once, in order.
+fn currency_infos<'a>(codes: impl IntoIterator<Item = &'a Currency>) -> Vec<CurrencyInfo> {
+    let codes: std::collections::BTreeSet<&Currency> = codes.into_iter().collect();
+    codes
+        .into_iter()
+        .map(|c| CurrencyInfo {
+            code: c.to_string(),
+            exponent: c.exponent(),
+        })
+        .collect()
 }
 
 /// A revenue time series (sparse: buckets without orders are omitted).
@@ -51,6 +75,8 @@ pub struct RevenueSeries {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub points: Vec<Point>,
+    /// The currencies of the points, with their exponents.
+    pub currencies: Vec<CurrencyInfo>,
     /// True when a store was down and `allow_partial` asked for what was available.
     pub partial: bool,
     pub missing: Vec<String>,
@@ -62,6 +88,8 @@ pub struct RevenueSeries {
 pub struct CurrencyTotals {
     pub currency: String,
     pub revenue_minor: i64,
+    /// The same revenue in major units, exact (see `Point.revenue`).
+    pub revenue: String,
     pub orders: i64,
     pub items: i64,
     pub average_order_value_minor: i64,
@@ -73,6 +101,8 @@ pub struct TopEntry {
     pub group: String,
     pub currency: String,
     pub revenue_minor: i64,
+    /// The same revenue in major units, exact (see `Point.revenue`).
+    pub revenue: String,
     pub orders: i64,
     pub items: i64,
     pub average_order_value_minor: i64,
@@ -83,6 +113,8 @@ pub struct Summary {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub totals: Vec<CurrencyTotals>,
+    /// The currencies of the totals, with their exponents.
+    pub currencies: Vec<CurrencyInfo>,
     pub top_by: String,
     pub top: Vec<TopEntry>,
     pub partial: bool,
@@ -328,7 +360,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         )
         .await
         .map_err(|e| unavailable(&e))?;
-    let points = merged
+    let cells: Vec<_> = merged
         .grid
         .iter()
         .filter(|((bucket, value, currency), totals)| {
@@ -338,11 +370,16 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
                 && req.value.as_ref().is_none_or(|v| v == value)
                 && req.currency.is_none_or(|c| c == *currency)
         })
+        .collect();
+    let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
+    let points = cells
+        .into_iter()
         .map(|((bucket, value, currency), t)| Point {
             bucket: at(*bucket),
             group: req.grouped.then(|| value.clone()),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
+            revenue: decimal(t.revenue_minor, *currency),
             orders: t.orders,
             items: t.items,
             average_order_value_minor: aov(t),
@@ -354,6 +391,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         from: at(req.from),
         to: at(req.to),
         points,
+        currencies,
         partial: !merged.missing.is_empty(),
         missing: missing(&merged.missing),
         freshness: merged.freshness,
@@ -469,8 +507,8 @@ pub fn summary_request(
 
 /// Totals per currency and the top values of a dimension, for a range.
 pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Problem> {
-    let sum_by = |grid: &Grid, with_value: bool| -> BTreeMap<(String, String), Totals> {
-        let mut out: BTreeMap<(String, String), Totals> = BTreeMap::new();
+    let sum_by = |grid: &Grid, with_value: bool| -> BTreeMap<(Currency, String), Totals> {
+        let mut out: BTreeMap<(Currency, String), Totals> = BTreeMap::new();
         for ((bucket, value, currency), t) in grid {
             if *bucket < req.from
                 || *bucket >= req.to
@@ -483,9 +521,7 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             } else {
                 String::new()
             };
-            out.entry((currency.to_string(), value))
-                .or_default()
-                .add(*t);
+            out.entry((*currency, value)).or_default().add(*t);
         }
         out
     };
@@ -509,35 +545,38 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         )
         .await
         .map_err(|e| unavailable(&e))?;
-    let totals = sum_by(&total.grid, false)
+    let totals_by = sum_by(&total.grid, false);
+    let mut currencies: Vec<Currency> = Vec::new();
+    let totals = totals_by
         .into_iter()
         .filter(|(_, t)| !t.is_zero())
+        .inspect(|((currency, _), _)| currencies.push(*currency))
         .map(|((currency, _), t)| CurrencyTotals {
-            currency,
+            currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
+            revenue: decimal(t.revenue_minor, currency),
             orders: t.orders,
             items: t.items,
             average_order_value_minor: aov(&t),
         })
         .collect();
-    let mut per_currency: BTreeMap<String, Vec<TopEntry>> = BTreeMap::new();
+    let mut per_currency: BTreeMap<Currency, Vec<TopEntry>> = BTreeMap::new();
     for ((currency, group), t) in sum_by(&by.grid, true) {
         if t.is_zero() {
             continue;
         }
-        per_currency
-            .entry(currency.clone())
-            .or_default()
-            .push(TopEntry {
-                group,
-                currency,
-                revenue_minor: t.revenue_minor,
-                orders: t.orders,
-                items: t.items,
-                average_order_value_minor: aov(&t),
-            });
+        per_currency.entry(currency).or_default().push(TopEntry {
+            group,
+            currency: currency.to_string(),
+            revenue_minor: t.revenue_minor,
+            revenue: decimal(t.revenue_minor, currency),
+            orders: t.orders,
+            items: t.items,
+            average_order_value_minor: aov(&t),
+        });
     }
     let mut top = Vec::new();
+    currencies.extend(per_currency.keys());
     for (_, mut entries) in per_currency {
         entries.sort_by(|a, b| {
             b.revenue_minor
@@ -552,10 +591,12 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             missing_parts.push(part);
         }
     }
+    let currencies = currency_infos(&currencies);
     Ok(Summary {
         from: at(req.from),
         to: at(req.to),
         totals,
+        currencies,
         top_by: req.top_by.as_str().to_owned(),
         top,
         partial: !missing_parts.is_empty(),

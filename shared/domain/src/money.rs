@@ -96,22 +96,28 @@ impl<'de> Deserialize<'de> for Currency {
     }
 }
 
-/// Formats minor units as a decimal amount for people (`12345`, EUR → `123.45`).
-pub fn format_minor(minor: i64, currency: Currency) -> String {
+/// Minor units as an exact decimal amount in major units, by the currency's
+/// exponent (`12345` EUR → `123.45`, JPY → `12345`, KWD → `12.345`). A string,
+/// because money is never a float.
+pub fn decimal(minor: i64, currency: Currency) -> String {
     let exp = u32::from(currency.exponent());
     if exp == 0 {
-        return format!("{minor} {currency}");
+        return minor.to_string();
     }
-    let scale = 10_i64.pow(exp);
     let sign = if minor < 0 { "-" } else { "" };
     let abs = minor.unsigned_abs();
-    let scale = scale.unsigned_abs();
+    let scale = 10_u64.pow(exp);
     format!(
-        "{sign}{}.{:0width$} {currency}",
+        "{sign}{}.{:0width$}",
         abs / scale,
         abs % scale,
         width = exp as usize
     )
+}
+
+/// Formats minor units as a decimal amount for people (`12345`, EUR → `123.45 EUR`).
+pub fn format_minor(minor: i64, currency: Currency) -> String {
+    format!("{} {currency}", decimal(minor, currency))
 }
 
 #[cfg(test)]
@@ -175,5 +181,8 @@ mod tests {
         let kwd: Currency = "KWD".parse().unwrap();
         assert_eq!(format_minor(12_345, kwd), "12.345 KWD");
         assert_eq!(format_minor(-7, kwd), "-0.007 KWD");
+        assert_eq!(decimal(1_299, kwd), "1.299");
+        assert_eq!(decimal(1_299, jpy), "1299");
+        assert_eq!(decimal(i64::MIN, eur), "-92233720368547758.08");
     }
 }

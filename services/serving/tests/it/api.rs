@@ -323,3 +323,106 @@ async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
     );
     assert!(pushed < Duration::from_secs(1), "took {pushed:?}");
 }
+
+/// Any active ISO 4217 currency is taken and served with its exponent: roubles
+/// (2 decimals), Kuwaiti dinars (3) and yen (0); a typo and "no currency" are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_in_rub_kwd_and_jpy_are_served_with_their_exponents_and_typos_are_refused() {
+    let env = Env::new().await;
+    let (ingest, key) = env.ingest_api().await;
+    let http = reqwest::Client::new();
+    let post = async |currency: &str, unit_price_minor: i64, quantity: i32| {
+        let mut order = random_order(&mut StdRng::seed_from_u64(unit_price_minor as u64));
+        order.created_at = chrono::Utc::now() - chrono::TimeDelta::minutes(5);
+        let mut body = tidemark_generator::send::order_json(&order);
+        body["currency"] = currency.into();
+        body["unit_price_minor"] = unit_price_minor.into();
+        body["quantity"] = quantity.into();
+        let r = http
+            .post(ingest.url("/v1/orders"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
+    };
+    for (currency, price, quantity) in [("RUB", 124_899, 2), ("KWD", 3_990, 1), ("JPY", 1_990, 3)] {
+        let (status, body) = post(currency, price, quantity).await;
+        assert_eq!(status, 201, "{currency}: {body}");
+    }
+    for refused in ["EUE", "XXX", "XTS", "rub"] {
+        let (status, body) = post(refused, 100, 1).await;
+        assert_eq!(status, 400, "{refused}: {body}");
+        assert!(body.contains("/currency"), "{refused}: {body}");
+    }
+    env.speed_caught_up().await;
+
+    let (from, to) = full_range();
+    let summary: serde_json::Value = env
+        .get(&format!("/v1/revenue/summary?from={from}&to={to}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let total = |code: &str| {
+        summary["totals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["currency"] == code)
+            .unwrap_or_else(|| panic!("no {code} total in {summary}"))
+            .clone()
+    };
+    assert_eq!(total("RUB")["revenue_minor"], 249_798);
+    assert_eq!(total("RUB")["revenue"], "2497.98");
+    assert_eq!(total("KWD")["revenue_minor"], 3_990);
+    assert_eq!(total("KWD")["revenue"], "3.990");
+    assert_eq!(total("JPY")["revenue"], "5970");
+    let exponents: Vec<(String, u64)> = summary["currencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["code"].as_str().unwrap().to_owned(),
+                c["exponent"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        exponents,
+        [("JPY".into(), 0), ("KWD".into(), 3), ("RUB".into(), 2)]
+    );
+
+    let series: serde_json::Value = env
+        .get(&format!(
+            "/v1/revenue?from={from}&to={to}&granularity=day&currency=KWD"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(series["points"][0]["revenue"], "3.990", "{series}");
+    assert_eq!(
+        series["currencies"],
+        serde_json::json!([{"code": "KWD", "exponent": 3}])
+    );
+
+    let graphql = env
+        .graphql(&format!(
+            "{{ summary(from: \"{from}\", to: \"{to}\", currency: \"KWD\") \
+               {{ totals {{ currency revenueMinor revenue }} currencies {{ code exponent }} }} }}"
+        ))
+        .await;
+    assert_eq!(
+        graphql["data"]["summary"],
+        serde_json::json!({
+            "totals": [{"currency": "KWD", "revenueMinor": 3990, "revenue": "3.990"}],
+            "currencies": [{"code": "KWD", "exponent": 3}]
+        }),
+        "{graphql}"
+    );
+    ingest.stop().await.unwrap();
+}

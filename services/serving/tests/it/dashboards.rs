@@ -138,6 +138,60 @@ async fn prometheus_series(promql: &str) -> usize {
     body["data"]["result"].as_array().map_or(0, Vec::len)
 }
 
+/// The SQL that gives a currency's ISO 4217 exponent (2 unless listed), for panels
+/// that show amounts in major units.
+fn exponent_sql(column: &str) -> String {
+    let odd: Vec<_> = tidemark_domain::Currency::all()
+        .filter(|c| c.exponent() != 2)
+        .collect();
+    let codes: Vec<String> = odd.iter().map(|c| format!("'{c}'")).collect();
+    let exponents: Vec<String> = odd.iter().map(|c| c.exponent().to_string()).collect();
+    format!(
+        "transform({column}, [{}], [{}], 2)",
+        codes.join(", "),
+        exponents.join(", ")
+    )
+}
+
+/// Every exponent lookup in a panel's SQL lists exactly the currencies whose
+/// exponent is not 2 (so KWD shows three decimals, JPY none), as the API does.
+#[test]
+fn panels_convert_amounts_with_every_currencys_exponent() {
+    let dir = tidemark_testkit::workspace_root().join("dashboards");
+    let business = std::fs::read_to_string(dir.join("business.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&business).unwrap();
+    let mut lookups = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let Some(sql) = target["rawSql"].as_str() else {
+                continue;
+            };
+            assert!(
+                !sql.contains("AS revenue_minor") && !sql.contains("intDiv("),
+                "{}: amounts in minor units: {sql}",
+                panel["title"]
+            );
+            let mut rest = sql;
+            while let Some(at) = rest.find("transform(") {
+                let column = rest[at + "transform(".len()..].split(',').next().unwrap();
+                let expected = exponent_sql(column);
+                assert!(
+                    rest[at..].starts_with(&expected),
+                    "{}: {} is not {expected}",
+                    panel["title"],
+                    &rest[at..(at + expected.len()).min(rest.len())]
+                );
+                lookups += 1;
+                rest = &rest[at + expected.len()..];
+            }
+        }
+    }
+    assert!(
+        lookups >= 3,
+        "the ClickHouse revenue panels convert amounts: {lookups}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
     let env = Env::new().await;
