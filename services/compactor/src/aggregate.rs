@@ -415,3 +415,183 @@ pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn strings(values: &[String]) -> Column {
+        Column::new("s".into(), values)
+    }
+
+    /// Short strings over an alphabet where byte order and char order differ
+    /// (`Z` < `a` < `é`), including the empty string.
+    fn text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop::sample::select(vec!["", "a", "Z", "é", "ä", ":", "0"]),
+            0..4,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn dictionary_codes_sort_as_their_strings_do_in_byte_order(
+            column in proptest::collection::vec(text(), 1..60)
+        ) {
+            let dict = Dictionary::of(&strings(&column)).unwrap();
+            // The values are the distinct strings, in byte order.
+            let mut expected = column.clone();
+            expected.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            expected.dedup();
+            prop_assert_eq!(&dict.values, &expected);
+            for (i, value) in column.iter().enumerate() {
+                prop_assert_eq!(&dict.values[dict.codes[i] as usize], value);
+                for (j, other) in column.iter().enumerate() {
+                    prop_assert_eq!(
+                        dict.codes[i].cmp(&dict.codes[j]),
+                        value.as_bytes().cmp(other.as_bytes())
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn keys_round_trip_and_order_cells_by_bucket_value_currency(
+            values in 1_u64..500,
+            currencies in 1_u64..200,
+            a in (0_u64..10_000, 0_u64..500, 0_u64..200),
+            b in (0_u64..10_000, 0_u64..500, 0_u64..200),
+        ) {
+            let layout = Layout { values, currencies };
+            let fit = |(bucket, value, currency): (u64, u64, u64)| {
+                (bucket, value % values, currency % currencies)
+            };
+            let (a, b) = (fit(a), fit(b));
+            let (ka, kb) = (layout.key(a.0, a.1, a.2), layout.key(b.0, b.1, b.2));
+            prop_assert_eq!(layout.split(ka), a);
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+    }
+
+    #[test]
+    fn a_layout_that_cannot_fit_64_bits_is_refused() {
+        let layout = Layout {
+            values: 1 << 30,
+            currencies: 1 << 20,
+        };
+        assert!(layout.check(1 << 10).is_ok());
+        let error = layout.check(1 << 20).unwrap_err().to_string();
+        assert!(error.contains("64-bit"), "{error}");
+    }
+
+    /// An order: event time in µs, city, category, product, currency, quantity,
+    /// unit price.
+    type OrderRow<'a> = (i64, &'a str, &'a str, &'a str, &'a str, i64, i64);
+
+    /// Cells of `revenue_agg`: key → `(revenue, orders, items)`.
+    type Cells = BTreeMap<(i8, i8, u32, String, String), (i64, u64, u64)>;
+
+    /// Orders with the columns aggregation reads.
+    fn orders(rows: &[OrderRow<'_>]) -> DataFrame {
+        let column = |name: &str, f: &dyn Fn(&OrderRow<'_>) -> String| {
+            Column::new(name.into(), rows.iter().map(f).collect::<Vec<_>>())
+        };
+        let int = |name: &str, f: &dyn Fn(&OrderRow<'_>) -> i64| {
+            Column::new(name.into(), rows.iter().map(f).collect::<Vec<_>>())
+        };
+        DataFrame::new(
+            rows.len(),
+            vec![
+                int("created_us", &|r| r.0),
+                column("city", &|r| r.1.to_owned()),
+                column("category", &|r| r.2.to_owned()),
+                column("product_id", &|r| r.3.to_owned()),
+                column("currency", &|r| r.4.to_owned()),
+                int("quantity", &|r| r.5),
+                int("unit_price_minor", &|r| r.6),
+                int("revenue", &|r| r.5 * r.6),
+            ],
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The packed-key aggregation equals a plain group-by over strings, and
+        /// its rows come in `revenue_agg`'s order.
+        #[test]
+        fn aggregates_equal_a_plain_group_by_in_revenue_agg_order(
+            rows in proptest::collection::vec(
+                (
+                    0_i64..3 * DAY_US,
+                    prop::sample::select(vec!["Berlin", "Zürich", "São Paulo"]),
+                    prop::sample::select(vec!["books", "games"]),
+                    prop::sample::select(vec!["p:1", "p-2", "p-10"]),
+                    prop::sample::select(vec!["EUR", "JPY", "KWD"]),
+                    1_i64..10,
+                    0_i64..100_000,
+                ),
+                1..80,
+            )
+        ) {
+            // Event times from a day-aligned start, so the run's first midnight is known.
+            let start = 1_764_000_000_000_000 / DAY_US * DAY_US;
+            let rows: Vec<_> = rows.into_iter().map(|r| (start + r.0, r.1, r.2, r.3, r.4, r.5, r.6)).collect();
+            let got = aggregate(&orders(&rows), 7).unwrap();
+            let mut expected = Cells::new();
+            for g in Granularity::ALL {
+                let width = g.seconds() * 1_000_000;
+                for d in Dimension::ALL {
+                    for r in &rows {
+                        let value = match d {
+                            Dimension::Total => "",
+                            Dimension::City => r.1,
+                            Dimension::Category => r.2,
+                            Dimension::Product => r.3,
+                        };
+                        let bucket = (r.0.div_euclid(width) * width / 1_000_000) as u32;
+                        let cell = expected
+                            .entry((granularity_code(g), dimension_code(d), bucket, value.to_owned(), r.4.to_owned()))
+                            .or_default();
+                        cell.0 += r.5 * r.6;
+                        cell.1 += 1;
+                        cell.2 += r.5 as u64;
+                    }
+                }
+            }
+            let keys: Vec<_> = got
+                .iter()
+                .map(|r| (r.granularity, r.dimension, r.bucket, r.value.clone(), r.currency.clone()))
+                .collect();
+            let mut sorted = keys.clone();
+            sorted.sort_by(|a, b| (a.0, a.1, a.2, a.3.as_bytes(), a.4.as_bytes()).cmp(&(b.0, b.1, b.2, b.3.as_bytes(), b.4.as_bytes())));
+            prop_assert_eq!(&keys, &sorted, "rows in revenue_agg's order");
+            let got: BTreeMap<_, _> = got
+                .into_iter()
+                .map(|r| {
+                    prop_assert_eq!(r.run_id, 7);
+                    Ok(((r.granularity, r.dimension, r.bucket, r.value, r.currency), (r.revenue_minor, r.orders, r.items)))
+                })
+                .collect::<Result<_, TestCaseError>>()?;
+            prop_assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
+    fn currency_totals_add_up_per_currency() {
+        let frame = orders(&[
+            (0, "Berlin", "books", "p", "EUR", 2, 150),
+            (1, "Oslo", "books", "p", "EUR", 1, 100),
+            (2, "Oslo", "games", "q", "KWD", 3, 1_299),
+        ]);
+        let mut totals = currency_totals(&frame).unwrap();
+        assert_eq!(totals["EUR"], [400, 2, 3]);
+        assert_eq!(totals["KWD"], [3_897, 1, 3]);
+        add_totals(&mut totals, currency_totals(&frame).unwrap());
+        assert_eq!(totals["EUR"], [800, 4, 6]);
+    }
+}

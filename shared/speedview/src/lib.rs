@@ -406,3 +406,54 @@ fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot>
     }
     Ok(Snapshot { meta, epochs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(fields: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = ["7", "3", "1000", ""].map(str::to_owned).to_vec();
+        out.extend(fields.iter().map(|f| (*f).to_owned()));
+        out
+    }
+
+    #[test]
+    fn a_reply_decodes_into_epochs_and_cells() {
+        let snapshot = decode_snapshot(
+            &reply(&[
+                "0",
+                "120",
+                "r:city:KWD:Zürich",
+                "1299",
+                "0",
+                "120",
+                "o:city:KWD:Zürich",
+                "1",
+            ]),
+            Granularity::Minute,
+        )
+        .unwrap();
+        assert_eq!(snapshot.meta.unwrap().cursor, LogPosition::new(7, 3));
+        let kwd: Currency = "KWD".parse().unwrap();
+        let cell = snapshot.epochs[&0][&(120, "Zürich".to_owned(), kwd)];
+        assert_eq!((cell.revenue_minor, cell.orders, cell.items), (1_299, 1, 0));
+    }
+
+    #[test]
+    fn data_this_build_cannot_read_is_an_error_not_a_gap() {
+        for fields in [
+            vec!["0", "120", "r:city:XYZ:Oslo", "5"],
+            vec!["0", "120", "q:city:EUR:Oslo", "5"],
+            vec!["0", "120", "r:city", "5"],
+            vec!["0", "minute", "r:city:EUR:Oslo", "5"],
+            vec!["0", "120", "r:city:EUR:Oslo"],
+        ] {
+            let decoded = decode_snapshot(&reply(&fields), Granularity::Minute);
+            assert!(
+                matches!(decoded, Err(Error::Corrupt(_))),
+                "{fields:?}: {decoded:?}"
+            );
+        }
+        assert!(decode_snapshot(&["1".to_owned()], Granularity::Minute).is_err());
+    }
+}

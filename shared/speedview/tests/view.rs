@@ -1,0 +1,207 @@
+//! The speed view against a real Redis: what is applied is read back, hours and
+//! days are sums of minutes, the cursor guards every write, and a reset or an
+//! epoch drop touches only what it names.
+
+use std::sync::Arc;
+
+use chrono::{TimeZone, Utc};
+use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order, Totals};
+use tidemark_platform::redis::Redis;
+use tidemark_speedview::{Applied, Delta, SpeedView};
+use uuid::Uuid;
+
+fn view(config: &tidemark_platform::config::RedisConfig) -> SpeedView {
+    SpeedView::new(Arc::new(Redis::new(config).unwrap()))
+}
+
+fn order(
+    n: u128,
+    minute: u32,
+    city: &str,
+    product: &str,
+    currency: &str,
+    quantity: i32,
+    price: i64,
+) -> Order {
+    Order {
+        order_id: Uuid::from_u128(n),
+        user_id: "u".into(),
+        city: city.into(),
+        product_id: product.into(),
+        category: "books".into(),
+        quantity,
+        unit_price_minor: price,
+        currency: currency.parse().unwrap(),
+        created_at: Utc.with_ymd_and_hms(2026, 11, 29, 10, minute, 30).unwrap(),
+    }
+}
+
+fn cell(read: &tidemark_speedview::Snapshot, bucket: i64, value: &str, currency: &str) -> Totals {
+    let currency: Currency = currency.parse().unwrap();
+    read.total()
+        .get(&(bucket, value.to_owned(), currency))
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    assert_eq!(view.meta().await.unwrap(), None, "a new view has no cursor");
+    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    let mut delta = Delta::default();
+    delta.add(0, &order(1, 1, "Zürich", "p:1:2", "KWD", 2, 1_299));
+    delta.add(0, &order(2, 1, "Zürich", "p:1:2", "KWD", 1, 1_000));
+    delta.add(1, &order(3, 59, "Oslo", "p-2", "JPY", 3, 500));
+    assert_eq!(delta.rows(), 3);
+    let to = LogPosition::new(10, 3);
+    assert_eq!(
+        view.apply(LogPosition::ZERO, to, 2, &delta).await.unwrap(),
+        Applied::Done
+    );
+    assert_eq!(view.meta().await.unwrap().unwrap().cursor, to);
+    assert_eq!(view.epochs().await.unwrap(), [0, 1]);
+
+    let ten = Utc
+        .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
+        .unwrap()
+        .timestamp();
+    let day = Utc
+        .with_ymd_and_hms(2026, 11, 29, 0, 0, 0)
+        .unwrap()
+        .timestamp();
+    let minutes = view
+        .read(0, Granularity::Minute, Dimension::Product, ten, ten + 3_600)
+        .await
+        .unwrap();
+    assert_eq!(minutes.epochs.len(), 2);
+    // A product id with colons survives the field encoding.
+    let kwd = cell(&minutes, ten + 60, "p:1:2", "KWD");
+    assert_eq!((kwd.revenue_minor, kwd.orders, kwd.items), (3_598, 2, 3));
+    let hours = view
+        .read(0, Granularity::Hour, Dimension::City, ten, ten + 3_600)
+        .await
+        .unwrap();
+    let zurich = cell(&hours, ten, "Zürich", "KWD");
+    assert_eq!((zurich.revenue_minor, zurich.orders), (3_598, 2));
+    let days = view
+        .read(0, Granularity::Day, Dimension::Total, day, day + 86_400)
+        .await
+        .unwrap();
+    assert_eq!(cell(&days, day, "", "JPY").revenue_minor, 1_500);
+    // Epochs below `min_epoch` are left out; the range bounds minute buckets.
+    let later = view
+        .read(1, Granularity::Day, Dimension::Total, day, day + 86_400)
+        .await
+        .unwrap();
+    assert_eq!(later.epochs.keys().copied().collect::<Vec<_>>(), [1]);
+    assert_eq!(cell(&later, day, "", "KWD").orders, 0);
+    let outside = view
+        .read(
+            0,
+            Granularity::Minute,
+            Dimension::Total,
+            ten + 120,
+            ten + 3_540,
+        )
+        .await
+        .unwrap();
+    assert!(outside.total().is_empty(), "{outside:?}");
+}
+
+#[tokio::test]
+async fn the_cursor_guards_every_apply() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    let mut delta = Delta::default();
+    delta.add(0, &order(1, 1, "Oslo", "p", "EUR", 1, 100));
+    let at = LogPosition::new(5, 1);
+    assert_eq!(
+        view.apply(LogPosition::ZERO, at, 1, &delta).await.unwrap(),
+        Applied::Lost,
+        "no cursor: the view was lost, nothing is written"
+    );
+    assert!(view.epochs().await.unwrap().is_empty());
+    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    assert!(
+        !view.reset(LogPosition::ZERO, 0, 1).await.unwrap(),
+        "started once"
+    );
+    assert_eq!(
+        view.apply(LogPosition::ZERO, at, 1, &delta).await.unwrap(),
+        Applied::Done
+    );
+    assert_eq!(
+        view.apply(LogPosition::ZERO, LogPosition::new(6, 1), 1, &delta)
+            .await
+            .unwrap(),
+        Applied::Moved,
+        "a second consumer applying the same step finds the cursor moved"
+    );
+    let day = Utc
+        .with_ymd_and_hms(2026, 11, 29, 0, 0, 0)
+        .unwrap()
+        .timestamp();
+    let read = view
+        .read(0, Granularity::Day, Dimension::Total, day, day + 86_400)
+        .await
+        .unwrap();
+    assert_eq!(
+        cell(&read, day, "", "EUR").orders,
+        1,
+        "applied exactly once"
+    );
+}
+
+#[tokio::test]
+async fn reset_and_drop_epoch_touch_only_what_they_name() {
+    let (a, b) = (tidemark_testkit::redis(), tidemark_testkit::redis());
+    let (va, vb) = (view(&a), view(&b));
+    for v in [&va, &vb] {
+        assert!(v.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+        let mut delta = Delta::default();
+        delta.add(0, &order(1, 1, "Oslo", "p", "EUR", 1, 100));
+        delta.add(1, &order(2, 1, "Oslo", "p", "EUR", 1, 100));
+        delta.add(2, &order(3, 1, "Oslo", "p", "EUR", 1, 100));
+        assert_eq!(
+            v.apply(LogPosition::ZERO, LogPosition::new(9, 3), 1, &delta)
+                .await
+                .unwrap(),
+            Applied::Done
+        );
+    }
+    va.drop_epoch(1).await.unwrap();
+    assert_eq!(va.epochs().await.unwrap(), [0, 2]);
+    assert_eq!(
+        vb.epochs().await.unwrap(),
+        [0, 1, 2],
+        "another prefix is untouched"
+    );
+    let day = Utc
+        .with_ymd_and_hms(2026, 11, 29, 0, 0, 0)
+        .unwrap()
+        .timestamp();
+    let orders = async |v: &SpeedView| {
+        let read = v
+            .read(0, Granularity::Day, Dimension::Total, day, day + 86_400)
+            .await
+            .unwrap();
+        cell(&read, day, "", "EUR").orders
+    };
+    assert_eq!(orders(&va).await, 2);
+
+    // A reset after a loss clears the leftovers of its own prefix, starting over.
+    redis::cmd("DEL")
+        .arg(format!("{}:meta", a.key_prefix))
+        .exec_async(&mut Redis::new(&a).unwrap().conn().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(va.meta().await.unwrap(), None);
+    let from = LogPosition::before_txid(42);
+    assert!(va.reset(from, 3, 5).await.unwrap());
+    assert!(va.epochs().await.unwrap().is_empty());
+    assert_eq!(orders(&va).await, 0);
+    assert_eq!(va.meta().await.unwrap().unwrap().cursor, from);
+    assert_eq!(orders(&vb).await, 3);
+}
