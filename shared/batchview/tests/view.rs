@@ -35,6 +35,22 @@ async fn insert(ch: &clickhouse::Client, rows: &[AggRow]) {
     insert.end().await.unwrap();
 }
 
+/// A migrated ClickHouse database of the test's own.
+async fn clickhouse() -> clickhouse::Client {
+    let config = tidemark_testkit::clickhouse();
+    tidemark_platform::clickhouse::migrate(&config)
+        .await
+        .unwrap();
+    tidemark_platform::clickhouse::client(&config)
+}
+
+/// The hour the tests' rows fall in, as a bucket start.
+fn hour() -> u32 {
+    Utc.with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
+        .unwrap()
+        .timestamp() as u32
+}
+
 fn state(base_run_id: u64, run_id: u64) -> PublishedState {
     let at = Utc.with_ymd_and_hms(2026, 11, 29, 12, 0, 0).unwrap();
     PublishedState {
@@ -73,15 +89,8 @@ async fn the_published_state_is_none_before_the_first_publish_then_the_row() {
 
 #[tokio::test]
 async fn reads_sum_exactly_the_published_runs_each_row_once() {
-    let config = tidemark_testkit::clickhouse();
-    tidemark_platform::clickhouse::migrate(&config)
-        .await
-        .unwrap();
-    let ch = tidemark_platform::clickhouse::client(&config);
-    let hour = Utc
-        .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
-        .unwrap()
-        .timestamp() as u32;
+    let ch = clickhouse().await;
+    let hour = hour();
     let (g, d) = (Granularity::Hour, Dimension::City);
     insert(
         &ch,
@@ -123,15 +132,8 @@ async fn reads_sum_exactly_the_published_runs_each_row_once() {
 
 #[tokio::test]
 async fn a_published_row_in_a_currency_this_build_does_not_know_is_an_error() {
-    let config = tidemark_testkit::clickhouse();
-    tidemark_platform::clickhouse::migrate(&config)
-        .await
-        .unwrap();
-    let ch = tidemark_platform::clickhouse::client(&config);
-    let hour = Utc
-        .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
-        .unwrap()
-        .timestamp() as u32;
+    let ch = clickhouse().await;
+    let hour = hour();
     let (g, d) = (Granularity::Hour, Dimension::Total);
     insert(
         &ch,

@@ -35,7 +35,7 @@ pub mod wait;
 pub use figure::{figure, heavy};
 pub use fuzz::{Fuzzed, schemathesis};
 pub use isolate::{TestDb, clickhouse, postgres, redis, s3};
-pub use orders::{insert, random_order};
+pub use orders::{Straddle, insert, random_order};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;
 pub use servers::{PrivateClickHouse, PrivatePostgres, PrivateRedis, PrivateS3};

@@ -65,3 +65,63 @@ pub async fn insert_as(db: impl sqlx::PgExecutor<'_>, order: &Order, currency: &
     .await
     .expect("insert into orders");
 }
+
+/// A log with a row this build cannot decode between two runs of good ones, each
+/// group committed in a transaction of its own (so the undecodable row's
+/// transaction id separates them): for tests of how consumers stop at such a row.
+pub struct Straddle {
+    pub before: Vec<Order>,
+    /// Stored with the currency `XYZ`, which is no ISO 4217 code.
+    pub undecodable: Order,
+    pub after: Vec<Order>,
+    /// The undecodable row's `(txid, seq)`.
+    pub position: (i64, i64),
+}
+
+impl Straddle {
+    /// Writes `n` orders, the undecodable one, then `n` more.
+    pub async fn write(pool: &sqlx::PgPool, seed: u64, n: usize) -> Straddle {
+        use rand::SeedableRng;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut orders =
+            |n: usize| -> Vec<Order> { (0..n).map(|_| random_order(&mut rng)).collect() };
+        let (before, undecodable, after) = (orders(n), orders(1).remove(0), orders(n));
+        for (batch, currency) in [
+            (&before, None),
+            (&vec![undecodable.clone()], Some("XYZ")),
+            (&after, None),
+        ] {
+            let mut tx = pool.begin().await.expect("begin");
+            for order in batch {
+                insert_as(&mut *tx, order, currency.unwrap_or(order.currency.as_str())).await;
+            }
+            tx.commit().await.expect("commit");
+        }
+        let position =
+            sqlx::query_as("SELECT txid::text::int8, seq FROM orders WHERE order_id = $1")
+                .bind(undecodable.order_id)
+                .fetch_one(pool)
+                .await
+                .expect("the undecodable row's position");
+        Straddle {
+            before,
+            undecodable,
+            after,
+            position,
+        }
+    }
+
+    /// Makes the row readable (as a newer build or a corrected row would).
+    pub async fn repair(&self, pool: &sqlx::PgPool) {
+        sqlx::query("UPDATE orders SET currency = 'EUR' WHERE order_id = $1")
+            .bind(self.undecodable.order_id)
+            .execute(pool)
+            .await
+            .expect("repair the row");
+    }
+
+    /// `txid_seq`, as the consumers name the row.
+    pub fn position_text(&self) -> String {
+        format!("{}_{}", self.position.0, self.position.1)
+    }
+}

@@ -18,6 +18,23 @@ impl Running {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `/readyz`: its status and JSON body.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        let r = reqwest::get(self.url("/readyz"))
+            .await
+            .expect("readyz answers");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("readyz body is JSON"))
+    }
+
+    /// `/metrics`: the Prometheus text (see [`metric`]).
+    pub async fn metrics(&self) -> String {
+        let r = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics answer");
+        r.text().await.expect("metrics body")
+    }
+
     /// Cancels the service and returns what its `serve` returned.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();

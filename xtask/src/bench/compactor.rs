@@ -194,13 +194,6 @@ async fn compaction_round(
         .trim()
         .parse()?;
     drop(std::fs::remove_file(&parquet));
-    drop(std::fs::remove_dir_all(
-        bench.stack.data("s3").join(&s3.bucket).join(&s3.prefix),
-    ));
-    bench
-        .admin_clickhouse()
-        .query(&format!("DROP DATABASE IF EXISTS {ch_db}"))
-        .execute()
-        .await?;
+    bench.drop_batch_stores(&s3, &ch_db).await?;
     Ok((ours, duck))
 }

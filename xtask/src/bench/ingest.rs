@@ -32,20 +32,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     ];
 
     eprintln!("xtask bench: batched ingest of {BATCH_ORDERS} orders, then COPY");
-    let batch: Report = bench.loadtest(
-        &[
-            "ingest-batch",
-            "--seed",
-            "1",
-            "--count",
-            &BATCH_ORDERS.to_string(),
-            "--batch",
-            "1000",
-            "--concurrency",
-            "4",
-        ],
-        &env,
-    )?;
+    let batch = bench.ingest_batch(&url, &key, 1, BATCH_ORDERS)?;
     let csv = bench.csv(1, BATCH_ORDERS)?;
     let copy_secs = copy_csv(&copy_db, &csv)?;
     drop(std::fs::remove_file(&csv));

@@ -26,18 +26,24 @@ use crate::stack::{Kind, Server, Stack};
 
 pub async fn run_bench(name: &str) -> Result<()> {
     install::ensure()?;
+    // The release binaries each benchmark runs (a release build of the compactor,
+    // with polars, takes long on two cores: only the benchmarks that need it build it).
+    let services: &[&str] = match name {
+        "ingest" => &["ingest"],
+        "speed" => &["ingest", "speed"],
+        "compactor" => &["compactor"],
+        "serving" => &["ingest", "speed", "compactor", "serving"],
+        other => bail!("unknown benchmark `{other}`; known: ingest, speed, compactor, serving"),
+    };
     let stack = Stack::new(Kind::Test);
     let was_running = stack.is_running(Server::Postgres);
     stack.start_servers().await?;
-    let mut bench = Harness::new(&stack).await?;
+    let mut bench = Harness::new(&stack, services).await?;
     let report = match name {
         "ingest" => ingest::measure(&mut bench).await,
         "speed" => speed::measure(&mut bench).await,
         "compactor" => compactor::measure(&mut bench).await,
-        "serving" => serving::measure(&mut bench).await,
-        other => Err(anyhow::anyhow!(
-            "unknown benchmark `{other}`; known: ingest, speed, compactor, serving"
-        )),
+        _ => serving::measure(&mut bench).await,
     };
     bench.cleanup().await;
     if !was_running {
@@ -140,14 +146,11 @@ pub(super) struct Harness<'a> {
 }
 
 impl<'a> Harness<'a> {
-    pub(super) async fn new(stack: &'a Stack) -> Result<Harness<'a>> {
-        cargo_release(&[
-            "tidemark-ingest",
-            "tidemark-speed",
-            "tidemark-compactor",
-            "tidemark-serving",
-            "tidemark-loadtest",
-        ])?;
+    /// Builds the load test and `services` in release mode.
+    pub(super) async fn new(stack: &'a Stack, services: &[&str]) -> Result<Harness<'a>> {
+        let mut packages: Vec<String> = services.iter().map(|s| format!("tidemark-{s}")).collect();
+        packages.push("tidemark-loadtest".into());
+        cargo_release(&packages)?;
         Ok(Harness {
             stack,
             tag: chrono::Utc::now().timestamp().to_string(),
@@ -157,10 +160,51 @@ impl<'a> Harness<'a> {
         })
     }
 
-    pub(super) fn admin_clickhouse(&self) -> clickhouse::Client {
+    /// `count` deterministic orders from `seed` through ingest's API, in batches of
+    /// 1,000 on four connections.
+    pub(super) fn ingest_batch(
+        &self,
+        ingest_url: &str,
+        key: &str,
+        seed: u64,
+        count: usize,
+    ) -> Result<tidemark_loadtest::Report> {
+        self.loadtest(
+            &[
+                "ingest-batch",
+                "--seed",
+                &seed.to_string(),
+                "--count",
+                &count.to_string(),
+                "--batch",
+                "1000",
+                "--concurrency",
+                "4",
+            ],
+            &[
+                ("TIDEMARK_INGEST_URL", ingest_url),
+                ("TIDEMARK_INGEST_KEY", key),
+            ],
+        )
+    }
+
+    /// Removes a benchmark's S3 prefix (from the test stack's s3s-fs folder) and
+    /// its ClickHouse database.
+    pub(super) async fn drop_batch_stores(
+        &self,
+        s3: &tidemark_platform::config::S3Config,
+        clickhouse_db: &str,
+    ) -> Result<()> {
+        drop(std::fs::remove_dir_all(
+            self.stack.data("s3").join(&s3.bucket).join(&s3.prefix),
+        ));
         clickhouse::Client::default()
             .with_url(self.stack.clickhouse_url())
             .with_validation(false)
+            .query(&format!("DROP DATABASE IF EXISTS {clickhouse_db}"))
+            .execute()
+            .await?;
+        Ok(())
     }
 
     pub(super) fn bin(&self, name: &str) -> std::path::PathBuf {
@@ -268,7 +312,7 @@ pub(super) fn unlink_prefix(port: &str, pattern: &str) -> Result<()> {
     Ok(())
 }
 
-fn cargo_release(packages: &[&str]) -> Result<()> {
+fn cargo_release(packages: &[String]) -> Result<()> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--release", "--quiet"]);
     for p in packages {

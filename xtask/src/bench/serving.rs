@@ -48,23 +48,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     eprintln!("xtask bench: loading a day of orders, a batch run, and the speed layer");
     let ingest = bench.service("ingest", &store_env(&[])).await?;
     bench.service("speed", &store_env(&[])).await?;
-    bench.loadtest::<Report>(
-        &[
-            "ingest-batch",
-            "--seed",
-            "9",
-            "--count",
-            "100000",
-            "--batch",
-            "1000",
-            "--concurrency",
-            "4",
-        ],
-        &[
-            ("TIDEMARK_INGEST_URL", ingest.as_str()),
-            ("TIDEMARK_INGEST_KEY", ingest_key.as_str()),
-        ],
-    )?;
+    bench.ingest_batch(&ingest, &ingest_key, 9, 100_000)?;
     let mut compact = Command::new(bench.bin("tidemark-compactor"));
     compact
         .arg("run-once")
@@ -77,23 +61,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         bail!("the batch run did not publish: {out}");
     }
     // More orders after the watermark, so the speed part is not empty.
-    bench.loadtest::<Report>(
-        &[
-            "ingest-batch",
-            "--seed",
-            "10",
-            "--count",
-            "20000",
-            "--batch",
-            "1000",
-            "--concurrency",
-            "4",
-        ],
-        &[
-            ("TIDEMARK_INGEST_URL", ingest.as_str()),
-            ("TIDEMARK_INGEST_KEY", ingest_key.as_str()),
-        ],
-    )?;
+    bench.ingest_batch(&ingest, &ingest_key, 10, 20_000)?;
     let serving = bench.service("serving", &store_env(&[])).await?;
 
     let today = chrono::Utc::now().format("%Y-%m-%d");
@@ -135,14 +103,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     )?;
     bench.stop_services().await;
     unlink_prefix(&bench.stack.ports.redis.to_string(), &format!("{prefix}:*"))?;
-    drop(std::fs::remove_dir_all(
-        bench.stack.data("s3").join(&s3.bucket).join(&s3.prefix),
-    ));
-    bench
-        .admin_clickhouse()
-        .query(&format!("DROP DATABASE IF EXISTS {ch_db}"))
-        .execute()
-        .await?;
+    bench.drop_batch_stores(&s3, &ch_db).await?;
 
     let mut report = BenchReport::new(
         "serving",

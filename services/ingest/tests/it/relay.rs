@@ -5,12 +5,10 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::{PgPool, Postgres, Transaction};
-use tidemark_domain::Order;
 use tidemark_ingest::config::RelaySettings;
 use tidemark_ingest::relay::{Relay, Step};
 use tidemark_platform::config::S3Config;
-use tidemark_testkit::orders::insert_as;
-use tidemark_testkit::{eventually, insert, metric};
+use tidemark_testkit::{Straddle, eventually, insert, metric};
 
 use crate::{list_keys, pg_order_ids, random_order, raw_order_ids};
 
@@ -247,28 +245,7 @@ async fn ingest_keeps_accepting_while_s3_is_down_and_the_relay_catches_up() {
 async fn r19_a_row_the_relay_cannot_decode_stops_it_there_and_nothing_after_is_skipped() {
     let db = tidemark_testkit::postgres().await;
     let s3 = tidemark_testkit::s3();
-    let mut rng = StdRng::seed_from_u64(19);
-    let mut orders = |n: usize| -> Vec<Order> { (0..n).map(|_| random_order(&mut rng)).collect() };
-    let (before, bad, after) = (orders(40), orders(1).remove(0), orders(40));
-    // Three transactions, in log order: before, the undecodable row, after.
-    for (batch, currency) in [
-        (&before, None),
-        (&vec![bad.clone()], Some("XYZ")),
-        (&after, None),
-    ] {
-        let mut tx = db.pool.begin().await.unwrap();
-        for order in batch {
-            insert_as(&mut *tx, order, currency.unwrap_or(order.currency.as_str())).await;
-        }
-        tx.commit().await.unwrap();
-    }
-    let (bad_txid, bad_seq): (i64, i64) =
-        sqlx::query_as("SELECT txid::text::int8, seq FROM orders WHERE order_id = $1")
-            .bind(bad.order_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-
+    let log = Straddle::write(&db.pool, 19, 40).await;
     let mut config = tidemark_ingest::Config {
         postgres: db.config.clone(),
         s3: s3.clone(),
@@ -279,31 +256,22 @@ async fn r19_a_row_the_relay_cannot_decode_stops_it_there_and_nothing_after_is_s
     // The undecodable row falls inside the second batch.
     config.relay.batch_size = 25;
     let svc = tidemark_testkit::start(|l, s| tidemark_ingest::serve(config, l, s)).await;
-    let http = reqwest::Client::new();
-    let readyz = async || -> (u16, serde_json::Value) {
-        let r = http.get(svc.url("/readyz")).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    };
-    let metrics = async || -> String {
-        let r = http.get(svc.url("/metrics")).send().await.unwrap();
-        r.text().await.unwrap()
-    };
     eventually(
         Duration::from_secs(30),
         "the relay reports where it stopped",
         || async {
-            readyz().await.1["advisories"]["relay"]
+            svc.readyz().await.1["advisories"]["relay"]
                 .as_str()
                 .is_some_and(|why| why.contains("XYZ"))
         },
     )
     .await;
-    let (status, body) = readyz().await;
+    let (status, body) = svc.readyz().await;
     assert_eq!(status, 200, "intake stays ready: {body}");
     let why = body["advisories"]["relay"].as_str().unwrap();
-    assert!(why.contains(&format!("{bad_txid}_{bad_seq}")), "{why}");
-    assert!(why.contains(&bad.order_id.to_string()), "{why}");
-    let text = metrics().await;
+    assert!(why.contains(&log.position_text()), "{why}");
+    assert!(why.contains(&log.undecodable.order_id.to_string()), "{why}");
+    let text = svc.metrics().await;
     assert_eq!(
         metric(&text, "relay_undecodable_rows_total"),
         Some(1.0),
@@ -313,7 +281,7 @@ async fn r19_a_row_the_relay_cannot_decode_stops_it_there_and_nothing_after_is_s
 
     // Exactly the rows before it landed, once each; the horizon stays below it.
     let landed = raw_order_ids(&s3).await;
-    let mut expected: Vec<_> = before.iter().map(|o| o.order_id).collect();
+    let mut expected: Vec<_> = log.before.iter().map(|o| o.order_id).collect();
     expected.sort();
     let mut got: Vec<_> = landed.keys().copied().collect();
     got.sort();
@@ -329,23 +297,15 @@ async fn r19_a_row_the_relay_cannot_decode_stops_it_there_and_nothing_after_is_s
     .fetch_one(&db.pool)
     .await
     .unwrap();
+    let bad_txid = log.position.0;
     assert!(cursor_txid < bad_txid, "the cursor stays before the row");
     assert!(
         horizon <= bad_txid,
         "horizon {horizon} passed the row's txid {bad_txid}"
     );
-    let after_landed = after
-        .iter()
-        .filter(|o| landed.contains_key(&o.order_id))
-        .count();
 
-    // The row becomes decodable (here it is corrected; a newer build would read
-    // it as it is): the relay goes on from the row and lands everything.
-    sqlx::query("UPDATE orders SET currency = 'EUR' WHERE order_id = $1")
-        .bind(bad.order_id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    // Once the row can be read, the relay goes on from it and lands everything.
+    log.repair(&db.pool).await;
     eventually(
         Duration::from_secs(30),
         "the relay lands the rest",
@@ -354,19 +314,21 @@ async fn r19_a_row_the_relay_cannot_decode_stops_it_there_and_nothing_after_is_s
     .await;
     assert_lake_matches_log(&db.pool, &s3).await;
     eventually(Duration::from_secs(10), "the stop is cleared", || async {
-        readyz().await.1["advisories"]["relay"] == "ok"
-            && metric(&metrics().await, "relay_stopped") == Some(0.0)
+        svc.readyz().await.1["advisories"]["relay"] == "ok"
+            && metric(&svc.metrics().await, "relay_stopped") == Some(0.0)
     })
     .await;
     svc.stop().await.unwrap();
     tidemark_testkit::figure(
         "R19",
         format!(
-            "lake relay: stopped at the undecodable row {bad_txid}_{bad_seq} (reported on /readyz, \
-             counted once, intake still ready); landed before it {} of 40, after it {after_landed} \
-             of 40, horizon kept below it; after the row was made readable all 81 landed once: \
-             skipped rows 0",
-            before.len()
+            "lake relay: stopped at the undecodable row {} (reported on /readyz, counted once, \
+             intake still ready); landed before it {} of {}, after it 0 of {}, horizon kept \
+             below it; after the row was made readable all 81 landed once: skipped rows 0",
+            log.position_text(),
+            got.len(),
+            log.before.len(),
+            log.after.len(),
         ),
     );
 }

@@ -88,17 +88,37 @@ pub async fn speed_grid(
     grid
 }
 
+/// Orders in the view, over every epoch.
+pub async fn orders_in_view(view: &SpeedView) -> i64 {
+    speed_grid(view, 0, Granularity::Day, Dimension::Total, None)
+        .await
+        .values()
+        .map(|v| v[1])
+        .sum()
+}
+
 /// Asserts the view of epochs `>= min_epoch` equals SQL over rows with txid
 /// `>= from_txid`, for every granularity and dimension.
 pub async fn assert_exact(pool: &PgPool, view: &SpeedView, min_epoch: u64, from_txid: u64) {
+    assert_exact_in(pool, view, min_epoch, from_txid..u64::MAX).await;
+}
+
+/// Asserts the view of epochs `>= min_epoch` equals SQL over rows with txid in
+/// `txids`, for every granularity and dimension.
+pub async fn assert_exact_in(
+    pool: &PgPool,
+    view: &SpeedView,
+    min_epoch: u64,
+    txids: std::ops::Range<u64>,
+) {
     for granularity in Granularity::ALL {
         for dimension in Dimension::ALL {
             let truth = tidemark_testkit::ground_truth(
                 pool,
                 granularity.seconds(),
                 dimension.as_str(),
-                from_txid,
-                u64::MAX,
+                txids.start,
+                txids.end,
             )
             .await;
             assert!(!truth.is_empty());
