@@ -11,12 +11,64 @@ use tidemark_platform::auth::{self, Scope};
 use super::{BenchReport, Harness, copy_csv, unlink_prefix};
 use crate::proc::run;
 
-pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
-    const RATE: u64 = 5_000;
-    const SECONDS: u64 = 30;
-    const SATURATION_ROWS: usize = 300_000;
-    let redis_url = bench.stack.redis_url();
+const RATE: u64 = 5_000;
+const SECONDS: u64 = 30;
+const SATURATION_ROWS: usize = 300_000;
 
+pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
+    let fresh = freshness(bench).await?;
+    let saturated = saturation(bench).await?;
+    let mix_rate = redis_anchor(bench, saturated.hincrby_share)?;
+    let port = bench.stack.ports.redis.to_string();
+    for prefix in [
+        format!("bench{}", bench.tag),
+        format!("benchsat{}", bench.tag),
+    ] {
+        unlink_prefix(&port, &format!("{prefix}:*"))?;
+    }
+    let Saturation {
+        rows_per_sec,
+        ops_per_row,
+        ..
+    } = saturated;
+    let anchor_rows = mix_rate / ops_per_row;
+    let mut report = BenchReport::new(
+        "speed",
+        "release build; same Redis and Postgres for every figure",
+    );
+    report.row(
+        format!(
+            "freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s \
+             (achieved {:.0}/s, {} orders, {} errors)",
+            fresh.achieved_rate, fresh.orders, fresh.errors
+        ),
+        format!(
+            "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            fresh.p50_ms, fresh.p90_ms, fresh.p99_ms, fresh.max_ms
+        ),
+        String::new(),
+        None,
+        "p99 ≤ 500 ms",
+    );
+    report.row(
+        format!(
+            "applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} \
+             Redis writes per row)"
+        ),
+        format!("{rows_per_sec:.0} rows/s"),
+        format!(
+            "redis-benchmark, same HINCRBY/ZADD mix, pipelined: {mix_rate:.0} ops/s = \
+             {anchor_rows:.0} rows/s"
+        ),
+        Some(rows_per_sec / anchor_rows),
+        "a share of raw Redis",
+    );
+    Ok(report)
+}
+
+/// Ingest 2xx → visible in the speed view, at [`RATE`] orders/s.
+async fn freshness(bench: &mut Harness<'_>) -> Result<FreshnessReport> {
+    let redis_url = bench.stack.redis_url();
     eprintln!("xtask bench: freshness at {RATE} orders/s for {SECONDS} s");
     let db = bench.database("fresh").await?;
     let pool = sqlx::PgPool::connect(&db).await?;
@@ -43,7 +95,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             ],
         )
         .await?;
-    let fresh: FreshnessReport = bench.loadtest(
+    let fresh = bench.loadtest(
         &[
             "freshness",
             "--redis-url",
@@ -66,6 +118,22 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     )?;
     bench.stop_services().await;
 
+    Ok(fresh)
+}
+
+/// What the speed layer sustained over a preloaded log.
+struct Saturation {
+    rows_per_sec: f64,
+    /// Redis writes per applied row.
+    ops_per_row: f64,
+    /// The share of HINCRBY among those writes (the rest are ZADD).
+    hincrby_share: f64,
+}
+
+/// Applied rows/s over [`SATURATION_ROWS`] preloaded rows, and the Redis commands
+/// it took.
+async fn saturation(bench: &mut Harness<'_>) -> Result<Saturation> {
+    let redis_url = bench.stack.redis_url();
     eprintln!("xtask bench: saturation over {SATURATION_ROWS} preloaded rows");
     let db = bench.database("saturate").await?;
     let csv = bench.csv(4, SATURATION_ROWS)?;
@@ -132,7 +200,15 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let (hincrby, zadd) = (calls("hincrby"), calls("zadd"));
     let rows_per_sec = SATURATION_ROWS as f64 / elapsed;
     let ops_per_row = (hincrby + zadd) / SATURATION_ROWS as f64;
+    Ok(Saturation {
+        rows_per_sec,
+        ops_per_row,
+        hincrby_share: hincrby / (hincrby + zadd),
+    })
+}
 
+/// redis-benchmark's pipelined ops/s for the same HINCRBY/ZADD mix.
+fn redis_anchor(bench: &Harness<'_>, hincrby_share: f64) -> Result<f64> {
     eprintln!("xtask bench: redis-benchmark for the same command mix");
     let port = bench.stack.ports.redis.to_string();
     let rb = |args: &[&str]| -> Result<f64> {
@@ -166,55 +242,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "__rand_int__",
         "__rand_int__",
     ])?;
-    let share = hincrby / (hincrby + zadd);
+    let share = hincrby_share;
     let mix_rate = 1.0 / (share / hincrby_rate + (1.0 - share) / zadd_rate);
-    let anchor_rows = mix_rate / ops_per_row;
-    // Remove the benchmark's keys without one huge blocking reply.
-    let keys =
-        run(Command::new("redis-cli").args(["-p", &port, "--scan", "--pattern", "benchmix:*"]))?;
-    let keys: Vec<&str> = keys.lines().collect();
-    for chunk in keys.chunks(1000) {
-        run(Command::new("redis-cli")
-            .args(["-p", &port, "UNLINK"])
-            .args(chunk))?;
-    }
-
-    for prefix in [
-        format!("bench{}", bench.tag),
-        format!("benchsat{}", bench.tag),
-    ] {
-        unlink_prefix(&port, &format!("{prefix}:*"))?;
-    }
-    let mut report = BenchReport::new(
-        "speed",
-        "release build; same Redis and Postgres for every figure",
-    );
-    report.row(
-        format!(
-            "freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s \
-             (achieved {:.0}/s, {} orders, {} errors)",
-            fresh.achieved_rate, fresh.orders, fresh.errors
-        ),
-        format!(
-            "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-            fresh.p50_ms, fresh.p90_ms, fresh.p99_ms, fresh.max_ms
-        ),
-        String::new(),
-        None,
-        "p99 ≤ 500 ms",
-    );
-    report.row(
-        format!(
-            "applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} \
-             Redis writes per row)"
-        ),
-        format!("{rows_per_sec:.0} rows/s"),
-        format!(
-            "redis-benchmark, same HINCRBY/ZADD mix, pipelined: {mix_rate:.0} ops/s = \
-             {anchor_rows:.0} rows/s"
-        ),
-        Some(rows_per_sec / anchor_rows),
-        "a share of raw Redis",
-    );
-    Ok(report)
+    unlink_prefix(&port, "benchmix:*")?;
+    Ok(mix_rate)
 }

@@ -23,6 +23,24 @@ pub struct AuditReport {
     pub problems: Vec<String>,
 }
 
+/// Staging's sums and checks for one granularity × dimension × currency.
+#[derive(Debug, Default, clickhouse::Row, serde::Deserialize)]
+struct StagedSums {
+    granularity: String,
+    dimension: String,
+    currency: String,
+    revenue: i64,
+    orders: u64,
+    items: u64,
+    /// Rows with an empty value outside the `total` dimension.
+    empty_values: u64,
+    /// Rows counting no order.
+    empty_orders: u64,
+    /// Rows with negative revenue.
+    negative: u64,
+    rows: u64,
+}
+
 impl Compactor {
     /// Reconciles raw JSON ↔ Parquet ↔ staging and checks keys, amounts and
     /// currencies.
@@ -51,22 +69,29 @@ impl Compactor {
                 .problems
                 .push("raw totals changed by de-duplication without duplicates".into());
         }
-
-        #[derive(clickhouse::Row, serde::Deserialize)]
-        struct Sums {
-            granularity: String,
-            dimension: String,
-            currency: String,
-            revenue: i64,
-            orders: u64,
-            items: u64,
-            empty_values: u64,
-            empty_orders: u64,
-            negative: u64,
-            rows: u64,
+        let (parquet, sums) = self.read_back(run, written).await?;
+        if parquet != deduped {
+            report.problems.push(format!(
+                "parquet totals {parquet:?} differ from raw {deduped:?}"
+            ));
         }
-        // The Parquet files, read back from S3 (only the columns the totals need,
-        // fetched by range), and staging's sums in ClickHouse, both at once.
+        report.parquet = parquet;
+        report.source = match run.kind {
+            Kind::Incremental => deduped,
+            Kind::Rebuild => aggregate::currency_totals(source)?,
+        };
+        check_staging(&mut report, &sums);
+        Ok(report)
+    }
+
+    /// What landed, read back: the totals of the run's Parquet files (from S3, only
+    /// the columns the totals need, fetched by range) and staging's sums in
+    /// ClickHouse, both at once.
+    async fn read_back(
+        &self,
+        run: &Run,
+        written: &Written,
+    ) -> Result<(CurrencyTotals, Vec<StagedSums>)> {
         let t = Instant::now();
         let parquet = async {
             const COLUMNS: [&str; 3] = ["currency", "quantity", "unit_price_minor"];
@@ -95,78 +120,19 @@ impl Compactor {
                          FROM {} GROUP BY granularity, dimension, currency",
                         run.staging()
                     ))
-                    .fetch_all::<Sums>()
+                    .fetch_all::<StagedSums>()
                     .await?,
                 t.elapsed().as_millis() as u64,
             ))
         };
-        let ((parquet_totals, parquet_ms), (sums, staging_ms)) = tokio::try_join!(parquet, sums)?;
+        let ((parquet, parquet_ms), (sums, staging_ms)) = tokio::try_join!(parquet, sums)?;
         tracing::info!(
             run_id = run.run_id,
             parquet_ms,
             staging_ms,
             "Audit read back"
         );
-        if parquet_totals != deduped {
-            report.problems.push(format!(
-                "parquet totals {parquet_totals:?} differ from raw {deduped:?}"
-            ));
-        }
-        report.parquet = parquet_totals;
-
-        // Staging: every granularity × dimension adds up to the source, per currency.
-        report.source = match run.kind {
-            Kind::Incremental => deduped.clone(),
-            Kind::Rebuild => aggregate::currency_totals(source)?,
-        };
-        let mut seen: BTreeMap<(String, String), CurrencyTotals> = BTreeMap::new();
-        for s in &sums {
-            report.staging_rows += s.rows;
-            if s.currency.parse::<Currency>().is_err() {
-                report
-                    .problems
-                    .push(format!("unknown currency `{}` in staging", s.currency));
-            }
-            if s.empty_values > 0 {
-                report.problems.push(format!(
-                    "{} rows of {} by {} have an empty key",
-                    s.empty_values, s.granularity, s.dimension
-                ));
-            }
-            if s.empty_orders > 0 || s.negative > 0 {
-                report.problems.push(format!(
-                    "{} by {} has rows without orders or with negative revenue",
-                    s.granularity, s.dimension
-                ));
-            }
-            seen.entry((s.granularity.clone(), s.dimension.clone()))
-                .or_default()
-                .insert(
-                    s.currency.clone(),
-                    [s.revenue, s.orders as i64, s.items as i64],
-                );
-        }
-        for granularity in Granularity::ALL {
-            for dimension in Dimension::ALL {
-                let key = (
-                    granularity.as_str().to_owned(),
-                    dimension.as_str().to_owned(),
-                );
-                let staged = seen.remove(&key).unwrap_or_default();
-                if staged != report.source {
-                    report.problems.push(format!(
-                        "staging {granularity} by {dimension} sums to {staged:?}, the orders to {:?}",
-                        report.source
-                    ));
-                }
-            }
-        }
-        for (granularity, dimension) in seen.keys() {
-            report.problems.push(format!(
-                "unexpected staging rows for {granularity} by {dimension}"
-            ));
-        }
-        Ok(report)
+        Ok((parquet, sums))
     }
 
     /// Records a failed audit. The run's lake files leave the manifest (the next run
@@ -196,5 +162,127 @@ impl Compactor {
             run_id: run.run_id,
             problems: report.problems,
         })
+    }
+}
+
+/// Staging: keys set, amounts valid, currencies known, and every granularity ×
+/// dimension adding up to the run's source orders, per currency.
+fn check_staging(report: &mut AuditReport, sums: &[StagedSums]) {
+    let mut seen: BTreeMap<(String, String), CurrencyTotals> = BTreeMap::new();
+    for s in sums {
+        report.staging_rows += s.rows;
+        if s.currency.parse::<Currency>().is_err() {
+            report
+                .problems
+                .push(format!("unknown currency `{}` in staging", s.currency));
+        }
+        if s.empty_values > 0 {
+            report.problems.push(format!(
+                "{} rows of {} by {} have an empty key",
+                s.empty_values, s.granularity, s.dimension
+            ));
+        }
+        if s.empty_orders > 0 || s.negative > 0 {
+            report.problems.push(format!(
+                "{} by {} has rows without orders or with negative revenue",
+                s.granularity, s.dimension
+            ));
+        }
+        seen.entry((s.granularity.clone(), s.dimension.clone()))
+            .or_default()
+            .insert(
+                s.currency.clone(),
+                [s.revenue, s.orders as i64, s.items as i64],
+            );
+    }
+    for granularity in Granularity::ALL {
+        for dimension in Dimension::ALL {
+            let key = (
+                granularity.as_str().to_owned(),
+                dimension.as_str().to_owned(),
+            );
+            let staged = seen.remove(&key).unwrap_or_default();
+            if staged != report.source {
+                report.problems.push(format!(
+                    "staging {granularity} by {dimension} sums to {staged:?}, the orders to {:?}",
+                    report.source
+                ));
+            }
+        }
+    }
+    for (granularity, dimension) in seen.keys() {
+        report.problems.push(format!(
+            "unexpected staging rows for {granularity} by {dimension}"
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Staging's sums for a source of one EUR order of 300 (2 items), in every
+    /// granularity × dimension.
+    fn clean() -> Vec<StagedSums> {
+        let mut sums = Vec::new();
+        for g in Granularity::ALL {
+            for d in Dimension::ALL {
+                sums.push(StagedSums {
+                    granularity: g.as_str().into(),
+                    dimension: d.as_str().into(),
+                    currency: "EUR".into(),
+                    revenue: 300,
+                    orders: 1,
+                    items: 2,
+                    rows: 1,
+                    ..StagedSums::default()
+                });
+            }
+        }
+        sums
+    }
+
+    fn problems(sums: &[StagedSums]) -> Vec<String> {
+        let mut report = AuditReport {
+            source: CurrencyTotals::from([("EUR".to_owned(), [300, 1, 2])]),
+            ..AuditReport::default()
+        };
+        check_staging(&mut report, sums);
+        report.problems
+    }
+
+    #[test]
+    fn staging_that_adds_up_everywhere_passes() {
+        assert_eq!(problems(&clean()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_kind_of_bad_staging_is_named() {
+        let mut sums = clean();
+        sums[1].revenue += 1; // minute by city no longer adds up
+        sums[2].empty_values = 3;
+        sums[3].negative = 1;
+        sums[4].currency = "XYZ".into();
+        sums.retain(|s| !(s.granularity == "day" && s.dimension == "product"));
+        sums.push(StagedSums {
+            granularity: "week".into(),
+            dimension: "city".into(),
+            currency: "EUR".into(),
+            ..StagedSums::default()
+        });
+        let found = problems(&sums).join("\n");
+        for expected in [
+            "staging minute by city sums to",
+            "3 rows of minute by category have an empty key",
+            "minute by product has rows without orders or with negative revenue",
+            "unknown currency `XYZ` in staging",
+            "staging day by product sums to {}",
+            "unexpected staging rows for week by city",
+        ] {
+            assert!(
+                found.contains(expected),
+                "{expected} missing from:\n{found}"
+            );
+        }
     }
 }
