@@ -41,11 +41,7 @@ pub async fn serve(
             config.s3.clone(),
             config.relay.clone(),
         );
-        let status = relay.status();
-        readiness = readiness.advise("relay", move || {
-            let stopped = status.check();
-            async move { stopped }
-        });
+        readiness = readiness.advise("relay", relay.status().probe());
         let token = shutdown.child_token();
         Some((tokio::spawn(relay.run(token.clone())), token))
     } else {

@@ -46,13 +46,7 @@ pub async fn serve(
                 async move { redis.check().await }
             }
         })
-        .with("log", {
-            let status = consumer.status();
-            move || {
-                let stopped = status.check();
-                async move { stopped }
-            }
-        })
+        .with("log", consumer.status().probe())
         .with("lag", {
             let consumer = consumer.clone();
             move || {

@@ -52,8 +52,7 @@ impl Readiness {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        let check: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
-        Arc::make_mut(&mut self.checks).push((name, check));
+        Arc::make_mut(&mut self.checks).push((name, boxed(check)));
         self
     }
 
@@ -64,8 +63,7 @@ impl Readiness {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        let check: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
-        Arc::make_mut(&mut self.advisories).push((name, check));
+        Arc::make_mut(&mut self.advisories).push((name, boxed(check)));
         self
     }
 
@@ -79,6 +77,14 @@ impl Readiness {
             advisories,
         }
     }
+}
+
+fn boxed<F, Fut>(check: F) -> Arc<CheckFn>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    Arc::new(move || Box::pin(check()))
 }
 
 async fn run_all(checks: &[(&'static str, Arc<CheckFn>)]) -> BTreeMap<&'static str, String> {

@@ -69,6 +69,15 @@ impl Status {
         }
     }
 
+    /// A readiness check ([`crate::health::Readiness::with`]) that fails while the
+    /// worker is stopped, naming why.
+    pub fn probe(
+        &self,
+    ) -> impl Fn() -> std::future::Ready<Result<(), String>> + Send + Sync + 'static {
+        let status = self.clone();
+        move || std::future::ready(status.check())
+    }
+
     fn set(&self, why: Option<String>) {
         self.0.send_if_modified(|current| {
             let changed = *current != why;

@@ -22,7 +22,7 @@
 
 mod audit;
 mod maintenance;
-pub mod manifest;
+mod manifest;
 mod plan;
 mod publish;
 mod stage;
