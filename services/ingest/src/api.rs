@@ -1,19 +1,21 @@
-//! `POST /v1/orders`, its OpenAPI document and Swagger UI.
+//! `POST /v1/orders`, the Avro schemas producers write (`GET /v1/schemas`), the
+//! OpenAPI document and Swagger UI.
 
 use std::sync::Arc;
 use std::time::Instant;
 use tidemark_platform::problem::BearerAuth;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use chrono::{TimeDelta, Utc};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use sqlx::PgPool;
+use tidemark_domain::avro::SchemaVersion;
 use tidemark_domain::{Order, OrderLimits};
 use tidemark_platform::auth::{self, Authenticator, Scope};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
@@ -38,6 +40,8 @@ pub fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
         utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
     Router::new()
         .route("/v1/orders", post(post_orders))
+        .route("/v1/schemas", get(list_schemas))
+        .route("/v1/schemas/{version}", get(get_schema))
         .route_layer(middleware::from_fn_with_state(
             (auth, Scope::Ingest),
             auth::require,
@@ -120,8 +124,8 @@ struct OrderSchema {
             Limits: 10 MB per body and 10,000 orders per request (configurable: \
             `ingest.max_body_bytes`, `ingest.max_batch`). Errors are RFC 9457 problem+json.",
     ),
-    paths(post_orders),
-    components(schemas(OrderSchema, IngestResponse,
+    paths(post_orders, list_schemas, get_schema),
+    components(schemas(OrderSchema, IngestResponse, AvroSchema, AvroSchemas,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
     modifiers(&BearerAuth, &OrdersBody, &CurrencyCodes),
     security(("bearer" = [])),
@@ -183,6 +187,90 @@ impl utoipa::Modify for OrdersBody {
                 RefOr::T(ContentBuilder::new().schema(Some(body)).build()),
             );
         }
+    }
+}
+
+/// An Avro schema of orders that producers may write.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AvroSchema {
+    /// 1, 2, …
+    pub version: u32,
+    /// Whether ingest reads files with this version's schema (files written with
+    /// an older one are resolved to it).
+    pub current: bool,
+    /// The CRC-64-AVRO (Rabin) fingerprint of the schema's Parsing Canonical Form,
+    /// 16 hex digits, as in Avro's single-object encoding.
+    #[schema(example = "c1d2a0f3e4b5a697")]
+    pub fingerprint: String,
+    /// The schema itself (Avro JSON), to write Object Container Files with.
+    #[schema(value_type = Object)]
+    pub schema: serde_json::Value,
+}
+
+impl From<SchemaVersion> for AvroSchema {
+    fn from(version: SchemaVersion) -> Self {
+        AvroSchema {
+            version: version.number(),
+            current: version == SchemaVersion::CURRENT,
+            fingerprint: version.fingerprint(),
+            schema: serde_json::from_str(version.text()).expect("the schemas are JSON"),
+        }
+    }
+}
+
+/// Every Avro schema version producers may write, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AvroSchemas {
+    pub schemas: Vec<AvroSchema>,
+}
+
+/// The Avro schemas of orders: every version producers may write, with its
+/// fingerprint. Fetch them instead of copying them.
+#[utoipa::path(
+    get,
+    path = "/v1/schemas",
+    responses(
+        (status = 200, body = AvroSchemas),
+    ),
+)]
+async fn list_schemas() -> Json<AvroSchemas> {
+    Json(AvroSchemas {
+        schemas: SchemaVersion::ALL
+            .into_iter()
+            .map(AvroSchema::from)
+            .collect(),
+    })
+}
+
+/// One Avro schema version of orders.
+#[utoipa::path(
+    get,
+    path = "/v1/schemas/{version}",
+    params(("version" = u32, Path, description = "The schema version, 1, 2, …")),
+    responses(
+        (status = 200, body = AvroSchema),
+        (status = 400, description = "Not a version number", body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 404, description = "No such version", body = ProblemSchema, content_type = "application/problem+json"),
+    ),
+)]
+async fn get_schema(Path(version): Path<String>) -> Response {
+    let Ok(number) = version.parse::<u32>() else {
+        return Problem::new(ProblemKind::Validation)
+            .detail("`version` must be a schema version number (1, 2, …).")
+            .errors(vec![FieldError {
+                pointer: "version".into(),
+                code: "invalid".into(),
+                detail: "must be a whole number".into(),
+            }])
+            .into_response();
+    };
+    match SchemaVersion::of(number) {
+        Some(version) => Json(AvroSchema::from(version)).into_response(),
+        None => Problem::not_found(format!(
+            "There is no Avro schema version {number}; versions 1 to {} exist.",
+            SchemaVersion::CURRENT.number()
+        ))
+        .into_response(),
     }
 }
 

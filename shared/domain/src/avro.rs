@@ -7,6 +7,9 @@
 //! |---|---|
 //! | 1 | one item per order: no `quantity` |
 //! | 2 (current) | adds `quantity` (default 1) |
+//!
+//! Ingest lists them (`GET /v1/schemas`) with their fingerprints, so producers
+//! fetch them rather than copy them.
 
 use std::sync::OnceLock;
 
@@ -61,6 +64,38 @@ pub enum SchemaVersion {
 
 impl SchemaVersion {
     pub const CURRENT: SchemaVersion = SchemaVersion::V2;
+
+    /// Every version producers may write, oldest first.
+    pub const ALL: [SchemaVersion; 2] = [SchemaVersion::V1, SchemaVersion::V2];
+
+    /// The version's number (1, 2, …).
+    pub fn number(self) -> u32 {
+        match self {
+            SchemaVersion::V1 => 1,
+            SchemaVersion::V2 => 2,
+        }
+    }
+
+    /// The version numbered `number`, if there is one.
+    pub fn of(number: u32) -> Option<SchemaVersion> {
+        Self::ALL.into_iter().find(|v| v.number() == number)
+    }
+
+    /// The schema as producers write it (JSON).
+    pub fn text(self) -> &'static str {
+        match self {
+            SchemaVersion::V1 => SCHEMA_V1,
+            SchemaVersion::V2 => SCHEMA_V2,
+        }
+    }
+
+    /// The schema's CRC-64-AVRO (Rabin) fingerprint of its Parsing Canonical Form,
+    /// as 16 hex digits: the fingerprint Avro's single-object encoding uses.
+    pub fn fingerprint(self) -> String {
+        self.schema()
+            .fingerprint::<apache_avro::rabin::Rabin>()
+            .to_string()
+    }
 
     pub fn schema(self) -> &'static Schema {
         static V1: OnceLock<Schema> = OnceLock::new();
@@ -231,6 +266,25 @@ mod tests {
     use super::*;
     use crate::order::tests::sample;
     use apache_avro::schema_compatibility::SchemaCompatibility;
+
+    #[test]
+    fn versions_are_numbered_and_fingerprinted_distinctly() {
+        let prints: Vec<String> = SchemaVersion::ALL.iter().map(|v| v.fingerprint()).collect();
+        assert!(
+            prints
+                .iter()
+                .all(|p| p.len() == 16 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
+        assert_ne!(prints[0], prints[1]);
+        for version in SchemaVersion::ALL {
+            assert_eq!(SchemaVersion::of(version.number()), Some(version));
+            // The text is the schema: parsing it gives the same canonical form.
+            let parsed = Schema::parse_str(version.text()).unwrap();
+            assert_eq!(parsed.canonical_form(), version.schema().canonical_form());
+        }
+        assert_eq!(SchemaVersion::of(0), None);
+        assert!(SchemaVersion::ALL.contains(&SchemaVersion::CURRENT));
+    }
 
     #[test]
     fn current_schema_reads_every_older_version() {

@@ -197,6 +197,100 @@ async fn ndjson_and_avro_of_every_schema_version_are_accepted() {
     assert_eq!(h.count().await, 13);
 }
 
+/// Producers fetch the Avro schemas instead of copying them: every version with its
+/// fingerprint, one by number; a file written with a fetched schema is accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_avro_schemas_are_served_with_their_fingerprints() {
+    let h = Harness::start().await;
+    let get = async |path: &str| {
+        let r = h
+            .http
+            .get(h.svc.url(path))
+            .bearer_auth(&h.key)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        (
+            status,
+            content_type,
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
+    };
+    let (status, _, list) = get("/v1/schemas").await;
+    assert_eq!(status, 200, "{list}");
+    let schemas = list["schemas"].as_array().unwrap();
+    assert_eq!(schemas.len(), SchemaVersion::ALL.len());
+    for (served, version) in schemas.iter().zip(SchemaVersion::ALL) {
+        assert_eq!(served["version"], version.number());
+        assert_eq!(served["current"], version == SchemaVersion::CURRENT);
+        assert_eq!(served["fingerprint"], version.fingerprint());
+        // The served schema is the schema: same canonical form, same fingerprint.
+        let parsed = apache_avro::Schema::parse_str(&served["schema"].to_string()).unwrap();
+        assert_eq!(parsed.canonical_form(), version.schema().canonical_form());
+        let (status, _, one) = get(&format!("/v1/schemas/{}", version.number())).await;
+        assert_eq!(status, 200);
+        assert_eq!(&one, served);
+    }
+    let (status, content_type, problem) = get("/v1/schemas/9").await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (404, "application/problem+json")
+    );
+    assert!(
+        problem["detail"].as_str().unwrap().contains('9'),
+        "{problem}"
+    );
+    let (status, _, problem) = get("/v1/schemas/latest").await;
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["errors"][0]["pointer"], "version");
+    let anonymous = h.http.get(h.svc.url("/v1/schemas")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    // A file written with the fetched current schema is taken.
+    let current = &schemas[SchemaVersion::ALL.len() - 1]["schema"];
+    let schema = apache_avro::Schema::parse_str(&current.to_string()).unwrap();
+    let order = random_order(&mut StdRng::seed_from_u64(77));
+    let mut writer = apache_avro::Writer::new(&schema, Vec::new()).unwrap();
+    let json = order_json(&order);
+    let record = apache_avro::types::Value::Record(
+        ["order_id", "user_id", "city", "product_id", "category"]
+            .iter()
+            .map(|k| {
+                let v = json[*k].as_str().unwrap().to_owned();
+                ((*k).to_owned(), apache_avro::types::Value::String(v))
+            })
+            .chain([
+                (
+                    "quantity".into(),
+                    apache_avro::types::Value::Int(order.quantity),
+                ),
+                (
+                    "unit_price_minor".into(),
+                    apache_avro::types::Value::Long(order.unit_price_minor),
+                ),
+                (
+                    "currency".into(),
+                    apache_avro::types::Value::String(order.currency.to_string()),
+                ),
+                (
+                    "created_at".into(),
+                    apache_avro::types::Value::TimestampMicros(order.created_at.timestamp_micros()),
+                ),
+            ])
+            .collect(),
+    );
+    writer.append_value(record).unwrap();
+    let r = h
+        .post("application/avro", writer.into_inner().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(h.count().await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_inputs_get_4xx_problems_never_5xx() {
     let h = Harness::with(|c| c.ingest.max_body_bytes = 64 * 1024).await;
