@@ -31,10 +31,12 @@ pub fn orders(seed: u64, count: usize) -> Vec<Order> {
             user_id: format!("user-{}", rng.random_range(0..100_000)),
             city: ["Berlin", "Paris", "Lisbon", "Oslo", "Madrid", "Vienna"][rng.random_range(0..6)]
                 .into(),
-            product_id: format!("sku-{}", rng.random_range(0..5_000)),
-            category: ["books", "games", "garden", "kitchen"][rng.random_range(0..4)].into(),
-            quantity: rng.random_range(1..5),
-            unit_price_minor: rng.random_range(100..50_000),
+            lines: vec![tidemark_domain::OrderLine {
+                product_id: format!("sku-{}", rng.random_range(0..5_000)),
+                category: ["books", "games", "garden", "kitchen"][rng.random_range(0..4)].into(),
+                quantity: rng.random_range(1..5),
+                unit_price_minor: rng.random_range(100..50_000),
+            }],
             currency: ["EUR", "USD", "GBP"][rng.random_range(0..3)]
                 .parse()
                 .expect("listed"),

@@ -142,12 +142,15 @@ enum Scenario {
         #[arg(long)]
         seconds: Option<u64>,
     },
-    /// Write `count` deterministic orders as CSV (for a COPY anchor).
+    /// Write `count` deterministic orders as CSV (for a COPY anchor): the
+    /// `orders` rows, or with `--lines` the `order_lines` rows.
     Csv {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long, default_value_t = 100_000)]
         count: usize,
+        #[arg(long)]
+        lines: bool,
     },
 }
 
@@ -315,21 +318,31 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("{n} updates");
             return Ok(());
         }
-        Scenario::Csv { seed, count } => {
+        Scenario::Csv { seed, count, lines } => {
             let mut out = String::with_capacity(count * 150);
             for o in tidemark_loadtest::orders(seed, count) {
-                out.push_str(&format!(
-                    "{},{},{},{},{},{},{},{},{}\n",
-                    o.order_id,
-                    o.user_id,
-                    o.city,
-                    o.product_id,
-                    o.category,
-                    o.quantity,
-                    o.unit_price_minor,
-                    o.currency,
-                    o.created_at.to_rfc3339()
-                ));
+                if lines {
+                    for (n, l) in o.lines.iter().enumerate() {
+                        out.push_str(&format!(
+                            "{},{},{},{},{},{}\n",
+                            o.order_id,
+                            n + 1,
+                            l.product_id,
+                            l.category,
+                            l.quantity,
+                            l.unit_price_minor
+                        ));
+                    }
+                } else {
+                    out.push_str(&format!(
+                        "{},{},{},{},{}\n",
+                        o.order_id,
+                        o.user_id,
+                        o.city,
+                        o.currency,
+                        o.created_at.to_rfc3339()
+                    ));
+                }
             }
             print!("{out}");
             return Ok(());

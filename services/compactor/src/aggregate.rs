@@ -15,8 +15,43 @@ use polars::prelude::*;
 use tidemark_batchview::{AggRow, dimension_code, granularity_code};
 use tidemark_domain::{Dimension, Granularity};
 
-/// Per currency: `[revenue, orders, items]`.
-pub type CurrencyTotals = BTreeMap<String, [i64; 3]>;
+/// What a set of order lines adds up to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Sums {
+    pub revenue: i64,
+    /// Orders (each counted once).
+    pub orders: i64,
+    pub items: i64,
+    /// Orders counted once per category they contain (the `orders` of the
+    /// category dimension).
+    pub category_orders: i64,
+    /// Lines: orders counted once per product (the `orders` of the product
+    /// dimension: an order holds a product at most once).
+    pub lines: i64,
+}
+
+impl Sums {
+    pub fn add(&mut self, other: Sums) {
+        self.revenue += other.revenue;
+        self.orders += other.orders;
+        self.items += other.items;
+        self.category_orders += other.category_orders;
+        self.lines += other.lines;
+    }
+
+    /// `[revenue, orders, items]` as the cells of `dimension` add up to.
+    pub fn of(&self, dimension: Dimension) -> [i64; 3] {
+        let orders = match dimension {
+            Dimension::Total | Dimension::City => self.orders,
+            Dimension::Category => self.category_orders,
+            Dimension::Product => self.lines,
+        };
+        [self.revenue, orders, self.items]
+    }
+}
+
+/// Per currency.
+pub type CurrencyTotals = BTreeMap<String, Sums>;
 
 const MINUTE_US: i64 = 60_000_000;
 const DAY_US: i64 = 86_400_000_000;
@@ -114,26 +149,57 @@ fn dimension_index(dimension: Dimension) -> usize {
         .expect("listed")
 }
 
-/// Sums of the `revenue`/`quantity` (orders) or `revenue_minor`/`orders`/`items`
-/// (cells) of rows with the same key, sorted by key.
-fn group(keys: Vec<u64>, rows: &DataFrame, from_orders: bool) -> PolarsResult<DataFrame> {
-    let sums = if from_orders {
-        [
-            col("revenue").sum().alias("revenue_minor"),
-            len().cast(DataType::Int64).alias("orders"),
-            col("quantity").sum().alias("items"),
-        ]
-    } else {
-        [
-            col("revenue_minor").sum(),
-            col("orders").sum(),
-            col("items").sum(),
-        ]
-    };
-    let measures: &[&str] = if from_orders {
-        &["revenue", "quantity"]
-    } else {
-        &["revenue_minor", "orders", "items"]
+/// What a grid's cells sum, from order lines or from another grid's cells.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Order lines, counting orders by `order_first` and per category by
+    /// `category_first` (a grid by place keeps both).
+    Places,
+    /// Order lines, each an order of its product.
+    Products,
+    /// Cells with `revenue_minor`, `orders`, `items`, counting orders from `orders`.
+    Cells,
+    /// Place cells summed by category: orders from `category_orders`.
+    PlacesByCategory,
+}
+
+/// Sums of rows with the same key, sorted by key: `revenue_minor`, `orders`,
+/// `items` (and `category_orders` from [`Source::Places`]).
+fn group(keys: Vec<u64>, rows: &DataFrame, source: Source) -> PolarsResult<DataFrame> {
+    let (measures, sums): (&[&str], Vec<Expr>) = match source {
+        Source::Places => (
+            &["revenue", "quantity", "order_first", "category_first"],
+            vec![
+                col("revenue").sum().alias("revenue_minor"),
+                col("order_first").sum().alias("orders"),
+                col("quantity").sum().alias("items"),
+                col("category_first").sum().alias("category_orders"),
+            ],
+        ),
+        Source::Products => (
+            &["revenue", "quantity"],
+            vec![
+                col("revenue").sum().alias("revenue_minor"),
+                len().cast(DataType::Int64).alias("orders"),
+                col("quantity").sum().alias("items"),
+            ],
+        ),
+        Source::Cells => (
+            &["revenue_minor", "orders", "items"],
+            vec![
+                col("revenue_minor").sum(),
+                col("orders").sum(),
+                col("items").sum(),
+            ],
+        ),
+        Source::PlacesByCategory => (
+            &["revenue_minor", "category_orders", "items"],
+            vec![
+                col("revenue_minor").sum(),
+                col("category_orders").sum().alias("orders"),
+                col("items").sum(),
+            ],
+        ),
     };
     let mut columns = vec![Column::new("key".into(), keys)];
     for name in measures {
@@ -205,12 +271,12 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Aggregates> {
             )
         })
         .collect();
-    let places = group(keys, orders, true)?;
+    let places = group(keys, orders, Source::Places)?;
     let product_layout = layout(product.values.len()).check(buckets)?;
     let keys = (0..orders.height())
         .map(|i| product_layout.key(minutes[i], product.codes[i], currency.codes[i]))
         .collect();
-    let products = group(keys, orders, true)?;
+    let products = group(keys, orders, Source::Products)?;
     drop(minutes);
 
     let mut minute_grids = Vec::new();
@@ -240,11 +306,15 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Aggregates> {
                 target.key(minute, value_of(place, categories), currency)
             })
             .collect();
+        let source = match dimension {
+            Dimension::Category => Source::PlacesByCategory,
+            _ => Source::Cells,
+        };
         minute_grids.push(Grid {
             granularity: Granularity::Minute,
             dimension,
             layout: target,
-            cells: group(keys, &places, false)?,
+            cells: group(keys, &places, source)?,
         });
     }
     drop((places, products));
@@ -282,7 +352,7 @@ impl Grid {
             granularity,
             dimension: self.dimension,
             layout,
-            cells: group(keys, &self.cells, false)?,
+            cells: group(keys, &self.cells, Source::Cells)?,
         })
     }
 }
@@ -372,16 +442,14 @@ pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
 
 /// Adds `more` to `totals`, currency by currency.
 pub fn add_totals(totals: &mut CurrencyTotals, more: CurrencyTotals) {
-    for (currency, t) in more {
-        let e = totals.entry(currency).or_insert([0; 3]);
-        for i in 0..3 {
-            e[i] += t[i];
-        }
+    for (currency, sums) in more {
+        totals.entry(currency).or_default().add(sums);
     }
 }
 
-/// Revenue, orders and items per currency, from frames with `quantity`,
-/// `unit_price_minor` and `currency`.
+/// What the rows add up to per currency, from frames of order lines with
+/// `quantity`, `unit_price_minor`, `currency`, `order_first` and
+/// `category_first`.
 pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {
     let mut out = CurrencyTotals::new();
     if frame.height() == 0 {
@@ -395,22 +463,26 @@ pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {
             (col("quantity") * col("unit_price_minor"))
                 .sum()
                 .alias("revenue"),
-            len().cast(DataType::Int64).alias("orders"),
+            col("order_first").sum().alias("orders"),
             col("quantity").sum().alias("items"),
+            col("category_first").sum().alias("category_orders"),
+            len().cast(DataType::Int64).alias("lines"),
         ])
         .collect()?;
     let currency = totals.column("currency")?.str()?;
-    let revenue = totals.column("revenue")?.i64()?;
-    let orders = totals.column("orders")?.i64()?;
-    let items = totals.column("items")?.i64()?;
+    let value = |name: &str, i: usize| -> PolarsResult<i64> {
+        Ok(totals.column(name)?.i64()?.get(i).unwrap_or(0))
+    };
     for i in 0..totals.height() {
         out.insert(
             currency.get(i).unwrap_or("").to_owned(),
-            [
-                revenue.get(i).unwrap_or(0),
-                orders.get(i).unwrap_or(0),
-                items.get(i).unwrap_or(0),
-            ],
+            Sums {
+                revenue: value("revenue", i)?,
+                orders: value("orders", i)?,
+                items: value("items", i)?,
+                category_orders: value("category_orders", i)?,
+                lines: value("lines", i)?,
+            },
         );
     }
     Ok(out)
@@ -513,6 +585,9 @@ mod tests {
                 int("quantity", &|r| r.5),
                 int("unit_price_minor", &|r| r.6),
                 int("revenue", &|r| r.5 * r.6),
+                // Every row its own one-line order.
+                int("order_first", &|_| 1),
+                int("category_first", &|_| 1),
             ],
         )
         .unwrap()
@@ -582,6 +657,48 @@ mod tests {
     }
 
     #[test]
+    fn a_basket_counts_once_in_total_and_by_city_once_per_category_and_per_product() {
+        let mut frame = orders(&[
+            (0, "Oslo", "books", "p-1", "EUR", 2, 100),
+            (0, "Oslo", "books", "p-2", "EUR", 1, 1_000),
+            (0, "Oslo", "games", "p-3", "EUR", 3, 10),
+        ]);
+        // One order of three lines: the first counts the order, the first of each
+        // category counts it there.
+        frame
+            .replace(
+                "order_first",
+                Column::new("order_first".into(), [1_i64, 0, 0]),
+            )
+            .unwrap();
+        frame
+            .replace(
+                "category_first",
+                Column::new("category_first".into(), [1_i64, 0, 1]),
+            )
+            .unwrap();
+        let rows = aggregate(&frame, 1).unwrap();
+        let day = |d: Dimension| -> Vec<(String, i64, u64, u64)> {
+            rows.iter()
+                .filter(|r| r.granularity == granularity_code(Granularity::Day))
+                .filter(|r| r.dimension == dimension_code(d))
+                .map(|r| (r.value.clone(), r.revenue_minor, r.orders, r.items))
+                .collect()
+        };
+        assert_eq!(day(Dimension::Total), [(String::new(), 1_230, 1, 6)]);
+        assert_eq!(day(Dimension::City), [("Oslo".into(), 1_230, 1, 6)]);
+        assert_eq!(
+            day(Dimension::Category),
+            [("books".into(), 1_200, 1, 3), ("games".into(), 30, 1, 3)]
+        );
+        assert_eq!(day(Dimension::Product).len(), 3);
+        let totals = currency_totals(&frame).unwrap()["EUR"];
+        assert_eq!(totals.of(Dimension::Total), [1_230, 1, 6]);
+        assert_eq!(totals.of(Dimension::Category)[1], 2);
+        assert_eq!(totals.of(Dimension::Product)[1], 3);
+    }
+
+    #[test]
     fn currency_totals_add_up_per_currency() {
         let frame = orders(&[
             (0, "Berlin", "books", "p", "EUR", 2, 150),
@@ -589,9 +706,9 @@ mod tests {
             (2, "Oslo", "games", "q", "KWD", 3, 1_299),
         ]);
         let mut totals = currency_totals(&frame).unwrap();
-        assert_eq!(totals["EUR"], [400, 2, 3]);
-        assert_eq!(totals["KWD"], [3_897, 1, 3]);
+        assert_eq!(totals["EUR"].of(Dimension::Total), [400, 2, 3]);
+        assert_eq!(totals["KWD"].of(Dimension::Total), [3_897, 1, 3]);
         add_totals(&mut totals, currency_totals(&frame).unwrap());
-        assert_eq!(totals["EUR"], [800, 4, 6]);
+        assert_eq!(totals["EUR"].of(Dimension::Total), [800, 4, 6]);
     }
 }

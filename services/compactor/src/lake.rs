@@ -156,29 +156,43 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         "ingested_at",
     ]
     .map(text);
-    let mut numbers: [Vec<i64>; 4] = std::array::from_fn(|_| Vec::with_capacity(rows));
+    let mut numbers: [Vec<i64>; 7] = std::array::from_fn(|_| Vec::with_capacity(rows));
     for record in serde_json::Deserializer::from_slice(bytes).into_iter::<RawRecordRef<'_>>() {
         let r = record.map_err(|e| LakeError::Invalid(e.to_string()))?;
-        for (column, value) in strings.iter_mut().zip([
-            &r.order_id,
-            &r.user_id,
-            &r.city,
-            &r.product_id,
-            &r.category,
-            &r.currency,
-            &r.created_at,
-            &r.ingested_at,
-        ]) {
-            column.append_value(&**value);
-        }
-        for (column, value) in numbers.iter_mut().zip([
-            i64::from(r.quantity),
-            r.unit_price_minor,
-            i64::try_from(r.txid)
-                .map_err(|_| LakeError::Invalid(format!("txid {} out of range", r.txid)))?,
-            r.seq,
-        ]) {
-            column.push(value);
+        let lines = r.lines().map_err(|e| LakeError::Invalid(e.to_string()))?;
+        let txid = i64::try_from(r.txid)
+            .map_err(|_| LakeError::Invalid(format!("txid {} out of range", r.txid)))?;
+        for (i, line) in lines.iter().enumerate() {
+            for (column, value) in strings.iter_mut().zip([
+                &r.order_id,
+                &r.user_id,
+                &r.city,
+                &line.product_id,
+                &line.category,
+                &r.currency,
+                &r.created_at,
+                &r.ingested_at,
+            ]) {
+                column.append_value(&**value);
+            }
+            // An order counts once in total and by city (its first line), once
+            // per category (the first line of each).
+            let category_first = !lines[..i].iter().any(|l| l.category == line.category);
+            for (column, value) in
+                numbers
+                    .iter_mut()
+                    .zip([i + 1, usize::from(i == 0), usize::from(category_first)])
+            {
+                column.push(value as i64);
+            }
+            for (column, value) in numbers[3..].iter_mut().zip([
+                i64::from(line.quantity),
+                line.unit_price_minor,
+                txid,
+                r.seq,
+            ]) {
+                column.push(value);
+            }
         }
     }
     let [
@@ -191,7 +205,15 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         created_at,
         ingested_at,
     ] = strings.map(|b| b.finish().into_column());
-    let [quantity, unit_price_minor, txid, seq] = numbers;
+    let [
+        line_no,
+        order_first,
+        category_first,
+        quantity,
+        unit_price_minor,
+        txid,
+        seq,
+    ] = numbers;
     let height = order_id.len();
     let int =
         |name: &str, values: Vec<i64>| Int64Chunked::from_vec(name.into(), values).into_column();
@@ -199,6 +221,7 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         height,
         vec![
             order_id,
+            int("line_no", line_no),
             user_id,
             city,
             product_id,
@@ -210,8 +233,24 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
             ingested_at,
             int("txid", txid),
             int("seq", seq),
+            int("order_first", order_first),
+            int("category_first", category_first),
         ],
     )?)
+}
+
+/// Lake files written before orders had lines hold one row per order, without
+/// `line_no` and the order-count flags: they are one-line orders.
+pub fn with_line_columns(frame: DataFrame) -> Result<DataFrame> {
+    let missing: Vec<Expr> = ["line_no", "order_first", "category_first"]
+        .into_iter()
+        .filter(|name| frame.column(name).is_err())
+        .map(|name| lit(1_i64).alias(name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(frame);
+    }
+    Ok(frame.lazy().with_columns(missing).collect()?)
 }
 
 fn timestamp(column: &str) -> Expr {
@@ -251,32 +290,35 @@ pub fn in_range(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<DataFram
         .collect()?)
 }
 
-/// Raw records → the lake's order rows: typed timestamps, only `txid` in
-/// `[from_txid, to_txid)`, one row per order id (the first).
+/// Raw records → the lake's rows, one per order line: typed timestamps, only
+/// `txid` in `[from_txid, to_txid)`, one copy of each order (the first).
 pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<DataFrame> {
     let mut ids = OrderIds::default();
     let orders = typed(in_range(raw, from_txid, to_txid)?)?;
     ids.first_copies(orders)
 }
 
-/// The order ids seen so far in a run, to keep one copy of each.
+/// The order lines seen so far in a run, to keep one copy of each.
 ///
-/// Copies of an order id are the same immutable row of the log (the relay landed
-/// a range twice), so any copy may be kept: the first one is, which keeps the rows
-/// in the order they were read. Ids are UUIDs and are kept as 128-bit integers.
+/// Copies of an order are the same immutable rows of the log (the relay landed a
+/// range twice), so any copy may be kept: the first one is, which keeps the rows
+/// in the order they were read. Lines are keyed by order id (a UUID, kept as a
+/// 128-bit integer) and line number.
 #[derive(Default)]
-struct OrderIds(PlHashSet<u128>);
+struct OrderIds(PlHashSet<(u128, i64)>);
 
 impl OrderIds {
-    /// The rows whose order id was not seen before (in this frame or earlier ones).
+    /// The rows whose order line was not seen before (in this frame or earlier
+    /// ones).
     fn first_copies(&mut self, orders: DataFrame) -> Result<DataFrame> {
         let ids = orders.column("order_id")?.str()?;
+        let lines = orders.column("line_no")?.i64()?;
         let mut first = Vec::with_capacity(ids.len());
-        for id in ids.iter() {
+        for (id, line) in ids.iter().zip(lines.iter()) {
             let id = id.unwrap_or("");
             let id = uuid::Uuid::try_parse(id)
                 .map_err(|e| LakeError::Invalid(format!("order_id `{id}` is not a UUID: {e}")))?;
-            first.push(self.0.insert(id.as_u128()));
+            first.push(self.0.insert((id.as_u128(), line.unwrap_or(1))));
         }
         if first.iter().all(|f| *f) {
             return Ok(orders);
@@ -331,8 +373,8 @@ pub struct LakeWriter {
     pub raw_totals: CurrencyTotals,
 }
 
-/// The columns of the lake's orders that aggregation and the audit read.
-const MEASURED: [&str; 8] = [
+/// The columns of the lake's rows that aggregation and the audit read.
+const MEASURED: [&str; 10] = [
     "created_us",
     "revenue",
     "quantity",
@@ -341,6 +383,8 @@ const MEASURED: [&str; 8] = [
     "category",
     "product_id",
     "currency",
+    "order_first",
+    "category_first",
 ];
 
 impl LakeWriter {
@@ -438,8 +482,10 @@ pub fn to_parquet(df: &mut DataFrame) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A lake file's rows, with the line columns of files written before lines (see
+/// [`with_line_columns`]).
 pub fn from_parquet(bytes: &[u8]) -> Result<DataFrame> {
-    Ok(ParquetReader::new(Cursor::new(bytes)).finish()?)
+    with_line_columns(ParquetReader::new(Cursor::new(bytes)).finish()?)
 }
 
 /// Reads `columns` of the Parquet object `key`, downloading only its footer and
@@ -555,6 +601,7 @@ pub fn lake_key(day: i64, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use chrono::{DateTime, TimeZone, Utc};
+    use tidemark_domain::Dimension;
 
     use super::*;
 
@@ -563,6 +610,43 @@ mod tests {
         format!(
             r#"{{"order_id":"00000000-0000-0000-0000-{order:012}","user_id":"u","city":"Oslo","product_id":"p","category":"c","quantity":2,"unit_price_minor":150,"currency":"EUR","created_at":"{at}","ingested_at":"{at}","txid":{txid},"seq":{seq}}}"#
         )
+    }
+
+    /// A version-2 raw record: a basket of three lines (two books, one game).
+    fn basket_line(order: u32, created_at: DateTime<Utc>, txid: i64, seq: i64) -> String {
+        let at = created_at.format(tidemark_orderlog::RAW_TIME_FORMAT);
+        format!(
+            r#"{{"order_id":"00000000-0000-0000-0000-{order:012}","user_id":"u","city":"Oslo","currency":"EUR","created_at":"{at}","ingested_at":"{at}","txid":{txid},"seq":{seq},"lines":[{{"product_id":"p-1","category":"books","quantity":2,"unit_price_minor":100}},{{"product_id":"p-2","category":"books","quantity":1,"unit_price_minor":1000}},{{"product_id":"p-3","category":"games","quantity":3,"unit_price_minor":10}}]}}"#
+        )
+    }
+
+    #[test]
+    fn a_basket_is_one_row_per_line_counted_once_per_order_and_category() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        // The basket twice (a range landed twice) and a version-1 record.
+        let text = [
+            basket_line(1, at, 5, 1),
+            basket_line(1, at, 5, 1),
+            raw_line(2, at, 5, 2),
+        ]
+        .join("\n");
+        let orders = orders_from_raw(parse_raw(text.as_bytes()).unwrap(), 0, 9).unwrap();
+        let column = |name: &str| -> Vec<i64> {
+            orders
+                .column(name)
+                .unwrap()
+                .i64()
+                .unwrap()
+                .into_no_null_iter()
+                .collect()
+        };
+        assert_eq!(column("line_no"), [1, 2, 3, 1]);
+        assert_eq!(column("order_first"), [1, 0, 0, 1]);
+        assert_eq!(column("category_first"), [1, 0, 1, 1]);
+        let totals = aggregate::currency_totals(&orders).unwrap()["EUR"];
+        assert_eq!(totals.of(Dimension::Total), [1_230 + 300, 2, 6 + 2]);
+        assert_eq!(totals.of(Dimension::Category)[1], 3);
+        assert_eq!(totals.of(Dimension::Product)[1], 4);
     }
 
     #[test]
@@ -648,7 +732,7 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(writer.raw_records, 4, "txid 9 is outside the range");
-        assert_eq!(writer.raw_totals["EUR"], [1200, 4, 8]);
+        assert_eq!(writer.raw_totals["EUR"].of(Dimension::Total), [1200, 4, 8]);
         let (files, orders) = writer.finish().unwrap();
         let day = at.timestamp() / 86_400;
         let written: Vec<(i64, u64, usize)> = files
@@ -658,7 +742,7 @@ mod tests {
         assert_eq!(written, [(day, 2, 2), (day + 1, 1, 1)]);
         assert_eq!(orders.height(), 3);
         assert_eq!(
-            aggregate::currency_totals(&orders).unwrap()["EUR"],
+            aggregate::currency_totals(&orders).unwrap()["EUR"].of(Dimension::Total),
             [900, 3, 6]
         );
     }

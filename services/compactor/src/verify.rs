@@ -77,7 +77,10 @@ impl Compactor {
         }
         let mut drift = Drift {
             run_id: state.run_id,
-            lake_orders: lake.height() as u64,
+            lake_orders: aggregate::currency_totals(&lake)?
+                .values()
+                .map(|s| s.orders as u64)
+                .sum(),
             ..Drift::default()
         };
         let keys: std::collections::BTreeSet<_> =

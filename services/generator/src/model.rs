@@ -11,7 +11,7 @@ use rand::distr::weighted::WeightedIndex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use tidemark_domain::{Currency, Order};
+use tidemark_domain::{Currency, Order, OrderLine};
 use uuid::Uuid;
 
 /// A city: name, currency, UTC offset in minutes and population (thousands), which
@@ -82,7 +82,10 @@ const DAILY_RHYTHM: [f64; 24] = [
     0.80, 0.75, 0.60, 0.55, 0.60, 0.70, 0.85, 0.95, 1.00, 0.90, 0.65, 0.40,
 ];
 
-/// Basket sizes and their weights: most orders are of one item.
+/// Lines per basket and their weights: most orders are of one product.
+const BASKET_LINES: &[(usize, u32)] = &[(1, 700), (2, 200), (3, 70), (4, 30)];
+
+/// Units of one line and their weights: most lines are of one item.
 const QUANTITIES: &[(i32, u32)] = &[
     (1, 700),
     (2, 170),
@@ -133,6 +136,7 @@ pub struct Shop {
     /// Home city (index into `CITIES`) of each user.
     homes: Vec<usize>,
     quantities: WeightedIndex<u32>,
+    basket_lines: WeightedIndex<u32>,
     currencies: Vec<Currency>,
 }
 
@@ -165,6 +169,8 @@ impl Shop {
             .collect();
         let quantities =
             WeightedIndex::new(QUANTITIES.iter().map(|q| q.1)).expect("positive weights");
+        let basket_lines =
+            WeightedIndex::new(BASKET_LINES.iter().map(|b| b.1)).expect("positive weights");
         let currencies = CITIES
             .iter()
             .map(|c| c.currency.parse().expect("listed currency"))
@@ -176,6 +182,7 @@ impl Shop {
             popularity,
             homes,
             quantities,
+            basket_lines,
             currencies,
         }
     }
@@ -220,19 +227,44 @@ impl Shop {
 
     fn order_for(&mut self, user: usize, at: DateTime<Utc>) -> Order {
         let home = self.homes[user];
-        let product = &self.products[self.popularity.sample(&mut self.rng)];
         let spec = &CITIES[home];
         let currency = self.currencies[home];
+        let order_id = Uuid::from_u128(self.rng.random::<u128>() | 1);
+        let wanted = BASKET_LINES[self.basket_lines.sample(&mut self.rng)].0;
+        let mut picked: Vec<usize> = Vec::with_capacity(wanted);
+        // Distinct products (a few tries; a tiny catalogue may give fewer lines).
+        for _ in 0..wanted * 4 {
+            let product = self.popularity.sample(&mut self.rng);
+            if !picked.contains(&product) {
+                picked.push(product);
+            }
+            if picked.len() == wanted {
+                break;
+            }
+        }
+        let lines = picked
+            .into_iter()
+            .map(|p| {
+                let product = &self.products[p];
+                OrderLine {
+                    product_id: product.id.clone(),
+                    category: product.category.to_owned(),
+                    quantity: QUANTITIES[self.quantities.sample(&mut self.rng)].0,
+                    unit_price_minor: local_price(
+                        product.price_euro_cents,
+                        spec.per_euro_cent,
+                        currency,
+                    ),
+                }
+            })
+            .collect();
         Order {
-            order_id: Uuid::from_u128(self.rng.random::<u128>() | 1),
+            order_id,
             user_id: format!("user-{user:06}"),
             city: spec.name.to_owned(),
-            product_id: product.id.clone(),
-            category: product.category.to_owned(),
-            quantity: QUANTITIES[self.quantities.sample(&mut self.rng)].0,
-            unit_price_minor: local_price(product.price_euro_cents, spec.per_euro_cent, currency),
             currency,
             created_at: at.trunc_subsecs(6),
+            lines,
         }
     }
 }
@@ -289,13 +321,20 @@ mod tests {
     fn orders_are_valid_and_priced_in_the_city_currency() {
         let mut shop = Shop::new(1, Shape::default());
         let limits = OrderLimits::default();
+        let mut lines = [0_u32; 5];
         for _ in 0..5_000 {
             let o = shop.live_order(Utc::now());
             o.validate(Utc::now(), &limits).expect("valid order");
             let spec = CITIES.iter().find(|c| c.name == o.city).unwrap();
             assert_eq!(o.currency.as_str(), spec.currency);
-            assert!(o.unit_price_minor > 0);
+            assert!(o.lines.iter().all(|l| l.unit_price_minor > 0));
+            lines[o.lines.len()] += 1;
         }
+        // Mostly one product; baskets of two to four now and then.
+        assert!(
+            lines[1] > 3_000 && lines[2] > 500 && lines[4] > 30,
+            "{lines:?}"
+        );
     }
 
     #[test]
@@ -305,7 +344,9 @@ mod tests {
         let mut cities: HashMap<String, u32> = HashMap::new();
         for _ in 0..20_000 {
             let o = shop.historic_order(t0(), t0() + TimeDelta::days(7));
-            *products.entry(o.product_id).or_default() += 1;
+            for line in o.lines {
+                *products.entry(line.product_id).or_default() += 1;
+            }
             *cities.entry(o.city).or_default() += 1;
         }
         let mut counts: Vec<u32> = products.into_values().collect();

@@ -74,7 +74,7 @@ impl Tally {
                 continue;
             }
             self.created += 1;
-            self.items += o.quantity as u64;
+            self.items += o.items() as u64;
             self.first_event = Some(
                 self.first_event
                     .map_or(o.created_at, |t| t.min(o.created_at)),
@@ -200,12 +200,25 @@ impl Sender {
     }
 }
 
-/// The JSON object ingest accepts for an order.
+/// The JSON object ingest accepts for an order: a one-line order with the line's
+/// fields at the top level, a basket with `items`.
 pub fn order_json(o: &Order) -> serde_json::Value {
-    serde_json::json!({
+    let line = |l: &tidemark_domain::OrderLine| {
+        serde_json::json!({
+            "product_id": l.product_id, "category": l.category, "quantity": l.quantity,
+            "unit_price_minor": l.unit_price_minor,
+        })
+    };
+    let mut json = serde_json::json!({
         "order_id": o.order_id, "user_id": o.user_id, "city": o.city,
-        "product_id": o.product_id, "category": o.category, "quantity": o.quantity,
-        "unit_price_minor": o.unit_price_minor, "currency": o.currency.as_str(),
-        "created_at": o.created_at.to_rfc3339(),
-    })
+        "currency": o.currency.as_str(), "created_at": o.created_at.to_rfc3339(),
+    });
+    let fields = json.as_object_mut().expect("an object");
+    match o.lines.as_slice() {
+        [one] => fields.extend(line(one).as_object().expect("an object").clone()),
+        lines => {
+            fields.insert("items".into(), lines.iter().map(line).collect());
+        }
+    }
+    json
 }

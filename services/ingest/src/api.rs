@@ -62,7 +62,8 @@ pub struct IngestResponse {
     pub duplicate_order_ids: Vec<Uuid>,
 }
 
-/// An order. Unknown fields are rejected.
+/// An order of one line, the line's fields at the top level. Unknown fields are
+/// rejected.
 #[allow(dead_code)] // documentation only: the wire type lives in `decode`
 #[derive(ToSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)] // states `additionalProperties: false`
@@ -116,6 +117,68 @@ struct OrderSchema {
     created_at: chrono::DateTime<Utc>,
 }
 
+/// An order of 1 to 100 lines (`items`), each of a different product. Unknown
+/// fields are rejected.
+#[allow(dead_code)] // documentation only: the wire type lives in `decode`
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Basket, example = json!({
+    "order_id": "0193a1b2-7c3d-7e4f-8a9b-0c1d2e3f4a5c",
+    "user_id": "user-1042", "city": "Kuwait City", "currency": "KWD",
+    "created_at": "2026-11-21T10:15:00Z",
+    "items": [
+        {"product_id": "sku-778", "category": "books", "quantity": 2, "unit_price_minor": 3990},
+        {"product_id": "sku-12", "category": "games", "quantity": 1, "unit_price_minor": 14500}
+    ]
+}))]
+struct BasketSchema {
+    /// Client-chosen UUID: the idempotency key.
+    order_id: Uuid,
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
+    user_id: String,
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
+    city: String,
+    /// ISO 4217 (as for a one-line order).
+    currency: String,
+    /// Event time, RFC 3339 (as for a one-line order).
+    created_at: chrono::DateTime<Utc>,
+    #[schema(min_items = 1, max_items = 100)]
+    items: Vec<LineSchema>,
+}
+
+/// One line of a basket.
+#[allow(dead_code)] // documentation only: the wire type lives in `decode`
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[schema(as = OrderLine)]
+struct LineSchema {
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
+    product_id: String,
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
+    category: String,
+    #[schema(minimum = 1, maximum = 1000)]
+    quantity: i32,
+    /// Price of one unit in minor units of the order's currency.
+    #[schema(minimum = 0, maximum = 100_000_000)]
+    unit_price_minor: i64,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -125,7 +188,7 @@ struct OrderSchema {
             `ingest.max_body_bytes`, `ingest.max_batch`). Errors are RFC 9457 problem+json.",
     ),
     paths(post_orders, list_schemas, get_schema),
-    components(schemas(OrderSchema, IngestResponse, AvroSchema, AvroSchemas,
+    components(schemas(OrderSchema, BasketSchema, LineSchema, IngestResponse, AvroSchema, AvroSchemas,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
     modifiers(&BearerAuth, &OrdersBody, &CurrencyCodes),
     security(("bearer" = [])),
@@ -147,16 +210,20 @@ impl utoipa::Modify for CurrencyCodes {
         let codes: Vec<String> = tidemark_domain::Currency::all()
             .map(|c| c.as_str().to_owned())
             .collect();
-        let currency = openapi
-            .components
-            .as_mut()
-            .and_then(|c| c.schemas.get_mut("Order"))
-            .and_then(|order| match order {
-                RefOr::T(Schema::Object(order)) => order.properties.get_mut("currency"),
-                _ => None,
-            });
-        if let Some(RefOr::T(Schema::Object(currency))) = currency {
-            currency.pattern = Some(format!("^({})$", codes.join("|")));
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for name in ["Order", "Basket"] {
+            let currency = components
+                .schemas
+                .get_mut(name)
+                .and_then(|order| match order {
+                    RefOr::T(Schema::Object(order)) => order.properties.get_mut("currency"),
+                    _ => None,
+                });
+            if let Some(RefOr::T(Schema::Object(currency))) = currency {
+                currency.pattern = Some(format!("^({})$", codes.join("|")));
+            }
         }
     }
 }
@@ -165,11 +232,15 @@ impl utoipa::Modify for OrdersBody {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::schema::{ArrayBuilder, OneOfBuilder, Schema};
         use utoipa::openapi::{ContentBuilder, Ref, RefOr};
-        let body = OneOfBuilder::new()
-            .item(Ref::from_schema_name("Order"))
+        let order = || {
+            OneOfBuilder::new()
+                .item(Ref::from_schema_name("Order"))
+                .item(Ref::from_schema_name("Basket"))
+        };
+        let body = order()
             .item(
                 ArrayBuilder::new()
-                    .items(Ref::from_schema_name("Order"))
+                    .items(order())
                     .min_items(Some(1))
                     .max_items(Some(10_000)),
             )
@@ -283,8 +354,9 @@ async fn get_schema(Path(version): Path<String>) -> Response {
     post,
     path = "/v1/orders",
     request_body(
-        description = "One order (object), a batch (array), NDJSON (one order per line) \
-                       or an Avro Object Container File (schema v1 or v2).",
+        description = "One order (object: one line at the top level, or a basket \
+                       with `items`), a batch (array), NDJSON (one order per line) or an \
+                       Avro Object Container File (any version of `GET /v1/schemas`).",
         content(
             // One order or a batch of 1 to 10,000: see `OrdersBody`.
             (OrderSchema = "application/json"),
@@ -489,6 +561,16 @@ mod tests {
             .map(|c| c.as_str().to_owned())
             .collect();
         assert_eq!(listed, accepted);
+        assert_eq!(
+            spec["components"]["schemas"]["Basket"]["properties"]["currency"]["pattern"],
+            spec["components"]["schemas"]["Order"]["properties"]["currency"]["pattern"],
+            "a basket takes the same currencies"
+        );
+        let items = &spec["components"]["schemas"]["Basket"]["properties"]["items"];
+        assert_eq!(
+            (items["minItems"].as_u64(), items["maxItems"].as_u64()),
+            (Some(1), Some(100))
+        );
         for code in ["EUR", "JPY", "RUB", "KWD", "BHD"] {
             assert!(listed.contains(&code), "{code} missing from {pattern}");
         }

@@ -1,12 +1,17 @@
 //! Request bodies → orders. Three formats, one result: for each item, an order or
 //! every rule it breaks, with a JSON pointer to the field.
+//!
+//! An order in JSON comes in two shapes: a basket, `items: [{product_id, category,
+//! quantity, unit_price_minor}]` (1 to 100 lines, pointers `items/2/quantity`), or
+//! one line with those fields at the top level (pointers `quantity`), as before
+//! baskets existed.
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 use tidemark_domain::avro;
 use tidemark_domain::order;
-use tidemark_domain::{Order, OrderLimits, Violation};
+use tidemark_domain::{Order, OrderLimits, OrderLine, Violation};
 use uuid::Uuid;
 
 /// The accepted body formats, chosen by `Content-Type`.
@@ -68,32 +73,55 @@ pub struct Decoded {
     pub batch: bool,
 }
 
-/// The JSON shape of an order. Unknown fields are rejected so a misspelt field is
-/// an error rather than a silently missing value.
+/// The JSON shape of an order: a basket (`items`) or one line at the top level.
+/// Unknown fields are rejected so a misspelt field is an error rather than a
+/// silently missing value.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OrderWire {
     order_id: Uuid,
     user_id: String,
     city: String,
+    currency: String,
+    created_at: DateTime<FixedOffset>,
+    #[serde(default)]
+    items: Option<Vec<LineWire>>,
+    // One line at the top level.
+    #[serde(default)]
+    product_id: Option<String>,
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(default)]
+    quantity: Option<i32>,
+    #[serde(default)]
+    unit_price_minor: Option<i64>,
+}
+
+/// One line in JSON.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineWire {
     product_id: String,
     category: String,
     quantity: i32,
     unit_price_minor: i64,
-    currency: String,
-    created_at: DateTime<FixedOffset>,
 }
 
-const FIELDS: [(&str, Kind); 9] = [
+/// The fields every order has.
+const ORDER_FIELDS: [(&str, Kind); 5] = [
     ("order_id", Kind::Uuid),
     ("user_id", Kind::Text),
     ("city", Kind::Text),
+    ("currency", Kind::Text),
+    ("created_at", Kind::Time),
+];
+
+/// The fields of a line (in `items`, or at the top level of a one-line order).
+const LINE_FIELDS: [(&str, Kind); 4] = [
     ("product_id", Kind::Text),
     ("category", Kind::Text),
     ("quantity", Kind::Int32),
     ("unit_price_minor", Kind::Int64),
-    ("currency", Kind::Text),
-    ("created_at", Kind::Time),
 ];
 
 #[derive(Clone, Copy)]
@@ -105,6 +133,10 @@ enum Kind {
     Time,
 }
 
+/// One decoded item: an order or its violations, and whether it was sent as one
+/// line at the top level (then its line's pointers drop the `items/0/` prefix).
+type Item = (bool, Result<Order, Vec<Violation>>);
+
 pub fn decode(
     format: Format,
     body: &[u8],
@@ -115,7 +147,7 @@ pub fn decode(
     let decoded = match format {
         Format::Json => decode_json(body, max_items)?,
         Format::Ndjson => decode_ndjson(body, max_items)?,
-        Format::Avro => Decoded {
+        Format::Avro => Undecided {
             items: avro::read_container(body, max_items)
                 .map_err(|e| {
                     if e.to_string().contains("more than") {
@@ -125,7 +157,7 @@ pub fn decode(
                     }
                 })?
                 .into_iter()
-                .map(|item| item.map(truncate_to_micros))
+                .map(|item| (false, item.map(truncate_to_micros)))
                 .collect(),
             batch: true,
         },
@@ -136,7 +168,14 @@ pub fn decode(
     let items = decoded
         .items
         .into_iter()
-        .map(|item| item.and_then(|order| order.validate(now, limits).map(|()| order)))
+        .map(|(flat, item)| {
+            let item = item.and_then(|order| order.validate(now, limits).map(|()| order));
+            if flat {
+                item.map_err(|violations| violations.into_iter().map(flatten).collect())
+            } else {
+                item
+            }
+        })
         .collect();
     Ok(Decoded {
         items,
@@ -144,7 +183,24 @@ pub fn decode(
     })
 }
 
-fn decode_json(body: &[u8], max_items: usize) -> Result<Decoded, BodyError> {
+/// Items before validation.
+struct Undecided {
+    items: Vec<Item>,
+    batch: bool,
+}
+
+/// A violation of a one-line order's line, named as its top-level field.
+fn flatten(violation: Violation) -> Violation {
+    match violation.field.strip_prefix("items/0/") {
+        Some(field) => Violation {
+            field: field.to_owned(),
+            ..violation
+        },
+        None => violation,
+    }
+}
+
+fn decode_json(body: &[u8], max_items: usize) -> Result<Undecided, BodyError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     match first {
         Some(b'[') => {
@@ -154,13 +210,13 @@ fn decode_json(body: &[u8], max_items: usize) -> Result<Decoded, BodyError> {
                     return Err(BodyError::TooMany(max_items));
                 }
                 let items = wires.into_iter().map(from_wire).collect();
-                return Ok(Decoded { items, batch: true });
+                return Ok(Undecided { items, batch: true });
             }
             let values: Vec<Value> = serde_json::from_slice(body).map_err(|e| malformed(&e))?;
             if values.len() > max_items {
                 return Err(BodyError::TooMany(max_items));
             }
-            Ok(Decoded {
+            Ok(Undecided {
                 items: values.iter().map(diagnose).collect(),
                 batch: true,
             })
@@ -172,7 +228,7 @@ fn decode_json(body: &[u8], max_items: usize) -> Result<Decoded, BodyError> {
                     diagnose(&serde_json::from_slice::<Value>(body).map_err(|e| malformed(&e))?)
                 }
             };
-            Ok(Decoded {
+            Ok(Undecided {
                 items: vec![item],
                 batch: false,
             })
@@ -190,7 +246,7 @@ fn decode_json(body: &[u8], max_items: usize) -> Result<Decoded, BodyError> {
     }
 }
 
-fn decode_ndjson(body: &[u8], max_items: usize) -> Result<Decoded, BodyError> {
+fn decode_ndjson(body: &[u8], max_items: usize) -> Result<Undecided, BodyError> {
     let mut items = Vec::new();
     for line in body.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -204,16 +260,19 @@ fn decode_ndjson(body: &[u8], max_items: usize) -> Result<Decoded, BodyError> {
             Ok(wire) => from_wire(wire),
             Err(_) => match serde_json::from_slice::<Value>(line) {
                 Ok(value) => diagnose(&value),
-                Err(e) => Err(vec![Violation::new(
-                    "",
-                    "malformed",
-                    format!("not valid JSON: {e}"),
-                )]),
+                Err(e) => (
+                    false,
+                    Err(vec![Violation::new(
+                        "",
+                        "malformed",
+                        format!("not valid JSON: {e}"),
+                    )]),
+                ),
             },
         };
         items.push(item);
     }
-    Ok(Decoded { items, batch: true })
+    Ok(Undecided { items, batch: true })
 }
 
 /// serde_json's message names the position and never our internals.
@@ -228,62 +287,175 @@ fn truncate_to_micros(mut order: Order) -> Order {
     order
 }
 
-fn from_wire(w: OrderWire) -> Result<Order, Vec<Violation>> {
-    let currency = w.currency.parse().map_err(|_| {
-        vec![Violation::new(
-            "currency",
-            "invalid",
-            "must be an accepted ISO 4217 code (e.g. EUR, USD, JPY)",
-        )]
-    })?;
-    Ok(truncate_to_micros(Order {
+fn currency_violation() -> Violation {
+    Violation::new(
+        "currency",
+        "invalid",
+        "must be an accepted ISO 4217 code (e.g. EUR, USD, JPY)",
+    )
+}
+
+fn from_wire(w: OrderWire) -> Item {
+    let top_level = w.product_id.is_some()
+        || w.category.is_some()
+        || w.quantity.is_some()
+        || w.unit_price_minor.is_some();
+    let (flat, lines) = match (w.items, top_level) {
+        (Some(items), false) => (false, items),
+        (Some(_), true) => return (false, Err(vec![both_shapes()])),
+        (None, _) => match (w.product_id, w.category, w.quantity, w.unit_price_minor) {
+            (Some(product_id), Some(category), Some(quantity), Some(unit_price_minor)) => (
+                true,
+                vec![LineWire {
+                    product_id,
+                    category,
+                    quantity,
+                    unit_price_minor,
+                }],
+            ),
+            (product_id, category, quantity, price) => {
+                let present = [
+                    product_id.is_some(),
+                    category.is_some(),
+                    quantity.is_some(),
+                    price.is_some(),
+                ];
+                return (
+                    true,
+                    Err(LINE_FIELDS
+                        .iter()
+                        .zip(present)
+                        .filter(|(_, present)| !present)
+                        .map(|((name, _), _)| Violation::new(*name, "required", "is required"))
+                        .collect()),
+                );
+            }
+        },
+    };
+    let Ok(currency) = w.currency.parse() else {
+        return (flat, Err(vec![currency_violation()]));
+    };
+    let order = Order {
         order_id: w.order_id,
         user_id: w.user_id,
         city: w.city,
-        product_id: w.product_id,
-        category: w.category,
-        quantity: w.quantity,
-        unit_price_minor: w.unit_price_minor,
         currency,
         created_at: w.created_at.with_timezone(&Utc),
-    }))
+        lines: lines
+            .into_iter()
+            .map(|l| OrderLine {
+                product_id: l.product_id,
+                category: l.category,
+                quantity: l.quantity,
+                unit_price_minor: l.unit_price_minor,
+            })
+            .collect(),
+    };
+    (flat, Ok(truncate_to_micros(order)))
 }
 
-/// The slow path: an item that did not deserialize. Reports every field's problem.
-fn diagnose(value: &Value) -> Result<Order, Vec<Violation>> {
-    let Some(object) = value.as_object() else {
-        return Err(vec![Violation::new("", "type", "expected an order object")]);
-    };
-    let mut v = Vec::new();
-    for (name, kind) in FIELDS {
-        match object.get(name) {
-            None | Some(Value::Null) => v.push(Violation::new(name, "required", "is required")),
+fn both_shapes() -> Violation {
+    Violation::new(
+        "items",
+        "conflict",
+        "send either `items` or one line's fields at the top level, not both",
+    )
+}
+
+/// Checks that `object` has `fields` of the right kinds (pointers prefixed with
+/// `prefix`), and no others.
+fn check_fields(
+    object: &serde_json::Map<String, Value>,
+    fields: &[(&str, Kind)],
+    allowed: &[&str],
+    prefix: &str,
+    v: &mut Vec<Violation>,
+) {
+    for (name, kind) in fields {
+        let at = format!("{prefix}{name}");
+        match object.get(*name) {
+            None | Some(Value::Null) => v.push(Violation::new(at, "required", "is required")),
             Some(field) => {
-                if let Some(problem) = check_kind(field, kind) {
-                    v.push(Violation::new(name, problem.0, problem.1));
+                if let Some(problem) = check_kind(field, *kind) {
+                    v.push(Violation::new(at, problem.0, problem.1));
                 }
             }
         }
     }
     for name in object.keys() {
-        if !FIELDS.iter().any(|(f, _)| f == name) {
+        if !fields.iter().any(|(f, _)| f == name) && !allowed.contains(&name.as_str()) {
             let shown: String = name.chars().take(64).collect();
             v.push(Violation::new(
-                shown,
+                format!("{prefix}{shown}"),
                 "unknown_field",
                 "is not a field of an order",
             ));
         }
     }
+}
+
+/// The slow path: an item that did not deserialize. Reports every field's problem.
+fn diagnose(value: &Value) -> Item {
+    let Some(object) = value.as_object() else {
+        return (
+            false,
+            Err(vec![Violation::new("", "type", "expected an order object")]),
+        );
+    };
+    let flat = !object.contains_key("items");
+    let mut v = Vec::new();
+    if flat {
+        let mut fields = ORDER_FIELDS.to_vec();
+        fields.splice(3..3, LINE_FIELDS);
+        check_fields(object, &fields, &[], "", &mut v);
+    } else {
+        // A line's fields beside `items` are a conflict, reported once below.
+        let allowed = [
+            "items",
+            "product_id",
+            "category",
+            "quantity",
+            "unit_price_minor",
+        ];
+        check_fields(object, &ORDER_FIELDS, &allowed, "", &mut v);
+        if LINE_FIELDS.iter().any(|(f, _)| object.contains_key(*f)) {
+            v.push(both_shapes());
+        }
+        match object.get("items") {
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_object() {
+                        Some(line) => {
+                            check_fields(line, &LINE_FIELDS, &[], &format!("items/{i}/"), &mut v);
+                        }
+                        None => v.push(Violation::new(
+                            format!("items/{i}"),
+                            "type",
+                            "expected a line object",
+                        )),
+                    }
+                }
+            }
+            _ => v.push(Violation::new(
+                "items",
+                "type",
+                "expected an array of lines",
+            )),
+        }
+    }
     if !v.is_empty() {
         check_values(object, &mut v);
-        return Err(v);
+        return (flat, Err(v));
     }
     // Every field has the right type, so the typed parse succeeds; a currency
     // outside the list is the only thing left to catch.
-    let wire: OrderWire = serde_json::from_value(value.clone())
-        .map_err(|e| vec![Violation::new("", "invalid", e.to_string())])?;
-    from_wire(wire)
+    match serde_json::from_value::<OrderWire>(value.clone()) {
+        Ok(wire) => from_wire(wire),
+        Err(e) => (
+            flat,
+            Err(vec![Violation::new("", "invalid", e.to_string())]),
+        ),
+    }
 }
 
 /// The domain's rules for the fields that are present and well typed, so one answer
@@ -291,32 +463,48 @@ fn diagnose(value: &Value) -> Result<Order, Vec<Violation>> {
 /// through `Order::validate` when every field parses).
 fn check_values(object: &serde_json::Map<String, Value>, v: &mut Vec<Violation>) {
     let reported: Vec<String> = v.iter().map(|x| x.field.clone()).collect();
-    let present = |name: &str| {
-        object
-            .get(name)
-            .filter(|_| !reported.iter().any(|r| r == name))
-    };
     let mut found = Vec::new();
-    for name in ["user_id", "city", "product_id", "category"] {
-        if let Some(text) = present(name).and_then(Value::as_str) {
-            found.extend(order::check_text(name, text).err());
+    let mut check = |line: &serde_json::Map<String, Value>, prefix: &str, names: &[&str]| {
+        let present = |name: &str| {
+            let at = format!("{prefix}{name}");
+            line.get(name).filter(|_| !reported.contains(&at))
+        };
+        for name in names {
+            let at = format!("{prefix}{name}");
+            let checked = match *name {
+                "quantity" => present(name)
+                    .and_then(Value::as_i64)
+                    .and_then(|q| order::check_quantity(i32::try_from(q).unwrap_or(0)).err()),
+                "unit_price_minor" => present(name)
+                    .and_then(Value::as_i64)
+                    .and_then(|p| order::check_unit_price(p).err()),
+                "currency" => present(name)
+                    .and_then(Value::as_str)
+                    .filter(|c| c.parse::<tidemark_domain::Currency>().is_err())
+                    .map(|_| currency_violation()),
+                text => present(name)
+                    .and_then(Value::as_str)
+                    .and_then(|t| order::check_text(text, t).err()),
+            };
+            found.extend(checked.map(|violation| Violation {
+                field: at,
+                ..violation
+            }));
         }
+    };
+    check(object, "", &["user_id", "city"]);
+    let line_names = ["product_id", "category", "quantity", "unit_price_minor"];
+    match object.get("items").and_then(Value::as_array) {
+        Some(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(line) = item.as_object() {
+                    check(line, &format!("items/{i}/"), &line_names);
+                }
+            }
+        }
+        None => check(object, "", &line_names),
     }
-    if let Some(q) = present("quantity").and_then(Value::as_i64) {
-        found.extend(order::check_quantity(i32::try_from(q).unwrap_or(0)).err());
-    }
-    if let Some(p) = present("unit_price_minor").and_then(Value::as_i64) {
-        found.extend(order::check_unit_price(p).err());
-    }
-    if let Some(code) = present("currency").and_then(Value::as_str)
-        && code.parse::<tidemark_domain::Currency>().is_err()
-    {
-        found.push(Violation::new(
-            "currency",
-            "invalid",
-            "must be an accepted ISO 4217 code (e.g. EUR, USD, JPY)",
-        ));
-    }
+    check(object, "", &["currency"]);
     // In the order of the fields, before unknown ones.
     let at = v
         .iter()
@@ -438,6 +626,73 @@ mod tests {
                 ("unit_price_minor", "out_of_range")
             ]
         );
+    }
+
+    fn basket_json(id: u128) -> Value {
+        serde_json::json!({
+            "order_id": Uuid::from_u128(id),
+            "user_id": "u-1", "city": "Berlin", "currency": "KWD",
+            "created_at": "2026-11-21T10:00:00Z",
+            "items": [
+                {"product_id": "p-1", "category": "books", "quantity": 2, "unit_price_minor": 1250},
+                {"product_id": "p-2", "category": "books", "quantity": 1, "unit_price_minor": 3990},
+                {"product_id": "p-3", "category": "games", "quantity": 4, "unit_price_minor": 10}
+            ]
+        })
+    }
+
+    #[test]
+    fn a_basket_is_one_order_of_its_lines() {
+        let body = serde_json::to_vec(&serde_json::json!([basket_json(1), order_json(2)])).unwrap();
+        let d = run(Format::Json, &body).unwrap();
+        let basket = d.items[0].as_ref().unwrap();
+        assert_eq!(basket.lines.len(), 3);
+        assert_eq!((basket.revenue_minor(), basket.items()), (6_530, 7));
+        assert_eq!(d.items[1].as_ref().unwrap().lines.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_line_is_named_by_its_index() {
+        let mut bad = basket_json(1);
+        bad["items"][1]["quantity"] = 0.into();
+        bad["items"][2]["product_id"] = "p-1".into();
+        let d = run(Format::Json, &serde_json::to_vec(&bad).unwrap()).unwrap();
+        let errs = d.items[0].as_ref().unwrap_err();
+        let fields: Vec<_> = errs
+            .iter()
+            .map(|v| (v.field.as_str(), v.code.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("items/1/quantity", "out_of_range"),
+                ("items/2/product_id", "duplicate")
+            ]
+        );
+
+        let mut mistyped = basket_json(2);
+        mistyped["items"][0]["unit_price_minor"] = "12.50".into();
+        mistyped["items"][2]["colour"] = "red".into();
+        mistyped["quantity"] = 1.into();
+        let d = run(Format::Json, &serde_json::to_vec(&mistyped).unwrap()).unwrap();
+        let errs = d.items[0].as_ref().unwrap_err();
+        let fields: Vec<_> = errs
+            .iter()
+            .map(|v| (v.field.as_str(), v.code.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("items", "conflict"),
+                ("items/0/unit_price_minor", "type"),
+                ("items/2/colour", "unknown_field")
+            ]
+        );
+
+        let mut empty = basket_json(3);
+        empty["items"] = serde_json::json!([]);
+        let d = run(Format::Json, &serde_json::to_vec(&empty).unwrap()).unwrap();
+        assert_eq!(d.items[0].as_ref().unwrap_err()[0].field, "items");
     }
 
     #[test]

@@ -119,14 +119,31 @@ async fn store_one(
 
 type Insert<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, Uuid, sqlx::postgres::PgArguments>;
 
+/// Inserts the orders not stored yet and their lines, in one statement; returns
+/// the ids it inserted (the lines of an order that was already there are not
+/// written again).
 fn insert<'q>(orders: &[&Order]) -> Insert<'q> {
+    let lines = || {
+        orders
+            .iter()
+            .flat_map(|o| o.lines.iter().map(move |l| (o, l)))
+    };
     sqlx::query_scalar(
-        "INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
-                             unit_price_minor, currency, created_at) \
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                              $6::int4[], $7::int8[], $8::text[], $9::timestamptz[]) \
-         ON CONFLICT (order_id) DO NOTHING \
-         RETURNING order_id",
+        "WITH new AS ( \
+           INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+           SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
+                                $5::timestamptz[]) \
+           ON CONFLICT (order_id) DO NOTHING \
+           RETURNING order_id \
+         ), lines AS ( \
+           INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+                                    unit_price_minor) \
+           SELECT l.* FROM UNNEST($6::uuid[], $7::int2[], $8::text[], $9::text[], \
+                                  $10::int4[], $11::int8[]) \
+             AS l(order_id, line_no, product_id, category, quantity, unit_price_minor) \
+           JOIN new USING (order_id) \
+         ) \
+         SELECT order_id FROM new",
     )
     .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.user_id.clone()).collect::<Vec<_>>())
@@ -134,29 +151,25 @@ fn insert<'q>(orders: &[&Order]) -> Insert<'q> {
     .bind(
         orders
             .iter()
-            .map(|o| o.product_id.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        orders
-            .iter()
-            .map(|o| o.category.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(orders.iter().map(|o| o.quantity).collect::<Vec<_>>())
-    .bind(
-        orders
-            .iter()
-            .map(|o| o.unit_price_minor)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        orders
-            .iter()
             .map(|o| o.currency.as_str().to_owned())
             .collect::<Vec<_>>(),
     )
     .bind(orders.iter().map(|o| o.created_at).collect::<Vec<_>>())
+    .bind(lines().map(|(o, _)| o.order_id).collect::<Vec<_>>())
+    .bind(
+        orders
+            .iter()
+            .flat_map(|o| (1..=o.lines.len()).map(|n| n as i16))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        lines()
+            .map(|(_, l)| l.product_id.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(lines().map(|(_, l)| l.category.clone()).collect::<Vec<_>>())
+    .bind(lines().map(|(_, l)| l.quantity).collect::<Vec<_>>())
+    .bind(lines().map(|(_, l)| l.unit_price_minor).collect::<Vec<_>>())
 }
 
 type Select<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, OrderRow, sqlx::postgres::PgArguments>;
@@ -165,7 +178,9 @@ fn existing<'q>(ids: &[Uuid]) -> Select<'q> {
     sqlx::query_as(concat!(
         "SELECT ",
         tidemark_orderlog::order_columns!(),
-        " FROM orders WHERE order_id = ANY($1)"
+        " FROM ",
+        tidemark_orderlog::order_from!(),
+        " WHERE o.order_id = ANY($1)"
     ))
     .bind(ids.to_vec())
 }

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
-use tidemark_orderlog::{OrderRow, order_columns};
+use tidemark_orderlog::{OrderRow, order_columns, order_from};
 use tidemark_platform::problem::Problem;
 use uuid::Uuid;
 
@@ -14,15 +14,26 @@ pub struct OrderView {
     pub order_id: Uuid,
     pub user_id: String,
     pub city: String,
+    pub currency: String,
+    /// The sum of the lines, in minor units.
+    pub revenue_minor: i64,
+    /// The same in major units, exact, by the currency's exponent.
+    pub revenue: String,
+    pub created_at: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+    /// The order's lines, in the order they were sent.
+    pub lines: Vec<LineView>,
+}
+
+/// One line of an order as served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct LineView {
     pub product_id: String,
     pub category: String,
     pub quantity: i32,
     pub unit_price_minor: i64,
-    pub currency: String,
     /// quantity × unit price, in minor units.
     pub revenue_minor: i64,
-    pub created_at: DateTime<Utc>,
-    pub ingested_at: DateTime<Utc>,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
@@ -34,18 +45,34 @@ pub struct OrderPage {
 
 impl From<OrderRow> for OrderView {
     fn from(row: OrderRow) -> Self {
+        let lines: Vec<LineView> = row
+            .lines()
+            .into_iter()
+            .map(|l| LineView {
+                revenue_minor: l.revenue_minor(),
+                product_id: l.product_id,
+                category: l.category,
+                quantity: l.quantity,
+                unit_price_minor: l.unit_price_minor,
+            })
+            .collect();
+        let revenue_minor = lines.iter().map(|l| l.revenue_minor).sum();
+        // History shows what is stored, even in a currency this build does not know
+        // (then without a decimal amount).
+        let revenue = row.currency_code().parse().map_or_else(
+            |_| String::new(),
+            |c| tidemark_domain::money::decimal(revenue_minor, c),
+        );
         OrderView {
             currency: row.currency_code().to_owned(),
-            revenue_minor: i64::from(row.quantity) * row.unit_price_minor,
+            revenue_minor,
+            revenue,
             order_id: row.order_id,
             user_id: row.user_id,
             city: row.city,
-            product_id: row.product_id,
-            category: row.category,
-            quantity: row.quantity,
-            unit_price_minor: row.unit_price_minor,
             created_at: row.created_at,
             ingested_at: row.ingested_at,
+            lines,
         }
     }
 }
@@ -63,7 +90,9 @@ pub async fn order(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, Problem
     let row: Option<OrderRow> = sqlx::query_as(concat!(
         "SELECT ",
         order_columns!(),
-        " FROM orders WHERE order_id = $1"
+        " FROM ",
+        order_from!(),
+        " WHERE o.order_id = $1"
     ))
     .bind(id)
     .fetch_optional(pool)
@@ -105,9 +134,11 @@ pub async fn user_orders(
     let rows: Vec<OrderRow> = sqlx::query_as(concat!(
         "SELECT ",
         order_columns!(),
-        " FROM orders WHERE user_id = $1 \
-           AND ($2::timestamptz IS NULL OR (created_at, order_id) < ($2, $3)) \
-         ORDER BY created_at DESC, order_id DESC LIMIT $4"
+        " FROM ",
+        order_from!(),
+        " WHERE o.user_id = $1 \
+           AND ($2::timestamptz IS NULL OR (o.created_at, o.order_id) < ($2, $3)) \
+         ORDER BY o.created_at DESC, o.order_id DESC LIMIT $4"
     ))
     .bind(user_id)
     .bind(after.map(|a| a.0))

@@ -212,18 +212,20 @@ async fn truth(
     cursor: (i64, i64),
 ) -> Result<Grid> {
     let value = match group_by {
-        Some("city") => "city",
-        Some("category") => "category",
-        Some("product") => "product_id",
+        Some("city") => "o.city",
+        Some("category") => "l.category",
+        Some("product") => "l.product_id",
         _ => "''",
     };
+    // Revenue and items sum the lines; an order counts once per value it contains.
     let sql = format!(
-        "SELECT (floor(extract(epoch FROM created_at) / $1) * $1)::int8 AS bucket, \
-                {value} AS value, currency, sum(quantity::int8 * unit_price_minor)::int8, \
-                count(*)::int8, sum(quantity)::int8 \
-         FROM orders \
-         WHERE created_at >= to_timestamp($2) AND created_at < to_timestamp($3) \
-           AND (txid < $4::text::xid8 OR (txid, seq) <= ($5::text::xid8, $6)) \
+        "SELECT (floor(extract(epoch FROM o.created_at) / $1) * $1)::int8 AS bucket, \
+                {value} AS value, o.currency::text, \
+                sum(l.quantity::int8 * l.unit_price_minor)::int8, \
+                count(DISTINCT o.order_id)::int8, sum(l.quantity)::int8 \
+         FROM orders o JOIN order_lines l USING (order_id) \
+         WHERE o.created_at >= to_timestamp($2) AND o.created_at < to_timestamp($3) \
+           AND (o.txid < $4::text::xid8 OR (o.txid, o.seq) <= ($5::text::xid8, $6)) \
          GROUP BY 1, 2, 3"
     );
     let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)) // `value` is one of four fixed column names

@@ -15,5 +15,5 @@ pub mod position;
 pub use aggregate::{CellKey, Grid, Totals};
 pub use bucket::{Dimension, Granularity};
 pub use money::{Currency, CurrencyError};
-pub use order::{Order, OrderLimits, Violation};
+pub use order::{Order, OrderCell, OrderLimits, OrderLine, Violation};
 pub use position::LogPosition;

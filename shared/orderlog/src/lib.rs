@@ -13,6 +13,6 @@ pub mod raw;
 pub mod row;
 pub mod tail;
 
-pub use raw::{RAW_TIME_FORMAT, RawRecord, RawRecordRef};
+pub use raw::{RAW_TIME_FORMAT, RawLine, RawLineRef, RawRecord, RawRecordRef};
 pub use row::{LogRow, OrderRow, Undecodable};
 pub use tail::{Lag, LogError, Tail, lag, range, tail};

@@ -2,6 +2,13 @@
 //! relay writes [`RawRecord`]s; the compactor reads them back as [`RawRecordRef`]s,
 //! which borrow their text from the file. Both are defined here, side by side, so
 //! that the format has one owner; the tests below hold them to each other.
+//!
+//! | version | an order's products |
+//! |---|---|
+//! | 1 | one, at the top level: `product_id`, `category`, `quantity`, `unit_price_minor` |
+//! | 2 (written now) | `lines: [{product_id, category, quantity, unit_price_minor}]` |
+//!
+//! Files of both versions stay in the lake, so the reader takes either.
 
 use std::borrow::Cow;
 
@@ -23,21 +30,28 @@ pub struct RawRecord {
     pub order_id: Uuid,
     pub user_id: String,
     pub city: String,
-    pub product_id: String,
-    pub category: String,
-    pub quantity: i32,
-    pub unit_price_minor: i64,
     pub currency: String,
     /// In [`RAW_TIME_FORMAT`], e.g. `2026-11-21T10:15:00.000000Z`.
     pub created_at: String,
     pub ingested_at: String,
     pub txid: u64,
     pub seq: i64,
+    pub lines: Vec<RawLine>,
+}
+
+/// One product line of a raw record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawLine {
+    pub product_id: String,
+    pub category: String,
+    pub quantity: i32,
+    pub unit_price_minor: i64,
 }
 
 /// One line of a raw-lake file as the compactor reads it: the same fields as
 /// [`RawRecord`], borrowing its strings from the text (unless they hold escapes),
-/// timestamps and the order id left as text for the columnar parser.
+/// timestamps and the order id left as text for the columnar parser. Takes both
+/// versions of the format (see [`RawRecordRef::lines`]).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct RawRecordRef<'a> {
     #[serde(borrow)]
@@ -47,12 +61,6 @@ pub struct RawRecordRef<'a> {
     #[serde(borrow)]
     pub city: Cow<'a, str>,
     #[serde(borrow)]
-    pub product_id: Cow<'a, str>,
-    #[serde(borrow)]
-    pub category: Cow<'a, str>,
-    pub quantity: i32,
-    pub unit_price_minor: i64,
-    #[serde(borrow)]
     pub currency: Cow<'a, str>,
     #[serde(borrow)]
     pub created_at: Cow<'a, str>,
@@ -60,6 +68,54 @@ pub struct RawRecordRef<'a> {
     pub ingested_at: Cow<'a, str>,
     pub txid: u64,
     pub seq: i64,
+    /// Version 2.
+    #[serde(borrow, default)]
+    lines: Option<Vec<RawLineRef<'a>>>,
+    /// Version 1: the one product at the top level.
+    #[serde(borrow, default)]
+    product_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    category: Option<Cow<'a, str>>,
+    #[serde(default)]
+    quantity: Option<i32>,
+    #[serde(default)]
+    unit_price_minor: Option<i64>,
+}
+
+/// One product line as the compactor reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct RawLineRef<'a> {
+    #[serde(borrow)]
+    pub product_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub category: Cow<'a, str>,
+    pub quantity: i32,
+    pub unit_price_minor: i64,
+}
+
+/// A raw record that holds no product line (neither version's fields).
+#[derive(Debug, thiserror::Error)]
+#[error("raw record of order {0} has no product lines")]
+pub struct NoLines(pub String);
+
+impl<'a> RawRecordRef<'a> {
+    /// The order's lines, from either version of the format.
+    pub fn lines(&self) -> Result<Vec<RawLineRef<'a>>, NoLines> {
+        if let Some(lines) = &self.lines
+            && !lines.is_empty()
+        {
+            return Ok(lines.clone());
+        }
+        match (&self.product_id, &self.category, self.unit_price_minor) {
+            (Some(product_id), Some(category), Some(unit_price_minor)) => Ok(vec![RawLineRef {
+                product_id: product_id.clone(),
+                category: category.clone(),
+                quantity: self.quantity.unwrap_or(1),
+                unit_price_minor,
+            }]),
+            _ => Err(NoLines(self.order_id.to_string())),
+        }
+    }
 }
 
 impl From<&LogRow> for RawRecord {
@@ -69,15 +125,21 @@ impl From<&LogRow> for RawRecord {
             order_id: o.order_id,
             user_id: o.user_id.clone(),
             city: o.city.clone(),
-            product_id: o.product_id.clone(),
-            category: o.category.clone(),
-            quantity: o.quantity,
-            unit_price_minor: o.unit_price_minor,
             currency: o.currency.to_string(),
             created_at: o.created_at.format(RAW_TIME_FORMAT).to_string(),
             ingested_at: row.ingested_at.format(RAW_TIME_FORMAT).to_string(),
             txid: row.position.txid,
             seq: row.position.seq,
+            lines: o
+                .lines
+                .iter()
+                .map(|l| RawLine {
+                    product_id: l.product_id.clone(),
+                    category: l.category.clone(),
+                    quantity: l.quantity,
+                    unit_price_minor: l.unit_price_minor,
+                })
+                .collect(),
         }
     }
 }
@@ -91,21 +153,27 @@ impl RawRecord {
 }
 
 impl RawRecordRef<'_> {
-    /// The record read back, owning its text.
-    pub fn to_owned_record(&self) -> Result<RawRecord, uuid::Error> {
+    /// The record read back, owning its text (in the current version).
+    pub fn to_owned_record(&self) -> Result<RawRecord, Box<dyn std::error::Error>> {
         Ok(RawRecord {
             order_id: Uuid::try_parse(&self.order_id)?,
             user_id: self.user_id.clone().into_owned(),
             city: self.city.clone().into_owned(),
-            product_id: self.product_id.clone().into_owned(),
-            category: self.category.clone().into_owned(),
-            quantity: self.quantity,
-            unit_price_minor: self.unit_price_minor,
             currency: self.currency.clone().into_owned(),
             created_at: self.created_at.clone().into_owned(),
             ingested_at: self.ingested_at.clone().into_owned(),
             txid: self.txid,
             seq: self.seq,
+            lines: self
+                .lines()?
+                .into_iter()
+                .map(|l| RawLine {
+                    product_id: l.product_id.into_owned(),
+                    category: l.category.into_owned(),
+                    quantity: l.quantity,
+                    unit_price_minor: l.unit_price_minor,
+                })
+                .collect(),
         })
     }
 }
@@ -113,7 +181,7 @@ impl RawRecordRef<'_> {
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};
-    use tidemark_domain::{LogPosition, Order};
+    use tidemark_domain::{LogPosition, Order, OrderLine};
 
     use super::*;
 
@@ -126,12 +194,22 @@ mod tests {
                 order_id: Uuid::from_u128(0x1234_5678_9abc_def0),
                 user_id: "user-000042".into(),
                 city: city.into(),
-                product_id: product_id.into(),
-                category: "books".into(),
-                quantity: 3,
-                unit_price_minor: 1_299,
                 currency: "KWD".parse().unwrap(),
                 created_at: at,
+                lines: vec![
+                    OrderLine {
+                        product_id: product_id.into(),
+                        category: "books".into(),
+                        quantity: 3,
+                        unit_price_minor: 1_299,
+                    },
+                    OrderLine {
+                        product_id: "second".into(),
+                        category: "games".into(),
+                        quantity: 1,
+                        unit_price_minor: 5,
+                    },
+                ],
             },
             ingested_at: at + chrono::TimeDelta::seconds(1),
         }
@@ -153,7 +231,10 @@ mod tests {
             assert_eq!(read.to_owned_record().unwrap(), written);
             assert_eq!(read.created_at, "2026-02-28T23:59:59.000007Z");
             // Plain text is borrowed from the file, not copied.
-            assert!(matches!(read.category, Cow::Borrowed(_)));
+            assert!(matches!(
+                read.lines().unwrap()[1].category,
+                Cow::Borrowed(_)
+            ));
         }
     }
 
@@ -168,5 +249,27 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(read, [written.clone(), written]);
+    }
+
+    #[test]
+    fn version_1_records_read_as_one_line() {
+        let v1 = r#"{"order_id":"00000000-0000-0000-0000-000000000001","user_id":"u","city":"Oslo","product_id":"p:1","category":"c","quantity":2,"unit_price_minor":150,"currency":"EUR","created_at":"2026-11-20T23:00:00.000000Z","ingested_at":"2026-11-20T23:00:00.000000Z","txid":5,"seq":1}"#;
+        let read: RawRecordRef<'_> = serde_json::from_str(v1).unwrap();
+        let record = read.to_owned_record().unwrap();
+        assert_eq!(
+            record.lines,
+            [RawLine {
+                product_id: "p:1".into(),
+                category: "c".into(),
+                quantity: 2,
+                unit_price_minor: 150
+            }]
+        );
+        let bare = r#"{"order_id":"00000000-0000-0000-0000-000000000001","user_id":"u","city":"Oslo","currency":"EUR","created_at":"x","ingested_at":"x","txid":5,"seq":1}"#;
+        let read: RawRecordRef<'_> = serde_json::from_str(bare).unwrap();
+        assert!(
+            read.lines().is_err(),
+            "a record without products is an error"
+        );
     }
 }

@@ -2,25 +2,42 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tidemark_domain::{Currency, LogPosition, Order};
+use tidemark_domain::{Currency, LogPosition, Order, OrderLine};
 use uuid::Uuid;
 
-/// The select list that reads an [`OrderRow`] from `orders`, as a literal for
-/// `concat!` (`concat!("SELECT ", order_columns!(), " FROM orders …")`). The
-/// transaction id gets a name of its own (`log_txid`): an output column named
-/// `txid` would take over `ORDER BY txid` and keep Postgres from using the log
-/// index.
+/// The select list that reads an [`OrderRow`], as a literal for `concat!`, from
+/// [`order_from!`]: `concat!("SELECT ", order_columns!(), " FROM ", order_from!(),
+/// " WHERE o.order_id = $1")`. The transaction id gets a name of its own
+/// (`log_txid`): an output column named `txid` would take over `ORDER BY txid` and
+/// keep Postgres from using the log index.
 #[macro_export]
 macro_rules! order_columns {
     () => {
-        "txid::text::int8 AS log_txid, seq, order_id, user_id, city, product_id, category, \
-         quantity, unit_price_minor, currency, created_at, ingested_at"
+        "o.txid::text::int8 AS log_txid, o.seq, o.order_id, o.user_id, o.city, o.currency, \
+         o.created_at, o.ingested_at, l.line_products, l.line_categories, l.line_quantities, \
+         l.line_prices"
     };
 }
 
-/// A row of `orders` as stored: every column, nothing interpreted yet. The one
-/// decoding of the table: the log consumers, ingest's idempotency check and the
-/// order history all read it through [`order_columns!`].
+/// The `FROM` clause for [`order_columns!`]: `orders` as `o`, each with its lines
+/// gathered in line order (one index scan of `order_lines` per order).
+#[macro_export]
+macro_rules! order_from {
+    () => {
+        "orders o CROSS JOIN LATERAL ( \
+             SELECT array_agg(product_id ORDER BY line_no) AS line_products, \
+                    array_agg(category ORDER BY line_no) AS line_categories, \
+                    array_agg(quantity ORDER BY line_no) AS line_quantities, \
+                    array_agg(unit_price_minor ORDER BY line_no) AS line_prices \
+             FROM order_lines WHERE order_lines.order_id = o.order_id \
+         ) l"
+    };
+}
+
+/// A row of `orders` with its lines, as stored: every column, nothing interpreted
+/// yet. The one decoding of the table: the log consumers, ingest's idempotency
+/// check and the order history all read it through [`order_columns!`] and
+/// [`order_from!`].
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct OrderRow {
     /// The writing transaction's id (`xid8`, read as `int8`).
@@ -30,15 +47,16 @@ pub struct OrderRow {
     pub order_id: Uuid,
     pub user_id: String,
     pub city: String,
-    pub product_id: String,
-    pub category: String,
-    pub quantity: i32,
-    pub unit_price_minor: i64,
     /// As stored (`char(3)`); [`OrderRow::decode`] checks it is a currency this
     /// build knows.
     pub currency: String,
     pub created_at: DateTime<Utc>,
     pub ingested_at: DateTime<Utc>,
+    /// The lines' columns, in line order (`None` for an order without lines).
+    pub line_products: Option<Vec<String>>,
+    pub line_categories: Option<Vec<String>>,
+    pub line_quantities: Option<Vec<i32>>,
+    pub line_prices: Option<Vec<i64>>,
 }
 
 /// A row of the log that this build cannot decode (a currency it does not know,
@@ -70,30 +88,57 @@ impl OrderRow {
         self.currency.trim_end()
     }
 
+    /// The stored lines, in line order (empty if the columns disagree in length,
+    /// which the schema prevents).
+    pub fn lines(&self) -> Vec<OrderLine> {
+        let (Some(products), Some(categories), Some(quantities), Some(prices)) = (
+            &self.line_products,
+            &self.line_categories,
+            &self.line_quantities,
+            &self.line_prices,
+        ) else {
+            return Vec::new();
+        };
+        if [categories.len(), quantities.len(), prices.len()] != [products.len(); 3] {
+            return Vec::new();
+        }
+        products
+            .iter()
+            .zip(categories)
+            .zip(quantities.iter().zip(prices))
+            .map(|((product_id, category), (quantity, price))| OrderLine {
+                product_id: product_id.clone(),
+                category: category.clone(),
+                quantity: *quantity,
+                unit_price_minor: *price,
+            })
+            .collect()
+    }
+
     /// The row as an order of this build's domain.
     pub fn decode(self) -> Result<LogRow, Undecodable> {
-        let currency: Currency = match self.currency_code().parse() {
-            Ok(currency) => currency,
-            Err(e) => {
-                return Err(Undecodable {
-                    position: self.position(),
-                    order_id: self.order_id,
-                    reason: e.to_string(),
-                });
-            }
+        let undecodable = |reason: String| Undecodable {
+            position: self.position(),
+            order_id: self.order_id,
+            reason,
         };
+        let currency: Currency = self
+            .currency_code()
+            .parse()
+            .map_err(|e: tidemark_domain::CurrencyError| undecodable(e.to_string()))?;
+        let lines = self.lines();
+        if lines.is_empty() {
+            return Err(undecodable("the order has no lines".into()));
+        }
         Ok(LogRow {
             position: self.position(),
             order: Order {
                 order_id: self.order_id,
                 user_id: self.user_id,
                 city: self.city,
-                product_id: self.product_id,
-                category: self.category,
-                quantity: self.quantity,
-                unit_price_minor: self.unit_price_minor,
                 currency,
                 created_at: self.created_at,
+                lines,
             },
             ingested_at: self.ingested_at,
         })
@@ -104,12 +149,9 @@ impl OrderRow {
         self.order_id == order.order_id
             && self.user_id == order.user_id
             && self.city == order.city
-            && self.product_id == order.product_id
-            && self.category == order.category
-            && self.quantity == order.quantity
-            && self.unit_price_minor == order.unit_price_minor
             && self.currency_code() == order.currency.as_str()
             && self.created_at == order.created_at
+            && self.lines() == order.lines
     }
 }
 
@@ -127,13 +169,13 @@ mod tests {
             order_id: Uuid::from_u128(1),
             user_id: "u".into(),
             city: "Oslo".into(),
-            product_id: "p".into(),
-            category: "c".into(),
-            quantity: 2,
-            unit_price_minor: 150,
             currency: currency.into(),
             created_at: at,
             ingested_at: at,
+            line_products: Some(vec!["p".into(), "q".into()]),
+            line_categories: Some(vec!["c".into(), "c".into()]),
+            line_quantities: Some(vec![2, 1]),
+            line_prices: Some(vec![150, 99]),
         }
     }
 
@@ -144,8 +186,12 @@ mod tests {
         assert_eq!(decoded.position, LogPosition::new(7, 3));
         assert_eq!(decoded.order.currency.as_str(), "NOK");
         assert!(stored.holds(&decoded.order));
+        assert_eq!(decoded.order.lines.len(), 2);
+        assert_eq!(decoded.order.revenue_minor(), 399);
         let mut other = decoded.order.clone();
-        other.quantity = 3;
+        other.lines[1].quantity = 3;
+        assert!(!stored.holds(&other));
+        other.lines.pop();
         assert!(!stored.holds(&other));
     }
 
@@ -156,5 +202,13 @@ mod tests {
         assert_eq!(error.order_id, Uuid::from_u128(1));
         let text = error.to_string();
         assert!(text.contains("7_3") && text.contains("XYZ"), "{text}");
+    }
+
+    #[test]
+    fn an_order_without_lines_is_undecodable_too() {
+        let mut bare = row("EUR");
+        bare.line_products = None;
+        let error = bare.decode().unwrap_err();
+        assert!(error.reason.contains("no lines"), "{error}");
     }
 }

@@ -84,14 +84,15 @@ pub async fn tail<'e>(
     // The horizon and the rows come from one statement, so one snapshot.
     let read: Vec<TailRow> = sqlx::query_as(concat!(
         "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
-         SELECT h.xmin::text::int8 AS horizon, o.* \
+         SELECT h.xmin::text::int8 AS horizon, t.* \
          FROM h LEFT JOIN LATERAL ( \
              SELECT ",
         crate::order_columns!(),
-        " FROM orders \
-             WHERE (txid, seq) > ($1::int8::text::xid8, $2) AND txid < h.xmin \
-             ORDER BY txid, seq LIMIT $3 \
-         ) o ON true"
+        " FROM ",
+        crate::order_from!(),
+        " WHERE (o.txid, o.seq) > ($1::int8::text::xid8, $2) AND o.txid < h.xmin \
+             ORDER BY o.txid, o.seq LIMIT $3 \
+         ) t ON true"
     ))
     .bind(after.txid as i64)
     .bind(after.seq)
@@ -120,10 +121,11 @@ pub async fn range<'e>(
     let rows: Vec<OrderRow> = sqlx::query_as(concat!(
         "SELECT ",
         crate::order_columns!(),
-        " FROM orders \
-         WHERE (txid, seq) > ($1::int8::text::xid8, $2) \
-           AND (txid, seq) <= ($3::int8::text::xid8, $4) \
-         ORDER BY txid, seq"
+        " FROM ",
+        crate::order_from!(),
+        " WHERE (o.txid, o.seq) > ($1::int8::text::xid8, $2) \
+           AND (o.txid, o.seq) <= ($3::int8::text::xid8, $4) \
+         ORDER BY o.txid, o.seq"
     ))
     .bind(after.txid as i64)
     .bind(after.seq)

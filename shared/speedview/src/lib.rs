@@ -53,18 +53,18 @@ pub struct Delta {
 }
 
 impl Delta {
-    /// Adds one order, in `epoch`, to its minute bucket for every dimension.
+    /// Adds one order, in `epoch`, to its minute bucket for every dimension: per
+    /// value it contains, the revenue and items of its lines there, and one order.
     pub fn add(&mut self, epoch: u64, order: &Order) {
         let bucket = Granularity::Minute.bucket_of_secs(order.created_at.timestamp());
         let currency = order.currency.as_str();
-        let revenue = order.revenue_minor();
-        let items = i64::from(order.quantity);
         let fields = self.hashes.entry((epoch, bucket)).or_default();
         for dim in Dimension::ALL {
-            let value = order.dimension_value(dim);
-            for (metric, amount) in [("r", revenue), ("o", 1), ("i", items)] {
-                let field = format!("{metric}:{}:{currency}:{value}", dim.as_str());
-                *fields.entry(field).or_insert(0) += amount;
+            for cell in order.cells(dim) {
+                for (metric, amount) in [("r", cell.revenue_minor), ("o", 1), ("i", cell.items)] {
+                    let field = format!("{metric}:{}:{currency}:{}", dim.as_str(), cell.value);
+                    *fields.entry(field).or_insert(0) += amount;
+                }
             }
         }
         self.rows += 1;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order, Totals};
+use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order, OrderLine, Totals};
 use tidemark_platform::redis::Redis;
 use tidemark_speedview::{Applied, Delta, SpeedView};
 use uuid::Uuid;
@@ -27,12 +27,14 @@ fn order(
         order_id: Uuid::from_u128(n),
         user_id: "u".into(),
         city: city.into(),
-        product_id: product.into(),
-        category: "books".into(),
-        quantity,
-        unit_price_minor: price,
         currency: currency.parse().unwrap(),
         created_at: Utc.with_ymd_and_hms(2026, 11, 29, 10, minute, 30).unwrap(),
+        lines: vec![OrderLine {
+            product_id: product.into(),
+            category: "books".into(),
+            quantity,
+            unit_price_minor: price,
+        }],
     }
 }
 
@@ -108,6 +110,57 @@ async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
         .await
         .unwrap();
     assert!(outside.total().is_empty(), "{outside:?}");
+}
+
+#[tokio::test]
+async fn a_basket_counts_once_per_value_and_sums_its_lines() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    let mut basket = order(1, 5, "Oslo", "p-1", "EUR", 2, 100);
+    basket.lines.push(OrderLine {
+        product_id: "p-2".into(),
+        category: "books".into(),
+        quantity: 1,
+        unit_price_minor: 1_000,
+    });
+    basket.lines.push(OrderLine {
+        product_id: "p-3".into(),
+        category: "games".into(),
+        quantity: 3,
+        unit_price_minor: 10,
+    });
+    let mut delta = Delta::default();
+    delta.add(0, &basket);
+    assert_eq!(
+        view.apply(LogPosition::ZERO, LogPosition::new(3, 1), 1, &delta)
+            .await
+            .unwrap(),
+        Applied::Done
+    );
+    let day = Utc
+        .with_ymd_and_hms(2026, 11, 29, 0, 0, 0)
+        .unwrap()
+        .timestamp();
+    let read = async |d| {
+        view.read(0, Granularity::Day, d, day, day + 86_400)
+            .await
+            .unwrap()
+    };
+    let total = cell(&read(Dimension::Total).await, day, "", "EUR");
+    assert_eq!(
+        (total.revenue_minor, total.orders, total.items),
+        (1_230, 1, 6)
+    );
+    let by_category = read(Dimension::Category).await;
+    let books = cell(&by_category, day, "books", "EUR");
+    assert_eq!(
+        (books.revenue_minor, books.orders, books.items),
+        (1_200, 1, 3)
+    );
+    assert_eq!(cell(&by_category, day, "games", "EUR").orders, 1);
+    let by_product = read(Dimension::Product).await;
+    assert_eq!(cell(&by_product, day, "p-2", "EUR").revenue_minor, 1_000);
 }
 
 #[tokio::test]

@@ -5,37 +5,47 @@
 use chrono::{SubsecRound, TimeDelta, Utc};
 use rand::Rng;
 use rand::rngs::StdRng;
-use tidemark_domain::Order;
+use tidemark_domain::{Order, OrderLine};
 use uuid::Uuid;
 
 /// A random valid order. Event times: four in five within the last hour, the
-/// rest up to three days late (so runs and epochs span several days). Values a
-/// store's encoding must survive come up often: a city with non-ASCII letters, a
-/// product id with colons (the speed view's field separator), a currency without
-/// minor units (JPY) and one with three decimals (KWD).
+/// rest up to three days late (so runs and epochs span several days). Baskets of
+/// one to four lines, each of a different product, often two of one category
+/// (an order counts once per value it contains). Values a store's encoding must
+/// survive come up often: a city with non-ASCII letters, a product id with colons
+/// (the speed view's field separator), a currency without minor units (JPY) and
+/// one with three decimals (KWD).
 pub fn random_order(rng: &mut StdRng) -> Order {
     let age = if rng.random_bool(0.8) {
         rng.random_range(0..3_600)
     } else {
         rng.random_range(3_600..259_200)
     };
-    let product = rng.random_range(0..30);
+    let lines = [1, 1, 2, 3, 4][rng.random_range(0..5)];
+    let first = rng.random_range(0..30);
     Order {
         order_id: Uuid::from_u128(rng.random()),
         user_id: format!("u-{}", rng.random_range(0..100)),
         city: ["Berlin", "Paris", "São Paulo", "Zürich", "Oslo"][rng.random_range(0..5)].into(),
-        product_id: if product % 3 == 0 {
-            format!("p:{product}")
-        } else {
-            format!("p-{product}")
-        },
-        category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
-        quantity: rng.random_range(1..6),
-        unit_price_minor: rng.random_range(1..100_000),
         currency: ["EUR", "USD", "JPY", "KWD"][rng.random_range(0..4)]
             .parse()
             .expect("listed currencies are accepted"),
         created_at: (Utc::now() - TimeDelta::seconds(age)).trunc_subsecs(6),
+        lines: (0..lines)
+            .map(|i| {
+                let product = (first + i * 7) % 30;
+                OrderLine {
+                    product_id: if product % 3 == 0 {
+                        format!("p:{product}")
+                    } else {
+                        format!("p-{product}")
+                    },
+                    category: ["books", "games", "garden"][rng.random_range(0..3)].into(),
+                    quantity: rng.random_range(1..6),
+                    unit_price_minor: rng.random_range(1..100_000),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -46,24 +56,38 @@ pub async fn insert(db: impl sqlx::PgExecutor<'_>, order: &Order) {
 }
 
 /// Inserts `order` with `currency` as stored: a code this build may not know
-/// (what an older or newer writer, or SQL by hand, could leave in the log).
+/// (what an older or newer writer, or SQL by hand, could leave in the log). The
+/// order and its lines are one statement, so one transaction.
 pub async fn insert_as(db: impl sqlx::PgExecutor<'_>, order: &Order, currency: &str) {
+    let column = |f: fn(&OrderLine) -> String| order.lines.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
-        "INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
-           unit_price_minor, currency, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+        "WITH o AS ( \
+           INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+           VALUES ($1, $2, $3, $4, $5) RETURNING order_id) \
+         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+           unit_price_minor) \
+         SELECT o.order_id, l.n, l.product_id, l.category, l.quantity, l.price \
+         FROM o, UNNEST($6::text[], $7::text[], $8::int4[], $9::int8[]) \
+           WITH ORDINALITY AS l(product_id, category, quantity, price, n)",
     )
     .bind(order.order_id)
     .bind(&order.user_id)
     .bind(&order.city)
-    .bind(&order.product_id)
-    .bind(&order.category)
-    .bind(order.quantity)
-    .bind(order.unit_price_minor)
     .bind(currency)
     .bind(order.created_at)
+    .bind(column(|l| l.product_id.clone()))
+    .bind(column(|l| l.category.clone()))
+    .bind(order.lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
+    .bind(
+        order
+            .lines
+            .iter()
+            .map(|l| l.unit_price_minor)
+            .collect::<Vec<_>>(),
+    )
     .execute(db)
     .await
-    .expect("insert into orders");
+    .expect("insert into orders and order_lines");
 }
 
 /// A log with a row this build cannot decode between two runs of good ones, each

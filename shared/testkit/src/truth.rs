@@ -3,8 +3,9 @@
 use sqlx::PgPool;
 
 /// Ground truth: revenue, orders and items per (bucket start, dimension value,
-/// currency), computed by SQL over Postgres `orders`, for rows whose transaction
-/// id lies in `[from_txid, to_txid)`.
+/// currency), computed by SQL over Postgres `orders` and `order_lines`, for orders
+/// whose transaction id lies in `[from_txid, to_txid)`. Revenue and items sum the
+/// lines; an order counts once per value it contains.
 ///
 /// `granularity_secs` is 60, 3600 or 86400; `dimension` is `total`, `city`,
 /// `category` or `product`.
@@ -17,16 +18,17 @@ pub async fn ground_truth(
 ) -> std::collections::BTreeMap<(i64, String, String), [i64; 3]> {
     let value = match dimension {
         "total" => "''",
-        "city" => "city",
-        "category" => "category",
-        "product" => "product_id",
+        "city" => "o.city",
+        "category" => "l.category",
+        "product" => "l.product_id",
         other => panic!("unknown dimension {other}"),
     };
     let sql = format!(
-        "SELECT (floor(extract(epoch FROM created_at) / $1) * $1)::int8, {value}, currency::text, \
-                sum(quantity::int8 * unit_price_minor)::int8, count(*)::int8, sum(quantity)::int8 \
-         FROM orders \
-         WHERE txid >= $2::int8::text::xid8 AND txid < $3::int8::text::xid8 \
+        "SELECT (floor(extract(epoch FROM o.created_at) / $1) * $1)::int8, {value}, \
+                o.currency::text, sum(l.quantity::int8 * l.unit_price_minor)::int8, \
+                count(DISTINCT o.order_id)::int8, sum(l.quantity)::int8 \
+         FROM orders o JOIN order_lines l USING (order_id) \
+         WHERE o.txid >= $2::int8::text::xid8 AND o.txid < $3::int8::text::xid8 \
          GROUP BY 1, 2, 3"
     );
     let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))

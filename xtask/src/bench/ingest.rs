@@ -35,7 +35,6 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let batch = bench.ingest_batch(&url, &key, 1, BATCH_ORDERS)?;
     let csv = bench.csv(1, BATCH_ORDERS)?;
     let copy_secs = copy_csv(&copy_db, &csv)?;
-    drop(std::fs::remove_file(&csv));
     let copy_rate = BATCH_ORDERS as f64 / copy_secs;
 
     eprintln!("xtask bench: single-order ingest at 32 connections, then pgbench");

@@ -286,17 +286,42 @@ impl<'a> Harness<'a> {
     }
 
     /// Writes `count` deterministic orders as CSV and returns the file.
-    pub(super) fn csv(&self, seed: u64, count: usize) -> Result<std::path::PathBuf> {
-        let rows = run(Command::new(self.bin("tidemark-loadtest")).args([
-            "csv",
-            "--seed",
-            &seed.to_string(),
-            "--count",
-            &count.to_string(),
-        ]))?;
-        let path = self.stack.base.join(format!("bench-orders-{seed}.csv"));
-        std::fs::write(&path, rows)?;
-        Ok(path)
+    /// Writes `count` deterministic orders as CSV files of `orders` and
+    /// `order_lines` rows.
+    pub(super) fn csv(&self, seed: u64, count: usize) -> Result<CsvFiles> {
+        let write = |lines: bool, name: &str| -> Result<std::path::PathBuf> {
+            let mut cmd = Command::new(self.bin("tidemark-loadtest"));
+            cmd.args([
+                "csv",
+                "--seed",
+                &seed.to_string(),
+                "--count",
+                &count.to_string(),
+            ]);
+            if lines {
+                cmd.arg("--lines");
+            }
+            let path = self.stack.base.join(format!("bench-{name}-{seed}.csv"));
+            std::fs::write(&path, run(&mut cmd)?)?;
+            Ok(path)
+        };
+        Ok(CsvFiles {
+            orders: write(false, "orders")?,
+            lines: write(true, "order-lines")?,
+        })
+    }
+}
+
+/// Orders as CSV, for `COPY`: the `orders` rows and the `order_lines` rows.
+pub(super) struct CsvFiles {
+    orders: std::path::PathBuf,
+    lines: std::path::PathBuf,
+}
+
+impl Drop for CsvFiles {
+    fn drop(&mut self) {
+        drop(std::fs::remove_file(&self.orders));
+        drop(std::fs::remove_file(&self.lines));
     }
 }
 
@@ -334,28 +359,36 @@ pub(super) fn pg_bin(name: &str) -> Result<std::path::PathBuf> {
 }
 
 /// Seconds `COPY orders FROM` takes for the CSV file.
-pub(super) fn copy_csv(db_url: &str, csv: &Path) -> Result<f64> {
+pub(super) fn copy_csv(db_url: &str, csv: &CsvFiles) -> Result<f64> {
     let started = Instant::now();
     run(Command::new(pg_bin("psql")?)
         .arg(db_url)
         .args(["-v", "ON_ERROR_STOP=1", "-c"])
         .arg(format!(
-            "\\copy orders (order_id, user_id, city, product_id, category, quantity, \
-             unit_price_minor, currency, created_at) FROM '{}' WITH (FORMAT csv)",
-            csv.display()
+            "\\copy orders (order_id, user_id, city, currency, created_at) FROM '{}' \
+             WITH (FORMAT csv)",
+            csv.orders.display()
+        ))
+        .arg("-c")
+        .arg(format!(
+            "\\copy order_lines (order_id, line_no, product_id, category, quantity, \
+             unit_price_minor) FROM '{}' WITH (FORMAT csv)",
+            csv.lines.display()
         )))?;
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// pgbench: single-row inserts into `orders`, 32 clients, 15 s; returns tps.
+/// pgbench: single-order inserts (an `orders` row and its one line, one statement),
+/// 32 clients, 15 s; returns tps.
 pub(super) fn pgbench(stack: &Stack, db_url: &str) -> Result<f64> {
     let script = stack.base.join("bench-insert.sql");
     std::fs::write(
         &script,
         "\\set u random(1, 100000)\n\
-         INSERT INTO orders (order_id, user_id, city, product_id, category, quantity, \
-         unit_price_minor, currency, created_at) VALUES (gen_random_uuid(), 'user-' || :u, \
-         'Berlin', 'sku-1', 'books', 2, 1299, 'EUR', now());\n",
+         WITH o AS (INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+         VALUES (gen_random_uuid(), 'user-' || :u, 'Berlin', 'EUR', now()) RETURNING order_id) \
+         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+         unit_price_minor) SELECT order_id, 1, 'sku-1', 'books', 2, 1299 FROM o;\n",
     )?;
     let out = run(Command::new(pg_bin("pgbench")?)
         .args(["-n", "-c", "32", "-j", "2", "-T", "15", "-f"])

@@ -138,7 +138,6 @@ async fn saturation(bench: &mut Harness<'_>) -> Result<Saturation> {
     let db = bench.database("saturate").await?;
     let csv = bench.csv(4, SATURATION_ROWS)?;
     copy_csv(&db, &csv)?;
-    drop(std::fs::remove_file(&csv));
     let prefix = format!("benchsat{}", bench.tag);
     let client = redis::Client::open(redis_url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;

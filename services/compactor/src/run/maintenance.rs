@@ -26,7 +26,7 @@ impl Compactor {
                 frames.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
                 UnionArgs::default(),
             )?
-            .sort(["txid", "seq"], SortMultipleOptions::default())
+            .sort(["txid", "seq", "line_no"], SortMultipleOptions::default())
             .collect()?;
             let key = lake::lake_key(*day, &format!("compact-{newest:012}"));
             let rows = merged.height() as i64;

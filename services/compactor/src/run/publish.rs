@@ -76,7 +76,7 @@ impl Compactor {
              WHERE run_id = $1 AND status = 'running'",
         )
         .bind(run.run_id as i64)
-        .bind(report.source.values().map(|t| t[1]).sum::<i64>())
+        .bind(report.source.values().map(|t| t.orders).sum::<i64>())
         .bind(staged as i64)
         .bind(sqlx::types::Json(report))
         .execute(&mut *tx)

@@ -75,7 +75,7 @@ async fn ten_thousand_orders_with_duplicates_sent_concurrently_leave_one_row_eac
 
     // A conflicting replay: same id, other content.
     let mut changed = unique[0].clone();
-    changed.quantity += 1;
+    changed.lines[0].quantity += 1;
     let r = h.post_json(&order_json(&changed)).await;
     assert_eq!(r.status(), 409);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -83,12 +83,16 @@ async fn ten_thousand_orders_with_duplicates_sent_concurrently_leave_one_row_eac
         body["conflicting_order_ids"][0],
         unique[0].order_id.to_string()
     );
-    let stored: i32 = sqlx::query_scalar("SELECT quantity FROM orders WHERE order_id = $1")
-        .bind(unique[0].order_id)
-        .fetch_one(&h.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(stored, unique[0].quantity, "never a silent overwrite");
+    let stored: i32 =
+        sqlx::query_scalar("SELECT quantity FROM order_lines WHERE order_id = $1 AND line_no = 1")
+            .bind(unique[0].order_id)
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored, unique[0].lines[0].quantity,
+        "never a silent overwrite"
+    );
     let (rows, ids): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(DISTINCT order_id) FROM orders")
             .fetch_one(&h.db.pool)
@@ -158,9 +162,11 @@ async fn ndjson_and_avro_of_every_schema_version_are_accepted() {
     let r = h.post("application/x-ndjson", lines).send().await.unwrap();
     assert_eq!(r.status(), 201);
 
+    // Versions 1 and 2 hold one line per order, version 1 of one unit.
     let mut v1: Vec<_> = (0..5).map(|_| random_order(&mut rng)).collect();
     for o in &mut v1 {
-        o.quantity = 1;
+        o.lines.truncate(1);
+        o.lines[0].quantity = 1;
     }
     let r = h
         .post(
@@ -171,7 +177,10 @@ async fn ndjson_and_avro_of_every_schema_version_are_accepted() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let v2: Vec<_> = (0..5).map(|_| random_order(&mut rng)).collect();
+    let mut v2: Vec<_> = (0..5).map(|_| random_order(&mut rng)).collect();
+    for o in &mut v2 {
+        o.lines.truncate(1);
+    }
     let r = h
         .post(
             "application/avro",
@@ -181,8 +190,30 @@ async fn ndjson_and_avro_of_every_schema_version_are_accepted() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(h.count().await, 13);
-    let q: i32 = sqlx::query_scalar("SELECT quantity FROM orders WHERE order_id = $1")
+    let mut v3: Vec<_> = (0..5).map(|_| random_order(&mut rng)).collect();
+    v3[0].lines = (0..4)
+        .map(|i| tidemark_domain::OrderLine {
+            product_id: format!("basket-{i}"),
+            ..v3[0].lines[0].clone()
+        })
+        .collect();
+    let r = h
+        .post(
+            "application/avro",
+            write_container(&v3, SchemaVersion::V3).unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(h.count().await, 18);
+    let lines: i64 = sqlx::query_scalar("SELECT count(*) FROM order_lines WHERE order_id = $1")
+        .bind(v3[0].order_id)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(lines, 4, "a v3 basket keeps its lines");
+    let q: i32 = sqlx::query_scalar("SELECT quantity FROM order_lines WHERE order_id = $1")
         .bind(v1[0].order_id)
         .fetch_one(&h.db.pool)
         .await
@@ -194,7 +225,7 @@ async fn ndjson_and_avro_of_every_schema_version_are_accepted() {
     corrupt.truncate(n - 20);
     let r = h.post("application/avro", corrupt).send().await.unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(h.count().await, 13);
+    assert_eq!(h.count().await, 18);
 }
 
 /// Producers fetch the Avro schemas instead of copying them: every version with its
@@ -253,34 +284,36 @@ async fn the_avro_schemas_are_served_with_their_fingerprints() {
     let schema = apache_avro::Schema::parse_str(&current.to_string()).unwrap();
     let order = random_order(&mut StdRng::seed_from_u64(77));
     let mut writer = apache_avro::Writer::new(&schema, Vec::new()).unwrap();
-    let json = order_json(&order);
-    let record = apache_avro::types::Value::Record(
-        ["order_id", "user_id", "city", "product_id", "category"]
-            .iter()
-            .map(|k| {
-                let v = json[*k].as_str().unwrap().to_owned();
-                ((*k).to_owned(), apache_avro::types::Value::String(v))
-            })
-            .chain([
+    let text = |v: &str| apache_avro::types::Value::String(v.to_owned());
+    let lines = order
+        .lines
+        .iter()
+        .map(|l| {
+            apache_avro::types::Value::Record(vec![
+                ("product_id".into(), text(&l.product_id)),
+                ("category".into(), text(&l.category)),
                 (
                     "quantity".into(),
-                    apache_avro::types::Value::Int(order.quantity),
+                    apache_avro::types::Value::Int(l.quantity),
                 ),
                 (
                     "unit_price_minor".into(),
-                    apache_avro::types::Value::Long(order.unit_price_minor),
-                ),
-                (
-                    "currency".into(),
-                    apache_avro::types::Value::String(order.currency.to_string()),
-                ),
-                (
-                    "created_at".into(),
-                    apache_avro::types::Value::TimestampMicros(order.created_at.timestamp_micros()),
+                    apache_avro::types::Value::Long(l.unit_price_minor),
                 ),
             ])
-            .collect(),
-    );
+        })
+        .collect();
+    let record = apache_avro::types::Value::Record(vec![
+        ("order_id".into(), text(&order.order_id.to_string())),
+        ("user_id".into(), text(&order.user_id)),
+        ("city".into(), text(&order.city)),
+        ("currency".into(), text(order.currency.as_str())),
+        (
+            "created_at".into(),
+            apache_avro::types::Value::TimestampMicros(order.created_at.timestamp_micros()),
+        ),
+        ("items".into(), apache_avro::types::Value::Array(lines)),
+    ]);
     writer.append_value(record).unwrap();
     let r = h
         .post("application/avro", writer.into_inner().unwrap())

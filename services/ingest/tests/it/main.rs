@@ -9,7 +9,6 @@ mod relay;
 use std::collections::HashMap;
 
 use aws_sdk_s3::Client;
-use tidemark_domain::Order;
 use tidemark_platform::auth::{self, Scope};
 use tidemark_platform::config::S3Config;
 use tidemark_testkit::{Running, TestDb};
@@ -80,19 +79,7 @@ impl Harness {
 
 pub use tidemark_testkit::random_order;
 
-pub fn order_json(order: &Order) -> serde_json::Value {
-    serde_json::json!({
-        "order_id": order.order_id,
-        "user_id": order.user_id,
-        "city": order.city,
-        "product_id": order.product_id,
-        "category": order.category,
-        "quantity": order.quantity,
-        "unit_price_minor": order.unit_price_minor,
-        "currency": order.currency.as_str(),
-        "created_at": order.created_at.to_rfc3339(),
-    })
-}
+pub use tidemark_generator::send::order_json;
 
 /// Every raw record under the S3 prefix: order id → how many times it appears.
 pub async fn raw_order_ids(s3: &S3Config) -> HashMap<Uuid, usize> {

@@ -184,6 +184,50 @@ async fn history_pages_through_a_users_orders_newest_first() {
         .await
         .unwrap();
     assert_eq!(one["revenue_minor"], orders[0].revenue_minor());
+    // Each order with its lines, as sent.
+    let basket = orders.iter().find(|o| o.lines.len() > 1).expect("a basket");
+    let served: serde_json::Value = env
+        .get(&format!("/v1/orders/{}", basket.order_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let lines: Vec<(String, i64, i64)> = served["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["product_id"].as_str().unwrap().to_owned(),
+                l["quantity"].as_i64().unwrap(),
+                l["revenue_minor"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let sent: Vec<(String, i64, i64)> = basket
+        .lines
+        .iter()
+        .map(|l| {
+            (
+                l.product_id.clone(),
+                i64::from(l.quantity),
+                l.revenue_minor(),
+            )
+        })
+        .collect();
+    assert_eq!(lines, sent);
+    assert_eq!(served["revenue_minor"], basket.revenue_minor());
+    let graphql = env
+        .graphql(&format!(
+            "{{ order(orderId: \"{}\") {{ revenueMinor lines {{ productId quantity }} }} }}",
+            basket.order_id
+        ))
+        .await;
+    assert_eq!(
+        graphql["data"]["order"]["lines"].as_array().map(Vec::len),
+        Some(basket.lines.len()),
+        "{graphql}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -334,6 +378,8 @@ async fn orders_in_rub_kwd_and_jpy_are_served_with_their_exponents_and_typos_are
     let post = async |currency: &str, unit_price_minor: i64, quantity: i32| {
         let mut order = random_order(&mut StdRng::seed_from_u64(unit_price_minor as u64));
         order.created_at = chrono::Utc::now() - chrono::TimeDelta::minutes(5);
+        // One line, sent with its fields at the top level.
+        order.lines.truncate(1);
         let mut body = tidemark_generator::send::order_json(&order);
         body["currency"] = currency.into();
         body["unit_price_minor"] = unit_price_minor.into();
