@@ -239,18 +239,42 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
     )?)
 }
 
-/// Lake files written before orders had lines hold one row per order, without
-/// `line_no` and the order-count flags: they are one-line orders.
+/// The columns of a lake file, in order.
+const LAKE_COLUMNS: [&str; 15] = [
+    "order_id",
+    "line_no",
+    "user_id",
+    "city",
+    "product_id",
+    "category",
+    "quantity",
+    "unit_price_minor",
+    "currency",
+    "created_at",
+    "ingested_at",
+    "txid",
+    "seq",
+    "order_first",
+    "category_first",
+];
+
+/// A lake file's rows in [`LAKE_COLUMNS`]' order. Files written before orders had
+/// lines hold one row per order, without `line_no` and the order-count flags: they
+/// are one-line orders, and get those columns.
 pub fn with_line_columns(frame: DataFrame) -> Result<DataFrame> {
     let missing: Vec<Expr> = ["line_no", "order_first", "category_first"]
         .into_iter()
         .filter(|name| frame.column(name).is_err())
-        .map(|name| lit(1_i64).alias(name))
+        .map(|name| lit(1_i64).cast(DataType::Int64).alias(name))
         .collect();
     if missing.is_empty() {
         return Ok(frame);
     }
-    Ok(frame.lazy().with_columns(missing).collect()?)
+    Ok(frame
+        .lazy()
+        .with_columns(missing)
+        .select(LAKE_COLUMNS.map(col))
+        .collect()?)
 }
 
 fn timestamp(column: &str) -> Expr {
@@ -647,6 +671,31 @@ mod tests {
         assert_eq!(totals.of(Dimension::Total), [1_230 + 300, 2, 6 + 2]);
         assert_eq!(totals.of(Dimension::Category)[1], 3);
         assert_eq!(totals.of(Dimension::Product)[1], 4);
+    }
+
+    #[test]
+    fn lake_files_from_before_lines_read_as_one_line_orders_beside_new_ones() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        let new = orders_from_raw(
+            parse_raw(basket_line(1, at, 5, 1).as_bytes()).unwrap(),
+            0,
+            9,
+        )
+        .unwrap();
+        // A file as the lake wrote it before baskets: no line columns.
+        let mut old = orders_from_raw(parse_raw(raw_line(2, at, 5, 2).as_bytes()).unwrap(), 0, 9)
+            .unwrap()
+            .drop_many(["line_no", "order_first", "category_first"]);
+        let old = from_parquet(&to_parquet(&mut old).unwrap()).unwrap();
+        let mut newer = new.clone();
+        let new = from_parquet(&to_parquet(&mut newer).unwrap()).unwrap();
+        let both = concat([old.lazy(), new.lazy()], UnionArgs::default())
+            .unwrap()
+            .collect()
+            .unwrap();
+        assert_eq!(both.height(), 4);
+        let totals = aggregate::currency_totals(&both).unwrap()["EUR"];
+        assert_eq!(totals.of(Dimension::Total), [300 + 1_230, 2, 2 + 6]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use sqlx::PgPool;
-use tidemark_orderlog::RawRecord;
+use tidemark_orderlog::RawRecordRef;
 use tidemark_platform::config::S3Config;
 
 pub use config::Config;
@@ -313,7 +313,8 @@ async fn raw_lake(config: &S3Config, pool: &PgPool) -> Result<LakeDrift> {
     while let Some(fetched) = bodies.next().await {
         let (key, bytes) = fetched?;
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let record: RawRecord =
+            // Either version of the raw format: files from before baskets stay.
+            let record: RawRecordRef<'_> =
                 serde_json::from_slice(line).with_context(|| format!("a raw record in {key}"))?;
             if (record.txid as i64, record.seq) > (txid, seq) {
                 continue; // written for a batch the relay has not confirmed yet
