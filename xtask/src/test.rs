@@ -120,7 +120,6 @@ fn report_free_disk() {
 const NOT_YET_PROVEN: &[(u32, &str)] = &[
     (16, "a keep-alive connection after an early refusal"),
     (17, "request lines and headers over the limits"),
-    (18, "refunds arrive with the order lifecycle, issue 18"),
     (
         20,
         "standby workers and replicas arrive with scale-out, issue 22",

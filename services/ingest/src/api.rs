@@ -41,6 +41,15 @@ pub fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
     Router::new()
         .route("/v1/orders", post(post_orders))
         .route("/v1/schemas", get(list_schemas))
+        .route(
+            "/v1/orders/{order_id}/refunds",
+            post(crate::adjust_api::post_refund),
+        )
+        .route(
+            "/v1/orders/{order_id}/cancellation",
+            post(crate::adjust_api::post_cancellation),
+        )
+        .route("/v1/adjustments", post(crate::adjust_api::post_adjustments))
         .route("/v1/schemas/{version}", get(get_schema))
         .route_layer(middleware::from_fn_with_state(
             (auth, Scope::Ingest),
@@ -187,8 +196,13 @@ struct LineSchema {
             Limits: 10 MB per body and 10,000 orders per request (configurable: \
             `ingest.max_body_bytes`, `ingest.max_batch`). Errors are RFC 9457 problem+json.",
     ),
-    paths(post_orders, list_schemas, get_schema),
+    paths(post_orders, list_schemas, get_schema,
+        crate::adjust_api::post_refund, crate::adjust_api::post_cancellation,
+        crate::adjust_api::post_adjustments),
     components(schemas(OrderSchema, BasketSchema, LineSchema, IngestResponse, AvroSchema, AvroSchemas,
+        crate::adjust::AdjustmentView, crate::adjust::AdjustedLineView,
+        crate::adjust_api::RefundSchema, crate::adjust_api::RefundLineSchema,
+        crate::adjust_api::CancellationSchema, crate::adjust_api::AdjustmentsResponse,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
     modifiers(&BearerAuth, &OrdersBody, &CurrencyCodes),
     security(("bearer" = [])),
@@ -380,24 +394,50 @@ async fn get_schema(Path(version): Path<String>) -> Response {
 async fn post_orders(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match ingest(&state, &headers, body).await {
         Ok((status, response)) => (status, Json(response)).into_response(),
-        Err(problem) => {
-            metrics::counter!("ingest_requests_rejected_total", "route" => "/v1/orders", "kind" => problem.kind.slug())
-                .increment(1);
-            let too_large = problem.kind == ProblemKind::PayloadTooLarge;
-            let mut response = problem.into_response();
-            if too_large {
-                // The rest of the body was not read; do not reuse the connection.
-                response.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("close"),
-                );
-            }
-            response
-        }
+        Err(problem) => refused("/v1/orders", problem),
     }
 }
 
+/// A refusal, counted by route and kind; after a 413 the connection is closed (the
+/// rest of the body was not read).
+pub(crate) fn refused(route: &'static str, problem: Problem) -> Response {
+    metrics::counter!("ingest_requests_rejected_total", "route" => route, "kind" => problem.kind.slug())
+        .increment(1);
+    let too_large = problem.kind == ProblemKind::PayloadTooLarge;
+    let mut response = problem.into_response();
+    if too_large {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 use tidemark_platform::problem::ProblemSchema;
+
+/// Reads a body of at most `max` bytes, whatever it claims (413 beyond).
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<bytes::Bytes, Problem> {
+    let too_large = || {
+        Problem::new(ProblemKind::PayloadTooLarge).detail(format!("The body exceeds {max} bytes."))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large());
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err(Problem::malformed("The request body could not be read.")),
+    }
+}
 
 async fn ingest(
     state: &AppState,
@@ -414,25 +454,7 @@ async fn ingest(
             Problem::new(ProblemKind::UnsupportedMediaType)
                 .detail("Send application/json, application/x-ndjson or application/avro.")
         })?;
-    let too_large = || {
-        Problem::new(ProblemKind::PayloadTooLarge).detail(format!(
-            "The body exceeds {} bytes.",
-            settings.max_body_bytes
-        ))
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > settings.max_body_bytes) {
-        return Err(too_large());
-    }
-    // Reads at most the limit, whatever the body claims.
-    let bytes = match Limited::new(body, settings.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
-        Err(_) => return Err(Problem::malformed("The request body could not be read.")),
-    };
+    let bytes = read_body(headers, body, settings.max_body_bytes).await?;
 
     let limits = OrderLimits {
         max_future_skew: TimeDelta::seconds(settings.max_future_skew_secs),

@@ -5,6 +5,8 @@
 //! and ingest keeps accepting orders. A relay stopped at a row it cannot decode is
 //! reported on `/readyz` as an advisory (`relay`), without taking intake down.
 
+pub mod adjust;
+mod adjust_api;
 pub mod api;
 pub mod config;
 pub mod decode;

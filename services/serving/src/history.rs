@@ -23,6 +23,35 @@ pub struct OrderView {
     pub ingested_at: DateTime<Utc>,
     /// The order's lines, in the order they were sent.
     pub lines: Vec<LineView>,
+    /// Refunds and the cancellation, in log order.
+    pub adjustments: Vec<AdjustmentView>,
+    /// Minor units given back by the adjustments.
+    pub refunded_minor: i64,
+    /// `revenue_minor` − `refunded_minor`.
+    pub net_minor: i64,
+    /// The same in major units, exact.
+    pub net: String,
+    pub cancelled: bool,
+}
+
+/// A refund or cancellation of an order, as served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct AdjustmentView {
+    /// The refund's id, or the cancellation's.
+    pub adjustment_id: Uuid,
+    /// `refund` or `cancellation`.
+    pub kind: String,
+    pub created_at: DateTime<Utc>,
+    pub amount_minor: i64,
+    pub lines: Vec<AdjustedLineView>,
+}
+
+/// What an adjustment gave back of one line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct AdjustedLineView {
+    pub product_id: String,
+    pub quantity: i32,
+    pub amount_minor: i64,
 }
 
 /// One line of an order as served.
@@ -66,15 +95,86 @@ impl From<OrderRow> for OrderView {
         OrderView {
             currency: row.currency_code().to_owned(),
             revenue_minor,
-            revenue,
+            revenue: revenue.clone(),
             order_id: row.order_id,
             user_id: row.user_id,
             city: row.city,
             created_at: row.created_at,
             ingested_at: row.ingested_at,
             lines,
+            adjustments: Vec::new(),
+            refunded_minor: 0,
+            net_minor: revenue_minor,
+            net: revenue,
+            cancelled: false,
         }
     }
+}
+
+type AdjustmentRow = (
+    Uuid,
+    Uuid,
+    String,
+    DateTime<Utc>,
+    Option<Vec<i16>>,
+    Option<Vec<i32>>,
+    Option<Vec<i64>>,
+);
+
+/// Adds each order's adjustments (one query for all of them), and the net amounts.
+async fn with_adjustments(pool: &PgPool, orders: &mut [OrderView]) -> Result<(), Problem> {
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+    let rows: Vec<AdjustmentRow> = sqlx::query_as(
+        "SELECT a.order_id, a.adjustment_id, a.kind, a.created_at, \
+                array_agg(l.line_no ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
+                array_agg(l.quantity ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
+                array_agg(l.amount_minor ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL) \
+         FROM adjustments a LEFT JOIN adjustment_lines l USING (adjustment_id) \
+         WHERE a.order_id = ANY($1) \
+         GROUP BY a.adjustment_id ORDER BY a.txid, a.seq",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await
+    .map_err(|e| db_problem(&e))?;
+    for (order_id, adjustment_id, kind, created_at, nos, quantities, amounts) in rows {
+        let Some(order) = orders.iter_mut().find(|o| o.order_id == order_id) else {
+            continue;
+        };
+        let lines: Vec<AdjustedLineView> = nos
+            .unwrap_or_default()
+            .into_iter()
+            .zip(quantities.unwrap_or_default())
+            .zip(amounts.unwrap_or_default())
+            .map(|((line_no, quantity), amount_minor)| AdjustedLineView {
+                product_id: order
+                    .lines
+                    .get(line_no as usize - 1)
+                    .map(|l| l.product_id.clone())
+                    .unwrap_or_default(),
+                quantity,
+                amount_minor,
+            })
+            .collect();
+        let amount_minor = lines.iter().map(|l| l.amount_minor).sum();
+        order.refunded_minor += amount_minor;
+        order.cancelled |= kind == "cancellation";
+        order.adjustments.push(AdjustmentView {
+            adjustment_id,
+            kind,
+            created_at,
+            amount_minor,
+            lines,
+        });
+    }
+    for order in orders.iter_mut() {
+        order.net_minor = order.revenue_minor - order.refunded_minor;
+        order.net = order.currency.parse().map_or_else(
+            |_| String::new(),
+            |c| tidemark_domain::money::decimal(order.net_minor, c),
+        );
+    }
+    Ok(())
 }
 
 fn db_problem(e: &sqlx::Error) -> Problem {
@@ -98,7 +198,9 @@ pub async fn order(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, Problem
     .fetch_optional(pool)
     .await
     .map_err(|e| db_problem(&e))?;
-    Ok(row.map(OrderView::from))
+    let mut orders: Vec<OrderView> = row.into_iter().map(OrderView::from).collect();
+    with_adjustments(pool, &mut orders).await?;
+    Ok(orders.pop())
 }
 
 /// `{created_at µs}_{order_id}`, URL-safe.
@@ -154,6 +256,7 @@ pub async fn user_orders(
     } else {
         None
     };
+    with_adjustments(pool, &mut orders).await?;
     Ok(OrderPage {
         orders,
         next_cursor,

@@ -14,7 +14,7 @@ use utoipa::OpenApi;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::history::{self, LineView, OrderPage, OrderView};
+use crate::history::{self, AdjustedLineView, AdjustmentView, LineView, OrderPage, OrderView};
 use crate::query::{self, RevenueSeries, Summary};
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -220,7 +220,7 @@ async fn user_orders(
             /graphql/ws.",
     ),
     paths(revenue, summary, order, user_orders),
-    components(schemas(RevenueSeries, Summary, OrderView, LineView, OrderPage, ProblemSchema)),
+    components(schemas(RevenueSeries, Summary, OrderView, LineView, AdjustmentView, AdjustedLineView, OrderPage, ProblemSchema)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -5,6 +5,7 @@
 //! Nothing here does I/O. Wire formats (HTTP request bodies, raw-lake JSON lines,
 //! database rows) live at the edges of the services and convert into these types.
 
+pub mod adjustment;
 pub mod aggregate;
 pub mod avro;
 pub mod bucket;
@@ -12,6 +13,7 @@ pub mod money;
 pub mod order;
 pub mod position;
 
+pub use adjustment::{AdjustedLine, Adjustment, AdjustmentKind, RefundItem, RefundRequest};
 pub use aggregate::{CellKey, Grid, Totals};
 pub use bucket::{Dimension, Granularity};
 pub use money::{Currency, CurrencyError};

@@ -1,5 +1,6 @@
 //! Ingest integration tests against the real servers `cargo xtask test` starts.
 
+mod adjust;
 mod api;
 mod fuzz;
 mod ops;

@@ -472,3 +472,94 @@ async fn orders_in_rub_kwd_and_jpy_are_served_with_their_exponents_and_typos_are
     );
     ingest.stop().await.unwrap();
 }
+
+/// Order history shows each order's refunds and cancellation and its net amount.
+#[tokio::test(flavor = "multi_thread")]
+async fn history_shows_adjustments_and_the_net_amount() {
+    let env = Env::new().await;
+    let (ingest, key) = env.ingest_api().await;
+    let http = reqwest::Client::new();
+    let mut order = random_order(&mut StdRng::seed_from_u64(808));
+    order.created_at = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    order.lines = vec![
+        tidemark_domain::OrderLine {
+            product_id: "p-1".into(),
+            category: "books".into(),
+            quantity: 2,
+            unit_price_minor: 1_000,
+        },
+        tidemark_domain::OrderLine {
+            product_id: "p-2".into(),
+            category: "games".into(),
+            quantity: 1,
+            unit_price_minor: 990,
+        },
+    ];
+    order.currency = "KWD".parse().unwrap();
+    let send = async |path: String, body: serde_json::Value| {
+        let r = http
+            .post(ingest.url(&path))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    };
+    let body = tidemark_generator::send::order_json(&order);
+    assert_eq!(send("/v1/orders".into(), body).await, 201);
+    let now = chrono::Utc::now().to_rfc3339();
+    let refund = serde_json::json!({
+        "refund_id": uuid::Uuid::from_u128(5), "created_at": now,
+        "items": [{"product_id": "p-1", "quantity": 1}]
+    });
+    let refunds = format!("/v1/orders/{}/refunds", order.order_id);
+    assert_eq!(send(refunds, refund).await, 201);
+    let cancel = format!("/v1/orders/{}/cancellation", order.order_id);
+    assert_eq!(
+        send(cancel, serde_json::json!({ "created_at": now })).await,
+        201
+    );
+
+    let served: serde_json::Value = env
+        .get(&format!("/v1/orders/{}", order.order_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served["revenue_minor"], 2_990);
+    assert_eq!(served["refunded_minor"], 2_990);
+    assert_eq!(
+        (served["net_minor"].as_i64(), served["net"].as_str()),
+        (Some(0), Some("0.000"))
+    );
+    assert_eq!(served["cancelled"], true);
+    let kinds: Vec<&str> = served["adjustments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["refund", "cancellation"]);
+    assert_eq!(
+        served["adjustments"][1]["lines"],
+        serde_json::json!([
+            {"product_id": "p-1", "quantity": 1, "amount_minor": 1_000},
+            {"product_id": "p-2", "quantity": 1, "amount_minor": 990}
+        ])
+    );
+    let page: serde_json::Value = env
+        .get(&format!("/v1/users/{}/orders", order.user_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let listed = page["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["order_id"] == order.order_id.to_string())
+        .unwrap();
+    assert_eq!(listed["net_minor"], 0);
+    ingest.stop().await.unwrap();
+}

@@ -1,0 +1,415 @@
+//! Refunds and cancellations, stored as events of the log.
+//!
+//! Each request is one transaction: the orders it names are locked (`FOR UPDATE`,
+//! in id order, so requests sharing orders wait for each other instead of
+//! deadlocking), their earlier adjustments read, every adjustment checked against
+//! what remains (`tidemark_domain::adjustment`) and inserted. Concurrent refunds of
+//! one order are therefore serialised, and their sum can never pass the order.
+//! All or nothing: any refused item stores nothing.
+//!
+//! A refund is idempotent by `refund_id` (the same request again answers the stored
+//! refund; the id reused for another request is a conflict); an order is cancelled
+//! once (the same cancellation again answers the stored one).
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, Transaction};
+use tidemark_domain::adjustment::{
+    self, AdjustedLine, Adjustment, AdjustmentKind, RefundError, RefundRequest,
+};
+use tidemark_domain::{Order, Violation};
+use tidemark_orderlog::OrderRow;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// One adjustment a request asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ask {
+    Refund {
+        order_id: Uuid,
+        request: RefundRequest,
+    },
+    Cancellation {
+        order_id: Uuid,
+        created_at: DateTime<Utc>,
+    },
+}
+
+impl Ask {
+    fn order_id(&self) -> Uuid {
+        match self {
+            Ask::Refund { order_id, .. } | Ask::Cancellation { order_id, .. } => *order_id,
+        }
+    }
+}
+
+/// An adjustment as answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct AdjustmentView {
+    /// The refund's id, or the cancellation's.
+    pub adjustment_id: Uuid,
+    pub order_id: Uuid,
+    /// `refund` or `cancellation`.
+    pub kind: String,
+    pub created_at: DateTime<Utc>,
+    /// Minor units given back, over the lines.
+    pub amount_minor: i64,
+    pub lines: Vec<AdjustedLineView>,
+}
+
+/// What an adjustment gives back of one line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct AdjustedLineView {
+    pub product_id: String,
+    /// Units given back (0 for a refund of an amount).
+    pub quantity: i32,
+    pub amount_minor: i64,
+}
+
+impl AdjustmentView {
+    fn of(adjustment: &Adjustment, order: &Order) -> Self {
+        AdjustmentView {
+            adjustment_id: adjustment.adjustment_id,
+            order_id: adjustment.order_id,
+            kind: adjustment.kind.as_str().to_owned(),
+            created_at: adjustment.created_at,
+            amount_minor: adjustment.lines.iter().map(|l| l.amount_minor).sum(),
+            lines: adjustment
+                .lines
+                .iter()
+                .map(|l| AdjustedLineView {
+                    product_id: order.lines[(l.line_no - 1) as usize].product_id.clone(),
+                    quantity: l.quantity,
+                    amount_minor: l.amount_minor,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What became of one ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Done {
+    Created(AdjustmentView),
+    /// The same request was made before: its stored result.
+    Existing(AdjustmentView),
+}
+
+/// Why a request stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum AdjustError {
+    #[error("unknown orders")]
+    UnknownOrders(Vec<(usize, Uuid)>),
+    /// The asks at these indexes break rules of their own.
+    #[error("invalid adjustments")]
+    Invalid(Vec<(usize, Violation)>),
+    /// They ask for more than remains, or reuse an id for another request.
+    #[error("conflicting adjustments")]
+    Conflict {
+        violations: Vec<(usize, Violation)>,
+        remaining: Vec<(usize, String, adjustment::Remaining)>,
+    },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A stored adjustment and the request it answered (for refunds).
+struct Stored {
+    adjustment: Adjustment,
+    request: Option<serde_json::Value>,
+}
+
+/// Applies every ask in one transaction, or none.
+pub async fn apply(
+    pool: &PgPool,
+    asks: &[Ask],
+    now: DateTime<Utc>,
+    max_future_skew: chrono::TimeDelta,
+) -> Result<Vec<Done>, AdjustError> {
+    let mut tx = pool.begin().await?;
+    let order_ids: Vec<Uuid> = asks
+        .iter()
+        .map(Ask::order_id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Locks first, in id order; then the orders with their lines.
+    sqlx::query(
+        "SELECT order_id FROM orders WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+    )
+    .bind(&order_ids)
+    .execute(&mut *tx)
+    .await?;
+    let orders: HashMap<Uuid, Order> = sqlx::query_as::<_, OrderRow>(concat!(
+        "SELECT ",
+        tidemark_orderlog::order_columns!(),
+        " FROM ",
+        tidemark_orderlog::order_from!(),
+        " WHERE o.order_id = ANY($1)"
+    ))
+    .bind(&order_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .filter_map(|row| row.decode().ok().map(|r| (r.order.order_id, r.order)))
+    .collect();
+    let unknown: Vec<(usize, Uuid)> = asks
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !orders.contains_key(&a.order_id()))
+        .map(|(i, a)| (i, a.order_id()))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(AdjustError::UnknownOrders(unknown));
+    }
+    let refund_ids: Vec<Uuid> = asks
+        .iter()
+        .filter_map(|a| match a {
+            Ask::Refund { request, .. } => Some(request.refund_id),
+            Ask::Cancellation { .. } => None,
+        })
+        .collect();
+    let mut stored = load(&mut tx, &order_ids, &refund_ids).await?;
+
+    let mut done = Vec::with_capacity(asks.len());
+    let (mut invalid, mut conflicts, mut remaining) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, ask) in asks.iter().enumerate() {
+        let order = &orders[&ask.order_id()];
+        let prior: Vec<Adjustment> = stored
+            .iter()
+            .filter(|s| s.adjustment.order_id == order.order_id)
+            .map(|s| s.adjustment.clone())
+            .collect();
+        let created_at = match ask {
+            Ask::Refund { request, .. } => request.created_at,
+            Ask::Cancellation { created_at, .. } => *created_at,
+        };
+        if created_at > now + max_future_skew {
+            invalid.push((
+                i,
+                Violation::new(
+                    "created_at",
+                    "in_future",
+                    format!(
+                        "must not be more than {} seconds in the future",
+                        max_future_skew.num_seconds()
+                    ),
+                ),
+            ));
+            continue;
+        }
+        let (adjustment, request) = match ask {
+            Ask::Refund { request, .. } => {
+                let sent = serde_json::to_value(request).expect("a refund serializes");
+                if let Some(same) = stored
+                    .iter()
+                    .find(|s| s.adjustment.adjustment_id == request.refund_id)
+                {
+                    if same.adjustment.order_id == order.order_id
+                        && same.request.as_ref() == Some(&sent)
+                    {
+                        done.push(Done::Existing(AdjustmentView::of(&same.adjustment, order)));
+                    } else {
+                        conflicts.push((
+                            i,
+                            Violation::new(
+                                "refund_id",
+                                "conflict",
+                                "was used for another refund; a resend must repeat it exactly",
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                match adjustment::plan_refund(order, &prior, request) {
+                    Ok(lines) => (
+                        Adjustment {
+                            adjustment_id: request.refund_id,
+                            order_id: order.order_id,
+                            kind: AdjustmentKind::Refund,
+                            created_at: request.created_at,
+                            lines,
+                        },
+                        Some(sent),
+                    ),
+                    Err(RefundError::Invalid(violations)) => {
+                        invalid.extend(violations.into_iter().map(|v| (i, v)));
+                        continue;
+                    }
+                    Err(RefundError::Exceeds {
+                        violations,
+                        remaining: left,
+                    }) => {
+                        conflicts.extend(violations.into_iter().map(|v| (i, v)));
+                        remaining.extend(left.into_iter().map(|(p, r)| (i, p, r)));
+                        continue;
+                    }
+                }
+            }
+            Ask::Cancellation { created_at, .. } => {
+                if let Some(cancelled) = prior
+                    .iter()
+                    .find(|a| a.kind == AdjustmentKind::Cancellation)
+                {
+                    if cancelled.created_at == *created_at {
+                        done.push(Done::Existing(AdjustmentView::of(cancelled, order)));
+                    } else {
+                        conflicts.push((
+                            i,
+                            Violation::new(
+                                "created_at",
+                                "conflict",
+                                format!(
+                                    "the order was cancelled at {} already",
+                                    cancelled.created_at.to_rfc3339()
+                                ),
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                if *created_at < order.created_at {
+                    invalid.push((
+                        i,
+                        Violation::new(
+                            "created_at",
+                            "before_order",
+                            format!(
+                                "must not be before the order's created_at ({})",
+                                order.created_at.to_rfc3339()
+                            ),
+                        ),
+                    ));
+                    continue;
+                }
+                (
+                    Adjustment {
+                        adjustment_id: Uuid::now_v7(),
+                        order_id: order.order_id,
+                        kind: AdjustmentKind::Cancellation,
+                        created_at: *created_at,
+                        lines: adjustment::plan_cancellation(order, &prior),
+                    },
+                    None,
+                )
+            }
+        };
+        done.push(Done::Created(AdjustmentView::of(&adjustment, order)));
+        stored.push(Stored {
+            adjustment,
+            request,
+        });
+    }
+    if !invalid.is_empty() {
+        return Err(AdjustError::Invalid(invalid));
+    }
+    if !conflicts.is_empty() {
+        return Err(AdjustError::Conflict {
+            violations: conflicts,
+            remaining,
+        });
+    }
+    let created: Vec<&Stored> = stored
+        .iter()
+        .filter(|s| {
+            done.iter().any(
+                |d| matches!(d, Done::Created(v) if v.adjustment_id == s.adjustment.adjustment_id),
+            )
+        })
+        .collect();
+    for s in created {
+        insert(&mut tx, s).await?;
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+type StoredRow = (
+    Uuid,
+    Uuid,
+    String,
+    DateTime<Utc>,
+    Option<serde_json::Value>,
+    Option<Vec<i16>>,
+    Option<Vec<i32>>,
+    Option<Vec<i64>>,
+);
+
+/// The adjustments of `order_ids`, and those with `adjustment_ids` (a refund id may
+/// have been used for another order).
+async fn load(
+    tx: &mut Transaction<'_, Postgres>,
+    order_ids: &[Uuid],
+    adjustment_ids: &[Uuid],
+) -> Result<Vec<Stored>, sqlx::Error> {
+    let rows: Vec<StoredRow> = sqlx::query_as(
+        "SELECT a.adjustment_id, a.order_id, a.kind, a.created_at, a.request, \
+                array_agg(l.line_no ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
+                array_agg(l.quantity ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
+                array_agg(l.amount_minor ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL) \
+         FROM adjustments a LEFT JOIN adjustment_lines l USING (adjustment_id) \
+         WHERE a.order_id = ANY($1) OR a.adjustment_id = ANY($2) \
+         GROUP BY a.adjustment_id ORDER BY a.txid, a.seq",
+    )
+    .bind(order_ids)
+    .bind(adjustment_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, order_id, kind, created_at, request, nos, quantities, amounts)| {
+                let lines = nos
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(quantities.unwrap_or_default())
+                    .zip(amounts.unwrap_or_default())
+                    .map(|((line_no, quantity), amount_minor)| AdjustedLine {
+                        line_no,
+                        quantity,
+                        amount_minor,
+                    })
+                    .collect();
+                Stored {
+                    adjustment: Adjustment {
+                        adjustment_id: id,
+                        order_id,
+                        kind: if kind == "cancellation" {
+                            AdjustmentKind::Cancellation
+                        } else {
+                            AdjustmentKind::Refund
+                        },
+                        created_at,
+                        lines,
+                    },
+                    request,
+                }
+            },
+        )
+        .collect())
+}
+
+async fn insert(tx: &mut Transaction<'_, Postgres>, s: &Stored) -> Result<(), sqlx::Error> {
+    let a = &s.adjustment;
+    sqlx::query(
+        "WITH a AS ( \
+           INSERT INTO adjustments (adjustment_id, order_id, kind, created_at, request) \
+           VALUES ($1, $2, $3, $4, $5) RETURNING adjustment_id) \
+         INSERT INTO adjustment_lines (adjustment_id, line_no, quantity, amount_minor) \
+         SELECT a.adjustment_id, l.* FROM a, UNNEST($6::int2[], $7::int4[], $8::int8[]) \
+           AS l(line_no, quantity, amount_minor)",
+    )
+    .bind(a.adjustment_id)
+    .bind(a.order_id)
+    .bind(a.kind.as_str())
+    .bind(a.created_at)
+    .bind(&s.request)
+    .bind(a.lines.iter().map(|l| l.line_no).collect::<Vec<_>>())
+    .bind(a.lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
+    .bind(a.lines.iter().map(|l| l.amount_minor).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
