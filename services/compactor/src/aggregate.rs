@@ -1,5 +1,11 @@
 //! Aggregates with polars: revenue, orders and items per time bucket, dimension
-//! value and currency, for every granularity and dimension.
+//! value and currency, for every granularity and dimension; and the corrections
+//! (refunds and cancellations) on both bases, booked at their own time and
+//! restated at their order's.
+//!
+//! Orders and adjustments are grouped apart (adjustments are few, and each counts
+//! in two buckets) with the same dictionaries and key layout, and their cells
+//! summed into one grid per granularity × dimension.
 //!
 //! Cells are grouped by one integer key, not by strings. Each string column a
 //! cell is keyed by (city, category, product, currency) is dictionary-coded, a
@@ -13,9 +19,9 @@ use std::collections::BTreeMap;
 
 use polars::prelude::*;
 use tidemark_batchview::{AggRow, dimension_code, granularity_code};
-use tidemark_domain::{Dimension, Granularity};
+use tidemark_domain::{AdjustmentKind, Dimension, Granularity};
 
-/// What a set of order lines adds up to.
+/// What a set of lake rows (order lines and adjusted lines) adds up to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Sums {
     pub revenue: i64,
@@ -28,6 +34,14 @@ pub struct Sums {
     /// Lines: orders counted once per product (the `orders` of the product
     /// dimension: an order holds a product at most once).
     pub lines: i64,
+    /// Refunded minor units and units (both bases add up to these).
+    pub refunded: i64,
+    pub refunded_items: i64,
+    /// Cancellations, counted as orders are: once, once per category, once per
+    /// product.
+    pub cancelled: i64,
+    pub category_cancelled: i64,
+    pub line_cancelled: i64,
 }
 
 impl Sums {
@@ -37,6 +51,22 @@ impl Sums {
         self.items += other.items;
         self.category_orders += other.category_orders;
         self.lines += other.lines;
+        self.refunded += other.refunded;
+        self.refunded_items += other.refunded_items;
+        self.cancelled += other.cancelled;
+        self.category_cancelled += other.category_cancelled;
+        self.line_cancelled += other.line_cancelled;
+    }
+
+    /// `[refunded_minor, refunded_items, cancelled_orders]` as the cells of
+    /// `dimension` add up to, on either basis.
+    pub fn corrections_of(&self, dimension: Dimension) -> [i64; 3] {
+        let cancelled = match dimension {
+            Dimension::Total | Dimension::City => self.cancelled,
+            Dimension::Category => self.category_cancelled,
+            Dimension::Product => self.line_cancelled,
+        };
+        [self.refunded, self.refunded_items, cancelled]
     }
 
     /// `[revenue, orders, items]` as the cells of `dimension` add up to.
@@ -56,21 +86,26 @@ pub type CurrencyTotals = BTreeMap<String, Sums>;
 const MINUTE_US: i64 = 60_000_000;
 const DAY_US: i64 = 86_400_000_000;
 
-/// The distinct values of a string column in byte order, and each row's code: the
+/// The distinct values of string columns in byte order, and each row's code: the
 /// rank of its value, so that codes sort as the strings do.
 struct Dictionary {
     values: Vec<String>,
-    codes: Vec<u64>,
+    /// Per column, per row.
+    codes: Vec<Vec<u64>>,
 }
 
 impl Dictionary {
-    fn of(column: &Column) -> PolarsResult<Self> {
-        let column = column.str()?;
+    fn of(columns: &[&Column]) -> PolarsResult<Self> {
         let mut index: PlHashMap<&str, u32> = PlHashMap::default();
-        let mut seen = Vec::with_capacity(column.len());
-        for value in column.iter() {
-            let next = index.len() as u32;
-            seen.push(*index.entry(value.unwrap_or("")).or_insert(next));
+        let mut seen = Vec::with_capacity(columns.len());
+        for column in columns {
+            let column = column.str()?;
+            let mut codes = Vec::with_capacity(column.len());
+            for value in column.iter() {
+                let next = index.len() as u32;
+                codes.push(*index.entry(value.unwrap_or("")).or_insert(next));
+            }
+            seen.push(codes);
         }
         let mut distinct: Vec<(&str, u32)> = index.into_iter().collect();
         distinct.sort_unstable();
@@ -80,7 +115,10 @@ impl Dictionary {
         }
         Ok(Self {
             values: distinct.iter().map(|(v, _)| (*v).to_owned()).collect(),
-            codes: seen.into_iter().map(|s| rank[s as usize]).collect(),
+            codes: seen
+                .into_iter()
+                .map(|codes| codes.into_iter().map(|s| rank[s as usize]).collect())
+                .collect(),
         })
     }
 }
@@ -149,7 +187,20 @@ fn dimension_index(dimension: Dimension) -> usize {
         .expect("listed")
 }
 
-/// What a grid's cells sum, from order lines or from another grid's cells.
+/// The measures of a grid's cells, in `revenue_agg`'s column order.
+const MEASURES: [&str; 9] = [
+    "revenue_minor",
+    "orders",
+    "items",
+    "booked_refunded_minor",
+    "booked_refunded_items",
+    "booked_cancelled_orders",
+    "restated_refunded_minor",
+    "restated_refunded_items",
+    "restated_cancelled_orders",
+];
+
+/// What a grid's cells sum, from lake rows or from another grid's cells.
 #[derive(Clone, Copy)]
 enum Source {
     /// Order lines, counting orders by `order_first` and per category by
@@ -157,15 +208,24 @@ enum Source {
     Places,
     /// Order lines, each an order of its product.
     Products,
-    /// Cells with `revenue_minor`, `orders`, `items`, counting orders from `orders`.
-    Cells,
+    /// Cells, summing these measures.
+    Cells(&'static [&'static str]),
+    /// Cells, summing every measure they have.
+    AllCells,
     /// Place cells summed by category: orders from `category_orders`.
     PlacesByCategory,
+    /// Adjusted lines, as the corrections named `{prefix}_…`, counting
+    /// cancellations by the column `cancel`.
+    Corrections {
+        prefix: &'static str,
+        cancel: &'static str,
+    },
 }
 
 /// Sums of rows with the same key, sorted by key: `revenue_minor`, `orders`,
-/// `items` (and `category_orders` from [`Source::Places`]).
+/// `items` (and `category_orders` from [`Source::Places`]), or corrections.
 fn group(keys: Vec<u64>, rows: &DataFrame, source: Source) -> PolarsResult<DataFrame> {
+    let all: Vec<&str>;
     let (measures, sums): (&[&str], Vec<Expr>) = match source {
         Source::Places => (
             &["revenue", "quantity", "order_first", "category_first"],
@@ -184,14 +244,16 @@ fn group(keys: Vec<u64>, rows: &DataFrame, source: Source) -> PolarsResult<DataF
                 col("quantity").sum().alias("items"),
             ],
         ),
-        Source::Cells => (
-            &["revenue_minor", "orders", "items"],
-            vec![
-                col("revenue_minor").sum(),
-                col("orders").sum(),
-                col("items").sum(),
-            ],
-        ),
+        Source::Cells(measures) => (measures, measures.iter().map(|m| col(*m).sum()).collect()),
+        Source::AllCells => {
+            all = rows
+                .get_column_names()
+                .into_iter()
+                .map(PlSmallStr::as_str)
+                .filter(|name| *name != "key")
+                .collect();
+            (&all[..], all.iter().map(|m| col(*m).sum()).collect())
+        }
         Source::PlacesByCategory => (
             &["revenue_minor", "category_orders", "items"],
             vec![
@@ -200,6 +262,23 @@ fn group(keys: Vec<u64>, rows: &DataFrame, source: Source) -> PolarsResult<DataF
                 col("items").sum(),
             ],
         ),
+        Source::Corrections { prefix, cancel } => {
+            all = vec!["refunded_minor", "refunded_quantity", cancel];
+            (
+                &all[..],
+                vec![
+                    col("refunded_minor")
+                        .sum()
+                        .alias(format!("{prefix}_refunded_minor")),
+                    col("refunded_quantity")
+                        .sum()
+                        .alias(format!("{prefix}_refunded_items")),
+                    col(cancel)
+                        .sum()
+                        .alias(format!("{prefix}_cancelled_orders")),
+                ],
+            )
+        }
     };
     let mut columns = vec![Column::new("key".into(), keys)];
     for name in measures {
@@ -213,41 +292,93 @@ fn group(keys: Vec<u64>, rows: &DataFrame, source: Source) -> PolarsResult<DataF
         .collect()
 }
 
+/// Cells of the same layout summed into one grid with every measure (0 where a
+/// frame lacks one), sorted by key.
+fn combine(frames: Vec<DataFrame>) -> PolarsResult<DataFrame> {
+    let padded: Vec<LazyFrame> = frames
+        .into_iter()
+        .map(|frame| {
+            let missing: Vec<Expr> = MEASURES
+                .iter()
+                .filter(|m| frame.column(m).is_err())
+                .map(|m| lit(0_i64).cast(DataType::Int64).alias(*m))
+                .collect();
+            frame.lazy().with_columns(missing).select(
+                std::iter::once(col("key"))
+                    .chain(MEASURES.map(col))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    concat(padded, UnionArgs::default())?
+        .group_by([col("key")])
+        .agg(MEASURES.map(|m| col(m).sum()))
+        .sort(["key"], SortMultipleOptions::default())
+        .collect()
+}
+
 fn keys_of(cells: &DataFrame) -> PolarsResult<&[u64]> {
     cells.column("key")?.u64()?.cont_slice()
 }
 
-/// Every granularity × dimension grid of the orders (which carry `created_us` and
-/// `revenue`).
+/// Microseconds of an `Int64` column, in row order (nulls as 0).
+fn micros(frame: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
+    Ok(frame
+        .column(name)?
+        .i64()?
+        .iter()
+        .map(|us| us.unwrap_or(0))
+        .collect())
+}
+
+/// Every granularity × dimension grid of the lake rows `rows` (which carry
+/// `created_us`, `adjusted_us` and `revenue`).
 ///
 /// The orders are grouped twice: by minute × (city, category) × currency (a grid
 /// far smaller than the orders, from which the total, city and category minute
-/// grids are summed) and by minute × product × currency. Hours are rolled up from
+/// grids are summed) and by minute × product × currency. Adjustments, if any, are
+/// grouped per dimension at their own minute (booked) and at their order's
+/// (restated), and added to the orders' minute grids. Hours are rolled up from
 /// minutes and days from hours (sums compose).
-pub fn grids(orders: &DataFrame) -> PolarsResult<Aggregates> {
+pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
     let mut out = Aggregates {
         base_us: 0,
         currencies: Vec::new(),
         values: [vec![String::new()], Vec::new(), Vec::new(), Vec::new()],
         grids: Vec::new(),
     };
-    if orders.height() == 0 {
+    if rows.height() == 0 {
         return Ok(out);
     }
-    let created = orders.column("created_us")?.i64()?;
-    let (Some(first), Some(last)) = (created.min(), created.max()) else {
-        polars_bail!(ComputeError: "orders without an event time");
+    let adjusting = rows.column("adjusted_us")?.is_not_null();
+    let (orders, adjustments) = if adjusting.any() {
+        let adjustments = rows.filter(&adjusting)?.lazy().with_column(
+            col("adjustment_kind")
+                .eq(lit(AdjustmentKind::Cancellation.as_str()))
+                .cast(DataType::Int64)
+                .alias("cancel_line"),
+        );
+        (rows.filter(&!&adjusting)?, adjustments.collect()?)
+    } else {
+        (rows.clone(), rows.clear())
+    };
+    let created = micros(&orders, "created_us")?;
+    let booked = micros(&adjustments, "adjusted_us")?;
+    let restated = micros(&adjustments, "created_us")?;
+    let times = || created.iter().chain(&booked).chain(&restated);
+    let (Some(first), Some(last)) = (times().min(), times().max()) else {
+        polars_bail!(ComputeError: "rows without an event time");
     };
     out.base_us = first.div_euclid(DAY_US) * DAY_US;
-    let minutes: Vec<u64> = created
-        .into_no_null_iter()
-        .map(|us| ((us - out.base_us) / MINUTE_US) as u64)
-        .collect();
+    let minute = |us: &i64| ((us - out.base_us) / MINUTE_US) as u64;
+    let minutes: Vec<u64> = created.iter().map(minute).collect();
     let buckets = ((last - out.base_us) / MINUTE_US) as u64 + 1;
-    let currency = Dictionary::of(orders.column("currency")?)?;
-    let city = Dictionary::of(orders.column("city")?)?;
-    let category = Dictionary::of(orders.column("category")?)?;
-    let product = Dictionary::of(orders.column("product_id")?)?;
+    let dictionary =
+        |name: &str| Dictionary::of(&[orders.column(name)?, adjustments.column(name)?]);
+    let currency = dictionary("currency")?;
+    let city = dictionary("city")?;
+    let category = dictionary("category")?;
+    let product = dictionary("product_id")?;
     let currencies = currency.values.len() as u64;
     let (cities, categories) = (city.values.len() as u64, category.values.len() as u64);
     let layout = |values: usize| Layout {
@@ -266,18 +397,18 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Aggregates> {
         .map(|i| {
             places_layout.key(
                 minutes[i],
-                city.codes[i] * categories + category.codes[i],
-                currency.codes[i],
+                city.codes[0][i] * categories + category.codes[0][i],
+                currency.codes[0][i],
             )
         })
         .collect();
-    let places = group(keys, orders, Source::Places)?;
+    let places = group(keys, &orders, Source::Places)?;
     let product_layout = layout(product.values.len()).check(buckets)?;
     let keys = (0..orders.height())
-        .map(|i| product_layout.key(minutes[i], product.codes[i], currency.codes[i]))
+        .map(|i| product_layout.key(minutes[i], product.codes[0][i], currency.codes[0][i]))
         .collect();
-    let products = group(keys, orders, Source::Products)?;
-    drop(minutes);
+    let products = group(keys, &orders, Source::Products)?;
+    drop((minutes, orders));
 
     let mut minute_grids = Vec::new();
     for dimension in Dimension::ALL {
@@ -289,32 +420,67 @@ pub fn grids(orders: &DataFrame) -> PolarsResult<Aggregates> {
             Dimension::Category => (layout(category.values.len()), |place, categories| {
                 place % categories
             }),
-            Dimension::Product => {
-                minute_grids.push(Grid {
-                    granularity: Granularity::Minute,
-                    dimension,
-                    layout: product_layout,
-                    cells: products.clone(),
-                });
-                continue;
+            Dimension::Product => (product_layout, |_, _| 0),
+        };
+        let cells = match dimension {
+            Dimension::Product => products.clone(),
+            _ => {
+                let keys = keys_of(&places)?
+                    .iter()
+                    .map(|&key| {
+                        let (minute, place, currency) = places_layout.split(key);
+                        target.key(minute, value_of(place, categories), currency)
+                    })
+                    .collect();
+                let source = match dimension {
+                    Dimension::Category => Source::PlacesByCategory,
+                    _ => Source::Cells(&MEASURES[..3]),
+                };
+                group(keys, &places, source)?
             }
         };
-        let keys = keys_of(&places)?
-            .iter()
-            .map(|&key| {
-                let (minute, place, currency) = places_layout.split(key);
-                target.key(minute, value_of(place, categories), currency)
-            })
-            .collect();
-        let source = match dimension {
-            Dimension::Category => Source::PlacesByCategory,
-            _ => Source::Cells,
+        let cells = if adjustments.height() == 0 {
+            cells
+        } else {
+            let (values, cancel): (&[u64], &'static str) = match dimension {
+                Dimension::Total => (&[], "cancel_first"),
+                Dimension::City => (&city.codes[1], "cancel_first"),
+                Dimension::Category => (&category.codes[1], "cancel_category_first"),
+                Dimension::Product => (&product.codes[1], "cancel_line"),
+            };
+            let keys = |times: &[i64]| -> Vec<u64> {
+                times
+                    .iter()
+                    .enumerate()
+                    .map(|(i, us)| {
+                        let value = values.get(i).copied().unwrap_or(0);
+                        target.key(minute(us), value, currency.codes[1][i])
+                    })
+                    .collect()
+            };
+            let booked = group(
+                keys(&booked),
+                &adjustments,
+                Source::Corrections {
+                    prefix: "booked",
+                    cancel,
+                },
+            )?;
+            let restated = group(
+                keys(&restated),
+                &adjustments,
+                Source::Corrections {
+                    prefix: "restated",
+                    cancel,
+                },
+            )?;
+            combine(vec![cells, booked, restated])?
         };
         minute_grids.push(Grid {
             granularity: Granularity::Minute,
             dimension,
             layout: target,
-            cells: group(keys, &places, source)?,
+            cells,
         });
     }
     drop((places, products));
@@ -352,7 +518,7 @@ impl Grid {
             granularity,
             dimension: self.dimension,
             layout,
-            cells: group(keys, &self.cells, Source::Cells)?,
+            cells: group(keys, &self.cells, Source::AllCells)?,
         })
     }
 }
@@ -370,6 +536,12 @@ pub struct StagedRow<'a> {
     pub revenue_minor: i64,
     pub orders: u64,
     pub items: u64,
+    pub booked_refunded_minor: i64,
+    pub booked_refunded_items: u64,
+    pub booked_cancelled_orders: u64,
+    pub restated_refunded_minor: i64,
+    pub restated_refunded_items: u64,
+    pub restated_cancelled_orders: u64,
 }
 
 impl Aggregates {
@@ -383,9 +555,14 @@ impl Aggregates {
     ) -> PolarsResult<Vec<StagedRow<'a>>> {
         let width_us = grid.granularity.seconds() * 1_000_000;
         let values = &self.values[dimension_index(grid.dimension)];
-        let revenue = cells.column("revenue_minor")?.i64()?;
-        let count = cells.column("orders")?.i64()?;
-        let items = cells.column("items")?.i64()?;
+        // Every measure per row; 0 for those a grid without adjustments lacks.
+        let mut measures = Vec::with_capacity(MEASURES.len());
+        for name in MEASURES {
+            measures.push(match cells.column(name) {
+                Ok(column) => column.i64()?.iter().map(|v| v.unwrap_or(0)).collect(),
+                Err(_) => vec![0_i64; cells.height()],
+            });
+        }
         let (granularity, dimension) = (
             granularity_code(grid.granularity),
             dimension_code(grid.dimension),
@@ -394,10 +571,10 @@ impl Aggregates {
             .column("key")?
             .u64()?
             .into_no_null_iter()
-            .zip(revenue.into_no_null_iter())
-            .zip(count.into_no_null_iter().zip(items.into_no_null_iter()))
-            .map(|((key, revenue), (count, items))| {
+            .enumerate()
+            .map(|(i, key)| {
                 let (bucket, value, currency) = grid.layout.split(key);
+                let m = |k: usize| measures[k][i];
                 StagedRow {
                     granularity,
                     dimension,
@@ -405,9 +582,15 @@ impl Aggregates {
                     value: &values[value as usize],
                     currency: &self.currencies[currency as usize],
                     run_id,
-                    revenue_minor: revenue,
-                    orders: count as u64,
-                    items: items as u64,
+                    revenue_minor: m(0),
+                    orders: m(1) as u64,
+                    items: m(2) as u64,
+                    booked_refunded_minor: m(3),
+                    booked_refunded_items: m(4) as u64,
+                    booked_cancelled_orders: m(5) as u64,
+                    restated_refunded_minor: m(6),
+                    restated_refunded_items: m(7) as u64,
+                    restated_cancelled_orders: m(8) as u64,
                 }
             })
             .collect())
@@ -416,11 +599,11 @@ impl Aggregates {
 
 /// One run's rows for `revenue_agg`, owned (for comparisons; staging streams
 /// [`StagedRow`]s instead).
-pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
-    let aggregates = grids(orders)?;
-    let mut rows = Vec::new();
+pub fn aggregate(rows: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
+    let aggregates = grids(rows)?;
+    let mut out = Vec::new();
     for grid in &aggregates.grids {
-        rows.extend(
+        out.extend(
             aggregates
                 .staged_rows(grid, &grid.cells, run_id)?
                 .into_iter()
@@ -434,10 +617,16 @@ pub fn aggregate(orders: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
                     revenue_minor: r.revenue_minor,
                     orders: r.orders,
                     items: r.items,
+                    booked_refunded_minor: r.booked_refunded_minor,
+                    booked_refunded_items: r.booked_refunded_items,
+                    booked_cancelled_orders: r.booked_cancelled_orders,
+                    restated_refunded_minor: r.restated_refunded_minor,
+                    restated_refunded_items: r.restated_refunded_items,
+                    restated_cancelled_orders: r.restated_cancelled_orders,
                 }),
         );
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// Adds `more` to `totals`, currency by currency.
@@ -447,14 +636,16 @@ pub fn add_totals(totals: &mut CurrencyTotals, more: CurrencyTotals) {
     }
 }
 
-/// What the rows add up to per currency, from frames of order lines with
-/// `quantity`, `unit_price_minor`, `currency`, `order_first` and
-/// `category_first`.
+/// What the rows add up to per currency, from frames of lake rows with
+/// `quantity`, `unit_price_minor`, `currency`, `order_first`, `category_first`,
+/// `adjustment_kind`, `refunded_minor`, `refunded_quantity`, `cancel_first` and
+/// `cancel_category_first`.
 pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {
     let mut out = CurrencyTotals::new();
     if frame.height() == 0 {
         return Ok(out);
     }
+    let kind = col("adjustment_kind");
     let totals = frame
         .clone()
         .lazy()
@@ -466,7 +657,21 @@ pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {
             col("order_first").sum().alias("orders"),
             col("quantity").sum().alias("items"),
             col("category_first").sum().alias("category_orders"),
-            len().cast(DataType::Int64).alias("lines"),
+            kind.clone()
+                .is_null()
+                .cast(DataType::Int64)
+                .sum()
+                .alias("lines"),
+            col("refunded_minor").sum().alias("refunded"),
+            col("refunded_quantity").sum().alias("refunded_items"),
+            col("cancel_first").sum().alias("cancelled"),
+            col("cancel_category_first")
+                .sum()
+                .alias("category_cancelled"),
+            kind.eq(lit(AdjustmentKind::Cancellation.as_str()))
+                .cast(DataType::Int64)
+                .sum()
+                .alias("line_cancelled"),
         ])
         .collect()?;
     let currency = totals.column("currency")?.str()?;
@@ -482,6 +687,11 @@ pub fn currency_totals(frame: &DataFrame) -> PolarsResult<CurrencyTotals> {
                 items: value("items", i)?,
                 category_orders: value("category_orders", i)?,
                 lines: value("lines", i)?,
+                refunded: value("refunded", i)?,
+                refunded_items: value("refunded_items", i)?,
+                cancelled: value("cancelled", i)?,
+                category_cancelled: value("category_cancelled", i)?,
+                line_cancelled: value("line_cancelled", i)?,
             },
         );
     }
@@ -511,19 +721,23 @@ mod tests {
     proptest! {
         #[test]
         fn dictionary_codes_sort_as_their_strings_do_in_byte_order(
-            column in proptest::collection::vec(text(), 1..60)
+            column in proptest::collection::vec(text(), 1..60),
+            split in 0_usize..60,
         ) {
-            let dict = Dictionary::of(&strings(&column)).unwrap();
+            // One dictionary over two columns (orders' and adjustments').
+            let (a, b) = column.split_at(split.min(column.len()));
+            let dict = Dictionary::of(&[&strings(a), &strings(b)]).unwrap();
+            let codes: Vec<u64> = dict.codes.concat();
             // The values are the distinct strings, in byte order.
             let mut expected = column.clone();
             expected.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             expected.dedup();
             prop_assert_eq!(&dict.values, &expected);
             for (i, value) in column.iter().enumerate() {
-                prop_assert_eq!(&dict.values[dict.codes[i] as usize], value);
+                prop_assert_eq!(&dict.values[codes[i] as usize], value);
                 for (j, other) in column.iter().enumerate() {
                     prop_assert_eq!(
-                        dict.codes[i].cmp(&dict.codes[j]),
+                        codes[i].cmp(&codes[j]),
                         value.as_bytes().cmp(other.as_bytes())
                     );
                 }
@@ -588,6 +802,12 @@ mod tests {
                 // Every row its own one-line order.
                 int("order_first", &|_| 1),
                 int("category_first", &|_| 1),
+                Column::new("adjusted_us".into(), vec![None::<i64>; rows.len()]),
+                Column::new("adjustment_kind".into(), vec![None::<&str>; rows.len()]),
+                int("refunded_minor", &|_| 0),
+                int("refunded_quantity", &|_| 0),
+                int("cancel_first", &|_| 0),
+                int("cancel_category_first", &|_| 0),
             ],
         )
         .unwrap()

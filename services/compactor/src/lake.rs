@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_s3::primitives::ByteStream;
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
+use tidemark_domain::AdjustmentKind;
 use tidemark_orderlog::RawRecordRef;
 use tidemark_platform::config::S3Config;
 
@@ -136,10 +137,13 @@ impl Store {
     }
 }
 
-/// Parses raw JSON Lines into a frame of the raw records' columns (timestamps
-/// still as text). Each line is deserialized straight into the columns, with no
-/// document tree in between; a malformed line fails the whole file, naming the
-/// line.
+/// Parses raw JSON Lines into a frame of the lake's rows (timestamps still as
+/// text): one row per order line of an order record; for an adjustment record one
+/// row per line it gave something back of (a cancellation: per line of its order),
+/// with the order's fields, `quantity` and `unit_price_minor` 0 (the order's rows
+/// hold them) and what it gave back in `refunded_quantity` and `refunded_minor`.
+/// Each line is deserialized straight into the columns, with no document tree in
+/// between; a malformed line fails the whole file, naming the line.
 pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
     /// A little below the relay's typical record size, so that columns rarely grow.
     const RECORD_BYTES: usize = 256;
@@ -156,13 +160,27 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         "ingested_at",
     ]
     .map(text);
-    let mut numbers: [Vec<i64>; 7] = std::array::from_fn(|_| Vec::with_capacity(rows));
+    // Set on adjustment rows only.
+    let mut adjusting = ["adjustment_id", "adjustment_kind", "adjusted_at"].map(text);
+    let mut numbers: [Vec<i64>; 11] = std::array::from_fn(|_| Vec::with_capacity(rows));
     for record in serde_json::Deserializer::from_slice(bytes).into_iter::<RawRecordRef<'_>>() {
         let r = record.map_err(|e| LakeError::Invalid(e.to_string()))?;
         let lines = r.lines().map_err(|e| LakeError::Invalid(e.to_string()))?;
         let txid = i64::try_from(r.txid)
             .map_err(|_| LakeError::Invalid(format!("txid {} out of range", r.txid)))?;
+        let cancels = r
+            .adjustment
+            .as_ref()
+            .is_some_and(|a| a.kind == AdjustmentKind::Cancellation);
         for (i, line) in lines.iter().enumerate() {
+            let given = match &r.adjustment {
+                None => None,
+                Some(a) => match a.lines.iter().find(|l| l.line_no as usize == i + 1) {
+                    Some(given) => Some((i64::from(given.quantity), given.amount_minor)),
+                    None if cancels => Some((0, 0)),
+                    None => continue,
+                },
+            };
             for (column, value) in strings.iter_mut().zip([
                 &r.order_id,
                 &r.user_id,
@@ -175,21 +193,48 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
             ]) {
                 column.append_value(&**value);
             }
-            // An order counts once in total and by city (its first line), once
-            // per category (the first line of each).
-            let category_first = !lines[..i].iter().any(|l| l.category == line.category);
-            for (column, value) in
-                numbers
+            match &r.adjustment {
+                None => adjusting
                     .iter_mut()
-                    .zip([i + 1, usize::from(i == 0), usize::from(category_first)])
-            {
-                column.push(value as i64);
+                    .for_each(StringChunkedBuilder::append_null),
+                Some(a) => {
+                    for (column, value) in adjusting.iter_mut().zip([
+                        &*a.adjustment_id,
+                        a.kind.as_str(),
+                        &*a.created_at,
+                    ]) {
+                        column.append_value(value);
+                    }
+                }
             }
-            for (column, value) in numbers[3..].iter_mut().zip([
-                i64::from(line.quantity),
-                line.unit_price_minor,
+            // An order counts once in total and by city (its first line), once
+            // per category (the first line of each); so does a cancellation.
+            let category_first = !lines[..i].iter().any(|l| l.category == line.category);
+            let (order_first, category_first) = (i == 0, category_first);
+            let (quantity, price, refunded_quantity, refunded_minor, counts, cancel_counts) =
+                match given {
+                    None => (
+                        i64::from(line.quantity),
+                        line.unit_price_minor,
+                        0,
+                        0,
+                        true,
+                        false,
+                    ),
+                    Some((q, a)) => (0, 0, q, a, false, cancels),
+                };
+            for (column, value) in numbers.iter_mut().zip([
+                i as i64 + 1,
+                i64::from(counts && order_first),
+                i64::from(counts && category_first),
+                quantity,
+                price,
                 txid,
                 r.seq,
+                refunded_quantity,
+                refunded_minor,
+                i64::from(cancel_counts && order_first),
+                i64::from(cancel_counts && category_first),
             ]) {
                 column.push(value);
             }
@@ -205,6 +250,7 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         created_at,
         ingested_at,
     ] = strings.map(|b| b.finish().into_column());
+    let [adjustment_id, adjustment_kind, adjusted_at] = adjusting.map(|b| b.finish().into_column());
     let [
         line_no,
         order_first,
@@ -213,6 +259,10 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
         unit_price_minor,
         txid,
         seq,
+        refunded_quantity,
+        refunded_minor,
+        cancel_first,
+        cancel_category_first,
     ] = numbers;
     let height = order_id.len();
     let int =
@@ -235,12 +285,20 @@ pub fn parse_raw(bytes: &[u8]) -> Result<DataFrame> {
             int("seq", seq),
             int("order_first", order_first),
             int("category_first", category_first),
+            adjustment_id,
+            adjustment_kind,
+            adjusted_at,
+            int("refunded_quantity", refunded_quantity),
+            int("refunded_minor", refunded_minor),
+            int("cancel_first", cancel_first),
+            int("cancel_category_first", cancel_category_first),
         ],
     )?)
 }
 
-/// The columns of a lake file, in order.
-const LAKE_COLUMNS: [&str; 15] = [
+/// The columns of a lake file, in order. Order rows leave the adjustment columns
+/// null (strings, `adjusted_at`) or 0 (amounts, flags).
+const LAKE_COLUMNS: [&str; 22] = [
     "order_id",
     "line_no",
     "user_id",
@@ -256,16 +314,48 @@ const LAKE_COLUMNS: [&str; 15] = [
     "seq",
     "order_first",
     "category_first",
+    "adjustment_id",
+    "adjustment_kind",
+    "adjusted_at",
+    "refunded_quantity",
+    "refunded_minor",
+    "cancel_first",
+    "cancel_category_first",
 ];
 
 /// A lake file's rows in [`LAKE_COLUMNS`]' order. Files written before orders had
 /// lines hold one row per order, without `line_no` and the order-count flags: they
-/// are one-line orders, and get those columns.
+/// are one-line orders, and get those columns. Files written before adjustments
+/// hold only orders, and get the adjustment columns as order rows have them.
 pub fn with_line_columns(frame: DataFrame) -> Result<DataFrame> {
+    let absent = |name: &&str| frame.column(name).is_err();
     let missing: Vec<Expr> = ["line_no", "order_first", "category_first"]
         .into_iter()
-        .filter(|name| frame.column(name).is_err())
+        .filter(absent)
         .map(|name| lit(1_i64).cast(DataType::Int64).alias(name))
+        .chain(
+            [
+                "refunded_quantity",
+                "refunded_minor",
+                "cancel_first",
+                "cancel_category_first",
+            ]
+            .into_iter()
+            .filter(absent)
+            .map(|name| lit(0_i64).cast(DataType::Int64).alias(name)),
+        )
+        .chain(
+            ["adjustment_id", "adjustment_kind"]
+                .into_iter()
+                .filter(absent)
+                .map(|name| lit(NULL).cast(DataType::String).alias(name)),
+        )
+        .chain(
+            ["adjusted_at"]
+                .into_iter()
+                .filter(absent)
+                .map(|name| lit(NULL).cast(lake_time()).alias(name)),
+        )
         .collect();
     if missing.is_empty() {
         return Ok(frame);
@@ -291,6 +381,11 @@ fn timestamp(column: &str) -> Expr {
     )
 }
 
+/// The type of the lake's timestamps.
+fn lake_time() -> DataType {
+    DataType::Datetime(TimeUnit::Microseconds, None)
+}
+
 /// Raw records with typed timestamps.
 fn typed(raw: DataFrame) -> Result<DataFrame> {
     Ok(raw
@@ -298,6 +393,7 @@ fn typed(raw: DataFrame) -> Result<DataFrame> {
         .with_columns([
             timestamp("created_at").alias("created_at"),
             timestamp("ingested_at").alias("ingested_at"),
+            timestamp("adjusted_at").alias("adjusted_at"),
         ])
         .collect()?)
 }
@@ -326,8 +422,8 @@ pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<D
 ///
 /// Copies of an order are the same immutable rows of the log (the relay landed a
 /// range twice), so any copy may be kept: the first one is, which keeps the rows
-/// in the order they were read. Lines are keyed by order id (a UUID, kept as a
-/// 128-bit integer) and line number.
+/// in the order they were read. Lines are keyed by their event's id (the order's,
+/// or the adjustment's: UUIDs, kept as 128-bit integers) and line number.
 #[derive(Default)]
 struct OrderIds(PlHashSet<(u128, i64)>);
 
@@ -336,12 +432,13 @@ impl OrderIds {
     /// ones).
     fn first_copies(&mut self, orders: DataFrame) -> Result<DataFrame> {
         let ids = orders.column("order_id")?.str()?;
+        let adjustments = orders.column("adjustment_id")?.str()?;
         let lines = orders.column("line_no")?.i64()?;
         let mut first = Vec::with_capacity(ids.len());
-        for (id, line) in ids.iter().zip(lines.iter()) {
-            let id = id.unwrap_or("");
+        for ((order, adjustment), line) in ids.iter().zip(adjustments.iter()).zip(lines.iter()) {
+            let id = adjustment.or(order).unwrap_or("");
             let id = uuid::Uuid::try_parse(id)
-                .map_err(|e| LakeError::Invalid(format!("order_id `{id}` is not a UUID: {e}")))?;
+                .map_err(|e| LakeError::Invalid(format!("event id `{id}` is not a UUID: {e}")))?;
             first.push(self.0.insert((id.as_u128(), line.unwrap_or(1))));
         }
         if first.iter().all(|f| *f) {
@@ -398,8 +495,14 @@ pub struct LakeWriter {
 }
 
 /// The columns of the lake's rows that aggregation and the audit read.
-const MEASURED: [&str; 10] = [
+const MEASURED: [&str; 16] = [
     "created_us",
+    "adjusted_us",
+    "adjustment_kind",
+    "refunded_quantity",
+    "refunded_minor",
+    "cancel_first",
+    "cancel_category_first",
     "revenue",
     "quantity",
     "unit_price_minor",
@@ -486,10 +589,14 @@ impl LakeWriter {
     }
 }
 
-/// Adds the derived columns aggregation needs: event time in µs, revenue, day.
+/// Adds the derived columns aggregation needs: event times in µs (the order's, and
+/// an adjustment's own), revenue.
 pub fn with_measures(orders: LazyFrame) -> LazyFrame {
     orders.with_columns([
         col("created_at").cast(DataType::Int64).alias("created_us"),
+        col("adjusted_at")
+            .cast(DataType::Int64)
+            .alias("adjusted_us"),
         (col("quantity") * col("unit_price_minor")).alias("revenue"),
     ])
 }
@@ -592,15 +699,19 @@ fn footer_len(tail: &[u8]) -> Option<usize> {
     (magic == b"PAR1").then(|| u32::from_le_bytes(*len) as usize + 8)
 }
 
-/// Splits orders by event date: `(days since the epoch, rows)`, in date order. A
+/// Splits rows by their own event date (an adjustment's, not its order's): `(days
+/// since the epoch, rows)`, in date order. A
 /// run's orders usually fall on one date: then the frame is returned as it is.
 pub fn by_date(orders: &DataFrame) -> Result<Vec<(i64, DataFrame)>> {
     const DAY_US: i64 = 86_400_000_000;
-    let day = orders
-        .column("created_at")?
-        .cast(&DataType::Int64)?
+    let booked = orders.column("adjusted_at")?.cast(&DataType::Int64)?;
+    let created = orders.column("created_at")?.cast(&DataType::Int64)?;
+    let day: Int64Chunked = booked
         .i64()?
-        .apply_values(|us| us.div_euclid(DAY_US));
+        .iter()
+        .zip(created.i64()?.iter())
+        .map(|(booked, created)| booked.or(created).map(|us| us.div_euclid(DAY_US)))
+        .collect();
     let mut days: Vec<i64> = day.unique()?.into_no_null_iter().collect();
     days.sort_unstable();
     if let [only] = days[..] {
@@ -808,5 +919,155 @@ mod tests {
         assert!(error.contains("line 2"), "{error}");
         let parsed = parse_raw(format!("{}\n\n", raw_line(1, at, 5, 1)).as_bytes()).unwrap();
         assert_eq!(parsed.height(), 1, "blank lines are not records");
+    }
+
+    /// Orders, refunds and cancellations as the relay writes them, through the raw
+    /// parser and aggregation: every cell equals the domain's contributions summed
+    /// (the definition the speed layer and the ground truth use), on both bases.
+    #[test]
+    fn adjustments_aggregate_as_the_domain_defines_on_both_bases() {
+        use tidemark_domain::{
+            AdjustedLine, Adjustment, AdjustmentEvent, AdjustmentKind, Event, Granularity,
+            LogPosition, Order, OrderLine, Totals,
+        };
+        use tidemark_orderlog::{LogRow, RawRecord};
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 30, 0).unwrap();
+        let line = |p: &str, c: &str, q: i32, price: i64| OrderLine {
+            product_id: p.into(),
+            category: c.into(),
+            quantity: q,
+            unit_price_minor: price,
+        };
+        let order = |n: u128, city: &str, lines: Vec<OrderLine>| Order {
+            order_id: uuid::Uuid::from_u128(n),
+            user_id: "u".into(),
+            city: city.into(),
+            currency: "EUR".parse().unwrap(),
+            created_at: at + chrono::TimeDelta::minutes(n as i64),
+            lines,
+        };
+        let basket = order(
+            1,
+            "Oslo",
+            vec![
+                line("p-1", "books", 3, 1_000),
+                line("p-2", "games", 1, 500),
+                line("p-3", "books", 2, 100),
+            ],
+        );
+        let single = order(2, "Berlin", vec![line("p-2", "games", 2, 500)]);
+        let adjust = |n: u128, of: &Order, kind, days: i64, lines: &[(i16, i32, i64)]| {
+            Event::Adjustment(AdjustmentEvent {
+                adjustment: Adjustment {
+                    adjustment_id: uuid::Uuid::from_u128(100 + n),
+                    order_id: of.order_id,
+                    kind,
+                    created_at: of.created_at + chrono::TimeDelta::days(days),
+                    lines: lines
+                        .iter()
+                        .map(|&(line_no, quantity, amount_minor)| AdjustedLine {
+                            line_no,
+                            quantity,
+                            amount_minor,
+                        })
+                        .collect(),
+                },
+                order: of.clone(),
+            })
+        };
+        let events = [
+            Event::Order(basket.clone()),
+            Event::Order(single.clone()),
+            adjust(
+                1,
+                &basket,
+                AdjustmentKind::Refund,
+                2,
+                &[(2, 1, 500), (3, 0, 50)],
+            ),
+            // The rest of the basket, in a later month; line 2 had nothing left.
+            adjust(
+                2,
+                &basket,
+                AdjustmentKind::Cancellation,
+                40,
+                &[(1, 3, 3_000), (3, 2, 150)],
+            ),
+            adjust(3, &single, AdjustmentKind::Refund, 0, &[(1, 1, 500)]),
+        ];
+        let mut text = Vec::new();
+        for (seq, event) in events.iter().enumerate() {
+            let row = LogRow {
+                position: LogPosition::new(5, seq as i64 + 1),
+                event: event.clone(),
+                ingested_at: at,
+            };
+            RawRecord::from(&row).write_line(&mut text);
+        }
+        // Landed twice: the copies are dropped.
+        text.extend_from_slice(&text.clone());
+        let rows = orders_from_raw(parse_raw(&text).unwrap(), 0, 9).unwrap();
+        assert_eq!(rows.height(), 4 + 2 + 3 + 1);
+        let measured = with_measures(rows.clone().lazy()).collect().unwrap();
+        let got = aggregate::aggregate(&measured, 1).unwrap();
+        for granularity in Granularity::ALL {
+            for dimension in Dimension::ALL {
+                let mut expected: BTreeMap<(u32, String), Totals> = BTreeMap::new();
+                for event in &events {
+                    for c in event.contributions(dimension) {
+                        let bucket = granularity.bucket_of_secs(c.at.timestamp()) as u32;
+                        expected
+                            .entry((bucket, c.value.to_owned()))
+                            .or_default()
+                            .add(c.totals);
+                    }
+                }
+                let served: BTreeMap<(u32, String), Totals> = got
+                    .iter()
+                    .filter(|r| r.granularity == tidemark_batchview::granularity_code(granularity))
+                    .filter(|r| r.dimension == tidemark_batchview::dimension_code(dimension))
+                    .map(|r| {
+                        let totals = Totals {
+                            revenue_minor: r.revenue_minor,
+                            orders: r.orders as i64,
+                            items: r.items as i64,
+                            booked: tidemark_domain::Corrections {
+                                refunded_minor: r.booked_refunded_minor,
+                                refunded_items: r.booked_refunded_items as i64,
+                                cancelled_orders: r.booked_cancelled_orders as i64,
+                            },
+                            restated: tidemark_domain::Corrections {
+                                refunded_minor: r.restated_refunded_minor,
+                                refunded_items: r.restated_refunded_items as i64,
+                                cancelled_orders: r.restated_cancelled_orders as i64,
+                            },
+                        };
+                        ((r.bucket, r.value.clone()), totals)
+                    })
+                    .collect();
+                assert_eq!(served, expected, "{granularity} by {dimension}");
+            }
+        }
+        // The audit's totals see the same corrections.
+        let totals = aggregate::currency_totals(&rows).unwrap()["EUR"];
+        assert_eq!(
+            totals.corrections_of(Dimension::Total),
+            [500 + 50 + 3_150 + 500, 1 + 3 + 2 + 1, 1]
+        );
+        assert_eq!(totals.corrections_of(Dimension::Category)[2], 2);
+        assert_eq!(totals.corrections_of(Dimension::Product)[2], 3);
+        assert_eq!(
+            totals.of(Dimension::Product)[1],
+            4,
+            "adjusted lines are no orders"
+        );
+        // Adjustment rows go to the file of their own date.
+        let days: Vec<i64> = by_date(&rows)
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        let day = at.timestamp() / 86_400;
+        assert_eq!(days, [day, day + 2, day + 40]);
     }
 }

@@ -153,7 +153,7 @@ pub async fn apply(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .filter_map(|row| row.decode().ok().map(|r| (r.order.order_id, r.order)))
+    .filter_map(|row| row.decode().ok().map(|order| (order.order_id, order)))
     .collect();
     let unknown: Vec<(usize, Uuid)> = asks
         .iter()

@@ -332,11 +332,11 @@ async fn load_cursor(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
     })
 }
 
-/// The batch's rows grouped by event hour, one object each, keyed by the batch bounds.
+/// The batch's rows grouped by event hour (an adjustment's own time), one object each, keyed by the batch bounds.
 fn objects(after: LogPosition, until: LogPosition, rows: &[LogRow]) -> Vec<RawObject> {
     let mut by_hour: BTreeMap<(NaiveDate, u32), Vec<&LogRow>> = BTreeMap::new();
     for row in rows {
-        let t = row.order.created_at;
+        let t = row.event.created_at();
         by_hour
             .entry((t.date_naive(), t.hour()))
             .or_default()

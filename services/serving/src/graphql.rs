@@ -33,6 +33,25 @@ pub enum Granularity {
     Day,
 }
 
+/// Which time refunds and cancellations count at.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Default)]
+pub enum Basis {
+    /// When they happened (the default).
+    #[default]
+    BookingTime,
+    /// At their order's time, place and products.
+    OrderTime,
+}
+
+impl Basis {
+    fn as_str(self) -> &'static str {
+        match self {
+            Basis::BookingTime => "booking_time",
+            Basis::OrderTime => "order_time",
+        }
+    }
+}
+
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
 pub enum GroupBy {
     City,
@@ -94,12 +113,14 @@ fn revenue_params(
     category: Option<String>,
     product: Option<String>,
     currency: Option<String>,
+    basis: Basis,
     allow_partial: bool,
 ) -> HashMap<String, String> {
     let mut params = HashMap::from([
         ("from".to_owned(), from.to_rfc3339()),
         ("to".to_owned(), to.to_rfc3339()),
         ("granularity".to_owned(), granularity.as_str().to_owned()),
+        ("basis".to_owned(), basis.as_str().to_owned()),
         ("allow_partial".to_owned(), allow_partial.to_string()),
     ]);
     for (k, v) in [
@@ -135,6 +156,7 @@ impl QueryRoot {
         category: Option<String>,
         product: Option<String>,
         currency: Option<String>,
+        #[graphql(default)] basis: Basis,
         #[graphql(default)] allow_partial: bool,
     ) -> async_graphql::Result<RevenueSeries> {
         let started = Instant::now();
@@ -148,6 +170,7 @@ impl QueryRoot {
             category,
             product,
             currency,
+            basis,
             allow_partial,
         );
         let result = async {
@@ -162,6 +185,7 @@ impl QueryRoot {
 
     /// Totals per currency and the top values of a dimension, for a range.
     /// Costs 40 toward the complexity limit.
+    #[allow(clippy::too_many_arguments)] // a resolver's arguments are the field's
     #[graphql(complexity = "40 + child_complexity")]
     async fn summary(
         &self,
@@ -171,12 +195,14 @@ impl QueryRoot {
         #[graphql(default_with = "GroupBy::City")] top_by: GroupBy,
         #[graphql(default = 5)] top: u32,
         currency: Option<String>,
+        #[graphql(default)] basis: Basis,
     ) -> async_graphql::Result<Summary> {
         let started = Instant::now();
         let state = ctx.data::<Arc<AppState>>()?;
         let mut params = HashMap::from([
             ("from".to_owned(), from.to_rfc3339()),
             ("to".to_owned(), to.to_rfc3339()),
+            ("basis".to_owned(), basis.as_str().to_owned()),
             ("top_by".to_owned(), top_by.as_str().to_owned()),
             ("top".to_owned(), top.to_string()),
         ]);
@@ -242,6 +268,7 @@ impl SubscriptionRoot {
     /// reach the speed view. Without `to`, the window rolls: it ends with the
     /// current bucket and starts at `from` (default: one hour before now).
     #[allow(clippy::unused_async)] // the macro requires an async resolver
+    #[allow(clippy::too_many_arguments)] // a resolver's arguments are the field's
     async fn revenue(
         &self,
         ctx: &Context<'_>,
@@ -250,6 +277,7 @@ impl SubscriptionRoot {
         #[graphql(default_with = "Granularity::Minute")] granularity: Granularity,
         group_by: Option<GroupBy>,
         currency: Option<String>,
+        #[graphql(default)] basis: Basis,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RevenueSeries>>> {
         let state = ctx.data::<Arc<AppState>>()?.clone();
         let window = move || {
@@ -265,6 +293,7 @@ impl SubscriptionRoot {
                 None,
                 None,
                 currency.clone(),
+                basis,
                 false,
             )
         };

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use tidemark_domain::money::decimal;
-use tidemark_domain::{Currency, Dimension, Granularity, Grid, Totals};
+use tidemark_domain::{Basis, Currency, Dimension, Granularity, Grid, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::config::ServingSettings;
@@ -26,7 +26,48 @@ pub struct RevenueRequest {
     /// Only this value of `dimension`.
     pub value: Option<String>,
     pub currency: Option<Currency>,
+    /// Which time refunds and cancellations count at.
+    pub basis: Basis,
     pub allow_partial: bool,
+}
+
+/// Gross, refunded and net revenue of a cell or total, on the question's basis
+/// (part of every point, total and top entry). `revenue_minor` beside it stays
+/// the gross revenue, as before refunds existed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct Net {
+    /// Revenue of the orders, before refunds (equals `revenue_minor`).
+    pub gross_revenue_minor: i64,
+    /// Refunds counted here on the basis: at their own time (`booking_time`) or
+    /// at their order's time, place and products (`order_time`).
+    pub refunded_minor: i64,
+    /// Gross less refunded: negative where refunds outweigh that bucket's sales.
+    pub net_revenue_minor: i64,
+    /// Net revenue in major units, exact (see `revenue`).
+    pub net_revenue: String,
+    /// Units given back.
+    pub refunded_items: i64,
+    /// Orders cancelled, counted like `orders` (once per value the order holds).
+    pub cancelled_orders: i64,
+    /// Net revenue per order in minor units, rounded half away from zero (0 without
+    /// orders).
+    pub net_average_order_value_minor: i64,
+}
+
+impl Net {
+    pub fn of(t: &Totals, basis: Basis, currency: Currency) -> Self {
+        let corrections = t.corrections(basis);
+        let net = t.net_revenue_minor(basis);
+        Net {
+            gross_revenue_minor: t.revenue_minor,
+            refunded_minor: corrections.refunded_minor,
+            net_revenue_minor: net,
+            net_revenue: decimal(net, currency),
+            refunded_items: corrections.refunded_items,
+            cancelled_orders: corrections.cancelled_orders,
+            net_average_order_value_minor: per_order(net, t.orders),
+        }
+    }
 }
 
 /// One cell of a revenue series.
@@ -43,8 +84,11 @@ pub struct Point {
     pub revenue: String,
     pub orders: i64,
     pub items: i64,
-    /// Revenue per order in minor units, rounded half up.
+    /// Gross revenue per order in minor units, rounded half up.
     pub average_order_value_minor: i64,
+    #[serde(flatten)]
+    #[graphql(flatten)]
+    pub net: Net,
 }
 
 /// A currency of an answer and its ISO 4217 minor-unit exponent: an amount in
@@ -93,6 +137,9 @@ pub struct CurrencyTotals {
     pub orders: i64,
     pub items: i64,
     pub average_order_value_minor: i64,
+    #[serde(flatten)]
+    #[graphql(flatten)]
+    pub net: Net,
 }
 
 /// One of the top dimension values, by revenue within its currency.
@@ -106,6 +153,9 @@ pub struct TopEntry {
     pub orders: i64,
     pub items: i64,
     pub average_order_value_minor: i64,
+    #[serde(flatten)]
+    #[graphql(flatten)]
+    pub net: Net,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
@@ -122,11 +172,26 @@ pub struct Summary {
     pub freshness: Freshness,
 }
 
+/// Whether a cell has anything to show on `basis` (a cell may hold only the other
+/// basis's corrections).
+fn shown(t: &Totals, basis: Basis) -> bool {
+    t.revenue_minor != 0
+        || t.orders != 0
+        || t.items != 0
+        || t.corrections(basis) != tidemark_domain::Corrections::default()
+}
+
 fn aov(t: &Totals) -> i64 {
-    if t.orders == 0 {
+    per_order(t.revenue_minor, t.orders)
+}
+
+/// `amount / orders` rounded half away from zero; 0 without orders.
+fn per_order(amount: i64, orders: i64) -> i64 {
+    if orders == 0 {
         0
     } else {
-        (2 * t.revenue_minor + t.orders) / (2 * t.orders)
+        let half = if amount < 0 { -orders } else { orders };
+        (2 * amount + half) / (2 * orders)
     }
 }
 
@@ -182,6 +247,18 @@ fn parse_time(raw: Option<&str>, field: &str, errors: &mut Errors) -> Option<Dat
     }
 }
 
+/// `basis`: `booking_time` (the default) or `order_time`.
+pub fn parse_basis(raw: Option<&str>, errors: &mut Errors) -> Basis {
+    match raw.map(str::parse::<Basis>) {
+        None => Basis::default(),
+        Some(Ok(basis)) => basis,
+        Some(Err(e)) => {
+            errors.add("basis", "invalid", e);
+            Basis::default()
+        }
+    }
+}
+
 const FILTERS: [(&str, Dimension); 3] = [
     ("city", Dimension::City),
     ("category", Dimension::Category),
@@ -205,6 +282,7 @@ pub fn revenue_request(
             "category",
             "product",
             "currency",
+            "basis",
             "allow_partial",
         ];
         if !known.contains(&name.as_str()) {
@@ -265,6 +343,7 @@ pub fn revenue_request(
             None
         }
     });
+    let basis = parse_basis(get("basis"), &mut errors);
     let allow_partial = match get("allow_partial") {
         None | Some("false") => false,
         Some("true") => true,
@@ -319,6 +398,7 @@ pub fn revenue_request(
             grouped: group_by.is_some(),
             value,
             currency,
+            basis,
             allow_partial,
         });
     }
@@ -366,7 +446,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         .filter(|((bucket, value, currency), totals)| {
             *bucket >= req.from
                 && *bucket < req.to
-                && !totals.is_zero()
+                && shown(totals, req.basis)
                 && req.value.as_ref().is_none_or(|v| v == value)
                 && req.currency.is_none_or(|c| c == *currency)
         })
@@ -383,6 +463,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
             orders: t.orders,
             items: t.items,
             average_order_value_minor: aov(t),
+            net: Net::of(t, req.basis, *currency),
         })
         .collect();
     Ok(RevenueSeries {
@@ -406,6 +487,7 @@ pub struct SummaryRequest {
     pub top_by: Dimension,
     pub top: usize,
     pub currency: Option<Currency>,
+    pub basis: Basis,
     pub allow_partial: bool,
 }
 
@@ -415,7 +497,16 @@ pub fn summary_request(
 ) -> Result<SummaryRequest, Problem> {
     let mut errors = Errors::default();
     for name in params.keys() {
-        if !["from", "to", "top_by", "top", "currency", "allow_partial"].contains(&name.as_str()) {
+        let known = [
+            "from",
+            "to",
+            "top_by",
+            "top",
+            "currency",
+            "basis",
+            "allow_partial",
+        ];
+        if !known.contains(&name.as_str()) {
             let shown: String = name.chars().take(40).collect();
             errors.add(
                 &shown,
@@ -456,6 +547,7 @@ pub fn summary_request(
             None
         }
     });
+    let basis = parse_basis(get("basis"), &mut errors);
     let allow_partial = get("allow_partial") == Some("true");
     let mut bounds = None;
     if let (Some(from), Some(to)) = (from, to) {
@@ -501,6 +593,7 @@ pub fn summary_request(
         top_by,
         top,
         currency,
+        basis,
         allow_partial,
     })
 }
@@ -549,7 +642,7 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
     let mut currencies: Vec<Currency> = Vec::new();
     let totals = totals_by
         .into_iter()
-        .filter(|(_, t)| !t.is_zero())
+        .filter(|(_, t)| shown(t, req.basis))
         .inspect(|((currency, _), _)| currencies.push(*currency))
         .map(|((currency, _), t)| CurrencyTotals {
             currency: currency.to_string(),
@@ -558,11 +651,12 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             orders: t.orders,
             items: t.items,
             average_order_value_minor: aov(&t),
+            net: Net::of(&t, req.basis, currency),
         })
         .collect();
     let mut per_currency: BTreeMap<Currency, Vec<TopEntry>> = BTreeMap::new();
     for ((currency, group), t) in sum_by(&by.grid, true) {
-        if t.is_zero() {
+        if !shown(&t, req.basis) {
             continue;
         }
         per_currency.entry(currency).or_default().push(TopEntry {
@@ -573,6 +667,7 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             orders: t.orders,
             items: t.items,
             average_order_value_minor: aov(&t),
+            net: Net::of(&t, req.basis, currency),
         });
     }
     let mut top = Vec::new();

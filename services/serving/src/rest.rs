@@ -62,14 +62,18 @@ struct RevenueParams {
     product: Option<String>,
     /// Only this ISO 4217 currency.
     currency: Option<String>,
+    /// `booking_time` (default): refunds and cancellations count when they
+    /// happened; `order_time`: at their order's time, city and products.
+    basis: Option<String>,
     /// When a store is down, answer 200 with what is available, flagged `partial`,
     /// instead of 503.
     allow_partial: Option<bool>,
 }
 
 /// Revenue, orders and items per time bucket: the exact merge of the batch view
-/// and the speed view. Buckets without orders are omitted; amounts are minor units
-/// per currency.
+/// and the speed view. Gross revenue (`revenue_minor`, `gross_revenue_minor`),
+/// refunds, net revenue and cancellations on the asked `basis`. Buckets with
+/// nothing in them are omitted; amounts are minor units per currency.
 #[utoipa::path(get, path = "/v1/revenue", params(RevenueParams),
     responses(
         (status = 200, body = RevenueSeries),
@@ -104,6 +108,9 @@ struct SummaryParams {
     /// How many top values per currency, 1–100 (default 5).
     top: Option<u32>,
     currency: Option<String>,
+    /// `booking_time` (default): refunds and cancellations count when they
+    /// happened; `order_time`: at their order's time, city and products.
+    basis: Option<String>,
     allow_partial: Option<bool>,
 }
 

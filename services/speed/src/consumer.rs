@@ -170,7 +170,7 @@ impl Consumer {
         let to = last.position;
         let mut delta = Delta::default();
         for row in &tail.rows {
-            delta.add(epoch_of(row.position.txid, &cuts), &row.order);
+            delta.add(epoch_of(row.position.txid, &cuts), &row.event);
         }
         let now_ms = Utc::now().timestamp_millis();
         match self.view.apply(meta.cursor, to, now_ms, &delta).await? {

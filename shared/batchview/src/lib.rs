@@ -10,7 +10,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
-use tidemark_domain::{Currency, Dimension, Granularity, Grid, Totals};
+use tidemark_domain::{Corrections, Currency, Dimension, Granularity, Grid, Totals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -79,7 +79,7 @@ pub fn dimension_code(d: Dimension) -> i8 {
 }
 
 /// One row of `revenue_agg` (and of a run's staging table).
-#[derive(Clone, Debug, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
 pub struct AggRow {
     pub granularity: i8,
     pub dimension: i8,
@@ -91,11 +91,19 @@ pub struct AggRow {
     pub revenue_minor: i64,
     pub orders: u64,
     pub items: u64,
+    pub booked_refunded_minor: i64,
+    pub booked_refunded_items: u64,
+    pub booked_cancelled_orders: u64,
+    pub restated_refunded_minor: i64,
+    pub restated_refunded_items: u64,
+    pub restated_cancelled_orders: u64,
 }
 
 /// The columns of `revenue_agg`, in order.
-pub const COLUMNS: &str =
-    "granularity, dimension, bucket, value, currency, run_id, revenue_minor, orders, items";
+pub const COLUMNS: &str = "granularity, dimension, bucket, value, currency, run_id, \
+     revenue_minor, orders, items, booked_refunded_minor, booked_refunded_items, \
+     booked_cancelled_orders, restated_refunded_minor, restated_refunded_items, \
+     restated_cancelled_orders";
 
 #[derive(clickhouse::Row, Deserialize)]
 struct CellRow {
@@ -105,6 +113,12 @@ struct CellRow {
     revenue_minor: i64,
     orders: u64,
     items: u64,
+    booked_refunded_minor: i64,
+    booked_refunded_items: u64,
+    booked_cancelled_orders: u64,
+    restated_refunded_minor: i64,
+    restated_refunded_items: u64,
+    restated_cancelled_orders: u64,
 }
 
 /// The published cells of `dimension` at `granularity` with bucket start in
@@ -120,7 +134,11 @@ pub async fn read(
     let rows: Vec<CellRow> = client
         .query(
             "SELECT bucket, value, currency, sum(revenue_minor) AS s_revenue, \
-                    sum(orders) AS s_orders, sum(items) AS s_items \
+                    sum(orders) AS s_orders, sum(items) AS s_items, \
+                    sum(booked_refunded_minor) AS s_br, sum(booked_refunded_items) AS s_bi, \
+                    sum(booked_cancelled_orders) AS s_bc, \
+                    sum(restated_refunded_minor) AS s_sr, sum(restated_refunded_items) AS s_si, \
+                    sum(restated_cancelled_orders) AS s_sc \
              FROM revenue_agg FINAL \
              WHERE granularity = ? AND dimension = ? \
                AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
@@ -148,6 +166,16 @@ pub async fn read(
                 revenue_minor: row.revenue_minor,
                 orders: row.orders as i64,
                 items: row.items as i64,
+                booked: Corrections {
+                    refunded_minor: row.booked_refunded_minor,
+                    refunded_items: row.booked_refunded_items as i64,
+                    cancelled_orders: row.booked_cancelled_orders as i64,
+                },
+                restated: Corrections {
+                    refunded_minor: row.restated_refunded_minor,
+                    refunded_items: row.restated_refunded_items as i64,
+                    cancelled_orders: row.restated_cancelled_orders as i64,
+                },
             },
         );
     }

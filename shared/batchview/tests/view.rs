@@ -24,6 +24,9 @@ fn row(
         revenue_minor: revenue,
         orders: 1,
         items: 2,
+        booked_refunded_minor: 5,
+        restated_cancelled_orders: 1,
+        ..AggRow::default()
     }
 }
 
@@ -123,6 +126,9 @@ async fn reads_sum_exactly_the_published_runs_each_row_once() {
     let kwd: Currency = "KWD".parse().unwrap();
     let oslo = grid[&(i64::from(hour), "Oslo".to_owned(), eur)];
     assert_eq!((oslo.revenue_minor, oslo.orders, oslo.items), (120, 2, 4));
+    // Corrections read back with their cells, both bases.
+    assert_eq!(oslo.booked.refunded_minor, 10);
+    assert_eq!(oslo.restated.cancelled_orders, 2);
     assert_eq!(
         grid[&(i64::from(hour), "Zürich".to_owned(), kwd)].revenue_minor,
         3_990

@@ -9,13 +9,15 @@ pub mod adjustment;
 pub mod aggregate;
 pub mod avro;
 pub mod bucket;
+pub mod event;
 pub mod money;
 pub mod order;
 pub mod position;
 
 pub use adjustment::{AdjustedLine, Adjustment, AdjustmentKind, RefundItem, RefundRequest};
-pub use aggregate::{CellKey, Grid, Totals};
+pub use aggregate::{Basis, CellKey, Corrections, Grid, Totals};
 pub use bucket::{Dimension, Granularity};
+pub use event::{AdjustmentEvent, Contribution, Event};
 pub use money::{Currency, CurrencyError};
 pub use order::{Order, OrderCell, OrderLimits, OrderLine, Violation};
 pub use position::LogPosition;

@@ -1,8 +1,9 @@
-//! The orders log: Postgres `orders`, read in log order by consumers, and the raw
+//! The orders log: Postgres `orders` and `adjustments`, read in log order by consumers, and the raw
 //! lake's record format.
 //!
 //! - [`row`]: [`OrderRow`], the one decoding of a row of `orders` (every read of the
-//!   table goes through it), and [`LogRow`], a row this build understands.
+//!   table goes through it), [`EventRow`], a row of the log (an order or an
+//!   adjustment with its order), and [`LogRow`], an event this build understands.
 //! - [`tail`]: the safe tail query (the only way consumers read the log), re-reads
 //!   of a range, and consumer lag.
 //! - [`raw`]: the JSON Lines record the lake relay writes and the compactor reads.
@@ -14,5 +15,5 @@ pub mod row;
 pub mod tail;
 
 pub use raw::{RAW_TIME_FORMAT, RawLine, RawLineRef, RawRecord, RawRecordRef};
-pub use row::{LogRow, OrderRow, Undecodable};
+pub use row::{EventRow, LogRow, OrderRow, Undecodable};
 pub use tail::{Lag, LogError, Tail, lag, range, tail};

@@ -3,17 +3,25 @@
 //! which borrow their text from the file. Both are defined here, side by side, so
 //! that the format has one owner; the tests below hold them to each other.
 //!
-//! | version | an order's products |
-//! |---|---|
-//! | 1 | one, at the top level: `product_id`, `category`, `quantity`, `unit_price_minor` |
-//! | 2 (written now) | `lines: [{product_id, category, quantity, unit_price_minor}]` |
+//! | version | an order's products | adjustments |
+//! |---|---|---|
+//! | 1 | one, at the top level: `product_id`, `category`, `quantity`, `unit_price_minor` | none |
+//! | 2 | `lines: [{product_id, category, quantity, unit_price_minor}]` | none |
+//! | 3 (written now) | as 2 | a record with `adjustment: {adjustment_id, kind, created_at, lines: [{line_no, quantity, amount_minor}]}` |
 //!
-//! Files of both versions stay in the lake, so the reader takes either.
+//! A version 3 adjustment record carries the order it corrects in the order's
+//! fields (its `created_at` is the order's; `ingested_at`, `txid` and `seq` are the
+//! adjustment's), so the compactor places it on both bases without a lookup. Files
+//! of every version stay in the lake, so the reader takes any. A compactor older
+//! than version 3 would read an adjustment record as its order: upgrade the
+//! compactor before ingest.
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use tidemark_domain::{AdjustedLine, AdjustmentKind, Event};
 
 use crate::row::LogRow;
 
@@ -37,6 +45,19 @@ pub struct RawRecord {
     pub txid: u64,
     pub seq: i64,
     pub lines: Vec<RawLine>,
+    /// Set when the record is an adjustment of the order (version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjustment: Option<RawAdjustment>,
+}
+
+/// The adjustment of a version 3 adjustment record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawAdjustment {
+    pub adjustment_id: Uuid,
+    pub kind: AdjustmentKind,
+    /// In [`RAW_TIME_FORMAT`].
+    pub created_at: String,
+    pub lines: Vec<AdjustedLine>,
 }
 
 /// One product line of a raw record.
@@ -80,6 +101,20 @@ pub struct RawRecordRef<'a> {
     quantity: Option<i32>,
     #[serde(default)]
     unit_price_minor: Option<i64>,
+    /// Version 3: set on an adjustment record.
+    #[serde(borrow, default)]
+    pub adjustment: Option<RawAdjustmentRef<'a>>,
+}
+
+/// The adjustment of an adjustment record as the compactor reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct RawAdjustmentRef<'a> {
+    #[serde(borrow)]
+    pub adjustment_id: Cow<'a, str>,
+    pub kind: AdjustmentKind,
+    #[serde(borrow)]
+    pub created_at: Cow<'a, str>,
+    pub lines: Vec<AdjustedLine>,
 }
 
 /// One product line as the compactor reads it.
@@ -120,7 +155,20 @@ impl<'a> RawRecordRef<'a> {
 
 impl From<&LogRow> for RawRecord {
     fn from(row: &LogRow) -> Self {
-        let o = &row.order;
+        let o = row.event.order();
+        let adjustment = match &row.event {
+            Event::Order(_) => None,
+            Event::Adjustment(event) => Some(RawAdjustment {
+                adjustment_id: event.adjustment.adjustment_id,
+                kind: event.adjustment.kind,
+                created_at: event
+                    .adjustment
+                    .created_at
+                    .format(RAW_TIME_FORMAT)
+                    .to_string(),
+                lines: event.adjustment.lines.clone(),
+            }),
+        };
         RawRecord {
             order_id: o.order_id,
             user_id: o.user_id.clone(),
@@ -140,6 +188,7 @@ impl From<&LogRow> for RawRecord {
                     unit_price_minor: l.unit_price_minor,
                 })
                 .collect(),
+            adjustment,
         }
     }
 }
@@ -174,6 +223,15 @@ impl RawRecordRef<'_> {
                     unit_price_minor: l.unit_price_minor,
                 })
                 .collect(),
+            adjustment: match &self.adjustment {
+                None => None,
+                Some(a) => Some(RawAdjustment {
+                    adjustment_id: Uuid::try_parse(&a.adjustment_id)?,
+                    kind: a.kind,
+                    created_at: a.created_at.clone().into_owned(),
+                    lines: a.lines.clone(),
+                }),
+            },
         })
     }
 }
@@ -181,7 +239,7 @@ impl RawRecordRef<'_> {
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};
-    use tidemark_domain::{LogPosition, Order, OrderLine};
+    use tidemark_domain::{Adjustment, AdjustmentEvent, LogPosition, Order, OrderLine};
 
     use super::*;
 
@@ -190,7 +248,7 @@ mod tests {
             + chrono::TimeDelta::microseconds(7);
         LogRow {
             position: LogPosition::new(u64::from(u32::MAX) + 5, 42),
-            order: Order {
+            event: Event::Order(Order {
                 order_id: Uuid::from_u128(0x1234_5678_9abc_def0),
                 user_id: "user-000042".into(),
                 city: city.into(),
@@ -210,9 +268,54 @@ mod tests {
                         unit_price_minor: 5,
                     },
                 ],
-            },
+            }),
             ingested_at: at + chrono::TimeDelta::seconds(1),
         }
+    }
+
+    fn cancellation() -> LogRow {
+        let mut row = log_row("Oslo", "sku-7");
+        let Event::Order(order) = row.event else {
+            unreachable!()
+        };
+        row.event = Event::Adjustment(AdjustmentEvent {
+            adjustment: Adjustment {
+                adjustment_id: Uuid::from_u128(77),
+                order_id: order.order_id,
+                kind: AdjustmentKind::Cancellation,
+                created_at: order.created_at + chrono::TimeDelta::days(40),
+                lines: vec![AdjustedLine {
+                    line_no: 2,
+                    quantity: 1,
+                    amount_minor: 5,
+                }],
+            },
+            order,
+        });
+        row.position.seq += 1;
+        row
+    }
+
+    #[test]
+    fn an_adjustment_record_carries_its_order_and_reads_back() {
+        let written = RawRecord::from(&cancellation());
+        assert_eq!(
+            written.created_at, "2026-02-28T23:59:59.000007Z",
+            "the order's time"
+        );
+        let mut line = Vec::new();
+        written.write_line(&mut line);
+        let read: RawRecordRef<'_> = serde_json::from_slice(&line).unwrap();
+        let adjustment = read.adjustment.as_ref().unwrap();
+        assert_eq!(adjustment.kind, AdjustmentKind::Cancellation);
+        assert_eq!(adjustment.created_at, "2026-04-09T23:59:59.000007Z");
+        assert_eq!(read.lines().unwrap().len(), 2);
+        assert_eq!(read.to_owned_record().unwrap(), written);
+        // An order's record has no `adjustment` field at all (version 2 shape).
+        let order = RawRecord::from(&log_row("Oslo", "sku-7"));
+        let mut line = Vec::new();
+        order.write_line(&mut line);
+        assert!(!String::from_utf8(line).unwrap().contains("adjustment"));
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! A row of `orders`, as Postgres returns it and as this build understands it.
+//! A row of the log (an order, or an adjustment with its order), as Postgres
+//! returns it and as this build understands it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tidemark_domain::{Currency, LogPosition, Order, OrderLine};
+use tidemark_domain::{
+    AdjustedLine, Adjustment, AdjustmentEvent, AdjustmentKind, Currency, Event, LogPosition, Order,
+    OrderLine,
+};
 use uuid::Uuid;
 
 /// The select list that reads an [`OrderRow`], as a literal for `concat!`, from
@@ -24,7 +28,16 @@ macro_rules! order_columns {
 #[macro_export]
 macro_rules! order_from {
     () => {
-        "orders o CROSS JOIN LATERAL ( \
+        concat!("orders o ", $crate::order_lines!())
+    };
+}
+
+/// The lines of the order `o`, gathered in line order as `l` (for [`order_from!`]
+/// and the log's adjustment rows).
+#[macro_export]
+macro_rules! order_lines {
+    () => {
+        "CROSS JOIN LATERAL ( \
              SELECT array_agg(product_id ORDER BY line_no) AS line_products, \
                     array_agg(category ORDER BY line_no) AS line_categories, \
                     array_agg(quantity ORDER BY line_no) AS line_quantities, \
@@ -70,12 +83,102 @@ pub struct Undecodable {
     pub reason: String,
 }
 
-/// An order as stored in the log, with its position and ingest time.
+/// An event of the log, with its position and ingest time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRow {
     pub position: LogPosition,
-    pub order: Order,
+    pub event: Event,
     pub ingested_at: DateTime<Utc>,
+}
+
+/// A row of the log as the tail reads it: an order, or an adjustment (the
+/// `adjustment_*` columns set) with the order it corrects. For an adjustment the
+/// position and ingest time are the adjustment's.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct EventRow {
+    #[sqlx(flatten)]
+    pub order: OrderRow,
+    pub adjustment_id: Option<Uuid>,
+    pub adjustment_kind: Option<String>,
+    pub adjusted_at: Option<DateTime<Utc>>,
+    /// The adjusted lines' columns, in line order (`None` when it gave back
+    /// nothing: a cancellation of an order refunded in full).
+    pub adjusted_line_nos: Option<Vec<i16>>,
+    pub adjusted_quantities: Option<Vec<i32>>,
+    pub adjusted_amounts: Option<Vec<i64>>,
+}
+
+impl EventRow {
+    /// The row as an event of this build's domain.
+    pub fn decode(self) -> Result<LogRow, Undecodable> {
+        let (position, ingested_at) = (self.order.position(), self.order.ingested_at);
+        let undecodable = |reason: String| Undecodable {
+            position,
+            order_id: self.order.order_id,
+            reason,
+        };
+        let event = match (self.adjustment_id, self.adjustment_kind.as_deref()) {
+            (None, _) => Event::Order(self.order.clone().decode()?),
+            (Some(adjustment_id), kind) => {
+                let kind = match kind {
+                    Some("refund") => AdjustmentKind::Refund,
+                    Some("cancellation") => AdjustmentKind::Cancellation,
+                    other => return Err(undecodable(format!("unknown adjustment kind {other:?}"))),
+                };
+                let lines = adjusted_lines(
+                    self.adjusted_line_nos.as_deref(),
+                    self.adjusted_quantities.as_deref(),
+                    self.adjusted_amounts.as_deref(),
+                )
+                .ok_or_else(|| undecodable("the adjusted lines' columns disagree".into()))?;
+                let created_at = self
+                    .adjusted_at
+                    .ok_or_else(|| undecodable("an adjustment without a time".into()))?;
+                let order = self.order.clone().decode()?;
+                Event::Adjustment(AdjustmentEvent {
+                    adjustment: Adjustment {
+                        adjustment_id,
+                        order_id: order.order_id,
+                        kind,
+                        created_at,
+                        lines,
+                    },
+                    order,
+                })
+            }
+        };
+        Ok(LogRow {
+            position,
+            event,
+            ingested_at,
+        })
+    }
+}
+
+fn adjusted_lines(
+    line_nos: Option<&[i16]>,
+    quantities: Option<&[i32]>,
+    amounts: Option<&[i64]>,
+) -> Option<Vec<AdjustedLine>> {
+    let (line_nos, quantities, amounts) = (
+        line_nos.unwrap_or_default(),
+        quantities.unwrap_or_default(),
+        amounts.unwrap_or_default(),
+    );
+    if [quantities.len(), amounts.len()] != [line_nos.len(); 2] {
+        return None;
+    }
+    Some(
+        line_nos
+            .iter()
+            .zip(quantities.iter().zip(amounts))
+            .map(|(&line_no, (&quantity, &amount_minor))| AdjustedLine {
+                line_no,
+                quantity,
+                amount_minor,
+            })
+            .collect(),
+    )
 }
 
 impl OrderRow {
@@ -116,7 +219,7 @@ impl OrderRow {
     }
 
     /// The row as an order of this build's domain.
-    pub fn decode(self) -> Result<LogRow, Undecodable> {
+    pub fn decode(self) -> Result<Order, Undecodable> {
         let undecodable = |reason: String| Undecodable {
             position: self.position(),
             order_id: self.order_id,
@@ -130,17 +233,13 @@ impl OrderRow {
         if lines.is_empty() {
             return Err(undecodable("the order has no lines".into()));
         }
-        Ok(LogRow {
-            position: self.position(),
-            order: Order {
-                order_id: self.order_id,
-                user_id: self.user_id,
-                city: self.city,
-                currency,
-                created_at: self.created_at,
-                lines,
-            },
-            ingested_at: self.ingested_at,
+        Ok(Order {
+            order_id: self.order_id,
+            user_id: self.user_id,
+            city: self.city,
+            currency,
+            created_at: self.created_at,
+            lines,
         })
     }
 
@@ -183,12 +282,12 @@ mod tests {
     fn a_known_currency_decodes_and_the_row_holds_its_order() {
         let stored = row("NOK");
         let decoded = stored.clone().decode().unwrap();
-        assert_eq!(decoded.position, LogPosition::new(7, 3));
-        assert_eq!(decoded.order.currency.as_str(), "NOK");
-        assert!(stored.holds(&decoded.order));
-        assert_eq!(decoded.order.lines.len(), 2);
-        assert_eq!(decoded.order.revenue_minor(), 399);
-        let mut other = decoded.order.clone();
+        assert_eq!(stored.position(), LogPosition::new(7, 3));
+        assert_eq!(decoded.currency.as_str(), "NOK");
+        assert!(stored.holds(&decoded));
+        assert_eq!(decoded.lines.len(), 2);
+        assert_eq!(decoded.revenue_minor(), 399);
+        let mut other = decoded.clone();
         other.lines[1].quantity = 3;
         assert!(!stored.holds(&other));
         other.lines.pop();
@@ -210,5 +309,42 @@ mod tests {
         bare.line_products = None;
         let error = bare.decode().unwrap_err();
         assert!(error.reason.contains("no lines"), "{error}");
+    }
+
+    fn adjustment(kind: &str) -> EventRow {
+        EventRow {
+            order: row("EUR"),
+            adjustment_id: Some(Uuid::from_u128(2)),
+            adjustment_kind: Some(kind.into()),
+            adjusted_at: Some(Utc.with_ymd_and_hms(2026, 12, 1, 8, 0, 0).unwrap()),
+            adjusted_line_nos: Some(vec![2]),
+            adjusted_quantities: Some(vec![1]),
+            adjusted_amounts: Some(vec![99]),
+        }
+    }
+
+    #[test]
+    fn an_adjustment_row_carries_its_order() {
+        let decoded = adjustment("refund").decode().unwrap();
+        assert_eq!(decoded.position, LogPosition::new(7, 3));
+        let Event::Adjustment(event) = decoded.event else {
+            panic!("an adjustment");
+        };
+        assert_eq!(event.adjustment.kind, AdjustmentKind::Refund);
+        assert_eq!(event.adjustment.lines[0].amount_minor, 99);
+        assert_eq!(event.order.lines.len(), 2);
+        // A cancellation of an order refunded in full gives back no lines.
+        let mut nothing_left = adjustment("cancellation");
+        nothing_left.adjusted_line_nos = None;
+        nothing_left.adjusted_quantities = None;
+        nothing_left.adjusted_amounts = None;
+        assert!(nothing_left.decode().is_ok());
+        for broken in [adjustment("chargeback"), {
+            let mut short = adjustment("refund");
+            short.adjusted_amounts = Some(vec![]);
+            short
+        }] {
+            assert!(broken.decode().is_err());
+        }
     }
 }

@@ -1,5 +1,10 @@
 //! Reading the log in log order.
 //!
+//! The log is two tables with one order: `orders` and `adjustments` draw `seq`
+//! from one sequence and record their writing transaction's id, so `(txid, seq)`
+//! orders their rows as one stream. Each read takes the next rows of both (by
+//! their log index) and merges them.
+//!
 //! [`tail`] is the only way Tidemark's consumers read new rows. It returns rows
 //! after a cursor whose transaction id is below the horizon
 //! `pg_snapshot_xmin(pg_current_snapshot())` taken in the *same statement*: every
@@ -16,7 +21,42 @@ use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgExecutor, Row};
 use tidemark_domain::LogPosition;
 
-use crate::row::{LogRow, OrderRow, Undecodable};
+use crate::row::{EventRow, LogRow, Undecodable};
+
+/// The columns of an event row (see [`EventRow`]) for an order.
+macro_rules! order_events {
+    () => {
+        concat!(
+            "SELECT ",
+            crate::order_columns!(),
+            ", NULL::uuid AS adjustment_id, NULL::text AS adjustment_kind, \
+             NULL::timestamptz AS adjusted_at, NULL::int2[] AS adjusted_line_nos, \
+             NULL::int4[] AS adjusted_quantities, NULL::int8[] AS adjusted_amounts FROM ",
+            crate::order_from!()
+        )
+    };
+}
+
+/// The columns of an event row for an adjustment, `a`, with its order `o`.
+macro_rules! adjustment_events {
+    () => {
+        concat!(
+            "SELECT a.txid::text::int8 AS log_txid, a.seq, o.order_id, o.user_id, o.city, \
+                    o.currency, o.created_at, a.ingested_at, l.line_products, \
+                    l.line_categories, l.line_quantities, l.line_prices, a.adjustment_id, \
+                    a.kind AS adjustment_kind, a.created_at AS adjusted_at, \
+                    al.adjusted_line_nos, al.adjusted_quantities, al.adjusted_amounts \
+             FROM adjustments a JOIN orders o ON o.order_id = a.order_id ",
+            crate::order_lines!(),
+            " CROSS JOIN LATERAL ( \
+                 SELECT array_agg(line_no ORDER BY line_no) AS adjusted_line_nos, \
+                        array_agg(quantity ORDER BY line_no) AS adjusted_quantities, \
+                        array_agg(amount_minor ORDER BY line_no) AS adjusted_amounts \
+                 FROM adjustment_lines WHERE adjustment_lines.adjustment_id = a.adjustment_id \
+             ) al"
+        )
+    };
+}
 
 /// One read of the tail.
 #[derive(Debug)]
@@ -47,7 +87,7 @@ pub enum LogError {
 /// The horizon, and the row of the tail beside it (none when the tail is empty).
 struct TailRow {
     horizon: i64,
-    row: Option<OrderRow>,
+    row: Option<EventRow>,
 }
 
 impl<'r> FromRow<'r, PgRow> for TailRow {
@@ -56,14 +96,14 @@ impl<'r> FromRow<'r, PgRow> for TailRow {
         let present: Option<i64> = row.try_get("seq")?;
         Ok(TailRow {
             horizon,
-            row: present.map(|_| OrderRow::from_row(row)).transpose()?,
+            row: present.map(|_| EventRow::from_row(row)).transpose()?,
         })
     }
 }
 
 /// Decodes rows in log order up to the first one this build cannot decode.
 fn decode_until_stopped(
-    rows: impl IntoIterator<Item = OrderRow>,
+    rows: impl IntoIterator<Item = EventRow>,
 ) -> (Vec<LogRow>, Option<Undecodable>) {
     let mut decoded = Vec::new();
     for row in rows {
@@ -81,17 +121,20 @@ pub async fn tail<'e>(
     after: LogPosition,
     limit: i64,
 ) -> Result<Tail, sqlx::Error> {
-    // The horizon and the rows come from one statement, so one snapshot.
+    // The horizon and the rows come from one statement, so one snapshot. Each
+    // table gives its first `limit` rows (an index range scan), the merge the first
+    // `limit` of both.
     let read: Vec<TailRow> = sqlx::query_as(concat!(
         "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
          SELECT h.xmin::text::int8 AS horizon, t.* \
          FROM h LEFT JOIN LATERAL ( \
-             SELECT ",
-        crate::order_columns!(),
-        " FROM ",
-        crate::order_from!(),
+             SELECT * FROM ((",
+        order_events!(),
         " WHERE (o.txid, o.seq) > ($1::int8::text::xid8, $2) AND o.txid < h.xmin \
-             ORDER BY o.txid, o.seq LIMIT $3 \
+             ORDER BY o.txid, o.seq LIMIT $3) UNION ALL (",
+        adjustment_events!(),
+        " WHERE (a.txid, a.seq) > ($1::int8::text::xid8, $2) AND a.txid < h.xmin \
+             ORDER BY a.txid, a.seq LIMIT $3)) e ORDER BY log_txid, seq LIMIT $3 \
          ) t ON true"
     ))
     .bind(after.txid as i64)
@@ -118,14 +161,15 @@ pub async fn range<'e>(
     after: LogPosition,
     until: LogPosition,
 ) -> Result<Vec<LogRow>, LogError> {
-    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        crate::order_columns!(),
-        " FROM ",
-        crate::order_from!(),
+    let rows: Vec<EventRow> = sqlx::query_as(concat!(
+        "SELECT * FROM (",
+        order_events!(),
         " WHERE (o.txid, o.seq) > ($1::int8::text::xid8, $2) \
-           AND (o.txid, o.seq) <= ($3::int8::text::xid8, $4) \
-         ORDER BY o.txid, o.seq"
+           AND (o.txid, o.seq) <= ($3::int8::text::xid8, $4) UNION ALL ",
+        adjustment_events!(),
+        " WHERE (a.txid, a.seq) > ($1::int8::text::xid8, $2) \
+           AND (a.txid, a.seq) <= ($3::int8::text::xid8, $4) \
+         ) e ORDER BY log_txid, seq"
     ))
     .bind(after.txid as i64)
     .bind(after.seq)
@@ -142,7 +186,7 @@ pub async fn range<'e>(
 /// How far a consumer is behind the log.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Lag {
-    /// Rows after the cursor (visible, committed), capped at 1,000,000.
+    /// Rows after the cursor (visible, committed), capped at 1,000,000 per table.
     pub rows: i64,
     /// Seconds since the oldest row after the cursor was ingested; 0 when none.
     pub seconds: f64,
@@ -151,11 +195,15 @@ pub struct Lag {
 /// Measures a consumer's lag from its cursor.
 pub async fn lag<'e>(db: impl PgExecutor<'e>, cursor: LogPosition) -> Result<Lag, sqlx::Error> {
     let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT count(*), min(ingested_at) FROM ( \
+        "SELECT count(*), min(ingested_at) FROM (( \
              SELECT ingested_at FROM orders \
              WHERE (txid, seq) > ($1::int8::text::xid8, $2) \
              ORDER BY txid, seq LIMIT 1000000 \
-         ) behind",
+         ) UNION ALL ( \
+             SELECT ingested_at FROM adjustments \
+             WHERE (txid, seq) > ($1::int8::text::xid8, $2) \
+             ORDER BY txid, seq LIMIT 1000000 \
+         )) behind",
     )
     .bind(cursor.txid as i64)
     .bind(cursor.seq)

@@ -34,8 +34,9 @@ struct Applied {
 }
 
 /// Creates the database if needed and applies every migration not yet recorded.
-/// Each migration is one statement written to be idempotent; returns the versions
-/// applied by this call.
+/// Each migration is one statement written to be idempotent (or an `ADD COLUMN`
+/// that fails whole when its columns exist); returns the versions applied by this
+/// call.
 pub async fn migrate(config: &ClickHouseConfig) -> Result<Vec<u32>, clickhouse::error::Error> {
     // The name is validated by the config: letters, digits and underscores.
     server_client(config)
@@ -66,7 +67,17 @@ pub async fn migrate(config: &ClickHouseConfig) -> Result<Vec<u32>, clickhouse::
             continue;
         }
         tracing::info!(version, name, "Applying ClickHouse migration");
-        db.query(sql.trim().trim_end_matches(';')).execute().await?;
+        match db.query(sql.trim().trim_end_matches(';')).execute().await {
+            // An `ALTER … ADD COLUMN` whose columns exist was applied before its
+            // record was written (18.16 has no `IF NOT EXISTS` for columns; one
+            // statement adds all its columns or none).
+            Err(clickhouse::error::Error::BadResponse(reason))
+                if reason.contains("column with this name already exists") =>
+            {
+                tracing::info!(version, name, "Migration found applied");
+            }
+            result => result?,
+        }
         db.query("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, now())")
             .bind(version)
             .bind(name)

@@ -15,9 +15,14 @@
 //! event), so a read touches few buckets, and each order costs a third of the
 //! writes it would with all three granularities maintained.
 //!
-//! Fields are `{metric}:{dimension}:{currency}:{value}` with metric `r` (revenue in
-//! minor units), `o` (orders) or `i` (items); the value comes last so it may
-//! contain colons. Example: `r:city:EUR:Berlin`, `o:total:EUR:`.
+//! Fields are `{metric}:{dimension}:{currency}:{value}`; the value comes last so it
+//! may contain colons. Example: `r:city:EUR:Berlin`, `o:total:EUR:`. Metrics:
+//!
+//! | metric | holds |
+//! |---|---|
+//! | `r`, `o`, `i` | gross revenue (minor units), orders, items |
+//! | `br`, `bi`, `bc` | booked corrections: refunded minor units, refunded items, cancelled orders, in the bucket in which they happened |
+//! | `sr`, `si`, `sc` | restated corrections: the same, in the bucket of the order they correct |
 //!
 //! ## Exactly once
 //!
@@ -30,7 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use redis::Script;
-use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order};
+use tidemark_domain::{Currency, Dimension, Event, Granularity, LogPosition};
 use tidemark_platform::redis::Redis;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,17 +58,31 @@ pub struct Delta {
 }
 
 impl Delta {
-    /// Adds one order, in `epoch`, to its minute bucket for every dimension: per
-    /// value it contains, the revenue and items of its lines there, and one order.
-    pub fn add(&mut self, epoch: u64, order: &Order) {
-        let bucket = Granularity::Minute.bucket_of_secs(order.created_at.timestamp());
-        let currency = order.currency.as_str();
-        let fields = self.hashes.entry((epoch, bucket)).or_default();
+    /// Adds one event, in `epoch`, for every dimension: what it contributes to
+    /// each cell ([`Event::contributions`]), in the cell's minute bucket. Zero
+    /// amounts are not written.
+    pub fn add(&mut self, epoch: u64, event: &Event) {
+        let currency = event.order().currency.as_str();
         for dim in Dimension::ALL {
-            for cell in order.cells(dim) {
-                for (metric, amount) in [("r", cell.revenue_minor), ("o", 1), ("i", cell.items)] {
-                    let field = format!("{metric}:{}:{currency}:{}", dim.as_str(), cell.value);
-                    *fields.entry(field).or_insert(0) += amount;
+            for cell in event.contributions(dim) {
+                let bucket = Granularity::Minute.bucket_of_secs(cell.at.timestamp());
+                let fields = self.hashes.entry((epoch, bucket)).or_default();
+                let t = &cell.totals;
+                for (metric, amount) in [
+                    ("r", t.revenue_minor),
+                    ("o", t.orders),
+                    ("i", t.items),
+                    ("br", t.booked.refunded_minor),
+                    ("bi", t.booked.refunded_items),
+                    ("bc", t.booked.cancelled_orders),
+                    ("sr", t.restated.refunded_minor),
+                    ("si", t.restated.refunded_items),
+                    ("sc", t.restated.cancelled_orders),
+                ] {
+                    if amount != 0 {
+                        let field = format!("{metric}:{}:{currency}:{}", dim.as_str(), cell.value);
+                        *fields.entry(field).or_insert(0) += amount;
+                    }
                 }
             }
         }
@@ -144,13 +163,15 @@ local p = ARGV[1]
 local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms')
 local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or ''}
 local needle = ':' .. ARGV[5] .. ':'
+local n = #needle
 local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
 for _, e in ipairs(epochs) do
   local buckets = redis.call('ZRANGEBYSCORE', p .. ':e:' .. e .. ':idx:minute', ARGV[3], '(' .. ARGV[4])
   for _, b in ipairs(buckets) do
     local h = redis.call('HGETALL', p .. ':e:' .. e .. ':minute:' .. b)
     for j = 1, #h, 2 do
-      if string.sub(h[j], 2, 1 + #needle) == needle then
+      local c = string.find(h[j], ':', 1, true)
+      if c and string.sub(h[j], c, c + n - 1) == needle then
         out[#out + 1] = e
         out[#out + 1] = b
         out[#out + 1] = h[j]
@@ -401,6 +422,12 @@ fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot>
             "r" => totals.revenue_minor += amount,
             "o" => totals.orders += amount,
             "i" => totals.items += amount,
+            "br" => totals.booked.refunded_minor += amount,
+            "bi" => totals.booked.refunded_items += amount,
+            "bc" => totals.booked.cancelled_orders += amount,
+            "sr" => totals.restated.refunded_minor += amount,
+            "si" => totals.restated.refunded_items += amount,
+            "sc" => totals.restated.cancelled_orders += amount,
             _ => return Err(corrupt(field)),
         }
     }
@@ -429,6 +456,10 @@ mod tests {
                 "120",
                 "o:city:KWD:Zürich",
                 "1",
+                "0",
+                "120",
+                "sr:city:KWD:Zürich",
+                "300",
             ]),
             Granularity::Minute,
         )
@@ -437,6 +468,11 @@ mod tests {
         let kwd: Currency = "KWD".parse().unwrap();
         let cell = snapshot.epochs[&0][&(120, "Zürich".to_owned(), kwd)];
         assert_eq!((cell.revenue_minor, cell.orders, cell.items), (1_299, 1, 0));
+        assert_eq!(cell.restated.refunded_minor, 300);
+        assert_eq!(
+            cell.net_revenue_minor(tidemark_domain::Basis::OrderTime),
+            999
+        );
     }
 
     #[test]

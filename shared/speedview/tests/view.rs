@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use tidemark_domain::{Currency, Dimension, Granularity, LogPosition, Order, OrderLine, Totals};
+use tidemark_domain::{
+    AdjustedLine, Adjustment, AdjustmentEvent, AdjustmentKind, Basis, Currency, Dimension, Event,
+    Granularity, LogPosition, Order, OrderLine, Totals,
+};
 use tidemark_platform::redis::Redis;
 use tidemark_speedview::{Applied, Delta, SpeedView};
 use uuid::Uuid;
@@ -53,9 +56,15 @@ async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
     assert_eq!(view.meta().await.unwrap(), None, "a new view has no cursor");
     assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
     let mut delta = Delta::default();
-    delta.add(0, &order(1, 1, "Zürich", "p:1:2", "KWD", 2, 1_299));
-    delta.add(0, &order(2, 1, "Zürich", "p:1:2", "KWD", 1, 1_000));
-    delta.add(1, &order(3, 59, "Oslo", "p-2", "JPY", 3, 500));
+    delta.add(
+        0,
+        &Event::Order(order(1, 1, "Zürich", "p:1:2", "KWD", 2, 1_299)),
+    );
+    delta.add(
+        0,
+        &Event::Order(order(2, 1, "Zürich", "p:1:2", "KWD", 1, 1_000)),
+    );
+    delta.add(1, &Event::Order(order(3, 59, "Oslo", "p-2", "JPY", 3, 500)));
     assert_eq!(delta.rows(), 3);
     let to = LogPosition::new(10, 3);
     assert_eq!(
@@ -131,7 +140,7 @@ async fn a_basket_counts_once_per_value_and_sums_its_lines() {
         unit_price_minor: 10,
     });
     let mut delta = Delta::default();
-    delta.add(0, &basket);
+    delta.add(0, &Event::Order(basket.clone()));
     assert_eq!(
         view.apply(LogPosition::ZERO, LogPosition::new(3, 1), 1, &delta)
             .await
@@ -168,7 +177,7 @@ async fn the_cursor_guards_every_apply() {
     let config = tidemark_testkit::redis();
     let view = view(&config);
     let mut delta = Delta::default();
-    delta.add(0, &order(1, 1, "Oslo", "p", "EUR", 1, 100));
+    delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
     let at = LogPosition::new(5, 1);
     assert_eq!(
         view.apply(LogPosition::ZERO, at, 1, &delta).await.unwrap(),
@@ -214,9 +223,9 @@ async fn reset_and_drop_epoch_touch_only_what_they_name() {
     for v in [&va, &vb] {
         assert!(v.reset(LogPosition::ZERO, 0, 1).await.unwrap());
         let mut delta = Delta::default();
-        delta.add(0, &order(1, 1, "Oslo", "p", "EUR", 1, 100));
-        delta.add(1, &order(2, 1, "Oslo", "p", "EUR", 1, 100));
-        delta.add(2, &order(3, 1, "Oslo", "p", "EUR", 1, 100));
+        delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
+        delta.add(1, &Event::Order(order(2, 1, "Oslo", "p", "EUR", 1, 100)));
+        delta.add(2, &Event::Order(order(3, 1, "Oslo", "p", "EUR", 1, 100)));
         assert_eq!(
             v.apply(LogPosition::ZERO, LogPosition::new(9, 3), 1, &delta)
                 .await
@@ -257,4 +266,70 @@ async fn reset_and_drop_epoch_touch_only_what_they_name() {
     assert_eq!(orders(&va).await, 0);
     assert_eq!(va.meta().await.unwrap().unwrap().cursor, from);
     assert_eq!(orders(&vb).await, 3);
+}
+
+#[tokio::test]
+async fn a_refund_reads_back_booked_at_its_time_and_restated_at_its_order() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    let old = order(1, 1, "Oslo", "p:1", "EUR", 3, 1_000);
+    let refund = Event::Adjustment(AdjustmentEvent {
+        adjustment: Adjustment {
+            adjustment_id: Uuid::from_u128(9),
+            order_id: old.order_id,
+            kind: AdjustmentKind::Cancellation,
+            created_at: old.created_at + chrono::TimeDelta::days(2),
+            lines: vec![AdjustedLine {
+                line_no: 1,
+                quantity: 3,
+                amount_minor: 3_000,
+            }],
+        },
+        order: old.clone(),
+    });
+    let mut delta = Delta::default();
+    delta.add(0, &Event::Order(old.clone()));
+    // The refund lands in a later epoch, as a correction committed after a cut does.
+    delta.add(1, &refund);
+    let applied = view.apply(LogPosition::ZERO, LogPosition::new(3, 2), 1, &delta);
+    assert_eq!(applied.await.unwrap(), Applied::Done);
+    let day = |at: chrono::DateTime<Utc>| Granularity::Day.bucket_of_secs(at.timestamp());
+    let (order_day, refund_day) = (day(old.created_at), day(refund.created_at()));
+    let read = view
+        .read(
+            0,
+            Granularity::Day,
+            Dimension::Product,
+            order_day,
+            refund_day + 86_400,
+        )
+        .await
+        .unwrap();
+    let at_order = cell(&read, order_day, "p:1", "EUR");
+    let at_refund = cell(&read, refund_day, "p:1", "EUR");
+    assert_eq!((at_order.revenue_minor, at_order.orders), (3_000, 1));
+    assert_eq!(at_order.net_revenue_minor(Basis::OrderTime), 0);
+    assert_eq!(at_order.net_revenue_minor(Basis::BookingTime), 3_000);
+    assert_eq!(at_order.restated.cancelled_orders, 1);
+    assert_eq!(at_refund.booked.refunded_items, 3);
+    assert_eq!(at_refund.booked.cancelled_orders, 1);
+    assert_eq!(at_refund.net_revenue_minor(Basis::BookingTime), -3_000);
+    assert_eq!(at_refund.orders, 0);
+    // Only the later epoch holds the correction.
+    let later = view
+        .read(
+            1,
+            Granularity::Day,
+            Dimension::Total,
+            order_day,
+            refund_day + 86_400,
+        )
+        .await
+        .unwrap();
+    let at_order = cell(&later, order_day, "", "EUR");
+    assert_eq!(
+        (at_order.revenue_minor, at_order.restated.refunded_minor),
+        (0, 3_000)
+    );
 }

@@ -42,5 +42,5 @@ pub use servers::{PrivateClickHouse, PrivatePostgres, PrivateRedis, PrivateS3};
 pub use service::{Running, assert_operational, http_ready, metric, start};
 pub use stack::{TestStack, stack};
 pub use tidemark_launch::{free_port, workspace_root};
-pub use truth::{ground_truth, horizon_holders, log_head};
+pub use truth::{ground_truth, ground_truth_corrections, horizon_holders, log_head};
 pub use wait::eventually;

@@ -1,4 +1,5 @@
-//! Ground truth by SQL over Postgres `orders`, and where the log stands.
+//! Ground truth by SQL over Postgres `orders` and `adjustments`, and where the
+//! log stands.
 
 use sqlx::PgPool;
 
@@ -45,14 +46,72 @@ pub async fn ground_truth(
         .collect()
 }
 
-/// The position of the newest committed row in `orders` (log order), if any.
+/// Ground truth of the corrections: refunded minor units, refunded items and
+/// cancelled orders per (bucket start, dimension value, currency), by SQL over
+/// `adjustments`, `adjustment_lines` and the orders they correct, for adjustments
+/// whose transaction id lies in `[from_txid, to_txid)`. `order_time` buckets by the
+/// order's time, otherwise by the adjustment's; values are the order's city and
+/// the adjusted lines' category or product, and a cancellation counts once per
+/// value its order holds.
+pub async fn ground_truth_corrections(
+    pool: &PgPool,
+    granularity_secs: i64,
+    dimension: &str,
+    order_time: bool,
+    from_txid: u64,
+    to_txid: u64,
+) -> std::collections::BTreeMap<(i64, String, String), [i64; 3]> {
+    let value = match dimension {
+        "total" => "''",
+        "city" => "o.city",
+        "category" => "ol.category",
+        "product" => "ol.product_id",
+        other => panic!("unknown dimension {other}"),
+    };
+    let at = if order_time {
+        "o.created_at"
+    } else {
+        "a.created_at"
+    };
+    let sql = format!(
+        "SELECT (floor(extract(epoch FROM {at}) / $1) * $1)::int8, {value}, o.currency::text, \
+                coalesce(sum(al.amount_minor), 0)::int8, coalesce(sum(al.quantity), 0)::int8, \
+                count(DISTINCT a.adjustment_id) FILTER (WHERE a.kind = 'cancellation')::int8 \
+         FROM adjustments a JOIN orders o ON o.order_id = a.order_id \
+         JOIN order_lines ol ON ol.order_id = a.order_id \
+         LEFT JOIN adjustment_lines al \
+              ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
+         WHERE a.txid >= $2::int8::text::xid8 AND a.txid < $3::int8::text::xid8 \
+           AND (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
+         GROUP BY 1, 2, 3"
+    );
+    let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(granularity_secs)
+        .bind(from_txid as i64)
+        .bind(to_txid.min(i64::MAX as u64) as i64)
+        .fetch_all(pool)
+        .await
+        .expect("ground truth of corrections");
+    rows.into_iter()
+        .map(|(bucket, value, currency, refunded, items, cancelled)| {
+            ((bucket, value, currency), [refunded, items, cancelled])
+        })
+        .collect()
+}
+
+/// The position of the newest committed row of the log (orders and
+/// adjustments, log order), if any.
 ///
 /// Consumers pause while *any* transaction in the Postgres cluster (other tests'
 /// databases included) holds the horizon, so "caught up" means reaching this
 /// position, not seeing one idle poll.
 pub async fn log_head(pool: &PgPool) -> Option<(u64, i64)> {
     let head: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid::text::int8, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1",
+        "SELECT txid::text::int8, seq FROM ( \
+             (SELECT txid, seq FROM orders ORDER BY txid DESC, seq DESC LIMIT 1) \
+             UNION ALL \
+             (SELECT txid, seq FROM adjustments ORDER BY txid DESC, seq DESC LIMIT 1) \
+         ) heads ORDER BY txid DESC, seq DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await

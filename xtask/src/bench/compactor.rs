@@ -94,7 +94,7 @@ async fn compaction_round(
                     // Below any real cut: these rows predate the benchmark's run.
                     position: tidemark_domain::LogPosition::new(3, (i * PER_FILE + j + 1) as i64),
                     ingested_at: order.created_at,
-                    order,
+                    event: tidemark_domain::Event::Order(order),
                 };
                 tidemark_orderlog::RawRecord::from(&row).write_line(&mut body);
             }

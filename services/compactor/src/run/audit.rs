@@ -32,11 +32,17 @@ struct StagedSums {
     revenue: i64,
     orders: u64,
     items: u64,
+    booked_refunded: i64,
+    booked_refunded_items: u64,
+    booked_cancelled: u64,
+    restated_refunded: i64,
+    restated_refunded_items: u64,
+    restated_cancelled: u64,
     /// Rows with an empty value outside the `total` dimension.
     empty_values: u64,
-    /// Rows counting no order.
-    empty_orders: u64,
-    /// Rows with negative revenue.
+    /// Rows holding nothing (no order, no correction).
+    empty_rows: u64,
+    /// Rows with negative revenue or refunds.
     negative: u64,
     rows: u64,
 }
@@ -94,12 +100,17 @@ impl Compactor {
     ) -> Result<(CurrencyTotals, Vec<StagedSums>)> {
         let t = Instant::now();
         let parquet = async {
-            const COLUMNS: [&str; 5] = [
+            const COLUMNS: [&str; 10] = [
                 "currency",
                 "quantity",
                 "unit_price_minor",
                 "order_first",
                 "category_first",
+                "adjustment_kind",
+                "refunded_minor",
+                "refunded_quantity",
+                "cancel_first",
+                "cancel_category_first",
             ];
             let mut totals = CurrencyTotals::new();
             let mut frames = futures::stream::iter(written.parquet_keys.clone())
@@ -120,9 +131,20 @@ impl Compactor {
                         "SELECT toString(granularity) AS g, toString(dimension) AS d, currency AS c, \
                                 sum(revenue_minor) AS s_revenue, sum(orders) AS s_orders, \
                                 sum(items) AS s_items, \
+                                sum(booked_refunded_minor) AS s_br, \
+                                sum(booked_refunded_items) AS s_bi, \
+                                sum(booked_cancelled_orders) AS s_bc, \
+                                sum(restated_refunded_minor) AS s_sr, \
+                                sum(restated_refunded_items) AS s_si, \
+                                sum(restated_cancelled_orders) AS s_sc, \
                                 countIf(value = '' AND dimension != 'total') AS s_empty_values, \
-                                countIf(orders = 0) AS s_empty_orders, \
-                                countIf(revenue_minor < 0) AS s_negative, count() AS s_rows \
+                                countIf(orders = 0 AND booked_refunded_minor = 0 \
+                                    AND booked_refunded_items = 0 AND booked_cancelled_orders = 0 \
+                                    AND restated_refunded_minor = 0 AND restated_refunded_items = 0 \
+                                    AND restated_cancelled_orders = 0) AS s_empty_rows, \
+                                countIf(revenue_minor < 0 OR booked_refunded_minor < 0 \
+                                    OR restated_refunded_minor < 0) AS s_negative, \
+                                count() AS s_rows \
                          FROM {} GROUP BY granularity, dimension, currency",
                         run.staging()
                     ))
@@ -172,9 +194,10 @@ impl Compactor {
 }
 
 /// Staging: keys set, amounts valid, currencies known, and every granularity ×
-/// dimension adding up to the run's source orders, per currency.
+/// dimension adding up to the run's source rows, per currency: gross figures, and
+/// the corrections on each basis (both bases add up to the same).
 fn check_staging(report: &mut AuditReport, sums: &[StagedSums]) {
-    let mut seen: BTreeMap<(String, String), BTreeMap<String, [i64; 3]>> = BTreeMap::new();
+    let mut seen: BTreeMap<(String, String), BTreeMap<String, [i64; 9]>> = BTreeMap::new();
     for s in sums {
         report.staging_rows += s.rows;
         if s.currency.parse::<Currency>().is_err() {
@@ -188,9 +211,9 @@ fn check_staging(report: &mut AuditReport, sums: &[StagedSums]) {
                 s.empty_values, s.granularity, s.dimension
             ));
         }
-        if s.empty_orders > 0 || s.negative > 0 {
+        if s.empty_rows > 0 || s.negative > 0 {
             report.problems.push(format!(
-                "{} by {} has rows without orders or with negative revenue",
+                "{} by {} has empty rows or negative amounts",
                 s.granularity, s.dimension
             ));
         }
@@ -198,7 +221,17 @@ fn check_staging(report: &mut AuditReport, sums: &[StagedSums]) {
             .or_default()
             .insert(
                 s.currency.clone(),
-                [s.revenue, s.orders as i64, s.items as i64],
+                [
+                    s.revenue,
+                    s.orders as i64,
+                    s.items as i64,
+                    s.booked_refunded,
+                    s.booked_refunded_items as i64,
+                    s.booked_cancelled as i64,
+                    s.restated_refunded,
+                    s.restated_refunded_items as i64,
+                    s.restated_cancelled as i64,
+                ],
             );
     }
     for granularity in Granularity::ALL {
@@ -208,10 +241,14 @@ fn check_staging(report: &mut AuditReport, sums: &[StagedSums]) {
                 dimension.as_str().to_owned(),
             );
             let staged = seen.remove(&key).unwrap_or_default();
-            let expected: BTreeMap<String, [i64; 3]> = report
+            let expected: BTreeMap<String, [i64; 9]> = report
                 .source
                 .iter()
-                .map(|(currency, sums)| (currency.clone(), sums.of(dimension)))
+                .map(|(currency, sums)| {
+                    let ([r, o, i], [f, fi, c]) =
+                        (sums.of(dimension), sums.corrections_of(dimension));
+                    (currency.clone(), [r, o, i, f, fi, c, f, fi, c])
+                })
                 .collect();
             if staged != expected {
                 report.problems.push(format!(
@@ -262,6 +299,7 @@ mod tests {
                     items: 2,
                     category_orders: 1,
                     lines: 1,
+                    ..aggregate::Sums::default()
                 },
             )]),
             ..AuditReport::default()
@@ -293,7 +331,7 @@ mod tests {
         for expected in [
             "staging minute by city sums to",
             "3 rows of minute by category have an empty key",
-            "minute by product has rows without orders or with negative revenue",
+            "minute by product has empty rows or negative amounts",
             "unknown currency `XYZ` in staging",
             "staging day by product sums to {}",
             "unexpected staging rows for week by city",

@@ -2,6 +2,7 @@
 //! the speed consumer, the compactor) behind the REST and GraphQL APIs.
 
 mod api;
+mod corrections;
 mod dashboards;
 mod demo;
 mod fuzz;
