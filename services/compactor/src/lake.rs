@@ -793,10 +793,22 @@ mod tests {
             9,
         )
         .unwrap();
-        // A file as the lake wrote it before baskets: no line columns.
+        // A file as the lake wrote it before baskets (and adjustments): no line
+        // columns, no adjustment columns.
         let mut old = orders_from_raw(parse_raw(raw_line(2, at, 5, 2).as_bytes()).unwrap(), 0, 9)
             .unwrap()
-            .drop_many(["line_no", "order_first", "category_first"]);
+            .drop_many([
+                "line_no",
+                "order_first",
+                "category_first",
+                "adjustment_id",
+                "adjustment_kind",
+                "adjusted_at",
+                "refunded_quantity",
+                "refunded_minor",
+                "cancel_first",
+                "cancel_category_first",
+            ]);
         let old = from_parquet(&to_parquet(&mut old).unwrap()).unwrap();
         let mut newer = new.clone();
         let new = from_parquet(&to_parquet(&mut newer).unwrap()).unwrap();
@@ -807,6 +819,19 @@ mod tests {
         assert_eq!(both.height(), 4);
         let totals = aggregate::currency_totals(&both).unwrap()["EUR"];
         assert_eq!(totals.of(Dimension::Total), [300 + 1_230, 2, 2 + 6]);
+        // Old rows aggregate as orders beside new ones.
+        let measured = with_measures(both.lazy()).collect().unwrap();
+        let rows = aggregate::aggregate(&measured, 1).unwrap();
+        let total: i64 = rows
+            .iter()
+            .filter(|r| r.dimension == tidemark_batchview::dimension_code(Dimension::Total))
+            .filter(|r| {
+                r.granularity
+                    == tidemark_batchview::granularity_code(tidemark_domain::Granularity::Day)
+            })
+            .map(|r| r.revenue_minor)
+            .sum();
+        assert_eq!(total, 300 + 1_230);
     }
 
     #[test]

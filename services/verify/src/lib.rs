@@ -29,7 +29,9 @@ use tidemark_platform::config::S3Config;
 
 pub use config::Config;
 
-type Grid = BTreeMap<(i64, String, String), [i64; 3]>;
+/// Per cell: gross revenue, orders, items; refunded, refunded items, cancelled (on
+/// one basis).
+type Grid = BTreeMap<(i64, String, String), [i64; 6]>;
 
 /// One check's outcome: what it compared, and how many things differ.
 #[derive(Debug)]
@@ -85,9 +87,12 @@ async fn served(config: &Config, pool: &PgPool) -> Result<Check> {
         } else {
             (from, to)
         };
-        for group_by in [None, Some("city"), Some("category"), Some("product")] {
+        for (group_by, basis) in [None, Some("city"), Some("category"), Some("product")]
+            .into_iter()
+            .flat_map(|g| BASES.map(|b| (g, b)))
+        {
             let mut url = format!(
-                "{serving}/v1/revenue?from={}&to={}&granularity={granularity}",
+                "{serving}/v1/revenue?from={}&to={}&granularity={granularity}&basis={basis}",
                 from.format("%Y-%m-%dT%H:%M:%SZ"),
                 to.format("%Y-%m-%dT%H:%M:%SZ")
             );
@@ -110,6 +115,7 @@ async fn served(config: &Config, pool: &PgPool) -> Result<Check> {
                     pool,
                     width,
                     group_by,
+                    basis,
                     from.timestamp(),
                     to.timestamp(),
                     threshold,
@@ -123,7 +129,7 @@ async fn served(config: &Config, pool: &PgPool) -> Result<Check> {
             }
             let (cells, differing, orders) = outcome;
             check.lines.push(format!(
-                "{granularity:<4} by {:<8} {cells:>6} cells, {orders:>8} orders, drift {differing}",
+                "{granularity:<4} by {:<8} {basis:<12} {cells:>6} cells, {orders:>8} orders, drift {differing}",
                 group_by.unwrap_or("total")
             ));
             check.drift += differing;
@@ -135,7 +141,8 @@ async fn served(config: &Config, pool: &PgPool) -> Result<Check> {
 async fn raw_lake_check(config: &Config, pool: &PgPool) -> Result<Check> {
     let drift = raw_lake(&config.s3, pool).await?;
     Ok(Check {
-        title: "2. raw lake order ids against Postgres (up to the relay's cursor)".into(),
+        title: "2. raw lake event ids (orders, adjustments) against Postgres (up to the relay's cursor)"
+            .into(),
         lines: vec![format!(
             "{} ids in Postgres, {} in the lake: missing {}, extra {}, repeated {}",
             drift.postgres, drift.lake, drift.missing, drift.extra, drift.repeated
@@ -180,7 +187,17 @@ fn served_grid(body: &Value) -> Result<Grid> {
             p["currency"].as_str().unwrap_or_default().to_owned(),
         );
         let n = |k: &str| p[k].as_i64().unwrap_or_default();
-        grid.insert(key, [n("revenue_minor"), n("orders"), n("items")]);
+        grid.insert(
+            key,
+            [
+                n("revenue_minor"),
+                n("orders"),
+                n("items"),
+                n("refunded_minor"),
+                n("refunded_items"),
+                n("cancelled_orders"),
+            ],
+        );
     }
     Ok(grid)
 }
@@ -201,11 +218,18 @@ fn covered(body: &Value) -> Result<(u64, (i64, i64))> {
     Ok((threshold, cursor))
 }
 
+/// The bases every served question is reconciled on.
+const BASES: [&str; 2] = ["booking_time", "order_time"];
+
+/// Gross figures and, on `basis`, the corrections, per cell, by SQL over the log
+/// as of the answer's position (below the batch threshold or at most the speed
+/// cursor).
 #[allow(clippy::too_many_arguments)]
 async fn truth(
     pool: &PgPool,
     width: i64,
     group_by: Option<&str>,
+    basis: &str,
     from: i64,
     to: i64,
     threshold: u64,
@@ -237,16 +261,50 @@ async fn truth(
         .bind(cursor.1)
         .fetch_all(pool)
         .await?;
-    Ok(rows
+    let mut grid: Grid = rows
         .into_iter()
-        .map(|(b, v, c, r, o, i)| ((b, v, c), [r, o, i]))
-        .collect())
+        .map(|(b, v, c, r, o, i)| ((b, v, c), [r, o, i, 0, 0, 0]))
+        .collect();
+    // Corrections: per adjusted line (a cancellation: per line of its order), at
+    // the adjustment's time or its order's; a cancellation once per value.
+    let value = value.replace("l.", "ol.");
+    let at = if basis == "order_time" {
+        "o.created_at"
+    } else {
+        "a.created_at"
+    };
+    let sql = format!(
+        "SELECT (floor(extract(epoch FROM {at}) / $1) * $1)::int8, {value}, o.currency::text, \
+                coalesce(sum(al.amount_minor), 0)::int8, coalesce(sum(al.quantity), 0)::int8, \
+                count(DISTINCT a.adjustment_id) FILTER (WHERE a.kind = 'cancellation')::int8 \
+         FROM adjustments a JOIN orders o ON o.order_id = a.order_id \
+         JOIN order_lines ol ON ol.order_id = a.order_id \
+         LEFT JOIN adjustment_lines al \
+              ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
+         WHERE {at} >= to_timestamp($2) AND {at} < to_timestamp($3) \
+           AND (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
+           AND (a.txid < $4::text::xid8 OR (a.txid, a.seq) <= ($5::text::xid8, $6)) \
+         GROUP BY 1, 2, 3"
+    );
+    let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)) // fixed column names only
+        .bind(width as f64)
+        .bind(from as f64)
+        .bind(to as f64)
+        .bind(threshold.to_string())
+        .bind(cursor.0.to_string())
+        .bind(cursor.1)
+        .fetch_all(pool)
+        .await?;
+    for (b, v, c, refunded, items, cancelled) in rows {
+        grid.entry((b, v, c)).or_default()[3..].copy_from_slice(&[refunded, items, cancelled]);
+    }
+    Ok(grid)
 }
 
 /// (cells compared, cells differing, orders in the truth)
 fn compare(served: &Grid, truth: &Grid) -> (u64, u64, i64) {
     let keys: HashSet<_> = served.keys().chain(truth.keys()).collect();
-    let zero = [0, 0, 0];
+    let zero = [0; 6];
     let differing = keys
         .iter()
         .filter(|k| served.get(**k).unwrap_or(&zero) != truth.get(**k).unwrap_or(&zero))
@@ -272,7 +330,9 @@ async fn raw_lake(config: &S3Config, pool: &PgPool) -> Result<LakeDrift> {
     .await?;
     let (txid, seq) = cursor.unwrap_or((0, 0));
     let ids: Vec<(String,)> = sqlx::query_as(
-        "SELECT order_id::text FROM orders WHERE (txid, seq) <= ($1::text::xid8, $2)",
+        "SELECT order_id::text FROM orders WHERE (txid, seq) <= ($1::text::xid8, $2) \
+         UNION ALL \
+         SELECT adjustment_id::text FROM adjustments WHERE (txid, seq) <= ($1::text::xid8, $2)",
     )
     .bind(txid.to_string())
     .bind(seq)
@@ -319,7 +379,12 @@ async fn raw_lake(config: &S3Config, pool: &PgPool) -> Result<LakeDrift> {
             if (record.txid as i64, record.seq) > (txid, seq) {
                 continue; // written for a batch the relay has not confirmed yet
             }
-            if !seen.insert(record.order_id.to_string()) {
+            // An event's id: an adjustment's own, or the order's.
+            let id = record
+                .adjustment
+                .as_ref()
+                .map_or(&record.order_id, |a| &a.adjustment_id);
+            if !seen.insert(id.to_string()) {
                 repeated += 1;
             }
         }

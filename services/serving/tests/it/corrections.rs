@@ -203,4 +203,29 @@ async fn refunds_and_cancellations_are_exact_on_both_bases_across_the_handoff() 
     let rebuilt = env.compactor.run_once(Kind::Rebuild).await.unwrap();
     assert!(matches!(rebuilt, Outcome::Published { .. }), "{rebuilt:?}");
     assert_exact(&env, "after a rebuild").await;
+
+    // `tidemark-verify` reconciles the same: net metrics on both bases, the raw
+    // lake's events, Parquet against ClickHouse.
+    let (read_key, serving_url) = (env.key.clone(), env.serving.url(""));
+    let config = tidemark_verify::Config {
+        postgres: env.db.config.clone(),
+        clickhouse: env.clickhouse.clone(),
+        s3: env.s3.clone(),
+        verify: tidemark_verify::config::VerifySettings {
+            serving_url,
+            read_key: Some(read_key.into()),
+            days: 5,
+        },
+        ..tidemark_verify::Config::default()
+    };
+    let checks = tidemark_verify::run(&config).await.unwrap();
+    assert_eq!(checks.len(), 3);
+    for check in &checks {
+        assert_eq!(check.drift, 0, "{}: {:?}", check.title, check.lines);
+    }
+    assert!(
+        checks[0].lines.iter().any(|l| l.contains("order_time")),
+        "{:?}",
+        checks[0].lines
+    );
 }

@@ -31,6 +31,7 @@ pub struct Env {
     pub db: TestDb,
     pub redis: RedisConfig,
     pub clickhouse: tidemark_platform::config::ClickHouseConfig,
+    pub s3: tidemark_platform::config::S3Config,
     pub compactor: Compactor,
     pub serving: Running,
     pub key: String,
@@ -100,7 +101,7 @@ impl Env {
         let relay = tidemark_ingest::relay::Relay::new(
             db.pool.clone(),
             tidemark_platform::s3::client(&s3).await,
-            s3,
+            s3.clone(),
             tidemark_ingest::config::RelaySettings {
                 poll_interval: Duration::from_millis(10),
                 ..Default::default()
@@ -135,6 +136,7 @@ impl Env {
             db,
             redis,
             clickhouse: ch,
+            s3,
             compactor,
             serving,
             key,
