@@ -15,15 +15,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{TimeDelta, Utc};
+use rand::Rng;
+use rand::rngs::StdRng;
 use tidemark_compactor::Compactor;
-use tidemark_domain::Order;
+use tidemark_domain::{Order, RefundItem, RefundRequest};
+use tidemark_ingest::adjust::Ask;
 use tidemark_platform::auth::{self, Scope};
 use tidemark_platform::config::RedisConfig;
 use tidemark_platform::redis::Redis;
 use tidemark_speedview::SpeedView;
 use tidemark_testkit::{Running, TestDb};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 pub struct Env {
     /// A Postgres cluster of the test's own, when it needs one.
@@ -234,6 +238,132 @@ pub fn grid_of(points: &serde_json::Value) -> BTreeMap<(i64, String, String), [i
             )
         })
         .collect()
+}
+
+/// Cells on one basis: gross revenue, orders, items, refunded minor units,
+/// refunded items, cancelled orders.
+pub type Cells = BTreeMap<(i64, String, String), [i64; 6]>;
+
+/// A refund of part of each of the order's first lines (units of the first, an
+/// amount of the second, if any).
+pub fn partial_refund(order: &Order, rng: &mut StdRng) -> Ask {
+    let mut items = vec![RefundItem::Units {
+        product_id: order.lines[0].product_id.clone(),
+        quantity: 1,
+    }];
+    if let Some(line) = order.lines.get(1) {
+        items.push(RefundItem::Amount {
+            product_id: line.product_id.clone(),
+            amount_minor: rng.random_range(1..=line.revenue_minor().max(1)),
+        });
+    }
+    Ask::Refund {
+        order_id: order.order_id,
+        request: RefundRequest {
+            refund_id: Uuid::new_v4(),
+            // Minutes to days after the order, never in the future.
+            created_at: (order.created_at + TimeDelta::minutes(rng.random_range(1..3_000)))
+                .min(Utc::now()),
+            items,
+        },
+    }
+}
+
+pub fn cancellation(order: &Order) -> Ask {
+    Ask::Cancellation {
+        order_id: order.order_id,
+        created_at: Utc::now(),
+    }
+}
+
+/// Applies adjustments as ingest does (one transaction, all or nothing).
+pub async fn apply_adjustments(
+    pool: &sqlx::PgPool,
+    asks: &[Ask],
+) -> Result<Vec<tidemark_ingest::adjust::Done>, tidemark_ingest::adjust::AdjustError> {
+    tidemark_ingest::adjust::apply(pool, asks, Utc::now(), TimeDelta::minutes(5)).await
+}
+
+/// Served cells on `basis`: gross, orders, items, refunded, refunded items,
+/// cancelled (cells with nothing on that basis left out).
+pub async fn served_cells(
+    http: &reqwest::Client,
+    serving: &Running,
+    key: &str,
+    granularity: &str,
+    group_by: Option<&str>,
+    basis: &str,
+) -> Result<Cells, String> {
+    let (from, to) = full_range();
+    let mut path =
+        format!("/v1/revenue?from={from}&to={to}&granularity={granularity}&basis={basis}");
+    if let Some(g) = group_by {
+        path += &format!("&group_by={g}");
+    }
+    let response = http
+        .get(serving.url(&path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("{status}: {body}"));
+    }
+    Ok(body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let bucket = chrono::DateTime::parse_from_rfc3339(p["bucket"].as_str().unwrap())
+                .unwrap()
+                .timestamp();
+            let n = |k: &str| p[k].as_i64().unwrap();
+            assert_eq!(
+                n("net_revenue_minor"),
+                n("revenue_minor") - n("refunded_minor")
+            );
+            assert_eq!(n("gross_revenue_minor"), n("revenue_minor"));
+            (
+                (
+                    bucket,
+                    p["group"].as_str().unwrap_or("").to_owned(),
+                    p["currency"].as_str().unwrap().to_owned(),
+                ),
+                [
+                    n("revenue_minor"),
+                    n("orders"),
+                    n("items"),
+                    n("refunded_minor"),
+                    n("refunded_items"),
+                    n("cancelled_orders"),
+                ],
+            )
+        })
+        .collect())
+}
+
+/// The same cells by SQL over Postgres (values dropped when not `grouped`).
+pub async fn truth_cells(
+    pool: &sqlx::PgPool,
+    secs: i64,
+    dimension: &str,
+    grouped: bool,
+    order_time: bool,
+) -> Cells {
+    let key = |(b, v, c): (i64, String, String)| (b, if grouped { v } else { String::new() }, c);
+    let mut cells = Cells::new();
+    for (k, [r, o, i]) in tidemark_testkit::ground_truth(pool, secs, dimension, 0, u64::MAX).await {
+        cells.entry(key(k)).or_default()[..3].copy_from_slice(&[r, o, i]);
+    }
+    let corrections =
+        tidemark_testkit::ground_truth_corrections(pool, secs, dimension, order_time, 0, u64::MAX)
+            .await;
+    for (k, [f, fi, c]) in corrections {
+        cells.entry(key(k)).or_default()[3..].copy_from_slice(&[f, fi, c]);
+    }
+    cells
 }
 
 pub use tidemark_testkit::random_order;
