@@ -2,8 +2,11 @@
 //!
 //! Three ways to run it: `stream` sends live orders at a steady rate, `backfill`
 //! sends days of history, and `serve` (what `cargo xtask up` starts) serves the
-//! operational endpoints and streams at the configured demo rate. Each ends with a
-//! [`Tally`] of what ingest stored, to compare with the served totals.
+//! operational endpoints and streams at the configured demo rate. About 3 % of the
+//! orders are refunded and 2 % cancelled, minutes to 30 days later: `stream` sends
+//! each correction when its time comes, `backfill` sends those due by its end after
+//! the orders. Each ends with a [`Tally`] of what ingest stored (gross, refunded and
+//! net per currency), to compare with the served totals.
 
 pub mod config;
 pub mod model;
@@ -24,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use model::{Shape, Shop};
+pub use model::{Correction, Shape, Shop};
 pub use send::{Format, Sender, Tally};
 
 /// A live stream: `rate` orders per second in batches, until `count` orders,
@@ -62,6 +65,9 @@ pub async fn stream(
     let started = Instant::now();
     let mut planned = 0u64;
     let mut tally = Tally::default();
+    // Corrections not yet due, soonest first.
+    let mut pending: std::collections::BinaryHeap<std::cmp::Reverse<Pending>> =
+        std::collections::BinaryHeap::new();
     loop {
         if plan.count.is_some_and(|c| planned >= c)
             || plan.duration.is_some_and(|d| started.elapsed() >= d)
@@ -78,10 +84,26 @@ pub async fn stream(
         let now = Utc::now();
         let orders: Vec<_> = (0..n).map(|_| shop.live_order(now)).collect();
         planned += n;
+        pending.extend(
+            orders
+                .iter()
+                .filter_map(|o| shop.correction_for(o))
+                .map(|c| std::cmp::Reverse(Pending(c))),
+        );
+        let mut due = Vec::new();
+        while pending.peek().is_some_and(|p| p.0.0.at <= now) {
+            due.extend(pending.pop().map(|p| p.0.0));
+        }
         let permit = in_flight.clone().acquire_owned().await?;
         let sender = sender.clone();
         sends.spawn(async move {
-            let result = sender.send(&orders).await;
+            let mut result = sender.send(&orders).await;
+            if let Ok(tally) = &mut result {
+                match sender.send_corrections(&due).await {
+                    Ok(corrected) => tally.add(&corrected),
+                    Err(e) => result = Err(e),
+                }
+            }
             drop(permit);
             result
         });
@@ -121,11 +143,17 @@ pub async fn backfill(
     let batch = plan.batch.max(1);
     let bar = bar(progress, Some(total));
     let mut shop = Shop::new(plan.seed, plan.shape);
+    let corrections = std::sync::Mutex::new(Vec::new());
     let batches = (0..total.div_ceil(batch as u64)).map(|i| {
         let n = (total - i * batch as u64).min(batch as u64);
-        (0..n)
+        let orders = (0..n)
             .map(|_| shop.historic_order(from, plan.until))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        corrections
+            .lock()
+            .expect("never poisoned")
+            .extend(orders.iter().filter_map(|o| shop.correction_for(o)));
+        orders
     });
     let results = futures::stream::iter(batches)
         .take_until(shutdown.cancelled())
@@ -136,8 +164,43 @@ pub async fn backfill(
     while let Some(done) = results.next().await {
         account(&mut tally, &done?, &bar);
     }
+    // Then the corrections due by the end of the history, in time order.
+    let mut due: Vec<Correction> =
+        std::mem::take(&mut *corrections.lock().expect("never poisoned"));
+    due.retain(|c| c.at <= plan.until);
+    due.sort_by_key(|c| c.at);
+    for chunk in due.chunks(batch) {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        account(&mut tally, &sender.send_corrections(chunk).await?, &bar);
+    }
     bar.finish_and_clear();
     Ok(tally)
+}
+
+/// A correction waiting for its time, ordered by it.
+#[derive(Debug)]
+struct Pending(Correction);
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0.at, self.0.order_id).cmp(&(other.0.at, other.0.order_id))
+    }
 }
 
 fn account(tally: &mut Tally, batch: &Tally, bar: &ProgressBar) {
@@ -147,6 +210,9 @@ fn account(tally: &mut Tally, batch: &Tally, bar: &ProgressBar) {
     metrics::counter!("generator_orders_total", "outcome" => "duplicate")
         .increment(batch.duplicates);
     metrics::counter!("generator_orders_total", "outcome" => "rejected").increment(batch.rejected);
+    metrics::counter!("generator_adjustments_total", "kind" => "refund").increment(batch.refunds);
+    metrics::counter!("generator_adjustments_total", "kind" => "cancellation")
+        .increment(batch.cancellations);
     for (currency, minor) in &batch.revenue_minor {
         metrics::counter!("generator_revenue_minor_total", "currency" => currency.clone())
             .increment(u64::try_from(*minor).unwrap_or(0));

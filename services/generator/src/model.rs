@@ -3,7 +3,9 @@
 //! follows Zipf's law, a daily rhythm and varied basket sizes.
 //!
 //! Everything is drawn from one seeded generator, so the same seed (and, for
-//! backfills, the same end time) gives the same orders, byte for byte.
+//! backfills, the same end time) gives the same orders, byte for byte. Refunds and
+//! cancellations ([`Shop::correction_for`]) come from a second generator of the same
+//! seed, so they do not change which orders a seed gives.
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Timelike, Utc};
 use rand::distr::Distribution;
@@ -11,7 +13,7 @@ use rand::distr::weighted::WeightedIndex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use tidemark_domain::{Currency, Order, OrderLine};
+use tidemark_domain::{Currency, Order, OrderLine, RefundItem, RefundRequest};
 use uuid::Uuid;
 
 /// A city: name, currency, UTC offset in minutes and population (thousands), which
@@ -100,6 +102,26 @@ const QUANTITIES: &[(i32, u32)] = &[
 /// Zipf exponent of product popularity.
 const ZIPF_S: f64 = 1.07;
 
+/// Share of orders refunded later (part of a line or a whole line).
+pub const REFUND_SHARE: f64 = 0.03;
+/// Share of orders cancelled later (never one that is also refunded: a refund
+/// after the cancellation would find nothing left).
+pub const CANCEL_SHARE: f64 = 0.02;
+/// Corrections come 5 minutes to 30 days after their order (log-uniform: most
+/// within days).
+const CORRECTION_DELAY_MINUTES: (f64, f64) = (5.0, 30.0 * 24.0 * 60.0);
+
+/// A refund or cancellation the shop will ask for, at `at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correction {
+    pub order_id: Uuid,
+    /// The order's currency (the tally of refunds is per currency).
+    pub currency: Currency,
+    pub at: DateTime<Utc>,
+    /// `None` for a cancellation.
+    pub refund: Option<RefundRequest>,
+}
+
 /// Shape of the generated world.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -138,11 +160,14 @@ pub struct Shop {
     quantities: WeightedIndex<u32>,
     basket_lines: WeightedIndex<u32>,
     currencies: Vec<Currency>,
+    /// Draws the corrections, apart from the orders' generator.
+    corrections: StdRng,
 }
 
 impl Shop {
     pub fn new(seed: u64, shape: Shape) -> Shop {
         let mut rng = StdRng::seed_from_u64(seed);
+        let corrections = StdRng::seed_from_u64(seed ^ 0x7265_6675_6e64); // "refund"
         let category_pick =
             WeightedIndex::new(CATEGORIES.iter().map(|c| c.1)).expect("positive weights");
         let products: Vec<Product> = (0..shape.products.max(1))
@@ -184,7 +209,51 @@ impl Shop {
             quantities,
             basket_lines,
             currencies,
+            corrections,
         }
+    }
+
+    /// Whether `order` will be refunded or cancelled, and how: about
+    /// [`REFUND_SHARE`] of orders get a refund (a whole line, some units of one, or
+    /// part of its amount), about [`CANCEL_SHARE`] a cancellation, 5 minutes to 30
+    /// days after the order.
+    pub fn correction_for(&mut self, order: &Order) -> Option<Correction> {
+        let rng = &mut self.corrections;
+        let roll: f64 = rng.random();
+        if roll >= REFUND_SHARE + CANCEL_SHARE {
+            return None;
+        }
+        let (low, high) = CORRECTION_DELAY_MINUTES;
+        let minutes = rng.random_range(low.ln()..high.ln()).exp();
+        let at = (order.created_at + TimeDelta::seconds((minutes * 60.0) as i64)).trunc_subsecs(6);
+        let refund = (roll < REFUND_SHARE).then(|| {
+            let line = &order.lines[rng.random_range(0..order.lines.len())];
+            let item = match rng.random_range(0..3) {
+                0 => RefundItem::Units {
+                    product_id: line.product_id.clone(),
+                    quantity: line.quantity,
+                },
+                1 => RefundItem::Units {
+                    product_id: line.product_id.clone(),
+                    quantity: rng.random_range(1..=line.quantity),
+                },
+                _ => RefundItem::Amount {
+                    product_id: line.product_id.clone(),
+                    amount_minor: rng.random_range(1..=line.revenue_minor().max(1)),
+                },
+            };
+            RefundRequest {
+                refund_id: Uuid::from_u128(rng.random::<u128>() | 1),
+                created_at: at,
+                items: vec![item],
+            }
+        });
+        Some(Correction {
+            order_id: order.order_id,
+            currency: order.currency,
+            at,
+            refund,
+        })
     }
 
     /// An order placed at about `now`: usually at `now`, sometimes late.
@@ -371,6 +440,37 @@ mod tests {
             berlin_by_hour[20] > 5 * berlin_by_hour[3],
             "{berlin_by_hour:?}"
         );
+    }
+
+    #[test]
+    fn about_five_percent_of_orders_are_corrected_later_and_never_beyond_them() {
+        let mut shop = Shop::new(7, Shape::default());
+        let orders: Vec<Order> = (0..20_000).map(|_| shop.live_order(t0())).collect();
+        let corrections: Vec<Correction> = orders
+            .iter()
+            .filter_map(|o| shop.correction_for(o))
+            .collect();
+        let refunds = corrections.iter().filter(|c| c.refund.is_some()).count();
+        let cancels = corrections.len() - refunds;
+        assert!((450..750).contains(&refunds), "{refunds} refunds of 20,000");
+        assert!(
+            (280..520).contains(&cancels),
+            "{cancels} cancellations of 20,000"
+        );
+        for (c, order) in corrections
+            .iter()
+            .filter_map(|c| Some((c, orders.iter().find(|o| o.order_id == c.order_id)?)))
+        {
+            let delay = c.at - order.created_at;
+            assert!(delay >= TimeDelta::minutes(5) && delay <= TimeDelta::days(30));
+            if let Some(refund) = &c.refund {
+                // What the domain would accept: nothing given back yet.
+                assert!(tidemark_domain::adjustment::plan_refund(order, &[], refund).is_ok());
+            }
+        }
+        // The orders themselves are the same with or without corrections drawn.
+        let mut plain = Shop::new(7, Shape::default());
+        assert_eq!(plain.live_order(t0()), orders[0]);
     }
 
     #[test]

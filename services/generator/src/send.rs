@@ -1,4 +1,5 @@
-//! Sending orders to the ingest API, and the tally of what it accepted.
+//! Sending orders and their corrections to the ingest API, and the tally of what
+//! it accepted.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tidemark_domain::Order;
 use tidemark_domain::avro::{SchemaVersion, write_container};
+use tidemark_domain::{Currency, Order};
+
+use crate::model::Correction;
 use tidemark_domain::money::format_minor;
 
 /// The wire format of a request.
@@ -27,6 +30,7 @@ pub enum Format {
 pub struct Sender {
     client: reqwest::Client,
     url: String,
+    adjustments_url: String,
     api_key: String,
     format: Format,
     /// Attempts per batch when ingest answers 429/503 or cannot be reached.
@@ -49,6 +53,14 @@ pub struct Tally {
     /// Earliest and latest event time of the created orders.
     pub first_event: Option<DateTime<Utc>>,
     pub last_event: Option<DateTime<Utc>>,
+    /// Refunds and cancellations stored by the generator's requests.
+    pub refunds: u64,
+    pub cancellations: u64,
+    /// Corrections ingest already had, and corrections refused or undelivered.
+    pub correction_duplicates: u64,
+    pub corrections_rejected: u64,
+    /// What the stored refunds and cancellations gave back, minor units per currency.
+    pub refunded_minor: BTreeMap<String, i64>,
 }
 
 impl Tally {
@@ -64,6 +76,13 @@ impl Tally {
         self.last_event = self.last_event.max(other.last_event);
         for (currency, minor) in &other.revenue_minor {
             *self.revenue_minor.entry(currency.clone()).or_default() += minor;
+        }
+        self.refunds += other.refunds;
+        self.cancellations += other.cancellations;
+        self.correction_duplicates += other.correction_duplicates;
+        self.corrections_rejected += other.corrections_rejected;
+        for (currency, minor) in &other.refunded_minor {
+            *self.refunded_minor.entry(currency.clone()).or_default() += minor;
         }
     }
 
@@ -97,13 +116,35 @@ impl fmt::Display for Tally {
         writeln!(f, "  items            {:>14}", self.items)?;
         writeln!(f, "  duplicates       {:>14}", self.duplicates)?;
         writeln!(f, "  rejected         {:>14}", self.rejected)?;
-        writeln!(f, "  revenue by currency (created orders):")?;
-        for (code, minor) in &self.revenue_minor {
-            let currency = code.parse().expect("came from an order");
+        writeln!(f, "  refunds          {:>14}", self.refunds)?;
+        writeln!(f, "  cancellations    {:>14}", self.cancellations)?;
+        if self.correction_duplicates + self.corrections_rejected > 0 {
             writeln!(
                 f,
-                "    {code}  {:>20}   ({minor} minor units)",
-                format_minor(*minor, currency)
+                "  corrections resent {:>12}, rejected {}",
+                self.correction_duplicates, self.corrections_rejected
+            )?;
+        }
+        writeln!(
+            f,
+            "  by currency (created orders and corrections): gross, refunded, net"
+        )?;
+        let codes: std::collections::BTreeSet<&String> = self
+            .revenue_minor
+            .keys()
+            .chain(self.refunded_minor.keys())
+            .collect();
+        for code in codes {
+            let currency: Currency = code.parse().expect("came from an order");
+            let gross = self.revenue_minor.get(code).copied().unwrap_or(0);
+            let refunded = self.refunded_minor.get(code).copied().unwrap_or(0);
+            writeln!(
+                f,
+                "    {code}  {:>18}  {:>16}  {:>18}   ({} net minor units)",
+                format_minor(gross, currency),
+                format_minor(refunded, currency),
+                format_minor(gross - refunded, currency),
+                gross - refunded
             )?;
         }
         Ok(())
@@ -115,6 +156,20 @@ struct IngestAnswer {
     duplicate_order_ids: Vec<uuid::Uuid>,
 }
 
+#[derive(Deserialize)]
+struct AdjustmentsAnswer {
+    duplicate_adjustment_ids: Vec<uuid::Uuid>,
+    adjustments: Vec<AdjustmentAnswer>,
+}
+
+#[derive(Deserialize)]
+struct AdjustmentAnswer {
+    adjustment_id: uuid::Uuid,
+    order_id: uuid::Uuid,
+    kind: String,
+    amount_minor: i64,
+}
+
 impl Sender {
     pub fn new(ingest_url: &str, api_key: &str, format: Format) -> anyhow::Result<Sender> {
         let client = reqwest::Client::builder()
@@ -123,6 +178,7 @@ impl Sender {
         Ok(Sender {
             client,
             url: format!("{}/v1/orders", ingest_url.trim_end_matches('/')),
+            adjustments_url: format!("{}/v1/adjustments", ingest_url.trim_end_matches('/')),
             api_key: api_key.to_owned(),
             format,
             attempts: 8,
@@ -142,20 +198,93 @@ impl Sender {
         })
     }
 
-    /// Sends one batch, retrying on 429, 503 and connection failures with the
-    /// server's `Retry-After` (or exponential backoff); a refused batch counts as
-    /// rejected and is logged with ingest's problem detail.
+    /// Sends one batch of orders; a refused batch counts as rejected.
     pub async fn send(&self, orders: &[Order]) -> anyhow::Result<Tally> {
         let mut tally = Tally::default();
         if orders.is_empty() {
             return Ok(tally);
         }
         let (body, content_type) = self.body(orders)?;
+        match self
+            .post(&self.url, body, content_type, orders.len())
+            .await?
+        {
+            Some(answer) => {
+                let answer: IngestAnswer =
+                    serde_json::from_value(answer).context("reading ingest's answer")?;
+                tally.duplicates += answer.duplicate_order_ids.len() as u64;
+                tally.created(orders, &answer.duplicate_order_ids);
+            }
+            None => tally.rejected += orders.len() as u64,
+        }
+        Ok(tally)
+    }
+
+    /// Sends refunds and cancellations in one all-or-nothing request to
+    /// `POST /v1/adjustments`; a refused request counts them all as rejected.
+    pub async fn send_corrections(&self, corrections: &[Correction]) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        if corrections.is_empty() {
+            return Ok(tally);
+        }
+        let items: Vec<serde_json::Value> = corrections.iter().map(correction_json).collect();
+        let body = serde_json::to_vec(&items)?;
+        let Some(answer) = self
+            .post(
+                &self.adjustments_url,
+                body,
+                "application/json",
+                corrections.len(),
+            )
+            .await?
+        else {
+            tally.corrections_rejected += corrections.len() as u64;
+            return Ok(tally);
+        };
+        let answer: AdjustmentsAnswer =
+            serde_json::from_value(answer).context("reading ingest's answer")?;
+        let currency_of: BTreeMap<uuid::Uuid, Currency> = corrections
+            .iter()
+            .map(|c| (c.order_id, c.currency))
+            .collect();
+        for adjustment in answer.adjustments {
+            if answer
+                .duplicate_adjustment_ids
+                .contains(&adjustment.adjustment_id)
+            {
+                tally.correction_duplicates += 1;
+                continue;
+            }
+            match adjustment.kind.as_str() {
+                "refund" => tally.refunds += 1,
+                _ => tally.cancellations += 1,
+            }
+            if let Some(currency) = currency_of.get(&adjustment.order_id) {
+                *tally
+                    .refunded_minor
+                    .entry(currency.as_str().to_owned())
+                    .or_default() += adjustment.amount_minor;
+            }
+        }
+        Ok(tally)
+    }
+
+    /// Posts one request of `count` items, retrying on 429, 503 and connection
+    /// failures with the server's `Retry-After` (or exponential backoff). The
+    /// answer when accepted; `None` when refused (logged with ingest's problem
+    /// detail) or undeliverable.
+    async fn post(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        count: usize,
+    ) -> anyhow::Result<Option<serde_json::Value>> {
         let mut backoff = Duration::from_millis(100);
         for attempt in 1..=self.attempts {
             let response = self
                 .client
-                .post(&self.url)
+                .post(url)
                 .bearer_auth(&self.api_key)
                 .header("content-type", content_type)
                 .body(body.clone())
@@ -163,10 +292,7 @@ impl Sender {
                 .await;
             let wait = match response {
                 Ok(r) if r.status().is_success() => {
-                    let answer: IngestAnswer = r.json().await.context("reading ingest's answer")?;
-                    tally.duplicates += answer.duplicate_order_ids.len() as u64;
-                    tally.created(orders, &answer.duplicate_order_ids);
-                    return Ok(tally);
+                    return Ok(Some(r.json().await.context("reading ingest's answer")?));
                 }
                 Ok(r) if r.status() == 429 || r.status() == 503 => r
                     .headers()
@@ -182,9 +308,8 @@ impl Sender {
                         .ok()
                         .and_then(|p| p["detail"].as_str().map(str::to_owned))
                         .unwrap_or_default();
-                    tracing::warn!(%status, %detail, orders = orders.len(), "ingest refused a batch");
-                    tally.rejected += orders.len() as u64;
-                    return Ok(tally);
+                    tracing::warn!(%status, %detail, url, count, "ingest refused a batch");
+                    return Ok(None);
                 }
                 Err(error) => {
                     tracing::warn!(%error, attempt, "ingest unreachable");
@@ -194,9 +319,21 @@ impl Sender {
             tokio::time::sleep(wait.min(Duration::from_secs(10))).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        tracing::warn!(orders = orders.len(), "giving up on a batch");
-        tally.rejected += orders.len() as u64;
-        Ok(tally)
+        tracing::warn!(url, count, "giving up on a batch");
+        Ok(None)
+    }
+}
+
+/// The item `POST /v1/adjustments` accepts for a correction.
+pub fn correction_json(c: &Correction) -> serde_json::Value {
+    match &c.refund {
+        Some(refund) => serde_json::json!({
+            "kind": "refund", "order_id": c.order_id, "refund_id": refund.refund_id,
+            "created_at": refund.created_at.to_rfc3339(), "items": refund.items,
+        }),
+        None => serde_json::json!({
+            "kind": "cancellation", "order_id": c.order_id, "created_at": c.at.to_rfc3339(),
+        }),
     }
 }
 

@@ -75,6 +75,8 @@ pub struct AdjustmentsResponse {
     pub created: usize,
     /// Resends of adjustments already stored.
     pub duplicates: usize,
+    /// The ids of those resends (their stored adjustments are in `adjustments`).
+    pub duplicate_adjustment_ids: Vec<Uuid>,
     pub adjustments: Vec<AdjustmentView>,
 }
 
@@ -475,6 +477,13 @@ pub async fn post_adjustments(
                 .iter()
                 .filter(|d| matches!(d, Done::Created(_)))
                 .count();
+            let duplicate_adjustment_ids = done
+                .iter()
+                .filter_map(|d| match d {
+                    Done::Existing(v) => Some(v.adjustment_id),
+                    Done::Created(_) => None,
+                })
+                .collect();
             let adjustments: Vec<AdjustmentView> = done
                 .into_iter()
                 .map(|d| match d {
@@ -492,6 +501,7 @@ pub async fn post_adjustments(
                     received,
                     created,
                     duplicates: received - created,
+                    duplicate_adjustment_ids,
                     adjustments,
                 }),
             )

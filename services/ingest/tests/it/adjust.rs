@@ -278,6 +278,18 @@ async fn bulk_adjustments_are_all_or_nothing() {
         (body["created"].as_u64(), body["duplicates"].as_u64()),
         (Some(0), Some(2))
     );
+    let resent: Vec<&Value> = body["adjustments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["adjustment_id"])
+        .collect();
+    let duplicates: Vec<&Value> = body["duplicate_adjustment_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(duplicates, resent, "every resend named");
     assert_eq!(count(&h, "SELECT count(*) FROM adjustments").await, 2);
 }
 

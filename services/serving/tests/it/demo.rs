@@ -59,26 +59,60 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
         .await
         .unwrap();
     assert_eq!((again.created, again.duplicates), (0, 3_000), "{again:?}");
+    // Its refunds and cancellations too: resent, none stored twice.
+    let corrections = sent.refunds + sent.cancellations;
+    assert!(
+        sent.refunds > 10 && sent.cancellations > 5,
+        "refunds and cancellations: {sent:?}"
+    );
+    assert_eq!(
+        (
+            again.refunds,
+            again.cancellations,
+            again.correction_duplicates
+        ),
+        (0, 0, corrections),
+        "{again:?}"
+    );
+    assert_eq!(sent.corrections_rejected, 0, "{sent:?}");
 
     env.speed_caught_up().await;
     let (from, to) = full_range();
-    let response = env
-        .get(&format!("/v1/revenue/summary?from={from}&to={to}"))
-        .await;
-    assert_eq!(response.status(), 200);
-    let body: serde_json::Value = response.json().await.unwrap();
-    let mut served = Tally::default();
-    for t in body["totals"].as_array().unwrap() {
-        served.created += t["orders"].as_u64().unwrap();
-        served.items += t["items"].as_u64().unwrap();
-        served.revenue_minor.insert(
-            t["currency"].as_str().unwrap().to_owned(),
-            t["revenue_minor"].as_i64().unwrap(),
+    // Every order and every correction lies in the range: both bases agree.
+    for basis in ["booking_time", "order_time"] {
+        let response = env
+            .get(&format!(
+                "/v1/revenue/summary?from={from}&to={to}&basis={basis}"
+            ))
+            .await;
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let mut served = Tally::default();
+        for t in body["totals"].as_array().unwrap() {
+            let currency = t["currency"].as_str().unwrap().to_owned();
+            served.created += t["orders"].as_u64().unwrap();
+            served.items += t["items"].as_u64().unwrap();
+            served.cancellations += t["cancelled_orders"].as_u64().unwrap();
+            served
+                .revenue_minor
+                .insert(currency.clone(), t["revenue_minor"].as_i64().unwrap());
+            let refunded = t["refunded_minor"].as_i64().unwrap();
+            if refunded != 0 {
+                served.refunded_minor.insert(currency, refunded);
+            }
+        }
+        assert_eq!(served.created, sent.created, "orders: {body}");
+        assert_eq!(served.items, sent.items, "items: {body}");
+        assert_eq!(served.revenue_minor, sent.revenue_minor, "revenue: {body}");
+        assert_eq!(
+            served.refunded_minor, sent.refunded_minor,
+            "{basis} refunds: {body}"
+        );
+        assert_eq!(
+            served.cancellations, sent.cancellations,
+            "{basis} cancellations"
         );
     }
-    assert_eq!(served.created, sent.created, "orders: {body}");
-    assert_eq!(served.items, sent.items, "items: {body}");
-    assert_eq!(served.revenue_minor, sent.revenue_minor, "revenue: {body}");
     assert!(sent.revenue_minor.len() > 5, "many currencies: {sent:?}");
     ingest.stop().await.unwrap();
 }
