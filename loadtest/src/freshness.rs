@@ -29,6 +29,9 @@ pub struct Settings {
     pub batch: usize,
     pub seconds: u64,
     pub seed: u64,
+    /// Share of the orders refunded right after their ingest (a bulk
+    /// `POST /v1/adjustments` per batch); their freshness is measured too.
+    pub adjust_share: f64,
 }
 
 /// What the freshness run measured: ingest 2xx → visible in the speed view.
@@ -42,18 +45,25 @@ pub struct FreshnessReport {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub errors: u64,
+    /// Refunds sent and acknowledged, and their freshness p99 (2xx → visible).
+    #[serde(default)]
+    pub adjustments: usize,
+    #[serde(default)]
+    pub adjustment_p99_ms: f64,
 }
 
 pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
     let all = orders(s.seed, (s.rate * s.seconds) as usize);
     let client = reqwest::Client::new();
     let url = format!("{}/v1/orders", s.ingest_url.trim_end_matches('/'));
+    let adjust_url = format!("{}/v1/adjustments", s.ingest_url.trim_end_matches('/'));
     let redis = redis::Client::open(s.redis_url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
     let meta = format!("{}:meta", s.prefix);
 
     let start = Instant::now();
     let acks: Arc<Mutex<Vec<(Uuid, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
+    let adjustment_acks: Arc<Mutex<Vec<(Uuid, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let timeline: Arc<Mutex<Timeline>> = Arc::new(Mutex::new(Vec::new()));
     let sending_done = tokio_util_like::Flag::default();
@@ -103,7 +113,23 @@ pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
             .header("content-type", "application/json")
             .body(body)
             .send();
-        let (acks, errors) = (acks.clone(), errors.clone());
+        // Refunds of the batch's first orders: one unit of their first line.
+        let refunds: Vec<(Uuid, serde_json::Value)> = chunk
+            .iter()
+            .take((chunk.len() as f64 * s.adjust_share).round() as usize)
+            .map(|o| {
+                let id = Uuid::new_v4();
+                let refund = serde_json::json!({
+                    "kind": "refund", "order_id": o.order_id, "refund_id": id,
+                    "created_at": o.created_at.to_rfc3339(),
+                    "items": [{"product_id": o.lines[0].product_id, "quantity": 1}],
+                });
+                (id, refund)
+            })
+            .collect();
+        let (acks, adjustment_acks, errors) =
+            (acks.clone(), adjustment_acks.clone(), errors.clone());
+        let (client, adjust_url, key) = (client.clone(), adjust_url.clone(), s.key.clone());
         tasks.push(tokio::spawn(async move {
             let ok = matches!(request.await, Ok(r) if r.status().is_success());
             let at = start.elapsed();
@@ -113,6 +139,24 @@ pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
                     .extend(ids.into_iter().map(|id| (id, at)));
             } else {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if ok && !refunds.is_empty() {
+                let body: Vec<&serde_json::Value> = refunds.iter().map(|(_, r)| r).collect();
+                let answer = client
+                    .post(&adjust_url)
+                    .bearer_auth(&key)
+                    .json(&body)
+                    .send()
+                    .await;
+                let at = start.elapsed();
+                if matches!(answer, Ok(r) if r.status().is_success()) {
+                    adjustment_acks
+                        .lock()
+                        .unwrap()
+                        .extend(refunds.into_iter().map(|(id, _)| (id, at)));
+                } else {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             drop(permit);
         }));
@@ -132,7 +176,21 @@ pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
     .bind(&ids)
     .fetch_all(&pool)
     .await?;
-    let newest = positions.iter().map(|p| (p.1, p.2)).max().unwrap_or((0, 0));
+    let adjustment_acks = std::mem::take(&mut *adjustment_acks.lock().unwrap());
+    let adjustment_ids: Vec<Uuid> = adjustment_acks.iter().map(|(id, _)| *id).collect();
+    let adjustment_positions: Vec<(Uuid, i64, i64)> = sqlx::query_as(
+        "SELECT adjustment_id, txid::text::int8, seq FROM adjustments \
+         WHERE adjustment_id = ANY($1)",
+    )
+    .bind(&adjustment_ids)
+    .fetch_all(&pool)
+    .await?;
+    let newest = positions
+        .iter()
+        .chain(&adjustment_positions)
+        .map(|p| (p.1, p.2))
+        .max()
+        .unwrap_or((0, 0));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let cur: (Option<i64>, Option<i64>) = redis::cmd("HMGET")
@@ -152,17 +210,24 @@ pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
     sampler.await?;
     let timeline = std::mem::take(&mut *timeline.lock().unwrap());
 
-    let acked: std::collections::HashMap<Uuid, Duration> = acks.into_iter().collect();
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    for (id, txid, seq) in &positions {
-        let index = timeline.partition_point(|(_, cursor)| *cursor < (*txid, *seq));
-        let visible = timeline
-            .get(index)
-            .map_or_else(|| start.elapsed(), |(at, _)| *at);
-        let ack = acked[id];
-        let micros = visible.saturating_sub(ack).as_micros() as u64;
-        histogram.saturating_record(micros.max(1));
-    }
+    // Each event's freshness: its ack to the first sample whose cursor reached it.
+    let latencies = |positions: &[(Uuid, i64, i64)],
+                     acks: Vec<(Uuid, Duration)>|
+     -> anyhow::Result<Histogram<u64>> {
+        let acked: std::collections::HashMap<Uuid, Duration> = acks.into_iter().collect();
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+        for (id, txid, seq) in positions {
+            let index = timeline.partition_point(|(_, cursor)| *cursor < (*txid, *seq));
+            let visible = timeline
+                .get(index)
+                .map_or_else(|| start.elapsed(), |(at, _)| *at);
+            let micros = visible.saturating_sub(acked[id]).as_micros() as u64;
+            histogram.saturating_record(micros.max(1));
+        }
+        Ok(histogram)
+    };
+    let histogram = latencies(&positions, acks)?;
+    let adjusted = latencies(&adjustment_positions, adjustment_acks)?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(FreshnessReport {
         orders: positions.len(),
@@ -173,6 +238,8 @@ pub async fn run(s: Settings) -> anyhow::Result<FreshnessReport> {
         p99_ms: ms(0.99),
         max_ms: histogram.max() as f64 / 1000.0,
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        adjustments: adjustment_positions.len(),
+        adjustment_p99_ms: adjusted.value_at_quantile(0.99) as f64 / 1000.0,
     })
 }
 

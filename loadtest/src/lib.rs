@@ -21,29 +21,45 @@ use tidemark_domain::Order;
 use uuid::Uuid;
 
 /// Deterministic orders for benchmarks: the same seed gives the same orders, so a
-/// benchmark and its anchor load identical rows.
+/// benchmark and its anchor load identical rows. One line each.
 pub fn orders(seed: u64, count: usize) -> Vec<Order> {
+    baskets(seed, count, 1)
+}
+
+/// Deterministic orders of `lines` lines each (distinct products).
+pub fn baskets(seed: u64, count: usize, lines: usize) -> Vec<Order> {
     let mut rng = StdRng::seed_from_u64(seed);
     let now = Utc::now();
+    let categories = ["books", "games", "garden", "kitchen"];
     (0..count)
-        .map(|_| Order {
-            order_id: Uuid::from_u128(rng.random()),
-            user_id: format!("user-{}", rng.random_range(0..100_000)),
-            city: ["Berlin", "Paris", "Lisbon", "Oslo", "Madrid", "Vienna"][rng.random_range(0..6)]
-                .into(),
-            lines: vec![tidemark_domain::OrderLine {
-                product_id: format!("sku-{}", rng.random_range(0..5_000)),
-                category: ["books", "games", "garden", "kitchen"][rng.random_range(0..4)].into(),
-                quantity: rng.random_range(1..5),
-                unit_price_minor: rng.random_range(100..50_000),
-            }],
-            currency: ["EUR", "USD", "GBP"][rng.random_range(0..3)]
-                .parse()
-                .expect("listed"),
-            created_at: chrono::SubsecRound::trunc_subsecs(
-                now - TimeDelta::seconds(rng.random_range(0..86_400)),
-                6,
-            ),
+        .map(|_| {
+            let order_id = Uuid::from_u128(rng.random());
+            let user_id = format!("user-{}", rng.random_range(0..100_000));
+            let city = ["Berlin", "Paris", "Lisbon", "Oslo", "Madrid", "Vienna"]
+                [rng.random_range(0..6)]
+            .into();
+            let lines = (0..lines.max(1))
+                .map(|i| tidemark_domain::OrderLine {
+                    // Line i draws from its own slice of the catalogue: distinct.
+                    product_id: format!("sku-{}", i * 5_000 + rng.random_range(0..5_000)),
+                    category: categories[rng.random_range(0..4)].into(),
+                    quantity: rng.random_range(1..5),
+                    unit_price_minor: rng.random_range(100..50_000),
+                })
+                .collect();
+            Order {
+                order_id,
+                user_id,
+                city,
+                lines,
+                currency: ["EUR", "USD", "GBP"][rng.random_range(0..3)]
+                    .parse()
+                    .expect("listed"),
+                created_at: chrono::SubsecRound::trunc_subsecs(
+                    now - TimeDelta::seconds(rng.random_range(0..86_400)),
+                    6,
+                ),
+            }
         })
         .collect()
 }

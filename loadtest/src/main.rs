@@ -28,6 +28,9 @@ enum Scenario {
         batch: usize,
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Lines per order.
+        #[arg(long, default_value_t = 1)]
+        basket: usize,
     },
     /// One order per request from `concurrency` connections.
     IngestSingle {
@@ -62,6 +65,9 @@ enum Scenario {
         seconds: u64,
         #[arg(long, default_value_t = 3)]
         seed: u64,
+        /// Share of the orders refunded right after their ingest (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        adjust_share: f64,
     },
     /// A fixed request rate against one URL (GET, or POST with --body).
     Rate {
@@ -151,6 +157,9 @@ enum Scenario {
         count: usize,
         #[arg(long)]
         lines: bool,
+        /// Lines per order (as `ingest-batch --basket`).
+        #[arg(long, default_value_t = 1)]
+        basket: usize,
     },
 }
 
@@ -167,8 +176,9 @@ async fn main() -> anyhow::Result<()> {
             count,
             batch,
             concurrency,
+            basket,
         } => {
-            let orders = tidemark_loadtest::orders(seed, count);
+            let orders = tidemark_loadtest::baskets(seed, count, basket);
             let bodies = orders
                 .chunks(batch)
                 .map(|c| {
@@ -227,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
             batch,
             seconds,
             seed,
+            adjust_share,
         } => {
             let report =
                 tidemark_loadtest::freshness::run(tidemark_loadtest::freshness::Settings {
@@ -239,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
                     batch,
                     seconds,
                     seed,
+                    adjust_share,
                 })
                 .await?;
             println!("{}", serde_json::to_string(&report)?);
@@ -318,9 +330,14 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("{n} updates");
             return Ok(());
         }
-        Scenario::Csv { seed, count, lines } => {
+        Scenario::Csv {
+            seed,
+            count,
+            lines,
+            basket,
+        } => {
             let mut out = String::with_capacity(count * 150);
-            for o in tidemark_loadtest::orders(seed, count) {
+            for o in tidemark_loadtest::baskets(seed, count, basket) {
                 if lines {
                     for (n, l) in o.lines.iter().enumerate() {
                         out.push_str(&format!(

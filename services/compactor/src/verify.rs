@@ -22,8 +22,9 @@ pub struct Drift {
     pub examples: Vec<String>,
 }
 
-/// (granularity, dimension, bucket, value, currency) → (revenue, orders, items)
-type Cells = BTreeMap<(i8, i8, u32, String, String), (i64, u64, u64)>;
+/// (granularity, dimension, bucket, value, currency) → revenue, orders, items, and
+/// the corrections booked and restated (refunded, refunded items, cancelled).
+type Cells = BTreeMap<(i8, i8, u32, String, String), [i64; 9]>;
 
 impl Compactor {
     /// Compares the Parquet lake below the published threshold with the published
@@ -43,7 +44,17 @@ impl Compactor {
                     row.value,
                     row.currency,
                 ),
-                (row.revenue_minor, row.orders, row.items),
+                [
+                    row.revenue_minor,
+                    row.orders as i64,
+                    row.items as i64,
+                    row.booked_refunded_minor,
+                    row.booked_refunded_items as i64,
+                    row.booked_cancelled_orders as i64,
+                    row.restated_refunded_minor,
+                    row.restated_refunded_items as i64,
+                    row.restated_cancelled_orders as i64,
+                ],
             );
         }
         let mut published = Cells::new();
@@ -70,7 +81,17 @@ impl Compactor {
                             value,
                             currency.as_str().to_owned(),
                         ),
-                        (t.revenue_minor, t.orders as u64, t.items as u64),
+                        [
+                            t.revenue_minor,
+                            t.orders,
+                            t.items,
+                            t.booked.refunded_minor,
+                            t.booked.refunded_items,
+                            t.booked.cancelled_orders,
+                            t.restated.refunded_minor,
+                            t.restated.refunded_items,
+                            t.restated.cancelled_orders,
+                        ],
                     );
                 }
             }

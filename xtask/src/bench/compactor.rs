@@ -1,5 +1,6 @@
 //! Compactor: rows/s from raw JSON Lines in S3 to Parquet plus published ClickHouse
-//! aggregates, next to DuckDB converting the same files to Parquet; 1M and 10M orders.
+//! aggregates, next to DuckDB converting the same files to Parquet; 1M and 10M orders,
+//! one in twenty of them refunded (an adjustment record in the same files).
 
 use std::path::Path;
 use std::process::Command;
@@ -32,7 +33,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     for (orders, (ours, duck)) in &rounds {
         report.row(
             format!(
-                "{orders} orders: JSON in S3 → Parquet + audited, published ClickHouse aggregates"
+                "{orders} orders (+{} refunds): JSON in S3 → Parquet + audited, published ClickHouse aggregates",
+                orders.div_ceil(20)
             ),
             format!("{ours:.1} s = {:.0} rows/s", *orders as f64 / ours),
             format!(
@@ -86,17 +88,48 @@ async fn compaction_round(
         async move {
             let count = PER_FILE.min(orders - i * PER_FILE);
             let mut body = Vec::with_capacity(count * 330);
+            let mut records = 0;
             for (j, order) in tidemark_loadtest::orders(1_000 + i as u64, count)
                 .into_iter()
                 .enumerate()
             {
+                let n = i * PER_FILE + j;
+                // One order in twenty is refunded (a unit of its line) an hour later,
+                // a later event of the log.
+                let refund = n.is_multiple_of(20).then(|| {
+                    let line = &order.lines[0];
+                    tidemark_domain::Event::Adjustment(tidemark_domain::AdjustmentEvent {
+                        adjustment: tidemark_domain::Adjustment {
+                            adjustment_id: uuid::Uuid::from_u128(n as u128 + 1),
+                            order_id: order.order_id,
+                            kind: tidemark_domain::AdjustmentKind::Refund,
+                            created_at: order.created_at + chrono::TimeDelta::hours(1),
+                            lines: vec![tidemark_domain::AdjustedLine {
+                                line_no: 1,
+                                quantity: 1,
+                                amount_minor: line.unit_price_minor,
+                            }],
+                        },
+                        order: order.clone(),
+                    })
+                });
                 let row = tidemark_orderlog::LogRow {
                     // Below any real cut: these rows predate the benchmark's run.
-                    position: tidemark_domain::LogPosition::new(3, (i * PER_FILE + j + 1) as i64),
+                    position: tidemark_domain::LogPosition::new(3, (2 * n + 1) as i64),
                     ingested_at: order.created_at,
                     event: tidemark_domain::Event::Order(order),
                 };
                 tidemark_orderlog::RawRecord::from(&row).write_line(&mut body);
+                records += 1;
+                if let Some(event) = refund {
+                    records += 1;
+                    let row = tidemark_orderlog::LogRow {
+                        position: tidemark_domain::LogPosition::new(3, (2 * n + 2) as i64),
+                        ingested_at: row.ingested_at,
+                        event,
+                    };
+                    tidemark_orderlog::RawRecord::from(&row).write_line(&mut body);
+                }
             }
             let key = format!("raw/orders/bench/part-{i:05}.jsonl");
             let bytes = body.len() as i64;
@@ -113,7 +146,7 @@ async fn compaction_round(
                  VALUES ($1, current_date, 0, '3', 0, '3', 0, '3', '3', $2, $3)",
             )
             .bind(&key)
-            .bind(count as i32)
+            .bind(records)
             .bind(bytes)
             .execute(&pool)
             .await?;
@@ -166,8 +199,10 @@ async fn compaction_round(
     }) {
         eprintln!("xtask bench: {line}");
     }
-    if !out.contains("Published") || !out.contains(&format!("rows_in: {orders}")) {
-        bail!("the compactor run did not publish all {orders} orders: {out}");
+    // Lake rows: one per (one-line) order and one per refund.
+    let rows_in = orders + orders.div_ceil(20);
+    if !out.contains("Published") || !out.contains(&format!("rows_in: {rows_in}")) {
+        bail!("the compactor run did not publish all {orders} orders and their refunds: {out}");
     }
 
     let raw_dir = bench

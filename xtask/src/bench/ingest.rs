@@ -11,6 +11,8 @@ use super::{BenchReport, Harness, copy_csv, pgbench};
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     const BATCH_ORDERS: usize = 200_000;
     const SINGLE_ORDERS: usize = 30_000;
+    /// Orders of three lines: the shape of issue 18's target.
+    const BASKET_ORDERS: usize = 100_000;
     let api_db = bench.database("api").await?;
     let copy_db = bench.database("copy").await?;
     let pgbench_db = bench.database("pgbench").await?;
@@ -37,6 +39,11 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let copy_secs = copy_csv(&copy_db, &csv)?;
     let copy_rate = BATCH_ORDERS as f64 / copy_secs;
 
+    eprintln!("xtask bench: batched ingest of {BASKET_ORDERS} three-line orders, then COPY");
+    let baskets = bench.ingest_baskets(&url, &key, 3, BASKET_ORDERS, 3)?;
+    let basket_csv = bench.basket_csv(3, BASKET_ORDERS, 3)?;
+    let basket_copy_rate = BASKET_ORDERS as f64 / copy_csv(&copy_db, &basket_csv)?;
+
     eprintln!("xtask bench: single-order ingest at 32 connections, then pgbench");
     let single: Report = bench.loadtest(
         &[
@@ -57,10 +64,11 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         .fetch_one(&pool)
         .await?;
     pool.close().await;
-    let expected = (BATCH_ORDERS + SINGLE_ORDERS) as i64;
-    if stored != expected || batch.errors != 0 || single.errors != 0 {
+    let expected = (BATCH_ORDERS + BASKET_ORDERS + SINGLE_ORDERS) as i64;
+    if stored != expected || batch.errors != 0 || baskets.errors != 0 || single.errors != 0 {
         bail!(
-            "bench run was not clean: stored {stored} of {expected}; batch {batch:?}; single {single:?}"
+            "bench run was not clean: stored {stored} of {expected}; batch {batch:?}; \
+             baskets {baskets:?}; single {single:?}"
         );
     }
     let mut report = BenchReport::new("ingest", "release build, same Postgres for every figure");
@@ -70,6 +78,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         format!("COPY of the same rows: {copy_rate:.0} rows/s"),
         Some(batch.items_per_sec / copy_rate),
         "≥ 0.5×",
+    );
+    report.row(
+        format!("batched ingest, {BASKET_ORDERS} orders of 3 lines in batches of 1000"),
+        format!("{:.0} orders/s", baskets.items_per_sec),
+        format!("COPY of the same rows (orders and order_lines): {basket_copy_rate:.0} orders/s"),
+        Some(baskets.items_per_sec / basket_copy_rate),
+        "≥ 0.8×",
     );
     report.row(
         "single-order ingest, 32 connections".into(),

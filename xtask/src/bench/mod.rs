@@ -169,6 +169,18 @@ impl<'a> Harness<'a> {
         seed: u64,
         count: usize,
     ) -> Result<tidemark_loadtest::Report> {
+        self.ingest_baskets(ingest_url, key, seed, count, 1)
+    }
+
+    /// Batched ingest of `count` orders of `lines` lines each.
+    pub(super) fn ingest_baskets(
+        &self,
+        ingest_url: &str,
+        key: &str,
+        seed: u64,
+        count: usize,
+        lines: usize,
+    ) -> Result<tidemark_loadtest::Report> {
         self.loadtest(
             &[
                 "ingest-batch",
@@ -180,6 +192,8 @@ impl<'a> Harness<'a> {
                 "1000",
                 "--concurrency",
                 "4",
+                "--basket",
+                &lines.to_string(),
             ],
             &[
                 ("TIDEMARK_INGEST_URL", ingest_url),
@@ -289,6 +303,11 @@ impl<'a> Harness<'a> {
     /// Writes `count` deterministic orders as CSV files of `orders` and
     /// `order_lines` rows.
     pub(super) fn csv(&self, seed: u64, count: usize) -> Result<CsvFiles> {
+        self.basket_csv(seed, count, 1)
+    }
+
+    /// As [`Harness::csv`], for orders of `basket` lines each.
+    pub(super) fn basket_csv(&self, seed: u64, count: usize, basket: usize) -> Result<CsvFiles> {
         let write = |lines: bool, name: &str| -> Result<std::path::PathBuf> {
             let mut cmd = Command::new(self.bin("tidemark-loadtest"));
             cmd.args([
@@ -297,6 +316,8 @@ impl<'a> Harness<'a> {
                 &seed.to_string(),
                 "--count",
                 &count.to_string(),
+                "--basket",
+                &basket.to_string(),
             ]);
             if lines {
                 cmd.arg("--lines");
