@@ -295,7 +295,8 @@ async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
     let subscribe = serde_json::json!({
         "id": "1",
         "type": "subscribe",
-        "payload": { "query": "subscription { revenue(granularity: MINUTE) { points { orders } } }" }
+        "payload": { "query": "subscription { revenue(granularity: MINUTE, basis: ORDER_TIME) \
+                                { points { orders refundedMinor netRevenueMinor } } }" }
     });
     ws.send(Message::text(subscribe.to_string())).await.unwrap();
     let orders_in = |m: &serde_json::Value| -> i64 {
@@ -366,6 +367,43 @@ async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
         pushed.as_millis()
     );
     assert!(pushed < Duration::from_secs(1), "took {pushed:?}");
+
+    // A refund of it is pushed too, restating the order's minute (order time).
+    let line = &order.lines[0];
+    let response = reqwest::Client::new()
+        .post(ingest.url(&format!("/v1/orders/{}/refunds", order.order_id)))
+        .bearer_auth(&ingest_key)
+        .json(&serde_json::json!({
+            "refund_id": uuid::Uuid::new_v4(),
+            "created_at": chrono::Utc::now().to_rfc3339(),
+            "items": [{"product_id": line.product_id, "quantity": 1}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let sum = |m: &serde_json::Value, field: &str| -> i64 {
+        m["payload"]["data"]["revenue"]["points"]
+            .as_array()
+            .map_or(0, |p| {
+                p.iter().map(|x| x[field].as_i64().unwrap_or(0)).sum()
+            })
+    };
+    let refunded = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let update = next().await;
+            if sum(&update, "refundedMinor") > 0 {
+                return update;
+            }
+        }
+    })
+    .await
+    .expect("the refund was pushed");
+    assert_eq!(sum(&refunded, "refundedMinor"), line.unit_price_minor);
+    assert_eq!(
+        sum(&refunded, "netRevenueMinor"),
+        order.revenue_minor() - line.unit_price_minor
+    );
 }
 
 /// Any active ISO 4217 currency is taken and served with its exponent: roubles
