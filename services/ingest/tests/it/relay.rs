@@ -149,7 +149,13 @@ async fn a_relay_stopped_at_random_points_loses_and_duplicates_nothing() {
     let pg = tidemark_testkit::PrivatePostgres::start().await;
     let db = pg.test_db();
     let s3 = tidemark_testkit::s3();
-    let relay = relay(&db.pool, &s3, 40).await;
+    // The relay's connections are its own: a crashed process closes them. (A step
+    // future dropped mid-query can leave a pooled connection inside a transaction,
+    // which Postgres ends after `idle_in_transaction_session_timeout`, failing
+    // whichever later step picks that connection.)
+    let own_pool = || tidemark_platform::postgres::pool(&db.config, "relay").unwrap();
+    let mut relay_pool = own_pool();
+    let mut relay = relay(&relay_pool, &s3, 40).await;
     let writer = {
         let pool = db.pool.clone();
         tokio::spawn(async move {
@@ -173,6 +179,9 @@ async fn a_relay_stopped_at_random_points_loses_and_duplicates_nothing() {
         let budget = Duration::from_micros(rng.random_range(0..20_000));
         if tokio::time::timeout(budget, relay.step()).await.is_err() {
             interrupted += 1;
+            relay_pool.close().await;
+            relay_pool = own_pool();
+            relay = self::relay(&relay_pool, &s3, 40).await;
         }
     }
     writer.await.unwrap();
