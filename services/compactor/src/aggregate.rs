@@ -362,16 +362,20 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
     } else {
         (rows.clone(), rows.clear())
     };
-    let created = micros(&orders, "created_us")?;
+    // The orders' times stay in their column (millions); the adjustments' are few.
+    let created = orders.column("created_us")?.i64()?;
     let booked = micros(&adjustments, "adjusted_us")?;
     let restated = micros(&adjustments, "created_us")?;
-    let times = || created.iter().chain(&booked).chain(&restated);
-    let (Some(first), Some(last)) = (times().min(), times().max()) else {
+    let few = || booked.iter().chain(&restated).copied();
+    let (Some(first), Some(last)) = (
+        created.min().into_iter().chain(few()).min(),
+        created.max().into_iter().chain(few()).max(),
+    ) else {
         polars_bail!(ComputeError: "rows without an event time");
     };
     out.base_us = first.div_euclid(DAY_US) * DAY_US;
     let minute = |us: &i64| ((us - out.base_us) / MINUTE_US) as u64;
-    let minutes: Vec<u64> = created.iter().map(minute).collect();
+    let minutes: Vec<u64> = created.into_no_null_iter().map(|us| minute(&us)).collect();
     let buckets = ((last - out.base_us) / MINUTE_US) as u64 + 1;
     let dictionary =
         |name: &str| Dictionary::of(&[orders.column(name)?, adjustments.column(name)?]);

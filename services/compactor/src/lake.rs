@@ -704,14 +704,20 @@ fn footer_len(tail: &[u8]) -> Option<usize> {
 /// run's orders usually fall on one date: then the frame is returned as it is.
 pub fn by_date(orders: &DataFrame) -> Result<Vec<(i64, DataFrame)>> {
     const DAY_US: i64 = 86_400_000_000;
-    let booked = orders.column("adjusted_at")?.cast(&DataType::Int64)?;
     let created = orders.column("created_at")?.cast(&DataType::Int64)?;
-    let day: Int64Chunked = booked
-        .i64()?
-        .iter()
-        .zip(created.i64()?.iter())
-        .map(|(booked, created)| booked.or(created).map(|us| us.div_euclid(DAY_US)))
-        .collect();
+    let booked = orders.column("adjusted_at")?;
+    // Rows without adjustments (almost always all of them) need no second column.
+    let day: Int64Chunked = if booked.null_count() == booked.len() {
+        created.i64()?.apply_values(|us| us.div_euclid(DAY_US))
+    } else {
+        booked
+            .cast(&DataType::Int64)?
+            .i64()?
+            .iter()
+            .zip(created.i64()?.iter())
+            .map(|(booked, created)| booked.or(created).map(|us| us.div_euclid(DAY_US)))
+            .collect()
+    };
     let mut days: Vec<i64> = day.unique()?.into_no_null_iter().collect();
     days.sort_unstable();
     if let [only] = days[..] {

@@ -112,44 +112,45 @@ impl EventRow {
     /// The row as an event of this build's domain.
     pub fn decode(self) -> Result<LogRow, Undecodable> {
         let (position, ingested_at) = (self.order.position(), self.order.ingested_at);
+        let order_id = self.order.order_id;
         let undecodable = |reason: String| Undecodable {
             position,
-            order_id: self.order.order_id,
+            order_id,
             reason,
         };
-        let event = match (self.adjustment_id, self.adjustment_kind.as_deref()) {
-            (None, _) => Event::Order(self.order.clone().decode()?),
-            (Some(adjustment_id), kind) => {
-                let kind = match kind {
-                    Some("refund") => AdjustmentKind::Refund,
-                    Some("cancellation") => AdjustmentKind::Cancellation,
-                    other => return Err(undecodable(format!("unknown adjustment kind {other:?}"))),
-                };
-                let lines = adjusted_lines(
-                    self.adjusted_line_nos.as_deref(),
-                    self.adjusted_quantities.as_deref(),
-                    self.adjusted_amounts.as_deref(),
-                )
-                .ok_or_else(|| undecodable("the adjusted lines' columns disagree".into()))?;
-                let created_at = self
-                    .adjusted_at
-                    .ok_or_else(|| undecodable("an adjustment without a time".into()))?;
-                let order = self.order.clone().decode()?;
-                Event::Adjustment(AdjustmentEvent {
-                    adjustment: Adjustment {
-                        adjustment_id,
-                        order_id: order.order_id,
-                        kind,
-                        created_at,
-                        lines,
-                    },
-                    order,
-                })
-            }
+        let Some(adjustment_id) = self.adjustment_id else {
+            return Ok(LogRow {
+                position,
+                event: Event::Order(self.order.decode()?),
+                ingested_at,
+            });
         };
+        let kind = match self.adjustment_kind.as_deref() {
+            Some("refund") => AdjustmentKind::Refund,
+            Some("cancellation") => AdjustmentKind::Cancellation,
+            other => return Err(undecodable(format!("unknown adjustment kind {other:?}"))),
+        };
+        let lines = adjusted_lines(
+            self.adjusted_line_nos.as_deref(),
+            self.adjusted_quantities.as_deref(),
+            self.adjusted_amounts.as_deref(),
+        )
+        .ok_or_else(|| undecodable("the adjusted lines' columns disagree".into()))?;
+        let created_at = self
+            .adjusted_at
+            .ok_or_else(|| undecodable("an adjustment without a time".into()))?;
         Ok(LogRow {
             position,
-            event,
+            event: Event::Adjustment(AdjustmentEvent {
+                adjustment: Adjustment {
+                    adjustment_id,
+                    order_id,
+                    kind,
+                    created_at,
+                    lines,
+                },
+                order: self.order.decode()?,
+            }),
             ingested_at,
         })
     }
