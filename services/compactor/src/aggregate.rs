@@ -15,11 +15,12 @@
 //! as `revenue_agg` sorts its rows (bucket, value, currency): staging receives its
 //! rows in order, which ClickHouse then need not sort.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use polars::prelude::*;
 use tidemark_batchview::{AggRow, dimension_code, granularity_code};
-use tidemark_domain::{AdjustmentKind, Dimension, Granularity};
+use tidemark_domain::{AdjustmentKind, Attribute, Dimension, Granularity};
 
 /// What a set of lake rows (order lines and adjusted lines) adds up to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -63,8 +64,8 @@ impl Sums {
     pub fn corrections_of(&self, dimension: Dimension) -> [i64; 3] {
         let cancelled = match dimension {
             Dimension::Total | Dimension::City => self.cancelled,
-            Dimension::Category => self.category_cancelled,
-            Dimension::Product => self.line_cancelled,
+            Dimension::Category | Dimension::CityCategory => self.category_cancelled,
+            Dimension::Product | Dimension::CityCategoryProduct => self.line_cancelled,
         };
         [self.refunded, self.refunded_items, cancelled]
     }
@@ -73,8 +74,8 @@ impl Sums {
     pub fn of(&self, dimension: Dimension) -> [i64; 3] {
         let orders = match dimension {
             Dimension::Total | Dimension::City => self.orders,
-            Dimension::Category => self.category_orders,
-            Dimension::Product => self.lines,
+            Dimension::Category | Dimension::CityCategory => self.category_orders,
+            Dimension::Product | Dimension::CityCategoryProduct => self.lines,
         };
         [self.revenue, orders, self.items]
     }
@@ -175,16 +176,39 @@ pub struct Aggregates {
     /// The first midnight (UTC) of the run's orders, in µs: bucket 0.
     base_us: i64,
     currencies: Vec<String>,
-    /// Per dimension, in [`Dimension::ALL`]'s order.
-    values: [Vec<String>; 4],
+    /// The dictionaries of city, category and product.
+    cities: Vec<String>,
+    categories: Vec<String>,
+    products: Vec<String>,
     pub grids: Vec<Grid>,
 }
 
-fn dimension_index(dimension: Dimension) -> usize {
-    Dimension::ALL
-        .iter()
-        .position(|d| *d == dimension)
-        .expect("listed")
+impl Aggregates {
+    /// The value of a cell of `dimension` whose value code is `code`: a
+    /// dictionary's value, or several joined (codes in mixed radix, city first).
+    fn value(&self, dimension: Dimension, code: u64) -> Cow<'_, str> {
+        let (categories, products) = (self.categories.len() as u64, self.products.len() as u64);
+        let place = |code: u64| (code / categories, code % categories);
+        let [city, category, product] = match dimension {
+            Dimension::Total => return Cow::Borrowed(""),
+            Dimension::City => return Cow::Borrowed(&self.cities[code as usize]),
+            Dimension::Category => return Cow::Borrowed(&self.categories[code as usize]),
+            Dimension::Product => return Cow::Borrowed(&self.products[code as usize]),
+            Dimension::CityCategory => {
+                let (city, category) = place(code);
+                [city, category, 0]
+            }
+            Dimension::CityCategoryProduct => {
+                let (city, category) = place(code / products);
+                [city, category, code % products]
+            }
+        };
+        dimension.join(|a| match a {
+            Attribute::City => &self.cities[city as usize],
+            Attribute::Category => &self.categories[category as usize],
+            Attribute::Product => &self.products[product as usize],
+        })
+    }
 }
 
 /// The measures of a grid's cells, in `revenue_agg`'s column order.
@@ -344,7 +368,9 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
     let mut out = Aggregates {
         base_us: 0,
         currencies: Vec::new(),
-        values: [vec![String::new()], Vec::new(), Vec::new(), Vec::new()],
+        cities: Vec::new(),
+        categories: Vec::new(),
+        products: Vec::new(),
         grids: Vec::new(),
     };
     if rows.height() == 0 {
@@ -407,59 +433,103 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
         })
         .collect();
     let places = group(keys, &orders, Source::Places)?;
-    let product_layout = layout(product.values.len()).check(buckets)?;
+    // Minute × (city, category, product) × currency: the cube's code is place ·
+    // products + product. Products are summed from it (an order holds a product
+    // once, in one line of one category: its lines count its orders in both).
+    let products = product.values.len() as u64;
+    let cube_layout = Layout {
+        values: cities * categories * products,
+        currencies,
+    }
+    .check(buckets)?;
     let keys = (0..orders.height())
-        .map(|i| product_layout.key(minutes[i], product.codes[0][i], currency.codes[0][i]))
+        .map(|i| {
+            let place = city.codes[0][i] * categories + category.codes[0][i];
+            cube_layout.key(
+                minutes[i],
+                place * products + product.codes[0][i],
+                currency.codes[0][i],
+            )
+        })
         .collect();
-    let products = group(keys, &orders, Source::Products)?;
+    let cube = group(keys, &orders, Source::Products)?;
     drop((minutes, orders));
+    let product_layout = layout(product.values.len());
 
     let mut minute_grids = Vec::new();
     for dimension in Dimension::ALL {
-        let (target, value_of): (Layout, fn(u64, u64) -> u64) = match dimension {
-            Dimension::Total => (layout(1), |_, _| 0),
-            Dimension::City => (layout(city.values.len()), |place, categories| {
-                place / categories
-            }),
-            Dimension::Category => (layout(category.values.len()), |place, categories| {
-                place % categories
-            }),
-            Dimension::Product => (product_layout, |_, _| 0),
-        };
-        let cells = match dimension {
-            Dimension::Product => products.clone(),
-            _ => {
-                let keys = keys_of(&places)?
+        // The grid summed from (its layout, the value code of a source cell's, the
+        // source cells, what they sum).
+        let regroup =
+            |target: Layout, from: (Layout, &DataFrame), value: &dyn Fn(u64) -> u64, source| {
+                let (layout, cells) = from;
+                let keys = keys_of(cells)?
                     .iter()
                     .map(|&key| {
-                        let (minute, place, currency) = places_layout.split(key);
-                        target.key(minute, value_of(place, categories), currency)
+                        let (minute, code, currency) = layout.split(key);
+                        target.key(minute, value(code), currency)
                     })
                     .collect();
-                let source = match dimension {
-                    Dimension::Category => Source::PlacesByCategory,
-                    _ => Source::Cells(&MEASURES[..3]),
-                };
-                group(keys, &places, source)?
+                group(keys, cells, source)
+            };
+        let from_places = (places_layout, &places);
+        let sums = Source::Cells(&MEASURES[..3]);
+        let (target, cells) = match dimension {
+            Dimension::Total => (layout(1), regroup(layout(1), from_places, &|_| 0, sums)?),
+            Dimension::City => {
+                let target = layout(city.values.len());
+                (
+                    target,
+                    regroup(target, from_places, &|place| place / categories, sums)?,
+                )
             }
+            Dimension::Category => {
+                let target = layout(category.values.len());
+                let value = |place| place % categories;
+                (
+                    target,
+                    regroup(target, from_places, &value, Source::PlacesByCategory)?,
+                )
+            }
+            Dimension::CityCategory => (
+                places_layout,
+                regroup(
+                    places_layout,
+                    from_places,
+                    &|place| place,
+                    Source::PlacesByCategory,
+                )?,
+            ),
+            Dimension::Product => {
+                let value = |code| code % products;
+                let sums = Source::Cells(&MEASURES[..3]);
+                (
+                    product_layout,
+                    regroup(product_layout, (cube_layout, &cube), &value, sums)?,
+                )
+            }
+            Dimension::CityCategoryProduct => (cube_layout, cube.clone()),
         };
         let cells = if adjustments.height() == 0 {
             cells
         } else {
-            let (values, cancel): (&[u64], &'static str) = match dimension {
-                Dimension::Total => (&[], "cancel_first"),
-                Dimension::City => (&city.codes[1], "cancel_first"),
-                Dimension::Category => (&category.codes[1], "cancel_category_first"),
-                Dimension::Product => (&product.codes[1], "cancel_line"),
+            let place = |i: usize| city.codes[1][i] * categories + category.codes[1][i];
+            let (value, cancel): (&dyn Fn(usize) -> u64, &'static str) = match dimension {
+                Dimension::Total => (&|_| 0, "cancel_first"),
+                Dimension::City => (&|i| city.codes[1][i], "cancel_first"),
+                Dimension::Category => (&|i| category.codes[1][i], "cancel_category_first"),
+                Dimension::CityCategory => (&place, "cancel_category_first"),
+                Dimension::Product => (&|i| product.codes[1][i], "cancel_line"),
+                Dimension::CityCategoryProduct => (
+                    &|i| place(i) * products + product.codes[1][i],
+                    "cancel_line",
+                ),
             };
             let keys = |times: &[i64]| -> Vec<u64> {
                 times
                     .iter()
                     .enumerate()
-                    .map(|(i, us)| {
-                        let value = values.get(i).copied().unwrap_or(0);
-                        target.key(minute(us), value, currency.codes[1][i])
-                    })
+                    .map(|(i, us)| target.key(minute(us), value(i), currency.codes[1][i]))
                     .collect()
             };
             let booked = group(
@@ -487,7 +557,7 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
             cells,
         });
     }
-    drop((places, products));
+    drop((places, cube));
     let hour_grids = minute_grids
         .iter()
         .map(|g| g.roll_up(Granularity::Hour, 60))
@@ -501,9 +571,9 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
         .flatten()
         .collect();
     out.currencies = currency.values;
-    out.values[dimension_index(Dimension::City)] = city.values;
-    out.values[dimension_index(Dimension::Category)] = category.values;
-    out.values[dimension_index(Dimension::Product)] = product.values;
+    out.cities = city.values;
+    out.categories = category.values;
+    out.products = product.values;
     Ok(out)
 }
 
@@ -534,7 +604,7 @@ pub struct StagedRow<'a> {
     pub dimension: i8,
     /// Bucket start, unix seconds.
     pub bucket: u32,
-    pub value: &'a str,
+    pub value: Cow<'a, str>,
     pub currency: &'a str,
     pub run_id: u64,
     pub revenue_minor: i64,
@@ -558,7 +628,6 @@ impl Aggregates {
         run_id: u64,
     ) -> PolarsResult<Vec<StagedRow<'a>>> {
         let width_us = grid.granularity.seconds() * 1_000_000;
-        let values = &self.values[dimension_index(grid.dimension)];
         // Every measure per row; 0 for those a grid without adjustments lacks.
         let mut measures = Vec::with_capacity(MEASURES.len());
         for name in MEASURES {
@@ -583,7 +652,7 @@ impl Aggregates {
                     granularity,
                     dimension,
                     bucket: ((self.base_us + bucket as i64 * width_us) / 1_000_000) as u32,
-                    value: &values[value as usize],
+                    value: self.value(grid.dimension, value),
                     currency: &self.currencies[currency as usize],
                     run_id,
                     revenue_minor: m(0),
@@ -615,7 +684,7 @@ pub fn aggregate(rows: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
                     granularity: r.granularity,
                     dimension: r.dimension,
                     bucket: r.bucket,
-                    value: r.value.to_owned(),
+                    value: r.value.into_owned(),
                     currency: r.currency.to_owned(),
                     run_id: r.run_id,
                     revenue_minor: r.revenue_minor,
@@ -846,15 +915,14 @@ mod tests {
                 let width = g.seconds() * 1_000_000;
                 for d in Dimension::ALL {
                     for r in &rows {
-                        let value = match d {
-                            Dimension::Total => "",
-                            Dimension::City => r.1,
-                            Dimension::Category => r.2,
-                            Dimension::Product => r.3,
-                        };
+                        let value = d.join(|a| match a {
+                            Attribute::City => r.1,
+                            Attribute::Category => r.2,
+                            Attribute::Product => r.3,
+                        });
                         let bucket = (r.0.div_euclid(width) * width / 1_000_000) as u32;
                         let cell = expected
-                            .entry((granularity_code(g), dimension_code(d), bucket, value.to_owned(), r.4.to_owned()))
+                            .entry((granularity_code(g), dimension_code(d), bucket, value.into_owned(), r.4.to_owned()))
                             .or_default();
                         cell.0 += r.5 * r.6;
                         cell.1 += 1;
@@ -916,6 +984,21 @@ mod tests {
             [("books".into(), 1_200, 1, 3), ("games".into(), 30, 1, 3)]
         );
         assert_eq!(day(Dimension::Product).len(), 3);
+        assert_eq!(
+            day(Dimension::CityCategory),
+            [
+                ("Oslo\u{1f}books".into(), 1_200, 1, 3),
+                ("Oslo\u{1f}games".into(), 30, 1, 3)
+            ]
+        );
+        assert_eq!(
+            day(Dimension::CityCategoryProduct),
+            [
+                ("Oslo\u{1f}books\u{1f}p-1".into(), 200, 1, 2),
+                ("Oslo\u{1f}books\u{1f}p-2".into(), 1_000, 1, 1),
+                ("Oslo\u{1f}games\u{1f}p-3".into(), 30, 1, 3)
+            ]
+        );
         let totals = currency_totals(&frame).unwrap()["EUR"];
         assert_eq!(totals.of(Dimension::Total), [1_230, 1, 6]);
         assert_eq!(totals.of(Dimension::Category)[1], 2);

@@ -1048,7 +1048,7 @@ mod tests {
                     for c in event.contributions(dimension) {
                         let bucket = granularity.bucket_of_secs(c.at.timestamp()) as u32;
                         expected
-                            .entry((bucket, c.value.to_owned()))
+                            .entry((bucket, c.value.into_owned()))
                             .or_default()
                             .add(c.totals);
                     }

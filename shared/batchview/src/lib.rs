@@ -75,6 +75,8 @@ pub fn dimension_code(d: Dimension) -> i8 {
         Dimension::City => 2,
         Dimension::Category => 3,
         Dimension::Product => 4,
+        Dimension::CityCategory => 5,
+        Dimension::CityCategoryProduct => 6,
     }
 }
 

@@ -84,22 +84,86 @@ impl FromStr for Granularity {
     }
 }
 
-/// What revenue is grouped by. `Total` has a single, empty value.
+/// What a question groups and filters by: an attribute of an order (city) or of
+/// its lines (category, product).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Dimension {
-    Total,
+pub enum Attribute {
     City,
     Category,
     Product,
 }
 
+impl Attribute {
+    pub const ALL: [Attribute; 3] = [Attribute::City, Attribute::Category, Attribute::Product];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attribute::City => "city",
+            Attribute::Category => "category",
+            Attribute::Product => "product",
+        }
+    }
+}
+
+impl fmt::Display for Attribute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Attribute {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "city" => Ok(Attribute::City),
+            "category" => Ok(Attribute::Category),
+            "product" => Ok(Attribute::Product),
+            _ => Err(ParseError {
+                kind: "dimension",
+                value: s.chars().take(32).collect(),
+                expected: "city, category, product",
+            }),
+        }
+    }
+}
+
+/// Separates the attribute values of a cell of a shape with several attributes
+/// (`Berlin\u{1f}books`). Text fields hold no control characters, so it cannot
+/// occur in a value, and it sorts below every character that can: cells sorted by
+/// their joined value are sorted by their tuple of values.
+pub const VALUE_SEPARATOR: char = '\u{1f}';
+
+/// A shape of stored cells: the attributes a cell is keyed by (besides bucket and
+/// currency). `Total` has a single, empty value; a shape of several attributes
+/// joins their values with [`VALUE_SEPARATOR`].
+///
+/// An order counts once per combination of values it holds in the shape's
+/// attributes, so a shape's order counts are not sums of a finer shape's — except
+/// over cities (an order has one city) and, where the product is kept, over
+/// categories (an order holds a product once, in one line). The stored shapes are
+/// chosen so that every set of attributes a question names is one of them, or one
+/// of them with only such attributes added ([`Dimension::covering`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    Total,
+    City,
+    Category,
+    Product,
+    CityCategory,
+    CityCategoryProduct,
+}
+
 impl Dimension {
-    pub const ALL: [Dimension; 4] = [
+    pub const ALL: [Dimension; 6] = [
         Dimension::Total,
         Dimension::City,
         Dimension::Category,
         Dimension::Product,
+        Dimension::CityCategory,
+        Dimension::CityCategoryProduct,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -108,7 +172,85 @@ impl Dimension {
             Dimension::City => "city",
             Dimension::Category => "category",
             Dimension::Product => "product",
+            Dimension::CityCategory => "city_category",
+            Dimension::CityCategoryProduct => "city_category_product",
         }
+    }
+
+    /// The attributes a cell of this shape is keyed by, in value order.
+    pub fn attributes(self) -> &'static [Attribute] {
+        match self {
+            Dimension::Total => &[],
+            Dimension::City => &[Attribute::City],
+            Dimension::Category => &[Attribute::Category],
+            Dimension::Product => &[Attribute::Product],
+            Dimension::CityCategory => &[Attribute::City, Attribute::Category],
+            Dimension::CityCategoryProduct => {
+                &[Attribute::City, Attribute::Category, Attribute::Product]
+            }
+        }
+    }
+
+    /// The shape of one attribute.
+    pub fn of(attribute: Attribute) -> Dimension {
+        match attribute {
+            Attribute::City => Dimension::City,
+            Attribute::Category => Dimension::Category,
+            Attribute::Product => Dimension::Product,
+        }
+    }
+
+    /// The smallest stored shape whose cells sum exactly to the cells of
+    /// `attributes`: it holds them all, and adds only the city (single-valued per
+    /// order) or, with the product, the category (one per product of an order).
+    pub fn covering(attributes: &[Attribute]) -> Dimension {
+        let has = |a| attributes.contains(&a);
+        match (
+            has(Attribute::City),
+            has(Attribute::Category),
+            has(Attribute::Product),
+        ) {
+            (false, false, false) => Dimension::Total,
+            (true, false, false) => Dimension::City,
+            (false, true, false) => Dimension::Category,
+            (false, false, true) => Dimension::Product,
+            (true, true, false) => Dimension::CityCategory,
+            _ => Dimension::CityCategoryProduct,
+        }
+    }
+
+    /// A cell's value in this shape from its attribute values (in
+    /// [`Dimension::attributes`] order).
+    pub fn join<'a>(
+        self,
+        mut value_of: impl FnMut(Attribute) -> &'a str,
+    ) -> std::borrow::Cow<'a, str> {
+        match self.attributes() {
+            [] => std::borrow::Cow::Borrowed(""),
+            [one] => std::borrow::Cow::Borrowed(value_of(*one)),
+            many => {
+                let mut joined = String::new();
+                for (i, a) in many.iter().enumerate() {
+                    if i > 0 {
+                        joined.push(VALUE_SEPARATOR);
+                    }
+                    joined.push_str(value_of(*a));
+                }
+                std::borrow::Cow::Owned(joined)
+            }
+        }
+    }
+
+    /// The attribute values of a cell's value, in [`Dimension::attributes`] order;
+    /// `None` if it does not have as many as the shape has attributes.
+    pub fn split(self, value: &str) -> Option<Vec<&str>> {
+        let want = self.attributes().len();
+        let parts: Vec<&str> = if want == 0 {
+            Vec::new()
+        } else {
+            value.split(VALUE_SEPARATOR).collect()
+        };
+        (parts.len() == want && (want > 0 || value.is_empty())).then_some(parts)
     }
 }
 
@@ -122,17 +264,14 @@ impl FromStr for Dimension {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "total" => Ok(Dimension::Total),
-            "city" => Ok(Dimension::City),
-            "category" => Ok(Dimension::Category),
-            "product" => Ok(Dimension::Product),
-            _ => Err(ParseError {
+        Dimension::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| ParseError {
                 kind: "dimension",
                 value: s.chars().take(32).collect(),
-                expected: "total, city, category, product",
-            }),
-        }
+                expected: "total, city, category, product, city_category, city_category_product",
+            })
     }
 }
 
@@ -168,7 +307,54 @@ mod tests {
             assert_eq!(d.as_str().parse::<Dimension>().unwrap(), d);
         }
         assert!("week".parse::<Granularity>().is_err());
+        for a in Attribute::ALL {
+            assert_eq!(a.as_str().parse::<Attribute>().unwrap(), a);
+        }
         assert!("Hour".parse::<Granularity>().is_err());
+    }
+
+    #[test]
+    fn every_set_of_attributes_has_a_covering_shape_that_adds_only_what_sums_exactly() {
+        use Attribute::*;
+        let subsets: Vec<Vec<Attribute>> = (0..8)
+            .map(|bits| {
+                Attribute::ALL
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| bits & (1 << i) != 0)
+                    .map(|(_, a)| a)
+                    .collect()
+            })
+            .collect();
+        for wanted in subsets {
+            let shape = Dimension::covering(&wanted);
+            for a in &wanted {
+                assert!(shape.attributes().contains(a), "{wanted:?} → {shape}");
+            }
+            for extra in shape.attributes().iter().filter(|a| !wanted.contains(a)) {
+                let exact = *extra == City || (*extra == Category && wanted.contains(&Product));
+                assert!(exact, "{wanted:?} → {shape} adds {extra}");
+            }
+        }
+    }
+
+    #[test]
+    fn composite_values_join_and_split() {
+        let shape = Dimension::CityCategoryProduct;
+        let value = shape.join(|a| match a {
+            Attribute::City => "São Paulo",
+            Attribute::Category => "a:b",
+            Attribute::Product => "p-1",
+        });
+        assert_eq!(value, "São Paulo\u{1f}a:b\u{1f}p-1");
+        assert_eq!(shape.split(&value).unwrap(), ["São Paulo", "a:b", "p-1"]);
+        assert_eq!(Dimension::Total.split(""), Some(vec![]));
+        assert_eq!(Dimension::City.split("Berlin"), Some(vec!["Berlin"]));
+        assert_eq!(Dimension::CityCategory.split("Berlin"), None);
+        // Joined values sort as their tuples do.
+        let a = Dimension::CityCategory.join(|x| if x == Attribute::City { "a" } else { "z" });
+        let b = Dimension::CityCategory.join(|x| if x == Attribute::City { "a b" } else { "a" });
+        assert!(a < b);
     }
 
     proptest! {

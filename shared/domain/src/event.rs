@@ -7,6 +7,8 @@
 //! (restated). [`Event::contributions`] is the one definition of what an event adds
 //! to which cell; every view and every ground truth sums it.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -32,10 +34,10 @@ pub enum Event {
 
 /// What an event adds to one cell of a dimension: the time whose bucket the cell
 /// is, the dimension value (`""` for [`Dimension::Total`]) and the totals.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Contribution<'a> {
     pub at: DateTime<Utc>,
-    pub value: &'a str,
+    pub value: Cow<'a, str>,
     pub totals: Totals,
 }
 
@@ -83,7 +85,7 @@ impl Event {
                 let cells = event.corrections(dim);
                 let booked = cells.iter().map(|(value, c)| Contribution {
                     at: event.adjustment.created_at,
-                    value,
+                    value: value.clone(),
                     totals: Totals {
                         booked: *c,
                         ..Totals::default()
@@ -91,7 +93,7 @@ impl Event {
                 });
                 let restated = cells.iter().map(|(value, c)| Contribution {
                     at: event.order.created_at,
-                    value,
+                    value: value.clone(),
                     totals: Totals {
                         restated: *c,
                         ..Totals::default()
@@ -106,17 +108,12 @@ impl Event {
 impl AdjustmentEvent {
     /// The corrections per value of `dim`, in the order values first appear among
     /// the order's lines.
-    pub fn corrections(&self, dim: Dimension) -> Vec<(&str, Corrections)> {
+    pub fn corrections(&self, dim: Dimension) -> Vec<(Cow<'_, str>, Corrections)> {
         let order = &self.order;
         let cancels = self.adjustment.kind == AdjustmentKind::Cancellation;
-        let mut cells: Vec<(&str, Corrections)> = Vec::new();
+        let mut cells: Vec<(Cow<'_, str>, Corrections)> = Vec::new();
         for (i, line) in order.lines.iter().enumerate() {
-            let value = match dim {
-                Dimension::Total => "",
-                Dimension::City => &order.city,
-                Dimension::Category => &line.category,
-                Dimension::Product => &line.product_id,
-            };
+            let value = dim.join(|a| order.attribute(line, a));
             let given = self
                 .adjustment
                 .lines
@@ -189,7 +186,7 @@ mod tests {
         event
             .contributions(dim)
             .into_iter()
-            .map(|c| (c.at.timestamp(), c.value.to_owned(), c.totals))
+            .map(|c| (c.at.timestamp(), c.value.into_owned(), c.totals))
             .collect()
     }
 

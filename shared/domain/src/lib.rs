@@ -16,7 +16,7 @@ pub mod position;
 
 pub use adjustment::{AdjustedLine, Adjustment, AdjustmentKind, RefundItem, RefundRequest};
 pub use aggregate::{Basis, CellKey, Corrections, Grid, Totals};
-pub use bucket::{Dimension, Granularity};
+pub use bucket::{Attribute, Dimension, Granularity, VALUE_SEPARATOR};
 pub use event::{AdjustmentEvent, Contribution, Event};
 pub use money::{Currency, CurrencyError};
 pub use order::{Order, OrderCell, OrderLimits, OrderLine, Violation};

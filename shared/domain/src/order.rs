@@ -1,11 +1,13 @@
 //! The order: one purchase of a basket of lines, the unit every revenue figure is
 //! built from.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::bucket::Dimension;
+use crate::bucket::{Attribute, Dimension};
 use crate::money::Currency;
 
 /// Longest accepted text field, in characters.
@@ -40,9 +42,9 @@ impl OrderLine {
 
 /// What one order adds to one cell of a dimension: its revenue and items there, and
 /// one order (an order counts once per value it contains).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrderCell<'a> {
-    pub value: &'a str,
+    pub value: Cow<'a, str>,
     pub revenue_minor: i64,
     pub items: i64,
 }
@@ -74,18 +76,22 @@ impl Order {
         self.lines.iter().map(|l| i64::from(l.quantity)).sum()
     }
 
+    /// The value of `attribute` for `line` of this order.
+    pub fn attribute<'a>(&'a self, line: &'a OrderLine, attribute: Attribute) -> &'a str {
+        match attribute {
+            Attribute::City => &self.city,
+            Attribute::Category => &line.category,
+            Attribute::Product => &line.product_id,
+        }
+    }
+
     /// What the order adds to each value of `dim` it contains (`""` for
     /// [`Dimension::Total`]), in the order the values first appear: revenue and
     /// items summed over the lines with that value.
     pub fn cells(&self, dim: Dimension) -> Vec<OrderCell<'_>> {
         let mut cells: Vec<OrderCell<'_>> = Vec::with_capacity(1);
         for line in &self.lines {
-            let value = match dim {
-                Dimension::Total => "",
-                Dimension::City => &self.city,
-                Dimension::Category => &line.category,
-                Dimension::Product => &line.product_id,
-            };
+            let value = dim.join(|a| self.attribute(line, a));
             match cells.iter_mut().find(|c| c.value == value) {
                 Some(cell) => {
                     cell.revenue_minor += line.revenue_minor();
@@ -299,7 +305,7 @@ pub(crate) mod tests {
         let cells = |d| {
             o.cells(d)
                 .into_iter()
-                .map(|c| (c.value.to_owned(), c.revenue_minor, c.items))
+                .map(|c| (c.value.into_owned(), c.revenue_minor, c.items))
                 .collect::<Vec<_>>()
         };
         assert_eq!(cells(Dimension::Total), [("".to_owned(), 1_230, 6)]);
@@ -309,6 +315,17 @@ pub(crate) mod tests {
             [("books".to_owned(), 230, 5), ("games".to_owned(), 1_000, 1)]
         );
         assert_eq!(cells(Dimension::Product).len(), 3);
+        assert_eq!(
+            cells(Dimension::CityCategory),
+            [
+                ("Berlin\u{1f}books".to_owned(), 230, 5),
+                ("Berlin\u{1f}games".to_owned(), 1_000, 1)
+            ]
+        );
+        assert_eq!(
+            cells(Dimension::CityCategoryProduct)[2],
+            ("Berlin\u{1f}books\u{1f}p-3".to_owned(), 30, 3)
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@ use sqlx::PgPool;
 /// whose transaction id lies in `[from_txid, to_txid)`. Revenue and items sum the
 /// lines; an order counts once per value it contains.
 ///
-/// `granularity_secs` is 60, 3600 or 86400; `dimension` is `total`, `city`,
-/// `category` or `product`.
+/// `granularity_secs` is 60, 3600 or 86400; `dimension` is a stored shape
+/// (`total`, `city`, …, `city_category_product`: values joined by U+001F).
 pub async fn ground_truth(
     pool: &PgPool,
     granularity_secs: i64,
@@ -22,6 +22,8 @@ pub async fn ground_truth(
         "city" => "o.city",
         "category" => "l.category",
         "product" => "l.product_id",
+        "city_category" => "o.city || chr(31) || l.category",
+        "city_category_product" => "o.city || chr(31) || l.category || chr(31) || l.product_id",
         other => panic!("unknown dimension {other}"),
     };
     let sql = format!(
@@ -66,6 +68,8 @@ pub async fn ground_truth_corrections(
         "city" => "o.city",
         "category" => "ol.category",
         "product" => "ol.product_id",
+        "city_category" => "o.city || chr(31) || ol.category",
+        "city_category_product" => "o.city || chr(31) || ol.category || chr(31) || ol.product_id",
         other => panic!("unknown dimension {other}"),
     };
     let at = if order_time {
