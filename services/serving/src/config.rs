@@ -30,6 +30,10 @@ pub struct ServingSettings {
     pub max_page: usize,
     /// Most entries in a summary's top list (per currency).
     pub max_top: usize,
+    /// Most cells (bucket × group × currency) in one revenue answer.
+    pub max_cells: usize,
+    /// Most values of one filter (`city=a,b,…`).
+    pub max_filter_values: usize,
     /// How long the published batch state is reused before it is read again.
     #[serde(with = "millis")]
     pub state_ttl: Duration,
@@ -60,6 +64,8 @@ impl Default for ServingSettings {
             max_range_days: 400,
             max_page: 500,
             max_top: 100,
+            max_cells: 200_000,
+            max_filter_values: 100,
             state_ttl: Duration::from_millis(500),
             cache_entries: 2_000,
             graphql_max_depth: 8,

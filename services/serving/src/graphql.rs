@@ -103,37 +103,57 @@ fn record(field: &'static str, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
-#[allow(clippy::too_many_arguments)]
-fn revenue_params(
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    granularity: Granularity,
-    group_by: Option<GroupBy>,
-    city: Option<String>,
-    category: Option<String>,
-    product: Option<String>,
+/// What a question slices by, as GraphQL arguments: they become the same query
+/// parameters REST takes, validated by the same code.
+#[derive(Clone, Default)]
+struct Slice {
+    group_by: Option<Vec<GroupBy>>,
+    city: Option<Vec<String>>,
+    category: Option<Vec<String>>,
+    product: Option<Vec<String>>,
     currency: Option<String>,
+    tz: Option<String>,
+}
+
+impl Slice {
+    fn into_params(self, params: &mut HashMap<String, String>, group_param: &str) {
+        if let Some(g) = self.group_by {
+            let names: Vec<&str> = g.iter().map(|g| g.as_str()).collect();
+            params.insert(group_param.to_owned(), query::join_list(&names));
+        }
+        for (k, v) in [
+            ("city", self.city),
+            ("category", self.category),
+            ("product", self.product),
+        ] {
+            if let Some(v) = v {
+                params.insert(k.to_owned(), query::join_list(&v));
+            }
+        }
+        for (k, v) in [("currency", self.currency), ("tz", self.tz)] {
+            if let Some(v) = v {
+                params.insert(k.to_owned(), v);
+            }
+        }
+    }
+}
+
+fn revenue_params(
+    from: &str,
+    to: &str,
+    granularity: Granularity,
+    slice: Slice,
     basis: Basis,
     allow_partial: bool,
 ) -> HashMap<String, String> {
     let mut params = HashMap::from([
-        ("from".to_owned(), from.to_rfc3339()),
-        ("to".to_owned(), to.to_rfc3339()),
+        ("from".to_owned(), from.to_owned()),
+        ("to".to_owned(), to.to_owned()),
         ("granularity".to_owned(), granularity.as_str().to_owned()),
         ("basis".to_owned(), basis.as_str().to_owned()),
         ("allow_partial".to_owned(), allow_partial.to_string()),
     ]);
-    for (k, v) in [
-        ("group_by", group_by.map(|g| g.as_str().to_owned())),
-        ("city", city),
-        ("category", category),
-        ("product", product),
-        ("currency", currency),
-    ] {
-        if let Some(v) = v {
-            params.insert(k.to_owned(), v);
-        }
-    }
+    slice.into_params(&mut params, "group_by");
     params
 }
 
@@ -148,31 +168,39 @@ impl QueryRoot {
     async fn revenue(
         &self,
         ctx: &Context<'_>,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        #[graphql(
+            desc = "Start: RFC 3339 (`2026-11-21T00:00:00+05:30`) or local time in \
+                          `tz` (`2026-11-21T00:00:00`, `2026-11-21`); truncated to its bucket."
+        )]
+        from: String,
+        #[graphql(desc = "End, exclusive, in the same forms; rounded up to a bucket.")] to: String,
         #[graphql(default_with = "Granularity::Hour")] granularity: Granularity,
-        group_by: Option<GroupBy>,
-        city: Option<String>,
-        category: Option<String>,
-        product: Option<String>,
-        currency: Option<String>,
+        #[graphql(desc = "One or two dimensions, e.g. `[CITY, CATEGORY]`.")] group_by: Option<
+            Vec<GroupBy>,
+        >,
+        #[graphql(desc = "Only these cities, e.g. `[\"Berlin\", \"Paris\"]`.")] city: Option<
+            Vec<String>,
+        >,
+        #[graphql(desc = "Only these categories.")] category: Option<Vec<String>>,
+        #[graphql(desc = "Only these product ids.")] product: Option<Vec<String>>,
+        #[graphql(desc = "Only this ISO 4217 currency.")] currency: Option<String>,
+        #[graphql(desc = "IANA zone whose local hours and days the buckets follow \
+                          (default UTC), e.g. `Asia/Kolkata`.")]
+        tz: Option<String>,
         #[graphql(default)] basis: Basis,
         #[graphql(default)] allow_partial: bool,
     ) -> async_graphql::Result<RevenueSeries> {
         let started = Instant::now();
         let state = ctx.data::<Arc<AppState>>()?;
-        let params = revenue_params(
-            from,
-            to,
-            granularity,
+        let slice = Slice {
             group_by,
             city,
             category,
             product,
             currency,
-            basis,
-            allow_partial,
-        );
+            tz,
+        };
+        let params = revenue_params(&from, &to, granularity, slice, basis, allow_partial);
         let result = async {
             let request = query::revenue_request(&params, &state.settings)?;
             query::revenue(&state.views, &request).await
@@ -190,25 +218,37 @@ impl QueryRoot {
     async fn summary(
         &self,
         ctx: &Context<'_>,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        #[graphql(default_with = "GroupBy::City")] top_by: GroupBy,
+        from: String,
+        to: String,
+        #[graphql(default_with = "vec![GroupBy::City]", desc = "One or two dimensions.")]
+        top_by: Vec<GroupBy>,
         #[graphql(default = 5)] top: u32,
+        city: Option<Vec<String>>,
+        category: Option<Vec<String>>,
+        product: Option<Vec<String>>,
         currency: Option<String>,
+        #[graphql(desc = "IANA zone of `from` and `to` when they are local times.")] tz: Option<
+            String,
+        >,
         #[graphql(default)] basis: Basis,
     ) -> async_graphql::Result<Summary> {
         let started = Instant::now();
         let state = ctx.data::<Arc<AppState>>()?;
         let mut params = HashMap::from([
-            ("from".to_owned(), from.to_rfc3339()),
-            ("to".to_owned(), to.to_rfc3339()),
+            ("from".to_owned(), from),
+            ("to".to_owned(), to),
             ("basis".to_owned(), basis.as_str().to_owned()),
-            ("top_by".to_owned(), top_by.as_str().to_owned()),
             ("top".to_owned(), top.to_string()),
         ]);
-        if let Some(c) = currency {
-            params.insert("currency".to_owned(), c);
-        }
+        let slice = Slice {
+            group_by: Some(top_by),
+            city,
+            category,
+            product,
+            currency,
+            tz,
+        };
+        slice.into_params(&mut params, "top_by");
         let result = async {
             let request = query::summary_request(&params, &state.settings)?;
             query::summary(&state.views, &request).await
@@ -275,24 +315,32 @@ impl SubscriptionRoot {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
         #[graphql(default_with = "Granularity::Minute")] granularity: Granularity,
-        group_by: Option<GroupBy>,
+        group_by: Option<Vec<GroupBy>>,
+        city: Option<Vec<String>>,
+        category: Option<Vec<String>>,
+        product: Option<Vec<String>>,
         currency: Option<String>,
+        tz: Option<String>,
         #[graphql(default)] basis: Basis,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RevenueSeries>>> {
         let state = ctx.data::<Arc<AppState>>()?.clone();
+        let slice = Slice {
+            group_by,
+            city,
+            category,
+            product,
+            currency,
+            tz,
+        };
         let window = move || {
             let now = Utc::now();
             let from = from.unwrap_or(now - chrono::TimeDelta::hours(1));
             let to = to.unwrap_or(now + chrono::TimeDelta::seconds(60));
             revenue_params(
-                from,
-                to,
+                &from.to_rfc3339(),
+                &to.to_rfc3339(),
                 granularity,
-                group_by,
-                None,
-                None,
-                None,
-                currency.clone(),
+                slice.clone(),
                 basis,
                 false,
             )

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod graphql;
 pub mod history;
+pub mod local;
 pub mod query;
 pub mod rest;
 pub mod views;
@@ -54,6 +55,7 @@ pub async fn serve(
             SpeedView::new(redis.clone()),
             settings.state_ttl,
             settings.cache_entries,
+            settings.max_cells,
         ),
         settings: settings.clone(),
     });

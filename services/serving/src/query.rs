@@ -4,31 +4,90 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, TimeZone, Utc};
+use chrono_tz::Tz;
 use serde::Serialize;
 use tidemark_domain::money::decimal;
-use tidemark_domain::{Basis, Currency, Dimension, Granularity, Grid, Totals};
+use tidemark_domain::order::MAX_TEXT_CHARS;
+use tidemark_domain::{Attribute, Basis, Currency, Dimension, Granularity, Grid, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::config::ServingSettings;
+use crate::local::{self, LocalBuckets};
 use crate::views::{Freshness, Part, ViewError, Views};
 
-/// A validated revenue question.
+/// A validated revenue question: REST's query parameters and GraphQL's arguments
+/// both become one of these, through [`revenue_request`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct RevenueRequest {
-    /// Inclusive start, truncated to the granularity.
+    /// Inclusive start (UTC), the start of a local bucket.
     pub from: i64,
-    /// Exclusive end, rounded up to the granularity.
+    /// Exclusive end (UTC), the start of a local bucket.
     pub to: i64,
     pub granularity: Granularity,
-    /// `Total` when not grouped.
-    pub dimension: Dimension,
-    pub grouped: bool,
-    /// Only this value of `dimension`.
-    pub value: Option<String>,
+    /// The zone whose local time the buckets follow.
+    pub zone: Tz,
+    /// Up to two attributes, in the order asked.
+    pub group_by: Vec<Attribute>,
+    /// Only these values of each attribute (values sorted, each attribute once).
+    pub filters: Vec<(Attribute, Vec<String>)>,
     pub currency: Option<Currency>,
     /// Which time refunds and cancellations count at.
     pub basis: Basis,
     pub allow_partial: bool,
+}
+
+impl RevenueRequest {
+    /// The stored shape the answer is summed from.
+    pub fn shape(&self) -> Dimension {
+        let named: Vec<Attribute> = self
+            .group_by
+            .iter()
+            .copied()
+            .chain(self.filters.iter().map(|(a, _)| *a))
+            .collect();
+        Dimension::covering(&named)
+    }
+
+    fn local(&self) -> LocalBuckets {
+        LocalBuckets::new(self.zone, self.granularity)
+    }
+}
+
+/// The values of the attributes an answer is grouped by.
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    utoipa::ToSchema,
+    async_graphql::SimpleObject,
+)]
+pub struct Dimensions {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+}
+
+impl Dimensions {
+    fn of(group_by: &[Attribute], values: &[String]) -> Self {
+        let mut out = Dimensions::default();
+        for (a, v) in group_by.iter().zip(values) {
+            let slot = match a {
+                Attribute::City => &mut out.city,
+                Attribute::Category => &mut out.category,
+                Attribute::Product => &mut out.product,
+            };
+            *slot = Some(v.clone());
+        }
+        out
+    }
 }
 
 /// Gross, refunded and net revenue of a cell or total, on the question's basis
@@ -75,8 +134,14 @@ impl Net {
 pub struct Point {
     /// Bucket start (UTC).
     pub bucket: DateTime<Utc>,
-    /// The dimension value when grouped.
+    /// The same instant in the question's zone, with its offset
+    /// (`2026-11-21T00:00:00+05:30`): a repeated hour shows its two offsets.
+    pub local_bucket: String,
+    /// The value when grouped by one dimension.
     pub group: Option<String>,
+    /// The value of each dimension grouped by (absent without `group_by`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<Dimensions>,
     pub currency: String,
     pub revenue_minor: i64,
     /// The same revenue in major units, exact, by the currency's exponent
@@ -115,7 +180,10 @@ fn currency_infos<'a>(codes: impl IntoIterator<Item = &'a Currency>) -> Vec<Curr
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct RevenueSeries {
     pub granularity: String,
+    /// The dimensions grouped by, comma-separated (`city,category`).
     pub group_by: Option<String>,
+    /// The IANA zone the buckets follow.
+    pub tz: String,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub points: Vec<Point>,
@@ -142,13 +210,34 @@ pub struct CurrencyTotals {
     pub net: Net,
 }
 
-/// One of the top dimension values, by revenue within its currency.
+/// One of the top groups, by gross revenue within its currency.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct TopEntry {
+    /// The group's value; with two dimensions their values as a list parameter
+    /// (`Berlin,books`, commas in a value escaped as `\,`).
     pub group: String,
+    /// The value of each dimension of `top_by`.
+    pub dimensions: Dimensions,
     pub currency: String,
     pub revenue_minor: i64,
     /// The same revenue in major units, exact (see `Point.revenue`).
+    pub revenue: String,
+    pub orders: i64,
+    pub items: i64,
+    pub average_order_value_minor: i64,
+    #[serde(flatten)]
+    #[graphql(flatten)]
+    pub net: Net,
+}
+
+/// The groups after the top ones, summed (per currency): with the top entries
+/// they add up to the sum over every group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+pub struct OtherEntry {
+    pub currency: String,
+    /// How many groups are summed here.
+    pub groups: i64,
+    pub revenue_minor: i64,
     pub revenue: String,
     pub orders: i64,
     pub items: i64,
@@ -165,8 +254,11 @@ pub struct Summary {
     pub totals: Vec<CurrencyTotals>,
     /// The currencies of the totals, with their exponents.
     pub currencies: Vec<CurrencyInfo>,
+    /// The dimensions of the top groups, comma-separated.
     pub top_by: String,
     pub top: Vec<TopEntry>,
+    /// Per currency with more groups than `top`, the rest summed.
+    pub other: Vec<OtherEntry>,
     pub partial: bool,
     pub missing: Vec<String>,
     pub freshness: Freshness,
@@ -223,28 +315,27 @@ impl Errors {
     }
 }
 
-fn parse_time(raw: Option<&str>, field: &str, errors: &mut Errors) -> Option<DateTime<Utc>> {
-    match raw {
-        None => {
-            errors.add(
-                field,
-                "required",
-                "is required (RFC 3339, e.g. 2026-11-21T00:00:00Z)",
-            );
-            None
-        }
-        Some(s) => match DateTime::parse_from_rfc3339(s) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
-            Err(_) => {
-                errors.add(
-                    field,
-                    "invalid",
-                    "must be an RFC 3339 time, e.g. 2026-11-21T00:00:00Z",
-                );
-                None
-            }
-        },
+/// A required time parameter (see [`local::parse_time`]).
+fn parse_time(raw: Option<&str>, zone: Tz, field: &str, errors: &mut Errors) -> Option<i64> {
+    let Some(raw) = raw else {
+        errors.add(
+            field,
+            "required",
+            "is required (RFC 3339, e.g. 2026-11-21T00:00:00Z or 2026-11-21T00:00:00+05:30, \
+             or a local date and time in `tz`)",
+        );
+        return None;
+    };
+    let parsed = local::parse_time(raw, zone);
+    if parsed.is_none() {
+        errors.add(
+            field,
+            "invalid",
+            "must be an RFC 3339 time (2026-11-21T00:00:00Z, 2026-11-21T00:00:00+05:30) or a \
+             local date and time in `tz` (2026-11-21T00:00:00, 2026-11-21)",
+        );
     }
+    parsed
 }
 
 /// `basis`: `booking_time` (the default) or `order_time`.
@@ -259,32 +350,147 @@ pub fn parse_basis(raw: Option<&str>, errors: &mut Errors) -> Basis {
     }
 }
 
-const FILTERS: [(&str, Dimension); 3] = [
-    ("city", Dimension::City),
-    ("category", Dimension::Category),
-    ("product", Dimension::Product),
+/// `tz`: an IANA zone name (default `UTC`).
+pub fn parse_zone(raw: Option<&str>, errors: &mut Errors) -> Tz {
+    match raw {
+        None => Tz::UTC,
+        Some(name) => name.parse::<Tz>().unwrap_or_else(|_| {
+            let shown: String = name.chars().take(64).collect();
+            errors.add(
+                "tz",
+                "unknown_zone",
+                format!(
+                    "`{shown}` is not an IANA time zone (e.g. Europe/Berlin, Asia/Kolkata, UTC)"
+                ),
+            );
+            Tz::UTC
+        }),
+    }
+}
+
+/// Splits a list parameter on commas; `\,` is a comma inside a value and `\\` a
+/// backslash.
+pub fn split_list(raw: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    out.last_mut().expect("one").push(next);
+                }
+            }
+            ',' => out.push(String::new()),
+            c => out.last_mut().expect("one").push(c),
+        }
+    }
+    out
+}
+
+/// Joins values into a list parameter ([`split_list`]'s inverse).
+pub fn join_list<S: AsRef<str>>(values: &[S]) -> String {
+    values
+        .iter()
+        .map(|v| v.as_ref().replace('\\', r"\\").replace(',', r"\,"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `group_by` (or `top_by`): one or two distinct dimensions, comma-separated.
+fn parse_group_by(field: &str, raw: &str, errors: &mut Errors) -> Vec<Attribute> {
+    let mut out = Vec::new();
+    let names = split_list(raw);
+    if names.len() > 2 {
+        errors.add(
+            field,
+            "too_many_dimensions",
+            "group by at most two of city, category, product",
+        );
+        return out;
+    }
+    for name in names {
+        match name.parse::<Attribute>() {
+            Ok(a) if out.contains(&a) => {
+                errors.add(field, "duplicate", format!("names {a} twice"));
+            }
+            Ok(a) => out.push(a),
+            Err(_) => {
+                let shown: String = name.chars().take(32).collect();
+                errors.add(
+                    field,
+                    "invalid",
+                    format!("`{shown}` is not a dimension: use city, category, product (one or two, comma-separated)"),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The filters `city`, `category`, `product`: comma-separated values each.
+fn parse_filters(
+    get: &dyn Fn(&str) -> Option<String>,
+    settings: &ServingSettings,
+    errors: &mut Errors,
+) -> Vec<(Attribute, Vec<String>)> {
+    let mut out = Vec::new();
+    for attribute in Attribute::ALL {
+        let Some(raw) = get(attribute.as_str()) else {
+            continue;
+        };
+        let field = attribute.as_str();
+        let mut values = split_list(&raw);
+        if values.len() > settings.max_filter_values {
+            errors.add(
+                field,
+                "too_many_values",
+                format!("at most {} values per filter", settings.max_filter_values),
+            );
+            continue;
+        }
+        let mut ok = true;
+        for v in &values {
+            if v.trim().is_empty() {
+                errors.add(field, "invalid", "values must not be empty");
+                ok = false;
+            } else if v.chars().count() > MAX_TEXT_CHARS {
+                errors.add(
+                    field,
+                    "too_long",
+                    format!(
+                        "values are at most {MAX_TEXT_CHARS} characters (no stored value is longer)"
+                    ),
+                );
+                ok = false;
+            }
+        }
+        if ok {
+            values.sort_unstable();
+            values.dedup();
+            out.push((attribute, values));
+        }
+    }
+    out
+}
+
+/// The parameters of `GET /v1/revenue`.
+const REVENUE_PARAMS: [&str; 12] = [
+    "from",
+    "to",
+    "granularity",
+    "group_by",
+    "city",
+    "category",
+    "product",
+    "currency",
+    "tz",
+    "basis",
+    "allow_partial",
+    "report_currency",
 ];
 
-/// Validates a revenue question. `params` are the raw query parameters; unknown
-/// ones are errors, so a misspelt filter does not silently widen the answer.
-pub fn revenue_request(
-    params: &HashMap<String, String>,
-    settings: &ServingSettings,
-) -> Result<RevenueRequest, Problem> {
-    let mut errors = Errors::default();
+fn unknown_params(params: &HashMap<String, String>, known: &[&str], errors: &mut Errors) {
     for name in params.keys() {
-        let known = [
-            "from",
-            "to",
-            "granularity",
-            "group_by",
-            "city",
-            "category",
-            "product",
-            "currency",
-            "basis",
-            "allow_partial",
-        ];
         if !known.contains(&name.as_str()) {
             let shown: String = name.chars().take(40).collect();
             errors.add(
@@ -294,7 +500,45 @@ pub fn revenue_request(
             );
         }
     }
+}
+
+fn parse_currency(raw: Option<&str>, field: &str, errors: &mut Errors) -> Option<Currency> {
+    raw.and_then(|c| match c.parse::<Currency>() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.add(field, "invalid", e.to_string());
+            None
+        }
+    })
+}
+
+fn parse_allow_partial(raw: Option<&str>, errors: &mut Errors) -> bool {
+    match raw {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            errors.add("allow_partial", "invalid", "must be true or false");
+            false
+        }
+    }
+}
+
+/// Validates a revenue question. `params` are the raw query parameters; unknown
+/// ones are errors, so a misspelt filter does not silently widen the answer.
+pub fn revenue_request(
+    params: &HashMap<String, String>,
+    settings: &ServingSettings,
+) -> Result<RevenueRequest, Problem> {
+    let mut errors = Errors::default();
+    unknown_params(params, &REVENUE_PARAMS, &mut errors);
     let get = |k: &str| params.get(k).map(String::as_str);
+    if get("report_currency").is_some() {
+        errors.add(
+            "report_currency",
+            "unsupported",
+            "conversion to a reporting currency is not available yet; ask per currency",
+        );
+    }
     let granularity = match get("granularity").unwrap_or("hour").parse::<Granularity>() {
         Ok(g) => Some(g),
         Err(e) => {
@@ -302,66 +546,22 @@ pub fn revenue_request(
             None
         }
     };
-    let group_by = match get("group_by") {
-        None => None,
-        Some(g) => match g.parse::<Dimension>() {
-            Ok(Dimension::Total) | Err(_) => {
-                errors.add(
-                    "group_by",
-                    "invalid",
-                    "must be one of city, category, product",
-                );
-                None
-            }
-            Ok(d) => Some(d),
-        },
-    };
-    let filters: Vec<(Dimension, &str)> = FILTERS
-        .iter()
-        .filter_map(|(name, dim)| get(name).map(|v| (*dim, v)))
-        .collect();
-    if filters.len() > 1 {
-        errors.add(
-            "city",
-            "unsupported",
-            "filter by at most one of city, category, product",
-        );
-    }
-    if let (Some(group), Some((dim, _))) = (group_by, filters.first())
-        && group != *dim
-    {
-        errors.add(
-            dim.as_str(),
-            "unsupported",
-            format!("filtering by {dim} while grouping by {group} is not supported"),
-        );
-    }
-    let currency = get("currency").and_then(|c| match c.parse::<Currency>() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            errors.add("currency", "invalid", e.to_string());
-            None
-        }
-    });
+    let group_by =
+        get("group_by").map_or_else(Vec::new, |g| parse_group_by("group_by", g, &mut errors));
+    let filters = parse_filters(&|k| params.get(k).cloned(), settings, &mut errors);
+    let currency = parse_currency(get("currency"), "currency", &mut errors);
     let basis = parse_basis(get("basis"), &mut errors);
-    let allow_partial = match get("allow_partial") {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => {
-            errors.add("allow_partial", "invalid", "must be true or false");
-            false
-        }
-    };
-    let from = parse_time(get("from"), "from", &mut errors);
-    let to = parse_time(get("to"), "to", &mut errors);
+    let allow_partial = parse_allow_partial(get("allow_partial"), &mut errors);
+    let zone = parse_zone(get("tz"), &mut errors);
+    let from = parse_time(get("from"), zone, "from", &mut errors);
+    let to = parse_time(get("to"), zone, "to", &mut errors);
     let mut request = None;
     if let (Some(from), Some(to), Some(granularity)) = (from, to, granularity) {
-        let width = granularity.seconds();
-        let from = granularity.bucket_of_secs(from.timestamp());
+        let local = LocalBuckets::new(zone, granularity);
+        let from = local.start(from);
         let to = {
-            let t = to.timestamp();
-            let b = granularity.bucket_of_secs(t);
-            if b == t { t } else { b + width }
+            let start = local.start(to);
+            if start == to { to } else { local.next(start) }
         };
         if to <= from {
             errors.add("to", "invalid", "must be after `from`");
@@ -374,29 +574,31 @@ pub fn revenue_request(
                     settings.max_range_days
                 ),
             );
-        } else if (to - from) / width > settings.max_points {
-            errors.add(
-                "granularity",
-                "too_many_points",
-                format!(
-                    "the range has {} {granularity} buckets; at most {} per query",
-                    (to - from) / width,
-                    settings.max_points
-                ),
-            );
+        } else {
+            let mut points = 0;
+            let mut at = from;
+            while at < to && points <= settings.max_points {
+                points += 1;
+                at = local.next(at);
+            }
+            if points > settings.max_points {
+                errors.add(
+                    "granularity",
+                    "too_many_points",
+                    format!(
+                        "the range has more than {} {granularity} buckets; at most {} per query",
+                        settings.max_points, settings.max_points
+                    ),
+                );
+            }
         }
-        let (dimension, value) = match (group_by, filters.first()) {
-            (Some(d), filter) => (d, filter.map(|(_, v)| (*v).to_owned())),
-            (None, Some((d, v))) => (*d, Some((*v).to_owned())),
-            (None, None) => (Dimension::Total, None),
-        };
         request = Some(RevenueRequest {
             from,
             to,
             granularity,
-            dimension,
-            grouped: group_by.is_some(),
-            value,
+            zone,
+            group_by,
+            filters,
             currency,
             basis,
             allow_partial,
@@ -404,6 +606,62 @@ pub fn revenue_request(
     }
     errors.finish()?;
     request.ok_or_else(|| Problem::malformed("Invalid parameters."))
+}
+
+/// The cells of an answer: (local bucket start, grouped values, currency).
+type Answer = BTreeMap<(i64, Vec<String>, Currency), Totals>;
+
+/// Sums `grid` (cells of `shape` at stored buckets) into the question's cells:
+/// keeps the cells its filters and currency admit, groups by its dimensions, and
+/// puts each stored bucket into the local bucket that holds it. `buckets` maps a
+/// stored bucket to its local bucket (`None`: sum over all time, as a summary does).
+fn answer(
+    grid: &Grid,
+    shape: Dimension,
+    group_by: &[Attribute],
+    filters: &[(Attribute, Vec<String>)],
+    currency: Option<Currency>,
+    (from, to): (i64, i64),
+    buckets: Option<&LocalBuckets>,
+) -> Result<Answer, Problem> {
+    let attributes = shape.attributes();
+    let index = |a: &Attribute| attributes.iter().position(|x| x == a).expect("covered");
+    let filters: Vec<(usize, &Vec<String>)> = filters.iter().map(|(a, v)| (index(a), v)).collect();
+    let groups: Vec<usize> = group_by.iter().map(index).collect();
+    let mut out = Answer::new();
+    let mut last: Option<(i64, i64)> = None;
+    for ((bucket, value, cell_currency), totals) in grid {
+        if *bucket < from || *bucket >= to || currency.is_some_and(|c| c != *cell_currency) {
+            continue;
+        }
+        let parts = shape.split(value).ok_or_else(|| {
+            Problem::new(ProblemKind::Internal)
+                .detail("A stored cell has a value of the wrong shape.")
+        })?;
+        if !filters.iter().all(|(i, values)| {
+            values
+                .binary_search_by(|v| v.as_str().cmp(parts[*i]))
+                .is_ok()
+        }) {
+            continue;
+        }
+        let local = match (buckets, last) {
+            (None, _) => 0,
+            (Some(_), Some((stored, local))) if stored == *bucket => local,
+            (Some(b), _) => {
+                let local = b.start(*bucket);
+                last = Some((*bucket, local));
+                local
+            }
+        };
+        let key = (
+            local,
+            groups.iter().map(|i| parts[*i].to_owned()).collect(),
+            *cell_currency,
+        );
+        out.entry(key).or_default().add(*totals);
+    }
+    Ok(out)
 }
 
 pub fn unavailable(e: &ViewError) -> Problem {
@@ -428,47 +686,66 @@ fn missing(parts: &[Part]) -> Vec<String> {
         .collect()
 }
 
-/// Answers a revenue question from the merged views.
+/// Answers a revenue question from the merged views: the cells of the shape that
+/// covers its dimensions and filters, at the coarsest stored buckets that tile
+/// its local buckets, summed into them.
 pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSeries, Problem> {
+    let local = req.local();
+    let shape = req.shape();
+    let pieces = local.pieces(req.from, req.to);
     let merged = views
-        .revenue(
-            req.granularity,
-            req.dimension,
-            req.from,
-            req.to,
-            req.allow_partial,
-        )
+        .revenue(pieces, shape, req.from, req.to, req.allow_partial)
         .await
         .map_err(|e| unavailable(&e))?;
-    let cells: Vec<_> = merged
-        .grid
-        .iter()
-        .filter(|((bucket, value, currency), totals)| {
-            *bucket >= req.from
-                && *bucket < req.to
-                && shown(totals, req.basis)
-                && req.value.as_ref().is_none_or(|v| v == value)
-                && req.currency.is_none_or(|c| c == *currency)
-        })
+    let cells = answer(
+        &merged.grid,
+        shape,
+        &req.group_by,
+        &req.filters,
+        req.currency,
+        (req.from, req.to),
+        Some(&local),
+    )?;
+    let cells: Vec<_> = cells
+        .into_iter()
+        .filter(|(_, t)| shown(t, req.basis))
         .collect();
+    if cells.len() > views.max_cells() {
+        return Err(Problem::new(ProblemKind::Validation)
+            .detail("The answer would be too large.")
+            .errors(vec![FieldError {
+                pointer: "group_by".into(),
+                code: "too_many_cells".into(),
+                detail: format!(
+                    "the answer holds {} cells (bucket × group × currency); at most {}: narrow the \
+                     range, coarsen the granularity, or filter",
+                    cells.len(),
+                    views.max_cells()
+                ),
+            }]));
+    }
     let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
+    let one = req.group_by.len() == 1;
     let points = cells
         .into_iter()
-        .map(|((bucket, value, currency), t)| Point {
-            bucket: at(*bucket),
-            group: req.grouped.then(|| value.clone()),
+        .map(|((bucket, values, currency), t)| Point {
+            bucket: at(bucket),
+            local_bucket: local.show(bucket),
+            group: if one { values.first().cloned() } else { None },
+            dimensions: (!req.group_by.is_empty()).then(|| Dimensions::of(&req.group_by, &values)),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
-            revenue: decimal(t.revenue_minor, *currency),
+            revenue: decimal(t.revenue_minor, currency),
             orders: t.orders,
             items: t.items,
-            average_order_value_minor: aov(t),
-            net: Net::of(t, req.basis, *currency),
+            average_order_value_minor: aov(&t),
+            net: Net::of(&t, req.basis, currency),
         })
         .collect();
     Ok(RevenueSeries {
         granularity: req.granularity.as_str().to_owned(),
-        group_by: req.grouped.then(|| req.dimension.as_str().to_owned()),
+        group_by: (!req.group_by.is_empty()).then(|| names(&req.group_by)),
+        tz: req.zone.name().to_owned(),
         from: at(req.from),
         to: at(req.to),
         points,
@@ -479,56 +756,55 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     })
 }
 
+fn names(attributes: &[Attribute]) -> String {
+    attributes
+        .iter()
+        .map(|a| a.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A validated summary question.
 pub struct SummaryRequest {
     pub from: i64,
     pub to: i64,
+    /// The stored buckets that tile the range.
     pub granularity: Granularity,
-    pub top_by: Dimension,
+    /// One or two dimensions.
+    pub top_by: Vec<Attribute>,
+    pub filters: Vec<(Attribute, Vec<String>)>,
     pub top: usize,
     pub currency: Option<Currency>,
     pub basis: Basis,
     pub allow_partial: bool,
 }
 
+const SUMMARY_PARAMS: [&str; 11] = [
+    "from",
+    "to",
+    "tz",
+    "top_by",
+    "top",
+    "city",
+    "category",
+    "product",
+    "currency",
+    "basis",
+    "allow_partial",
+];
+
 pub fn summary_request(
     params: &HashMap<String, String>,
     settings: &ServingSettings,
 ) -> Result<SummaryRequest, Problem> {
     let mut errors = Errors::default();
-    for name in params.keys() {
-        let known = [
-            "from",
-            "to",
-            "top_by",
-            "top",
-            "currency",
-            "basis",
-            "allow_partial",
-        ];
-        if !known.contains(&name.as_str()) {
-            let shown: String = name.chars().take(40).collect();
-            errors.add(
-                &shown,
-                "unknown_parameter",
-                "is not a parameter of this endpoint",
-            );
-        }
-    }
+    unknown_params(params, &SUMMARY_PARAMS, &mut errors);
     let get = |k: &str| params.get(k).map(String::as_str);
-    let from = parse_time(get("from"), "from", &mut errors);
-    let to = parse_time(get("to"), "to", &mut errors);
-    let top_by = match get("top_by").unwrap_or("city").parse::<Dimension>() {
-        Ok(Dimension::Total) | Err(_) => {
-            errors.add(
-                "top_by",
-                "invalid",
-                "must be one of city, category, product",
-            );
-            Dimension::City
-        }
-        Ok(d) => d,
-    };
+    let zone = parse_zone(get("tz"), &mut errors);
+    let from = parse_time(get("from"), zone, "from", &mut errors);
+    let to = parse_time(get("to"), zone, "to", &mut errors);
+    let top_by = parse_group_by("top_by", get("top_by").unwrap_or("city"), &mut errors);
+    let filters = parse_filters(&|k| params.get(k).cloned(), settings, &mut errors);
     let top = match get("top").unwrap_or("5").parse::<usize>() {
         Ok(n) if (1..=settings.max_top).contains(&n) => n,
         _ => {
@@ -540,21 +816,15 @@ pub fn summary_request(
             5
         }
     };
-    let currency = get("currency").and_then(|c| match c.parse::<Currency>() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            errors.add("currency", "invalid", e.to_string());
-            None
-        }
-    });
+    let currency = parse_currency(get("currency"), "currency", &mut errors);
     let basis = parse_basis(get("basis"), &mut errors);
-    let allow_partial = get("allow_partial") == Some("true");
+    let allow_partial = parse_allow_partial(get("allow_partial"), &mut errors);
     let mut bounds = None;
     if let (Some(from), Some(to)) = (from, to) {
         // Minutes are the finest bucket: the range is truncated to whole minutes.
         let (from, to) = (
-            Granularity::Minute.bucket_of_secs(from.timestamp()),
-            Granularity::Minute.bucket_of_secs(to.timestamp()),
+            Granularity::Minute.bucket_of_secs(from),
+            Granularity::Minute.bucket_of_secs(to),
         );
         if to <= from {
             errors.add("to", "invalid", "must be at least a minute after `from`");
@@ -591,6 +861,7 @@ pub fn summary_request(
         to,
         granularity,
         top_by,
+        filters,
         top,
         currency,
         basis,
@@ -598,53 +869,42 @@ pub fn summary_request(
     })
 }
 
-/// Totals per currency and the top values of a dimension, for a range.
+/// Totals per currency, the top groups by gross revenue within each currency, and
+/// the rest of the groups summed (`other`), for a range.
 pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Problem> {
-    let sum_by = |grid: &Grid, with_value: bool| -> BTreeMap<(Currency, String), Totals> {
-        let mut out: BTreeMap<(Currency, String), Totals> = BTreeMap::new();
-        for ((bucket, value, currency), t) in grid {
-            if *bucket < req.from
-                || *bucket >= req.to
-                || req.currency.is_some_and(|c| c != *currency)
-            {
-                continue;
-            }
-            let value = if with_value {
-                value.clone()
-            } else {
-                String::new()
-            };
-            out.entry((*currency, value)).or_default().add(*t);
+    let range = (req.from, req.to);
+    let read = |attributes: Vec<Attribute>| {
+        let named: Vec<Attribute> = attributes
+            .iter()
+            .copied()
+            .chain(req.filters.iter().map(|(a, _)| *a))
+            .collect();
+        let shape = Dimension::covering(&named);
+        async move {
+            let merged = views
+                .revenue(req.granularity, shape, req.from, req.to, req.allow_partial)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let cells = answer(
+                &merged.grid,
+                shape,
+                &attributes,
+                &req.filters,
+                req.currency,
+                range,
+                None,
+            )?;
+            Ok::<_, Problem>((cells, merged))
         }
-        out
     };
-    let total = views
-        .revenue(
-            req.granularity,
-            Dimension::Total,
-            req.from,
-            req.to,
-            req.allow_partial,
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let by = views
-        .revenue(
-            req.granularity,
-            req.top_by,
-            req.from,
-            req.to,
-            req.allow_partial,
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let totals_by = sum_by(&total.grid, false);
+    let (total, total_merged) = read(Vec::new()).await?;
+    let (by, by_merged) = read(req.top_by.clone()).await?;
     let mut currencies: Vec<Currency> = Vec::new();
-    let totals = totals_by
+    let totals = total
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
-        .inspect(|((currency, _), _)| currencies.push(*currency))
-        .map(|((currency, _), t)| CurrencyTotals {
+        .inspect(|((_, _, currency), _)| currencies.push(*currency))
+        .map(|((_, _, currency), t)| CurrencyTotals {
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
             revenue: decimal(t.revenue_minor, currency),
@@ -654,13 +914,26 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             net: Net::of(&t, req.basis, currency),
         })
         .collect();
-    let mut per_currency: BTreeMap<Currency, Vec<TopEntry>> = BTreeMap::new();
-    for ((currency, group), t) in sum_by(&by.grid, true) {
-        if !shown(&t, req.basis) {
-            continue;
+    let mut per_currency: BTreeMap<Currency, Vec<(Vec<String>, Totals)>> = BTreeMap::new();
+    for ((_, values, currency), t) in by {
+        if shown(&t, req.basis) {
+            per_currency.entry(currency).or_default().push((values, t));
         }
-        per_currency.entry(currency).or_default().push(TopEntry {
-            group,
+    }
+    let mut top = Vec::new();
+    let mut other = Vec::new();
+    currencies.extend(per_currency.keys());
+    let one = req.top_by.len() == 1;
+    for (currency, mut entries) in per_currency {
+        entries.sort_by(|(a, ta), (b, tb)| tb.revenue_minor.cmp(&ta.revenue_minor).then(a.cmp(b)));
+        let rest = entries.split_off(entries.len().min(req.top));
+        top.extend(entries.into_iter().map(|(values, t)| TopEntry {
+            group: if one {
+                values[0].clone()
+            } else {
+                join_list(&values)
+            },
+            dimensions: Dimensions::of(&req.top_by, &values),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
             revenue: decimal(t.revenue_minor, currency),
@@ -668,20 +941,27 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             items: t.items,
             average_order_value_minor: aov(&t),
             net: Net::of(&t, req.basis, currency),
-        });
+        }));
+        if !rest.is_empty() {
+            let groups = rest.len() as i64;
+            let mut t = Totals::default();
+            for (_, cell) in rest {
+                t.add(cell);
+            }
+            other.push(OtherEntry {
+                currency: currency.to_string(),
+                groups,
+                revenue_minor: t.revenue_minor,
+                revenue: decimal(t.revenue_minor, currency),
+                orders: t.orders,
+                items: t.items,
+                average_order_value_minor: aov(&t),
+                net: Net::of(&t, req.basis, currency),
+            });
+        }
     }
-    let mut top = Vec::new();
-    currencies.extend(per_currency.keys());
-    for (_, mut entries) in per_currency {
-        entries.sort_by(|a, b| {
-            b.revenue_minor
-                .cmp(&a.revenue_minor)
-                .then(a.group.cmp(&b.group))
-        });
-        top.extend(entries.into_iter().take(req.top));
-    }
-    let mut missing_parts = total.missing.clone();
-    for part in by.missing {
+    let mut missing_parts = total_merged.missing.clone();
+    for part in by_merged.missing {
         if !missing_parts.contains(&part) {
             missing_parts.push(part);
         }
@@ -692,10 +972,11 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         to: at(req.to),
         totals,
         currencies,
-        top_by: req.top_by.as_str().to_owned(),
+        top_by: names(&req.top_by),
         top,
+        other,
         partial: !missing_parts.is_empty(),
         missing: missing(&missing_parts),
-        freshness: by.freshness,
+        freshness: by_merged.freshness,
     })
 }

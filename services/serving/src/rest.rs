@@ -45,23 +45,42 @@ fn timed<T: serde::Serialize>(route: &'static str, result: Result<T, Problem>) -
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct RevenueParams {
-    /// Start (RFC 3339), truncated to the granularity.
+    /// Start, truncated to its bucket: RFC 3339 with an offset
+    /// (`2026-11-21T00:00:00Z`, `2026-11-21T00:00:00+05:30`) or a local date and
+    /// time in `tz` (`2026-11-21T00:00:00`, `2026-11-21`).
+    #[param(example = "2026-11-01T00:00:00+05:30")]
     from: String,
-    /// End (RFC 3339, exclusive), rounded up to the granularity.
+    /// End (exclusive), rounded up to a bucket; the same forms as `from`.
+    #[param(example = "2026-12-01")]
     to: String,
-    /// `minute`, `hour` (default) or `day`. At most 10,000 buckets per query and
-    /// 400 days per range (`serving.max_points`, `serving.max_range_days`).
+    /// `minute`, `hour` (default) or `day`, in the local time of `tz`. At most
+    /// 10,000 buckets per query and 400 days per range (`serving.max_points`,
+    /// `serving.max_range_days`).
+    #[param(example = "hour")]
     granularity: Option<String>,
-    /// `city`, `category` or `product`; omitted: totals.
+    /// One or two of `city`, `category`, `product`, comma-separated; omitted:
+    /// totals. An order counts once per combination of values it holds in the
+    /// dimensions grouped or filtered by.
+    #[param(example = "city,category")]
     group_by: Option<String>,
-    /// Only this city (group by city or nothing).
+    /// Only these cities, comma-separated (`\,` for a comma inside a name; at
+    /// most 100 values, each at most 64 characters). Any filter combines with any
+    /// grouping.
+    #[param(example = "Berlin,Paris,Mumbai")]
     city: Option<String>,
-    /// Only this category (group by category or nothing).
+    /// Only these categories, comma-separated.
+    #[param(example = "books")]
     category: Option<String>,
-    /// Only this product id (group by product or nothing).
+    /// Only these product ids, comma-separated.
     product: Option<String>,
     /// Only this ISO 4217 currency.
+    #[param(example = "EUR")]
     currency: Option<String>,
+    /// IANA time zone whose local hours and days the buckets follow (default
+    /// `UTC`): half-hour and 45-minute offsets, and 23- and 25-hour days where
+    /// clocks change. Each point carries its `local_bucket`.
+    #[param(example = "Asia/Kolkata")]
+    tz: Option<String>,
     /// `booking_time` (default): refunds and cancellations count when they
     /// happened; `order_time`: at their order's time, city and products.
     basis: Option<String>,
@@ -99,14 +118,23 @@ async fn revenue(
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct SummaryParams {
-    /// Start (RFC 3339), truncated to the minute.
+    /// Start, truncated to the minute (the forms of `/v1/revenue`'s `from`).
     from: String,
-    /// End (RFC 3339, exclusive), truncated to the minute.
+    /// End (exclusive), truncated to the minute.
     to: String,
-    /// `city` (default), `category` or `product`.
+    /// The zone of `from` and `to` when they are local times (default `UTC`).
+    tz: Option<String>,
+    /// One or two of `city` (default), `category`, `product`, comma-separated.
+    #[param(example = "city,category")]
     top_by: Option<String>,
-    /// How many top values per currency, 1–100 (default 5).
+    /// How many top groups per currency, 1–100 (default 5); the rest are summed
+    /// in `other`.
     top: Option<u32>,
+    /// Only these cities / categories / products (comma-separated), as in
+    /// `/v1/revenue`.
+    city: Option<String>,
+    category: Option<String>,
+    product: Option<String>,
     currency: Option<String>,
     /// `booking_time` (default): refunds and cancellations count when they
     /// happened; `order_time`: at their order's time, city and products.

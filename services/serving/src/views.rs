@@ -90,6 +90,7 @@ pub struct Views {
     speed: SpeedView,
     state_ttl: Duration,
     cache_entries: usize,
+    max_cells: usize,
     state: Mutex<Option<(Option<PublishedState>, Instant)>>,
     batch: Mutex<HashMap<BatchKey, Arc<Grid>>>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
@@ -102,6 +103,7 @@ impl Views {
         speed: SpeedView,
         state_ttl: Duration,
         cache_entries: usize,
+        max_cells: usize,
     ) -> Self {
         Self {
             pool,
@@ -109,10 +111,16 @@ impl Views {
             speed,
             state_ttl,
             cache_entries,
+            max_cells,
             state: Mutex::new(None),
             batch: Mutex::new(HashMap::new()),
             speed_cells: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Most cells one answer may hold (`serving.max_cells`).
+    pub fn max_cells(&self) -> usize {
+        self.max_cells
     }
 
     /// The published state, cached briefly. A stale state stays exact (see the

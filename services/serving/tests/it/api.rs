@@ -34,8 +34,39 @@ async fn bad_parameters_get_400_with_field_details_and_limits_hold() {
             vec!["citty"],
         ),
         (
-            format!("/v1/revenue?from={from}&to={to}&group_by=category&city=Berlin"),
+            format!("/v1/revenue?from={from}&to={to}&group_by=city,category,product"),
+            vec!["group_by"],
+        ),
+        (
+            format!("/v1/revenue?from={from}&to={to}&group_by=city,city"),
+            vec!["group_by"],
+        ),
+        (
+            format!("/v1/revenue?from={from}&to={to}&tz=Mars/Olympus_Mons"),
+            vec!["tz"],
+        ),
+        (
+            format!("/v1/revenue?from={from}&to={to}&city={}", "x".repeat(65)),
             vec!["city"],
+        ),
+        (
+            format!("/v1/revenue?from={from}&to={to}&category=books,,games"),
+            vec!["category"],
+        ),
+        (
+            format!(
+                "/v1/revenue?from={from}&to={to}&product={}",
+                vec!["p"; 101].join(",")
+            ),
+            vec!["product"],
+        ),
+        (
+            "/v1/revenue?from=2026-13-01&to=2026-11-02&tz=Asia/Kolkata".into(),
+            vec!["from"],
+        ),
+        (
+            format!("/v1/revenue/summary?from={from}&to={to}&top_by=city,colour"),
+            vec!["top_by"],
         ),
         (format!("/v1/revenue?from={to}&to={from}"), vec!["to"]),
         // Eight days of minutes is more than 10,000 points.

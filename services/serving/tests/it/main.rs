@@ -10,6 +10,7 @@ mod merge;
 mod model;
 mod ops;
 mod process;
+mod slices;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -380,4 +381,68 @@ pub fn full_range() -> (String, String) {
         day(today - chrono::Days::new(5)),
         day(today + chrono::Days::new(1)),
     )
+}
+
+/// The served answer to `slice` over `[from, to)` (RFC 3339 or local times), as
+/// [`tidemark_testkit::SliceCells`]: cells with nothing on the basis left out.
+pub async fn served_slice(
+    env: &Env,
+    slice: &tidemark_testkit::Slice,
+    from: &str,
+    to: &str,
+) -> Result<tidemark_testkit::SliceCells, String> {
+    let path = format!("/v1/revenue?from={from}&to={to}&{}", slice.query());
+    let response = env.get(&path).await;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("{path}: {status}: {body}"));
+    }
+    Ok(slice_cells(&body["points"], &slice.group_by))
+}
+
+/// Cells from a series' points (REST or GraphQL field names), the grouped values
+/// read from `dimensions` in `group_by`'s order.
+pub fn slice_cells(points: &serde_json::Value, group_by: &[&str]) -> tidemark_testkit::SliceCells {
+    points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let bucket = chrono::DateTime::parse_from_rfc3339(p["bucket"].as_str().unwrap())
+                .unwrap()
+                .timestamp();
+            let local = p
+                .get("local_bucket")
+                .or_else(|| p.get("localBucket"))
+                .and_then(|v| v.as_str())
+                .map(|l| chrono::DateTime::parse_from_rfc3339(l).unwrap().timestamp());
+            assert_eq!(
+                local,
+                Some(bucket),
+                "the local bucket is the same instant: {p}"
+            );
+            let values = group_by
+                .iter()
+                .map(|a| p["dimensions"][a].as_str().unwrap().to_owned())
+                .collect();
+            let n = |rest: &str, graphql: &str| {
+                p.get(rest)
+                    .or_else(|| p.get(graphql))
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap()
+            };
+            (
+                (bucket, values, p["currency"].as_str().unwrap().to_owned()),
+                [
+                    n("revenue_minor", "revenueMinor"),
+                    n("orders", "orders"),
+                    n("items", "items"),
+                    n("refunded_minor", "refundedMinor"),
+                    n("refunded_items", "refundedItems"),
+                    n("cancelled_orders", "cancelledOrders"),
+                ],
+            )
+        })
+        .collect()
 }

@@ -1,0 +1,258 @@
+//! Local time: buckets of a question's time zone, made of stored UTC buckets.
+//!
+//! Every view stores minute, hour and day buckets aligned to UTC. A local bucket
+//! (an hour or a day in `Asia/Kolkata`, a 23-hour day in `Europe/Berlin`) is a
+//! run of whole stored buckets as long as those buckets are fine enough: UTC
+//! hours make the local hours of a zone whose offset is a whole number of hours,
+//! minutes those of any zone (offsets are whole minutes). [`LocalBuckets::pieces`]
+//! picks the coarsest stored granularity that tiles a range's local buckets;
+//! [`LocalBuckets::start`] names the local bucket a stored one falls in. No view
+//! keeps anything per zone, so every zone is answered from the same cells and
+//! stays exactly the sum of the orders it holds.
+//!
+//! A local bucket is named by the UTC instant it starts at, so the repeated hour
+//! when clocks go back is two buckets, and a day is from one local midnight to the
+//! next (23, 24 or 25 hours). Where a zone skips midnight, its day starts at the
+//! first local time that exists.
+
+use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
+use chrono_tz::Tz;
+use tidemark_domain::Granularity;
+
+/// The local buckets of one granularity in one zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalBuckets {
+    pub zone: Tz,
+    pub granularity: Granularity,
+}
+
+impl LocalBuckets {
+    pub fn new(zone: Tz, granularity: Granularity) -> Self {
+        Self { zone, granularity }
+    }
+
+    /// The zone's offset from UTC at `utc` (unix seconds), in seconds.
+    pub fn offset(&self, utc: i64) -> i64 {
+        let at = DateTime::<Utc>::from_timestamp(utc, 0).unwrap_or_default();
+        i64::from(
+            self.zone
+                .offset_from_utc_datetime(&at.naive_utc())
+                .fix()
+                .local_minus_utc(),
+        )
+    }
+
+    /// The UTC start of the local bucket holding the instant `utc`.
+    pub fn start(&self, utc: i64) -> i64 {
+        match self.granularity {
+            Granularity::Minute => utc - (utc + self.offset(utc)).rem_euclid(60),
+            Granularity::Hour => utc - (utc + self.offset(utc)).rem_euclid(3_600),
+            Granularity::Day => self.midnight(self.local_date(utc)),
+        }
+    }
+
+    /// The UTC start of the local bucket after the one starting at `start`.
+    pub fn next(&self, start: i64) -> i64 {
+        match self.granularity {
+            Granularity::Minute => start + 60,
+            Granularity::Hour => {
+                // An hour is 3,600 s, unless the offset changes by a fraction of an
+                // hour inside it (Lord Howe's half-hour shift).
+                let next = self.start(start + 3_600);
+                if next > start {
+                    next
+                } else {
+                    self.start(start + 7_200)
+                }
+            }
+            Granularity::Day => {
+                let date = self.local_date(start);
+                self.midnight(date.succ_opt().unwrap_or(date))
+            }
+        }
+    }
+
+    fn local_date(&self, utc: i64) -> NaiveDate {
+        DateTime::<Utc>::from_timestamp(utc + self.offset(utc), 0)
+            .unwrap_or_default()
+            .date_naive()
+    }
+
+    /// The UTC instant of the first local time of `date` that exists.
+    fn midnight(&self, date: NaiveDate) -> i64 {
+        let midnight = date.and_hms_opt(0, 0, 0).expect("valid time");
+        (0..=16)
+            .find_map(|quarter| {
+                let local: NaiveDateTime = midnight + Duration::minutes(15 * quarter);
+                self.zone
+                    .from_local_datetime(&local)
+                    .earliest()
+                    .map(|t| t.timestamp())
+            })
+            .unwrap_or_else(|| midnight.and_utc().timestamp())
+    }
+
+    /// The coarsest stored granularity whose buckets in `[from, to)` each lie in
+    /// one local bucket: the question's own for UTC, else hours while the zone's
+    /// offset is whole hours throughout, else minutes.
+    pub fn pieces(&self, from: i64, to: i64) -> Granularity {
+        let whole = |width: i64| {
+            let mut at = from - from.rem_euclid(3_600);
+            while at < to {
+                let (a, b) = (self.offset(at), self.offset(at + 3_599));
+                if a != b || a.rem_euclid(width) != 0 {
+                    return false;
+                }
+                at += 3_600;
+            }
+            true
+        };
+        let candidates: &[Granularity] = match self.granularity {
+            Granularity::Minute => &[],
+            Granularity::Hour => &[Granularity::Hour],
+            Granularity::Day => &[Granularity::Day, Granularity::Hour],
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|g| whole(g.seconds()))
+            .unwrap_or(Granularity::Minute)
+    }
+
+    /// The bucket start `utc` in the zone's local time with its offset (RFC 3339).
+    pub fn show(&self, utc: i64) -> String {
+        let at = DateTime::<Utc>::from_timestamp(utc, 0).unwrap_or_default();
+        at.with_timezone(&self.zone)
+            .fixed_offset()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }
+}
+
+/// A time of a question: RFC 3339 with an offset (`2026-03-29T00:00:00+01:00`,
+/// `…Z`), or a local date and time or date in the question's zone
+/// (`2026-03-29T00:00:00`, `2026-03-29`), as unix seconds. A local time the zone
+/// skips is read as the first time after it; one it repeats, as the first.
+pub fn parse_time(raw: &str, zone: Tz) -> Option<i64> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
+        return Some(t.timestamp());
+    }
+    let local = NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S")
+        .or_else(|_| NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M"))
+        .ok()
+        .or_else(|| {
+            NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+        })?;
+    (0..=16).find_map(|quarter| {
+        zone.from_local_datetime(&(local + Duration::minutes(15 * quarter)))
+            .earliest()
+            .map(|t| t.timestamp())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp()
+    }
+
+    fn buckets(zone: Tz, g: Granularity, from: &str, to: &str) -> Vec<String> {
+        let local = LocalBuckets::new(zone, g);
+        let (mut at, to) = (local.start(utc(from)), utc(to));
+        let mut out = Vec::new();
+        while at < to {
+            out.push(local.show(at));
+            at = local.next(at);
+        }
+        out
+    }
+
+    #[test]
+    fn half_and_three_quarter_hour_zones_bucket_hours_on_their_own_clock() {
+        let kolkata = LocalBuckets::new(chrono_tz::Asia::Kolkata, Granularity::Hour);
+        // 10:40 UTC is 16:10 in Kolkata: its hour began at 10:30 UTC.
+        assert_eq!(
+            kolkata.start(utc("2026-11-21T10:40:00Z")),
+            utc("2026-11-21T10:30:00Z")
+        );
+        assert_eq!(
+            kolkata.show(utc("2026-11-21T10:30:00Z")),
+            "2026-11-21T16:00:00+05:30"
+        );
+        let kathmandu = LocalBuckets::new(chrono_tz::Asia::Kathmandu, Granularity::Day);
+        assert_eq!(
+            kathmandu.start(utc("2026-11-21T18:00:00Z")),
+            utc("2026-11-21T18:15:00Z") - 86_400
+        );
+        assert_eq!(
+            kathmandu.start(utc("2026-11-21T18:15:00Z")),
+            utc("2026-11-21T18:15:00Z")
+        );
+        // Stored hours cannot tile them; minutes can.
+        let (from, to) = (utc("2026-11-01T00:00:00Z"), utc("2026-12-01T00:00:00Z"));
+        assert_eq!(kolkata.pieces(from, to), Granularity::Minute);
+        assert_eq!(kathmandu.pieces(from, to), Granularity::Minute);
+    }
+
+    #[test]
+    fn daylight_saving_days_have_23_and_25_hours() {
+        let berlin = chrono_tz::Europe::Berlin;
+        let spring = buckets(
+            berlin,
+            Granularity::Hour,
+            "2026-03-28T23:00:00Z",
+            "2026-03-29T22:00:00Z",
+        );
+        assert_eq!(spring.len(), 23);
+        assert_eq!(spring[1], "2026-03-29T01:00:00+01:00");
+        assert_eq!(spring[2], "2026-03-29T03:00:00+02:00");
+        let autumn = buckets(
+            berlin,
+            Granularity::Hour,
+            "2026-10-24T22:00:00Z",
+            "2026-10-25T23:00:00Z",
+        );
+        assert_eq!(autumn.len(), 25);
+        // The repeated hour is two buckets.
+        assert_eq!(autumn[2], "2026-10-25T02:00:00+02:00");
+        assert_eq!(autumn[3], "2026-10-25T02:00:00+01:00");
+        let days = LocalBuckets::new(berlin, Granularity::Day);
+        let spring_day = utc("2026-03-28T23:00:00Z");
+        assert_eq!(days.next(spring_day) - spring_day, 23 * 3_600);
+        let autumn_day = utc("2026-10-24T22:00:00Z");
+        assert_eq!(days.next(autumn_day) - autumn_day, 25 * 3_600);
+        // Whole-hour offsets: local hours are UTC hours, local days sums of them.
+        assert_eq!(
+            days.pieces(spring_day, days.next(spring_day)),
+            Granularity::Hour
+        );
+        assert_eq!(
+            LocalBuckets::new(chrono_tz::UTC, Granularity::Day).pieces(0, 86_400 * 30),
+            Granularity::Day
+        );
+    }
+
+    #[test]
+    fn times_may_carry_an_offset_or_be_local() {
+        let kolkata = chrono_tz::Asia::Kolkata;
+        let expected = utc("2026-11-20T18:30:00Z");
+        for raw in [
+            "2026-11-21T00:00:00+05:30",
+            "2026-11-20T18:30:00Z",
+            "2026-11-21T00:00:00",
+            "2026-11-21T00:00",
+            "2026-11-21",
+        ] {
+            assert_eq!(parse_time(raw, kolkata), Some(expected), "{raw}");
+        }
+        assert_eq!(parse_time("21/11/2026", kolkata), None);
+        // Berlin skips 02:00–03:00 on 29 March 2026: 02:30 reads as 03:00 CEST.
+        assert_eq!(
+            parse_time("2026-03-29T02:30:00", chrono_tz::Europe::Berlin),
+            Some(utc("2026-03-29T01:00:00Z"))
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! The query model (issue 19): one or two dimensions, filters on any dimension
+//! whatever the grouping, local time zones (half-hour and 45-minute offsets, days
+//! of 23 and 25 hours), on both bases — served == SQL over Postgres for random
+//! questions, with the answer split between the batch and the speed view, through
+//! REST and GraphQL; and a summary's top groups plus `other` add up.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tidemark_compactor::{Kind, Outcome};
+use tidemark_domain::Order;
+use tidemark_ingest::adjust::Ask;
+use tidemark_testkit::{Slice, SliceCells};
+
+use crate::{Env, apply_adjustments, cancellation, partial_refund, random_order, served_slice};
+
+/// Days on which clocks change in the zones of [`tidemark_testkit::slice::ZONES`]
+/// (Berlin and New York in March, Adelaide in April and October, Berlin in
+/// October, New York in November), each with orders placed around it.
+const CLOCK_CHANGES: [&str; 6] = [
+    "2026-03-08T12:00:00Z",
+    "2026-03-29T01:00:00Z",
+    "2026-04-04T16:30:00Z",
+    "2026-10-03T16:30:00Z",
+    "2026-10-25T01:00:00Z",
+    "2026-11-01T06:00:00Z",
+];
+
+fn at(rfc3339: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(rfc3339).unwrap().to_utc()
+}
+
+/// Orders of the last days, and some within a day and a half of each clock change.
+fn orders(rng: &mut StdRng, recent: usize) -> Vec<Order> {
+    let mut orders: Vec<Order> = (0..recent).map(|_| random_order(rng)).collect();
+    for change in CLOCK_CHANGES {
+        for _ in 0..12 {
+            let mut order = random_order(rng);
+            order.created_at =
+                at(change) + TimeDelta::seconds(rng.random_range(-36 * 3_600..36 * 3_600));
+            orders.push(order);
+        }
+    }
+    orders
+}
+
+fn corrections(orders: &[Order], rng: &mut StdRng) -> Vec<Ask> {
+    let mut asks: Vec<Ask> = orders
+        .iter()
+        .step_by(5)
+        .map(|o| partial_refund(o, rng))
+        .collect();
+    asks.extend(orders.iter().skip(2).step_by(11).map(cancellation));
+    asks
+}
+
+/// The range of a question: minutes over the last days (within `max_points`),
+/// hours and days from before the first clock change to tomorrow.
+fn range(slice: &Slice) -> (String, String) {
+    if slice.granularity == "minute" {
+        crate::full_range()
+    } else {
+        let tomorrow = (Utc::now() + TimeDelta::days(1)).date_naive();
+        // A local date: the zone's own midnight.
+        (
+            "2026-03-01".to_owned(),
+            tomorrow.format("%Y-%m-%d").to_string(),
+        )
+    }
+}
+
+async fn assert_random_slices_exact(env: &Env, rng: &mut StdRng, questions: usize, stage: &str) {
+    env.speed_caught_up().await;
+    let mut nonempty = 0;
+    for _ in 0..questions {
+        let slice = Slice::random(rng);
+        let (from, to) = range(&slice);
+        let served = served_slice(env, &slice, &from, &to).await.unwrap();
+        let truth: SliceCells = slice
+            .truth(&env.db.pool)
+            .await
+            .into_iter()
+            .filter(|((bucket, _, _), _)| {
+                // The truth covers every order; the question its range.
+                let start = tidemark_serving::local::parse_time(&from, slice.tz.parse().unwrap());
+                let end = tidemark_serving::local::parse_time(&to, slice.tz.parse().unwrap());
+                start.is_some_and(|s| *bucket >= s) && end.is_some_and(|e| *bucket < e)
+            })
+            .collect();
+        if served != truth {
+            let differing: Vec<_> = truth
+                .keys()
+                .chain(served.keys())
+                .filter(|k| truth.get(*k) != served.get(*k))
+                .take(3)
+                .map(|k| {
+                    format!(
+                        "{k:?}: served {:?}, truth {:?}",
+                        served.get(k),
+                        truth.get(k)
+                    )
+                })
+                .collect();
+            panic!(
+                "{stage}: {slice:?} over {from}..{to}: {}",
+                differing.join("; ")
+            );
+        }
+        nonempty += usize::from(!served.is_empty());
+    }
+    assert!(
+        nonempty * 2 >= questions,
+        "{stage}: most questions have an answer ({nonempty} of {questions})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_slices_in_local_time_equal_sql_across_the_handoff() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(19);
+    let old = orders(&mut rng, 150);
+    env.ingest(&old).await;
+    apply_adjustments(&env.db.pool, &corrections(&old, &mut rng))
+        .await
+        .unwrap();
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(
+        matches!(published, Outcome::Published { .. }),
+        "{published:?}"
+    );
+    assert_random_slices_exact(&env, &mut rng, 40, "all in the batch view").await;
+
+    // More orders and corrections of old and new ones: the speed view holds them.
+    let new = orders(&mut rng, 100);
+    env.ingest(&new).await;
+    let mut asks = corrections(&new, &mut rng);
+    // Orders the first corrections left alone.
+    let untouched = old
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 7 == 1 && i % 5 != 0 && i % 11 != 2);
+    asks.extend(untouched.map(|(_, o)| partial_refund(o, &mut rng)));
+    apply_adjustments(&env.db.pool, &asks).await.unwrap();
+    assert_random_slices_exact(&env, &mut rng, 60, "split between batch and speed").await;
+}
+
+/// GraphQL takes the same question as REST (lists for groupings and filters, a
+/// zone) and answers the same cells.
+async fn assert_graphql_equals_rest(env: &Env) {
+    let slice = Slice {
+        granularity: "day",
+        tz: "Asia/Kathmandu",
+        group_by: vec!["city", "category"],
+        filters: vec![("city", vec!["Berlin".into(), "São Paulo".into()])],
+        currency: None,
+        order_time: true,
+    };
+    let (from, to) = range(&slice);
+    let body = env
+        .graphql(&format!(
+            "{{ revenue(from: \"{from}\", to: \"{to}\", granularity: DAY, groupBy: [CITY, CATEGORY], \
+               city: [\"Berlin\", \"São Paulo\"], tz: \"Asia/Kathmandu\", basis: ORDER_TIME) \
+               {{ tz points {{ bucket localBucket dimensions {{ city category }} currency \
+               revenueMinor orders items refundedMinor refundedItems cancelledOrders }} }} }}"
+        ))
+        .await;
+    assert_eq!(body["data"]["revenue"]["tz"], "Asia/Kathmandu", "{body}");
+    let points = &body["data"]["revenue"]["points"];
+    assert!(
+        points[0]["localBucket"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00+05:45"),
+        "{points}"
+    );
+    let graphql = crate::slice_cells(points, &slice.group_by);
+    assert!(!graphql.is_empty());
+    assert_eq!(
+        graphql,
+        served_slice(env, &slice, &from, &to).await.unwrap()
+    );
+}
+
+/// A summary's top groups and `other` add up to the sum over all groups, and its
+/// totals to the question's total; both equal SQL.
+async fn assert_summary_adds_up(env: &Env) {
+    let tomorrow = (Utc::now() + TimeDelta::days(1)).date_naive();
+    let (from, to) = ("2026-03-01T00:00:00Z", format!("{tomorrow}T00:00:00Z"));
+    let filters = vec![("category", vec!["books".to_owned(), "garden".to_owned()])];
+    let body: serde_json::Value = env
+        .get(&format!(
+            "/v1/revenue/summary?from={from}&to={to}&top_by=city,category&top=2&category=books,garden"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sum = |group_by: Vec<&'static str>| {
+        let slice = Slice {
+            granularity: "day",
+            tz: "UTC",
+            group_by,
+            filters: filters.clone(),
+            currency: None,
+            order_time: false,
+        };
+        async move {
+            let mut per_currency = std::collections::BTreeMap::<String, [i64; 3]>::new();
+            for ((_, _, currency), c) in slice.truth(&env.db.pool).await {
+                let s = per_currency.entry(currency).or_default();
+                for k in 0..3 {
+                    s[k] += [c[0], c[1], c[3]][k];
+                }
+            }
+            per_currency
+        }
+    };
+    let pick = |e: &serde_json::Value| {
+        [
+            e["revenue_minor"].as_i64().unwrap(),
+            e["orders"].as_i64().unwrap(),
+            e["refunded_minor"].as_i64().unwrap(),
+        ]
+    };
+    let mut parts = std::collections::BTreeMap::<String, [i64; 3]>::new();
+    let entries = body["top"].as_array().unwrap().iter();
+    for e in entries.chain(body["other"].as_array().unwrap()) {
+        let s = parts
+            .entry(e["currency"].as_str().unwrap().to_owned())
+            .or_default();
+        for (k, v) in pick(e).into_iter().enumerate() {
+            s[k] += v;
+        }
+    }
+    assert!(
+        !body["other"].as_array().unwrap().is_empty(),
+        "more than two groups per currency: {body}"
+    );
+    assert_eq!(parts, sum(vec!["city", "category"]).await, "{body}");
+    let totals: std::collections::BTreeMap<String, [i64; 3]> = body["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["currency"].as_str().unwrap().to_owned(), pick(t)))
+        .collect();
+    assert_eq!(totals, sum(vec![]).await, "{body}");
+    let top = &body["top"][0];
+    assert_eq!(
+        top["group"].as_str().unwrap(),
+        format!(
+            "{},{}",
+            top["dimensions"]["city"].as_str().unwrap(),
+            top["dimensions"]["category"].as_str().unwrap()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graphql_and_the_summary_share_the_query_model() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(1919);
+    let old = orders(&mut rng, 100);
+    env.ingest(&old).await;
+    apply_adjustments(&env.db.pool, &corrections(&old, &mut rng))
+        .await
+        .unwrap();
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(matches!(published, Outcome::Published { .. }));
+    env.ingest(&orders(&mut rng, 50)).await;
+    env.speed_caught_up().await;
+    assert_graphql_equals_rest(&env).await;
+    assert_summary_adds_up(&env).await;
+}

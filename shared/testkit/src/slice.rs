@@ -1,0 +1,236 @@
+//! Questions of the query model (dimensions, filters, zone, basis) and their
+//! ground truth by SQL over Postgres, written independently of the serving code:
+//! Postgres's own time-zone database buckets the local hours and days.
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use sqlx::PgPool;
+
+/// A revenue question as a client asks it.
+#[derive(Clone, Debug)]
+pub struct Slice {
+    pub granularity: &'static str,
+    pub tz: &'static str,
+    /// Zero to two of `city`, `category`, `product`.
+    pub group_by: Vec<&'static str>,
+    /// Per attribute, the values kept.
+    pub filters: Vec<(&'static str, Vec<String>)>,
+    pub currency: Option<&'static str>,
+    /// `order_time` basis, else `booking_time`.
+    pub order_time: bool,
+}
+
+/// The cells of an answer: (bucket start as unix seconds, the grouped values,
+/// currency) → gross revenue, orders, items, refunded minor units, refunded items,
+/// cancelled orders.
+pub type SliceCells = BTreeMap<(i64, Vec<String>, String), [i64; 6]>;
+
+/// Zones worth asking in: whole-hour, half-hour and 45-minute offsets, and two
+/// with daylight saving on either hemisphere.
+pub const ZONES: [&str; 6] = [
+    "UTC",
+    "Europe/Berlin",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "America/New_York",
+    "Australia/Adelaide",
+];
+
+impl Slice {
+    /// A random question over the values [`crate::random_order`] makes.
+    pub fn random(rng: &mut StdRng) -> Slice {
+        const ATTRIBUTES: [&str; 3] = ["city", "category", "product"];
+        let values = |attribute: &str| -> Vec<String> {
+            match attribute {
+                "city" => ["Berlin", "Paris", "São Paulo", "Zürich", "Oslo", "Nowhere"]
+                    .map(str::to_owned)
+                    .to_vec(),
+                "category" => ["books", "games", "garden"].map(str::to_owned).to_vec(),
+                _ => (0..30)
+                    .map(|p| {
+                        if p % 3 == 0 {
+                            format!("p:{p}")
+                        } else {
+                            format!("p-{p}")
+                        }
+                    })
+                    .collect(),
+            }
+        };
+        let mut group_by = Vec::new();
+        for _ in 0..rng.random_range(0..=2) {
+            let a = ATTRIBUTES[rng.random_range(0..3)];
+            if !group_by.contains(&a) {
+                group_by.push(a);
+            }
+        }
+        let mut filters = Vec::new();
+        for a in ATTRIBUTES {
+            if rng.random_bool(0.3) {
+                let all = values(a);
+                let n = rng.random_range(1..=3);
+                let chosen = (0..n)
+                    .map(|_| all[rng.random_range(0..all.len())].clone())
+                    .collect();
+                filters.push((a, chosen));
+            }
+        }
+        Slice {
+            granularity: ["minute", "hour", "hour", "day", "day"][rng.random_range(0..5)],
+            tz: ZONES[rng.random_range(0..ZONES.len())],
+            group_by,
+            filters,
+            currency: rng
+                .random_bool(0.2)
+                .then(|| ["EUR", "JPY", "KWD"][rng.random_range(0..3)]),
+            order_time: rng.random_bool(0.5),
+        }
+    }
+
+    /// The query string (without range) REST takes for this question.
+    pub fn query(&self) -> String {
+        let mut q = format!(
+            "granularity={}&tz={}&basis={}",
+            self.granularity,
+            self.tz,
+            if self.order_time {
+                "order_time"
+            } else {
+                "booking_time"
+            }
+        );
+        if !self.group_by.is_empty() {
+            q += &format!("&group_by={}", self.group_by.join(","));
+        }
+        for (a, values) in &self.filters {
+            let values: Vec<String> = values
+                .iter()
+                .map(|v| v.replace('\\', r"\\").replace(',', r"\,"))
+                .collect();
+            q += &format!("&{a}={}", encode(&values.join(",")));
+        }
+        if let Some(c) = self.currency {
+            q += &format!("&currency={c}");
+        }
+        q
+    }
+
+    /// The truth for this question over every order and adjustment in the log.
+    pub async fn truth(&self, pool: &PgPool) -> SliceCells {
+        let column = |a: &str, lines: &str| match a {
+            "city" => "o.city".to_owned(),
+            "category" => format!("{lines}.category"),
+            "product" => format!("{lines}.product_id"),
+            other => panic!("unknown attribute {other}"),
+        };
+        let bucket = |at: &str| match self.granularity {
+            "minute" => format!("(floor(extract(epoch FROM {at}) / 60) * 60)::int8"),
+            "hour" => format!(
+                "(floor(extract(epoch FROM {at}))::int8 \
+                  - mod(floor(extract(epoch FROM ({at} AT TIME ZONE $1)))::int8, 3600))"
+            ),
+            "day" => format!(
+                "extract(epoch FROM (({at} AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1))::int8"
+            ),
+            other => panic!("unknown granularity {other}"),
+        };
+        let query = |lines: &str, at: &str| {
+            let named: Vec<String> = self
+                .group_by
+                .iter()
+                .copied()
+                .chain(self.filters.iter().map(|(a, _)| *a))
+                .map(|a| column(a, lines))
+                .collect();
+            let groups: Vec<String> = self.group_by.iter().map(|a| column(a, lines)).collect();
+            let group_array = if groups.is_empty() {
+                "ARRAY[]::text[]".to_owned()
+            } else {
+                format!("ARRAY[{}]::text[]", groups.join(", "))
+            };
+            let mut filter = String::new();
+            for (i, (a, _)) in self.filters.iter().enumerate() {
+                filter += &format!(" AND {} = ANY(${})", column(a, lines), i + 3);
+            }
+            let distinct = move |id: &str| {
+                if named.is_empty() {
+                    id.to_owned()
+                } else {
+                    format!("({id}, {})", named.join(", "))
+                }
+            };
+            (bucket(at), group_array, filter, distinct)
+        };
+        let mut cells = SliceCells::new();
+        // Gross.
+        let (b, g, filter, distinct) = query("l", "o.created_at");
+        let sql = format!(
+            "SELECT {b}, {g}, o.currency::text, sum(l.quantity::int8 * l.unit_price_minor)::int8, \
+                    count(DISTINCT {})::int8, sum(l.quantity)::int8 \
+             FROM orders o JOIN order_lines l USING (order_id) \
+             WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
+             GROUP BY 1, 2, 3",
+            distinct("o.order_id")
+        );
+        for (key, [r, o, i]) in self.rows(pool, &sql).await {
+            cells.entry(key).or_default()[..3].copy_from_slice(&[r, o, i]);
+        }
+        // Corrections on the basis.
+        let at = if self.order_time {
+            "o.created_at"
+        } else {
+            "a.created_at"
+        };
+        let (b, g, filter, distinct) = query("ol", at);
+        let sql = format!(
+            "SELECT {b}, {g}, o.currency::text, coalesce(sum(al.amount_minor), 0)::int8, \
+                    coalesce(sum(al.quantity), 0)::int8, \
+                    count(DISTINCT {}) FILTER (WHERE a.kind = 'cancellation')::int8 \
+             FROM adjustments a JOIN orders o ON o.order_id = a.order_id \
+             JOIN order_lines ol ON ol.order_id = a.order_id \
+             LEFT JOIN adjustment_lines al \
+                  ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
+             WHERE (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
+               AND ($2::text IS NULL OR o.currency::text = $2){filter} \
+             GROUP BY 1, 2, 3",
+            distinct("a.adjustment_id")
+        );
+        for (key, [f, fi, c]) in self.rows(pool, &sql).await {
+            cells.entry(key).or_default()[3..].copy_from_slice(&[f, fi, c]);
+        }
+        cells
+    }
+
+    async fn rows(&self, pool: &PgPool, sql: &str) -> Vec<((i64, Vec<String>, String), [i64; 3])> {
+        let mut query = sqlx::query_as::<_, (i64, Vec<String>, String, i64, i64, i64)>(
+            sqlx::AssertSqlSafe(sql.to_owned()),
+        )
+        .bind(self.tz)
+        .bind(self.currency);
+        for (_, values) in &self.filters {
+            query = query.bind(values.clone());
+        }
+        query
+            .fetch_all(pool)
+            .await
+            .unwrap_or_else(|e| panic!("truth of {self:?}: {e}\n{sql}"))
+            .into_iter()
+            .map(|(b, g, c, x, y, z)| ((b, g, c), [x, y, z]))
+            .collect()
+    }
+}
+
+/// Percent-encodes a query parameter's value.
+fn encode(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out += &format!("%{b:02X}");
+        }
+    }
+    out
+}
