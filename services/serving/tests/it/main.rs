@@ -391,8 +391,25 @@ pub async fn served_slice(
     from: &str,
     to: &str,
 ) -> Result<tidemark_testkit::SliceCells, String> {
+    served_slice_at(&env.http, &env.serving, &env.key, slice, from, to).await
+}
+
+/// [`served_slice`] from a serving instance.
+pub async fn served_slice_at(
+    http: &reqwest::Client,
+    serving: &Running,
+    key: &str,
+    slice: &tidemark_testkit::Slice,
+    from: &str,
+    to: &str,
+) -> Result<tidemark_testkit::SliceCells, String> {
     let path = format!("/v1/revenue?from={from}&to={to}&{}", slice.query());
-    let response = env.get(&path).await;
+    let response = http
+        .get(serving.url(&path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
     if status != 200 {

@@ -8,7 +8,10 @@
 //! everything — and runs it against the real stores. After every step no served
 //! aggregate (gross, orders, items, refunds, refunded items, cancellations, on
 //! both bases) may be above ground truth (SQL over Postgres); after quiescence
-//! every aggregate must equal it. A failing sequence shrinks to a short, readable
+//! every aggregate must equal it. Besides the fixed groupings, each check asks
+//! random questions of the query model (issue 19: one or two dimensions, filters
+//! on any, a local time zone, a basis, a granularity), drawn by
+//! [`tidemark_testkit::Slice::random`]. A failing sequence shrinks to a short, readable
 //! list.
 
 use std::sync::Arc;
@@ -105,6 +108,8 @@ struct World {
     sent: Vec<Order>,
     refunds: Vec<tidemark_ingest::adjust::Ask>,
     rng: StdRng,
+    /// Draws the random questions asked after each step and when quiet.
+    questions: StdRng,
 }
 
 impl World {
@@ -151,6 +156,7 @@ impl World {
             sent: Vec::new(),
             refunds: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
+            questions: StdRng::seed_from_u64(seed ^ 0x19),
         }
     }
 
@@ -367,7 +373,19 @@ impl World {
     /// Every metric is a sum of non-negative contributions of committed events, so
     /// an answer that never counts an event twice or one not committed is below
     /// the truth in each of them, on either basis.
-    async fn never_above(&self) -> Result<(), String> {
+    async fn never_above(&mut self) -> Result<(), String> {
+        // A random question of the query model (dimensions, filters, zone).
+        let slice = tidemark_testkit::Slice::random(&mut self.questions);
+        let served = self.served_slice(&slice).await?;
+        let truth = slice.truth(&self.db.pool).await;
+        for (cell, s) in &served {
+            let t = truth.get(cell).copied().unwrap_or([0; 6]);
+            if s.iter().zip(t).any(|(s, t)| *s > t) {
+                return Err(format!(
+                    "over-count at {cell:?} of {slice:?}: served {s:?}, truth {t:?}"
+                ));
+            }
+        }
         for (basis, order_time) in BASES {
             let served = self.served("day", Some("city"), basis).await?;
             let truth = self.truth(86_400, "city", order_time).await;
@@ -381,6 +399,15 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// The served answer to a question of the query model over the whole range.
+    async fn served_slice(
+        &self,
+        slice: &tidemark_testkit::Slice,
+    ) -> Result<tidemark_testkit::SliceCells, String> {
+        let (from, to) = crate::full_range();
+        crate::served_slice_at(&self.http, &self.serving, &self.key, slice, &from, &to).await
     }
 
     /// Relay steps until nothing below the horizon is left.
@@ -450,6 +477,31 @@ impl World {
                         ));
                     }
                 }
+            }
+        }
+        // Random questions of the query model: equal to SQL.
+        for _ in 0..8 {
+            let slice = tidemark_testkit::Slice::random(&mut self.questions);
+            let served = self.served_slice(&slice).await?;
+            let truth = slice.truth(&self.db.pool).await;
+            if served != truth {
+                let differing: Vec<String> = truth
+                    .keys()
+                    .chain(served.keys())
+                    .filter(|k| truth.get(*k) != served.get(*k))
+                    .take(3)
+                    .map(|k| {
+                        format!(
+                            "{k:?}: served {:?}, truth {:?}",
+                            served.get(k),
+                            truth.get(k)
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "after quiescence, {slice:?}: {}",
+                    differing.join("; ")
+                ));
             }
         }
         Ok(())
