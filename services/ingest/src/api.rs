@@ -52,9 +52,17 @@ pub fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
         .route("/v1/adjustments", post(crate::adjust_api::post_adjustments))
         .route("/v1/schemas/{version}", get(get_schema))
         .route_layer(middleware::from_fn_with_state(
-            (auth, Scope::Ingest),
+            (auth.clone(), Scope::Ingest),
             auth::require,
         ))
+        .merge(
+            Router::new()
+                .route("/v1/fx-rates", axum::routing::put(crate::fx::put_rates))
+                .route_layer(middleware::from_fn_with_state(
+                    (auth, Scope::Admin),
+                    auth::require,
+                )),
+        )
         .with_state(state)
         .merge(swagger)
 }
@@ -198,11 +206,12 @@ struct LineSchema {
     ),
     paths(post_orders, list_schemas, get_schema,
         crate::adjust_api::post_refund, crate::adjust_api::post_cancellation,
-        crate::adjust_api::post_adjustments),
+        crate::adjust_api::post_adjustments, crate::fx::put_rates),
     components(schemas(OrderSchema, BasketSchema, LineSchema, IngestResponse, AvroSchema, AvroSchemas,
         crate::adjust::AdjustmentView, crate::adjust::AdjustedLineView,
         crate::adjust_api::RefundSchema, crate::adjust_api::RefundLineSchema,
         crate::adjust_api::CancellationSchema, crate::adjust_api::AdjustmentsResponse,
+        crate::fx::LoadedRates,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
     modifiers(&BearerAuth, &OrdersBody, &CurrencyCodes),
     security(("bearer" = [])),

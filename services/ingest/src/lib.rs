@@ -10,6 +10,7 @@ mod adjust_api;
 pub mod api;
 pub mod config;
 pub mod decode;
+pub mod fx;
 pub mod relay;
 pub mod store;
 

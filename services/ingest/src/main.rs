@@ -23,6 +23,17 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Exchange rates for reporting currencies.
+    #[command(subcommand, name = "fx-rates")]
+    FxRates(FxCommand),
+}
+
+#[derive(Subcommand)]
+enum FxCommand {
+    /// Load a file in the ECB reference-rate CSV format (`Date,USD,JPY,…`, units
+    /// per euro): idempotent, a later file corrects earlier rates. `-` reads
+    /// standard input.
+    Load { file: std::path::PathBuf },
 }
 
 #[tokio::main]
@@ -43,6 +54,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys(command) => {
             let pool = postgres::pool(&config.postgres, "tidemark-ingest")?;
             command.run(&pool).await
+        }
+        Command::FxRates(FxCommand::Load { file }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)?
+            };
+            let parsed = tidemark_ingest::fx::parse(&text).map_err(|problem| {
+                let lines: Vec<String> = problem
+                    .errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.pointer, e.detail))
+                    .collect();
+                anyhow::anyhow!("{}:\n{}", file.display(), lines.join("\n"))
+            })?;
+            let pool = postgres::pool(&config.postgres, "tidemark-ingest")?;
+            let loaded = tidemark_ingest::fx::store(&pool, &parsed).await?;
+            println!("{}", serde_json::to_string_pretty(&loaded)?);
+            Ok(())
         }
     }
 }

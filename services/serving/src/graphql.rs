@@ -113,6 +113,7 @@ struct Slice {
     product: Option<Vec<String>>,
     currency: Option<String>,
     tz: Option<String>,
+    report_currency: Option<String>,
 }
 
 impl Slice {
@@ -130,7 +131,11 @@ impl Slice {
                 params.insert(k.to_owned(), query::join_list(&v));
             }
         }
-        for (k, v) in [("currency", self.currency), ("tz", self.tz)] {
+        for (k, v) in [
+            ("currency", self.currency),
+            ("tz", self.tz),
+            ("report_currency", self.report_currency),
+        ] {
             if let Some(v) = v {
                 params.insert(k.to_owned(), v);
             }
@@ -187,6 +192,11 @@ impl QueryRoot {
         #[graphql(desc = "IANA zone whose local hours and days the buckets follow \
                           (default UTC), e.g. `Asia/Kolkata`.")]
         tz: Option<String>,
+        #[graphql(
+            desc = "Convert every amount to this ISO 4217 currency at daily rates \
+                          (PUT /v1/fx-rates), e.g. `EUR`."
+        )]
+        report_currency: Option<String>,
         #[graphql(default)] basis: Basis,
         #[graphql(default)] allow_partial: bool,
     ) -> async_graphql::Result<RevenueSeries> {
@@ -199,6 +209,7 @@ impl QueryRoot {
             product,
             currency,
             tz,
+            report_currency,
         };
         let params = revenue_params(&from, &to, granularity, slice, basis, allow_partial);
         let result = async {
@@ -247,6 +258,7 @@ impl QueryRoot {
             product,
             currency,
             tz,
+            report_currency: None,
         };
         slice.into_params(&mut params, "top_by");
         let result = async {
@@ -321,6 +333,7 @@ impl SubscriptionRoot {
         product: Option<Vec<String>>,
         currency: Option<String>,
         tz: Option<String>,
+        report_currency: Option<String>,
         #[graphql(default)] basis: Basis,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RevenueSeries>>> {
         let state = ctx.data::<Arc<AppState>>()?.clone();
@@ -331,6 +344,7 @@ impl SubscriptionRoot {
             product,
             currency,
             tz,
+            report_currency,
         };
         let window = move || {
             let now = Utc::now();

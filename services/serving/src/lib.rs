@@ -2,6 +2,7 @@
 //! and the speed view (Redis), plus order history from Postgres (see [`views`]).
 
 pub mod config;
+pub mod fx;
 pub mod graphql;
 pub mod history;
 pub mod local;

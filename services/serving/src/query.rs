@@ -31,6 +31,8 @@ pub struct RevenueRequest {
     /// Only these values of each attribute (values sorted, each attribute once).
     pub filters: Vec<(Attribute, Vec<String>)>,
     pub currency: Option<Currency>,
+    /// Convert every amount to this currency (see [`crate::fx`]).
+    pub report_currency: Option<Currency>,
     /// Which time refunds and cancellations count at.
     pub basis: Basis,
     pub allow_partial: bool,
@@ -184,6 +186,8 @@ pub struct RevenueSeries {
     pub group_by: Option<String>,
     /// The IANA zone the buckets follow.
     pub tz: String,
+    /// The currency every amount was converted to, if asked.
+    pub report_currency: Option<String>,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub points: Vec<Point>,
@@ -532,13 +536,7 @@ pub fn revenue_request(
     let mut errors = Errors::default();
     unknown_params(params, &REVENUE_PARAMS, &mut errors);
     let get = |k: &str| params.get(k).map(String::as_str);
-    if get("report_currency").is_some() {
-        errors.add(
-            "report_currency",
-            "unsupported",
-            "conversion to a reporting currency is not available yet; ask per currency",
-        );
-    }
+    let report_currency = parse_currency(get("report_currency"), "report_currency", &mut errors);
     let granularity = match get("granularity").unwrap_or("hour").parse::<Granularity>() {
         Ok(g) => Some(g),
         Err(e) => {
@@ -600,6 +598,7 @@ pub fn revenue_request(
             group_by,
             filters,
             currency,
+            report_currency,
             basis,
             allow_partial,
         });
@@ -692,17 +691,34 @@ fn missing(parts: &[Part]) -> Vec<String> {
 pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSeries, Problem> {
     let local = req.local();
     let shape = req.shape();
-    let pieces = local.pieces(req.from, req.to);
-    let merged = views
+    // Conversion rounds each minute cell (see `crate::fx`), so it reads minutes.
+    let pieces = if req.report_currency.is_some() {
+        Granularity::Minute
+    } else {
+        local.pieces(req.from, req.to)
+    };
+    let mut merged = views
         .revenue(pieces, shape, req.from, req.to, req.allow_partial)
         .await
         .map_err(|e| unavailable(&e))?;
+    if let Some(to) = req.report_currency {
+        let kept: Grid = merged
+            .grid
+            .into_iter()
+            .filter(|((bucket, _, currency), _)| {
+                *bucket >= req.from
+                    && *bucket < req.to
+                    && req.currency.is_none_or(|c| c == *currency)
+            })
+            .collect();
+        merged.grid = crate::fx::convert_grid(views.pool(), &kept, to).await?;
+    }
     let cells = answer(
         &merged.grid,
         shape,
         &req.group_by,
         &req.filters,
-        req.currency,
+        req.report_currency.or(req.currency),
         (req.from, req.to),
         Some(&local),
     )?;
@@ -746,6 +762,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         granularity: req.granularity.as_str().to_owned(),
         group_by: (!req.group_by.is_empty()).then(|| names(&req.group_by)),
         tz: req.zone.name().to_owned(),
+        report_currency: req.report_currency.map(|c| c.to_string()),
         from: at(req.from),
         to: at(req.to),
         points,

@@ -81,6 +81,13 @@ struct RevenueParams {
     /// clocks change. Each point carries its `local_bucket`.
     #[param(example = "Asia/Kolkata")]
     tz: Option<String>,
+    /// Convert every amount to this ISO 4217 currency (one series instead of one
+    /// per currency): each stored minute at its UTC date's rate from
+    /// `PUT /v1/fx-rates` (the last within 7 days; crossed through the euro),
+    /// rounded half to even, then summed, so a day is the sum of its hours in any
+    /// zone. 422 naming the dates and currencies without a rate.
+    #[param(example = "EUR")]
+    report_currency: Option<String>,
     /// `booking_time` (default): refunds and cancellations count when they
     /// happened; `order_time`: at their order's time, city and products.
     basis: Option<String>,
@@ -99,6 +106,7 @@ struct RevenueParams {
         (status = 400, description = "Invalid parameters, with every field's problem", body = ProblemSchema, content_type = "application/problem+json"),
         (status = 401, body = ProblemSchema, content_type = "application/problem+json"),
         (status = 403, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 422, description = "Exchange rates missing for `report_currency`: each date and currency named", body = ProblemSchema, content_type = "application/problem+json"),
         (status = 503, description = "A store is down; see Retry-After, or use allow_partial", body = ProblemSchema, content_type = "application/problem+json"),
     ))]
 async fn revenue(

@@ -118,6 +118,11 @@ impl Views {
         }
     }
 
+    /// The Postgres pool (exchange rates).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Most cells one answer may hold (`serving.max_cells`).
     pub fn max_cells(&self) -> usize {
         self.max_cells

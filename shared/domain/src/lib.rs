@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod avro;
 pub mod bucket;
 pub mod event;
+pub mod fx;
 pub mod money;
 pub mod order;
 pub mod position;

@@ -23,6 +23,8 @@ pub enum ProblemKind {
     NotFound,
     MethodNotAllowed,
     Conflict,
+    /// Well-formed, but the data to answer it is missing (e.g. exchange rates).
+    MissingData,
     PayloadTooLarge,
     UnsupportedMediaType,
     RateLimited,
@@ -69,6 +71,11 @@ impl ProblemKind {
                 StatusCode::CONFLICT,
                 "conflict",
                 "Conflicts with stored data",
+            ),
+            MissingData => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing-data",
+                "Data needed for the answer is missing",
             ),
             PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,

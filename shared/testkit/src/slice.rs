@@ -18,6 +18,8 @@ pub struct Slice {
     /// Per attribute, the values kept.
     pub filters: Vec<(&'static str, Vec<String>)>,
     pub currency: Option<&'static str>,
+    /// Convert to this currency (`report_currency`).
+    pub report: Option<&'static str>,
     /// `order_time` basis, else `booking_time`.
     pub order_time: bool,
 }
@@ -85,6 +87,7 @@ impl Slice {
             currency: rng
                 .random_bool(0.2)
                 .then(|| ["EUR", "JPY", "KWD"][rng.random_range(0..3)]),
+            report: None,
             order_time: rng.random_bool(0.5),
         }
     }
@@ -114,10 +117,20 @@ impl Slice {
         if let Some(c) = self.currency {
             q += &format!("&currency={c}");
         }
+        if let Some(c) = self.report {
+            q += &format!("&report_currency={c}");
+        }
         q
     }
 
     /// The truth for this question over every order and adjustment in the log.
+    ///
+    /// Two levels: per minute and combination of the values of the stored shape
+    /// that covers the question's dimensions (`Dimension::covering`; an order
+    /// counts once per combination), then into the question's buckets and groups.
+    /// With `report`, each minute cell's amounts are converted at the rate of its
+    /// UTC date (the last within 7 days, EUR 1, crossed through the euro) and
+    /// rounded half to even before they are summed: the documented rule, in SQL.
     pub async fn truth(&self, pool: &PgPool) -> SliceCells {
         let column = |a: &str, lines: &str| match a {
             "city" => "o.city".to_owned(),
@@ -125,54 +138,118 @@ impl Slice {
             "product" => format!("{lines}.product_id"),
             other => panic!("unknown attribute {other}"),
         };
-        let bucket = |at: &str| match self.granularity {
-            "minute" => format!("(floor(extract(epoch FROM {at}) / 60) * 60)::int8"),
-            "hour" => format!(
-                "(floor(extract(epoch FROM {at}))::int8 \
-                  - mod(floor(extract(epoch FROM ({at} AT TIME ZONE $1)))::int8, 3600))"
-            ),
-            "day" => format!(
-                "extract(epoch FROM (({at} AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1))::int8"
-            ),
+        let named: Vec<tidemark_domain::Attribute> = self
+            .group_by
+            .iter()
+            .copied()
+            .chain(self.filters.iter().map(|(a, _)| *a))
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let shape: Vec<&str> = tidemark_domain::Dimension::covering(&named)
+            .attributes()
+            .iter()
+            .map(|a| a.as_str())
+            .collect();
+        let bucket = match self.granularity {
+            "minute" => "(floor(extract(epoch FROM m) / 60) * 60)::int8".to_owned(),
+            "hour" => "(floor(extract(epoch FROM m))::int8 \
+                  - mod(floor(extract(epoch FROM (m AT TIME ZONE $1)))::int8, 3600))"
+                .to_owned(),
+            "day" => {
+                "extract(epoch FROM ((m AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1))::int8"
+                    .to_owned()
+            }
             other => panic!("unknown granularity {other}"),
         };
-        let query = |lines: &str, at: &str| {
-            let named: Vec<String> = self
-                .group_by
+        // Columns of the shape in the inner level, named a0, a1, …
+        let inner = |lines: &str| -> (String, String) {
+            let select: Vec<String> = shape
                 .iter()
-                .copied()
-                .chain(self.filters.iter().map(|(a, _)| *a))
-                .map(|a| column(a, lines))
+                .enumerate()
+                .map(|(i, a)| format!("{} AS a{i}", column(a, lines)))
                 .collect();
-            let groups: Vec<String> = self.group_by.iter().map(|a| column(a, lines)).collect();
-            let group_array = if groups.is_empty() {
-                "ARRAY[]::text[]".to_owned()
-            } else {
-                format!("ARRAY[{}]::text[]", groups.join(", "))
-            };
             let mut filter = String::new();
             for (i, (a, _)) in self.filters.iter().enumerate() {
-                filter += &format!(" AND {} = ANY(${})", column(a, lines), i + 3);
+                filter += &format!(" AND {} = ANY(${})", column(a, lines), i + 4);
             }
-            let distinct = move |id: &str| {
-                if named.is_empty() {
-                    id.to_owned()
-                } else {
-                    format!("({id}, {})", named.join(", "))
-                }
-            };
-            (bucket(at), group_array, filter, distinct)
+            (select.iter().map(|s| format!(", {s}")).collect(), filter)
+        };
+        let groups: Vec<String> = self
+            .group_by
+            .iter()
+            .map(|g| format!("a{}", shape.iter().position(|a| a == g).unwrap()))
+            .collect();
+        let group_array = if groups.is_empty() {
+            "ARRAY[]::text[]".to_owned()
+        } else {
+            format!("ARRAY[{}]::text[]", groups.join(", "))
+        };
+        let shape_columns: String = (0..shape.len()).map(|i| format!(", a{i}")).collect();
+        let distinct = |id: &str, lines: &str| {
+            if shape.is_empty() {
+                id.to_owned()
+            } else {
+                let cols: Vec<String> = shape.iter().map(|a| column(a, lines)).collect();
+                format!("({id}, {})", cols.join(", "))
+            }
+        };
+        // $3: the reporting currency or NULL. Exponents of the currencies used.
+        let exponents: String = tidemark_domain::Currency::all()
+            .map(|c| format!("('{c}', {})", c.exponent()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rate = |currency: &str| {
+            format!(
+                "(CASE WHEN {currency} = 'EUR' THEN 1::numeric ELSE \
+                   (SELECT r.per_eur FROM fx_rates r WHERE r.currency = {currency} \
+                    AND r.day <= (m AT TIME ZONE 'UTC')::date \
+                    AND r.day >= (m AT TIME ZONE 'UTC')::date - 7 \
+                    ORDER BY r.day DESC LIMIT 1) END)"
+            )
+        };
+        let convert = |amount: &str| {
+            format!(
+                "(CASE WHEN $3::text IS NULL OR cells.currency = $3 THEN {amount} ELSE ( \
+                   SELECT CASE WHEN x - floor(x) > 0.5 THEN floor(x) + 1 \
+                               WHEN x - floor(x) < 0.5 THEN floor(x) \
+                               ELSE floor(x) + mod(floor(x), 2) END \
+                   FROM (SELECT {amount} * {} / {} \
+                          * power(10::numeric, (SELECT e FROM exps WHERE c = $3) \
+                                  - (SELECT e FROM exps WHERE c = cells.currency)) AS x) q) END)::int8",
+                rate("$3"),
+                rate("cells.currency")
+            )
+        };
+        let outer = |amounts: [&str; 3], converted: [bool; 3]| {
+            let sums: Vec<String> = amounts
+                .iter()
+                .zip(converted)
+                .map(|(a, c)| {
+                    if c {
+                        format!("sum({})::int8", convert(a))
+                    } else {
+                        format!("sum({a})::int8")
+                    }
+                })
+                .collect();
+            format!(
+                "SELECT {bucket}, {group_array}, coalesce($3, currency), {} FROM cells GROUP BY 1, 2, 3",
+                sums.join(", ")
+            )
         };
         let mut cells = SliceCells::new();
         // Gross.
-        let (b, g, filter, distinct) = query("l", "o.created_at");
+        let (select, filter) = inner("l");
         let sql = format!(
-            "SELECT {b}, {g}, o.currency::text, sum(l.quantity::int8 * l.unit_price_minor)::int8, \
-                    count(DISTINCT {})::int8, sum(l.quantity)::int8 \
-             FROM orders o JOIN order_lines l USING (order_id) \
-             WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
-             GROUP BY 1, 2, 3",
-            distinct("o.order_id")
+            "WITH exps(c, e) AS (VALUES {exponents}), cells AS ( \
+               SELECT date_trunc('minute', o.created_at) AS m{select}, o.currency::text AS currency, \
+                      sum(l.quantity::int8 * l.unit_price_minor) AS x1, \
+                      count(DISTINCT {}) AS x2, sum(l.quantity) AS x3 \
+               FROM orders o JOIN order_lines l USING (order_id) \
+               WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
+               GROUP BY m{shape_columns}, currency) {}",
+            distinct("o.order_id", "l"),
+            outer(["x1", "x2", "x3"], [true, false, false])
         );
         for (key, [r, o, i]) in self.rows(pool, &sql).await {
             cells.entry(key).or_default()[..3].copy_from_slice(&[r, o, i]);
@@ -183,19 +260,21 @@ impl Slice {
         } else {
             "a.created_at"
         };
-        let (b, g, filter, distinct) = query("ol", at);
+        let (select, filter) = inner("ol");
         let sql = format!(
-            "SELECT {b}, {g}, o.currency::text, coalesce(sum(al.amount_minor), 0)::int8, \
-                    coalesce(sum(al.quantity), 0)::int8, \
-                    count(DISTINCT {}) FILTER (WHERE a.kind = 'cancellation')::int8 \
-             FROM adjustments a JOIN orders o ON o.order_id = a.order_id \
-             JOIN order_lines ol ON ol.order_id = a.order_id \
-             LEFT JOIN adjustment_lines al \
-                  ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
-             WHERE (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
-               AND ($2::text IS NULL OR o.currency::text = $2){filter} \
-             GROUP BY 1, 2, 3",
-            distinct("a.adjustment_id")
+            "WITH exps(c, e) AS (VALUES {exponents}), cells AS ( \
+               SELECT date_trunc('minute', {at}) AS m{select}, o.currency::text AS currency, \
+                      coalesce(sum(al.amount_minor), 0) AS x1, coalesce(sum(al.quantity), 0) AS x2, \
+                      count(DISTINCT {}) FILTER (WHERE a.kind = 'cancellation') AS x3 \
+               FROM adjustments a JOIN orders o ON o.order_id = a.order_id \
+               JOIN order_lines ol ON ol.order_id = a.order_id \
+               LEFT JOIN adjustment_lines al \
+                    ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
+               WHERE (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
+                 AND ($2::text IS NULL OR o.currency::text = $2){filter} \
+               GROUP BY m{shape_columns}, currency) {}",
+            distinct("a.adjustment_id", "ol"),
+            outer(["x1", "x2", "x3"], [true, false, false])
         );
         for (key, [f, fi, c]) in self.rows(pool, &sql).await {
             cells.entry(key).or_default()[3..].copy_from_slice(&[f, fi, c]);
@@ -208,7 +287,8 @@ impl Slice {
             sqlx::AssertSqlSafe(sql.to_owned()),
         )
         .bind(self.tz)
-        .bind(self.currency);
+        .bind(self.currency)
+        .bind(self.report);
         for (_, values) in &self.filters {
             query = query.bind(values.clone());
         }

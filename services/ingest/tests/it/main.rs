@@ -3,6 +3,7 @@
 mod adjust;
 mod api;
 mod fuzz;
+mod fx;
 mod ops;
 mod process;
 mod relay;

@@ -153,6 +153,7 @@ async fn assert_graphql_equals_rest(env: &Env) {
         group_by: vec!["city", "category"],
         filters: vec![("city", vec!["Berlin".into(), "São Paulo".into()])],
         currency: None,
+        report: None,
         order_time: true,
     };
     let (from, to) = range(&slice);
@@ -202,6 +203,7 @@ async fn assert_summary_adds_up(env: &Env) {
             group_by,
             filters: filters.clone(),
             currency: None,
+            report: None,
             order_time: false,
         };
         async move {
@@ -270,4 +272,123 @@ async fn graphql_and_the_summary_share_the_query_model() {
     env.speed_caught_up().await;
     assert_graphql_equals_rest(&env).await;
     assert_summary_adds_up(&env).await;
+}
+
+/// A rates file in the ECB's format: weekdays from March 2026 to today (weekends
+/// take Friday's rate), USD, JPY and KWD drifting day by day.
+fn rates_file() -> String {
+    let mut file = "Date,USD,JPY,KWD,CYP,\n".to_owned();
+    let mut day = chrono::NaiveDate::from_ymd_opt(2026, 3, 1).unwrap();
+    let today = Utc::now().date_naive();
+    let mut i = 0_i64;
+    while day <= today {
+        use chrono::Datelike;
+        if day.weekday().num_days_from_monday() < 5 {
+            file += &format!(
+                "{day},{}.{:04},{}.{:02},0.{:04},N/A,\n",
+                1 + i % 2,
+                (537 * i) % 10_000,
+                150 + i % 20,
+                (7 * i) % 100,
+                3_000 + (13 * i) % 500
+            );
+        }
+        day = day.succ_opt().unwrap();
+        i += 1;
+    }
+    file
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reporting_currency_converts_each_minute_at_its_days_rate_and_days_add_up() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(4217);
+    let old = orders(&mut rng, 120);
+    env.ingest(&old).await;
+    apply_adjustments(&env.db.pool, &corrections(&old, &mut rng))
+        .await
+        .unwrap();
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(matches!(published, Outcome::Published { .. }));
+    env.ingest(&orders(&mut rng, 60)).await;
+    env.speed_caught_up().await;
+
+    // Without rates the answer is refused, naming what is missing.
+    let (from, to) = crate::full_range();
+    let r = env
+        .get(&format!(
+            "/v1/revenue?from={from}&to={to}&report_currency=EUR"
+        ))
+        .await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = r.json().await.unwrap();
+    let details = body["errors"].to_string();
+    assert!(
+        details.contains("USD") && details.contains("KWD") && details.contains("days before"),
+        "{body}"
+    );
+
+    let file = tidemark_ingest::fx::parse(&rates_file()).unwrap();
+    assert_eq!(file.ignored_columns, ["CYP"]);
+    tidemark_ingest::fx::store(&env.db.pool, &file)
+        .await
+        .unwrap();
+
+    // Random questions in a reporting currency equal the rule in SQL.
+    for _ in 0..30 {
+        let mut slice = Slice::random(&mut rng);
+        slice.report = Some(["EUR", "USD", "JPY", "KWD"][rng.random_range(0..4)]);
+        let (from, to) = range(&slice);
+        let served = served_slice(&env, &slice, &from, &to).await.unwrap();
+        let truth: SliceCells = slice
+            .truth(&env.db.pool)
+            .await
+            .into_iter()
+            .filter(|((bucket, _, _), _)| {
+                let zone = slice.tz.parse().unwrap();
+                let start = tidemark_serving::local::parse_time(&from, zone).unwrap();
+                let end = tidemark_serving::local::parse_time(&to, zone).unwrap();
+                *bucket >= start && *bucket < end
+            })
+            .collect();
+        assert_eq!(served, truth, "{slice:?} over {from}..{to}");
+        assert!(
+            served
+                .keys()
+                .all(|(_, _, c)| Some(c.as_str()) == slice.report),
+            "one currency"
+        );
+    }
+
+    // Additive: each local day is the sum of its local hours, in every zone.
+    for tz in tidemark_testkit::slice::ZONES {
+        let ask = |granularity: &'static str| Slice {
+            granularity,
+            tz,
+            group_by: vec!["city"],
+            filters: vec![],
+            currency: None,
+            report: Some("EUR"),
+            order_time: false,
+        };
+        let (from, to) = range(&ask("day"));
+        let days = served_slice(&env, &ask("day"), &from, &to).await.unwrap();
+        let hours = served_slice(&env, &ask("hour"), &from, &to).await.unwrap();
+        let zone: chrono_tz::Tz = tz.parse().unwrap();
+        let day_of = |bucket: i64| {
+            tidemark_serving::local::LocalBuckets::new(zone, tidemark_domain::Granularity::Day)
+                .start(bucket)
+        };
+        let mut summed = SliceCells::new();
+        for ((bucket, group, currency), cell) in hours {
+            let sum = summed.entry((day_of(bucket), group, currency)).or_default();
+            for (s, c) in sum.iter_mut().zip(cell) {
+                *s += c;
+            }
+        }
+        summed.retain(|_, c| c.iter().any(|v| *v != 0));
+        assert_eq!(days, summed, "{tz}");
+        assert!(!days.is_empty());
+    }
 }
