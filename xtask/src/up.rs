@@ -72,6 +72,7 @@ pub async fn up() -> Result<()> {
             );
         }
     }
+    load_demo_rates(&stack, &env)?;
     let targets: Vec<(String, String)> = SERVICES
         .iter()
         .map(|(name, port)| ((*name).to_owned(), format!("127.0.0.1:{port}")))
@@ -118,6 +119,39 @@ pub async fn up() -> Result<()> {
         demo_rate(),
         stack.prometheus_url(),
     );
+    Ok(())
+}
+
+/// Demo exchange rates for the shop's currencies (`report_currency`): the
+/// generator prints 400 days of them in the ECB format, ingest's CLI loads them
+/// (idempotent: a rerun of `up` changes nothing).
+fn load_demo_rates(stack: &Stack, env: &[(String, String)]) -> Result<()> {
+    let rates = Command::new(binary(stack, "generator"))
+        .args(["fx-rates", "--days", "400"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&stack.root)
+        .output()?;
+    if !rates.status.success() {
+        bail!(
+            "generating demo exchange rates failed: {}",
+            String::from_utf8_lossy(&rates.stderr)
+        );
+    }
+    let mut load = Command::new(binary(stack, "ingest"))
+        .args(["fx-rates", "load", "-"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&stack.root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::io::Write::write_all(
+        load.stdin.as_mut().context("the loader's stdin")?,
+        &rates.stdout,
+    )?;
+    drop(load.stdin.take());
+    if !load.wait()?.success() {
+        bail!("loading demo exchange rates failed");
+    }
     Ok(())
 }
 

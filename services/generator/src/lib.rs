@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use model::{Correction, Shape, Shop};
+pub use model::{Correction, Shape, Shop, fx_rates_csv};
 pub use send::{Format, Sender, Tally};
 
 /// A live stream: `rate` orders per second in batches, until `count` orders,

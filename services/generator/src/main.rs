@@ -45,6 +45,15 @@ enum Command {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Print demo exchange rates (ECB CSV format, units per euro) for the shop's
+    /// currencies, weekdays of the last `--days` days; load them with
+    /// `tidemark-ingest fx-rates load -` or `PUT /v1/fx-rates`.
+    FxRates {
+        #[arg(long, default_value_t = 400)]
+        days: u64,
+        #[arg(long, default_value_t = 4217)]
+        seed: u64,
+    },
     /// Send `--days` of history before `--until`, following each city's daily rhythm.
     Backfill {
         #[command(flatten)]
@@ -125,6 +134,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             let listener = service::bind(config.http.listen).await?;
             return tidemark_generator::serve(config, listener, shutdown::on_signal()).await;
+        }
+        Command::FxRates { days, seed } => {
+            let last = Utc::now().date_naive();
+            let first = last - chrono::Days::new(days);
+            print!("{}", tidemark_generator::fx_rates_csv(first, last, seed));
+            return Ok(());
         }
         Command::Stream {
             target,

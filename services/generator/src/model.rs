@@ -357,6 +357,49 @@ fn local_price(euro_cents: i64, per_euro_cent: f64, currency: Currency) -> i64 {
     ((minor + unit / 2) / unit).max(1) * unit - unit / 100
 }
 
+/// Demo exchange rates in the ECB reference-rate CSV format (`Date,JPY,INR,…`,
+/// units per euro, newest day first as the ECB writes them) for weekdays from
+/// `first` to `last`: each currency of the shop's cities near the rate its prices
+/// are converted at, drifting by a seeded random walk (±0.3 % a day). Weekends
+/// have no row, as in the ECB's files: conversion takes Friday's rate.
+pub fn fx_rates_csv(first: chrono::NaiveDate, last: chrono::NaiveDate, seed: u64) -> String {
+    use chrono::Datelike;
+    let mut currencies: Vec<(&str, f64, u8)> = Vec::new();
+    for city in CITIES {
+        let currency: Currency = city.currency.parse().expect("listed currency");
+        if city.currency != "EUR" && !currencies.iter().any(|(c, _, _)| *c == city.currency) {
+            // Minor units per euro cent → units per euro.
+            let per_euro = city.per_euro_cent * 100.0 / 10_f64.powi(i32::from(currency.exponent()));
+            currencies.push((city.currency, per_euro, currency.exponent()));
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    let mut level: Vec<f64> = currencies.iter().map(|(_, r, _)| *r).collect();
+    let mut day = first;
+    while day <= last {
+        for l in &mut level {
+            *l *= 1.0 + rng.random_range(-0.003..0.003);
+        }
+        if day.weekday().num_days_from_monday() < 5 {
+            let rates: Vec<String> = level
+                .iter()
+                .map(|r| {
+                    // Five significant digits, as the ECB publishes.
+                    let decimals = (4 - r.log10().floor() as i32).clamp(0, 6) as usize;
+                    format!("{r:.decimals$}")
+                })
+                .collect();
+            rows.push(format!("{day},{},", rates.join(",")));
+        }
+        let Some(next) = day.succ_opt() else { break };
+        day = next;
+    }
+    rows.reverse();
+    let header: Vec<&str> = currencies.iter().map(|(c, _, _)| *c).collect();
+    format!("Date,{},\n{}\n", header.join(","), rows.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -485,5 +528,17 @@ mod tests {
         assert_eq!(local_price(1_249, 3.3, kwd), 3_990, "3.990 KWD");
         let rub: Currency = "RUB".parse().unwrap();
         assert_eq!(local_price(1_249, 100.0, rub), 124_899, "1248.99 RUB");
+    }
+
+    #[test]
+    fn demo_rates_are_a_loadable_ecb_file_of_weekdays() {
+        let first = chrono::NaiveDate::from_ymd_opt(2026, 11, 2).unwrap();
+        let last = chrono::NaiveDate::from_ymd_opt(2026, 11, 15).unwrap();
+        let csv = fx_rates_csv(first, last, 1);
+        let file = tidemark_domain::fx::parse_ecb_csv(&csv).unwrap();
+        assert!(file.ignored_columns.is_empty());
+        let days: std::collections::BTreeSet<_> = file.rates.iter().map(|(d, _, _)| *d).collect();
+        assert_eq!(days.len(), 10, "two weeks of weekdays");
+        assert_eq!(csv, fx_rates_csv(first, last, 1), "seeded");
     }
 }

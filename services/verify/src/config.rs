@@ -25,6 +25,10 @@ pub struct VerifySettings {
     pub read_key: Option<SecretString>,
     /// How many recent days of served totals to compare.
     pub days: i64,
+    /// How many random questions of the query model to reconcile.
+    pub questions: usize,
+    /// The seed of those questions (default: the time), to repeat a run.
+    pub seed: Option<u64>,
 }
 
 impl Default for VerifySettings {
@@ -33,6 +37,8 @@ impl Default for VerifySettings {
             serving_url: "http://127.0.0.1:8082".into(),
             read_key: None,
             days: 3,
+            questions: 24,
+            seed: None,
         }
     }
 }

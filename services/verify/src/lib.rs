@@ -11,6 +11,10 @@
 //!    extra and repeated ids.
 //! 3. The Parquet lake against ClickHouse, below the published watermark, every
 //!    cell of every granularity and dimension ([`Compactor::verify_lake`]).
+//! 4. A sample of random questions of the query model — one or two dimensions,
+//!    filters of several values, a local time zone, a basis, and (when exchange
+//!    rates are loaded) a reporting currency — each against its SQL truth
+//!    ([`tidemark_orderlog::question`]) as of the answer's position.
 //!
 //! [`Compactor::verify_lake`]: tidemark_compactor::Compactor::verify_lake
 
@@ -25,6 +29,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use sqlx::PgPool;
 use tidemark_orderlog::RawRecordRef;
+use tidemark_orderlog::question::{AsOf, Cells, Question};
 use tidemark_platform::config::S3Config;
 
 pub use config::Config;
@@ -50,6 +55,7 @@ pub async fn run(config: &Config) -> Result<Vec<Check>> {
         served(config, &pool).await?,
         raw_lake_check(config, &pool).await?,
         batch(config).await?,
+        questions(config, &pool).await?,
     ] {
         println!("{}", check.title);
         for line in &check.lines {
@@ -396,4 +402,259 @@ async fn raw_lake(config: &S3Config, pool: &PgPool) -> Result<LakeDrift> {
         extra: seen.difference(&in_postgres).count(),
         repeated,
     })
+}
+
+/// Zones the sampled questions ask in: whole-hour, half-hour and 45-minute
+/// offsets, and daylight saving on both hemispheres.
+const ZONES: [&str; 6] = [
+    "UTC",
+    "Europe/Berlin",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "America/New_York",
+    "Australia/Adelaide",
+];
+
+/// A random question over the values of the last days' orders.
+fn sample_question(
+    rng: &mut rand::rngs::StdRng,
+    values: &[(&'static str, Vec<String>)],
+    reports: &[String],
+) -> Question {
+    use rand::Rng;
+    let mut group_by: Vec<String> = Vec::new();
+    for _ in 0..rng.random_range(0..=2) {
+        let (a, _) = &values[rng.random_range(0..values.len())];
+        if !group_by.iter().any(|g| g == a) {
+            group_by.push((*a).to_owned());
+        }
+    }
+    let mut filters = Vec::new();
+    for (a, all) in values {
+        if !all.is_empty() && rng.random_bool(0.3) {
+            let chosen = (0..rng.random_range(1..=3))
+                .map(|_| all[rng.random_range(0..all.len())].clone())
+                .collect();
+            filters.push(((*a).to_owned(), chosen));
+        }
+    }
+    Question {
+        granularity: ["hour", "day"][rng.random_range(0..2)].to_owned(),
+        tz: ZONES[rng.random_range(0..ZONES.len())].to_owned(),
+        group_by,
+        filters,
+        currency: None,
+        report: (!reports.is_empty() && rng.random_bool(0.4))
+            .then(|| reports[rng.random_range(0..reports.len())].clone()),
+        order_time: rng.random_bool(0.5),
+    }
+}
+
+/// The query string of a question.
+fn query_string(q: &Question) -> String {
+    let encode = |v: &str| -> String {
+        v.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    let mut out = format!(
+        "granularity={}&tz={}&basis={}",
+        q.granularity,
+        encode(&q.tz),
+        if q.order_time {
+            "order_time"
+        } else {
+            "booking_time"
+        }
+    );
+    if !q.group_by.is_empty() {
+        out += &format!("&group_by={}", q.group_by.join(","));
+    }
+    for (a, values) in &q.filters {
+        let joined: Vec<String> = values
+            .iter()
+            .map(|v| v.replace('\\', r"\\").replace(',', r"\,"))
+            .collect();
+        out += &format!("&{a}={}", encode(&joined.join(",")));
+    }
+    if let Some(r) = &q.report {
+        out += &format!("&report_currency={r}");
+    }
+    out
+}
+
+/// An answer's cells in the truth's shape.
+fn answer_cells(body: &Value, group_by: &[String]) -> Result<Cells> {
+    let mut cells = Cells::new();
+    for p in body["points"]
+        .as_array()
+        .context("an answer without points")?
+    {
+        let bucket =
+            chrono::DateTime::parse_from_rfc3339(p["bucket"].as_str().unwrap_or_default())?
+                .timestamp();
+        let values = group_by
+            .iter()
+            .map(|a| p["dimensions"][a].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let n = |k: &str| p[k].as_i64().unwrap_or_default();
+        cells.insert(
+            (
+                bucket,
+                values,
+                p["currency"].as_str().unwrap_or_default().to_owned(),
+            ),
+            [
+                n("revenue_minor"),
+                n("orders"),
+                n("items"),
+                n("refunded_minor"),
+                n("refunded_items"),
+                n("cancelled_orders"),
+            ],
+        );
+    }
+    Ok(cells)
+}
+
+async fn questions(config: &Config, pool: &PgPool) -> Result<Check> {
+    use rand::SeedableRng;
+    let settings = &config.verify;
+    let serving = settings.serving_url.trim_end_matches('/');
+    let read_key = settings
+        .read_key
+        .as_ref()
+        .context("verify.read_key is required")?
+        .expose_secret()
+        .to_owned();
+    let seed = settings
+        .seed
+        .unwrap_or_else(|| Utc::now().timestamp() as u64);
+    let mut check = Check {
+        title: format!(
+            "4. {} random questions of the query model against Postgres (last {} days, seed {seed})",
+            settings.questions, settings.days
+        ),
+        lines: Vec::new(),
+        drift: 0,
+    };
+    let to = Utc::now().duration_trunc(TimeDelta::hours(1))? + TimeDelta::hours(2);
+    let from = to.duration_trunc(TimeDelta::days(1))? - TimeDelta::days(settings.days);
+    // Values to filter by: the commonest of the period, and one that is not there.
+    let mut values = Vec::new();
+    for (attribute, column) in [
+        ("city", "o.city"),
+        ("category", "l.category"),
+        ("product", "l.product_id"),
+    ] {
+        let mut common: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {column} FROM orders o JOIN order_lines l USING (order_id) \
+             WHERE o.created_at >= $1 GROUP BY 1 ORDER BY count(*) DESC LIMIT 8"
+        ))) // fixed column names only
+        .bind(from)
+        .fetch_all(pool)
+        .await?;
+        common.push("no-such-value".into());
+        values.push((attribute, common));
+    }
+    let reports: Vec<String> = {
+        let loaded: i64 = sqlx::query_scalar("SELECT count(*) FROM fx_rates")
+            .fetch_one(pool)
+            .await?;
+        if loaded > 0 {
+            vec!["EUR".into(), "USD".into()]
+        } else {
+            check
+                .lines
+                .push("no exchange rates loaded: no question in a reporting currency".into());
+            Vec::new()
+        }
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let http = reqwest::Client::new();
+    for _ in 0..settings.questions {
+        let question = sample_question(&mut rng, &values, &reports);
+        let url = format!(
+            "{serving}/v1/revenue?from={}&to={}&{}",
+            from.format("%Y-%m-%dT%H:%M:%SZ"),
+            to.format("%Y-%m-%dT%H:%M:%SZ"),
+            query_string(&question)
+        );
+        let mut outcome = (0, 0);
+        let mut failed = None;
+        for _attempt in 0..5 {
+            let response = http.get(&url).bearer_auth(&read_key).send().await?;
+            if response.status() == 422 {
+                // Missing rates are reported, not drift.
+                failed = Some(response.text().await?);
+                break;
+            }
+            let body: Value = response.error_for_status()?.json().await?;
+            let served = answer_cells(&body, &question.group_by)?;
+            let (threshold, cursor) = covered(&body)?;
+            let range = (
+                chrono::DateTime::parse_from_rfc3339(body["from"].as_str().unwrap_or_default())?
+                    .timestamp(),
+                chrono::DateTime::parse_from_rfc3339(body["to"].as_str().unwrap_or_default())?
+                    .timestamp(),
+            );
+            let as_of = AsOf {
+                threshold,
+                cursor: (cursor.0 as u64, cursor.1),
+            };
+            let truth = question.truth(pool, Some(as_of), Some(range)).await?;
+            let keys: HashSet<_> = served.keys().chain(truth.keys()).collect();
+            let zero = [0; 6];
+            let differing = keys
+                .iter()
+                .filter(|k| served.get(**k).unwrap_or(&zero) != truth.get(**k).unwrap_or(&zero))
+                .count();
+            outcome = (keys.len() as u64, differing as u64);
+            if differing == 0 {
+                break;
+            }
+        }
+        let shown = format!(
+            "{:<4} {:<18} by {:<22} {}{}{}",
+            question.granularity,
+            question.tz,
+            if question.group_by.is_empty() {
+                "total".to_owned()
+            } else {
+                question.group_by.join(",")
+            },
+            question
+                .filters
+                .iter()
+                .map(|(a, v)| format!("{a}∈{} ", v.len()))
+                .collect::<String>(),
+            question
+                .report
+                .as_ref()
+                .map(|r| format!("in {r} "))
+                .unwrap_or_default(),
+            if question.order_time {
+                "order_time"
+            } else {
+                "booking_time"
+            },
+        );
+        match failed {
+            Some(problem) => check.lines.push(format!("{shown}: refused: {problem}")),
+            None => {
+                check.lines.push(format!(
+                    "{shown}: {:>5} cells, drift {}",
+                    outcome.0, outcome.1
+                ));
+                check.drift += outcome.1;
+            }
+        }
+    }
+    Ok(check)
 }

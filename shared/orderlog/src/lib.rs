@@ -8,8 +8,10 @@
 //!   of a range, and consumer lag.
 //! - [`raw`]: the JSON Lines record the lake relay writes and the compactor reads.
 //! - [`epochs`]: speed-layer epochs, cut by transaction id.
+//! - [`question`]: the ground truth of a revenue question, by SQL over the log.
 
 pub mod epochs;
+pub mod question;
 pub mod raw;
 pub mod row;
 pub mod tail;

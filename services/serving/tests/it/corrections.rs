@@ -198,7 +198,14 @@ async fn refunds_and_cancellations_are_exact_on_both_bases_across_the_handoff() 
     assert_exact(&env, "after a rebuild").await;
 
     // `tidemark-verify` reconciles the same: net metrics on both bases, the raw
-    // lake's events, Parquet against ClickHouse.
+    // lake's events, Parquet against ClickHouse, and random questions of the query
+    // model (some in a reporting currency: the demo's rates are loaded).
+    let today = chrono::Utc::now().date_naive();
+    let rates = tidemark_generator::fx_rates_csv(today - chrono::Days::new(12), today, 7);
+    let rates = tidemark_ingest::fx::parse(&rates).unwrap();
+    tidemark_ingest::fx::store(&env.db.pool, &rates)
+        .await
+        .unwrap();
     let (read_key, serving_url) = (env.key.clone(), env.serving.url(""));
     let config = tidemark_verify::Config {
         postgres: env.db.config.clone(),
@@ -208,11 +215,13 @@ async fn refunds_and_cancellations_are_exact_on_both_bases_across_the_handoff() 
             serving_url,
             read_key: Some(read_key.into()),
             days: 5,
+            questions: 24,
+            seed: Some(19),
         },
         ..tidemark_verify::Config::default()
     };
     let checks = tidemark_verify::run(&config).await.unwrap();
-    assert_eq!(checks.len(), 3);
+    assert_eq!(checks.len(), 4);
     for check in &checks {
         assert_eq!(check.drift, 0, "{}: {:?}", check.title, check.lines);
     }
@@ -220,6 +229,24 @@ async fn refunds_and_cancellations_are_exact_on_both_bases_across_the_handoff() 
         checks[0].lines.iter().any(|l| l.contains("order_time")),
         "{:?}",
         checks[0].lines
+    );
+    let sampled = &checks[3].lines;
+    assert_eq!(sampled.len(), 24, "{sampled:?}");
+    assert!(
+        sampled
+            .iter()
+            .any(|l| l.contains(" in EUR ") || l.contains(" in USD ")),
+        "some questions in a reporting currency: {sampled:?}"
+    );
+    assert!(
+        sampled
+            .iter()
+            .any(|l| l.contains(',') && l.contains("Asia/")),
+        "{sampled:?}"
+    );
+    assert!(
+        !sampled.iter().any(|l| l.contains("refused")),
+        "{sampled:?}"
     );
 }
 

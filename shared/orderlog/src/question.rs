@@ -1,0 +1,240 @@
+//! Questions of the query model answered by SQL over the log: the ground truth
+//! the tests and `tidemark-verify` compare served answers with. Written apart
+//! from the serving code on purpose: Postgres's own time-zone database buckets
+//! the local hours and days, and the conversion rule is restated in SQL.
+
+use std::collections::BTreeMap;
+
+use sqlx::PgPool;
+
+/// A revenue question (the query parameters of `GET /v1/revenue`, parsed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Question {
+    /// `minute`, `hour` or `day`.
+    pub granularity: String,
+    /// An IANA zone.
+    pub tz: String,
+    /// Zero to two of `city`, `category`, `product`.
+    pub group_by: Vec<String>,
+    /// Per attribute, the values kept.
+    pub filters: Vec<(String, Vec<String>)>,
+    pub currency: Option<String>,
+    /// Convert to this currency (`report_currency`).
+    pub report: Option<String>,
+    /// `order_time` basis, else `booking_time`.
+    pub order_time: bool,
+}
+
+/// Which events an answer covers: those below the batch `threshold` (a
+/// transaction id) and those at or before the speed `cursor` (txid, seq).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsOf {
+    pub threshold: u64,
+    pub cursor: (u64, i64),
+}
+
+/// The cells of an answer: (bucket start as unix seconds, the grouped values,
+/// currency) → gross revenue, orders, items, refunded minor units, refunded items,
+/// cancelled orders.
+pub type Cells = BTreeMap<(i64, Vec<String>, String), [i64; 6]>;
+
+impl Question {
+    /// The truth for this question over every order and adjustment in the log.
+    ///
+    /// Two levels: per minute and combination of the values of the stored shape
+    /// that covers the question's dimensions (`Dimension::covering`; an order
+    /// counts once per combination), then into the question's buckets and groups.
+    /// With `report`, each minute cell's amounts are converted at the rate of its
+    /// UTC date (the last within 7 days, EUR 1, crossed through the euro) and
+    /// rounded half to even before they are summed: the documented rule, in SQL.
+    ///
+    /// `as_of` restricts the events to those an answer covers; `range` (unix
+    /// seconds) reads only events within two days of it and keeps the buckets
+    /// that start in it.
+    pub async fn truth(
+        &self,
+        pool: &PgPool,
+        as_of: Option<AsOf>,
+        range: Option<(i64, i64)>,
+    ) -> Result<Cells, sqlx::Error> {
+        let column = |a: &str, lines: &str| match a {
+            "city" => "o.city".to_owned(),
+            "category" => format!("{lines}.category"),
+            "product" => format!("{lines}.product_id"),
+            other => panic!("unknown attribute {other}"),
+        };
+        let named: Vec<tidemark_domain::Attribute> = self
+            .group_by
+            .iter()
+            .chain(self.filters.iter().map(|(a, _)| a))
+            .map(|a| a.parse().expect("city, category or product"))
+            .collect();
+        let shape: Vec<&str> = tidemark_domain::Dimension::covering(&named)
+            .attributes()
+            .iter()
+            .map(|a| a.as_str())
+            .collect();
+        let bucket = match self.granularity.as_str() {
+            "minute" => "(floor(extract(epoch FROM m) / 60) * 60)::int8".to_owned(),
+            "hour" => "(floor(extract(epoch FROM m))::int8 \
+                  - mod(floor(extract(epoch FROM (m AT TIME ZONE $1)))::int8, 3600))"
+                .to_owned(),
+            "day" => {
+                "extract(epoch FROM ((m AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1))::int8"
+                    .to_owned()
+            }
+            other => panic!("unknown granularity {other}"),
+        };
+        // Columns of the shape in the inner level, named a0, a1, …
+        let inner = |lines: &str| -> (String, String) {
+            let select: Vec<String> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("{} AS a{i}", column(a, lines)))
+                .collect();
+            let mut filter = String::new();
+            for (i, (a, _)) in self.filters.iter().enumerate() {
+                filter += &format!(" AND {} = ANY(${})", column(a, lines), i + 9);
+            }
+            (select.iter().map(|s| format!(", {s}")).collect(), filter)
+        };
+        let groups: Vec<String> = self
+            .group_by
+            .iter()
+            .map(|g| format!("a{}", shape.iter().position(|a| a == g).expect("covered")))
+            .collect();
+        let group_array = if groups.is_empty() {
+            "ARRAY[]::text[]".to_owned()
+        } else {
+            format!("ARRAY[{}]::text[]", groups.join(", "))
+        };
+        let shape_columns: String = (0..shape.len()).map(|i| format!(", a{i}")).collect();
+        let distinct = |id: &str, lines: &str| {
+            if shape.is_empty() {
+                id.to_owned()
+            } else {
+                let cols: Vec<String> = shape.iter().map(|a| column(a, lines)).collect();
+                format!("({id}, {})", cols.join(", "))
+            }
+        };
+        // $3: the reporting currency or NULL. Exponents of the currencies used.
+        let exponents: String = tidemark_domain::Currency::all()
+            .map(|c| format!("('{c}', {})", c.exponent()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rate = |currency: &str| {
+            format!(
+                "(CASE WHEN {currency} = 'EUR' THEN 1::numeric ELSE \
+                   (SELECT r.per_eur FROM fx_rates r WHERE r.currency = {currency} \
+                    AND r.day <= (m AT TIME ZONE 'UTC')::date \
+                    AND r.day >= (m AT TIME ZONE 'UTC')::date - 7 \
+                    ORDER BY r.day DESC LIMIT 1) END)"
+            )
+        };
+        let convert = |amount: &str| {
+            format!(
+                "(CASE WHEN $3::text IS NULL OR cells.currency = $3 THEN {amount} ELSE ( \
+                   SELECT CASE WHEN x - floor(x) > 0.5 THEN floor(x) + 1 \
+                               WHEN x - floor(x) < 0.5 THEN floor(x) \
+                               ELSE floor(x) + mod(floor(x), 2) END \
+                   FROM (SELECT {amount} * {} / {} \
+                          * power(10::numeric, (SELECT e FROM exps WHERE c = $3) \
+                                  - (SELECT e FROM exps WHERE c = cells.currency)) AS x) q) END)::int8",
+                rate("$3"),
+                rate("cells.currency")
+            )
+        };
+        let outer = |amounts: [&str; 3], converted: [bool; 3]| {
+            let sums: Vec<String> = amounts
+                .iter()
+                .zip(converted)
+                .map(|(a, c)| {
+                    if c {
+                        format!("sum({})::int8", convert(a))
+                    } else {
+                        format!("sum({a})::int8")
+                    }
+                })
+                .collect();
+            format!(
+                "SELECT {bucket}, {group_array}, coalesce($3, currency), {} FROM cells GROUP BY 1, 2, 3",
+                sums.join(", ")
+            )
+        };
+        let mut cells = Cells::new();
+        // Gross.
+        let (select, filter) = inner("l");
+        let sql = format!(
+            "WITH exps(c, e) AS (VALUES {exponents}), cells AS ( \
+               SELECT date_trunc('minute', o.created_at) AS m{select}, o.currency::text AS currency, \
+                      sum(l.quantity::int8 * l.unit_price_minor) AS x1, \
+                      count(DISTINCT {}) AS x2, sum(l.quantity) AS x3 \
+               FROM orders o JOIN order_lines l USING (order_id) \
+               WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
+               GROUP BY m{shape_columns}, currency) {}",
+            distinct("o.order_id", "l"),
+            outer(["x1", "x2", "x3"], [true, false, false])
+        );
+        for (key, [r, o, i]) in self.rows(pool, &sql, as_of, range).await? {
+            cells.entry(key).or_default()[..3].copy_from_slice(&[r, o, i]);
+        }
+        // Corrections on the basis.
+        let at = if self.order_time {
+            "o.created_at"
+        } else {
+            "a.created_at"
+        };
+        let (select, filter) = inner("ol");
+        let sql = format!(
+            "WITH exps(c, e) AS (VALUES {exponents}), cells AS ( \
+               SELECT date_trunc('minute', {at}) AS m{select}, o.currency::text AS currency, \
+                      coalesce(sum(al.amount_minor), 0) AS x1, coalesce(sum(al.quantity), 0) AS x2, \
+                      count(DISTINCT {}) FILTER (WHERE a.kind = 'cancellation') AS x3 \
+               FROM adjustments a JOIN orders o ON o.order_id = a.order_id \
+               JOIN order_lines ol ON ol.order_id = a.order_id \
+               LEFT JOIN adjustment_lines al \
+                    ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
+               WHERE (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
+                 AND ($2::text IS NULL OR o.currency::text = $2){filter} \
+               GROUP BY m{shape_columns}, currency) {}",
+            distinct("a.adjustment_id", "ol"),
+            outer(["x1", "x2", "x3"], [true, false, false])
+        );
+        for (key, [f, fi, c]) in self.rows(pool, &sql, as_of, range).await? {
+            cells.entry(key).or_default()[3..].copy_from_slice(&[f, fi, c]);
+        }
+        if let Some((from, to)) = range {
+            cells.retain(|(bucket, _, _), _| *bucket >= from && *bucket < to);
+        }
+        Ok(cells)
+    }
+
+    async fn rows(
+        &self,
+        pool: &PgPool,
+        sql: &str,
+        as_of: Option<AsOf>,
+        range: Option<(i64, i64)>,
+    ) -> Result<Vec<((i64, Vec<String>, String), [i64; 3])>, sqlx::Error> {
+        let mut query = sqlx::query_as::<_, (i64, Vec<String>, String, i64, i64, i64)>(
+            sqlx::AssertSqlSafe(sql.to_owned()),
+        )
+        .bind(&self.tz)
+        .bind(&self.currency)
+        .bind(&self.report)
+        .bind(as_of.map(|a| a.threshold as i64))
+        .bind(as_of.map(|a| a.cursor.0.to_string()))
+        .bind(as_of.map(|a| a.cursor.1))
+        .bind(range.map(|r| r.0))
+        .bind(range.map(|r| r.1));
+        for (_, values) in &self.filters {
+            query = query.bind(values.clone());
+        }
+        Ok(query
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(b, g, c, x, y, z)| ((b, g, c), [x, y, z]))
+            .collect())
+    }
+}
