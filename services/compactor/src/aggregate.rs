@@ -670,6 +670,79 @@ impl Aggregates {
     }
 }
 
+/// A row of `buyers`: an order line's minute, city, category, product, currency
+/// and user.
+#[derive(clickhouse::Row, serde::Serialize)]
+pub struct BuyerRow<'a> {
+    /// Minute start, unix seconds.
+    pub bucket: u32,
+    pub city: &'a str,
+    pub category: &'a str,
+    pub product: &'a str,
+    pub currency: &'a str,
+    pub user_id: &'a str,
+    pub run_id: u64,
+}
+
+/// The distinct (minute, city, category, product, currency, user) of the order
+/// lines among `rows` (adjusted lines left out: a refund makes no buyer).
+pub fn buyers(rows: &DataFrame) -> PolarsResult<DataFrame> {
+    if rows.height() == 0 {
+        return Ok(rows.clear());
+    }
+    rows.clone()
+        .lazy()
+        .filter(col("adjusted_us").is_null())
+        .select([
+            // The minute's start in µs (event times are after 1970: no negatives).
+            (col("created_us") - col("created_us") % lit(MINUTE_US)).alias("bucket_us"),
+            col("city"),
+            col("category"),
+            col("product_id"),
+            col("currency"),
+            col("user_id"),
+        ])
+        .unique(None, UniqueKeepStrategy::Any)
+        .collect()
+}
+
+/// The rows of a [`buyers`] frame.
+pub fn buyer_rows(frame: &DataFrame, run_id: u64) -> PolarsResult<Vec<BuyerRow<'_>>> {
+    if frame.height() == 0 {
+        return Ok(Vec::new());
+    }
+    let text = |name: &str| -> PolarsResult<Vec<&str>> {
+        Ok(frame
+            .column(name)?
+            .str()?
+            .iter()
+            .map(|v| v.unwrap_or(""))
+            .collect())
+    };
+    let (city, category, product, currency, user) = (
+        text("city")?,
+        text("category")?,
+        text("product_id")?,
+        text("currency")?,
+        text("user_id")?,
+    );
+    Ok(frame
+        .column("bucket_us")?
+        .i64()?
+        .iter()
+        .enumerate()
+        .map(|(i, bucket)| BuyerRow {
+            bucket: (bucket.unwrap_or(0) / 1_000_000).clamp(0, i64::from(u32::MAX)) as u32,
+            city: city[i],
+            category: category[i],
+            product: product[i],
+            currency: currency[i],
+            user_id: user[i],
+            run_id,
+        })
+        .collect())
+}
+
 /// One run's rows for `revenue_agg`, owned (for comparisons; staging streams
 /// [`StagedRow`]s instead).
 pub fn aggregate(rows: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {

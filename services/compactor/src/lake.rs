@@ -495,8 +495,9 @@ pub struct LakeWriter {
 }
 
 /// The columns of the lake's rows that aggregation and the audit read.
-const MEASURED: [&str; 16] = [
+const MEASURED: [&str; 17] = [
     "created_us",
+    "user_id",
     "adjusted_us",
     "adjustment_kind",
     "refunded_quantity",

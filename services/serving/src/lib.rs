@@ -1,6 +1,7 @@
 //! Serving: REST and GraphQL over the exact merge of the batch view (ClickHouse)
 //! and the speed view (Redis), plus order history from Postgres (see [`views`]).
 
+pub mod buyers;
 pub mod config;
 pub mod fx;
 pub mod graphql;

@@ -72,6 +72,12 @@ impl LocalBuckets {
         }
     }
 
+    /// The UTC start of the local day `days` after 1970-01-01.
+    pub fn day_start(&self, days: i64) -> i64 {
+        let date = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date") + Duration::days(days);
+        self.midnight(date)
+    }
+
     fn local_date(&self, utc: i64) -> NaiveDate {
         DateTime::<Utc>::from_timestamp(utc + self.offset(utc), 0)
             .unwrap_or_default()

@@ -153,6 +153,9 @@ pub struct Point {
     pub items: i64,
     /// Gross revenue per order in minor units, rounded half up.
     pub average_order_value_minor: i64,
+    /// Distinct users who placed orders here (exact; with `report_currency`
+    /// across currencies). Null when a store was down and the answer is partial.
+    pub buyers: Option<i64>,
     #[serde(flatten)]
     #[graphql(flatten)]
     pub net: Net,
@@ -740,11 +743,21 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
                 ),
             }]));
     }
+    let buyers = match crate::buyers::buyers(views, req).await {
+        Ok(buyers) => Some(buyers),
+        Err(_) if req.allow_partial => None,
+        Err(e) => return Err(unavailable(&e)),
+    };
     let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
     let one = req.group_by.len() == 1;
     let points = cells
         .into_iter()
         .map(|((bucket, values, currency), t)| Point {
+            buyers: buyers.as_ref().map(|b| {
+                b.get(&(bucket, values.clone(), currency))
+                    .copied()
+                    .unwrap_or(0)
+            }),
             bucket: at(bucket),
             local_bucket: local.show(bucket),
             group: if one { values.first().cloned() } else { None },

@@ -15,17 +15,17 @@
 //! computation per question at a time. An answer is thus always the exact merge as
 //! of the cursor it states, and live.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
-use tidemark_batchview::PublishedState;
+use tidemark_batchview::{BuyersQuery, PublishedState};
 use tidemark_domain::aggregate::merge;
 use tidemark_domain::{Dimension, Granularity, Grid};
-use tidemark_speedview::{Meta, SpeedView};
+use tidemark_speedview::{Buyer, Meta, SpeedView};
 
 /// Which part of an answer a store could not provide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -81,6 +81,10 @@ pub struct Merged {
 }
 
 type BatchKey = (u64, u64, Granularity, Dimension, i64, i64);
+type BuyersKey = (u64, u64, String);
+type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
+type SpeedBuyersKey = (u64, i64, i64);
+type SpeedBuyersSlot = Arc<tokio::sync::Mutex<Option<(Meta, Arc<Vec<Buyer>>)>>>;
 type SpeedKey = (u64, Granularity, Dimension, i64, i64);
 type SpeedSlot = Arc<tokio::sync::Mutex<Option<(Meta, Arc<Grid>)>>>;
 
@@ -94,6 +98,8 @@ pub struct Views {
     state: Mutex<Option<(Option<PublishedState>, Instant)>>,
     batch: Mutex<HashMap<BatchKey, Arc<Grid>>>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
+    buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
+    speed_buyers: Mutex<HashMap<SpeedBuyersKey, SpeedBuyersSlot>>,
 }
 
 impl Views {
@@ -115,6 +121,8 @@ impl Views {
             state: Mutex::new(None),
             batch: Mutex::new(HashMap::new()),
             speed_cells: Mutex::new(HashMap::new()),
+            buyers: Mutex::new(HashMap::new()),
+            speed_buyers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -145,6 +153,7 @@ impl Views {
                 if changed {
                     // Cells of an older state are never asked for again.
                     self.batch.lock().expect("not poisoned").clear();
+                    self.buyers.lock().expect("not poisoned").clear();
                 }
                 *cached = Some((state.clone(), Instant::now()));
                 Ok(state)
@@ -315,6 +324,97 @@ impl Views {
             },
             missing,
         })
+    }
+
+    /// The published state and the batch view's buyers per cell of `query`
+    /// (none before the first publish), cached per state and question.
+    pub async fn buyers_batch(
+        &self,
+        query: &BuyersQuery<'_>,
+    ) -> Result<(Option<PublishedState>, Arc<BuyerCounts>), ViewError> {
+        let Some(state) = self.state().await? else {
+            return Ok((None, Arc::default()));
+        };
+        let key = (
+            state.run_id,
+            state.base_run_id,
+            format!(
+                "{}|{}|{}|{:?}|{:?}|{:?}|{}",
+                query.from,
+                query.to,
+                query.key,
+                query.group_by,
+                query.filters,
+                query.currency,
+                query.per_currency
+            ),
+        );
+        if let Some(counts) = self.buyers.lock().expect("not poisoned").get(&key) {
+            return Ok((Some(state), counts.clone()));
+        }
+        let counts = Arc::new(
+            tidemark_batchview::buyers(&self.ch, &state, query)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "Batch buyers unavailable");
+                    ViewError::Unavailable(Part::Batch)
+                })?,
+        );
+        let mut cache = self.buyers.lock().expect("not poisoned");
+        if cache.len() >= self.cache_entries {
+            cache.clear();
+        }
+        cache.insert(key, counts.clone());
+        Ok((Some(state), counts))
+    }
+
+    /// Which of `users` the batch view holds in each cell of `query`.
+    pub async fn buyers_among(
+        &self,
+        state: &PublishedState,
+        query: &BuyersQuery<'_>,
+        users: &[&str],
+    ) -> Result<BTreeSet<(tidemark_batchview::BuyerKey, String)>, ViewError> {
+        tidemark_batchview::buyers_among(&self.ch, state, query, users)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Batch buyers unavailable");
+                ViewError::Unavailable(Part::Batch)
+            })
+    }
+
+    /// The speed view's buyers in `[from, to)` of epochs `>= min_epoch`, read
+    /// again only when the cursor moved.
+    pub async fn speed_buyers(
+        &self,
+        min_epoch: u64,
+        from: i64,
+        to: i64,
+    ) -> Result<Arc<Vec<Buyer>>, tidemark_speedview::Error> {
+        let Some(observed) = self.speed.meta().await? else {
+            let (_, buyers) = self.speed.read_buyers(min_epoch, from, to).await?;
+            return Ok(Arc::new(buyers));
+        };
+        let key = (min_epoch, from, to);
+        let slot = {
+            let mut slots = self.speed_buyers.lock().expect("not poisoned");
+            if slots.len() >= self.cache_entries && !slots.contains_key(&key) {
+                slots.clear();
+            }
+            slots.entry(key).or_default().clone()
+        };
+        let mut entry = slot.lock().await;
+        if let Some((meta, buyers)) = entry.as_ref()
+            && meta.cursor >= observed.cursor
+        {
+            return Ok(buyers.clone());
+        }
+        let (meta, buyers) = self.speed.read_buyers(min_epoch, from, to).await?;
+        let buyers = Arc::new(buyers);
+        if let Some(meta) = meta {
+            *entry = Some((meta, buyers.clone()));
+        }
+        Ok(buyers)
     }
 
     /// The speed view's cursor, for subscriptions to notice new data.

@@ -517,6 +517,7 @@ fn answer_cells(body: &Value, group_by: &[String]) -> Result<Cells> {
                 n("refunded_minor"),
                 n("refunded_items"),
                 n("cancelled_orders"),
+                n("buyers"),
             ],
         );
     }
@@ -610,7 +611,7 @@ async fn questions(config: &Config, pool: &PgPool) -> Result<Check> {
             };
             let truth = question.truth(pool, Some(as_of), Some(range)).await?;
             let keys: HashSet<_> = served.keys().chain(truth.keys()).collect();
-            let zero = [0; 6];
+            let zero = [0; 7];
             let differing = keys
                 .iter()
                 .filter(|k| served.get(**k).unwrap_or(&zero) != truth.get(**k).unwrap_or(&zero))

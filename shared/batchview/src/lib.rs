@@ -10,7 +10,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
-use tidemark_domain::{Corrections, Currency, Dimension, Granularity, Grid, Totals};
+use std::collections::{BTreeMap, BTreeSet};
+
+use tidemark_domain::{Attribute, Corrections, Currency, Dimension, Granularity, Grid, Totals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -182,4 +184,126 @@ pub async fn read(
         );
     }
     Ok(grid)
+}
+
+/// A question of who bought, over `buyers` (the published runs' rows).
+pub struct BuyersQuery<'a> {
+    /// Minutes in `[from, to)`, unix seconds.
+    pub from: i64,
+    pub to: i64,
+    /// A ClickHouse expression of `t` (the minute, unix seconds as `Int64`) giving
+    /// the key of the answer's bucket; built by the caller from numbers only.
+    pub key: &'a str,
+    pub group_by: &'a [Attribute],
+    pub filters: &'a [(Attribute, Vec<String>)],
+    /// Only this currency.
+    pub currency: Option<Currency>,
+    /// Count per currency (else across currencies, as one).
+    pub per_currency: bool,
+}
+
+/// A cell of a buyers answer: bucket key, grouped values, currency (`""` across
+/// currencies).
+pub type BuyerKey = (i64, Vec<String>, String);
+
+#[derive(clickhouse::Row, Deserialize)]
+struct BuyerCount {
+    k: i64,
+    g: Vec<String>,
+    c: String,
+    n: u64,
+}
+
+#[derive(clickhouse::Row, Deserialize)]
+struct BuyerPresence {
+    k: i64,
+    g: Vec<String>,
+    c: String,
+    u: String,
+}
+
+fn column(a: Attribute) -> &'static str {
+    match a {
+        Attribute::City => "city",
+        Attribute::Category => "category",
+        Attribute::Product => "product",
+    }
+}
+
+impl BuyersQuery<'_> {
+    /// `SELECT <key> AS k, <groups> AS g, <currency> AS c, {select} … WHERE …`,
+    /// with its `?` bound in order by [`BuyersQuery::bind`].
+    fn sql(&self, select: &str, users: bool, group: &str) -> String {
+        let t = "toInt64(toUInt32(bucket))";
+        let groups: Vec<&str> = self.group_by.iter().map(|a| column(*a)).collect();
+        let g = if groups.is_empty() {
+            "emptyArrayString()".to_owned()
+        } else {
+            format!("[{}]", groups.join(", "))
+        };
+        let c = if self.per_currency { "currency" } else { "''" };
+        let mut filter: String = self
+            .filters
+            .iter()
+            .map(|(a, _)| format!(" AND has(?, {})", column(*a)))
+            .collect();
+        if self.currency.is_some() {
+            filter += " AND currency = ?";
+        }
+        if users {
+            filter += " AND has(?, user_id)";
+        }
+        format!(
+            "SELECT {key} AS k, {g} AS g, {c} AS c, {select} FROM buyers \
+             WHERE bucket >= toDateTime(?) AND bucket < toDateTime(?) \
+               AND run_id >= ? AND run_id <= ?{filter} {group}",
+            key = self.key.replace("{t}", t),
+        )
+    }
+
+    fn bind(
+        &self,
+        mut query: clickhouse::query::Query,
+        state: &PublishedState,
+    ) -> clickhouse::query::Query {
+        query = query
+            .bind(self.from.clamp(0, i64::from(u32::MAX)) as u32)
+            .bind(self.to.clamp(0, i64::from(u32::MAX)) as u32)
+            .bind(state.base_run_id)
+            .bind(state.run_id);
+        for (_, values) in self.filters {
+            query = query.bind(values);
+        }
+        if let Some(c) = self.currency {
+            query = query.bind(c.as_str());
+        }
+        query
+    }
+}
+
+/// Distinct users per cell of `q` in the published runs.
+pub async fn buyers(
+    client: &clickhouse::Client,
+    state: &PublishedState,
+    q: &BuyersQuery<'_>,
+) -> Result<BTreeMap<BuyerKey, u64>, Error> {
+    let sql = q.sql("uniqExact(user_id) AS n", false, "GROUP BY k, g, c");
+    let rows: Vec<BuyerCount> = q.bind(client.query(&sql), state).fetch_all().await?;
+    Ok(rows.into_iter().map(|r| ((r.k, r.g, r.c), r.n)).collect())
+}
+
+/// Which of `users` the published runs hold in each cell of `q`.
+pub async fn buyers_among(
+    client: &clickhouse::Client,
+    state: &PublishedState,
+    q: &BuyersQuery<'_>,
+    users: &[&str],
+) -> Result<BTreeSet<(BuyerKey, String)>, Error> {
+    let sql = q.sql("user_id AS u", true, "GROUP BY k, g, c, u");
+    let rows: Vec<BuyerPresence> = q
+        .bind(client.query(&sql), state)
+        .bind(users)
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().map(|r| ((r.k, r.g, r.c), r.u)).collect())
 }

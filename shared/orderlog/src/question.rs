@@ -35,8 +35,8 @@ pub struct AsOf {
 
 /// The cells of an answer: (bucket start as unix seconds, the grouped values,
 /// currency) → gross revenue, orders, items, refunded minor units, refunded items,
-/// cancelled orders.
-pub type Cells = BTreeMap<(i64, Vec<String>, String), [i64; 6]>;
+/// cancelled orders, buyers (distinct users with an order line there).
+pub type Cells = BTreeMap<(i64, Vec<String>, String), [i64; 7]>;
 
 impl Question {
     /// The truth for this question over every order and adjustment in the log.
@@ -74,17 +74,18 @@ impl Question {
             .iter()
             .map(|a| a.as_str())
             .collect();
-        let bucket = match self.granularity.as_str() {
-            "minute" => "(floor(extract(epoch FROM m) / 60) * 60)::int8".to_owned(),
-            "hour" => "(floor(extract(epoch FROM m))::int8 \
-                  - mod(floor(extract(epoch FROM (m AT TIME ZONE $1)))::int8, 3600))"
-                .to_owned(),
-            "day" => {
-                "extract(epoch FROM ((m AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1))::int8"
-                    .to_owned()
-            }
+        let bucket_of = |m: &str| match self.granularity.as_str() {
+            "minute" => format!("(floor(extract(epoch FROM {m}) / 60) * 60)::int8"),
+            "hour" => format!(
+                "(floor(extract(epoch FROM {m}))::int8 \
+                  - mod(floor(extract(epoch FROM ({m} AT TIME ZONE $1)))::int8, 3600))"
+            ),
+            "day" => format!(
+                "extract(epoch FROM (({m} AT TIME ZONE $1)::date::timestamp AT TIME ZONE $1))::int8"
+            ),
             other => panic!("unknown granularity {other}"),
         };
+        let bucket = bucket_of("m");
         // Columns of the shape in the inner level, named a0, a1, …
         let inner = |lines: &str| -> (String, String) {
             let select: Vec<String> = shape
@@ -178,6 +179,28 @@ impl Question {
         for (key, [r, o, i]) in self.rows(pool, &sql, as_of, range).await? {
             cells.entry(key).or_default()[..3].copy_from_slice(&[r, o, i]);
         }
+        // Buyers: distinct users of the order lines a cell holds.
+        let groups: Vec<String> = self.group_by.iter().map(|a| column(a, "l")).collect();
+        let group_array = if groups.is_empty() {
+            "ARRAY[]::text[]".to_owned()
+        } else {
+            format!("ARRAY[{}]::text[]", groups.join(", "))
+        };
+        let sql = format!(
+            "SELECT {}, {group_array}, coalesce($3, o.currency::text), \
+                    count(DISTINCT o.user_id)::int8, 0::int8, 0::int8 \
+             FROM orders o JOIN order_lines l USING (order_id) \
+             WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
+               AND ($4::int8 IS NULL OR o.txid < $4::text::xid8 \
+                    OR (o.txid, o.seq) <= ($5::text::xid8, $6)) \
+               AND ($7::int8 IS NULL OR (o.created_at >= to_timestamp($7 - 172800) \
+                    AND o.created_at < to_timestamp($8 + 172800))) \
+             GROUP BY 1, 2, 3",
+            bucket_of("date_trunc('minute', o.created_at)")
+        );
+        for (key, [b, _, _]) in self.rows(pool, &sql, as_of, range).await? {
+            cells.entry(key).or_default()[6] = b;
+        }
         // Corrections on the basis.
         let at = if self.order_time {
             "o.created_at"
@@ -201,7 +224,7 @@ impl Question {
             outer(["x1", "x2", "x3"], [true, false, false])
         );
         for (key, [f, fi, c]) in self.rows(pool, &sql, as_of, range).await? {
-            cells.entry(key).or_default()[3..].copy_from_slice(&[f, fi, c]);
+            cells.entry(key).or_default()[3..6].copy_from_slice(&[f, fi, c]);
         }
         if let Some((from, to)) = range {
             cells.retain(|(bucket, _, _), _| *bucket >= from && *bucket < to);

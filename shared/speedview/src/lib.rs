@@ -23,6 +23,7 @@
 //! | `r`, `o`, `i` | gross revenue (minor units), orders, items |
 //! | `br`, `bi`, `bc` | booked corrections: refunded minor units, refunded items, cancelled orders, in the bucket in which they happened |
 //! | `sr`, `si`, `sc` | restated corrections: the same, in the bucket of the order they correct |
+//! | `b` | lines of a buyer: dimension `buyers`, value `city␟category␟product␟user` (U+001F between) |
 //!
 //! ## Exactly once
 //!
@@ -84,6 +85,22 @@ impl Delta {
                         *fields.entry(field).or_insert(0) += amount;
                     }
                 }
+            }
+        }
+        // Who bought: one field per line's city, category, product and user.
+        if let Event::Order(order) = event {
+            let bucket = Granularity::Minute.bucket_of_secs(order.created_at.timestamp());
+            let fields = self.hashes.entry((epoch, bucket)).or_default();
+            for line in &order.lines {
+                let field = format!(
+                    "b:buyers:{currency}:{}{sep}{}{sep}{}{sep}{}",
+                    order.city,
+                    line.category,
+                    line.product_id,
+                    order.user_id,
+                    sep = tidemark_domain::VALUE_SEPARATOR
+                );
+                *fields.entry(field).or_insert(0) += 1;
             }
         }
         self.rows += 1;
@@ -382,6 +399,89 @@ impl SpeedView {
             .await?;
         decode_snapshot(&out, granularity)
     }
+}
+
+/// A user with an order line in a minute, city, category, product and currency.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Buyer {
+    /// Minute start, unix seconds.
+    pub minute: i64,
+    pub city: String,
+    pub category: String,
+    pub product: String,
+    pub currency: Currency,
+    pub user_id: String,
+}
+
+impl SpeedView {
+    /// Who bought in `[from_secs, to_secs)` in every epoch `>= min_epoch`, read
+    /// atomically, with the cursor it is exact at.
+    pub async fn read_buyers(
+        &self,
+        min_epoch: u64,
+        from_secs: i64,
+        to_secs: i64,
+    ) -> Result<(Option<Meta>, Vec<Buyer>)> {
+        let mut conn = self.redis.conn().await?;
+        let out: Vec<String> = self
+            .read
+            .arg(self.redis.prefix())
+            .arg(min_epoch)
+            .arg(from_secs)
+            .arg(to_secs)
+            .arg("buyers")
+            .invoke_async(&mut conn)
+            .await?;
+        decode_buyers(&out)
+    }
+}
+
+fn decode_buyers(out: &[String]) -> Result<(Option<Meta>, Vec<Buyer>)> {
+    let corrupt = |what: &str| Error::Corrupt(what.to_owned());
+    let [txid, seq, updated, lag, rest @ ..] = out else {
+        return Err(corrupt("short reply"));
+    };
+    let meta = match (txid.parse::<u64>(), seq.parse::<i64>()) {
+        (Ok(txid), Ok(seq)) => Some(Meta {
+            cursor: LogPosition::new(txid, seq),
+            updated_ms: updated.parse().unwrap_or(0),
+            lag_ms: lag.parse().ok(),
+        }),
+        _ => None,
+    };
+    let mut buyers = Vec::with_capacity(rest.len() / 4);
+    for chunk in rest.chunks(4) {
+        let [_epoch, bucket, field, _lines] = chunk else {
+            return Err(corrupt("odd reply"));
+        };
+        let minute: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
+        let mut parts = field.splitn(4, ':');
+        let (Some("b"), Some("buyers"), Some(currency), Some(value)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt(field));
+        };
+        let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
+        let mut values = value.split(tidemark_domain::VALUE_SEPARATOR);
+        let (Some(city), Some(category), Some(product), Some(user_id), None) = (
+            values.next(),
+            values.next(),
+            values.next(),
+            values.next(),
+            values.next(),
+        ) else {
+            return Err(corrupt(field));
+        };
+        buyers.push(Buyer {
+            minute,
+            city: city.to_owned(),
+            category: category.to_owned(),
+            product: product.to_owned(),
+            currency,
+            user_id: user_id.to_owned(),
+        });
+    }
+    Ok((meta, buyers))
 }
 
 fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot> {

@@ -87,7 +87,46 @@ impl Compactor {
             Kind::Rebuild => aggregate::currency_totals(source)?,
         };
         check_staging(&mut report, &sums);
+        self.check_buyers(run, source, &mut report).await?;
         Ok(report)
+    }
+
+    /// Staged buyers hold exactly the users of the run's order lines.
+    async fn check_buyers(
+        &self,
+        run: &Run,
+        source: &DataFrame,
+        report: &mut AuditReport,
+    ) -> Result<()> {
+        let expected = if source.height() == 0 {
+            0
+        } else {
+            source
+                .clone()
+                .lazy()
+                .filter(col("adjusted_us").is_null())
+                .select([col("user_id").n_unique()])
+                .collect()?
+                .column("user_id")?
+                .cast(&DataType::UInt64)?
+                .u64()?
+                .get(0)
+                .unwrap_or(0)
+        };
+        let staged: u64 = self
+            .ch
+            .query(&format!(
+                "SELECT uniqExact(user_id) FROM {}",
+                run.staging_buyers()
+            ))
+            .fetch_one()
+            .await?;
+        if staged != expected {
+            report.problems.push(format!(
+                "staging buyers hold {staged} users, the run's order lines {expected}"
+            ));
+        }
+        Ok(())
     }
 
     /// What landed, read back: the totals of the run's Parquet files (from S3, only

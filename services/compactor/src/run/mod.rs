@@ -93,6 +93,11 @@ impl Run {
     fn staging(&self) -> String {
         format!("staging_run_{}", self.run_id)
     }
+
+    /// The staging table of the run's rows of `buyers`.
+    fn staging_buyers(&self) -> String {
+        format!("staging_buyers_run_{}", self.run_id)
+    }
 }
 
 /// How a run ended.

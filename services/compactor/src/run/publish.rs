@@ -19,21 +19,29 @@ impl Compactor {
     /// adds no row twice. Returns the rows staged.
     pub async fn copy(&self, run: &Run) -> Result<u64> {
         self.set_step(run, "publish").await?;
-        let staging = run.staging();
+        self.attach(run, "buyers", &run.staging_buyers()).await?;
+        self.attach(run, "revenue_agg", &run.staging()).await
+    }
+
+    /// Attaches the partitions of `staging` that `table` does not hold rows of
+    /// the run in yet. Returns the rows staged.
+    async fn attach(&self, run: &Run, table: &str, staging: &str) -> Result<u64> {
         let partitions: Vec<String> = self
             .ch
             .query(
                 "SELECT DISTINCT partition_id FROM system.parts \
                  WHERE database = currentDatabase() AND table = ? AND active",
             )
-            .bind(&staging)
+            .bind(staging)
             .fetch_all()
             .await?;
-        // `revenue_agg` is partitioned by toYYYYMM(bucket) (migrations/clickhouse):
+        // Both tables are partitioned by toYYYYMM(bucket) (migrations/clickhouse):
         // a partition's id is that number.
         let attached: Vec<String> = self
             .ch
-            .query("SELECT DISTINCT toString(toYYYYMM(bucket)) FROM revenue_agg WHERE run_id = ?")
+            .query(&format!(
+                "SELECT DISTINCT toString(toYYYYMM(bucket)) FROM {table} WHERE run_id = ?"
+            ))
             .bind(run.run_id)
             .fetch_all()
             .await?;
@@ -48,7 +56,7 @@ impl Compactor {
             }
             self.ch
                 .query(&format!(
-                    "ALTER TABLE revenue_agg ATTACH PARTITION ID '{partition}' FROM {staging}"
+                    "ALTER TABLE {table} ATTACH PARTITION ID '{partition}' FROM {staging}"
                 ))
                 .execute()
                 .await?;
@@ -124,12 +132,16 @@ impl Compactor {
             .await?;
         let tables: Vec<String> = self
             .ch
-            .query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name LIKE 'staging_run_%'")
+            .query(
+                "SELECT name FROM system.tables WHERE database = currentDatabase() \
+                 AND (name LIKE 'staging_run_%' OR name LIKE 'staging_buyers_run_%')",
+            )
             .fetch_all()
             .await?;
         for table in tables {
             let Some(run_id) = table
                 .strip_prefix("staging_run_")
+                .or_else(|| table.strip_prefix("staging_buyers_run_"))
                 .and_then(|r| r.parse::<i64>().ok())
             else {
                 continue;

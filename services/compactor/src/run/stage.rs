@@ -83,13 +83,39 @@ impl Compactor {
             .buffer_unordered(INSERTS)
             .try_collect::<Vec<()>>()
             .await?;
+        let buyers = self.stage_buyers(run, source).await?;
         tracing::info!(
             run_id = run.run_id,
             rows = staged,
+            buyers,
             aggregate_ms,
             insert_ms = t.elapsed().as_millis() as u64,
             "Staged"
         );
         Ok(staged as u64)
+    }
+
+    /// Writes the run's rows of `buyers` (who bought where and when) to a staging
+    /// table of their own. Returns the rows staged.
+    pub async fn stage_buyers(&self, run: &Run, source: &DataFrame) -> Result<u64> {
+        let orders = source.clone();
+        let frame = tokio::task::spawn_blocking(move || aggregate::buyers(&orders))
+            .await
+            .expect("the buyers task does not panic")?;
+        let staging = run.staging_buyers();
+        self.ch
+            .query(&format!("DROP TABLE IF EXISTS {staging}"))
+            .execute()
+            .await?;
+        self.ch
+            .query(&format!("CREATE TABLE {staging} AS buyers"))
+            .execute()
+            .await?;
+        let mut insert = self.ch.insert::<aggregate::BuyerRow<'_>>(&staging).await?;
+        for row in &aggregate::buyer_rows(&frame, run.run_id)? {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        Ok(frame.height() as u64)
     }
 }

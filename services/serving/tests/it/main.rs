@@ -458,6 +458,7 @@ pub fn slice_cells(points: &serde_json::Value, group_by: &[&str]) -> tidemark_te
                     n("refunded_minor", "refundedMinor"),
                     n("refunded_items", "refundedItems"),
                     n("cancelled_orders", "cancelledOrders"),
+                    n("buyers", "buyers"),
                 ],
             )
         })

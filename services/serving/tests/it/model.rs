@@ -379,7 +379,7 @@ impl World {
         let served = self.served_slice(&slice).await?;
         let truth = slice.truth(&self.db.pool).await;
         for (cell, s) in &served {
-            let t = truth.get(cell).copied().unwrap_or([0; 6]);
+            let t = truth.get(cell).copied().unwrap_or([0; 7]);
             if s.iter().zip(t).any(|(s, t)| *s > t) {
                 return Err(format!(
                     "over-count at {cell:?} of {slice:?}: served {s:?}, truth {t:?}"

@@ -162,7 +162,7 @@ async fn assert_graphql_equals_rest(env: &Env) {
             "{{ revenue(from: \"{from}\", to: \"{to}\", granularity: DAY, groupBy: [CITY, CATEGORY], \
                city: [\"Berlin\", \"São Paulo\"], tz: \"Asia/Kathmandu\", basis: ORDER_TIME) \
                {{ tz points {{ bucket localBucket dimensions {{ city category }} currency \
-               revenueMinor orders items refundedMinor refundedItems cancelledOrders }} }} }}"
+               revenueMinor orders items refundedMinor refundedItems cancelledOrders buyers }} }} }}"
         ))
         .await;
     assert_eq!(body["data"]["revenue"]["tz"], "Asia/Kathmandu", "{body}");
@@ -380,15 +380,19 @@ async fn a_reporting_currency_converts_each_minute_at_its_days_rate_and_days_add
             tidemark_serving::local::LocalBuckets::new(zone, tidemark_domain::Granularity::Day)
                 .start(bucket)
         };
-        let mut summed = SliceCells::new();
-        for ((bucket, group, currency), cell) in hours {
-            let sum = summed.entry((day_of(bucket), group, currency)).or_default();
-            for (s, c) in sum.iter_mut().zip(cell) {
-                *s += c;
+        // Every metric but buyers (distinct users do not add up over hours).
+        let additive = |cells: SliceCells| -> std::collections::BTreeMap<_, [i64; 6]> {
+            let mut out = std::collections::BTreeMap::new();
+            for ((bucket, group, currency), cell) in cells {
+                let sum: &mut [i64; 6] = out.entry((day_of(bucket), group, currency)).or_default();
+                for (s, c) in sum.iter_mut().zip(cell) {
+                    *s += c;
+                }
             }
-        }
-        summed.retain(|_, c| c.iter().any(|v| *v != 0));
-        assert_eq!(days, summed, "{tz}");
+            out.retain(|_, c: &mut [i64; 6]| c.iter().any(|v| *v != 0));
+            out
+        };
+        assert_eq!(additive(days.clone()), additive(hours), "{tz}");
         assert!(!days.is_empty());
     }
 }

@@ -1,0 +1,174 @@
+//! Unique buyers: distinct users per bucket and group, exact across the
+//! batch/speed handoff.
+//!
+//! A count of distinct users cannot be summed: not over the minutes of an hour,
+//! not over cities, not over runs, not over the two views. So both views keep who
+//! bought, not how many: the batch view one row per minute, city, category,
+//! product, currency and user (`buyers` in ClickHouse, written by each run), the
+//! speed view one field per the same (in the epoch's minute hashes). An answer
+//! counts the batch's users per cell in ClickHouse (`uniqExact`, bucketed in the
+//! question's zone there), reads the speed view's users of the range, and adds
+//! those of each cell the batch does not already hold there — asking ClickHouse
+//! which of exactly those users it holds. The speed epochs read are those the
+//! published state does not cover, as for revenue, so the answer is the exact
+//! count as of the position it states.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tidemark_batchview::BuyersQuery;
+use tidemark_domain::{Attribute, Currency, Granularity};
+
+use crate::local::LocalBuckets;
+use crate::query::RevenueRequest;
+use crate::views::{Part, ViewError, Views};
+
+/// Buyers per answer cell: (local bucket start, grouped values, currency).
+pub type Buyers = BTreeMap<(i64, Vec<String>, Currency), i64>;
+
+/// A cell of the views' buyers: (bucket, grouped values, currency or `""`).
+type Cell = (i64, Vec<String>, String);
+
+/// A ClickHouse expression of `{t}` (a minute, unix seconds) giving its bucket's
+/// key: the local bucket's UTC start for minutes and hours, the local date (days
+/// since 1970-01-01) for days, which [`LocalBuckets::day_start`] turns into its
+/// start. Built from numbers only.
+pub fn key_expression(local: &LocalBuckets, from: i64, to: i64) -> String {
+    // The zone's offset over the range: constant between transitions.
+    let mut segments: Vec<(i64, i64)> = vec![(from, local.offset(from))];
+    let mut at = from - from.rem_euclid(3_600);
+    while at < to {
+        let next = at + 3_600;
+        let (before, after) = (local.offset(at), local.offset(next));
+        if before != after {
+            // The first second with the new offset.
+            let (mut lo, mut hi) = (at, next);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if local.offset(mid) == before {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            segments.push((hi, after));
+        }
+        at = next;
+    }
+    let offset = if segments.len() == 1 {
+        segments[0].1.to_string()
+    } else {
+        let mut arms: Vec<String> = segments
+            .windows(2)
+            .map(|w| format!("{{t}} < {}, {}", w[1].0, w[0].1))
+            .collect();
+        arms.push(segments.last().expect("one").1.to_string());
+        format!("multiIf({})", arms.join(", "))
+    };
+    match local.granularity {
+        Granularity::Minute => "{t}".to_owned(),
+        Granularity::Hour => format!("{{t}} - modulo({{t}} + {offset}, 3600)"),
+        Granularity::Day => format!("intDiv({{t}} + {offset}, 86400)"),
+    }
+}
+
+/// The buyers of every cell of `req`'s answer.
+pub async fn buyers(views: &Views, req: &RevenueRequest) -> Result<Buyers, ViewError> {
+    let local = LocalBuckets::new(req.zone, req.granularity);
+    let per_currency = req.report_currency.is_none();
+    let currency_of = |code: &str| -> Currency {
+        match req.report_currency {
+            Some(c) => c,
+            None => code.parse().unwrap_or_else(|_| {
+                req.currency
+                    .unwrap_or_else(|| "EUR".parse().expect("a currency"))
+            }),
+        }
+    };
+    let key = key_expression(&local, req.from, req.to);
+    let query = BuyersQuery {
+        from: req.from,
+        to: req.to,
+        key: &key,
+        group_by: &req.group_by,
+        filters: &req.filters,
+        currency: req.currency,
+        per_currency,
+    };
+    let bucket_of = |k: i64| match req.granularity {
+        Granularity::Day => local.day_start(k),
+        _ => k,
+    };
+    let (state, batch) = views.buyers_batch(&query).await?;
+    let mut out = Buyers::new();
+    for ((k, groups, currency), n) in batch.iter() {
+        out.insert(
+            (bucket_of(*k), groups.clone(), currency_of(currency)),
+            *n as i64,
+        );
+    }
+    // The speed view's users per cell.
+    let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
+    let speed = views
+        .speed_buyers(min_epoch, req.from, req.to)
+        .await
+        .map_err(|_| ViewError::Unavailable(Part::Speed))?;
+    let value = |b: &tidemark_speedview::Buyer, a: Attribute| -> String {
+        match a {
+            Attribute::City => b.city.clone(),
+            Attribute::Category => b.category.clone(),
+            Attribute::Product => b.product.clone(),
+        }
+    };
+    let mut recent: BTreeMap<Cell, BTreeSet<&str>> = BTreeMap::new();
+    let mut starts: BTreeMap<i64, i64> = BTreeMap::new();
+    for b in speed.iter() {
+        if b.minute < req.from
+            || b.minute >= req.to
+            || req.currency.is_some_and(|c| c != b.currency)
+            || !req
+                .filters
+                .iter()
+                .all(|(a, values)| values.binary_search(&value(b, *a)).is_ok())
+        {
+            continue;
+        }
+        let start = *starts
+            .entry(b.minute)
+            .or_insert_with(|| local.start(b.minute));
+        let groups = req.group_by.iter().map(|a| value(b, *a)).collect();
+        let currency = if per_currency {
+            b.currency.to_string()
+        } else {
+            String::new()
+        };
+        recent
+            .entry((start, groups, currency))
+            .or_default()
+            .insert(&b.user_id);
+    }
+    if recent.is_empty() {
+        return Ok(out);
+    }
+    // Of the recent users, those the batch already counts in the same cell.
+    let users: BTreeSet<&str> = recent.values().flatten().copied().collect();
+    let users: Vec<&str> = users.into_iter().collect();
+    let held = match &state {
+        Some(state) => views.buyers_among(state, &query, &users).await?,
+        None => BTreeSet::new(),
+    };
+    let held: BTreeSet<(Cell, &str)> = held
+        .iter()
+        .map(|((k, g, c), u)| ((bucket_of(*k), g.clone(), c.clone()), u.as_str()))
+        .collect();
+    for ((start, groups, currency), users) in recent {
+        let key = (start, groups, currency);
+        let new = users
+            .iter()
+            .filter(|u| !held.contains(&(key.clone(), **u)))
+            .count() as i64;
+        let (start, groups, currency) = key;
+        *out.entry((start, groups, currency_of(&currency)))
+            .or_default() += new;
+    }
+    Ok(out)
+}
