@@ -71,9 +71,36 @@ pub fn key_expression(local: &LocalBuckets, from: i64, to: i64) -> String {
     }
 }
 
-/// The buyers of every cell of `req`'s answer.
-pub async fn buyers(views: &Views, req: &RevenueRequest) -> Result<Buyers, ViewError> {
-    let local = LocalBuckets::new(req.zone, req.granularity);
+/// What a buyers count is asked over.
+pub struct Ask<'a> {
+    /// Minutes in `[from, to)`.
+    pub from: i64,
+    pub to: i64,
+    /// The question's buckets; `None`: the whole range is one bucket (key 0).
+    pub buckets: Option<LocalBuckets>,
+    pub group_by: &'a [Attribute],
+    pub filters: &'a [(Attribute, Vec<String>)],
+    pub currency: Option<Currency>,
+    pub report_currency: Option<Currency>,
+}
+
+impl<'a> Ask<'a> {
+    /// The buckets of a revenue question.
+    pub fn of(req: &'a RevenueRequest) -> Self {
+        Ask {
+            from: req.from,
+            to: req.to,
+            buckets: Some(LocalBuckets::new(req.zone, req.granularity)),
+            group_by: &req.group_by,
+            filters: &req.filters,
+            currency: req.currency,
+            report_currency: req.report_currency,
+        }
+    }
+}
+
+/// The buyers of every cell of an answer.
+pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
     let per_currency = req.report_currency.is_none();
     let currency_of = |code: &str| -> Currency {
         match req.report_currency {
@@ -84,18 +111,21 @@ pub async fn buyers(views: &Views, req: &RevenueRequest) -> Result<Buyers, ViewE
             }),
         }
     };
-    let key = key_expression(&local, req.from, req.to);
+    let key = match &req.buckets {
+        Some(local) => key_expression(local, req.from, req.to),
+        None => "0".to_owned(),
+    };
     let query = BuyersQuery {
         from: req.from,
         to: req.to,
         key: &key,
-        group_by: &req.group_by,
-        filters: &req.filters,
+        group_by: req.group_by,
+        filters: req.filters,
         currency: req.currency,
         per_currency,
     };
-    let bucket_of = |k: i64| match req.granularity {
-        Granularity::Day => local.day_start(k),
+    let bucket_of = |k: i64| match &req.buckets {
+        Some(local) if local.granularity == Granularity::Day => local.day_start(k),
         _ => k,
     };
     let (state, batch) = views.buyers_batch(&query).await?;
@@ -134,7 +164,7 @@ pub async fn buyers(views: &Views, req: &RevenueRequest) -> Result<Buyers, ViewE
         }
         let start = *starts
             .entry(b.minute)
-            .or_insert_with(|| local.start(b.minute));
+            .or_insert_with(|| req.buckets.as_ref().map_or(0, |l| l.start(b.minute)));
         let groups = req.group_by.iter().map(|a| value(b, *a)).collect();
         let currency = if per_currency {
             b.currency.to_string()

@@ -241,6 +241,8 @@ impl QueryRoot {
         #[graphql(desc = "IANA zone of `from` and `to` when they are local times.")] tz: Option<
             String,
         >,
+        #[graphql(desc = "Convert every amount to this ISO 4217 currency, e.g. `EUR`.")]
+        report_currency: Option<String>,
         #[graphql(default)] basis: Basis,
     ) -> async_graphql::Result<Summary> {
         let started = Instant::now();
@@ -258,7 +260,7 @@ impl QueryRoot {
             product,
             currency,
             tz,
-            report_currency: None,
+            report_currency,
         };
         slice.into_params(&mut params, "top_by");
         let result = async {
@@ -424,7 +426,9 @@ struct ResponseCache {
 }
 
 /// The published run and the speed cursor an answer was computed at.
-type DataVersion = (Option<u64>, Option<String>);
+/// What an answer depends on: the published run, the speed cursor, and the
+/// exchange rates (a later rates file corrects converted answers).
+type DataVersion = (Option<u64>, Option<String>, Option<String>);
 type Cached = (DataVersion, Arc<Vec<u8>>);
 
 /// Top-level fields whose answers depend only on the data version.
@@ -554,6 +558,7 @@ async fn execute(
         Some(_) => Some((
             app.views.state().await.ok().flatten().map(|s| s.run_id),
             app.views.speed_cursor().await,
+            app.views.rates_version().await,
         )),
         None => None,
     };

@@ -206,6 +206,8 @@ pub struct RevenueSeries {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct CurrencyTotals {
     pub currency: String,
+    /// Distinct users who placed orders (null when a store was down).
+    pub buyers: Option<i64>,
     pub revenue_minor: i64,
     /// The same revenue in major units, exact (see `Point.revenue`).
     pub revenue: String,
@@ -225,6 +227,9 @@ pub struct TopEntry {
     pub group: String,
     /// The value of each dimension of `top_by`.
     pub dimensions: Dimensions,
+    /// Distinct users who placed orders in the group (null when a store was down).
+    /// `other` has none: distinct users do not add up over groups.
+    pub buyers: Option<i64>,
     pub currency: String,
     pub revenue_minor: i64,
     /// The same revenue in major units, exact (see `Point.revenue`).
@@ -261,6 +266,8 @@ pub struct Summary {
     pub totals: Vec<CurrencyTotals>,
     /// The currencies of the totals, with their exponents.
     pub currencies: Vec<CurrencyInfo>,
+    /// The currency every amount was converted to, if asked.
+    pub report_currency: Option<String>,
     /// The dimensions of the top groups, comma-separated.
     pub top_by: String,
     pub top: Vec<TopEntry>,
@@ -743,7 +750,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
                 ),
             }]));
     }
-    let buyers = match crate::buyers::buyers(views, req).await {
+    let buyers = match crate::buyers::buyers(views, &crate::buyers::Ask::of(req)).await {
         Ok(buyers) => Some(buyers),
         Err(_) if req.allow_partial => None,
         Err(e) => return Err(unavailable(&e)),
@@ -805,11 +812,13 @@ pub struct SummaryRequest {
     pub filters: Vec<(Attribute, Vec<String>)>,
     pub top: usize,
     pub currency: Option<Currency>,
+    /// Convert every amount to this currency (see [`crate::fx`]).
+    pub report_currency: Option<Currency>,
     pub basis: Basis,
     pub allow_partial: bool,
 }
 
-const SUMMARY_PARAMS: [&str; 11] = [
+const SUMMARY_PARAMS: [&str; 12] = [
     "from",
     "to",
     "tz",
@@ -819,6 +828,7 @@ const SUMMARY_PARAMS: [&str; 11] = [
     "category",
     "product",
     "currency",
+    "report_currency",
     "basis",
     "allow_partial",
 ];
@@ -847,6 +857,7 @@ pub fn summary_request(
         }
     };
     let currency = parse_currency(get("currency"), "currency", &mut errors);
+    let report_currency = parse_currency(get("report_currency"), "report_currency", &mut errors);
     let basis = parse_basis(get("basis"), &mut errors);
     let allow_partial = parse_allow_partial(get("allow_partial"), &mut errors);
     let mut bounds = None;
@@ -894,6 +905,7 @@ pub fn summary_request(
         filters,
         top,
         currency,
+        report_currency,
         basis,
         allow_partial,
     })
@@ -910,31 +922,71 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             .chain(req.filters.iter().map(|(a, _)| *a))
             .collect();
         let shape = Dimension::covering(&named);
+        // Conversion rounds each minute cell (see `crate::fx`), so it reads minutes.
+        let pieces = if req.report_currency.is_some() {
+            Granularity::Minute
+        } else {
+            req.granularity
+        };
         async move {
-            let merged = views
-                .revenue(req.granularity, shape, req.from, req.to, req.allow_partial)
+            let mut merged = views
+                .revenue(pieces, shape, req.from, req.to, req.allow_partial)
                 .await
                 .map_err(|e| unavailable(&e))?;
+            if let Some(to) = req.report_currency {
+                let kept: Grid = merged
+                    .grid
+                    .into_iter()
+                    .filter(|((bucket, _, currency), _)| {
+                        *bucket >= req.from
+                            && *bucket < req.to
+                            && req.currency.is_none_or(|c| c == *currency)
+                    })
+                    .collect();
+                merged.grid = crate::fx::convert_grid(views.pool(), &kept, to).await?;
+            }
             let cells = answer(
                 &merged.grid,
                 shape,
                 &attributes,
                 &req.filters,
-                req.currency,
+                req.report_currency.or(req.currency),
                 range,
                 None,
             )?;
-            Ok::<_, Problem>((cells, merged))
+            // Distinct users over the whole range, per group.
+            let ask = crate::buyers::Ask {
+                from: req.from,
+                to: req.to,
+                buckets: None,
+                group_by: &attributes,
+                filters: &req.filters,
+                currency: req.currency,
+                report_currency: req.report_currency,
+            };
+            let buyers = match crate::buyers::buyers(views, &ask).await {
+                Ok(buyers) => Some(buyers),
+                Err(_) if req.allow_partial => None,
+                Err(e) => return Err(unavailable(&e)),
+            };
+            Ok::<_, Problem>((cells, merged, buyers))
         }
     };
-    let (total, total_merged) = read(Vec::new()).await?;
-    let (by, by_merged) = read(req.top_by.clone()).await?;
+    let (total, total_merged, total_buyers) = read(Vec::new()).await?;
+    let (by, by_merged, by_buyers) = read(req.top_by.clone()).await?;
+    let buyers_of =
+        |buyers: &Option<crate::buyers::Buyers>, values: &[String], currency: Currency| {
+            buyers
+                .as_ref()
+                .map(|b| b.get(&(0, values.to_vec(), currency)).copied().unwrap_or(0))
+        };
     let mut currencies: Vec<Currency> = Vec::new();
     let totals = total
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
         .inspect(|((_, _, currency), _)| currencies.push(*currency))
         .map(|((_, _, currency), t)| CurrencyTotals {
+            buyers: buyers_of(&total_buyers, &[], currency),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
             revenue: decimal(t.revenue_minor, currency),
@@ -958,6 +1010,7 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         entries.sort_by(|(a, ta), (b, tb)| tb.revenue_minor.cmp(&ta.revenue_minor).then(a.cmp(b)));
         let rest = entries.split_off(entries.len().min(req.top));
         top.extend(entries.into_iter().map(|(values, t)| TopEntry {
+            buyers: buyers_of(&by_buyers, &values, currency),
             group: if one {
                 values[0].clone()
             } else {
@@ -1002,6 +1055,7 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         to: at(req.to),
         totals,
         currencies,
+        report_currency: req.report_currency.map(|c| c.to_string()),
         top_by: names(&req.top_by),
         top,
         other,

@@ -144,6 +144,9 @@ struct SummaryParams {
     category: Option<String>,
     product: Option<String>,
     currency: Option<String>,
+    /// Convert every amount to this ISO 4217 currency (the rule of
+    /// `/v1/revenue`'s `report_currency`).
+    report_currency: Option<String>,
     /// `booking_time` (default): refunds and cancellations count when they
     /// happened; `order_time`: at their order's time, city and products.
     basis: Option<String>,

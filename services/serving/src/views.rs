@@ -99,6 +99,7 @@ pub struct Views {
     batch: Mutex<HashMap<BatchKey, Arc<Grid>>>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
+    rates: Mutex<Option<(Option<String>, Instant)>>,
     speed_buyers: Mutex<HashMap<SpeedBuyersKey, SpeedBuyersSlot>>,
 }
 
@@ -122,6 +123,7 @@ impl Views {
             batch: Mutex::new(HashMap::new()),
             speed_cells: Mutex::new(HashMap::new()),
             buyers: Mutex::new(HashMap::new()),
+            rates: Mutex::new(None),
             speed_buyers: Mutex::new(HashMap::new()),
         }
     }
@@ -415,6 +417,24 @@ impl Views {
             *entry = Some((meta, buyers.clone()));
         }
         Ok(buyers)
+    }
+
+    /// When the exchange rates last changed (and how many there are), read at
+    /// most once per `state_ttl`: part of a cached answer's data version.
+    pub async fn rates_version(&self) -> Option<String> {
+        if let Some((version, at)) = self.rates.lock().expect("not poisoned").as_ref()
+            && at.elapsed() < self.state_ttl
+        {
+            return version.clone();
+        }
+        let version: Option<String> = sqlx::query_scalar(
+            "SELECT count(*)::text || '@' || coalesce(max(loaded_at)::text, '') FROM fx_rates",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .ok();
+        *self.rates.lock().expect("not poisoned") = Some((version.clone(), Instant::now()));
+        version
     }
 
     /// The speed view's cursor, for subscriptions to notice new data.

@@ -254,7 +254,7 @@ impl BuyersQuery<'_> {
             filter += " AND has(?, user_id)";
         }
         format!(
-            "SELECT {key} AS k, {g} AS g, {c} AS c, {select} FROM buyers \
+            "SELECT toInt64({key}) AS k, {g} AS g, {c} AS c, {select} FROM buyers \
              WHERE bucket >= toDateTime(?) AND bucket < toDateTime(?) \
                AND run_id >= ? AND run_id <= ?{filter} {group}",
             key = self.key.replace("{t}", t),

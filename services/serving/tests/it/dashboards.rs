@@ -65,7 +65,10 @@ impl Macros {
             out = format!("{}{filter}{}", &out[..at], &rest[close + 1..]);
         }
         for (name, value) in &self.variables {
+            // A multi-value variable as the API's list (`${city:csv}`: one value
+            // here, as its default is).
             out = out
+                .replace(&format!("${{{name}:csv}}"), value)
                 .replace(&format!("${{{name}}}"), value)
                 .replace(&format!("${name}"), value);
         }
@@ -212,6 +215,12 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
         .await
         .unwrap();
     assert_eq!(sent.created, 800);
+    // The demo's exchange rates, for the panels in a reporting currency.
+    let today = Utc::now().date_naive();
+    let rates = tidemark_generator::fx_rates_csv(today - chrono::Days::new(10), today, 1);
+    tidemark_ingest::fx::store(&env.db.pool, &tidemark_ingest::fx::parse(&rates).unwrap())
+        .await
+        .unwrap();
     let refused = env
         .http
         .post(ingest.url("/v1/orders"))

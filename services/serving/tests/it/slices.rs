@@ -361,6 +361,63 @@ async fn a_reporting_currency_converts_each_minute_at_its_days_rate_and_days_add
         );
     }
 
+    // A summary in a reporting currency: its totals equal the converted days
+    // summed, and its buyers are distinct users over the range.
+    let tomorrow = (Utc::now() + TimeDelta::days(1)).date_naive();
+    let body: serde_json::Value = env
+        .get(&format!(
+            "/v1/revenue/summary?from=2026-03-01T00:00:00Z&to={tomorrow}T00:00:00Z\
+             &top_by=city&top=2&report_currency=USD&category=books,games"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["report_currency"], "USD", "{body}");
+    let days = Slice {
+        granularity: "day",
+        tz: "UTC",
+        group_by: vec![],
+        filters: vec![("category", vec!["books".into(), "games".into()])],
+        currency: None,
+        report: Some("USD"),
+        order_time: false,
+    };
+    let mut gross = 0;
+    for (_, cell) in days.truth(&env.db.pool).await {
+        gross += cell[0];
+    }
+    let totals = body["totals"].as_array().unwrap();
+    assert_eq!(totals.len(), 1, "one currency: {body}");
+    assert_eq!(
+        totals[0]["revenue_minor"].as_i64().unwrap(),
+        gross,
+        "{body}"
+    );
+    let distinct = |city: Option<&str>| {
+        let city = city.map(str::to_owned);
+        let pool = env.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(DISTINCT o.user_id) FROM orders o JOIN order_lines l USING (order_id) \
+                 WHERE l.category IN ('books', 'games') AND ($1::text IS NULL OR o.city = $1)",
+            )
+            .bind(city)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(totals[0]["buyers"].as_i64().unwrap(), distinct(None).await);
+    for entry in body["top"].as_array().unwrap() {
+        let city = entry["group"].as_str().unwrap();
+        assert_eq!(
+            entry["buyers"].as_i64().unwrap(),
+            distinct(Some(city)).await,
+            "{entry}"
+        );
+    }
+
     // Additive: each local day is the sum of its local hours, in every zone.
     for tz in tidemark_testkit::slice::ZONES {
         let ask = |granularity: &'static str| Slice {
