@@ -377,12 +377,20 @@ impl Views {
         query: &BuyersQuery<'_>,
         users: &[&str],
     ) -> Result<BTreeSet<(tidemark_batchview::BuyerKey, String)>, ViewError> {
-        tidemark_batchview::buyers_among(&self.ch, state, query, users)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "Batch buyers unavailable");
-                ViewError::Unavailable(Part::Batch)
-            })
+        // In chunks: the users travel in the query's text, which ClickHouse
+        // limits (max_query_size, 256 KiB by default).
+        let mut held = BTreeSet::new();
+        for chunk in users.chunks(2_000) {
+            held.extend(
+                tidemark_batchview::buyers_among(&self.ch, state, query, chunk)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "Batch buyers unavailable");
+                        ViewError::Unavailable(Part::Batch)
+                    })?,
+            );
+        }
+        Ok(held)
     }
 
     /// The speed view's buyers in `[from, to)` of epochs `>= min_epoch`, read

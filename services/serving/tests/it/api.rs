@@ -46,6 +46,14 @@ async fn bad_parameters_get_400_with_field_details_and_limits_hold() {
             vec!["tz"],
         ),
         (
+            format!("/v1/revenue?from={from}&to={to}&report_currency=EUE"),
+            vec!["report_currency"],
+        ),
+        (
+            format!("/v1/revenue/summary?from={from}&to={to}&report_currency=XAU&tz=Nowhere"),
+            vec!["report_currency", "tz"],
+        ),
+        (
             format!("/v1/revenue?from={from}&to={to}&city={}", "x".repeat(65)),
             vec!["city"],
         ),

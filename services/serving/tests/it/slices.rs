@@ -453,3 +453,49 @@ async fn a_reporting_currency_converts_each_minute_at_its_days_rate_and_days_add
         assert!(!days.is_empty());
     }
 }
+
+/// Buyers in both views, more of them than one question to ClickHouse may name:
+/// each counted once.
+#[tokio::test(flavor = "multi_thread")]
+async fn buyers_in_both_views_count_once_however_many() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(6_000);
+    let hour = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        - TimeDelta::hours(20);
+    let mut order_of = |user: usize| {
+        let mut order = random_order(&mut rng);
+        order.user_id = format!("buyer-{user:05}-{}", "x".repeat(40));
+        order.city = "Berlin".into();
+        order.currency = "EUR".parse().unwrap();
+        order.created_at = hour + TimeDelta::seconds(rng.random_range(0..3_600));
+        order
+    };
+    let batch: Vec<Order> = (0..3_000).map(&mut order_of).collect();
+    env.ingest(&batch).await;
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(matches!(published, Outcome::Published { .. }));
+    // The speed view: 5,000 more, 2,000 of them by users the batch holds.
+    let speed: Vec<Order> = (1_000..6_000).map(&mut order_of).collect();
+    env.ingest(&speed).await;
+    env.speed_caught_up().await;
+    let from = hour.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let to = (hour + TimeDelta::hours(1))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let body: serde_json::Value = env
+        .get(&format!(
+            "/v1/revenue?from={from}&to={to}&granularity=hour&group_by=city"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let points = body["points"].as_array().unwrap();
+    assert_eq!(points.len(), 1, "{body}");
+    assert_eq!(points[0]["orders"], 8_000);
+    assert_eq!(points[0]["buyers"], 6_000, "users of both views count once");
+}
