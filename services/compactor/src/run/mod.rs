@@ -152,6 +152,15 @@ impl Compactor {
                     return Ok(outcome);
                 }
             }
+            let kind = if kind == Kind::Incremental && self.predates_buyers().await? {
+                tracing::warn!(
+                    "The published runs predate the buyers view: rebuilding once so that \
+                     buyers cover the whole history"
+                );
+                Kind::Rebuild
+            } else {
+                kind
+            };
             let run = self.plan(kind).await?;
             self.execute(&run).await
         }
@@ -165,6 +174,27 @@ impl Compactor {
             set_batch_lag(&state);
         }
         result
+    }
+
+    /// Whether the published runs hold revenue but no buyers: they were published
+    /// before `buyers` existed (an upgrade), and an incremental run would leave
+    /// the buyers of their orders uncounted.
+    async fn predates_buyers(&self) -> Result<bool> {
+        let Some(state) = PublishedState::load(&self.pool).await? else {
+            return Ok(false);
+        };
+        let any = |table: &str| {
+            let sql = format!(
+                "SELECT count() FROM (SELECT 1 FROM {table} WHERE run_id >= ? AND run_id <= ? LIMIT 1)"
+            );
+            let query = self
+                .ch
+                .query(&sql)
+                .bind(state.base_run_id)
+                .bind(state.run_id);
+            async move { query.fetch_one::<u64>().await }
+        };
+        Ok(any("buyers").await? == 0 && any("revenue_agg").await? > 0)
     }
 
     /// Runs every remaining step of `run`.

@@ -499,3 +499,44 @@ async fn buyers_in_both_views_count_once_however_many() {
     assert_eq!(points[0]["orders"], 8_000);
     assert_eq!(points[0]["buyers"], 6_000, "users of both views count once");
 }
+
+/// A deployment upgraded from before the buyers view: its published runs hold
+/// revenue but no buyers. The next batch run rebuilds once, and buyers cover the
+/// whole history.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_published_before_the_buyers_view_are_rebuilt_once() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(1_919);
+    env.ingest(&orders(&mut rng, 80)).await;
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(matches!(published, Outcome::Published { .. }));
+    // As before the upgrade: no buyers in ClickHouse.
+    let ch = tidemark_platform::clickhouse::client(&env.clickhouse);
+    ch.query("TRUNCATE TABLE buyers").execute().await.unwrap();
+    env.ingest(&orders(&mut rng, 20)).await;
+    let rebuilt = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    let Outcome::Published { run_id, .. } = rebuilt else {
+        panic!("{rebuilt:?}")
+    };
+    let (kind, base): (String, i64) = sqlx::query_as(
+        "SELECT r.kind, s.base_run_id FROM batch_runs r, batch_state s WHERE r.run_id = $1",
+    )
+    .bind(run_id as i64)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((kind.as_str(), base), ("rebuild", run_id as i64));
+    assert_random_slices_exact(&env, &mut rng, 10, "after the upgrade's rebuild").await;
+    // Once is enough: the next run is incremental again.
+    env.ingest(&orders(&mut rng, 10)).await;
+    let next = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    let Outcome::Published { run_id, .. } = next else {
+        panic!("{next:?}")
+    };
+    let kind: String = sqlx::query_scalar("SELECT kind FROM batch_runs WHERE run_id = $1")
+        .bind(run_id as i64)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(kind, "incremental");
+}
