@@ -9,6 +9,9 @@ use crate::{Env, full_range};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
+    // Where the test is, should it ever hang (shown with its output).
+    let started = std::time::Instant::now();
+    let step = |what: &str| eprintln!("demo: {what} at {:.1} s", started.elapsed().as_secs_f64());
     let env = Env::new().await;
     let (ingest, key) = env.ingest_api().await;
     let small = Shape {
@@ -27,6 +30,7 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
         concurrency: 4,
         shape: small,
     };
+    step("backfill");
     let avro = Sender::new(&ingest.url(""), &key, Format::Avro).unwrap();
     let mut sent = tidemark_generator::backfill(&avro, &history, CancellationToken::new(), false)
         .await
@@ -35,6 +39,7 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
     // Its refunds and cancellations due by its end (the live burst below may add a
     // few: its late orders can be corrected at once).
     let history_corrections = sent.refunds + sent.cancellations;
+    step("batch run");
     let outcome = env.compactor.run_once(Kind::Incremental).await.unwrap();
     assert!(matches!(
         outcome,
@@ -42,6 +47,7 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
     ));
 
     // ...then a live burst as JSON, which only the speed layer has seen.
+    step("live burst");
     let json = Sender::new(&ingest.url(""), &key, Format::Json).unwrap();
     let burst = StreamPlan {
         seed: 12,
@@ -58,6 +64,7 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
     sent.add(&live);
 
     // The same backfill again stores nothing new: every order is a duplicate.
+    step("backfill again");
     let again = tidemark_generator::backfill(&avro, &history, CancellationToken::new(), false)
         .await
         .unwrap();
@@ -78,6 +85,7 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
     );
     assert_eq!(sent.corrections_rejected, 0, "{sent:?}");
 
+    step("speed catching up");
     env.speed_caught_up().await;
     let (from, to) = full_range();
     // Every order and every correction lies in the range: both bases agree.
@@ -116,5 +124,6 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
         );
     }
     assert!(sent.revenue_minor.len() > 5, "many currencies: {sent:?}");
+    step("stopping ingest");
     ingest.stop().await.unwrap();
 }
