@@ -674,7 +674,21 @@ fn answer(
 }
 
 pub fn unavailable(e: &ViewError) -> Problem {
-    let ViewError::Unavailable(part) = e;
+    let part = match e {
+        ViewError::Unavailable(part) => part,
+        ViewError::TooLarge(limit) => {
+            return Problem::new(ProblemKind::Validation)
+                .detail("The question is too wide to answer.")
+                .errors(vec![FieldError {
+                    pointer: "group_by".into(),
+                    code: "too_many_cells".into(),
+                    detail: format!(
+                        "it reads more than {limit} stored cells; narrow the range, coarsen \
+                         the granularity, group by fewer dimensions, or filter"
+                    ),
+                }]);
+        }
+    };
     let store = match part {
         Part::Batch => "The batch view (ClickHouse or the publish state in Postgres)",
         Part::Speed => "The speed view (Redis)",

@@ -39,6 +39,10 @@ pub enum Part {
 pub enum ViewError {
     #[error("the {0:?} view is unavailable")]
     Unavailable(Part),
+    /// The question needs more stored cells than a reader may hold
+    /// (`serving.max_read_cells`): a client's question too wide, not an outage.
+    #[error("more than {0} stored cells")]
+    TooLarge(usize),
 }
 
 /// How fresh an answer is.
@@ -81,6 +85,10 @@ pub struct Merged {
 }
 
 type BatchKey = (u64, u64, Granularity, Dimension, i64, i64);
+
+/// How many stored cells a question may read per cell its answer may hold: the
+/// stored cells of a finer shape or bucket are summed into fewer.
+const READ_FACTOR: usize = 10;
 type BuyersKey = (u64, u64, String);
 type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
 type SpeedBuyersKey = (u64, i64, i64);
@@ -194,7 +202,15 @@ impl Views {
         }
         metrics::counter!("serving_batch_cache_total", "result" => "miss").increment(1);
         let grid = Arc::new(
-            tidemark_batchview::read(&self.ch, state, granularity, dimension, from, to).await?,
+            tidemark_batchview::read_at_most(
+                &self.ch,
+                state,
+                granularity,
+                dimension,
+                (from, to),
+                self.max_cells.saturating_mul(READ_FACTOR),
+            )
+            .await?,
         );
         let mut cache = self.batch.lock().expect("not poisoned");
         if cache.len() >= self.cache_entries {
@@ -278,6 +294,9 @@ impl Views {
         if let Some(state) = &state {
             match self.batch(state, granularity, dimension, from, to).await {
                 Ok(batch) => merge(&mut grid, &batch),
+                Err(tidemark_batchview::Error::TooLarge(limit)) => {
+                    return Err(ViewError::TooLarge(limit));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "Batch view unavailable");
                     if !allow_partial {

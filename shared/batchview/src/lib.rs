@@ -22,6 +22,9 @@ pub enum Error {
     /// silently wrong, so there is no answer.
     #[error("unexpected batch view data: {0}")]
     Corrupt(String),
+    /// The cells asked for are more than the reader may hold.
+    #[error("more than {0} cells")]
+    TooLarge(usize),
 }
 
 /// What is published: which runs count, and what they cover.
@@ -135,8 +138,28 @@ pub async fn read(
     from_secs: i64,
     to_secs: i64,
 ) -> Result<Grid, Error> {
+    read_at_most(
+        client,
+        state,
+        granularity,
+        dimension,
+        (from_secs, to_secs),
+        usize::MAX,
+    )
+    .await
+}
+
+/// [`read`], refusing with [`Error::TooLarge`] to hold more than `limit` cells.
+pub async fn read_at_most(
+    client: &clickhouse::Client,
+    state: &PublishedState,
+    granularity: Granularity,
+    dimension: Dimension,
+    (from_secs, to_secs): (i64, i64),
+    limit: usize,
+) -> Result<Grid, Error> {
     let rows: Vec<CellRow> = client
-        .query(
+        .query(&format!(
             "SELECT bucket, value, currency, sum(revenue_minor) AS s_revenue, \
                     sum(orders) AS s_orders, sum(items) AS s_items, \
                     sum(booked_refunded_minor) AS s_br, sum(booked_refunded_items) AS s_bi, \
@@ -147,8 +170,9 @@ pub async fn read(
              WHERE granularity = ? AND dimension = ? \
                AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
                AND run_id >= ? AND run_id <= ? \
-             GROUP BY bucket, value, currency",
-        )
+             GROUP BY bucket, value, currency LIMIT {}",
+            limit.saturating_add(1).min(u64::MAX as usize / 2)
+        ))
         .bind(granularity.as_str())
         .bind(dimension.as_str())
         .bind(from_secs.clamp(0, i64::from(u32::MAX)) as u32)
@@ -157,6 +181,9 @@ pub async fn read(
         .bind(state.run_id)
         .fetch_all()
         .await?;
+    if rows.len() > limit {
+        return Err(Error::TooLarge(limit));
+    }
     let mut grid = Grid::new();
     for row in rows {
         let currency = row.currency.parse::<Currency>().map_err(|e| {

@@ -540,3 +540,39 @@ async fn runs_published_before_the_buyers_view_are_rebuilt_once() {
         .unwrap();
     assert_eq!(kind, "incremental");
 }
+
+/// A question too wide for the reader is a 400 naming the limit, before its cells
+/// are held: not a 5xx, not a server out of memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_question_reading_too_many_stored_cells_is_refused() {
+    let env = Env::with(tidemark_testkit::redis(), |c| c.serving.max_cells = 50).await;
+    let mut rng = StdRng::seed_from_u64(500);
+    let recent: Vec<Order> = (0..300).map(|_| random_order(&mut rng)).collect();
+    env.ingest(&recent).await;
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(matches!(published, Outcome::Published { .. }));
+    env.speed_caught_up().await;
+    let (from, to) = crate::full_range();
+    // Small answers still come.
+    let r = env
+        .get(&format!("/v1/revenue?from={from}&to={to}&granularity=day"))
+        .await;
+    assert_eq!(r.status(), 200);
+    // City × product by minute reads the cube's minutes: more than 10 × 50.
+    let r = env
+        .get(&format!(
+            "/v1/revenue?from={from}&to={to}&granularity=minute&group_by=city,product"
+        ))
+        .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "too_many_cells", "{body}");
+    assert!(
+        body["errors"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("more than 500 stored cells"),
+        "{body}"
+    );
+}
