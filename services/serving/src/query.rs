@@ -721,22 +721,14 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     } else {
         local.pieces(req.from, req.to)
     };
-    let mut merged = views
-        .revenue(pieces, shape, req.from, req.to, req.allow_partial)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    if let Some(to) = req.report_currency {
-        let kept: Grid = merged
-            .grid
-            .into_iter()
-            .filter(|((bucket, _, currency), _)| {
-                *bucket >= req.from
-                    && *bucket < req.to
-                    && req.currency.is_none_or(|c| c == *currency)
-            })
-            .collect();
-        merged.grid = crate::fx::convert_grid(views.pool(), &kept, to).await?;
-    }
+    let merged = merged_cells(
+        views,
+        (pieces, shape),
+        (req.from, req.to),
+        (req.currency, req.report_currency),
+        req.allow_partial,
+    )
+    .await?;
     let cells = answer(
         &merged.grid,
         shape,
@@ -805,6 +797,32 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         missing: missing(&merged.missing),
         freshness: merged.freshness,
     })
+}
+
+/// The merged cells of `shape` at `pieces` over `[from, to)`; with a reporting
+/// currency, those of `currency` (all without one) converted (see [`crate::fx`]).
+async fn merged_cells(
+    views: &Views,
+    (pieces, shape): (Granularity, Dimension),
+    (from, to): (i64, i64),
+    (currency, report_currency): (Option<Currency>, Option<Currency>),
+    allow_partial: bool,
+) -> Result<crate::views::Merged, Problem> {
+    let mut merged = views
+        .revenue(pieces, shape, from, to, allow_partial)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    if let Some(report) = report_currency {
+        let kept: Grid = merged
+            .grid
+            .into_iter()
+            .filter(|((bucket, _, c), _)| {
+                *bucket >= from && *bucket < to && currency.is_none_or(|wanted| wanted == *c)
+            })
+            .collect();
+        merged.grid = crate::fx::convert_grid(views.pool(), &kept, report).await?;
+    }
+    Ok(merged)
 }
 
 fn names(attributes: &[Attribute]) -> String {
@@ -943,22 +961,14 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             req.granularity
         };
         async move {
-            let mut merged = views
-                .revenue(pieces, shape, req.from, req.to, req.allow_partial)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            if let Some(to) = req.report_currency {
-                let kept: Grid = merged
-                    .grid
-                    .into_iter()
-                    .filter(|((bucket, _, currency), _)| {
-                        *bucket >= req.from
-                            && *bucket < req.to
-                            && req.currency.is_none_or(|c| c == *currency)
-                    })
-                    .collect();
-                merged.grid = crate::fx::convert_grid(views.pool(), &kept, to).await?;
-            }
+            let merged = merged_cells(
+                views,
+                (pieces, shape),
+                (req.from, req.to),
+                (req.currency, req.report_currency),
+                req.allow_partial,
+            )
+            .await?;
             let cells = answer(
                 &merged.grid,
                 shape,

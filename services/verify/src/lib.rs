@@ -450,45 +450,6 @@ fn sample_question(
     }
 }
 
-/// The query string of a question.
-fn query_string(q: &Question) -> String {
-    let encode = |v: &str| -> String {
-        v.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect()
-    };
-    let mut out = format!(
-        "granularity={}&tz={}&basis={}",
-        q.granularity,
-        encode(&q.tz),
-        if q.order_time {
-            "order_time"
-        } else {
-            "booking_time"
-        }
-    );
-    if !q.group_by.is_empty() {
-        out += &format!("&group_by={}", q.group_by.join(","));
-    }
-    for (a, values) in &q.filters {
-        let joined: Vec<String> = values
-            .iter()
-            .map(|v| v.replace('\\', r"\\").replace(',', r"\,"))
-            .collect();
-        out += &format!("&{a}={}", encode(&joined.join(",")));
-    }
-    if let Some(r) = &q.report {
-        out += &format!("&report_currency={r}");
-    }
-    out
-}
-
 /// An answer's cells in the truth's shape.
 fn answer_cells(body: &Value, group_by: &[String]) -> Result<Cells> {
     let mut cells = Cells::new();
@@ -585,7 +546,7 @@ async fn questions(config: &Config, pool: &PgPool) -> Result<Check> {
             "{serving}/v1/revenue?from={}&to={}&{}",
             from.format("%Y-%m-%dT%H:%M:%SZ"),
             to.format("%Y-%m-%dT%H:%M:%SZ"),
-            query_string(&question)
+            question.query()
         );
         let mut outcome = (0, 0);
         let mut failed = None;

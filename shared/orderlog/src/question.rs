@@ -39,6 +39,51 @@ pub struct AsOf {
 pub type Cells = BTreeMap<(i64, Vec<String>, String), [i64; 7]>;
 
 impl Question {
+    /// The query string of `GET /v1/revenue` for this question, without its range
+    /// (values percent-encoded; a comma or backslash in a value escaped).
+    pub fn query(&self) -> String {
+        let encode = |v: &str| -> String {
+            v.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect()
+        };
+        let basis = if self.order_time {
+            "order_time"
+        } else {
+            "booking_time"
+        };
+        let mut q = format!(
+            "granularity={}&tz={}&basis={basis}",
+            self.granularity,
+            encode(&self.tz)
+        );
+        if !self.group_by.is_empty() {
+            q += &format!("&group_by={}", self.group_by.join(","));
+        }
+        for (a, values) in &self.filters {
+            let values: Vec<String> = values
+                .iter()
+                .map(|v| v.replace('\\', r"\\").replace(',', r"\,"))
+                .collect();
+            q += &format!("&{a}={}", encode(&values.join(",")));
+        }
+        for (name, value) in [
+            ("currency", &self.currency),
+            ("report_currency", &self.report),
+        ] {
+            if let Some(c) = value {
+                q += &format!("&{name}={c}");
+            }
+        }
+        q
+    }
+
     /// The truth for this question over every order and adjustment in the log.
     ///
     /// Two levels: per minute and combination of the values of the stored shape

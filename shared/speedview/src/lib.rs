@@ -438,17 +438,7 @@ impl SpeedView {
 
 fn decode_buyers(out: &[String]) -> Result<(Option<Meta>, Vec<Buyer>)> {
     let corrupt = |what: &str| Error::Corrupt(what.to_owned());
-    let [txid, seq, updated, lag, rest @ ..] = out else {
-        return Err(corrupt("short reply"));
-    };
-    let meta = match (txid.parse::<u64>(), seq.parse::<i64>()) {
-        (Ok(txid), Ok(seq)) => Some(Meta {
-            cursor: LogPosition::new(txid, seq),
-            updated_ms: updated.parse().unwrap_or(0),
-            lag_ms: lag.parse().ok(),
-        }),
-        _ => None,
-    };
+    let (meta, rest) = decode_meta(out)?;
     let mut buyers = Vec::with_capacity(rest.len() / 4);
     for chunk in rest.chunks(4) {
         let [_epoch, bucket, field, _lines] = chunk else {
@@ -484,10 +474,11 @@ fn decode_buyers(out: &[String]) -> Result<(Option<Meta>, Vec<Buyer>)> {
     Ok((meta, buyers))
 }
 
-fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot> {
-    let corrupt = |what: &str| Error::Corrupt(what.to_owned());
+/// The cursor at the head of a read's reply (empty when the view has none), and
+/// the rest of the reply.
+fn decode_meta(out: &[String]) -> Result<(Option<Meta>, &[String])> {
     let [txid, seq, updated, lag, rest @ ..] = out else {
-        return Err(corrupt("short reply"));
+        return Err(Error::Corrupt("short reply".to_owned()));
     };
     let meta = match (txid.parse::<u64>(), seq.parse::<i64>()) {
         (Ok(txid), Ok(seq)) => Some(Meta {
@@ -497,6 +488,12 @@ fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot>
         }),
         _ => None,
     };
+    Ok((meta, rest))
+}
+
+fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot> {
+    let corrupt = |what: &str| Error::Corrupt(what.to_owned());
+    let (meta, rest) = decode_meta(out)?;
     let mut epochs: BTreeMap<u64, Grid> = BTreeMap::new();
     for chunk in rest.chunks(4) {
         let [epoch, bucket, field, amount] = chunk else {

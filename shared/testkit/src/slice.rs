@@ -90,33 +90,7 @@ impl Slice {
 
     /// The query string (without range) REST takes for this question.
     pub fn query(&self) -> String {
-        let mut q = format!(
-            "granularity={}&tz={}&basis={}",
-            self.granularity,
-            self.tz,
-            if self.order_time {
-                "order_time"
-            } else {
-                "booking_time"
-            }
-        );
-        if !self.group_by.is_empty() {
-            q += &format!("&group_by={}", self.group_by.join(","));
-        }
-        for (a, values) in &self.filters {
-            let values: Vec<String> = values
-                .iter()
-                .map(|v| v.replace('\\', r"\\").replace(',', r"\,"))
-                .collect();
-            q += &format!("&{a}={}", encode(&values.join(",")));
-        }
-        if let Some(c) = self.currency {
-            q += &format!("&currency={c}");
-        }
-        if let Some(c) = self.report {
-            q += &format!("&report_currency={c}");
-        }
-        q
+        self.question().query()
     }
 
     /// The question as the log's ground truth takes it.
@@ -144,17 +118,4 @@ impl Slice {
             .await
             .unwrap_or_else(|e| panic!("truth of {self:?}: {e}"))
     }
-}
-
-/// Percent-encodes a query parameter's value.
-fn encode(value: &str) -> String {
-    let mut out = String::new();
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out += &format!("%{b:02X}");
-        }
-    }
-    out
 }
