@@ -28,49 +28,6 @@ pub type Buyers = BTreeMap<(i64, Vec<String>, Currency), i64>;
 /// A cell of the views' buyers: (bucket, grouped values, currency or `""`).
 type Cell = (i64, Vec<String>, String);
 
-/// A ClickHouse expression of `{t}` (a minute, unix seconds) giving its bucket's
-/// key: the local bucket's UTC start for minutes and hours, the local date (days
-/// since 1970-01-01) for days, which [`LocalBuckets::day_start`] turns into its
-/// start. Built from numbers only.
-pub fn key_expression(local: &LocalBuckets, from: i64, to: i64) -> String {
-    // The zone's offset over the range: constant between transitions.
-    let mut segments: Vec<(i64, i64)> = vec![(from, local.offset(from))];
-    let mut at = from - from.rem_euclid(3_600);
-    while at < to {
-        let next = at + 3_600;
-        let (before, after) = (local.offset(at), local.offset(next));
-        if before != after {
-            // The first second with the new offset.
-            let (mut lo, mut hi) = (at, next);
-            while hi - lo > 1 {
-                let mid = lo + (hi - lo) / 2;
-                if local.offset(mid) == before {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            segments.push((hi, after));
-        }
-        at = next;
-    }
-    let offset = if segments.len() == 1 {
-        segments[0].1.to_string()
-    } else {
-        let mut arms: Vec<String> = segments
-            .windows(2)
-            .map(|w| format!("{{t}} < {}, {}", w[1].0, w[0].1))
-            .collect();
-        arms.push(segments.last().expect("one").1.to_string());
-        format!("multiIf({})", arms.join(", "))
-    };
-    match local.granularity {
-        Granularity::Minute => "{t}".to_owned(),
-        Granularity::Hour => format!("{{t}} - modulo({{t}} + {offset}, 3600)"),
-        Granularity::Day => format!("intDiv({{t}} + {offset}, 86400)"),
-    }
-}
-
 /// What a buyers count is asked over.
 pub struct Ask<'a> {
     /// Minutes in `[from, to)`.
@@ -112,7 +69,7 @@ pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
         }
     };
     let key = match &req.buckets {
-        Some(local) => key_expression(local, req.from, req.to),
+        Some(local) => local.key_sql(req.from, req.to),
         None => "0".to_owned(),
     };
     let query = BuyersQuery {

@@ -1,16 +1,33 @@
-//! Conversion of an answer to a reporting currency (`report_currency`), by the
-//! rule of `tidemark_domain::fx`: each stored minute cell at its UTC date's rate,
-//! rounded half to even, then summed. A date without a rate takes the last rate
-//! up to [`LOOKBACK_DAYS`] before it (weekends, holidays); beyond that the answer
-//! is refused, naming the dates and currencies missing.
+//! Conversion of an answer to a reporting currency (`report_currency`).
+//!
+//! The rule: an amount is converted at its UTC date's rate (exactly, by
+//! `tidemark_domain::fx::convert`, rounded half to even), and rounding is
+//! *cumulative within a UTC date*: for an answer cell (its grouped values, an
+//! original currency) the converted amount of a stretch `[s, e)` of one UTC date
+//! is `round(rate × P(e)) − round(rate × P(s))`, where `P(t)` is the cell's exact
+//! amount from the date's midnight to `t`. A bucket is the sum of its stretches
+//! (a bucket crossing UTC midnight has one per date). The differences telescope:
+//! however a date is cut into buckets — hours or days of any zone, one bucket for
+//! a summary — the parts add up to the rounded total of what they cover, so a
+//! day's converted total equals the sum of its hours' in every zone, and a UTC
+//! day is its exact amount rounded once. The stored cells are merged (batch and
+//! speed) before they are converted, so the handoff cannot change a figure.
+//!
+//! A date without a rate takes the last rate up to [`LOOKBACK_DAYS`] before it
+//! (weekends, holidays); beyond that the answer is refused, naming the dates and
+//! currencies missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Days, NaiveDate};
 use sqlx::PgPool;
-use tidemark_domain::fx::{Rate, convert};
-use tidemark_domain::{Currency, Grid, Totals};
+use tidemark_batchview::PieceKey;
+use tidemark_domain::fx::Rate;
+use tidemark_domain::{Currency, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
+
+use crate::local::Buckets;
+use crate::query::Answer;
 
 /// How far back a missing day's rate may be taken from.
 pub const LOOKBACK_DAYS: u64 = 7;
@@ -63,102 +80,146 @@ impl Rates {
     }
 }
 
-/// The UTC date of a bucket start.
-fn date_of(bucket: i64) -> NaiveDate {
-    DateTime::from_timestamp(bucket, 0)
+/// The UTC date of a day number (days since 1970-01-01).
+fn date_of(day: i64) -> NaiveDate {
+    DateTime::from_timestamp(day * 86_400, 0)
         .unwrap_or_default()
         .date_naive()
 }
 
-/// `grid` (minute cells, any currencies) in `to`: every amount converted per cell
-/// at its date's rate, counts unchanged; cells of `to` kept as they are.
-pub async fn convert_grid(pool: &PgPool, grid: &Grid, to: Currency) -> Result<Grid, Problem> {
-    let amounts = |t: &Totals| {
-        t.revenue_minor != 0 || t.booked.refunded_minor != 0 || t.restated.refunded_minor != 0
-    };
+fn has_amounts(t: &Totals) -> bool {
+    t.revenue_minor != 0 || t.booked.refunded_minor != 0 || t.restated.refunded_minor != 0
+}
+
+/// The answer cells of `pieces` in `to`. `pieces` are sums per (bucket key, UTC
+/// date, grouped values, currency), from the midnight (UTC) of the range's first
+/// date: those before the range (keys `buckets` names no bucket of) count only
+/// towards the cumulative amounts. Counts are unchanged; amounts follow the rule
+/// of the module docs.
+pub async fn convert<'a>(
+    pool: &PgPool,
+    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)>,
+    buckets: &Buckets,
+    to: Currency,
+) -> Result<Answer, Problem> {
+    // Per (grouped values, currency, date): the pieces in time order.
+    type Partition = BTreeMap<(Vec<String>, Currency, i64), BTreeMap<i64, Totals>>;
+    let mut out = Answer::new();
+    let mut partitions = Partition::new();
+    for ((key, date, groups, currency), t) in pieces {
+        if *currency == to {
+            if let Some(bucket) = buckets.bucket(*key) {
+                out.entry((bucket, groups.clone(), to)).or_default().add(*t);
+            }
+        } else {
+            partitions
+                .entry((groups.clone(), *currency, *date))
+                .or_default()
+                .entry(*key)
+                .or_default()
+                .add(*t);
+        }
+    }
     let mut needed: BTreeSet<(NaiveDate, Currency)> = BTreeSet::new();
-    for ((bucket, _, currency), t) in grid {
-        if *currency != to && amounts(t) {
-            needed.insert((date_of(*bucket), *currency));
-            needed.insert((date_of(*bucket), to));
+    for ((_, currency, date), keys) in &partitions {
+        if keys.values().any(has_amounts) {
+            needed.insert((date_of(*date), *currency));
+            needed.insert((date_of(*date), to));
         }
     }
-    let mut out = Grid::new();
-    if needed.is_empty() {
-        for ((bucket, value, _), t) in grid {
-            out.entry((*bucket, value.clone(), to)).or_default().add(*t);
+    let rates = if needed.is_empty() {
+        Rates::default()
+    } else {
+        let currencies: BTreeSet<Currency> = needed.iter().map(|(_, c)| *c).collect();
+        let (first, last) = (
+            needed.first().map(|(d, _)| *d).unwrap_or_default(),
+            needed.last().map(|(d, _)| *d).unwrap_or_default(),
+        );
+        Rates::load(pool, &currencies, first, last)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Exchange rates unavailable");
+                Problem::unavailable(
+                    "Exchange rates (Postgres) are unavailable; retry shortly, or ask without \
+                     report_currency.",
+                )
+            })?
+    };
+    refuse_missing(&rates, &needed)?;
+    let too_large =
+        || Problem::new(ProblemKind::Validation).detail("A converted amount does not fit 64 bits.");
+    for ((groups, currency, date), keys) in partitions {
+        let day = date_of(date);
+        let rates_of_day = rates.on(currency, day).zip(rates.on(to, day));
+        // Exact cumulative amounts and their rounded conversions so far.
+        let mut exact = [0i64; 3];
+        let mut rounded = [0i64; 3];
+        for (key, t) in keys {
+            let amounts = [
+                t.revenue_minor,
+                t.booked.refunded_minor,
+                t.restated.refunded_minor,
+            ];
+            let mut converted = [0i64; 3];
+            for i in 0..3 {
+                exact[i] = exact[i].checked_add(amounts[i]).ok_or_else(too_large)?;
+                let now = match rates_of_day {
+                    _ if exact[i] == 0 => 0,
+                    Some((from_rate, to_rate)) => {
+                        tidemark_domain::fx::convert(exact[i], currency, from_rate, to, to_rate)
+                            .ok_or_else(too_large)?
+                    }
+                    // Only a date whose amounts are all zero goes without a rate.
+                    None => 0,
+                };
+                converted[i] = now - rounded[i];
+                rounded[i] = now;
+            }
+            let Some(bucket) = buckets.bucket(key) else {
+                continue;
+            };
+            let mut t = t;
+            t.revenue_minor = converted[0];
+            t.booked.refunded_minor = converted[1];
+            t.restated.refunded_minor = converted[2];
+            out.entry((bucket, groups.clone(), to)).or_default().add(t);
         }
-        return Ok(out);
     }
-    let currencies: BTreeSet<Currency> = needed.iter().map(|(_, c)| *c).collect();
-    let (first, last) = (
-        needed.first().map(|(d, _)| *d).unwrap_or_default(),
-        needed.last().map(|(d, _)| *d).unwrap_or_default(),
-    );
-    let rates = Rates::load(pool, &currencies, first, last)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "Exchange rates unavailable");
-            Problem::unavailable(
-                "Exchange rates (Postgres) are unavailable; retry shortly, or ask without \
-                 report_currency.",
-            )
-        })?;
+    Ok(out)
+}
+
+/// A 422 naming the (date, currency) pairs of `needed` without a rate.
+fn refuse_missing(rates: &Rates, needed: &BTreeSet<(NaiveDate, Currency)>) -> Result<(), Problem> {
     let missing: Vec<&(NaiveDate, Currency)> = needed
         .iter()
         .filter(|(day, currency)| rates.on(*currency, *day).is_none())
         .collect();
-    if !missing.is_empty() {
-        let mut errors: Vec<FieldError> = missing
-            .iter()
-            .take(LISTED)
-            .map(|(day, currency)| FieldError {
-                pointer: "report_currency".into(),
-                code: "missing_rate".into(),
-                detail: format!("no {currency} rate on {day} or the {LOOKBACK_DAYS} days before"),
-            })
-            .collect();
-        if missing.len() > LISTED {
-            errors.push(FieldError {
-                pointer: "report_currency".into(),
-                code: "missing_rate".into(),
-                detail: format!("and {} more", missing.len() - LISTED),
-            });
-        }
-        return Err(Problem::new(ProblemKind::MissingData)
-            .detail(format!(
-                "Exchange rates are missing for {} date(s) and currencies of this answer; load \
-                 them with PUT /v1/fx-rates.",
-                missing.len()
-            ))
-            .errors(errors));
+    if missing.is_empty() {
+        return Ok(());
     }
-    for ((bucket, value, currency), t) in grid {
-        let converted = if *currency == to || !amounts(t) {
-            *t
-        } else {
-            let day = date_of(*bucket);
-            let (from_rate, to_rate) = (
-                rates.on(*currency, day).expect("checked"),
-                rates.on(to, day).expect("checked"),
-            );
-            let c = |amount: i64| {
-                convert(amount, *currency, from_rate, to, to_rate).ok_or_else(|| {
-                    Problem::new(ProblemKind::Validation)
-                        .detail("A converted amount does not fit 64 bits.")
-                })
-            };
-            let mut t = *t;
-            t.revenue_minor = c(t.revenue_minor)?;
-            t.booked.refunded_minor = c(t.booked.refunded_minor)?;
-            t.restated.refunded_minor = c(t.restated.refunded_minor)?;
-            t
-        };
-        out.entry((*bucket, value.clone(), to))
-            .or_default()
-            .add(converted);
+    let mut errors: Vec<FieldError> = missing
+        .iter()
+        .take(LISTED)
+        .map(|(day, currency)| FieldError {
+            pointer: "report_currency".into(),
+            code: "missing_rate".into(),
+            detail: format!("no {currency} rate on {day} or the {LOOKBACK_DAYS} days before"),
+        })
+        .collect();
+    if missing.len() > LISTED {
+        errors.push(FieldError {
+            pointer: "report_currency".into(),
+            code: "missing_rate".into(),
+            detail: format!("and {} more", missing.len() - LISTED),
+        });
     }
-    Ok(out)
+    Err(Problem::new(ProblemKind::MissingData)
+        .detail(format!(
+            "Exchange rates are missing for {} date(s) and currencies of this answer; load \
+             them with PUT /v1/fx-rates.",
+            missing.len()
+        ))
+        .errors(errors))
 }
 
 #[cfg(test)]

@@ -125,12 +125,113 @@ impl LocalBuckets {
             .unwrap_or(Granularity::Minute)
     }
 
+    /// A ClickHouse expression of `{t}` (a minute, unix seconds) giving its bucket's
+    /// key: the local bucket's UTC start for minutes and hours, the local date (days
+    /// since 1970-01-01) for days, which [`LocalBuckets::day_start`] turns into its
+    /// start. Built from numbers only.
+    pub fn key_sql(&self, from: i64, to: i64) -> String {
+        let local = self;
+        // The zone's offset over the range: constant between transitions.
+        let mut segments: Vec<(i64, i64)> = vec![(from, local.offset(from))];
+        let mut at = from - from.rem_euclid(3_600);
+        while at < to {
+            let next = at + 3_600;
+            let (before, after) = (local.offset(at), local.offset(next));
+            if before != after {
+                // The first second with the new offset.
+                let (mut lo, mut hi) = (at, next);
+                while hi - lo > 1 {
+                    let mid = lo + (hi - lo) / 2;
+                    if local.offset(mid) == before {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                segments.push((hi, after));
+            }
+            at = next;
+        }
+        let offset = if segments.len() == 1 {
+            segments[0].1.to_string()
+        } else {
+            let mut arms: Vec<String> = segments
+                .windows(2)
+                .map(|w| format!("{{t}} < {}, {}", w[1].0, w[0].1))
+                .collect();
+            arms.push(segments.last().expect("one").1.to_string());
+            format!("multiIf({})", arms.join(", "))
+        };
+        match local.granularity {
+            Granularity::Minute => "{t}".to_owned(),
+            Granularity::Hour => format!("{{t}} - modulo({{t}} + {offset}, 3600)"),
+            Granularity::Day => format!("intDiv({{t}} + {offset}, 86400)"),
+        }
+    }
+
     /// The bucket start `utc` in the zone's local time with its offset (RFC 3339).
     pub fn show(&self, utc: i64) -> String {
         let at = DateTime::<Utc>::from_timestamp(utc, 0).unwrap_or_default();
         at.with_timezone(&self.zone)
             .fixed_offset()
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }
+}
+
+/// How an answer buckets time: local buckets, or the whole range as one (a
+/// summary). A bucket's *key* is what ClickHouse and the speed cells are grouped
+/// by; [`Buckets::bucket`] names the answer's bucket of a key, or none for a
+/// stored bucket before the range (read only as the prefix of a conversion's
+/// UTC date, see `crate::fx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buckets {
+    /// The local buckets of a range starting at `from` (a local bucket's start).
+    Local { local: LocalBuckets, from: i64 },
+    /// The range starting at `from`, as bucket 0.
+    Whole { from: i64 },
+}
+
+impl Buckets {
+    /// The key of a stored bucket starting at `utc`: the local bucket's start (for
+    /// days, the local date as days since 1970-01-01); -1 or 0 for the whole range.
+    pub fn key(&self, utc: i64) -> i64 {
+        match self {
+            Buckets::Local { local, .. } if local.granularity == Granularity::Day => {
+                (utc + local.offset(utc)).div_euclid(86_400)
+            }
+            Buckets::Local { local, .. } => local.start(utc),
+            Buckets::Whole { from } => {
+                if utc < *from {
+                    -1
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// [`Buckets::key`] as a ClickHouse expression of `{t}`, for stored buckets
+    /// in `[from, to)`.
+    pub fn key_sql(&self, from: i64, to: i64) -> String {
+        match self {
+            Buckets::Local { local, .. } => local.key_sql(from, to),
+            Buckets::Whole { from } => format!("if({{t}} < {from}, -1, 0)"),
+        }
+    }
+
+    /// The answer's bucket of a key; `None` before the range.
+    pub fn bucket(&self, key: i64) -> Option<i64> {
+        match self {
+            Buckets::Local { local, from } => {
+                let start = if local.granularity == Granularity::Day {
+                    local.day_start(key)
+                } else {
+                    key
+                };
+                (start >= *from).then_some(start)
+            }
+            Buckets::Whole { .. } => (key >= 0).then_some(0),
+        }
     }
 }
 

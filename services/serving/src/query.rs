@@ -8,12 +8,12 @@ use chrono_tz::Tz;
 use serde::Serialize;
 use tidemark_domain::money::decimal;
 use tidemark_domain::order::MAX_TEXT_CHARS;
-use tidemark_domain::{Attribute, Basis, Currency, Dimension, Granularity, Grid, Totals};
+use tidemark_domain::{Attribute, Basis, Currency, Dimension, Granularity, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::config::ServingSettings;
-use crate::local::{self, LocalBuckets};
-use crate::views::{Freshness, Part, ViewError, Views};
+use crate::local::{self, Buckets, LocalBuckets};
+use crate::views::{Freshness, Merged, Part, Read, ViewError, Views};
 
 /// A validated revenue question: REST's query parameters and GraphQL's arguments
 /// both become one of these, through [`revenue_request`].
@@ -618,64 +618,17 @@ pub fn revenue_request(
 }
 
 /// The cells of an answer: (local bucket start, grouped values, currency).
-type Answer = BTreeMap<(i64, Vec<String>, Currency), Totals>;
-
-/// Sums `grid` (cells of `shape` at stored buckets) into the question's cells:
-/// keeps the cells its filters and currency admit, groups by its dimensions, and
-/// puts each stored bucket into the local bucket that holds it. `buckets` maps a
-/// stored bucket to its local bucket (`None`: sum over all time, as a summary does).
-fn answer(
-    grid: &Grid,
-    shape: Dimension,
-    group_by: &[Attribute],
-    filters: &[(Attribute, Vec<String>)],
-    currency: Option<Currency>,
-    (from, to): (i64, i64),
-    buckets: Option<&LocalBuckets>,
-) -> Result<Answer, Problem> {
-    let attributes = shape.attributes();
-    let index = |a: &Attribute| attributes.iter().position(|x| x == a).expect("covered");
-    let filters: Vec<(usize, &Vec<String>)> = filters.iter().map(|(a, v)| (index(a), v)).collect();
-    let groups: Vec<usize> = group_by.iter().map(index).collect();
-    let mut out = Answer::new();
-    let mut last: Option<(i64, i64)> = None;
-    for ((bucket, value, cell_currency), totals) in grid {
-        if *bucket < from || *bucket >= to || currency.is_some_and(|c| c != *cell_currency) {
-            continue;
-        }
-        let parts = shape.split(value).ok_or_else(|| {
-            Problem::new(ProblemKind::Internal)
-                .detail("A stored cell has a value of the wrong shape.")
-        })?;
-        if !filters.iter().all(|(i, values)| {
-            values
-                .binary_search_by(|v| v.as_str().cmp(parts[*i]))
-                .is_ok()
-        }) {
-            continue;
-        }
-        let local = match (buckets, last) {
-            (None, _) => 0,
-            (Some(_), Some((stored, local))) if stored == *bucket => local,
-            (Some(b), _) => {
-                let local = b.start(*bucket);
-                last = Some((*bucket, local));
-                local
-            }
-        };
-        let key = (
-            local,
-            groups.iter().map(|i| parts[*i].to_owned()).collect(),
-            *cell_currency,
-        );
-        out.entry(key).or_default().add(*totals);
-    }
-    Ok(out)
-}
+pub type Answer = BTreeMap<(i64, Vec<String>, Currency), Totals>;
 
 pub fn unavailable(e: &ViewError) -> Problem {
     let part = match e {
         ViewError::Unavailable(part) => part,
+        ViewError::Corrupt(what) => {
+            tracing::error!(what, "Unreadable view data");
+            return Problem::new(ProblemKind::Internal).detail(
+                "A view holds data this build cannot read; no answer rather than a wrong one.",
+            );
+        }
         ViewError::TooLarge(limit) => {
             return Problem::new(ProblemKind::Validation)
                 .detail("The question is too wide to answer.")
@@ -714,30 +667,28 @@ fn missing(parts: &[Part]) -> Vec<String> {
 /// its local buckets, summed into them.
 pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSeries, Problem> {
     let local = req.local();
-    let shape = req.shape();
-    // Conversion rounds each minute cell (see `crate::fx`), so it reads minutes.
-    let pieces = if req.report_currency.is_some() {
-        Granularity::Minute
+    // A conversion reads from the UTC midnight before the range (see `crate::fx`).
+    let from = if req.report_currency.is_some() {
+        req.from - req.from.rem_euclid(86_400)
     } else {
-        local.pieces(req.from, req.to)
+        req.from
     };
-    let merged = merged_cells(
-        views,
-        (pieces, shape),
-        (req.from, req.to),
-        (req.currency, req.report_currency),
-        req.allow_partial,
-    )
-    .await?;
-    let cells = answer(
-        &merged.grid,
-        shape,
-        &req.group_by,
-        &req.filters,
-        req.report_currency.or(req.currency),
-        (req.from, req.to),
-        Some(&local),
-    )?;
+    let read = Read {
+        granularity: local.pieces(from, req.to),
+        shape: req.shape(),
+        from,
+        to: req.to,
+        buckets: Buckets::Local {
+            local,
+            from: req.from,
+        },
+        dated: req.report_currency.is_some(),
+        group_by: &req.group_by,
+        filters: &req.filters,
+        currency: req.currency,
+    };
+    let (cells, merged) =
+        merged_answer(views, &read, req.report_currency, req.allow_partial).await?;
     let cells: Vec<_> = cells
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
@@ -799,30 +750,33 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     })
 }
 
-/// The merged cells of `shape` at `pieces` over `[from, to)`; with a reporting
-/// currency, those of `currency` (all without one) converted (see [`crate::fx`]).
-async fn merged_cells(
+/// The answer to `read` from both views: their pieces summed into its buckets;
+/// with a reporting currency, converted (see [`crate::fx`]).
+async fn merged_answer(
     views: &Views,
-    (pieces, shape): (Granularity, Dimension),
-    (from, to): (i64, i64),
-    (currency, report_currency): (Option<Currency>, Option<Currency>),
+    read: &Read<'_>,
+    report_currency: Option<Currency>,
     allow_partial: bool,
-) -> Result<crate::views::Merged, Problem> {
-    let mut merged = views
-        .revenue(pieces, shape, from, to, allow_partial)
+) -> Result<(Answer, Merged), Problem> {
+    let merged = views
+        .revenue(read, allow_partial)
         .await
         .map_err(|e| unavailable(&e))?;
-    if let Some(report) = report_currency {
-        let kept: Grid = merged
-            .grid
-            .into_iter()
-            .filter(|((bucket, _, c), _)| {
-                *bucket >= from && *bucket < to && currency.is_none_or(|wanted| wanted == *c)
-            })
-            .collect();
-        merged.grid = crate::fx::convert_grid(views.pool(), &kept, report).await?;
-    }
-    Ok(merged)
+    let answer = match report_currency {
+        Some(to) => crate::fx::convert(views.pool(), merged.pieces(), &read.buckets, to).await?,
+        None => {
+            let mut out = Answer::new();
+            for ((key, _, groups, currency), t) in merged.pieces() {
+                if let Some(bucket) = read.buckets.bucket(*key) {
+                    out.entry((bucket, groups.clone(), *currency))
+                        .or_default()
+                        .add(*t);
+                }
+            }
+            out
+        }
+    };
+    Ok((answer, merged))
 }
 
 fn names(attributes: &[Attribute]) -> String {
@@ -946,7 +900,6 @@ pub fn summary_request(
 /// Totals per currency, the top groups by gross revenue within each currency, and
 /// the rest of the groups summed (`other`), for a range.
 pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Problem> {
-    let range = (req.from, req.to);
     let read = |attributes: Vec<Attribute>| {
         let named: Vec<Attribute> = attributes
             .iter()
@@ -954,30 +907,25 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             .chain(req.filters.iter().map(|(a, _)| *a))
             .collect();
         let shape = Dimension::covering(&named);
-        // Conversion rounds each minute cell (see `crate::fx`), so it reads minutes.
-        let pieces = if req.report_currency.is_some() {
-            Granularity::Minute
-        } else {
-            req.granularity
-        };
         async move {
-            let merged = merged_cells(
-                views,
-                (pieces, shape),
-                (req.from, req.to),
-                (req.currency, req.report_currency),
-                req.allow_partial,
-            )
-            .await?;
-            let cells = answer(
-                &merged.grid,
+            let from = if req.report_currency.is_some() {
+                req.from - req.from.rem_euclid(86_400)
+            } else {
+                req.from
+            };
+            let read = Read {
+                granularity: req.granularity,
                 shape,
-                &attributes,
-                &req.filters,
-                req.report_currency.or(req.currency),
-                range,
-                None,
-            )?;
+                from,
+                to: req.to,
+                buckets: Buckets::Whole { from: req.from },
+                dated: req.report_currency.is_some(),
+                group_by: &attributes,
+                filters: &req.filters,
+                currency: req.currency,
+            };
+            let (cells, merged) =
+                merged_answer(views, &read, req.report_currency, req.allow_partial).await?;
             // Distinct users over the whole range, per group.
             let ask = crate::buyers::Ask {
                 from: req.from,

@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
-use tidemark_batchview::{BuyersQuery, PublishedState};
-use tidemark_domain::aggregate::merge;
-use tidemark_domain::{Dimension, Granularity, Grid};
+use tidemark_batchview::{BuyersQuery, CellsQuery, PieceKey, PublishedState};
+use tidemark_domain::{Attribute, Currency, Dimension, Granularity, Grid, Totals};
 use tidemark_speedview::{Buyer, Meta, SpeedView};
+
+use crate::local::Buckets;
 
 /// Which part of an answer a store could not provide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -43,6 +44,9 @@ pub enum ViewError {
     /// (`serving.max_read_cells`): a client's question too wide, not an outage.
     #[error("more than {0} stored cells")]
     TooLarge(usize),
+    /// A stored cell this build cannot read: no answer rather than a wrong one.
+    #[error("unreadable view data: {0}")]
+    Corrupt(String),
 }
 
 /// How fresh an answer is.
@@ -76,15 +80,107 @@ pub struct SpeedFreshness {
     pub lag_seconds: Option<f64>,
 }
 
-/// A merged grid and how it was made.
+/// What an answer reads from both views: the stored cells of `shape` at
+/// `granularity` starting in `[from, to)`, those its filters and currency admit,
+/// summed per bucket key (and UTC date when `dated`), grouped value and currency.
+pub struct Read<'a> {
+    pub granularity: Granularity,
+    pub shape: Dimension,
+    pub from: i64,
+    pub to: i64,
+    pub buckets: Buckets,
+    pub dated: bool,
+    pub group_by: &'a [Attribute],
+    pub filters: &'a [(Attribute, Vec<String>)],
+    pub currency: Option<Currency>,
+}
+
+impl Read<'_> {
+    /// The cache key of the batch part.
+    fn describe(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{:?}|{}|{:?}|{:?}|{:?}",
+            self.granularity,
+            self.shape,
+            self.from,
+            self.to,
+            self.buckets,
+            self.dated,
+            self.group_by,
+            self.filters,
+            self.currency
+        )
+    }
+
+    /// The speed view's cells (`grid`, of the shape at the granularity) summed
+    /// as ClickHouse sums the batch's.
+    fn pieces(&self, grid: &Grid) -> Result<Pieces, ViewError> {
+        let attributes = self.shape.attributes();
+        let index = |a: &Attribute| attributes.iter().position(|x| x == a).expect("covered");
+        let filters: Vec<(usize, &Vec<String>)> =
+            self.filters.iter().map(|(a, v)| (index(a), v)).collect();
+        let groups: Vec<usize> = self.group_by.iter().map(index).collect();
+        let mut out = Pieces::new();
+        let mut last: Option<(i64, i64)> = None;
+        for ((bucket, value, currency), totals) in grid {
+            if *bucket < self.from
+                || *bucket >= self.to
+                || self.currency.is_some_and(|c| c != *currency)
+            {
+                continue;
+            }
+            let parts = self.shape.split(value).ok_or_else(|| {
+                ViewError::Corrupt(format!("a speed cell of {} is {value:?}", self.shape))
+            })?;
+            if !filters.iter().all(|(i, values)| {
+                values
+                    .binary_search_by(|v| v.as_str().cmp(parts[*i]))
+                    .is_ok()
+            }) {
+                continue;
+            }
+            let key = match last {
+                Some((stored, key)) if stored == *bucket => key,
+                _ => {
+                    let key = self.buckets.key(*bucket);
+                    last = Some((*bucket, key));
+                    key
+                }
+            };
+            let date = if self.dated {
+                bucket.div_euclid(86_400)
+            } else {
+                0
+            };
+            let values = groups.iter().map(|i| parts[*i].to_owned()).collect();
+            out.entry((key, date, values, *currency))
+                .or_default()
+                .add(*totals);
+        }
+        Ok(out)
+    }
+}
+
+/// Sums per (bucket key, UTC date or 0, grouped values, currency).
+pub type Pieces = BTreeMap<PieceKey, Totals>;
+
+/// Both views' pieces and how they were read: the answer is their sum.
 pub struct Merged {
-    pub grid: Grid,
+    pub batch: Arc<Pieces>,
+    pub speed: Pieces,
     pub freshness: Freshness,
     /// Parts left out because their store was down (only with `allow_partial`).
     pub missing: Vec<Part>,
 }
 
-type BatchKey = (u64, u64, Granularity, Dimension, i64, i64);
+impl Merged {
+    /// Every piece of both views (a key may come twice: once from each).
+    pub fn pieces(&self) -> impl Iterator<Item = (&PieceKey, &Totals)> {
+        self.batch.iter().chain(self.speed.iter())
+    }
+}
+
+type BatchKey = (u64, u64, String);
 
 /// How many stored cells a question may read per cell its answer may hold: the
 /// stored cells of a finer shape or bucket are summed into fewer.
@@ -104,7 +200,7 @@ pub struct Views {
     cache_entries: usize,
     max_cells: usize,
     state: Mutex<Option<(Option<PublishedState>, Instant)>>,
-    batch: Mutex<HashMap<BatchKey, Arc<Grid>>>,
+    batch: Mutex<HashMap<BatchKey, Arc<Pieces>>>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     rates: Mutex<Option<(Option<String>, Instant)>>,
@@ -180,34 +276,35 @@ impl Views {
         }
     }
 
+    /// The batch view's pieces of `read`, cached per published state.
     async fn batch(
         &self,
         state: &PublishedState,
-        granularity: Granularity,
-        dimension: Dimension,
-        from: i64,
-        to: i64,
-    ) -> Result<Arc<Grid>, tidemark_batchview::Error> {
-        let key = (
-            state.run_id,
-            state.base_run_id,
-            granularity,
-            dimension,
-            from,
-            to,
-        );
-        if let Some(grid) = self.batch.lock().expect("not poisoned").get(&key) {
+        read: &Read<'_>,
+    ) -> Result<Arc<Pieces>, tidemark_batchview::Error> {
+        let key = (state.run_id, state.base_run_id, read.describe());
+        if let Some(pieces) = self.batch.lock().expect("not poisoned").get(&key) {
             metrics::counter!("serving_batch_cache_total", "result" => "hit").increment(1);
-            return Ok(grid.clone());
+            return Ok(pieces.clone());
         }
         metrics::counter!("serving_batch_cache_total", "result" => "miss").increment(1);
-        let grid = Arc::new(
-            tidemark_batchview::read_at_most(
+        let bucket_key = read.buckets.key_sql(read.from, read.to);
+        let query = CellsQuery {
+            granularity: read.granularity,
+            from: read.from,
+            to: read.to,
+            shape: read.shape,
+            key: &bucket_key,
+            dated: read.dated,
+            group_by: read.group_by,
+            filters: read.filters,
+            currency: read.currency,
+        };
+        let pieces = Arc::new(
+            tidemark_batchview::cells(
                 &self.ch,
                 state,
-                granularity,
-                dimension,
-                (from, to),
+                &query,
                 self.max_cells.saturating_mul(READ_FACTOR),
             )
             .await?,
@@ -216,8 +313,8 @@ impl Views {
         if cache.len() >= self.cache_entries {
             cache.clear();
         }
-        cache.insert(key, grid.clone());
-        Ok(grid)
+        cache.insert(key, pieces.clone());
+        Ok(pieces)
     }
 
     /// The speed cells of epochs `>= min_epoch`, with the position they are exact
@@ -271,16 +368,8 @@ impl Views {
         Ok((grid, snapshot.meta))
     }
 
-    /// The merged cells for buckets starting in `[from, to)` (aligned to the
-    /// granularity by the caller).
-    pub async fn revenue(
-        &self,
-        granularity: Granularity,
-        dimension: Dimension,
-        from: i64,
-        to: i64,
-        allow_partial: bool,
-    ) -> Result<Merged, ViewError> {
+    /// The merged pieces of `read`.
+    pub async fn revenue(&self, read: &Read<'_>, allow_partial: bool) -> Result<Merged, ViewError> {
         let mut missing = Vec::new();
         let state = match self.state().await {
             Ok(state) => state,
@@ -290,10 +379,10 @@ impl Views {
                 None
             }
         };
-        let mut grid = Grid::new();
+        let mut batch = Arc::default();
         if let Some(state) = &state {
-            match self.batch(state, granularity, dimension, from, to).await {
-                Ok(batch) => merge(&mut grid, &batch),
+            match self.batch(state, read).await {
+                Ok(pieces) => batch = pieces,
                 Err(tidemark_batchview::Error::TooLarge(limit)) => {
                     return Err(ViewError::TooLarge(limit));
                 }
@@ -307,12 +396,13 @@ impl Views {
             }
         }
         let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
+        let mut speed_pieces = Pieces::new();
         let speed = match self
-            .speed(min_epoch, granularity, dimension, from, to)
+            .speed(min_epoch, read.granularity, read.shape, read.from, read.to)
             .await
         {
             Ok((cells, meta)) => {
-                merge(&mut grid, &cells);
+                speed_pieces = read.pieces(&cells)?;
                 meta.map(|meta| SpeedFreshness {
                     cursor: meta.cursor.to_string(),
                     updated_at: Utc
@@ -332,7 +422,8 @@ impl Views {
             }
         };
         Ok(Merged {
-            grid,
+            batch,
+            speed: speed_pieces,
             freshness: Freshness {
                 batch: state.map(|s| BatchFreshness {
                     run_id: s.run_id,

@@ -138,28 +138,8 @@ pub async fn read(
     from_secs: i64,
     to_secs: i64,
 ) -> Result<Grid, Error> {
-    read_at_most(
-        client,
-        state,
-        granularity,
-        dimension,
-        (from_secs, to_secs),
-        usize::MAX,
-    )
-    .await
-}
-
-/// [`read`], refusing with [`Error::TooLarge`] to hold more than `limit` cells.
-pub async fn read_at_most(
-    client: &clickhouse::Client,
-    state: &PublishedState,
-    granularity: Granularity,
-    dimension: Dimension,
-    (from_secs, to_secs): (i64, i64),
-    limit: usize,
-) -> Result<Grid, Error> {
     let rows: Vec<CellRow> = client
-        .query(&format!(
+        .query(
             "SELECT bucket, value, currency, sum(revenue_minor) AS s_revenue, \
                     sum(orders) AS s_orders, sum(items) AS s_items, \
                     sum(booked_refunded_minor) AS s_br, sum(booked_refunded_items) AS s_bi, \
@@ -170,9 +150,8 @@ pub async fn read_at_most(
              WHERE granularity = ? AND dimension = ? \
                AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
                AND run_id >= ? AND run_id <= ? \
-             GROUP BY bucket, value, currency LIMIT {}",
-            limit.saturating_add(1).min(u64::MAX as usize / 2)
-        ))
+             GROUP BY bucket, value, currency",
+        )
         .bind(granularity.as_str())
         .bind(dimension.as_str())
         .bind(from_secs.clamp(0, i64::from(u32::MAX)) as u32)
@@ -181,9 +160,6 @@ pub async fn read_at_most(
         .bind(state.run_id)
         .fetch_all()
         .await?;
-    if rows.len() > limit {
-        return Err(Error::TooLarge(limit));
-    }
     let mut grid = Grid::new();
     for row in rows {
         let currency = row.currency.parse::<Currency>().map_err(|e| {
@@ -211,6 +187,167 @@ pub async fn read_at_most(
         );
     }
     Ok(grid)
+}
+
+/// A revenue question over `revenue_agg`, filtered, grouped and bucketed in
+/// ClickHouse: only the answer's cells travel.
+pub struct CellsQuery<'a> {
+    /// The stored buckets read, of this granularity, starting in `[from, to)`.
+    pub granularity: Granularity,
+    pub from: i64,
+    pub to: i64,
+    /// The stored shape read; it holds every attribute grouped or filtered by.
+    pub shape: Dimension,
+    /// A ClickHouse expression of `{t}` (a stored bucket's start, unix seconds as
+    /// `Int64`) giving the answer bucket's key; built by the caller from numbers only.
+    pub key: &'a str,
+    /// Keep the UTC date (days since 1970-01-01) of each stored bucket apart (a
+    /// conversion rounds per date); else the date is 0.
+    pub dated: bool,
+    pub group_by: &'a [Attribute],
+    pub filters: &'a [(Attribute, Vec<String>)],
+    /// Only this currency.
+    pub currency: Option<Currency>,
+}
+
+/// A cell of a [`CellsQuery`]'s answer: bucket key, UTC date (or 0), grouped
+/// values, currency.
+pub type PieceKey = (i64, i64, Vec<String>, Currency);
+
+#[derive(clickhouse::Row, Deserialize)]
+struct PieceRow {
+    k: i64,
+    d: i64,
+    g: Vec<String>,
+    currency: String,
+    revenue_minor: i64,
+    orders: u64,
+    items: u64,
+    booked_refunded_minor: i64,
+    booked_refunded_items: u64,
+    booked_cancelled_orders: u64,
+    restated_refunded_minor: i64,
+    restated_refunded_items: u64,
+    restated_cancelled_orders: u64,
+}
+
+impl CellsQuery<'_> {
+    /// The ClickHouse expression of an attribute of the shape: the value itself,
+    /// or its part of a joined value (`parts`, split once per row).
+    fn attribute(&self, a: Attribute) -> String {
+        let attributes = self.shape.attributes();
+        let i = attributes
+            .iter()
+            .position(|x| *x == a)
+            .expect("the shape covers the question");
+        if attributes.len() == 1 {
+            "value".to_owned()
+        } else {
+            format!("parts[{}]", i + 1)
+        }
+    }
+
+    fn sql(&self, limit: usize) -> String {
+        let t = "toInt64(toUInt32(bucket))";
+        let with = if self.shape.attributes().len() > 1 {
+            "WITH splitByChar(?, value) AS parts "
+        } else {
+            ""
+        };
+        let groups: Vec<String> = self.group_by.iter().map(|a| self.attribute(*a)).collect();
+        let g = if groups.is_empty() {
+            "emptyArrayString()".to_owned()
+        } else {
+            format!("[{}]", groups.join(", "))
+        };
+        let d = if self.dated {
+            format!("intDiv({t}, 86400)")
+        } else {
+            "toInt64(0)".to_owned()
+        };
+        let mut filter: String = self
+            .filters
+            .iter()
+            .map(|(a, _)| format!(" AND has(?, {})", self.attribute(*a)))
+            .collect();
+        if self.currency.is_some() {
+            filter += " AND currency = ?";
+        }
+        format!(
+            "{with}SELECT toInt64({key}) AS k, {d} AS d, {g} AS g, currency, \
+                    sum(revenue_minor) AS s_revenue, sum(orders) AS s_orders, \
+                    sum(items) AS s_items, sum(booked_refunded_minor) AS s_br, \
+                    sum(booked_refunded_items) AS s_bi, sum(booked_cancelled_orders) AS s_bc, \
+                    sum(restated_refunded_minor) AS s_sr, sum(restated_refunded_items) AS s_si, \
+                    sum(restated_cancelled_orders) AS s_sc \
+             FROM revenue_agg FINAL \
+             WHERE granularity = ? AND dimension = ? \
+               AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
+               AND run_id >= ? AND run_id <= ?{filter} \
+             GROUP BY k, d, g, currency LIMIT {}",
+            limit.saturating_add(1).min(u64::MAX as usize / 2),
+            key = self.key.replace("{t}", t),
+        )
+    }
+}
+
+/// The published cells of `q`, summed per answer cell (and UTC date); refused
+/// with [`Error::TooLarge`] beyond `limit` of them.
+pub async fn cells(
+    client: &clickhouse::Client,
+    state: &PublishedState,
+    q: &CellsQuery<'_>,
+    limit: usize,
+) -> Result<BTreeMap<PieceKey, Totals>, Error> {
+    let mut query = client.query(&q.sql(limit));
+    if q.shape.attributes().len() > 1 {
+        query = query.bind(tidemark_domain::VALUE_SEPARATOR.to_string());
+    }
+    query = query
+        .bind(q.granularity.as_str())
+        .bind(q.shape.as_str())
+        .bind(q.from.clamp(0, i64::from(u32::MAX)) as u32)
+        .bind(q.to.clamp(0, i64::from(u32::MAX)) as u32)
+        .bind(state.base_run_id)
+        .bind(state.run_id);
+    for (_, values) in q.filters {
+        query = query.bind(values);
+    }
+    if let Some(c) = q.currency {
+        query = query.bind(c.as_str());
+    }
+    let rows: Vec<PieceRow> = query.fetch_all().await?;
+    if rows.len() > limit {
+        return Err(Error::TooLarge(limit));
+    }
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let currency = row.currency.parse::<Currency>().map_err(|e| {
+            Error::Corrupt(format!(
+                "a published row of {} by {} has {e}",
+                q.granularity, q.shape
+            ))
+        })?;
+        out.insert(
+            (row.k, row.d, row.g, currency),
+            Totals {
+                revenue_minor: row.revenue_minor,
+                orders: row.orders as i64,
+                items: row.items as i64,
+                booked: Corrections {
+                    refunded_minor: row.booked_refunded_minor,
+                    refunded_items: row.booked_refunded_items as i64,
+                    cancelled_orders: row.booked_cancelled_orders as i64,
+                },
+                restated: Corrections {
+                    refunded_minor: row.restated_refunded_minor,
+                    refunded_items: row.restated_refunded_items as i64,
+                    cancelled_orders: row.restated_cancelled_orders as i64,
+                },
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// A question of who bought, over `buyers` (the published runs' rows).

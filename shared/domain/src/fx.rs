@@ -8,11 +8,17 @@
 //!
 //! **The conversion rule.** An amount is converted at the rate of the UTC date of
 //! the minute it is counted in (a refund booked at its own minute's date, restated
-//! at its order's), exactly (integer arithmetic on the decimal rates), and rounded
-//! once, half to even, to the minor units of the reporting currency. Every stored
-//! minute cell is converted and rounded on its own; every hour, day and total is
-//! the sum of its converted minutes. A day's converted total is therefore the sum
-//! of its hours' in every zone, and a total the sum of its days'.
+//! at its order's), exactly (integer arithmetic on the decimal rates, [`convert`]),
+//! and rounded half to even to the minor units of the reporting currency.
+//! Rounding is cumulative within a UTC date: for one answer cell (its grouped
+//! values) and original currency, the part of a date inside a bucket,
+//! `[s, e)`, is `round(rate · P(e)) − round(rate · P(s))`, where `P(t)` is the
+//! exact amount from that date's midnight (UTC) to `t`. The parts telescope, so
+//! however a date is cut into buckets (the hours or days of any zone, or one
+//! summary) they add up to the rounded conversion of what they cover: a day's
+//! converted total is the sum of its hours' in every zone, a total the sum of its
+//! days', and a UTC day its exact amount rounded once. (`serving::fx` applies it;
+//! `orderlog::question` restates it in SQL.)
 
 use std::str::FromStr;
 

@@ -89,9 +89,11 @@ impl Question {
     /// Two levels: per minute and combination of the values of the stored shape
     /// that covers the question's dimensions (`Dimension::covering`; an order
     /// counts once per combination), then into the question's buckets and groups.
-    /// With `report`, each minute cell's amounts are converted at the rate of its
-    /// UTC date (the last within 7 days, EUR 1, crossed through the euro) and
-    /// rounded half to even before they are summed: the documented rule, in SQL.
+    /// With `report`, amounts are converted at the rate of their UTC date (the
+    /// last within 7 days, EUR 1, crossed through the euro), rounding cumulative
+    /// within the date per group and currency: a bucket's part of a date is
+    /// round(rate × amount since midnight at its end) − round(… at its start),
+    /// half to even — the documented rule, in SQL.
     ///
     /// `as_of` restricts the events to those an answer covers; `range` (unix
     /// seconds) reads only events within two days of it and keeps the buckets
@@ -168,43 +170,56 @@ impl Question {
             .map(|c| format!("('{c}', {})", c.exponent()))
             .collect::<Vec<_>>()
             .join(", ");
+        // Units of `currency` per euro on the piece's UTC date `k.d`.
         let rate = |currency: &str| {
             format!(
                 "(CASE WHEN {currency} = 'EUR' THEN 1::numeric ELSE \
                    (SELECT r.per_eur FROM fx_rates r WHERE r.currency = {currency} \
-                    AND r.day <= (m AT TIME ZONE 'UTC')::date \
-                    AND r.day >= (m AT TIME ZONE 'UTC')::date - 7 \
-                    ORDER BY r.day DESC LIMIT 1) END)"
+                    AND r.day <= k.d AND r.day >= k.d - 7 ORDER BY r.day DESC LIMIT 1) END)"
             )
         };
+        // An amount of `currency` on date `d` in $3, exact, rounded half to even.
         let convert = |amount: &str| {
             format!(
-                "(CASE WHEN $3::text IS NULL OR cells.currency = $3 THEN {amount} ELSE ( \
-                   SELECT CASE WHEN x - floor(x) > 0.5 THEN floor(x) + 1 \
-                               WHEN x - floor(x) < 0.5 THEN floor(x) \
-                               ELSE floor(x) + mod(floor(x), 2) END \
-                   FROM (SELECT {amount} * {} / {} \
+                "(SELECT CASE WHEN y - floor(y) > 0.5 THEN floor(y) + 1 \
+                              WHEN y - floor(y) < 0.5 THEN floor(y) \
+                              ELSE floor(y) + abs(mod(floor(y), 2)) END \
+                  FROM (SELECT ({amount}) * {} \
                           * power(10::numeric, (SELECT e FROM exps WHERE c = $3) \
-                                  - (SELECT e FROM exps WHERE c = cells.currency)) AS x) q) END)::int8",
+                                  - (SELECT e FROM exps WHERE c = k.currency)) / {} AS y) q)",
                 rate("$3"),
-                rate("cells.currency")
+                rate("k.currency")
             )
         };
-        let outer = |amounts: [&str; 3], converted: [bool; 3]| {
-            let sums: Vec<String> = amounts
-                .iter()
-                .zip(converted)
-                .map(|(a, c)| {
-                    if c {
-                        format!("sum({})::int8", convert(a))
-                    } else {
-                        format!("sum({a})::int8")
-                    }
-                })
-                .collect();
+        // Minute cells → pieces (answer bucket × UTC date × group × currency);
+        // the first amount converted with rounding cumulative within a UTC date:
+        // round(P(end)) − round(P(start)), P the exact amount since midnight.
+        let outer = format!(
+            "pieces AS ( \
+               SELECT {bucket} AS b, (m AT TIME ZONE 'UTC')::date AS d, {group_array} AS g, \
+                      currency, sum(x1) AS x1, sum(x2) AS x2, sum(x3) AS x3 \
+               FROM cells GROUP BY 1, 2, 3, 4), \
+             cumulative AS ( \
+               SELECT *, sum(x1) OVER (PARTITION BY g, currency, d ORDER BY b) AS c1 FROM pieces) \
+             SELECT k.b, k.g, coalesce($3, k.currency), \
+                    sum(CASE WHEN $3::text IS NULL OR k.currency = $3 THEN k.x1 \
+                             ELSE {} - {} END)::int8, \
+                    sum(k.x2)::int8, sum(k.x3)::int8 \
+             FROM cumulative k GROUP BY 1, 2, 3",
+            convert("k.c1"),
+            convert("k.c1 - k.x1")
+        );
+        // The events an answer covers, and those near its range.
+        let covered = |t: &str| {
             format!(
-                "SELECT {bucket}, {group_array}, coalesce($3, currency), {} FROM cells GROUP BY 1, 2, 3",
-                sums.join(", ")
+                " AND ($4::int8 IS NULL OR {t}.txid < $4::text::xid8 \
+                       OR ({t}.txid, {t}.seq) <= ($5::text::xid8, $6))"
+            )
+        };
+        let near = |at: &str| {
+            format!(
+                " AND ($7::int8 IS NULL OR ({at} >= to_timestamp($7 - 172800) \
+                       AND {at} < to_timestamp($8 + 172800)))"
             )
         };
         let mut cells = Cells::new();
@@ -216,10 +231,11 @@ impl Question {
                       sum(l.quantity::int8 * l.unit_price_minor) AS x1, \
                       count(DISTINCT {}) AS x2, sum(l.quantity) AS x3 \
                FROM orders o JOIN order_lines l USING (order_id) \
-               WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
-               GROUP BY m{shape_columns}, currency) {}",
+               WHERE ($2::text IS NULL OR o.currency::text = $2){filter}{}{} \
+               GROUP BY m{shape_columns}, currency), {outer}",
             distinct("o.order_id", "l"),
-            outer(["x1", "x2", "x3"], [true, false, false])
+            covered("o"),
+            near("o.created_at"),
         );
         for (key, [r, o, i]) in self.rows(pool, &sql, as_of, range).await? {
             cells.entry(key).or_default()[..3].copy_from_slice(&[r, o, i]);
@@ -235,13 +251,11 @@ impl Question {
             "SELECT {}, {group_array}, coalesce($3, o.currency::text), \
                     count(DISTINCT o.user_id)::int8, 0::int8, 0::int8 \
              FROM orders o JOIN order_lines l USING (order_id) \
-             WHERE ($2::text IS NULL OR o.currency::text = $2){filter} \
-               AND ($4::int8 IS NULL OR o.txid < $4::text::xid8 \
-                    OR (o.txid, o.seq) <= ($5::text::xid8, $6)) \
-               AND ($7::int8 IS NULL OR (o.created_at >= to_timestamp($7 - 172800) \
-                    AND o.created_at < to_timestamp($8 + 172800))) \
+             WHERE ($2::text IS NULL OR o.currency::text = $2){filter}{}{} \
              GROUP BY 1, 2, 3",
-            bucket_of("date_trunc('minute', o.created_at)")
+            bucket_of("date_trunc('minute', o.created_at)"),
+            covered("o"),
+            near("o.created_at"),
         );
         for (key, [b, _, _]) in self.rows(pool, &sql, as_of, range).await? {
             cells.entry(key).or_default()[6] = b;
@@ -263,10 +277,11 @@ impl Question {
                LEFT JOIN adjustment_lines al \
                     ON al.adjustment_id = a.adjustment_id AND al.line_no = ol.line_no \
                WHERE (al.line_no IS NOT NULL OR a.kind = 'cancellation') \
-                 AND ($2::text IS NULL OR o.currency::text = $2){filter} \
-               GROUP BY m{shape_columns}, currency) {}",
+                 AND ($2::text IS NULL OR o.currency::text = $2){filter}{}{} \
+               GROUP BY m{shape_columns}, currency), {outer}",
             distinct("a.adjustment_id", "ol"),
-            outer(["x1", "x2", "x3"], [true, false, false])
+            covered("a"),
+            near(at),
         );
         for (key, [f, fi, c]) in self.rows(pool, &sql, as_of, range).await? {
             cells.entry(key).or_default()[3..6].copy_from_slice(&[f, fi, c]);

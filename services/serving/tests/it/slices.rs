@@ -300,7 +300,7 @@ fn rates_file() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reporting_currency_converts_each_minute_at_its_days_rate_and_days_add_up() {
+async fn a_reporting_currency_converts_at_each_days_rate_and_days_add_up() {
     let env = Env::new().await;
     let mut rng = StdRng::seed_from_u64(4217);
     let old = orders(&mut rng, 120);
