@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
@@ -26,10 +26,17 @@ pub fn orders(seed: u64, count: usize) -> Vec<Order> {
     baskets(seed, count, 1)
 }
 
-/// Deterministic orders of `lines` lines each (distinct products).
+/// Deterministic orders of `lines` lines each (distinct products), made in the
+/// last day.
 pub fn baskets(seed: u64, count: usize, lines: usize) -> Vec<Order> {
+    let now = Utc::now().timestamp();
+    orders_between(seed, count, lines, (now - 86_400, now))
+}
+
+/// Deterministic orders of `lines` lines each, made at random times in
+/// `[from, to)` (unix seconds).
+pub fn orders_between(seed: u64, count: usize, lines: usize, (from, to): (i64, i64)) -> Vec<Order> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let now = Utc::now();
     let categories = ["books", "games", "garden", "kitchen"];
     (0..count)
         .map(|_| {
@@ -55,10 +62,10 @@ pub fn baskets(seed: u64, count: usize, lines: usize) -> Vec<Order> {
                 currency: ["EUR", "USD", "GBP"][rng.random_range(0..3)]
                     .parse()
                     .expect("listed"),
-                created_at: chrono::SubsecRound::trunc_subsecs(
-                    now - TimeDelta::seconds(rng.random_range(0..86_400)),
-                    6,
-                ),
+                created_at: chrono::DateTime::from_timestamp_micros(
+                    rng.random_range(from * 1_000_000..to.max(from + 1) * 1_000_000),
+                )
+                .expect("in range"),
             }
         })
         .collect()

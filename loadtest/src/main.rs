@@ -69,7 +69,8 @@ enum Scenario {
         #[arg(long, default_value_t = 0.0)]
         adjust_share: f64,
     },
-    /// A fixed request rate against one URL (GET, or POST with --body).
+    /// A fixed request rate against one URL (GET, or POST with --body), or
+    /// `@FILE`: the URLs of a file (one per line) asked in turn.
     Rate {
         #[arg(long)]
         name: String,
@@ -264,10 +265,19 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
         } => {
+            let urls = match url.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file)?
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                None => vec![url],
+            };
+            anyhow::ensure!(!urls.is_empty(), "no URLs");
             tidemark_loadtest::rate::run(
                 &name,
                 tidemark_loadtest::rate::Settings {
-                    url,
+                    urls,
                     key,
                     body,
                     rate,

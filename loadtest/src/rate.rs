@@ -10,7 +10,9 @@ use tokio::sync::Semaphore;
 use crate::{Recorder, Report};
 
 pub struct Settings {
-    pub url: String,
+    /// Asked in turn (distinct questions); the first also warms up connections,
+    /// so with several only it has been asked before.
+    pub urls: Vec<String>,
     pub key: Option<String>,
     /// A JSON body to POST; GET when absent.
     pub body: Option<String>,
@@ -26,7 +28,7 @@ pub async fn run(name: &str, s: Settings) -> anyhow::Result<Report> {
         .build()?;
     // Warm up connections and caches.
     for _ in 0..50 {
-        drop(request(&client, &s).send().await);
+        drop(request(&client, &s, 0).send().await);
     }
     let recorder = Arc::new(Recorder::default());
     let permits = Arc::new(Semaphore::new(s.max_in_flight));
@@ -35,14 +37,19 @@ pub async fn run(name: &str, s: Settings) -> anyhow::Result<Report> {
     let total = s.rate * s.seconds;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
-    for _ in 0..total {
+    for i in 0..total {
         tick.tick().await;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             recorder.record(Duration::ZERO, false, 0);
             continue;
         };
         let recorder = recorder.clone();
-        let send = request(&client, &s).send();
+        let url = if s.urls.len() > 1 {
+            1 + i as usize % (s.urls.len() - 1)
+        } else {
+            0
+        };
+        let send = request(&client, &s, url).send();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let ok = match send.await {
@@ -59,13 +66,14 @@ pub async fn run(name: &str, s: Settings) -> anyhow::Result<Report> {
     Ok(recorder.report(name, started.elapsed()))
 }
 
-fn request(client: &reqwest::Client, s: &Settings) -> reqwest::RequestBuilder {
+fn request(client: &reqwest::Client, s: &Settings, url: usize) -> reqwest::RequestBuilder {
+    let url = &s.urls[url];
     let mut r = match &s.body {
         Some(body) => client
-            .post(&s.url)
+            .post(url)
             .header("content-type", "application/json")
             .body(body.clone()),
-        None => client.get(&s.url),
+        None => client.get(url),
     };
     if let Some(key) = &s.key {
         r = r.bearer_auth(key);

@@ -1,30 +1,76 @@
-//! Serving: the revenue query (today, hourly, by city) at 2,000 requests/s over REST
-//! and over GraphQL, next to a trivial handler of the same server (`/healthz`).
+//! Serving at scale: 50 million orders over 90 days (the batch view built by the
+//! compactor in five chronological runs, as a backfill would) plus a live stream
+//! through ingest and the speed layer, then the dashboard question — 30 days,
+//! hourly, `group_by=city,category`, three cities, `tz=Asia/Kolkata`,
+//! `report_currency=EUR`, net revenue and buyers in every point:
+//!
+//! - distinct questions (ranges varied, so no cache of Tidemark's holds them) at
+//!   50 questions/s, and one question repeated at 2,000/s;
+//! - one at a time, next to the same question as one SQL statement over a plain
+//!   table of the orders' lines (and their refunds) in ClickHouse, sorted by city
+//!   and time, and in Postgres — the anchors a team would build instead;
+//! - the time and disk the batch view takes, next to the raw and Parquet lakes;
+//! - a cross-check: orders and buyers of every cell equal the ClickHouse anchor's,
+//!   and net revenue in euros within rounding of its (per-line, floating) figure.
+//!
+//! Then REST and GraphQL at 2,000 requests/s on a small question (today, hourly,
+//! by city) next to `/healthz`. `TIDEMARK_BENCH_ORDERS` scales the backfill.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPoolCopyExt;
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
 use super::{BenchReport, Harness, unlink_prefix};
 use crate::proc::run;
 
+const DAYS: i64 = 90;
+const RUNS: usize = 5;
+const PER_FILE: usize = 50_000;
+const CITIES: &str = "Berlin,Lisbon,Paris";
+/// Kolkata is UTC+05:30 all year.
+const KOLKATA: i64 = 19_800;
+
+/// A line of the anchors' plain table: an order line (`kind` 0) or a refund of
+/// it (`kind` 1, at the refund's time).
+#[derive(clickhouse::Row, Serialize)]
+struct Line {
+    at: u32,
+    city: String,
+    category: String,
+    product: String,
+    currency: String,
+    user_id: String,
+    amount: i64,
+    quantity: u32,
+    kind: u8,
+}
+
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
-    const RATE: &str = "2000";
-    const SECONDS: &str = "15";
+    let orders: usize = std::env::var("TIDEMARK_BENCH_ORDERS")
+        .ok()
+        .and_then(|n| n.replace('_', "").parse().ok())
+        .unwrap_or(50_000_000);
     let db = bench.database("serving").await?;
     let pool = sqlx::PgPool::connect(&db).await?;
     let (_, ingest_key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
     let (_, read_key) = auth::create(&pool, "bench-read", &[Scope::Read], None).await?;
-    pool.close().await;
     let prefix = format!("benchserve{}", bench.tag);
     let redis_url = bench.stack.redis_url();
     let mut s3 = bench.stack.s3_config();
     s3.prefix = format!("bench-serving-{}", bench.tag);
     let ch_db = format!("bench_serving_{}", bench.tag);
-    let store_env = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
-        let mut env = vec![
+    let anchor_db = format!("bench_anchor_{}", bench.tag);
+    let store_env = || -> Vec<(&'static str, String)> {
+        vec![
             ("TIDEMARK_POSTGRES__URL", db.clone()),
             ("TIDEMARK_REDIS__URL", redis_url.clone()),
             ("TIDEMARK_REDIS__KEY_PREFIX", prefix.clone()),
@@ -41,30 +87,576 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
                 "TIDEMARK_S3__SECRET_ACCESS_KEY",
                 crate::stack::S3_SECRET_KEY.to_owned(),
             ),
-        ];
-        env.extend(extra.iter().cloned());
-        env
+        ]
     };
-    eprintln!("xtask bench: loading a day of orders, a batch run, and the speed layer");
-    let ingest = bench.service("ingest", &store_env(&[])).await?;
-    bench.service("speed", &store_env(&[])).await?;
-    bench.ingest_batch(&ingest, &ingest_key, 9, 100_000)?;
-    let mut compact = Command::new(bench.bin("tidemark-compactor"));
-    compact
-        .arg("run-once")
-        .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn");
-    for (k, v) in store_env(&[]) {
-        compact.env(k, v);
-    }
-    let out = run(&mut compact)?;
-    if !out.contains("Published") {
-        bail!("the batch run did not publish: {out}");
-    }
-    // More orders after the watermark, so the speed part is not empty.
-    bench.ingest_batch(&ingest, &ingest_key, 10, 20_000)?;
-    let serving = bench.service("serving", &store_env(&[])).await?;
+    let ch = clickhouse::Client::default()
+        .with_url(bench.stack.clickhouse_url())
+        .with_validation(false);
+    ch.query(&format!("CREATE DATABASE IF NOT EXISTS {anchor_db}"))
+        .execute()
+        .await?;
+    let anchor = ch.clone().with_database(&anchor_db);
+    anchor
+        .query(
+            "CREATE TABLE lines (at DateTime, city String, category String, product String, \
+               currency String, user_id String, amount Int64, quantity UInt32, kind UInt8) \
+             ENGINE = MergeTree PARTITION BY toYYYYMM(at) ORDER BY (city, at)",
+        )
+        .execute()
+        .await?;
+    sqlx::query(
+        "CREATE TABLE anchor_lines (at timestamptz, city text, category text, product text, \
+           currency text, user_id text, amount int8, quantity int4, kind int2)",
+    )
+    .execute(&pool)
+    .await?;
 
-    let today = chrono::Utc::now().format("%Y-%m-%d");
+    // The backfill ends two hours ago; the live stream is after it, so questions
+    // inside the backfill can be checked against the anchors.
+    let now = Utc::now().timestamp();
+    let end = now - now.rem_euclid(3_600) - 2 * 3_600;
+    let start = end - DAYS * 86_400;
+    let s3_client = tidemark_platform::s3::client(&s3).await;
+    let files = orders.div_ceil(PER_FILE);
+    let mut raw_bytes = 0u64;
+    let mut batch_seconds = 0.0;
+    let mut load_seconds = 0.0;
+    for run_no in 0..RUNS {
+        let files_of_run = (files * run_no / RUNS)..(files * (run_no + 1) / RUNS);
+        // A transaction id of its own, below the next run's cut.
+        let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+            .fetch_one(&pool)
+            .await?;
+        eprintln!(
+            "xtask bench: backfill {}/{RUNS}: files {files_of_run:?} of {files}",
+            run_no + 1
+        );
+        let loaded = Instant::now();
+        let uploads = futures::stream::iter(files_of_run).map(|i| {
+            let (s3_client, s3, pool, anchor) =
+                (s3_client.clone(), s3.clone(), pool.clone(), anchor.clone());
+            let count = PER_FILE.min(orders - i * PER_FILE);
+            let window = (DAYS * 86_400) / files as i64;
+            let from = start + window * i as i64;
+            async move {
+                let (body, lines) = tokio::task::spawn_blocking(move || {
+                    backfill_file(i, count, xid, (from, from + window))
+                })
+                .await?;
+                let bytes = body.len() as u64;
+                let key = format!("raw/orders/bench/run{run_no}/part-{i:05}.jsonl");
+                s3_client
+                    .put_object()
+                    .bucket(&s3.bucket)
+                    .key(s3.key(&key))
+                    .body(aws_sdk_s3::primitives::ByteStream::from(body))
+                    .send()
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
+                       until_seq, min_txid, max_txid, rows, bytes) \
+                     VALUES ($1, current_date, 0, $2::text::xid8, 0, $2::text::xid8, 0, \
+                             $2::text::xid8, $2::text::xid8, $3, $4)",
+                )
+                .bind(&key)
+                .bind(xid)
+                .bind(lines.len() as i64)
+                .bind(bytes as i64)
+                .execute(&pool)
+                .await?;
+                let mut insert = anchor.insert::<Line>("lines").await?;
+                let mut copy = String::with_capacity(lines.len() * 100);
+                for line in &lines {
+                    insert.write(line).await?;
+                    use std::fmt::Write;
+                    writeln!(
+                        copy,
+                        "{},{},{},{},{},{},{},{},{}",
+                        DateTime::from_timestamp(i64::from(line.at), 0).unwrap_or_default(),
+                        line.city,
+                        line.category,
+                        line.product,
+                        line.currency,
+                        line.user_id,
+                        line.amount,
+                        line.quantity,
+                        line.kind
+                    )?;
+                }
+                insert.end().await?;
+                let mut pg = pool
+                    .copy_in_raw("COPY anchor_lines FROM STDIN (FORMAT csv)")
+                    .await?;
+                pg.send(copy.into_bytes()).await?;
+                pg.finish().await?;
+                anyhow::Ok(bytes)
+            }
+        });
+        let sizes: Vec<u64> = uploads.buffer_unordered(3).try_collect().await?;
+        raw_bytes += sizes.iter().sum::<u64>();
+        load_seconds += loaded.elapsed().as_secs_f64();
+        // The relay has "landed" everything: its horizon is past any cut.
+        sqlx::query(
+            "INSERT INTO consumer_cursors (consumer, horizon) VALUES ('lake-relay', '1099511627776') \
+             ON CONFLICT (consumer) DO UPDATE SET horizon = EXCLUDED.horizon",
+        )
+        .execute(&pool)
+        .await?;
+        let compacted = Instant::now();
+        let mut compact = Command::new(bench.bin("tidemark-compactor"));
+        compact
+            .arg("run-once")
+            .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn");
+        for (k, v) in store_env() {
+            compact.env(k, v);
+        }
+        let out = run(&mut compact)?;
+        if !out.contains("Published") {
+            bail!("batch run {} did not publish: {out}", run_no + 1);
+        }
+        batch_seconds += compacted.elapsed().as_secs_f64();
+        // The raw objects are in the Parquet lake now; their disk is needed.
+        drop(std::fs::remove_dir_all(
+            s3_dir(bench, &s3).join(format!("raw/orders/bench/run{run_no}")),
+        ));
+    }
+    let lake_bytes = dir_bytes(&s3_dir(bench, &s3));
+    let ch_bytes = |database: String| {
+        let ch = ch.clone();
+        async move {
+            let rows: Vec<(String, u64)> = ch
+                .query(
+                    "SELECT table, toUInt64(sum(bytes)) FROM system.parts \
+                     WHERE database = ? AND active GROUP BY table",
+                )
+                .bind(database)
+                .fetch_all()
+                .await?;
+            anyhow::Ok(rows.into_iter().collect::<BTreeMap<String, u64>>())
+        }
+    };
+    let view = ch_bytes(ch_db.clone()).await?;
+    let view_bytes = view.get("revenue_agg").copied().unwrap_or(0);
+    let buyers_bytes = view.get("buyers").copied().unwrap_or(0);
+    let anchor_ch_bytes = ch_bytes(anchor_db.clone())
+        .await?
+        .get("lines")
+        .copied()
+        .unwrap_or(0);
+    sqlx::query("CREATE INDEX ON anchor_lines USING brin (at)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE anchor_lines")
+        .execute(&pool)
+        .await?;
+    let anchor_pg_bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('anchor_lines')")
+        .fetch_one(&pool)
+        .await?;
+
+    // Daily rates (weekdays, as the ECB publishes) for Tidemark; every day's
+    // factor (the last rate carried over a weekend) for the anchors.
+    let mut factors: Vec<(NaiveDate, &str, f64)> = Vec::new();
+    let mut last: Option<(f64, f64)> = None;
+    let (mut usd, mut gbp) = (1.0842_f64, 0.8571_f64);
+    let mut day = date(start) - chrono::Days::new(10);
+    while day <= date(now) {
+        let wobble =
+            |k: i64| ((i64::from(day.num_days_from_ce()) * k).rem_euclid(11) - 5) as f64 / 2_000.0;
+        usd = ((usd * (1.0 + wobble(7_919))) * 10_000.0).round() / 10_000.0;
+        gbp = ((gbp * (1.0 + wobble(104_729))) * 10_000.0).round() / 10_000.0;
+        if day.weekday().num_days_from_monday() < 5 {
+            sqlx::query(
+                "INSERT INTO fx_rates (currency, day, per_eur) \
+                 VALUES ('USD', $1, $2::text::numeric), ('GBP', $1, $3::text::numeric)",
+            )
+            .bind(day)
+            .bind(format!("{usd:.4}"))
+            .bind(format!("{gbp:.4}"))
+            .execute(&pool)
+            .await?;
+            last = Some((usd, gbp));
+        }
+        if let Some((u, g)) = last {
+            factors.extend([
+                (day, "USD", 1.0 / u),
+                (day, "GBP", 1.0 / g),
+                (day, "EUR", 1.0),
+            ]);
+        }
+        day = day.succ_opt().context("a next day")?;
+    }
+    sqlx::query("CREATE TABLE anchor_rates (day date, currency text, f float8)")
+        .execute(&pool)
+        .await?;
+    anchor
+        .query("CREATE TABLE rates (d Date, currency String, f Float64) ENGINE = Memory")
+        .execute()
+        .await?;
+    for (day, currency, f) in &factors {
+        sqlx::query("INSERT INTO anchor_rates VALUES ($1, $2, $3)")
+            .bind(day)
+            .bind(currency)
+            .bind(f)
+            .execute(&pool)
+            .await?;
+    }
+    let values: Vec<String> = factors
+        .iter()
+        .map(|(day, currency, f)| format!("('{day}', '{currency}', {f:e})"))
+        .collect();
+    anchor
+        .query(&format!("INSERT INTO rates VALUES {}", values.join(", ")))
+        .execute()
+        .await?;
+
+    eprintln!("xtask bench: the services, and a live stream of 200 orders/s");
+    let ingest = bench.service("ingest", &store_env()).await?;
+    bench.service("speed", &store_env()).await?;
+    let serving = bench.service("serving", &store_env()).await?;
+    let stream = tokio::spawn(live_stream(ingest.clone(), ingest_key.clone()));
+
+    // Questions: 30 days from a Kolkata hour (UTC :30), each starting an hour
+    // after the last, all inside the backfill.
+    let first_from = start + 86_400 - KOLKATA.rem_euclid(3_600) + 3_600;
+    let window = 30 * 86_400;
+    let question = |from: i64| {
+        format!(
+            "{serving}/v1/revenue?from={}&to={}&granularity=hour&group_by=city,category\
+             &city={CITIES}&tz=Asia/Kolkata&report_currency=EUR",
+            rfc3339(from),
+            rfc3339(from + window)
+        )
+    };
+    let hours = (end - window - first_from) / 3_600;
+    ensure!(
+        hours > 1_100,
+        "the backfill is too short for 1,000 distinct questions"
+    );
+    let urls: Vec<String> = (0..1_001)
+        .map(|i| question(first_from + i * 3_600))
+        .collect();
+    let url_file = bench.stack.base.join("bench-serving-urls.txt");
+    std::fs::write(&url_file, urls.join("\n"))?;
+    let http = reqwest::Client::new();
+
+    // One at a time: Tidemark cold (questions asked nowhere else), the anchors.
+    let singles: Vec<i64> = (0..10)
+        .map(|i| first_from + (1_050 + i * 5) * 3_600)
+        .collect();
+    let mut ours = Vec::new();
+    let mut answers = Vec::new();
+    for from in &singles {
+        let t = Instant::now();
+        let r = http
+            .get(question(*from))
+            .bearer_auth(&read_key)
+            .send()
+            .await?;
+        ensure!(
+            r.status().is_success(),
+            "the dashboard question: {}",
+            r.text().await?
+        );
+        let body: serde_json::Value = r.json().await?;
+        ours.push(t.elapsed().as_secs_f64() * 1e3);
+        answers.push(body);
+    }
+    let mut on_clickhouse = Vec::new();
+    let mut anchor_cells = Vec::new();
+    for from in &singles {
+        let t = Instant::now();
+        let rows: Vec<AnchorCell> = anchor
+            .query(&clickhouse_anchor(*from, *from + window))
+            .fetch_all()
+            .await?;
+        on_clickhouse.push(t.elapsed().as_secs_f64() * 1e3);
+        anchor_cells.push(rows);
+    }
+    let mut on_postgres = Vec::new();
+    let pool = sqlx::PgPool::connect(&db).await?;
+    for from in singles.iter().take(3) {
+        let t = Instant::now();
+        let rows: Vec<(i64, String, String, f64, i64, i64)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(postgres_anchor(*from, *from + window)))
+                .fetch_all(&pool)
+                .await?;
+        on_postgres.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(!rows.is_empty(), "the Postgres anchor found nothing");
+    }
+    let (cells_checked, worst_cents) = cross_check(&answers, &anchor_cells)?;
+
+    eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
+    let rate = |name: &str, url: &str, per_sec: &str, seconds: &str| -> Result<Report> {
+        bench.loadtest(
+            &[
+                "rate",
+                "--name",
+                name,
+                "--url",
+                url,
+                "--rate",
+                per_sec,
+                "--seconds",
+                seconds,
+            ],
+            &[("TIDEMARK_READ_KEY", read_key.as_str())],
+        )
+    };
+    let distinct = rate("distinct", &format!("@{}", url_file.display()), "50", "20")?;
+    let repeated = rate("repeated", &urls[0], "2000", "15")?;
+    let doors = doors(bench, &serving, &read_key)?;
+    stream.abort();
+    let streamed = stream.await.unwrap_or(0);
+
+    bench.stop_services().await;
+    pool.close().await;
+    unlink_prefix(&bench.stack.ports.redis.to_string(), &format!("{prefix}:*"))?;
+    bench.drop_batch_stores(&s3, &ch_db).await?;
+    ch.query(&format!("DROP DATABASE IF EXISTS {anchor_db}"))
+        .execute()
+        .await?;
+    drop(std::fs::remove_file(&url_file));
+
+    let mut report = BenchReport::new(
+        "serving",
+        format!(
+            "release build; {orders} one-line orders over {DAYS} days (+1 in 20 refunded), \
+             built by {RUNS} batch runs, plus a live stream; the dashboard question: 30 days, \
+             hourly, group_by=city,category, {CITIES}, tz=Asia/Kolkata, report_currency=EUR, \
+             net revenue and buyers"
+        ),
+    );
+    let (ours_ms, ch_ms, pg_ms) = (median(&ours), median(&on_clickhouse), median(&on_postgres));
+    report.row(
+        "distinct questions (ranges varied), 50/s for 20 s".into(),
+        figure(&distinct),
+        format!(
+            "one at a time: Tidemark median {ours_ms:.0} ms (max {:.0} ms)",
+            max(&ours)
+        ),
+        None,
+        "p99 ≤ 100 ms",
+    );
+    report.row(
+        "one question repeated, 2,000/s for 15 s".into(),
+        figure(&repeated),
+        "—".into(),
+        None,
+        "p99 ≤ 5 ms",
+    );
+    report.row(
+        "the question one at a time (10 distinct), median".into(),
+        format!("{ours_ms:.0} ms"),
+        format!("one SQL statement on ClickHouse over a plain lines table (ORDER BY city, at): median {ch_ms:.0} ms"),
+        Some(ours_ms / ch_ms),
+        "≤ 1.0×",
+    );
+    report.row(
+        "the question one at a time, median".into(),
+        format!("{ours_ms:.0} ms"),
+        format!("one SQL statement on Postgres over a plain lines table (BRIN on time), 3 asked: median {pg_ms:.0} ms"),
+        Some(ours_ms / pg_ms),
+        "print the ratio",
+    );
+    let gb = |b: u64| b as f64 / 1e9;
+    report.row(
+        format!("the batch view of {orders} orders: time and disk"),
+        format!(
+            "{batch_seconds:.0} s over {RUNS} runs (raw → Parquet → audited, published aggregates); \
+             {:.2} GB (revenue_agg {:.2} GB + buyers {:.2} GB)",
+            gb(view_bytes + buyers_bytes),
+            gb(view_bytes),
+            gb(buyers_bytes)
+        ),
+        format!(
+            "raw JSON Lines {:.2} GB, Parquet lake {:.2} GB; anchors' lines tables: ClickHouse {:.2} GB, \
+             Postgres {:.2} GB (loading all four: {load_seconds:.0} s)",
+            gb(raw_bytes),
+            gb(lake_bytes),
+            gb(anchor_ch_bytes),
+            gb(anchor_pg_bytes as u64)
+        ),
+        Some((view_bytes + buyers_bytes) as f64 / raw_bytes as f64),
+        "ratio: view disk / raw",
+    );
+    for (name, r) in &doors.rows {
+        report.row(
+            format!("{name} today, hourly, by city, 2,000/s"),
+            figure(r),
+            format!("trivial handler (`/healthz`): {}", figure(&doors.trivial)),
+            Some(r.p99_ms / doors.trivial.p99_ms),
+            "p99 ≤ 5 ms",
+        );
+    }
+    report.notes.push(format!(
+        "cross-check on the 10 single questions: {cells_checked} cells, orders and buyers equal to \
+         the ClickHouse anchor's; net revenue in EUR within {worst_cents:.2} minor units of its \
+         per-line floating conversion"
+    ));
+    report.notes.push(format!(
+        "live stream: {streamed} orders ingested at 200/s while the questions ran"
+    ));
+    Ok(report)
+}
+
+fn rfc3339(secs: i64) -> String {
+    DateTime::from_timestamp(secs, 0)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+fn figure(r: &Report) -> String {
+    format!(
+        "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} errors{}",
+        r.requests_per_sec,
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms,
+        r.errors,
+        if r.errors_by_kind.is_empty() {
+            String::new()
+        } else {
+            format!(" {:?}", r.errors_by_kind)
+        }
+    )
+}
+
+/// An answer cell of the anchors: Kolkata hour (UTC start), city, category, net
+/// revenue in euro cents, orders, buyers.
+#[derive(clickhouse::Row, Deserialize)]
+struct AnchorCell {
+    h: i64,
+    city: String,
+    category: String,
+    net: f64,
+    orders: u64,
+    buyers: u64,
+}
+
+/// The dashboard question as one ClickHouse statement over the plain table.
+fn clickhouse_anchor(from: i64, to: i64) -> String {
+    format!(
+        "SELECT h, city, category, \
+                sum(if(kind = 0, amount, -amount) * f) AS net, \
+                toUInt64(countIf(kind = 0)) AS orders, \
+                toUInt64(uniqExactIf(user_id, kind = 0)) AS buyers \
+         FROM (SELECT toInt64(intDiv(toUInt32(at) + {KOLKATA}, 3600) * 3600 - {KOLKATA}) AS h, \
+                      toDate(at) AS d, city, category, currency, user_id, amount, kind \
+               FROM lines \
+               WHERE city IN ('Berlin', 'Lisbon', 'Paris') \
+                 AND at >= toDateTime({from}) AND at < toDateTime({to})) \
+         ANY LEFT JOIN rates USING (d, currency) \
+         GROUP BY h, city, category"
+    )
+}
+
+/// The same in Postgres.
+fn postgres_anchor(from: i64, to: i64) -> String {
+    format!(
+        "SELECT extract(epoch FROM date_trunc('hour', l.at AT TIME ZONE 'Asia/Kolkata') \
+                  AT TIME ZONE 'Asia/Kolkata')::int8 AS h, city, category, \
+                sum(CASE WHEN kind = 0 THEN amount ELSE -amount END * r.f) AS net, \
+                count(*) FILTER (WHERE kind = 0) AS orders, \
+                count(DISTINCT user_id) FILTER (WHERE kind = 0) AS buyers \
+         FROM anchor_lines l \
+         JOIN anchor_rates r ON r.day = (l.at AT TIME ZONE 'UTC')::date AND r.currency = l.currency \
+         WHERE city IN ('Berlin', 'Lisbon', 'Paris') \
+           AND l.at >= to_timestamp({from}) AND l.at < to_timestamp({to}) \
+         GROUP BY 1, 2, 3"
+    )
+}
+
+/// Every cell of Tidemark's answers against the ClickHouse anchor's: orders and
+/// buyers equal, net revenue within rounding. Returns the cells compared and
+/// the largest difference in minor units.
+fn cross_check(answers: &[serde_json::Value], anchors: &[Vec<AnchorCell>]) -> Result<(usize, f64)> {
+    let mut cells = 0;
+    let mut worst = 0.0_f64;
+    for (answer, anchor) in answers.iter().zip(anchors) {
+        let mut expected: BTreeMap<(i64, &str, &str), &AnchorCell> = anchor
+            .iter()
+            .map(|c| ((c.h, c.city.as_str(), c.category.as_str()), c))
+            .collect();
+        let points = answer["points"].as_array().context("points")?;
+        for p in points {
+            let bucket =
+                DateTime::parse_from_rfc3339(p["bucket"].as_str().context("bucket")?)?.timestamp();
+            let city = p["dimensions"]["city"].as_str().context("city")?;
+            let category = p["dimensions"]["category"].as_str().context("category")?;
+            let Some(cell) = expected.remove(&(bucket, city, category)) else {
+                bail!("Tidemark has a cell the anchor has not: {p}");
+            };
+            ensure!(
+                p["orders"].as_i64() == Some(cell.orders as i64)
+                    && p["buyers"].as_i64() == Some(cell.buyers as i64),
+                "orders or buyers differ from the anchor's ({} orders, {} buyers): {p}",
+                cell.orders,
+                cell.buyers
+            );
+            let net = p["net_revenue_minor"].as_i64().context("net")? as f64;
+            worst = worst.max((net - cell.net).abs());
+            cells += 1;
+        }
+        ensure!(
+            expected
+                .values()
+                .all(|c| c.orders == 0 && c.net.abs() < 0.5),
+            "the anchor has cells Tidemark has not"
+        );
+    }
+    // Tidemark rounds gross and refunds apart, per original currency (USD, GBP)
+    // and UTC date an hour spans (one or two), each at most half a unit at each
+    // end of its stretch: at most 2 × 2 × 2 units from the exact figure.
+    ensure!(worst <= 8.0, "net revenue differs by {worst} minor units");
+    Ok((cells, worst))
+}
+
+/// Posts 20 new orders every 100 ms until aborted; returns how many were taken.
+async fn live_stream(ingest: String, key: String) -> u64 {
+    let http = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sent = 0;
+    for seed in 0.. {
+        tick.tick().await;
+        let now = Utc::now().timestamp();
+        let orders = tidemark_loadtest::orders_between(90_000 + seed, 20, 1, (now - 1, now));
+        let items: Vec<_> = orders.iter().map(tidemark_loadtest::order_json).collect();
+        let ok = http
+            .post(format!("{ingest}/v1/orders"))
+            .bearer_auth(&key)
+            .json(&items)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            sent += 20;
+        }
+    }
+    sent
+}
+
+struct Doors {
+    trivial: Report,
+    rows: Vec<(&'static str, Report)>,
+}
+
+/// REST and GraphQL on a small question (today, hourly, by city) at 2,000/s,
+/// next to `/healthz`.
+fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doors> {
+    const RATE: &str = "2000";
+    const SECONDS: &str = "15";
+    let today = Utc::now().format("%Y-%m-%d");
     let (from, to) = (format!("{today}T00:00:00Z"), format!("{today}T23:59:59Z"));
     let rest_url =
         format!("{serving}/v1/revenue?from={from}&to={to}&granularity=hour&group_by=city");
@@ -91,7 +683,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         if let Some(b) = body {
             args.extend(["--body", b]);
         }
-        bench.loadtest(&args, &[("TIDEMARK_READ_KEY", read_key.as_str())])
+        bench.loadtest(&args, &[("TIDEMARK_READ_KEY", read_key)])
     };
     eprintln!("xtask bench: {RATE} requests/s for {SECONDS} s each: /healthz, REST, GraphQL");
     let trivial = rate("healthz", &format!("{serving}/healthz"), None)?;
@@ -101,52 +693,96 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         &format!("{serving}/graphql"),
         Some(&graphql_body),
     )?;
-    bench.stop_services().await;
-    unlink_prefix(&bench.stack.ports.redis.to_string(), &format!("{prefix}:*"))?;
-    bench.drop_batch_stores(&s3, &ch_db).await?;
+    Ok(Doors {
+        trivial,
+        rows: vec![("REST `/v1/revenue`", rest), ("GraphQL `revenue`", graphql)],
+    })
+}
 
-    let mut report = BenchReport::new(
-        "serving",
-        format!(
-            "release build; one server process; open-loop load at {RATE} requests/s for {SECONDS} s"
-        ),
-    );
-    let figure = |r: &Report| {
-        format!(
-            "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {} errors{}",
-            r.requests_per_sec,
-            r.p50_ms,
-            r.p99_ms,
-            r.max_ms,
-            r.errors,
-            if r.errors_by_kind.is_empty() {
-                String::new()
-            } else {
-                format!(" {:?}", r.errors_by_kind)
-            }
-        )
+/// The raw JSON Lines of backfill file `i` (one-line orders in `window`, one in
+/// twenty refunded a unit an hour later) and its lines for the anchors.
+fn backfill_file(i: usize, count: usize, xid: i64, window: (i64, i64)) -> (Vec<u8>, Vec<Line>) {
+    let mut body = Vec::with_capacity(count * 360);
+    let mut lines = Vec::with_capacity(count + count / 20 + 1);
+    for (j, order) in tidemark_loadtest::orders_between(1_000 + i as u64, count, 1, window)
+        .into_iter()
+        .enumerate()
+    {
+        let n = i * PER_FILE + j;
+        let line = &order.lines[0];
+        let at = order.created_at.timestamp() as u32;
+        let anchor_line = |at: u32, amount: i64, quantity: u32, kind: u8| Line {
+            at,
+            city: order.city.clone(),
+            category: line.category.clone(),
+            product: line.product_id.clone(),
+            currency: order.currency.to_string(),
+            user_id: order.user_id.clone(),
+            amount,
+            quantity,
+            kind,
+        };
+        lines.push(anchor_line(
+            at,
+            i64::from(line.quantity) * line.unit_price_minor,
+            line.quantity.unsigned_abs(),
+            0,
+        ));
+        let refund = n.is_multiple_of(20).then(|| {
+            lines.push(anchor_line(at + 3_600, line.unit_price_minor, 1, 1));
+            tidemark_domain::Event::Adjustment(tidemark_domain::AdjustmentEvent {
+                adjustment: tidemark_domain::Adjustment {
+                    adjustment_id: uuid::Uuid::from_u128(n as u128 + 1),
+                    order_id: order.order_id,
+                    kind: tidemark_domain::AdjustmentKind::Refund,
+                    created_at: order.created_at + chrono::TimeDelta::hours(1),
+                    lines: vec![tidemark_domain::AdjustedLine {
+                        line_no: 1,
+                        quantity: 1,
+                        amount_minor: line.unit_price_minor,
+                    }],
+                },
+                order: order.clone(),
+            })
+        });
+        let row = tidemark_orderlog::LogRow {
+            position: tidemark_domain::LogPosition::new(xid as u64, (2 * n + 1) as i64),
+            ingested_at: order.created_at,
+            event: tidemark_domain::Event::Order(order),
+        };
+        tidemark_orderlog::RawRecord::from(&row).write_line(&mut body);
+        if let Some(event) = refund {
+            let row = tidemark_orderlog::LogRow {
+                position: tidemark_domain::LogPosition::new(xid as u64, (2 * n + 2) as i64),
+                ingested_at: row.ingested_at,
+                event,
+            };
+            tidemark_orderlog::RawRecord::from(&row).write_line(&mut body);
+        }
+    }
+    (body, lines)
+}
+
+fn date(secs: i64) -> NaiveDate {
+    DateTime::from_timestamp(secs, 0)
+        .unwrap_or_default()
+        .date_naive()
+}
+
+fn s3_dir(bench: &Harness<'_>, s3: &tidemark_platform::config::S3Config) -> std::path::PathBuf {
+    bench.stack.data("s3").join(&s3.bucket).join(&s3.prefix)
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
     };
-    let anchor = format!(
-        "trivial axum handler (`/healthz`, same middleware): {}",
-        figure(&trivial)
-    );
-    report.row(
-        "REST `/v1/revenue` today, hourly, by city".into(),
-        figure(&rest),
-        anchor.clone(),
-        Some(rest.p99_ms / trivial.p99_ms),
-        "p99 ≤ 5 ms",
-    );
-    report.row(
-        "GraphQL `revenue` today, hourly, by city".into(),
-        figure(&graphql),
-        anchor,
-        Some(graphql.p99_ms / trivial.p99_ms),
-        "p99 ≤ 2× REST",
-    );
-    report.notes.push(format!(
-        "ratios are p99 over the trivial handler's p99; GraphQL p99 / REST p99 = {:.2}",
-        graphql.p99_ms / rest.p99_ms
-    ));
-    Ok(report)
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
 }
