@@ -558,15 +558,20 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
         });
     }
     drop((places, cube));
-    let hour_grids = minute_grids
+    let quarter_grids = minute_grids
         .iter()
-        .map(|g| g.roll_up(Granularity::Hour, 60))
+        .map(|g| g.roll_up(Granularity::QuarterHour, 15))
+        .collect::<PolarsResult<Vec<_>>>()?;
+    let hour_grids = quarter_grids
+        .iter()
+        .map(|g| g.roll_up(Granularity::Hour, 4))
         .collect::<PolarsResult<Vec<_>>>()?;
     let day_grids = hour_grids
         .iter()
         .map(|g| g.roll_up(Granularity::Day, 24))
         .collect::<PolarsResult<Vec<_>>>()?;
-    out.grids = [minute_grids, hour_grids, day_grids]
+    // In `revenue_agg`'s order: the granularity enum's codes (quarter hours are 4).
+    out.grids = [minute_grids, hour_grids, day_grids, quarter_grids]
         .into_iter()
         .flatten()
         .collect();

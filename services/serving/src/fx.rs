@@ -98,35 +98,11 @@ fn has_amounts(t: &Totals) -> bool {
 /// of the module docs.
 pub async fn convert<'a>(
     pool: &PgPool,
-    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)>,
+    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)> + Clone,
     buckets: &Buckets,
     to: Currency,
 ) -> Result<Answer, Problem> {
-    // Per (grouped values, currency, date): the pieces in time order.
-    type Partition = BTreeMap<(Vec<String>, Currency, i64), BTreeMap<i64, Totals>>;
-    let mut out = Answer::new();
-    let mut partitions = Partition::new();
-    for ((key, date, groups, currency), t) in pieces {
-        if *currency == to {
-            if let Some(bucket) = buckets.bucket(*key) {
-                out.entry((bucket, groups.clone(), to)).or_default().add(*t);
-            }
-        } else {
-            partitions
-                .entry((groups.clone(), *currency, *date))
-                .or_default()
-                .entry(*key)
-                .or_default()
-                .add(*t);
-        }
-    }
-    let mut needed: BTreeSet<(NaiveDate, Currency)> = BTreeSet::new();
-    for ((_, currency, date), keys) in &partitions {
-        if keys.values().any(has_amounts) {
-            needed.insert((date_of(*date), *currency));
-            needed.insert((date_of(*date), to));
-        }
-    }
+    let needed = needed_rates(pieces.clone(), to);
     let rates = if needed.is_empty() {
         Rates::default()
     } else {
@@ -145,7 +121,51 @@ pub async fn convert<'a>(
                 )
             })?
     };
-    refuse_missing(&rates, &needed)?;
+    convert_at(&rates, pieces, buckets, to)
+}
+
+/// The (date, currency) rates converting `pieces` to `to` needs: those of every
+/// date and original currency with an amount.
+fn needed_rates<'a>(
+    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)>,
+    to: Currency,
+) -> BTreeSet<(NaiveDate, Currency)> {
+    let mut needed = BTreeSet::new();
+    for ((_, date, _, currency), t) in pieces {
+        if *currency != to && has_amounts(t) {
+            needed.insert((date_of(*date), *currency));
+            needed.insert((date_of(*date), to));
+        }
+    }
+    needed
+}
+
+/// [`convert`] with the rates at hand.
+fn convert_at<'a>(
+    rates: &Rates,
+    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)> + Clone,
+    buckets: &Buckets,
+    to: Currency,
+) -> Result<Answer, Problem> {
+    refuse_missing(rates, &needed_rates(pieces.clone(), to))?;
+    // Per (grouped values, currency, date): the pieces in time order.
+    type Partition = BTreeMap<(Vec<String>, Currency, i64), BTreeMap<i64, Totals>>;
+    let mut out = Answer::new();
+    let mut partitions = Partition::new();
+    for ((key, date, groups, currency), t) in pieces {
+        if *currency == to {
+            if let Some(bucket) = buckets.bucket(*key) {
+                out.entry((bucket, groups.clone(), to)).or_default().add(*t);
+            }
+        } else {
+            partitions
+                .entry((groups.clone(), *currency, *date))
+                .or_default()
+                .entry(*key)
+                .or_default()
+                .add(*t);
+        }
+    }
     let too_large =
         || Problem::new(ProblemKind::Validation).detail("A converted amount does not fit 64 bits.");
     for ((groups, currency, date), keys) in partitions {
@@ -242,5 +262,88 @@ mod tests {
         assert_eq!(rates.on(usd, day(5)), None, "never a later rate");
         assert_eq!(rates.on("EUR".parse().unwrap(), day(1)), Some(Rate::ONE));
         assert_eq!(rates.on("JPY".parse().unwrap(), day(6)), None);
+    }
+
+    /// Minute amounts over two UTC dates, converted in several zones and
+    /// granularities: the parts of every cut add up to the rounded total of each
+    /// date, so a day is the sum of its hours in every zone.
+    #[test]
+    fn converted_parts_add_up_however_the_dates_are_cut() {
+        use crate::local::LocalBuckets;
+        use tidemark_domain::Granularity;
+        let (usd, eur, jpy): (Currency, Currency, Currency) = (
+            "USD".parse().unwrap(),
+            "EUR".parse().unwrap(),
+            "JPY".parse().unwrap(),
+        );
+        let first = 20_400_i64;
+        let mut rates = Rates::default();
+        for (currency, day0, day1) in [(usd, "1.0837", "1.0911"), (jpy, "161.23", "160.07")] {
+            let days = rates.0.entry(currency).or_default();
+            days.insert(date_of(first), day0.parse().unwrap());
+            days.insert(date_of(first + 1), day1.parse().unwrap());
+        }
+        // Every seventh minute of the two dates, amounts from a fixed sequence.
+        let mut seed = 42_u64;
+        let minutes: Vec<(i64, i64)> = (0..2 * 1_440)
+            .step_by(7)
+            .map(|m| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (first * 86_400 + m * 60, (seed >> 40) as i64 % 99_999 + 1)
+            })
+            .collect();
+        let pieces_of = |buckets: &Buckets| {
+            let mut pieces = std::collections::BTreeMap::new();
+            for (at, amount) in &minutes {
+                let t: &mut Totals = pieces
+                    .entry((buckets.key(*at), at.div_euclid(86_400), Vec::new(), usd))
+                    .or_default();
+                t.revenue_minor += amount;
+                t.orders += 1;
+            }
+            pieces
+        };
+        let total = |answer: &Answer| answer.values().map(|t| t.revenue_minor).sum::<i64>();
+        for to in [eur, jpy] {
+            let whole = Buckets::Whole {
+                from: first * 86_400,
+            };
+            let summary = convert_at(&rates, pieces_of(&whole).iter(), &whole, to).unwrap();
+            // Each date's exact total, rounded once.
+            let mut expected = 0;
+            for date in [first, first + 1] {
+                let exact: i64 = minutes
+                    .iter()
+                    .filter(|(at, _)| at.div_euclid(86_400) == date)
+                    .map(|(_, a)| a)
+                    .sum();
+                let (from_rate, to_rate) = (
+                    rates.on(usd, date_of(date)).unwrap(),
+                    rates.on(to, date_of(date)).unwrap(),
+                );
+                expected +=
+                    tidemark_domain::fx::convert(exact, usd, from_rate, to, to_rate).unwrap();
+            }
+            assert_eq!(total(&summary), expected, "to {to}");
+            for zone in [
+                chrono_tz::UTC,
+                chrono_tz::Asia::Kolkata,
+                chrono_tz::Asia::Kathmandu,
+                chrono_tz::America::New_York,
+            ] {
+                for granularity in Granularity::ALL {
+                    let local = LocalBuckets::new(zone, granularity);
+                    let buckets = Buckets::Local {
+                        local,
+                        from: local.start(first * 86_400),
+                    };
+                    let answer =
+                        convert_at(&rates, pieces_of(&buckets).iter(), &buckets, to).unwrap();
+                    assert_eq!(total(&answer), expected, "{zone} {granularity} to {to}");
+                    let orders: i64 = answer.values().map(|t| t.orders).sum();
+                    assert_eq!(orders, minutes.len() as i64);
+                }
+            }
+        }
     }
 }

@@ -29,6 +29,7 @@ pub type TidemarkSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
 pub enum Granularity {
     Minute,
+    QuarterHour,
     Hour,
     Day,
 }
@@ -63,6 +64,7 @@ impl Granularity {
     fn as_str(self) -> &'static str {
         match self {
             Granularity::Minute => "minute",
+            Granularity::QuarterHour => "quarter_hour",
             Granularity::Hour => "hour",
             Granularity::Day => "day",
         }

@@ -1,10 +1,12 @@
 //! Local time: buckets of a question's time zone, made of stored UTC buckets.
 //!
-//! Every view stores minute, hour and day buckets aligned to UTC. A local bucket
-//! (an hour or a day in `Asia/Kolkata`, a 23-hour day in `Europe/Berlin`) is a
-//! run of whole stored buckets as long as those buckets are fine enough: UTC
-//! hours make the local hours of a zone whose offset is a whole number of hours,
-//! minutes those of any zone (offsets are whole minutes). [`LocalBuckets::pieces`]
+//! The views store minute, quarter-hour, hour and day buckets aligned to UTC (the
+//! speed view minutes, summed into the others as it is read). A local bucket (an
+//! hour or a day in `Asia/Kolkata`, a 23-hour day in `Europe/Berlin`) is a run of
+//! whole stored buckets as long as those buckets are fine enough: UTC hours make
+//! the local hours of a zone whose offset is a whole number of hours, quarter
+//! hours those of every zone in use today (offsets are multiples of 15 minutes),
+//! minutes those of any (offsets are whole minutes). [`LocalBuckets::pieces`]
 //! picks the coarsest stored granularity that tiles a range's local buckets;
 //! [`LocalBuckets::start`] names the local bucket a stored one falls in. No view
 //! keeps anything per zone, so every zone is answered from the same cells and
@@ -46,6 +48,7 @@ impl LocalBuckets {
     pub fn start(&self, utc: i64) -> i64 {
         match self.granularity {
             Granularity::Minute => utc - (utc + self.offset(utc)).rem_euclid(60),
+            Granularity::QuarterHour => utc - (utc + self.offset(utc)).rem_euclid(900),
             Granularity::Hour => utc - (utc + self.offset(utc)).rem_euclid(3_600),
             Granularity::Day => self.midnight(self.local_date(utc)),
         }
@@ -55,14 +58,15 @@ impl LocalBuckets {
     pub fn next(&self, start: i64) -> i64 {
         match self.granularity {
             Granularity::Minute => start + 60,
-            Granularity::Hour => {
-                // An hour is 3,600 s, unless the offset changes by a fraction of an
-                // hour inside it (Lord Howe's half-hour shift).
-                let next = self.start(start + 3_600);
+            Granularity::QuarterHour | Granularity::Hour => {
+                // A bucket is its width, unless the offset changes by a fraction of
+                // it inside (Lord Howe's half-hour shift).
+                let width = self.granularity.seconds();
+                let next = self.start(start + width);
                 if next > start {
                     next
                 } else {
-                    self.start(start + 7_200)
+                    self.start(start + 2 * width)
                 }
             }
             Granularity::Day => {
@@ -100,7 +104,8 @@ impl LocalBuckets {
 
     /// The coarsest stored granularity whose buckets in `[from, to)` each lie in
     /// one local bucket: the question's own for UTC, else hours while the zone's
-    /// offset is whole hours throughout, else minutes.
+    /// offset is whole hours throughout, else quarter hours while it is a multiple
+    /// of 15 minutes (every zone today), else minutes.
     pub fn pieces(&self, from: i64, to: i64) -> Granularity {
         let whole = |width: i64| {
             let mut at = from - from.rem_euclid(3_600);
@@ -115,8 +120,13 @@ impl LocalBuckets {
         };
         let candidates: &[Granularity] = match self.granularity {
             Granularity::Minute => &[],
-            Granularity::Hour => &[Granularity::Hour],
-            Granularity::Day => &[Granularity::Day, Granularity::Hour],
+            Granularity::QuarterHour => &[Granularity::QuarterHour],
+            Granularity::Hour => &[Granularity::Hour, Granularity::QuarterHour],
+            Granularity::Day => &[
+                Granularity::Day,
+                Granularity::Hour,
+                Granularity::QuarterHour,
+            ],
         };
         candidates
             .iter()
@@ -164,6 +174,7 @@ impl LocalBuckets {
         };
         match local.granularity {
             Granularity::Minute => "{t}".to_owned(),
+            Granularity::QuarterHour => format!("{{t}} - modulo({{t}} + {offset}, 900)"),
             Granularity::Hour => format!("{{t}} - modulo({{t}} + {offset}, 3600)"),
             Granularity::Day => format!("intDiv({{t}} + {offset}, 86400)"),
         }
@@ -298,10 +309,16 @@ mod tests {
             kathmandu.start(utc("2026-11-21T18:15:00Z")),
             utc("2026-11-21T18:15:00Z")
         );
-        // Stored hours cannot tile them; minutes can.
+        // Stored hours cannot tile them; quarter hours can.
         let (from, to) = (utc("2026-11-01T00:00:00Z"), utc("2026-12-01T00:00:00Z"));
-        assert_eq!(kolkata.pieces(from, to), Granularity::Minute);
-        assert_eq!(kathmandu.pieces(from, to), Granularity::Minute);
+        assert_eq!(kolkata.pieces(from, to), Granularity::QuarterHour);
+        assert_eq!(kathmandu.pieces(from, to), Granularity::QuarterHour);
+        let quarters = LocalBuckets::new(chrono_tz::Asia::Kathmandu, Granularity::QuarterHour);
+        assert_eq!(
+            quarters.start(utc("2026-11-21T10:29:00Z")),
+            utc("2026-11-21T10:15:00Z"),
+            "Kathmandu's quarter hours are UTC's"
+        );
     }
 
     #[test]

@@ -687,8 +687,13 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         filters: &req.filters,
         currency: req.currency,
     };
-    let (cells, merged) =
-        merged_answer(views, &read, req.report_currency, req.allow_partial).await?;
+    // Revenue and buyers are independent reads: asked at once.
+    let ask = crate::buyers::Ask::of(req);
+    let (answered, buyers) = tokio::join!(
+        merged_answer(views, &read, req.report_currency, req.allow_partial),
+        crate::buyers::buyers(views, &ask)
+    );
+    let (cells, merged) = answered?;
     let cells: Vec<_> = cells
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
@@ -707,7 +712,7 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
                 ),
             }]));
     }
-    let buyers = match crate::buyers::buyers(views, &crate::buyers::Ask::of(req)).await {
+    let buyers = match buyers {
         Ok(buyers) => Some(buyers),
         Err(_) if req.allow_partial => None,
         Err(e) => return Err(unavailable(&e)),
@@ -924,8 +929,6 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
                 filters: &req.filters,
                 currency: req.currency,
             };
-            let (cells, merged) =
-                merged_answer(views, &read, req.report_currency, req.allow_partial).await?;
             // Distinct users over the whole range, per group.
             let ask = crate::buyers::Ask {
                 from: req.from,
@@ -936,7 +939,12 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
                 currency: req.currency,
                 report_currency: req.report_currency,
             };
-            let buyers = match crate::buyers::buyers(views, &ask).await {
+            let (answered, buyers) = tokio::join!(
+                merged_answer(views, &read, req.report_currency, req.allow_partial),
+                crate::buyers::buyers(views, &ask)
+            );
+            let (cells, merged) = answered?;
+            let buyers = match buyers {
                 Ok(buyers) => Some(buyers),
                 Err(_) if req.allow_partial => None,
                 Err(e) => return Err(unavailable(&e)),

@@ -53,7 +53,7 @@ struct RevenueParams {
     /// End (exclusive), rounded up to a bucket; the same forms as `from`.
     #[param(example = "2026-12-01")]
     to: String,
-    /// `minute`, `hour` (default) or `day`, in the local time of `tz`. At most
+    /// `minute`, `quarter_hour`, `hour` (default) or `day`, in the local time of `tz`. At most
     /// 10,000 buckets per query and 400 days per range (`serving.max_points`,
     /// `serving.max_range_days`).
     #[param(example = "hour")]

@@ -175,7 +175,7 @@ pub struct Merged {
 
 impl Merged {
     /// Every piece of both views (a key may come twice: once from each).
-    pub fn pieces(&self) -> impl Iterator<Item = (&PieceKey, &Totals)> {
+    pub fn pieces(&self) -> impl Iterator<Item = (&PieceKey, &Totals)> + Clone {
         self.batch.iter().chain(self.speed.iter())
     }
 }

@@ -70,6 +70,7 @@ pub fn granularity_code(g: Granularity) -> i8 {
         Granularity::Minute => 1,
         Granularity::Hour => 2,
         Granularity::Day => 3,
+        Granularity::QuarterHour => 4,
     }
 }
 
@@ -409,7 +410,11 @@ impl BuyersQuery<'_> {
         let mut filter: String = self
             .filters
             .iter()
-            .map(|(a, _)| format!(" AND has(?, {})", column(*a)))
+            // `IN (…)`, which the primary key (city first) can prune by.
+            .map(|(a, values)| {
+                let marks = vec!["?"; values.len()].join(", ");
+                format!(" AND {} IN ({marks})", column(*a))
+            })
             .collect();
         if self.currency.is_some() {
             filter += " AND currency = ?";
@@ -436,7 +441,9 @@ impl BuyersQuery<'_> {
             .bind(state.base_run_id)
             .bind(state.run_id);
         for (_, values) in self.filters {
-            query = query.bind(values);
+            for value in values {
+                query = query.bind(value);
+            }
         }
         if let Some(c) = self.currency {
             query = query.bind(c.as_str());

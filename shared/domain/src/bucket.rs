@@ -14,16 +14,25 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     Minute,
+    /// Fifteen minutes: every UTC offset in use is a multiple of it, so quarter
+    /// hours tile the local hours of every zone (Kolkata's, Kathmandu's).
+    QuarterHour,
     Hour,
     Day,
 }
 
 impl Granularity {
-    pub const ALL: [Granularity; 3] = [Granularity::Minute, Granularity::Hour, Granularity::Day];
+    pub const ALL: [Granularity; 4] = [
+        Granularity::Minute,
+        Granularity::QuarterHour,
+        Granularity::Hour,
+        Granularity::Day,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Granularity::Minute => "minute",
+            Granularity::QuarterHour => "quarter_hour",
             Granularity::Hour => "hour",
             Granularity::Day => "day",
         }
@@ -32,6 +41,7 @@ impl Granularity {
     pub fn width(self) -> TimeDelta {
         match self {
             Granularity::Minute => TimeDelta::minutes(1),
+            Granularity::QuarterHour => TimeDelta::minutes(15),
             Granularity::Hour => TimeDelta::hours(1),
             Granularity::Day => TimeDelta::days(1),
         }
@@ -73,12 +83,13 @@ impl FromStr for Granularity {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "minute" => Ok(Granularity::Minute),
+            "quarter_hour" => Ok(Granularity::QuarterHour),
             "hour" => Ok(Granularity::Hour),
             "day" => Ok(Granularity::Day),
             _ => Err(ParseError {
                 kind: "granularity",
                 value: s.chars().take(32).collect(),
-                expected: "minute, hour, day",
+                expected: "minute, quarter_hour, hour, day",
             }),
         }
     }

@@ -123,6 +123,10 @@ impl Question {
             .collect();
         let bucket_of = |m: &str| match self.granularity.as_str() {
             "minute" => format!("(floor(extract(epoch FROM {m}) / 60) * 60)::int8"),
+            "quarter_hour" => format!(
+                "(floor(extract(epoch FROM {m}))::int8 \
+                  - mod(floor(extract(epoch FROM ({m} AT TIME ZONE $1)))::int8, 900))"
+            ),
             "hour" => format!(
                 "(floor(extract(epoch FROM {m}))::int8 \
                   - mod(floor(extract(epoch FROM ({m} AT TIME ZONE $1)))::int8, 3600))"

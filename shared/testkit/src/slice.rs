@@ -76,7 +76,8 @@ impl Slice {
             }
         }
         Slice {
-            granularity: ["minute", "hour", "hour", "day", "day"][rng.random_range(0..5)],
+            granularity: ["minute", "quarter_hour", "hour", "hour", "day", "day"]
+                [rng.random_range(0..6)],
             tz: ZONES[rng.random_range(0..ZONES.len())],
             group_by,
             filters,

@@ -57,7 +57,7 @@ fn corrections(orders: &[Order], rng: &mut StdRng) -> Vec<Ask> {
 /// The range of a question: minutes over the last days (within `max_points`),
 /// hours and days from before the first clock change to tomorrow.
 fn range(slice: &Slice) -> (String, String) {
-    if slice.granularity == "minute" {
+    if matches!(slice.granularity, "minute" | "quarter_hour") {
         crate::full_range()
     } else {
         let tomorrow = (Utc::now() + TimeDelta::days(1)).date_naive();
