@@ -152,10 +152,10 @@ impl Compactor {
                     return Ok(outcome);
                 }
             }
-            let kind = if kind == Kind::Incremental && self.predates_buyers().await? {
+            let kind = if kind == Kind::Incremental && self.predates_the_view().await? {
                 tracing::warn!(
-                    "The published runs predate the buyers view: rebuilding once so that \
-                     buyers cover the whole history"
+                    "The published runs predate the buyers view or quarter-hour buckets: \
+                     rebuilding once so that both cover the whole history"
                 );
                 Kind::Rebuild
             } else {
@@ -176,16 +176,18 @@ impl Compactor {
         result
     }
 
-    /// Whether the published runs hold revenue but no buyers: they were published
-    /// before `buyers` existed (an upgrade), and an incremental run would leave
-    /// the buyers of their orders uncounted.
-    async fn predates_buyers(&self) -> Result<bool> {
+    /// Whether the published runs hold revenue but no buyers or no quarter-hour
+    /// cells: they were published before `buyers` or quarter hours existed (an
+    /// upgrade), and an incremental run would leave their orders uncounted there.
+    async fn predates_the_view(&self) -> Result<bool> {
         let Some(state) = PublishedState::load(&self.pool).await? else {
             return Ok(false);
         };
-        let any = |table: &str| {
+        // Whether the published runs have a row of `table` where `condition`.
+        let any = |table: &str, condition: &str| {
             let sql = format!(
-                "SELECT count() FROM (SELECT 1 FROM {table} WHERE run_id >= ? AND run_id <= ? LIMIT 1)"
+                "SELECT count() FROM (SELECT 1 FROM {table} \
+                 WHERE {condition} AND run_id >= ? AND run_id <= ? LIMIT 1)"
             );
             let query = self
                 .ch
@@ -194,7 +196,11 @@ impl Compactor {
                 .bind(state.run_id);
             async move { query.fetch_one::<u64>().await }
         };
-        Ok(any("buyers").await? == 0 && any("revenue_agg").await? > 0)
+        if any("revenue_agg", "1").await? == 0 {
+            return Ok(false);
+        }
+        Ok(any("buyers", "1").await? == 0
+            || any("revenue_agg", "granularity = 'quarter_hour'").await? == 0)
     }
 
     /// Runs every remaining step of `run`.

@@ -500,19 +500,43 @@ async fn buyers_in_both_views_count_once_however_many() {
     assert_eq!(points[0]["buyers"], 6_000, "users of both views count once");
 }
 
-/// A deployment upgraded from before the buyers view: its published runs hold
-/// revenue but no buyers. The next batch run rebuilds once, and buyers cover the
-/// whole history.
+/// A deployment upgraded from before the buyers view or quarter-hour buckets: its
+/// published runs hold revenue but no buyers, or no quarter hours. The next batch
+/// run rebuilds once, and both cover the whole history.
 #[tokio::test(flavor = "multi_thread")]
-async fn runs_published_before_the_buyers_view_are_rebuilt_once() {
+async fn runs_published_before_the_buyers_view_or_quarter_hours_are_rebuilt_once() {
+    for before in ["buyers", "quarter hours"] {
+        rebuilt_once_after_an_upgrade(before).await;
+    }
+}
+
+async fn rebuilt_once_after_an_upgrade(before: &str) {
     let env = Env::new().await;
     let mut rng = StdRng::seed_from_u64(1_919);
     env.ingest(&orders(&mut rng, 80)).await;
     let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
     assert!(matches!(published, Outcome::Published { .. }));
-    // As before the upgrade: no buyers in ClickHouse.
+    // As before the upgrade: no buyers, or no quarter hours, in ClickHouse.
     let ch = tidemark_platform::clickhouse::client(&env.clickhouse);
-    ch.query("TRUNCATE TABLE buyers").execute().await.unwrap();
+    if before == "buyers" {
+        ch.query("TRUNCATE TABLE buyers").execute().await.unwrap();
+    } else {
+        ch.query("ALTER TABLE revenue_agg DELETE WHERE granularity = 'quarter_hour'")
+            .execute()
+            .await
+            .unwrap();
+        // A mutation runs in the background: wait until it has.
+        tidemark_testkit::wait::eventually(
+            std::time::Duration::from_secs(60),
+            "the quarter hours deleted",
+            || {
+                let query =
+                    ch.query("SELECT count() FROM revenue_agg WHERE granularity = 'quarter_hour'");
+                async move { query.fetch_one::<u64>().await.is_ok_and(|n| n == 0) }
+            },
+        )
+        .await;
+    }
     env.ingest(&orders(&mut rng, 20)).await;
     let rebuilt = env.compactor.run_once(Kind::Incremental).await.unwrap();
     let Outcome::Published { run_id, .. } = rebuilt else {
@@ -525,7 +549,11 @@ async fn runs_published_before_the_buyers_view_are_rebuilt_once() {
     .fetch_one(&env.db.pool)
     .await
     .unwrap();
-    assert_eq!((kind.as_str(), base), ("rebuild", run_id as i64));
+    assert_eq!(
+        (kind.as_str(), base),
+        ("rebuild", run_id as i64),
+        "{before}"
+    );
     assert_random_slices_exact(&env, &mut rng, 10, "after the upgrade's rebuild").await;
     // Once is enough: the next run is incremental again.
     env.ingest(&orders(&mut rng, 10)).await;
@@ -538,7 +566,7 @@ async fn runs_published_before_the_buyers_view_are_rebuilt_once() {
         .fetch_one(&env.db.pool)
         .await
         .unwrap();
-    assert_eq!(kind, "incremental");
+    assert_eq!(kind, "incremental", "{before}");
 }
 
 /// A question too wide for the reader is a 400 naming the limit, before its cells
