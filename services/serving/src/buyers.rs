@@ -136,11 +136,30 @@ pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
     if recent.is_empty() {
         return Ok(out);
     }
-    // Of the recent users, those the batch already counts in the same cell.
+    // Of the recent users, those the batch already counts in the same cell: asked
+    // only over the buckets that hold recent users (usually the last few).
     let users: BTreeSet<&str> = recent.values().flatten().copied().collect();
     let users: Vec<&str> = users.into_iter().collect();
+    let (from, to) = match &req.buckets {
+        Some(local) => {
+            let first = recent.keys().map(|(s, _, _)| *s).min().unwrap_or(req.from);
+            let last = recent.keys().map(|(s, _, _)| local.next(*s)).max();
+            (first.max(req.from), last.unwrap_or(req.to).min(req.to))
+        }
+        None => (req.from, req.to),
+    };
+    let among_key = match &req.buckets {
+        Some(local) => local.key_sql(from, to),
+        None => key.clone(),
+    };
+    let among = BuyersQuery {
+        from,
+        to,
+        key: &among_key,
+        ..query
+    };
     let held = match &state {
-        Some(state) => views.buyers_among(state, &query, &users).await?,
+        Some(state) => views.buyers_among(state, &among, &users).await?,
         None => BTreeSet::new(),
     };
     let held: BTreeSet<(Cell, &str)> = held
