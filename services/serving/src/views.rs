@@ -15,7 +15,7 @@
 //! computation per question at a time. An answer is thus always the exact merge as
 //! of the cursor it states, and live.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -161,6 +161,20 @@ impl Read<'_> {
     }
 }
 
+/// A buyers question as a cache key.
+fn describe(query: &BuyersQuery<'_>) -> String {
+    format!(
+        "{}|{}|{}|{:?}|{:?}|{:?}|{}",
+        query.from,
+        query.to,
+        query.key,
+        query.group_by,
+        query.filters,
+        query.currency,
+        query.per_currency
+    )
+}
+
 /// Sums per (bucket key, UTC date or 0, grouped values, currency).
 pub type Pieces = BTreeMap<PieceKey, Totals>;
 
@@ -186,6 +200,13 @@ type BatchKey = (u64, u64, String);
 /// stored cells of a finer shape or bucket are summed into fewer.
 const READ_FACTOR: usize = 10;
 type BuyersKey = (u64, u64, String);
+/// The users asked about so far and the (cell, user) pairs the batch holds of them.
+type HeldSlot = Arc<
+    tokio::sync::Mutex<(
+        HashSet<String>,
+        BTreeSet<(tidemark_batchview::BuyerKey, String)>,
+    )>,
+>;
 type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
 type SpeedBuyersKey = (u64, i64, i64);
 type SpeedBuyersSlot = Arc<tokio::sync::Mutex<Option<(Meta, Arc<Vec<Buyer>>)>>>;
@@ -203,6 +224,7 @@ pub struct Views {
     batch: Mutex<HashMap<BatchKey, Arc<Pieces>>>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
+    held: Mutex<HashMap<BuyersKey, HeldSlot>>,
     rates: Mutex<Option<(Option<String>, Instant)>>,
     speed_buyers: Mutex<HashMap<SpeedBuyersKey, SpeedBuyersSlot>>,
 }
@@ -227,6 +249,7 @@ impl Views {
             batch: Mutex::new(HashMap::new()),
             speed_cells: Mutex::new(HashMap::new()),
             buyers: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             rates: Mutex::new(None),
             speed_buyers: Mutex::new(HashMap::new()),
         }
@@ -260,6 +283,7 @@ impl Views {
                     // Cells of an older state are never asked for again.
                     self.batch.lock().expect("not poisoned").clear();
                     self.buyers.lock().expect("not poisoned").clear();
+                    self.held.lock().expect("not poisoned").clear();
                 }
                 *cached = Some((state.clone(), Instant::now()));
                 Ok(state)
@@ -447,20 +471,7 @@ impl Views {
         let Some(state) = self.state().await? else {
             return Ok((None, Arc::default()));
         };
-        let key = (
-            state.run_id,
-            state.base_run_id,
-            format!(
-                "{}|{}|{}|{:?}|{:?}|{:?}|{}",
-                query.from,
-                query.to,
-                query.key,
-                query.group_by,
-                query.filters,
-                query.currency,
-                query.per_currency
-            ),
-        );
+        let key = (state.run_id, state.base_run_id, describe(query));
         if let Some(counts) = self.buyers.lock().expect("not poisoned").get(&key) {
             return Ok((Some(state), counts.clone()));
         }
@@ -480,27 +491,42 @@ impl Views {
         Ok((Some(state), counts))
     }
 
-    /// Which of `users` the batch view holds in each cell of `query`.
+    /// Which of `users` the batch view holds in each cell of `query` (and maybe
+    /// of users asked about before). Asked once per user, state and question: a
+    /// live stream adds a few users per request, not thousands.
     pub async fn buyers_among(
         &self,
         state: &PublishedState,
         query: &BuyersQuery<'_>,
         users: &[&str],
     ) -> Result<BTreeSet<(tidemark_batchview::BuyerKey, String)>, ViewError> {
+        let key = (state.run_id, state.base_run_id, describe(query));
+        let slot = {
+            let mut slots = self.held.lock().expect("not poisoned");
+            if slots.len() >= self.cache_entries && !slots.contains_key(&key) {
+                slots.clear();
+            }
+            slots.entry(key).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        let new: Vec<&str> = users
+            .iter()
+            .copied()
+            .filter(|u| !slot.0.contains(*u))
+            .collect();
         // In chunks: the users travel in the query's text, which ClickHouse
         // limits (max_query_size, 256 KiB by default).
-        let mut held = BTreeSet::new();
-        for chunk in users.chunks(2_000) {
-            held.extend(
-                tidemark_batchview::buyers_among(&self.ch, state, query, chunk)
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, "Batch buyers unavailable");
-                        ViewError::Unavailable(Part::Batch)
-                    })?,
-            );
+        for chunk in new.chunks(2_000) {
+            let held = tidemark_batchview::buyers_among(&self.ch, state, query, chunk)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "Batch buyers unavailable");
+                    ViewError::Unavailable(Part::Batch)
+                })?;
+            slot.1.extend(held);
+            slot.0.extend(chunk.iter().map(|u| (*u).to_owned()));
         }
-        Ok(held)
+        Ok(slot.1.clone())
     }
 
     /// The speed view's buyers in `[from, to)` of epochs `>= min_epoch`, read

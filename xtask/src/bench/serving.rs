@@ -313,7 +313,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let ingest = bench.service("ingest", &store_env()).await?;
     bench.service("speed", &store_env()).await?;
     let serving = bench.service("serving", &store_env()).await?;
-    let stream = tokio::spawn(live_stream(ingest.clone(), ingest_key.clone()));
+    let streamed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stream = tokio::spawn(live_stream(
+        ingest.clone(),
+        ingest_key.clone(),
+        streamed.clone(),
+    ));
 
     // Questions: 30 days from a Kolkata hour (UTC :30), each starting an hour
     // after the last, all inside the backfill.
@@ -406,7 +411,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let repeated = rate("repeated", &urls[0], "2000", "15")?;
     let doors = doors(bench, &serving, &read_key)?;
     stream.abort();
-    let streamed = stream.await.unwrap_or(0);
+    let streamed = streamed.load(std::sync::atomic::Ordering::Relaxed);
 
     bench.stop_services().await;
     pool.close().await;
@@ -622,11 +627,14 @@ fn cross_check(answers: &[serde_json::Value], anchors: &[Vec<AnchorCell>]) -> Re
     Ok((cells, worst))
 }
 
-/// Posts 20 new orders every 100 ms until aborted; returns how many were taken.
-async fn live_stream(ingest: String, key: String) -> u64 {
+/// Posts 20 new orders every 100 ms until aborted, counting those taken.
+async fn live_stream(
+    ingest: String,
+    key: String,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let http = reqwest::Client::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut sent = 0;
     for seed in 0.. {
         tick.tick().await;
         let now = Utc::now().timestamp();
@@ -640,10 +648,9 @@ async fn live_stream(ingest: String, key: String) -> u64 {
             .await
             .is_ok_and(|r| r.status().is_success());
         if ok {
-            sent += 20;
+            sent.fetch_add(20, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    sent
 }
 
 struct Doors {
