@@ -389,6 +389,62 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         ensure!(!rows.is_empty(), "the Postgres anchor found nothing");
     }
     let (cells_checked, worst_cents) = cross_check(&answers, &anchor_cells)?;
+    // Where Tidemark's time goes: its two ClickHouse statements for the same
+    // questions, timed alone (serving runs them at once).
+    let state = tidemark_batchview::PublishedState::load(&pool)
+        .await?
+        .context("a published state")?;
+    let view = ch.clone().with_database(&ch_db);
+    let (group_by, filters) = (
+        [
+            tidemark_domain::Attribute::City,
+            tidemark_domain::Attribute::Category,
+        ],
+        [(
+            tidemark_domain::Attribute::City,
+            CITIES.split(',').map(str::to_owned).collect::<Vec<_>>(),
+        )],
+    );
+    let hour_key = format!("{{t}} - modulo({{t}} + {KOLKATA}, 3600)");
+    let (mut revenue_ms, mut buyers_ms) = (Vec::new(), Vec::new());
+    for from in &singles {
+        let day = from - from.rem_euclid(86_400);
+        let t = Instant::now();
+        tidemark_batchview::cells(
+            &view,
+            &state,
+            &tidemark_batchview::CellsQuery {
+                granularity: tidemark_domain::Granularity::QuarterHour,
+                from: day,
+                to: from + window,
+                shape: tidemark_domain::Dimension::CityCategory,
+                key: &hour_key,
+                dated: true,
+                group_by: &group_by,
+                filters: &filters,
+                currency: None,
+            },
+            usize::MAX / 4,
+        )
+        .await?;
+        revenue_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        tidemark_batchview::buyers(
+            &view,
+            &state,
+            &tidemark_batchview::BuyersQuery {
+                from: *from,
+                to: from + window,
+                key: &hour_key,
+                group_by: &group_by,
+                filters: &filters,
+                currency: None,
+                per_currency: false,
+            },
+        )
+        .await?;
+        buyers_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
 
     eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
     let rate = |name: &str, url: &str, per_sec: &str, seconds: &str| -> Result<Report> {
@@ -500,6 +556,16 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     ));
     report.notes.push(format!(
         "live stream: {streamed} orders ingested at 200/s while the questions ran"
+    ));
+    report.notes.push(format!(
+        "Tidemark's two ClickHouse statements for the 10 single questions, timed alone \
+         (serving runs them at once): revenue cells (quarter hours, FINAL) median {:.0} ms, \
+         buyers (uniqExact) median {:.0} ms; the rest of the {ours_ms:.0} ms is the speed \
+         view, conversion and the answer's JSON ({} points, {:.1} MB)",
+        median(&revenue_ms),
+        median(&buyers_ms),
+        answers[0]["points"].as_array().map_or(0, Vec::len),
+        answers[0].to_string().len() as f64 / 1e6
     ));
     Ok(report)
 }
