@@ -113,6 +113,27 @@ pub const COLUMNS: &str = "granularity, dimension, bucket, value, currency, run_
      booked_cancelled_orders, restated_refunded_minor, restated_refunded_items, \
      restated_cancelled_orders";
 
+/// The [`Totals`] of a row holding `revenue_agg`'s sums under their column names.
+macro_rules! totals {
+    ($row:expr) => {
+        Totals {
+            revenue_minor: $row.revenue_minor,
+            orders: $row.orders as i64,
+            items: $row.items as i64,
+            booked: Corrections {
+                refunded_minor: $row.booked_refunded_minor,
+                refunded_items: $row.booked_refunded_items as i64,
+                cancelled_orders: $row.booked_cancelled_orders as i64,
+            },
+            restated: Corrections {
+                refunded_minor: $row.restated_refunded_minor,
+                refunded_items: $row.restated_refunded_items as i64,
+                cancelled_orders: $row.restated_cancelled_orders as i64,
+            },
+        }
+    };
+}
+
 #[derive(clickhouse::Row, Deserialize)]
 struct CellRow {
     bucket: u32,
@@ -168,24 +189,7 @@ pub async fn read(
                 "a published row of {granularity} by {dimension} has {e}"
             ))
         })?;
-        grid.insert(
-            (i64::from(row.bucket), row.value, currency),
-            Totals {
-                revenue_minor: row.revenue_minor,
-                orders: row.orders as i64,
-                items: row.items as i64,
-                booked: Corrections {
-                    refunded_minor: row.booked_refunded_minor,
-                    refunded_items: row.booked_refunded_items as i64,
-                    cancelled_orders: row.booked_cancelled_orders as i64,
-                },
-                restated: Corrections {
-                    refunded_minor: row.restated_refunded_minor,
-                    refunded_items: row.restated_refunded_items as i64,
-                    cancelled_orders: row.restated_cancelled_orders as i64,
-                },
-            },
-        );
+        grid.insert((i64::from(row.bucket), row.value, currency), totals!(row));
     }
     Ok(grid)
 }
@@ -329,24 +333,7 @@ pub async fn cells(
                 q.granularity, q.shape
             ))
         })?;
-        out.insert(
-            (row.k, row.d, row.g, currency),
-            Totals {
-                revenue_minor: row.revenue_minor,
-                orders: row.orders as i64,
-                items: row.items as i64,
-                booked: Corrections {
-                    refunded_minor: row.booked_refunded_minor,
-                    refunded_items: row.booked_refunded_items as i64,
-                    cancelled_orders: row.booked_cancelled_orders as i64,
-                },
-                restated: Corrections {
-                    refunded_minor: row.restated_refunded_minor,
-                    refunded_items: row.restated_refunded_items as i64,
-                    cancelled_orders: row.restated_cancelled_orders as i64,
-                },
-            },
-        );
+        out.insert((row.k, row.d, row.g, currency), totals!(row));
     }
     Ok(out)
 }

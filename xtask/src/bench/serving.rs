@@ -447,24 +447,9 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     }
 
     eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
-    let rate = |name: &str, url: &str, per_sec: &str, seconds: &str| -> Result<Report> {
-        bench.loadtest(
-            &[
-                "rate",
-                "--name",
-                name,
-                "--url",
-                url,
-                "--rate",
-                per_sec,
-                "--seconds",
-                seconds,
-            ],
-            &[("TIDEMARK_READ_KEY", read_key.as_str())],
-        )
-    };
-    let distinct = rate("distinct", &format!("@{}", url_file.display()), "50", "20")?;
-    let repeated = rate("repeated", &urls[0], "2000", "15")?;
+    let url_list = format!("@{}", url_file.display());
+    let distinct = rate(bench, &read_key, ("distinct", &url_list, None), "50", "20")?;
+    let repeated = rate(bench, &read_key, ("repeated", &urls[0], None), "2000", "15")?;
     let doors = doors(bench, &serving, &read_key)?;
     stream.abort();
     let streamed = streamed.load(std::sync::atomic::Ordering::Relaxed);
@@ -693,6 +678,31 @@ fn cross_check(answers: &[serde_json::Value], anchors: &[Vec<AnchorCell>]) -> Re
     Ok((cells, worst))
 }
 
+/// The load test's open-loop `rate` scenario: `(name, url or @FILE, body)`.
+fn rate(
+    bench: &Harness<'_>,
+    read_key: &str,
+    (name, url, body): (&str, &str, Option<&str>),
+    per_sec: &str,
+    seconds: &str,
+) -> Result<Report> {
+    let mut args = vec![
+        "rate",
+        "--name",
+        name,
+        "--url",
+        url,
+        "--rate",
+        per_sec,
+        "--seconds",
+        seconds,
+    ];
+    if let Some(b) = body {
+        args.extend(["--body", b]);
+    }
+    bench.loadtest(&args, &[("TIDEMARK_READ_KEY", read_key)])
+}
+
 /// Posts 20 new orders every 100 ms until aborted, counting those taken.
 async fn live_stream(
     ingest: String,
@@ -741,27 +751,13 @@ fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doors> {
         )
     })
     .to_string();
-    let rate = |name: &str, url: &str, body: Option<&str>| -> Result<Report> {
-        let mut args = vec![
-            "rate",
-            "--name",
-            name,
-            "--url",
-            url,
-            "--rate",
-            RATE,
-            "--seconds",
-            SECONDS,
-        ];
-        if let Some(b) = body {
-            args.extend(["--body", b]);
-        }
-        bench.loadtest(&args, &[("TIDEMARK_READ_KEY", read_key)])
-    };
     eprintln!("xtask bench: {RATE} requests/s for {SECONDS} s each: /healthz, REST, GraphQL");
-    let trivial = rate("healthz", &format!("{serving}/healthz"), None)?;
-    let rest = rate("rest", &rest_url, None)?;
-    let graphql = rate(
+    let ask = |name: &str, url: &str, body: Option<&str>| {
+        rate(bench, read_key, (name, url, body), RATE, SECONDS)
+    };
+    let trivial = ask("healthz", &format!("{serving}/healthz"), None)?;
+    let rest = ask("rest", &rest_url, None)?;
+    let graphql = ask(
         "graphql",
         &format!("{serving}/graphql"),
         Some(&graphql_body),
