@@ -80,7 +80,7 @@ pub struct AdjustmentsResponse {
     pub adjustments: Vec<AdjustmentView>,
 }
 
-fn utc(t: DateTime<FixedOffset>) -> DateTime<Utc> {
+pub(crate) fn utc(t: DateTime<FixedOffset>) -> DateTime<Utc> {
     t.with_timezone(&Utc).trunc_subsecs(6)
 }
 
@@ -109,7 +109,10 @@ fn refund_items(items: Vec<RefundLineSchema>) -> Result<Vec<RefundItem>, Vec<Vio
 }
 
 /// A JSON body as `T`, or a 400 naming what is wrong (serde names the field).
-fn parse<T: for<'de> Deserialize<'de>>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, Problem> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<T, Problem> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -128,7 +131,51 @@ fn parse<T: for<'de> Deserialize<'de>>(headers: &HeaderMap, bytes: &[u8]) -> Res
     serde_json::from_slice(bytes).map_err(|e| Problem::malformed(format!("not a valid body: {e}")))
 }
 
-fn pointer(prefix: &str, field: &str) -> String {
+/// The items of a bulk body: a JSON array (`application/json`) or one JSON object
+/// per line (`application/x-ndjson`), each a `T`; `what` names an item in errors.
+pub(crate) fn bulk<T: for<'de> Deserialize<'de>>(
+    headers: &HeaderMap,
+    bytes: &[u8],
+    what: &str,
+) -> Result<Vec<T>, Problem> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    match essence.as_str() {
+        "application/json" => serde_json::from_slice(bytes)
+            .map_err(|e| Problem::malformed(format!("not an array of {what}s: {e}"))),
+        "application/x-ndjson" => bytes
+            .split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_slice(l).map_err(|e| {
+                    Problem::malformed(format!("line {} is not {}: {e}", i + 1, article(what)))
+                })
+            })
+            .collect(),
+        _ => Err(Problem::new(ProblemKind::UnsupportedMediaType)
+            .detail("Send application/json (an array) or application/x-ndjson.")),
+    }
+}
+
+fn article(what: &str) -> String {
+    match what.chars().next() {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => format!("an {what}"),
+        _ => format!("a {what}"),
+    }
+}
+
+pub(crate) fn pointer(prefix: &str, field: &str) -> String {
     match (prefix.is_empty(), field.is_empty()) {
         (_, true) => prefix.to_owned(),
         (true, false) => format!("/{field}"),
@@ -136,7 +183,7 @@ fn pointer(prefix: &str, field: &str) -> String {
     }
 }
 
-fn field_errors(
+pub(crate) fn field_errors(
     prefix: impl Fn(usize) -> String,
     violations: Vec<(usize, Violation)>,
 ) -> Vec<FieldError> {
@@ -382,36 +429,7 @@ pub async fn post_adjustments(
     const ROUTE: &str = "/v1/adjustments";
     let result = async {
         let bytes = read_body(&headers, body, state.settings.max_body_bytes).await?;
-        let essence = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_default();
-        let items: Vec<BulkItem> = match essence.as_str() {
-            "application/json" => serde_json::from_slice(&bytes)
-                .map_err(|e| Problem::malformed(format!("not an array of adjustments: {e}")))?,
-            "application/x-ndjson" => bytes
-                .split(|b| *b == b'\n')
-                .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-                .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-                .enumerate()
-                .map(|(i, l)| {
-                    serde_json::from_slice(l).map_err(|e| {
-                        Problem::malformed(format!("line {} is not an adjustment: {e}", i + 1))
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            _ => {
-                return Err(Problem::new(ProblemKind::UnsupportedMediaType)
-                    .detail("Send application/json (an array) or application/x-ndjson."));
-            }
-        };
+        let items: Vec<BulkItem> = bulk(&headers, &bytes, "adjustment")?;
         if items.is_empty() {
             return Err(
                 Problem::new(ProblemKind::Validation).detail("The request holds no adjustments.")

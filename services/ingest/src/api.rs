@@ -50,6 +50,11 @@ pub fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
             post(crate::adjust_api::post_cancellation),
         )
         .route("/v1/adjustments", post(crate::adjust_api::post_adjustments))
+        .route(
+            "/v1/customers/{user_id}",
+            axum::routing::put(crate::customers::put_customer),
+        )
+        .route("/v1/customers", post(crate::customers::post_customers))
         .route("/v1/schemas/{version}", get(get_schema))
         .route_layer(middleware::from_fn_with_state(
             (auth.clone(), Scope::Ingest),
@@ -206,12 +211,15 @@ struct LineSchema {
     ),
     paths(post_orders, list_schemas, get_schema,
         crate::adjust_api::post_refund, crate::adjust_api::post_cancellation,
-        crate::adjust_api::post_adjustments, crate::fx::put_rates),
+        crate::adjust_api::post_adjustments, crate::customers::put_customer,
+        crate::customers::post_customers, crate::fx::put_rates),
     components(schemas(OrderSchema, BasketSchema, LineSchema, IngestResponse, AvroSchema, AvroSchemas,
         crate::adjust::AdjustmentView, crate::adjust::AdjustedLineView,
         crate::adjust_api::RefundSchema, crate::adjust_api::RefundLineSchema,
         crate::adjust_api::CancellationSchema, crate::adjust_api::AdjustmentsResponse,
-        crate::fx::LoadedRates,
+        crate::fx::LoadedRates, crate::customers::ChangeSchema, crate::customers::BulkItem,
+        crate::customers::CustomersResponse, tidemark_orderlog::customers::CustomerView,
+        tidemark_orderlog::customers::VersionView,
         tidemark_platform::problem::ProblemSchema, tidemark_platform::problem::FieldErrorSchema)),
     modifiers(&BearerAuth, &OrdersBody, &CurrencyCodes),
     security(("bearer" = [])),

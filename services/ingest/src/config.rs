@@ -16,6 +16,7 @@ pub struct Config {
     pub s3: S3Config,
     pub ingest: IngestSettings,
     pub relay: RelaySettings,
+    pub vault: VaultSettings,
 }
 
 /// Limits of `POST /v1/orders` (documented in the OpenAPI spec).
@@ -75,6 +76,38 @@ impl Default for RelaySettings {
     }
 }
 
+/// The vault loader: the log → the Data Vault 2.0 warehouse in Postgres.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct VaultSettings {
+    /// Run the loader inside this process (loaders take turns on the cursor's
+    /// row lock, so a second one only waits).
+    pub enabled: bool,
+    /// Most log rows per load (one transaction).
+    pub batch_size: i64,
+    /// Pause between polls when the log is idle.
+    #[serde(with = "millis")]
+    pub poll_interval: Duration,
+    /// Longest pause between retries when Postgres fails.
+    #[serde(with = "millis")]
+    pub max_backoff: Duration,
+    /// `/readyz` advises (`vault`) when the oldest row not loaded is older.
+    #[serde(with = "millis")]
+    pub max_lag: Duration,
+}
+
+impl Default for VaultSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 5_000,
+            poll_interval: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            max_lag: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -84,6 +117,7 @@ impl Default for Config {
             s3: S3Config::default(),
             ingest: IngestSettings::default(),
             relay: RelaySettings::default(),
+            vault: VaultSettings::default(),
         }
     }
 }
@@ -99,6 +133,9 @@ impl Validate for Config {
         }
         if self.relay.batch_size <= 0 {
             problems.push("relay.batch_size must be positive".into());
+        }
+        if self.vault.batch_size <= 0 {
+            problems.push("vault.batch_size must be positive".into());
         }
     }
 }

@@ -9,10 +9,12 @@ pub mod adjust;
 mod adjust_api;
 pub mod api;
 pub mod config;
+mod customers;
 pub mod decode;
 pub mod fx;
 pub mod relay;
 pub mod store;
+pub mod vault;
 
 use tidemark_platform::auth::{AuthConfig, Authenticator};
 use tidemark_platform::health::Readiness;
@@ -51,6 +53,19 @@ pub async fn serve(
         None
     };
 
+    let vault = if config.vault.enabled {
+        let loader = vault::Loader::new(pool.clone(), config.vault.clone());
+        let (pool, max_lag) = (pool.clone(), config.vault.max_lag);
+        readiness = readiness.advise("vault", move || {
+            let pool = pool.clone();
+            async move { vault::lag_check(&pool, max_lag).await }
+        });
+        let token = shutdown.child_token();
+        Some((tokio::spawn(loader.run(token.clone())), token))
+    } else {
+        None
+    };
+
     let auth = Authenticator::new(
         pool.clone(),
         AuthConfig {
@@ -64,7 +79,7 @@ pub async fn serve(
     };
     let router = http::finish(api::router(state, auth), readiness, &config.http);
     let served = http::serve(listener, router, shutdown, config.http.shutdown_grace).await;
-    if let Some((task, token)) = relay {
+    for (task, token) in [relay, vault].into_iter().flatten() {
         token.cancel();
         task.await?;
     }

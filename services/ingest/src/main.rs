@@ -26,6 +26,18 @@ enum Command {
     /// Exchange rates for reporting currencies.
     #[command(subcommand, name = "fx-rates")]
     FxRates(FxCommand),
+    /// The Data Vault 2.0 warehouse.
+    #[command(subcommand)]
+    Vault(VaultCommand),
+}
+
+#[derive(Subcommand)]
+enum VaultCommand {
+    /// Empty the warehouse and reset its loader: the running loaders load the
+    /// whole log again, to the same rows.
+    Rebuild,
+    /// How far the loader is behind the log.
+    Lag,
 }
 
 #[derive(Subcommand)]
@@ -54,6 +66,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys(command) => {
             let pool = postgres::pool(&config.postgres, "tidemark-ingest")?;
             command.run(&pool).await
+        }
+        Command::Vault(command) => {
+            let pool = postgres::pool(&config.postgres, "tidemark-ingest")?;
+            match command {
+                VaultCommand::Rebuild => {
+                    tidemark_ingest::vault::rebuild(&pool).await?;
+                    println!("The vault is empty; its loader reloads the log from the start.");
+                }
+                VaultCommand::Lag => {
+                    let lag = tidemark_ingest::vault::lag(&pool).await?;
+                    println!("{} rows behind, oldest {:.1} s", lag.rows, lag.seconds);
+                }
+            }
+            Ok(())
         }
         Command::FxRates(FxCommand::Load { file }) => {
             let text = if file.as_os_str() == "-" {

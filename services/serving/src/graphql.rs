@@ -11,6 +11,7 @@ use async_graphql::parser::types::{OperationType, Selection};
 use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, Object, Schema, Subscription};
 use async_graphql_axum::{GraphQLRequest, GraphQLSubscription};
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +24,7 @@ use crate::AppState;
 use crate::config::ServingSettings;
 use crate::history::{self, OrderPage, OrderView};
 use crate::query::{self, RevenueSeries, Summary};
+use crate::residence::ResidenceAnswer;
 
 pub type TidemarkSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
 
@@ -275,6 +277,35 @@ impl QueryRoot {
         result
     }
 
+    /// Orders, net revenue and average check by the customer's city of residence
+    /// at the time of each order, from the warehouse (see REST
+    /// `/v1/revenue/by-residence`). Costs 20 toward the complexity limit.
+    #[graphql(complexity = "20 + child_complexity")]
+    async fn revenue_by_residence(
+        &self,
+        ctx: &Context<'_>,
+        from: String,
+        to: String,
+        #[graphql(desc = "IANA zone of `from` and `to` when they are local times.")] tz: Option<
+            String,
+        >,
+        currency: Option<String>,
+    ) -> async_graphql::Result<ResidenceAnswer> {
+        let started = Instant::now();
+        let state = ctx.data::<Arc<AppState>>()?;
+        let mut params = HashMap::from([("from".to_owned(), from), ("to".to_owned(), to)]);
+        params.extend(tz.map(|tz| ("tz".to_owned(), tz)));
+        params.extend(currency.map(|c| ("currency".to_owned(), c)));
+        let result = async {
+            let request = query::residence_request(&params, &state.settings)?;
+            crate::residence::by_residence(&state.pool, &request).await
+        }
+        .await
+        .map_err(|p| error(&p));
+        record("revenueByResidence", started);
+        result
+    }
+
     /// One order.
     async fn order(
         &self,
@@ -402,7 +433,7 @@ pub fn schema(state: Arc<AppState>, settings: &ServingSettings) -> TidemarkSchem
 
 /// `POST /graphql` and the subscription endpoint `/graphql/ws` (authenticated).
 pub fn router(schema: TidemarkSchema) -> Router<Arc<AppState>> {
-    let cache = Arc::new(ResponseCache::default());
+    let cache = Arc::new(ResponseCache::new(CACHE_ENTRIES));
     let executor = schema.clone();
     Router::new()
         .route(
@@ -417,21 +448,11 @@ pub fn router(schema: TidemarkSchema) -> Router<Arc<AppState>> {
         .route_service("/graphql/ws", GraphQLSubscription::new(schema))
 }
 
-/// Answers of revenue questions, by question, with the data version they were
-/// computed at: the published run and the speed cursor. A revenue or summary answer
-/// is a function of the question and those two, so a repeated question whose data
-/// has not moved gets the same bytes without re-resolving thousands of fields
-/// (`as_of` then says when they were computed). Order history is never cached.
-#[derive(Default)]
-struct ResponseCache {
-    entries: std::sync::Mutex<HashMap<String, Cached>>,
-}
-
-/// The published run and the speed cursor an answer was computed at.
-/// What an answer depends on: the published run, the speed cursor, and the
-/// exchange rates (a later rates file corrects converted answers).
-type DataVersion = (Option<u64>, Option<String>, Option<String>);
-type Cached = (DataVersion, Arc<Vec<u8>>);
+/// Answers of revenue and summary queries, through the same coalescing store as
+/// REST's (see [`crate::answers`]): kept per data version (`as_of` then says when
+/// they were computed); a response with errors is shared only with the requests
+/// that waited for it, never kept. Order history is never cached.
+type ResponseCache = crate::answers::Answers<Bytes>;
 
 /// Top-level fields whose answers depend only on the data version.
 const CACHEABLE_FIELDS: [&str; 3] = ["revenue", "summary", "__typename"];
@@ -545,7 +566,7 @@ async fn execute(
                 async_graphql::Response::from_errors(vec![async_graphql::ServerError::new(
                     message, None,
                 )]);
-            return json(serde_json::to_vec(&refused).unwrap_or_default());
+            return json(serde_json::to_vec(&refused).unwrap_or_default().into());
         }
         Precheck::Admitted { cacheable } => cacheable,
         Precheck::Unparsed => false,
@@ -556,37 +577,27 @@ async fn execute(
                 .ok()
         })
         .flatten();
-    let version = match &key {
-        Some(_) => Some((
-            app.views.state().await.ok().flatten().map(|s| s.run_id),
-            app.views.speed_cursor().await,
-            app.views.rates_version().await,
-        )),
-        None => None,
+    let Some(key) = key else {
+        let response = schema.execute(request).await;
+        return json(serde_json::to_vec(&response).unwrap_or_default().into());
     };
-    if let (Some(key), Some(version)) = (&key, &version)
-        && let Some((cached_at, body)) = cache.entries.lock().expect("not poisoned").get(key)
-        && cached_at == version
-    {
-        metrics::counter!("serving_graphql_cache_total", "result" => "hit").increment(1);
-        return json(body.as_ref().clone());
-    }
-    let response = schema.execute(request).await;
-    let body = serde_json::to_vec(&response).unwrap_or_default();
-    if let (Some(key), Some(version)) = (key, version)
-        && response.errors.is_empty()
-    {
-        metrics::counter!("serving_graphql_cache_total", "result" => "miss").increment(1);
-        let mut entries = cache.entries.lock().expect("not poisoned");
-        if entries.len() >= CACHE_ENTRIES {
-            entries.clear();
-        }
-        entries.insert(key, (version, Arc::new(body.clone())));
-    }
-    json(body)
+    let version = app.views.data_version().await;
+    let (result, outcome) = cache
+        .get(key, version, || async {
+            let response = schema.execute(request).await;
+            let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
+            if response.errors.is_empty() {
+                Ok(body)
+            } else {
+                Err(body)
+            }
+        })
+        .await;
+    metrics::counter!("serving_graphql_cache_total", "result" => outcome.as_str()).increment(1);
+    json(result.unwrap_or_else(|errors| errors))
 }
 
-fn json(body: Vec<u8>) -> Response {
+fn json(body: Bytes) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,

@@ -177,7 +177,7 @@ async fn with_adjustments(pool: &PgPool, orders: &mut [OrderView]) -> Result<(),
     Ok(())
 }
 
-fn db_problem(e: &sqlx::Error) -> Problem {
+pub(crate) fn db_problem(e: &sqlx::Error) -> Problem {
     if tidemark_platform::postgres::is_unavailable(e) {
         Problem::unavailable("Order history (Postgres) is unavailable; retry shortly.")
     } else {

@@ -1,6 +1,7 @@
 //! Serving: REST and GraphQL over the exact merge of the batch view (ClickHouse)
 //! and the speed view (Redis), plus order history from Postgres (see [`views`]).
 
+pub mod answers;
 pub mod buyers;
 pub mod config;
 pub mod fx;
@@ -8,6 +9,7 @@ pub mod graphql;
 pub mod history;
 pub mod local;
 pub mod query;
+pub mod residence;
 pub mod rest;
 pub mod views;
 
@@ -31,6 +33,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub views: views::Views,
     pub settings: ServingSettings,
+    /// Finished REST answers (see [`answers`]).
+    pub answers: answers::Answers<tidemark_platform::problem::Problem>,
 }
 
 /// Runs the APIs until `shutdown` is cancelled.
@@ -60,6 +64,7 @@ pub async fn serve(
             settings.max_cells,
         ),
         settings: settings.clone(),
+        answers: answers::Answers::new(settings.cache_entries),
     });
     let auth = Authenticator::new(
         pool.clone(),

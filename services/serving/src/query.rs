@@ -292,7 +292,7 @@ fn aov(t: &Totals) -> i64 {
 }
 
 /// `amount / orders` rounded half away from zero; 0 without orders.
-fn per_order(amount: i64, orders: i64) -> i64 {
+pub(crate) fn per_order(amount: i64, orders: i64) -> i64 {
     if orders == 0 {
         0
     } else {
@@ -571,18 +571,7 @@ pub fn revenue_request(
             let start = local.start(to);
             if start == to { to } else { local.next(start) }
         };
-        if to <= from {
-            errors.add("to", "invalid", "must be after `from`");
-        } else if to - from > settings.max_range_days * 86_400 {
-            errors.add(
-                "to",
-                "too_wide",
-                format!(
-                    "the range may span at most {} days",
-                    settings.max_range_days
-                ),
-            );
-        } else {
+        if check_range(from, to, settings, &mut errors) {
             let mut points = 0;
             let mut at = from;
             while at < to && points <= settings.max_points {
@@ -615,6 +604,53 @@ pub fn revenue_request(
     }
     errors.finish()?;
     request.ok_or_else(|| Problem::malformed("Invalid parameters."))
+}
+
+/// Whether `[from, to)` is a range a question may ask (`to` after `from`, at most
+/// `max_range_days`); adds the error if not.
+fn check_range(from: i64, to: i64, settings: &ServingSettings, errors: &mut Errors) -> bool {
+    if to <= from {
+        errors.add("to", "invalid", "must be after `from`");
+        false
+    } else if to - from > settings.max_range_days * 86_400 {
+        errors.add(
+            "to",
+            "too_wide",
+            format!(
+                "the range may span at most {} days",
+                settings.max_range_days
+            ),
+        );
+        false
+    } else {
+        true
+    }
+}
+
+/// The parameters of `/v1/revenue/by-residence`.
+const RESIDENCE_PARAMS: [&str; 4] = ["from", "to", "tz", "currency"];
+
+/// Validates a question of revenue by city of residence: `from`/`to` (the forms
+/// of `/v1/revenue`, read in `tz`), at most `max_range_days` apart; `currency`.
+pub fn residence_request(
+    params: &HashMap<String, String>,
+    settings: &ServingSettings,
+) -> Result<crate::residence::ResidenceRequest, Problem> {
+    let mut errors = Errors::default();
+    unknown_params(params, &RESIDENCE_PARAMS, &mut errors);
+    let get = |k: &str| params.get(k).map(String::as_str);
+    let zone = parse_zone(get("tz"), &mut errors);
+    let from = parse_time(get("from"), zone, "from", &mut errors);
+    let to = parse_time(get("to"), zone, "to", &mut errors);
+    let currency = parse_currency(get("currency"), "currency", &mut errors);
+    if let (Some(from), Some(to)) = (from, to) {
+        check_range(from, to, settings, &mut errors);
+    }
+    errors.finish()?;
+    match (from, to) {
+        (Some(from), Some(to)) => Ok(crate::residence::ResidenceRequest { from, to, currency }),
+        _ => Err(Problem::malformed("Invalid parameters.")),
+    }
 }
 
 /// The cells of an answer: (local bucket start, grouped values, currency).
@@ -793,6 +829,7 @@ fn names(attributes: &[Attribute]) -> String {
 }
 
 /// A validated summary question.
+#[derive(Debug)]
 pub struct SummaryRequest {
     pub from: i64,
     pub to: i64,

@@ -5,24 +5,30 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tidemark_platform::problem::BearerAuth;
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use tidemark_platform::problem::{Problem, ProblemSchema};
+use tidemark_orderlog::customers::{CustomerView, VersionView};
+use tidemark_platform::problem::{FieldError, Problem, ProblemKind, ProblemSchema};
 use utoipa::OpenApi;
 use uuid::Uuid;
 
 use crate::AppState;
 use crate::history::{self, AdjustedLineView, AdjustmentView, LineView, OrderPage, OrderView};
 use crate::query::{self, RevenueSeries, Summary};
+use crate::residence::{ResidenceAnswer, ResidenceRow, VaultFreshness};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/revenue", get(revenue))
         .route("/v1/revenue/summary", get(summary))
+        .route("/v1/revenue/by-residence", get(by_residence))
         .route("/v1/orders/{order_id}", get(order))
         .route("/v1/users/{user_id}/orders", get(user_orders))
+        .route("/v1/customers/{user_id}", get(customer))
 }
 
 pub fn swagger() -> utoipa_swagger_ui::SwaggerUi {
@@ -32,11 +38,45 @@ pub fn swagger() -> utoipa_swagger_ui::SwaggerUi {
 fn timed<T: serde::Serialize>(route: &'static str, result: Result<T, Problem>) -> Response {
     match result {
         Ok(body) => Json(body).into_response(),
-        Err(problem) => {
-            metrics::counter!("serving_requests_rejected_total", "route" => route, "kind" => problem.kind.slug())
-                .increment(1);
-            problem.into_response()
-        }
+        Err(problem) => rejected(route, problem),
+    }
+}
+
+fn rejected(route: &'static str, problem: Problem) -> Response {
+    metrics::counter!("serving_requests_rejected_total", "route" => route, "kind" => problem.kind.slug())
+        .increment(1);
+    problem.into_response()
+}
+
+/// A revenue or summary answer, through the answers both doors share (see
+/// [`crate::answers`]): kept per data version, computed once for the requests
+/// that arrive while it is computed.
+async fn answer<T, F, Fut>(
+    state: &AppState,
+    route: &'static str,
+    question: String,
+    compute: F,
+) -> Response
+where
+    T: serde::Serialize,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Problem>>,
+{
+    let version = state.views.data_version().await;
+    let (result, outcome) = state
+        .answers
+        .get(question, version, || async {
+            let answer = compute().await?;
+            serde_json::to_vec(&answer)
+                .map(Bytes::from)
+                .map_err(|e| Problem::internal().detail(format!("serializing the answer: {e}")))
+        })
+        .await;
+    metrics::counter!("serving_answers_total", "route" => route, "result" => outcome.as_str())
+        .increment(1);
+    match result {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(problem) => rejected(route, problem),
     }
 }
 
@@ -113,12 +153,15 @@ async fn revenue(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let result = async {
-        let request = query::revenue_request(&params, &state.settings)?;
+    let request = match query::revenue_request(&params, &state.settings) {
+        Ok(request) => request,
+        Err(problem) => return rejected("/v1/revenue", problem),
+    };
+    let question = format!("revenue {request:?}");
+    answer(&state, "/v1/revenue", question, || async {
         query::revenue(&state.views, &request).await
-    }
-    .await;
-    timed("/v1/revenue", result)
+    })
+    .await
 }
 
 /// Query parameters of `GET /v1/revenue/summary` (documentation).
@@ -166,12 +209,58 @@ async fn summary(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let result = async {
-        let request = query::summary_request(&params, &state.settings)?;
+    let request = match query::summary_request(&params, &state.settings) {
+        Ok(request) => request,
+        Err(problem) => return rejected("/v1/revenue/summary", problem),
+    };
+    let question = format!("summary {request:?}");
+    answer(&state, "/v1/revenue/summary", question, || async {
         query::summary(&state.views, &request).await
+    })
+    .await
+}
+
+/// Query parameters of `GET /v1/revenue/by-residence` (documentation).
+#[allow(dead_code)]
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ResidenceParams {
+    /// Start (the forms of `/v1/revenue`'s `from`).
+    #[param(example = "2026-11-01T00:00:00+01:00")]
+    from: String,
+    /// End, exclusive; at most `max_range_days` after `from`.
+    #[param(example = "2026-12-01T00:00:00+01:00")]
+    to: String,
+    /// IANA zone in which `from`/`to` without an offset are read (default UTC).
+    #[param(example = "Europe/Berlin")]
+    tz: Option<String>,
+    /// Only orders in this currency (ISO 4217).
+    #[param(example = "EUR")]
+    currency: Option<String>,
+}
+
+/// Orders, net revenue and average check by the customer's city of residence at
+/// the time of each order (an as-of join on the customer history in the
+/// warehouse; `city: null` where no version was in effect). Net revenue counts
+/// every refund and cancellation of the range's orders. Exact as of the
+/// warehouse's loaded log position (`freshness.cursor`).
+#[utoipa::path(get, path = "/v1/revenue/by-residence", params(ResidenceParams),
+    responses(
+        (status = 200, body = ResidenceAnswer),
+        (status = 400, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 401, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, body = ProblemSchema, content_type = "application/problem+json"),
+    ))]
+async fn by_residence(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let request = query::residence_request(&params, &state.settings)?;
+        crate::residence::by_residence(&state.pool, &request).await
     }
     .await;
-    timed("/v1/revenue/summary", result)
+    timed("/v1/revenue/by-residence", result)
 }
 
 /// One order, from the source of truth.
@@ -256,6 +345,36 @@ async fn user_orders(
     timed("/v1/users/{user_id}/orders", result)
 }
 
+/// A customer's attributes now and every version (slowly changing dimension,
+/// type 2), from the log as of the last commit.
+#[utoipa::path(get, path = "/v1/customers/{user_id}",
+    params(("user_id" = String, Path, min_length = 1, max_length = 64)),
+    responses(
+        (status = 200, body = CustomerView),
+        (status = 400, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 404, body = ProblemSchema, content_type = "application/problem+json"),
+        (status = 503, body = ProblemSchema, content_type = "application/problem+json"),
+    ))]
+async fn customer(State(state): State<Arc<AppState>>, Path(user_id): Path<String>) -> Response {
+    let result = async {
+        if let Err(v) = tidemark_domain::order::check_text("user_id", &user_id) {
+            return Err(Problem::new(ProblemKind::Validation)
+                .detail("`user_id` is not valid.")
+                .errors(vec![FieldError {
+                    pointer: v.field,
+                    code: v.code,
+                    detail: v.message,
+                }]));
+        }
+        tidemark_orderlog::customers::read(&state.pool, &user_id)
+            .await
+            .map_err(|e| history::db_problem(&e))?
+            .ok_or_else(|| Problem::not_found("No customer has this id."))
+    }
+    .await;
+    timed("/v1/customers/{user_id}", result)
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -265,8 +384,8 @@ async fn user_orders(
             problem+json. GraphQL is at /graphql (GraphiQL in a browser), subscriptions at \
             /graphql/ws.",
     ),
-    paths(revenue, summary, order, user_orders),
-    components(schemas(RevenueSeries, Summary, OrderView, LineView, AdjustmentView, AdjustedLineView, OrderPage, ProblemSchema)),
+    paths(revenue, summary, by_residence, order, user_orders, customer),
+    components(schemas(RevenueSeries, Summary, OrderView, LineView, AdjustmentView, AdjustedLineView, OrderPage, CustomerView, VersionView, ResidenceAnswer, ResidenceRow, VaultFreshness, ProblemSchema)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]

@@ -582,6 +582,17 @@ impl Views {
     }
 
     /// The speed view's cursor, for subscriptions to notice new data.
+    /// What a revenue or summary answer depends on: the published run, the speed
+    /// cursor and the exchange rates (a later rates file corrects converted
+    /// answers). See [`crate::answers`].
+    pub async fn data_version(&self) -> crate::answers::DataVersion {
+        (
+            self.state().await.ok().flatten().map(|s| s.run_id),
+            self.speed_cursor().await,
+            self.rates_version().await,
+        )
+    }
+
     pub async fn speed_cursor(&self) -> Option<String> {
         self.speed
             .meta()

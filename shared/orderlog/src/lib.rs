@@ -8,8 +8,11 @@
 //!   of a range, and consumer lag.
 //! - [`raw`]: the JSON Lines record the lake relay writes and the compactor reads.
 //! - [`epochs`]: speed-layer epochs, cut by transaction id.
+//! - [`customers`]: customer changes (slowly changing dimension, type 2) and
+//!   their versions.
 //! - [`question`]: the ground truth of a revenue question, by SQL over the log.
 
+pub mod customers;
 pub mod epochs;
 pub mod question;
 pub mod raw;

@@ -2,11 +2,13 @@
 
 mod adjust;
 mod api;
+mod customers;
 mod fuzz;
 mod fx;
 mod ops;
 mod process;
 mod relay;
+mod vault;
 
 use std::collections::HashMap;
 

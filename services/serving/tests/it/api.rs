@@ -640,3 +640,69 @@ async fn history_shows_adjustments_and_the_net_amount() {
     assert_eq!(listed["net_minor"], 0);
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_customer_is_served_with_every_version() {
+    use tidemark_domain::CustomerChange;
+    use tidemark_domain::customer::Attributes;
+
+    let env = Env::new().await;
+    let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    let mut tx = env.db.pool.begin().await.unwrap();
+    for (city, from) in [
+        ("Berlin", "2026-02-01T00:00:00Z"),
+        ("Paris", "2026-06-01T00:00:00Z"),
+        ("Rome", "2026-04-01T00:00:00Z"),
+    ] {
+        let change = CustomerChange {
+            user_id: "u-1".into(),
+            attributes: Attributes {
+                city: city.into(),
+                segment: "retail".into(),
+                signed_up_at: at("2026-01-15T10:00:00Z"),
+            },
+            effective_at: at(from),
+        };
+        tidemark_orderlog::customers::record(&mut tx, &change)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let r = env.get("/v1/customers/u-1").await;
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["current"]["city"], "Paris");
+    let shown: Vec<(&str, &str, Option<&str>)> = body["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["city"].as_str().unwrap(),
+                v["valid_from"].as_str().unwrap(),
+                v["valid_to"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (
+                "Berlin",
+                "2026-02-01T00:00:00Z",
+                Some("2026-04-01T00:00:00Z")
+            ),
+            ("Rome", "2026-04-01T00:00:00Z", Some("2026-06-01T00:00:00Z")),
+            ("Paris", "2026-06-01T00:00:00Z", None),
+        ]
+    );
+
+    let r = env.get("/v1/customers/u-404").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let r = env.get(&format!("/v1/customers/{}", "x".repeat(65))).await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["pointer"], "user_id");
+}

@@ -10,6 +10,7 @@ mod merge;
 mod model;
 mod ops;
 mod process;
+mod residence;
 mod slices;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,236 @@
+//! The Data Vault 2.0 warehouse: loaded from the log exactly once (a batch's rows
+//! and its cursor move commit together; loaders take turns), insert-only, and
+//! rebuilt from scratch to the same rows.
+
+use std::sync::Arc;
+
+use chrono::{TimeDelta, Utc};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::json;
+use tidemark_ingest::config::VaultSettings;
+use tidemark_ingest::vault::{self, Loader, Step, TABLES};
+
+use crate::{Harness, order_json, random_order};
+
+/// A small batch size, so that a load takes several steps.
+fn settings() -> VaultSettings {
+    VaultSettings {
+        batch_size: 7,
+        ..VaultSettings::default()
+    }
+}
+
+/// Every row of every vault table, as text, sorted: the warehouse's content.
+async fn content(h: &Harness) -> Vec<String> {
+    let mut rows = Vec::new();
+    for table in TABLES {
+        let mut of_table: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT '{table}:' || t::text FROM vault.{table} t"
+        )))
+        .fetch_all(&h.db.pool)
+        .await
+        .unwrap();
+        rows.append(&mut of_table);
+    }
+    rows.sort();
+    rows
+}
+
+async fn scalar(h: &Harness, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Loads until the loader is idle; returns the rows loaded.
+async fn load_all(loader: &Loader) -> i64 {
+    let mut loaded = 0;
+    while let Step::Loaded { rows } = loader.step().await.unwrap() {
+        loaded += rows;
+    }
+    loaded
+}
+
+/// Orders (some of two lines, some users repeating), refunds of some, and
+/// customers with a move each.
+async fn fill(h: &Harness) -> (usize, usize) {
+    let mut rng = StdRng::seed_from_u64(20);
+    let mut orders = Vec::new();
+    for i in 0..30 {
+        let mut order = random_order(&mut rng);
+        order.user_id = format!("u-{}", i % 9);
+        order.created_at = Utc::now() - TimeDelta::hours(3);
+        orders.push(order);
+    }
+    let body = json!(orders.iter().map(order_json).collect::<Vec<_>>());
+    assert_eq!(h.post_json(&body).await.status(), 201);
+    let mut refunds = 0;
+    for order in orders.iter().step_by(4) {
+        let r = h
+            .http
+            .post(
+                h.svc
+                    .url(&format!("/v1/orders/{}/cancellation", order.order_id)),
+            )
+            .bearer_auth(&h.key)
+            .json(&json!({"created_at": Utc::now().to_rfc3339()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        refunds += order.lines.len();
+    }
+    for (i, city) in ["Berlin", "Paris", "Rome"].iter().enumerate() {
+        for (moved, at) in [
+            (*city, "2026-01-01T00:00:00Z"),
+            ("Lyon", "2026-06-01T00:00:00Z"),
+        ] {
+            let r = h
+                .http
+                .put(h.svc.url(&format!("/v1/customers/u-{i}")))
+                .bearer_auth(&h.key)
+                .json(&json!({"city": moved, "segment": "retail",
+                              "signed_up_at": "2025-12-01T00:00:00Z", "effective_at": at}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    }
+    (orders.len(), refunds)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_the_same_rows() {
+    let h = Harness::with(|c| c.vault.enabled = false).await;
+    let (orders, adjusted_lines) = fill(&h).await;
+    let lines = scalar(&h, "SELECT count(*) FROM order_lines").await;
+    let log_rows = scalar(
+        &h,
+        "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM adjustments) \
+              + (SELECT count(*) FROM customer_changes)",
+    )
+    .await;
+    assert_eq!(vault::lag(&h.db.pool).await.unwrap().rows, log_rows);
+
+    // Two loaders at once, each in small batches: every row once.
+    let loaders = [
+        Loader::new(h.db.pool.clone(), settings()),
+        Loader::new(h.db.pool.clone(), settings()),
+    ];
+    let loaded: i64 = futures::future::join_all(loaders.iter().map(load_all))
+        .await
+        .into_iter()
+        .sum();
+    assert_eq!(loaded, log_rows);
+    assert_eq!(vault::lag(&h.db.pool).await.unwrap().rows, 0);
+    assert_eq!(loaders[0].step().await.unwrap(), Step::Idle);
+
+    for (sql, expected) in [
+        ("SELECT count(*) FROM vault.hub_order", orders as i64),
+        ("SELECT count(*) FROM vault.hub_customer", 9),
+        (
+            "SELECT count(*) FROM vault.hub_product",
+            scalar(&h, "SELECT count(DISTINCT product_id) FROM order_lines").await,
+        ),
+        (
+            "SELECT count(*) FROM vault.link_order_customer",
+            orders as i64,
+        ),
+        ("SELECT count(*) FROM vault.link_order_line", lines),
+        ("SELECT count(*) FROM vault.sat_order", orders as i64),
+        ("SELECT count(*) FROM vault.sat_order_line", lines),
+        (
+            "SELECT count(*) FROM vault.sat_line_adjustment",
+            adjusted_lines as i64,
+        ),
+        ("SELECT count(*) FROM vault.sat_customer", 6),
+        // Hash keys are MD5 of the business key; links join their hubs.
+        (
+            "SELECT count(*) FROM vault.hub_customer WHERE customer_hk = decode(md5(user_id), 'hex')",
+            9,
+        ),
+        (
+            "SELECT count(*) FROM vault.link_order_customer l \
+             JOIN vault.hub_order o USING (order_hk) JOIN vault.hub_customer c USING (customer_hk) \
+             JOIN orders src ON src.order_id = o.order_id AND src.user_id = c.user_id",
+            orders as i64,
+        ),
+        // The satellites hold what the log says.
+        (
+            "SELECT count(*) FROM vault.sat_order_line s \
+             JOIN vault.link_order_line l USING (order_line_hk) \
+             JOIN vault.hub_order o USING (order_hk) \
+             JOIN order_lines src ON src.order_id = o.order_id AND src.line_no = l.line_no \
+             WHERE src.quantity = s.quantity AND src.unit_price_minor = s.unit_price_minor",
+            lines,
+        ),
+    ] {
+        assert_eq!(scalar(&h, sql).await, expected, "{sql}");
+    }
+
+    // Insert-only.
+    let refused = sqlx::query("UPDATE vault.sat_customer SET city = 'Oslo'")
+        .execute(&h.db.pool)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("insert-only"), "{refused}");
+
+    // Rebuilt from scratch, by one loader in other batches: the same rows.
+    let before = content(&h).await;
+    vault::rebuild(&h.db.pool).await.unwrap();
+    assert_eq!(scalar(&h, "SELECT count(*) FROM vault.hub_order").await, 0);
+    let one = Loader::new(
+        h.db.pool.clone(),
+        VaultSettings {
+            batch_size: 1_000,
+            ..VaultSettings::default()
+        },
+    );
+    assert_eq!(load_all(&one).await, log_rows);
+    assert_eq!(content(&h).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_loader_reports_its_lag_and_catches_up() {
+    let h = Arc::new(Harness::start().await);
+    fill(&h).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let behind = vault::lag(&h.db.pool).await.unwrap().rows;
+        if behind == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{behind} rows still behind"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        scalar(&h, "SELECT count(*) FROM vault.hub_order").await,
+        scalar(&h, "SELECT count(*) FROM orders").await
+    );
+    let metrics = h
+        .http
+        .get(h.svc.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("vault_rows_total"), "{metrics}");
+    let ready: serde_json::Value = h
+        .http
+        .get(h.svc.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["advisories"]["vault"], "ok", "{ready}");
+}

@@ -1,0 +1,212 @@
+//! Finished answers, serialized, shared by both doors.
+//!
+//! A revenue or summary answer is a function of its question and the data version:
+//! the published run, the speed cursor and the exchange rates. Its bytes are kept
+//! per question with the version they were computed at; a repeated question whose
+//! data has not moved gets the same bytes (a reference, not a copy).
+//!
+//! With a live stream the speed cursor moves every few milliseconds, so a popular
+//! question would be recomputed by every request, each one queueing behind the
+//! others. Instead computations of one question are coalesced: one request computes,
+//! and the requests that arrive while it does take its answer when it is done —
+//! exact as of the position it states, which is at most one computation older than
+//! the moment they arrived. A failure is shared the same way (only with the
+//! requests that waited for it) and never kept.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+
+/// What an answer depends on: the published run, the speed cursor, the rates.
+pub type DataVersion = (Option<u64>, Option<String>, Option<String>);
+
+/// The last outcome of one question.
+struct Slot<E> {
+    answer: Option<(DataVersion, Bytes, Instant)>,
+    failure: Option<(E, Instant)>,
+}
+
+impl<E> Default for Slot<E> {
+    fn default() -> Self {
+        Slot {
+            answer: None,
+            failure: None,
+        }
+    }
+}
+
+/// Answers by question, coalesced per question.
+pub struct Answers<E> {
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot<E>>>>>,
+    capacity: usize,
+}
+
+/// How an answer was had (for the cache metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Kept from an earlier request at the same data version.
+    Hit,
+    /// Computed by another request while this one waited.
+    Shared,
+    /// Computed for this request.
+    Computed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Shared => "shared",
+            Outcome::Computed => "miss",
+        }
+    }
+}
+
+impl<E: Clone> Answers<E> {
+    pub fn new(capacity: usize) -> Self {
+        Answers {
+            slots: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The answer to `question` at `version` (observed by the caller before
+    /// asking): kept, shared from a computation that finished while this request
+    /// waited, or computed by `compute`.
+    pub async fn get<F, Fut>(
+        &self,
+        question: String,
+        version: DataVersion,
+        compute: F,
+    ) -> (Result<Bytes, E>, Outcome)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        let arrived = Instant::now();
+        let slot = {
+            let mut slots = self.slots.lock().expect("not poisoned");
+            if slots.len() >= self.capacity && !slots.contains_key(&question) {
+                slots.clear();
+            }
+            slots.entry(question).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some((at, bytes, finished)) = &slot.answer {
+            if *at == version {
+                return (Ok(bytes.clone()), Outcome::Hit);
+            }
+            if *finished >= arrived {
+                return (Ok(bytes.clone()), Outcome::Shared);
+            }
+        }
+        if let Some((failure, finished)) = &slot.failure
+            && *finished >= arrived
+        {
+            return (Err(failure.clone()), Outcome::Shared);
+        }
+        let result = compute().await;
+        let finished = Instant::now();
+        match &result {
+            Ok(bytes) => {
+                slot.answer = Some((version, bytes.clone(), finished));
+                slot.failure = None;
+            }
+            Err(e) => slot.failure = Some((e.clone(), finished)),
+        }
+        (result, Outcome::Computed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn version(cursor: &str) -> DataVersion {
+        (Some(1), Some(cursor.to_owned()), None)
+    }
+
+    #[tokio::test]
+    async fn a_kept_answer_is_served_until_the_data_moves() {
+        let answers = Answers::<String>::new(10);
+        let computed = AtomicUsize::new(0);
+        let compute = |n: &'static str| {
+            computed.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(Bytes::from(n)) }
+        };
+        let (a, o) = answers.get("q".into(), version("1"), || compute("a")).await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Computed));
+        let (a, o) = answers.get("q".into(), version("1"), || compute("b")).await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Hit));
+        let (a, o) = answers.get("q".into(), version("2"), || compute("c")).await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+        let (a, _) = answers.get("r".into(), version("2"), || compute("d")).await;
+        assert_eq!(a.unwrap(), Bytes::from("d"));
+        assert_eq!(computed.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_during_a_computation_share_it() {
+        let answers = Arc::new(Answers::<String>::new(10));
+        let computed = Arc::new(AtomicUsize::new(0));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let (answers, computed) = (answers.clone(), computed.clone());
+            tokio::spawn(async move {
+                answers
+                    .get("q".into(), version("1"), || async move {
+                        computed.fetch_add(1, Ordering::SeqCst);
+                        released.await.expect("released");
+                        Err::<Bytes, _>("store down".to_owned())
+                    })
+                    .await
+            })
+        };
+        // Wait until the first request computes, then ask at a later version.
+        while computed.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let asking = Arc::new(AtomicUsize::new(0));
+        let waiters: Vec<_> = (0..5)
+            .map(|i| {
+                let (answers, computed) = (answers.clone(), computed.clone());
+                let asking = asking.clone();
+                tokio::spawn(async move {
+                    asking.fetch_add(1, Ordering::SeqCst);
+                    answers
+                        .get("q".into(), version(&format!("{}", i + 2)), || async move {
+                            computed.fetch_add(1, Ordering::SeqCst);
+                            Ok(Bytes::from("late"))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        // Each waiter counts itself in the same poll that it asks in.
+        while asking.load(Ordering::SeqCst) < 5 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).expect("computing");
+        assert_eq!(
+            first.await.unwrap(),
+            (Err("store down".to_owned()), Outcome::Computed)
+        );
+        for waiter in waiters {
+            assert_eq!(
+                waiter.await.unwrap(),
+                (Err("store down".to_owned()), Outcome::Shared)
+            );
+        }
+        assert_eq!(computed.load(Ordering::SeqCst), 1);
+        // A failure is not kept: the next request computes.
+        let (a, o) = answers
+            .get("q".into(), version("1"), || async { Ok(Bytes::from("up")) })
+            .await;
+        assert_eq!((a, o), (Ok(Bytes::from("up")), Outcome::Computed));
+    }
+}
