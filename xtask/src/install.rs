@@ -45,6 +45,10 @@ const PACKAGES: &[Package] = &[
         installed: || which("prometheus").is_some(),
     },
     Package {
+        apt: "prometheus-alertmanager",
+        installed: || which("prometheus-alertmanager").is_some(),
+    },
+    Package {
         apt: "docker-compose",
         installed: || which("docker-compose").is_some(),
     },

@@ -35,6 +35,7 @@ pub struct Ports {
     pub clickhouse_interserver: u16,
     pub s3: u16,
     pub prometheus: u16,
+    pub alertmanager: u16,
 }
 
 impl Kind {
@@ -48,6 +49,7 @@ impl Kind {
                 clickhouse_interserver: 19009,
                 s3: 39000,
                 prometheus: 9090,
+                alertmanager: 9093,
             },
             Kind::Test => Ports {
                 postgres: 54330,
@@ -57,6 +59,7 @@ impl Kind {
                 clickhouse_interserver: 19019,
                 s3: 39010,
                 prometheus: 9091,
+                alertmanager: 9095,
             },
         }
     }
@@ -69,15 +72,17 @@ pub enum Server {
     Redis,
     ClickHouse,
     S3,
+    Alertmanager,
     Prometheus,
 }
 
 impl Server {
-    pub const ALL: [Server; 5] = [
+    pub const ALL: [Server; 6] = [
         Server::Postgres,
         Server::Redis,
         Server::ClickHouse,
         Server::S3,
+        Server::Alertmanager,
         Server::Prometheus,
     ];
 
@@ -87,6 +92,7 @@ impl Server {
             Server::Redis => "redis",
             Server::ClickHouse => "clickhouse",
             Server::S3 => "s3",
+            Server::Alertmanager => "alertmanager",
             Server::Prometheus => "prometheus",
         }
     }
@@ -98,6 +104,7 @@ impl Server {
             Server::Redis => "redis-server",
             Server::ClickHouse => "clickhouse",
             Server::S3 => "s3s-fs",
+            Server::Alertmanager => "alertmanager",
             Server::Prometheus => "prometheus",
         }
     }
@@ -249,6 +256,7 @@ impl Stack {
                 let bin = cargo_bin("s3s-fs");
                 servers::s3::server(&bin, self.ports.s3, &dir, S3_ACCESS_KEY, S3_SECRET_KEY)
             }
+            Server::Alertmanager => self.alertmanager_command()?,
             Server::Prometheus => self.prometheus_command()?,
         };
         let log = match server {
@@ -275,6 +283,9 @@ impl Stack {
                             servers::clickhouse::ready(ports.clickhouse_http).await
                         }
                         Server::S3 => servers::s3::ready(ports.s3).await,
+                        Server::Alertmanager => {
+                            servers::alertmanager::ready(ports.alertmanager).await
+                        }
                         Server::Prometheus => servers::prometheus::ready(ports.prometheus).await,
                     }
                 }
@@ -368,19 +379,17 @@ impl Stack {
     // ---- Prometheus -----------------------------------------------------------
 
     /// Prometheus scrapes the targets listed in `prometheus/targets/*.json`:
-    /// the `up` stack writes its services there; tests add their own.
+    /// the `up` stack writes its services there; tests add their own. It
+    /// evaluates the repository's alerting rules (`dashboards/alerts`) and sends
+    /// alerts to this stack's Alertmanager.
     fn prometheus_command(&self) -> Result<Command> {
         let targets = self.base.join("prometheus/targets");
         fs::create_dir_all(&targets)?;
         let config = self.base.join("prometheus/prometheus.yml");
+        let rules = self.root.join("dashboards/alerts/tidemark.rules.yml");
         fs::write(
             &config,
-            format!(
-                "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n\
-                 scrape_configs:\n  - job_name: tidemark\n    file_sd_configs:\n\
-                 \x20     - files: ['{}/*.json']\n        refresh_interval: 1s\n",
-                targets.display()
-            ),
+            servers::prometheus::config(&targets, "5s", &rules, self.ports.alertmanager),
         )?;
         let bin = which("prometheus").context("prometheus is not installed")?;
         Ok(servers::prometheus::server(
@@ -388,6 +397,25 @@ impl Stack {
             &config,
             &self.data("prometheus"),
             self.ports.prometheus,
+        ))
+    }
+
+    /// Alertmanager, configured by `dashboards/alerts/render.sh` from this
+    /// process's environment (Telegram and a webhook when their variables are set;
+    /// see README, "Alerts").
+    fn alertmanager_command(&self) -> Result<Command> {
+        let dir = self.base.join("alertmanager");
+        fs::create_dir_all(&dir)?;
+        let config = dir.join("alertmanager.yml");
+        servers::alertmanager::render(&config, &[])?;
+        fs::create_dir_all(self.data("alertmanager"))?;
+        let bin =
+            which("prometheus-alertmanager").context("prometheus-alertmanager is not installed")?;
+        Ok(servers::alertmanager::server(
+            &bin,
+            &config,
+            &self.data("alertmanager"),
+            self.ports.alertmanager,
         ))
     }
 
@@ -450,6 +478,7 @@ impl Stack {
             (Server::Redis, self.ports.redis),
             (Server::ClickHouse, self.ports.clickhouse_http),
             (Server::S3, self.ports.s3),
+            (Server::Alertmanager, self.ports.alertmanager),
             (Server::Prometheus, self.ports.prometheus),
         ];
         for (server, port) in rows {

@@ -44,6 +44,7 @@ fn every_image_is_pinned_and_every_service_is_there() {
         "clickhouse/clickhouse-server:",
         "minio/minio:",
         "prom/prometheus:",
+        "prom/alertmanager:",
         "grafana/grafana:",
     ] {
         assert!(

@@ -5,8 +5,12 @@
 //! operational endpoints and streams at the configured demo rate. About 3 % of the
 //! orders are refunded and 2 % cancelled, minutes to 30 days later: `stream` sends
 //! each correction when its time comes, `backfill` sends those due by its end after
-//! the orders. Each ends with a [`Tally`] of what ingest stored (gross, refunded and
-//! net per currency), to compare with the served totals.
+//! the orders. Customers have profiles (home city, segment, sign-up) sent to
+//! `POST /v1/customers`, and about 1 % of them move to another city per simulated
+//! month; an order is placed from its customer's home at the time (6 % away from
+//! it), so revenue by city of residence differs from revenue by order city. Each
+//! ends with a [`Tally`] of what ingest stored (gross, refunded and net per
+//! currency), to compare with the served totals.
 
 pub mod config;
 pub mod model;
@@ -27,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use model::{Correction, Shape, Shop, fx_rates_csv};
+pub use model::{Correction, Profile, Shape, Shop, fx_rates_csv};
 pub use send::{Format, Sender, Tally};
 
 /// A live stream: `rate` orders per second in batches, until `count` orders,
@@ -68,6 +72,13 @@ pub async fn stream(
     // Corrections not yet due, soonest first.
     let mut pending: std::collections::BinaryHeap<std::cmp::Reverse<Pending>> =
         std::collections::BinaryHeap::new();
+    // Every customer's first version, beside the first orders (ingest records
+    // none twice, so a restarted stream resends them harmlessly).
+    let profiles = {
+        let (sender, profiles) = (sender.clone(), shop.profiles());
+        tokio::spawn(async move { sender.send_customers(&profiles).await })
+    };
+    let mut moves_from = Utc::now();
     loop {
         if plan.count.is_some_and(|c| planned >= c)
             || plan.duration.is_some_and(|d| started.elapsed() >= d)
@@ -94,6 +105,8 @@ pub async fn stream(
         while pending.peek().is_some_and(|p| p.0.0.at <= now) {
             due.extend(pending.pop().map(|p| p.0.0));
         }
+        let moved = shop.moves_between(moves_from, now);
+        moves_from = now;
         let permit = in_flight.clone().acquire_owned().await?;
         let sender = sender.clone();
         sends.spawn(async move {
@@ -101,6 +114,12 @@ pub async fn stream(
             if let Ok(tally) = &mut result {
                 match sender.send_corrections(&due).await {
                     Ok(corrected) => tally.add(&corrected),
+                    Err(e) => result = Err(e),
+                }
+            }
+            if let Ok(tally) = &mut result {
+                match sender.send_customers(&moved).await {
+                    Ok(moved) => tally.add(&moved),
                     Err(e) => result = Err(e),
                 }
             }
@@ -114,6 +133,7 @@ pub async fn stream(
     while let Some(done) = sends.join_next().await {
         account(&mut tally, &done??, &bar);
     }
+    tally.add(&profiles.await??);
     bar.finish_and_clear();
     Ok(tally)
 }
@@ -143,6 +163,11 @@ pub async fn backfill(
     let batch = plan.batch.max(1);
     let bar = bar(progress, Some(total));
     let mut shop = Shop::new(plan.seed, plan.shape);
+    // Customers first (their first versions precede the history), and where they
+    // move during it, so that each order is placed from its customer's home then;
+    // the moves are sent after the orders, recorded late and placed in history.
+    let mut tally = sender.send_customers(&shop.profiles()).await?;
+    let moves = shop.moves_between(from, plan.until);
     let corrections = std::sync::Mutex::new(Vec::new());
     let batches = (0..total.div_ceil(batch as u64)).map(|i| {
         let n = (total - i * batch as u64).min(batch as u64);
@@ -160,9 +185,11 @@ pub async fn backfill(
         .map(|orders| async move { sender.send(&orders).await })
         .buffer_unordered(plan.concurrency.max(1));
     let mut results = std::pin::pin!(results);
-    let mut tally = Tally::default();
     while let Some(done) = results.next().await {
         account(&mut tally, &done?, &bar);
+    }
+    if !shutdown.is_cancelled() {
+        tally.add(&sender.send_customers(&moves).await?);
     }
     // Then the corrections due by the end of the history, in time order.
     let mut due: Vec<Correction> =
@@ -213,6 +240,12 @@ fn account(tally: &mut Tally, batch: &Tally, bar: &ProgressBar) {
     metrics::counter!("generator_adjustments_total", "kind" => "refund").increment(batch.refunds);
     metrics::counter!("generator_adjustments_total", "kind" => "cancellation")
         .increment(batch.cancellations);
+    metrics::counter!("generator_customers_total", "outcome" => "recorded")
+        .increment(batch.customers_recorded);
+    metrics::counter!("generator_customers_total", "outcome" => "unchanged")
+        .increment(batch.customers_unchanged);
+    metrics::counter!("generator_customers_total", "outcome" => "rejected")
+        .increment(batch.customers_rejected);
     for (currency, minor) in &batch.revenue_minor {
         metrics::counter!("generator_revenue_minor_total", "currency" => currency.clone())
             .increment(u64::try_from(*minor).unwrap_or(0));

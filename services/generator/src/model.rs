@@ -111,6 +111,27 @@ pub const CANCEL_SHARE: f64 = 0.02;
 /// within days).
 const CORRECTION_DELAY_MINUTES: (f64, f64) = (5.0, 30.0 * 24.0 * 60.0);
 
+/// Share of orders placed away from home (travel, a gift sent from elsewhere):
+/// their city, and its currency, are another city's.
+pub const AWAY_SHARE: f64 = 0.06;
+/// Share of customers who move to another city per simulated month.
+pub const MOVES_PER_MONTH: f64 = 0.01;
+/// Customer segments and their weights.
+const SEGMENTS: &[(&str, u32)] = &[("retail", 80), ("business", 15), ("vip", 5)];
+/// Sign-ups fall in the two years before this moment (unix seconds,
+/// 2025-01-01T00:00:00Z), so a customer's first version precedes the demo's orders.
+const SIGNUPS_END: i64 = 1_735_689_600;
+
+/// A customer's attributes from a moment on, as `PUT /v1/customers` takes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub user_id: String,
+    pub city: String,
+    pub segment: String,
+    pub signed_up_at: DateTime<Utc>,
+    pub effective_at: DateTime<Utc>,
+}
+
 /// A refund or cancellation the shop will ask for, at `at`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Correction {
@@ -155,8 +176,16 @@ pub struct Shop {
     shape: Shape,
     products: Vec<Product>,
     popularity: WeightedIndex<f64>,
-    /// Home city (index into `CITIES`) of each user.
+    /// First home city (index into `CITIES`) of each user.
     homes: Vec<usize>,
+    /// Each user's moves: (from when, the new home), in time order.
+    moves: Vec<Vec<(DateTime<Utc>, usize)>>,
+    /// Each user's segment (index into `SEGMENTS`) and sign-up.
+    segments: Vec<usize>,
+    signed_up: Vec<DateTime<Utc>>,
+    city_pick: WeightedIndex<u32>,
+    /// Draws customers' moves, apart from the orders' generator.
+    people: StdRng,
     quantities: WeightedIndex<u32>,
     basket_lines: WeightedIndex<u32>,
     currencies: Vec<Currency>,
@@ -189,8 +218,22 @@ impl Shop {
             .expect("positive weights");
         let city_pick =
             WeightedIndex::new(CITIES.iter().map(|c| c.population_k)).expect("positive weights");
-        let homes = (0..shape.users.max(1))
+        let homes: Vec<usize> = (0..shape.users.max(1))
             .map(|_| city_pick.sample(&mut rng))
+            .collect();
+        let mut people = StdRng::seed_from_u64(seed ^ 0x7065_6f70_6c65); // "people"
+        let segment_pick =
+            WeightedIndex::new(SEGMENTS.iter().map(|s| s.1)).expect("positive weights");
+        let segments = homes
+            .iter()
+            .map(|_| segment_pick.sample(&mut people))
+            .collect();
+        let signed_up = homes
+            .iter()
+            .map(|_| {
+                DateTime::from_timestamp(SIGNUPS_END - people.random_range(0..2 * 365 * 86_400), 0)
+                    .expect("in range")
+            })
             .collect();
         let quantities =
             WeightedIndex::new(QUANTITIES.iter().map(|q| q.1)).expect("positive weights");
@@ -205,7 +248,12 @@ impl Shop {
             shape,
             products,
             popularity,
+            moves: vec![Vec::new(); homes.len()],
             homes,
+            segments,
+            signed_up,
+            city_pick,
+            people,
             quantities,
             basket_lines,
             currencies,
@@ -256,6 +304,66 @@ impl Shop {
         })
     }
 
+    /// Every customer's first version: home city, segment, effective from sign-up.
+    pub fn profiles(&self) -> Vec<Profile> {
+        (0..self.homes.len())
+            .map(|user| self.profile(user, self.homes[user], self.signed_up[user]))
+            .collect()
+    }
+
+    fn profile(&self, user: usize, home: usize, at: DateTime<Utc>) -> Profile {
+        Profile {
+            user_id: user_id(user),
+            city: CITIES[home].name.to_owned(),
+            segment: SEGMENTS[self.segments[user]].0.to_owned(),
+            signed_up_at: self.signed_up[user],
+            effective_at: at,
+        }
+    }
+
+    /// Customers who move to another city in `[from, to)`: about
+    /// [`MOVES_PER_MONTH`] of them per 30 days, each at a random moment. Their
+    /// orders from then on are placed from the new home; the returned versions say
+    /// so to ingest.
+    pub fn moves_between(&mut self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<Profile> {
+        let span = (to - from).num_seconds();
+        if span <= 0 {
+            return Vec::new();
+        }
+        let expected = self.homes.len() as f64 * MOVES_PER_MONTH * span as f64 / (30.0 * 86_400.0);
+        let mut count = expected.floor() as usize;
+        if self.people.random::<f64>() < expected.fract() {
+            count += 1;
+        }
+        let mut moved = Vec::with_capacity(count);
+        for _ in 0..count {
+            let user = self.people.random_range(0..self.homes.len());
+            let at = from + TimeDelta::seconds(self.people.random_range(0..span));
+            let before = self.home_at(user, at);
+            let home = loop {
+                let city = self.city_pick.sample(&mut self.people);
+                if city != before {
+                    break city;
+                }
+            };
+            let moves = &mut self.moves[user];
+            let place = moves.partition_point(|(t, _)| *t <= at);
+            moves.insert(place, (at, home));
+            moved.push(self.profile(user, home, at));
+        }
+        moved.sort_by_key(|p| p.effective_at);
+        moved
+    }
+
+    /// The home of `user` at `at`.
+    fn home_at(&self, user: usize, at: DateTime<Utc>) -> usize {
+        let moves = &self.moves[user];
+        match moves.partition_point(|(t, _)| *t <= at) {
+            0 => self.homes[user],
+            n => moves[n - 1].1,
+        }
+    }
+
     /// An order placed at about `now`: usually at `now`, sometimes late.
     pub fn live_order(&mut self, now: DateTime<Utc>) -> Order {
         let at = if self.rng.random_bool(self.shape.late_share.clamp(0.0, 1.0)) {
@@ -291,11 +399,14 @@ impl Shop {
     /// at `at` (rejection sampling).
     fn awake_user(&mut self, at: DateTime<Utc>) -> Option<usize> {
         let user = self.rng.random_range(0..self.homes.len());
-        (self.rng.random::<f64>() < rhythm(self.homes[user], at)).then_some(user)
+        (self.rng.random::<f64>() < rhythm(self.home_at(user, at), at)).then_some(user)
     }
 
     fn order_for(&mut self, user: usize, at: DateTime<Utc>) -> Order {
-        let home = self.homes[user];
+        let mut home = self.home_at(user, at);
+        if self.rng.random_bool(AWAY_SHARE) {
+            home = self.city_pick.sample(&mut self.rng);
+        }
         let spec = &CITIES[home];
         let currency = self.currencies[home];
         let order_id = Uuid::from_u128(self.rng.random::<u128>() | 1);
@@ -329,13 +440,17 @@ impl Shop {
             .collect();
         Order {
             order_id,
-            user_id: format!("user-{user:06}"),
+            user_id: user_id(user),
             city: spec.name.to_owned(),
             currency,
             created_at: at.trunc_subsecs(6),
             lines,
         }
     }
+}
+
+fn user_id(user: usize) -> String {
+    format!("user-{user:06}")
 }
 
 /// The daily rhythm at `at` in the local time of city `home`, in (0, 1].
@@ -514,6 +629,45 @@ mod tests {
         // The orders themselves are the same with or without corrections drawn.
         let mut plain = Shop::new(7, Shape::default());
         assert_eq!(plain.live_order(t0()), orders[0]);
+    }
+
+    #[test]
+    fn about_one_percent_of_customers_move_a_month_and_order_from_their_home() {
+        let mut shop = Shop::new(11, Shape::default());
+        let profiles = shop.profiles();
+        assert_eq!(profiles.len(), 20_000);
+        let signups_end = DateTime::from_timestamp(SIGNUPS_END, 0).unwrap();
+        assert!(
+            profiles
+                .iter()
+                .all(|p| p.effective_at == p.signed_up_at && p.signed_up_at <= signups_end)
+        );
+        let to = Utc::now();
+        let from = to - TimeDelta::days(90);
+        let moves = shop.moves_between(from, to);
+        // 20,000 × 1 % × 3 months = 600 expected.
+        assert!((500..=700).contains(&moves.len()), "{}", moves.len());
+        assert!(moves.iter().all(|m| (from..to).contains(&m.effective_at)));
+        let moved: std::collections::HashMap<&str, &Profile> =
+            moves.iter().map(|m| (m.user_id.as_str(), m)).collect();
+        // Orders after a move come from the new home, but for those placed away.
+        let (mut after, mut at_new_home) = (0_usize, 0_usize);
+        for _ in 0..400_000 {
+            let order = shop.historic_order(from, to);
+            if let Some(m) = moved.get(order.user_id.as_str())
+                && order.created_at > m.effective_at
+                && moves
+                    .iter()
+                    .filter(|o| o.user_id == m.user_id)
+                    .all(|o| o.effective_at <= m.effective_at)
+            {
+                after += 1;
+                at_new_home += usize::from(order.city == m.city);
+            }
+        }
+        assert!(after > 300, "{after}");
+        let share = at_new_home as f64 / after as f64;
+        assert!(share > 0.88 && share < 0.99, "{share}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tidemark_domain::avro::{SchemaVersion, write_container};
 use tidemark_domain::{Currency, Order};
 
-use crate::model::Correction;
+use crate::model::{Correction, Profile};
 use tidemark_domain::money::format_minor;
 
 /// The wire format of a request.
@@ -31,6 +31,7 @@ pub struct Sender {
     client: reqwest::Client,
     url: String,
     adjustments_url: String,
+    customers_url: String,
     api_key: String,
     format: Format,
     /// Attempts per batch when ingest answers 429/503 or cannot be reached.
@@ -61,6 +62,10 @@ pub struct Tally {
     pub corrections_rejected: u64,
     /// What the stored refunds and cancellations gave back, minor units per currency.
     pub refunded_minor: BTreeMap<String, i64>,
+    /// Customer versions recorded, sent again unchanged, and refused or undelivered.
+    pub customers_recorded: u64,
+    pub customers_unchanged: u64,
+    pub customers_rejected: u64,
 }
 
 impl Tally {
@@ -84,6 +89,9 @@ impl Tally {
         for (currency, minor) in &other.refunded_minor {
             *self.refunded_minor.entry(currency.clone()).or_default() += minor;
         }
+        self.customers_recorded += other.customers_recorded;
+        self.customers_unchanged += other.customers_unchanged;
+        self.customers_rejected += other.customers_rejected;
     }
 
     /// The orders that were stored, counted into the tally.
@@ -118,6 +126,11 @@ impl fmt::Display for Tally {
         writeln!(f, "  rejected         {:>14}", self.rejected)?;
         writeln!(f, "  refunds          {:>14}", self.refunds)?;
         writeln!(f, "  cancellations    {:>14}", self.cancellations)?;
+        writeln!(
+            f,
+            "  customer versions {:>13} (unchanged {}, rejected {})",
+            self.customers_recorded, self.customers_unchanged, self.customers_rejected
+        )?;
         if self.correction_duplicates + self.corrections_rejected > 0 {
             writeln!(
                 f,
@@ -163,6 +176,12 @@ struct AdjustmentsAnswer {
 }
 
 #[derive(Deserialize)]
+struct CustomersAnswer {
+    recorded: u64,
+    unchanged: u64,
+}
+
+#[derive(Deserialize)]
 struct AdjustmentAnswer {
     adjustment_id: uuid::Uuid,
     order_id: uuid::Uuid,
@@ -179,6 +198,7 @@ impl Sender {
             client,
             url: format!("{}/v1/orders", ingest_url.trim_end_matches('/')),
             adjustments_url: format!("{}/v1/adjustments", ingest_url.trim_end_matches('/')),
+            customers_url: format!("{}/v1/customers", ingest_url.trim_end_matches('/')),
             api_key: api_key.to_owned(),
             format,
             attempts: 8,
@@ -269,6 +289,29 @@ impl Sender {
         Ok(tally)
     }
 
+    /// Sends customer versions to `POST /v1/customers` (one all-or-nothing request
+    /// per 5,000); a refused request counts them as rejected.
+    pub async fn send_customers(&self, profiles: &[Profile]) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        for chunk in profiles.chunks(5_000) {
+            let items: Vec<serde_json::Value> = chunk.iter().map(profile_json).collect();
+            let body = serde_json::to_vec(&items)?;
+            match self
+                .post(&self.customers_url, body, "application/json", chunk.len())
+                .await?
+            {
+                Some(answer) => {
+                    let answer: CustomersAnswer =
+                        serde_json::from_value(answer).context("reading ingest's answer")?;
+                    tally.customers_recorded += answer.recorded;
+                    tally.customers_unchanged += answer.unchanged;
+                }
+                None => tally.customers_rejected += chunk.len() as u64,
+            }
+        }
+        Ok(tally)
+    }
+
     /// Posts one request of `count` items, retrying on 429, 503 and connection
     /// failures with the server's `Retry-After` (or exponential backoff). The
     /// answer when accepted; `None` when refused (logged with ingest's problem
@@ -322,6 +365,17 @@ impl Sender {
         tracing::warn!(url, count, "giving up on a batch");
         Ok(None)
     }
+}
+
+/// The item `POST /v1/customers` accepts for a customer version.
+pub fn profile_json(p: &Profile) -> serde_json::Value {
+    serde_json::json!({
+        "user_id": p.user_id,
+        "city": p.city,
+        "segment": p.segment,
+        "signed_up_at": p.signed_up_at.to_rfc3339(),
+        "effective_at": p.effective_at.to_rfc3339(),
+    })
 }
 
 /// The item `POST /v1/adjustments` accepts for a correction.

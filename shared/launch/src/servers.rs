@@ -214,6 +214,23 @@ pub mod s3 {
 pub mod prometheus {
     use super::*;
 
+    /// The configuration of a Prometheus that scrapes the targets listed in
+    /// `targets/*.json` (file discovery) every `interval`, evaluates
+    /// `rules` at the same pace and sends alerts to the Alertmanager on
+    /// `alertmanager_port`.
+    pub fn config(targets: &Path, interval: &str, rules: &Path, alertmanager_port: u16) -> String {
+        format!(
+            "global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n\
+             rule_files: ['{rules}']\n\
+             alerting:\n  alertmanagers:\n    - static_configs:\n\
+             \x20       - targets: ['127.0.0.1:{alertmanager_port}']\n\
+             scrape_configs:\n  - job_name: tidemark\n    file_sd_configs:\n\
+             \x20     - files: ['{targets}/*.json']\n        refresh_interval: 1s\n",
+            rules = rules.display(),
+            targets = targets.display(),
+        )
+    }
+
     /// Prometheus with its configuration file and data folder.
     pub fn server(bin: &Path, config: &Path, data: &Path, port: u16) -> Command {
         let mut command = Command::new(bin);
@@ -222,6 +239,50 @@ pub mod prometheus {
             .arg(format!("--storage.tsdb.path={}", data.display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--web.enable-lifecycle");
+        command
+    }
+
+    /// Whether `/-/ready` answers 2xx.
+    pub async fn ready(port: u16) -> bool {
+        let url = format!("http://127.0.0.1:{port}/-/ready");
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, reqwest::get(url)).await,
+            Ok(Ok(r)) if r.status().is_success()
+        )
+    }
+}
+
+pub mod alertmanager {
+    use super::*;
+
+    /// Writes Alertmanager's configuration to `out` with the repository's
+    /// `dashboards/alerts/render.sh` (the one rendering docker-compose uses too),
+    /// from `env`: `TIDEMARK_ALERT_WEBHOOK_URL`, `TIDEMARK_TELEGRAM_BOT_TOKEN` and
+    /// `TIDEMARK_TELEGRAM_CHAT_ID` (Telegram off when unset),
+    /// `TIDEMARK_ALERT_GROUP_WAIT`.
+    pub fn render(out: &Path, env: &[(&str, &str)]) -> std::io::Result<()> {
+        let script = crate::workspace_root().join("dashboards/alerts/render.sh");
+        let mut command = Command::new("sh");
+        command.arg(script).arg(out);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let status = command.status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("render.sh failed: {status}")))
+        }
+    }
+
+    /// Alertmanager alone (no cluster), with its configuration and data folder.
+    pub fn server(bin: &Path, config: &Path, data: &Path, port: u16) -> Command {
+        let mut command = Command::new(bin);
+        command
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=");
         command
     }
 

@@ -22,10 +22,23 @@ use crate::stack::stack;
 
 /// Which server, and what its command and probe need.
 enum Kind {
-    Postgres { bin_dir: PathBuf },
+    Postgres {
+        bin_dir: PathBuf,
+    },
     Redis,
     S3,
-    ClickHouse { ports: servers::clickhouse::Ports },
+    ClickHouse {
+        ports: servers::clickhouse::Ports,
+    },
+    /// Scraping `targets/*.json` in its folder every second, with the
+    /// repository's alerting rules, alerting the Alertmanager on the port.
+    Prometheus {
+        alertmanager: u16,
+    },
+    /// Sending every alert to the webhook, a second after it fires.
+    Alertmanager {
+        webhook: String,
+    },
 }
 
 /// A server run as a child process of the test, on a port of its own, with its
@@ -72,6 +85,26 @@ impl PrivateServer {
             Kind::S3 => {
                 std::fs::create_dir(self.path().join(PrivateS3::BUCKET)).expect("bucket folder");
             }
+            Kind::Prometheus { alertmanager } => {
+                std::fs::create_dir(self.path().join("targets")).expect("targets folder");
+                let rules =
+                    tidemark_launch::workspace_root().join("dashboards/alerts/tidemark.rules.yml");
+                let config = servers::prometheus::config(
+                    &self.path().join("targets"),
+                    "1s",
+                    &rules,
+                    *alertmanager,
+                );
+                std::fs::write(self.path().join("prometheus.yml"), config).expect("config");
+            }
+            Kind::Alertmanager { webhook } => servers::alertmanager::render(
+                &self.path().join("alertmanager.yml"),
+                &[
+                    ("TIDEMARK_ALERT_WEBHOOK_URL", webhook),
+                    ("TIDEMARK_ALERT_GROUP_WAIT", "1s"),
+                ],
+            )
+            .expect("alertmanager.yml"),
             Kind::Redis | Kind::ClickHouse { .. } => {}
         }
     }
@@ -100,6 +133,19 @@ impl PrivateServer {
                 "warning",
                 *ports,
             ),
+            Kind::Prometheus { .. } => servers::prometheus::server(
+                &tidemark_launch::which("prometheus").expect("prometheus is installed"),
+                &dir.join("prometheus.yml"),
+                &dir.join("data"),
+                self.port,
+            ),
+            Kind::Alertmanager { .. } => servers::alertmanager::server(
+                &tidemark_launch::which("prometheus-alertmanager")
+                    .expect("prometheus-alertmanager is installed"),
+                &dir.join("alertmanager.yml"),
+                &dir.join("data"),
+                self.port,
+            ),
         }
     }
 
@@ -109,6 +155,8 @@ impl PrivateServer {
             Kind::Redis => servers::redis::ready(self.port).await,
             Kind::S3 => servers::s3::ready(self.port).await,
             Kind::ClickHouse { ports } => servers::clickhouse::ready(ports.http).await,
+            Kind::Prometheus { .. } => servers::prometheus::ready(self.port).await,
+            Kind::Alertmanager { .. } => servers::alertmanager::ready(self.port).await,
         }
     }
 
@@ -320,5 +368,53 @@ impl PrivateClickHouse {
             database: unique("t_"),
             ..ClickHouseConfig::default()
         }
+    }
+}
+
+/// Prometheus with the repository's alerting rules and an Alertmanager that sends
+/// every alert to `webhook`, both of one test's own (scraping and evaluating every
+/// second, grouping for a second).
+pub struct PrivateAlerting {
+    pub alertmanager: PrivateServer,
+    pub prometheus: PrivateServer,
+}
+
+impl PrivateAlerting {
+    pub async fn start(webhook: &str) -> PrivateAlerting {
+        let alertmanager = PrivateServer::start(
+            Kind::Alertmanager {
+                webhook: webhook.to_owned(),
+            },
+            tidemark_launch::free_port(),
+        )
+        .await;
+        let prometheus = PrivateServer::start(
+            Kind::Prometheus {
+                alertmanager: alertmanager.port,
+            },
+            tidemark_launch::free_port(),
+        )
+        .await;
+        PrivateAlerting {
+            alertmanager,
+            prometheus,
+        }
+    }
+
+    /// Scrapes `url`'s `/metrics` as the service `service`.
+    pub fn scrape(&self, service: &str, url: &str) {
+        let target = url.trim_start_matches("http://").trim_end_matches('/');
+        let body = serde_json::json!([{ "targets": [target], "labels": { "service": service } }]);
+        std::fs::write(
+            self.prometheus
+                .path()
+                .join(format!("targets/{service}.json")),
+            body.to_string(),
+        )
+        .expect("targets file");
+    }
+
+    pub fn prometheus_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.prometheus.port)
     }
 }

@@ -1,5 +1,6 @@
 //! Batch-layer integration tests against real Postgres, S3 and ClickHouse.
 
+mod alerts;
 mod batch;
 mod lake;
 mod ops;

@@ -36,6 +36,9 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
         .await
         .unwrap();
     assert_eq!((sent.created, sent.rejected), (3_000, 0), "{sent:?}");
+    // Every customer's first version, and the moves during the history.
+    assert!(sent.customers_recorded >= 2_000, "{sent:?}");
+    assert_eq!(sent.customers_rejected, 0, "{sent:?}");
     // Its refunds and cancellations due by its end (the live burst below may add a
     // few: its late orders can be corrected at once).
     let history_corrections = sent.refunds + sent.cancellations;
@@ -69,6 +72,11 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
         .await
         .unwrap();
     assert_eq!((again.created, again.duplicates), (0, 3_000), "{again:?}");
+    assert_eq!(
+        (again.customers_recorded, again.customers_unchanged),
+        (0, sent.customers_recorded),
+        "the same customers again record nothing: {again:?}"
+    );
     // Its refunds and cancellations too: resent, none stored twice.
     assert!(
         sent.refunds > 10 && sent.cancellations > 5,
@@ -124,6 +132,73 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
         );
     }
     assert!(sent.revenue_minor.len() > 5, "many currencies: {sent:?}");
+
+    // The warehouse (loaded by ingest): revenue by city of residence counts every
+    // order, and differs from revenue by the order's city (orders placed away from
+    // home, customers who moved).
+    step("warehouse catching up");
+    tidemark_testkit::eventually(
+        std::time::Duration::from_secs(60),
+        "the vault loader catches up",
+        || async {
+            tidemark_ingest::vault::lag(&env.db.pool)
+                .await
+                .is_ok_and(|lag| lag.rows == 0)
+        },
+    )
+    .await;
+    let by_residence: serde_json::Value = env
+        .get(&format!("/v1/revenue/by-residence?from={from}&to={to}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let by_order_city: serde_json::Value = env
+        .get(&format!(
+            "/v1/revenue/summary?from={from}&to={to}&top_by=city&top=100"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let residence: std::collections::BTreeMap<String, u64> = by_residence["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold(Default::default(), |mut m, r| {
+            *m.entry(r["city"].as_str().unwrap_or("-").to_owned())
+                .or_default() += r["orders"].as_u64().unwrap();
+            m
+        });
+    let order_city: std::collections::BTreeMap<String, u64> = by_order_city["top"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{by_order_city}"))
+        .iter()
+        .map(|t| {
+            (
+                t["group"].as_str().unwrap().to_owned(),
+                t["orders"].as_u64().unwrap(),
+            )
+        })
+        .fold(Default::default(), |mut m, (city, n)| {
+            *m.entry(city).or_default() += n;
+            m
+        });
+    assert_eq!(
+        residence.values().sum::<u64>(),
+        sent.created,
+        "{by_residence}"
+    );
+    assert_eq!(
+        order_city.values().sum::<u64>(),
+        sent.created,
+        "{by_order_city}"
+    );
+    assert_ne!(residence, order_city);
+    assert!(
+        !residence.contains_key("-"),
+        "every customer has a profile: {residence:?}"
+    );
     step("stopping ingest");
     ingest.stop().await.unwrap();
 }
