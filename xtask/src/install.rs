@@ -48,6 +48,15 @@ const PACKAGES: &[Package] = &[
         apt: "prometheus-alertmanager",
         installed: || which("prometheus-alertmanager").is_some(),
     },
+    // The page's test drives Chromium through its WebDriver.
+    Package {
+        apt: "chromium",
+        installed: || which("chromium").is_some(),
+    },
+    Package {
+        apt: "chromium-driver",
+        installed: || which("chromedriver").is_some(),
+    },
     Package {
         apt: "docker-compose",
         installed: || which("docker-compose").is_some(),

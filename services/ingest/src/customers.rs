@@ -112,28 +112,21 @@ fn validate(state: &AppState, changes: &[CustomerChange]) -> Result<(), Problem>
         )))
 }
 
-/// Records the changes in one transaction, in order; each one's outcome and the
-/// customer after it.
-async fn apply(
-    state: &AppState,
-    changes: Vec<CustomerChange>,
-) -> Result<Vec<(bool, CustomerView)>, Problem> {
-    // On a task of its own (see `api::ingest`): a dropped handler must not cut the
-    // transaction short.
+/// Runs `record` in one transaction on a task of its own (a dropped handler must
+/// not cut the transaction short; see `api::ingest`), mapping failures to problems.
+async fn transaction<T, F>(state: &AppState, record: F) -> Result<T, Problem>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(
+            &'c mut sqlx::PgConnection,
+        ) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>
+        + Send
+        + 'static,
+{
     let pool = state.pool.clone();
-    let applied = tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         let mut tx = pool.begin().await?;
-        // Customers are locked in one order, so two imports never deadlock.
-        let mut users: Vec<&str> = changes.iter().map(|c| c.user_id.as_str()).collect();
-        users.sort_unstable();
-        users.dedup();
-        for user_id in users {
-            customers::lock(&mut tx, user_id).await?;
-        }
-        let mut out = Vec::with_capacity(changes.len());
-        for change in &changes {
-            out.push(customers::record(&mut tx, change).await?);
-        }
+        let out = record(&mut tx).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(out)
     })
@@ -142,7 +135,7 @@ async fn apply(
         tracing::error!(error = %e, "The customers task failed");
         Problem::internal()
     })?;
-    let done = applied.map_err(|e| {
+    done.map_err(|e| {
         if tidemark_platform::postgres::is_unavailable(&e) {
             tracing::warn!(error = %e, "Postgres unavailable; answering 503");
             Problem::unavailable("The log is unavailable; retry shortly.")
@@ -150,12 +143,14 @@ async fn apply(
             tracing::error!(error = %e, "Storing customer changes failed");
             Problem::internal()
         }
-    })?;
-    for (recorded, _) in &done {
-        let outcome = if *recorded { "recorded" } else { "unchanged" };
+    })
+}
+
+fn counted(recorded: impl IntoIterator<Item = bool>) {
+    for recorded in recorded {
+        let outcome = if recorded { "recorded" } else { "unchanged" };
         metrics::counter!("ingest_customer_changes_total", "outcome" => outcome).increment(1);
     }
-    Ok(done)
 }
 
 /// Set a customer's attributes from `effective_at` on.
@@ -189,15 +184,19 @@ pub async fn put_customer(
     let result = async {
         let bytes = read_body(&headers, body, state.settings.max_body_bytes).await?;
         let wire: ChangeSchema = parse(&headers, &bytes)?;
-        let changes = vec![change(user_id, wire)];
-        validate(&state, &changes)?;
-        apply(&state, changes).await
+        let change = change(user_id, wire);
+        validate(&state, std::slice::from_ref(&change))?;
+        let done = transaction(&state, move |tx| {
+            Box::pin(async move { customers::record(tx, &change).await })
+        })
+        .await?;
+        counted([done.0]);
+        Ok(done)
     }
     .await;
-    match result.map(|done| done.into_iter().next()) {
-        Ok(Some((true, view))) => (StatusCode::CREATED, Json(view)).into_response(),
-        Ok(Some((false, view))) => (StatusCode::OK, Json(view)).into_response(),
-        Ok(None) => Problem::internal().into_response(),
+    match result {
+        Ok((true, view)) => (StatusCode::CREATED, Json(view)).into_response(),
+        Ok((false, view)) => (StatusCode::OK, Json(view)).into_response(),
         Err(problem) => refused(ROUTE, problem),
     }
 }
@@ -256,12 +255,17 @@ pub async fn post_customers(
             })
             .collect();
         validate(&state, &changes)?;
-        apply(&state, changes).await
+        let done = transaction(&state, move |tx| {
+            Box::pin(async move { customers::record_many(tx, &changes).await })
+        })
+        .await?;
+        counted(done.iter().copied());
+        Ok(done)
     }
     .await;
     match result {
         Ok(done) => {
-            let recorded = done.iter().filter(|(r, _)| *r).count();
+            let recorded = done.iter().filter(|r| **r).count();
             let response = CustomersResponse {
                 received: done.len(),
                 recorded,

@@ -6,17 +6,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::{OperationType, Selection};
 use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, Object, Schema, Subscription};
-use async_graphql_axum::{GraphQLRequest, GraphQLSubscription};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLWebSocket};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::WebSocketUpgrade;
+use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use futures::Stream;
+use tidemark_platform::auth::{Authenticator, Scope};
 use tidemark_platform::problem::Problem;
 use uuid::Uuid;
 
@@ -431,21 +435,83 @@ pub fn schema(state: Arc<AppState>, settings: &ServingSettings) -> TidemarkSchem
     }
 }
 
-/// `POST /graphql` and the subscription endpoint `/graphql/ws` (authenticated).
-pub fn router(schema: TidemarkSchema) -> Router<Arc<AppState>> {
+/// `POST /graphql` (authenticated by the router's key check; see
+/// [`subscriptions`] for `/graphql/ws`).
+pub fn router(executor: TidemarkSchema) -> Router<Arc<AppState>> {
     let cache = Arc::new(ResponseCache::new(CACHE_ENTRIES));
-    let executor = schema.clone();
-    Router::new()
-        .route(
-            "/graphql",
-            post(
-                move |State(app): State<Arc<AppState>>, request: GraphQLRequest| {
-                    let (schema, cache) = (executor.clone(), cache.clone());
-                    async move { execute(&app, &schema, &cache, request.into_inner()).await }
-                },
-            ),
-        )
-        .route_service("/graphql/ws", GraphQLSubscription::new(schema))
+    Router::new().route(
+        "/graphql",
+        post(
+            move |State(app): State<Arc<AppState>>, request: GraphQLRequest| {
+                let (schema, cache) = (executor.clone(), cache.clone());
+                async move { execute(&app, &schema, &cache, request.into_inner()).await }
+            },
+        ),
+    )
+}
+
+/// `/graphql/ws`: the live subscription (graphql-ws and the older
+/// subscriptions-transport-ws). A browser cannot put a header on a WebSocket
+/// upgrade, so the read key comes either as the upgrade's `Authorization` header
+/// or in the `connection_init` payload — `{"Authorization": "Bearer <key>"}` (as
+/// GraphiQL sends its headers), `{"authorization": …}` or `{"apiKey": "<key>"}`.
+/// Without a valid key the connection is closed (4403) before any subscription
+/// starts; a key over its rate is refused the same way.
+pub fn subscriptions(schema: TidemarkSchema, auth: Arc<Authenticator>) -> Router<Arc<AppState>> {
+    Router::new().route(
+        "/graphql/ws",
+        get(
+            move |protocol: GraphQLProtocol, headers: HeaderMap, upgrade: WebSocketUpgrade| {
+                let (schema, auth) = (schema.clone(), auth.clone());
+                async move {
+                    let header = headers
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(tidemark_platform::auth::bearer)
+                        .map(str::to_owned);
+                    upgrade
+                        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+                        .on_upgrade(move |stream| {
+                            GraphQLWebSocket::new(stream, schema, protocol)
+                                .on_connection_init(move |payload| async move {
+                                    let token = header.or_else(|| init_token(&payload));
+                                    tidemark_platform::auth::admit(
+                                        &auth,
+                                        token.as_deref(),
+                                        Scope::Read,
+                                    )
+                                    .await
+                                    .map(|key| {
+                                        let mut data = async_graphql::Data::default();
+                                        data.insert(key);
+                                        data
+                                    })
+                                    .map_err(|problem| {
+                                        metrics::counter!("serving_subscriptions_refused_total")
+                                            .increment(1);
+                                        async_graphql::Error::new(
+                                            problem
+                                                .detail
+                                                .unwrap_or_else(|| problem.kind.title().to_owned()),
+                                        )
+                                    })
+                                })
+                                .serve()
+                        })
+                }
+            },
+        ),
+    )
+}
+
+/// The key in a `connection_init` payload (see [`subscriptions`]).
+fn init_token(payload: &serde_json::Value) -> Option<String> {
+    let field = |name: &str| payload.get(name).and_then(serde_json::Value::as_str);
+    field("Authorization")
+        .or_else(|| field("authorization"))
+        .and_then(tidemark_platform::auth::bearer)
+        .or_else(|| field("apiKey"))
+        .map(str::to_owned)
 }
 
 /// Answers of revenue and summary queries, through the same coalescing store as

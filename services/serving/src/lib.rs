@@ -8,6 +8,7 @@ pub mod fx;
 pub mod graphql;
 pub mod history;
 pub mod local;
+pub mod page;
 pub mod query;
 pub mod residence;
 pub mod rest;
@@ -75,12 +76,14 @@ pub async fn serve(
     );
     let schema = graphql::schema(state.clone(), &settings);
     let api = rest::router()
-        .merge(graphql::router(schema))
+        .merge(graphql::router(schema.clone()))
         .route_layer(middleware::from_fn_with_state(
-            (auth, Scope::Read),
+            (auth.clone(), Scope::Read),
             auth::require,
         ))
+        .merge(graphql::subscriptions(schema, auth))
         .merge(graphql::graphiql())
+        .merge(page::router())
         .with_state(state)
         .merge(rest::swagger());
     let readiness = Readiness::new()

@@ -57,6 +57,35 @@ struct ChangeRow {
     recorded_at: DateTime<Utc>,
 }
 
+impl ChangeRow {
+    fn recorded(self) -> Recorded {
+        Recorded {
+            attributes: Attributes {
+                city: self.city,
+                segment: self.segment,
+                signed_up_at: self.signed_up_at,
+            },
+            effective_at: self.effective_at,
+            seq: self.seq,
+            recorded_at: self.recorded_at,
+        }
+    }
+}
+
+/// A row of `customer_changes` with its customer.
+#[derive(sqlx::FromRow)]
+struct UserChangeRow {
+    user_id: String,
+    #[sqlx(flatten)]
+    change: ChangeRow,
+}
+
+impl UserChangeRow {
+    fn recorded(self) -> Recorded {
+        self.change.recorded()
+    }
+}
+
 /// The recorded changes of `user_id`, in log order.
 pub async fn changes(db: impl PgExecutor<'_>, user_id: &str) -> Result<Vec<Recorded>, sqlx::Error> {
     let rows: Vec<ChangeRow> = sqlx::query_as(
@@ -66,19 +95,97 @@ pub async fn changes(db: impl PgExecutor<'_>, user_id: &str) -> Result<Vec<Recor
     .bind(user_id)
     .fetch_all(db)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Recorded {
-            attributes: Attributes {
-                city: r.city,
-                segment: r.segment,
-                signed_up_at: r.signed_up_at,
-            },
-            effective_at: r.effective_at,
-            seq: r.seq,
-            recorded_at: r.recorded_at,
-        })
-        .collect())
+    Ok(rows.into_iter().map(ChangeRow::recorded).collect())
+}
+
+/// Records `changes` (in order) in the transaction `tx`, each only if it alters
+/// its customer's history as left by the ones before it; returns which did. For
+/// imports: three statements whatever the number of changes (lock every customer
+/// in sorted order, read their histories, insert what alters them).
+pub async fn record_many(
+    tx: &mut PgConnection,
+    changes: &[CustomerChange],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let mut users: Vec<&str> = changes.iter().map(|c| c.user_id.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended('customer:' || u, 0))) \
+         FROM (SELECT u FROM unnest($1::text[]) u ORDER BY u) sorted",
+    )
+    .bind(&users)
+    .execute(&mut *tx)
+    .await?;
+    let existing: Vec<UserChangeRow> = sqlx::query_as(
+        "SELECT user_id, city, segment, signed_up_at, effective_at, seq, recorded_at \
+         FROM customer_changes WHERE user_id = ANY($1) ORDER BY seq",
+    )
+    .bind(&users)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut histories: std::collections::HashMap<String, Vec<Recorded>> =
+        std::collections::HashMap::new();
+    for row in existing {
+        histories
+            .entry(row.user_id.clone())
+            .or_default()
+            .push(row.recorded());
+    }
+    let mut altered = Vec::with_capacity(changes.len());
+    let mut inserts: Vec<&CustomerChange> = Vec::new();
+    for change in changes {
+        let history = histories.entry(change.user_id.clone()).or_default();
+        let alters = customer::alters(history, change);
+        if alters {
+            // Its place among this batch's changes; the log's `seq` follows the
+            // insert order below.
+            let seq = history.iter().map(|c| c.seq).max().unwrap_or(0) + 1;
+            history.push(Recorded {
+                attributes: change.attributes.clone(),
+                effective_at: change.effective_at,
+                seq,
+                recorded_at: DateTime::<Utc>::MIN_UTC,
+            });
+            inserts.push(change);
+        }
+        altered.push(alters);
+    }
+    if !inserts.is_empty() {
+        sqlx::query(
+            "INSERT INTO customer_changes (user_id, effective_at, city, segment, signed_up_at) \
+             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], \
+                                  $5::timestamptz[]) WITH ORDINALITY AS c(u, e, ci, s, su, n) \
+             ORDER BY n",
+        )
+        .bind(
+            inserts
+                .iter()
+                .map(|c| c.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(inserts.iter().map(|c| c.effective_at).collect::<Vec<_>>())
+        .bind(
+            inserts
+                .iter()
+                .map(|c| c.attributes.city.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            inserts
+                .iter()
+                .map(|c| c.attributes.segment.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            inserts
+                .iter()
+                .map(|c| c.attributes.signed_up_at)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(altered)
 }
 
 /// The customer as the recorded changes make it; `None` if there are none.

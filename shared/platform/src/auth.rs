@@ -272,12 +272,6 @@ impl Authenticator {
 }
 
 /// The 401 for missing, unknown and revoked keys alike.
-fn unauthorized() -> Response {
-    Problem::new(ProblemKind::Unauthorized)
-        .detail("Send a valid API key as `Authorization: Bearer <key>`.")
-        .into_response()
-}
-
 /// Middleware: requires a key with `scope`, applies its rate limit, and puts the
 /// [`ApiKey`] in the request's extensions.
 pub async fn require(
@@ -289,36 +283,60 @@ pub async fn require(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer)
+        .map(str::to_owned);
+    match admit(&auth, token.as_deref(), scope).await {
+        Ok(key) => {
+            request.extensions_mut().insert(key);
+            next.run(request).await
+        }
+        Err(problem) => problem.into_response(),
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value.
+pub fn bearer(value: &str) -> Option<&str> {
+    value.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// The key of `token` if it exists, has `scope` and is within its rate; the
+/// problem to answer otherwise (401, 403, 429, or 503 when keys cannot be read).
+/// Used by [`require`] and by the GraphQL subscription's `connection_init`.
+pub async fn admit(
+    auth: &Authenticator,
+    token: Option<&str>,
+    scope: Scope,
+) -> Result<ApiKey, Problem> {
+    let unauthorized = || {
+        Problem::new(ProblemKind::Unauthorized)
+            .detail("Send a valid API key as `Authorization: Bearer <key>`.")
+    };
     let Some(token) = token.filter(|t| t.starts_with(TOKEN_PREFIX) && t.len() <= 128) else {
-        return unauthorized();
+        return Err(unauthorized());
     };
     let key = match auth.authenticate(token).await {
         Ok(Some(key)) => key,
-        Ok(None) => return unauthorized(),
+        Ok(None) => return Err(unauthorized()),
         Err(e) => {
             tracing::warn!(error = %e, "API key lookup failed");
-            return Problem::unavailable("API keys cannot be checked right now.").into_response();
+            return Err(Problem::unavailable(
+                "API keys cannot be checked right now.",
+            ));
         }
     };
     if !key.allows(scope) {
-        return Problem::new(ProblemKind::Forbidden)
-            .detail(format!(
-                "This API key lacks the `{}` scope.",
-                scope.as_str()
-            ))
-            .into_response();
+        return Err(Problem::new(ProblemKind::Forbidden).detail(format!(
+            "This API key lacks the `{}` scope.",
+            scope.as_str()
+        )));
     }
     if let Err(wait) = auth.check_rate(&key) {
         metrics::counter!("api_key_rate_limited_total").increment(1);
-        return Problem::new(ProblemKind::RateLimited)
+        return Err(Problem::new(ProblemKind::RateLimited)
             .detail("This API key is over its request rate.")
-            .retry_after(wait)
-            .into_response();
+            .retry_after(wait));
     }
-    request.extensions_mut().insert(key);
-    next.run(request).await
+    Ok(key)
 }
 
 /// `keys create|list|revoke`: the command-line for key management.

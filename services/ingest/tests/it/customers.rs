@@ -183,6 +183,39 @@ async fn bad_changes_name_each_field_and_store_nothing() {
     let (status, body) = bulk(&h, "application/x-ndjson", ndjson).await;
     assert_eq!((status, &body["unchanged"]), (200, &json!(2)), "{body}");
     assert_eq!(rows(&h).await, 2);
+
+    // One import holding a customer's move, a resend of it, and a late change
+    // before it: judged in order, each against the ones before it.
+    let item = |city: &str, at: &str| {
+        json!({"user_id": "u-2", "city": city, "segment": "retail",
+               "signed_up_at": "2026-01-15T10:00:00Z", "effective_at": at})
+    };
+    let import = json!([
+        item("Rome", "2026-05-01T00:00:00Z"),
+        item("Rome", "2026-05-01T00:00:00Z"),
+        item("Berlin", "2026-03-01T00:00:00Z"),
+        item("Oslo", "2026-03-01T00:00:00Z"),
+    ]);
+    let (status, body) = bulk(&h, "application/json", import.to_string()).await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        (&body["recorded"], &body["unchanged"]),
+        (&json!(2), &json!(2)),
+        "{body}"
+    );
+    let (_, customer) = put(&h, "u-2", &change("Oslo", "2026-03-01T00:00:00Z")).await;
+    assert_eq!(
+        versions(&customer),
+        [
+            v(
+                "Berlin",
+                "2026-02-01T00:00:00Z",
+                Some("2026-03-01T00:00:00Z")
+            ),
+            v("Oslo", "2026-03-01T00:00:00Z", Some("2026-05-01T00:00:00Z")),
+            v("Rome", "2026-05-01T00:00:00Z", None),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -706,3 +706,81 @@ async fn a_customer_is_served_with_every_version() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["pointer"], "user_id");
 }
+
+/// What the subscription endpoint answers a browser-like client (no header on
+/// the upgrade) whose `connection_init` carries `payload`: the first message
+/// after a subscribe, or how the connection ended.
+async fn subscribe_with_init(env: &Env, payload: serde_json::Value) -> String {
+    let mut request = format!("ws://{}/graphql/ws", env.serving.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let init = serde_json::json!({ "type": "connection_init", "payload": payload });
+    ws.send(Message::text(init.to_string())).await.unwrap();
+    let subscribe = serde_json::json!({
+        "id": "1",
+        "type": "subscribe",
+        "payload": { "query": "subscription { revenue { points { orders } } }" }
+    });
+    drop(ws.send(Message::text(subscribe.to_string())).await);
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(message) = ws.next().await {
+            match message {
+                Ok(Message::Text(text)) => {
+                    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] == "next" || value["type"] == "error" {
+                        return format!("{}", value["type"]);
+                    }
+                }
+                Ok(Message::Close(frame)) => {
+                    return format!("closed {}", frame.map_or(0, |f| u16::from(f.code)));
+                }
+                Ok(_) => {}
+                Err(e) => return format!("ended: {e}"),
+            }
+        }
+        "ended".to_owned()
+    })
+    .await;
+    answer.expect("an answer within 10 s")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_subscription_takes_the_key_in_connection_init_as_browsers_must() {
+    let env = Env::new().await;
+    let bearer = format!("Bearer {}", env.key);
+    for accepted in [
+        serde_json::json!({ "Authorization": bearer }),
+        serde_json::json!({ "authorization": bearer }),
+        serde_json::json!({ "apiKey": env.key }),
+    ] {
+        assert_eq!(
+            subscribe_with_init(&env, accepted.clone()).await,
+            "\"next\"",
+            "{accepted}"
+        );
+    }
+    let (_, ingest_only) = tidemark_platform::auth::create(
+        &env.db.pool,
+        "writer",
+        &[tidemark_platform::auth::Scope::Ingest],
+        None,
+    )
+    .await
+    .unwrap();
+    for refused in [
+        serde_json::json!({}),
+        serde_json::json!({ "apiKey": "tdm_not_a_key" }),
+        serde_json::json!({ "apiKey": ingest_only }),
+    ] {
+        assert_eq!(
+            subscribe_with_init(&env, refused.clone()).await,
+            "closed 4403",
+            "{refused}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ mod fuzz;
 mod merge;
 mod model;
 mod ops;
+mod page;
 mod process;
 mod residence;
 mod slices;
