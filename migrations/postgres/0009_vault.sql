@@ -103,6 +103,8 @@ CREATE TABLE vault.sat_order (
     PRIMARY KEY (order_hk, load_date)
 );
 CREATE INDEX sat_order_by_time ON vault.sat_order (created_at);
+-- A customer's orders newest first (order history), through the link.
+CREATE INDEX sat_order_history ON vault.sat_order (order_hk, created_at DESC);
 
 -- A line's details.
 CREATE TABLE vault.sat_order_line (
@@ -114,6 +116,20 @@ CREATE TABLE vault.sat_order_line (
     unit_price_minor bigint      NOT NULL,
     record_source    text        NOT NULL,
     PRIMARY KEY (order_line_hk, load_date)
+);
+
+-- The refunds and cancellation of an order: a multi-active satellite, one row per
+-- adjustment (a cancellation of an order with nothing left gives back no line, and
+-- is still the order's cancellation).
+CREATE TABLE vault.sat_order_adjustment (
+    order_hk      bytea       NOT NULL REFERENCES vault.hub_order,
+    adjustment_id uuid        NOT NULL,
+    load_date     timestamptz NOT NULL,
+    hash_diff     bytea       NOT NULL,
+    kind          text        NOT NULL,
+    created_at    timestamptz NOT NULL,
+    record_source text        NOT NULL,
+    PRIMARY KEY (order_hk, adjustment_id)
 );
 
 -- What refunds and cancellations gave back of each line: a multi-active
@@ -136,7 +152,7 @@ DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['hub_customer', 'hub_product', 'hub_order',
         'link_order_customer', 'link_order_line', 'sat_customer', 'sat_order',
-        'sat_order_line', 'sat_line_adjustment']
+        'sat_order_line', 'sat_order_adjustment', 'sat_line_adjustment']
     LOOP
         EXECUTE format('CREATE TRIGGER insert_only BEFORE UPDATE OR DELETE ON vault.%I '
                        'FOR EACH ROW EXECUTE FUNCTION vault.insert_only()', t);

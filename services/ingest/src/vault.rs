@@ -33,7 +33,7 @@ use crate::config::VaultSettings;
 pub const CONSUMER: &str = "vault";
 
 /// The vault's tables, hubs first (the order a load fills them in).
-pub const TABLES: [&str; 9] = [
+pub const TABLES: [&str; 10] = [
     "hub_customer",
     "hub_product",
     "hub_order",
@@ -42,6 +42,7 @@ pub const TABLES: [&str; 9] = [
     "sat_customer",
     "sat_order",
     "sat_order_line",
+    "sat_order_adjustment",
     "sat_line_adjustment",
 ];
 
@@ -71,7 +72,7 @@ macro_rules! micros {
 }
 
 /// The statements of one load, in order.
-const LOAD: [&str; 9] = [
+const LOAD: [&str; 10] = [
     concat!(
         "INSERT INTO vault.hub_customer (customer_hk, user_id, load_date, record_source) \
          SELECT DISTINCT ON (user_id) vault.hash_key(user_id), user_id, load_date, source \
@@ -150,6 +151,17 @@ const LOAD: [&str; 9] = [
                 l.category, l.quantity, l.unit_price_minor, 'tidemark.order_lines' \
          FROM orders o JOIN order_lines l ON l.order_id = o.order_id WHERE ",
         in_batch!("o"),
+        " ON CONFLICT DO NOTHING"
+    ),
+    concat!(
+        "INSERT INTO vault.sat_order_adjustment (order_hk, adjustment_id, load_date, hash_diff, \
+           kind, created_at, record_source) \
+         SELECT vault.hash_key(a.order_id::text), a.adjustment_id, a.ingested_at, \
+                vault.hash_key(a.kind, ",
+        micros!("a.created_at"),
+        "), a.kind, a.created_at, 'tidemark.adjustments' \
+         FROM adjustments a WHERE ",
+        in_batch!("a"),
         " ON CONFLICT DO NOTHING"
     ),
     concat!(

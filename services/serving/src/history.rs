@@ -1,10 +1,11 @@
-//! Order history from Postgres: one order by id, a user's orders newest first with
-//! opaque cursors (served by the `orders_user_history` index).
+//! Order history from the warehouse (the Data Vault in Postgres' `vault` schema;
+//! see ARCHITECTURE.md, "The warehouse"): one order by id, a user's orders newest
+//! first with opaque cursors. An order appears once the vault loader has loaded it
+//! (tens of milliseconds after its commit: `vault_lag_seconds`).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
-use tidemark_orderlog::{OrderRow, order_columns, order_from};
 use tidemark_platform::problem::Problem;
 use uuid::Uuid;
 
@@ -72,28 +73,68 @@ pub struct OrderPage {
     pub next_cursor: Option<String>,
 }
 
+/// An order of the vault with its lines in line order (see [`ORDERS`]).
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: Uuid,
+    user_id: String,
+    city: String,
+    currency: String,
+    created_at: DateTime<Utc>,
+    ingested_at: DateTime<Utc>,
+    line_products: Vec<String>,
+    line_categories: Vec<String>,
+    line_quantities: Vec<i32>,
+    line_prices: Vec<i64>,
+}
+
+/// Orders from the vault: hub, satellite and customer link, each with its lines
+/// gathered in line order from the line links and their satellites.
+const ORDERS: &str = "\
+    SELECT h.order_id, c.user_id, s.city, s.currency::text AS currency, s.created_at, \
+           s.load_date AS ingested_at, l.line_products, l.line_categories, \
+           l.line_quantities, l.line_prices \
+    FROM vault.hub_order h \
+    JOIN vault.sat_order s USING (order_hk) \
+    JOIN vault.link_order_customer lc USING (order_hk) \
+    JOIN vault.hub_customer c USING (customer_hk) \
+    CROSS JOIN LATERAL ( \
+        SELECT array_agg(p.product_id ORDER BY ll.line_no) AS line_products, \
+               array_agg(sl.category ORDER BY ll.line_no) AS line_categories, \
+               array_agg(sl.quantity ORDER BY ll.line_no) AS line_quantities, \
+               array_agg(sl.unit_price_minor ORDER BY ll.line_no) AS line_prices \
+        FROM vault.link_order_line ll \
+        JOIN vault.hub_product p USING (product_hk) \
+        JOIN vault.sat_order_line sl USING (order_line_hk) \
+        WHERE ll.order_hk = h.order_hk \
+    ) l ";
+
 impl From<OrderRow> for OrderView {
     fn from(row: OrderRow) -> Self {
         let lines: Vec<LineView> = row
-            .lines()
+            .line_products
             .into_iter()
-            .map(|l| LineView {
-                revenue_minor: l.revenue_minor(),
-                product_id: l.product_id,
-                category: l.category,
-                quantity: l.quantity,
-                unit_price_minor: l.unit_price_minor,
-            })
+            .zip(row.line_categories)
+            .zip(row.line_quantities.into_iter().zip(row.line_prices))
+            .map(
+                |((product_id, category), (quantity, unit_price_minor))| LineView {
+                    revenue_minor: i64::from(quantity) * unit_price_minor,
+                    product_id,
+                    category,
+                    quantity,
+                    unit_price_minor,
+                },
+            )
             .collect();
         let revenue_minor = lines.iter().map(|l| l.revenue_minor).sum();
         // History shows what is stored, even in a currency this build does not know
         // (then without a decimal amount).
-        let revenue = row.currency_code().parse().map_or_else(
+        let revenue = row.currency.parse().map_or_else(
             |_| String::new(),
             |c| tidemark_domain::money::decimal(revenue_minor, c),
         );
         OrderView {
-            currency: row.currency_code().to_owned(),
+            currency: row.currency,
             revenue_minor,
             revenue: revenue.clone(),
             order_id: row.order_id,
@@ -125,13 +166,18 @@ type AdjustmentRow = (
 async fn with_adjustments(pool: &PgPool, orders: &mut [OrderView]) -> Result<(), Problem> {
     let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
     let rows: Vec<AdjustmentRow> = sqlx::query_as(
-        "SELECT a.order_id, a.adjustment_id, a.kind, a.created_at, \
-                array_agg(l.line_no ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
-                array_agg(l.quantity ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
-                array_agg(l.amount_minor ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL) \
-         FROM adjustments a LEFT JOIN adjustment_lines l USING (adjustment_id) \
-         WHERE a.order_id = ANY($1) \
-         GROUP BY a.adjustment_id ORDER BY a.txid, a.seq",
+        "SELECT h.order_id, a.adjustment_id, a.kind, a.created_at, \
+                array_agg(ll.line_no ORDER BY ll.line_no) FILTER (WHERE ll.line_no IS NOT NULL), \
+                array_agg(la.quantity ORDER BY ll.line_no) FILTER (WHERE ll.line_no IS NOT NULL), \
+                array_agg(la.amount_minor ORDER BY ll.line_no) FILTER (WHERE ll.line_no IS NOT NULL) \
+         FROM vault.hub_order h \
+         JOIN vault.sat_order_adjustment a USING (order_hk) \
+         LEFT JOIN (vault.sat_line_adjustment la \
+                    JOIN vault.link_order_line ll USING (order_line_hk)) \
+           ON la.adjustment_id = a.adjustment_id AND ll.order_hk = h.order_hk \
+         WHERE h.order_id = ANY($1) \
+         GROUP BY h.order_id, a.adjustment_id, a.kind, a.created_at, a.load_date \
+         ORDER BY a.load_date, a.adjustment_id",
     )
     .bind(&ids)
     .fetch_all(pool)
@@ -179,7 +225,9 @@ async fn with_adjustments(pool: &PgPool, orders: &mut [OrderView]) -> Result<(),
 
 pub(crate) fn db_problem(e: &sqlx::Error) -> Problem {
     if tidemark_platform::postgres::is_unavailable(e) {
-        Problem::unavailable("Order history (Postgres) is unavailable; retry shortly.")
+        Problem::unavailable(
+            "Order history (the warehouse in Postgres) is unavailable; retry shortly.",
+        )
     } else {
         tracing::error!(error = %e, "Order history query failed");
         Problem::internal()
@@ -187,13 +235,9 @@ pub(crate) fn db_problem(e: &sqlx::Error) -> Problem {
 }
 
 pub async fn order(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, Problem> {
-    let row: Option<OrderRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM ",
-        order_from!(),
-        " WHERE o.order_id = $1"
-    ))
+    let row: Option<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ORDERS} WHERE h.order_id = $1"
+    )))
     .bind(id)
     .fetch_optional(pool)
     .await
@@ -233,15 +277,11 @@ pub async fn user_orders(
                 .detail("`cursor` is not a cursor this API returned.")
         })?),
     };
-    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM ",
-        order_from!(),
-        " WHERE o.user_id = $1 \
-           AND ($2::timestamptz IS NULL OR (o.created_at, o.order_id) < ($2, $3)) \
-         ORDER BY o.created_at DESC, o.order_id DESC LIMIT $4"
-    ))
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ORDERS} WHERE c.user_id = $1 \
+           AND ($2::timestamptz IS NULL OR (s.created_at, h.order_id) < ($2, $3)) \
+         ORDER BY s.created_at DESC, h.order_id DESC LIMIT $4"
+    )))
     .bind(user_id)
     .bind(after.map(|a| a.0))
     .bind(after.map(|a| a.1))

@@ -97,18 +97,21 @@ const BY_RESIDENCE: &str = "\
         FROM o JOIN vault.link_order_line l USING (order_hk) \
         JOIN vault.sat_order_line s USING (order_line_hk) \
         GROUP BY l.order_hk \
-    ), adjusted AS ( \
-        SELECT l.order_hk, sum(a.amount_minor) AS refunded, \
-               bool_or(a.kind = 'cancellation') AS cancelled \
+    ), refunded AS ( \
+        SELECT l.order_hk, sum(a.amount_minor) AS refunded \
         FROM o JOIN vault.link_order_line l USING (order_hk) \
         JOIN vault.sat_line_adjustment a USING (order_line_hk) \
         GROUP BY l.order_hk \
+    ), cancelled AS ( \
+        SELECT DISTINCT a.order_hk FROM o JOIN vault.sat_order_adjustment a USING (order_hk) \
+        WHERE a.kind = 'cancellation' \
     ) \
     SELECT r.city, o.currency, count(*)::int8 AS orders, \
            sum(lines.gross)::int8 AS gross, \
-           coalesce(sum(adjusted.refunded), 0)::int8 AS refunded, \
-           count(*) FILTER (WHERE adjusted.cancelled)::int8 AS cancelled \
-    FROM o JOIN lines USING (order_hk) LEFT JOIN adjusted USING (order_hk) \
+           coalesce(sum(refunded.refunded), 0)::int8 AS refunded, \
+           count(cancelled.order_hk)::int8 AS cancelled \
+    FROM o JOIN lines USING (order_hk) LEFT JOIN refunded USING (order_hk) \
+    LEFT JOIN cancelled USING (order_hk) \
     LEFT JOIN LATERAL ( \
         SELECT s.city FROM vault.sat_customer s \
         WHERE s.customer_hk = o.customer_hk AND s.effective_at <= o.created_at \

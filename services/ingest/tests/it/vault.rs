@@ -55,7 +55,7 @@ async fn load_all(loader: &Loader) -> i64 {
 
 /// Orders (some of two lines, some users repeating), refunds of some, and
 /// customers with a move each.
-async fn fill(h: &Harness) -> (usize, usize) {
+async fn fill(h: &Harness) -> (usize, usize, usize) {
     let mut rng = StdRng::seed_from_u64(20);
     let mut orders = Vec::new();
     for i in 0..30 {
@@ -66,7 +66,7 @@ async fn fill(h: &Harness) -> (usize, usize) {
     }
     let body = json!(orders.iter().map(order_json).collect::<Vec<_>>());
     assert_eq!(h.post_json(&body).await.status(), 201);
-    let mut refunds = 0;
+    let (mut adjustments, mut refunds) = (0, 0);
     for order in orders.iter().step_by(4) {
         let r = h
             .http
@@ -80,6 +80,7 @@ async fn fill(h: &Harness) -> (usize, usize) {
             .await
             .unwrap();
         assert_eq!(r.status(), 201);
+        adjustments += 1;
         refunds += order.lines.len();
     }
     for (i, city) in ["Berlin", "Paris", "Rome"].iter().enumerate() {
@@ -99,13 +100,13 @@ async fn fill(h: &Harness) -> (usize, usize) {
             assert_eq!(r.status(), 201);
         }
     }
-    (orders.len(), refunds)
+    (orders.len(), refunds, adjustments)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_the_same_rows() {
     let h = Harness::with(|c| c.vault.enabled = false).await;
-    let (orders, adjusted_lines) = fill(&h).await;
+    let (orders, adjusted_lines, adjustments) = fill(&h).await;
     let lines = scalar(&h, "SELECT count(*) FROM order_lines").await;
     let log_rows = scalar(
         &h,
@@ -145,6 +146,10 @@ async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_th
         (
             "SELECT count(*) FROM vault.sat_line_adjustment",
             adjusted_lines as i64,
+        ),
+        (
+            "SELECT count(*) FROM vault.sat_order_adjustment",
+            adjustments as i64,
         ),
         ("SELECT count(*) FROM vault.sat_customer", 6),
         // Hash keys are MD5 of the business key; links join their hubs.

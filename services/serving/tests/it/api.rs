@@ -193,6 +193,7 @@ async fn history_pages_through_a_users_orders_newest_first() {
         o.user_id = "pager".into();
     }
     env.ingest(&orders).await;
+    env.vault_caught_up().await;
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -598,6 +599,7 @@ async fn history_shows_adjustments_and_the_net_amount() {
         201
     );
 
+    env.vault_caught_up().await;
     let served: serde_json::Value = env
         .get(&format!("/v1/orders/{}", order.order_id))
         .await

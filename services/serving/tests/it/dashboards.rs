@@ -236,6 +236,8 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
         tidemark_compactor::Outcome::Published { .. }
     ));
     env.speed_caught_up().await;
+    // The warehouse (ingest's loader), for the panel by city of residence.
+    env.vault_caught_up().await;
 
     let dir = tidemark_testkit::workspace_root().join("dashboards");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)

@@ -137,16 +137,7 @@ async fn a_generator_burst_and_a_batch_run_serve_the_generators_totals() {
     // order, and differs from revenue by the order's city (orders placed away from
     // home, customers who moved).
     step("warehouse catching up");
-    tidemark_testkit::eventually(
-        std::time::Duration::from_secs(60),
-        "the vault loader catches up",
-        || async {
-            tidemark_ingest::vault::lag(&env.db.pool)
-                .await
-                .is_ok_and(|lag| lag.rows == 0)
-        },
-    )
-    .await;
+    env.vault_caught_up().await;
     let by_residence: serde_json::Value = env
         .get(&format!("/v1/revenue/by-residence?from={from}&to={to}"))
         .await

@@ -125,6 +125,14 @@ impl Env {
             },
         );
         tokio::spawn(speed.run(background.clone()));
+        let vault = tidemark_ingest::vault::Loader::new(
+            db.pool.clone(),
+            tidemark_ingest::config::VaultSettings {
+                poll_interval: Duration::from_millis(10),
+                ..Default::default()
+            },
+        );
+        tokio::spawn(vault.run(background.clone()));
 
         let mut config = tidemark_serving::Config {
             postgres: db.config.clone(),
@@ -174,6 +182,21 @@ impl Env {
             .await
             .unwrap();
         (ingest, key)
+    }
+
+    /// Waits until the warehouse has loaded every committed row of the log (order
+    /// history and revenue by residence are served from it).
+    pub async fn vault_caught_up(&self) {
+        tidemark_testkit::eventually(
+            Duration::from_secs(60),
+            "the vault loader catches up",
+            || async {
+                tidemark_ingest::vault::lag(&self.db.pool)
+                    .await
+                    .is_ok_and(|lag| lag.rows == 0)
+            },
+        )
+        .await;
     }
 
     /// Waits until the speed layer has applied the newest committed order.

@@ -13,7 +13,6 @@ use rand::rngs::StdRng;
 use serde_json::{Value, json};
 use tidemark_domain::CustomerChange;
 use tidemark_domain::customer::Attributes;
-use tidemark_ingest::vault::{Loader, Step};
 
 use crate::{Env, random_order};
 
@@ -134,8 +133,7 @@ async fn the_page_shows_the_apis_answers_and_follows_the_live_stream() {
             .unwrap();
     }
     tx.commit().await.unwrap();
-    let loader = Loader::new(env.db.pool.clone(), Default::default());
-    while let Step::Loaded { .. } = loader.step().await.unwrap() {}
+    env.vault_caught_up().await;
     env.speed_caught_up().await;
 
     let driver = Driver::start().await;

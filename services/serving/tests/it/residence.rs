@@ -10,7 +10,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tidemark_domain::CustomerChange;
 use tidemark_domain::customer::{self, Attributes};
-use tidemark_ingest::vault::{Loader, Step};
 use uuid::Uuid;
 
 use crate::{Env, apply_adjustments, cancellation, partial_refund, random_order};
@@ -75,8 +74,7 @@ async fn revenue_by_residence_follows_each_customer_as_of_each_order() {
     }
     apply_adjustments(&env.db.pool, &asks).await.unwrap();
 
-    let loader = Loader::new(env.db.pool.clone(), Default::default());
-    while let Step::Loaded { .. } = loader.step().await.unwrap() {}
+    env.vault_caught_up().await;
 
     // The expectation, from the log: each order's gross, what its adjustments gave
     // back, and its customer's version in effect at its time.
