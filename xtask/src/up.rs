@@ -110,13 +110,16 @@ pub async fn up() -> Result<()> {
         "\nDemo API keys and these URLs: {}\n  set -a; . {0}; set +a   # export them to the programs you start\n\n\
          The generator streams {} orders/s (TIDEMARK_DEMO_RATE); the compactor publishes a \
          batch every minute. Where to look:\n\
+         \x20 The page     http://127.0.0.1:8082/ (paste the read key from the file above)\n\
          \x20 API docs     http://127.0.0.1:8081/docs (ingest), http://127.0.0.1:8082/docs (serving)\n\
          \x20 GraphiQL     http://127.0.0.1:8082/graphql\n\
          \x20 Prometheus   {}/graph?g0.expr=sum%20by%20(outcome)%20(rate(ingest_orders_total%5B1m%5D))\n\
+         \x20 Alerts       {}/alerts (routed by Alertmanager at http://127.0.0.1:9093)\n\
          \x20 Walkthrough  README.md, \"Five minutes with Tidemark\"\n\
          Stop with `cargo xtask down`; see `cargo xtask status` and `cargo xtask logs <name>`.",
         stack.env_file().display(),
         demo_rate(),
+        stack.prometheus_url(),
         stack.prometheus_url(),
     );
     Ok(())

@@ -294,9 +294,14 @@ pub async fn require(
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` value.
+/// The token of an `Authorization: Bearer <token>` value (the scheme is
+/// case-insensitive, RFC 9110 §11.1).
 pub fn bearer(value: &str) -> Option<&str> {
-    value.strip_prefix("Bearer ").map(str::trim)
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The key of `token` if it exists, has `scope` and is within its rate; the
@@ -399,5 +404,20 @@ impl KeysCommand {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::bearer;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer tdm_a"), Some("tdm_a"));
+        assert_eq!(bearer("bearer tdm_a"), Some("tdm_a"));
+        assert_eq!(bearer("BEARER  tdm_a "), Some("tdm_a"));
+        assert_eq!(bearer("Basic dXNlcg=="), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearertdm_a"), None);
     }
 }

@@ -98,10 +98,66 @@ async fn deadline(State(limit): State<Duration>, request: Request, next: Next) -
     }
 }
 
+/// The longest request target answered normally; longer ones get 414 problem+json
+/// (below hyper's own limit, which would answer without a body).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes (names and values) answered normally; more get 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Turns any error response that is not already JSON (axum's extractor rejections,
 /// 405s, body-limit 413s) into problem+json, keeping a short plain-text reason.
+///
+/// Also: a request line or headers over [`MAX_URI_BYTES`] / [`MAX_HEADER_BYTES`]
+/// get 414 / 431 problem+json before anything else runs; and an error answered to
+/// an HTTP/1 request that came with a body says `Connection: close`, since the
+/// body may not have been read (a key refused, a type refused, a limit, a shed
+/// request): the client then opens a fresh connection for its next request instead
+/// of finding this one closed under it.
 async fn problem_bodies(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+    let head_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    let too_large = if request.uri().to_string().len() > MAX_URI_BYTES {
+        Some((
+            StatusCode::URI_TOO_LONG,
+            format!("The request target is over {MAX_URI_BYTES} bytes."),
+        ))
+    } else if head_bytes > MAX_HEADER_BYTES {
+        Some((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("The request's headers are over {MAX_HEADER_BYTES} bytes."),
+        ))
+    } else {
+        None
+    };
+    let http1 = request.version() < axum::http::Version::HTTP_2;
+    let with_body = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() != "0")
+        || request.headers().contains_key(header::TRANSFER_ENCODING);
+    let mut response = match too_large {
+        Some((status, detail)) => {
+            let mut response = Problem::new(ProblemKind::Malformed)
+                .detail(detail)
+                .into_response();
+            *response.status_mut() = status;
+            response
+        }
+        None => problem_body(next.run(request).await).await,
+    };
+    if http1 && with_body && response.status().as_u16() >= 400 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+async fn problem_body(response: Response) -> Response {
     let status = response.status();
     if status.as_u16() < 400 {
         return response;

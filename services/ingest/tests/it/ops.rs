@@ -75,3 +75,81 @@ async fn readyz_follows_postgres_down_and_back() {
     .await;
     svc.stop().await.expect("clean shutdown");
 }
+
+/// Early answers and hyper's limits, as a keep-alive client meets them: an error
+/// to a request with a body says `Connection: close` (the body may be unread), so
+/// the client's next request goes on a fresh connection and succeeds; an
+/// over-long request line or headers get problem+json; the `Bearer` scheme is
+/// case-insensitive.
+#[tokio::test(flavor = "multi_thread")]
+async fn early_answers_close_the_connection_and_limits_answer_problem_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = crate::Harness::start().await;
+    let body = serde_json::to_vec(&crate::order_json(&tidemark_testkit::random_order(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5),
+    )))
+    .unwrap();
+    // A refused key, a refused content type, each with an unread body of 200 KB.
+    let padding = vec![b' '; 200 * 1024];
+    for (auth, content_type, status) in [
+        ("Bearer tdm_wrong", "application/json", 401),
+        (&*format!("Bearer {}", h.key), "text/csv", 415),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(h.svc.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            padding.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        drop(tcp.write_all(&padding).await);
+        let mut answer = vec![0; 4096];
+        let n = tcp.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+        assert!(
+            answer.starts_with(&format!("http/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+    }
+    // A keep-alive client: refused with a body, then accepted on its next request.
+    let client = reqwest::Client::new();
+    let post = |key: String, body: Vec<u8>| {
+        client
+            .post(h.svc.url("/v1/orders"))
+            .header("authorization", key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for _ in 0..3 {
+        let refused = post("Bearer tdm_wrong".into(), padding.clone())
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+        // The scheme in lower case.
+        let accepted = post(format!("bearer {}", h.key), body.clone())
+            .await
+            .unwrap();
+        assert!(accepted.status().is_success(), "{}", accepted.status());
+    }
+    // Over the request-line and header limits: problem+json, not a bodiless answer.
+    let long_path = format!("/v1/schemas/{}", "x".repeat(9 * 1024));
+    let r = client
+        .get(h.svc.url(&long_path))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 414);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let mut big = client.get(h.svc.url("/v1/schemas")).bearer_auth(&h.key);
+    for i in 0..20 {
+        big = big.header(format!("x-filler-{i}"), "y".repeat(4 * 1024));
+    }
+    let r = big.send().await.unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+}

@@ -247,6 +247,13 @@ async fn the_page_shows_the_apis_answers_and_follows_the_live_stream() {
     )
     .await;
 
+    // No script or console error so far.
+    let errors = eval(&browser, "return window.pageErrors").await;
+    assert_eq!(errors, json!([]), "console errors: {errors}");
+    let shot = tidemark_testkit::workspace_root().join("target/page-test.png");
+    std::fs::write(&shot, browser.screenshot().await.unwrap()).unwrap();
+    eprintln!("page: screenshot at {}", shot.display());
+
     // A phone's width: nothing wider than the screen.
     browser.set_window_size(390, 844).await.unwrap();
     until(
@@ -255,6 +262,11 @@ async fn the_page_shows_the_apis_answers_and_follows_the_live_stream() {
         "return document.documentElement.scrollWidth <= window.innerWidth",
     )
     .await;
+    std::fs::write(
+        shot.with_file_name("page-test-phone.png"),
+        browser.screenshot().await.unwrap(),
+    )
+    .unwrap();
 
     // A wrong key is said so.
     browser.goto(&env.serving.url("/")).await.unwrap();
