@@ -18,7 +18,7 @@ const SATURATION_ROWS: usize = 300_000;
 const ADJUST_SHARE: f64 = 0.05;
 
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
-    let fresh = freshness(bench).await?;
+    let (fresh, vault) = freshness(bench).await?;
     let saturated = saturation(bench).await?;
     let mix_rate = redis_anchor(bench, saturated.hincrby_share)?;
     let port = bench.stack.ports.redis.to_string();
@@ -58,6 +58,25 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     );
     report.row(
         format!(
+            "warehouse loader (ingest's vault loader, beside the freshness run): lag sampled \
+             every 250 ms, and the time to load the rest once the stream stopped ({} log rows)",
+            vault.rows
+        ),
+        format!(
+            "lag max {:.2} s / {} rows, median {:.2} s; caught up {:.2} s after the stream; \
+             {:.0} rows/s loaded",
+            vault.max_seconds,
+            vault.max_rows,
+            vault.median_seconds,
+            vault.catch_up_seconds,
+            vault.rows_per_sec
+        ),
+        String::new(),
+        None,
+        "never falling behind",
+    );
+    report.row(
+        format!(
             "applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} \
              Redis writes per row)"
         ),
@@ -72,8 +91,37 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     Ok(report)
 }
 
-/// Ingest 2xx → visible in the speed view, at [`RATE`] orders/s.
-async fn freshness(bench: &mut Harness<'_>) -> Result<FreshnessReport> {
+/// How the warehouse loader kept up during the freshness run.
+struct VaultLag {
+    rows: i64,
+    max_rows: i64,
+    max_seconds: f64,
+    median_seconds: f64,
+    catch_up_seconds: f64,
+    rows_per_sec: f64,
+}
+
+/// Samples the vault loader's lag every 250 ms until `stop`.
+async fn sample_vault_lag(
+    pool: sqlx::PgPool,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<tidemark_ingest::vault::Lag> {
+    let mut samples = Vec::new();
+    while !stop.is_cancelled() {
+        if let Ok(lag) = tidemark_ingest::vault::lag(&pool).await {
+            samples.push(lag);
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    samples
+}
+
+/// Ingest 2xx → visible in the speed view, at [`RATE`] orders/s; and the
+/// warehouse loader's lag meanwhile (ingest runs it).
+async fn freshness(bench: &mut Harness<'_>) -> Result<(FreshnessReport, VaultLag)> {
     let redis_url = bench.stack.redis_url();
     eprintln!("xtask bench: freshness at {RATE} orders/s for {SECONDS} s");
     let db = bench.database("fresh").await?;
@@ -101,6 +149,10 @@ async fn freshness(bench: &mut Harness<'_>) -> Result<FreshnessReport> {
             ],
         )
         .await?;
+    let pool = sqlx::PgPool::connect(&db).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn(sample_vault_lag(pool.clone(), stop.clone()));
+    let started = Instant::now();
     let fresh = bench.loadtest(
         &[
             "freshness",
@@ -124,9 +176,38 @@ async fn freshness(bench: &mut Harness<'_>) -> Result<FreshnessReport> {
             ("TIDEMARK_INGEST_KEY", key.as_str()),
         ],
     )?;
+    let streamed = Instant::now();
+    stop.cancel();
+    let samples = sampler.await?;
+    let ready = tidemark_launch::until(Duration::from_secs(120), Duration::from_millis(20), || {
+        let pool = pool.clone();
+        async move {
+            tidemark_ingest::vault::lag(&pool)
+                .await
+                .is_ok_and(|lag| lag.rows == 0)
+        }
+    })
+    .await;
+    anyhow::ensure!(ready, "the vault loader did not catch up within 120 s");
+    let catch_up_seconds = streamed.elapsed().as_secs_f64();
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM adjustments)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
     bench.stop_services().await;
-
-    Ok(fresh)
+    let mut seconds: Vec<f64> = samples.iter().map(|l| l.seconds).collect();
+    seconds.sort_by(f64::total_cmp);
+    let vault = VaultLag {
+        rows,
+        max_rows: samples.iter().map(|l| l.rows).max().unwrap_or(0),
+        max_seconds: seconds.last().copied().unwrap_or(0.0),
+        median_seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(0.0),
+        catch_up_seconds,
+        rows_per_sec: rows as f64 / started.elapsed().as_secs_f64(),
+    };
+    Ok((fresh, vault))
 }
 
 /// What the speed layer sustained over a preloaded log.
