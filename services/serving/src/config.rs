@@ -55,6 +55,15 @@ pub struct ServingSettings {
     pub default_rate_per_second: Option<u32>,
     #[serde(with = "millis")]
     pub auth_cache_ttl: Duration,
+    /// Batch-view statements in flight at once; more wait their turn (and meet the
+    /// request deadline: 503 + Retry-After) rather than all run together.
+    pub clickhouse_concurrency: usize,
+    /// Memory one batch-view statement may use in ClickHouse (`max_memory_usage`);
+    /// over it the statement fails and the answer is 503, where a burst of heavy
+    /// questions would otherwise exhaust the server (at 50M orders, 50 distinct
+    /// dashboard questions a second drove ClickHouse to 22.8 GB and the kernel's
+    /// OOM killer).
+    pub clickhouse_max_memory_bytes: u64,
 }
 
 impl Default for ServingSettings {
@@ -75,6 +84,8 @@ impl Default for ServingSettings {
             subscription_poll: Duration::from_millis(100),
             default_rate_per_second: None,
             auth_cache_ttl: Duration::from_secs(5),
+            clickhouse_concurrency: 4,
+            clickhouse_max_memory_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }

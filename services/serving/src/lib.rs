@@ -54,15 +54,20 @@ pub async fn serve(
     let redis = Arc::new(Redis::new(&config.redis)?);
     let ch = clickhouse::client(&config.clickhouse);
     let settings = config.serving.clone();
+    let batch_reads = ch.clone().with_setting(
+        "max_memory_usage",
+        settings.clickhouse_max_memory_bytes.to_string(),
+    );
     let state = Arc::new(AppState {
         pool: pool.clone(),
         views: views::Views::new(
             pool.clone(),
-            ch.clone(),
+            batch_reads,
             SpeedView::new(redis.clone()),
             settings.state_ttl,
             settings.cache_entries,
             settings.max_cells,
+            settings.clickhouse_concurrency,
         ),
         settings: settings.clone(),
         answers: answers::Answers::new(settings.cache_entries),

@@ -227,6 +227,8 @@ pub struct Views {
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
     rates: Mutex<Option<(Option<String>, Instant)>>,
     speed_buyers: Mutex<HashMap<SpeedBuyersKey, SpeedBuyersSlot>>,
+    /// Batch-view statements in flight (`clickhouse_concurrency`).
+    ch_permits: tokio::sync::Semaphore,
 }
 
 impl Views {
@@ -237,8 +239,10 @@ impl Views {
         state_ttl: Duration,
         cache_entries: usize,
         max_cells: usize,
+        ch_concurrency: usize,
     ) -> Self {
         Self {
+            ch_permits: tokio::sync::Semaphore::new(ch_concurrency.max(1)),
             pool,
             ch,
             speed,
@@ -324,6 +328,7 @@ impl Views {
             filters: read.filters,
             currency: read.currency,
         };
+        let _permit = self.ch_permits.acquire().await.expect("never closed");
         let pieces = Arc::new(
             tidemark_batchview::cells(
                 &self.ch,
@@ -475,6 +480,7 @@ impl Views {
         if let Some(counts) = self.buyers.lock().expect("not poisoned").get(&key) {
             return Ok((Some(state), counts.clone()));
         }
+        let _permit = self.ch_permits.acquire().await.expect("never closed");
         let counts = Arc::new(
             tidemark_batchview::buyers(&self.ch, &state, query)
                 .await
@@ -517,6 +523,7 @@ impl Views {
         // In chunks: the users travel in the query's text, which ClickHouse
         // limits (max_query_size, 256 KiB by default).
         for chunk in new.chunks(2_000) {
+            let _permit = self.ch_permits.acquire().await.expect("never closed");
             let held = tidemark_batchview::buyers_among(&self.ch, state, query, chunk)
                 .await
                 .map_err(|e| {
