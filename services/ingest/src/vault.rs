@@ -287,26 +287,29 @@ impl Loader {
         }
     }
 
-    /// Loads the next batch, if any (see the module documentation).
+    /// Loads the next batch, if any (see the module documentation). An idle poll
+    /// writes nothing: it looks for rows past the cursor first, and takes the
+    /// cursor's lock only when there are some.
     pub async fn step(&self) -> Result<Step, VaultError> {
+        let cursor: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT txid::text::int8, seq FROM consumer_cursors WHERE consumer = $1",
+        )
+        .bind(CONSUMER)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((txid, seq)) = cursor {
+            let (_, rows, _, _) = self.next_batch(&self.pool, txid, seq).await?;
+            if rows == 0 {
+                return Ok(Step::Idle);
+            }
+        }
         let mut tx = self.pool.begin().await?;
         let after = lock_cursor(&mut tx).await?;
-        let (horizon, rows, until_txid, until_seq): (i64, i64, Option<i64>, Option<i64>) =
-            sqlx::query_as(NEXT_BATCH)
-                .bind(after.txid as i64)
-                .bind(after.seq)
-                .bind(self.settings.batch_size)
-                .fetch_one(&mut *tx)
-                .await?;
-        let Some((until_txid, until_seq)) = until_txid.zip(until_seq) else {
-            sqlx::query(
-                "UPDATE consumer_cursors SET horizon = GREATEST(horizon, $2::int8::text::xid8), \
-                 updated_at = now() WHERE consumer = $1",
-            )
-            .bind(CONSUMER)
-            .bind(horizon)
-            .execute(&mut *tx)
+        let (horizon, rows, until_txid, until_seq) = self
+            .next_batch(&mut *tx, after.txid as i64, after.seq)
             .await?;
+        let Some((until_txid, until_seq)) = until_txid.zip(until_seq) else {
+            // Another loader took the rows meanwhile.
             tx.commit().await?;
             return Ok(Step::Idle);
         };
@@ -335,6 +338,22 @@ impl Loader {
         .await?;
         tx.commit().await?;
         Ok(Step::Loaded { rows })
+    }
+
+    /// The horizon, and how many of the first `batch_size` rows after `(txid, seq)`
+    /// lie below it, with the last of them.
+    async fn next_batch<'e>(
+        &self,
+        db: impl sqlx::PgExecutor<'e>,
+        txid: i64,
+        seq: i64,
+    ) -> Result<(i64, i64, Option<i64>, Option<i64>), sqlx::Error> {
+        sqlx::query_as(NEXT_BATCH)
+            .bind(txid)
+            .bind(seq)
+            .bind(self.settings.batch_size)
+            .fetch_one(db)
+            .await
     }
 }
 

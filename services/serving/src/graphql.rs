@@ -455,8 +455,8 @@ pub fn router(executor: TidemarkSchema) -> Router<Arc<AppState>> {
 /// upgrade, so the read key comes either as the upgrade's `Authorization` header
 /// or in the `connection_init` payload — `{"Authorization": "Bearer <key>"}` (as
 /// GraphiQL sends its headers), `{"authorization": …}` or `{"apiKey": "<key>"}`.
-/// Without a valid key the connection is closed (4403) before any subscription
-/// starts; a key over its rate is refused the same way.
+/// Without a valid key the connection is closed (1002, with the reason) before any
+/// subscription starts; a key over its rate is refused the same way.
 pub fn subscriptions(schema: TidemarkSchema, auth: Arc<Authenticator>) -> Router<Arc<AppState>> {
     Router::new().route(
         "/graphql/ws",

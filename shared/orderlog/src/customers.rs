@@ -110,7 +110,7 @@ pub async fn record_many(
     users.sort_unstable();
     users.dedup();
     sqlx::query(
-        "SELECT count(pg_advisory_xact_lock(hashtextextended('customer:' || u, 0))) \
+        "SELECT pg_advisory_xact_lock(hashtextextended('customer:' || u, 0)) \
          FROM (SELECT u FROM unnest($1::text[]) u ORDER BY u) sorted",
     )
     .bind(&users)
@@ -153,7 +153,7 @@ pub async fn record_many(
     if !inserts.is_empty() {
         sqlx::query(
             "INSERT INTO customer_changes (user_id, effective_at, city, segment, signed_up_at) \
-             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], \
+             SELECT u, e, ci, s, su FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], \
                                   $5::timestamptz[]) WITH ORDINALITY AS c(u, e, ci, s, su, n) \
              ORDER BY n",
         )
