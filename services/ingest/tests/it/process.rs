@@ -44,7 +44,12 @@ impl Load {
             .map(|i| {
                 let (acked, stop, key) = (acked.clone(), stop.clone(), key.to_owned());
                 tokio::spawn(async move {
-                    let http = reqwest::Client::new();
+                    // A request the killed process never answers must not hold the
+                    // client (and `stop`) forever: it simply is not acked.
+                    let http = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .unwrap();
                     let mut rng = StdRng::seed_from_u64(seed * 100 + i);
                     while !stop.load(Ordering::Relaxed) {
                         let order = random_order(&mut rng);
@@ -108,16 +113,26 @@ async fn r2_sigkill_under_load_loses_no_acked_order() {
     let mut rng = StdRng::seed_from_u64(2);
     let port = tidemark_testkit::free_port();
     let load = Load::start(port, &key, 2);
+    let started = std::time::Instant::now();
     for kill in 0..10 {
         let ingest = spawn_ingest(&db, port);
         ready(port).await;
+        let up = started.elapsed().as_secs_f64();
         // A random point: after a random number of further acknowledgements.
         let target = load.acked() + rng.random_range(20..300);
         load.until_acked(target).await;
         ingest.kill(); // SIGKILL
-        eprintln!("R2: kill {kill} after {} acked orders", load.acked());
+        eprintln!(
+            "R2: kill {kill} after {} acked orders (ready at {up:.1} s, killed at {:.1} s)",
+            load.acked(),
+            started.elapsed().as_secs_f64()
+        );
     }
     let acked = load.stop().await;
+    eprintln!(
+        "R2: load stopped at {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let lost = missing(&db, &acked).await;
     tidemark_testkit::figure(
         "R2",
