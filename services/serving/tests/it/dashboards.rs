@@ -209,7 +209,11 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
         batch: 100,
         count: Some(800),
         duration: None,
-        shape: Shape::default(),
+        // 2,000 customers (their profiles are sent too), as in the demo test.
+        shape: Shape {
+            users: 2_000,
+            ..Shape::default()
+        },
     };
     let sent = tidemark_generator::stream(&sender, &burst, CancellationToken::new(), false)
         .await
