@@ -286,12 +286,8 @@ pub mod alertmanager {
         command
     }
 
-    /// Whether `/-/ready` answers 2xx.
+    /// Whether `/-/ready` answers 2xx (the same probe as Prometheus's).
     pub async fn ready(port: u16) -> bool {
-        let url = format!("http://127.0.0.1:{port}/-/ready");
-        matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, reqwest::get(url)).await,
-            Ok(Ok(r)) if r.status().is_success()
-        )
+        super::prometheus::ready(port).await
     }
 }
