@@ -167,6 +167,26 @@ async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_th
             "SELECT count(*) FROM vault.hub_customer WHERE customer_hk = decode(md5(user_id), 'hex')",
             9,
         ),
+        // Composite keys and diffs: MD5 of the trimmed parts joined by '||'.
+        (
+            "SELECT count(*) FROM vault.link_order_customer l JOIN orders o \
+             ON l.order_customer_hk = decode(md5(o.order_id::text || '||' || o.user_id), 'hex')",
+            orders as i64,
+        ),
+        (
+            "SELECT count(*) FROM vault.link_order_line k JOIN order_lines l \
+             ON k.order_line_hk = decode(md5(l.order_id::text || '||' || l.product_id || '||' \
+                                             || l.line_no::text), 'hex')",
+            lines,
+        ),
+        (
+            "SELECT count(*) FROM vault.sat_customer s JOIN customer_changes c \
+             ON s.hash_diff = decode(md5(c.city || '||' || c.segment || '||' \
+                  || (extract(epoch FROM c.signed_up_at) * 1000000)::int8::text || '||' \
+                  || (extract(epoch FROM c.effective_at) * 1000000)::int8::text), 'hex') \
+             AND s.log_seq = c.seq",
+            6,
+        ),
         (
             "SELECT count(*) FROM vault.link_order_customer l \
              JOIN vault.hub_order o USING (order_hk) JOIN vault.hub_customer c USING (customer_hk) \
