@@ -98,6 +98,8 @@ pub struct Report {
 pub struct Recorder {
     histogram: std::sync::Mutex<Histogram<u64>>,
     errors: AtomicU64,
+    /// Requests never sent (not in the histogram).
+    unsent: AtomicU64,
     items: AtomicU64,
     causes: std::sync::Mutex<BTreeMap<String, u64>>,
 }
@@ -109,6 +111,7 @@ impl Default for Recorder {
                 Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
             ),
             errors: AtomicU64::new(0),
+            unsent: AtomicU64::new(0),
             items: AtomicU64::new(0),
             causes: std::sync::Mutex::default(),
         }
@@ -140,9 +143,22 @@ impl Recorder {
             .or_default() += 1;
     }
 
+    /// A request never sent (too many in flight): an error with its cause, but
+    /// no latency — it has none, and a zero would flatter the percentiles.
+    pub fn unsent(&self, why: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.unsent.fetch_add(1, Ordering::Relaxed);
+        *self
+            .causes
+            .lock()
+            .expect("not poisoned")
+            .entry(why.to_owned())
+            .or_default() += 1;
+    }
+
     /// Requests recorded so far, failed ones included.
     pub fn requests(&self) -> u64 {
-        self.histogram.lock().expect("not poisoned").len()
+        self.histogram.lock().expect("not poisoned").len() + self.unsent.load(Ordering::Relaxed)
     }
 
     pub fn report(&self, scenario: &str, elapsed: Duration) -> Report {
@@ -150,13 +166,14 @@ impl Recorder {
         let seconds = elapsed.as_secs_f64();
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let items = self.items.load(Ordering::Relaxed);
+        let requests = h.len() + self.unsent.load(Ordering::Relaxed);
         Report {
             scenario: scenario.to_owned(),
-            requests: h.len(),
+            requests,
             items,
             errors: self.errors.load(Ordering::Relaxed),
             seconds,
-            requests_per_sec: h.len() as f64 / seconds,
+            requests_per_sec: requests as f64 / seconds,
             items_per_sec: items as f64 / seconds,
             p50_ms: ms(0.5),
             p90_ms: ms(0.9),
@@ -195,4 +212,32 @@ pub async fn send_all(
         })
         .await;
     (recorder, started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_never_sent_are_errors_with_their_cause_but_no_latency() {
+        let recorder = Recorder::default();
+        recorder.record(Duration::from_millis(40), true, 1);
+        recorder.record(Duration::from_millis(40), true, 1);
+        recorder.record_error(Duration::from_millis(900), "503");
+        for _ in 0..7 {
+            recorder.unsent("overloaded");
+        }
+        let report = recorder.report("r", Duration::from_secs(1));
+        assert_eq!(report.requests, 10);
+        assert_eq!(report.errors, 8);
+        assert_eq!(report.items, 2);
+        assert_eq!(
+            report.errors_by_kind,
+            BTreeMap::from([("503".to_owned(), 1), ("overloaded".to_owned(), 7)])
+        );
+        // Percentiles are over the answered requests only: a zero for each unsent
+        // one would have made the median 0 ms.
+        assert!((39.0..41.0).contains(&report.p50_ms), "{report:?}");
+        assert!(report.max_ms >= 899.0, "{report:?}");
+    }
 }

@@ -40,7 +40,7 @@ pub async fn run(name: &str, s: Settings) -> anyhow::Result<Report> {
     for i in 0..total {
         tick.tick().await;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            recorder.record(Duration::ZERO, false, 0);
+            recorder.unsent("overloaded");
             continue;
         };
         let recorder = recorder.clone();
@@ -50,13 +50,13 @@ pub async fn run(name: &str, s: Settings) -> anyhow::Result<Report> {
             0
         };
         let send = request(&client, &s, url).send();
+        let graphql = s.body.is_some();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            let ok = match send.await {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
-            };
-            recorder.record(t.elapsed(), ok, 1);
+            match outcome(send.await, graphql).await {
+                Ok(()) => recorder.record(t.elapsed(), true, 1),
+                Err(why) => recorder.record_error(t.elapsed(), &why),
+            }
             drop(permit);
         }));
     }
@@ -79,4 +79,31 @@ fn request(client: &reqwest::Client, s: &Settings, url: usize) -> reqwest::Reque
         r = r.bearer_auth(key);
     }
     r
+}
+
+/// Why a request failed, if it did: an HTTP status, `timeout`, `connection`,
+/// `unreadable-body`, or (for a GraphQL POST, answered 200 either way)
+/// `graphql-errors`.
+async fn outcome(
+    sent: Result<reqwest::Response, reqwest::Error>,
+    graphql: bool,
+) -> Result<(), String> {
+    let response = match sent {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return Err(r.status().as_u16().to_string()),
+        Err(e) if e.is_timeout() => return Err("timeout".to_owned()),
+        Err(_) => return Err("connection".to_owned()),
+    };
+    let body = response
+        .bytes()
+        .await
+        .map_err(|_| "unreadable-body".to_owned())?;
+    if graphql {
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| "unreadable-body".to_owned())?;
+        if !value.get("errors").is_none_or(serde_json::Value::is_null) {
+            return Err("graphql-errors".to_owned());
+        }
+    }
+    Ok(())
 }

@@ -145,8 +145,8 @@ pub async fn run(name: Name, s: &Settings) -> anyhow::Result<Vec<Report>> {
         };
         let (recorder, total) = (recorders[k].clone(), total.clone());
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            recorder.record_error(Duration::ZERO, "overloaded");
-            total.record_error(Duration::ZERO, "overloaded");
+            recorder.unsent("overloaded");
+            total.unsent("overloaded");
             continue;
         };
         tasks.spawn(async move {

@@ -70,7 +70,8 @@ enum Task {
     },
     /// Install the servers and tools the stacks need, then exit.
     Install,
-    /// A benchmark, printed next to an anchor measured in the same run: ingest.
+    /// A benchmark, printed next to an anchor measured in the same run and written
+    /// to `target/bench/<name>.json`: ingest, speed, compactor, serving, or all.
     Bench { name: String },
     /// Reconcile the running `up` stack: served totals against Postgres, the raw
     /// lake against Postgres, Parquet against ClickHouse; non-zero exit on drift.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use futures::{StreamExt, TryStreamExt};
 
-use super::{BenchReport, Harness};
+use super::{BenchReport, Bound, Figure, Harness, Target};
 use crate::proc::run;
 use crate::stack::Stack;
 
@@ -45,8 +45,24 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             "≥ 0.5×",
         );
     }
+    for (orders, (ours, duck)) in &rounds {
+        report.figure(Figure::anchored(
+            &format!("compaction of {orders} orders"),
+            *orders as f64 / ours,
+            ("DuckDB JSON → Parquet, same files", *orders as f64 / duck),
+            "rows/s",
+            Target::Ratio(Bound::AtLeast, 1.0),
+        ));
+    }
     let (small, large) = (&rounds[0], &rounds[1]);
     let factor = large.0 as f64 / small.0 as f64;
+    report.figure(Figure::anchored(
+        &format!("time for {factor:.0}× the orders"),
+        large.1.0 / small.1.0,
+        ("DuckDB", large.1.1 / small.1.1),
+        "× the time",
+        Target::Ours(Bound::AtMost, factor),
+    ));
     report.notes.push(format!(
         "scaling: {factor:.0}× the orders took {:.1}× the time (DuckDB {:.1}×); linear is {factor:.0}×",
         large.1.0 / small.1.0,

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
-use super::{BenchReport, Harness, copy_csv, pgbench};
+use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, pgbench};
 
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     const BATCH_ORDERS: usize = 200_000;
@@ -96,6 +96,33 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         Some(single.items_per_sec / pgbench_tps),
         "≥ 0.5×",
     );
+    report.figure(Figure::anchored(
+        "batched ingest, 1-line orders",
+        batch.items_per_sec,
+        ("COPY of the same rows", copy_rate),
+        "orders/s",
+        Target::Ratio(Bound::AtLeast, 1.0),
+    ));
+    report.figure(Figure::anchored(
+        "batched ingest, 3-line orders",
+        baskets.items_per_sec,
+        ("COPY of the same rows", basket_copy_rate),
+        "orders/s",
+        Target::Ratio(Bound::AtLeast, 1.0),
+    ));
+    report.figure(Figure::anchored(
+        "single-order ingest, 32 connections",
+        single.items_per_sec,
+        ("pgbench single-row INSERT, 32 clients", pgbench_tps),
+        "orders/s",
+        Target::Ratio(Bound::AtLeast, 1.5),
+    ));
+    report.figure(Figure::alone(
+        "single-order ingest, 32 connections, p99",
+        single.p99_ms,
+        "ms",
+        Target::Ours(Bound::AtMost, 25.0),
+    ));
     report.notes.push(format!(
         "batched request latency p50 {:.0} ms, p99 {:.0} ms; {stored} orders stored, 0 errors",
         batch.p50_ms, batch.p99_ms

@@ -17,14 +17,38 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::install;
 use crate::proc::{self, run, spawn_detached};
 use crate::stack::{Kind, Server, Stack};
 
+/// The benchmarks in the order `all` runs them: the cheap ones first, the one
+/// that backfills millions of orders last.
+pub const ALL: [&str; 4] = ["ingest", "speed", "compactor", "serving"];
+
 pub async fn run_bench(name: &str) -> Result<()> {
+    if name == "all" {
+        let mut figures = Vec::new();
+        for name in ALL {
+            eprintln!("xtask bench: {name}");
+            figures.extend(run_one(name).await?.figures);
+        }
+        println!("\nall benchmarks\n");
+        print_figures(&figures);
+        let missed = figures.iter().filter(|f| f.met == Some(false)).count();
+        eprintln!(
+            "xtask bench: {} figures, {} with a target, {missed} missed",
+            figures.len(),
+            figures.iter().filter(|f| f.met.is_some()).count()
+        );
+        return Ok(());
+    }
+    run_one(name).await.map(drop)
+}
+
+async fn run_one(name: &str) -> Result<BenchReport> {
     install::ensure()?;
     // The release binaries each benchmark runs (a release build of the compactor,
     // with polars, takes long on two cores: only the benchmarks that need it build it).
@@ -33,7 +57,10 @@ pub async fn run_bench(name: &str) -> Result<()> {
         "speed" => &["ingest", "speed"],
         "compactor" => &["compactor"],
         "serving" => &["ingest", "speed", "compactor", "serving"],
-        other => bail!("unknown benchmark `{other}`; known: ingest, speed, compactor, serving"),
+        other => bail!(
+            "unknown benchmark `{other}`; known: {}, all",
+            ALL.join(", ")
+        ),
     };
     let stack = Stack::new(Kind::Test);
     let was_running = stack.is_running(Server::Postgres);
@@ -49,11 +76,158 @@ pub async fn run_bench(name: &str) -> Result<()> {
     if !was_running {
         stack.stop(&[]).await?;
     }
-    let report = report?;
+    let mut report = report?;
+    let path = report_path(&stack.root, report.benchmark);
+    report.compare_with(&path);
     report.print();
-    let path = report.write(&stack.root)?;
+    report.write(&path)?;
     eprintln!("xtask bench: report written to {}", path.display());
-    Ok(())
+    Ok(report)
+}
+
+/// `target/bench/<benchmark>.json` (under `CARGO_TARGET_DIR` when set).
+fn report_path(root: &Path, benchmark: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from)
+        .join("bench")
+        .join(format!("{benchmark}.json"))
+}
+
+/// Which way a target points.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    AtMost,
+    AtLeast,
+}
+
+/// What a figure is held to: its own value, or its ratio to the anchor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    Ours(Bound, f64),
+    Ratio(Bound, f64),
+    /// Reported only (the ratio is printed, nothing is promised).
+    None,
+}
+
+impl Target {
+    fn met(self, ours: f64, ratio: Option<f64>) -> Option<bool> {
+        let within = |bound: Bound, value: f64, limit: f64| match bound {
+            Bound::AtMost => value <= limit,
+            Bound::AtLeast => value >= limit,
+        };
+        match self {
+            Target::Ours(bound, limit) => Some(within(bound, ours, limit)),
+            Target::Ratio(bound, limit) => Some(ratio.is_some_and(|r| within(bound, r, limit))),
+            Target::None => None,
+        }
+    }
+
+    fn describe(self, unit: &str) -> String {
+        let sign = |bound| match bound {
+            Bound::AtMost => "≤",
+            Bound::AtLeast => "≥",
+        };
+        match self {
+            Target::Ours(bound, limit) => format!("{} {limit} {unit}", sign(bound)),
+            Target::Ratio(bound, limit) => format!("{} {limit}× the anchor", sign(bound)),
+            Target::None => "—".to_owned(),
+        }
+    }
+}
+
+/// One figure as a record: ours next to the anchor measured in the same run,
+/// `ratio` = ours / anchor, and whether the target is met (`null`: no target).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Figure {
+    pub metric: String,
+    pub ours: f64,
+    pub anchor: Option<f64>,
+    pub anchor_name: Option<String>,
+    pub unit: String,
+    pub ratio: Option<f64>,
+    pub target: String,
+    pub met: Option<bool>,
+    /// `ours` of the same metric in the previous report, if there was one.
+    #[serde(default)]
+    pub last: Option<f64>,
+}
+
+impl Figure {
+    /// A figure without an anchor.
+    pub fn alone(metric: &str, ours: f64, unit: &str, target: Target) -> Figure {
+        Figure::build(metric, ours, None, unit, target)
+    }
+
+    /// A figure next to its anchor (the same unit).
+    pub fn anchored(
+        metric: &str,
+        ours: f64,
+        (anchor_name, anchor): (&str, f64),
+        unit: &str,
+        target: Target,
+    ) -> Figure {
+        Figure::build(metric, ours, Some((anchor_name, anchor)), unit, target)
+    }
+
+    fn build(
+        metric: &str,
+        ours: f64,
+        anchor: Option<(&str, f64)>,
+        unit: &str,
+        target: Target,
+    ) -> Figure {
+        let ratio = anchor.map(|(_, a)| ours / a).filter(|r| r.is_finite());
+        Figure {
+            metric: metric.to_owned(),
+            ours,
+            anchor: anchor.map(|(_, a)| a),
+            anchor_name: anchor.map(|(n, _)| n.to_owned()),
+            unit: unit.to_owned(),
+            ratio,
+            target: target.describe(unit),
+            met: target.met(ours, ratio),
+            last: None,
+        }
+    }
+}
+
+/// A number as printed: three significant digits at least, no exponent.
+fn number(v: f64) -> String {
+    if v.abs() >= 100.0 || v.fract().abs() < 1e-9 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn print_figures(figures: &[Figure]) {
+    println!("| metric | ours | anchor | ratio | target | met | last run |");
+    println!("|---|---|---|---|---|---|---|");
+    for f in figures {
+        let anchor = match (&f.anchor_name, f.anchor) {
+            (Some(name), Some(a)) => format!("{name}: {} {}", number(a), f.unit),
+            _ => String::new(),
+        };
+        let ratio = f.ratio.map_or_else(String::new, |r| format!("{r:.2}×"));
+        let met = match f.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        let last = f
+            .last
+            .map_or_else(String::new, |l| format!("{} {}", number(l), f.unit));
+        println!(
+            "| {} | {} {} | {anchor} | {ratio} | {} | {met} | {last} |",
+            f.metric,
+            number(f.ours),
+            f.unit,
+            f.target
+        );
+    }
 }
 
 /// What a benchmark measured: a table of figures next to their anchors, and notes.
@@ -63,6 +237,9 @@ pub struct BenchReport {
     pub title: String,
     pub measured_at: chrono::DateTime<chrono::Utc>,
     pub rows: Vec<Row>,
+    /// The same measurements as records, each with its target and whether it
+    /// was met (what `bench all` and a later run compare).
+    pub figures: Vec<Figure>,
     pub notes: Vec<String>,
 }
 
@@ -84,6 +261,7 @@ impl BenchReport {
             title: title.into(),
             measured_at: chrono::Utc::now(),
             rows: Vec::new(),
+            figures: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -105,6 +283,32 @@ impl BenchReport {
         });
     }
 
+    fn figure(&mut self, figure: Figure) {
+        self.figures.push(figure);
+    }
+
+    /// Notes each figure's value in the report at `path` (the last run's).
+    fn compare_with(&mut self, path: &Path) {
+        #[derive(Deserialize)]
+        struct Last {
+            #[serde(default)]
+            figures: Vec<Figure>,
+        }
+        let Some(last) = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Last>(&b).ok())
+        else {
+            return;
+        };
+        for f in &mut self.figures {
+            f.last = last
+                .figures
+                .iter()
+                .find(|l| l.metric == f.metric && l.unit == f.unit)
+                .map(|l| l.ours);
+        }
+    }
+
     fn print(&self) {
         println!("\n{} benchmark ({})\n", self.benchmark, self.title);
         println!("| measure | Tidemark | anchor | ratio | target |");
@@ -122,17 +326,19 @@ impl BenchReport {
         for note in &self.notes {
             println!("{note}");
         }
+        println!(
+            "\nfigures (written to target/bench/{}.json)\n",
+            self.benchmark
+        );
+        print_figures(&self.figures);
     }
 
-    /// Writes the report to `target/bench/<benchmark>.json`.
-    fn write(&self, root: &Path) -> Result<std::path::PathBuf> {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root.join("target"), std::path::PathBuf::from);
-        let dir = target.join("bench");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}.json", self.benchmark));
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?)?;
-        Ok(path)
+    fn write(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(self)?)?;
+        Ok(())
     }
 }
 
@@ -421,4 +627,92 @@ pub(super) fn pgbench(stack: &Stack, db_url: &str) -> Result<f64> {
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no tps in pgbench output:\n{out}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_figure_is_judged_by_its_own_value_or_its_ratio_to_the_anchor() {
+        let fast = Figure::anchored(
+            "single",
+            1_500.0,
+            ("pgbench", 1_000.0),
+            "orders/s",
+            Target::Ratio(Bound::AtLeast, 1.5),
+        );
+        assert_eq!(fast.ratio, Some(1.5));
+        assert_eq!(fast.met, Some(true));
+        assert_eq!(fast.target, "≥ 1.5× the anchor");
+        let slow = Figure::anchored(
+            "single",
+            1_499.0,
+            ("pgbench", 1_000.0),
+            "orders/s",
+            Target::Ratio(Bound::AtLeast, 1.5),
+        );
+        assert_eq!(slow.met, Some(false));
+        let p99 = Figure::alone("p99", 5.01, "ms", Target::Ours(Bound::AtMost, 5.0));
+        assert_eq!(
+            (p99.met, p99.ratio, p99.target.as_str()),
+            (Some(false), None, "≤ 5 ms")
+        );
+        let reported = Figure::anchored("disk", 2.0, ("raw", 0.0), "GB", Target::None);
+        // No target: `met` is null; a zero anchor gives no ratio rather than ∞.
+        assert_eq!((reported.met, reported.ratio), (None, None));
+        let unanchored = Figure::alone("x", 1.0, "ms", Target::Ratio(Bound::AtMost, 1.0));
+        assert_eq!(
+            unanchored.met,
+            Some(false),
+            "a ratio target without an anchor is not met"
+        );
+    }
+
+    #[test]
+    fn a_report_notes_the_last_run_of_each_metric_and_writes_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bench").join("x.json");
+        let mut first = BenchReport::new("x", "t");
+        first.figure(Figure::alone(
+            "p99",
+            7.0,
+            "ms",
+            Target::Ours(Bound::AtMost, 5.0),
+        ));
+        first.compare_with(&path);
+        assert_eq!(first.figures[0].last, None, "no earlier report");
+        first.write(&path).unwrap();
+
+        let mut second = BenchReport::new("x", "t");
+        second.figure(Figure::alone(
+            "p99",
+            4.0,
+            "ms",
+            Target::Ours(Bound::AtMost, 5.0),
+        ));
+        second.figure(Figure::alone("new", 1.0, "ms", Target::None));
+        second.compare_with(&path);
+        assert_eq!(second.figures[0].last, Some(7.0));
+        assert_eq!(second.figures[1].last, None);
+        second.write(&path).unwrap();
+
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let record = &written["figures"][0];
+        for field in [
+            "metric",
+            "ours",
+            "anchor",
+            "anchor_name",
+            "unit",
+            "ratio",
+            "target",
+            "met",
+        ] {
+            assert!(record.get(field).is_some(), "{field} missing: {record}");
+        }
+        assert_eq!(record["met"], serde_json::json!(true));
+        assert_eq!(record["last"], serde_json::json!(7.0));
+    }
 }

@@ -29,7 +29,7 @@ use sqlx::postgres::PgPoolCopyExt;
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
-use super::{BenchReport, Harness, unlink_prefix};
+use super::{BenchReport, Bound, Figure, Harness, Target, unlink_prefix};
 use crate::proc::run;
 
 const DAYS: i64 = 90;
@@ -534,6 +534,72 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             "p99 ≤ 5 ms",
         );
     }
+    report.figure(Figure::alone(
+        "dashboard question, distinct, 50/s, p99",
+        distinct.p99_ms,
+        "ms",
+        Target::Ours(Bound::AtMost, 100.0),
+    ));
+    report.figure(Figure::alone(
+        "dashboard question, distinct, 50/s, errors",
+        distinct.errors as f64,
+        "requests",
+        Target::Ours(Bound::AtMost, 0.0),
+    ));
+    report.figure(Figure::alone(
+        "dashboard question, repeated, 2,000/s, p99",
+        repeated.p99_ms,
+        "ms",
+        Target::Ours(Bound::AtMost, 5.0),
+    ));
+    report.figure(Figure::anchored(
+        "dashboard question, one at a time, median",
+        ours_ms,
+        (
+            "one statement on ClickHouse over a plain lines table",
+            ch_ms,
+        ),
+        "ms",
+        Target::Ratio(Bound::AtMost, 1.0),
+    ));
+    report.figure(Figure::anchored(
+        "dashboard question, one at a time, median (Postgres anchor)",
+        ours_ms,
+        ("one statement on Postgres over a plain lines table", pg_ms),
+        "ms",
+        Target::None,
+    ));
+    report.figure(Figure::anchored(
+        "batch view on disk",
+        gb(view_bytes + buyers_bytes),
+        ("raw JSON Lines", gb(raw_bytes)),
+        "GB",
+        Target::None,
+    ));
+    for (name, r) in &doors.rows {
+        report.figure(Figure::anchored(
+            &format!("{name} today by city, 2,000/s, p99"),
+            r.p99_ms,
+            ("trivial handler", doors.trivial.p99_ms),
+            "ms",
+            Target::Ours(Bound::AtMost, if *name == "REST" { 2.0 } else { 5.0 }),
+        ));
+        report.figure(Figure::alone(
+            &format!("{name} today by city, 2,000/s, errors"),
+            r.errors as f64,
+            "requests",
+            Target::Ours(Bound::AtMost, 0.0),
+        ));
+    }
+    if let [(_, rest), (_, graphql)] = &doors.rows[..] {
+        report.figure(Figure::anchored(
+            "REST p99 next to GraphQL's, same question",
+            rest.p99_ms,
+            ("GraphQL", graphql.p99_ms),
+            "ms",
+            Target::Ratio(Bound::AtMost, 1.5),
+        ));
+    }
     report.notes.push(format!(
         "cross-check on the 10 single questions: {cells_checked} cells, orders and buyers equal to \
          the ClickHouse anchor's; net revenue in EUR within {worst_cents:.2} minor units of its \
@@ -583,7 +649,12 @@ fn figure(r: &Report) -> String {
         if r.errors_by_kind.is_empty() {
             String::new()
         } else {
-            format!(" {:?}", r.errors_by_kind)
+            let causes: Vec<String> = r
+                .errors_by_kind
+                .iter()
+                .map(|(why, n)| format!("{why} {n}"))
+                .collect();
+            format!(" ({})", causes.join(", "))
         }
     )
 }

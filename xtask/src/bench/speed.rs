@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use tidemark_loadtest::freshness::FreshnessReport;
 use tidemark_platform::auth::{self, Scope};
 
-use super::{BenchReport, Harness, copy_csv, unlink_prefix};
+use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, unlink_prefix};
 use crate::proc::run;
 
 const RATE: u64 = 5_000;
@@ -88,6 +88,38 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         Some(rows_per_sec / anchor_rows),
         "a share of raw Redis",
     );
+    report.figure(Figure::alone(
+        &format!("freshness at {RATE} orders/s, p99"),
+        fresh.p99_ms,
+        "ms",
+        Target::Ours(Bound::AtMost, 50.0),
+    ));
+    report.figure(Figure::alone(
+        &format!("freshness of refunds at {RATE} orders/s, p99"),
+        fresh.adjustment_p99_ms,
+        "ms",
+        Target::Ours(Bound::AtMost, 50.0),
+    ));
+    report.figure(Figure::anchored(
+        &format!("warehouse loader at {RATE} orders/s, rows loaded (to caught up)"),
+        vault.rows_per_sec,
+        ("log rows written", vault.rows as f64 / SECONDS as f64),
+        "rows/s",
+        Target::Ratio(Bound::AtLeast, 0.95),
+    ));
+    report.figure(Figure::alone(
+        &format!("warehouse loader at {RATE} orders/s, lag max"),
+        vault.max_seconds,
+        "s",
+        Target::None,
+    ));
+    report.figure(Figure::anchored(
+        "speed layer at saturation",
+        rows_per_sec,
+        ("redis-benchmark, same command mix", anchor_rows),
+        "rows/s",
+        Target::None,
+    ));
     Ok(report)
 }
 
