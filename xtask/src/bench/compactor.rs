@@ -42,7 +42,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
                 *orders as f64 / duck
             ),
             Some(duck / ours),
-            "≥ 0.5×",
+            "≥ 1.0×",
         );
     }
     for (orders, (ours, duck)) in &rounds {
