@@ -31,6 +31,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let Saturation {
         rows_per_sec,
         ops_per_row,
+        vault_rows_per_sec,
         ..
     } = saturated;
     let anchor_rows = mix_rate / ops_per_row;
@@ -88,6 +89,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         Some(rows_per_sec / anchor_rows),
         "a share of raw Redis",
     );
+    report.row(
+        format!("warehouse loader alone over the same {SATURATION_ROWS} preloaded rows"),
+        format!("{vault_rows_per_sec:.0} rows/s"),
+        format!("the speed layer over them: {rows_per_sec:.0} rows/s"),
+        Some(vault_rows_per_sec / rows_per_sec),
+        "above the rates it must follow",
+    );
     report.figure(Figure::alone(
         &format!("freshness at {RATE} orders/s, p99"),
         fresh.p99_ms,
@@ -106,6 +114,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         ("log rows written", vault.rows as f64 / SECONDS as f64),
         "rows/s",
         Target::Ratio(Bound::AtLeast, 0.95),
+    ));
+    report.figure(Figure::anchored(
+        "warehouse loader alone over a preloaded log",
+        vault_rows_per_sec,
+        ("speed layer alone over the same log", rows_per_sec),
+        "rows/s",
+        Target::None,
     ));
     report.figure(Figure::alone(
         &format!("warehouse loader at {RATE} orders/s, lag max"),
@@ -242,8 +257,9 @@ async fn freshness(bench: &mut Harness<'_>) -> Result<(FreshnessReport, VaultLag
     Ok((fresh, vault))
 }
 
-/// What the speed layer sustained over a preloaded log.
+/// What the speed layer (and the warehouse loader) sustained over a preloaded log.
 struct Saturation {
+    vault_rows_per_sec: f64,
     rows_per_sec: f64,
     /// Redis writes per applied row.
     ops_per_row: f64,
@@ -320,11 +336,36 @@ async fn saturation(bench: &mut Harness<'_>) -> Result<Saturation> {
     let (hincrby, zadd) = (calls("hincrby"), calls("zadd"));
     let rows_per_sec = SATURATION_ROWS as f64 / elapsed;
     let ops_per_row = (hincrby + zadd) / SATURATION_ROWS as f64;
+    let vault_rows_per_sec = vault_saturation(&db).await?;
     Ok(Saturation {
         rows_per_sec,
         ops_per_row,
         hincrby_share: hincrby / (hincrby + zadd),
+        vault_rows_per_sec,
     })
+}
+
+/// The warehouse loader alone over the same preloaded log, in batches of the
+/// default size: rows loaded per second.
+async fn vault_saturation(db: &str) -> Result<f64> {
+    eprintln!("xtask bench: the warehouse loader over the same {SATURATION_ROWS} rows");
+    let pool = sqlx::PgPool::connect(db).await?;
+    let loader = tidemark_ingest::vault::Loader::new(
+        pool.clone(),
+        tidemark_ingest::config::VaultSettings::default(),
+    );
+    let started = Instant::now();
+    let mut rows = 0;
+    while let tidemark_ingest::vault::Step::Loaded { rows: n } = loader.step().await? {
+        rows += n;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    pool.close().await;
+    anyhow::ensure!(
+        rows >= SATURATION_ROWS as i64,
+        "the loader loaded {rows} of {SATURATION_ROWS} rows"
+    );
+    Ok(rows as f64 / elapsed)
 }
 
 /// redis-benchmark's pipelined ops/s for the same HINCRBY/ZADD mix.
