@@ -27,7 +27,12 @@ struct Cli {
 enum Task {
     /// Install what is missing, start the servers and all services, wait until
     /// every /readyz answers 200, print the URLs (also in .tidemark/stack.env).
-    Up,
+    Up {
+        /// Run release builds (a slower first build, services several times
+        /// faster: for load and for trying the figures of the benchmarks).
+        #[arg(long)]
+        release: bool,
+    },
     /// Stop everything `up` started (or, with --test, the test stack).
     Down {
         #[arg(long)]
@@ -86,7 +91,7 @@ enum Task {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Up => up::up().await,
+        Task::Up { release } => up::up(release).await,
         Task::Down { test } => up::down(test).await,
         Task::Status { test } => up::status(test).await,
         Task::Logs {

@@ -26,7 +26,7 @@ fn stop_order() -> Vec<&'static str> {
     SERVICES.iter().rev().map(|(name, _)| *name).collect()
 }
 
-pub async fn up() -> Result<()> {
+pub async fn up(release: bool) -> Result<()> {
     install::ensure()?;
     let stack = Stack::new(Kind::Up);
     eprintln!("xtask: starting servers under {}", stack.base.display());
@@ -38,13 +38,17 @@ pub async fn up() -> Result<()> {
     let keys = demo_keys(&stack, &pool).await?;
     pool.close().await;
 
-    eprintln!("xtask: building services");
+    eprintln!(
+        "xtask: building services ({})",
+        if release { "release" } else { "debug" }
+    );
     let packages: Vec<String> = SERVICES
         .iter()
         .flat_map(|(name, _)| ["-p".to_owned(), format!("tidemark-{name}")])
         .collect();
     let status = Command::new(env!("CARGO"))
         .args(["build", "--bins", "--quiet"])
+        .args(release.then_some("--release"))
         .args(&packages)
         .current_dir(&stack.root)
         .status()?;
@@ -54,7 +58,7 @@ pub async fn up() -> Result<()> {
 
     let env = service_env(&stack, &keys);
     for (name, port) in SERVICES {
-        start_service(&stack, name, *port, &env)?;
+        start_service(&stack, name, *port, &env, release)?;
     }
     let client = reqwest::Client::new();
     for (name, port) in SERVICES {
@@ -72,7 +76,7 @@ pub async fn up() -> Result<()> {
             );
         }
     }
-    load_demo_rates(&stack, &env)?;
+    load_demo_rates(&stack, &env, release)?;
     let targets: Vec<(String, String)> = SERVICES
         .iter()
         .map(|(name, port)| ((*name).to_owned(), format!("127.0.0.1:{port}")))
@@ -128,8 +132,8 @@ pub async fn up() -> Result<()> {
 /// Demo exchange rates for the shop's currencies (`report_currency`): the
 /// generator prints 400 days of them in the ECB format, ingest's CLI loads them
 /// (idempotent: a rerun of `up` changes nothing).
-fn load_demo_rates(stack: &Stack, env: &[(String, String)]) -> Result<()> {
-    let rates = Command::new(binary(stack, "generator"))
+fn load_demo_rates(stack: &Stack, env: &[(String, String)], release: bool) -> Result<()> {
+    let rates = Command::new(binary(stack, "generator", release))
         .args(["fx-rates", "--days", "400"])
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&stack.root)
@@ -140,7 +144,7 @@ fn load_demo_rates(stack: &Stack, env: &[(String, String)]) -> Result<()> {
             String::from_utf8_lossy(&rates.stderr)
         );
     }
-    let mut load = Command::new(binary(stack, "ingest"))
+    let mut load = Command::new(binary(stack, "ingest", release))
         .args(["fx-rates", "load", "-"])
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&stack.root)
@@ -231,24 +235,48 @@ fn demo_rate() -> String {
     std::env::var("TIDEMARK_DEMO_RATE").unwrap_or_else(|_| "20".into())
 }
 
-pub(crate) fn binary(stack: &Stack, name: &str) -> PathBuf {
+/// A service's binary in the debug or the release build.
+pub(crate) fn binary(stack: &Stack, name: &str, release: bool) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| stack.root.join("target"), PathBuf::from);
-    target.join("debug").join(format!("tidemark-{name}"))
+    target
+        .join(if release { "release" } else { "debug" })
+        .join(format!("tidemark-{name}"))
 }
 
-/// Starts a service unless it runs already with the current binary.
-fn start_service(stack: &Stack, name: &str, port: u16, env: &[(String, String)]) -> Result<()> {
+/// Starts a service unless it runs already with the current binary (of the
+/// build asked for: `up --release` after `up` restarts every service).
+fn start_service(
+    stack: &Stack,
+    name: &str,
+    port: u16,
+    env: &[(String, String)],
+    release: bool,
+) -> Result<()> {
     let pid_file = stack.pid_file(name);
-    let bin = binary(stack, name);
+    let bin = binary(stack, name, release);
     let process = format!("tidemark-{name}");
     if let Some(pid) = read_pid(&pid_file).filter(|&pid| alive(pid, &process)) {
         let started = std::fs::metadata(&pid_file)?.modified()?;
         let built = std::fs::metadata(&bin)?.modified()?;
-        if built <= started {
+        // The running process's binary, by path: the other build's is another file.
+        let same_build = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            exe == bin
+                || exe
+                    .canonicalize()
+                    .is_ok_and(|e| Some(e) == bin.canonicalize().ok())
+        });
+        if built <= started && same_build {
             return Ok(());
         }
-        eprintln!("xtask: restarting {name} (rebuilt)");
+        eprintln!(
+            "xtask: restarting {name} ({})",
+            if same_build {
+                "rebuilt"
+            } else {
+                "the other build"
+            }
+        );
         futures_stop(pid, &process)?;
     }
     let mut cmd = Command::new(&bin);

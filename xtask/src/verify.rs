@@ -27,7 +27,7 @@ pub fn verify(days: i64) -> Result<()> {
     if !status.success() {
         bail!("cargo build --bin tidemark-verify failed");
     }
-    let status = Command::new(crate::up::binary(&stack, "verify"))
+    let status = Command::new(crate::up::binary(&stack, "verify", false))
         .args(["--days", &days.to_string()])
         .envs(crate::up::service_env(&stack, &[]))
         .env("TIDEMARK_VERIFY__SERVING_URL", var("TIDEMARK_SERVING_URL")?)
