@@ -109,3 +109,66 @@ pub fn tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// A process's peak resident memory so far (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Like [`run`], also returning the child's peak resident memory in bytes, read
+/// from `/proc` every 20 ms while it runs (the high-water mark only rises, so
+/// the last reading is the peak up to its last 20 ms).
+pub async fn run_measured(cmd: &mut Command) -> Result<(String, u64)> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    let pid = child.id();
+    // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        drop(stdout.read_to_end(&mut b));
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        drop(stderr.read_to_end(&mut b));
+        b
+    });
+    let mut peak = 0;
+    let status = loop {
+        if let Some(p) = peak_rss(pid) {
+            peak = peak.max(p);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    if !status.success() {
+        bail!(
+            "{:?} failed ({status}):\n{}{}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+    }
+    Ok((String::from_utf8_lossy(&out).into_owned(), peak))
+}

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{BenchReport, Bound, Figure, Harness, Target};
-use crate::proc::run;
+use crate::proc::{run, run_measured};
 use crate::stack::Stack;
 
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
@@ -30,43 +30,58 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "compactor",
         "release build; raw JSON Lines in the same S3 store",
     );
-    for (orders, (ours, duck)) in &rounds {
+    let mb = |b: u64| b as f64 / 1e6;
+    for (orders, r) in &rounds {
         report.row(
             format!(
                 "{orders} orders (+{} refunds): JSON in S3 → Parquet + audited, published ClickHouse aggregates",
                 orders.div_ceil(20)
             ),
-            format!("{ours:.1} s = {:.0} rows/s", *orders as f64 / ours),
             format!(
-                "DuckDB JSON → Parquet, same files: {duck:.1} s = {:.0} rows/s",
-                *orders as f64 / duck
+                "{:.1} s = {:.0} rows/s; peak RSS {:.0} MB",
+                r.ours,
+                *orders as f64 / r.ours,
+                mb(r.ours_rss)
             ),
-            Some(duck / ours),
-            "≥ 1.0×",
+            format!(
+                "DuckDB JSON → Parquet, same files: {:.1} s = {:.0} rows/s; peak RSS {:.0} MB",
+                r.duck,
+                *orders as f64 / r.duck,
+                mb(r.duck_rss)
+            ),
+            Some(r.duck / r.ours),
+            "≥ 1.0×; memory ≤ 1.5× DuckDB's",
         );
     }
-    for (orders, (ours, duck)) in &rounds {
+    for (orders, r) in &rounds {
         report.figure(Figure::anchored(
             &format!("compaction of {orders} orders"),
-            *orders as f64 / ours,
-            ("DuckDB JSON → Parquet, same files", *orders as f64 / duck),
+            *orders as f64 / r.ours,
+            ("DuckDB JSON → Parquet, same files", *orders as f64 / r.duck),
             "rows/s",
             Target::Ratio(Bound::AtLeast, 1.0),
+        ));
+        report.figure(Figure::anchored(
+            &format!("compaction of {orders} orders, peak RSS"),
+            mb(r.ours_rss),
+            ("DuckDB on the same files", mb(r.duck_rss)),
+            "MB",
+            Target::Ratio(Bound::AtMost, 1.5),
         ));
     }
     let (small, large) = (&rounds[0], &rounds[1]);
     let factor = large.0 as f64 / small.0 as f64;
+    let (ours_growth, duck_growth) = (large.1.ours / small.1.ours, large.1.duck / small.1.duck);
     report.figure(Figure::anchored(
         &format!("time for {factor:.0}× the orders"),
-        large.1.0 / small.1.0,
-        ("DuckDB", large.1.1 / small.1.1),
+        ours_growth,
+        ("DuckDB", duck_growth),
         "× the time",
         Target::Ours(Bound::AtMost, factor),
     ));
     report.notes.push(format!(
-        "scaling: {factor:.0}× the orders took {:.1}× the time (DuckDB {:.1}×); linear is {factor:.0}×",
-        large.1.0 / small.1.0,
-        large.1.1 / small.1.1
+        "scaling: {factor:.0}× the orders took {ours_growth:.1}× the time (DuckDB {duck_growth:.1}×); \
+         linear is {factor:.0}×"
     ));
     Ok(report)
 }
@@ -86,12 +101,17 @@ fn duckdb_python(stack: &Stack) -> Result<std::path::PathBuf> {
     Ok(python)
 }
 
-/// Returns (Tidemark seconds, DuckDB seconds).
-async fn compaction_round(
-    bench: &mut Harness<'_>,
-    python: &Path,
-    orders: usize,
-) -> Result<(f64, f64)> {
+/// One size's compaction next to DuckDB's conversion of the same files.
+struct Round {
+    /// Seconds.
+    ours: f64,
+    duck: f64,
+    /// Peak resident memory, bytes.
+    ours_rss: u64,
+    duck_rss: u64,
+}
+
+async fn compaction_round(bench: &mut Harness<'_>, python: &Path, orders: usize) -> Result<Round> {
     const PER_FILE: usize = 50_000;
     let db = bench.database(&format!("compact{orders}")).await?;
     let mut s3 = bench.stack.s3_config();
@@ -181,24 +201,27 @@ async fn compaction_round(
 
     let ch_db = format!("bench_{}_{orders}", bench.tag);
     let started = Instant::now();
-    let out = run(Command::new(bench.bin("tidemark-compactor"))
-        .arg("run-once")
-        .env(
-            "TIDEMARK_TELEMETRY__LOG_FILTER",
-            "warn,tidemark_compactor=info",
-        )
-        .env("TIDEMARK_TELEMETRY__LOG_FORMAT", "json")
-        .env("TIDEMARK_POSTGRES__URL", &db)
-        .env("TIDEMARK_CLICKHOUSE__URL", bench.stack.clickhouse_url())
-        .env("TIDEMARK_CLICKHOUSE__DATABASE", &ch_db)
-        .env("TIDEMARK_S3__ENDPOINT", &s3.endpoint)
-        .env("TIDEMARK_S3__BUCKET", &s3.bucket)
-        .env("TIDEMARK_S3__PREFIX", &s3.prefix)
-        .env("TIDEMARK_S3__ACCESS_KEY_ID", crate::stack::S3_ACCESS_KEY)
-        .env(
-            "TIDEMARK_S3__SECRET_ACCESS_KEY",
-            crate::stack::S3_SECRET_KEY,
-        ))?;
+    let (out, ours_rss) = run_measured(
+        Command::new(bench.bin("tidemark-compactor"))
+            .arg("run-once")
+            .env(
+                "TIDEMARK_TELEMETRY__LOG_FILTER",
+                "warn,tidemark_compactor=info",
+            )
+            .env("TIDEMARK_TELEMETRY__LOG_FORMAT", "json")
+            .env("TIDEMARK_POSTGRES__URL", &db)
+            .env("TIDEMARK_CLICKHOUSE__URL", bench.stack.clickhouse_url())
+            .env("TIDEMARK_CLICKHOUSE__DATABASE", &ch_db)
+            .env("TIDEMARK_S3__ENDPOINT", &s3.endpoint)
+            .env("TIDEMARK_S3__BUCKET", &s3.bucket)
+            .env("TIDEMARK_S3__PREFIX", &s3.prefix)
+            .env("TIDEMARK_S3__ACCESS_KEY_ID", crate::stack::S3_ACCESS_KEY)
+            .env(
+                "TIDEMARK_S3__SECRET_ACCESS_KEY",
+                crate::stack::S3_SECRET_KEY,
+            ),
+    )
+    .await?;
     let ours = started.elapsed().as_secs_f64();
     for line in out.lines().filter(|l| {
         [
@@ -232,19 +255,29 @@ async fn compaction_round(
         .base
         .join(format!("bench-duckdb-{orders}.parquet"));
     let script = format!(
-        "import duckdb, time\n\
+        "import duckdb, resource, time\n\
          duckdb.sql('SET enable_progress_bar = false')\n\
          t = time.time()\n\
          duckdb.sql(\"COPY (SELECT * FROM read_json('{}/*.jsonl', format='newline_delimited')) \
          TO '{}' (FORMAT parquet, COMPRESSION zstd)\")\n\
-         print(time.time() - t)\n",
+         print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n",
         raw_dir.display(),
         parquet.display()
     );
-    let duck: f64 = run(Command::new(python).args(["-c", &script]))?
-        .trim()
-        .parse()?;
+    let printed = run(Command::new(python).args(["-c", &script]))?;
+    let (duck, duck_rss_kb) = printed
+        .split_once(' ')
+        .context("DuckDB's script printed no time and peak memory")?;
+    let (duck, duck_rss) = (
+        duck.trim().parse::<f64>()?,
+        duck_rss_kb.trim().parse::<u64>()? * 1024,
+    );
     drop(std::fs::remove_file(&parquet));
     bench.drop_batch_stores(&s3, &ch_db).await?;
-    Ok((ours, duck))
+    Ok(Round {
+        ours,
+        duck,
+        ours_rss,
+        duck_rss,
+    })
 }

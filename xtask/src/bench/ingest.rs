@@ -59,6 +59,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     )?;
     let pgbench_tps = pgbench(bench.stack, &pgbench_db)?;
     bench.stop_services().await;
+    let ingest_rss = bench.peak_rss_mb("ingest").unwrap_or(f64::NAN);
 
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(&pool)
@@ -122,6 +123,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         single.p99_ms,
         "ms",
         Target::Ours(Bound::AtMost, 25.0),
+    ));
+    report.figure(Figure::alone(
+        "ingest peak RSS (batched and single-order runs)",
+        ingest_rss,
+        "MB",
+        Target::Ours(Bound::AtMost, 100.0),
     ));
     report.notes.push(format!(
         "batched request latency p50 {:.0} ms, p99 {:.0} ms; {stored} orders stored, 0 errors",

@@ -349,6 +349,8 @@ pub(super) struct Harness<'a> {
     admin: sqlx::PgPool,
     databases: Vec<String>,
     processes: Vec<(u32, String, std::path::PathBuf)>,
+    /// Peak resident memory (bytes) of each service stopped so far, by process name.
+    peaks: std::collections::HashMap<String, u64>,
 }
 
 impl<'a> Harness<'a> {
@@ -363,6 +365,7 @@ impl<'a> Harness<'a> {
             admin: sqlx::PgPool::connect(&stack.postgres_url("postgres")).await?,
             databases: Vec::new(),
             processes: Vec::new(),
+            peaks: std::collections::HashMap::new(),
         })
     }
 
@@ -472,7 +475,28 @@ impl<'a> Harness<'a> {
         Ok(url)
     }
 
+    /// The peak resident memory of `service` (`ingest`, …) in MB: of the running
+    /// process, or the highest of those stopped so far.
+    pub(super) fn peak_rss_mb(&self, service: &str) -> Option<f64> {
+        let name = format!("tidemark-{service}");
+        let running = self
+            .processes
+            .iter()
+            .filter(|(_, n, _)| *n == name)
+            .filter_map(|(pid, _, _)| proc::peak_rss(*pid))
+            .max();
+        running
+            .max(self.peaks.get(&name).copied())
+            .map(|b| b as f64 / 1e6)
+    }
+
     pub(super) async fn stop_services(&mut self) {
+        for (pid, name, _) in &self.processes {
+            if let Some(peak) = proc::peak_rss(*pid) {
+                let kept = self.peaks.entry(name.clone()).or_default();
+                *kept = (*kept).max(peak);
+            }
+        }
         for (pid, name, pid_file) in self.processes.drain(..) {
             drop(proc::stop(pid, &name, "TERM", Duration::from_secs(30)).await);
             drop(std::fs::remove_file(pid_file));

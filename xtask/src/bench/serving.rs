@@ -455,6 +455,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let streamed = streamed.load(std::sync::atomic::Ordering::Relaxed);
 
     bench.stop_services().await;
+    let serving_rss = bench.peak_rss_mb("serving").unwrap_or(f64::NAN);
     pool.close().await;
     unlink_prefix(&bench.stack.ports.redis.to_string(), &format!("{prefix}:*"))?;
     bench.drop_batch_stores(&s3, &ch_db).await?;
@@ -598,6 +599,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             Target::Ours(Bound::AtMost, 0.0),
         ));
     }
+    report.figure(Figure::alone(
+        "serving peak RSS (distinct, repeated and 2,000/s phases)",
+        serving_rss,
+        "MB",
+        Target::None,
+    ));
     if let [(_, rest), (_, graphql)] = &doors.rows[..] {
         report.figure(Figure::anchored(
             "REST p99 next to GraphQL's, same question",
@@ -611,6 +618,9 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "cross-check on the 10 single questions: {cells_checked} cells, orders and buyers equal to \
          the ClickHouse anchor's; net revenue in EUR within {worst_cents:.2} minor units of its \
          per-line floating conversion"
+    ));
+    report.notes.push(format!(
+        "serving's peak resident memory over the question phases: {serving_rss:.0} MB"
     ));
     report.notes.push(format!(
         "live stream: {streamed} orders ingested at 200/s while the questions ran"

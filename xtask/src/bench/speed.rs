@@ -19,6 +19,8 @@ const ADJUST_SHARE: f64 = 0.05;
 
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let (fresh, vault) = freshness(bench).await?;
+    // Only the freshness run starts ingest.
+    let ingest_rss = bench.peak_rss_mb("ingest").unwrap_or(f64::NAN);
     let saturated = saturation(bench).await?;
     let mix_rate = redis_anchor(bench, saturated.hincrby_share)?;
     let port = bench.stack.ports.redis.to_string();
@@ -107,6 +109,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         fresh.adjustment_p99_ms,
         "ms",
         Target::Ours(Bound::AtMost, 50.0),
+    ));
+    report.figure(Figure::alone(
+        &format!("ingest peak RSS at {RATE} orders/s (with its relay off, vault loader on)"),
+        ingest_rss,
+        "MB",
+        Target::Ours(Bound::AtMost, 100.0),
     ));
     report.figure(Figure::anchored(
         &format!("warehouse loader at {RATE} orders/s, rows loaded (to caught up)"),
