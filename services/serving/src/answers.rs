@@ -40,8 +40,16 @@ impl<E> Default for Slot<E> {
 
 /// Answers by question, coalesced per question.
 pub struct Answers<E> {
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot<E>>>>>,
+    slots: Mutex<Slots<E>>,
     capacity: usize,
+    /// Most bytes of answers kept (past it the store starts over).
+    max_bytes: usize,
+}
+
+struct Slots<E> {
+    by_question: HashMap<String, Arc<tokio::sync::Mutex<Slot<E>>>>,
+    /// Bytes of the answers kept in `by_question`'s slots.
+    bytes: usize,
 }
 
 /// How an answer was had (for the cache metric).
@@ -66,11 +74,20 @@ impl Outcome {
 }
 
 impl<E: Clone> Answers<E> {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Answers {
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Slots {
+                by_question: HashMap::new(),
+                bytes: 0,
+            }),
             capacity: capacity.max(1),
+            max_bytes,
         }
+    }
+
+    /// Bytes of the answers kept now.
+    pub fn kept_bytes(&self) -> usize {
+        self.slots.lock().expect("not poisoned").bytes
     }
 
     /// The answer to `question` at `version` (observed by the caller before
@@ -89,11 +106,19 @@ impl<E: Clone> Answers<E> {
         let arrived = Instant::now();
         let slot = {
             let mut slots = self.slots.lock().expect("not poisoned");
-            if slots.len() >= self.capacity && !slots.contains_key(&question) {
-                slots.clear();
+            if slots.by_question.len() >= self.capacity
+                && !slots.by_question.contains_key(&question)
+            {
+                slots.by_question.clear();
+                slots.bytes = 0;
             }
-            slots.entry(question).or_default().clone()
+            slots
+                .by_question
+                .entry(question.clone())
+                .or_default()
+                .clone()
         };
+        let kept_slot = slot.clone();
         let mut slot = slot.lock().await;
         if let Some((at, bytes, finished)) = &slot.answer {
             if *at == version {
@@ -112,12 +137,43 @@ impl<E: Clone> Answers<E> {
         let finished = Instant::now();
         match &result {
             Ok(bytes) => {
+                let before = slot.answer.as_ref().map_or(0, |(_, b, _)| b.len());
                 slot.answer = Some((version, bytes.clone(), finished));
                 slot.failure = None;
+                self.account(&question, &kept_slot, before, bytes.len());
             }
             Err(e) => slot.failure = Some((e.clone(), finished)),
         }
         (result, Outcome::Computed)
+    }
+
+    /// Counts a slot's answer going from `before` to `after` bytes, if the slot is
+    /// still kept; past `max_bytes` the store starts over from this answer.
+    fn account(
+        &self,
+        question: &str,
+        slot: &Arc<tokio::sync::Mutex<Slot<E>>>,
+        before: usize,
+        after: usize,
+    ) {
+        let mut slots = self.slots.lock().expect("not poisoned");
+        if !slots
+            .by_question
+            .get(question)
+            .is_some_and(|kept| Arc::ptr_eq(kept, slot))
+        {
+            return;
+        }
+        slots.bytes = slots.bytes.saturating_sub(before) + after;
+        if slots.bytes > self.max_bytes {
+            // Start over, keeping this answer if it fits by itself.
+            slots.by_question.clear();
+            slots.bytes = 0;
+            if after <= self.max_bytes {
+                slots.by_question.insert(question.to_owned(), slot.clone());
+                slots.bytes = after;
+            }
+        }
     }
 }
 
@@ -133,7 +189,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_answer_is_served_until_the_data_moves() {
-        let answers = Answers::<String>::new(10);
+        let answers = Answers::<String>::new(10, 1 << 20);
         let computed = AtomicUsize::new(0);
         let compute = |n: &'static str| {
             computed.fetch_add(1, Ordering::SeqCst);
@@ -152,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_arriving_during_a_computation_share_it() {
-        let answers = Arc::new(Answers::<String>::new(10));
+        let answers = Arc::new(Answers::<String>::new(10, 1 << 20));
         let computed = Arc::new(AtomicUsize::new(0));
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let first = {
@@ -208,5 +264,37 @@ mod tests {
             .get("q".into(), version("1"), || async { Ok(Bytes::from("up")) })
             .await;
         assert_eq!((a, o), (Ok(Bytes::from("up")), Outcome::Computed));
+    }
+
+    #[tokio::test]
+    async fn kept_answers_never_hold_more_than_their_budget() {
+        let answers = Answers::<String>::new(1_000, 10_000);
+        for i in 0..50 {
+            let (a, o) = answers
+                .get(format!("q{i}"), version("1"), || async {
+                    Ok(Bytes::from(vec![b'x'; 3_000]))
+                })
+                .await;
+            assert_eq!((a.unwrap().len(), o), (3_000, Outcome::Computed));
+            assert!(
+                answers.kept_bytes() <= 10_000,
+                "{} kept",
+                answers.kept_bytes()
+            );
+        }
+        // Within the budget, answers are kept: the last three are hits.
+        let (_, o) = answers
+            .get("q49".into(), version("1"), || async { Ok(Bytes::new()) })
+            .await;
+        assert_eq!(o, Outcome::Hit);
+        // A question answered again at a new version replaces its bytes.
+        let before = answers.kept_bytes();
+        let (_, o) = answers
+            .get("q49".into(), version("2"), || async {
+                Ok(Bytes::from(vec![b'y'; 1_000]))
+            })
+            .await;
+        assert_eq!(o, Outcome::Computed);
+        assert_eq!(answers.kept_bytes(), before - 2_000);
     }
 }

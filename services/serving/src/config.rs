@@ -37,8 +37,12 @@ pub struct ServingSettings {
     /// How long the published batch state is reused before it is read again.
     #[serde(with = "millis")]
     pub state_ttl: Duration,
-    /// Batch answers kept per published state.
+    /// Questions kept per cache (batch cells, speed reads, answers).
     pub cache_entries: usize,
+    /// Memory the batch-cells cache and the answers cache may hold, each: a
+    /// cache past it starts over (entries alone do not bound memory — a 30-day
+    /// hourly question by two attributes keeps ~150,000 cells and a 4 MB answer).
+    pub cache_bytes: usize,
     /// GraphQL: deepest query accepted.
     pub graphql_max_depth: usize,
     /// GraphQL: highest complexity accepted (a field counts 1; `revenue` 20,
@@ -77,6 +81,7 @@ impl Default for ServingSettings {
             max_filter_values: 100,
             state_ttl: Duration::from_millis(500),
             cache_entries: 2_000,
+            cache_bytes: 256 * 1024 * 1024,
             graphql_max_depth: 8,
             graphql_max_complexity: 300,
             graphql_max_query_bytes: 16 * 1024,

@@ -437,8 +437,11 @@ pub fn schema(state: Arc<AppState>, settings: &ServingSettings) -> TidemarkSchem
 
 /// `POST /graphql` (authenticated by the router's key check; see
 /// [`subscriptions`] for `/graphql/ws`).
-pub fn router(executor: TidemarkSchema) -> Router<Arc<AppState>> {
-    let cache = Arc::new(ResponseCache::new(CACHE_ENTRIES));
+pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Arc<AppState>> {
+    let cache = Arc::new(ResponseCache::new(
+        settings.cache_entries,
+        settings.cache_bytes,
+    ));
     Router::new().route(
         "/graphql",
         post(
@@ -522,7 +525,6 @@ type ResponseCache = crate::answers::Answers<Bytes>;
 
 /// Top-level fields whose answers depend only on the data version.
 const CACHEABLE_FIELDS: [&str; 3] = ["revenue", "summary", "__typename"];
-const CACHE_ENTRIES: usize = 1_000;
 
 /// What a cheap look at a query's text finds, before async-graphql validates it.
 #[derive(Debug, PartialEq)]

@@ -64,13 +64,10 @@ pub async fn serve(
             pool.clone(),
             batch_reads,
             SpeedView::new(redis.clone()),
-            settings.state_ttl,
-            settings.cache_entries,
-            settings.max_cells,
-            settings.clickhouse_concurrency,
+            &settings,
         ),
         settings: settings.clone(),
-        answers: answers::Answers::new(settings.cache_entries),
+        answers: answers::Answers::new(settings.cache_entries, settings.cache_bytes),
     });
     let auth = Authenticator::new(
         pool.clone(),
@@ -81,7 +78,7 @@ pub async fn serve(
     );
     let schema = graphql::schema(state.clone(), &settings);
     let api = rest::router()
-        .merge(graphql::router(schema.clone()))
+        .merge(graphql::router(schema.clone(), &settings))
         .route_layer(middleware::from_fn_with_state(
             (auth.clone(), Scope::Read),
             auth::require,

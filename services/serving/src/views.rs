@@ -178,6 +178,20 @@ fn describe(query: &BuyersQuery<'_>) -> String {
 /// Sums per (bucket key, UTC date or 0, grouped values, currency).
 pub type Pieces = BTreeMap<PieceKey, Totals>;
 
+/// About how much memory `pieces` hold: each entry's key and totals, its grouped
+/// values' heap, and a B-tree node's share per entry.
+pub fn pieces_bytes(pieces: &Pieces) -> usize {
+    const PER_ENTRY: usize = size_of::<PieceKey>() + size_of::<Totals>() + 16;
+    pieces
+        .keys()
+        .map(|(_, _, values, _)| {
+            PER_ENTRY
+                + values.capacity() * size_of::<String>()
+                + values.iter().map(String::capacity).sum::<usize>()
+        })
+        .sum()
+}
+
 /// Both views' pieces and how they were read: the answer is their sum.
 pub struct Merged {
     pub batch: Arc<Pieces>,
@@ -219,9 +233,12 @@ pub struct Views {
     speed: SpeedView,
     state_ttl: Duration,
     cache_entries: usize,
+    /// Most (estimated) bytes of batch pieces kept.
+    cache_bytes: usize,
     max_cells: usize,
     state: Mutex<Option<(Option<PublishedState>, Instant)>>,
-    batch: Mutex<HashMap<BatchKey, Arc<Pieces>>>,
+    /// Batch pieces by question, and their estimated bytes.
+    batch: Mutex<(HashMap<BatchKey, Arc<Pieces>>, usize)>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
@@ -232,25 +249,24 @@ pub struct Views {
 }
 
 impl Views {
+    /// Views over the stores, with `settings`' limits and cache sizes.
     pub fn new(
         pool: PgPool,
         ch: clickhouse::Client,
         speed: SpeedView,
-        state_ttl: Duration,
-        cache_entries: usize,
-        max_cells: usize,
-        ch_concurrency: usize,
+        settings: &crate::config::ServingSettings,
     ) -> Self {
         Self {
-            ch_permits: tokio::sync::Semaphore::new(ch_concurrency.max(1)),
+            ch_permits: tokio::sync::Semaphore::new(settings.clickhouse_concurrency.max(1)),
             pool,
             ch,
             speed,
-            state_ttl,
-            cache_entries,
-            max_cells,
+            state_ttl: settings.state_ttl,
+            cache_entries: settings.cache_entries,
+            cache_bytes: settings.cache_bytes,
+            max_cells: settings.max_cells,
             state: Mutex::new(None),
-            batch: Mutex::new(HashMap::new()),
+            batch: Mutex::new((HashMap::new(), 0)),
             speed_cells: Mutex::new(HashMap::new()),
             buyers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
@@ -285,7 +301,7 @@ impl Views {
                 });
                 if changed {
                     // Cells of an older state are never asked for again.
-                    self.batch.lock().expect("not poisoned").clear();
+                    *self.batch.lock().expect("not poisoned") = (HashMap::new(), 0);
                     self.buyers.lock().expect("not poisoned").clear();
                     self.held.lock().expect("not poisoned").clear();
                 }
@@ -311,7 +327,7 @@ impl Views {
         read: &Read<'_>,
     ) -> Result<Arc<Pieces>, tidemark_batchview::Error> {
         let key = (state.run_id, state.base_run_id, read.describe());
-        if let Some(pieces) = self.batch.lock().expect("not poisoned").get(&key) {
+        if let Some(pieces) = self.batch.lock().expect("not poisoned").0.get(&key) {
             metrics::counter!("serving_batch_cache_total", "result" => "hit").increment(1);
             return Ok(pieces.clone());
         }
@@ -338,11 +354,19 @@ impl Views {
             )
             .await?,
         );
-        let mut cache = self.batch.lock().expect("not poisoned");
-        if cache.len() >= self.cache_entries {
+        let weight = pieces_bytes(&pieces);
+        let mut guard = self.batch.lock().expect("not poisoned");
+        let (cache, bytes) = &mut *guard;
+        if cache.len() >= self.cache_entries || *bytes + weight > self.cache_bytes {
             cache.clear();
+            *bytes = 0;
         }
-        cache.insert(key, pieces.clone());
+        if weight <= self.cache_bytes {
+            *bytes += weight;
+            if let Some(old) = cache.insert(key, pieces.clone()) {
+                *bytes = bytes.saturating_sub(pieces_bytes(&old));
+            }
+        }
         Ok(pieces)
     }
 
@@ -607,5 +631,34 @@ impl Views {
             .ok()
             .flatten()
             .map(|m| m.cursor.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_weight_of_pieces_grows_with_their_cells_and_values() {
+        let eur: Currency = "EUR".parse().unwrap();
+        let mut pieces = Pieces::new();
+        assert_eq!(pieces_bytes(&pieces), 0);
+        pieces.insert((0, 0, vec!["Berlin".into()], eur), Totals::default());
+        let one = pieces_bytes(&pieces);
+        assert!(one >= size_of::<PieceKey>() + size_of::<Totals>() + "Berlin".len());
+        pieces.insert(
+            (
+                3_600,
+                0,
+                vec!["Berlin".into(), "a much longer category name".into()],
+                eur,
+            ),
+            Totals::default(),
+        );
+        let two = pieces_bytes(&pieces);
+        assert!(
+            two >= 2 * one + "a much longer category name".len(),
+            "{one} {two}"
+        );
     }
 }
