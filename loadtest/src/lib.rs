@@ -135,12 +135,7 @@ impl Recorder {
     /// A failed request and why it failed.
     pub fn record_error(&self, latency: Duration, why: &str) {
         self.record(latency, false, 0);
-        *self
-            .causes
-            .lock()
-            .expect("not poisoned")
-            .entry(why.to_owned())
-            .or_default() += 1;
+        self.count_cause(why);
     }
 
     /// A request never sent (too many in flight): an error with its cause, but
@@ -148,6 +143,10 @@ impl Recorder {
     pub fn unsent(&self, why: &str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.unsent.fetch_add(1, Ordering::Relaxed);
+        self.count_cause(why);
+    }
+
+    fn count_cause(&self, why: &str) {
         *self
             .causes
             .lock()

@@ -90,6 +90,11 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     let output = cmd
         .output()
         .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    stdout_of(cmd, &output)
+}
+
+/// A finished command's standard output, or an error with all it printed.
+fn stdout_of(cmd: &Command, output: &std::process::Output) -> Result<String> {
     if !output.status.success() {
         bail!(
             "{:?} {:?} failed ({}):\n{}{}",
@@ -127,48 +132,47 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 /// Like [`run`], also returning the child's peak resident memory in bytes, read
 /// from `/proc` every 20 ms while it runs (the high-water mark only rises, so
 /// the last reading is the peak up to its last 20 ms).
-pub async fn run_measured(cmd: &mut Command) -> Result<(String, u64)> {
-    use std::io::Read;
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+pub async fn run_measured(cmd: Command) -> Result<(String, u64)> {
+    let mut child = tokio::process::Command::from(cmd);
+    let running = child
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("run {:?}", cmd.get_program()))?;
-    let pid = child.id();
-    // Drain the pipes on threads so a chatty child never blocks on a full pipe.
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        drop(stdout.read_to_end(&mut b));
-        b
-    });
-    let err = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        drop(stderr.read_to_end(&mut b));
-        b
-    });
+        .with_context(|| format!("run {:?}", child.as_std().get_program()))?;
+    let pid = running.id().context("the child has no pid")?;
+    let output = running.wait_with_output();
+    tokio::pin!(output);
     let mut peak = 0;
-    let status = loop {
+    let output = loop {
         if let Some(p) = peak_rss(pid) {
             peak = peak.max(p);
         }
-        if let Some(status) = child.try_wait()? {
-            break status;
+        tokio::select! {
+            output = &mut output => break output?,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    if !status.success() {
-        bail!(
-            "{:?} failed ({status}):\n{}{}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out),
-            String::from_utf8_lossy(&err)
-        );
+    Ok((stdout_of(child.as_std(), &output)?, peak))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_measured_run_returns_its_output_and_peak_memory() {
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import time; x = bytearray(60_000_000); time.sleep(0.3); print('done')",
+        ]);
+        let (out, peak) = run_measured(cmd).await.unwrap();
+        assert_eq!(out, "done\n");
+        assert!(peak >= 60_000_000, "peak {peak}");
+
+        let mut failing = Command::new("sh");
+        failing.args(["-c", "echo oops >&2; exit 3"]);
+        let error = run_measured(failing).await.unwrap_err().to_string();
+        assert!(error.contains("oops") && error.contains('3'), "{error}");
     }
-    Ok((String::from_utf8_lossy(&out).into_owned(), peak))
 }

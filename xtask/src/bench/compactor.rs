@@ -201,27 +201,26 @@ async fn compaction_round(bench: &mut Harness<'_>, python: &Path, orders: usize)
 
     let ch_db = format!("bench_{}_{orders}", bench.tag);
     let started = Instant::now();
-    let (out, ours_rss) = run_measured(
-        Command::new(bench.bin("tidemark-compactor"))
-            .arg("run-once")
-            .env(
-                "TIDEMARK_TELEMETRY__LOG_FILTER",
-                "warn,tidemark_compactor=info",
-            )
-            .env("TIDEMARK_TELEMETRY__LOG_FORMAT", "json")
-            .env("TIDEMARK_POSTGRES__URL", &db)
-            .env("TIDEMARK_CLICKHOUSE__URL", bench.stack.clickhouse_url())
-            .env("TIDEMARK_CLICKHOUSE__DATABASE", &ch_db)
-            .env("TIDEMARK_S3__ENDPOINT", &s3.endpoint)
-            .env("TIDEMARK_S3__BUCKET", &s3.bucket)
-            .env("TIDEMARK_S3__PREFIX", &s3.prefix)
-            .env("TIDEMARK_S3__ACCESS_KEY_ID", crate::stack::S3_ACCESS_KEY)
-            .env(
-                "TIDEMARK_S3__SECRET_ACCESS_KEY",
-                crate::stack::S3_SECRET_KEY,
-            ),
-    )
-    .await?;
+    let mut compactor = Command::new(bench.bin("tidemark-compactor"));
+    compactor
+        .arg("run-once")
+        .env(
+            "TIDEMARK_TELEMETRY__LOG_FILTER",
+            "warn,tidemark_compactor=info",
+        )
+        .env("TIDEMARK_TELEMETRY__LOG_FORMAT", "json")
+        .env("TIDEMARK_POSTGRES__URL", &db)
+        .env("TIDEMARK_CLICKHOUSE__URL", bench.stack.clickhouse_url())
+        .env("TIDEMARK_CLICKHOUSE__DATABASE", &ch_db)
+        .env("TIDEMARK_S3__ENDPOINT", &s3.endpoint)
+        .env("TIDEMARK_S3__BUCKET", &s3.bucket)
+        .env("TIDEMARK_S3__PREFIX", &s3.prefix)
+        .env("TIDEMARK_S3__ACCESS_KEY_ID", crate::stack::S3_ACCESS_KEY)
+        .env(
+            "TIDEMARK_S3__SECRET_ACCESS_KEY",
+            crate::stack::S3_SECRET_KEY,
+        );
+    let (out, ours_rss) = run_measured(compactor).await?;
     let ours = started.elapsed().as_secs_f64();
     for line in out.lines().filter(|l| {
         [

@@ -94,8 +94,7 @@ fn report_path(root: &Path, benchmark: &str) -> std::path::PathBuf {
 }
 
 /// Which way a target points.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Bound {
     AtMost,
     AtLeast,
