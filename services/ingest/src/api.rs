@@ -33,6 +33,8 @@ const MAX_LISTED_ERRORS: usize = 1_000;
 pub struct AppState {
     pub pool: PgPool,
     pub settings: IngestSettings,
+    /// Where single orders go when group commit is on.
+    pub groups: Option<crate::group::GroupCommit>,
 }
 
 pub fn router(state: AppState, auth: Arc<Authenticator>) -> Router {
@@ -530,33 +532,30 @@ async fn ingest(
             .errors(errors));
     }
 
-    // Stored on a task of its own, which finishes even if the client disconnects
-    // and this handler is dropped: a transaction cut inside its BEGIN would stay open
-    // on a pooled connection, holding every consumer's horizon back until Postgres
-    // ends it.
-    let pool = state.pool.clone();
-    let outcome = tokio::spawn(async move { store::store(&pool, &orders).await })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "The store task failed");
+    let stored = match (&state.groups, orders.pop()) {
+        // The group's task commits it whatever becomes of this handler.
+        (Some(groups), Some(order)) if orders.is_empty() => groups.store(order).await,
+        (_, last) => {
+            orders.extend(last);
+            spawn_store(&state.pool, orders).await?
+        }
+    };
+    let outcome = stored.map_err(|e| match e {
+        StoreError::Conflict(ids) => Problem::new(ProblemKind::Conflict)
+            .detail(format!(
+                "{} order id(s) already exist with different content; nothing was stored.",
+                ids.len()
+            ))
+            .extension("conflicting_order_ids", &ids),
+        StoreError::Database(e) if tidemark_platform::postgres::is_unavailable(&e) => {
+            tracing::warn!(error = %e, "Postgres unavailable; answering 503");
+            Problem::unavailable("The order log is unavailable; retry shortly.")
+        }
+        StoreError::Database(e) => {
+            tracing::error!(error = %e, "Storing orders failed");
             Problem::internal()
-        })?
-        .map_err(|e| match e {
-            StoreError::Conflict(ids) => Problem::new(ProblemKind::Conflict)
-                .detail(format!(
-                    "{} order id(s) already exist with different content; nothing was stored.",
-                    ids.len()
-                ))
-                .extension("conflicting_order_ids", &ids),
-            StoreError::Database(e) if tidemark_platform::postgres::is_unavailable(&e) => {
-                tracing::warn!(error = %e, "Postgres unavailable; answering 503");
-                Problem::unavailable("The order log is unavailable; retry shortly.")
-            }
-            StoreError::Database(e) => {
-                tracing::error!(error = %e, "Storing orders failed");
-                Problem::internal()
-            }
-        })?;
+        }
+    })?;
 
     let duplicates = outcome.duplicates.len();
     metrics::counter!("ingest_orders_total", "outcome" => "created")
@@ -578,6 +577,23 @@ async fn ingest(
             duplicate_order_ids: outcome.duplicates,
         },
     ))
+}
+
+/// Stores the orders on a task of its own, which finishes even if the client
+/// disconnects and the handler is dropped: a transaction cut inside its BEGIN would
+/// stay open on a pooled connection, holding every consumer's horizon back until
+/// Postgres ends it.
+async fn spawn_store(
+    pool: &PgPool,
+    orders: Vec<Order>,
+) -> Result<Result<store::Outcome, StoreError>, Problem> {
+    let pool = pool.clone();
+    tokio::spawn(async move { store::store(&pool, &orders).await })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "The store task failed");
+            Problem::internal()
+        })
 }
 
 #[cfg(test)]

@@ -34,6 +34,35 @@ pub struct IngestSettings {
     /// How long an API-key lookup is trusted (a revoked key works this long).
     #[serde(with = "millis")]
     pub auth_cache_ttl: Duration,
+    /// Requests of one order share commits (see `group`).
+    pub group_commit: GroupCommitSettings,
+}
+
+/// Group commit of single-order requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GroupCommitSettings {
+    /// Off: each single-order request commits alone.
+    pub enabled: bool,
+    /// Most orders in one group.
+    pub max_orders: usize,
+    /// Most groups committing at once (each holds a pooled connection).
+    pub in_flight: usize,
+    /// How long a group waits for more orders once it has one; 0 takes only
+    /// those already waiting.
+    #[serde(with = "millis")]
+    pub window: Duration,
+}
+
+impl Default for GroupCommitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_orders: 500,
+            in_flight: 4,
+            window: Duration::ZERO,
+        }
+    }
 }
 
 impl Default for IngestSettings {
@@ -44,6 +73,7 @@ impl Default for IngestSettings {
             max_future_skew_secs: 300,
             default_rate_per_second: None,
             auth_cache_ttl: Duration::from_secs(5),
+            group_commit: GroupCommitSettings::default(),
         }
     }
 }
@@ -130,6 +160,20 @@ impl Validate for Config {
         self.s3.validate(problems);
         if self.ingest.max_batch == 0 || self.ingest.max_body_bytes == 0 {
             problems.push("ingest.max_batch and ingest.max_body_bytes must be positive".into());
+        }
+        let group = &self.ingest.group_commit;
+        if group.enabled && (group.max_orders == 0 || group.in_flight == 0) {
+            problems.push(
+                "ingest.group_commit.max_orders and ingest.group_commit.in_flight must be positive"
+                    .into(),
+            );
+        }
+        if group.enabled && group.in_flight as u32 >= self.postgres.max_connections {
+            problems.push(format!(
+                "ingest.group_commit.in_flight ({}) must be below postgres.max_connections ({}): \
+                 batch requests, the relay and the vault loader need connections too",
+                group.in_flight, self.postgres.max_connections
+            ));
         }
         if self.relay.batch_size <= 0 {
             problems.push("relay.batch_size must be positive".into());

@@ -12,6 +12,7 @@ pub mod config;
 mod customers;
 pub mod decode;
 pub mod fx;
+pub mod group;
 pub mod relay;
 pub mod store;
 pub mod vault;
@@ -73,12 +74,27 @@ pub async fn serve(
             default_rate_per_second: config.ingest.default_rate_per_second,
         },
     );
+    let groups = config.ingest.group_commit.enabled.then(|| {
+        let token = shutdown.child_token();
+        let (groups, task) = group::GroupCommit::start(
+            pool.clone(),
+            config.ingest.group_commit.clone(),
+            token.clone(),
+        );
+        (groups, task, token)
+    });
     let state = api::AppState {
         pool,
         settings: config.ingest.clone(),
+        groups: groups.as_ref().map(|(groups, _, _)| groups.clone()),
     };
     let router = http::finish(api::router(state, auth), readiness, &config.http);
     let served = http::serve(listener, router, shutdown, config.http.shutdown_grace).await;
+    // Orders handed to a group before the server stopped still commit.
+    if let Some((_, task, token)) = groups {
+        token.cancel();
+        task.await?;
+    }
     for (task, token) in [relay, vault].into_iter().flatten() {
         token.cancel();
         task.await?;

@@ -1,4 +1,5 @@
-//! Committing orders: one transaction per request, idempotent on `order_id`.
+//! Committing orders: one transaction per request (single orders of concurrent
+//! requests share one: see `group`), idempotent on `order_id`.
 //!
 //! A resent identical order is a duplicate (no second row); the same id with other
 //! content is a conflict, and then nothing of the request is stored. Concurrent
@@ -7,6 +8,7 @@
 //! batches sharing ids cannot deadlock.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sqlx::PgPool;
 use tidemark_domain::Order;
@@ -26,8 +28,15 @@ pub enum StoreError {
     /// These ids exist (or repeat in the request) with different content.
     #[error("conflicting orders")]
     Conflict(Vec<Uuid>),
+    /// Shared by every order of a group that failed together.
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(Arc<sqlx::Error>),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database(Arc::new(e))
+    }
 }
 
 /// Stores the orders in one transaction.
@@ -122,7 +131,7 @@ type Insert<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, Uuid, sqlx::postg
 /// Inserts the orders not stored yet and their lines, in one statement; returns
 /// the ids it inserted (the lines of an order that was already there are not
 /// written again).
-fn insert<'q>(orders: &[&Order]) -> Insert<'q> {
+pub(crate) fn insert<'q>(orders: &[&Order]) -> Insert<'q> {
     let lines = || {
         orders
             .iter()
@@ -174,7 +183,7 @@ fn insert<'q>(orders: &[&Order]) -> Insert<'q> {
 
 type Select<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, OrderRow, sqlx::postgres::PgArguments>;
 
-fn existing<'q>(ids: &[Uuid]) -> Select<'q> {
+pub(crate) fn existing<'q>(ids: &[Uuid]) -> Select<'q> {
     sqlx::query_as(concat!(
         "SELECT ",
         tidemark_orderlog::order_columns!(),

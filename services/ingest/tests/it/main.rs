@@ -5,6 +5,7 @@ mod api;
 mod customers;
 mod fuzz;
 mod fx;
+mod group;
 mod ops;
 mod process;
 mod relay;
