@@ -381,7 +381,8 @@ async fn get_schema(Path(version): Path<String>) -> Response {
 /// Ingest one order, a batch, NDJSON or an Avro container file.
 ///
 /// The response comes after the transaction commits. A batch is atomic: if any order
-/// is invalid or conflicts, nothing is stored. Resending an order that is already
+/// is invalid or conflicts, nothing is stored. A request of one order may share its
+/// commit with concurrent ones (group commit); its outcome is its own. Resending an order that is already
 /// stored with the same content is reported as a duplicate and stores nothing.
 #[utoipa::path(
     post,

@@ -24,7 +24,10 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             &[
                 ("TIDEMARK_POSTGRES__URL", api_db.clone()),
                 ("TIDEMARK_POSTGRES__MAX_CONNECTIONS", "32".into()),
+                // Intake alone, as the anchors are: the relay and the vault loader
+                // (measured in `bench speed`) stay off.
                 ("TIDEMARK_RELAY__ENABLED", "false".into()),
+                ("TIDEMARK_VAULT__ENABLED", "false".into()),
             ],
         )
         .await?;
