@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sqlx::PgPool;
 use tidemark_domain::LogPosition;
-use tidemark_orderlog::Undecodable;
 use tidemark_orderlog::epochs::{self, epoch_of};
+use tidemark_orderlog::{Tail, Undecodable};
 use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tidemark_speedview::{Applied, Delta, SpeedView};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SpeedSettings;
@@ -78,6 +79,14 @@ pub struct Consumer {
     settings: SpeedSettings,
     lag: Arc<watch::Sender<f64>>,
     status: Status,
+    /// The read of the next batch, started while the last one was applied.
+    ahead: Arc<tokio::sync::Mutex<Option<Ahead>>>,
+}
+
+/// A log read in flight, from `from`.
+struct Ahead {
+    from: LogPosition,
+    read: JoinHandle<Result<(epochs::Cuts, Tail), StepError>>,
 }
 
 impl Consumer {
@@ -88,6 +97,7 @@ impl Consumer {
             settings,
             lag: Arc::new(watch::Sender::new(0.0)),
             status: Status::default(),
+            ahead: Arc::default(),
         }
     }
 
@@ -140,27 +150,22 @@ impl Consumer {
     }
 
     /// Reads a batch and applies it atomically with the cursor.
+    ///
+    /// While a batch is applied, the read of the next one (from where this one
+    /// ends) already runs, so Postgres and Redis work at the same time. That read
+    /// is used only if the next step finds the cursor where it started; it is the
+    /// read that step would make, only earlier: the epoch of a row is fixed by its
+    /// position and the durable cut list, whichever snapshot reads it.
     pub async fn step(&self) -> Result<Step, StepError> {
         let Some(meta) = self.view.meta().await? else {
             return self.rebuild().await;
         };
-        // The read runs as a task of its own: if this step is cancelled (a
-        // shutdown, a caller's timeout), the transaction still ends and its
-        // connection goes back to the pool clean. Cancelled mid-BEGIN in place, the
-        // connection would return with a read-only transaction open on the server
-        // that sqlx does not know of (found by the model test).
-        let (pool, cursor, batch_size) = (self.pool.clone(), meta.cursor, self.settings.batch_size);
-        let (cuts, tail) = tokio::spawn(async move {
-            let mut tx = pool
-                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .await?;
-            let cuts = epochs::load(&mut *tx).await?;
-            let tail = tidemark_orderlog::tail(&mut *tx, cursor, batch_size).await?;
-            tx.commit().await?;
-            Ok::<_, StepError>((cuts, tail))
-        })
-        .await
-        .expect("the log read does not panic")?;
+        let mut ahead = self.ahead.lock().await;
+        let read = match ahead.take() {
+            Some(next) if next.from == meta.cursor => next.read,
+            _ => self.read_after(meta.cursor),
+        };
+        let (cuts, tail) = read.await.expect("the log read does not panic")?;
         let Some(last) = tail.rows.last() else {
             return match tail.stopped {
                 Some(stopped) => Err(stopped.into()),
@@ -168,6 +173,11 @@ impl Consumer {
             };
         };
         let to = last.position;
+        *ahead = Some(Ahead {
+            from: to,
+            read: self.read_after(to),
+        });
+        drop(ahead);
         let mut delta = Delta::default();
         for row in &tail.rows {
             delta.add(epoch_of(row.position.txid, &cuts), &row.event);
@@ -184,6 +194,28 @@ impl Consumer {
             Applied::Lost => self.rebuild().await,
             Applied::Moved => Ok(Step::Contended),
         }
+    }
+
+    /// Reads the epoch cuts and the log tail after `cursor` in one snapshot, on a
+    /// task of its own: if the step waiting for it is cancelled (a shutdown, a
+    /// caller's timeout) or drops it, the transaction still ends and its connection
+    /// goes back to the pool clean. Cancelled mid-BEGIN in place, the connection
+    /// would return with a read-only transaction open on the server that sqlx does
+    /// not know of (found by the model test).
+    fn read_after(
+        &self,
+        cursor: LogPosition,
+    ) -> JoinHandle<Result<(epochs::Cuts, Tail), StepError>> {
+        let (pool, batch_size) = (self.pool.clone(), self.settings.batch_size);
+        tokio::spawn(async move {
+            let mut tx = pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await?;
+            let cuts = epochs::load(&mut *tx).await?;
+            let tail = tidemark_orderlog::tail(&mut *tx, cursor, batch_size).await?;
+            tx.commit().await?;
+            Ok((cuts, tail))
+        })
     }
 
     /// Starts the view at the published batch watermark (or the start of the log).

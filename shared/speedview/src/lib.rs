@@ -5,9 +5,9 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `p:meta` | hash | the consumer cursor `txid`, `seq`; `updated_ms`; `lag_ms`; `base_epoch` |
+//! | `p:meta` | hash | the consumer cursor `txid`, `seq`; `updated_ms`; `lag_ms`; `base_epoch`; `layout` |
 //! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
-//! | `p:e:{epoch}:minute:{bucket}` | hash | one field per metric, dimension, currency and value |
+//! | `p:e:{epoch}:minute:{bucket}:{shape}` | hash | one field per metric, currency and value of that shape (or buyer) |
 //! | `p:e:{epoch}:idx:minute` | sorted set | the minute buckets of that epoch (score = unix seconds) |
 //!
 //! Only minute buckets are stored; hours and days are summed from them when read.
@@ -15,15 +15,27 @@
 //! event), so a read touches few buckets, and each order costs a third of the
 //! writes it would with all three granularities maintained.
 //!
-//! Fields are `{metric}:{dimension}:{currency}:{value}`; the value comes last so it
-//! may contain colons. Example: `r:city:EUR:Berlin`, `o:total:EUR:`. Metrics:
+//! Only three shapes are stored — `city`, `city_category`, `city_category_product`
+//! — plus `buyers`; the others are summed from them when read ([`source_of`]):
+//! the total from the cities (an order has one city), categories from city and
+//! category, products from city, category and product (an order holds a product in
+//! one line, of one category). So every cell, order counts included, is the exact
+//! sum of the stored cells it covers, and an order costs about a third fewer
+//! writes than with every shape kept. Each shape has a hash of its own per minute,
+//! so a read fetches only the shape it sums, never another's fields.
+//!
+//! Fields are `{metric}:{currency}:{value}`; the value comes last so it may
+//! contain colons. Example: `r:EUR:Berlin` in the `city` hash. Metrics:
 //!
 //! | metric | holds |
 //! |---|---|
 //! | `r`, `o`, `i` | gross revenue (minor units), orders, items |
 //! | `br`, `bi`, `bc` | booked corrections: refunded minor units, refunded items, cancelled orders, in the bucket in which they happened |
 //! | `sr`, `si`, `sc` | restated corrections: the same, in the bucket of the order they correct |
-//! | `b` | lines of a buyer: dimension `buyers`, value `city␟category␟product␟user` (U+001F between) |
+//! | `b` | lines of a buyer (the `buyers` hash): value `city␟category␟product␟user` (U+001F between) |
+//!
+//! `layout` in `p:meta` names this layout ([`LAYOUT`]). A view written in another
+//! layout reads as empty, and the consumer rebuilds it from the batch watermark.
 //!
 //! ## Exactly once
 //!
@@ -51,23 +63,52 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub use tidemark_domain::{CellKey, Grid, Totals};
 
-/// Changes to apply, grouped by Redis hash.
+/// The layout this build writes and reads (`layout` in `p:meta`).
+pub const LAYOUT: &str = "2";
+
+/// The shapes the view stores (each in a hash of its own per minute).
+pub const STORED: [Dimension; 3] = [
+    Dimension::City,
+    Dimension::CityCategory,
+    Dimension::CityCategoryProduct,
+];
+
+/// The name of the buyers' hash of a minute.
+const BUYERS: &str = "buyers";
+
+/// The stored shape `dimension` is summed from: the total from the cities,
+/// categories from city and category, products from city, category and product.
+/// Each adds only attributes that split an order's cell without counting the order
+/// twice (see [`Dimension::covering`]).
+pub fn source_of(dimension: Dimension) -> Dimension {
+    match dimension {
+        Dimension::Total => Dimension::City,
+        Dimension::Category => Dimension::CityCategory,
+        Dimension::Product => Dimension::CityCategoryProduct,
+        stored => stored,
+    }
+}
+
+/// Changes to apply, grouped by Redis hash: (epoch, minute, shape).
 #[derive(Debug, Default)]
 pub struct Delta {
-    hashes: HashMap<(u64, i64), HashMap<String, i64>>,
+    hashes: HashMap<(u64, i64, &'static str), HashMap<String, i64>>,
     rows: usize,
 }
 
 impl Delta {
-    /// Adds one event, in `epoch`, for every dimension: what it contributes to
+    /// Adds one event, in `epoch`, for every stored shape: what it contributes to
     /// each cell ([`Event::contributions`]), in the cell's minute bucket. Zero
     /// amounts are not written.
     pub fn add(&mut self, epoch: u64, event: &Event) {
         let currency = event.order().currency.as_str();
-        for dim in Dimension::ALL {
+        for dim in STORED {
             for cell in event.contributions(dim) {
                 let bucket = Granularity::Minute.bucket_of_secs(cell.at.timestamp());
-                let fields = self.hashes.entry((epoch, bucket)).or_default();
+                let fields = self
+                    .hashes
+                    .entry((epoch, bucket, dim.as_str()))
+                    .or_default();
                 let t = &cell.totals;
                 for (metric, amount) in [
                     ("r", t.revenue_minor),
@@ -81,7 +122,7 @@ impl Delta {
                     ("sc", t.restated.cancelled_orders),
                 ] {
                     if amount != 0 {
-                        let field = format!("{metric}:{}:{currency}:{}", dim.as_str(), cell.value);
+                        let field = format!("{metric}:{currency}:{}", cell.value);
                         *fields.entry(field).or_insert(0) += amount;
                     }
                 }
@@ -90,10 +131,10 @@ impl Delta {
         // Who bought: one field per line's city, category, product and user.
         if let Event::Order(order) = event {
             let bucket = Granularity::Minute.bucket_of_secs(order.created_at.timestamp());
-            let fields = self.hashes.entry((epoch, bucket)).or_default();
+            let fields = self.hashes.entry((epoch, bucket, BUYERS)).or_default();
             for line in &order.lines {
                 let field = format!(
-                    "b:buyers:{currency}:{}{sep}{}{sep}{}{sep}{}",
+                    "b:{currency}:{}{sep}{}{sep}{}{sep}{}",
                     order.city,
                     line.category,
                     line.product_id,
@@ -155,15 +196,15 @@ impl Snapshot {
 }
 
 const APPLY: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'txid', 'seq')
-if not cur[1] then return -1 end
+local cur = redis.call('HMGET', KEYS[1], 'txid', 'seq', 'layout')
+if not cur[1] or cur[3] ~= ARGV[7] then return -1 end
 if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return -2 end
 local p = ARGV[1]
-local i = 7
+local i = 8
 while i <= #ARGV do
-  local e, b, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local key = p .. ':e:' .. e .. ':minute:' .. b
-  i = i + 3
+  local e, b, shape, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local key = p .. ':e:' .. e .. ':minute:' .. b .. ':' .. shape
+  i = i + 4
   for _ = 1, n do
     redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
     i = i + 2
@@ -177,23 +218,19 @@ return 1
 
 const READ: &str = r"
 local p = ARGV[1]
-local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms')
+local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms', 'layout')
+if meta[5] ~= ARGV[6] then return {'', '', '', ''} end
 local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or ''}
-local needle = ':' .. ARGV[5] .. ':'
-local n = #needle
 local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
 for _, e in ipairs(epochs) do
   local buckets = redis.call('ZRANGEBYSCORE', p .. ':e:' .. e .. ':idx:minute', ARGV[3], '(' .. ARGV[4])
   for _, b in ipairs(buckets) do
-    local h = redis.call('HGETALL', p .. ':e:' .. e .. ':minute:' .. b)
+    local h = redis.call('HGETALL', p .. ':e:' .. e .. ':minute:' .. b .. ':' .. ARGV[5])
     for j = 1, #h, 2 do
-      local c = string.find(h[j], ':', 1, true)
-      if c and string.sub(h[j], c, c + n - 1) == needle then
-        out[#out + 1] = e
-        out[#out + 1] = b
-        out[#out + 1] = h[j]
-        out[#out + 1] = h[j + 1]
-      end
+      out[#out + 1] = e
+      out[#out + 1] = b
+      out[#out + 1] = h[j]
+      out[#out + 1] = h[j + 1]
     end
   end
 end
@@ -201,8 +238,9 @@ return out
 ";
 
 const INIT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[3], 'base_epoch', ARGV[4])
+if redis.call('HGET', KEYS[1], 'layout') == ARGV[5] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[3], 'base_epoch', ARGV[4], 'layout', ARGV[5])
 return 1
 ";
 
@@ -216,7 +254,9 @@ const DROP_EPOCH: &str = r"
 local p, e = ARGV[1], ARGV[2]
 local idx = p .. ':e:' .. e .. ':idx:minute'
 for _, b in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
-  redis.call('DEL', p .. ':e:' .. e .. ':minute:' .. b)
+  for k = 3, #ARGV do
+    redis.call('DEL', p .. ':e:' .. e .. ':minute:' .. b .. ':' .. ARGV[k])
+  end
 end
 redis.call('DEL', idx)
 redis.call('ZREM', p .. ':epochs', e)
@@ -253,12 +293,22 @@ impl SpeedView {
     /// The cursor, or `None` if the view has no state (lost or never built).
     pub async fn meta(&self) -> Result<Option<Meta>> {
         let mut conn = self.redis.conn().await?;
-        type Fields = (Option<u64>, Option<i64>, Option<i64>, Option<i64>);
-        let (txid, seq, updated, lag): Fields = redis::cmd("HMGET")
+        type Fields = (
+            Option<u64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+        );
+        let (txid, seq, updated, lag, layout): Fields = redis::cmd("HMGET")
             .arg(self.meta_key())
-            .arg(&["txid", "seq", "updated_ms", "lag_ms"])
+            .arg(&["txid", "seq", "updated_ms", "lag_ms", "layout"])
             .query_async(&mut conn)
             .await?;
+        if layout.as_deref() != Some(LAYOUT) {
+            // Written in another layout (or not at all): nothing this build reads.
+            return Ok(None);
+        }
         Ok(txid.zip(seq).map(|(txid, seq)| Meta {
             cursor: LogPosition::new(txid, seq),
             updated_ms: updated.unwrap_or(0),
@@ -293,9 +343,14 @@ impl SpeedView {
             .arg(expected.seq)
             .arg(to.txid)
             .arg(to.seq)
-            .arg(now_ms);
-        for ((epoch, bucket), fields) in &delta.hashes {
-            invocation.arg(*epoch).arg(*bucket).arg(fields.len());
+            .arg(now_ms)
+            .arg(LAYOUT);
+        for ((epoch, bucket, shape), fields) in &delta.hashes {
+            invocation
+                .arg(*epoch)
+                .arg(*bucket)
+                .arg(*shape)
+                .arg(fields.len());
             for (field, amount) in fields {
                 invocation.arg(field).arg(*amount);
             }
@@ -348,6 +403,7 @@ impl SpeedView {
             .arg(cursor.seq)
             .arg(now_ms)
             .arg(base_epoch)
+            .arg(LAYOUT)
             .invoke_async(&mut conn)
             .await?;
         Ok(started == 1)
@@ -367,9 +423,13 @@ impl SpeedView {
     /// Deletes every key of `epoch`.
     pub async fn drop_epoch(&self, epoch: u64) -> Result<()> {
         let mut conn = self.redis.conn().await?;
-        self.drop_epoch
-            .arg(self.redis.prefix())
-            .arg(epoch)
+        let mut invocation = self.drop_epoch.prepare_invoke();
+        invocation.arg(self.redis.prefix()).arg(epoch);
+        for shape in STORED {
+            invocation.arg(shape.as_str());
+        }
+        invocation
+            .arg(BUYERS)
             .invoke_async::<i64>(&mut conn)
             .await?;
         Ok(())
@@ -394,10 +454,11 @@ impl SpeedView {
             .arg(min_epoch)
             .arg(from_secs)
             .arg(to_secs)
-            .arg(dimension.as_str())
+            .arg(source_of(dimension).as_str())
+            .arg(LAYOUT)
             .invoke_async(&mut conn)
             .await?;
-        decode_snapshot(&out, granularity)
+        decode_snapshot(&out, granularity, dimension)
     }
 }
 
@@ -429,7 +490,8 @@ impl SpeedView {
             .arg(min_epoch)
             .arg(from_secs)
             .arg(to_secs)
-            .arg("buyers")
+            .arg(BUYERS)
+            .arg(LAYOUT)
             .invoke_async(&mut conn)
             .await?;
         decode_buyers(&out)
@@ -445,9 +507,8 @@ fn decode_buyers(out: &[String]) -> Result<(Option<Meta>, Vec<Buyer>)> {
             return Err(corrupt("odd reply"));
         };
         let minute: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
-        let mut parts = field.splitn(4, ':');
-        let (Some("b"), Some("buyers"), Some(currency), Some(value)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let mut parts = field.splitn(3, ':');
+        let (Some("b"), Some(currency), Some(value)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(corrupt(field));
         };
@@ -491,8 +552,15 @@ fn decode_meta(out: &[String]) -> Result<(Option<Meta>, &[String])> {
     Ok((meta, rest))
 }
 
-fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot> {
+/// Decodes a read of `dimension`'s source shape, summing its cells into
+/// `dimension`'s and its minutes into `granularity`'s buckets.
+fn decode_snapshot(
+    out: &[String],
+    granularity: Granularity,
+    dimension: Dimension,
+) -> Result<Snapshot> {
     let corrupt = |what: &str| Error::Corrupt(what.to_owned());
+    let source = source_of(dimension);
     let (meta, rest) = decode_meta(out)?;
     let mut epochs: BTreeMap<u64, Grid> = BTreeMap::new();
     for chunk in rest.chunks(4) {
@@ -503,17 +571,27 @@ fn decode_snapshot(out: &[String], granularity: Granularity) -> Result<Snapshot>
         let minute: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
         let bucket = granularity.bucket_of_secs(minute);
         let amount: i64 = amount.parse().map_err(|_| corrupt(amount))?;
-        let mut parts = field.splitn(4, ':');
-        let (Some(metric), Some(_dim), Some(currency), Some(value)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let mut parts = field.splitn(3, ':');
+        let (Some(metric), Some(currency), Some(value)) =
+            (parts.next(), parts.next(), parts.next())
         else {
             return Err(corrupt(field));
         };
         let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
+        let value = if source == dimension {
+            value.to_owned()
+        } else {
+            // Keep the dimension's attributes of the source value.
+            let parts = source.split(value).ok_or_else(|| corrupt(field))?;
+            let at = |a| source.attributes().iter().position(|s| *s == a);
+            dimension
+                .join(|a| parts[at(a).expect("a source holds its dimension's attributes")])
+                .into_owned()
+        };
         let totals = epochs
             .entry(epoch)
             .or_default()
-            .entry((bucket, value.to_owned(), currency))
+            .entry((bucket, value, currency))
             .or_default();
         match metric {
             "r" => totals.revenue_minor += amount,
@@ -547,18 +625,19 @@ mod tests {
             &reply(&[
                 "0",
                 "120",
-                "r:city:KWD:Zürich",
+                "r:KWD:Zürich",
                 "1299",
                 "0",
                 "120",
-                "o:city:KWD:Zürich",
+                "o:KWD:Zürich",
                 "1",
                 "0",
                 "120",
-                "sr:city:KWD:Zürich",
+                "sr:KWD:Zürich",
                 "300",
             ]),
             Granularity::Minute,
+            Dimension::City,
         )
         .unwrap();
         assert_eq!(snapshot.meta.unwrap().cursor, LogPosition::new(7, 3));
@@ -575,18 +654,54 @@ mod tests {
     #[test]
     fn data_this_build_cannot_read_is_an_error_not_a_gap() {
         for fields in [
-            vec!["0", "120", "r:city:XYZ:Oslo", "5"],
-            vec!["0", "120", "q:city:EUR:Oslo", "5"],
-            vec!["0", "120", "r:city", "5"],
-            vec!["0", "minute", "r:city:EUR:Oslo", "5"],
-            vec!["0", "120", "r:city:EUR:Oslo"],
+            vec!["0", "120", "r:XYZ:Oslo", "5"],
+            vec!["0", "120", "q:EUR:Oslo", "5"],
+            vec!["0", "120", "r:EUR", "5"],
+            vec!["0", "minute", "r:EUR:Oslo", "5"],
+            vec!["0", "120", "r:EUR:Oslo"],
         ] {
-            let decoded = decode_snapshot(&reply(&fields), Granularity::Minute);
+            let decoded = decode_snapshot(&reply(&fields), Granularity::Minute, Dimension::City);
             assert!(
                 matches!(decoded, Err(Error::Corrupt(_))),
                 "{fields:?}: {decoded:?}"
             );
         }
-        assert!(decode_snapshot(&["1".to_owned()], Granularity::Minute).is_err());
+        assert!(decode_snapshot(&["1".to_owned()], Granularity::Minute, Dimension::City).is_err());
+        // A category read sums `city_category` cells: one without a category is corrupt.
+        let decoded = decode_snapshot(
+            &reply(&["0", "120", "r:EUR:Oslo", "5"]),
+            Granularity::Minute,
+            Dimension::Category,
+        );
+        assert!(matches!(decoded, Err(Error::Corrupt(_))), "{decoded:?}");
+    }
+
+    #[test]
+    fn a_shape_not_stored_is_the_sum_of_the_cells_of_its_source() {
+        let sep = tidemark_domain::VALUE_SEPARATOR;
+        let cell = |city: &str, category: &str, product: &str| {
+            format!("o:EUR:{city}{sep}{category}{sep}{product}")
+        };
+        let fields = [
+            ("0", "60", cell("Oslo", "books", "p:1"), "1"),
+            ("0", "120", cell("Rome", "books", "p:1"), "2"),
+            ("0", "120", cell("Rome", "games", "p:2"), "4"),
+            ("1", "180", cell("Oslo", "games", "p:1"), "8"),
+        ];
+        let out: Vec<&str> = fields
+            .iter()
+            .flat_map(|(e, b, f, a)| [*e, *b, f.as_str(), *a])
+            .collect();
+        let products =
+            decode_snapshot(&reply(&out), Granularity::Hour, Dimension::Product).unwrap();
+        let eur: Currency = "EUR".parse().unwrap();
+        let orders = |epoch: u64, product: &str| {
+            products.epochs[&epoch][&(0, product.to_owned(), eur)].orders
+        };
+        assert_eq!(
+            (orders(0, "p:1"), orders(0, "p:2"), orders(1, "p:1")),
+            (3, 4, 8)
+        );
+        assert_eq!(products.epochs[&0].len(), 2);
     }
 }

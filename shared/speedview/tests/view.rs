@@ -333,3 +333,77 @@ async fn a_refund_reads_back_booked_at_its_time_and_restated_at_its_order() {
         (0, 3_000)
     );
 }
+
+#[tokio::test]
+async fn a_view_in_another_layout_reads_as_empty_until_rebuilt_and_drops_leave_no_keys() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    let p = &config.key_prefix;
+    let mut conn = Redis::new(&config).unwrap().conn().await.unwrap();
+    // What the first layout left: a cursor without `layout`, a field of every shape
+    // in one hash per minute.
+    redis::pipe()
+        .hset_multiple(format!("{p}:meta"), &[("txid", "5"), ("seq", "1")])
+        .hset(format!("{p}:e:0:minute:60"), "r:city:EUR:Oslo", 5)
+        .zadd(format!("{p}:e:0:idx:minute"), 60, 60)
+        .zadd(format!("{p}:epochs"), 0, 0)
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(view.meta().await.unwrap(), None);
+    let read = view
+        .read(0, Granularity::Minute, Dimension::City, 0, 3_600)
+        .await
+        .unwrap();
+    assert!(read.meta.is_none() && read.total().is_empty(), "{read:?}");
+    let mut delta = Delta::default();
+    delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
+    assert_eq!(
+        view.apply(LogPosition::new(5, 1), LogPosition::new(6, 1), 1, &delta)
+            .await
+            .unwrap(),
+        Applied::Lost,
+        "the consumer must rebuild, not add to the old layout"
+    );
+
+    let keys = async |conn: &mut redis::aio::ConnectionManager, pattern: String| {
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(conn)
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    };
+    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    assert!(keys(&mut conn, format!("{p}:e:*")).await.is_empty());
+    assert!(
+        !view.reset(LogPosition::ZERO, 0, 1).await.unwrap(),
+        "started once"
+    );
+
+    delta.add(1, &Event::Order(order(2, 1, "Oslo", "p", "EUR", 1, 100)));
+    let to = LogPosition::new(6, 2);
+    assert_eq!(
+        view.apply(LogPosition::ZERO, to, 2, &delta).await.unwrap(),
+        Applied::Done
+    );
+    assert_eq!(view.meta().await.unwrap().unwrap().cursor, to);
+    let minute = order(1, 1, "Oslo", "p", "EUR", 1, 100)
+        .created_at
+        .timestamp()
+        / 60
+        * 60;
+    let shapes = |epoch: u64| {
+        let mut keys: Vec<String> = ["buyers", "city", "city_category", "city_category_product"]
+            .map(|s| format!("{p}:e:{epoch}:minute:{minute}:{s}"))
+            .to_vec();
+        keys.push(format!("{p}:e:{epoch}:idx:minute"));
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(&mut conn, format!("{p}:e:1:*")).await, shapes(1));
+    view.drop_epoch(1).await.unwrap();
+    assert!(keys(&mut conn, format!("{p}:e:1:*")).await.is_empty());
+    assert_eq!(keys(&mut conn, format!("{p}:e:0:*")).await, shapes(0));
+}
