@@ -16,9 +16,14 @@ pub fn pool(config: &PostgresConfig, application_name: &str) -> Result<PgPool, s
     let options: PgConnectOptions = config.url.expose_secret().parse()?;
     // A transaction of ours left idle (a stuck client, a bug) would hold back the
     // log horizon of every consumer in the cluster; Postgres ends it instead.
-    let options = options
-        .application_name(application_name)
-        .options([("idle_in_transaction_session_timeout", "60s")]);
+    // No JIT: every statement of ours is short, and with stale statistics the
+    // planner's estimates cross `jit_above_cost` and each execution spends hundreds
+    // of milliseconds compiling (measured: the log tail of 5,000 rows took 454 ms,
+    // 304 ms of it JIT, under a 10,000 orders/s stream).
+    let options = options.application_name(application_name).options([
+        ("idle_in_transaction_session_timeout", "60s"),
+        ("jit", "off"),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
