@@ -12,11 +12,19 @@
 //! exact as of the position it states, which is at most one computation older than
 //! the moment they arrived. A failure is shared the same way (only with the
 //! requests that waited for it) and never kept.
+//!
+//! Under load even that wait is too long: every request after a computation
+//! finishes finds the data moved and waits for the next one. So while a question
+//! is being computed, a request for it takes the last answer at once if that
+//! answer is at most `max_stale` old (`Outcome::Stale`). It is exact as of the
+//! position it states, like every answer; only the waiting is skipped. A request
+//! that finds no computation running computes, so answers keep moving with the
+//! data.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 
@@ -38,16 +46,34 @@ impl<E> Default for Slot<E> {
     }
 }
 
+/// One question: its outcomes (locked while it is computed) and, readable
+/// without waiting for a computation, its last answer and when it was finished.
+struct Entry<E> {
+    slot: tokio::sync::Mutex<Slot<E>>,
+    last: Mutex<Option<(Bytes, Instant)>>,
+}
+
+impl<E> Default for Entry<E> {
+    fn default() -> Self {
+        Entry {
+            slot: tokio::sync::Mutex::new(Slot::default()),
+            last: Mutex::new(None),
+        }
+    }
+}
+
 /// Answers by question, coalesced per question.
 pub struct Answers<E> {
     slots: Mutex<Slots<E>>,
     capacity: usize,
     /// Most bytes of answers kept (past it the store starts over).
     max_bytes: usize,
+    /// The oldest answer given while the question is being computed.
+    max_stale: Duration,
 }
 
 struct Slots<E> {
-    by_question: HashMap<String, Arc<tokio::sync::Mutex<Slot<E>>>>,
+    by_question: HashMap<String, Arc<Entry<E>>>,
     /// Bytes of the answers kept in `by_question`'s slots.
     bytes: usize,
 }
@@ -59,6 +85,8 @@ pub enum Outcome {
     Hit,
     /// Computed by another request while this one waited.
     Shared,
+    /// The last answer, given at once while another request computes a newer one.
+    Stale,
     /// Computed for this request.
     Computed,
 }
@@ -68,13 +96,14 @@ impl Outcome {
         match self {
             Outcome::Hit => "hit",
             Outcome::Shared => "shared",
+            Outcome::Stale => "stale",
             Outcome::Computed => "miss",
         }
     }
 }
 
 impl<E: Clone> Answers<E> {
-    pub fn new(capacity: usize, max_bytes: usize) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize, max_stale: Duration) -> Self {
         Answers {
             slots: Mutex::new(Slots {
                 by_question: HashMap::new(),
@@ -82,6 +111,7 @@ impl<E: Clone> Answers<E> {
             }),
             capacity: capacity.max(1),
             max_bytes,
+            max_stale,
         }
     }
 
@@ -118,8 +148,21 @@ impl<E: Clone> Answers<E> {
                 .or_default()
                 .clone()
         };
-        let kept_slot = slot.clone();
-        let mut slot = slot.lock().await;
+        let entry = slot;
+        let mut slot = match entry.slot.try_lock() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // Another request computes this question: a recent answer will do.
+                let last = entry.last.lock().expect("not poisoned").clone();
+                if let Some((bytes, finished)) = last
+                    && !self.max_stale.is_zero()
+                    && finished.elapsed() <= self.max_stale
+                {
+                    return (Ok(bytes), Outcome::Stale);
+                }
+                entry.slot.lock().await
+            }
+        };
         if let Some((at, bytes, finished)) = &slot.answer {
             if *at == version {
                 return (Ok(bytes.clone()), Outcome::Hit);
@@ -140,7 +183,8 @@ impl<E: Clone> Answers<E> {
                 let before = slot.answer.as_ref().map_or(0, |(_, b, _)| b.len());
                 slot.answer = Some((version, bytes.clone(), finished));
                 slot.failure = None;
-                self.account(&question, &kept_slot, before, bytes.len());
+                *entry.last.lock().expect("not poisoned") = Some((bytes.clone(), finished));
+                self.account(&question, &entry, before, bytes.len());
             }
             Err(e) => slot.failure = Some((e.clone(), finished)),
         }
@@ -149,13 +193,7 @@ impl<E: Clone> Answers<E> {
 
     /// Counts a slot's answer going from `before` to `after` bytes, if the slot is
     /// still kept; past `max_bytes` the store starts over from this answer.
-    fn account(
-        &self,
-        question: &str,
-        slot: &Arc<tokio::sync::Mutex<Slot<E>>>,
-        before: usize,
-        after: usize,
-    ) {
+    fn account(&self, question: &str, slot: &Arc<Entry<E>>, before: usize, after: usize) {
         let mut slots = self.slots.lock().expect("not poisoned");
         if !slots
             .by_question
@@ -189,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_answer_is_served_until_the_data_moves() {
-        let answers = Answers::<String>::new(10, 1 << 20);
+        let answers = Answers::<String>::new(10, 1 << 20, Duration::ZERO);
         let computed = AtomicUsize::new(0);
         let compute = |n: &'static str| {
             computed.fetch_add(1, Ordering::SeqCst);
@@ -208,7 +246,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_arriving_during_a_computation_share_it() {
-        let answers = Arc::new(Answers::<String>::new(10, 1 << 20));
+        let answers = Arc::new(Answers::<String>::new(10, 1 << 20, Duration::ZERO));
         let computed = Arc::new(AtomicUsize::new(0));
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let first = {
@@ -267,8 +305,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn while_a_question_is_computed_its_recent_answer_is_given_at_once() {
+        let answers = Arc::new(Answers::<String>::new(10, 1 << 20, Duration::from_secs(60)));
+        let (a, _) = answers
+            .get("q".into(), version("1"), || async { Ok(Bytes::from("a")) })
+            .await;
+        assert_eq!(a.unwrap(), Bytes::from("a"));
+        // The data moves; one request computes the new answer, held until released.
+        let (computing, computed) = tokio::sync::oneshot::channel::<()>();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                answers
+                    .get("q".into(), version("2"), || async move {
+                        computing.send(()).expect("waiting");
+                        released.await.expect("released");
+                        Ok(Bytes::from("b"))
+                    })
+                    .await
+            })
+        };
+        computed.await.expect("computing");
+        // Meanwhile: the last answer at once, for this question only.
+        let (a, o) = answers
+            .get("q".into(), version("3"), || async { Ok(Bytes::from("c")) })
+            .await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Stale));
+        let (a, o) = answers
+            .get("r".into(), version("3"), || async { Ok(Bytes::from("r")) })
+            .await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("r"), Outcome::Computed));
+        release.send(()).expect("computing");
+        assert_eq!(
+            first.await.unwrap(),
+            (Ok(Bytes::from("b")), Outcome::Computed)
+        );
+        // No computation running: a request at a newer version computes.
+        let (a, o) = answers
+            .get("q".into(), version("3"), || async { Ok(Bytes::from("c")) })
+            .await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+    }
+
+    #[tokio::test]
     async fn kept_answers_never_hold_more_than_their_budget() {
-        let answers = Answers::<String>::new(1_000, 10_000);
+        let answers = Answers::<String>::new(1_000, 10_000, Duration::ZERO);
         for i in 0..50 {
             let (a, o) = answers
                 .get(format!("q{i}"), version("1"), || async {

@@ -43,6 +43,11 @@ pub struct ServingSettings {
     /// cache past it starts over (entries alone do not bound memory — a 30-day
     /// hourly question by two attributes keeps ~150,000 cells and a 4 MB answer).
     pub cache_bytes: usize,
+    /// While a question is being computed, requests for it get its last answer at
+    /// once if it is at most this old (it states its position like any answer);
+    /// 0 makes them wait for the computation.
+    #[serde(with = "millis")]
+    pub max_stale: Duration,
     /// GraphQL: deepest query accepted.
     pub graphql_max_depth: usize,
     /// GraphQL: highest complexity accepted (a field counts 1; `revenue` 20,
@@ -82,6 +87,7 @@ impl Default for ServingSettings {
             state_ttl: Duration::from_millis(500),
             cache_entries: 2_000,
             cache_bytes: 256 * 1024 * 1024,
+            max_stale: Duration::from_secs(1),
             graphql_max_depth: 8,
             graphql_max_complexity: 300,
             graphql_max_query_bytes: 16 * 1024,

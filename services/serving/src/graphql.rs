@@ -441,6 +441,7 @@ pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Ar
     let cache = Arc::new(ResponseCache::new(
         settings.cache_entries,
         settings.cache_bytes,
+        settings.max_stale,
     ));
     Router::new().route(
         "/graphql",

@@ -67,7 +67,11 @@ pub async fn serve(
             &settings,
         ),
         settings: settings.clone(),
-        answers: answers::Answers::new(settings.cache_entries, settings.cache_bytes),
+        answers: answers::Answers::new(
+            settings.cache_entries,
+            settings.cache_bytes,
+            settings.max_stale,
+        ),
     });
     let auth = Authenticator::new(
         pool.clone(),
