@@ -205,6 +205,27 @@ async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_th
     ] {
         assert_eq!(scalar(&h, sql).await, expected, "{sql}");
     }
+    // No orphans: every link's and satellite's parent is loaded (the keys are not
+    // enforced by the database; the load order keeps them).
+    for (child, key, parent) in [
+        ("link_order_customer", "order_hk", "hub_order"),
+        ("link_order_customer", "customer_hk", "hub_customer"),
+        ("link_order_line", "order_hk", "hub_order"),
+        ("link_order_line", "product_hk", "hub_product"),
+        ("sat_customer", "customer_hk", "hub_customer"),
+        ("sat_order", "order_hk", "hub_order"),
+        ("sat_order_line", "order_line_hk", "link_order_line"),
+        ("sat_order_adjustment", "order_hk", "hub_order"),
+        ("sat_line_adjustment", "order_line_hk", "link_order_line"),
+    ] {
+        let sql = format!(
+            "SELECT count(*) FROM vault.{child} c WHERE NOT EXISTS \
+             (SELECT FROM vault.{parent} p WHERE p.{key} = c.{key})"
+        );
+        assert_eq!(scalar(&h, &sql).await, 0, "{sql}");
+        let rows = scalar(&h, &format!("SELECT count(*) FROM vault.{child}")).await;
+        assert!(rows > 0, "{child} is loaded, so the check looks at rows");
+    }
 
     // Insert-only.
     let refused = sqlx::query("UPDATE vault.sat_customer SET city = 'Oslo'")
