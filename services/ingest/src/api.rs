@@ -533,13 +533,10 @@ async fn ingest(
             .errors(errors));
     }
 
-    let stored = match (&state.groups, orders.pop()) {
+    let stored = match &state.groups {
         // The group's task commits it whatever becomes of this handler.
-        (Some(groups), Some(order)) if orders.is_empty() => groups.store(order).await,
-        (_, last) => {
-            orders.extend(last);
-            spawn_store(&state.pool, orders).await?
-        }
+        Some(groups) if orders.len() == 1 => groups.store(orders.pop().expect("one order")).await,
+        _ => spawn_store(&state.pool, orders).await?,
     };
     let outcome = stored.map_err(|e| match e {
         StoreError::Conflict(ids) => Problem::new(ProblemKind::Conflict)

@@ -159,9 +159,7 @@ async fn commit(pool: &PgPool, group: Vec<Pending>) {
                     (Ok(()), Some(row)) if row.holds(&pending.order) => Ok(duplicate(id)),
                     (Ok(()), Some(_)) => Err(StoreError::Conflict(vec![id])),
                     // Inserted by a transaction that then rolled back: store it alone.
-                    (Ok(()), None) => {
-                        store::store(pool, std::slice::from_ref(&pending.order)).await
-                    }
+                    (Ok(()), None) => alone(pool, &pending.order).await,
                 };
                 answer(pending.reply, outcome);
             }
@@ -177,16 +175,21 @@ async fn commit(pool: &PgPool, group: Vec<Pending>) {
             tracing::warn!(error = %e, orders = written.len(),
                 "A group's statement failed; storing its orders one by one");
             for pending in written {
-                let outcome = store::store(pool, std::slice::from_ref(&pending.order)).await;
+                let outcome = alone(pool, &pending.order).await;
                 answer(pending.reply, outcome);
             }
         }
     }
     for pending in repeats {
-        let outcome = store::store(pool, std::slice::from_ref(&pending.order)).await;
+        let outcome = alone(pool, &pending.order).await;
         answer(pending.reply, outcome);
     }
     metrics::histogram!("ingest_group_commit_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Stores one order in a transaction of its own, outside any group.
+async fn alone(pool: &PgPool, order: &Order) -> Result<Outcome, StoreError> {
+    store::store(pool, std::slice::from_ref(order)).await
 }
 
 fn created() -> Outcome {

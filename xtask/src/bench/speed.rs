@@ -49,40 +49,18 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "speed",
         "release build; same Redis and Postgres for every figure",
     );
-    report.row(
-        format!(
-            "freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s, \
-             {:.1}% of them refunded right after (achieved {:.0}/s, {} orders, {} refunds, {} errors)",
-            100.0 * fresh.adjustments as f64 / fresh.orders.max(1) as f64,
-            fresh.achieved_rate,
-            fresh.orders,
-            fresh.adjustments,
-            fresh.errors
+    freshness_row(
+        &mut report,
+        &format!(
+            "freshness, ingest 2xx → visible in the speed view, at {RATE} orders/s for {SECONDS} s"
         ),
-        format!(
-            "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms; refunds p99 {:.0} ms",
-            fresh.p50_ms, fresh.p90_ms, fresh.p99_ms, fresh.max_ms, fresh.adjustment_p99_ms
-        ),
-        String::new(),
-        None,
+        &fresh,
         "p99 ≤ 50 ms",
     );
-    report.row(
-        format!(
-            "freshness at {FAST_RATE} orders/s for {FAST_SECONDS} s, warehouse loader off, \
-             {:.1}% refunded (achieved {:.0}/s, {} orders, {} refunds, {} errors)",
-            100.0 * fast.adjustments as f64 / fast.orders.max(1) as f64,
-            fast.achieved_rate,
-            fast.orders,
-            fast.adjustments,
-            fast.errors
-        ),
-        format!(
-            "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms; refunds p99 {:.0} ms",
-            fast.p50_ms, fast.p90_ms, fast.p99_ms, fast.max_ms, fast.adjustment_p99_ms
-        ),
-        String::new(),
-        None,
+    freshness_row(
+        &mut report,
+        &format!("freshness at {FAST_RATE} orders/s for {FAST_SECONDS} s, warehouse loader off"),
+        &fast,
         "p99 ≤ 100 ms",
     );
     for (rate, lag) in [(RATE, &speed_lag), (FAST_RATE, &fast_lag)] {
@@ -340,6 +318,28 @@ async fn freshness(
         rows_per_sec: rows as f64 / started.elapsed().as_secs_f64(),
     };
     Ok((fresh, Some(vault), speed_lag))
+}
+
+/// The narrative row of a freshness run: what was sent, and its percentiles.
+fn freshness_row(report: &mut BenchReport, run: &str, fresh: &FreshnessReport, target: &str) {
+    report.row(
+        format!(
+            "{run}, {:.1}% of them refunded right after (achieved {:.0}/s, {} orders, {} \
+             refunds, {} errors)",
+            100.0 * fresh.adjustments as f64 / fresh.orders.max(1) as f64,
+            fresh.achieved_rate,
+            fresh.orders,
+            fresh.adjustments,
+            fresh.errors
+        ),
+        format!(
+            "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms; refunds p99 {:.0} ms",
+            fresh.p50_ms, fresh.p90_ms, fresh.p99_ms, fresh.max_ms, fresh.adjustment_p99_ms
+        ),
+        String::new(),
+        None,
+        target,
+    );
 }
 
 /// How far the speed layer was behind the log during a freshness run.
