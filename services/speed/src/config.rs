@@ -6,6 +6,7 @@ use serde::Deserialize;
 use tidemark_platform::config::{
     HttpConfig, PostgresConfig, RedisConfig, TelemetryConfig, Validate, millis,
 };
+use tidemark_platform::lease::LeaseConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -15,6 +16,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub speed: SpeedSettings,
+    /// Which of several speed instances applies (the others stand by).
+    pub lease: LeaseConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +59,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             speed: SpeedSettings::default(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -66,6 +70,7 @@ impl Validate for Config {
         self.telemetry.validate(problems);
         self.postgres.validate(problems);
         self.redis.validate(problems);
+        self.lease.validate(problems);
         if self.speed.batch_size <= 0 {
             problems.push("speed.batch_size must be positive".into());
         }

@@ -14,6 +14,11 @@
 //! A row this build cannot decode stops the consumer right before it: the rows
 //! before it are applied, nothing after it is (see [`tidemark_platform::worker`]);
 //! `/readyz` says why.
+//!
+//! Several consumers may run; the one holding the `speed` lease applies, the
+//! others stand by (see [`tidemark_platform::lease`]). Each step carries the
+//! lease's token into Redis, where the view's fence refuses a former leader's
+//! late apply.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use sqlx::PgPool;
 use tidemark_domain::LogPosition;
 use tidemark_orderlog::epochs::{self, epoch_of};
 use tidemark_orderlog::{Tail, Undecodable};
+use tidemark_platform::lease::{Fence, Fenced, Lease};
 use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tidemark_speedview::{Applied, Delta, SpeedView};
 use tokio::sync::watch;
@@ -40,6 +46,8 @@ pub enum StepError {
     Redis(#[from] tidemark_speedview::Error),
     #[error(transparent)]
     Undecodable(#[from] Undecodable),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
 }
 
 impl worker::StepError for StepError {
@@ -47,6 +55,7 @@ impl worker::StepError for StepError {
         match self {
             StepError::Postgres(_) | StepError::Undecodable(_) => "postgres",
             StepError::Redis(_) => "redis",
+            StepError::Fenced(_) => "lease",
         }
     }
 
@@ -70,6 +79,8 @@ pub enum Step {
     },
     /// Another consumer moved the cursor first.
     Contended,
+    /// Another instance holds the lease.
+    Standby,
 }
 
 #[derive(Clone)]
@@ -81,6 +92,9 @@ pub struct Consumer {
     status: Status,
     /// The read of the next batch, started while the last one was applied.
     ahead: Arc<tokio::sync::Mutex<Option<Ahead>>>,
+    lease: Lease,
+    /// The lease token the view's fence was last raised to by this instance.
+    raised: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A log read in flight, from `from`.
@@ -90,7 +104,8 @@ struct Ahead {
 }
 
 impl Consumer {
-    pub fn new(pool: PgPool, view: SpeedView, settings: SpeedSettings) -> Self {
+    /// A consumer that writes while `lease` leads ([`Lease::unfenced`]: always).
+    pub fn new(pool: PgPool, view: SpeedView, settings: SpeedSettings, lease: Lease) -> Self {
         Self {
             pool,
             view,
@@ -98,7 +113,13 @@ impl Consumer {
             lag: Arc::new(watch::Sender::new(0.0)),
             status: Status::default(),
             ahead: Arc::default(),
+            lease,
+            raised: Arc::default(),
         }
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// Whether the consumer is stopped at a row it cannot decode (for `/readyz`).
@@ -141,7 +162,7 @@ impl Consumer {
                         Pace::Progress
                     }
                     Step::Contended => Pace::Contended,
-                    Step::Idle => Pace::Idle,
+                    Step::Idle | Step::Standby => Pace::Idle,
                 })
             },
         )
@@ -157,8 +178,12 @@ impl Consumer {
     /// read that step would make, only earlier: the epoch of a row is fixed by its
     /// position and the durable cut list, whichever snapshot reads it.
     pub async fn step(&self) -> Result<Step, StepError> {
+        let Some(fence) = self.lease.fence() else {
+            return Ok(Step::Standby);
+        };
+        self.raise(fence).await?;
         let Some(meta) = self.view.meta().await? else {
-            return self.rebuild().await;
+            return self.rebuild(fence).await;
         };
         let mut ahead = self.ahead.lock().await;
         let read = match ahead.take() {
@@ -183,7 +208,11 @@ impl Consumer {
             delta.add(epoch_of(row.position.txid, &cuts), &row.event);
         }
         let now_ms = Utc::now().timestamp_millis();
-        match self.view.apply(meta.cursor, to, now_ms, &delta).await? {
+        match self
+            .view
+            .apply(meta.cursor, to, now_ms, fence.token, &delta)
+            .await?
+        {
             Applied::Done => {
                 if let Some(newest) = tail.rows.iter().map(|r| r.ingested_at).max() {
                     let age = (Utc::now() - newest).num_milliseconds().max(0);
@@ -191,8 +220,25 @@ impl Consumer {
                 }
                 Ok(Step::Applied(tail.rows.len()))
             }
-            Applied::Lost => self.rebuild().await,
+            Applied::Lost => self.rebuild(fence).await,
             Applied::Moved => Ok(Step::Contended),
+            Applied::Fenced(current) => Err(fence.refused(current).into()),
+        }
+    }
+
+    /// On the first step under a new lease token: raises the view's fence to it,
+    /// so a former leader's late apply is refused from now on.
+    async fn raise(&self, fence: Fence) -> Result<(), StepError> {
+        use std::sync::atomic::Ordering;
+        if fence.token == 0 || self.raised.load(Ordering::Relaxed) == fence.token {
+            return Ok(());
+        }
+        match self.view.raise_fence(fence.token).await? {
+            Applied::Fenced(current) => Err(fence.refused(current).into()),
+            _ => {
+                self.raised.store(fence.token, Ordering::Relaxed);
+                Ok(())
+            }
         }
     }
 
@@ -219,7 +265,7 @@ impl Consumer {
     }
 
     /// Starts the view at the published batch watermark (or the start of the log).
-    async fn rebuild(&self) -> Result<Step, StepError> {
+    async fn rebuild(&self, fence: Fence) -> Result<Step, StepError> {
         let published: Option<(i64, i64)> =
             sqlx::query_as("SELECT epoch, threshold::text::int8 FROM batch_state")
                 .fetch_optional(&self.pool)
@@ -229,10 +275,14 @@ impl Consumer {
             None => (0, LogPosition::ZERO),
         };
         let now_ms = Utc::now().timestamp_millis();
-        if self.view.reset(from, base_epoch, now_ms).await? {
-            Ok(Step::Rebuilt { from, base_epoch })
-        } else {
-            Ok(Step::Contended)
+        match self
+            .view
+            .reset(from, base_epoch, now_ms, fence.token)
+            .await?
+        {
+            Applied::Done => Ok(Step::Rebuilt { from, base_epoch }),
+            Applied::Fenced(current) => Err(fence.refused(current).into()),
+            Applied::Lost | Applied::Moved => Ok(Step::Contended),
         }
     }
 
@@ -258,6 +308,10 @@ impl Consumer {
             metrics::gauge!("speed_lag_seconds").set(lag.seconds);
             self.lag.send_replace(lag.seconds);
             self.view.set_lag((lag.seconds * 1000.0) as i64).await?;
+        }
+        if self.lease.fence().is_none() {
+            // Dropping epochs is the leader's work.
+            return Ok(());
         }
         let published: Option<i64> = sqlx::query_scalar("SELECT epoch FROM batch_state")
             .fetch_optional(&self.pool)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use tidemark_platform::health::Readiness;
+use tidemark_platform::lease::Lease;
 use tidemark_platform::redis::Redis;
 use tidemark_platform::{http, postgres};
 use tidemark_speedview::SpeedView;
@@ -28,10 +29,12 @@ pub async fn serve(
         postgres::migrate(&pool).await?;
     }
     let redis = Arc::new(Redis::new(&config.redis)?);
+    let lease = Lease::new(pool.clone(), "speed", &config.lease);
     let consumer = Consumer::new(
         pool.clone(),
         SpeedView::new(redis.clone()),
         config.speed.clone(),
+        lease.clone(),
     );
     let max_lag = config.speed.max_lag_secs;
     let readiness = Readiness::new()
@@ -47,6 +50,7 @@ pub async fn serve(
             }
         })
         .with("log", consumer.status().probe())
+        .lease(&lease)
         .with("lag", {
             let consumer = consumer.clone();
             move || {
@@ -61,11 +65,14 @@ pub async fn serve(
             }
         });
     let token = shutdown.child_token();
+    let leasing = tokio::spawn(lease.run(token.clone()));
     let task = tokio::spawn(consumer.run(token.clone()));
     let router = http::finish(Router::new(), readiness, &config.http);
     let served = http::serve(listener, router, shutdown, config.http.shutdown_grace).await;
     token.cancel();
     task.await?;
+    // The lease is released after the last step: a standby takes over from there.
+    leasing.await?;
     served?;
     Ok(())
 }

@@ -19,6 +19,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Serialize;
 
+use crate::lease::{Lease, Standing};
+
 type CheckFn = dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync;
 
 /// How long one readiness check may take before it counts as failed.
@@ -29,6 +31,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Readiness {
     checks: Arc<Vec<(&'static str, Arc<CheckFn>)>>,
     advisories: Arc<Vec<(&'static str, Arc<CheckFn>)>>,
+    leases: Arc<Vec<Lease>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,6 +42,10 @@ pub struct Report {
     /// Advisory name → `ok` or a short reason; never affects `ready`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub advisories: BTreeMap<&'static str, String>,
+    /// Role → whether this instance leads it, and who does; never affects
+    /// `ready` (a standby is a healthy instance).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub leases: BTreeMap<&'static str, Standing>,
 }
 
 impl Readiness {
@@ -67,6 +74,12 @@ impl Readiness {
         self
     }
 
+    /// Reports where this instance stands for a single-writer role.
+    pub fn lease(mut self, lease: &Lease) -> Self {
+        Arc::make_mut(&mut self.leases).push(lease.clone());
+        self
+    }
+
     /// Runs every check and advisory concurrently.
     pub async fn report(&self) -> Report {
         let (checks, advisories) =
@@ -75,6 +88,11 @@ impl Readiness {
             ready: checks.values().all(|v| v == "ok"),
             checks,
             advisories,
+            leases: self
+                .leases
+                .iter()
+                .map(|lease| (lease.role(), lease.standing()))
+                .collect(),
         }
     }
 }

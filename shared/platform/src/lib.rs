@@ -1,6 +1,6 @@
 //! What every Tidemark service needs and none of them owns: layered configuration,
 //! telemetry, RFC 9457 problem details, the HTTP scaffolding (health, readiness,
-//! metrics, graceful shutdown), the background workers' loop, API keys, and clients for the four stores with their
+//! metrics, graceful shutdown), the background workers' loop and their leases, API keys, and clients for the four stores with their
 //! migrations.
 
 pub mod auth;
@@ -8,6 +8,7 @@ pub mod clickhouse;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod postgres;
 pub mod problem;

@@ -43,6 +43,15 @@
 //! script, and only if the cursor is where the consumer last left it. A crash
 //! before the script changes nothing; after it, everything. A missing cursor means
 //! Redis lost its data: the consumer rebuilds ([`SpeedView::reset`]).
+//!
+//! ## One writer
+//!
+//! Every writing script also takes the writer's lease token
+//! ([`tidemark_platform::lease`]) and checks it against `p:fence`, the highest
+//! token that has written: a lower one is refused ([`Applied::Fenced`]), a higher
+//! one raises the fence. A consumer that was paused past its lease and wakes up
+//! with a batch in hand cannot apply it once its successor has written (or raised
+//! the fence on taking over, [`SpeedView::raise_fence`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -164,6 +173,26 @@ pub enum Applied {
     Lost,
     /// The cursor moved: another consumer applied first.
     Moved,
+    /// A newer leader has written: its token, higher than the one applying.
+    Fenced(u64),
+}
+
+/// What a writing script answered: `{code, fence}`.
+fn outcome(code: i64, fence: u64) -> Applied {
+    match code {
+        1 => Applied::Done,
+        -1 => Applied::Lost,
+        -3 => Applied::Fenced(fence),
+        _ => Applied::Moved,
+    }
+}
+
+/// A writing script: the fence check (with the token at `ARGV[token_arg]`), then `body`.
+fn fenced(body: &str, token_arg: usize) -> Script {
+    Script::new(&format!(
+        "{}{body}",
+        FENCE.replace("TOKEN", &token_arg.to_string())
+    ))
 }
 
 /// The cursor and its freshness.
@@ -195,12 +224,22 @@ impl Snapshot {
     }
 }
 
+/// The fencing check every writing script starts with: `KEYS[2]` holds the highest
+/// lease token that has written; a lower token is refused (returns the fence), a
+/// higher one raises it.
+const FENCE: &str = r"
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+local token = tonumber(ARGV[TOKEN])
+if token < fence then return {-3, fence} end
+if token > fence then redis.call('SET', KEYS[2], token) end
+";
+
 const APPLY: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'txid', 'seq', 'layout')
-if not cur[1] or cur[3] ~= ARGV[7] then return -1 end
-if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return -2 end
+if not cur[1] or cur[3] ~= ARGV[7] then return {-1, 0} end
+if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return {-2, 0} end
 local p = ARGV[1]
-local i = 8
+local i = 9
 while i <= #ARGV do
   local e, b, shape, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local key = p .. ':e:' .. e .. ':minute:' .. b .. ':' .. shape
@@ -213,7 +252,7 @@ while i <= #ARGV do
   redis.call('ZADD', p .. ':epochs', e, e)
 end
 redis.call('HSET', KEYS[1], 'txid', ARGV[4], 'seq', ARGV[5], 'updated_ms', ARGV[6])
-return 1
+return {1, 0}
 ";
 
 const READ: &str = r"
@@ -238,10 +277,14 @@ return out
 ";
 
 const INIT: &str = r"
-if redis.call('HGET', KEYS[1], 'layout') == ARGV[5] then return 0 end
+if redis.call('HGET', KEYS[1], 'layout') == ARGV[5] then return {0, 0} end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[3], 'base_epoch', ARGV[4], 'layout', ARGV[5])
-return 1
+return {1, 0}
+";
+
+const RAISE: &str = r"
+return {1, 0}
 ";
 
 const SET_LAG: &str = r"
@@ -270,6 +313,7 @@ pub struct SpeedView {
     apply: Arc<Script>,
     read: Arc<Script>,
     init: Arc<Script>,
+    raise: Arc<Script>,
     set_lag: Arc<Script>,
     drop_epoch: Arc<Script>,
 }
@@ -278,9 +322,10 @@ impl SpeedView {
     pub fn new(redis: Arc<Redis>) -> Self {
         Self {
             redis,
-            apply: Arc::new(Script::new(APPLY)),
+            apply: Arc::new(fenced(APPLY, 8)),
             read: Arc::new(Script::new(READ)),
-            init: Arc::new(Script::new(INIT)),
+            init: Arc::new(fenced(INIT, 6)),
+            raise: Arc::new(fenced(RAISE, 1)),
             set_lag: Arc::new(Script::new(SET_LAG)),
             drop_epoch: Arc::new(Script::new(DROP_EPOCH)),
         }
@@ -288,6 +333,25 @@ impl SpeedView {
 
     fn meta_key(&self) -> String {
         self.redis.key("meta")
+    }
+
+    fn fence_key(&self) -> String {
+        self.redis.key("fence")
+    }
+
+    /// Raises the fence to `token` (a consumer that has just taken the lease), so
+    /// no write of a former leader lands from now on. `Applied::Fenced` if a higher
+    /// token has written already.
+    pub async fn raise_fence(&self, token: u64) -> Result<Applied> {
+        let mut conn = self.redis.conn().await?;
+        let (code, fence): (i64, u64) = self
+            .raise
+            .key(self.meta_key())
+            .key(self.fence_key())
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(outcome(code, fence))
     }
 
     /// The cursor, or `None` if the view has no state (lost or never built).
@@ -327,24 +391,28 @@ impl SpeedView {
         Ok(())
     }
 
-    /// Adds `delta` and moves the cursor from `expected` to `to`, atomically.
+    /// Adds `delta` and moves the cursor from `expected` to `to`, atomically, if
+    /// no writer with a higher lease token than `token` has written.
     pub async fn apply(
         &self,
         expected: LogPosition,
         to: LogPosition,
         now_ms: i64,
+        token: u64,
         delta: &Delta,
     ) -> Result<Applied> {
         let mut conn = self.redis.conn().await?;
         let mut invocation = self.apply.key(self.meta_key());
         invocation
+            .key(self.fence_key())
             .arg(self.redis.prefix())
             .arg(expected.txid)
             .arg(expected.seq)
             .arg(to.txid)
             .arg(to.seq)
             .arg(now_ms)
-            .arg(LAYOUT);
+            .arg(LAYOUT)
+            .arg(token);
         for ((epoch, bucket, shape), fields) in &delta.hashes {
             invocation
                 .arg(*epoch)
@@ -355,18 +423,24 @@ impl SpeedView {
                 invocation.arg(field).arg(*amount);
             }
         }
-        let outcome: i64 = invocation.invoke_async(&mut conn).await?;
-        Ok(match outcome {
-            1 => Applied::Done,
-            -1 => Applied::Lost,
-            _ => Applied::Moved,
-        })
+        let (code, fence): (i64, u64) = invocation.invoke_async(&mut conn).await?;
+        Ok(outcome(code, fence))
     }
 
     /// Clears whatever is left of the view and starts it at `cursor`, whose rows
-    /// belong to epoch `base_epoch` or later. Returns false if another consumer
-    /// started it first.
-    pub async fn reset(&self, cursor: LogPosition, base_epoch: u64, now_ms: i64) -> Result<bool> {
+    /// belong to epoch `base_epoch` or later: `Done`, or `Moved` if another
+    /// consumer started it first, or `Fenced` if a writer with a higher lease token
+    /// than `token` has written (then nothing is cleared).
+    pub async fn reset(
+        &self,
+        cursor: LogPosition,
+        base_epoch: u64,
+        now_ms: i64,
+        token: u64,
+    ) -> Result<Applied> {
+        if let fenced @ Applied::Fenced(_) = self.raise_fence(token).await? {
+            return Ok(fenced);
+        }
         let mut conn = self.redis.conn().await?;
         // Leftovers of a partial loss would be counted twice by the replay. SCAN in
         // large steps: the default step of 10 keys makes this crawl on a big Redis.
@@ -396,17 +470,19 @@ impl SpeedView {
             .arg(self.redis.key("epochs"))
             .query_async::<()>(&mut conn)
             .await?;
-        let started: i64 = self
+        let (code, fence): (i64, u64) = self
             .init
             .key(self.meta_key())
+            .key(self.fence_key())
             .arg(cursor.txid)
             .arg(cursor.seq)
             .arg(now_ms)
             .arg(base_epoch)
             .arg(LAYOUT)
+            .arg(token)
             .invoke_async(&mut conn)
             .await?;
-        Ok(started == 1)
+        Ok(outcome(code, fence))
     }
 
     /// Epochs with data, ascending.

@@ -54,7 +54,10 @@ async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
     let config = tidemark_testkit::redis();
     let view = view(&config);
     assert_eq!(view.meta().await.unwrap(), None, "a new view has no cursor");
-    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Done
+    );
     let mut delta = Delta::default();
     delta.add(
         0,
@@ -68,7 +71,9 @@ async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
     assert_eq!(delta.rows(), 3);
     let to = LogPosition::new(10, 3);
     assert_eq!(
-        view.apply(LogPosition::ZERO, to, 2, &delta).await.unwrap(),
+        view.apply(LogPosition::ZERO, to, 2, 0, &delta)
+            .await
+            .unwrap(),
         Applied::Done
     );
     assert_eq!(view.meta().await.unwrap().unwrap().cursor, to);
@@ -125,7 +130,10 @@ async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
 async fn a_basket_counts_once_per_value_and_sums_its_lines() {
     let config = tidemark_testkit::redis();
     let view = view(&config);
-    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Done
+    );
     let mut basket = order(1, 5, "Oslo", "p-1", "EUR", 2, 100);
     basket.lines.push(OrderLine {
         product_id: "p-2".into(),
@@ -142,7 +150,7 @@ async fn a_basket_counts_once_per_value_and_sums_its_lines() {
     let mut delta = Delta::default();
     delta.add(0, &Event::Order(basket.clone()));
     assert_eq!(
-        view.apply(LogPosition::ZERO, LogPosition::new(3, 1), 1, &delta)
+        view.apply(LogPosition::ZERO, LogPosition::new(3, 1), 1, 0, &delta)
             .await
             .unwrap(),
         Applied::Done
@@ -180,22 +188,30 @@ async fn the_cursor_guards_every_apply() {
     delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
     let at = LogPosition::new(5, 1);
     assert_eq!(
-        view.apply(LogPosition::ZERO, at, 1, &delta).await.unwrap(),
+        view.apply(LogPosition::ZERO, at, 1, 0, &delta)
+            .await
+            .unwrap(),
         Applied::Lost,
         "no cursor: the view was lost, nothing is written"
     );
     assert!(view.epochs().await.unwrap().is_empty());
-    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
-    assert!(
-        !view.reset(LogPosition::ZERO, 0, 1).await.unwrap(),
-        "started once"
-    );
     assert_eq!(
-        view.apply(LogPosition::ZERO, at, 1, &delta).await.unwrap(),
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
         Applied::Done
     );
     assert_eq!(
-        view.apply(LogPosition::ZERO, LogPosition::new(6, 1), 1, &delta)
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Moved,
+        "started once"
+    );
+    assert_eq!(
+        view.apply(LogPosition::ZERO, at, 1, 0, &delta)
+            .await
+            .unwrap(),
+        Applied::Done
+    );
+    assert_eq!(
+        view.apply(LogPosition::ZERO, LogPosition::new(6, 1), 1, 0, &delta)
             .await
             .unwrap(),
         Applied::Moved,
@@ -217,17 +233,83 @@ async fn the_cursor_guards_every_apply() {
 }
 
 #[tokio::test]
+async fn a_former_leaders_late_apply_is_refused_by_the_fence() {
+    let redis = tidemark_testkit::redis();
+    let view = view(&redis);
+    let mut delta = Delta::default();
+    delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
+    // Leader 1 starts the view and applies a batch.
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 1).await.unwrap(),
+        Applied::Done
+    );
+    let first = LogPosition::new(5, 1);
+    assert_eq!(
+        view.apply(LogPosition::ZERO, first, 1, 1, &delta)
+            .await
+            .unwrap(),
+        Applied::Done
+    );
+    // Leader 1 reads its next batch, then is paused; leader 2 takes over and
+    // raises the fence before writing anything.
+    assert_eq!(view.raise_fence(2).await.unwrap(), Applied::Done);
+    // Leader 1 wakes up: its apply would find the cursor where it left it, but the
+    // fence refuses it, and so it does a rebuild or a raise.
+    let second = LogPosition::new(6, 1);
+    assert_eq!(
+        view.apply(first, second, 2, 1, &delta).await.unwrap(),
+        Applied::Fenced(2)
+    );
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 3, 1).await.unwrap(),
+        Applied::Fenced(2)
+    );
+    assert_eq!(view.raise_fence(1).await.unwrap(), Applied::Fenced(2));
+    assert_eq!(
+        view.meta().await.unwrap().unwrap().cursor,
+        first,
+        "nothing moved"
+    );
+    // An unfenced writer (token 0) is refused too once a leader has written.
+    assert_eq!(
+        view.apply(first, second, 2, 0, &delta).await.unwrap(),
+        Applied::Fenced(2)
+    );
+    // Leader 2 applies from the same cursor: exactly once.
+    assert_eq!(
+        view.apply(first, second, 2, 2, &delta).await.unwrap(),
+        Applied::Done
+    );
+    let day = Utc
+        .with_ymd_and_hms(2026, 11, 29, 0, 0, 0)
+        .unwrap()
+        .timestamp();
+    let read = view
+        .read(0, Granularity::Day, Dimension::Total, day, day + 86_400)
+        .await
+        .unwrap();
+    assert_eq!(
+        cell(&read, day, "", "EUR").orders,
+        2,
+        "one order per applied batch"
+    );
+}
+
+#[tokio::test]
 async fn reset_and_drop_epoch_touch_only_what_they_name() {
     let (a, b) = (tidemark_testkit::redis(), tidemark_testkit::redis());
     let (va, vb) = (view(&a), view(&b));
     for v in [&va, &vb] {
-        assert!(v.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+        assert_eq!(
+            v.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+            Applied::Done
+        );
         let mut delta = Delta::default();
         delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
         delta.add(1, &Event::Order(order(2, 1, "Oslo", "p", "EUR", 1, 100)));
         delta.add(2, &Event::Order(order(3, 1, "Oslo", "p", "EUR", 1, 100)));
         assert_eq!(
-            v.apply(LogPosition::ZERO, LogPosition::new(9, 3), 1, &delta)
+            v.apply(LogPosition::ZERO, LogPosition::new(9, 3), 1, 0, &delta)
                 .await
                 .unwrap(),
             Applied::Done
@@ -261,7 +343,7 @@ async fn reset_and_drop_epoch_touch_only_what_they_name() {
         .unwrap();
     assert_eq!(va.meta().await.unwrap(), None);
     let from = LogPosition::before_txid(42);
-    assert!(va.reset(from, 3, 5).await.unwrap());
+    assert_eq!(va.reset(from, 3, 5, 0).await.unwrap(), Applied::Done);
     assert!(va.epochs().await.unwrap().is_empty());
     assert_eq!(orders(&va).await, 0);
     assert_eq!(va.meta().await.unwrap().unwrap().cursor, from);
@@ -272,7 +354,10 @@ async fn reset_and_drop_epoch_touch_only_what_they_name() {
 async fn a_refund_reads_back_booked_at_its_time_and_restated_at_its_order() {
     let config = tidemark_testkit::redis();
     let view = view(&config);
-    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Done
+    );
     let old = order(1, 1, "Oslo", "p:1", "EUR", 3, 1_000);
     let refund = Event::Adjustment(AdjustmentEvent {
         adjustment: Adjustment {
@@ -292,7 +377,7 @@ async fn a_refund_reads_back_booked_at_its_time_and_restated_at_its_order() {
     delta.add(0, &Event::Order(old.clone()));
     // The refund lands in a later epoch, as a correction committed after a cut does.
     delta.add(1, &refund);
-    let applied = view.apply(LogPosition::ZERO, LogPosition::new(3, 2), 1, &delta);
+    let applied = view.apply(LogPosition::ZERO, LogPosition::new(3, 2), 1, 0, &delta);
     assert_eq!(applied.await.unwrap(), Applied::Done);
     let day = |at: chrono::DateTime<Utc>| Granularity::Day.bucket_of_secs(at.timestamp());
     let (order_day, refund_day) = (day(old.created_at), day(refund.created_at()));
@@ -359,7 +444,7 @@ async fn a_view_in_another_layout_reads_as_empty_until_rebuilt_and_drops_leave_n
     let mut delta = Delta::default();
     delta.add(0, &Event::Order(order(1, 1, "Oslo", "p", "EUR", 1, 100)));
     assert_eq!(
-        view.apply(LogPosition::new(5, 1), LogPosition::new(6, 1), 1, &delta)
+        view.apply(LogPosition::new(5, 1), LogPosition::new(6, 1), 1, 0, &delta)
             .await
             .unwrap(),
         Applied::Lost,
@@ -375,17 +460,23 @@ async fn a_view_in_another_layout_reads_as_empty_until_rebuilt_and_drops_leave_n
         keys.sort();
         keys
     };
-    assert!(view.reset(LogPosition::ZERO, 0, 1).await.unwrap());
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Done
+    );
     assert!(keys(&mut conn, format!("{p}:e:*")).await.is_empty());
-    assert!(
-        !view.reset(LogPosition::ZERO, 0, 1).await.unwrap(),
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Moved,
         "started once"
     );
 
     delta.add(1, &Event::Order(order(2, 1, "Oslo", "p", "EUR", 1, 100)));
     let to = LogPosition::new(6, 2);
     assert_eq!(
-        view.apply(LogPosition::ZERO, to, 2, &delta).await.unwrap(),
+        view.apply(LogPosition::ZERO, to, 2, 0, &delta)
+            .await
+            .unwrap(),
         Applied::Done
     );
     assert_eq!(view.meta().await.unwrap().unwrap().cursor, to);

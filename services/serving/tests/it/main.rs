@@ -123,6 +123,7 @@ impl Env {
                 max_backoff: Duration::from_millis(200),
                 ..Default::default()
             },
+            tidemark_platform::lease::Lease::unfenced("speed"),
         );
         tokio::spawn(speed.run(background.clone()));
         let vault = tidemark_ingest::vault::Loader::new(

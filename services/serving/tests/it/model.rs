@@ -199,6 +199,7 @@ impl World {
                 batch_size: 25,
                 ..Default::default()
             },
+            tidemark_platform::lease::Lease::unfenced("speed"),
         )
     }
 

@@ -27,7 +27,15 @@ pub fn consumer(pool: &PgPool, redis: &RedisConfig, batch_size: i64) -> (Consume
         batch_size,
         ..SpeedSettings::default()
     };
-    (Consumer::new(pool.clone(), view.clone(), settings), view)
+    (
+        Consumer::new(
+            pool.clone(),
+            view.clone(),
+            settings,
+            tidemark_platform::lease::Lease::unfenced("speed"),
+        ),
+        view,
+    )
 }
 
 /// Steps until the consumer has applied the newest committed row.
