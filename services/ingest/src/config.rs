@@ -6,6 +6,7 @@ use serde::Deserialize;
 use tidemark_platform::config::{
     HttpConfig, PostgresConfig, S3Config, TelemetryConfig, Validate, millis,
 };
+use tidemark_platform::lease::LeaseConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -17,6 +18,8 @@ pub struct Config {
     pub ingest: IngestSettings,
     pub relay: RelaySettings,
     pub vault: VaultSettings,
+    /// Which instance's relay and vault loader write (the others stand by).
+    pub lease: LeaseConfig,
 }
 
 /// Limits of `POST /v1/orders` (documented in the OpenAPI spec).
@@ -148,6 +151,7 @@ impl Default for Config {
             ingest: IngestSettings::default(),
             relay: RelaySettings::default(),
             vault: VaultSettings::default(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -158,6 +162,7 @@ impl Validate for Config {
         self.telemetry.validate(problems);
         self.postgres.validate(problems);
         self.s3.validate(problems);
+        self.lease.validate(problems);
         if self.ingest.max_batch == 0 || self.ingest.max_body_bytes == 0 {
             problems.push("ingest.max_batch and ingest.max_body_bytes must be positive".into());
         }

@@ -4,6 +4,10 @@
 //! Readiness depends on Postgres only: while S3 is down the relay waits and retries,
 //! and ingest keeps accepting orders. A relay stopped at a row it cannot decode is
 //! reported on `/readyz` as an advisory (`relay`), without taking intake down.
+//!
+//! Several ingest instances may serve behind a load balancer: each runs a relay
+//! and a vault loader, and the `lake-relay` and `vault` leases decide whose write
+//! (`/readyz` shows where this instance stands).
 
 pub mod adjust;
 mod adjust_api;
@@ -19,6 +23,7 @@ pub mod vault;
 
 use tidemark_platform::auth::{AuthConfig, Authenticator};
 use tidemark_platform::health::Readiness;
+use tidemark_platform::lease::Lease;
 use tidemark_platform::{http, postgres, s3};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,33 +44,46 @@ pub async fn serve(
         let pool = pool.clone();
         move || postgres::check(pool.clone())
     });
-    let relay = if config.relay.enabled {
+    // Each background writer with its lease; both stop (the lease released last)
+    // after the server has drained.
+    let mut writers = Vec::new();
+    if config.relay.enabled {
         let client = s3::client(&config.s3).await;
+        let lease = Lease::new(pool.clone(), relay::CONSUMER, &config.lease);
         let relay = relay::Relay::new(
             pool.clone(),
             client,
             config.s3.clone(),
             config.relay.clone(),
+            lease.clone(),
         );
-        readiness = readiness.advise("relay", relay.status().probe());
+        readiness = readiness
+            .advise("relay", relay.status().probe())
+            .lease(&lease);
         let token = shutdown.child_token();
-        Some((tokio::spawn(relay.run(token.clone())), token))
-    } else {
-        None
-    };
-
-    let vault = if config.vault.enabled {
-        let loader = vault::Loader::new(pool.clone(), config.vault.clone());
+        writers.push((
+            tokio::spawn(relay.run(token.clone())),
+            tokio::spawn(lease.run(token.clone())),
+            token,
+        ));
+    }
+    if config.vault.enabled {
+        let lease = Lease::new(pool.clone(), vault::CONSUMER, &config.lease);
+        let loader = vault::Loader::new(pool.clone(), config.vault.clone(), lease.clone());
         let (pool, max_lag) = (pool.clone(), config.vault.max_lag);
-        readiness = readiness.advise("vault", move || {
-            let pool = pool.clone();
-            async move { vault::lag_check(&pool, max_lag).await }
-        });
+        readiness = readiness
+            .advise("vault", move || {
+                let pool = pool.clone();
+                async move { vault::lag_check(&pool, max_lag).await }
+            })
+            .lease(&lease);
         let token = shutdown.child_token();
-        Some((tokio::spawn(loader.run(token.clone())), token))
-    } else {
-        None
-    };
+        writers.push((
+            tokio::spawn(loader.run(token.clone())),
+            tokio::spawn(lease.run(token.clone())),
+            token,
+        ));
+    }
 
     let auth = Authenticator::new(
         pool.clone(),
@@ -95,9 +113,10 @@ pub async fn serve(
         token.cancel();
         task.await?;
     }
-    for (task, token) in [relay, vault].into_iter().flatten() {
+    for (task, leasing, token) in writers {
         token.cancel();
         task.await?;
+        leasing.await?;
     }
     served?;
     Ok(())

@@ -14,6 +14,11 @@
 //! is idempotent. Nothing is lost (the cursor moves only after the objects exist)
 //! and nothing is duplicated (same key, same content).
 //!
+//! Several relays may run (one per ingest instance); the one holding the
+//! `lake-relay` lease writes, and the plan and the confirmation check its token
+//! in their transactions ([`tidemark_platform::lease`]). A former leader's late
+//! PUT rewrites a pending batch's objects with the same content.
+//!
 //! A row this build cannot decode stops the relay right before it: the rows before
 //! it land, its horizon is not recorded (the compactor would take the rows below
 //! it as landed), and nothing after it is relayed until a build that can decode it
@@ -29,6 +34,7 @@ use sqlx::PgPool;
 use tidemark_domain::LogPosition;
 use tidemark_orderlog::{LogError, LogRow, RawRecord, Undecodable};
 use tidemark_platform::config::S3Config;
+use tidemark_platform::lease::{FenceError, Fenced, Lease};
 use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +54,17 @@ pub enum RelayError {
     S3(String),
     #[error(transparent)]
     Undecodable(#[from] Undecodable),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
+
+impl From<FenceError> for RelayError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Postgres(e) => RelayError::Postgres(e),
+            FenceError::Fenced(e) => RelayError::Fenced(e),
+        }
+    }
 }
 
 impl From<LogError> for RelayError {
@@ -64,6 +81,7 @@ impl worker::StepError for RelayError {
         match self {
             RelayError::Postgres(_) | RelayError::Undecodable(_) => "postgres",
             RelayError::S3(_) => "s3",
+            RelayError::Fenced(_) => "lease",
         }
     }
 
@@ -84,6 +102,8 @@ pub enum Step {
     Idle,
     /// Another relay moved the cursor first.
     Contended,
+    /// Another instance holds the lease.
+    Standby,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,14 +130,17 @@ pub struct Relay {
     s3_config: S3Config,
     settings: RelaySettings,
     status: Status,
+    lease: Lease,
 }
 
 impl Relay {
+    /// A relay that writes while `lease` leads ([`Lease::unfenced`]: always).
     pub fn new(
         pool: PgPool,
         s3: aws_sdk_s3::Client,
         s3_config: S3Config,
         settings: RelaySettings,
+        lease: Lease,
     ) -> Self {
         Self {
             pool,
@@ -125,12 +148,17 @@ impl Relay {
             s3_config,
             settings,
             status: Status::default(),
+            lease,
         }
     }
 
     /// Whether the relay is stopped at a row it cannot decode (for `/readyz`).
     pub fn status(&self) -> Status {
         self.status.clone()
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// Runs steps until `shutdown`, backing off while S3 or Postgres fail.
@@ -156,7 +184,7 @@ impl Relay {
                         metrics::counter!("relay_objects_total").increment(objects as u64);
                         Pace::Progress
                     }
-                    Step::Idle => Pace::Idle,
+                    Step::Idle | Step::Standby => Pace::Idle,
                     Step::Contended => Pace::Contended,
                 })
             },
@@ -182,6 +210,9 @@ impl Relay {
 
     /// Plans, writes and confirms one batch (or redoes the pending one).
     pub async fn step(&self) -> Result<Step, RelayError> {
+        let Some(fence) = self.lease.fence() else {
+            return Ok(Step::Standby);
+        };
         let cursor = load_cursor(&self.pool).await?;
         let (until, rows) = match cursor.pending {
             Some(until) => {
@@ -198,19 +229,23 @@ impl Relay {
                         return Err(stopped.into());
                     }
                     if tail.horizon > cursor.horizon {
+                        let mut tx = self.pool.begin().await?;
                         sqlx::query(
                             "UPDATE consumer_cursors SET horizon = $2::int8::text::xid8, \
                              updated_at = now() WHERE consumer = $1 AND pending_txid IS NULL",
                         )
                         .bind(CONSUMER)
                         .bind(tail.horizon as i64)
-                        .execute(&self.pool)
+                        .execute(&mut *tx)
                         .await?;
+                        fence.check(&mut tx).await?;
+                        tx.commit().await?;
                     }
                     return Ok(Step::Idle);
                 };
                 let until = last.position;
                 let horizon = tail.complete.then_some(tail.horizon);
+                let mut tx = self.pool.begin().await?;
                 let planned = sqlx::query(
                     "UPDATE consumer_cursors SET pending_txid = $4::int8::text::xid8, \
                        pending_seq = $5, pending_horizon = $6::int8::text::xid8, updated_at = now() \
@@ -223,8 +258,10 @@ impl Relay {
                 .bind(until.txid as i64)
                 .bind(until.seq)
                 .bind(horizon.map(|h| h as i64))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                fence.check(&mut tx).await?;
+                tx.commit().await?;
                 if planned.rows_affected() == 0 {
                     return Ok(Step::Contended);
                 }
@@ -291,6 +328,7 @@ impl Relay {
         .bind(until.seq)
         .execute(&mut *tx)
         .await?;
+        fence.check(&mut tx).await?;
         tx.commit().await?;
         Ok(Step::Wrote {
             rows: rows.len(),

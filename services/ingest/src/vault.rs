@@ -13,6 +13,10 @@
 //!    links, then satellites, each `ON CONFLICT DO NOTHING`;
 //! 4. moves the cursor to the end, and commits.
 //!
+//! Several loaders may run (one per ingest instance); the one holding the `vault`
+//! lease loads, and each step checks its token in the step's transaction
+//! ([`tidemark_platform::lease`]).
+//!
 //! The warehouse and the log are one database, so a step's rows and its cursor
 //! move commit together: a crash anywhere loads the batch again from scratch, and
 //! nothing is loaded twice. Every row is a function of the log (its `load_date` is
@@ -24,6 +28,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tidemark_domain::LogPosition;
+use tidemark_platform::lease::{FenceError, Fenced, Lease};
 use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tokio_util::sync::CancellationToken;
 
@@ -214,15 +219,33 @@ pub enum Step {
     Loaded { rows: i64 },
     /// Nothing new below the horizon.
     Idle,
+    /// Another instance holds the lease.
+    Standby,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("postgres: {0}")]
-pub struct VaultError(#[from] sqlx::Error);
+pub enum VaultError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
+
+impl From<FenceError> for VaultError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Postgres(e) => VaultError::Postgres(e),
+            FenceError::Fenced(e) => VaultError::Fenced(e),
+        }
+    }
+}
 
 impl worker::StepError for VaultError {
     fn store(&self) -> &'static str {
-        "postgres"
+        match self {
+            VaultError::Postgres(_) => "postgres",
+            VaultError::Fenced(_) => "lease",
+        }
     }
 
     fn stopped_at(&self) -> Option<String> {
@@ -235,14 +258,17 @@ pub struct Loader {
     pool: PgPool,
     settings: VaultSettings,
     status: Status,
+    lease: Lease,
 }
 
 impl Loader {
-    pub fn new(pool: PgPool, settings: VaultSettings) -> Self {
+    /// A loader that loads while `lease` leads ([`Lease::unfenced`]: always).
+    pub fn new(pool: PgPool, settings: VaultSettings, lease: Lease) -> Self {
         Self {
             pool,
             settings,
             status: Status::default(),
+            lease,
         }
     }
 
@@ -266,7 +292,7 @@ impl Loader {
                         metrics::counter!("vault_rows_total").increment(rows as u64);
                         Pace::Progress
                     }
-                    Step::Idle => Pace::Idle,
+                    Step::Idle | Step::Standby => Pace::Idle,
                 })
             },
         )
@@ -291,6 +317,9 @@ impl Loader {
     /// writes nothing: it looks for rows past the cursor first, and takes the
     /// cursor's lock only when there are some.
     pub async fn step(&self) -> Result<Step, VaultError> {
+        let Some(fence) = self.lease.fence() else {
+            return Ok(Step::Standby);
+        };
         let cursor: Option<(i64, i64)> = sqlx::query_as(
             "SELECT txid::text::int8, seq FROM consumer_cursors WHERE consumer = $1",
         )
@@ -304,6 +333,7 @@ impl Loader {
             }
         }
         let mut tx = self.pool.begin().await?;
+        fence.bound(&mut tx).await?;
         let after = lock_cursor(&mut tx).await?;
         let (horizon, rows, until_txid, until_seq) = self
             .next_batch(&mut *tx, after.txid as i64, after.seq)
@@ -336,6 +366,7 @@ impl Loader {
         .bind(rows < self.settings.batch_size)
         .execute(&mut *tx)
         .await?;
+        fence.check(&mut tx).await?;
         tx.commit().await?;
         Ok(Step::Loaded { rows })
     }

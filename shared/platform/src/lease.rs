@@ -12,10 +12,12 @@
 //! stall, a VM migration) and wakes up still believing it leads, with a write
 //! already on its way. So every change of holder increments the row's `token`,
 //! the fencing token, and each role's writes carry the token they were planned
-//! under: [`Fence::check`] in the write's own Postgres transaction (it share-locks
-//! the row, so a takeover waits for the write to commit and any later write with
-//! the old token is refused), or the speed view's Redis script, which keeps the
-//! highest token it has seen. A refused write is counted in
+//! under: [`Fence::check`] last in the write's own Postgres transaction (it
+//! share-locks the row until the commit, so a takeover waits for the write to
+//! commit and any later write with the old token is refused), or the speed view's
+//! Redis script, which keeps the highest token it has seen. A leader paused inside
+//! a transaction would hold its locks, and so the takeover, until Postgres ends the
+//! transaction: [`Fence::bound`] makes that happen after `ttl` of idleness. A refused write is counted in
 //! `lease_fenced_writes_total{role}` and fails that step; the instance finds it
 //! is no longer the leader at its next renewal.
 //!
@@ -88,16 +90,38 @@ pub struct Fence {
     pub role: &'static str,
     /// 0 for an unfenced role (see [`Lease::unfenced`]).
     pub token: u64,
+    /// The lease's duration: how long a write's transaction may sit idle.
+    pub ttl: Duration,
 }
 
 impl Fence {
-    /// In the write's transaction: refuses the write unless the role's token is
-    /// still this one. The row stays share-locked until the transaction ends, so a
-    /// takeover (which updates it) waits for this write to commit or roll back.
+    /// At the start of a write's transaction: if this process stalls inside it
+    /// (paused, or cut off), Postgres ends the transaction after the lease's
+    /// duration, releasing its locks for the successor, rather than after the
+    /// pool's minute.
+    pub async fn bound(&self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.token == 0 {
+            return Ok(());
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            self.ttl.as_millis().max(1)
+        )))
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Last in the write's transaction, right before its commit: refuses the write
+    /// unless the role's token is still this one. The row stays share-locked until
+    /// the commit, so a takeover (which updates it) either came first and this
+    /// write is refused, or waits for the commit. (It also [bounds](Fence::bound)
+    /// the transaction.)
     pub async fn check(&self, tx: &mut PgConnection) -> Result<(), FenceError> {
         if self.token == 0 {
             return Ok(());
         }
+        self.bound(&mut *tx).await?;
         let current: Option<i64> =
             sqlx::query_scalar("SELECT token FROM leases WHERE role = $1 FOR SHARE")
                 .bind(self.role)
@@ -203,6 +227,7 @@ impl Lease {
             return Some(Fence {
                 role: self.0.role,
                 token: 0,
+                ttl: self.0.ttl,
             });
         }
         let state = self.0.state.lock().expect("lease state");
@@ -210,6 +235,7 @@ impl Lease {
         (Instant::now() < until).then_some(Fence {
             role: self.0.role,
             token,
+            ttl: self.0.ttl,
         })
     }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tidemark_platform::lease::{FenceError, Lease, LeaseConfig};
+use tidemark_platform::lease::{Fence, FenceError, Lease, LeaseConfig};
 
 fn config(instance: &str, ttl_ms: u64) -> LeaseConfig {
     LeaseConfig {
@@ -72,7 +72,12 @@ async fn a_takeover_waits_for_the_write_in_flight_and_a_release_hands_over_at_on
     let a = Lease::new(db.pool.clone(), "compactor", &config("a", 300));
     let b = Lease::new(db.pool.clone(), "compactor", &config("b", 300));
     assert!(a.round().await.unwrap());
-    let fence = a.fence().unwrap();
+    // (A transaction may idle for the lease's duration; this one is held longer
+    // on purpose, below.)
+    let fence = Fence {
+        ttl: Duration::from_secs(60),
+        ..a.fence().unwrap()
+    };
 
     // `a` is inside a write (its fence checked, not committed) when its lease expires.
     let mut tx = db.pool.begin().await.unwrap();
@@ -107,6 +112,22 @@ async fn a_takeover_waits_for_the_write_in_flight_and_a_release_hands_over_at_on
     tx.commit().await.unwrap();
     assert!(takeover.await.unwrap(), "then b leads");
     assert_eq!(b.fence().unwrap().token, 2);
+
+    // `b` stalls inside a write (a pause, a lost connection): Postgres ends the
+    // transaction once it has idled for the lease's duration, and `c` takes over.
+    let c = Lease::new(db.pool.clone(), "compactor", &config("c", 300));
+    let mut stalled = db.pool.begin().await.unwrap();
+    b.fence().unwrap().check(&mut stalled).await.unwrap();
+    tidemark_testkit::eventually(Duration::from_secs(10), "c takes over", || {
+        let c = c.clone();
+        async move { c.round().await.unwrap() }
+    })
+    .await;
+    // (That round waited for Postgres to end the write, most of c's short lease:
+    // c counts its lease from before the round, so it renews before writing.)
+    assert!(c.round().await.unwrap());
+    assert_eq!(c.fence().unwrap().token, 3);
+    assert!(stalled.commit().await.is_err(), "the stalled write is gone");
 
     // A released lease is taken at the next try, before it would have expired.
     let long = |name| Lease::new(db.pool.clone(), "vault", &config(name, 60_000));

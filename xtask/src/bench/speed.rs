@@ -497,6 +497,7 @@ async fn vault_saturation(db: &str) -> Result<f64> {
     let loader = tidemark_ingest::vault::Loader::new(
         pool.clone(),
         tidemark_ingest::config::VaultSettings::default(),
+        tidemark_platform::lease::Lease::unfenced("vault"),
     );
     let started = Instant::now();
     let mut rows = 0;

@@ -66,6 +66,7 @@ impl Env {
                 batch_size: 500,
                 ..RelaySettings::default()
             },
+            tidemark_platform::lease::Lease::unfenced("lake-relay"),
         );
         let token = CancellationToken::new();
         tokio::spawn(relay.run(token.clone()));

@@ -22,6 +22,7 @@ async fn relay(pool: &PgPool, s3: &S3Config, batch_size: i64) -> Relay {
         tidemark_platform::s3::client(s3).await,
         s3.clone(),
         settings,
+        tidemark_platform::lease::Lease::unfenced("lake-relay"),
     )
 }
 

@@ -59,6 +59,7 @@ async fn load_all(loader: &Loader, pool: &sqlx::PgPool) -> i64 {
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
+            Step::Standby => panic!("an unfenced loader always leads"),
         }
     }
 }
@@ -128,8 +129,16 @@ async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_th
 
     // Two loaders at once, each in small batches: every row once.
     let loaders = [
-        Loader::new(h.db.pool.clone(), settings()),
-        Loader::new(h.db.pool.clone(), settings()),
+        Loader::new(
+            h.db.pool.clone(),
+            settings(),
+            tidemark_platform::lease::Lease::unfenced("vault"),
+        ),
+        Loader::new(
+            h.db.pool.clone(),
+            settings(),
+            tidemark_platform::lease::Lease::unfenced("vault"),
+        ),
     ];
     let loaded: i64 = futures::future::join_all(loaders.iter().map(|l| load_all(l, &h.db.pool)))
         .await
@@ -244,6 +253,7 @@ async fn the_log_is_loaded_once_into_hubs_links_and_satellites_and_rebuilt_to_th
             batch_size: 1_000,
             ..VaultSettings::default()
         },
+        tidemark_platform::lease::Lease::unfenced("vault"),
     );
     assert_eq!(load_all(&one, &h.db.pool).await, log_rows);
     assert_eq!(content(&h).await, before);

@@ -113,6 +113,7 @@ impl Env {
                 poll_interval: Duration::from_millis(10),
                 ..Default::default()
             },
+            tidemark_platform::lease::Lease::unfenced("lake-relay"),
         );
         tokio::spawn(relay.run(background.clone()));
         let speed = tidemark_speed::Consumer::new(
@@ -132,6 +133,7 @@ impl Env {
                 poll_interval: Duration::from_millis(10),
                 ..Default::default()
             },
+            tidemark_platform::lease::Lease::unfenced("vault"),
         );
         tokio::spawn(vault.run(background.clone()));
 

@@ -185,6 +185,7 @@ impl World {
                 batch_size: 25,
                 ..Default::default()
             },
+            tidemark_platform::lease::Lease::unfenced("lake-relay"),
         )
     }
 
