@@ -6,6 +6,7 @@ use serde::Deserialize;
 use tidemark_platform::config::{
     ClickHouseConfig, HttpConfig, PostgresConfig, S3Config, TelemetryConfig, Validate, millis,
 };
+use tidemark_platform::lease::LeaseConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -16,6 +17,8 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub s3: S3Config,
     pub compactor: CompactorSettings,
+    /// Which instance runs: the lease is held for the length of a run.
+    pub lease: LeaseConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +61,7 @@ impl Default for Config {
             clickhouse: ClickHouseConfig::default(),
             s3: S3Config::default(),
             compactor: CompactorSettings::default(),
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -69,6 +73,7 @@ impl Validate for Config {
         self.postgres.validate(problems);
         self.clickhouse.validate(problems);
         self.s3.validate(problems);
+        self.lease.validate(problems);
         if self.compactor.max_files_per_partition < 2 {
             problems.push("compactor.max_files_per_partition must be at least 2".into());
         }

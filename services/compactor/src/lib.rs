@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use axum::Router;
 use tidemark_platform::health::Readiness;
+use tidemark_platform::lease::Lease;
 use tidemark_platform::{clickhouse, http, postgres, s3};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,10 +38,12 @@ pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
     tidemark_platform::metrics::register_counter("compactor_audit_failures_total", &[]);
     tidemark_platform::metrics::register_counter("compactor_errors_total", &[]);
     Ok(Compactor {
+        lease: Lease::new(pool.clone(), "compactor", &config.lease),
         pool,
         ch: clickhouse::client(&config.clickhouse),
         store: lake::Store::new(s3::client(&config.s3).await, config.s3.clone()),
         settings: config.compactor.clone(),
+        fence: std::sync::Mutex::default(),
     })
 }
 
@@ -63,7 +66,8 @@ pub async fn serve(
         .with("s3", {
             let bucket = config.s3.bucket.clone();
             move || s3::check(s3.clone(), bucket.clone())
-        });
+        })
+        .lease(&compactor.lease);
     let token = shutdown.child_token();
     let task = tokio::spawn(schedule::schedule(compactor, token.clone()));
     let router = http::finish(Router::new(), readiness, &config.http);

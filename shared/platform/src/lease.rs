@@ -315,6 +315,33 @@ impl Lease {
         Ok(taken.is_some())
     }
 
+    /// Waits until this instance holds the lease (trying every `ttl / 3`), for a
+    /// role held only while it works (the compactor, for the length of a run).
+    pub async fn acquire(&self) -> Result<Fence, sqlx::Error> {
+        loop {
+            if self.round().await?
+                && let Some(fence) = self.fence()
+            {
+                return Ok(fence);
+            }
+            tokio::time::sleep(self.0.ttl / 3).await;
+        }
+    }
+
+    /// Renews the lease every `ttl / 3` for as long as the returned handle lives
+    /// (a role holding it while it works; see [`Lease::acquire`]).
+    pub fn keep(&self) -> tokio_util::task::AbortOnDropHandle<()> {
+        let lease = self.clone();
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease.0.ttl / 3).await;
+                if let Err(e) = lease.round().await {
+                    tracing::warn!(role = lease.0.role, error = %e, "Lease renewal failed");
+                }
+            }
+        }))
+    }
+
     /// Gives the lease up (at shutdown), so a standby takes over at its next try.
     pub async fn release(&self) -> Result<(), sqlx::Error> {
         let Some(pool) = &self.0.pool else {

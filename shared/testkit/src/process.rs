@@ -58,6 +58,16 @@ impl Process {
     /// Starts `bin` (e.g. `env!("CARGO_BIN_EXE_tidemark-speed")`) with `args` and the
     /// environment; its logs (warnings and worse) go to the test's stderr.
     pub fn spawn(bin: &str, args: &[&str], env: &ServiceEnv) -> Process {
+        Self::start(bin, args, env, std::process::Stdio::inherit())
+    }
+
+    /// Like [`Process::spawn`], with its stderr (logs, and the error it exits with)
+    /// kept for [`Process::stderr`] instead.
+    pub fn spawn_capturing(bin: &str, args: &[&str], env: &ServiceEnv) -> Process {
+        Self::start(bin, args, env, std::process::Stdio::piped())
+    }
+
+    fn start(bin: &str, args: &[&str], env: &ServiceEnv, stderr: std::process::Stdio) -> Process {
         let child = Command::new(bin)
             .args(args)
             .envs(env.0.iter().map(|(k, v)| (k, v)))
@@ -65,9 +75,24 @@ impl Process {
             .env("RUST_BACKTRACE", "0")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("{bin} starts: {e}"));
         Process { child }
+    }
+
+    /// Waits for a process started with [`Process::spawn_capturing`] to exit, up to
+    /// `timeout`; its status and everything it wrote to stderr.
+    pub async fn output(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let mut pipe = self.child.stderr.take().expect("spawned capturing stderr");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            drop(pipe.read_to_string(&mut text));
+            text
+        });
+        let status = self.exit(timeout).await;
+        (status, reader.join().expect("stderr reader"))
     }
 
     pub fn pid(&self) -> u32 {

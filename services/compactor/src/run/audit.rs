@@ -206,7 +206,21 @@ impl Compactor {
     /// rewrites those orders), its staging table stays for inspection.
     pub async fn fail(&self, run: &Run, report: AuditReport) -> Result<Outcome> {
         metrics::counter!("compactor_audit_failures_total").increment(1);
-        let files = manifest::forget_run(&self.pool, run.run_id).await?;
+        // The manifest and the run's status in one write; the files it forgot are
+        // deleted after (a crash between leaves unlisted objects, which the next
+        // compaction of their partitions removes).
+        let mut tx = self.begin().await?;
+        let files = manifest::forget_run(&mut *tx, run.run_id).await?;
+        sqlx::query(
+            "UPDATE batch_runs SET status = 'failed', step = 'audit', audit = $2, error = $3, \
+               finished_at = now() WHERE run_id = $1 AND status = 'running'",
+        )
+        .bind(run.run_id as i64)
+        .bind(sqlx::types::Json(&report))
+        .bind(report.problems.join("; "))
+        .execute(&mut *tx)
+        .await?;
+        self.commit(tx).await?;
         for key in files {
             self.store.delete(&key).await?;
         }
@@ -216,15 +230,6 @@ impl Compactor {
             staging = run.staging(),
             "Audit failed; nothing published, staging kept for inspection"
         );
-        sqlx::query(
-            "UPDATE batch_runs SET status = 'failed', step = 'audit', audit = $2, error = $3, \
-               finished_at = now() WHERE run_id = $1 AND status = 'running'",
-        )
-        .bind(run.run_id as i64)
-        .bind(sqlx::types::Json(&report))
-        .bind(report.problems.join("; "))
-        .execute(&self.pool)
-        .await?;
         Ok(Outcome::AuditFailed {
             run_id: run.run_id,
             problems: report.problems,

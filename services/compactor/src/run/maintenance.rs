@@ -41,7 +41,9 @@ impl Compactor {
                 bytes,
                 compacted: true,
             };
-            manifest::replace(&self.pool, &keys, &file).await?;
+            let mut tx = self.begin().await?;
+            manifest::replace(&mut tx, &keys, &file).await?;
+            self.commit(tx).await?;
             self.remove_unlisted(*day).await?;
             tracing::info!(key, files = keys.len(), rows, "Compacted a lake partition");
         }
@@ -110,7 +112,9 @@ impl Compactor {
                 });
             }
         }
-        manifest::replace_date(&self.pool, dt, written.as_ref()).await?;
+        let mut tx = self.begin().await?;
+        manifest::replace_date(&mut tx, dt, written.as_ref()).await?;
+        self.commit(tx).await?;
         self.remove_unlisted(day).await?;
         tracing::info!(%dt, raw_files = keys.len(), "Rewrote a lake partition from the raw lake");
         Ok(())

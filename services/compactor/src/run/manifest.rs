@@ -4,7 +4,7 @@
 //! Every statement about them is here.
 
 use chrono::NaiveDate;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 /// A Parquet file of the lake.
 pub struct LakeFile<'a> {
@@ -104,33 +104,37 @@ pub async fn lake_files_on(
 
 /// Forgets the files a failed run wrote (not those compaction merged); returns
 /// their keys, for the caller to delete.
-pub async fn forget_run(pool: &PgPool, run_id: u64) -> Result<Vec<String>, sqlx::Error> {
+pub async fn forget_run(
+    db: impl sqlx::PgExecutor<'_>,
+    run_id: u64,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar("DELETE FROM lake_files WHERE run_id = $1 AND NOT compacted RETURNING key")
         .bind(run_id as i64)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await
 }
 
-/// Replaces `old` files with `new` (compaction), in one transaction.
-pub async fn replace(pool: &PgPool, old: &[String], new: &LakeFile<'_>) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+/// Replaces `old` files with `new` (compaction), in the caller's transaction.
+pub async fn replace(
+    tx: &mut PgConnection,
+    old: &[String],
+    new: &LakeFile<'_>,
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM lake_files WHERE key = ANY($1) AND key <> $2")
         .bind(old)
         .bind(new.key)
         .execute(&mut *tx)
         .await?;
-    record(&mut *tx, new).await?;
-    tx.commit().await
+    record(&mut *tx, new).await
 }
 
-/// Makes `new` (or nothing) the only file of its event date `dt`, in one
+/// Makes `new` (or nothing) the only file of its event date `dt`, in the caller's
 /// transaction (a backfill's rewrite of a partition).
 pub async fn replace_date(
-    pool: &PgPool,
+    tx: &mut PgConnection,
     dt: NaiveDate,
     new: Option<&LakeFile<'_>>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
     sqlx::query("DELETE FROM lake_files WHERE dt = $1")
         .bind(dt)
         .execute(&mut *tx)
@@ -138,5 +142,5 @@ pub async fn replace_date(
     if let Some(file) = new {
         record(&mut *tx, file).await?;
     }
-    tx.commit().await
+    Ok(())
 }

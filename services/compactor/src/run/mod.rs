@@ -19,6 +19,13 @@
 //! (and `FINAL` would fold a row copied twice), and the flip is one Postgres
 //! transaction guarded by the run's status. A run killed at any step is resumed by
 //! the next invocation and ends in the same state.
+//!
+//! One run at a time, whichever instance or CLI starts it: [`Compactor::run_once`]
+//! holds the `compactor` lease ([`tidemark_platform::lease`]) for the length of
+//! the run, and every Postgres write of the run (plan, lake manifest, failure,
+//! flip, compaction) checks the lease's token in its transaction. A runner that
+//! was paused past its lease finds its writes refused; its ClickHouse staging
+//! tables carry its token in their names, so they never mix with its successor's.
 
 mod audit;
 mod maintenance;
@@ -35,6 +42,7 @@ use polars::prelude::PolarsError;
 use serde::Serialize;
 use sqlx::PgPool;
 use tidemark_batchview::PublishedState;
+use tidemark_platform::lease::{Fence, FenceError, Fenced, Lease};
 
 use crate::config::CompactorSettings;
 use crate::lake::{LakeError, Store};
@@ -54,6 +62,17 @@ pub enum RunError {
     Polars(#[from] PolarsError),
     #[error("publish: {0}")]
     Publish(String),
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
+
+impl From<FenceError> for RunError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Postgres(e) => RunError::Postgres(e),
+            FenceError::Fenced(e) => RunError::Fenced(e),
+        }
+    }
 }
 
 pub type Result<T, E = RunError> = std::result::Result<T, E>;
@@ -87,17 +106,28 @@ pub struct Run {
     pub from_threshold: u64,
     pub threshold: u64,
     pub cut_at: DateTime<Utc>,
+    /// The lease token of the runner executing it (0: unfenced).
+    pub token: u64,
 }
 
 impl Run {
-    fn staging(&self) -> String {
-        format!("staging_run_{}", self.run_id)
+    /// The staging table of the run's aggregates, this runner's own.
+    pub fn staging(&self) -> String {
+        format!("staging_run_{}_{}", self.run_id, self.token)
     }
 
     /// The staging table of the run's rows of `buyers`.
-    fn staging_buyers(&self) -> String {
-        format!("staging_buyers_run_{}", self.run_id)
+    pub fn staging_buyers(&self) -> String {
+        format!("staging_buyers_run_{}_{}", self.run_id, self.token)
     }
+}
+
+/// The run a staging table belongs to, from its name.
+fn staging_run_id(table: &str) -> Option<i64> {
+    let rest = table
+        .strip_prefix("staging_run_")
+        .or_else(|| table.strip_prefix("staging_buyers_run_"))?;
+    rest.split('_').next()?.parse().ok()
 }
 
 /// How a run ended.
@@ -119,6 +149,10 @@ pub struct Compactor {
     pub ch: clickhouse::Client,
     pub store: Store,
     pub settings: CompactorSettings,
+    pub lease: Lease,
+    /// The lease held by the run in progress: its writes check it. Unfenced
+    /// outside [`Compactor::run_once`] (tests calling single steps).
+    pub(crate) fence: std::sync::Mutex<Option<Fence>>,
 }
 
 /// Batch lag: now minus the published watermark's time.
@@ -129,21 +163,17 @@ pub(crate) fn set_batch_lag(state: &PublishedState) {
     metrics::gauge!("compactor_batch_lag_seconds").set(lag as f64 / 1000.0);
 }
 
-/// An arbitrary, fixed key for the compactor's advisory lock.
-const LOCK_KEY: i64 = 0x7469_6465_6d61_726b; // "tidemark"
-
 impl Compactor {
-    /// Plans and executes one run of `kind` (finishing a pending run first).
+    /// Plans and executes one run of `kind` (finishing a pending run first),
+    /// holding the `compactor` lease for its length (waiting for it while another
+    /// instance runs).
     pub async fn run_once(&self, kind: Kind) -> Result<Outcome> {
         let started = Instant::now();
-        // A connection of its own, out of the pool: if this future is dropped
-        // mid-run, closing it releases the session lock (a pooled connection would
-        // go back to the pool still holding it).
-        let mut lock = self.pool.acquire().await?.detach();
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(LOCK_KEY)
-            .execute(&mut lock)
-            .await?;
+        let fence = self.lease.acquire().await?;
+        // Renewed while the run lasts; dropped (this future cancelled) it lapses
+        // and the next runner takes over after the lease's duration.
+        let kept = self.lease.keep();
+        *self.fence.lock().expect("fence") = Some(fence);
         let result = async {
             self.repair().await?;
             if let Some(pending) = self.pending().await? {
@@ -165,8 +195,11 @@ impl Compactor {
             self.execute(&run).await
         }
         .await;
-        // Closing the session releases its lock.
-        drop(sqlx::Connection::close(lock).await);
+        *self.fence.lock().expect("fence") = None;
+        drop(kept);
+        if let Err(e) = self.lease.release().await {
+            tracing::warn!(error = %e, "Could not release the compactor lease; it expires");
+        }
         metrics::histogram!("compactor_run_seconds").record(started.elapsed().as_secs_f64());
         if let Ok(Outcome::Published { .. }) = &result
             && let Ok(Some(state)) = PublishedState::load(&self.pool).await
@@ -251,12 +284,44 @@ impl Compactor {
         })
     }
 
+    /// The lease token of the run in progress (0 outside a run).
+    pub(crate) fn token(&self) -> u64 {
+        self.fence.lock().expect("fence").map_or(0, |f| f.token)
+    }
+
+    /// A transaction for one of the run's writes, bounded by the lease (see
+    /// [`Fence::bound`]); end it with [`Compactor::commit`].
+    pub(crate) async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        let fence = *self.fence.lock().expect("fence");
+        if let Some(fence) = fence {
+            fence.bound(&mut tx).await?;
+        }
+        Ok(tx)
+    }
+
+    /// Commits a write of the run if this runner still holds the lease.
+    pub(crate) async fn commit(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    ) -> Result<()> {
+        let fence = *self.fence.lock().expect("fence");
+        if let Some(fence) = fence {
+            fence.check(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records the step the run has reached: a write of the run like the others, so
+    /// a runner that lost the lease stops at its next step at the latest.
     async fn set_step(&self, run: &Run, step: &str) -> Result<()> {
+        let mut tx = self.begin().await?;
         sqlx::query("UPDATE batch_runs SET step = $2 WHERE run_id = $1")
             .bind(run.run_id as i64)
             .bind(step)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        self.commit(tx).await
     }
 }

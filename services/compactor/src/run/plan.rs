@@ -30,13 +30,14 @@ impl Compactor {
                 from_threshold: from as u64,
                 threshold: threshold as u64,
                 cut_at,
+                token: self.token(),
             }),
         )
     }
 
     /// Cuts a new epoch and records the run, in one transaction.
     pub async fn plan(&self, kind: Kind) -> Result<Run> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let published = PublishedState::load(&mut *tx).await?;
         let from_threshold = published.map_or(0, |p| p.threshold);
         let (epoch, threshold) = epochs::cut(&mut *tx).await?;
@@ -52,7 +53,7 @@ impl Compactor {
         .bind(threshold as i64)
         .fetch_one(&mut *tx)
         .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         tracing::info!(
             run_id,
             kind = kind.as_str(),
@@ -67,6 +68,7 @@ impl Compactor {
             from_threshold,
             threshold,
             cut_at,
+            token: self.token(),
         })
     }
 

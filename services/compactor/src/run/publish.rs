@@ -71,7 +71,7 @@ impl Compactor {
 
     /// Makes the run the published state, with its watermark and epoch.
     pub async fn flip(&self, run: &Run, report: &AuditReport, staged: u64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let base = match run.kind {
             Kind::Rebuild => run.run_id as i64,
             Kind::Incremental => PublishedState::load(&mut *tx)
@@ -106,7 +106,7 @@ impl Compactor {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         tracing::info!(run_id = run.run_id, rows = staged, "Published a batch run");
         self.repair().await
     }
@@ -139,11 +139,7 @@ impl Compactor {
             .fetch_all()
             .await?;
         for table in tables {
-            let Some(run_id) = table
-                .strip_prefix("staging_run_")
-                .or_else(|| table.strip_prefix("staging_buyers_run_"))
-                .and_then(|r| r.parse::<i64>().ok())
-            else {
+            let Some(run_id) = super::staging_run_id(&table) else {
                 continue;
             };
             let status: Option<String> =

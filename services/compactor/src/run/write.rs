@@ -119,7 +119,9 @@ impl Compactor {
                 bytes,
                 compacted: false,
             };
-            manifest::record(&self.pool, &record).await?;
+            let mut tx = self.begin().await?;
+            manifest::record(&mut *tx, &record).await?;
+            self.commit(tx).await?;
             written.parquet_keys.push(key);
             written.days.insert(file.day);
         }

@@ -86,9 +86,10 @@ async fn a_failed_audit_raises_an_alert_that_reaches_the_receiver() {
     c.stage(&run, &written.orders).await.unwrap();
     tidemark_platform::clickhouse::client(&env.ch)
         .query(&format!(
-            "INSERT INTO staging_run_{} (granularity, dimension, bucket, value, currency, run_id, \
+            "INSERT INTO {} (granularity, dimension, bucket, value, currency, run_id, \
                revenue_minor, orders, items) VALUES ('hour', 'city', toDateTime(0), 'Berlin', 'EUR', {}, 100, 1, 1)",
-            run.run_id, run.run_id
+            run.staging(),
+            run.run_id
         ))
         .execute()
         .await

@@ -88,9 +88,10 @@ async fn a_failed_audit_publishes_nothing() {
     let client = tidemark_platform::clickhouse::client(&env.ch);
     client
         .query(&format!(
-            "INSERT INTO staging_run_{} (granularity, dimension, bucket, value, currency, run_id, \
+            "INSERT INTO {} (granularity, dimension, bucket, value, currency, run_id, \
                revenue_minor, orders, items) VALUES ('hour', 'city', toDateTime(0), 'Berlin', 'EUR', {}, 100, 1, 1)",
-            run.run_id, run.run_id
+            run.staging(),
+            run.run_id
         ))
         .execute()
         .await
@@ -113,7 +114,7 @@ async fn a_failed_audit_publishes_nothing() {
         grid_before
     );
     let kept: u8 = client
-        .query(&format!("EXISTS TABLE staging_run_{}", run.run_id))
+        .query(&format!("EXISTS TABLE {}", run.staging()))
         .fetch_one()
         .await
         .unwrap();

@@ -188,6 +188,8 @@ impl Env {
             .s3(&self.s3)
             .clickhouse(&self.ch)
             .set("TIDEMARK_COMPACTOR__RELAY_WAIT", &30_000)
+            // A SIGKILLed run's lease lapses in a second (R5 reruns at once).
+            .set("TIDEMARK_LEASE__TTL", &1_000)
     }
 
     /// Lake objects in S3 are exactly those in the manifest.

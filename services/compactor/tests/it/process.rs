@@ -150,3 +150,124 @@ async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact
     assert_eq!(worst_drift, 0);
     assert_eq!(worst_dupes, 0);
 }
+
+/// Who holds the `compactor` lease, and its token.
+async fn runner(env: &Env) -> Option<(String, i64)> {
+    sqlx::query_as("SELECT holder, token FROM leases WHERE role = 'compactor'")
+        .fetch_optional(&env.db.pool)
+        .await
+        .unwrap()
+}
+
+/// R20 (issue 22, standby workers) for the compactor, default lease (5 s): a run
+/// caught mid-way is SIGKILLed while a second runner waits for the lease: the
+/// second takes the run over within 10 s and publishes it. Then a runner is
+/// SIGSTOPped inside its run past the lease; the waiting one resumes and publishes
+/// the run, and the paused one, woken, has its next write refused (by the fence,
+/// or — paused inside a write's transaction — by Postgres having ended it) and
+/// exits with that error. The batch view stays exact, no ClickHouse row twice, the
+/// lake consistent.
+#[tokio::test(flavor = "multi_thread")]
+async fn r20_a_waiting_compactor_takes_over_a_killed_or_paused_run() {
+    let env = Env::new(8).await;
+    let service_env = env.service_env().set("TIDEMARK_LEASE__TTL", &5_000);
+    let spawn = |name: &str| {
+        Process::spawn_capturing(
+            env!("CARGO_BIN_EXE_tidemark-compactor"),
+            &["run-once"],
+            &service_env.clone().set("TIDEMARK_LEASE__INSTANCE", &name),
+        )
+    };
+    let mut rng = StdRng::seed_from_u64(20);
+    let mut sent = Vec::new();
+    env.ingest(&batch(&mut rng, &mut sent, 500)).await;
+    rerun(&env).await;
+
+    // SIGKILL inside the run; the waiting runner takes it over.
+    let mut takeovers = Vec::new();
+    let mut refusal = "";
+    for (first, second, signal) in [("a", "b", "KILL"), ("c", "d", "STOP")] {
+        env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
+        let mut attempts = 0;
+        let leader = loop {
+            attempts += 1;
+            let mut process = spawn(first);
+            let caught = loop {
+                if running_step(&env).await.as_deref() == Some("write_lake") {
+                    break true;
+                }
+                if process.exited().is_some() {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            if caught {
+                break process;
+            }
+            assert!(attempts < 10, "never caught a run inside write_lake");
+            env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
+        };
+        assert_eq!(runner(&env).await.unwrap().0, first);
+        let standby = spawn(second);
+        let run_id: i64 =
+            sqlx::query_scalar("SELECT run_id FROM batch_runs WHERE status = 'running'")
+                .fetch_one(&env.db.pool)
+                .await
+                .unwrap();
+        leader.signal(signal);
+        let stopped = std::time::Instant::now();
+        tidemark_testkit::eventually(
+            Duration::from_secs(15),
+            "the waiting runner takes over",
+            || async {
+                runner(&env)
+                    .await
+                    .is_some_and(|(holder, _)| holder == second)
+            },
+        )
+        .await;
+        let took_over = stopped.elapsed().as_secs_f64();
+        assert!(took_over < 10.0, "taken over in {took_over:.1} s");
+        let (status, log) = standby.output(Duration::from_secs(120)).await;
+        assert!(status.success(), "the successor publishes: {status}\n{log}");
+        let published: String =
+            sqlx::query_scalar("SELECT status FROM batch_runs WHERE run_id = $1")
+                .bind(run_id)
+                .fetch_one(&env.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(published, "published", "the run it took over");
+        if signal == "KILL" {
+            leader.kill();
+        } else {
+            leader.signal("CONT");
+            let (status, log) = leader.output(Duration::from_secs(60)).await;
+            assert!(!status.success(), "the paused runner fails: {log}");
+            // Its next write is refused by the fence; or, paused inside a write's
+            // transaction, Postgres ended that transaction after the lease's
+            // duration (so the successor was not held up) and the write is gone.
+            refusal = if log.contains("lease moved on") {
+                "refused by the fence"
+            } else if log.contains("idle-in-transaction") {
+                "ended by Postgres (paused inside its transaction)"
+            } else {
+                panic!("the paused runner's late write was not refused:\n{log}")
+            };
+        }
+        takeovers.push(took_over);
+    }
+    let (drift, cells) = env.drift().await;
+    let dupes = env.duplicate_rows().await;
+    env.assert_lake_consistent().await;
+    tidemark_testkit::figure(
+        "R20",
+        format!(
+            "compactor, default 5 s lease, a second runner waiting: a run SIGKILLed in \
+             write_lake taken over in {:.1} s, one SIGSTOPped there in {:.1} s (woken, \
+             its late write was {refusal} and it exited with that error); \
+             drift {drift} of {cells} cells, duplicate ClickHouse rows {dupes}",
+            takeovers[0], takeovers[1]
+        ),
+    );
+    assert_eq!((drift, dupes), (0, 0));
+}
