@@ -114,6 +114,35 @@ pub mod redis {
         command
     }
 
+    /// A replica of the server on `primary`, otherwise like [`server`] (no
+    /// persistence).
+    pub fn replica(bin: &Path, port: u16, dir: &Path, primary: u16) -> Command {
+        let mut command = server(bin, port, dir, false);
+        command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        command
+    }
+
+    /// The configuration of a Sentinel on `port` watching the primary on `primary`
+    /// as `name`: it is judged down after `down_after_ms` without an answer, and
+    /// one Sentinel suffices to fail it over (quorum 1).
+    pub fn sentinel_config(port: u16, name: &str, primary: u16, down_after_ms: u64) -> String {
+        format!(
+            "port {port}\nbind 127.0.0.1\n\
+             sentinel monitor {name} 127.0.0.1 {primary} 1\n\
+             sentinel down-after-milliseconds {name} {down_after_ms}\n\
+             sentinel failover-timeout {name} {}\n",
+            down_after_ms * 5
+        )
+    }
+
+    /// `redis-server <config> --sentinel` (the config file must be writable: a
+    /// Sentinel records what it learns in it).
+    pub fn sentinel(bin: &Path, config: &Path) -> Command {
+        let mut command = Command::new(bin);
+        command.arg(config).arg("--sentinel");
+        command
+    }
+
     /// Whether the server answers `PING`.
     pub async fn ready(port: u16) -> bool {
         let ping = async {

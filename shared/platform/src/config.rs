@@ -175,12 +175,18 @@ impl Validate for PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`
+    /// `redis://[:password@]host:port[/db]`; unused when `sentinels` is set.
     pub url: SecretString,
     /// Every key this deployment writes starts with this prefix and a colon.
     pub key_prefix: String,
     #[serde(with = "millis")]
     pub timeout: Duration,
+    /// Redis Sentinels to ask for the primary, comma-separated `redis://host:port`;
+    /// empty: `url` is the server. With sentinels, the primary is looked up again
+    /// at most every second while it fails, so a failover is followed.
+    pub sentinels: String,
+    /// The primary's name at the sentinels (`sentinel monitor <name> …`).
+    pub sentinel_master: String,
 }
 
 impl Default for RedisConfig {
@@ -189,7 +195,20 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:63790".into(),
             key_prefix: "tidemark".into(),
             timeout: Duration::from_secs(2),
+            sentinels: String::new(),
+            sentinel_master: "tidemark".into(),
         }
+    }
+}
+
+impl RedisConfig {
+    /// The sentinels' URLs (none: connect to `url`).
+    pub fn sentinel_urls(&self) -> Vec<&str> {
+        self.sentinels
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 }
 
@@ -197,6 +216,16 @@ impl Validate for RedisConfig {
     fn validate(&self, problems: &mut Vec<String>) {
         if !self.url.expose_secret().starts_with("redis://") {
             problems.push("redis.url must start with redis://".into());
+        }
+        if self
+            .sentinel_urls()
+            .iter()
+            .any(|s| !s.starts_with("redis://"))
+        {
+            problems.push("redis.sentinels must be redis:// URLs, comma-separated".into());
+        }
+        if self.sentinel_master.trim().is_empty() {
+            problems.push("redis.sentinel_master must not be blank".into());
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             problems.push("redis.key_prefix must be non-empty without whitespace".into());

@@ -39,7 +39,10 @@ pub use isolate::{TestDb, clickhouse, postgres, redis, s3};
 pub use orders::{Straddle, insert, random_order};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;
-pub use servers::{PrivateAlerting, PrivateClickHouse, PrivatePostgres, PrivateRedis, PrivateS3};
+pub use servers::{
+    PrivateAlerting, PrivateClickHouse, PrivatePostgres, PrivateRedis, PrivateRedisFailover,
+    PrivateS3,
+};
 pub use service::{Running, assert_operational, http_ready, metric, start};
 pub use slice::{Slice, SliceCells};
 pub use stack::{TestStack, stack};

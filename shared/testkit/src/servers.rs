@@ -26,6 +26,14 @@ enum Kind {
         bin_dir: PathBuf,
     },
     Redis,
+    /// A replica of the Redis server on the port.
+    RedisReplica {
+        primary: u16,
+    },
+    /// A Sentinel watching the Redis server on the port as `tidemark`.
+    Sentinel {
+        primary: u16,
+    },
     S3,
     ClickHouse {
         ports: servers::clickhouse::Ports,
@@ -105,7 +113,17 @@ impl PrivateServer {
                 ],
             )
             .expect("alertmanager.yml"),
-            Kind::Redis | Kind::ClickHouse { .. } => {}
+            Kind::Sentinel { primary } => std::fs::write(
+                self.path().join("sentinel.conf"),
+                servers::redis::sentinel_config(
+                    self.port,
+                    PrivateRedisFailover::NAME,
+                    *primary,
+                    PrivateRedisFailover::DOWN_AFTER_MS,
+                ),
+            )
+            .expect("sentinel.conf"),
+            Kind::Redis | Kind::RedisReplica { .. } | Kind::ClickHouse { .. } => {}
         }
     }
 
@@ -119,6 +137,13 @@ impl PrivateServer {
             Kind::Redis => {
                 servers::redis::server(stack.redis_server_bin().as_ref(), self.port, dir, false)
             }
+            Kind::RedisReplica { primary } => {
+                servers::redis::replica(stack.redis_server_bin().as_ref(), self.port, dir, *primary)
+            }
+            Kind::Sentinel { .. } => servers::redis::sentinel(
+                stack.redis_server_bin().as_ref(),
+                &dir.join("sentinel.conf"),
+            ),
             Kind::S3 => servers::s3::server(
                 stack.s3_server_bin().as_ref(),
                 self.port,
@@ -152,7 +177,9 @@ impl PrivateServer {
     async fn ready(&self) -> bool {
         match &self.kind {
             Kind::Postgres { bin_dir } => servers::postgres::ready(bin_dir, self.port).await,
-            Kind::Redis => servers::redis::ready(self.port).await,
+            Kind::Redis | Kind::RedisReplica { .. } | Kind::Sentinel { .. } => {
+                servers::redis::ready(self.port).await
+            }
             Kind::S3 => servers::s3::ready(self.port).await,
             Kind::ClickHouse { ports } => servers::clickhouse::ready(ports.http).await,
             Kind::Prometheus { .. } => servers::prometheus::ready(self.port).await,
@@ -295,6 +322,7 @@ impl PrivateRedis {
             url: self.url().into(),
             key_prefix: unique("t"),
             timeout: Duration::from_millis(500),
+            ..RedisConfig::default()
         }
     }
 
@@ -305,6 +333,70 @@ impl PrivateRedis {
             .output()
             .expect("redis-cli runs");
         assert!(out.status.success(), "FLUSHALL failed");
+    }
+}
+
+/// A Redis primary, a replica of it, and a Sentinel watching them, of one test's
+/// own: the primary can be killed and the Sentinel promotes the replica.
+pub struct PrivateRedisFailover {
+    pub primary: PrivateServer,
+    pub replica: PrivateServer,
+    pub sentinel: PrivateServer,
+}
+
+impl PrivateRedisFailover {
+    /// The primary's name at the Sentinel.
+    pub const NAME: &str = "tidemark";
+    /// How long the Sentinel waits for an answer before it fails the primary over.
+    pub const DOWN_AFTER_MS: u64 = 1_000;
+
+    pub async fn start() -> PrivateRedisFailover {
+        let primary = PrivateServer::start(Kind::Redis, tidemark_launch::free_port()).await;
+        let replica = PrivateServer::start(
+            Kind::RedisReplica {
+                primary: primary.port,
+            },
+            tidemark_launch::free_port(),
+        )
+        .await;
+        let sentinel = PrivateServer::start(
+            Kind::Sentinel {
+                primary: primary.port,
+            },
+            tidemark_launch::free_port(),
+        )
+        .await;
+        PrivateRedisFailover {
+            primary,
+            replica,
+            sentinel,
+        }
+    }
+
+    /// A config that follows the Sentinel, failing fast while the primary is gone.
+    pub fn config(&self) -> RedisConfig {
+        RedisConfig {
+            url: format!("redis://127.0.0.1:{}", self.primary.port).into(),
+            key_prefix: unique("t"),
+            timeout: Duration::from_millis(500),
+            sentinels: format!("redis://127.0.0.1:{}", self.sentinel.port),
+            sentinel_master: Self::NAME.into(),
+        }
+    }
+
+    /// The port of the server the Sentinel names as primary, if it answers.
+    pub fn named_primary(&self) -> Option<u16> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.sentinel.port.to_string()])
+            .args(["SENTINEL", "get-master-addr-by-name", Self::NAME])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

@@ -506,7 +506,7 @@ async fn buyers_in_both_views_count_once_however_many() {
 #[tokio::test(flavor = "multi_thread")]
 async fn runs_published_before_the_buyers_view_or_quarter_hours_are_rebuilt_once() {
     for before in ["buyers", "quarter hours"] {
-        rebuilt_once_after_an_upgrade(before).await;
+        Box::pin(rebuilt_once_after_an_upgrade(before)).await;
     }
 }
 
