@@ -122,6 +122,23 @@ impl Run {
     }
 }
 
+/// The fence of the run in progress, set for as long as this lives (also when the
+/// run's future is dropped midway).
+struct Held<'a>(&'a std::sync::Mutex<Option<Fence>>);
+
+impl<'a> Held<'a> {
+    fn new(slot: &'a std::sync::Mutex<Option<Fence>>, fence: Fence) -> Held<'a> {
+        *slot.lock().expect("fence") = Some(fence);
+        Held(slot)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().expect("fence") = None;
+    }
+}
+
 /// The run a staging table belongs to, from its name.
 fn staging_run_id(table: &str) -> Option<i64> {
     let rest = table
@@ -173,7 +190,7 @@ impl Compactor {
         // Renewed while the run lasts; dropped (this future cancelled) it lapses
         // and the next runner takes over after the lease's duration.
         let kept = self.lease.keep();
-        *self.fence.lock().expect("fence") = Some(fence);
+        let held = Held::new(&self.fence, fence);
         let result = async {
             self.repair().await?;
             if let Some(pending) = self.pending().await? {
@@ -195,7 +212,7 @@ impl Compactor {
             self.execute(&run).await
         }
         .await;
-        *self.fence.lock().expect("fence") = None;
+        drop(held);
         drop(kept);
         if let Err(e) = self.lease.release().await {
             tracing::warn!(error = %e, "Could not release the compactor lease; it expires");

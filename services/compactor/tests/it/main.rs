@@ -55,6 +55,9 @@ impl Env {
         };
         config.compactor.relay_wait = Duration::from_secs(30);
         config.compactor.max_files_per_partition = max_files_per_partition;
+        // Runs cut short (a crash) leave their lease to lapse; a short lease keeps
+        // the reruns quick.
+        config.lease.ttl = Duration::from_millis(500);
         let compactor = tidemark_compactor::connect(&config).await.unwrap();
         let relay = tidemark_ingest::relay::Relay::new(
             db.pool.clone(),

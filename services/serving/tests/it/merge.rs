@@ -178,3 +178,67 @@ async fn never_above_ground_truth_while_publishing() {
         "answers were checked during publishes ({checks})"
     );
 }
+
+/// R20 (issue 22, Redis failover) for serving: the speed view's Redis is a primary,
+/// a replica and a Sentinel, followed by both the speed layer and serving. The
+/// primary is SIGKILLed while orders keep arriving: while the Sentinel switches,
+/// every answer is a 503 with Retry-After or never above the truth; once it has,
+/// answers are exact again without any operator action.
+#[tokio::test(flavor = "multi_thread")]
+async fn r20_the_redis_primary_killed_answers_stay_never_wrong_then_exact() {
+    let redis = tidemark_testkit::PrivateRedisFailover::start().await;
+    let env = Env::with(redis.config(), |_| {}).await;
+    let mut rng = StdRng::seed_from_u64(20);
+    env.ingest(&(0..300).map(|_| random_order(&mut rng)).collect::<Vec<_>>())
+        .await;
+    env.speed_caught_up().await;
+    let (from, to) = full_range();
+    let path = format!("/v1/revenue?from={from}&to={to}&granularity=day&group_by=city");
+
+    redis.primary.stop(); // SIGKILL
+    let killed = std::time::Instant::now();
+    let (mut ok, mut unavailable) = (0, 0);
+    let exact_after = loop {
+        // Orders keep arriving through the switch.
+        env.ingest(&(0..5).map(|_| random_order(&mut rng)).collect::<Vec<_>>())
+            .await;
+        let response = env.get(&path).await;
+        let truth = tidemark_testkit::ground_truth(&env.db.pool, 86_400, "city", 0, u64::MAX).await;
+        match response.status().as_u16() {
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                unavailable += 1;
+            }
+            200 => {
+                ok += 1;
+                let body: serde_json::Value = response.json().await.unwrap();
+                let served = grid_of(&body["points"]);
+                for (cell, s) in &served {
+                    let t = truth.get(cell).copied().unwrap_or([0; 3]);
+                    assert!(
+                        s[0] <= t[0] && s[1] <= t[1] && s[2] <= t[2],
+                        "over-count at {cell:?} during the failover: served {s:?}, truth {t:?}"
+                    );
+                }
+                if served == truth && redis.named_primary() == Some(redis.replica.port) {
+                    break killed.elapsed().as_secs_f64();
+                }
+            }
+            other => panic!("status {other} during the failover"),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "answers were not exact again within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tidemark_testkit::figure(
+        "R20",
+        format!(
+            "serving with the Redis primary SIGKILLed under ingest (Sentinel, down after {} \
+             ms): {unavailable} answers 503 + Retry-After, {ok} answered, none above the \
+             truth; exact again {exact_after:.1} s after the kill",
+            tidemark_testkit::PrivateRedisFailover::DOWN_AFTER_MS
+        ),
+    );
+}

@@ -127,6 +127,9 @@ impl World {
         };
         // The relay is stepped by the sequence: a run finds it behind or not.
         compactor_config.compactor.relay_wait = Duration::from_millis(100);
+        // A run cut short is a crash: its lease lapses (it is not released), and
+        // the next run waits for that — a short lease keeps the sequence quick.
+        compactor_config.lease.ttl = Duration::from_millis(300);
         let compactor = tidemark_compactor::connect(&compactor_config)
             .await
             .unwrap();
