@@ -48,6 +48,11 @@ const PACKAGES: &[Package] = &[
         apt: "prometheus-alertmanager",
         installed: || which("prometheus-alertmanager").is_some(),
     },
+    // Replicas of ingest and serving behind a load balancer (RELIABILITY.md R20).
+    Package {
+        apt: "haproxy",
+        installed: || which("haproxy").is_some(),
+    },
     // The page's test drives Chromium through its WebDriver.
     Package {
         apt: "chromium",

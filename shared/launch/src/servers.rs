@@ -320,3 +320,51 @@ pub mod alertmanager {
         super::prometheus::ready(port).await
     }
 }
+
+pub mod haproxy {
+    use super::*;
+
+    /// HAProxy's configuration: HTTP on `port`, round robin over `backends` (ports on
+    /// loopback), each health-checked on `/readyz` every 500 ms (out after 2
+    /// failures, back after 2 passes). A request whose server refuses the connection,
+    /// closes it without an answer or times out is retried once on another server:
+    /// Tidemark's writes are idempotent (an order or a refund carries its id), so a
+    /// retry of a request the killed server had already committed answers 200
+    /// (duplicate) instead of failing.
+    pub fn config(port: u16, backends: &[u16]) -> String {
+        let mut out = format!(
+            "global\n    maxconn 4096\n\n\
+             defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n\
+             \x20   timeout server 30s\n    timeout http-request 10s\n    retries 2\n\
+             \x20   option redispatch 1\n    option http-buffer-request\n\
+             \x20   retry-on conn-failure empty-response response-timeout\n\n\
+             frontend tidemark\n    bind 127.0.0.1:{port}\n    default_backend services\n\n\
+             backend services\n    balance roundrobin\n    option httpchk GET /readyz\n\
+             \x20   http-check expect status 200\n\
+             \x20   default-server inter 500ms fall 2 rise 2\n"
+        );
+        for (i, backend) in backends.iter().enumerate() {
+            out += &format!("    server s{i} 127.0.0.1:{backend} check\n");
+        }
+        out
+    }
+
+    /// `haproxy` in the foreground with `config`.
+    pub fn server(bin: &Path, config: &Path) -> Command {
+        let mut command = Command::new(bin);
+        command.arg("-db").arg("-f").arg(config);
+        command
+    }
+
+    /// Whether it accepts connections on `port`.
+    pub async fn ready(port: u16) -> bool {
+        matches!(
+            tokio::time::timeout(
+                PROBE_TIMEOUT,
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+}

@@ -40,8 +40,8 @@ pub use orders::{Straddle, insert, random_order};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;
 pub use servers::{
-    PrivateAlerting, PrivateClickHouse, PrivatePostgres, PrivateRedis, PrivateRedisFailover,
-    PrivateS3,
+    PrivateAlerting, PrivateClickHouse, PrivateHaProxy, PrivatePostgres, PrivateRedis,
+    PrivateRedisFailover, PrivateS3,
 };
 pub use service::{Running, assert_operational, http_ready, metric, start};
 pub use slice::{Slice, SliceCells};

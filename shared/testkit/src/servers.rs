@@ -35,6 +35,10 @@ enum Kind {
         primary: u16,
     },
     S3,
+    /// HAProxy balancing over services on these ports.
+    HaProxy {
+        backends: Vec<u16>,
+    },
     ClickHouse {
         ports: servers::clickhouse::Ports,
     },
@@ -123,6 +127,11 @@ impl PrivateServer {
                 ),
             )
             .expect("sentinel.conf"),
+            Kind::HaProxy { backends } => std::fs::write(
+                self.path().join("haproxy.cfg"),
+                servers::haproxy::config(self.port, backends),
+            )
+            .expect("haproxy.cfg"),
             Kind::Redis | Kind::RedisReplica { .. } | Kind::ClickHouse { .. } => {}
         }
     }
@@ -140,6 +149,10 @@ impl PrivateServer {
             Kind::RedisReplica { primary } => {
                 servers::redis::replica(stack.redis_server_bin().as_ref(), self.port, dir, *primary)
             }
+            Kind::HaProxy { .. } => servers::haproxy::server(
+                &tidemark_launch::which("haproxy").expect("haproxy is installed"),
+                &dir.join("haproxy.cfg"),
+            ),
             Kind::Sentinel { .. } => servers::redis::sentinel(
                 stack.redis_server_bin().as_ref(),
                 &dir.join("sentinel.conf"),
@@ -181,6 +194,7 @@ impl PrivateServer {
                 servers::redis::ready(self.port).await
             }
             Kind::S3 => servers::s3::ready(self.port).await,
+            Kind::HaProxy { .. } => servers::haproxy::ready(self.port).await,
             Kind::ClickHouse { ports } => servers::clickhouse::ready(ports.http).await,
             Kind::Prometheus { .. } => servers::prometheus::ready(self.port).await,
             Kind::Alertmanager { .. } => servers::alertmanager::ready(self.port).await,
@@ -397,6 +411,28 @@ impl PrivateRedisFailover {
             .trim()
             .parse()
             .ok()
+    }
+}
+
+/// HAProxy of one test's own, in front of service instances on loopback.
+pub struct PrivateHaProxy(PrivateServer);
+
+impl Deref for PrivateHaProxy {
+    type Target = PrivateServer;
+
+    fn deref(&self) -> &PrivateServer {
+        &self.0
+    }
+}
+
+impl PrivateHaProxy {
+    /// Balancing over the services listening on `backends` (health-checked on
+    /// `/readyz`; see `tidemark_launch::servers::haproxy::config`).
+    pub async fn start(backends: &[u16]) -> PrivateHaProxy {
+        let kind = Kind::HaProxy {
+            backends: backends.to_vec(),
+        };
+        PrivateHaProxy(PrivateServer::start(kind, tidemark_launch::free_port()).await)
     }
 }
 
