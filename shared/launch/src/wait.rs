@@ -4,16 +4,21 @@ use std::future::Future;
 use std::time::Duration;
 
 /// Polls `condition` every `every` until it holds (true) or `timeout` passes
-/// (false). The condition is checked once more at the deadline.
+/// (false). The condition is checked once more at the deadline. A check still
+/// running a grace (`every`, at least a second) past the deadline — a query stuck
+/// on a lock — counts as not holding: the wait ends then, rather than hang with it.
 pub async fn until<F, Fut>(timeout: Duration, every: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
+    let cutoff = deadline + every.max(Duration::from_secs(1));
     loop {
-        if condition().await {
-            return true;
+        match tokio::time::timeout_at(cutoff, condition()).await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(_) => return false,
         }
         if tokio::time::Instant::now() >= deadline {
             return false;
@@ -46,5 +51,15 @@ mod tests {
         .await;
         assert!(!held);
         assert!(started.elapsed() >= Duration::from_millis(30));
+
+        // A check that never finishes ends the wait at the deadline.
+        let started = tokio::time::Instant::now();
+        let held = until(Duration::from_millis(30), Duration::from_millis(5), || {
+            std::future::pending::<bool>()
+        })
+        .await;
+        assert!(!held);
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }
