@@ -43,9 +43,9 @@ pub use servers::{
     PrivateAlerting, PrivateClickHouse, PrivateHaProxy, PrivatePostgres, PrivateRedis,
     PrivateRedisFailover, PrivateS3,
 };
-pub use service::{Running, assert_operational, http_ready, metric, start};
+pub use service::{Running, assert_operational, http_ready, leases_at, metric, start};
 pub use slice::{Slice, SliceCells};
 pub use stack::{TestStack, stack};
 pub use tidemark_launch::{free_port, workspace_root};
-pub use truth::{ground_truth, ground_truth_corrections, horizon_holders, log_head};
+pub use truth::{differing, ground_truth, ground_truth_corrections, horizon_holders, log_head};
 pub use wait::eventually;

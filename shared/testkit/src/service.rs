@@ -98,6 +98,18 @@ pub async fn http_ready(port: u16, path: &str, timeout: Duration) {
     .await;
 }
 
+/// The `leases` block of the `/readyz` of the service on `port`: per role, where
+/// that instance stands (`state`, `leader`, `token`).
+pub async fn leases_at(port: u16) -> serde_json::Value {
+    let report: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("/readyz answers")
+        .json()
+        .await
+        .expect("/readyz is JSON");
+    report["leases"].clone()
+}
+
 /// The value of one series in a Prometheus text exposition, e.g.
 /// `metric(&text, r#"relay_errors_total{store="s3"}"#)`; `None` when absent.
 pub fn metric(exposition: &str, series: &str) -> Option<f64> {

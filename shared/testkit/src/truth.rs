@@ -108,6 +108,20 @@ pub async fn ground_truth_corrections(
 ///
 /// Consumers pause while *any* transaction in the Postgres cluster (other tests'
 /// databases included) holds the horizon, so "caught up" means reaching this
+/// Cells of either grid whose values differ (a cell missing on one side counts).
+pub fn differing<K: Ord, V: PartialEq>(
+    truth: &std::collections::BTreeMap<K, V>,
+    seen: &std::collections::BTreeMap<K, V>,
+) -> usize {
+    truth
+        .keys()
+        .chain(seen.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| truth.get(*k) != seen.get(*k))
+        .count()
+}
+
 /// position, not seeing one idle poll.
 pub async fn log_head(pool: &PgPool) -> Option<(u64, i64)> {
     let head: Option<(i64, i64)> = sqlx::query_as(

@@ -160,13 +160,7 @@ impl Env {
                 .await;
                 let batch = self.batch_grid(granularity, dimension).await;
                 cells += truth.len();
-                differing += truth
-                    .keys()
-                    .chain(batch.keys())
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .filter(|k| truth.get(*k) != batch.get(*k))
-                    .count();
+                differing += tidemark_testkit::differing(&truth, &batch);
             }
         }
         (differing, cells)

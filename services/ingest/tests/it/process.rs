@@ -326,17 +326,6 @@ async fn leads_both(db: &TestDb, name: &str) -> bool {
     leaders.len() == 2 && leaders.iter().all(|(_, holder, _)| holder == name)
 }
 
-/// The writer leases as instance `port` reports them on `/readyz`.
-async fn standings(port: u16) -> serde_json::Value {
-    let report: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    report["leases"].clone()
-}
-
 /// R20 (issue 22, standby workers) for ingest's background writers: three ingest
 /// instances in turn, each with a lake relay and a vault loader, default lease (5 s),
 /// while orders stream into the log. The instance leading both is SIGKILLed, then
@@ -388,7 +377,7 @@ async fn r20_standby_ingest_instances_take_over_the_relay_and_the_vault_loader()
     .await;
     let b = spawn("b", port_b);
     ready(port_b).await;
-    let b_standing = standings(port_b).await;
+    let b_standing = tidemark_testkit::leases_at(port_b).await;
     for role in ["lake-relay", "vault"] {
         assert_eq!(b_standing[role]["state"], "standby", "{b_standing}");
         assert_eq!(b_standing[role]["leader"], "a", "{b_standing}");
@@ -415,7 +404,7 @@ async fn r20_standby_ingest_instances_take_over_the_relay_and_the_vault_loader()
     assert!(pause_takeover < 10.0, "replaced in {pause_takeover:.1} s");
     b.signal("CONT");
     tidemark_testkit::eventually(Duration::from_secs(15), "b stands by", || async {
-        let s = standings(port_b).await;
+        let s = tidemark_testkit::leases_at(port_b).await;
         ["lake-relay", "vault"]
             .iter()
             .all(|role| s[role]["state"] == "standby" && s[role]["leader"] == "c")
@@ -432,32 +421,26 @@ async fn r20_standby_ingest_instances_take_over_the_relay_and_the_vault_loader()
         .unwrap();
     // Every row of the log lands in the lake once: the manifest's rows add up to
     // the orders (a second writer would land overlapping batches under other keys).
-    let pool = db.pool.clone();
+    let (landed, vaulted) = (
+        "SELECT coalesce(sum(rows), 0)::int8 FROM lake_raw_files",
+        "SELECT count(*) FROM vault.hub_order",
+    );
+    let count = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
     tidemark_testkit::eventually(
         Duration::from_secs(60),
         "the lake and the vault catch up",
-        || {
-            let pool = pool.clone();
-            async move {
-                let (landed, vaulted): (i64, i64) = sqlx::query_as(
-                    "SELECT (SELECT coalesce(sum(rows), 0)::int8 FROM lake_raw_files), \
-                        (SELECT count(*) FROM vault.hub_order)",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                landed >= orders && vaulted >= orders
-            }
-        },
+        || async { count(landed).await >= orders && count(vaulted).await >= orders },
     )
     .await;
-    let (landed, vaulted): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT coalesce(sum(rows), 0)::int8 FROM lake_raw_files), \
-                (SELECT count(*) FROM vault.hub_order)",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let (landed, vaulted) = (count(landed).await, count(vaulted).await);
     let refused = tidemark_testkit::metric(
         &reqwest::get(format!("http://127.0.0.1:{port_b}/metrics"))
             .await

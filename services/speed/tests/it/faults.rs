@@ -241,13 +241,7 @@ async fn r20_the_redis_primary_killed_the_speed_layer_follows_the_sentinel_and_s
             tidemark_testkit::ground_truth(&db.pool, 60, dimension.as_str(), 0, u64::MAX).await;
         let seen = speed_grid(&view, 0, Granularity::Minute, dimension, None).await;
         cells += truth.len();
-        drift += truth
-            .keys()
-            .chain(seen.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter(|k| truth.get(*k) != seen.get(*k))
-            .count();
+        drift += tidemark_testkit::differing(&truth, &seen);
     }
     shutdown.cancel();
     running.await.unwrap();

@@ -106,13 +106,7 @@ async fn r4_speed_killed_flushed_and_restarted_rebuilds_itself_exactly() {
             .await;
             let seen = speed_grid(&view, 0, granularity, dimension, None).await;
             cells += truth.len();
-            drift += truth
-                .keys()
-                .chain(seen.keys())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .filter(|k| truth.get(*k) != seen.get(*k))
-                .count();
+            drift += tidemark_testkit::differing(&truth, &seen);
         }
     }
     tidemark_testkit::figure(
@@ -141,17 +135,6 @@ fn spawn_instance(env: &ServiceEnv, name: &str, port: u16) -> Process {
         .set("TIDEMARK_LEASE__INSTANCE", &name)
         .set("TIDEMARK_HTTP__LISTEN", &format!("127.0.0.1:{port}"));
     Process::spawn(env!("CARGO_BIN_EXE_tidemark-speed"), &[], &env)
-}
-
-/// The `speed` lease as instance `port` reports it on `/readyz`.
-async fn standing(port: u16) -> serde_json::Value {
-    let report: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    report["leases"]["speed"].clone()
 }
 
 /// R20 (issue 22, standby workers) for the speed layer: three instances in turn
@@ -204,7 +187,7 @@ async fn r20_a_standby_takes_over_from_a_killed_or_paused_leader() {
     tidemark_testkit::eventually(Duration::from_secs(30), "a leads", leader_is("a")).await;
     let b = spawn_instance(&env, "b", port_b);
     tidemark_testkit::http_ready(port_b, "/readyz", Duration::from_secs(30)).await;
-    let b_standing = standing(port_b).await;
+    let b_standing = tidemark_testkit::leases_at(port_b).await["speed"].clone();
     assert_eq!(b_standing["state"], "standby", "{b_standing}");
     assert_eq!(b_standing["leader"], "a", "{b_standing}");
 
@@ -254,7 +237,7 @@ async fn r20_a_standby_takes_over_from_a_killed_or_paused_leader() {
     // Woken, b still believes it leads only until its own clock says otherwise;
     // whatever it had in hand is refused by the fence, and it stands by.
     tidemark_testkit::eventually(Duration::from_secs(15), "b stands by", || async {
-        let s = standing(port_b).await;
+        let s = tidemark_testkit::leases_at(port_b).await["speed"].clone();
         s["state"] == "standby" && s["leader"] == "c"
     })
     .await;
@@ -296,13 +279,7 @@ async fn r20_a_standby_takes_over_from_a_killed_or_paused_leader() {
         .await;
         let seen = speed_grid(&view, 0, Granularity::Minute, dimension, None).await;
         cells += truth.len();
-        drift += truth
-            .keys()
-            .chain(seen.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter(|k| truth.get(*k) != seen.get(*k))
-            .count();
+        drift += tidemark_testkit::differing(&truth, &seen);
     }
     tidemark_testkit::figure(
         "R20",
