@@ -2,7 +2,8 @@
 //!
 //! Each request is one transaction: the orders it names are locked (`FOR UPDATE`,
 //! in id order, so requests sharing orders wait for each other instead of
-//! deadlocking), their earlier adjustments read, every adjustment checked against
+//! deadlocking), what their earlier adjustments gave back read (summed per line:
+//! the cost of a refund does not grow with the order's refunds), every adjustment checked against
 //! what remains (`tidemark_domain::adjustment`) and inserted. Concurrent refunds of
 //! one order are therefore serialised, and their sum can never pass the order.
 //! All or nothing: any refused item stores nothing.
@@ -171,17 +172,29 @@ pub async fn apply(
             Ask::Cancellation { .. } => None,
         })
         .collect();
-    let mut stored = load(&mut tx, &order_ids, &refund_ids).await?;
+    // What was given back before, summed per line (one row per order line however
+    // many refunds an order has had), and in full only what an ask can meet again:
+    // the orders' cancellations and the refunds with the asked ids.
+    let given = given_back(&mut tx, &order_ids).await?;
+    let stored = load(&mut tx, &order_ids, &refund_ids).await?;
+    let mut created: Vec<Stored> = Vec::new();
 
     let mut done = Vec::with_capacity(asks.len());
     let (mut invalid, mut conflicts, mut remaining) = (Vec::new(), Vec::new(), Vec::new());
     for (i, ask) in asks.iter().enumerate() {
         let order = &orders[&ask.order_id()];
-        let prior: Vec<Adjustment> = stored
-            .iter()
-            .filter(|s| s.adjustment.order_id == order.order_id)
-            .map(|s| s.adjustment.clone())
+        let prior: Vec<Adjustment> = given
+            .get(&order.order_id)
+            .into_iter()
+            .chain(
+                created
+                    .iter()
+                    .map(|s| &s.adjustment)
+                    .filter(|a| a.order_id == order.order_id),
+            )
+            .cloned()
             .collect();
+        let known = || stored.iter().chain(created.iter());
         let created_at = match ask {
             Ask::Refund { request, .. } => request.created_at,
             Ask::Cancellation { created_at, .. } => *created_at,
@@ -203,9 +216,8 @@ pub async fn apply(
         let (adjustment, request) = match ask {
             Ask::Refund { request, .. } => {
                 let sent = serde_json::to_value(request).expect("a refund serializes");
-                if let Some(same) = stored
-                    .iter()
-                    .find(|s| s.adjustment.adjustment_id == request.refund_id)
+                if let Some(same) =
+                    known().find(|s| s.adjustment.adjustment_id == request.refund_id)
                 {
                     if same.adjustment.order_id == order.order_id
                         && same.request.as_ref() == Some(&sent)
@@ -249,10 +261,9 @@ pub async fn apply(
                 }
             }
             Ask::Cancellation { created_at, .. } => {
-                if let Some(cancelled) = prior
-                    .iter()
-                    .find(|a| a.kind == AdjustmentKind::Cancellation)
-                {
+                if let Some(cancelled) = known().map(|s| &s.adjustment).find(|a| {
+                    a.order_id == order.order_id && a.kind == AdjustmentKind::Cancellation
+                }) {
                     if cancelled.created_at == *created_at {
                         done.push(Done::Existing(AdjustmentView::of(cancelled, order)));
                     } else {
@@ -297,7 +308,7 @@ pub async fn apply(
             }
         };
         done.push(Done::Created(AdjustmentView::of(&adjustment, order)));
-        stored.push(Stored {
+        created.push(Stored {
             adjustment,
             request,
         });
@@ -311,15 +322,7 @@ pub async fn apply(
             remaining,
         });
     }
-    let created: Vec<&Stored> = stored
-        .iter()
-        .filter(|s| {
-            done.iter().any(
-                |d| matches!(d, Done::Created(v) if v.adjustment_id == s.adjustment.adjustment_id),
-            )
-        })
-        .collect();
-    for s in created {
+    for s in &created {
         insert(&mut tx, s).await?;
     }
     tx.commit().await?;
@@ -337,7 +340,44 @@ type StoredRow = (
     Option<Vec<i64>>,
 );
 
-/// The adjustments of `order_ids`, and those with `adjustment_ids` (a refund id may
+/// What the adjustments of `order_ids` gave back so far, per order as one
+/// adjustment holding each line's sums: all `remaining` needs, read in one row per
+/// line, so a refund of an order refunded a thousand times costs what the first did.
+async fn given_back(
+    tx: &mut Transaction<'_, Postgres>,
+    order_ids: &[Uuid],
+) -> Result<HashMap<Uuid, Adjustment>, sqlx::Error> {
+    let rows: Vec<(Uuid, i16, i64, i64)> = sqlx::query_as(
+        "SELECT a.order_id, l.line_no, sum(l.quantity)::int8, sum(l.amount_minor)::int8 \
+         FROM adjustments a JOIN adjustment_lines l USING (adjustment_id) \
+         WHERE a.order_id = ANY($1) GROUP BY a.order_id, l.line_no",
+    )
+    .bind(order_ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut given: HashMap<Uuid, Adjustment> = HashMap::new();
+    for (order_id, line_no, quantity, amount_minor) in rows {
+        given
+            .entry(order_id)
+            .or_insert_with(|| Adjustment {
+                adjustment_id: Uuid::nil(),
+                order_id,
+                kind: AdjustmentKind::Refund,
+                created_at: DateTime::<Utc>::MIN_UTC,
+                lines: Vec::new(),
+            })
+            .lines
+            .push(AdjustedLine {
+                line_no,
+                // At most the line's units and amount: the checks kept them there.
+                quantity: i32::try_from(quantity).expect("units given back fit the line's"),
+                amount_minor,
+            });
+    }
+    Ok(given)
+}
+
+/// The cancellations of `order_ids`, and the adjustments with `adjustment_ids` (a refund id may
 /// have been used for another order).
 async fn load(
     tx: &mut Transaction<'_, Postgres>,
@@ -350,7 +390,7 @@ async fn load(
                 array_agg(l.quantity ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
                 array_agg(l.amount_minor ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL) \
          FROM adjustments a LEFT JOIN adjustment_lines l USING (adjustment_id) \
-         WHERE a.order_id = ANY($1) OR a.adjustment_id = ANY($2) \
+         WHERE (a.order_id = ANY($1) AND a.kind = 'cancellation') OR a.adjustment_id = ANY($2) \
          GROUP BY a.adjustment_id ORDER BY a.txid, a.seq",
     )
     .bind(order_ids)
