@@ -473,9 +473,9 @@ pub fn subscriptions(schema: TidemarkSchema, auth: Arc<Authenticator>) -> Router
                         .and_then(|v| v.to_str().ok())
                         .and_then(tidemark_platform::auth::bearer)
                         .map(str::to_owned);
-                    upgrade
-                        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-                        .on_upgrade(move |stream| {
+                    upgrade.protocols(ALL_WEBSOCKET_PROTOCOLS).on_upgrade(
+                        move |stream| async move {
+                            let _open = OpenWebSocket::new();
                             GraphQLWebSocket::new(stream, schema, protocol)
                                 .on_connection_init(move |payload| async move {
                                     let token = header.or_else(|| init_token(&payload));
@@ -501,11 +501,31 @@ pub fn subscriptions(schema: TidemarkSchema, auth: Arc<Authenticator>) -> Router
                                     })
                                 })
                                 .serve()
-                        })
+                                .await;
+                        },
+                    )
                 }
             },
         ),
     )
+}
+
+/// One open subscription connection, counted in `serving_websockets_open` while it
+/// lives (a replica's share of the live clients; after a replica dies its clients
+/// reconnect to the others).
+struct OpenWebSocket;
+
+impl OpenWebSocket {
+    fn new() -> Self {
+        metrics::gauge!("serving_websockets_open").increment(1.0);
+        OpenWebSocket
+    }
+}
+
+impl Drop for OpenWebSocket {
+    fn drop(&mut self) {
+        metrics::gauge!("serving_websockets_open").decrement(1.0);
+    }
 }
 
 /// The key in a `connection_init` payload (see [`subscriptions`]).

@@ -326,22 +326,26 @@ pub mod haproxy {
 
     /// HAProxy's configuration: HTTP on `port`, round robin over `backends` (ports on
     /// loopback), each health-checked on `/readyz` every 500 ms (out after 2
-    /// failures, back after 2 passes). A request whose server refuses the connection,
+    /// failures, back after 2 passes; a check may take the 2 s a readiness probe
+    /// allows each dependency — a dead server fails it at once, refusing the connection). A request whose server refuses the connection,
     /// closes it without an answer or times out is retried once on another server:
     /// Tidemark's writes are idempotent (an order or a refund carries its id), so a
     /// retry of a request the killed server had already committed answers 200
-    /// (duplicate) instead of failing.
+    /// (duplicate) instead of failing. A WebSocket (the live subscription) may stay
+    /// quiet for up to an hour (`timeout tunnel`); when its server dies, the client
+    /// reconnects and is sent to a live one.
     pub fn config(port: u16, backends: &[u16]) -> String {
         let mut out = format!(
             "global\n    maxconn 4096\n\n\
              defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n\
-             \x20   timeout server 30s\n    timeout http-request 10s\n    retries 2\n\
+             \x20   timeout server 30s\n    timeout http-request 10s\n    timeout tunnel 1h\n\
+             \x20   retries 2\n\
              \x20   option redispatch 1\n    option http-buffer-request\n\
              \x20   retry-on conn-failure empty-response response-timeout\n\n\
              frontend tidemark\n    bind 127.0.0.1:{port}\n    default_backend services\n\n\
              backend services\n    balance roundrobin\n    option httpchk GET /readyz\n\
              \x20   http-check expect status 200\n\
-             \x20   default-server inter 500ms fall 2 rise 2\n"
+             \x20   timeout check 2s\n    default-server inter 500ms fall 2 rise 2\n"
         );
         for (i, backend) in backends.iter().enumerate() {
             out += &format!("    server s{i} 127.0.0.1:{backend} check\n");

@@ -23,6 +23,7 @@
 pub mod figure;
 pub mod fuzz;
 pub mod isolate;
+pub mod load;
 pub mod orders;
 pub mod process;
 pub mod proxy;
@@ -36,6 +37,7 @@ pub mod wait;
 pub use figure::{figure, heavy};
 pub use fuzz::{Fuzzed, schemathesis};
 pub use isolate::{TestDb, clickhouse, postgres, redis, s3};
+pub use load::OrderLoad;
 pub use orders::{Straddle, insert, random_order};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;

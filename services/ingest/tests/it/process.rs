@@ -3,15 +3,15 @@
 //! load, and flooded with bad and oversized bodies while its memory is watched.
 //! Every order that got a 2xx must be in Postgres.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tidemark_platform::auth::{self, Scope};
-use tidemark_testkit::{Process, ServiceEnv, TestDb};
+use tidemark_testkit::{OrderLoad, Process, ServiceEnv, TestDb};
 use uuid::Uuid;
 
 use crate::{order_json, random_order};
@@ -28,94 +28,13 @@ async fn ready(port: u16) {
     tidemark_testkit::http_ready(port, "/readyz", Duration::from_secs(30)).await;
 }
 
-/// Sixteen clients posting one order per request until `stop`; the ids of the
-/// orders that got a 2xx go to `acked`.
-struct Load {
-    acked: Arc<Mutex<Vec<Uuid>>>,
-    /// Requests that got no 2xx (an error status or no answer).
-    failed: Arc<std::sync::atomic::AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, key: &str, seed: u64) -> Load {
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..16)
-            .map(|i| {
-                let (acked, failed, stop, key) =
-                    (acked.clone(), failed.clone(), stop.clone(), key.to_owned());
-                tokio::spawn(async move {
-                    // A request the killed process never answers must not hold the
-                    // client (and `stop`) forever: it simply is not acked.
-                    let http = reqwest::Client::builder()
-                        .timeout(Duration::from_secs(10))
-                        .build()
-                        .unwrap();
-                    let mut rng = StdRng::seed_from_u64(seed * 100 + i);
-                    while !stop.load(Ordering::Relaxed) {
-                        let order = random_order(&mut rng);
-                        let response = http
-                            .post(format!("http://127.0.0.1:{port}/v1/orders"))
-                            .bearer_auth(&key)
-                            .json(&order_json(&order))
-                            .send()
-                            .await;
-                        match response {
-                            Ok(r) if r.status().is_success() => {
-                                acked.lock().unwrap().push(order.order_id);
-                            }
-                            Ok(_) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            // The process is gone: wait for the next one.
-                            Err(_) => {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            acked,
-            failed,
-            stop,
-            tasks,
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    async fn until_acked(&self, n: usize) {
-        tidemark_testkit::eventually(Duration::from_secs(60), "orders are acked", || {
-            let done = self.acked() >= n;
-            async move { done }
-        })
-        .await;
-    }
-
-    async fn stop(self) -> Vec<Uuid> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.unwrap();
-        }
-        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
-    }
-}
-
 async fn missing(db: &TestDb, acked: &[Uuid]) -> usize {
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE order_id = ANY($1)")
-        .bind(acked)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    acked.len() - stored as usize
+    tidemark_testkit::load::missing(&db.pool, acked).await
+}
+
+/// Sixteen clients posting one order per request through `port`.
+fn start_load(port: u16, key: &str, seed: u64) -> OrderLoad {
+    OrderLoad::start(port, key, seed, order_json)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -126,7 +45,7 @@ async fn r2_sigkill_under_load_loses_no_acked_order() {
         .unwrap();
     let mut rng = StdRng::seed_from_u64(2);
     let port = tidemark_testkit::free_port();
-    let load = Load::start(port, &key, 2);
+    let load = start_load(port, &key, 2);
     let started = std::time::Instant::now();
     for kill in 0..10 {
         let ingest = spawn_ingest(&db, port);
@@ -168,7 +87,7 @@ async fn r12_sigterm_under_load_finishes_in_flight_and_exits_promptly() {
     let port = tidemark_testkit::free_port();
     let ingest = spawn_ingest(&db, port);
     ready(port).await;
-    let load = Load::start(port, &key, 12);
+    let load = start_load(port, &key, 12);
     load.until_acked(500).await;
     ingest.signal("TERM");
     let signalled = Instant::now();
@@ -485,7 +404,7 @@ async fn r20_two_ingest_instances_behind_haproxy_one_sigkilled_under_load_loses_
     ready(port_b).await;
     let proxy = tidemark_testkit::PrivateHaProxy::start(&[port_a, port_b]).await;
     ready(proxy.port).await;
-    let load = Load::start(proxy.port, &key, 20);
+    let load = start_load(proxy.port, &key, 20);
     load.until_acked(300).await;
     let failed_before = load.failed.load(Ordering::Relaxed);
     a.kill(); // SIGKILL

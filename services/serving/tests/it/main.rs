@@ -11,6 +11,7 @@ mod model;
 mod ops;
 mod page;
 mod process;
+mod replicas;
 mod residence;
 mod slices;
 
