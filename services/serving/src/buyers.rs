@@ -10,17 +10,20 @@
 //! question's zone there), reads the speed view's users of the range, and adds
 //! those of each cell the batch does not already hold there — asking ClickHouse
 //! which of exactly those users it holds. The speed epochs read are those the
-//! published state does not cover, as for revenue, so the answer is the exact
-//! count as of the position it states.
+//! published state does not cover, as for revenue, and the speed view's users are
+//! read in the same atomic read as the answer's revenue cells
+//! (`SpeedView::read_with_buyers`), the batch's of the same published state: the
+//! answer is the exact count as of the one position it states.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tidemark_batchview::BuyersQuery;
+use tidemark_batchview::{BuyersQuery, PublishedState};
 use tidemark_domain::{Attribute, Currency, Granularity};
+use tidemark_speedview::Buyer;
 
 use crate::local::LocalBuckets;
 use crate::query::RevenueRequest;
-use crate::views::{Part, ViewError, Views};
+use crate::views::{BuyerCounts, ViewError, Views};
 
 /// Buyers per answer cell: (local bucket start, grouped values, currency).
 pub type Buyers = BTreeMap<(i64, Vec<String>, Currency), i64>;
@@ -42,6 +45,27 @@ pub struct Ask<'a> {
 }
 
 impl<'a> Ask<'a> {
+    /// The ClickHouse expression of a minute's bucket key (see [`BuyersQuery::key`]).
+    pub fn key_sql(&self) -> String {
+        match &self.buckets {
+            Some(local) => local.key_sql(self.from, self.to),
+            None => "0".to_owned(),
+        }
+    }
+
+    /// The batch view's question, `key` from [`Ask::key_sql`].
+    pub fn query<'k>(&'k self, key: &'k str) -> BuyersQuery<'k> {
+        BuyersQuery {
+            from: self.from,
+            to: self.to,
+            key,
+            group_by: self.group_by,
+            filters: self.filters,
+            currency: self.currency,
+            per_currency: self.report_currency.is_none(),
+        }
+    }
+
     /// The buckets of a revenue question.
     pub fn of(req: &'a RevenueRequest) -> Self {
         Ask {
@@ -56,8 +80,17 @@ impl<'a> Ask<'a> {
     }
 }
 
-/// The buyers of every cell of an answer.
-pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
+/// The buyers of every cell of an answer: the batch view's (`batch`, counted in
+/// the published `state`) plus the speed view's users (`speed`, read with the
+/// answer's revenue at the cursor it states) that the batch does not already hold
+/// in the same cell.
+pub async fn buyers(
+    views: &Views,
+    req: &Ask<'_>,
+    state: Option<&PublishedState>,
+    batch: &BuyerCounts,
+    speed: &[Buyer],
+) -> Result<Buyers, ViewError> {
     let per_currency = req.report_currency.is_none();
     let currency_of = |code: &str| -> Currency {
         match req.report_currency {
@@ -68,37 +101,20 @@ pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
             }),
         }
     };
-    let key = match &req.buckets {
-        Some(local) => local.key_sql(req.from, req.to),
-        None => "0".to_owned(),
-    };
-    let query = BuyersQuery {
-        from: req.from,
-        to: req.to,
-        key: &key,
-        group_by: req.group_by,
-        filters: req.filters,
-        currency: req.currency,
-        per_currency,
-    };
+    let key = req.key_sql();
+    let query = req.query(&key);
     let bucket_of = |k: i64| match &req.buckets {
         Some(local) if local.granularity == Granularity::Day => local.day_start(k),
         _ => k,
     };
-    let (state, batch) = views.buyers_batch(&query).await?;
     let mut out = Buyers::new();
-    for ((k, groups, currency), n) in batch.iter() {
+    for ((k, groups, currency), n) in batch {
         out.insert(
             (bucket_of(*k), groups.clone(), currency_of(currency)),
             *n as i64,
         );
     }
     // The speed view's users per cell.
-    let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
-    let speed = views
-        .speed_buyers(min_epoch, req.from, req.to)
-        .await
-        .map_err(|_| ViewError::Unavailable(Part::Speed))?;
     let value = |b: &tidemark_speedview::Buyer, a: Attribute| -> String {
         match a {
             Attribute::City => b.city.clone(),
@@ -108,7 +124,7 @@ pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
     };
     let mut recent: BTreeMap<Cell, BTreeSet<&str>> = BTreeMap::new();
     let mut starts: BTreeMap<i64, i64> = BTreeMap::new();
-    for b in speed.iter() {
+    for b in speed {
         if b.minute < req.from
             || b.minute >= req.to
             || req.currency.is_some_and(|c| c != b.currency)
@@ -158,7 +174,7 @@ pub async fn buyers(views: &Views, req: &Ask<'_>) -> Result<Buyers, ViewError> {
         key: &among_key,
         ..query
     };
-    let held = match &state {
+    let held = match state {
         Some(state) => views.buyers_among(state, &among, &users).await?,
         None => BTreeSet::new(),
     };

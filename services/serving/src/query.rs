@@ -723,13 +723,9 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         filters: &req.filters,
         currency: req.currency,
     };
-    // Revenue and buyers are independent reads: asked at once.
     let ask = crate::buyers::Ask::of(req);
-    let (answered, buyers) = tokio::join!(
-        merged_answer(views, &read, req.report_currency, req.allow_partial),
-        crate::buyers::buyers(views, &ask)
-    );
-    let (cells, merged) = answered?;
+    let (cells, merged, buyers) =
+        answer_with_buyers(views, &read, &ask, req.report_currency, req.allow_partial).await?;
     let cells: Vec<_> = cells
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
@@ -793,14 +789,56 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
 
 /// The answer to `read` from both views: their pieces summed into its buckets;
 /// with a reporting currency, converted (see [`crate::fx`]).
+/// An answer's cells and its buyers, of one published state and one speed
+/// cursor — the position the answer states. The batch view's revenue and buyers
+/// statements run at once; the speed view's cells and users come from one read.
+async fn answer_with_buyers(
+    views: &Views,
+    read: &Read<'_>,
+    ask: &crate::buyers::Ask<'_>,
+    report_currency: Option<Currency>,
+    allow_partial: bool,
+) -> Result<(Answer, Merged, Result<crate::buyers::Buyers, ViewError>), Problem> {
+    let state = views.state().await;
+    let known = state.as_ref().ok().cloned();
+    let key = ask.key_sql();
+    let query = ask.query(&key);
+    let (answered, batch) = tokio::join!(
+        merged_answer(views, state, read, report_currency, allow_partial),
+        views.buyers_batch(known.as_ref().and_then(Option::as_ref), &query)
+    );
+    let (answer, merged) = answered?;
+    let buyers = if known.is_none() {
+        Err(ViewError::Unavailable(Part::Batch))
+    } else if merged.missing.contains(&Part::Speed) {
+        Err(ViewError::Unavailable(Part::Speed))
+    } else {
+        match batch {
+            Ok(batch) => {
+                crate::buyers::buyers(
+                    views,
+                    ask,
+                    merged.state.as_ref(),
+                    &batch,
+                    &merged.speed_buyers,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        }
+    };
+    Ok((answer, merged, buyers))
+}
+
 async fn merged_answer(
     views: &Views,
+    state: Result<Option<tidemark_batchview::PublishedState>, ViewError>,
     read: &Read<'_>,
     report_currency: Option<Currency>,
     allow_partial: bool,
 ) -> Result<(Answer, Merged), Problem> {
     let merged = views
-        .revenue(read, allow_partial)
+        .revenue(state, read, allow_partial)
         .await
         .map_err(|e| unavailable(&e))?;
     let answer = match report_currency {
@@ -976,11 +1014,9 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
                 currency: req.currency,
                 report_currency: req.report_currency,
             };
-            let (answered, buyers) = tokio::join!(
-                merged_answer(views, &read, req.report_currency, req.allow_partial),
-                crate::buyers::buyers(views, &ask)
-            );
-            let (cells, merged) = answered?;
+            let (cells, merged, buyers) =
+                answer_with_buyers(views, &read, &ask, req.report_currency, req.allow_partial)
+                    .await?;
             let buyers = match buyers {
                 Ok(buyers) => Some(buyers),
                 Err(_) if req.allow_partial => None,

@@ -196,6 +196,12 @@ pub fn pieces_bytes(pieces: &Pieces) -> usize {
 pub struct Merged {
     pub batch: Arc<Pieces>,
     pub speed: Pieces,
+    /// The published state the batch pieces are of (`None`: none yet, or unknown
+    /// with the batch part missing).
+    pub state: Option<PublishedState>,
+    /// Who bought in the speed view's part of the range, read with its pieces at the
+    /// one cursor the answer states (empty when the speed part is missing).
+    pub speed_buyers: Arc<Vec<Buyer>>,
     pub freshness: Freshness,
     /// Parts left out because their store was down (only with `allow_partial`).
     pub missing: Vec<Part>,
@@ -221,11 +227,11 @@ type HeldSlot = Arc<
         BTreeSet<(tidemark_batchview::BuyerKey, String)>,
     )>,
 >;
-type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
-type SpeedBuyersKey = (u64, i64, i64);
-type SpeedBuyersSlot = Arc<tokio::sync::Mutex<Option<(Meta, Arc<Vec<Buyer>>)>>>;
+pub type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
 type SpeedKey = (u64, Granularity, Dimension, i64, i64);
-type SpeedSlot = Arc<tokio::sync::Mutex<Option<(Meta, Arc<Grid>)>>>;
+/// A speed read: its cells and its buyers, both exact at one cursor.
+type SpeedRead = (Arc<Grid>, Arc<Vec<Buyer>>);
+type SpeedSlot = Arc<tokio::sync::Mutex<Option<(Meta, SpeedRead)>>>;
 
 pub struct Views {
     pool: PgPool,
@@ -243,7 +249,6 @@ pub struct Views {
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
     rates: Mutex<Option<(Option<String>, Instant)>>,
-    speed_buyers: Mutex<HashMap<SpeedBuyersKey, SpeedBuyersSlot>>,
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
 }
@@ -271,7 +276,6 @@ impl Views {
             buyers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             rates: Mutex::new(None),
-            speed_buyers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -370,8 +374,9 @@ impl Views {
         Ok(pieces)
     }
 
-    /// The speed cells of epochs `>= min_epoch`, with the position they are exact
-    /// at: from the cache when the cursor has not moved past the cached read.
+    /// The speed cells of epochs `>= min_epoch` and who bought there, with the
+    /// position both are exact at: from the cache when the cursor has not moved
+    /// past the cached read.
     async fn speed(
         &self,
         min_epoch: u64,
@@ -379,14 +384,17 @@ impl Views {
         dimension: Dimension,
         from: i64,
         to: i64,
-    ) -> Result<(Arc<Grid>, Option<Meta>), tidemark_speedview::Error> {
+    ) -> Result<(SpeedRead, Option<Meta>), tidemark_speedview::Error> {
         let Some(observed) = self.speed.meta().await? else {
             // Empty view (lost, being rebuilt): nothing to key a cache on.
-            let snapshot = self
+            let (snapshot, buyers) = self
                 .speed
-                .read(min_epoch, granularity, dimension, from, to)
+                .read_with_buyers(min_epoch, granularity, dimension, from, to)
                 .await?;
-            return Ok((Arc::new(snapshot.total()), snapshot.meta));
+            return Ok((
+                (Arc::new(snapshot.total()), Arc::new(buyers)),
+                snapshot.meta,
+            ));
         };
         let key = (min_epoch, granularity, dimension, from, to);
         let slot = {
@@ -397,7 +405,7 @@ impl Views {
             slots.entry(key).or_default().clone()
         };
         let mut entry = slot.lock().await;
-        if let Some((meta, grid)) = entry.as_ref()
+        if let Some((meta, read)) = entry.as_ref()
             && meta.cursor >= observed.cursor
         {
             metrics::counter!("serving_speed_cache_total", "result" => "hit").increment(1);
@@ -407,24 +415,30 @@ impl Views {
             } else {
                 *meta
             };
-            return Ok((grid.clone(), Some(meta)));
+            return Ok((read.clone(), Some(meta)));
         }
         metrics::counter!("serving_speed_cache_total", "result" => "miss").increment(1);
-        let snapshot = self
+        let (snapshot, buyers) = self
             .speed
-            .read(min_epoch, granularity, dimension, from, to)
+            .read_with_buyers(min_epoch, granularity, dimension, from, to)
             .await?;
-        let grid = Arc::new(snapshot.total());
+        let read = (Arc::new(snapshot.total()), Arc::new(buyers));
         if let Some(meta) = &snapshot.meta {
-            *entry = Some((*meta, grid.clone()));
+            *entry = Some((*meta, read.clone()));
         }
-        Ok((grid, snapshot.meta))
+        Ok((read, snapshot.meta))
     }
 
-    /// The merged pieces of `read`.
-    pub async fn revenue(&self, read: &Read<'_>, allow_partial: bool) -> Result<Merged, ViewError> {
+    /// The merged pieces of `read`, of the published `state` (as [`Views::state`]
+    /// gave it: an answer reads its batch buyers of the same state).
+    pub async fn revenue(
+        &self,
+        state: Result<Option<PublishedState>, ViewError>,
+        read: &Read<'_>,
+        allow_partial: bool,
+    ) -> Result<Merged, ViewError> {
         let mut missing = Vec::new();
-        let state = match self.state().await {
+        let state = match state {
             Ok(state) => state,
             Err(e) if !allow_partial => return Err(e),
             Err(_) => {
@@ -450,12 +464,14 @@ impl Views {
         }
         let min_epoch = state.as_ref().map_or(0, |s| s.epoch);
         let mut speed_pieces = Pieces::new();
+        let mut speed_buyers = Arc::default();
         let speed = match self
             .speed(min_epoch, read.granularity, read.shape, read.from, read.to)
             .await
         {
-            Ok((cells, meta)) => {
+            Ok(((cells, buyers), meta)) => {
                 speed_pieces = read.pieces(&cells)?;
+                speed_buyers = buyers;
                 meta.map(|meta| SpeedFreshness {
                     cursor: meta.cursor.to_string(),
                     updated_at: Utc
@@ -477,6 +493,8 @@ impl Views {
         Ok(Merged {
             batch,
             speed: speed_pieces,
+            state: state.clone(),
+            speed_buyers,
             freshness: Freshness {
                 batch: state.map(|s| BatchFreshness {
                     run_id: s.run_id,
@@ -491,22 +509,23 @@ impl Views {
         })
     }
 
-    /// The published state and the batch view's buyers per cell of `query`
-    /// (none before the first publish), cached per state and question.
+    /// The batch view's buyers per cell of `query` in the published `state` (none
+    /// before the first publish), cached per state and question.
     pub async fn buyers_batch(
         &self,
+        state: Option<&PublishedState>,
         query: &BuyersQuery<'_>,
-    ) -> Result<(Option<PublishedState>, Arc<BuyerCounts>), ViewError> {
-        let Some(state) = self.state().await? else {
-            return Ok((None, Arc::default()));
+    ) -> Result<Arc<BuyerCounts>, ViewError> {
+        let Some(state) = state else {
+            return Ok(Arc::default());
         };
         let key = (state.run_id, state.base_run_id, describe(query));
         if let Some(counts) = self.buyers.lock().expect("not poisoned").get(&key) {
-            return Ok((Some(state), counts.clone()));
+            return Ok(counts.clone());
         }
         let _permit = self.ch_permits.acquire().await.expect("never closed");
         let counts = Arc::new(
-            tidemark_batchview::buyers(&self.ch, &state, query)
+            tidemark_batchview::buyers(&self.ch, state, query)
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, "Batch buyers unavailable");
@@ -518,7 +537,7 @@ impl Views {
             cache.clear();
         }
         cache.insert(key, counts.clone());
-        Ok((Some(state), counts))
+        Ok(counts)
     }
 
     /// Which of `users` the batch view holds in each cell of `query` (and maybe
@@ -558,40 +577,6 @@ impl Views {
             slot.0.extend(chunk.iter().map(|u| (*u).to_owned()));
         }
         Ok(slot.1.clone())
-    }
-
-    /// The speed view's buyers in `[from, to)` of epochs `>= min_epoch`, read
-    /// again only when the cursor moved.
-    pub async fn speed_buyers(
-        &self,
-        min_epoch: u64,
-        from: i64,
-        to: i64,
-    ) -> Result<Arc<Vec<Buyer>>, tidemark_speedview::Error> {
-        let Some(observed) = self.speed.meta().await? else {
-            let (_, buyers) = self.speed.read_buyers(min_epoch, from, to).await?;
-            return Ok(Arc::new(buyers));
-        };
-        let key = (min_epoch, from, to);
-        let slot = {
-            let mut slots = self.speed_buyers.lock().expect("not poisoned");
-            if slots.len() >= self.cache_entries && !slots.contains_key(&key) {
-                slots.clear();
-            }
-            slots.entry(key).or_default().clone()
-        };
-        let mut entry = slot.lock().await;
-        if let Some((meta, buyers)) = entry.as_ref()
-            && meta.cursor >= observed.cursor
-        {
-            return Ok(buyers.clone());
-        }
-        let (meta, buyers) = self.speed.read_buyers(min_epoch, from, to).await?;
-        let buyers = Arc::new(buyers);
-        if let Some(meta) = meta {
-            *entry = Some((meta, buyers.clone()));
-        }
-        Ok(buyers)
     }
 
     /// When the exchange rates last changed (and how many there are), read at

@@ -260,16 +260,20 @@ local p = ARGV[1]
 local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms', 'layout')
 if meta[5] ~= ARGV[6] then return {'', '', '', ''} end
 local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or ''}
+local shapes = {ARGV[5]}
+for k = 7, #ARGV do shapes[#shapes + 1] = ARGV[k] end
 local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
 for _, e in ipairs(epochs) do
   local buckets = redis.call('ZRANGEBYSCORE', p .. ':e:' .. e .. ':idx:minute', ARGV[3], '(' .. ARGV[4])
   for _, b in ipairs(buckets) do
-    local h = redis.call('HGETALL', p .. ':e:' .. e .. ':minute:' .. b .. ':' .. ARGV[5])
-    for j = 1, #h, 2 do
-      out[#out + 1] = e
-      out[#out + 1] = b
-      out[#out + 1] = h[j]
-      out[#out + 1] = h[j + 1]
+    for _, shape in ipairs(shapes) do
+      local h = redis.call('HGETALL', p .. ':e:' .. e .. ':minute:' .. b .. ':' .. shape)
+      for j = 1, #h, 2 do
+        out[#out + 1] = e
+        out[#out + 1] = b
+        out[#out + 1] = h[j]
+        out[#out + 1] = h[j + 1]
+      end
     end
   end
 end
@@ -551,14 +555,18 @@ pub struct Buyer {
 }
 
 impl SpeedView {
-    /// Who bought in `[from_secs, to_secs)` in every epoch `>= min_epoch`, read
-    /// atomically, with the cursor it is exact at.
-    pub async fn read_buyers(
+    /// The cells of `dimension` at `granularity` and who bought, for events in
+    /// `[from_secs, to_secs)` of every epoch `>= min_epoch`, in one atomic read: both
+    /// exact at the one cursor the snapshot states (an answer's revenue and its
+    /// buyers must be as of the same position).
+    pub async fn read_with_buyers(
         &self,
         min_epoch: u64,
+        granularity: Granularity,
+        dimension: Dimension,
         from_secs: i64,
         to_secs: i64,
-    ) -> Result<(Option<Meta>, Vec<Buyer>)> {
+    ) -> Result<(Snapshot, Vec<Buyer>)> {
         let mut conn = self.redis.conn().await?;
         let out: Vec<String> = self
             .read
@@ -566,11 +574,26 @@ impl SpeedView {
             .arg(min_epoch)
             .arg(from_secs)
             .arg(to_secs)
-            .arg(BUYERS)
+            .arg(source_of(dimension).as_str())
             .arg(LAYOUT)
+            .arg(BUYERS)
             .invoke_async(&mut conn)
             .await?;
-        decode_buyers(&out)
+        let head = out
+            .get(..4)
+            .ok_or_else(|| Error::Corrupt("short reply".to_owned()))?;
+        let (mut cells, mut buyers) = (head.to_vec(), head.to_vec());
+        for chunk in out[4..].chunks(4) {
+            // A buyer's field is `b:<currency>:<values>`; no cell metric is `b`.
+            let into = if chunk.get(2).is_some_and(|f| f.starts_with("b:")) {
+                &mut buyers
+            } else {
+                &mut cells
+            };
+            into.extend_from_slice(chunk);
+        }
+        let snapshot = decode_snapshot(&cells, granularity, dimension)?;
+        Ok((snapshot, decode_buyers(&buyers)?.1))
     }
 }
 

@@ -126,6 +126,79 @@ async fn applied_orders_read_back_by_minute_hour_and_day_and_epoch() {
     assert!(outside.total().is_empty(), "{outside:?}");
 }
 
+/// An answer's revenue and its buyers come from one read, exact at one cursor: the
+/// cells are those `read` gives, the users those of each minute and value.
+#[tokio::test]
+async fn cells_and_buyers_are_read_at_one_cursor() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap();
+    let by = |mut o: Order, user: &str| {
+        o.user_id = user.into();
+        Event::Order(o)
+    };
+    let mut delta = Delta::default();
+    delta.add(
+        0,
+        &by(order(1, 1, "Zürich", "p:1:2", "KWD", 2, 1_299), "u1"),
+    );
+    delta.add(
+        0,
+        &by(order(2, 1, "Zürich", "p:1:2", "KWD", 1, 1_000), "u2"),
+    );
+    delta.add(0, &by(order(3, 59, "Oslo", "p-2", "JPY", 3, 500), "u1"));
+    let to = LogPosition::new(10, 3);
+    view.apply(LogPosition::ZERO, to, 2, 0, &delta)
+        .await
+        .unwrap();
+    let ten = Utc
+        .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
+        .unwrap()
+        .timestamp();
+    for dimension in [Dimension::Total, Dimension::City, Dimension::Product] {
+        let (together, mut buyers) = view
+            .read_with_buyers(0, Granularity::Hour, dimension, ten, ten + 3_600)
+            .await
+            .unwrap();
+        let apart = view
+            .read(0, Granularity::Hour, dimension, ten, ten + 3_600)
+            .await
+            .unwrap();
+        assert_eq!(together.meta.unwrap().cursor, to);
+        assert_eq!(together.total(), apart.total(), "{dimension:?}");
+        buyers.sort();
+        let buyer = |minute: i64, city: &str, product: &str, currency: &str, user: &str| {
+            tidemark_speedview::Buyer {
+                minute: ten + minute * 60,
+                city: city.into(),
+                category: "books".into(),
+                product: product.into(),
+                currency: currency.parse().unwrap(),
+                user_id: user.into(),
+            }
+        };
+        let mut expected = vec![
+            buyer(1, "Zürich", "p:1:2", "KWD", "u1"),
+            buyer(1, "Zürich", "p:1:2", "KWD", "u2"),
+            buyer(59, "Oslo", "p-2", "JPY", "u1"),
+        ];
+        expected.sort();
+        assert_eq!(buyers, expected, "{dimension:?}");
+    }
+    // Outside the range: neither cells nor users.
+    let (cells, buyers) = view
+        .read_with_buyers(
+            0,
+            Granularity::Minute,
+            Dimension::City,
+            ten + 120,
+            ten + 3_540,
+        )
+        .await
+        .unwrap();
+    assert!(cells.total().is_empty() && buyers.is_empty());
+}
+
 #[tokio::test]
 async fn a_basket_counts_once_per_value_and_sums_its_lines() {
     let config = tidemark_testkit::redis();

@@ -148,7 +148,7 @@ async fn post_city_order(port: u16, key: &str, seed: u64) {
     assert!(status.is_success(), "{status}");
 }
 
-/// A random question of hours or days over the last six days, asked through
+/// A random question of hours or days over yesterday and today, asked through
 /// `port`: the question and its answer, or what it got instead of a 200.
 async fn ask_random(
     http: &reqwest::Client,
@@ -157,11 +157,16 @@ async fn ask_random(
     rng: &mut StdRng,
 ) -> Result<(Question, serde_json::Value), String> {
     let mut slice = Slice::random(rng);
-    // Hours and days: a minute answer over the six days is thousands of cells, too
-    // slow to reconcile under this load.
+    // Hours and days of two days: minute answers over longer ranges hold thousands
+    // of cells, too slow to read and reconcile under this load.
     slice.granularity = if rng.random_bool(0.5) { "hour" } else { "day" };
     let question = slice.question();
-    let (from, to) = crate::full_range();
+    let today = chrono::Utc::now().date_naive();
+    let day = |d: chrono::NaiveDate| d.format("%Y-%m-%dT00:00:00Z").to_string();
+    let (from, to) = (
+        day(today - chrono::Days::new(1)),
+        day(today + chrono::Days::new(1)),
+    );
     let url = format!(
         "http://127.0.0.1:{port}/v1/revenue?from={from}&to={to}&{}",
         question.query()
@@ -181,11 +186,8 @@ async fn ask_random(
 #[derive(Default)]
 struct Found {
     checked: AtomicU64,
-    /// Answers with a cell whose revenue, orders, items or corrections differ from
-    /// SQL as of the answer's position.
+    /// Answers with a cell that differs from SQL as of the answer's position.
     not_exact: AtomicU64,
-    /// Answers whose cells differ in buyers alone (see the test).
-    buyers_only: AtomicU64,
     failed: AtomicUsize,
 }
 
@@ -217,6 +219,8 @@ impl Readers {
                             Err(e) => {
                                 eprintln!("a question failed: {e}");
                                 found.failed.fetch_add(1, Ordering::Relaxed);
+                                // As a client would: not at once again.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
                                 continue;
                             }
                         };
@@ -224,11 +228,14 @@ impl Readers {
                             .await
                             .unwrap();
                         found.checked.fetch_add(1, Ordering::Relaxed);
-                        if r.differing > r.buyers_only {
-                            eprintln!("not exact as of its position: {}", question.query());
+                        if r.differing > 0 {
+                            eprintln!(
+                                "not exact as of its position ({} of {} cells): {}",
+                                r.differing,
+                                r.cells,
+                                question.query()
+                            );
                             found.not_exact.fetch_add(1, Ordering::Relaxed);
-                        } else if r.buyers_only > 0 {
-                            found.buyers_only.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 })
@@ -262,7 +269,10 @@ impl Readers {
 /// requests fail; the subscription reconnects through the proxy and goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn r20_two_of_each_behind_haproxy_one_of_each_sigkilled_stays_exact() {
-    let env = Env::new().await;
+    // A Redis of its own: four readers' speed reads and a 16-writer stream must not
+    // slow the tests sharing the stack's.
+    let redis = tidemark_testkit::PrivateRedis::start().await;
+    let env = Env::with(redis.config(), |_| {}).await;
     let (_, ingest_key) = auth::create(&env.db.pool, "writer", &[Scope::Ingest], None)
         .await
         .unwrap();
@@ -362,20 +372,16 @@ async fn r20_two_of_each_behind_haproxy_one_of_each_sigkilled_stays_exact() {
         quiet_differing += r.differing;
     }
     let load_figure = |n: &AtomicU64| n.load(Ordering::Relaxed);
-    let (checked, not_exact, buyers_only) = (
-        load_figure(&found.checked),
-        load_figure(&found.not_exact),
-        load_figure(&found.buyers_only),
-    );
+    let (checked, not_exact) = (load_figure(&found.checked), load_figure(&found.not_exact));
     tidemark_testkit::figure(
         "R20",
         format!(
             "two ingest and two serving instances behind HAProxy, one of each SIGKILLed under \
              {} writers, {READERS} readers and a subscription: {} orders acked, \
              acked-but-missing {lost}; {checked} answers under load reconciled with SQL as of \
-             their position: revenue, orders, items and corrections not exact {not_exact}, \
-             buyers alone behind in {buyers_only} (a known limit); {QUIET_QUESTIONS} answers \
-             when quiet: differing cells {quiet_differing}; requests failed at the kill: ingest \
+             their position (every metric, buyers included): not exact {not_exact}; \
+             {QUIET_QUESTIONS} answers when quiet: differing cells {quiet_differing}; requests \
+             failed at the kill: ingest \
              {} (at most the {} in flight), serving {} (at most {READERS}); the subscription \
              reconnected through the proxy {reconnected:.2} s after the kill and delivered the \
              next order",
