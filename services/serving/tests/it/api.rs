@@ -6,7 +6,6 @@ use futures::{SinkExt, StreamExt};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::{Env, full_range, random_order};
 
@@ -316,18 +315,7 @@ async fn the_subscription_delivers_an_order_within_a_second_of_its_2xx() {
     .await
     .unwrap();
 
-    let mut request = format!("ws://{}/graphql/ws", env.serving.addr)
-        .into_client_request()
-        .unwrap();
-    let headers = request.headers_mut();
-    headers.insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
-    headers.insert(
-        "authorization",
-        format!("Bearer {}", env.key).parse().unwrap(),
-    );
+    let request = crate::subscription_request(env.serving.addr, Some(&env.key));
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     ws.send(Message::text(r#"{"type":"connection_init","payload":{}}"#))
         .await
@@ -713,13 +701,7 @@ async fn a_customer_is_served_with_every_version() {
 /// the upgrade) whose `connection_init` carries `payload`: the first message
 /// after a subscribe, or how the connection ended.
 async fn subscribe_with_init(env: &Env, payload: serde_json::Value) -> String {
-    let mut request = format!("ws://{}/graphql/ws", env.serving.addr)
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        "graphql-transport-ws".parse().unwrap(),
-    );
+    let request = crate::subscription_request(env.serving.addr, None);
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let init = serde_json::json!({ "type": "connection_init", "payload": payload });
     ws.send(Message::text(init.to_string())).await.unwrap();

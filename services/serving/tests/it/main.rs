@@ -493,3 +493,24 @@ pub fn slice_cells(points: &serde_json::Value, group_by: &[&str]) -> tidemark_te
         })
         .collect()
 }
+
+/// A graphql-transport-ws upgrade request to `/graphql/ws` at `addr` (host:port),
+/// with the read key as a bearer header when given (a browser cannot send one).
+pub fn subscription_request(
+    addr: impl std::fmt::Display,
+    key: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/graphql/ws")
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    if let Some(key) = key {
+        headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    request
+}

@@ -13,7 +13,6 @@ use tidemark_orderlog::question::Question;
 use tidemark_platform::auth::{self, Scope};
 use tidemark_testkit::{OrderLoad, PrivateHaProxy, Process, ServiceEnv, Slice};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::Env;
 
@@ -64,15 +63,7 @@ impl Subscription {
     const CITY: &str = "Reconnectville";
 
     async fn open(port: u16, key: &str) -> Subscription {
-        let mut request = format!("ws://127.0.0.1:{port}/graphql/ws")
-            .into_client_request()
-            .unwrap();
-        let headers = request.headers_mut();
-        headers.insert(
-            "sec-websocket-protocol",
-            "graphql-transport-ws".parse().unwrap(),
-        );
-        headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+        let request = crate::subscription_request(format!("127.0.0.1:{port}"), Some(key));
         let (mut ws, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("the subscription connects through the proxy");
