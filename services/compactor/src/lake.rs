@@ -77,12 +77,29 @@ impl Store {
             .send()
             .await
             .map_err(|e| s3_error(&e))?;
-        Ok(object
-            .body
-            .collect()
-            .await
-            .map_err(|e| s3_error(&e))?
-            .into_bytes())
+        // The SDK's operation timeout ends when the response's head arrives; the
+        // body is read here with the same bound on each wait for data, so a stalled
+        // download fails the step (the run is retried) instead of holding the
+        // compactor's lease forever, whatever the object's size.
+        let mut body = object.body;
+        let mut bytes = Vec::with_capacity(
+            object
+                .content_length
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(0),
+        );
+        loop {
+            match tokio::time::timeout(self.config.timeout, body.next()).await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk.map_err(|e| s3_error(&e))?),
+                Ok(None) => return Ok(bytes.into()),
+                Err(_) => {
+                    return Err(LakeError::S3(format!(
+                        "no data from {key} for {} ms",
+                        self.config.timeout.as_millis()
+                    )));
+                }
+            }
+        }
     }
 
     pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {

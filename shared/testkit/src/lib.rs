@@ -24,6 +24,7 @@ pub mod figure;
 pub mod fuzz;
 pub mod isolate;
 pub mod load;
+pub mod log;
 pub mod orders;
 pub mod process;
 pub mod proxy;

@@ -278,6 +278,7 @@ impl Deref for PrivatePostgres {
 impl PrivatePostgres {
     /// Initialises and starts a server with the migrations applied to `postgres`.
     pub async fn start() -> PrivatePostgres {
+        crate::log::init();
         let kind = Kind::Postgres {
             bin_dir: stack().postgres_bin_dir(),
         };

@@ -333,6 +333,7 @@ impl Compactor {
     /// Records the step the run has reached: a write of the run like the others, so
     /// a runner that lost the lease stops at its next step at the latest.
     async fn set_step(&self, run: &Run, step: &str) -> Result<()> {
+        tracing::info!(run_id = run.run_id, step, "Batch run step");
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE batch_runs SET step = $2 WHERE run_id = $1")
             .bind(run.run_id as i64)

@@ -324,7 +324,13 @@ impl Progress {
 async fn r18_concurrent_refunds_never_pass_the_order() {
     const REFUNDS: u128 = 1_000;
     const EACH: i64 = 150;
-    let h = Harness::with(|c| c.postgres.max_connections = 32).await;
+    // Its own cluster: a thousand transactions queue on one order's lock, and each
+    // holder keeps a transaction id while it waits for its turn on the shared CPU;
+    // the log horizon is cluster-wide, so on the shared server it paused every
+    // other test's relay and speed consumer for up to 17 s at a time (and their
+    // compactor runs waited for the relay).
+    let pg = tidemark_testkit::PrivatePostgres::start().await;
+    let h = Harness::on(pg.test_db(), |c| c.postgres.max_connections = 32).await;
     let mut order = basket(5);
     order.lines = vec![OrderLine {
         product_id: "p-1".into(),

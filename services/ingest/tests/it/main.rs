@@ -34,7 +34,12 @@ impl Harness {
     }
 
     pub async fn with(adjust: impl FnOnce(&mut tidemark_ingest::Config)) -> Harness {
-        let db = tidemark_testkit::postgres().await;
+        Self::on(tidemark_testkit::postgres().await, adjust).await
+    }
+
+    /// On `db` (a private server's, for a test whose transactions would hold back
+    /// the cluster-wide log horizon of every other test).
+    pub async fn on(db: TestDb, adjust: impl FnOnce(&mut tidemark_ingest::Config)) -> Harness {
         let s3 = tidemark_testkit::s3();
         let mut config = tidemark_ingest::Config {
             postgres: db.config.clone(),

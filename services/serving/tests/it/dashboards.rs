@@ -197,8 +197,12 @@ fn panels_convert_amounts_with_every_currencys_exponent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
+    let started = std::time::Instant::now();
+    // Where the test is, for a run that is cut off.
+    let phase = |what: &str| eprintln!("{:>6.1} s  {what}", started.elapsed().as_secs_f64());
     let env = Env::new().await;
     let (ingest, key) = env.ingest_api().await;
+    phase("stack up");
     let _targets = Targets::register(&[&ingest.url(""), &env.serving.url("")]);
 
     // A burst of live orders, one refused request (for the error panel), a batch run.
@@ -219,6 +223,7 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
         .await
         .unwrap();
     assert_eq!(sent.created, 800);
+    phase("burst sent");
     // The demo's exchange rates, for the panels in a reporting currency.
     let today = Utc::now().date_naive();
     let rates = tidemark_generator::fx_rates_csv(today - chrono::Days::new(10), today, 1);
@@ -239,9 +244,12 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
         outcome,
         tidemark_compactor::Outcome::Published { .. }
     ));
+    phase("batch run published");
     env.speed_caught_up().await;
+    phase("speed caught up");
     // The warehouse (ingest's loader), for the panel by city of residence.
     env.vault_caught_up().await;
+    phase("vault caught up");
 
     let dir = tidemark_testkit::workspace_root().join("dashboards");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -330,6 +338,7 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
                     }
                     other => panic!("{title}: unknown datasource {other}"),
                 }
+                phase(&format!("{title} ({source})"));
                 checked.push(title.clone());
             }
         }

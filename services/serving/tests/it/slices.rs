@@ -486,14 +486,14 @@ async fn buyers_in_both_views_count_once_however_many() {
     let to = (hour + TimeDelta::hours(1))
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
-    let body: serde_json::Value = env
+    let response = env
         .get(&format!(
             "/v1/revenue?from={from}&to={to}&granularity=hour&group_by=city"
         ))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
     let points = body["points"].as_array().unwrap();
     assert_eq!(points.len(), 1, "{body}");
     assert_eq!(points[0]["orders"], 8_000);
