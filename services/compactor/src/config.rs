@@ -38,6 +38,13 @@ pub struct CompactorSettings {
     pub relay_wait: Duration,
     /// Parquet files a date partition may hold before they are compacted into one.
     pub max_files_per_partition: usize,
+    /// How long the audit's read-back (the run's Parquet columns from S3 and
+    /// staging's sums from ClickHouse) may take before it is abandoned and started
+    /// again (three tries, then the run fails and the next one redoes it). A
+    /// read-back that never finished held a test's run for minutes with every
+    /// thread idle and no connection open; the cause is not yet known.
+    #[serde(with = "millis")]
+    pub read_back_timeout: Duration,
 }
 
 impl Default for CompactorSettings {
@@ -48,6 +55,7 @@ impl Default for CompactorSettings {
             check_interval: Duration::from_secs(5),
             relay_wait: Duration::from_secs(60),
             max_files_per_partition: 8,
+            read_back_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -76,6 +84,9 @@ impl Validate for Config {
         self.lease.validate(problems);
         if self.compactor.max_files_per_partition < 2 {
             problems.push("compactor.max_files_per_partition must be at least 2".into());
+        }
+        if self.compactor.read_back_timeout.is_zero() {
+            problems.push("compactor.read_back_timeout must be positive".into());
         }
     }
 }

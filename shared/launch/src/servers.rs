@@ -122,15 +122,35 @@ pub mod redis {
         command
     }
 
+    /// Requires `password` of clients (`--requirepass`) and gives it to a primary
+    /// (`--masterauth`): after a failover the old primary, back as a replica,
+    /// authenticates to the new one with it.
+    pub fn with_password(mut command: Command, password: &str) -> Command {
+        command.args(["--requirepass", password, "--masterauth", password]);
+        command
+    }
+
     /// The configuration of a Sentinel on `port` watching the primary on `primary`
     /// as `name`: it is judged down after `down_after_ms` without an answer, and
     /// one Sentinel suffices to fail it over (quorum 1).
-    pub fn sentinel_config(port: u16, name: &str, primary: u16, down_after_ms: u64) -> String {
+    ///
+    /// With `password`, the Sentinel requires it of its clients and gives it to the
+    /// servers it watches (`sentinel auth-pass`).
+    pub fn sentinel_config(
+        port: u16,
+        name: &str,
+        primary: u16,
+        down_after_ms: u64,
+        password: Option<&str>,
+    ) -> String {
+        let auth = password.map_or_else(String::new, |p| {
+            format!("requirepass {p}\nsentinel auth-pass {name} {p}\n")
+        });
         format!(
             "port {port}\nbind 127.0.0.1\n\
              sentinel monitor {name} 127.0.0.1 {primary} 1\n\
              sentinel down-after-milliseconds {name} {down_after_ms}\n\
-             sentinel failover-timeout {name} {}\n",
+             sentinel failover-timeout {name} {}\n{auth}",
             down_after_ms * 5
         )
     }
@@ -145,12 +165,21 @@ pub mod redis {
 
     /// Whether the server answers `PING`.
     pub async fn ready(port: u16) -> bool {
+        ready_as(port, None).await
+    }
+
+    /// Whether the server answers `PING`, after `AUTH` with `password` if given.
+    pub async fn ready_as(port: u16, password: Option<&str>) -> bool {
+        let (request, expected): (String, &[u8]) = match password {
+            Some(p) => (format!("AUTH {p}\r\nPING\r\n"), b"+OK\r\n+PONG\r\n"),
+            None => ("PING\r\n".to_owned(), b"+PONG\r\n"),
+        };
         let ping = async {
             let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-            stream.write_all(b"PING\r\n").await?;
-            let mut reply = [0u8; 7];
+            stream.write_all(request.as_bytes()).await?;
+            let mut reply = vec![0u8; expected.len()];
             stream.read_exact(&mut reply).await?;
-            Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
+            Ok::<_, std::io::Error>(reply == expected)
         };
         matches!(
             tokio::time::timeout(PROBE_TIMEOUT, ping).await,

@@ -175,13 +175,16 @@ impl Validate for PostgresConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`; unused when `sentinels` is set.
+    /// `redis://[[user]:password@]host:port[/db]`. With `sentinels`, its host and
+    /// port are unused; its credentials and database are those of the primary the
+    /// Sentinels name.
     pub url: SecretString,
     /// Every key this deployment writes starts with this prefix and a colon.
     pub key_prefix: String,
     #[serde(with = "millis")]
     pub timeout: Duration,
-    /// Redis Sentinels to ask for the primary, comma-separated `redis://host:port`;
+    /// Redis Sentinels to ask for the primary, comma-separated
+    /// `redis://[:password@]host:port` (a Sentinel's own `requirepass`);
     /// empty: `url` is the server. With sentinels, the primary is looked up again
     /// at most every second while it fails, so a failover is followed.
     pub sentinels: String,

@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use secrecy::ExposeSecret;
 use tokio::sync::{Mutex, OnceCell};
 
@@ -49,11 +50,16 @@ impl Redis {
                 manager: OnceCell::new(),
             }
         } else {
+            // The primary the Sentinels name is reached with `url`'s credentials
+            // (user, password, database); each Sentinel with its own URL's.
+            let primary = config.url.expose_secret().into_connection_info()?;
+            let node = SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(primary.redis_settings().clone());
             Target::Sentinel(Mutex::new(Followed {
                 sentinels: SentinelClient::build(
                     sentinels,
                     config.sentinel_master.clone(),
-                    None,
+                    Some(node),
                     SentinelServerType::Master,
                 )?,
                 primary: None,

@@ -9,8 +9,9 @@ use std::sync::Once;
 pub fn init() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
-        let filter = std::env::var("TIDEMARK_TEST_LOG")
-            .unwrap_or_else(|_| "warn,tidemark_compactor=info".to_owned());
+        let filter = std::env::var("TIDEMARK_TEST_LOG").unwrap_or_else(|_| {
+            "warn,tidemark_compactor=info,tidemark_compactor::run::audit=debug".to_owned()
+        });
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_test_writer()

@@ -25,14 +25,19 @@ enum Kind {
     Postgres {
         bin_dir: PathBuf,
     },
-    Redis,
+    /// Requiring the password, if any.
+    Redis {
+        password: Option<&'static str>,
+    },
     /// A replica of the Redis server on the port.
     RedisReplica {
         primary: u16,
+        password: Option<&'static str>,
     },
     /// A Sentinel watching the Redis server on the port as `tidemark`.
     Sentinel {
         primary: u16,
+        password: Option<&'static str>,
     },
     S3,
     /// HAProxy balancing over services on these ports.
@@ -117,13 +122,14 @@ impl PrivateServer {
                 ],
             )
             .expect("alertmanager.yml"),
-            Kind::Sentinel { primary } => std::fs::write(
+            Kind::Sentinel { primary, password } => std::fs::write(
                 self.path().join("sentinel.conf"),
                 servers::redis::sentinel_config(
                     self.port,
                     PrivateRedisFailover::NAME,
                     *primary,
                     PrivateRedisFailover::DOWN_AFTER_MS,
+                    *password,
                 ),
             )
             .expect("sentinel.conf"),
@@ -132,7 +138,7 @@ impl PrivateServer {
                 servers::haproxy::config(self.port, backends),
             )
             .expect("haproxy.cfg"),
-            Kind::Redis | Kind::RedisReplica { .. } | Kind::ClickHouse { .. } => {}
+            Kind::Redis { .. } | Kind::RedisReplica { .. } | Kind::ClickHouse { .. } => {}
         }
     }
 
@@ -143,11 +149,29 @@ impl PrivateServer {
             Kind::Postgres { bin_dir } => {
                 servers::postgres::server(bin_dir, &dir.join("data"), self.port, &["fsync=off"])
             }
-            Kind::Redis => {
-                servers::redis::server(stack.redis_server_bin().as_ref(), self.port, dir, false)
+            Kind::Redis { password } => {
+                let server = servers::redis::server(
+                    stack.redis_server_bin().as_ref(),
+                    self.port,
+                    dir,
+                    false,
+                );
+                match password {
+                    Some(p) => servers::redis::with_password(server, p),
+                    None => server,
+                }
             }
-            Kind::RedisReplica { primary } => {
-                servers::redis::replica(stack.redis_server_bin().as_ref(), self.port, dir, *primary)
+            Kind::RedisReplica { primary, password } => {
+                let replica = servers::redis::replica(
+                    stack.redis_server_bin().as_ref(),
+                    self.port,
+                    dir,
+                    *primary,
+                );
+                match password {
+                    Some(p) => servers::redis::with_password(replica, p),
+                    None => replica,
+                }
             }
             Kind::HaProxy { .. } => servers::haproxy::server(
                 &tidemark_launch::which("haproxy").expect("haproxy is installed"),
@@ -190,8 +214,10 @@ impl PrivateServer {
     async fn ready(&self) -> bool {
         match &self.kind {
             Kind::Postgres { bin_dir } => servers::postgres::ready(bin_dir, self.port).await,
-            Kind::Redis | Kind::RedisReplica { .. } | Kind::Sentinel { .. } => {
-                servers::redis::ready(self.port).await
+            Kind::Redis { password }
+            | Kind::RedisReplica { password, .. }
+            | Kind::Sentinel { password, .. } => {
+                servers::redis::ready_as(self.port, *password).await
             }
             Kind::S3 => servers::s3::ready(self.port).await,
             Kind::HaProxy { .. } => servers::haproxy::ready(self.port).await,
@@ -325,7 +351,10 @@ impl Deref for PrivateRedis {
 
 impl PrivateRedis {
     pub async fn start() -> PrivateRedis {
-        PrivateRedis(PrivateServer::start(Kind::Redis, tidemark_launch::free_port()).await)
+        PrivateRedis(
+            PrivateServer::start(Kind::Redis { password: None }, tidemark_launch::free_port())
+                .await,
+        )
     }
 
     pub fn url(&self) -> String {
@@ -364,12 +393,17 @@ impl PrivateRedisFailover {
     pub const NAME: &str = "tidemark";
     /// How long the Sentinel waits for an answer before it fails the primary over.
     pub const DOWN_AFTER_MS: u64 = 1_000;
+    /// Required by the servers and the Sentinel alike, as in production.
+    pub const PASSWORD: &str = "tidemark-failover-secret";
 
     pub async fn start() -> PrivateRedisFailover {
-        let primary = PrivateServer::start(Kind::Redis, tidemark_launch::free_port()).await;
+        let password = Some(Self::PASSWORD);
+        let primary =
+            PrivateServer::start(Kind::Redis { password }, tidemark_launch::free_port()).await;
         let replica = PrivateServer::start(
             Kind::RedisReplica {
                 primary: primary.port,
+                password,
             },
             tidemark_launch::free_port(),
         )
@@ -377,6 +411,7 @@ impl PrivateRedisFailover {
         let sentinel = PrivateServer::start(
             Kind::Sentinel {
                 primary: primary.port,
+                password,
             },
             tidemark_launch::free_port(),
         )
@@ -389,12 +424,23 @@ impl PrivateRedisFailover {
     }
 
     /// A config that follows the Sentinel, failing fast while the primary is gone.
+    /// The password authenticates at the Sentinel (its URL) and at the primary it
+    /// names (`url`'s credentials).
     pub fn config(&self) -> RedisConfig {
         RedisConfig {
-            url: format!("redis://127.0.0.1:{}", self.primary.port).into(),
+            url: format!(
+                "redis://:{}@127.0.0.1:{}",
+                Self::PASSWORD,
+                self.primary.port
+            )
+            .into(),
             key_prefix: unique("t"),
             timeout: Duration::from_millis(500),
-            sentinels: format!("redis://127.0.0.1:{}", self.sentinel.port),
+            sentinels: format!(
+                "redis://:{}@127.0.0.1:{}",
+                Self::PASSWORD,
+                self.sentinel.port
+            ),
             sentinel_master: Self::NAME.into(),
         }
     }
@@ -403,6 +449,7 @@ impl PrivateRedisFailover {
     pub fn named_primary(&self) -> Option<u16> {
         let out = Command::new("redis-cli")
             .args(["-p", &self.sentinel.port.to_string()])
+            .args(["-a", Self::PASSWORD, "--no-auth-warning"])
             .args(["SENTINEL", "get-master-addr-by-name", Self::NAME])
             .output()
             .ok()?;

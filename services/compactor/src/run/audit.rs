@@ -75,7 +75,7 @@ impl Compactor {
                 .problems
                 .push("raw totals changed by de-duplication without duplicates".into());
         }
-        let (parquet, sums) = self.read_back(run, written).await?;
+        let (parquet, sums) = self.read_back_bounded(run, written).await?;
         if parquet != deduped {
             report.problems.push(format!(
                 "parquet totals {parquet:?} differ from raw {deduped:?}"
@@ -129,6 +129,35 @@ impl Compactor {
         Ok(())
     }
 
+    /// [`Compactor::read_back`] within `read_back_timeout`, tried three times. It
+    /// only reads, so abandoning one and starting again is safe.
+    async fn read_back_bounded(
+        &self,
+        run: &Run,
+        written: &Written,
+    ) -> Result<(CurrencyTotals, Vec<StagedSums>)> {
+        let limit = self.settings.read_back_timeout;
+        for attempt in 1..=3 {
+            match tokio::time::timeout(limit, self.read_back(run, written)).await {
+                Ok(result) => return result,
+                Err(_) => {
+                    metrics::counter!("compactor_read_back_timeouts_total").increment(1);
+                    tracing::warn!(
+                        run_id = run.run_id,
+                        attempt,
+                        timeout_ms = limit.as_millis() as u64,
+                        "The audit's read-back did not finish in time; reading again"
+                    );
+                }
+            }
+        }
+        Err(RunError::ReadBack(format!(
+            "three read-backs of run {} each outlasted {} ms",
+            run.run_id,
+            limit.as_millis()
+        )))
+    }
+
     /// What landed, read back: the totals of the run's Parquet files (from S3, only
     /// the columns the totals need, fetched by range) and staging's sums in
     /// ClickHouse, both at once.
@@ -161,6 +190,7 @@ impl Compactor {
             while let Some(frame) = frames.try_next().await? {
                 aggregate::add_totals(&mut totals, aggregate::currency_totals(&frame)?);
             }
+            tracing::debug!(run_id = run.run_id, "Parquet columns read back");
             Ok::<_, RunError>((totals, t.elapsed().as_millis() as u64))
         };
         let sums = async {
@@ -188,7 +218,8 @@ impl Compactor {
                         run.staging()
                     ))
                     .fetch_all::<StagedSums>()
-                    .await?,
+                    .await
+                    .inspect(|_| tracing::debug!(run_id = run.run_id, "Staging sums read"))?,
                 t.elapsed().as_millis() as u64,
             ))
         };

@@ -62,6 +62,8 @@ pub enum RunError {
     Polars(#[from] PolarsError),
     #[error("publish: {0}")]
     Publish(String),
+    #[error("audit: {0}")]
+    ReadBack(String),
     #[error(transparent)]
     Fenced(#[from] Fenced),
 }
