@@ -787,8 +787,6 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     })
 }
 
-/// The answer to `read` from both views: their pieces summed into its buckets;
-/// with a reporting currency, converted (see [`crate::fx`]).
 /// An answer's cells and its buyers, of one published state and one speed
 /// cursor — the position the answer states. The batch view's revenue and buyers
 /// statements run at once; the speed view's cells and users come from one read.
@@ -808,28 +806,23 @@ async fn answer_with_buyers(
         views.buyers_batch(known.as_ref().and_then(Option::as_ref), &query)
     );
     let (answer, merged) = answered?;
-    let buyers = if known.is_none() {
-        Err(ViewError::Unavailable(Part::Batch))
-    } else if merged.missing.contains(&Part::Speed) {
-        Err(ViewError::Unavailable(Part::Speed))
-    } else {
-        match batch {
-            Ok(batch) => {
-                crate::buyers::buyers(
-                    views,
-                    ask,
-                    merged.state.as_ref(),
-                    &batch,
-                    &merged.speed_buyers,
-                )
-                .await
-            }
-            Err(e) => Err(e),
+    let buyers = async {
+        if known.is_none() {
+            return Err(ViewError::Unavailable(Part::Batch));
         }
-    };
+        if merged.missing.contains(&Part::Speed) {
+            return Err(ViewError::Unavailable(Part::Speed));
+        }
+        let batch: std::sync::Arc<crate::views::BuyerCounts> = batch?;
+        let (state, speed) = (merged.state.as_ref(), &merged.speed_buyers);
+        crate::buyers::buyers(views, ask, state, &batch, speed).await
+    }
+    .await;
     Ok((answer, merged, buyers))
 }
 
+/// The answer to `read` from both views: their pieces summed into its buckets;
+/// with a reporting currency, converted (see [`crate::fx`]).
 async fn merged_answer(
     views: &Views,
     state: Result<Option<tidemark_batchview::PublishedState>, ViewError>,
