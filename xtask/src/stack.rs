@@ -248,7 +248,14 @@ impl Stack {
                     tcp: self.ports.clickhouse_tcp,
                     interserver: self.ports.clickhouse_interserver,
                 };
-                servers::clickhouse::server(&bin, &dir, &self.base.join("logs"), level, ports)
+                servers::clickhouse::server(
+                    &bin,
+                    Path::new(servers::clickhouse::PACKAGED_CONFIG),
+                    &dir,
+                    &self.base.join("logs"),
+                    level,
+                    ports,
+                )
             }
             Server::S3 => {
                 let dir = self.data("s3");

@@ -181,6 +181,7 @@ fn test_env(stack: &Stack) -> Result<Vec<(String, String)>> {
         ),
         var("S3_ENDPOINT", stack.s3_endpoint()),
         var("S3_BUCKET", stack.bucket().to_owned()),
+        var("S3_ROOT", stack.data("s3").display().to_string()),
         var("S3_ACCESS_KEY_ID", S3_ACCESS_KEY.to_owned()),
         var("S3_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_owned()),
         var("S3_SERVER", cargo_bin("s3s-fs").display().to_string()),

@@ -10,16 +10,7 @@ fn root() -> PathBuf {
 
 #[test]
 fn compose_file_is_valid() {
-    let out = Command::new("docker-compose")
-        .args(["-f", "docker-compose.yml", "config", "-q"])
-        .current_dir(root())
-        .output()
-        .expect("docker-compose is installed by `cargo xtask test`");
-    assert!(
-        out.status.success(),
-        "docker-compose config failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    compose(&["config", "-q"]);
 }
 
 #[test]
@@ -57,5 +48,130 @@ fn every_image_is_pinned_and_every_service_is_there() {
             text.contains(&format!("command: [\"tidemark-{service}\", \"serve\"]")),
             "service {service} missing"
         );
+    }
+}
+
+/// `docker-compose -f docker-compose.yml <args>`'s output; fails on an error.
+fn compose(args: &[&str]) -> String {
+    let out = Command::new("docker-compose")
+        .args(["-f", "docker-compose.yml"])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("docker-compose is installed by `cargo xtask test`");
+    assert!(
+        out.status.success(),
+        "docker-compose {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Issue 22: the profile `cluster` validates and holds the topology past one
+/// machine, configured as the tests on loopback run it; without the profile none
+/// of it starts.
+#[test]
+fn the_cluster_profile_is_valid_and_holds_the_topology() {
+    let services = compose(&["--profile", "cluster", "config", "--services"]);
+    let services: Vec<&str> = services.lines().collect();
+    let cluster = [
+        "clickhouse-2",
+        "redis-replica",
+        "sentinel",
+        "cluster-init",
+        "ingest-1",
+        "ingest-2",
+        "serving-1",
+        "serving-2",
+        "speed-1",
+        "speed-2",
+        "compactor-1",
+        "compactor-2",
+        "haproxy",
+    ];
+    for wanted in cluster {
+        assert!(
+            services.contains(&wanted),
+            "no service {wanted}: {services:?}"
+        );
+    }
+    // Each starts only with the profile (`config --services` lists every service
+    // whatever the profile: each one's rendered block must name it).
+    let rendered = compose(&["config"]);
+    let lines: Vec<&str> = rendered.lines().collect();
+    for service in cluster {
+        let at = lines
+            .iter()
+            .position(|l| *l == format!("  {service}:"))
+            .unwrap_or_else(|| panic!("{service} is not rendered"));
+        // Up to the next service (or the next top-level key).
+        let next = |l: &&str| {
+            let key = l.strip_prefix("  ").unwrap_or(l);
+            !key.starts_with(' ') && key.ends_with(':') && !key.contains(' ')
+        };
+        let block: Vec<&str> = lines[at + 1..]
+            .iter()
+            .take_while(|l| !next(l))
+            .copied()
+            .collect();
+        assert!(
+            block
+                .windows(2)
+                .any(|w| w[0].trim() == "profiles:" && w[1].trim() == "- cluster"),
+            "{service} starts without the profile: {block:?}"
+        );
+    }
+
+    let config = compose(&["--profile", "cluster", "config"]);
+    // Every Tidemark service of the profile reads the batch view on both shards,
+    // follows the Sentinel and keeps to the cluster's own databases.
+    let tidemark = cluster
+        .iter()
+        .filter(|s| s.contains('-') && !s.starts_with("clickhouse") && !s.starts_with("redis"))
+        .filter(|s| !["cluster-init"].contains(s))
+        .count()
+        + 1; // cluster-keys
+    for setting in [
+        "TIDEMARK_CLICKHOUSE__SHARDS: http://clickhouse:8123,http://clickhouse-2:8123",
+        "TIDEMARK_CLICKHOUSE__CLUSTER: tidemark",
+        "TIDEMARK_CLICKHOUSE__DATABASE: tidemark_cluster",
+        "TIDEMARK_REDIS__SENTINELS: redis://sentinel:26379",
+        "TIDEMARK_POSTGRES__URL: postgres://tidemark:tidemark@postgres:5432/tidemark_cluster",
+    ] {
+        assert_eq!(
+            config.matches(setting).count(),
+            tidemark,
+            "{setting} in each of the profile's {tidemark} Tidemark services"
+        );
+    }
+    // Both ClickHouse servers know the cluster (one anchor), shards in the
+    // configured order; HAProxy checks /readyz, retries a failed request once and
+    // balances over both instances. (Multi-line commands are checked in the file:
+    // `config` renders them escaped.)
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    assert_eq!(
+        config.matches("entrypoint.sh").count(),
+        2,
+        "both shards run the anchor"
+    );
+    let shard = |host: &str| {
+        text.find(&format!(
+            "<shard><replica><host>{host}</host><port>9000</port></replica></shard>"
+        ))
+    };
+    assert!(
+        matches!((shard("clickhouse"), shard("clickhouse-2")), (Some(a), Some(b)) if a < b),
+        "remote_servers lists clickhouse, then clickhouse-2"
+    );
+    for line in [
+        "option httpchk GET /readyz",
+        "retry-on conn-failure empty-response response-timeout",
+        "server ingest-1 ingest-1:8081 check",
+        "server ingest-2 ingest-2:8081 check",
+        "server serving-1 serving-1:8082 check",
+        "server serving-2 serving-2:8082 check",
+        "sentinel monitor tidemark redis 6379 1",
+    ] {
+        assert!(text.contains(line), "docker-compose.yml lacks `{line}`");
     }
 }

@@ -41,6 +41,13 @@ pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
         lease: Lease::new(pool.clone(), "compactor", &config.lease),
         pool,
         ch: clickhouse::client(&config.clickhouse),
+        shards: clickhouse::shard_clients(&config.clickhouse),
+        cluster: config.clickhouse.sharded().then(|| {
+            (
+                config.clickhouse.cluster.clone(),
+                config.clickhouse.local_database(),
+            )
+        }),
         store: lake::Store::new(s3::client(&config.s3).await, config.s3.clone()),
         settings: config.compactor.clone(),
         fence: std::sync::Mutex::default(),

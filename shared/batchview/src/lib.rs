@@ -64,6 +64,14 @@ impl PublishedState {
     }
 }
 
+/// The shard (of `shards`) holding the rows of the bucket starting at
+/// `bucket_secs`: its UTC day, round robin. Deterministic per row, so a row
+/// copied twice lands twice on the same shard, where `FINAL` counts it once; and
+/// a range of days spreads over every shard.
+pub fn shard_of(bucket_secs: u32, shards: usize) -> usize {
+    (bucket_secs / 86_400) as usize % shards.max(1)
+}
+
 /// The ClickHouse `Enum8` code of a granularity.
 pub fn granularity_code(g: Granularity) -> i8 {
     match g {

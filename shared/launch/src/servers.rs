@@ -199,13 +199,55 @@ pub mod clickhouse {
         pub interserver: u16,
     }
 
-    /// `clickhouse-server` with its data in `dir` (a path ending in `/` is not
-    /// needed) and its logs in `logs`, at `level` (`warning`, `information`).
-    pub fn server(bin: &Path, dir: &Path, logs: &Path, level: &str, ports: Ports) -> Command {
+    /// The packaged server's configuration (Debian's `clickhouse-server`).
+    pub const PACKAGED_CONFIG: &str = "/etc/clickhouse-server/config.xml";
+
+    /// Writes a configuration for a member of the cluster `name` into `dir`: the
+    /// packaged one (with its `users.xml`) and, in `config.d`, `remote_servers`
+    /// naming one shard per `(host, tcp port)` of `shards`, in order. Returns the
+    /// path to pass to [`server`].
+    pub fn cluster_config(
+        dir: &Path,
+        name: &str,
+        shards: &[(&str, u16)],
+    ) -> std::io::Result<std::path::PathBuf> {
+        std::fs::create_dir_all(dir.join("config.d"))?;
+        let packaged = Path::new(PACKAGED_CONFIG);
+        std::fs::copy(packaged, dir.join("config.xml"))?;
+        std::fs::copy(packaged.with_file_name("users.xml"), dir.join("users.xml"))?;
+        let shards: String = shards
+            .iter()
+            .map(|(host, port)| {
+                format!(
+                    "      <shard><replica><host>{host}</host><port>{port}</port></replica></shard>\n"
+                )
+            })
+            .collect();
+        std::fs::write(
+            dir.join("config.d/cluster.xml"),
+            format!(
+                "<yandex>\n  <remote_servers replace=\"replace\">\n    <{name}>\n{shards}    </{name}>\n  \
+                 </remote_servers>\n</yandex>\n"
+            ),
+        )?;
+        Ok(dir.join("config.xml"))
+    }
+
+    /// `clickhouse-server` configured by `config` (usually [`PACKAGED_CONFIG`])
+    /// with its data in `dir` (a path ending in `/` is not needed) and its logs in
+    /// `logs`, at `level` (`warning`, `information`).
+    pub fn server(
+        bin: &Path,
+        config: &Path,
+        dir: &Path,
+        logs: &Path,
+        level: &str,
+        ports: Ports,
+    ) -> Command {
         let p = |s: &str| format!("{}/{s}", dir.display());
         let mut command = Command::new(bin);
         command
-            .arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg(format!("--config-file={}", config.display()))
             .arg("--")
             .arg(format!("--path={}", p("")))
             .arg(format!("--tmp_path={}", p("tmp/")))

@@ -33,11 +33,103 @@ struct Applied {
     version: u32,
 }
 
-/// Creates the database if needed and applies every migration not yet recorded.
-/// Each migration is one statement written to be idempotent (or an `ADD COLUMN`
-/// that fails whole when its columns exist); returns the versions applied by this
-/// call.
+/// A client per shard, each on its local database (one client, on `url`, for a
+/// single server): where the compactor writes.
+pub fn shard_clients(config: &ClickHouseConfig) -> Vec<clickhouse::Client> {
+    config.shard_configs().iter().map(client).collect()
+}
+
+/// The tables readers query; sharded, each is a `Distributed` table over the
+/// shards' local tables.
+pub const DISTRIBUTED_TABLES: [&str; 2] = ["revenue_agg", "buyers"];
+
+/// Applies the migrations (see [`migrate_server`]) — on every shard when the batch
+/// view is sharded, and then creates the `Distributed` tables readers query on
+/// `url`. Returns the versions applied by this call (on any shard).
 pub async fn migrate(config: &ClickHouseConfig) -> Result<Vec<u32>, clickhouse::error::Error> {
+    if !config.sharded() {
+        return migrate_server(config).await;
+    }
+    let mut applied = Vec::new();
+    for shard in config.shard_configs() {
+        for version in migrate_server(&shard).await? {
+            if !applied.contains(&version) {
+                applied.push(version);
+            }
+        }
+    }
+    distribute(config).await?;
+    Ok(applied)
+}
+
+/// Creates `database` on `url` with a `Distributed` table over the shards' local
+/// tables for each of [`DISTRIBUTED_TABLES`], and re-creates one whose columns
+/// no longer match the local table's (a migration changed them; a `Distributed`
+/// table is only metadata).
+async fn distribute(config: &ClickHouseConfig) -> Result<(), clickhouse::error::Error> {
+    // Names are validated by the config: letters, digits and underscores.
+    let (database, local) = (&config.database, config.local_database());
+    let server = server_client(config);
+    server
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+        .execute()
+        .await?;
+    // The first shard's local tables (this server needs not be a shard itself).
+    let shard = server_client(&config.shard_configs()[0]);
+    for table in DISTRIBUTED_TABLES {
+        let wanted = columns(&shard, &local, table).await?;
+        let have = columns(&server, database, table).await?;
+        if have == wanted {
+            continue;
+        }
+        if !have.is_empty() {
+            tracing::info!(
+                table,
+                "Re-creating a Distributed table: its columns changed"
+            );
+            server
+                .query(&format!("DROP TABLE IF EXISTS {database}.{table}"))
+                .execute()
+                .await?;
+        }
+        server
+            .query(&format!(
+                "CREATE TABLE IF NOT EXISTS {database}.{table} ({}) \
+                 ENGINE = Distributed({}, {local}, {table})",
+                wanted.join(", "),
+                config.cluster
+            ))
+            .execute()
+            .await?;
+    }
+    Ok(())
+}
+
+/// `name type` of each column of `database.table`, in the table's order (18.16
+/// lists them so; it has no `position`), none when there is no table.
+async fn columns(
+    server: &clickhouse::Client,
+    database: &str,
+    table: &str,
+) -> Result<Vec<String>, clickhouse::error::Error> {
+    server
+        .query(
+            "SELECT concat(name, ' ', type) FROM system.columns \
+             WHERE database = ? AND table = ?",
+        )
+        .bind(database)
+        .bind(table)
+        .fetch_all()
+        .await
+}
+
+/// Creates the database if needed and applies every migration not yet recorded,
+/// on one server. Each migration is one statement written to be idempotent (or an
+/// `ADD COLUMN` that fails whole when its columns exist); returns the versions
+/// applied by this call.
+pub async fn migrate_server(
+    config: &ClickHouseConfig,
+) -> Result<Vec<u32>, clickhouse::error::Error> {
     // The name is validated by the config: letters, digits and underscores.
     server_client(config)
         .query(&format!(

@@ -246,6 +246,16 @@ pub struct ClickHouseConfig {
     pub password: SecretString,
     /// Apply the migrations in `migrations/clickhouse` at start-up.
     pub migrate: bool,
+    /// The batch view on several shards: each shard's HTTP interface,
+    /// comma-separated, in the order of the cluster's `<shard>`s in the servers'
+    /// `remote_servers`. Empty (the default): one server, `url`, holds everything.
+    /// With shards, each holds its part of the tables in the database
+    /// `<database>_local`, and `database` on `url` (any server that knows the
+    /// cluster, usually the first shard) holds `Distributed` tables of the same
+    /// names over them, which readers query.
+    pub shards: String,
+    /// The cluster's name in the servers' `remote_servers` (with `shards`).
+    pub cluster: String,
 }
 
 impl Default for ClickHouseConfig {
@@ -256,7 +266,51 @@ impl Default for ClickHouseConfig {
             user: "default".into(),
             password: "".into(),
             migrate: true,
+            shards: String::new(),
+            cluster: "tidemark".into(),
         }
+    }
+}
+
+impl ClickHouseConfig {
+    /// The shards' URLs (none: one server).
+    pub fn shard_urls(&self) -> Vec<&str> {
+        self.shards
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// Whether the batch view is split over shards.
+    pub fn sharded(&self) -> bool {
+        !self.shard_urls().is_empty()
+    }
+
+    /// The database holding each server's own rows: `<database>_local` on every
+    /// shard, or `database` itself on a single server.
+    pub fn local_database(&self) -> String {
+        if self.sharded() {
+            format!("{}_local", self.database)
+        } else {
+            self.database.clone()
+        }
+    }
+
+    /// A config per shard, each on its local database (one, `self`, unsharded).
+    pub fn shard_configs(&self) -> Vec<ClickHouseConfig> {
+        if !self.sharded() {
+            return vec![self.clone()];
+        }
+        self.shard_urls()
+            .into_iter()
+            .map(|url| ClickHouseConfig {
+                url: url.to_owned(),
+                database: self.local_database(),
+                shards: String::new(),
+                ..self.clone()
+            })
+            .collect()
     }
 }
 
@@ -272,6 +326,22 @@ impl Validate for ClickHouseConfig {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
             problems.push("clickhouse.database must be letters, digits and underscores".into());
+        }
+        if self
+            .shard_urls()
+            .iter()
+            .any(|s| !s.starts_with("http://") && !s.starts_with("https://"))
+        {
+            problems.push("clickhouse.shards must be http(s) URLs, comma-separated".into());
+        }
+        if self.sharded()
+            && (self.cluster.is_empty()
+                || !self
+                    .cluster
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            problems.push("clickhouse.cluster must be letters, digits and underscores".into());
         }
     }
 }

@@ -1,5 +1,5 @@
 //! What one test owns on the shared servers: a Postgres database (migrated), a
-//! Redis key prefix, a ClickHouse database, an S3 prefix. Names are random, so
+//! Redis key prefix, a ClickHouse database, an S3 bucket. Names are random, so
 //! tests running at once never meet.
 
 use sqlx::PgPool;
@@ -79,12 +79,20 @@ pub fn clickhouse() -> ClickHouseConfig {
     }
 }
 
-/// An S3 config with a prefix of its own in the shared test bucket.
+/// An S3 config with a bucket of its own on the shared server (and a prefix in it,
+/// as a deployment may have).
+///
+/// A bucket each, not only a prefix: s3s-fs answers every listing by walking the
+/// whole bucket's folder tree, whatever the prefix, so in one shared bucket a
+/// listing took longer the more the suite had written (past the 10 s operation
+/// timeout on a loaded machine). A bucket is a folder under the server's root.
 pub fn s3() -> S3Config {
     let stack = stack();
+    let bucket = unique("t-");
+    std::fs::create_dir(stack.s3_root().join(&bucket)).expect("a test bucket's folder");
     S3Config {
         endpoint: stack.var("TIDEMARK_TEST_S3_ENDPOINT").to_owned(),
-        bucket: stack.var("TIDEMARK_TEST_S3_BUCKET").to_owned(),
+        bucket,
         access_key_id: Some(stack.var("TIDEMARK_TEST_S3_ACCESS_KEY_ID").to_owned()),
         secret_access_key: Some(stack.var("TIDEMARK_TEST_S3_SECRET_ACCESS_KEY").into()),
         prefix: unique("t-"),

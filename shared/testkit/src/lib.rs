@@ -3,13 +3,13 @@
 //! Tests run against real servers that `cargo xtask test` starts on loopback and
 //! describes in `.tidemark/test/stack.env` (and in the environment of the test
 //! processes). Every test isolates itself: its own Postgres database, Redis key
-//! prefix, ClickHouse database and S3 prefix. The test stack is wiped each time
+//! prefix, ClickHouse database and S3 bucket. The test stack is wiped each time
 //! `cargo xtask test` starts it, so nothing a test creates outlives the run.
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | [`stack`] | where the shared test servers listen |
-//! | [`isolate`] | a database, key prefix, ClickHouse database or S3 prefix of the test's own |
+//! | [`isolate`] | a database, key prefix, ClickHouse database or S3 bucket of the test's own |
 //! | [`servers`] | private servers for tests that stop, flush or restart one |
 //! | [`service`] | a service's `serve` in this process on port 0; its operational endpoints |
 //! | [`process`] | a service binary as a process of its own (kill, signal, RSS, CPU) |
@@ -43,8 +43,8 @@ pub use orders::{Straddle, insert, random_order};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;
 pub use servers::{
-    PrivateAlerting, PrivateClickHouse, PrivateHaProxy, PrivatePostgres, PrivateRedis,
-    PrivateRedisFailover, PrivateS3,
+    PrivateAlerting, PrivateClickHouse, PrivateClickHouseCluster, PrivateHaProxy, PrivatePostgres,
+    PrivateRedis, PrivateRedisFailover, PrivateS3,
 };
 pub use service::{Running, assert_operational, http_ready, leases_at, metric, start};
 pub use slice::{Slice, SliceCells};

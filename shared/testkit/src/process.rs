@@ -30,6 +30,8 @@ impl ServiceEnv {
     pub fn clickhouse(self, config: &ClickHouseConfig) -> ServiceEnv {
         self.set("TIDEMARK_CLICKHOUSE__URL", &config.url)
             .set("TIDEMARK_CLICKHOUSE__DATABASE", &config.database)
+            .set("TIDEMARK_CLICKHOUSE__SHARDS", &config.shards)
+            .set("TIDEMARK_CLICKHOUSE__CLUSTER", &config.cluster)
     }
 
     pub fn s3(self, config: &S3Config) -> ServiceEnv {

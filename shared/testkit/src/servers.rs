@@ -44,8 +44,11 @@ enum Kind {
     HaProxy {
         backends: Vec<u16>,
     },
+    /// A member of the cluster `tidemark` whose shards listen on the TCP ports
+    /// of `cluster` (empty: a server on its own, packaged configuration).
     ClickHouse {
         ports: servers::clickhouse::Ports,
+        cluster: Vec<u16>,
     },
     /// Scraping `targets/*.json` in its folder every second, with the
     /// repository's alerting rules, alerting the Alertmanager on the port.
@@ -138,6 +141,15 @@ impl PrivateServer {
                 servers::haproxy::config(self.port, backends),
             )
             .expect("haproxy.cfg"),
+            Kind::ClickHouse { cluster, .. } if !cluster.is_empty() => {
+                let shards: Vec<(&str, u16)> = cluster.iter().map(|p| ("127.0.0.1", *p)).collect();
+                servers::clickhouse::cluster_config(
+                    &self.path().join("etc"),
+                    PrivateClickHouseCluster::NAME,
+                    &shards,
+                )
+                .expect("cluster configuration");
+            }
             Kind::Redis { .. } | Kind::RedisReplica { .. } | Kind::ClickHouse { .. } => {}
         }
     }
@@ -188,8 +200,13 @@ impl PrivateServer {
                 PrivateS3::ACCESS_KEY,
                 PrivateS3::SECRET_KEY,
             ),
-            Kind::ClickHouse { ports } => servers::clickhouse::server(
+            Kind::ClickHouse { ports, cluster } => servers::clickhouse::server(
                 stack.clickhouse_server_bin().as_ref(),
+                &if cluster.is_empty() {
+                    Path::new(servers::clickhouse::PACKAGED_CONFIG).to_owned()
+                } else {
+                    dir.join("etc/config.xml")
+                },
                 dir,
                 dir,
                 "warning",
@@ -221,7 +238,7 @@ impl PrivateServer {
             }
             Kind::S3 => servers::s3::ready(self.port).await,
             Kind::HaProxy { .. } => servers::haproxy::ready(self.port).await,
-            Kind::ClickHouse { ports } => servers::clickhouse::ready(ports.http).await,
+            Kind::ClickHouse { ports, .. } => servers::clickhouse::ready(ports.http).await,
             Kind::Prometheus { .. } => servers::prometheus::ready(self.port).await,
             Kind::Alertmanager { .. } => servers::alertmanager::ready(self.port).await,
         }
@@ -527,14 +544,22 @@ impl Deref for PrivateClickHouse {
     }
 }
 
+fn clickhouse_ports() -> servers::clickhouse::Ports {
+    servers::clickhouse::Ports {
+        http: tidemark_launch::free_port(),
+        tcp: tidemark_launch::free_port(),
+        interserver: tidemark_launch::free_port(),
+    }
+}
+
 impl PrivateClickHouse {
     pub async fn start() -> PrivateClickHouse {
-        let ports = servers::clickhouse::Ports {
-            http: tidemark_launch::free_port(),
-            tcp: tidemark_launch::free_port(),
-            interserver: tidemark_launch::free_port(),
+        let ports = clickhouse_ports();
+        let kind = Kind::ClickHouse {
+            ports,
+            cluster: Vec::new(),
         };
-        PrivateClickHouse(PrivateServer::start(Kind::ClickHouse { ports }, ports.http).await)
+        PrivateClickHouse(PrivateServer::start(kind, ports.http).await)
     }
 
     /// A config naming a database of its own on this server.
@@ -542,6 +567,44 @@ impl PrivateClickHouse {
         ClickHouseConfig {
             url: format!("http://127.0.0.1:{}", self.port),
             database: unique("t_"),
+            ..ClickHouseConfig::default()
+        }
+    }
+}
+
+/// ClickHouse servers of one test's own forming the cluster `tidemark`, one shard
+/// each (unreplicated).
+pub struct PrivateClickHouseCluster {
+    pub shards: Vec<PrivateServer>,
+}
+
+impl PrivateClickHouseCluster {
+    pub const NAME: &str = "tidemark";
+
+    /// `n` servers.
+    pub async fn start(n: usize) -> PrivateClickHouseCluster {
+        let ports: Vec<_> = (0..n).map(|_| clickhouse_ports()).collect();
+        let tcp: Vec<u16> = ports.iter().map(|p| p.tcp).collect();
+        let mut shards = Vec::new();
+        for ports in ports {
+            let kind = Kind::ClickHouse {
+                ports,
+                cluster: tcp.clone(),
+            };
+            shards.push(PrivateServer::start(kind, ports.http).await);
+        }
+        PrivateClickHouseCluster { shards }
+    }
+
+    /// A sharded config naming a database of its own, read through the first
+    /// shard.
+    pub fn config(&self) -> ClickHouseConfig {
+        let url = |s: &PrivateServer| format!("http://127.0.0.1:{}", s.port);
+        ClickHouseConfig {
+            url: url(&self.shards[0]),
+            database: unique("t_"),
+            shards: self.shards.iter().map(url).collect::<Vec<_>>().join(","),
+            cluster: Self::NAME.into(),
             ..ClickHouseConfig::default()
         }
     }

@@ -49,6 +49,12 @@ impl TestStack {
         self.var("TIDEMARK_TEST_CLICKHOUSE_SERVER")
     }
 
+    /// The folder the shared S3 server (s3s-fs) keeps its buckets in, one
+    /// sub-folder each.
+    pub fn s3_root(&self) -> PathBuf {
+        PathBuf::from(self.var("TIDEMARK_TEST_S3_ROOT"))
+    }
+
     pub fn s3_server_bin(&self) -> &str {
         self.var("TIDEMARK_TEST_S3_SERVER")
     }

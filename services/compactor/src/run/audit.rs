@@ -117,7 +117,7 @@ impl Compactor {
             .ch
             .query(&format!(
                 "SELECT uniqExact(user_id) FROM {}",
-                run.staging_buyers()
+                self.across(&run.staging_buyers())
             ))
             .fetch_one()
             .await?;
@@ -215,7 +215,7 @@ impl Compactor {
                                     OR restated_refunded_minor < 0) AS s_negative, \
                                 count() AS s_rows \
                          FROM {} GROUP BY granularity, dimension, currency",
-                        run.staging()
+                        self.across(&run.staging())
                     ))
                     .fetch_all::<StagedSums>()
                     .await

@@ -165,13 +165,31 @@ pub enum Outcome {
 
 pub struct Compactor {
     pub pool: PgPool,
+    /// Where readers read (sharded: the `Distributed` tables).
     pub ch: clickhouse::Client,
+    /// Each shard's local database (one: `ch`'s, unsharded): where runs are
+    /// staged and attached.
+    pub shards: Vec<clickhouse::Client>,
+    /// Sharded: the cluster's name and the shards' local database, to read a
+    /// run's staging tables across them.
+    pub cluster: Option<(String, String)>,
     pub store: Store,
     pub settings: CompactorSettings,
     pub lease: Lease,
     /// The lease held by the run in progress: its writes check it. Unfenced
     /// outside [`Compactor::run_once`] (tests calling single steps).
     pub(crate) fence: std::sync::Mutex<Option<Fence>>,
+}
+
+impl Compactor {
+    /// A `FROM` for `table` on every shard at once, read through `ch`: the table
+    /// itself on one server, `cluster(…)` over the shards' copies of it.
+    pub(crate) fn across(&self, table: &str) -> String {
+        match &self.cluster {
+            None => table.to_owned(),
+            Some((cluster, local)) => format!("cluster('{cluster}', '{local}', '{table}')"),
+        }
+    }
 }
 
 /// Batch lag: now minus the published watermark's time.

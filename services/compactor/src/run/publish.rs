@@ -17,56 +17,25 @@ impl Compactor {
     /// of a partition at once, sharing their files; a partition already holding the
     /// run's rows (an attempt that died between partitions) is skipped, so a rerun
     /// adds no row twice. Returns the rows staged.
+    ///
+    /// Sharded, every shard attaches its staging before the flip, so readers see
+    /// the run on all shards or on none; an attempt that died between shards is
+    /// completed by the next (the shards done skip their partitions).
     pub async fn copy(&self, run: &Run) -> Result<u64> {
         self.set_step(run, "publish").await?;
-        self.attach(run, "buyers", &run.staging_buyers()).await?;
-        self.attach(run, "revenue_agg", &run.staging()).await
+        let mut staged = 0;
+        for shard in 0..self.shards.len() {
+            staged += self.copy_to_shard(run, shard).await?;
+        }
+        Ok(staged)
     }
 
-    /// Attaches the partitions of `staging` that `table` does not hold rows of
-    /// the run in yet. Returns the rows staged.
-    async fn attach(&self, run: &Run, table: &str, staging: &str) -> Result<u64> {
-        let partitions: Vec<String> = self
-            .ch
-            .query(
-                "SELECT DISTINCT partition_id FROM system.parts \
-                 WHERE database = currentDatabase() AND table = ? AND active",
-            )
-            .bind(staging)
-            .fetch_all()
-            .await?;
-        // Both tables are partitioned by toYYYYMM(bucket) (migrations/clickhouse):
-        // a partition's id is that number.
-        let attached: Vec<String> = self
-            .ch
-            .query(&format!(
-                "SELECT DISTINCT toString(toYYYYMM(bucket)) FROM {table} WHERE run_id = ?"
-            ))
-            .bind(run.run_id)
-            .fetch_all()
-            .await?;
-        for partition in partitions.iter().filter(|p| !attached.contains(p)) {
-            if !partition
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                return Err(RunError::Publish(format!(
-                    "unexpected partition id `{partition}` in {staging}"
-                )));
-            }
-            self.ch
-                .query(&format!(
-                    "ALTER TABLE {table} ATTACH PARTITION ID '{partition}' FROM {staging}"
-                ))
-                .execute()
-                .await?;
-        }
-        let staged: u64 = self
-            .ch
-            .query(&format!("SELECT count() FROM {staging}"))
-            .fetch_one()
-            .await?;
-        Ok(staged)
+    /// Attaches the run's staging on one shard (of [`Compactor::shards`]).
+    /// Returns the rows staged there.
+    pub async fn copy_to_shard(&self, run: &Run, shard: usize) -> Result<u64> {
+        let ch = &self.shards[shard];
+        attach(ch, run, "buyers", &run.staging_buyers()).await?;
+        attach(ch, run, "revenue_agg", &run.staging()).await
     }
 
     /// Makes the run the published state, with its watermark and epoch.
@@ -113,13 +82,14 @@ impl Compactor {
 
     /// Brings ClickHouse in line with the published state after a crash between
     /// the publish and its follow-ups: mirrors the publication, drops staging
-    /// tables of published runs.
+    /// tables of published runs (on every shard).
     pub async fn repair(&self) -> Result<()> {
         let Some(state) = PublishedState::load(&self.pool).await? else {
             return Ok(());
         };
-        self.ch
-            .query(
+        // Every shard mirrors the publication (each tells which of its runs count).
+        for ch in &self.shards {
+            ch.query(
                 "INSERT INTO batch_publications (run_id, base_run_id, watermark_txid, \
                    watermark_time, published_at) VALUES (?, ?, ?, ?, ?)",
             )
@@ -130,30 +100,70 @@ impl Compactor {
             .bind(state.published_at.timestamp().max(0) as u32)
             .execute()
             .await?;
-        let tables: Vec<String> = self
-            .ch
-            .query(
-                "SELECT name FROM system.tables WHERE database = currentDatabase() \
-                 AND (name LIKE 'staging_run_%' OR name LIKE 'staging_buyers_run_%')",
-            )
-            .fetch_all()
-            .await?;
-        for table in tables {
-            let Some(run_id) = super::staging_run_id(&table) else {
-                continue;
-            };
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM batch_runs WHERE run_id = $1")
-                    .bind(run_id)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if status.as_deref() == Some("published") {
-                self.ch
-                    .query(&format!("DROP TABLE IF EXISTS {table}"))
-                    .execute()
-                    .await?;
+            let tables: Vec<String> = ch
+                .query(
+                    "SELECT name FROM system.tables WHERE database = currentDatabase() \
+                     AND (name LIKE 'staging_run_%' OR name LIKE 'staging_buyers_run_%')",
+                )
+                .fetch_all()
+                .await?;
+            for table in tables {
+                let Some(run_id) = super::staging_run_id(&table) else {
+                    continue;
+                };
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM batch_runs WHERE run_id = $1")
+                        .bind(run_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                if status.as_deref() == Some("published") {
+                    ch.query(&format!("DROP TABLE IF EXISTS {table}"))
+                        .execute()
+                        .await?;
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Attaches the partitions of `staging` that `table` does not hold rows of the run
+/// in yet, on the server of `ch`. Returns the rows staged.
+async fn attach(ch: &clickhouse::Client, run: &Run, table: &str, staging: &str) -> Result<u64> {
+    let partitions: Vec<String> = ch
+        .query(
+            "SELECT DISTINCT partition_id FROM system.parts \
+             WHERE database = currentDatabase() AND table = ? AND active",
+        )
+        .bind(staging)
+        .fetch_all()
+        .await?;
+    // Both tables are partitioned by toYYYYMM(bucket) (migrations/clickhouse): a
+    // partition's id is that number.
+    let attached: Vec<String> = ch
+        .query(&format!(
+            "SELECT DISTINCT toString(toYYYYMM(bucket)) FROM {table} WHERE run_id = ?"
+        ))
+        .bind(run.run_id)
+        .fetch_all()
+        .await?;
+    for partition in partitions.iter().filter(|p| !attached.contains(p)) {
+        if !partition
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(RunError::Publish(format!(
+                "unexpected partition id `{partition}` in {staging}"
+            )));
+        }
+        ch.query(&format!(
+            "ALTER TABLE {table} ATTACH PARTITION ID '{partition}' FROM {staging}"
+        ))
+        .execute()
+        .await?;
+    }
+    Ok(ch
+        .query(&format!("SELECT count() FROM {staging}"))
+        .fetch_one()
+        .await?)
 }

@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use clickhouse::insert::Insert;
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 
@@ -11,7 +12,8 @@ use crate::aggregate;
 impl Compactor {
     /// Writes the run's aggregates to a staging table of its own (rebuilt from
     /// scratch on every attempt), shaped like `revenue_agg` so that publishing can
-    /// attach its partitions. Returns the rows staged.
+    /// attach its partitions; sharded, each shard's staging holds the rows of its
+    /// days ([`tidemark_batchview::shard_of`]). Returns the rows staged.
     pub async fn stage(&self, run: &Run, source: &DataFrame) -> Result<u64> {
         /// Inserts running at once: ClickHouse parses and writes each on threads of
         /// its own while this process serialises the next.
@@ -25,20 +27,7 @@ impl Compactor {
         let aggregate_ms = t.elapsed().as_millis() as u64;
         let t = Instant::now();
         let staging = run.staging();
-        self.ch
-            .query(&format!("DROP TABLE IF EXISTS {staging}"))
-            .execute()
-            .await?;
-        self.ch
-            .query(&format!("CREATE TABLE {staging} AS revenue_agg"))
-            .execute()
-            .await?;
-        // Staging is written once and attached whole: merging its parts would only
-        // spend CPU during the run (revenue_agg merges them later).
-        self.ch
-            .query(&format!("SYSTEM STOP MERGES {staging}"))
-            .execute()
-            .await?;
+        self.create_staging(&staging, "revenue_agg").await?;
         let staged: usize = aggregates.grids.iter().map(|g| g.cells.height()).sum();
         // The grids in batches of about a third of the rows each (ClickHouse writes
         // each INSERT as a few parts, so few large ones), as zero-copy slices. The
@@ -63,20 +52,30 @@ impl Compactor {
                 }
             }
         }
-        let (ch, run_id) = (self.ch.clone(), run.run_id);
+        let (shards, run_id) = (self.shards.clone(), run.run_id);
         let (table, aggregates) = (staging.clone(), std::sync::Arc::new(aggregates));
         futures::stream::iter(batches.into_iter().filter(|b| !b.is_empty()))
             .map(move |batch| {
-                let (ch, staging, aggregates) = (ch.clone(), table.clone(), aggregates.clone());
+                let (shards, staging, aggregates) =
+                    (shards.clone(), table.clone(), aggregates.clone());
                 async move {
-                    let mut insert = ch.insert::<aggregate::StagedRow<'_>>(&staging).await?;
+                    // An INSERT per shard that the batch has rows for.
+                    let mut inserts: Vec<Option<Insert<aggregate::StagedRow<'_>>>> =
+                        shards.iter().map(|_| None).collect();
                     for (index, cells) in &batch {
                         let grid = &aggregates.grids[*index];
                         for row in &aggregates.staged_rows(grid, cells, run_id)? {
+                            let shard = tidemark_batchview::shard_of(row.bucket, shards.len());
+                            let insert = match &mut inserts[shard] {
+                                Some(insert) => insert,
+                                empty => empty.insert(shards[shard].insert(&staging).await?),
+                            };
                             insert.write(row).await?;
                         }
                     }
-                    insert.end().await?;
+                    for insert in inserts.into_iter().flatten() {
+                        insert.end().await?;
+                    }
                     Ok::<_, RunError>(())
                 }
             })
@@ -103,19 +102,36 @@ impl Compactor {
             .await
             .expect("the buyers task does not panic")?;
         let staging = run.staging_buyers();
-        self.ch
-            .query(&format!("DROP TABLE IF EXISTS {staging}"))
-            .execute()
-            .await?;
-        self.ch
-            .query(&format!("CREATE TABLE {staging} AS buyers"))
-            .execute()
-            .await?;
-        let mut insert = self.ch.insert::<aggregate::BuyerRow<'_>>(&staging).await?;
-        for row in &aggregate::buyer_rows(&frame, run.run_id)? {
-            insert.write(row).await?;
+        self.create_staging(&staging, "buyers").await?;
+        let rows = aggregate::buyer_rows(&frame, run.run_id)?;
+        for (shard, ch) in self.shards.iter().enumerate() {
+            let mut insert = ch.insert::<aggregate::BuyerRow<'_>>(&staging).await?;
+            for row in rows
+                .iter()
+                .filter(|r| tidemark_batchview::shard_of(r.bucket, self.shards.len()) == shard)
+            {
+                insert.write(row).await?;
+            }
+            insert.end().await?;
         }
-        insert.end().await?;
         Ok(frame.height() as u64)
+    }
+
+    /// Creates `staging`, shaped like `table`, empty, on every shard. Staging is
+    /// written once and attached whole: merging its parts would only spend CPU
+    /// during the run (the published table merges them later).
+    async fn create_staging(&self, staging: &str, table: &str) -> Result<()> {
+        for ch in &self.shards {
+            ch.query(&format!("DROP TABLE IF EXISTS {staging}"))
+                .execute()
+                .await?;
+            ch.query(&format!("CREATE TABLE {staging} AS {table}"))
+                .execute()
+                .await?;
+            ch.query(&format!("SYSTEM STOP MERGES {staging}"))
+                .execute()
+                .await?;
+        }
+        Ok(())
     }
 }

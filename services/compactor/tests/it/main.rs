@@ -6,6 +6,7 @@ mod lake;
 mod ops;
 mod process;
 mod s3_outage;
+mod shards;
 
 use std::time::Duration;
 

@@ -19,7 +19,7 @@ use tidemark_platform::config::S3Config;
 use tidemark_testkit::{Running, TestDb};
 use uuid::Uuid;
 
-/// An ingest service on port 0 with its own database and S3 prefix.
+/// An ingest service on port 0 with its own database and S3 bucket.
 pub struct Harness {
     pub svc: Running,
     pub db: TestDb,

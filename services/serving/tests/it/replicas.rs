@@ -47,6 +47,11 @@ fn spawn_serving(env: &Env, port: u16) -> Process {
     let vars = ServiceEnv::default()
         .postgres(&env.db.config)
         .redis(&env.redis)
+        // This test's Redis never goes away; beside 16 writers on two cores a
+        // serving process starved of CPU for the service's 2 s answered honest
+        // 503s (speed view unavailable) that the test would count as failures of
+        // the kill (5 of at most 4, once in a local suite run).
+        .set("TIDEMARK_REDIS__TIMEOUT", &5_000)
         .clickhouse(&env.clickhouse)
         .set("TIDEMARK_HTTP__LISTEN", &format!("127.0.0.1:{port}"));
     Process::spawn(env!("CARGO_BIN_EXE_tidemark-serving"), &[], &vars)
