@@ -20,8 +20,25 @@ pub fn client(config: &ClickHouseConfig) -> clickhouse::Client {
 }
 
 /// A client with no default database (to create it).
+///
+/// Its connections time out (`clickhouse.timeout`): the `clickhouse` crate's own
+/// HTTP client waits for ever for a server that stops answering, so this one is
+/// the crate's default (keepalive 60 s, idle connections closed after 2 s, below
+/// ClickHouse's 3 s) behind a connector whose every connect, read and write is
+/// bounded.
 fn server_client(config: &ClickHouseConfig) -> clickhouse::Client {
-    clickhouse::Client::default()
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    let mut connector = hyper_timeout::TimeoutConnector::new(http);
+    connector.set_connect_timeout(Some(config.timeout));
+    connector.set_read_timeout(Some(config.timeout));
+    connector.set_write_timeout(Some(config.timeout));
+    // An INSERT writes for long before it reads: only a stalled read counts.
+    connector.set_reset_reader_on_write(true);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(2))
+        .build(connector);
+    clickhouse::Client::with_http_client(client)
         .with_url(&config.url)
         .with_user(&config.user)
         .with_password(config.password.expose_secret())

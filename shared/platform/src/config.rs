@@ -256,6 +256,11 @@ pub struct ClickHouseConfig {
     pub shards: String,
     /// The cluster's name in the servers' `remote_servers` (with `shards`).
     pub cluster: String,
+    /// The longest a request may wait for ClickHouse without a byte moving
+    /// (connecting, sending, or reading the answer): a server that hangs fails
+    /// the request instead of holding its caller forever.
+    #[serde(with = "millis")]
+    pub timeout: Duration,
 }
 
 impl Default for ClickHouseConfig {
@@ -268,6 +273,7 @@ impl Default for ClickHouseConfig {
             migrate: true,
             shards: String::new(),
             cluster: "tidemark".into(),
+            timeout: Duration::from_secs(120),
         }
     }
 }
@@ -342,6 +348,9 @@ impl Validate for ClickHouseConfig {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_'))
         {
             problems.push("clickhouse.cluster must be letters, digits and underscores".into());
+        }
+        if self.timeout.is_zero() {
+            problems.push("clickhouse.timeout must be positive".into());
         }
     }
 }

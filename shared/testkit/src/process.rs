@@ -32,6 +32,7 @@ impl ServiceEnv {
             .set("TIDEMARK_CLICKHOUSE__DATABASE", &config.database)
             .set("TIDEMARK_CLICKHOUSE__SHARDS", &config.shards)
             .set("TIDEMARK_CLICKHOUSE__CLUSTER", &config.cluster)
+            .set("TIDEMARK_CLICKHOUSE__TIMEOUT", &config.timeout.as_millis())
     }
 
     pub fn s3(self, config: &S3Config) -> ServiceEnv {

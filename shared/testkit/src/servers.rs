@@ -284,6 +284,27 @@ impl PrivateServer {
         self.end(signal);
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its connections and accepts new
+    /// ones (the kernel does) but answers nothing — a hung server.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn unpause(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = self.child.lock().unwrap().as_ref() {
+            let status = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill -{signal} failed");
+        }
+    }
+
     fn end(&self, signal: &str) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
             drop(

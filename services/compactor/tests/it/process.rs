@@ -1,5 +1,5 @@
 //! R5 with the compactor as a process of its own: SIGKILLed at each step of a run,
-//! and ClickHouse stopped mid-run. Nothing is ever half-published, and the rerun
+//! and ClickHouse stopped or hung mid-run. Nothing is ever half-published, and the rerun
 //! publishes the exact result with no ClickHouse row twice.
 
 use std::time::Duration;
@@ -109,25 +109,49 @@ async fn r5_compactor_sigkilled_at_each_step_never_half_publishes() {
     assert_eq!(worst_dupes, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact() {
-    let clickhouse = tidemark_testkit::PrivateClickHouse::start().await;
-    let env = Env::on(clickhouse.config(), tidemark_testkit::s3(), 8).await;
-    let mut rng = StdRng::seed_from_u64(52);
+/// What a ClickHouse fault mid-run left: the slowest a failed run took to end
+/// after the fault, and the worst drift and duplicate rows after each rerun.
+struct FaultOutcome {
+    slowest_failure: Duration,
+    worst_drift: usize,
+    worst_dupes: u64,
+    cells: usize,
+}
+
+/// For each of `stage` and `publish`: catches a run inside the step, does `fault`
+/// to the private ClickHouse, and waits for the run to fail by itself (at most
+/// `within`); then `recover`s it, checks that nothing was published, reruns, and
+/// measures drift and duplicate rows.
+async fn clickhouse_fault_mid_run(
+    clickhouse: &tidemark_testkit::PrivateClickHouse,
+    env: &Env,
+    seed: u64,
+    within: Duration,
+    fault: fn(&tidemark_testkit::PrivateClickHouse),
+    recover: impl AsyncFn(&tidemark_testkit::PrivateClickHouse),
+) -> FaultOutcome {
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut sent = Vec::new();
     env.ingest(&batch(&mut rng, &mut sent, 500)).await;
-    rerun(&env).await;
-    let (mut worst_drift, mut worst_dupes, mut cells) = (0, 0, 0);
+    rerun(env).await;
+    let mut outcome = FaultOutcome {
+        slowest_failure: Duration::ZERO,
+        worst_drift: 0,
+        worst_dupes: 0,
+        cells: 0,
+    };
     for step in ["stage", "publish"] {
         env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
         let before = env.published().await.run_id;
         let process = loop {
-            if let Some(p) = at_step(&env, step).await {
+            if let Some(p) = at_step(env, step).await {
                 break p;
             }
         };
-        clickhouse.stop();
-        let status = process.exit(Duration::from_secs(120)).await;
+        fault(clickhouse);
+        let faulted = std::time::Instant::now();
+        let status = process.exit(within).await;
+        outcome.slowest_failure = outcome.slowest_failure.max(faulted.elapsed());
         assert!(
             !status.success(),
             "a run without ClickHouse fails: {status}"
@@ -137,26 +161,86 @@ async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact
             .unwrap()
             .unwrap();
         assert_eq!(state.run_id, before, "nothing published without ClickHouse");
-        clickhouse.resume().await;
+        recover(clickhouse).await;
         let (drift, _) = env.drift().await;
-        worst_drift = worst_drift.max(drift);
-        rerun(&env).await;
+        outcome.worst_drift = outcome.worst_drift.max(drift);
+        rerun(env).await;
         assert!(env.published().await.run_id > before);
         let (drift, n) = env.drift().await;
-        worst_drift = worst_drift.max(drift);
-        worst_dupes = worst_dupes.max(env.duplicate_rows().await);
-        cells = n;
+        outcome.worst_drift = outcome.worst_drift.max(drift);
+        outcome.worst_dupes = outcome.worst_dupes.max(env.duplicate_rows().await);
+        outcome.cells = n;
     }
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact() {
+    let clickhouse = tidemark_testkit::PrivateClickHouse::start().await;
+    let env = Env::on(clickhouse.config(), tidemark_testkit::s3(), 8).await;
+    let outcome = clickhouse_fault_mid_run(
+        &clickhouse,
+        &env,
+        52,
+        Duration::from_secs(120),
+        |ch| ch.stop(),
+        async |ch| ch.resume().await,
+    )
+    .await;
     tidemark_testkit::figure(
         "R5",
         format!(
             "ClickHouse stopped while the compactor was in stage, then in publish: the runs \
-             failed, nothing published; after restart the rerun: drift {worst_drift} of \
-             {cells} cells, duplicate ClickHouse rows {worst_dupes}"
+             failed, nothing published; after restart the rerun: drift {} of {} cells, \
+             duplicate ClickHouse rows {}",
+            outcome.worst_drift, outcome.cells, outcome.worst_dupes
         ),
     );
-    assert_eq!(worst_drift, 0);
-    assert_eq!(worst_dupes, 0);
+    assert_eq!(outcome.worst_drift, 0);
+    assert_eq!(outcome.worst_dupes, 0);
+}
+
+/// ClickHouse hangs (SIGSTOP: connections accepted by the kernel, nothing
+/// answered) while a run is in `stage`, then in `publish`. Without a client
+/// timeout the run would wait for ever holding its lease; with
+/// `clickhouse.timeout` (5 s here) it fails, publishes nothing, and the rerun
+/// after SIGCONT is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn r5_clickhouse_hung_mid_run_fails_within_the_timeout_then_the_rerun_is_exact() {
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let clickhouse = tidemark_testkit::PrivateClickHouse::start().await;
+    let config = tidemark_platform::config::ClickHouseConfig {
+        timeout: TIMEOUT,
+        ..clickhouse.config()
+    };
+    let env = Env::on(config, tidemark_testkit::s3(), 8).await;
+    // A run reaches ClickHouse within seconds of the step starting, then waits
+    // out the timeout (a few requests may be in flight, each bounded alike).
+    let outcome = clickhouse_fault_mid_run(
+        &clickhouse,
+        &env,
+        53,
+        Duration::from_secs(60),
+        |ch| ch.pause(),
+        async |ch| ch.unpause(),
+    )
+    .await;
+    tidemark_testkit::figure(
+        "R5",
+        format!(
+            "ClickHouse hung (SIGSTOP) while the compactor was in stage, then in publish, \
+             clickhouse.timeout {} s: the runs failed by themselves within {:.1} s, nothing \
+             published; after SIGCONT the rerun: drift {} of {} cells, duplicate ClickHouse \
+             rows {}",
+            TIMEOUT.as_secs(),
+            outcome.slowest_failure.as_secs_f64(),
+            outcome.worst_drift,
+            outcome.cells,
+            outcome.worst_dupes
+        ),
+    );
+    assert_eq!(outcome.worst_drift, 0);
+    assert_eq!(outcome.worst_dupes, 0);
 }
 
 /// Who holds the `compactor` lease, and its token.
