@@ -159,6 +159,55 @@ async fn refunds_are_idempotent_checked_against_what_remains_and_name_each_bad_f
     assert_eq!(count(&h, "SELECT count(*) FROM adjustment_lines").await, 2);
 }
 
+/// A resend of a stored refund is answered from what is stored, without the
+/// order's lock: while another transaction holds the order (`FOR UPDATE`), the
+/// resend answers 200 with the stored refund at once, and a new refund waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resent_refund_is_answered_while_the_order_is_locked() {
+    let h = Harness::start().await;
+    let order = basket(5);
+    let (status, _) = post(&h, "/v1/orders", &crate::order_json(&order)).await;
+    assert_eq!(status, 201);
+    let path = format!("/v1/orders/{}/refunds", order.order_id);
+    let first = refund(
+        Uuid::from_u128(51),
+        &json!([{"product_id": "p-1", "quantity": 1}]),
+    );
+    let (status, stored) = post(&h, &path, &first).await;
+    assert_eq!(status, 201, "{stored}");
+
+    let mut holder = h.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orders WHERE order_id = $1 FOR UPDATE")
+        .bind(order.order_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (status, again) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), post(&h, &path, &first))
+            .await
+            .expect("a resend is answered while the order is locked");
+    assert_eq!((status, &again), (200, &stored));
+    // A new refund needs the lock: no answer while it is held.
+    let second = refund(
+        Uuid::from_u128(52),
+        &json!([{"product_id": "p-1", "quantity": 1}]),
+    );
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        post(&h, &path, &second),
+    )
+    .await;
+    assert!(waited.is_err(), "a new refund waits for the order's lock");
+    holder.rollback().await.unwrap();
+    // Its transaction went on after the client gave up; sent again, it is stored once.
+    let (status, body) = post(&h, &path, &second).await;
+    assert!(matches!(status, 200 | 201), "{status} {body}");
+    assert_eq!(
+        count(&h, "SELECT count(*) FROM adjustments WHERE kind = 'refund'").await,
+        2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancellation_gives_back_what_remains_once() {
     let h = Harness::start().await;
