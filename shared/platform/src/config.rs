@@ -207,12 +207,17 @@ impl Default for RedisConfig {
 impl RedisConfig {
     /// The sentinels' URLs (none: connect to `url`).
     pub fn sentinel_urls(&self) -> Vec<&str> {
-        self.sentinels
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect()
+        comma_separated(&self.sentinels)
     }
+}
+
+/// The non-blank items of a comma-separated setting, trimmed.
+fn comma_separated(setting: &str) -> Vec<&str> {
+    setting
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 impl Validate for RedisConfig {
@@ -281,11 +286,7 @@ impl Default for ClickHouseConfig {
 impl ClickHouseConfig {
     /// The shards' URLs (none: one server).
     pub fn shard_urls(&self) -> Vec<&str> {
-        self.shards
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect()
+        comma_separated(&self.shards)
     }
 
     /// Whether the batch view is split over shards.
