@@ -163,15 +163,58 @@ fn the_cluster_profile_is_valid_and_holds_the_topology() {
         matches!((shard("clickhouse"), shard("clickhouse-2")), (Some(a), Some(b)) if a < b),
         "remote_servers lists clickhouse, then clickhouse-2"
     );
-    for line in [
-        "option httpchk GET /readyz",
-        "retry-on conn-failure empty-response response-timeout",
-        "server ingest-1 ingest-1:8081 check",
-        "server ingest-2 ingest-2:8081 check",
-        "server serving-1 serving-1:8082 check",
-        "server serving-2 serving-2:8082 check",
-        "sentinel monitor tidemark redis 6379 1",
-    ] {
-        assert!(text.contains(line), "docker-compose.yml lacks `{line}`");
+    let haproxy = tidemark_launch::servers::haproxy::DEFAULTS
+        .lines()
+        .map(|line| line.trim().to_owned())
+        .chain(
+            [
+                ("ingest-1", 8081),
+                ("ingest-2", 8081),
+                ("serving-1", 8082),
+                ("serving-2", 8082),
+            ]
+            .iter()
+            .flat_map(|(name, port)| {
+                tidemark_launch::servers::haproxy::server_lines(name, &format!("{name}:{port}"))
+                    .lines()
+                    .map(|line| line.trim().to_owned())
+                    .collect::<Vec<_>>()
+            }),
+        );
+    for line in haproxy.chain(["sentinel monitor tidemark redis 6379 1".to_owned()]) {
+        assert!(text.contains(&line), "docker-compose.yml lacks `{line}`");
     }
+}
+
+/// The compose profile's HAProxy configuration is one HAProxy accepts (the
+/// packaged 2.6; the image runs 2.8). Its services' names do not resolve here:
+/// `init-addr none` starts it without them.
+#[test]
+fn the_cluster_profile_haproxy_configuration_is_valid() {
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    let (_, rest) = text
+        .split_once("cat > /tmp/haproxy.cfg <<'CFG'\n")
+        .expect("the haproxy service writes its configuration");
+    let (config, _) = rest
+        .split_once("        CFG\n")
+        .expect("the configuration ends");
+    let config: String = config
+        .lines()
+        .map(|line| format!("{}\n", line.strip_prefix("        ").unwrap_or(line)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let haproxy = tidemark_launch::which("haproxy").expect("haproxy is installed");
+    let out = Command::new(haproxy)
+        .arg("-c")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "haproxy -c: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -395,31 +395,69 @@ pub mod alertmanager {
 pub mod haproxy {
     use super::*;
 
-    /// HAProxy's configuration: HTTP on `port`, round robin over `backends` (ports on
-    /// loopback), each health-checked on `/readyz` every 500 ms (out after 2
-    /// failures, back after 2 passes; a check may take the 2 s a readiness probe
-    /// allows each dependency — a dead server fails it at once, refusing the connection). A request whose server refuses the connection,
-    /// closes it without an answer or times out is retried once on another server:
-    /// Tidemark's writes are idempotent (an order or a refund carries its id), so a
-    /// retry of a request the killed server had already committed answers 200
-    /// (duplicate) instead of failing. A WebSocket (the live subscription) may stay
-    /// quiet for up to an hour (`timeout tunnel`); when its server dies, the client
-    /// reconnects and is sent to a live one.
+    /// The `defaults` section every Tidemark HAProxy uses (the compose profile's
+    /// too; its test holds it to these lines).
+    ///
+    /// Round robin over the instances, each health-checked on `/readyz` every
+    /// 500 ms: out after 3 failures, back after 2 passes. A check may take 3 s,
+    /// more than the 2 s a readiness probe allows each dependency, so a slow but
+    /// honest "not ready" arrives as such; a dead server fails it at once,
+    /// refusing the connection, and is out within 1.5 s. A request whose server
+    /// refuses the connection, closes it without an answer or times out is retried
+    /// on another server: Tidemark's writes are idempotent (an order or a refund
+    /// carries its id), so a retry of a request the killed server had already
+    /// committed answers 200 (duplicate) instead of failing. A WebSocket (the live
+    /// subscription) may stay quiet for up to an hour (`timeout tunnel`); when its
+    /// server dies, the client reconnects and is sent to a live one.
+    ///
+    /// HAProxy's own errors are problem+json like the services' (503 and 504 with
+    /// `Retry-After`), never its HTML pages.
+    pub const DEFAULTS: &str = "\
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    timeout http-request 10s
+    timeout tunnel 1h
+    retries 2
+    option redispatch 1
+    option http-buffer-request
+    retry-on conn-failure empty-response response-timeout
+    option httpchk GET /readyz
+    http-check expect status 200
+    timeout check 3s
+    option allbackups
+    http-error status 400 content-type application/problem+json string '{\"type\":\"about:blank\",\"title\":\"Bad Request\",\"status\":400,\"detail\":\"The proxy could not read the request.\"}'
+    http-error status 408 content-type application/problem+json string '{\"type\":\"about:blank\",\"title\":\"Request Timeout\",\"status\":408,\"detail\":\"The request did not arrive in time.\"}'
+    http-error status 502 content-type application/problem+json hdr Retry-After 1 string '{\"type\":\"about:blank\",\"title\":\"Bad Gateway\",\"status\":502,\"detail\":\"An instance failed to answer; retry shortly.\"}'
+    http-error status 503 content-type application/problem+json hdr Retry-After 1 string '{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"detail\":\"No instance is reachable; retry shortly.\"}'
+    http-error status 504 content-type application/problem+json hdr Retry-After 1 string '{\"type\":\"about:blank\",\"title\":\"Gateway Timeout\",\"status\":504,\"detail\":\"No instance answered in time; retry shortly.\"}'
+    default-server inter 500ms fall 3 rise 2
+";
+
+    /// The two lines naming one instance at `address`: checked, and again as a
+    /// backup without checks. The backups make the proxy fail open: when every
+    /// instance fails its check at once (two cores starved by a neighbour, a
+    /// dependency down for all), requests still go to them, and the instances,
+    /// which answer an outage honestly (503 problem+json with `Retry-After`, or a
+    /// partial answer where asked), speak for themselves instead of the proxy
+    /// refusing everything. A dead backup refuses the connection and the request
+    /// is retried on the other.
+    pub fn server_lines(name: &str, address: &str) -> String {
+        format!("    server {name} {address} check\n    server {name}-open {address} backup\n")
+    }
+
+    /// HAProxy's configuration: HTTP on `port` over the services on `backends`
+    /// (ports on loopback), with [`DEFAULTS`].
     pub fn config(port: u16, backends: &[u16]) -> String {
         let mut out = format!(
-            "global\n    maxconn 4096\n\n\
-             defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n\
-             \x20   timeout server 30s\n    timeout http-request 10s\n    timeout tunnel 1h\n\
-             \x20   retries 2\n\
-             \x20   option redispatch 1\n    option http-buffer-request\n\
-             \x20   retry-on conn-failure empty-response response-timeout\n\n\
+            "global\n    maxconn 4096\n\n{DEFAULTS}\n\
              frontend tidemark\n    bind 127.0.0.1:{port}\n    default_backend services\n\n\
-             backend services\n    balance roundrobin\n    option httpchk GET /readyz\n\
-             \x20   http-check expect status 200\n\
-             \x20   timeout check 2s\n    default-server inter 500ms fall 2 rise 2\n"
+             backend services\n    balance roundrobin\n"
         );
         for (i, backend) in backends.iter().enumerate() {
-            out += &format!("    server s{i} 127.0.0.1:{backend} check\n");
+            out += &server_lines(&format!("s{i}"), &format!("127.0.0.1:{backend}"));
         }
         out
     }

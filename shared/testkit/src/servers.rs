@@ -270,8 +270,14 @@ impl PrivateServer {
         assert!(
             held,
             "the private server did not answer within 180 s; its log:\n{}",
-            std::fs::read_to_string(self.path().join("server.log")).unwrap_or_default()
+            self.log()
         );
+    }
+
+    /// What the server has printed since it first started (HAProxy: its servers
+    /// going down and up).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("server.log")).unwrap_or_default()
     }
 
     /// Stops the server and waits until it is gone: Postgres shuts down fast

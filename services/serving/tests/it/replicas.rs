@@ -393,8 +393,120 @@ async fn r20_two_of_each_behind_haproxy_one_of_each_sigkilled_stays_exact() {
     assert_eq!(quiet_differing, 0);
     assert!(
         failed.0 <= OrderLoad::CLIENTS as usize,
-        "{} ingest requests failed",
-        failed.0
+        "{} ingest requests failed; the proxy's log:\n{}",
+        failed.0,
+        ingest_proxy.log()
     );
-    assert!(failed.1 <= READERS, "{} serving requests failed", failed.1);
+    assert!(
+        failed.1 <= READERS,
+        "{} serving requests failed; the proxy's log:\n{}",
+        failed.1,
+        serving_proxy.log()
+    );
+}
+
+/// An instance that answers `/whoami` with its number and is never ready, on a
+/// runtime of its own: shutting that down closes its listener and every
+/// connection the proxy keeps to it, as a killed process would.
+struct NeverReady {
+    port: u16,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl NeverReady {
+    fn start(n: usize) -> NeverReady {
+        use axum::routing::get;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let router = axum::Router::new()
+                .route(
+                    "/readyz",
+                    get(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+                )
+                .route(
+                    "/whoami",
+                    get(move || async move { format!("instance {n}") }),
+                );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, router).await.unwrap();
+        });
+        NeverReady {
+            port,
+            runtime: Some(runtime),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// When every instance fails its check at once the proxy still sends requests
+/// to them (fail open: each answers for itself, honestly), a dead one's are
+/// retried on the other, and with none reachable the proxy's own 503 is
+/// problem+json with Retry-After; a request it cannot read is a 400.
+#[tokio::test]
+async fn the_proxy_fails_open_and_speaks_problem_json() {
+    let mut instances = [NeverReady::start(0), NeverReady::start(1)];
+    let proxy = PrivateHaProxy::start(&[instances[0].port, instances[1].port]).await;
+    tidemark_testkit::eventually(
+        Duration::from_secs(30),
+        "both instances fail their checks",
+        || {
+            let log = proxy.log();
+            async move { log.contains("Running on backup") }
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/whoami", proxy.port);
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "fail open");
+        answered.insert(response.text().await.unwrap());
+    }
+    assert_eq!(answered.len(), 2, "both backups serve: {answered:?}");
+
+    // One gone: its requests are retried on the other; none fails.
+    instances[0].kill();
+    for _ in 0..8 {
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "instance 1");
+    }
+
+    // Both gone: the proxy's own 503, as problem+json with Retry-After.
+    instances[1].kill();
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(problem["status"], 503);
+    assert!(problem["detail"].as_str().unwrap().contains("retry"));
+
+    // A request it cannot read: a 400, never a 5xx. (Its body stays HAProxy's
+    // HTML: before 3.2 a parse error in the H1 layer ignores the configured error
+    // responses, haproxy/haproxy#3032; Debian 12 packages 2.6.)
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
