@@ -53,6 +53,11 @@ const PACKAGES: &[Package] = &[
         apt: "haproxy",
         installed: || which("haproxy").is_some(),
     },
+    // ClickHouse's replicas are coordinated by ZooKeeper (with its Java runtime).
+    Package {
+        apt: "zookeeper",
+        installed: || std::path::Path::new("/usr/share/java/zookeeper.jar").exists(),
+    },
     // The page's test drives Chromium through its WebDriver.
     Package {
         apt: "chromium",

@@ -75,7 +75,11 @@ fn the_cluster_profile_is_valid_and_holds_the_topology() {
     let services = compose(&["--profile", "cluster", "config", "--services"]);
     let services: Vec<&str> = services.lines().collect();
     let cluster = [
-        "clickhouse-2",
+        "clickhouse-keeper",
+        "clickhouse-1a",
+        "clickhouse-1b",
+        "clickhouse-2a",
+        "clickhouse-2b",
         "redis-replica",
         "sentinel",
         "cluster-init",
@@ -132,7 +136,9 @@ fn the_cluster_profile_is_valid_and_holds_the_topology() {
         .count()
         + 1; // cluster-keys
     for setting in [
-        "TIDEMARK_CLICKHOUSE__SHARDS: http://clickhouse:8123,http://clickhouse-2:8123",
+        "TIDEMARK_CLICKHOUSE__SHARDS: http://clickhouse-1a:8123|http://clickhouse-1b:8123,\
+         http://clickhouse-2a:8123|http://clickhouse-2b:8123",
+        "TIDEMARK_CLICKHOUSE__URL: http://clickhouse-1a:8123",
         "TIDEMARK_CLICKHOUSE__CLUSTER: tidemark",
         "TIDEMARK_CLICKHOUSE__DATABASE: tidemark_cluster",
         "TIDEMARK_REDIS__SENTINELS: redis://sentinel:26379",
@@ -144,25 +150,57 @@ fn the_cluster_profile_is_valid_and_holds_the_topology() {
             "{setting} in each of the profile's {tidemark} Tidemark services"
         );
     }
-    // Both ClickHouse servers know the cluster (one anchor), shards in the
-    // configured order; HAProxy checks /readyz, retries a failed request once and
+    // The four ClickHouse servers know the cluster (one anchor) as
+    // TIDEMARK_CLICKHOUSE__SHARDS names it: shards in order, replicas in order, the
+    // writer first; each names its own shard, replica and host, and Keeper
+    // coordinates them. HAProxy checks /readyz, retries a failed request and
     // balances over both instances. (Multi-line commands are checked in the file:
     // `config` renders them escaped.)
     let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
     assert_eq!(
         config.matches("entrypoint.sh").count(),
-        2,
-        "both shards run the anchor"
+        4,
+        "every replica runs the anchor"
     );
-    let shard = |host: &str| {
-        text.find(&format!(
-            "<shard><replica><host>{host}</host><port>9000</port></replica></shard>"
-        ))
+    let shards = tidemark_platform::config::ClickHouseConfig {
+        shards: "http://clickhouse-1a:8123|http://clickhouse-1b:8123,\
+                 http://clickhouse-2a:8123|http://clickhouse-2b:8123"
+            .into(),
+        ..Default::default()
     };
-    assert!(
-        matches!((shard("clickhouse"), shard("clickhouse-2")), (Some(a), Some(b)) if a < b),
-        "remote_servers lists clickhouse, then clickhouse-2"
-    );
+    let mut at = 0;
+    for (s, replicas) in shards.replica_urls().iter().enumerate() {
+        let hosts: Vec<&str> = replicas
+            .iter()
+            .map(|url| url.trim_start_matches("http://").trim_end_matches(":8123"))
+            .collect();
+        let line = format!(
+            "<shard><internal_replication>true</internal_replication>{}</shard>",
+            hosts
+                .iter()
+                .map(|h| format!("<replica><host>{h}</host><port>9000</port></replica>"))
+                .collect::<String>()
+        );
+        let found = text[at..]
+            .find(&line)
+            .unwrap_or_else(|| panic!("remote_servers lacks, in order, {line}"));
+        at += found + line.len();
+        for (r, host) in hosts.iter().enumerate() {
+            let macros = format!(
+                "CLICKHOUSE_SHARD: \"{}\", CLICKHOUSE_REPLICA: \"{}\", CLICKHOUSE_HOST: {host}",
+                s + 1,
+                ["a", "b"][r]
+            );
+            assert!(text.contains(&macros), "{host} lacks `{macros}`");
+        }
+    }
+    for line in [
+        "<zookeeper><node><host>clickhouse-keeper</host><port>9181</port></node></zookeeper>",
+        "<macros><shard>$${CLICKHOUSE_SHARD}</shard><replica>$${CLICKHOUSE_REPLICA}</replica></macros>",
+        "exec clickhouse-keeper --config-file=/tmp/keeper.xml",
+    ] {
+        assert!(text.contains(line), "docker-compose.yml lacks `{line}`");
+    }
     let haproxy = tidemark_launch::servers::haproxy::DEFAULTS
         .lines()
         .map(|line| line.trim().to_owned())

@@ -35,19 +35,31 @@ pub async fn connect(config: &Config) -> anyhow::Result<Compactor> {
         connect_ms = started.elapsed().as_millis() as u64,
         "Connected and migrated"
     );
+    let ch = clickhouse::client(&config.clickhouse);
+    let cluster = if config.clickhouse.sharded() {
+        let writers = clickhouse::writers(&ch, &config.clickhouse.cluster).await?;
+        if writers.len() != config.clickhouse.shard_urls().len() {
+            anyhow::bail!(
+                "ClickHouse at {} knows {} shards in the cluster `{}`, clickhouse.shards names {}",
+                config.clickhouse.url,
+                writers.len(),
+                config.clickhouse.cluster,
+                config.clickhouse.shard_urls().len()
+            );
+        }
+        Some((writers.join(","), config.clickhouse.local_database()))
+    } else {
+        None
+    };
     tidemark_platform::metrics::register_counter("compactor_audit_failures_total", &[]);
     tidemark_platform::metrics::register_counter("compactor_errors_total", &[]);
     Ok(Compactor {
         lease: Lease::new(pool.clone(), "compactor", &config.lease),
         pool,
-        ch: clickhouse::client(&config.clickhouse),
+        ch,
         shards: clickhouse::shard_clients(&config.clickhouse),
-        cluster: config.clickhouse.sharded().then(|| {
-            (
-                config.clickhouse.cluster.clone(),
-                config.clickhouse.local_database(),
-            )
-        }),
+        replicas: clickhouse::replica_clients(&config.clickhouse),
+        cluster,
         store: lake::Store::new(s3::client(&config.s3).await, config.s3.clone()),
         settings: config.compactor.clone(),
         fence: std::sync::Mutex::default(),

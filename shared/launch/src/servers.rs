@@ -202,32 +202,66 @@ pub mod clickhouse {
     /// The packaged server's configuration (Debian's `clickhouse-server`).
     pub const PACKAGED_CONFIG: &str = "/etc/clickhouse-server/config.xml";
 
+    /// Where a server stands in a replicated cluster: its shard and replica
+    /// (ClickHouse's `{shard}` and `{replica}` macros, which name its tables'
+    /// paths in ZooKeeper) and the ZooKeeper coordinating the replicas.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Replica<'a> {
+        pub shard: usize,
+        pub replica: usize,
+        pub zookeeper: (&'a str, u16),
+    }
+
     /// Writes a configuration for a member of the cluster `name` into `dir`: the
     /// packaged one (with its `users.xml`) and, in `config.d`, `remote_servers`
-    /// naming one shard per `(host, tcp port)` of `shards`, in order. Returns the
-    /// path to pass to [`server`].
+    /// naming each shard of `shards`, in order, by the `(host, tcp port)` of its
+    /// replicas. A member of a replicated cluster (`replica`) also gets its macros,
+    /// the ZooKeeper and `interserver_http_host` 127.0.0.1 (its replicas fetch
+    /// parts from it there). Returns the path to pass to [`server`].
     pub fn cluster_config(
         dir: &Path,
         name: &str,
-        shards: &[(&str, u16)],
+        shards: &[Vec<(&str, u16)>],
+        replica: Option<Replica<'_>>,
     ) -> std::io::Result<std::path::PathBuf> {
         std::fs::create_dir_all(dir.join("config.d"))?;
         let packaged = Path::new(PACKAGED_CONFIG);
         std::fs::copy(packaged, dir.join("config.xml"))?;
         std::fs::copy(packaged.with_file_name("users.xml"), dir.join("users.xml"))?;
+        let internal = if replica.is_some() {
+            "<internal_replication>true</internal_replication>"
+        } else {
+            ""
+        };
         let shards: String = shards
             .iter()
-            .map(|(host, port)| {
-                format!(
-                    "      <shard><replica><host>{host}</host><port>{port}</port></replica></shard>\n"
-                )
+            .map(|replicas| {
+                let replicas: String = replicas
+                    .iter()
+                    .map(|(host, port)| {
+                        format!("<replica><host>{host}</host><port>{port}</port></replica>")
+                    })
+                    .collect();
+                format!("      <shard>{internal}{replicas}</shard>\n")
             })
             .collect();
+        let replication = match replica {
+            None => String::new(),
+            Some(Replica {
+                shard,
+                replica,
+                zookeeper: (host, port),
+            }) => format!(
+                "  <zookeeper><node><host>{host}</host><port>{port}</port></node></zookeeper>\n  \
+                 <macros><shard>{shard}</shard><replica>{replica}</replica></macros>\n  \
+                 <interserver_http_host>127.0.0.1</interserver_http_host>\n"
+            ),
+        };
         std::fs::write(
             dir.join("config.d/cluster.xml"),
             format!(
                 "<yandex>\n  <remote_servers replace=\"replace\">\n    <{name}>\n{shards}    </{name}>\n  \
-                 </remote_servers>\n</yandex>\n"
+                 </remote_servers>\n{replication}</yandex>\n"
             ),
         )?;
         Ok(dir.join("config.xml"))
@@ -278,6 +312,51 @@ pub mod clickhouse {
         matches!(
             tokio::time::timeout(PROBE_TIMEOUT, answer).await,
             Ok(Ok(text)) if text.trim() == "1"
+        )
+    }
+}
+
+pub mod zookeeper {
+    use super::*;
+
+    /// Debian's `zookeeper` package: the server's classes.
+    pub const CLASSPATH: &str = "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar";
+
+    /// A standalone server's configuration: clients on `port` (loopback), data in
+    /// `dir`, a 500 ms tick (sessions of a killed ClickHouse expire in seconds).
+    pub fn config(dir: &Path, port: u16) -> String {
+        format!(
+            "tickTime=500\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
+             admin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+            dir.display()
+        )
+    }
+
+    /// The server (`java`, in the foreground) with the configuration file `config`.
+    pub fn server(config: &Path) -> Command {
+        let mut command = Command::new("java");
+        command
+            .arg("-Xmx256m")
+            .arg("-cp")
+            .arg(CLASSPATH)
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(config);
+        command
+    }
+
+    /// Whether it answers `ruok` with `imok`.
+    pub async fn ready(port: u16) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ask = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream.write_all(b"ruok").await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, ask).await,
+            Ok(Ok(answer)) if answer == b"imok"
         )
     }
 }

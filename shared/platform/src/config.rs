@@ -258,6 +258,11 @@ pub struct ClickHouseConfig {
     /// `<database>_local`, and `database` on `url` (any server that knows the
     /// cluster, usually the first shard) holds `Distributed` tables of the same
     /// names over them, which readers query.
+    ///
+    /// A shard of several replicas lists them separated by `|`, in the order of
+    /// its `<replica>`s (`http://a:8123|http://b:8123,http://c:8123|http://d:8123`):
+    /// its tables are then `Replicated…MergeTree`s, coordinated by the servers'
+    /// ZooKeeper, and the first replica is the one the compactor writes to.
     pub shards: String,
     /// The cluster's name in the servers' `remote_servers` (with `shards`).
     pub cluster: String,
@@ -284,9 +289,22 @@ impl Default for ClickHouseConfig {
 }
 
 impl ClickHouseConfig {
-    /// The shards' URLs (none: one server).
-    pub fn shard_urls(&self) -> Vec<&str> {
+    /// Each shard's replicas' URLs, the writer first (none: one server).
+    pub fn replica_urls(&self) -> Vec<Vec<&str>> {
         comma_separated(&self.shards)
+            .into_iter()
+            .map(|shard| shard.split('|').map(str::trim).collect())
+            .collect()
+    }
+
+    /// Each shard's writer: its first replica (none: one server).
+    pub fn shard_urls(&self) -> Vec<&str> {
+        self.replica_urls().into_iter().map(|r| r[0]).collect()
+    }
+
+    /// Whether a shard has replicas (its tables are `Replicated…MergeTree`s).
+    pub fn replicated(&self) -> bool {
+        self.replica_urls().iter().any(|r| r.len() > 1)
     }
 
     /// Whether the batch view is split over shards.
@@ -304,18 +322,33 @@ impl ClickHouseConfig {
         }
     }
 
-    /// A config per shard, each on its local database (one, `self`, unsharded).
+    /// A config per shard's writer, each on its local database (one, `self`,
+    /// unsharded).
     pub fn shard_configs(&self) -> Vec<ClickHouseConfig> {
-        if !self.sharded() {
-            return vec![self.clone()];
-        }
-        self.shard_urls()
+        self.replica_configs()
             .into_iter()
-            .map(|url| ClickHouseConfig {
-                url: url.to_owned(),
-                database: self.local_database(),
-                shards: String::new(),
-                ..self.clone()
+            .map(|mut replicas| replicas.remove(0))
+            .collect()
+    }
+
+    /// Configs per shard for each of its replicas, the writer first, each on its
+    /// local database (one shard of one replica, `self`, unsharded).
+    pub fn replica_configs(&self) -> Vec<Vec<ClickHouseConfig>> {
+        if !self.sharded() {
+            return vec![vec![self.clone()]];
+        }
+        self.replica_urls()
+            .into_iter()
+            .map(|replicas| {
+                replicas
+                    .into_iter()
+                    .map(|url| ClickHouseConfig {
+                        url: url.to_owned(),
+                        database: self.local_database(),
+                        shards: String::new(),
+                        ..self.clone()
+                    })
+                    .collect()
             })
             .collect()
     }
@@ -335,11 +368,16 @@ impl Validate for ClickHouseConfig {
             problems.push("clickhouse.database must be letters, digits and underscores".into());
         }
         if self
-            .shard_urls()
+            .replica_urls()
             .iter()
+            .flatten()
             .any(|s| !s.starts_with("http://") && !s.starts_with("https://"))
         {
-            problems.push("clickhouse.shards must be http(s) URLs, comma-separated".into());
+            problems.push(
+                "clickhouse.shards must be http(s) URLs, comma-separated (a shard's replicas \
+                 separated by |)"
+                    .into(),
+            );
         }
         if self.sharded()
             && (self.cluster.is_empty()

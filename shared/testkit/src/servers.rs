@@ -44,12 +44,16 @@ enum Kind {
     HaProxy {
         backends: Vec<u16>,
     },
-    /// A member of the cluster `tidemark` whose shards listen on the TCP ports
-    /// of `cluster` (empty: a server on its own, packaged configuration).
+    /// A member of the cluster `tidemark` whose shards' replicas listen on the
+    /// TCP ports of `cluster` (empty: a server on its own, packaged
+    /// configuration); `replica`: its place in a replicated cluster.
     ClickHouse {
         ports: servers::clickhouse::Ports,
-        cluster: Vec<u16>,
+        cluster: Vec<Vec<u16>>,
+        replica: Option<ClickHouseReplica>,
     },
+    /// A standalone ZooKeeper.
+    ZooKeeper,
     /// Scraping `targets/*.json` in its folder every second, with the
     /// repository's alerting rules, alerting the Alertmanager on the port.
     Prometheus {
@@ -141,14 +145,32 @@ impl PrivateServer {
                 servers::haproxy::config(self.port, backends),
             )
             .expect("haproxy.cfg"),
-            Kind::ClickHouse { cluster, .. } if !cluster.is_empty() => {
-                let shards: Vec<(&str, u16)> = cluster.iter().map(|p| ("127.0.0.1", *p)).collect();
+            Kind::ClickHouse {
+                cluster, replica, ..
+            } if !cluster.is_empty() => {
+                let shards: Vec<Vec<(&str, u16)>> = cluster
+                    .iter()
+                    .map(|replicas| replicas.iter().map(|p| ("127.0.0.1", *p)).collect())
+                    .collect();
                 servers::clickhouse::cluster_config(
                     &self.path().join("etc"),
                     PrivateClickHouseCluster::NAME,
                     &shards,
+                    replica.map(|r| servers::clickhouse::Replica {
+                        shard: r.shard,
+                        replica: r.replica,
+                        zookeeper: ("127.0.0.1", r.zookeeper),
+                    }),
                 )
                 .expect("cluster configuration");
+            }
+            Kind::ZooKeeper => {
+                std::fs::create_dir(self.path().join("data")).expect("data folder");
+                std::fs::write(
+                    self.path().join("zoo.cfg"),
+                    servers::zookeeper::config(&self.path().join("data"), self.port),
+                )
+                .expect("zoo.cfg");
             }
             Kind::Redis { .. } | Kind::RedisReplica { .. } | Kind::ClickHouse { .. } => {}
         }
@@ -200,7 +222,8 @@ impl PrivateServer {
                 PrivateS3::ACCESS_KEY,
                 PrivateS3::SECRET_KEY,
             ),
-            Kind::ClickHouse { ports, cluster } => servers::clickhouse::server(
+            Kind::ZooKeeper => servers::zookeeper::server(&dir.join("zoo.cfg")),
+            Kind::ClickHouse { ports, cluster, .. } => servers::clickhouse::server(
                 stack.clickhouse_server_bin().as_ref(),
                 &if cluster.is_empty() {
                     Path::new(servers::clickhouse::PACKAGED_CONFIG).to_owned()
@@ -239,6 +262,7 @@ impl PrivateServer {
             Kind::S3 => servers::s3::ready(self.port).await,
             Kind::HaProxy { .. } => servers::haproxy::ready(self.port).await,
             Kind::ClickHouse { ports, .. } => servers::clickhouse::ready(ports.http).await,
+            Kind::ZooKeeper => servers::zookeeper::ready(self.port).await,
             Kind::Prometheus { .. } => servers::prometheus::ready(self.port).await,
             Kind::Alertmanager { .. } => servers::alertmanager::ready(self.port).await,
         }
@@ -585,6 +609,7 @@ impl PrivateClickHouse {
         let kind = Kind::ClickHouse {
             ports,
             cluster: Vec::new(),
+            replica: None,
         };
         PrivateClickHouse(PrivateServer::start(kind, ports.http).await)
     }
@@ -599,38 +624,91 @@ impl PrivateClickHouse {
     }
 }
 
-/// ClickHouse servers of one test's own forming the cluster `tidemark`, one shard
-/// each (unreplicated).
+/// A ClickHouse server's place in a replicated cluster, and its ZooKeeper's port.
+#[derive(Clone, Copy, Debug)]
+pub struct ClickHouseReplica {
+    pub shard: usize,
+    pub replica: usize,
+    pub zookeeper: u16,
+}
+
+/// ClickHouse servers of one test's own forming the cluster `tidemark`: shards of
+/// one server each, or of several replicas coordinated by a ZooKeeper of the
+/// test's own.
 pub struct PrivateClickHouseCluster {
-    pub shards: Vec<PrivateServer>,
+    /// Each shard's servers, the writer first.
+    pub replicas: Vec<Vec<PrivateServer>>,
+    pub zookeeper: Option<PrivateServer>,
 }
 
 impl PrivateClickHouseCluster {
     pub const NAME: &str = "tidemark";
 
-    /// `n` servers.
+    /// `n` shards of one server each.
     pub async fn start(n: usize) -> PrivateClickHouseCluster {
-        let ports: Vec<_> = (0..n).map(|_| clickhouse_ports()).collect();
-        let tcp: Vec<u16> = ports.iter().map(|p| p.tcp).collect();
-        let mut shards = Vec::new();
-        for ports in ports {
-            let kind = Kind::ClickHouse {
-                ports,
-                cluster: tcp.clone(),
-            };
-            shards.push(PrivateServer::start(kind, ports.http).await);
+        Self::launch(n, 1).await
+    }
+
+    /// `shards` shards of `replicas` servers each, and their ZooKeeper.
+    pub async fn start_replicated(shards: usize, replicas: usize) -> PrivateClickHouseCluster {
+        assert!(replicas > 1, "a replicated cluster has replicas");
+        Self::launch(shards, replicas).await
+    }
+
+    async fn launch(shards: usize, replicas: usize) -> PrivateClickHouseCluster {
+        let zookeeper = if replicas > 1 {
+            Some(PrivateServer::start(Kind::ZooKeeper, tidemark_launch::free_port()).await)
+        } else {
+            None
+        };
+        let ports: Vec<Vec<_>> = (0..shards)
+            .map(|_| (0..replicas).map(|_| clickhouse_ports()).collect())
+            .collect();
+        let tcp: Vec<Vec<u16>> = ports
+            .iter()
+            .map(|replicas| replicas.iter().map(|p| p.tcp).collect())
+            .collect();
+        let mut servers = Vec::new();
+        for (shard, replicas) in ports.into_iter().enumerate() {
+            let mut started = Vec::new();
+            for (replica, ports) in replicas.into_iter().enumerate() {
+                let kind = Kind::ClickHouse {
+                    ports,
+                    cluster: tcp.clone(),
+                    replica: zookeeper.as_ref().map(|zk| ClickHouseReplica {
+                        shard,
+                        replica,
+                        zookeeper: zk.port,
+                    }),
+                };
+                started.push(PrivateServer::start(kind, ports.http).await);
+            }
+            servers.push(started);
         }
-        PrivateClickHouseCluster { shards }
+        PrivateClickHouseCluster {
+            replicas: servers,
+            zookeeper,
+        }
+    }
+
+    /// Each shard's writer (its first server).
+    pub fn shards(&self) -> impl Iterator<Item = &PrivateServer> {
+        self.replicas.iter().map(|r| &r[0])
     }
 
     /// A sharded config naming a database of its own, read through the first
-    /// shard.
+    /// shard's writer.
     pub fn config(&self) -> ClickHouseConfig {
         let url = |s: &PrivateServer| format!("http://127.0.0.1:{}", s.port);
         ClickHouseConfig {
-            url: url(&self.shards[0]),
+            url: url(&self.replicas[0][0]),
             database: unique("t_"),
-            shards: self.shards.iter().map(url).collect::<Vec<_>>().join(","),
+            shards: self
+                .replicas
+                .iter()
+                .map(|r| r.iter().map(url).collect::<Vec<_>>().join("|"))
+                .collect::<Vec<_>>()
+                .join(","),
             cluster: Self::NAME.into(),
             ..ClickHouseConfig::default()
         }

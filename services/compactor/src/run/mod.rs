@@ -170,8 +170,10 @@ pub struct Compactor {
     /// Each shard's local database (one: `ch`'s, unsharded): where runs are
     /// staged and attached.
     pub shards: Vec<clickhouse::Client>,
-    /// Sharded: the cluster's name and the shards' local database, to read a
-    /// run's staging tables across them.
+    /// For each shard, its replicas besides the writer (empty unreplicated).
+    pub replicas: Vec<Vec<clickhouse::Client>>,
+    /// Sharded: the writers' `host:port`s and the shards' local database, to
+    /// read a run's staging tables across them.
     pub cluster: Option<(String, String)>,
     pub store: Store,
     pub settings: CompactorSettings,
@@ -182,12 +184,13 @@ pub struct Compactor {
 }
 
 impl Compactor {
-    /// A `FROM` for `table` on every shard at once, read through `ch`: the table
-    /// itself on one server, `cluster(…)` over the shards' copies of it.
+    /// A `FROM` for `table` on every shard's writer at once, read through `ch`:
+    /// the table itself on one server, `remote(…)` over the writers' copies of
+    /// it (staging lives on the writers only; `cluster(…)` might ask a replica).
     pub(crate) fn across(&self, table: &str) -> String {
         match &self.cluster {
             None => table.to_owned(),
-            Some((cluster, local)) => format!("cluster('{cluster}', '{local}', '{table}')"),
+            Some((writers, local)) => format!("remote('{writers}', '{local}', '{table}')"),
         }
     }
 }

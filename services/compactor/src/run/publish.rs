@@ -30,12 +30,26 @@ impl Compactor {
         Ok(staged)
     }
 
-    /// Attaches the run's staging on one shard (of [`Compactor::shards`]).
-    /// Returns the rows staged there.
+    /// Attaches the run's staging on one shard's writer (of
+    /// [`Compactor::shards`]), then waits until each of the shard's other
+    /// replicas has fetched what was attached (`SYSTEM SYNC REPLICA`, bounded by
+    /// `clickhouse.timeout`): readers may ask any replica, so none may miss a
+    /// published run. A replica that is down fails the run, which is retried;
+    /// meanwhile the speed layer covers everything after the last published
+    /// watermark. Returns the rows staged there.
     pub async fn copy_to_shard(&self, run: &Run, shard: usize) -> Result<u64> {
         let ch = &self.shards[shard];
         attach(ch, run, "buyers", &run.staging_buyers()).await?;
-        attach(ch, run, "revenue_agg", &run.staging()).await
+        let staged = attach(ch, run, "revenue_agg", &run.staging()).await?;
+        for replica in self.replicas.get(shard).into_iter().flatten() {
+            for table in ["buyers", "revenue_agg"] {
+                replica
+                    .query(&format!("SYSTEM SYNC REPLICA {table}"))
+                    .execute()
+                    .await?;
+            }
+        }
+        Ok(staged)
     }
 
     /// Makes the run the published state, with its watermark and epoch.

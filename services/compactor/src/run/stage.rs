@@ -117,15 +117,20 @@ impl Compactor {
         Ok(frame.height() as u64)
     }
 
-    /// Creates `staging`, shaped like `table`, empty, on every shard. Staging is
-    /// written once and attached whole: merging its parts would only spend CPU
-    /// during the run (the published table merges them later).
+    /// Creates `staging`, shaped like `table`, empty, on every shard's writer.
+    /// Its engine is `table`'s unreplicated (a replicated table's own engine
+    /// would make staging another replica of it): the partitions of a plain
+    /// MergeTree attach to a replicated one, and the attach replicates. Staging
+    /// is written once and attached whole: merging its parts would only spend
+    /// CPU during the run (the published table merges them later).
     async fn create_staging(&self, staging: &str, table: &str) -> Result<()> {
+        let engine = tidemark_platform::clickhouse::engine_of(table)
+            .unwrap_or_else(|| panic!("the migrations create {table}"));
         for ch in &self.shards {
             ch.query(&format!("DROP TABLE IF EXISTS {staging}"))
                 .execute()
                 .await?;
-            ch.query(&format!("CREATE TABLE {staging} AS {table}"))
+            ch.query(&format!("CREATE TABLE {staging} AS {table} {engine}"))
                 .execute()
                 .await?;
             ch.query(&format!("SYSTEM STOP MERGES {staging}"))
