@@ -48,6 +48,13 @@ pub struct ServingSettings {
     /// 0 makes them wait for the computation.
     #[serde(with = "millis")]
     pub max_stale: Duration,
+    /// A question asked again within this long of its last answer gets that
+    /// answer at once while the next one is computed in the background (stale
+    /// while revalidate: such an answer trails the data by at most one
+    /// computation and this); a question asked less often computes for its
+    /// request. 0 turns it off.
+    #[serde(with = "millis")]
+    pub revalidate_within: Duration,
     /// GraphQL: deepest query accepted.
     pub graphql_max_depth: usize,
     /// GraphQL: highest complexity accepted (a field counts 1; `revenue` 20,
@@ -88,6 +95,7 @@ impl Default for ServingSettings {
             cache_entries: 2_000,
             cache_bytes: 256 * 1024 * 1024,
             max_stale: Duration::from_secs(1),
+            revalidate_within: Duration::from_millis(20),
             graphql_max_depth: 8,
             graphql_max_complexity: 300,
             graphql_max_query_bytes: 16 * 1024,

@@ -442,6 +442,7 @@ pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Ar
         settings.cache_entries,
         settings.cache_bytes,
         settings.max_stale,
+        settings.revalidate_within,
     ));
     Router::new().route(
         "/graphql",
@@ -645,7 +646,7 @@ impl<'a> Walk<'a> {
 async fn execute(
     app: &AppState,
     schema: &TidemarkSchema,
-    cache: &ResponseCache,
+    cache: &Arc<ResponseCache>,
     request: async_graphql::Request,
 ) -> Response {
     let cacheable = match precheck(&request.query, &app.settings) {
@@ -671,8 +672,9 @@ async fn execute(
         return json(serde_json::to_vec(&response).unwrap_or_default().into());
     };
     let version = app.views.data_version().await;
+    let schema = schema.clone();
     let (result, outcome) = cache
-        .get(key, version, || async {
+        .get(key, version, move || async move {
             let response = schema.execute(request).await;
             let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
             if response.errors.is_empty() {

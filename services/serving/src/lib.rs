@@ -35,7 +35,7 @@ pub struct AppState {
     pub views: views::Views,
     pub settings: ServingSettings,
     /// Finished REST answers (see [`answers`]).
-    pub answers: answers::Answers<tidemark_platform::problem::Problem>,
+    pub answers: Arc<answers::Answers<tidemark_platform::problem::Problem>>,
 }
 
 /// Runs the APIs until `shutdown` is cancelled.
@@ -67,11 +67,12 @@ pub async fn serve(
             &settings,
         ),
         settings: settings.clone(),
-        answers: answers::Answers::new(
+        answers: Arc::new(answers::Answers::new(
             settings.cache_entries,
             settings.cache_bytes,
             settings.max_stale,
-        ),
+            settings.revalidate_within,
+        )),
     });
     let auth = Authenticator::new(
         pool.clone(),

@@ -59,13 +59,13 @@ async fn answer<T, F, Fut>(
 ) -> Response
 where
     T: serde::Serialize,
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Problem>>,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, Problem>> + Send + 'static,
 {
     let version = state.views.data_version().await;
     let (result, outcome) = state
         .answers
-        .get(question, version, || async {
+        .get(question, version, move || async move {
             let answer = compute().await?;
             serde_json::to_vec(&answer)
                 .map(Bytes::from)
@@ -158,8 +158,9 @@ async fn revenue(
         Err(problem) => return rejected("/v1/revenue", problem),
     };
     let question = format!("revenue {request:?}");
-    answer(&state, "/v1/revenue", question, || async {
-        query::revenue(&state.views, &request).await
+    let computing = state.clone();
+    answer(&state, "/v1/revenue", question, move || async move {
+        query::revenue(&computing.views, &request).await
     })
     .await
 }
@@ -214,9 +215,13 @@ async fn summary(
         Err(problem) => return rejected("/v1/revenue/summary", problem),
     };
     let question = format!("summary {request:?}");
-    answer(&state, "/v1/revenue/summary", question, || async {
-        query::summary(&state.views, &request).await
-    })
+    let computing = state.clone();
+    answer(
+        &state,
+        "/v1/revenue/summary",
+        question,
+        move || async move { query::summary(&computing.views, &request).await },
+    )
     .await
 }
 
