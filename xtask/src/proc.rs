@@ -86,6 +86,32 @@ pub async fn stop(pid: u32, name: &str, sig: &str, grace: Duration) -> Result<()
 }
 
 /// Runs a command to completion, failing with its output when it fails.
+/// Cargo, for a build or test run started by xtask, in the environment a shell's
+/// `cargo` would have. `cargo xtask` runs xtask through `cargo run`, which gives
+/// it `CARGO_MANIFEST_DIR` (xtask's folder) and the other `CARGO_PKG_*`-style
+/// variables of a running crate; passed on, they reach every build script, and
+/// `ring`'s tracks `CARGO_MANIFEST_DIR`: its fingerprint changed between a plain
+/// `cargo build --release` and xtask's, so each rebuilt `ring` and everything
+/// above it (polars included, ~35 min on two cores).
+pub fn cargo() -> Command {
+    let mut command = Command::new(env!("CARGO"));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&name)
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 pub fn run(cmd: &mut Command) -> Result<String> {
     let output = cmd
         .output()

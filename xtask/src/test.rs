@@ -200,7 +200,7 @@ fn test_env(stack: &Stack) -> Result<Vec<(String, String)>> {
 /// Runs cargo with inherited output; killed if this future is dropped (Ctrl-C).
 async fn cargo(args: &[&str], env: &[(String, String)]) -> Result<()> {
     eprintln!("xtask: cargo {}", args.join(" "));
-    let status = tokio::process::Command::new(env!("CARGO"))
+    let status = tokio::process::Command::from(crate::proc::cargo())
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(tidemark_launch::workspace_root())

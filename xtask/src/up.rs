@@ -46,7 +46,7 @@ pub async fn up(release: bool) -> Result<()> {
         .iter()
         .flat_map(|(name, _)| ["-p".to_owned(), format!("tidemark-{name}")])
         .collect();
-    let status = Command::new(env!("CARGO"))
+    let status = crate::proc::cargo()
         .args(["build", "--bins", "--quiet"])
         .args(release.then_some("--release"))
         .args(&packages)

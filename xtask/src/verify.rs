@@ -20,7 +20,7 @@ pub fn verify(days: i64) -> Result<()> {
             )
         })
     };
-    let status = Command::new(env!("CARGO"))
+    let status = crate::proc::cargo()
         .args(["build", "--quiet", "--bin", "tidemark-verify"])
         .current_dir(&stack.root)
         .status()?;

@@ -588,7 +588,7 @@ pub(super) fn unlink_prefix(port: &str, pattern: &str) -> Result<()> {
 }
 
 fn cargo_release(packages: &[String]) -> Result<()> {
-    let mut cmd = Command::new(env!("CARGO"));
+    let mut cmd = crate::proc::cargo();
     cmd.args(["build", "--release", "--quiet"]);
     for p in packages {
         cmd.args(["-p", p]);
