@@ -24,7 +24,7 @@
 //! At thousands of requests a second one request in every computation's length
 //! still found none running and waited for the one it started: that wait was the
 //! p99. So a request that finds none running, but an answer finished at most
-//! `revalidate_within` ago (20 ms), takes that answer at once and leaves the new
+//! `revalidate_within` ago (off by default), takes that answer at once and leaves the new
 //! computation running in the background (`Outcome::Revalidating`; stale while
 //! revalidate). Only a question asked again within that short window is
 //! answered so: one asked less often computes for its request as before, so a
