@@ -278,7 +278,7 @@ mod tests {
         (Some(1), Some(cursor.to_owned()), None)
     }
 
-    fn answers(max_stale: Duration, revalidate_within: Duration) -> Arc<Answers<String>> {
+    fn store(max_stale: Duration, revalidate_within: Duration) -> Arc<Answers<String>> {
         Arc::new(Answers::new(10, 1 << 20, max_stale, revalidate_within))
     }
 
@@ -296,7 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_answer_is_served_until_the_data_moves() {
-        let answers = answers(Duration::ZERO, Duration::ZERO);
+        let answers = store(Duration::ZERO, Duration::ZERO);
         let computed = Arc::new(AtomicUsize::new(0));
         let (a, o) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
@@ -319,7 +319,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_question_asked_again_at_once_gets_its_answer_while_the_next_is_computed() {
-        let answers = answers(Duration::from_secs(60), Duration::from_secs(60));
+        let answers = store(Duration::from_secs(60), Duration::from_secs(60));
         let computed = Arc::new(AtomicUsize::new(0));
         let (a, o) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
@@ -352,20 +352,16 @@ mod tests {
         assert_eq!(computed.load(Ordering::SeqCst), 2, "a and b, nothing else");
 
         // A question not asked again within the window computes for its request.
-        let answers = answers_with_window(Duration::from_millis(1));
-        let (a, _) = answers
+        let brief = store(Duration::from_secs(60), Duration::from_millis(1));
+        let (a, _) = brief
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
         assert_eq!(a.unwrap(), Bytes::from("a"));
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let (a, o) = answers
+        let (a, o) = brief
             .get("q".into(), version("2"), counted(&computed, "c"))
             .await;
         assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
-    }
-
-    fn answers_with_window(window: Duration) -> Arc<Answers<String>> {
-        answers(Duration::from_secs(60), window)
     }
 
     /// Waits until the computation of `q` left in the background has kept
@@ -394,7 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_arriving_during_a_computation_share_it() {
-        let answers = answers(Duration::ZERO, Duration::ZERO);
+        let answers = store(Duration::ZERO, Duration::ZERO);
         let computed = Arc::new(AtomicUsize::new(0));
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let first = {
@@ -454,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn while_a_question_is_computed_its_recent_answer_is_given_at_once() {
-        let answers = answers(Duration::from_secs(60), Duration::ZERO);
+        let answers = store(Duration::from_secs(60), Duration::ZERO);
         let (a, _) = answers
             .get("q".into(), version("1"), || async { Ok(Bytes::from("a")) })
             .await;

@@ -125,16 +125,13 @@ pub async fn migrate(config: &ClickHouseConfig) -> Result<Vec<u32>, clickhouse::
             create_replica(writer, replica).await?;
         }
     }
-    distribute(config, config).await?;
-    for replica in config.replica_configs().iter().flatten() {
-        if replica.url != config.url {
-            let server = ClickHouseConfig {
-                database: config.database.clone(),
-                ..replica.clone()
-            };
-            distribute(config, &server).await?;
+    let mut servers = vec![config.url.as_str()];
+    for url in config.replica_urls().into_iter().flatten() {
+        if !servers.contains(&url) {
+            servers.push(url);
         }
     }
+    distribute(config, &servers).await?;
     Ok(applied)
 }
 
@@ -220,48 +217,57 @@ pub fn replicated(sql: &str, database: &str) -> String {
     format!("{}ENGINE = {engine}", &sql[..at])
 }
 
-/// Creates `database` on `server` with a `Distributed` table over the shards'
-/// local tables for each of [`DISTRIBUTED_TABLES`], and re-creates one whose
-/// columns no longer match the local table's (a migration changed them; a
-/// `Distributed` table is only metadata).
+/// Creates `database` on each of `servers` (URLs) with a `Distributed` table over
+/// the shards' local tables for each of [`DISTRIBUTED_TABLES`], and re-creates
+/// one whose columns no longer match the local table's (a migration changed
+/// them; a `Distributed` table is only metadata).
 async fn distribute(
     config: &ClickHouseConfig,
-    server: &ClickHouseConfig,
+    servers: &[&str],
 ) -> Result<(), clickhouse::error::Error> {
     // Names are validated by the config: letters, digits and underscores.
     let (database, local) = (&config.database, config.local_database());
-    let server = server_client(server);
-    server
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
-        .execute()
-        .await?;
-    // The first shard's local tables (this server needs not be a shard itself).
+    // The first shard's local tables (a server needs not be a shard itself).
     let shard = server_client(&config.shard_configs()[0]);
+    let mut wanted = Vec::new();
     for table in DISTRIBUTED_TABLES {
-        let wanted = columns(&shard, &local, table).await?;
-        let have = columns(&server, database, table).await?;
-        if have == wanted {
-            continue;
-        }
-        if !have.is_empty() {
-            tracing::info!(
-                table,
-                "Re-creating a Distributed table: its columns changed"
-            );
+        wanted.push((table, columns(&shard, &local, table).await?));
+    }
+    for url in servers {
+        let server = server_client(&ClickHouseConfig {
+            url: (*url).to_owned(),
+            ..config.clone()
+        });
+        server
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+            .execute()
+            .await?;
+        for (table, wanted) in &wanted {
+            let have = columns(&server, database, table).await?;
+            if &have == wanted {
+                continue;
+            }
+            if !have.is_empty() {
+                tracing::info!(
+                    table,
+                    url,
+                    "Re-creating a Distributed table: its columns changed"
+                );
+                server
+                    .query(&format!("DROP TABLE IF EXISTS {database}.{table}"))
+                    .execute()
+                    .await?;
+            }
             server
-                .query(&format!("DROP TABLE IF EXISTS {database}.{table}"))
+                .query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {database}.{table} ({}) \
+                     ENGINE = Distributed({}, {local}, {table})",
+                    wanted.join(", "),
+                    config.cluster
+                ))
                 .execute()
                 .await?;
         }
-        server
-            .query(&format!(
-                "CREATE TABLE IF NOT EXISTS {database}.{table} ({}) \
-                 ENGINE = Distributed({}, {local}, {table})",
-                wanted.join(", "),
-                config.cluster
-            ))
-            .execute()
-            .await?;
     }
     Ok(())
 }

@@ -691,11 +691,6 @@ impl PrivateClickHouseCluster {
         }
     }
 
-    /// Each shard's writer (its first server).
-    pub fn shards(&self) -> impl Iterator<Item = &PrivateServer> {
-        self.replicas.iter().map(|r| &r[0])
-    }
-
     /// A sharded config naming a database of its own, read through the first
     /// shard's writer.
     pub fn config(&self) -> ClickHouseConfig {
