@@ -30,6 +30,11 @@
 //! answered so: one asked less often computes for its request as before, so a
 //! dashboard's poll or a test's next question sees the data as it is. An answer
 //! so given trails the data by at most one computation and the window.
+//!
+//! A request that could not read the data version (a store is down) gets none of
+//! these shortcuts: no kept, stale or revalidating answer, only its own
+//! computation (or one that finished after it arrived), so an outage is answered
+//! as an outage — 503, or a partial answer that says so — at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,11 +44,12 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 
 /// What an answer depends on: the published run, the speed cursor, the rates.
+/// `None` where the caller could not read it (see [`Answers::get`]).
 pub type DataVersion = (Option<u64>, Option<String>, Option<String>);
 
 /// The last outcome of one question.
 struct Slot<E> {
-    answer: Option<(DataVersion, Bytes, Instant)>,
+    answer: Option<(Option<DataVersion>, Bytes, Instant)>,
     failure: Option<(E, Instant)>,
 }
 
@@ -145,13 +151,14 @@ impl<E: Clone + Send + 'static> Answers<E> {
     }
 
     /// The answer to `question` at `version` (observed by the caller before
-    /// asking): kept, shared from a computation that finished while this request
-    /// waited, the last one while a newer one is computed, or computed by
-    /// `compute` (for this request, or in the background).
+    /// asking; `None` when it could not be read): kept, shared from a computation
+    /// that finished while this request waited, the last one while a newer one is
+    /// computed, or computed by `compute` (for this request, or in the
+    /// background). Without a version only the last two.
     pub async fn get<F, Fut>(
         self: &Arc<Self>,
         question: String,
-        version: DataVersion,
+        version: Option<DataVersion>,
         compute: F,
     ) -> (Result<Bytes, E>, Outcome)
     where
@@ -179,6 +186,7 @@ impl<E: Clone + Send + 'static> Answers<E> {
                 // Another request computes this question: a recent answer will do.
                 let last = entry.last.lock().expect("not poisoned").clone();
                 if let Some((bytes, finished)) = last
+                    && version.is_some()
                     && !self.max_stale.is_zero()
                     && finished.elapsed() <= self.max_stale
                 {
@@ -188,13 +196,16 @@ impl<E: Clone + Send + 'static> Answers<E> {
             }
         };
         if let Some((at, bytes, finished)) = &slot.answer {
-            if *at == version {
+            if at.is_some() && *at == version {
                 return (Ok(bytes.clone()), Outcome::Hit);
             }
             if *finished >= arrived {
                 return (Ok(bytes.clone()), Outcome::Shared);
             }
-            if !self.revalidate_within.is_zero() && finished.elapsed() <= self.revalidate_within {
+            if version.is_some()
+                && !self.revalidate_within.is_zero()
+                && finished.elapsed() <= self.revalidate_within
+            {
                 let bytes = bytes.clone();
                 let answers = self.clone();
                 tokio::spawn(async move {
@@ -222,7 +233,7 @@ impl<E: Clone + Send + 'static> Answers<E> {
         mut slot: tokio::sync::OwnedMutexGuard<Slot<E>>,
         question: &str,
         entry: &Arc<Entry<E>>,
-        version: DataVersion,
+        version: Option<DataVersion>,
         compute: F,
     ) -> Result<Bytes, E>
     where
@@ -274,8 +285,8 @@ mod tests {
 
     use super::*;
 
-    fn version(cursor: &str) -> DataVersion {
-        (Some(1), Some(cursor.to_owned()), None)
+    fn version(cursor: &str) -> Option<DataVersion> {
+        Some((Some(1), Some(cursor.to_owned()), None))
     }
 
     fn store(max_stale: Duration, revalidate_within: Duration) -> Arc<Answers<String>> {
@@ -362,6 +373,62 @@ mod tests {
             .get("q".into(), version("2"), counted(&computed, "c"))
             .await;
         assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_read_the_data_version_computes_for_itself() {
+        let answers = store(Duration::from_secs(60), Duration::from_secs(60));
+        let computed = Arc::new(AtomicUsize::new(0));
+        let (a, _) = answers
+            .get("q".into(), version("1"), counted(&computed, "a"))
+            .await;
+        assert_eq!(a.unwrap(), Bytes::from("a"));
+        // Neither kept nor revalidating: the store is down, the request sees it.
+        let (a, o) = answers
+            .get("q".into(), None, || async { Err("down".to_owned()) })
+            .await;
+        assert_eq!((a, o), (Err("down".to_owned()), Outcome::Computed));
+        // Nor stale while another computation runs.
+        let (started, start) = tokio::sync::oneshot::channel::<()>();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let slow = tokio::spawn({
+            let answers = answers.clone();
+            async move {
+                answers
+                    .get("q".into(), version("2"), move || async move {
+                        started.send(()).unwrap();
+                        finished.await.unwrap();
+                        Ok(Bytes::from("b"))
+                    })
+                    .await
+            }
+        });
+        start.await.unwrap();
+        let waiting = tokio::spawn({
+            let answers = answers.clone();
+            async move {
+                answers
+                    .get("q".into(), None, || async { Err("down".to_owned()) })
+                    .await
+            }
+        });
+        for _ in 0..10 {
+            // Lets the request run until it waits for the computation.
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "no stale answer without a version");
+        // (The readable request was answered at once, revalidating in the background.)
+        let (a, o) = slow.await.unwrap();
+        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Revalidating));
+        finish.send(()).unwrap();
+        // It shares the computation that finished after it arrived.
+        let (a, o) = waiting.await.unwrap();
+        assert_eq!((a.unwrap(), o), (Bytes::from("b"), Outcome::Shared));
+        // A readable version finds the answer kept again.
+        let (a, o) = answers
+            .get("q".into(), version("2"), counted(&computed, "x"))
+            .await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("b"), Outcome::Hit));
     }
 
     /// Waits until the computation of `q` left in the background has kept

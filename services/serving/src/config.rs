@@ -52,7 +52,8 @@ pub struct ServingSettings {
     /// answer at once while the next one is computed in the background (stale
     /// while revalidate: such an answer trails the data by at most one
     /// computation and this); a question asked less often computes for its
-    /// request. 0 (the default) turns it off.
+    /// request. Not taken by a request that cannot read the data version (a
+    /// store down). 0 turns it off.
     #[serde(with = "millis")]
     pub revalidate_within: Duration,
     /// GraphQL: deepest query accepted.
@@ -95,10 +96,7 @@ impl Default for ServingSettings {
             cache_entries: 2_000,
             cache_bytes: 256 * 1024 * 1024,
             max_stale: Duration::from_secs(1),
-            // Off until it keeps the outage rule: a store killed just after an
-            // answer, the next request within the window got that answer (200,
-            // as of its position) instead of 503 (`api::a_store_down_*`).
-            revalidate_within: Duration::ZERO,
+            revalidate_within: Duration::from_millis(20),
             graphql_max_depth: 8,
             graphql_max_complexity: 300,
             graphql_max_query_bytes: 16 * 1024,

@@ -597,18 +597,18 @@ impl Views {
         version
     }
 
-    /// The speed view's cursor, for subscriptions to notice new data.
     /// What a revenue or summary answer depends on: the published run, the speed
     /// cursor and the exchange rates (a later rates file corrects converted
-    /// answers). See [`crate::answers`].
-    pub async fn data_version(&self) -> crate::answers::DataVersion {
-        (
-            self.state().await.ok().flatten().map(|s| s.run_id),
-            self.speed_cursor().await,
-            self.rates_version().await,
-        )
+    /// answers); `None` when a part cannot be read (a store is down), so no kept
+    /// answer stands in for the outage. See [`crate::answers`].
+    pub async fn data_version(&self) -> Option<crate::answers::DataVersion> {
+        let run = self.state().await.ok()?.map(|s| s.run_id);
+        let cursor = self.speed.meta().await.ok()?.map(|m| m.cursor.to_string());
+        let rates = self.rates_version().await?;
+        Some((run, cursor, Some(rates)))
     }
 
+    /// The speed view's cursor, for subscriptions to notice new data.
     pub async fn speed_cursor(&self) -> Option<String> {
         self.speed
             .meta()
