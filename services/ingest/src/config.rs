@@ -49,7 +49,8 @@ pub struct GroupCommitSettings {
     pub enabled: bool,
     /// Most orders in one group.
     pub max_orders: usize,
-    /// Most groups committing at once (each holds a pooled connection).
+    /// Most groups committing at once (each holds a connection of the groups'
+    /// own pool, which has this many besides `postgres.max_connections`).
     pub in_flight: usize,
     /// How long a group waits for more orders once it has one; 0 takes only
     /// those already waiting.
@@ -62,7 +63,7 @@ impl Default for GroupCommitSettings {
         Self {
             enabled: true,
             max_orders: 500,
-            in_flight: 4,
+            in_flight: 2,
             window: Duration::ZERO,
         }
     }
@@ -172,13 +173,6 @@ impl Validate for Config {
                 "ingest.group_commit.max_orders and ingest.group_commit.in_flight must be positive"
                     .into(),
             );
-        }
-        if group.enabled && group.in_flight as u32 >= self.postgres.max_connections {
-            problems.push(format!(
-                "ingest.group_commit.in_flight ({}) must be below postgres.max_connections ({}): \
-                 batch requests, the relay and the vault loader need connections too",
-                group.in_flight, self.postgres.max_connections
-            ));
         }
         if self.relay.batch_size <= 0 {
             problems.push("relay.batch_size must be positive".into());

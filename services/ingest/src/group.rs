@@ -18,6 +18,15 @@
 //! the statement fails for a reason one order could cause, each order of the group
 //! is stored alone, so a bad order fails only itself; if Postgres is unavailable,
 //! every order of the group gets that error (and its request a 503).
+//!
+//! Groups commit through a pool of their own, one connection per commit slot,
+//! whose sessions plan the group statement once (`plan_cache_mode =
+//! force_generic_plan`): its text is the same for every group, only the arrays
+//! differ, and under `auto` Postgres went on planning it per execution (measured
+//! with the release build at 32 connections, alternating runs of 60,000 orders:
+//! 11,857 / 12,009 orders/s generic, 10,205 / 10,931 auto). The setting is the
+//! session's, so the service's other statements (the vault loader's ranges) keep
+//! their own pool and custom plans.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +38,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use tidemark_platform::config::PostgresConfig;
 
 use crate::config::GroupCommitSettings;
 use crate::store::{self, Outcome, StoreError};
@@ -70,6 +81,19 @@ impl GroupCommit {
         // The dispatcher answers every order it took, even when its group fails.
         outcome.await.map_err(|_| closed())?
     }
+}
+
+/// The groups' own pool: a connection per commit slot, generic plans.
+pub fn pool(
+    postgres: &PostgresConfig,
+    settings: &GroupCommitSettings,
+) -> Result<PgPool, sqlx::Error> {
+    tidemark_platform::postgres::pool_with(
+        postgres,
+        "tidemark-ingest-groups",
+        settings.in_flight.max(1) as u32,
+        &[("plan_cache_mode", "force_generic_plan")],
+    )
 }
 
 async fn dispatch(

@@ -92,15 +92,17 @@ pub async fn serve(
             default_rate_per_second: config.ingest.default_rate_per_second,
         },
     );
-    let groups = config.ingest.group_commit.enabled.then(|| {
+    let groups = if config.ingest.group_commit.enabled {
         let token = shutdown.child_token();
         let (groups, task) = group::GroupCommit::start(
-            pool.clone(),
+            group::pool(&config.postgres, &config.ingest.group_commit)?,
             config.ingest.group_commit.clone(),
             token.clone(),
         );
-        (groups, task, token)
-    });
+        Some((groups, task, token))
+    } else {
+        None
+    };
     let state = api::AppState {
         pool,
         settings: config.ingest.clone(),

@@ -13,6 +13,16 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
 /// A pool that connects on first use, so a service starts (and reports not-ready)
 /// while Postgres is down.
 pub fn pool(config: &PostgresConfig, application_name: &str) -> Result<PgPool, sqlx::Error> {
+    pool_with(config, application_name, config.max_connections, &[])
+}
+
+/// [`pool`] with at most `max_connections` and further session settings.
+pub fn pool_with(
+    config: &PostgresConfig,
+    application_name: &str,
+    max_connections: u32,
+    settings: &[(&str, &str)],
+) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = config.url.expose_secret().parse()?;
     // A transaction of ours left idle (a stuck client, a bug) would hold back the
     // log horizon of every consumer in the cluster; Postgres ends it instead.
@@ -20,12 +30,15 @@ pub fn pool(config: &PostgresConfig, application_name: &str) -> Result<PgPool, s
     // planner's estimates cross `jit_above_cost` and each execution spends hundreds
     // of milliseconds compiling (measured: the log tail of 5,000 rows took 454 ms,
     // 304 ms of it JIT, under a 10,000 orders/s stream).
-    let options = options.application_name(application_name).options([
-        ("idle_in_transaction_session_timeout", "60s"),
-        ("jit", "off"),
-    ]);
+    let options = options
+        .application_name(application_name)
+        .options([
+            ("idle_in_transaction_session_timeout", "60s"),
+            ("jit", "off"),
+        ])
+        .options(settings.iter().copied());
     Ok(PgPoolOptions::new()
-        .max_connections(config.max_connections)
+        .max_connections(max_connections)
         .acquire_timeout(config.acquire_timeout)
         // No ping before each use: it doubles the round trips of a single insert.
         // A connection broken by a Postgres restart fails one query (503, retried by
