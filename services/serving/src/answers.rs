@@ -31,6 +31,11 @@
 //! dashboard's poll or a test's next question sees the data as it is. An answer
 //! so given trails the data by at most one computation and the window.
 //!
+//! Back to back, those background computations of one hot question took a core
+//! (REST p99 24 ms at 2,000/s beside `/healthz`'s 1.4 ms). So an answer finished at
+//! most `recent_within` ago is given as it is, starting nothing (`Outcome::Recent`):
+//! a hot question is computed at most once per that interval and its computation.
+//!
 //! A request that could not read the data version (a store is down) gets none of
 //! these shortcuts: no kept, stale or revalidating answer, only its own
 //! computation (or one that finished after it arrived), so an outage is answered
@@ -90,6 +95,8 @@ pub struct Answers<E> {
     /// The oldest answer given at once while a newer one is computed in the
     /// background (0: never).
     revalidate_within: Duration,
+    /// The oldest answer given at once without computing a newer one (0: never).
+    recent_within: Duration,
 }
 
 struct Slots<E> {
@@ -110,6 +117,8 @@ pub enum Outcome {
     /// The last answer, just finished, given at once while this request leaves a
     /// newer one computing in the background.
     Revalidating,
+    /// The last answer, finished so recently that no newer one is computed yet.
+    Recent,
     /// Computed for this request.
     Computed,
 }
@@ -121,6 +130,7 @@ impl Outcome {
             Outcome::Shared => "shared",
             Outcome::Stale => "stale",
             Outcome::Revalidating => "revalidating",
+            Outcome::Recent => "recent",
             Outcome::Computed => "miss",
         }
     }
@@ -132,6 +142,7 @@ impl<E: Clone + Send + 'static> Answers<E> {
         max_bytes: usize,
         max_stale: Duration,
         revalidate_within: Duration,
+        recent_within: Duration,
     ) -> Self {
         Answers {
             slots: Mutex::new(Slots {
@@ -142,6 +153,7 @@ impl<E: Clone + Send + 'static> Answers<E> {
             max_bytes,
             max_stale,
             revalidate_within,
+            recent_within,
         }
     }
 
@@ -201,6 +213,12 @@ impl<E: Clone + Send + 'static> Answers<E> {
             }
             if *finished >= arrived {
                 return (Ok(bytes.clone()), Outcome::Shared);
+            }
+            if version.is_some()
+                && !self.recent_within.is_zero()
+                && finished.elapsed() <= self.recent_within
+            {
+                return (Ok(bytes.clone()), Outcome::Recent);
             }
             if version.is_some()
                 && !self.revalidate_within.is_zero()
@@ -290,7 +308,13 @@ mod tests {
     }
 
     fn store(max_stale: Duration, revalidate_within: Duration) -> Arc<Answers<String>> {
-        Arc::new(Answers::new(10, 1 << 20, max_stale, revalidate_within))
+        Arc::new(Answers::new(
+            10,
+            1 << 20,
+            max_stale,
+            revalidate_within,
+            Duration::ZERO,
+        ))
     }
 
     /// A computation of `answer`, counted.
@@ -372,6 +396,32 @@ mod tests {
         let (a, o) = brief
             .get("q".into(), version("2"), counted(&computed, "c"))
             .await;
+        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+    }
+
+    #[tokio::test]
+    async fn a_question_asked_again_within_the_recent_interval_starts_no_computation() {
+        let answers = Arc::new(Answers::new(
+            10,
+            1 << 20,
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        ));
+        let computed = Arc::new(AtomicUsize::new(0));
+        let (a, _) = answers
+            .get("q".into(), version("1"), counted(&computed, "a"))
+            .await;
+        assert_eq!(a.unwrap(), Bytes::from("a"));
+        for cursor in ["2", "3", "4"] {
+            let (a, o) = answers
+                .get("q".into(), version(cursor), counted(&computed, "b"))
+                .await;
+            assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Recent));
+        }
+        assert_eq!(computed.load(Ordering::SeqCst), 1, "nothing computed again");
+        // Not for a request that cannot read the data version.
+        let (a, o) = answers.get("q".into(), None, counted(&computed, "c")).await;
         assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
     }
 
@@ -564,6 +614,7 @@ mod tests {
         let answers = Arc::new(Answers::<String>::new(
             1_000,
             10_000,
+            Duration::ZERO,
             Duration::ZERO,
             Duration::ZERO,
         ));

@@ -56,6 +56,12 @@ pub struct ServingSettings {
     /// store down). 0 turns it off.
     #[serde(with = "millis")]
     pub revalidate_within: Duration,
+    /// A question asked again within this long of its last answer gets that
+    /// answer and no computation starts: a hot question is computed at most once
+    /// per this interval (and its computation). Not taken by a request that cannot
+    /// read the data version. 0 turns it off.
+    #[serde(with = "millis")]
+    pub recent_within: Duration,
     /// GraphQL: deepest query accepted.
     pub graphql_max_depth: usize,
     /// GraphQL: highest complexity accepted (a field counts 1; `revenue` 20,
@@ -96,7 +102,8 @@ impl Default for ServingSettings {
             cache_entries: 2_000,
             cache_bytes: 256 * 1024 * 1024,
             max_stale: Duration::from_secs(1),
-            revalidate_within: Duration::from_millis(20),
+            revalidate_within: Duration::from_millis(30),
+            recent_within: Duration::from_millis(10),
             graphql_max_depth: 8,
             graphql_max_complexity: 300,
             graphql_max_query_bytes: 16 * 1024,

@@ -443,6 +443,7 @@ pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Ar
         settings.cache_bytes,
         settings.max_stale,
         settings.revalidate_within,
+        settings.recent_within,
     ));
     Router::new().route(
         "/graphql",

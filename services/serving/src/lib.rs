@@ -72,6 +72,7 @@ pub async fn serve(
             settings.cache_bytes,
             settings.max_stale,
             settings.revalidate_within,
+            settings.recent_within,
         )),
     });
     let auth = Authenticator::new(

@@ -27,6 +27,56 @@ pub enum Error {
     TooLarge(usize),
 }
 
+/// Every row of `query`. A statement whose caller stops waiting for it (a request
+/// past its deadline, a client gone) is killed on the server: ClickHouse runs an
+/// HTTP query to its end after the client has gone (18.16 has no setting to cancel
+/// it), so questions given up under overload went on taking the CPU from those
+/// still wanted (measured in `cargo xtask bench serving`).
+pub async fn fetch_all<T>(
+    client: &clickhouse::Client,
+    query: clickhouse::query::Query,
+) -> Result<Vec<T>, clickhouse::error::Error>
+where
+    T: clickhouse::RowOwned + clickhouse::RowRead,
+{
+    let mut running = KillOnDrop {
+        client: client.clone(),
+        query_id: Some(uuid::Uuid::new_v4().to_string()),
+    };
+    let id = running.query_id.clone().unwrap_or_default();
+    let rows = query.with_setting("query_id", id).fetch_all().await;
+    running.query_id = None;
+    rows
+}
+
+/// Kills its statement when dropped, unless it ended.
+struct KillOnDrop {
+    client: clickhouse::Client,
+    query_id: Option<String>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Some(query_id) = self.query_id.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.client.clone();
+        runtime.spawn(async move {
+            let killed = client
+                .query("KILL QUERY WHERE query_id = ? ASYNC")
+                .bind(&query_id)
+                .execute()
+                .await;
+            if let Err(e) = killed {
+                tracing::debug!(error = %e, query_id, "Killing an abandoned statement failed");
+            }
+        });
+    }
+}
+
 /// What is published: which runs count, and what they cover.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PublishedState {
@@ -168,7 +218,7 @@ pub async fn read(
     from_secs: i64,
     to_secs: i64,
 ) -> Result<Grid, Error> {
-    let rows: Vec<CellRow> = client
+    let rows = client
         .query(
             "SELECT bucket, value, currency, sum(revenue_minor) AS s_revenue, \
                     sum(orders) AS s_orders, sum(items) AS s_items, \
@@ -187,9 +237,8 @@ pub async fn read(
         .bind(from_secs.clamp(0, i64::from(u32::MAX)) as u32)
         .bind(to_secs.clamp(0, i64::from(u32::MAX)) as u32)
         .bind(state.base_run_id)
-        .bind(state.run_id)
-        .fetch_all()
-        .await?;
+        .bind(state.run_id);
+    let rows: Vec<CellRow> = fetch_all(client, rows).await?;
     let mut grid = Grid::new();
     for row in rows {
         let currency = row.currency.parse::<Currency>().map_err(|e| {
@@ -329,7 +378,7 @@ pub async fn cells(
     if let Some(c) = q.currency {
         query = query.bind(c.as_str());
     }
-    let rows: Vec<PieceRow> = query.fetch_all().await?;
+    let rows: Vec<PieceRow> = fetch_all(client, query).await?;
     if rows.len() > limit {
         return Err(Error::TooLarge(limit));
     }
@@ -454,7 +503,7 @@ pub async fn buyers(
     q: &BuyersQuery<'_>,
 ) -> Result<BTreeMap<BuyerKey, u64>, Error> {
     let sql = q.sql("uniqExact(user_id) AS n", false, "GROUP BY k, g, c");
-    let rows: Vec<BuyerCount> = q.bind(client.query(&sql), state).fetch_all().await?;
+    let rows: Vec<BuyerCount> = fetch_all(client, q.bind(client.query(&sql), state)).await?;
     Ok(rows.into_iter().map(|r| ((r.k, r.g, r.c), r.n)).collect())
 }
 
@@ -466,10 +515,7 @@ pub async fn buyers_among(
     users: &[&str],
 ) -> Result<BTreeSet<(BuyerKey, String)>, Error> {
     let sql = q.sql("user_id AS u", true, "GROUP BY k, g, c, u");
-    let rows: Vec<BuyerPresence> = q
-        .bind(client.query(&sql), state)
-        .bind(users)
-        .fetch_all()
-        .await?;
+    let query = q.bind(client.query(&sql), state).bind(users);
+    let rows: Vec<BuyerPresence> = fetch_all(client, query).await?;
     Ok(rows.into_iter().map(|r| ((r.k, r.g, r.c), r.u)).collect())
 }

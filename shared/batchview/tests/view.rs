@@ -163,3 +163,70 @@ async fn a_published_row_in_a_currency_this_build_does_not_know_is_an_error() {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Sum {
+    s: u64,
+}
+
+/// Statements on the server whose text holds `marker`.
+async fn running(ch: &clickhouse::Client, marker: &str) -> u64 {
+    ch.query(
+        "SELECT count() FROM system.processes \
+         WHERE position(query, ?) > 0 AND position(query, 'system.processes') = 0",
+    )
+    .bind(marker)
+    .fetch_one()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_read_its_caller_gives_up_is_killed_on_the_server() {
+    let ch = clickhouse().await;
+    let marker = format!(
+        "given_up_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    // Tens of seconds of work (bounded at 60 s should the kill fail).
+    let sql = format!("SELECT sum(number) AS s FROM numbers(100000000000) WHERE '{marker}' != ''");
+    let reader = tokio::spawn({
+        let ch = ch.clone();
+        async move {
+            let query = ch.query(&sql).with_setting("max_execution_time", "60");
+            tidemark_batchview::fetch_all::<Sum>(&ch, query)
+                .await
+                .map(|rows| rows.iter().map(|r| r.s).sum::<u64>())
+        }
+    });
+    let started = std::time::Instant::now();
+    while running(&ch, &marker).await == 0 {
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "the statement never started"
+        );
+        assert!(
+            !reader.is_finished(),
+            "the statement ended: {:?}",
+            reader.await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    reader.abort();
+    assert!(reader.await.unwrap_err().is_cancelled());
+    let given_up = std::time::Instant::now();
+    while running(&ch, &marker).await > 0 {
+        assert!(
+            given_up.elapsed().as_secs() < 10,
+            "the abandoned statement still runs on the server"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "abandoned statement gone from the server {:.0} ms after its reader was dropped",
+        given_up.elapsed().as_secs_f64() * 1e3
+    );
+}
