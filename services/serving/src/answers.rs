@@ -52,6 +52,19 @@ use axum::body::Bytes;
 /// `None` where the caller could not read it (see [`Answers::get`]).
 pub type DataVersion = (Option<u64>, Option<String>, Option<String>);
 
+/// The data version for a question of `route`, its read timed
+/// (`serving_data_version_seconds`: every cached answer waits for it).
+pub async fn timed_version(
+    views: &crate::views::Views,
+    route: &'static str,
+) -> Option<DataVersion> {
+    let started = Instant::now();
+    let version = views.data_version().await;
+    metrics::histogram!("serving_data_version_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    version
+}
+
 /// The last outcome of one question.
 struct Slot<E> {
     answer: Option<(Option<DataVersion>, Bytes, Instant)>,

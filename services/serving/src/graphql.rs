@@ -672,11 +672,14 @@ async fn execute(
         let response = schema.execute(request).await;
         return json(serde_json::to_vec(&response).unwrap_or_default().into());
     };
-    let version = app.views.data_version().await;
+    let version = crate::answers::timed_version(&app.views, "graphql").await;
     let schema = schema.clone();
     let (result, outcome) = cache
         .get(key, version, move || async move {
+            let started = std::time::Instant::now();
             let response = schema.execute(request).await;
+            metrics::histogram!("serving_answer_compute_seconds", "route" => "graphql")
+                .record(started.elapsed().as_secs_f64());
             let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
             if response.errors.is_empty() {
                 Ok(body)

@@ -62,14 +62,18 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, Problem>> + Send + 'static,
 {
-    let version = state.views.data_version().await;
+    let version = crate::answers::timed_version(&state.views, route).await;
     let (result, outcome) = state
         .answers
         .get(question, version, move || async move {
+            let started = std::time::Instant::now();
             let answer = compute().await?;
-            serde_json::to_vec(&answer)
+            let bytes = serde_json::to_vec(&answer)
                 .map(Bytes::from)
-                .map_err(|e| Problem::internal().detail(format!("serializing the answer: {e}")))
+                .map_err(|e| Problem::internal().detail(format!("serializing the answer: {e}")));
+            metrics::histogram!("serving_answer_compute_seconds", "route" => route)
+                .record(started.elapsed().as_secs_f64());
+            bytes
         })
         .await;
     metrics::counter!("serving_answers_total", "route" => route, "result" => outcome.as_str())

@@ -452,7 +452,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     // request given up (the distinct phase overloads on two cores) leaves its
     // ClickHouse statements running, which took the CPU of the phases after it.
     let mut settled = vec![("before the small question", settle(&ch).await?)];
-    let doors = doors(bench, &serving, &read_key)?;
+    let doors = doors(bench, &serving, &read_key).await?;
     settled.push(("before the distinct questions", settle(&ch).await?));
     eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
     let url_list = format!("@{}", url_file.display());
@@ -630,6 +630,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     report.notes.push(format!(
         "serving's peak resident memory over the question phases: {serving_rss:.0} MB"
     ));
+    report.notes.extend(doors.inside.iter().cloned());
     report.notes.push(format!(
         "waited for ClickHouse to run no statement: {}",
         settled
@@ -855,11 +856,13 @@ async fn live_stream(
 struct Doors {
     trivial: Report,
     rows: Vec<(&'static str, Report)>,
+    /// Per door, what serving's metrics say of the phase.
+    inside: Vec<String>,
 }
 
 /// REST and GraphQL on a small question (today, hourly, by city) at 2,000/s,
-/// next to `/healthz`.
-fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doors> {
+/// next to `/healthz`; for each door, serving's own account of the phase.
+async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doors> {
     const RATE: &str = "2000";
     const SECONDS: &str = "15";
     let today = Utc::now().format("%Y-%m-%d");
@@ -879,16 +882,138 @@ fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doors> {
         rate(bench, read_key, (name, url, body), RATE, SECONDS)
     };
     let trivial = ask("healthz", &format!("{serving}/healthz"), None)?;
+    let before = scrape(serving).await?;
     let rest = ask("rest", &rest_url, None)?;
+    let between = scrape(serving).await?;
     let graphql = ask(
         "graphql",
         &format!("{serving}/graphql"),
         Some(&graphql_body),
     )?;
+    let after = scrape(serving).await?;
+    let inside = vec![
+        inside(
+            "REST",
+            &before,
+            &between,
+            "/v1/revenue",
+            "serving_answers_total",
+        ),
+        inside(
+            "GraphQL",
+            &between,
+            &after,
+            "graphql",
+            "serving_graphql_cache_total",
+        ),
+    ];
     Ok(Doors {
         trivial,
         rows: vec![("REST `/v1/revenue`", rest), ("GraphQL `revenue`", graphql)],
+        inside,
     })
+}
+
+/// Serving's `/metrics` text.
+async fn scrape(serving: &str) -> Result<String> {
+    Ok(reqwest::get(format!("{serving}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
+/// The samples of `name` (with `route` among its labels, if given) in a
+/// `/metrics` text, by the value of `label`.
+fn samples(text: &str, name: &str, route: Option<&str>, label: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        if route.is_some_and(|r| !labels.contains(&format!("route=\"{r}\""))) {
+            continue;
+        }
+        let Some(key) = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix(&format!("{label}=\"")))
+            .map(|v| v.trim_end_matches('"').to_owned())
+        else {
+            continue;
+        };
+        *out.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+/// `q` of a histogram's observations between two scrapes, as the bound of the
+/// bucket it falls in (ms).
+fn quantile(before: &str, after: &str, name: &str, route: &str, q: f64) -> Option<f64> {
+    let bucket = format!("{name}_bucket");
+    let (b, a) = (
+        samples(before, &bucket, Some(route), "le"),
+        samples(after, &bucket, Some(route), "le"),
+    );
+    let mut counts: Vec<(f64, f64)> = a
+        .iter()
+        .filter_map(|(le, n)| {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, n - b.get(le).copied().unwrap_or(0.0)))
+        })
+        .collect();
+    counts.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let total = counts.last()?.1;
+    (total > 0.0)
+        .then(|| {
+            counts
+                .iter()
+                .find(|(_, n)| *n >= q * total)
+                .map(|(le, _)| le * 1e3)
+        })
+        .flatten()
+}
+
+/// What serving's metrics say of one door's phase: how its answers were had,
+/// how long reading the data version and computing took.
+fn inside(door: &str, before: &str, after: &str, route: &str, counter: &str) -> String {
+    let route_label = (counter == "serving_answers_total").then_some(route);
+    let (b, a) = (
+        samples(before, counter, route_label, "result"),
+        samples(after, counter, route_label, "result"),
+    );
+    let results = a
+        .iter()
+        .map(|(result, n)| format!("{result} {:.0}", n - b.get(result).copied().unwrap_or(0.0)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ms = |name: &str, q: f64| {
+        quantile(before, after, name, route, q).map_or("—".to_owned(), |v| format!("≤ {v} ms"))
+    };
+    let computations = {
+        let bucket = "serving_answer_compute_seconds_bucket";
+        let n = |t: &str| {
+            samples(t, bucket, Some(route), "le")
+                .get("+Inf")
+                .copied()
+                .unwrap_or(0.0)
+        };
+        n(after) - n(before)
+    };
+    format!(
+        "{door} phase inside serving: answers {results}; data-version read p50 {}, p99 {}; \
+         {computations:.0} computations, p50 {}, p99 {}",
+        ms("serving_data_version_seconds", 0.5),
+        ms("serving_data_version_seconds", 0.99),
+        ms("serving_answer_compute_seconds", 0.5),
+        ms("serving_answer_compute_seconds", 0.99),
+    )
 }
 
 /// The raw JSON Lines of backfill file `i` (one-line orders in `window`, one in
@@ -977,4 +1102,47 @@ fn dir_bytes(dir: &Path) -> u64 {
             _ => e.metadata().map_or(0, |m| m.len()),
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_metrics_between_two_scrapes_are_read_by_route_and_bucket() {
+        let before = "\
+serving_answers_total{route=\"/v1/revenue\",result=\"hit\"} 10
+serving_answers_total{route=\"/v1/revenue/summary\",result=\"hit\"} 7
+serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"0.001\"} 10
+serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"0.025\"} 10
+serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"+Inf\"} 10
+";
+        let after = "\
+serving_answers_total{route=\"/v1/revenue\",result=\"hit\"} 60
+serving_answers_total{route=\"/v1/revenue\",result=\"recent\"} 50
+serving_answers_total{route=\"/v1/revenue/summary\",result=\"hit\"} 9
+serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"0.001\"} 108
+serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"0.025\"} 110
+serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"+Inf\"} 110
+";
+        let name = "serving_data_version_seconds";
+        assert_eq!(quantile(before, after, name, "/v1/revenue", 0.5), Some(1.0));
+        assert_eq!(
+            quantile(before, after, name, "/v1/revenue", 0.99),
+            Some(25.0)
+        );
+        assert_eq!(
+            quantile(before, after, name, "/v1/revenue/summary", 0.5),
+            None
+        );
+        let said = inside(
+            "REST",
+            before,
+            after,
+            "/v1/revenue",
+            "serving_answers_total",
+        );
+        assert!(said.contains("answers hit 50, recent 50;"), "{said}");
+        assert!(said.contains("p50 ≤ 1 ms, p99 ≤ 25 ms"), "{said}");
+    }
 }
