@@ -2,7 +2,9 @@
 //! single-order orders/s at 32 connections next to pgbench single-row inserts at 32
 //! clients.
 
-use anyhow::{Result, bail};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
@@ -63,6 +65,11 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     )?;
     let pgbench_tps = pgbench(bench.stack, &pgbench_db)?;
     bench.stop_services().await;
+    eprintln!(
+        "xtask bench: the same on a Postgres of its own with durable commits (fsync on), \
+         then pgbench there"
+    );
+    let (durable, durable_tps) = durable_pair(bench, SINGLE_ORDERS).await?;
     let ingest_rss = bench.peak_rss_mb("ingest").unwrap_or(f64::NAN);
 
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -70,13 +77,22 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         .await?;
     pool.close().await;
     let expected = (BATCH_ORDERS + BASKET_ORDERS + SINGLE_ORDERS) as i64;
-    if stored != expected || batch.errors != 0 || baskets.errors != 0 || single.errors != 0 {
+    if stored != expected
+        || batch.errors != 0
+        || baskets.errors != 0
+        || single.errors != 0
+        || durable.errors != 0
+    {
         bail!(
             "bench run was not clean: stored {stored} of {expected}; batch {batch:?}; \
              baskets {baskets:?}; single {single:?}"
         );
     }
-    let mut report = BenchReport::new("ingest", "release build, same Postgres for every figure");
+    let mut report = BenchReport::new(
+        "ingest",
+        "release build; the test stack's Postgres (fsync off) for every figure but the \
+         durable pair, which has a Postgres of its own",
+    );
     report.row(
         format!("batched ingest, {BATCH_ORDERS} orders in batches of 1000, 4 connections"),
         format!("{:.0} orders/s", batch.items_per_sec),
@@ -101,6 +117,17 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         Some(single.items_per_sec / pgbench_tps),
         "≥ 1.5×, p99 ≤ 25 ms",
     );
+    report.row(
+        "single-order ingest, 32 connections, durable commits (a Postgres of its own, fsync on)"
+            .into(),
+        format!(
+            "{:.0} orders/s (p50 {:.1} ms, p99 {:.1} ms)",
+            durable.items_per_sec, durable.p50_ms, durable.p99_ms
+        ),
+        format!("pgbench single-row INSERT, 32 clients, same server: {durable_tps:.0} tps"),
+        Some(durable.items_per_sec / durable_tps),
+        "≥ 1.5×, p99 ≤ 25 ms",
+    );
     report.figure(Figure::anchored(
         "batched ingest, 1-line orders",
         batch.items_per_sec,
@@ -122,6 +149,22 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "orders/s",
         Target::Ratio(Bound::AtLeast, 1.5),
     ));
+    report.figure(Figure::anchored(
+        "single-order ingest, 32 connections, durable commits",
+        durable.items_per_sec,
+        (
+            "pgbench single-row INSERT, 32 clients, durable commits",
+            durable_tps,
+        ),
+        "orders/s",
+        Target::Ratio(Bound::AtLeast, 1.5),
+    ));
+    report.figure(Figure::alone(
+        "single-order ingest, 32 connections, durable commits, p99",
+        durable.p99_ms,
+        "ms",
+        Target::Ours(Bound::AtMost, 25.0),
+    ));
     report.figure(Figure::alone(
         "single-order ingest, 32 connections, p99",
         single.p99_ms,
@@ -139,4 +182,93 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         batch.p50_ms, batch.p99_ms
     ));
     Ok(report)
+}
+
+/// Single-order ingest and pgbench on a Postgres of their own with durable
+/// commits: the test stack's server runs with `fsync=off` (given on its command
+/// line, which `ALTER SYSTEM` cannot override), where a commit costs no flush and
+/// group commit can save only round trips. Returns ingest's report and pgbench's tps.
+async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<(Report, f64)> {
+    use tidemark_launch::servers::postgres;
+    let bin_dir = super::pg_bin("postgres")?
+        .parent()
+        .context("PostgreSQL's bin folder")?
+        .to_path_buf();
+    let root = bench
+        .stack
+        .base
+        .join(format!("bench-durable-{}", bench.tag));
+    let data = root.join("data");
+    std::fs::create_dir_all(&root)?;
+    postgres::give_to_postgres(&root)?;
+    crate::proc::run(&mut postgres::initdb(&bin_dir, &data)).context("initdb")?;
+    let port = tidemark_launch::free_port();
+    let pid = crate::proc::spawn_detached(
+        &mut postgres::server(
+            &bin_dir,
+            &data,
+            port,
+            &["max_connections=300", "shared_buffers=256MB"],
+        ),
+        &root.join("postgres.log"),
+        &root.join("postgres.pid"),
+    )?;
+    let measured = async {
+        let up =
+            tidemark_launch::until(Duration::from_secs(30), Duration::from_millis(100), || {
+                postgres::ready(&bin_dir, port)
+            })
+            .await;
+        ensure!(up, "the durable Postgres did not start");
+        let url = |db: &str| format!("postgres://postgres@127.0.0.1:{port}/{db}");
+        let admin = sqlx::PgPool::connect(&url("postgres")).await?;
+        let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&admin).await?;
+        ensure!(fsync == "on", "the durable Postgres has fsync {fsync}");
+        for db in ["api", "pgbench"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+                .execute(&admin)
+                .await?;
+            let pool = sqlx::PgPool::connect(&url(db)).await?;
+            tidemark_platform::postgres::migrate(&pool).await?;
+            pool.close().await;
+        }
+        admin.close().await;
+        let pool = sqlx::PgPool::connect(&url("api")).await?;
+        let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
+        pool.close().await;
+        let ingest = bench
+            .service(
+                "ingest",
+                &[
+                    ("TIDEMARK_POSTGRES__URL", url("api")),
+                    ("TIDEMARK_POSTGRES__MAX_CONNECTIONS", "32".into()),
+                    ("TIDEMARK_RELAY__ENABLED", "false".into()),
+                    ("TIDEMARK_VAULT__ENABLED", "false".into()),
+                ],
+            )
+            .await?;
+        let report: Report = bench.loadtest(
+            &[
+                "ingest-single",
+                "--seed",
+                "4",
+                "--count",
+                &orders.to_string(),
+                "--concurrency",
+                "32",
+            ],
+            &[
+                ("TIDEMARK_INGEST_URL", ingest.as_str()),
+                ("TIDEMARK_INGEST_KEY", key.as_str()),
+            ],
+        )?;
+        bench.stop_services().await;
+        let tps = pgbench(bench.stack, &url("pgbench"))?;
+        anyhow::Ok((report, tps))
+    }
+    .await;
+    bench.stop_services().await;
+    drop(crate::proc::stop(pid, "postgres", "INT", Duration::from_secs(30)).await);
+    drop(std::fs::remove_dir_all(&root));
+    measured
 }
