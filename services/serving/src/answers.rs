@@ -214,7 +214,7 @@ impl<E: Clone + Send + 'static> Answers<E> {
                 .or_default()
                 .clone()
         };
-        let slot = match entry.slot.clone().try_lock_owned() {
+        let mut slot = match entry.slot.clone().try_lock_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 // Another request computes this question: a recent answer will do.
@@ -229,7 +229,6 @@ impl<E: Clone + Send + 'static> Answers<E> {
                 entry.slot.clone().lock_owned().await
             }
         };
-        let mut slot = slot;
         if let Some((at, bytes, finished)) = &mut slot.answer
             && at.is_some()
             && *at == version
@@ -244,16 +243,12 @@ impl<E: Clone + Send + 'static> Answers<E> {
             if *finished >= arrived {
                 return (Ok(bytes.clone()), Outcome::Shared);
             }
-            if version.is_some()
-                && !self.recent_within.is_zero()
-                && finished.elapsed() <= self.recent_within
-            {
+            let age = finished.elapsed();
+            let within = |window: Duration| version.is_some() && !window.is_zero() && age <= window;
+            if within(self.recent_within) {
                 return (Ok(bytes.clone()), Outcome::Recent);
             }
-            if version.is_some()
-                && !self.revalidate_within.is_zero()
-                && finished.elapsed() <= self.revalidate_within
-            {
+            if within(self.revalidate_within) {
                 let bytes = bytes.clone();
                 let answers = self.clone();
                 tokio::spawn(async move {
