@@ -89,7 +89,7 @@ pub async fn buyers(
     req: &Ask<'_>,
     state: Option<&PublishedState>,
     batch: &BuyerCounts,
-    speed: &[Buyer],
+    speed: &BTreeSet<Buyer>,
 ) -> Result<Buyers, ViewError> {
     let per_currency = req.report_currency.is_none();
     let currency_of = |code: &str| -> Currency {

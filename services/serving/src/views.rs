@@ -11,8 +11,9 @@
 //!
 //! The batch cells of a published state never change, so they are cached by state.
 //! The speed cells are cached by the speed cursor they were read at: each request
-//! reads the cursor (one small Redis call) and recomputes only when it moved, one
-//! computation per question at a time. An answer is thus always the exact merge as
+//! reads the cursor (one small Redis call) and, only when it moved, brings the
+//! cached read up to date with the changes since (what Redis spends is what
+//! changed), one computation per question at a time. An answer is thus always the exact merge as
 //! of the cursor it states, and live.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -201,7 +202,7 @@ pub struct Merged {
     pub state: Option<PublishedState>,
     /// Who bought in the speed view's part of the range, read with its pieces at the
     /// one cursor the answer states (empty when the speed part is missing).
-    pub speed_buyers: Arc<Vec<Buyer>>,
+    pub speed_buyers: Arc<BTreeSet<Buyer>>,
     pub freshness: Freshness,
     /// Parts left out because their store was down (only with `allow_partial`).
     pub missing: Vec<Part>,
@@ -230,8 +231,8 @@ type HeldSlot = Arc<
 pub type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
 type SpeedKey = (u64, Granularity, Dimension, i64, i64);
 /// A speed read: its cells and its buyers, both exact at one cursor.
-type SpeedRead = (Arc<Grid>, Arc<Vec<Buyer>>);
-type SpeedSlot = Arc<tokio::sync::Mutex<Option<(Meta, SpeedRead)>>>;
+type SpeedRead = (Arc<Grid>, Arc<BTreeSet<Buyer>>);
+type SpeedSlot = Arc<tokio::sync::Mutex<Option<tidemark_speedview::Tracked>>>;
 
 pub struct Views {
     pool: PgPool,
@@ -376,7 +377,8 @@ impl Views {
 
     /// The speed cells of epochs `>= min_epoch` and who bought there, with the
     /// position both are exact at: from the cache when the cursor has not moved
-    /// past the cached read.
+    /// past the cached read, else the cached read brought up to date with the
+    /// changes since (see [`tidemark_speedview::Tracked`]).
     async fn speed(
         &self,
         min_epoch: u64,
@@ -387,14 +389,12 @@ impl Views {
     ) -> Result<(SpeedRead, Option<Meta>), tidemark_speedview::Error> {
         let Some(observed) = self.speed.meta().await? else {
             // Empty view (lost, being rebuilt): nothing to key a cache on.
-            let (snapshot, buyers) = self
+            let tracked = self
                 .speed
-                .read_with_buyers(min_epoch, granularity, dimension, from, to)
+                .track(min_epoch, granularity, dimension, from, to)
                 .await?;
-            return Ok((
-                (Arc::new(snapshot.total()), Arc::new(buyers)),
-                snapshot.meta,
-            ));
+            let read = (tracked.cells().clone(), tracked.buyers().clone());
+            return Ok((read, tracked.meta()));
         };
         let key = (min_epoch, granularity, dimension, from, to);
         let slot = {
@@ -405,28 +405,29 @@ impl Views {
             slots.entry(key).or_default().clone()
         };
         let mut entry = slot.lock().await;
-        if let Some((meta, read)) = entry.as_ref()
-            && meta.cursor >= observed.cursor
-        {
-            metrics::counter!("serving_speed_cache_total", "result" => "hit").increment(1);
+        let result = match entry.as_mut() {
+            Some(tracked) if tracked.meta().is_some_and(|m| m.cursor >= observed.cursor) => "hit",
+            Some(tracked) => match self.speed.refresh(tracked).await? {
+                tidemark_speedview::Refreshed::Changes(_) => "changes",
+                tidemark_speedview::Refreshed::Full => "full",
+            },
+            None => {
+                *entry = Some(
+                    self.speed
+                        .track(min_epoch, granularity, dimension, from, to)
+                        .await?,
+                );
+                "full"
+            }
+        };
+        metrics::counter!("serving_speed_cache_total", "result" => result).increment(1);
+        let tracked = entry.as_ref().expect("tracked above");
+        let meta = match tracked.meta() {
             // The same position: the newer lag measurement describes it as well.
-            let meta = if meta.cursor == observed.cursor {
-                observed
-            } else {
-                *meta
-            };
-            return Ok((read.clone(), Some(meta)));
-        }
-        metrics::counter!("serving_speed_cache_total", "result" => "miss").increment(1);
-        let (snapshot, buyers) = self
-            .speed
-            .read_with_buyers(min_epoch, granularity, dimension, from, to)
-            .await?;
-        let read = (Arc::new(snapshot.total()), Arc::new(buyers));
-        if let Some(meta) = &snapshot.meta {
-            *entry = Some((*meta, read.clone()));
-        }
-        Ok((read, snapshot.meta))
+            Some(meta) if meta.cursor == observed.cursor => Some(observed),
+            meta => meta,
+        };
+        Ok(((tracked.cells().clone(), tracked.buyers().clone()), meta))
     }
 
     /// The merged pieces of `read`, of the published `state` (as [`Views::state`]

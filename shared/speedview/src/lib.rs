@@ -9,6 +9,7 @@
 //! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
 //! | `p:e:{epoch}:minute:{bucket}:{shape}` | hash | one field per metric, currency and value of that shape (or buyer) |
 //! | `p:e:{epoch}:idx:minute` | sorted set | the minute buckets of that epoch (score = unix seconds) |
+//! | `p:changes` | stream | every apply's changes, kept for [`CHANGES_KEPT_MS`]: one field `{epoch}:{minute}:{shape}:{field}` per hash field, its increment as value |
 //!
 //! Only minute buckets are stored; hours and days are summed from them when read.
 //! A speed epoch spans only the time since the last batch cut (plus the odd late
@@ -34,6 +35,11 @@
 //! | `sr`, `si`, `sc` | restated corrections: the same, in the bucket of the order they correct |
 //! | `b` | lines of a buyer (the `buyers` hash): value `city␟category␟product␟user` (U+001F between) |
 //!
+//! `p:meta` also holds `generation` (set when the view is started: a view rebuilt
+//! after a loss is another generation), `changed` (the id of the last change in
+//! `p:changes`) and `trimmed` (the last change that may be gone: every later one is
+//! kept).
+//!
 //! `layout` in `p:meta` names this layout ([`LAYOUT`]). A view written in another
 //! layout reads as empty, and the consumer rebuilds it from the batch watermark.
 //!
@@ -44,6 +50,16 @@
 //! before the script changes nothing; after it, everything. A missing cursor means
 //! Redis lost its data: the consumer rebuilds ([`SpeedView::reset`]).
 //!
+//! ## Reads that cost what changed
+//!
+//! A [`Tracked`] read keeps the cells and buyers of one question, and the id of the
+//! last change they include. [`SpeedView::refresh`] brings it to the view's current
+//! cursor by adding only the changes after that id, read atomically with the cursor
+//! — or reads it in full when the view is another generation or those changes were
+//! trimmed. Either way the result equals a full read at that cursor (every stored
+//! value is a sum of the increments that built it), and Redis spends on a refresh
+//! the time of the changes, not of everything since the last publish.
+//!
 //! ## One writer
 //!
 //! Every writing script also takes the writer's lease token
@@ -53,7 +69,7 @@
 //! with a batch in hand cannot apply it once its successor has written (or raised
 //! the fence on taking over, [`SpeedView::raise_fence`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use redis::Script;
@@ -73,7 +89,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub use tidemark_domain::{CellKey, Grid, Totals};
 
 /// The layout this build writes and reads (`layout` in `p:meta`).
-pub const LAYOUT: &str = "2";
+pub const LAYOUT: &str = "3";
+
+/// How long the changes of an apply stay readable in `p:changes` (ms, by Redis's
+/// clock). A tracked read more than this behind is read in full.
+pub const CHANGES_KEPT_MS: i64 = 10_000;
+
+/// Most fields one stream entry carries (Lua's `unpack` is bounded).
+const FIELDS_PER_ENTRY: usize = 2_000;
 
 /// The shapes the view stores (each in a hash of its own per minute).
 pub const STORED: [Dimension; 3] = [
@@ -239,17 +262,37 @@ local cur = redis.call('HMGET', KEYS[1], 'txid', 'seq', 'layout')
 if not cur[1] or cur[3] ~= ARGV[7] then return {-1, 0} end
 if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return {-2, 0} end
 local p = ARGV[1]
-local i = 9
+local changes = p .. ':changes'
+local per_entry = tonumber(ARGV[10])
+local batch, id = {}, nil
+local i = 11
 while i <= #ARGV do
   local e, b, shape, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local key = p .. ':e:' .. e .. ':minute:' .. b .. ':' .. shape
+  local at = e .. ':' .. b .. ':' .. shape .. ':'
   i = i + 4
   for _ = 1, n do
     redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+    batch[#batch + 1] = at .. ARGV[i]
+    batch[#batch + 1] = ARGV[i + 1]
+    if #batch >= 2 * per_entry then
+      id = redis.call('XADD', changes, '*', unpack(batch))
+      batch = {}
+    end
     i = i + 2
   end
   redis.call('ZADD', p .. ':e:' .. e .. ':idx:minute', b, b)
   redis.call('ZADD', p .. ':epochs', e, e)
+end
+if #batch > 0 then id = redis.call('XADD', changes, '*', unpack(batch)) end
+if id then
+  redis.call('HSET', KEYS[1], 'changed', id)
+  local kept = (tonumber(string.match(id, '^(%d+)')) - tonumber(ARGV[9])) .. '-0'
+  local gone = redis.call('XREVRANGE', changes, '(' .. kept, '-', 'COUNT', 1)[1]
+  if gone then
+    redis.call('XTRIM', changes, 'MINID', '~', kept)
+    redis.call('HSET', KEYS[1], 'trimmed', gone[1])
+  end
 end
 redis.call('HSET', KEYS[1], 'txid', ARGV[4], 'seq', ARGV[5], 'updated_ms', ARGV[6])
 return {1, 0}
@@ -257,9 +300,9 @@ return {1, 0}
 
 const READ: &str = r"
 local p = ARGV[1]
-local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms', 'layout')
-if meta[5] ~= ARGV[6] then return {'', '', '', ''} end
-local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or ''}
+local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms', 'layout', 'generation', 'changed')
+if meta[5] ~= ARGV[6] then return {'', '', '', '', '', ''} end
+local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or '', meta[6] or '', meta[7] or ''}
 local shapes = {ARGV[5]}
 for k = 7, #ARGV do shapes[#shapes + 1] = ARGV[k] end
 local epochs = redis.call('ZRANGEBYSCORE', p .. ':epochs', ARGV[2], '+inf')
@@ -282,9 +325,35 @@ return out
 
 const INIT: &str = r"
 if redis.call('HGET', KEYS[1], 'layout') == ARGV[5] then return {0, 0} end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[3], 'base_epoch', ARGV[4], 'layout', ARGV[5])
+redis.call('DEL', KEYS[1], ARGV[7] .. ':changes')
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'txid', ARGV[1], 'seq', ARGV[2], 'updated_ms', ARGV[3], 'base_epoch', ARGV[4], 'layout', ARGV[5], 'generation', now[1] .. '.' .. now[2])
 return {1, 0}
+";
+
+/// The changes after a tracked read's last (`ARGV[4]`), if the view is still its
+/// generation (`ARGV[3]`) and has kept them; the head says which.
+const CHANGES: &str = r"
+local p = ARGV[1]
+local meta = redis.call('HMGET', p .. ':meta', 'txid', 'seq', 'updated_ms', 'lag_ms', 'layout', 'generation', 'changed', 'trimmed')
+if meta[5] ~= ARGV[2] then return {'', '', '', '', '', '', ''} end
+local out = {meta[1] or '', meta[2] or '', meta[3] or '', meta[4] or '', meta[6] or '', meta[7] or '', ''}
+if meta[6] ~= ARGV[3] then return out end
+local function id(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+if meta[8] then
+  local since_ms, since_seq = id(ARGV[4])
+  local gone_ms, gone_seq = id(meta[8])
+  if since_ms < gone_ms or (since_ms == gone_ms and since_seq < gone_seq) then return out end
+end
+out[7] = '1'
+for _, entry in ipairs(redis.call('XRANGE', p .. ':changes', '(' .. ARGV[4], '+')) do
+  local fields = entry[2]
+  for j = 1, #fields do out[#out + 1] = fields[j] end
+end
+return out
 ";
 
 const RAISE: &str = r"
@@ -320,6 +389,8 @@ pub struct SpeedView {
     raise: Arc<Script>,
     set_lag: Arc<Script>,
     drop_epoch: Arc<Script>,
+    changes: Arc<Script>,
+    changes_kept_ms: i64,
 }
 
 impl SpeedView {
@@ -332,7 +403,16 @@ impl SpeedView {
             raise: Arc::new(fenced(RAISE, 1)),
             set_lag: Arc::new(Script::new(SET_LAG)),
             drop_epoch: Arc::new(Script::new(DROP_EPOCH)),
+            changes: Arc::new(Script::new(CHANGES)),
+            changes_kept_ms: CHANGES_KEPT_MS,
         }
+    }
+
+    /// The same view, keeping each apply's changes readable for `ms` instead of
+    /// [`CHANGES_KEPT_MS`] (tests make tracked reads fall behind with it).
+    pub fn with_changes_kept_ms(mut self, ms: i64) -> Self {
+        self.changes_kept_ms = ms;
+        self
     }
 
     fn meta_key(&self) -> String {
@@ -416,7 +496,9 @@ impl SpeedView {
             .arg(to.seq)
             .arg(now_ms)
             .arg(LAYOUT)
-            .arg(token);
+            .arg(token)
+            .arg(self.changes_kept_ms)
+            .arg(FIELDS_PER_ENTRY);
         for ((epoch, bucket, shape), fields) in &delta.hashes {
             invocation
                 .arg(*epoch)
@@ -484,6 +566,7 @@ impl SpeedView {
             .arg(base_epoch)
             .arg(LAYOUT)
             .arg(token)
+            .arg(self.redis.prefix())
             .invoke_async(&mut conn)
             .await?;
         Ok(outcome(code, fence))
@@ -527,18 +610,27 @@ impl SpeedView {
         from_secs: i64,
         to_secs: i64,
     ) -> Result<Snapshot> {
+        let question = Question::new(min_epoch, granularity, dimension, from_secs, to_secs);
+        let (snapshot, _) = decode_read(&self.read_reply(&question, false).await?, &question)?;
+        Ok(snapshot)
+    }
+
+    /// The atomic read of `question`'s source shape (and buyers if `buyers`): the
+    /// head ([`READ_HEAD`] fields), then `epoch, minute, field, amount` per field.
+    async fn read_reply(&self, question: &Question, buyers: bool) -> Result<Vec<String>> {
         let mut conn = self.redis.conn().await?;
-        let out: Vec<String> = self
-            .read
+        let mut invocation = self.read.prepare_invoke();
+        invocation
             .arg(self.redis.prefix())
-            .arg(min_epoch)
-            .arg(from_secs)
-            .arg(to_secs)
-            .arg(source_of(dimension).as_str())
-            .arg(LAYOUT)
-            .invoke_async(&mut conn)
-            .await?;
-        decode_snapshot(&out, granularity, dimension)
+            .arg(question.min_epoch)
+            .arg(question.from)
+            .arg(question.to)
+            .arg(source_of(question.dimension).as_str())
+            .arg(LAYOUT);
+        if buyers {
+            invocation.arg(BUYERS);
+        }
+        Ok(invocation.invoke_async(&mut conn).await?)
     }
 }
 
@@ -554,6 +646,86 @@ pub struct Buyer {
     pub user_id: String,
 }
 
+/// What a read asks for: the cells of `dimension` at `granularity` for events in
+/// `[from, to)` of every epoch `>= min_epoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Question {
+    min_epoch: u64,
+    granularity: Granularity,
+    dimension: Dimension,
+    from: i64,
+    to: i64,
+}
+
+impl Question {
+    fn new(
+        min_epoch: u64,
+        granularity: Granularity,
+        dimension: Dimension,
+        from: i64,
+        to: i64,
+    ) -> Self {
+        Self {
+            min_epoch,
+            granularity,
+            dimension,
+            from,
+            to,
+        }
+    }
+
+    fn holds(&self, epoch: u64, minute: i64) -> bool {
+        epoch >= self.min_epoch && (self.from..self.to).contains(&minute)
+    }
+}
+
+/// Where a read stands in the view's changes: the view's generation and the id of
+/// the last change the read includes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mark {
+    generation: String,
+    changed: String,
+}
+
+/// The cells of one question and who bought, exact at the cursor it states, kept
+/// current by [`SpeedView::refresh`] from the changes since.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    question: Question,
+    meta: Option<Meta>,
+    mark: Mark,
+    cells: Arc<Grid>,
+    buyers: Arc<BTreeSet<Buyer>>,
+}
+
+impl Tracked {
+    /// The cursor the cells and buyers are exact at (`None`: the view was empty).
+    pub fn meta(&self) -> Option<Meta> {
+        self.meta
+    }
+
+    /// The cells summed over the epochs read.
+    pub fn cells(&self) -> &Arc<Grid> {
+        &self.cells
+    }
+
+    /// Who bought in the range, per minute and value.
+    pub fn buyers(&self) -> &Arc<BTreeSet<Buyer>> {
+        &self.buyers
+    }
+}
+
+/// How [`SpeedView::refresh`] brought a tracked read up to date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refreshed {
+    /// By adding this many changed fields (of every shape; those of the question
+    /// counted or not).
+    Changes(usize),
+    /// By reading it in full: the view is another generation (rebuilt, or it was
+    /// empty) or the changes since were trimmed.
+    Full,
+}
+
 impl SpeedView {
     /// The cells of `dimension` at `granularity` and who bought, for events in
     /// `[from_secs, to_secs)` of every epoch `>= min_epoch`, in one atomic read: both
@@ -567,78 +739,151 @@ impl SpeedView {
         from_secs: i64,
         to_secs: i64,
     ) -> Result<(Snapshot, Vec<Buyer>)> {
+        let question = Question::new(min_epoch, granularity, dimension, from_secs, to_secs);
+        decode_read(&self.read_reply(&question, true).await?, &question)
+    }
+
+    /// A tracked read of the cells of `dimension` at `granularity` and who bought,
+    /// for events in `[from_secs, to_secs)` of every epoch `>= min_epoch`: read in
+    /// full now, brought up to date by [`SpeedView::refresh`].
+    pub async fn track(
+        &self,
+        min_epoch: u64,
+        granularity: Granularity,
+        dimension: Dimension,
+        from_secs: i64,
+        to_secs: i64,
+    ) -> Result<Tracked> {
+        self.track_question(Question::new(
+            min_epoch,
+            granularity,
+            dimension,
+            from_secs,
+            to_secs,
+        ))
+        .await
+    }
+
+    async fn track_question(&self, question: Question) -> Result<Tracked> {
+        let out = self.read_reply(&question, true).await?;
+        let (_, mark, _) = decode_head(&out, READ_HEAD)?;
+        let (snapshot, buyers) = decode_read(&out, &question)?;
+        Ok(Tracked {
+            question,
+            meta: snapshot.meta,
+            mark,
+            cells: Arc::new(snapshot.total()),
+            buyers: Arc::new(buyers.into_iter().collect()),
+        })
+    }
+
+    /// Brings `tracked` to the view's current cursor: adds the changes since its
+    /// last, read atomically with the cursor, or reads it in full when the view is
+    /// another generation or has trimmed those changes. On an error `tracked` is
+    /// left as it was.
+    pub async fn refresh(&self, tracked: &mut Tracked) -> Result<Refreshed> {
+        if tracked.meta.is_none() {
+            *tracked = self.track_question(tracked.question).await?;
+            return Ok(Refreshed::Full);
+        }
         let mut conn = self.redis.conn().await?;
         let out: Vec<String> = self
-            .read
+            .changes
             .arg(self.redis.prefix())
-            .arg(min_epoch)
-            .arg(from_secs)
-            .arg(to_secs)
-            .arg(source_of(dimension).as_str())
             .arg(LAYOUT)
-            .arg(BUYERS)
+            .arg(&tracked.mark.generation)
+            .arg(&tracked.mark.changed)
             .invoke_async(&mut conn)
             .await?;
-        let head = out
-            .get(..4)
-            .ok_or_else(|| Error::Corrupt("short reply".to_owned()))?;
-        let (mut cells, mut buyers) = (head.to_vec(), head.to_vec());
-        for chunk in out[4..].chunks(4) {
-            // A buyer's field is `b:<currency>:<values>`; no cell metric is `b`.
-            let into = if chunk.get(2).is_some_and(|f| f.starts_with("b:")) {
-                &mut buyers
-            } else {
-                &mut cells
-            };
-            into.extend_from_slice(chunk);
+        let (meta, mark, rest) = decode_head(&out, READ_HEAD + 1)?;
+        if out[READ_HEAD] != "1" {
+            *tracked = self.track_question(tracked.question).await?;
+            return Ok(Refreshed::Full);
         }
-        let snapshot = decode_snapshot(&cells, granularity, dimension)?;
-        Ok((snapshot, decode_buyers(&buyers)?.1))
+        // Decoded in full before anything is added: a field this build cannot read
+        // leaves the tracked read as it was.
+        let source = source_of(tracked.question.dimension).as_str();
+        let (mut cells, mut buyers) = (Grid::new(), Vec::new());
+        for pair in rest.chunks(2) {
+            let [key, amount] = pair else {
+                return Err(corrupt("odd reply"));
+            };
+            let mut parts = key.splitn(4, ':');
+            let (Some(epoch), Some(minute), Some(shape), Some(field)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(corrupt(key));
+            };
+            let epoch: u64 = epoch.parse().map_err(|_| corrupt(key))?;
+            let minute = parse(minute)?;
+            if !tracked.question.holds(epoch, minute) {
+                continue;
+            }
+            if shape == BUYERS {
+                buyers.push(parse_buyer(minute, field)?);
+            } else if shape == source {
+                add_cell(&mut cells, &tracked.question, minute, field, parse(amount)?)?;
+            }
+        }
+        tidemark_domain::aggregate::merge(Arc::make_mut(&mut tracked.cells), &cells);
+        if !buyers.is_empty() {
+            Arc::make_mut(&mut tracked.buyers).extend(buyers);
+        }
+        tracked.meta = meta;
+        tracked.mark = mark;
+        Ok(Refreshed::Changes(rest.len() / 2))
     }
 }
 
-fn decode_buyers(out: &[String]) -> Result<(Option<Meta>, Vec<Buyer>)> {
-    let corrupt = |what: &str| Error::Corrupt(what.to_owned());
-    let (meta, rest) = decode_meta(out)?;
-    let mut buyers = Vec::with_capacity(rest.len() / 4);
-    for chunk in rest.chunks(4) {
-        let [_epoch, bucket, field, _lines] = chunk else {
-            return Err(corrupt("odd reply"));
-        };
-        let minute: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
-        let mut parts = field.splitn(3, ':');
-        let (Some("b"), Some(currency), Some(value)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(corrupt(field));
-        };
-        let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
-        let mut values = value.split(tidemark_domain::VALUE_SEPARATOR);
-        let (Some(city), Some(category), Some(product), Some(user_id), None) = (
-            values.next(),
-            values.next(),
-            values.next(),
-            values.next(),
-            values.next(),
-        ) else {
-            return Err(corrupt(field));
-        };
-        buyers.push(Buyer {
-            minute,
-            city: city.to_owned(),
-            category: category.to_owned(),
-            product: product.to_owned(),
-            currency,
-            user_id: user_id.to_owned(),
-        });
-    }
-    Ok((meta, buyers))
+/// How many fields head a read's reply: the cursor's four, the generation and the
+/// last change.
+const READ_HEAD: usize = 6;
+
+fn corrupt(what: &str) -> Error {
+    Error::Corrupt(what.to_owned())
 }
 
-/// The cursor at the head of a read's reply (empty when the view has none), and
-/// the rest of the reply.
-fn decode_meta(out: &[String]) -> Result<(Option<Meta>, &[String])> {
-    let [txid, seq, updated, lag, rest @ ..] = out else {
-        return Err(Error::Corrupt("short reply".to_owned()));
+fn parse<T: std::str::FromStr>(text: &str) -> Result<T> {
+    text.parse().map_err(|_| corrupt(text))
+}
+
+/// A buyer's field, `b:<currency>:<city>␟<category>␟<product>␟<user>`, in `minute`.
+fn parse_buyer(minute: i64, field: &str) -> Result<Buyer> {
+    let mut parts = field.splitn(3, ':');
+    let (Some("b"), Some(currency), Some(value)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(corrupt(field));
+    };
+    let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
+    let mut values = value.split(tidemark_domain::VALUE_SEPARATOR);
+    let (Some(city), Some(category), Some(product), Some(user_id), None) = (
+        values.next(),
+        values.next(),
+        values.next(),
+        values.next(),
+        values.next(),
+    ) else {
+        return Err(corrupt(field));
+    };
+    Ok(Buyer {
+        minute,
+        city: city.to_owned(),
+        category: category.to_owned(),
+        product: product.to_owned(),
+        currency,
+        user_id: user_id.to_owned(),
+    })
+}
+
+/// The head of a reply (`len` fields, [`READ_HEAD`] first): the cursor (`None` when
+/// the view has none), where the read stands in the changes, and the rest.
+fn decode_head(out: &[String], len: usize) -> Result<(Option<Meta>, Mark, &[String])> {
+    if out.len() < len || len < READ_HEAD {
+        return Err(corrupt("short reply"));
+    }
+    let (head, rest) = out.split_at(len);
+    let [txid, seq, updated, lag, generation, changed, ..] = head else {
+        unreachable!("the head holds READ_HEAD fields");
     };
     let meta = match (txid.parse::<u64>(), seq.parse::<i64>()) {
         (Ok(txid), Ok(seq)) => Some(Meta {
@@ -648,79 +893,106 @@ fn decode_meta(out: &[String]) -> Result<(Option<Meta>, &[String])> {
         }),
         _ => None,
     };
-    Ok((meta, rest))
+    let mark = Mark {
+        generation: generation.clone(),
+        changed: if changed.is_empty() {
+            "0-0".to_owned()
+        } else {
+            changed.clone()
+        },
+    };
+    Ok((meta, mark, rest))
 }
 
-/// Decodes a read of `dimension`'s source shape, summing its cells into
-/// `dimension`'s and its minutes into `granularity`'s buckets.
-fn decode_snapshot(
-    out: &[String],
-    granularity: Granularity,
-    dimension: Dimension,
-) -> Result<Snapshot> {
-    let corrupt = |what: &str| Error::Corrupt(what.to_owned());
-    let source = source_of(dimension);
-    let (meta, rest) = decode_meta(out)?;
+/// Decodes a read of `question`'s source shape, epoch by epoch, and its buyers.
+fn decode_read(out: &[String], question: &Question) -> Result<(Snapshot, Vec<Buyer>)> {
+    let (meta, _, rest) = decode_head(out, READ_HEAD)?;
     let mut epochs: BTreeMap<u64, Grid> = BTreeMap::new();
+    let mut buyers = Vec::new();
     for chunk in rest.chunks(4) {
-        let [epoch, bucket, field, amount] = chunk else {
+        let [epoch, minute, field, amount] = chunk else {
             return Err(corrupt("odd reply"));
         };
         let epoch: u64 = epoch.parse().map_err(|_| corrupt(epoch))?;
-        let minute: i64 = bucket.parse().map_err(|_| corrupt(bucket))?;
-        let bucket = granularity.bucket_of_secs(minute);
-        let amount: i64 = amount.parse().map_err(|_| corrupt(amount))?;
-        let mut parts = field.splitn(3, ':');
-        let (Some(metric), Some(currency), Some(value)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(corrupt(field));
-        };
-        let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
-        let value = if source == dimension {
-            value.to_owned()
+        let minute = parse(minute)?;
+        // A buyer's field is `b:<currency>:<values>`; no cell metric is `b`.
+        if field.starts_with("b:") {
+            buyers.push(parse_buyer(minute, field)?);
         } else {
-            // Keep the dimension's attributes of the source value.
-            let parts = source.split(value).ok_or_else(|| corrupt(field))?;
-            let at = |a| source.attributes().iter().position(|s| *s == a);
-            dimension
-                .join(|a| parts[at(a).expect("a source holds its dimension's attributes")])
-                .into_owned()
-        };
-        let totals = epochs
-            .entry(epoch)
-            .or_default()
-            .entry((bucket, value, currency))
-            .or_default();
-        match metric {
-            "r" => totals.revenue_minor += amount,
-            "o" => totals.orders += amount,
-            "i" => totals.items += amount,
-            "br" => totals.booked.refunded_minor += amount,
-            "bi" => totals.booked.refunded_items += amount,
-            "bc" => totals.booked.cancelled_orders += amount,
-            "sr" => totals.restated.refunded_minor += amount,
-            "si" => totals.restated.refunded_items += amount,
-            "sc" => totals.restated.cancelled_orders += amount,
-            _ => return Err(corrupt(field)),
+            let grid = epochs.entry(epoch).or_default();
+            add_cell(grid, question, minute, field, parse(amount)?)?;
         }
     }
-    Ok(Snapshot { meta, epochs })
+    Ok((Snapshot { meta, epochs }, buyers))
+}
+
+/// Adds a stored field of `question`'s source shape in `minute` to `grid`: its
+/// value cut to the question's dimension, its minute to its granularity's bucket.
+fn add_cell(
+    grid: &mut Grid,
+    question: &Question,
+    minute: i64,
+    field: &str,
+    amount: i64,
+) -> Result<()> {
+    let (dimension, source) = (question.dimension, source_of(question.dimension));
+    let mut parts = field.splitn(3, ':');
+    let (Some(metric), Some(currency), Some(value)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(corrupt(field));
+    };
+    let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
+    let value = if source == dimension {
+        value.to_owned()
+    } else {
+        // Keep the dimension's attributes of the source value.
+        let parts = source.split(value).ok_or_else(|| corrupt(field))?;
+        let at = |a| source.attributes().iter().position(|s| *s == a);
+        dimension
+            .join(|a| parts[at(a).expect("a source holds its dimension's attributes")])
+            .into_owned()
+    };
+    let bucket = question.granularity.bucket_of_secs(minute);
+    let totals = grid.entry((bucket, value, currency)).or_default();
+    match metric {
+        "r" => totals.revenue_minor += amount,
+        "o" => totals.orders += amount,
+        "i" => totals.items += amount,
+        "br" => totals.booked.refunded_minor += amount,
+        "bi" => totals.booked.refunded_items += amount,
+        "bc" => totals.booked.cancelled_orders += amount,
+        "sr" => totals.restated.refunded_minor += amount,
+        "si" => totals.restated.refunded_items += amount,
+        "sc" => totals.restated.cancelled_orders += amount,
+        _ => return Err(corrupt(field)),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn decode_snapshot_as(
+        out: &[String],
+        granularity: Granularity,
+        dimension: Dimension,
+    ) -> Result<Snapshot> {
+        let question = Question::new(0, granularity, dimension, i64::MIN, i64::MAX);
+        Ok(decode_read(out, &question)?.0)
+    }
+
     fn reply(fields: &[&str]) -> Vec<String> {
-        let mut out: Vec<String> = ["7", "3", "1000", ""].map(str::to_owned).to_vec();
+        let mut out: Vec<String> = ["7", "3", "1000", "", "1.2", "5-0"]
+            .map(str::to_owned)
+            .to_vec();
         out.extend(fields.iter().map(|f| (*f).to_owned()));
         out
     }
 
     #[test]
     fn a_reply_decodes_into_epochs_and_cells() {
-        let snapshot = decode_snapshot(
+        let snapshot = decode_snapshot_as(
             &reply(&[
                 "0",
                 "120",
@@ -759,15 +1031,17 @@ mod tests {
             vec!["0", "minute", "r:EUR:Oslo", "5"],
             vec!["0", "120", "r:EUR:Oslo"],
         ] {
-            let decoded = decode_snapshot(&reply(&fields), Granularity::Minute, Dimension::City);
+            let decoded = decode_snapshot_as(&reply(&fields), Granularity::Minute, Dimension::City);
             assert!(
                 matches!(decoded, Err(Error::Corrupt(_))),
                 "{fields:?}: {decoded:?}"
             );
         }
-        assert!(decode_snapshot(&["1".to_owned()], Granularity::Minute, Dimension::City).is_err());
+        assert!(
+            decode_snapshot_as(&["1".to_owned()], Granularity::Minute, Dimension::City).is_err()
+        );
         // A category read sums `city_category` cells: one without a category is corrupt.
-        let decoded = decode_snapshot(
+        let decoded = decode_snapshot_as(
             &reply(&["0", "120", "r:EUR:Oslo", "5"]),
             Granularity::Minute,
             Dimension::Category,
@@ -792,7 +1066,7 @@ mod tests {
             .flat_map(|(e, b, f, a)| [*e, *b, f.as_str(), *a])
             .collect();
         let products =
-            decode_snapshot(&reply(&out), Granularity::Hour, Dimension::Product).unwrap();
+            decode_snapshot_as(&reply(&out), Granularity::Hour, Dimension::Product).unwrap();
         let eur: Currency = "EUR".parse().unwrap();
         let orders = |epoch: u64, product: &str| {
             products.epochs[&epoch][&(0, product.to_owned(), eur)].orders

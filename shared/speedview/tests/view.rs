@@ -571,3 +571,204 @@ async fn a_view_in_another_layout_reads_as_empty_until_rebuilt_and_drops_leave_n
     assert!(keys(&mut conn, format!("{p}:e:1:*")).await.is_empty());
     assert_eq!(keys(&mut conn, format!("{p}:e:0:*")).await, shapes(0));
 }
+
+/// A tracked read brought up to date from the changes since equals a full read at
+/// the same cursor, for every question shape, round after round of applies across
+/// epochs, minutes in and out of its range, corrections and repeat buyers; and it
+/// is read in full again when the view is rebuilt or has trimmed its changes.
+#[tokio::test]
+async fn a_tracked_read_brought_up_to_date_equals_a_full_read() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap();
+    let ten = Utc
+        .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
+        .unwrap()
+        .timestamp();
+    // Epochs from 1, the minutes of 10:00–10:59: what falls outside is left out.
+    let questions = [
+        (Granularity::Hour, Dimension::Category),
+        (Granularity::Minute, Dimension::City),
+        (Granularity::Day, Dimension::Total),
+        (Granularity::Hour, Dimension::CityCategoryProduct),
+    ];
+    let mut tracked = Vec::new();
+    for (granularity, dimension) in questions {
+        let t = view
+            .track(1, granularity, dimension, ten, ten + 3_600)
+            .await
+            .unwrap();
+        assert!(t.cells().is_empty() && t.buyers().is_empty());
+        tracked.push(t);
+    }
+    let full = async |t: &tidemark_speedview::Tracked, (granularity, dimension)| {
+        let (snapshot, buyers) = view
+            .read_with_buyers(1, granularity, dimension, ten, ten + 3_600)
+            .await
+            .unwrap();
+        let buyers: std::collections::BTreeSet<_> = buyers.into_iter().collect();
+        assert_eq!(t.meta(), snapshot.meta, "{dimension:?}");
+        assert_eq!(
+            **t.cells(),
+            snapshot.total(),
+            "{granularity:?} {dimension:?}"
+        );
+        assert_eq!(**t.buyers(), buyers, "{dimension:?}");
+    };
+    let cities = ["Oslo", "Zürich", "Rome"];
+    let mut at = LogPosition::ZERO;
+    let mut n = 0u128;
+    for round in 0..6u32 {
+        let mut delta = Delta::default();
+        for k in 0..7u32 {
+            n += 1;
+            // Minute 61 is 11:01, outside the range; epoch 0 is below it.
+            let minute = [1, 7, 30, 59, 61][(k + round) as usize % 5];
+            let mut o = order(
+                n,
+                minute % 60,
+                cities[(k as usize + round as usize) % 3],
+                &format!("p:{}", k % 3),
+                ["EUR", "JPY"][k as usize % 2],
+                1 + k as i32 % 3,
+                100 + i64::from(k),
+            );
+            if minute >= 60 {
+                o.created_at += chrono::TimeDelta::hours(1);
+            }
+            o.user_id = format!("u{}", k % 4);
+            let epoch = u64::from(k % 3);
+            if round > 0 && k == 3 {
+                // A correction of the first order, in the current epoch.
+                let first = order(1, 1, "Oslo", "p:0", "EUR", 1, 100);
+                delta.add(
+                    epoch,
+                    &Event::Adjustment(AdjustmentEvent {
+                        adjustment: Adjustment {
+                            adjustment_id: Uuid::from_u128(1_000 + u128::from(round)),
+                            order_id: first.order_id,
+                            kind: AdjustmentKind::Refund,
+                            created_at: first.created_at + chrono::TimeDelta::minutes(20),
+                            lines: vec![AdjustedLine {
+                                line_no: 1,
+                                quantity: 0,
+                                amount_minor: 10,
+                            }],
+                        },
+                        order: first,
+                    }),
+                );
+            }
+            delta.add(epoch, &Event::Order(o));
+        }
+        let to = LogPosition::new(u64::from(round) + 10, 1);
+        assert_eq!(
+            view.apply(at, to, 2, 0, &delta).await.unwrap(),
+            Applied::Done
+        );
+        at = to;
+        for (t, question) in tracked.iter_mut().zip(questions) {
+            let how = view.refresh(t).await.unwrap();
+            assert!(
+                matches!(how, tidemark_speedview::Refreshed::Changes(n) if n > 0),
+                "{how:?}"
+            );
+            full(t, question).await;
+        }
+    }
+    // Nothing new: nothing to add.
+    assert_eq!(
+        view.refresh(&mut tracked[0]).await.unwrap(),
+        tidemark_speedview::Refreshed::Changes(0)
+    );
+
+    // Changes trimmed past a tracked read's last: it is read in full.
+    let mut conn = Redis::new(&config).unwrap().conn().await.unwrap();
+    let meta = format!("{}:meta", config.key_prefix);
+    redis::cmd("HSET")
+        .arg(&meta)
+        .arg("trimmed")
+        .arg("99999999999999-0")
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    let how = view.refresh(&mut tracked[0]).await.unwrap();
+    assert_eq!(how, tidemark_speedview::Refreshed::Full);
+    full(&tracked[0], questions[0]).await;
+
+    // A view rebuilt after a loss is another generation: read in full.
+    redis::cmd("DEL")
+        .arg(&meta)
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    let from = LogPosition::before_txid(42);
+    assert_eq!(view.reset(from, 1, 5, 0).await.unwrap(), Applied::Done);
+    let mut delta = Delta::default();
+    delta.add(1, &Event::Order(order(500, 5, "Oslo", "p:9", "EUR", 1, 7)));
+    let to = LogPosition::new(43, 1);
+    assert_eq!(
+        view.apply(from, to, 6, 0, &delta).await.unwrap(),
+        Applied::Done
+    );
+    for (t, question) in tracked.iter_mut().zip(questions) {
+        assert_eq!(
+            view.refresh(t).await.unwrap(),
+            tidemark_speedview::Refreshed::Full
+        );
+        full(t, question).await;
+        assert_eq!(t.buyers().len(), 1, "only the rebuilt view's buyer");
+    }
+}
+
+/// Each apply's changes stay readable for the time they are kept, then are trimmed.
+#[tokio::test]
+async fn changes_are_kept_for_their_time_and_then_trimmed() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config).with_changes_kept_ms(0);
+    view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap();
+    let mut conn = Redis::new(&config).unwrap().conn().await.unwrap();
+    let stream = format!("{}:changes", config.key_prefix);
+    let mut at = LogPosition::ZERO;
+    // Applies until the changes span more than one millisecond of Redis's clock;
+    // an approximate trim frees whole nodes of the stream, 100 entries each.
+    let mut ids = Vec::new();
+    for n in 0..1_000u128 {
+        let mut delta = Delta::default();
+        delta.add(0, &Event::Order(order(n, 1, "Oslo", "p", "EUR", 1, 1)));
+        let to = LogPosition::new(at.txid + 1, 1);
+        assert_eq!(
+            view.apply(at, to, 1, 0, &delta).await.unwrap(),
+            Applied::Done
+        );
+        at = to;
+        let (changed, trimmed): (String, Option<String>) = redis::cmd("HMGET")
+            .arg(format!("{}:meta", config.key_prefix))
+            .arg("changed")
+            .arg("trimmed")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ms = |id: &str| id.split('-').next().unwrap().parse::<u64>().unwrap();
+        if let Some(trimmed) = trimmed {
+            assert!(
+                ms(&trimmed) < ms(&changed),
+                "kept 0 ms: {trimmed} {changed}"
+            );
+            assert!(ids.contains(&trimmed), "the last change that may be gone");
+        }
+        ids.push(changed);
+    }
+    let len: usize = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let first_ms = ids[0].split('-').next().unwrap();
+    let last_ms = ids[ids.len() - 1].split('-').next().unwrap();
+    assert!(
+        first_ms == last_ms || len < ids.len(),
+        "{len} of {} changes kept from {first_ms} to {last_ms}",
+        ids.len()
+    );
+}
