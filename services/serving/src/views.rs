@@ -234,6 +234,69 @@ type SpeedKey = (u64, Granularity, Dimension, i64, i64);
 type SpeedRead = (Arc<Grid>, Arc<BTreeSet<Buyer>>);
 type SpeedSlot = Arc<tokio::sync::Mutex<Option<tidemark_speedview::Tracked>>>;
 
+/// How long a request waits for Postgres when it reads a kept value again.
+const KEPT_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A value read again at most once per time to live, by one request at a time:
+/// while one reads it, the others take the value kept — no herd of requests on
+/// the store each time it expires, and none waiting for it but the one reading.
+struct Kept<T> {
+    value: Mutex<Option<(T, Instant)>>,
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Self {
+            value: Mutex::new(None),
+            reading: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl<T: Clone> Kept<T> {
+    /// The value kept, if younger than `ttl` or being read again by another
+    /// request; else the turn to read it (then [`Kept::set`] it). Without a value
+    /// kept yet, waits for the request reading it.
+    async fn get(&self, ttl: Duration) -> Result<T, tokio::sync::MutexGuard<'_, ()>> {
+        let fresh = |value: &Mutex<Option<(T, Instant)>>| {
+            value
+                .lock()
+                .expect("not poisoned")
+                .as_ref()
+                .filter(|(_, at)| at.elapsed() < ttl)
+                .map(|(v, _)| v.clone())
+        };
+        if let Some(value) = fresh(&self.value) {
+            return Ok(value);
+        }
+        let turn = match self.reading.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => match self.last() {
+                Some(value) => return Ok(value),
+                None => self.reading.lock().await,
+            },
+        };
+        // Read meanwhile by the request whose turn it was?
+        fresh(&self.value).ok_or(turn)
+    }
+
+    /// Keeps `value` from now on; the value it replaces.
+    fn set(&self, value: T) -> Option<T> {
+        let mut kept = self.value.lock().expect("not poisoned");
+        kept.replace((value, Instant::now())).map(|(old, _)| old)
+    }
+
+    /// The value kept last, however old.
+    fn last(&self) -> Option<T> {
+        self.value
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(|(v, _)| v.clone())
+    }
+}
+
 pub struct Views {
     pool: PgPool,
     ch: clickhouse::Client,
@@ -243,13 +306,13 @@ pub struct Views {
     /// Most (estimated) bytes of batch pieces kept.
     cache_bytes: usize,
     max_cells: usize,
-    state: Mutex<Option<(Option<PublishedState>, Instant)>>,
+    state: Kept<Option<PublishedState>>,
     /// Batch pieces by question, and their estimated bytes.
     batch: Mutex<(HashMap<BatchKey, Arc<Pieces>>, usize)>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
-    rates: Mutex<Option<(Option<String>, Instant)>>,
+    rates: Kept<Option<String>>,
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
 }
@@ -271,12 +334,12 @@ impl Views {
             cache_entries: settings.cache_entries,
             cache_bytes: settings.cache_bytes,
             max_cells: settings.max_cells,
-            state: Mutex::new(None),
+            state: Kept::default(),
             batch: Mutex::new((HashMap::new(), 0)),
             speed_cells: Mutex::new(HashMap::new()),
             buyers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
-            rates: Mutex::new(None),
+            rates: Kept::default(),
         }
     }
 
@@ -291,17 +354,21 @@ impl Views {
     }
 
     /// The published state, cached briefly. A stale state stays exact (see the
-    /// module docs); when Postgres is down the last known state is used.
+    /// module docs); when Postgres is down the last known state is used, and while
+    /// one request reads it again the others use the one they had.
     pub async fn state(&self) -> Result<Option<PublishedState>, ViewError> {
-        if let Some((state, at)) = self.state.lock().expect("not poisoned").as_ref()
-            && at.elapsed() < self.state_ttl
-        {
-            return Ok(state.clone());
-        }
-        match PublishedState::load(&self.pool).await {
+        let _reading = match self.state.get(self.state_ttl).await {
+            Ok(state) => return Ok(state),
+            Err(turn) => turn,
+        };
+        let loaded = tokio::time::timeout(KEPT_READ_TIMEOUT, PublishedState::load(&self.pool))
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match loaded {
             Ok(state) => {
-                let mut cached = self.state.lock().expect("not poisoned");
-                let changed = cached.as_ref().is_none_or(|(old, _)| {
+                let old = self.state.set(state.clone());
+                let changed = old.is_none_or(|old| {
                     old.as_ref().map(|s| s.run_id) != state.as_ref().map(|s| s.run_id)
                 });
                 if changed {
@@ -310,17 +377,11 @@ impl Views {
                     self.buyers.lock().expect("not poisoned").clear();
                     self.held.lock().expect("not poisoned").clear();
                 }
-                *cached = Some((state.clone(), Instant::now()));
                 Ok(state)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Published state unavailable");
-                self.state
-                    .lock()
-                    .expect("not poisoned")
-                    .as_ref()
-                    .map(|(s, _)| s.clone())
-                    .ok_or(ViewError::Unavailable(Part::Batch))
+                self.state.last().ok_or(ViewError::Unavailable(Part::Batch))
             }
         }
     }
@@ -581,20 +642,24 @@ impl Views {
     }
 
     /// When the exchange rates last changed (and how many there are), read at
-    /// most once per `state_ttl`: part of a cached answer's data version.
+    /// most once per `state_ttl` (while one request reads it, the others use the
+    /// one they had): part of a cached answer's data version.
     pub async fn rates_version(&self) -> Option<String> {
-        if let Some((version, at)) = self.rates.lock().expect("not poisoned").as_ref()
-            && at.elapsed() < self.state_ttl
-        {
-            return version.clone();
-        }
-        let version: Option<String> = sqlx::query_scalar(
-            "SELECT count(*)::text || '@' || coalesce(max(loaded_at)::text, '') FROM fx_rates",
+        let _reading = match self.rates.get(self.state_ttl).await {
+            Ok(version) => return version,
+            Err(turn) => turn,
+        };
+        let version: Option<String> = tokio::time::timeout(
+            KEPT_READ_TIMEOUT,
+            sqlx::query_scalar(
+                "SELECT count(*)::text || '@' || coalesce(max(loaded_at)::text, '') FROM fx_rates",
+            )
+            .fetch_one(&self.pool),
         )
-        .fetch_one(&self.pool)
         .await
-        .ok();
-        *self.rates.lock().expect("not poisoned") = Some((version.clone(), Instant::now()));
+        .ok()
+        .and_then(Result::ok);
+        self.rates.set(version.clone());
         version
     }
 
@@ -623,6 +688,29 @@ impl Views {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn while_one_request_reads_a_kept_value_again_the_others_take_the_one_kept() {
+        let kept: Kept<u32> = Kept::default();
+        let turn = kept.get(Duration::from_secs(60)).await;
+        assert!(turn.is_err(), "nothing kept: the first request reads");
+        // A second request without a value kept waits for the first.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), kept.get(Duration::ZERO));
+        assert!(
+            waiting.await.is_err(),
+            "it waits while there is nothing to give"
+        );
+        kept.set(1);
+        drop(turn);
+        assert_eq!(kept.get(Duration::from_secs(60)).await.ok(), Some(1));
+        // Expired: one request's turn, and meanwhile the others take 1.
+        let turn = kept.get(Duration::ZERO).await;
+        assert!(turn.is_err());
+        assert_eq!(kept.get(Duration::ZERO).await.ok(), Some(1));
+        assert_eq!(kept.set(2), Some(1));
+        drop(turn);
+        assert_eq!(kept.get(Duration::from_secs(60)).await.ok(), Some(2));
+    }
 
     #[test]
     fn the_weight_of_pieces_grows_with_their_cells_and_values() {
