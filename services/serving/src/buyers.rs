@@ -11,25 +11,33 @@
 //! those of each cell the batch does not already hold there — asking ClickHouse
 //! which of exactly those users it holds. The speed epochs read are those the
 //! published state does not cover, as for revenue, and the speed view's users are
-//! read in the same atomic read as the answer's revenue cells
-//! (`SpeedView::read_with_buyers`), the batch's of the same published state: the
+//! read with the answer's revenue cells, at one cursor (`SpeedView::track`, kept
+//! current by `SpeedView::refresh`), the batch's of the same published state: the
 //! answer is the exact count as of the one position it states.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use tidemark_batchview::{BuyersQuery, PublishedState};
 use tidemark_domain::{Attribute, Currency, Granularity};
 use tidemark_speedview::Buyer;
 
 use crate::local::LocalBuckets;
-use crate::query::RevenueRequest;
+use crate::query::{MAX_GROUPS, RevenueRequest};
 use crate::views::{BuyerCounts, ViewError, Views};
 
 /// Buyers per answer cell: (local bucket start, grouped values, currency).
 pub type Buyers = BTreeMap<(i64, Vec<String>, Currency), i64>;
 
-/// A cell of the views' buyers: (bucket, grouped values, currency or `""`).
-type Cell = (i64, Vec<String>, String);
+/// A cell's grouped values, borrowed (`""` past the question's attributes).
+type Groups<'a> = [&'a str; MAX_GROUPS];
+
+fn groups_of<'a>(values: impl Iterator<Item = &'a str>) -> Groups<'a> {
+    let mut groups = [""; MAX_GROUPS];
+    for (slot, v) in groups.iter_mut().zip(values) {
+        *slot = v;
+    }
+    groups
+}
 
 /// What a buyers count is asked over.
 pub struct Ask<'a> {
@@ -84,12 +92,12 @@ impl<'a> Ask<'a> {
 /// the published `state`) plus the speed view's users (`speed`, read with the
 /// answer's revenue at the cursor it states) that the batch does not already hold
 /// in the same cell.
-pub async fn buyers(
+pub async fn buyers<'b>(
     views: &Views,
     req: &Ask<'_>,
     state: Option<&PublishedState>,
     batch: &BuyerCounts,
-    speed: &BTreeSet<Buyer>,
+    speed: &'b BTreeSet<Buyer>,
 ) -> Result<Buyers, ViewError> {
     let per_currency = req.report_currency.is_none();
     let currency_of = |code: &str| -> Currency {
@@ -114,35 +122,37 @@ pub async fn buyers(
             *n as i64,
         );
     }
-    // The speed view's users per cell.
-    let value = |b: &tidemark_speedview::Buyer, a: Attribute| -> String {
+    // The speed view's users per cell, keyed by values borrowed from the buyers
+    // (a live stream puts tens of thousands of them in each computation).
+    let value = |b: &'b Buyer, a: Attribute| -> &'b str {
         match a {
-            Attribute::City => b.city.clone(),
-            Attribute::Category => b.category.clone(),
-            Attribute::Product => b.product.clone(),
+            Attribute::City => &b.city,
+            Attribute::Category => &b.category,
+            Attribute::Product => &b.product,
         }
     };
-    let mut recent: BTreeMap<Cell, BTreeSet<&str>> = BTreeMap::new();
+    let mut recent: BTreeMap<(i64, Groups<'b>, &'b str), BTreeSet<&'b str>> = BTreeMap::new();
     let mut starts: BTreeMap<i64, i64> = BTreeMap::new();
     for b in speed {
         if b.minute < req.from
             || b.minute >= req.to
             || req.currency.is_some_and(|c| c != b.currency)
-            || !req
-                .filters
-                .iter()
-                .all(|(a, values)| values.binary_search(&value(b, *a)).is_ok())
+            || !req.filters.iter().all(|(a, values)| {
+                values
+                    .binary_search_by(|v| v.as_str().cmp(value(b, *a)))
+                    .is_ok()
+            })
         {
             continue;
         }
         let start = *starts
             .entry(b.minute)
             .or_insert_with(|| req.buckets.as_ref().map_or(0, |l| l.start(b.minute)));
-        let groups = req.group_by.iter().map(|a| value(b, *a)).collect();
+        let groups = groups_of(req.group_by.iter().map(|a| value(b, *a)));
         let currency = if per_currency {
-            b.currency.to_string()
+            b.currency.as_str()
         } else {
-            String::new()
+            ""
         };
         recent
             .entry((start, groups, currency))
@@ -176,20 +186,25 @@ pub async fn buyers(
     };
     let held = match state {
         Some(state) => views.buyers_among(state, &among, &users).await?,
-        None => BTreeSet::new(),
+        None => Default::default(),
     };
-    let held: BTreeSet<(Cell, &str)> = held
+    let held: HashSet<(i64, Groups<'_>, &str, &str)> = held
         .iter()
-        .map(|((k, g, c), u)| ((bucket_of(*k), g.clone(), c.clone()), u.as_str()))
+        .map(|((k, g, c), u)| {
+            let groups = groups_of(g.iter().map(String::as_str));
+            (bucket_of(*k), groups, c.as_str(), u.as_str())
+        })
         .collect();
     for ((start, groups, currency), users) in recent {
-        let key = (start, groups, currency);
         let new = users
             .iter()
-            .filter(|u| !held.contains(&(key.clone(), **u)))
+            .filter(|u| !held.contains(&(start, groups, currency, **u)))
             .count() as i64;
-        let (start, groups, currency) = key;
-        *out.entry((start, groups, currency_of(&currency)))
+        let groups = groups[..req.group_by.len()]
+            .iter()
+            .map(|g| (*g).to_owned())
+            .collect();
+        *out.entry((start, groups, currency_of(currency)))
             .or_default() += new;
     }
     Ok(out)

@@ -410,11 +410,14 @@ pub fn join_list<S: AsRef<str>>(values: &[S]) -> String {
         .join(",")
 }
 
+/// Most attributes a question groups by.
+pub const MAX_GROUPS: usize = 2;
+
 /// `group_by` (or `top_by`): one or two distinct dimensions, comma-separated.
 fn parse_group_by(field: &str, raw: &str, errors: &mut Errors) -> Vec<Attribute> {
     let mut out = Vec::new();
     let names = split_list(raw);
-    if names.len() > 2 {
+    if names.len() > MAX_GROUPS {
         errors.add(
             field,
             "too_many_dimensions",

@@ -222,12 +222,9 @@ type BatchKey = (u64, u64, String);
 const READ_FACTOR: usize = 10;
 type BuyersKey = (u64, u64, String);
 /// The users asked about so far and the (cell, user) pairs the batch holds of them.
-type HeldSlot = Arc<
-    tokio::sync::Mutex<(
-        HashSet<String>,
-        BTreeSet<(tidemark_batchview::BuyerKey, String)>,
-    )>,
->;
+type HeldSlot = Arc<tokio::sync::Mutex<(HashSet<String>, Arc<Held>)>>;
+/// The (cell, user) pairs the batch view holds, of the users asked about.
+pub type Held = BTreeSet<(tidemark_batchview::BuyerKey, String)>;
 pub type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
 type SpeedKey = (u64, Granularity, Dimension, i64, i64);
 /// A speed read: its cells and its buyers, both exact at one cursor.
@@ -610,7 +607,7 @@ impl Views {
         state: &PublishedState,
         query: &BuyersQuery<'_>,
         users: &[&str],
-    ) -> Result<BTreeSet<(tidemark_batchview::BuyerKey, String)>, ViewError> {
+    ) -> Result<Arc<Held>, ViewError> {
         let key = (state.run_id, state.base_run_id, describe(query));
         let slot = {
             let mut slots = self.held.lock().expect("not poisoned");
@@ -635,7 +632,7 @@ impl Views {
                     tracing::warn!(error = %e, "Batch buyers unavailable");
                     ViewError::Unavailable(Part::Batch)
                 })?;
-            slot.1.extend(held);
+            Arc::make_mut(&mut slot.1).extend(held);
             slot.0.extend(chunk.iter().map(|u| (*u).to_owned()));
         }
         Ok(slot.1.clone())
