@@ -42,6 +42,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         rows_per_sec,
         ops_per_row,
         vault_rows_per_sec,
+        xadds_per_row,
         ..
     } = saturated;
     let anchor_rows = mix_rate / ops_per_row;
@@ -97,7 +98,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     report.row(
         format!(
             "applied rows/s at saturation ({SATURATION_ROWS} preloaded rows, {ops_per_row:.1} \
-             Redis writes per row)"
+             Redis writes per row, and {xadds_per_row:.4} appends of the batch's changes)"
         ),
         format!("{rows_per_sec:.0} rows/s"),
         format!(
@@ -409,6 +410,9 @@ struct Saturation {
     ops_per_row: f64,
     /// The share of HINCRBY among those writes (the rest are ZADD).
     hincrby_share: f64,
+    /// Appends to the change stream per applied row (not in the anchor's mix:
+    /// each carries a whole batch's fields).
+    xadds_per_row: f64,
 }
 
 /// Applied rows/s over [`SATURATION_ROWS`] preloaded rows, and the Redis commands
@@ -485,6 +489,7 @@ async fn saturation(bench: &mut Harness<'_>) -> Result<Saturation> {
         rows_per_sec,
         ops_per_row,
         hincrby_share: hincrby / (hincrby + zadd),
+        xadds_per_row: calls("xadd") / SATURATION_ROWS as f64,
         vault_rows_per_sec,
     })
 }
