@@ -9,7 +9,7 @@
 //! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
 //! | `p:e:{epoch}:minute:{bucket}:{shape}` | hash | one field per metric, currency and value of that shape (or buyer) |
 //! | `p:e:{epoch}:idx:minute` | sorted set | the minute buckets of that epoch (score = unix seconds) |
-//! | `p:changes` | stream | every apply's changes, kept for [`CHANGES_KEPT_MS`]: one field `{epoch}:{minute}:{shape}:{field}` per hash field, its increment as value |
+//! | `p:changes` | stream | every apply's changes, kept for [`CHANGES_KEPT_MS`]: one field `{epoch}:{minute}:{shape}:{field}` per hash field, its increment as value, between `@from` and `@to`, the cursors the apply moved from and to |
 //!
 //! Only minute buckets are stored; hours and days are summed from them when read.
 //! A speed epoch spans only the time since the last batch cut (plus the odd late
@@ -55,8 +55,10 @@
 //! A [`Tracked`] read keeps the cells and buyers of one question, and the id of the
 //! last change they include. [`SpeedView::refresh`] brings it to the view's current
 //! cursor by adding only the changes after that id, read atomically with the cursor
-//! — or reads it in full when the view is another generation or those changes were
-//! trimmed. Either way the result equals a full read at that cursor (every stored
+//! — or reads it in full when the view is another generation, those changes were
+//! trimmed, or they do not chain from the read's cursor to the view's (see
+//! [`continues`]: after a failover to a replica that had not received the last
+//! applies, the replayed ones must not be added twice). Either way the result equals a full read at that cursor (every stored
 //! value is a sum of the increments that built it), and Redis spends on a refresh
 //! the time of the changes, not of everything since the last publish.
 //!
@@ -264,7 +266,7 @@ if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return {-2, 0} end
 local p = ARGV[1]
 local changes = p .. ':changes'
 local per_entry = tonumber(ARGV[10])
-local batch, id = {}, nil
+local batch, id = {'@from', ARGV[2] .. '_' .. ARGV[3]}, nil
 local i = 11
 while i <= #ARGV do
   local e, b, shape, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
@@ -284,15 +286,15 @@ while i <= #ARGV do
   redis.call('ZADD', p .. ':e:' .. e .. ':idx:minute', b, b)
   redis.call('ZADD', p .. ':epochs', e, e)
 end
-if #batch > 0 then id = redis.call('XADD', changes, '*', unpack(batch)) end
-if id then
-  redis.call('HSET', KEYS[1], 'changed', id)
-  local kept = (tonumber(string.match(id, '^(%d+)')) - tonumber(ARGV[9])) .. '-0'
-  local gone = redis.call('XREVRANGE', changes, '(' .. kept, '-', 'COUNT', 1)[1]
-  if gone then
-    redis.call('XTRIM', changes, 'MINID', '~', kept)
-    redis.call('HSET', KEYS[1], 'trimmed', gone[1])
-  end
+batch[#batch + 1] = '@to'
+batch[#batch + 1] = ARGV[4] .. '_' .. ARGV[5]
+id = redis.call('XADD', changes, '*', unpack(batch))
+redis.call('HSET', KEYS[1], 'changed', id)
+local kept = (tonumber(string.match(id, '^(%d+)')) - tonumber(ARGV[9])) .. '-0'
+local gone = redis.call('XREVRANGE', changes, '(' .. kept, '-', 'COUNT', 1)[1]
+if gone then
+  redis.call('XTRIM', changes, 'MINID', '~', kept)
+  redis.call('HSET', KEYS[1], 'trimmed', gone[1])
 end
 redis.call('HSET', KEYS[1], 'txid', ARGV[4], 'seq', ARGV[5], 'updated_ms', ARGV[6])
 return {1, 0}
@@ -796,7 +798,7 @@ impl SpeedView {
             .invoke_async(&mut conn)
             .await?;
         let (meta, mark, rest) = decode_head(&out, READ_HEAD + 1)?;
-        if out[READ_HEAD] != "1" {
+        if out[READ_HEAD] != "1" || !continues(tracked.meta, rest, meta) {
             *tracked = self.track_question(tracked.question).await?;
             return Ok(Refreshed::Full);
         }
@@ -808,6 +810,9 @@ impl SpeedView {
             let [key, amount] = pair else {
                 return Err(corrupt("odd reply"));
             };
+            if key.starts_with('@') {
+                continue;
+            }
             let mut parts = key.splitn(4, ':');
             let (Some(epoch), Some(minute), Some(shape), Some(field)) =
                 (parts.next(), parts.next(), parts.next(), parts.next())
@@ -833,6 +838,28 @@ impl SpeedView {
         tracked.mark = mark;
         Ok(Refreshed::Changes(rest.len() / 2))
     }
+}
+
+/// Whether `changes` (field, value pairs of the entries after a tracked read's last)
+/// continue that read exactly: each apply's entries name the cursor it moved from
+/// (`@from`) and to (`@to`), and these must chain from the read's cursor `from` to
+/// the view's cursor `to`. A gap (an apply without its entries) or an overlap (a
+/// history replayed on another Redis after a failover, whose stream ids need not
+/// follow the old one's) breaks the chain: the read is then made in full.
+fn continues(from: Option<Meta>, changes: &[String], to: Option<Meta>) -> bool {
+    let (Some(from), Some(to)) = (from, to) else {
+        return false;
+    };
+    let text = |p: LogPosition| format!("{}_{}", p.txid, p.seq);
+    let mut at = text(from.cursor);
+    for pair in changes.chunks(2) {
+        match pair {
+            [key, value] if key == "@from" && *value != at => return false,
+            [key, value] if key == "@to" => at.clone_from(value),
+            _ => {}
+        }
+    }
+    at == text(to.cursor)
 }
 
 /// How many fields head a read's reply: the cursor's four, the generation and the
@@ -988,6 +1015,37 @@ mod tests {
             .to_vec();
         out.extend(fields.iter().map(|f| (*f).to_owned()));
         out
+    }
+
+    #[test]
+    fn changes_continue_a_read_only_when_they_chain_from_its_cursor_to_the_views() {
+        let meta = |txid, seq| {
+            Some(Meta {
+                cursor: LogPosition::new(txid, seq),
+                updated_ms: 0,
+                lag_ms: None,
+            })
+        };
+        let changes = |pairs: &[(&str, &str)]| -> Vec<String> {
+            pairs
+                .iter()
+                .flat_map(|(k, v)| [(*k).to_owned(), (*v).to_owned()])
+                .collect()
+        };
+        let two_applies = changes(&[
+            ("@from", "5_1"),
+            ("0:60:city:o:EUR:Oslo", "1"),
+            ("@to", "6_2"),
+            ("@from", "6_2"),
+            ("@to", "7_1"),
+        ]);
+        assert!(continues(meta(5, 1), &two_applies, meta(7, 1)));
+        assert!(continues(meta(7, 1), &[], meta(7, 1)), "nothing new");
+        // A replayed apply from before the read's cursor, a gap, a short tail.
+        assert!(!continues(meta(6, 2), &two_applies, meta(7, 1)));
+        assert!(!continues(meta(5, 1), &two_applies[6..], meta(7, 1)));
+        assert!(!continues(meta(5, 1), &two_applies[..6], meta(7, 1)));
+        assert!(!continues(None, &two_applies, meta(7, 1)));
     }
 
     #[test]

@@ -772,3 +772,111 @@ async fn changes_are_kept_for_their_time_and_then_trimmed() {
         ids.len()
     );
 }
+
+/// After a failover to a replica that had not received the last apply, the speed
+/// layer replays it on the new primary: a read tracked on the old primary already
+/// holds it, so its refresh must not add the replayed changes again — the changes no
+/// longer chain from its cursor, and it is read in full.
+#[tokio::test]
+async fn a_tracked_read_is_read_in_full_when_a_replayed_history_does_not_chain_from_it() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap();
+    let mut conn = Redis::new(&config).unwrap().conn().await.unwrap();
+    let pattern = format!("{}:*", config.key_prefix);
+    let delta = |n: u128| {
+        let mut delta = Delta::default();
+        delta.add(0, &Event::Order(order(n, 1, "Oslo", "p", "EUR", 1, 100)));
+        delta
+    };
+    let (one, two, three) = (
+        LogPosition::new(1, 1),
+        LogPosition::new(2, 1),
+        LogPosition::new(3, 1),
+    );
+    let applied = view.apply(LogPosition::ZERO, one, 1, 0, &delta(1)).await;
+    assert_eq!(applied.unwrap(), Applied::Done);
+    // What a replica one apply behind holds.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut replica = Vec::new();
+    for key in keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        replica.push((key, dump));
+    }
+    assert_eq!(
+        view.apply(one, two, 2, 0, &delta(2)).await.unwrap(),
+        Applied::Done
+    );
+    let ten = Utc
+        .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
+        .unwrap()
+        .timestamp();
+    let question = (Granularity::Hour, Dimension::City);
+    let mut tracked = view
+        .track(0, question.0, question.1, ten, ten + 3_600)
+        .await
+        .unwrap();
+    let orders =
+        |t: &tidemark_speedview::Tracked| -> i64 { t.cells().values().map(|c| c.orders).sum() };
+    assert_eq!(orders(&tracked), 2);
+
+    // The failover: the view is the replica's, and the speed layer replays from there.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("DEL")
+        .arg(&keys)
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    for (key, dump) in &replica {
+        redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump)
+            .exec_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(view.meta().await.unwrap().unwrap().cursor, one);
+    assert_eq!(
+        view.apply(one, two, 3, 0, &delta(2)).await.unwrap(),
+        Applied::Done
+    );
+    assert_eq!(
+        view.apply(two, three, 4, 0, &delta(3)).await.unwrap(),
+        Applied::Done
+    );
+    assert_eq!(
+        view.refresh(&mut tracked).await.unwrap(),
+        tidemark_speedview::Refreshed::Full
+    );
+    assert_eq!(orders(&tracked), 3, "each order once");
+    let (full, _) = view
+        .read_with_buyers(0, question.0, question.1, ten, ten + 3_600)
+        .await
+        .unwrap();
+    assert_eq!(**tracked.cells(), full.total());
+    // From there on, changes chain again.
+    assert_eq!(
+        view.apply(three, LogPosition::new(4, 1), 5, 0, &delta(4))
+            .await
+            .unwrap(),
+        Applied::Done
+    );
+    assert!(matches!(
+        view.refresh(&mut tracked).await.unwrap(),
+        tidemark_speedview::Refreshed::Changes(_)
+    ));
+    assert_eq!(orders(&tracked), 4);
+}
