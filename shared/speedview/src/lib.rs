@@ -9,7 +9,7 @@
 //! | `p:epochs` | sorted set | every epoch with data (score = epoch) |
 //! | `p:e:{epoch}:minute:{bucket}:{shape}` | hash | one field per metric, currency and value of that shape (or buyer) |
 //! | `p:e:{epoch}:idx:minute` | sorted set | the minute buckets of that epoch (score = unix seconds) |
-//! | `p:changes` | stream | every apply's changes, kept for [`CHANGES_KEPT_MS`]: one field `{epoch}:{minute}:{shape}:{field}` per hash field, its increment as value, between `@from` and `@to`, the cursors the apply moved from and to |
+//! | `p:changes` | stream | every apply's changes, kept for [`CHANGES_KEPT_MS`]: one field `{epoch}:{minute}:{shape}` per hash, its fields and increments as value (`field␞amount␞…`, U+001E between), after `@from` and before `@to`, the cursors the apply moved from and to |
 //!
 //! Only minute buckets are stored; hours and days are summed from them when read.
 //! A speed epoch spans only the time since the last batch cut (plus the odd late
@@ -97,8 +97,12 @@ pub const LAYOUT: &str = "3";
 /// clock). A tracked read more than this behind is read in full.
 pub const CHANGES_KEPT_MS: i64 = 10_000;
 
-/// Most fields one stream entry carries (Lua's `unpack` is bounded).
-const FIELDS_PER_ENTRY: usize = 2_000;
+/// Most hashes one stream entry carries (Lua's `unpack` is bounded).
+const HASHES_PER_ENTRY: usize = 2_000;
+
+/// Between the fields and amounts of a hash in a change (no text field holds a
+/// control character: [`tidemark_domain::Order`] refuses them).
+const CHANGE_SEPARATOR: char = '\u{1e}';
 
 /// The shapes the view stores (each in a hash of its own per minute).
 pub const STORED: [Dimension; 3] = [
@@ -271,16 +275,17 @@ local i = 11
 while i <= #ARGV do
   local e, b, shape, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local key = p .. ':e:' .. e .. ':minute:' .. b .. ':' .. shape
-  local at = e .. ':' .. b .. ':' .. shape .. ':'
   i = i + 4
-  for _ = 1, n do
-    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
-    batch[#batch + 1] = at .. ARGV[i]
-    batch[#batch + 1] = ARGV[i + 1]
+  if n > 0 then
+    batch[#batch + 1] = e .. ':' .. b .. ':' .. shape
+    batch[#batch + 1] = table.concat(ARGV, '\30', i, i + 2 * n - 1)
     if #batch >= 2 * per_entry then
       id = redis.call('XADD', changes, '*', unpack(batch))
       batch = {}
     end
+  end
+  for _ = 1, n do
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
     i = i + 2
   end
   redis.call('ZADD', p .. ':e:' .. e .. ':idx:minute', b, b)
@@ -500,7 +505,7 @@ impl SpeedView {
             .arg(LAYOUT)
             .arg(token)
             .arg(self.changes_kept_ms)
-            .arg(FIELDS_PER_ENTRY);
+            .arg(HASHES_PER_ENTRY);
         for ((epoch, bucket, shape), fields) in &delta.hashes {
             invocation
                 .arg(*epoch)
@@ -806,28 +811,34 @@ impl SpeedView {
         // leaves the tracked read as it was.
         let source = source_of(tracked.question.dimension).as_str();
         let (mut cells, mut buyers) = (Grid::new(), Vec::new());
+        let mut fields = 0;
         for pair in rest.chunks(2) {
-            let [key, amount] = pair else {
+            let [key, packed] = pair else {
                 return Err(corrupt("odd reply"));
             };
             if key.starts_with('@') {
                 continue;
             }
-            let mut parts = key.splitn(4, ':');
-            let (Some(epoch), Some(minute), Some(shape), Some(field)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
+            let mut parts = key.splitn(3, ':');
+            let (Some(epoch), Some(minute), Some(shape)) =
+                (parts.next(), parts.next(), parts.next())
             else {
                 return Err(corrupt(key));
             };
             let epoch: u64 = epoch.parse().map_err(|_| corrupt(key))?;
             let minute = parse(minute)?;
-            if !tracked.question.holds(epoch, minute) {
-                continue;
-            }
-            if shape == BUYERS {
-                buyers.push(parse_buyer(minute, field)?);
-            } else if shape == source {
-                add_cell(&mut cells, &tracked.question, minute, field, parse(amount)?)?;
+            let mut values = packed.split(CHANGE_SEPARATOR);
+            while let Some(field) = values.next() {
+                let amount = values.next().ok_or_else(|| corrupt(packed))?;
+                fields += 1;
+                if !tracked.question.holds(epoch, minute) {
+                    continue;
+                }
+                if shape == BUYERS {
+                    buyers.push(parse_buyer(minute, field)?);
+                } else if shape == source {
+                    add_cell(&mut cells, &tracked.question, minute, field, parse(amount)?)?;
+                }
             }
         }
         tidemark_domain::aggregate::merge(Arc::make_mut(&mut tracked.cells), &cells);
@@ -836,7 +847,7 @@ impl SpeedView {
         }
         tracked.meta = meta;
         tracked.mark = mark;
-        Ok(Refreshed::Changes(rest.len() / 2))
+        Ok(Refreshed::Changes(fields))
     }
 }
 
@@ -1034,7 +1045,7 @@ mod tests {
         };
         let two_applies = changes(&[
             ("@from", "5_1"),
-            ("0:60:city:o:EUR:Oslo", "1"),
+            ("0:60:city", "o:EUR:Oslo\u{1e}1"),
             ("@to", "6_2"),
             ("@from", "6_2"),
             ("@to", "7_1"),
