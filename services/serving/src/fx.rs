@@ -111,7 +111,7 @@ pub async fn convert<'a>(
             needed.first().map(|(d, _)| *d).unwrap_or_default(),
             needed.last().map(|(d, _)| *d).unwrap_or_default(),
         );
-        Rates::load(pool, &currencies, first, last)
+        crate::views::timed("fx_rates", Rates::load(pool, &currencies, first, last))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "Exchange rates unavailable");

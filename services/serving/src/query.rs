@@ -818,7 +818,11 @@ async fn answer_with_buyers(
         }
         let batch: std::sync::Arc<crate::views::BuyerCounts> = batch?;
         let (state, speed) = (merged.state.as_ref(), &merged.speed_buyers);
-        crate::buyers::buyers(views, ask, state, &batch, speed).await
+        crate::views::timed(
+            "buyers_count",
+            crate::buyers::buyers(views, ask, state, &batch, speed),
+        )
+        .await
     }
     .await;
     Ok((answer, merged, buyers))
@@ -838,7 +842,10 @@ async fn merged_answer(
         .await
         .map_err(|e| unavailable(&e))?;
     let answer = match report_currency {
-        Some(to) => crate::fx::convert(views.pool(), merged.pieces(), &read.buckets, to).await?,
+        Some(to) => {
+            let conversion = crate::fx::convert(views.pool(), merged.pieces(), &read.buckets, to);
+            crate::views::timed("fx_convert", conversion).await?
+        }
         None => {
             let mut out = Answer::new();
             for ((key, _, groups, currency), t) in merged.pieces() {

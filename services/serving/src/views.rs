@@ -294,6 +294,17 @@ impl<T: Clone> Kept<T> {
     }
 }
 
+/// Awaits one step of an answer (a read of a store, a conversion, the buyers
+/// count), recording how long it took as `serving_read_seconds{part}`: where an
+/// answer's time goes.
+pub(crate) async fn timed<T>(part: &'static str, read: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = read.await;
+    metrics::histogram!("serving_read_seconds", "part" => part)
+        .record(started.elapsed().as_secs_f64());
+    out
+}
+
 pub struct Views {
     pool: PgPool,
     ch: clickhouse::Client,
@@ -409,11 +420,14 @@ impl Views {
         };
         let _permit = self.ch_permits.acquire().await.expect("never closed");
         let pieces = Arc::new(
-            tidemark_batchview::cells(
-                &self.ch,
-                state,
-                &query,
-                self.max_cells.saturating_mul(READ_FACTOR),
+            timed(
+                "batch_cells",
+                tidemark_batchview::cells(
+                    &self.ch,
+                    state,
+                    &query,
+                    self.max_cells.saturating_mul(READ_FACTOR),
+                ),
             )
             .await?,
         );
@@ -447,10 +461,12 @@ impl Views {
     ) -> Result<(SpeedRead, Option<Meta>), tidemark_speedview::Error> {
         let Some(observed) = self.speed.meta().await? else {
             // Empty view (lost, being rebuilt): nothing to key a cache on.
-            let tracked = self
-                .speed
-                .track(min_epoch, granularity, dimension, from, to)
-                .await?;
+            let tracked = timed(
+                "speed_full",
+                self.speed
+                    .track(min_epoch, granularity, dimension, from, to),
+            )
+            .await?;
             let read = (tracked.cells().clone(), tracked.buyers().clone());
             return Ok((read, tracked.meta()));
         };
@@ -465,15 +481,18 @@ impl Views {
         let mut entry = slot.lock().await;
         let result = match entry.as_mut() {
             Some(tracked) if tracked.meta().is_some_and(|m| m.cursor >= observed.cursor) => "hit",
-            Some(tracked) => match self.speed.refresh(tracked).await? {
+            Some(tracked) => match timed("speed_refresh", self.speed.refresh(tracked)).await? {
                 tidemark_speedview::Refreshed::Changes(_) => "changes",
                 tidemark_speedview::Refreshed::Full => "full",
             },
             None => {
                 *entry = Some(
-                    self.speed
-                        .track(min_epoch, granularity, dimension, from, to)
-                        .await?,
+                    timed(
+                        "speed_full",
+                        self.speed
+                            .track(min_epoch, granularity, dimension, from, to),
+                    )
+                    .await?,
                 );
                 "full"
             }
@@ -584,12 +603,15 @@ impl Views {
         }
         let _permit = self.ch_permits.acquire().await.expect("never closed");
         let counts = Arc::new(
-            tidemark_batchview::buyers(&self.ch, state, query)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "Batch buyers unavailable");
-                    ViewError::Unavailable(Part::Batch)
-                })?,
+            timed(
+                "batch_buyers",
+                tidemark_batchview::buyers(&self.ch, state, query),
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Batch buyers unavailable");
+                ViewError::Unavailable(Part::Batch)
+            })?,
         );
         let mut cache = self.buyers.lock().expect("not poisoned");
         if cache.len() >= self.cache_entries {
@@ -626,12 +648,15 @@ impl Views {
         // limits (max_query_size, 256 KiB by default).
         for chunk in new.chunks(2_000) {
             let _permit = self.ch_permits.acquire().await.expect("never closed");
-            let held = tidemark_batchview::buyers_among(&self.ch, state, query, chunk)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "Batch buyers unavailable");
-                    ViewError::Unavailable(Part::Batch)
-                })?;
+            let held = timed(
+                "batch_buyers_among",
+                tidemark_batchview::buyers_among(&self.ch, state, query, chunk),
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Batch buyers unavailable");
+                ViewError::Unavailable(Part::Batch)
+            })?;
             Arc::make_mut(&mut slot.1).extend(held);
             slot.0.extend(chunk.iter().map(|u| (*u).to_owned()));
         }

@@ -352,6 +352,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         .collect();
     let mut ours = Vec::new();
     let mut answers = Vec::new();
+    let before_singles = scrape(&serving).await?;
     for from in &singles {
         let t = Instant::now();
         let r = http
@@ -368,6 +369,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         ours.push(t.elapsed().as_secs_f64() * 1e3);
         answers.push(body);
     }
+    let singles_steps = steps("one at a time", &before_singles, &scrape(&serving).await?);
     let mut on_clickhouse = Vec::new();
     let mut anchor_cells = Vec::new();
     for from in &singles {
@@ -456,7 +458,9 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     settled.push(("before the distinct questions", settle(&ch).await?));
     eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
     let url_list = format!("@{}", url_file.display());
+    let before_distinct = scrape(&serving).await?;
     let distinct = rate(bench, &read_key, ("distinct", &url_list, None), "50", "20")?;
+    let distinct_steps = steps("distinct", &before_distinct, &scrape(&serving).await?);
     settled.push(("after the distinct questions", settle(&ch).await?));
     let repeated = rate(bench, &read_key, ("repeated", &urls[0], None), "2000", "15")?;
     stream.abort();
@@ -631,6 +635,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "serving's peak resident memory over the question phases: {serving_rss:.0} MB"
     ));
     report.notes.extend(doors.inside.iter().cloned());
+    report.notes.extend([singles_steps, distinct_steps]);
     report.notes.push(format!(
         "waited for ClickHouse to run no statement: {}",
         settled
@@ -923,9 +928,14 @@ async fn scrape(serving: &str) -> Result<String> {
         .await?)
 }
 
-/// The samples of `name` (with `route` among its labels, if given) in a
-/// `/metrics` text, by the value of `label`.
-fn samples(text: &str, name: &str, route: Option<&str>, label: &str) -> BTreeMap<String, f64> {
+/// The samples of `name` (with the label `with` among its labels, if given) in
+/// a `/metrics` text, by the value of `label`.
+fn samples(
+    text: &str,
+    name: &str,
+    with: Option<(&str, &str)>,
+    label: &str,
+) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
@@ -934,7 +944,7 @@ fn samples(text: &str, name: &str, route: Option<&str>, label: &str) -> BTreeMap
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
         };
-        if route.is_some_and(|r| !labels.contains(&format!("route=\"{r}\""))) {
+        if with.is_some_and(|(l, v)| !labels.contains(&format!("{l}=\"{v}\""))) {
             continue;
         }
         let Some(key) = labels
@@ -951,11 +961,11 @@ fn samples(text: &str, name: &str, route: Option<&str>, label: &str) -> BTreeMap
 
 /// `q` of a histogram's observations between two scrapes, as the bound of the
 /// bucket it falls in (ms).
-fn quantile(before: &str, after: &str, name: &str, route: &str, q: f64) -> Option<f64> {
+fn quantile(before: &str, after: &str, name: &str, with: (&str, &str), q: f64) -> Option<f64> {
     let bucket = format!("{name}_bucket");
     let (b, a) = (
-        samples(before, &bucket, Some(route), "le"),
-        samples(after, &bucket, Some(route), "le"),
+        samples(before, &bucket, Some(with), "le"),
+        samples(after, &bucket, Some(with), "le"),
     );
     let mut counts: Vec<(f64, f64)> = a
         .iter()
@@ -983,7 +993,7 @@ fn quantile(before: &str, after: &str, name: &str, route: &str, q: f64) -> Optio
 /// What serving's metrics say of one door's phase: how its answers were had,
 /// how long reading the data version and computing took.
 fn inside(door: &str, before: &str, after: &str, route: &str, counter: &str) -> String {
-    let route_label = (counter == "serving_answers_total").then_some(route);
+    let route_label = (counter == "serving_answers_total").then_some(("route", route));
     let (b, a) = (
         samples(before, counter, route_label, "result"),
         samples(after, counter, route_label, "result"),
@@ -994,12 +1004,13 @@ fn inside(door: &str, before: &str, after: &str, route: &str, counter: &str) -> 
         .collect::<Vec<_>>()
         .join(", ");
     let ms = |name: &str, q: f64| {
-        quantile(before, after, name, route, q).map_or("—".to_owned(), |v| format!("≤ {v} ms"))
+        quantile(before, after, name, ("route", route), q)
+            .map_or("—".to_owned(), |v| format!("≤ {v} ms"))
     };
     let computations = {
         let bucket = "serving_answer_compute_seconds_bucket";
         let n = |t: &str| {
-            samples(t, bucket, Some(route), "le")
+            samples(t, bucket, Some(("route", route)), "le")
                 .get("+Inf")
                 .copied()
                 .unwrap_or(0.0)
@@ -1014,6 +1025,28 @@ fn inside(door: &str, before: &str, after: &str, route: &str, counter: &str) -> 
         ms("serving_answer_compute_seconds", 0.5),
         ms("serving_answer_compute_seconds", 0.99),
     )
+}
+
+/// Where the answers' time went in one phase, by serving's
+/// `serving_read_seconds{part}`: how often each step ran, its p50 and p99.
+fn steps(phase: &str, before: &str, after: &str) -> String {
+    let name = "serving_read_seconds";
+    let (b, a) = (
+        samples(before, &format!("{name}_count"), None, "part"),
+        samples(after, &format!("{name}_count"), None, "part"),
+    );
+    let parts: Vec<String> = a
+        .iter()
+        .filter_map(|(part, n)| {
+            let n = n - b.get(part).copied().unwrap_or(0.0);
+            let q = |q| {
+                quantile(before, after, name, ("part", part), q)
+                    .map_or("—".to_owned(), |v| format!("≤ {v}"))
+            };
+            (n > 0.0).then(|| format!("{part} {n:.0}× p50 {} p99 {} ms", q(0.5), q(0.99)))
+        })
+        .collect();
+    format!("{phase} phase, steps inside serving: {}", parts.join("; "))
 }
 
 /// The raw JSON Lines of backfill file `i` (one-line orders in `window`, one in
@@ -1126,13 +1159,16 @@ serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"0.025\"} 110
 serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"+Inf\"} 110
 ";
         let name = "serving_data_version_seconds";
-        assert_eq!(quantile(before, after, name, "/v1/revenue", 0.5), Some(1.0));
         assert_eq!(
-            quantile(before, after, name, "/v1/revenue", 0.99),
+            quantile(before, after, name, ("route", "/v1/revenue"), 0.5),
+            Some(1.0)
+        );
+        assert_eq!(
+            quantile(before, after, name, ("route", "/v1/revenue"), 0.99),
             Some(25.0)
         );
         assert_eq!(
-            quantile(before, after, name, "/v1/revenue/summary", 0.5),
+            quantile(before, after, name, ("route", "/v1/revenue/summary"), 0.5),
             None
         );
         let said = inside(
@@ -1144,5 +1180,27 @@ serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"+Inf\"} 110
         );
         assert!(said.contains("answers hit 50, recent 50;"), "{said}");
         assert!(said.contains("p50 ≤ 1 ms, p99 ≤ 25 ms"), "{said}");
+    }
+
+    #[test]
+    fn the_steps_of_a_phase_are_counted_between_two_scrapes() {
+        let before = "\
+serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.01\"} 1
+serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.1\"} 2
+serving_read_seconds_bucket{part=\"batch_cells\",le=\"+Inf\"} 2
+serving_read_seconds_count{part=\"batch_cells\"} 2
+serving_read_seconds_count{part=\"fx_rates\"} 4
+";
+        let after = "\
+serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.01\"} 1
+serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.1\"} 11
+serving_read_seconds_bucket{part=\"batch_cells\",le=\"+Inf\"} 12
+serving_read_seconds_count{part=\"batch_cells\"} 12
+serving_read_seconds_count{part=\"fx_rates\"} 4
+";
+        assert_eq!(
+            steps("one", before, after),
+            "one phase, steps inside serving: batch_cells 10× p50 ≤ 100 p99 ≤ inf ms"
+        );
     }
 }
