@@ -84,6 +84,10 @@ enum Scenario {
         rate: u64,
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        /// Send this `Accept-Encoding` (as a browser sends `gzip, deflate, br`);
+        /// a compressed answer is received as sent, not inflated.
+        #[arg(long)]
+        accept_encoding: Option<String>,
     },
     /// A named scenario (ingest-heavy, rest-reads, graphql-reads, mixed) at a target
     /// request rate: prints a summary table and writes a JSON report.
@@ -264,6 +268,7 @@ async fn main() -> anyhow::Result<()> {
             body,
             rate,
             seconds,
+            accept_encoding,
         } => {
             let urls = match url.strip_prefix('@') {
                 Some(file) => std::fs::read_to_string(file)?
@@ -283,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
                     rate,
                     seconds,
                     max_in_flight: 256,
+                    accept_encoding,
                 },
             )
             .await?

@@ -20,6 +20,8 @@ pub struct Settings {
     pub seconds: u64,
     /// Requests in flight at most (beyond it, requests are counted as errors).
     pub max_in_flight: usize,
+    /// Sent as `Accept-Encoding`; a compressed body is read as it came.
+    pub accept_encoding: Option<String>,
 }
 
 pub async fn run(name: &str, s: Settings) -> anyhow::Result<Report> {
@@ -78,6 +80,9 @@ fn request(client: &reqwest::Client, s: &Settings, url: usize) -> reqwest::Reque
     if let Some(key) = &s.key {
         r = r.bearer_auth(key);
     }
+    if let Some(accept) = &s.accept_encoding {
+        r = r.header("accept-encoding", accept);
+    }
     r
 }
 
@@ -94,11 +99,25 @@ async fn outcome(
         Err(e) if e.is_timeout() => return Err("timeout".to_owned()),
         Err(_) => return Err("connection".to_owned()),
     };
+    let gzipped = response
+        .headers()
+        .get("content-encoding")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
     let body = response
         .bytes()
         .await
         .map_err(|_| "unreadable-body".to_owned())?;
     if graphql {
+        let body = if gzipped {
+            use std::io::Read;
+            let mut json = Vec::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut json)
+                .map_err(|_| "unreadable-body".to_owned())?;
+            json
+        } else {
+            body.to_vec()
+        };
         let value: serde_json::Value =
             serde_json::from_slice(&body).map_err(|_| "unreadable-body".to_owned())?;
         if !value.get("errors").is_none_or(serde_json::Value::is_null) {

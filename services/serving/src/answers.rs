@@ -54,6 +54,116 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+/// Answers this large or larger are also kept gzip-compressed for the clients
+/// that accept it; smaller ones gain too little for the work.
+pub const GZIP_FROM: usize = 16 * 1024;
+
+/// A kept answer: its JSON and, made once — the first time a client that
+/// accepts gzip asks for an answer of at least [`GZIP_FROM`] bytes — the same
+/// compressed. A dashboard's 30-day answer of 3.3 MB is then sent as a tenth of
+/// that to every browser asking it again, and compressed once per data version
+/// rather than once per request. The compressed copy is not counted in
+/// `cache_bytes` (it is a fraction of the JSON it comes from).
+#[derive(Clone, Debug)]
+pub struct Body {
+    pub json: Bytes,
+    gzip: Arc<tokio::sync::OnceCell<Bytes>>,
+}
+
+impl Body {
+    pub fn new(json: Bytes) -> Body {
+        Body {
+            json,
+            gzip: Arc::default(),
+        }
+    }
+
+    /// The answer gzip-compressed (fastest level: it is made while a request
+    /// waits), or `None` when it is too small to be worth it.
+    pub async fn gzip(&self) -> Option<Bytes> {
+        if self.json.len() < GZIP_FROM {
+            return None;
+        }
+        let gzip = self
+            .gzip
+            .get_or_init(|| {
+                let json = self.json.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || compress(&json))
+                        .await
+                        .expect("compressing does not panic")
+                }
+            })
+            .await;
+        Some(gzip.clone())
+    }
+}
+
+/// The kept answer as a `200 application/json` response: gzip-compressed when
+/// the request's `Accept-Encoding` takes gzip and the answer is large enough
+/// ([`Body::gzip`]). Either way it says `Vary: Accept-Encoding`, so a shared
+/// cache keeps the two apart.
+pub async fn respond(body: &Body, request: &HeaderMap) -> Response {
+    let json = (
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
+    if accepts_gzip(request)
+        && let Some(gzip) = body.gzip().await
+    {
+        let encoding = (header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        return ([json, vary, encoding], gzip).into_response();
+    }
+    ([json, vary], body.json.clone()).into_response()
+}
+
+/// Whether `Accept-Encoding` takes gzip (RFC 9110 §12.5.3): named (or as
+/// `x-gzip`) with a non-zero weight, or else covered by `*` with one.
+pub fn accepts_gzip(request: &HeaderMap) -> bool {
+    let (mut named, mut any) = (None, None);
+    for item in request
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        let weight = parts
+            .filter_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            named = Some(weight > 0.0);
+        } else if coding == "*" {
+            any = Some(weight > 0.0);
+        }
+    }
+    named.or(any).unwrap_or(false)
+}
+
+/// Two answers are equal when their JSON is (the compressed copy follows from it).
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        self.json == other.json
+    }
+}
+
+fn compress(json: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 8),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(json)
+        .expect("writing to a Vec does not fail");
+    Bytes::from(encoder.finish().expect("writing to a Vec does not fail"))
+}
 
 /// What an answer depends on: the published run, the speed cursor, the rates.
 /// `None` where the caller could not read it (see [`Answers::get`]).
@@ -76,7 +186,7 @@ pub async fn timed_version(
 /// known current: when it was finished, or later when a request found the data
 /// version it was computed at unchanged.
 struct Slot<E> {
-    answer: Option<(Option<DataVersion>, Bytes, Instant)>,
+    answer: Option<(Option<DataVersion>, Body, Instant)>,
     failure: Option<(E, Instant)>,
 }
 
@@ -94,7 +204,7 @@ impl<E> Default for Slot<E> {
 /// for a computation, its last answer and when it was finished.
 struct Entry<E> {
     slot: Arc<tokio::sync::Mutex<Slot<E>>>,
-    last: Mutex<Option<(Bytes, Instant)>>,
+    last: Mutex<Option<(Body, Instant)>>,
 }
 
 impl<E> Default for Entry<E> {
@@ -194,7 +304,7 @@ impl<E: Clone + Send + 'static> Answers<E> {
         question: String,
         version: Option<DataVersion>,
         compute: F,
-    ) -> (Result<Bytes, E>, Outcome)
+    ) -> (Result<Body, E>, Outcome)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
@@ -278,20 +388,20 @@ impl<E: Clone + Send + 'static> Answers<E> {
         entry: &Arc<Entry<E>>,
         version: Option<DataVersion>,
         compute: F,
-    ) -> Result<Bytes, E>
+    ) -> Result<Body, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
-        let result = compute().await;
+        let result = compute().await.map(Body::new);
         let finished = Instant::now();
         match &result {
-            Ok(bytes) => {
-                let before = slot.answer.as_ref().map_or(0, |(_, b, _)| b.len());
-                slot.answer = Some((version, bytes.clone(), finished));
+            Ok(body) => {
+                let before = slot.answer.as_ref().map_or(0, |(_, b, _)| b.json.len());
+                slot.answer = Some((version, body.clone(), finished));
                 slot.failure = None;
-                *entry.last.lock().expect("not poisoned") = Some((bytes.clone(), finished));
-                self.account(question, entry, before, bytes.len());
+                *entry.last.lock().expect("not poisoned") = Some((body.clone(), finished));
+                self.account(question, entry, before, body.json.len());
             }
             Err(e) => slot.failure = Some((e.clone(), finished)),
         }
@@ -328,6 +438,53 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn gzip_is_taken_when_named_or_covered_by_a_star_with_a_weight_above_zero() {
+        let takes = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            accepts_gzip(&headers)
+        };
+        assert!(takes(&["gzip"]));
+        assert!(takes(&["gzip, deflate, br, zstd"]), "as browsers send it");
+        assert!(takes(&["br", "GZip;q=0.5"]), "several headers, any case");
+        assert!(takes(&["x-gzip"]));
+        assert!(takes(&["*"]));
+        assert!(takes(&["br;q=1, *;q=0.1"]));
+        assert!(!takes(&[]));
+        assert!(!takes(&["identity"]));
+        assert!(!takes(&["br, deflate"]));
+        assert!(!takes(&["gzip;q=0"]));
+        assert!(!takes(&["gzip; q=0.000"]));
+        assert!(!takes(&["*;q=1, gzip;q=0"]), "naming it wins over the star");
+        assert!(!takes(&["*;q=0"]));
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_is_compressed_once_and_inflates_to_itself() {
+        use std::io::Read;
+        let json: Vec<u8> = (0..2_000)
+            .flat_map(|i| format!("{{\"bucket\":{i},\"orders\":{}}},", i % 7).into_bytes())
+            .collect();
+        assert!(json.len() >= GZIP_FROM);
+        let body = Body::new(Bytes::from(json.clone()));
+        let (first, again) = (
+            body.gzip().await.unwrap(),
+            body.clone().gzip().await.unwrap(),
+        );
+        assert_eq!(first.as_ptr(), again.as_ptr(), "kept, not compressed again");
+        assert!(first.len() * 4 < json.len());
+        let mut inflated = Vec::new();
+        flate2::read::GzDecoder::new(&first[..])
+            .read_to_end(&mut inflated)
+            .unwrap();
+        assert_eq!(inflated, json);
+        let small = Body::new(Bytes::from_static(b"{\"points\":[]}"));
+        assert_eq!(small.gzip().await, None);
+    }
+
     fn version(cursor: &str) -> Option<DataVersion> {
         Some((Some(1), Some(cursor.to_owned()), None))
     }
@@ -361,19 +518,19 @@ mod tests {
         let (a, o) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Computed));
         let (a, o) = answers
             .get("q".into(), version("1"), counted(&computed, "b"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Hit));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Hit));
         let (a, o) = answers
             .get("q".into(), version("2"), counted(&computed, "c"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("c"), Outcome::Computed));
         let (a, _) = answers
             .get("r".into(), version("2"), counted(&computed, "d"))
             .await;
-        assert_eq!(a.unwrap(), Bytes::from("d"));
+        assert_eq!(a.unwrap().json, Bytes::from("d"));
         assert_eq!(computed.load(Ordering::SeqCst), 3);
     }
 
@@ -384,7 +541,7 @@ mod tests {
         let (a, o) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Computed));
         // The data moves: the just-finished answer at once, the next one computing
         // in the background, held until released.
         let (release, released) = tokio::sync::oneshot::channel::<()>();
@@ -396,19 +553,22 @@ mod tests {
                 Ok(Bytes::from("b"))
             })
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Revalidating));
+        assert_eq!(
+            (a.unwrap().json, o),
+            (Bytes::from("a"), Outcome::Revalidating)
+        );
         // Meanwhile the background computation holds the question: stale answers.
         let (a, o) = answers
             .get("q".into(), version("3"), counted(&computed, "x"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Stale));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Stale));
         release.send(()).expect("computing");
         // Once it is done, its answer is kept at its version.
         until_computed(&answers, "b").await;
         let (a, o) = answers
             .get("q".into(), version("2"), counted(&computed, "y"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("b"), Outcome::Hit));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("b"), Outcome::Hit));
         assert_eq!(computed.load(Ordering::SeqCst), 2, "a and b, nothing else");
 
         // A question not asked again within the window computes for its request.
@@ -416,12 +576,12 @@ mod tests {
         let (a, _) = brief
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
-        assert_eq!(a.unwrap(), Bytes::from("a"));
+        assert_eq!(a.unwrap().json, Bytes::from("a"));
         tokio::time::sleep(Duration::from_millis(5)).await;
         let (a, o) = brief
             .get("q".into(), version("2"), counted(&computed, "c"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("c"), Outcome::Computed));
     }
 
     #[tokio::test]
@@ -437,17 +597,17 @@ mod tests {
         let (a, _) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
-        assert_eq!(a.unwrap(), Bytes::from("a"));
+        assert_eq!(a.unwrap().json, Bytes::from("a"));
         for cursor in ["2", "3", "4"] {
             let (a, o) = answers
                 .get("q".into(), version(cursor), counted(&computed, "b"))
                 .await;
-            assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Recent));
+            assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Recent));
         }
         assert_eq!(computed.load(Ordering::SeqCst), 1, "nothing computed again");
         // Not for a request that cannot read the data version.
         let (a, o) = answers.get("q".into(), None, counted(&computed, "c")).await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("c"), Outcome::Computed));
     }
 
     #[tokio::test]
@@ -463,23 +623,23 @@ mod tests {
         let (a, _) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
-        assert_eq!(a.unwrap(), Bytes::from("a"));
+        assert_eq!(a.unwrap().json, Bytes::from("a"));
         // Finished longer ago than the window, but current until now.
         tokio::time::sleep(Duration::from_millis(40)).await;
         let (a, o) = answers
             .get("q".into(), version("1"), counted(&computed, "x"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Hit));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Hit));
         let (a, o) = answers
             .get("q".into(), version("2"), counted(&computed, "b"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Recent));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Recent));
         // Past the window since it was last current: computed for the request.
         tokio::time::sleep(Duration::from_millis(40)).await;
         let (a, o) = answers
             .get("q".into(), version("2"), counted(&computed, "b"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("b"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("b"), Outcome::Computed));
         assert_eq!(computed.load(Ordering::SeqCst), 2);
     }
 
@@ -490,7 +650,7 @@ mod tests {
         let (a, _) = answers
             .get("q".into(), version("1"), counted(&computed, "a"))
             .await;
-        assert_eq!(a.unwrap(), Bytes::from("a"));
+        assert_eq!(a.unwrap().json, Bytes::from("a"));
         // Neither kept nor revalidating: the store is down, the request sees it.
         let (a, o) = answers
             .get("q".into(), None, || async { Err("down".to_owned()) })
@@ -527,16 +687,19 @@ mod tests {
         assert!(!waiting.is_finished(), "no stale answer without a version");
         // (The readable request was answered at once, revalidating in the background.)
         let (a, o) = slow.await.unwrap();
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Revalidating));
+        assert_eq!(
+            (a.unwrap().json, o),
+            (Bytes::from("a"), Outcome::Revalidating)
+        );
         finish.send(()).unwrap();
         // It shares the computation that finished after it arrived.
         let (a, o) = waiting.await.unwrap();
-        assert_eq!((a.unwrap(), o), (Bytes::from("b"), Outcome::Shared));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("b"), Outcome::Shared));
         // A readable version finds the answer kept again.
         let (a, o) = answers
             .get("q".into(), version("2"), counted(&computed, "x"))
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("b"), Outcome::Hit));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("b"), Outcome::Hit));
     }
 
     /// Waits until the computation of `q` left in the background has kept
@@ -555,7 +718,7 @@ mod tests {
                 && slot
                     .answer
                     .as_ref()
-                    .is_some_and(|(_, bytes, _)| bytes == expected)
+                    .is_some_and(|(_, body, _)| body.json == expected)
             {
                 return;
             }
@@ -620,7 +783,10 @@ mod tests {
         let (a, o) = answers
             .get("q".into(), version("1"), || async { Ok(Bytes::from("up")) })
             .await;
-        assert_eq!((a, o), (Ok(Bytes::from("up")), Outcome::Computed));
+        assert_eq!(
+            (a.map(|b| b.json), o),
+            (Ok(Bytes::from("up")), Outcome::Computed)
+        );
     }
 
     #[tokio::test]
@@ -629,7 +795,7 @@ mod tests {
         let (a, _) = answers
             .get("q".into(), version("1"), || async { Ok(Bytes::from("a")) })
             .await;
-        assert_eq!(a.unwrap(), Bytes::from("a"));
+        assert_eq!(a.unwrap().json, Bytes::from("a"));
         // The data moves; one request computes the new answer, held until released.
         let (computing, computed) = tokio::sync::oneshot::channel::<()>();
         let (release, released) = tokio::sync::oneshot::channel::<()>();
@@ -650,21 +816,21 @@ mod tests {
         let (a, o) = answers
             .get("q".into(), version("3"), || async { Ok(Bytes::from("c")) })
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("a"), Outcome::Stale));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Stale));
         let (a, o) = answers
             .get("r".into(), version("3"), || async { Ok(Bytes::from("r")) })
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("r"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("r"), Outcome::Computed));
         release.send(()).expect("computing");
         assert_eq!(
             first.await.unwrap(),
-            (Ok(Bytes::from("b")), Outcome::Computed)
+            (Ok(Body::new(Bytes::from("b"))), Outcome::Computed)
         );
         // No computation running: a request at a newer version computes.
         let (a, o) = answers
             .get("q".into(), version("3"), || async { Ok(Bytes::from("c")) })
             .await;
-        assert_eq!((a.unwrap(), o), (Bytes::from("c"), Outcome::Computed));
+        assert_eq!((a.unwrap().json, o), (Bytes::from("c"), Outcome::Computed));
     }
 
     #[tokio::test]
@@ -682,7 +848,7 @@ mod tests {
                     Ok(Bytes::from(vec![b'x'; 3_000]))
                 })
                 .await;
-            assert_eq!((a.unwrap().len(), o), (3_000, Outcome::Computed));
+            assert_eq!((a.unwrap().json.len(), o), (3_000, Outcome::Computed));
             assert!(
                 answers.kept_bytes() <= 10_000,
                 "{} kept",

@@ -448,9 +448,9 @@ pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Ar
     Router::new().route(
         "/graphql",
         post(
-            move |State(app): State<Arc<AppState>>, request: GraphQLRequest| {
+            move |State(app): State<Arc<AppState>>, headers: HeaderMap, request: GraphQLRequest| {
                 let (schema, cache) = (executor.clone(), cache.clone());
-                async move { execute(&app, &schema, &cache, request.into_inner()).await }
+                async move { execute(&app, &schema, &cache, &headers, request.into_inner()).await }
             },
         ),
     )
@@ -648,6 +648,7 @@ async fn execute(
     app: &AppState,
     schema: &TidemarkSchema,
     cache: &Arc<ResponseCache>,
+    headers: &HeaderMap,
     request: async_graphql::Request,
 ) -> Response {
     let cacheable = match precheck(&request.query, &app.settings) {
@@ -689,7 +690,10 @@ async fn execute(
         })
         .await;
     metrics::counter!("serving_graphql_cache_total", "result" => outcome.as_str()).increment(1);
-    json(result.unwrap_or_else(|errors| errors))
+    match result {
+        Ok(body) => crate::answers::respond(&body, headers).await,
+        Err(errors) => json(errors),
+    }
 }
 
 fn json(body: Bytes) -> Response {

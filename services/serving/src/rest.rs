@@ -7,7 +7,7 @@ use tidemark_platform::problem::BearerAuth;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -53,6 +53,7 @@ fn rejected(route: &'static str, problem: Problem) -> Response {
 /// that arrive while it is computed.
 async fn answer<T, F, Fut>(
     state: &AppState,
+    request: &HeaderMap,
     route: &'static str,
     question: String,
     compute: F,
@@ -79,7 +80,7 @@ where
     metrics::counter!("serving_answers_total", "route" => route, "result" => outcome.as_str())
         .increment(1);
     match result {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Ok(body) => crate::answers::respond(&body, request).await,
         Err(problem) => rejected(route, problem),
     }
 }
@@ -155,6 +156,7 @@ struct RevenueParams {
     ))]
 async fn revenue(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let request = match query::revenue_request(&params, &state.settings) {
@@ -163,9 +165,13 @@ async fn revenue(
     };
     let question = format!("revenue {request:?}");
     let computing = state.clone();
-    answer(&state, "/v1/revenue", question, move || async move {
-        query::revenue(&computing.views, &request).await
-    })
+    answer(
+        &state,
+        &headers,
+        "/v1/revenue",
+        question,
+        move || async move { query::revenue(&computing.views, &request).await },
+    )
     .await
 }
 
@@ -212,6 +218,7 @@ struct SummaryParams {
     ))]
 async fn summary(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let request = match query::summary_request(&params, &state.settings) {
@@ -222,6 +229,7 @@ async fn summary(
     let computing = state.clone();
     answer(
         &state,
+        &headers,
         "/v1/revenue/summary",
         question,
         move || async move { query::summary(&computing.views, &request).await },

@@ -5,7 +5,9 @@
 //! `report_currency=EUR`, net revenue and buyers in every point:
 //!
 //! - distinct questions (ranges varied, so no cache of Tidemark's holds them) at
-//!   50 questions/s, and one question repeated at 2,000/s;
+//!   50 questions/s, and one question repeated at 2,000/s, both asked as a
+//!   browser asks (`Accept-Encoding: gzip, deflate, br, zstd`: the 30-day
+//!   answer travels compressed);
 //! - one at a time, next to the same question as one SQL statement over a plain
 //!   table of the orders' lines (and their refunds) in ClickHouse, sorted by city
 //!   and time, and in Postgres — the anchors a team would build instead;
@@ -38,6 +40,8 @@ const DAYS: i64 = 90;
 const RUNS: usize = 5;
 const PER_FILE: usize = 50_000;
 const CITIES: &str = "Berlin,Lisbon,Paris";
+/// The dashboard phases ask as a browser does: compressed answers welcome.
+const BROWSER: Option<&str> = Some("gzip, deflate, br, zstd");
 /// Kolkata is UTC+05:30 all year.
 const KOLKATA: i64 = 19_800;
 
@@ -370,6 +374,17 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         answers.push(body);
     }
     let singles_steps = steps("one at a time", &before_singles, &scrape(&serving).await?);
+    // The size a browser receives (the bodies above were asked for plain).
+    let gzip_bytes = http
+        .get(question(singles[0]))
+        .bearer_auth(&read_key)
+        .header("accept-encoding", BROWSER.unwrap_or_default())
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?
+        .len();
     let mut on_clickhouse = Vec::new();
     let mut anchor_cells = Vec::new();
     for from in &singles {
@@ -459,10 +474,24 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
     let url_list = format!("@{}", url_file.display());
     let before_distinct = scrape(&serving).await?;
-    let distinct = rate(bench, &read_key, ("distinct", &url_list, None), "50", "20")?;
+    let distinct = rate(
+        bench,
+        &read_key,
+        ("distinct", &url_list, None),
+        BROWSER,
+        "50",
+        "20",
+    )?;
     let distinct_steps = steps("distinct", &before_distinct, &scrape(&serving).await?);
     settled.push(("after the distinct questions", settle(&ch).await?));
-    let repeated = rate(bench, &read_key, ("repeated", &urls[0], None), "2000", "15")?;
+    let repeated = rate(
+        bench,
+        &read_key,
+        ("repeated", &urls[0], None),
+        BROWSER,
+        "2000",
+        "15",
+    )?;
     stream.abort();
     let streamed = streamed.load(std::sync::atomic::Ordering::Relaxed);
 
@@ -487,7 +516,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     );
     let (ours_ms, ch_ms, pg_ms) = (median(&ours), median(&on_clickhouse), median(&on_postgres));
     report.row(
-        "distinct questions (ranges varied), 50/s for 20 s".into(),
+        "distinct questions (ranges varied), 50/s for 20 s, gzip accepted".into(),
         figure(&distinct),
         format!(
             "one at a time: Tidemark median {ours_ms:.0} ms (max {:.0} ms)",
@@ -497,7 +526,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "p99 ≤ 100 ms",
     );
     report.row(
-        "one question repeated, 2,000/s for 15 s".into(),
+        "one question repeated, 2,000/s for 15 s, gzip accepted".into(),
         figure(&repeated),
         "—".into(),
         None,
@@ -651,11 +680,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "Tidemark's two ClickHouse statements for the 10 single questions, timed alone \
          (serving runs them at once): revenue cells (quarter hours, FINAL) median {:.0} ms, \
          buyers (uniqExact) median {:.0} ms; the rest of the {ours_ms:.0} ms is the speed \
-         view, conversion and the answer's JSON ({} points, {:.1} MB)",
+         view, conversion and the answer's JSON ({} points, {:.1} MB; {:.2} MB gzip-compressed, \
+         as the dashboard phases receive it)",
         median(&revenue_ms),
         median(&buyers_ms),
         answers[0]["points"].as_array().map_or(0, Vec::len),
-        answers[0].to_string().len() as f64 / 1e6
+        answers[0].to_string().len() as f64 / 1e6,
+        gzip_bytes as f64 / 1e6
     ));
     Ok(report)
 }
@@ -812,6 +843,7 @@ fn rate(
     bench: &Harness<'_>,
     read_key: &str,
     (name, url, body): (&str, &str, Option<&str>),
+    accept_encoding: Option<&str>,
     per_sec: &str,
     seconds: &str,
 ) -> Result<Report> {
@@ -828,6 +860,9 @@ fn rate(
     ];
     if let Some(b) = body {
         args.extend(["--body", b]);
+    }
+    if let Some(accept) = accept_encoding {
+        args.extend(["--accept-encoding", accept]);
     }
     bench.loadtest(&args, &[("TIDEMARK_READ_KEY", read_key)])
 }
@@ -884,7 +919,7 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
     .to_string();
     eprintln!("xtask bench: {RATE} requests/s for {SECONDS} s each: /healthz, REST, GraphQL");
     let ask = |name: &str, url: &str, body: Option<&str>| {
-        rate(bench, read_key, (name, url, body), RATE, SECONDS)
+        rate(bench, read_key, (name, url, body), None, RATE, SECONDS)
     };
     let trivial = ask("healthz", &format!("{serving}/healthz"), None)?;
     let before = scrape(serving).await?;

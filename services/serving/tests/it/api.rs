@@ -770,3 +770,86 @@ async fn the_subscription_takes_the_key_in_connection_init_as_browsers_must() {
         );
     }
 }
+
+/// A large answer goes gzip-compressed to a client whose `Accept-Encoding` takes
+/// it (made once and kept with the answer), the same JSON inflated; a client that
+/// does not take gzip, or refuses it with `q=0`, and any small answer get plain
+/// JSON. Both doors.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_answer_is_sent_gzip_compressed_to_a_client_that_takes_it() {
+    use std::io::Read;
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(41);
+    let orders: Vec<_> = (0..150).map(|_| random_order(&mut rng)).collect();
+    env.ingest(&orders).await;
+    env.speed_caught_up().await;
+    let (from, to) = full_range();
+    let ask = async |path: &str, accept: Option<&str>, graphql: Option<&str>| {
+        let request = match graphql {
+            Some(query) => env
+                .http
+                .post(env.serving.url(path))
+                .json(&serde_json::json!({ "query": query })),
+            None => env.http.get(env.serving.url(path)),
+        };
+        let request = match accept {
+            Some(accept) => request.header("accept-encoding", accept),
+            None => request,
+        };
+        let r = request.bearer_auth(&env.key).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let (encoding, vary) = (header("content-encoding"), header("vary"));
+        (encoding, vary, r.bytes().await.unwrap().to_vec())
+    };
+    let inflate = |body: &[u8]| {
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut json)
+            .unwrap();
+        json
+    };
+
+    let series =
+        format!("/v1/revenue?from={from}&to={to}&granularity=minute&group_by=city,category");
+    let (encoding, vary, plain) = ask(&series, None, None).await;
+    assert_eq!(encoding, None);
+    assert_eq!(vary.as_deref(), Some("accept-encoding"));
+    assert!(
+        plain.len() >= tidemark_serving::answers::GZIP_FROM,
+        "the answer is large: {} bytes",
+        plain.len()
+    );
+    let (encoding, vary, gzip) = ask(&series, Some("br;q=1.0, gzip;q=0.8, *;q=0.1"), None).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(vary.as_deref(), Some("accept-encoding"));
+    assert!(
+        gzip.len() * 4 < plain.len(),
+        "{} of {} bytes",
+        gzip.len(),
+        plain.len()
+    );
+    assert_eq!(inflate(&gzip), plain, "the same answer");
+    let (encoding, _, refused) = ask(&series, Some("gzip;q=0, identity"), None).await;
+    assert_eq!((encoding, refused), (None, plain));
+
+    let small = format!("/v1/revenue/summary?from={from}&to={to}");
+    let (encoding, _, body) = ask(&small, Some("gzip"), None).await;
+    assert_eq!(encoding, None, "a small answer stays plain");
+    assert!(body.len() < tidemark_serving::answers::GZIP_FROM);
+
+    let query = format!(
+        "{{ revenue(from: \"{from}\", to: \"{to}\", granularity: MINUTE, \
+           groupBy: [CITY, CATEGORY]) {{ points {{ bucket dimensions {{ city category }} \
+           currency revenueMinor orders items }} }} }}"
+    );
+    let (_, _, plain) = ask("/graphql", None, Some(&query)).await;
+    let (encoding, _, gzip) = ask("/graphql", Some("gzip"), Some(&query)).await;
+    assert!(plain.len() >= tidemark_serving::answers::GZIP_FROM);
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(inflate(&gzip), plain);
+}
