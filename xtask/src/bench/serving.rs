@@ -939,6 +939,7 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
             "/v1/revenue",
             "serving_answers_total",
         ),
+        steps("REST", &before, &between),
         inside(
             "GraphQL",
             &between,
@@ -946,6 +947,7 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
             "graphql",
             "serving_graphql_cache_total",
         ),
+        steps("GraphQL", &between, &after),
     ];
     Ok(Doors {
         trivial,
