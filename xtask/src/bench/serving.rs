@@ -484,6 +484,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     )?;
     let distinct_steps = steps("distinct", &before_distinct, &scrape(&serving).await?);
     settled.push(("after the distinct questions", settle(&ch).await?));
+    let before_repeated = scrape(&serving).await?;
     let repeated = rate(
         bench,
         &read_key,
@@ -492,6 +493,17 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "2000",
         "15",
     )?;
+    let after_repeated = scrape(&serving).await?;
+    let repeated_inside = [
+        inside(
+            "repeated",
+            &before_repeated,
+            &after_repeated,
+            "/v1/revenue",
+            "serving_answers_total",
+        ),
+        steps("repeated", &before_repeated, &after_repeated),
+    ];
     stream.abort();
     let streamed = streamed.load(std::sync::atomic::Ordering::Relaxed);
 
@@ -665,6 +677,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     ));
     report.notes.extend(doors.inside.iter().cloned());
     report.notes.extend([singles_steps, distinct_steps]);
+    report.notes.extend(repeated_inside);
     report.notes.push(format!(
         "waited for ClickHouse to run no statement: {}",
         settled
