@@ -43,18 +43,10 @@
 //! long before (though current until a moment ago) and computed for itself, 0.5 %
 //! of requests waiting 25–100 ms for a computation.
 //!
-//! The data version is a Redis round trip (and, twice a second, Postgres reads):
-//! at 2,000 requests/s it was most of a kept answer's time. So a request whose
-//! question has an answer last known current at most `recent_within` ago takes
-//! it before reading the version at all ([`Answers::recent`], also `recent`):
-//! one request per window reads the version and, finding it unchanged, renews
-//! the answer's window for the next ones.
-//!
 //! A request that could not read the data version (a store is down) gets none of
-//! the shortcuts after the read: no kept, stale or revalidating answer, only its
-//! own computation (or one that finished after it arrived), so an outage is
-//! answered as an outage — 503, or a partial answer that says so — from
-//! `recent_within` after the last answer known current (10 ms by default).
+//! these shortcuts: no kept, stale or revalidating answer, only its own
+//! computation (or one that finished after it arrived), so an outage is answered
+//! as an outage — 503, or a partial answer that says so — at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -299,25 +291,6 @@ impl<E: Clone + Send + 'static> Answers<E> {
         }
     }
 
-    /// The answer to `question` if it was last known current at most
-    /// `recent_within` ago: given without reading the data version (see the
-    /// module's notes). Asks nothing, starts nothing.
-    pub fn recent(&self, question: &str) -> Option<Body> {
-        if self.recent_within.is_zero() {
-            return None;
-        }
-        let entry = self
-            .slots
-            .lock()
-            .expect("not poisoned")
-            .by_question
-            .get(question)?
-            .clone();
-        let last = entry.last.lock().expect("not poisoned");
-        let (body, known) = last.as_ref()?;
-        (known.elapsed() <= self.recent_within).then(|| body.clone())
-    }
-
     /// Bytes of the answers kept now.
     pub fn kept_bytes(&self) -> usize {
         self.slots.lock().expect("not poisoned").bytes
@@ -512,53 +485,6 @@ mod tests {
         assert_eq!(inflated, json);
         let small = Body::new(Bytes::from_static(b"{\"points\":[]}"));
         assert_eq!(small.gzip().await, None);
-    }
-
-    #[tokio::test]
-    async fn an_answer_known_current_within_the_recent_window_is_given_without_the_version() {
-        // Long enough that a loaded machine's late wake-up (< 100 ms) cannot
-        // move a check across the window's end.
-        let window = Duration::from_millis(400);
-        let answers = Arc::new(Answers::<String>::new(
-            10,
-            1 << 20,
-            Duration::ZERO,
-            Duration::ZERO,
-            window,
-        ));
-        let computed = Arc::new(AtomicUsize::new(0));
-        assert_eq!(answers.recent("q"), None, "never answered");
-        answers
-            .get("q".into(), version("1"), counted(&computed, "a"))
-            .await
-            .0
-            .unwrap();
-        assert_eq!(answers.recent("q").map(|b| b.json), Some(Bytes::from("a")));
-        assert_eq!(answers.recent("r"), None, "another question");
-        let renewed = Instant::now();
-        tokio::time::sleep(window / 2).await;
-        // Found current again: the window counts from now.
-        let (a, o) = answers
-            .get("q".into(), version("1"), counted(&computed, "b"))
-            .await;
-        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Hit));
-        tokio::time::sleep(window * 3 / 4).await;
-        assert!(renewed.elapsed() > window);
-        assert_eq!(answers.recent("q").map(|b| b.json), Some(Bytes::from("a")));
-        tokio::time::sleep(window).await;
-        assert_eq!(
-            answers.recent("q"),
-            None,
-            "past the window the version is read"
-        );
-        assert_eq!(computed.load(Ordering::SeqCst), 1);
-
-        let off = store(Duration::ZERO, Duration::ZERO);
-        off.get("q".into(), version("1"), counted(&computed, "a"))
-            .await
-            .0
-            .unwrap();
-        assert_eq!(off.recent("q"), None, "a zero window turns it off");
     }
 
     fn version(cursor: &str) -> Option<DataVersion> {
