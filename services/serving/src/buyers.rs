@@ -15,7 +15,9 @@
 //! current by `SpeedView::refresh`), the batch's of the same published state: the
 //! answer is the exact count as of the one position it states.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashSet};
 
 use tidemark_batchview::{BuyersQuery, PublishedState};
 use tidemark_domain::{Attribute, Currency, Granularity};
@@ -135,8 +137,11 @@ pub async fn buyers<'b>(
             Attribute::Product => &b.product,
         }
     };
-    let mut recent: BTreeMap<(i64, Groups<'b>, &'b str), BTreeSet<&'b str>> = BTreeMap::new();
-    let mut starts: BTreeMap<i64, i64> = BTreeMap::new();
+    // Hashed, not ordered: ordered maps of them compared strings byte by byte
+    // (memcmp led serving's profile at 2,000 GraphQL requests/s with ~20,000 speed
+    // buyers per computation). foldhash is seeded per process.
+    let mut recent: HashMap<(i64, Groups<'b>, &'b str), HashSet<&'b str>> = HashMap::default();
+    let mut starts: HashMap<i64, i64> = HashMap::default();
     for (n, b) in speed.iter().enumerate() {
         if n % YIELD_EVERY == YIELD_EVERY - 1 {
             // Requests waiting on this worker thread go first now and then.
@@ -172,7 +177,7 @@ pub async fn buyers<'b>(
     }
     // Of the recent users, those the batch already counts in the same cell: asked
     // only over the buckets that hold recent users (usually the last few).
-    let users: BTreeSet<&str> = recent.values().flatten().copied().collect();
+    let users: HashSet<&str> = recent.values().flatten().copied().collect();
     let users: Vec<&str> = users.into_iter().collect();
     let (from, to) = match &req.buckets {
         Some(local) => {

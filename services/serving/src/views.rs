@@ -16,7 +16,7 @@
 //! changed), one computation per question at a time. An answer is thus always the exact merge as
 //! of the cursor it states, and live.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -222,7 +222,7 @@ type BatchKey = (u64, u64, String);
 const READ_FACTOR: usize = 10;
 type BuyersKey = (u64, u64, String);
 /// The users asked about so far and the (cell, user) pairs the batch holds of them.
-type HeldSlot = Arc<tokio::sync::Mutex<(HashSet<String>, Arc<Held>)>>;
+type HeldSlot = Arc<tokio::sync::Mutex<(foldhash::HashSet<String>, Arc<Held>)>>;
 /// The (cell, user) pairs the batch view holds, of the users asked about.
 pub type Held = BTreeSet<(tidemark_batchview::BuyerKey, String)>;
 pub type BuyerCounts = BTreeMap<tidemark_batchview::BuyerKey, u64>;
