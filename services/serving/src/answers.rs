@@ -35,6 +35,11 @@
 //! (REST p99 24 ms at 2,000/s beside `/healthz`'s 1.4 ms). So an answer finished at
 //! most `recent_within` ago is given as it is, starting nothing (`Outcome::Recent`):
 //! a hot question is computed at most once per that interval and its computation.
+//! A question whose last computation took longer than `recent_within` (a 30-day
+//! dashboard answer: 100–250 ms under load) has both windows lengthened by the
+//! difference, so it is computed at most half the time rather than back to back;
+//! its answers then trail the data by at most two of its computations and the
+//! window.
 //!
 //! These windows count from when the answer was last known current — finished,
 //! or found at an unchanged data version by a later request — not only from when
@@ -190,6 +195,8 @@ pub async fn timed_version(
 struct Slot<E> {
     answer: Option<(Option<DataVersion>, Body, Instant)>,
     failure: Option<(E, Instant)>,
+    /// How long the last answer took to compute.
+    cost: Duration,
 }
 
 impl<E> Default for Slot<E> {
@@ -197,6 +204,7 @@ impl<E> Default for Slot<E> {
         Slot {
             answer: None,
             failure: None,
+            cost: Duration::ZERO,
         }
     }
 }
@@ -357,10 +365,20 @@ impl<E: Clone + Send + 'static> Answers<E> {
             }
             let age = finished.elapsed();
             let within = |window: Duration| version.is_some() && !window.is_zero() && age <= window;
-            if within(self.recent_within) {
+            // A question that takes longer to compute than the recent window is
+            // computed at most half the time: both windows grow by the difference.
+            let longer = slot.cost.saturating_sub(self.recent_within);
+            let (recent_within, revalidate_within) = match self.recent_within.is_zero() {
+                true => (Duration::ZERO, self.revalidate_within),
+                false if self.revalidate_within.is_zero() => {
+                    (self.recent_within + longer, Duration::ZERO)
+                }
+                false => (self.recent_within + longer, self.revalidate_within + longer),
+            };
+            if within(recent_within) {
                 return (Ok(bytes.clone()), Outcome::Recent);
             }
-            if within(self.revalidate_within) {
+            if within(revalidate_within) {
                 let bytes = bytes.clone();
                 let answers = self.clone();
                 tokio::spawn(async move {
@@ -395,10 +413,12 @@ impl<E: Clone + Send + 'static> Answers<E> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
+        let started = Instant::now();
         let result = compute().await.map(Body::new);
         let finished = Instant::now();
         match &result {
             Ok(body) => {
+                slot.cost = finished - started;
                 let before = slot.answer.as_ref().map_or(0, |(_, b, _)| b.json.len());
                 slot.answer = Some((version, body.clone(), finished));
                 slot.failure = None;
@@ -485,6 +505,35 @@ mod tests {
         assert_eq!(inflated, json);
         let small = Body::new(Bytes::from_static(b"{\"points\":[]}"));
         assert_eq!(small.gzip().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_question_slow_to_compute_is_computed_at_most_half_the_time() {
+        let cost = Duration::from_millis(300);
+        let answers = Arc::new(Answers::<String>::new(
+            10,
+            1 << 20,
+            Duration::ZERO,
+            Duration::from_millis(30),
+            Duration::from_millis(10),
+        ));
+        let slow = |answer: &'static str| {
+            move || async move {
+                tokio::time::sleep(cost).await;
+                Ok::<_, String>(Bytes::from(answer))
+            }
+        };
+        let (a, o) = answers.get("q".into(), version("1"), slow("a")).await;
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Computed));
+        // Past the 10 ms window, well within the 300 ms the computation took: the
+        // data moved, yet the answer is given and nothing is computed.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (a, o) = answers.get("q".into(), version("2"), slow("b")).await;
+        assert_eq!((a.unwrap().json, o), (Bytes::from("a"), Outcome::Recent));
+        // Past both lengthened windows (300 ms, 320 ms): computed for the request.
+        tokio::time::sleep(cost + Duration::from_millis(100)).await;
+        let (a, o) = answers.get("q".into(), version("2"), slow("c")).await;
+        assert_eq!((a.unwrap().json, o), (Bytes::from("c"), Outcome::Computed));
     }
 
     fn version(cursor: &str) -> Option<DataVersion> {
