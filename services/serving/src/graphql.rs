@@ -3,7 +3,7 @@
 //! introspection can be switched off (`serving.graphql_*`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
@@ -445,12 +445,17 @@ pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Ar
         settings.revalidate_within,
         settings.recent_within,
     ));
+    let prechecks = Arc::new(Prechecks::new(settings.cache_entries));
     Router::new().route(
         "/graphql",
         post(
             move |State(app): State<Arc<AppState>>, headers: HeaderMap, request: GraphQLRequest| {
-                let (schema, cache) = (executor.clone(), cache.clone());
-                async move { execute(&app, &schema, &cache, &headers, request.into_inner()).await }
+                let (schema, cache, prechecks) =
+                    (executor.clone(), cache.clone(), prechecks.clone());
+                async move {
+                    let request = request.into_inner();
+                    execute(&app, &schema, (&cache, &prechecks), &headers, request).await
+                }
             },
         ),
     )
@@ -546,11 +551,45 @@ fn init_token(payload: &serde_json::Value) -> Option<String> {
 /// that waited for it, never kept. Order history is never cached.
 type ResponseCache = crate::answers::Answers<Bytes>;
 
+/// Prechecks by query text: a dashboard sends the same few texts thousands of
+/// times a second, and parsing one (pest, recursive) was a twentieth of serving's
+/// CPU in a profile at 2,000 requests/s. Bounded by entries (cleared when full);
+/// each text is at most `graphql_max_query_bytes`.
+struct Prechecks {
+    seen: Mutex<HashMap<String, Precheck>>,
+    capacity: usize,
+}
+
+impl Prechecks {
+    fn new(capacity: usize) -> Self {
+        Prechecks {
+            seen: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn of(&self, query: &str, settings: &ServingSettings) -> Precheck {
+        if let Some(found) = self.seen.lock().expect("not poisoned").get(query) {
+            return *found;
+        }
+        let found = precheck(query, settings);
+        // A text too large is refused by its length alone: not kept.
+        if query.len() <= settings.graphql_max_query_bytes {
+            let mut seen = self.seen.lock().expect("not poisoned");
+            if seen.len() >= self.capacity {
+                seen.clear();
+            }
+            seen.insert(query.to_owned(), found);
+        }
+        found
+    }
+}
+
 /// Top-level fields whose answers depend only on the data version.
 const CACHEABLE_FIELDS: [&str; 3] = ["revenue", "summary", "__typename"];
 
 /// What a cheap look at a query's text finds, before async-graphql validates it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Clone, Copy)]
 enum Precheck {
     /// Not parseable: async-graphql reports why.
     Unparsed,
@@ -647,11 +686,11 @@ impl<'a> Walk<'a> {
 async fn execute(
     app: &AppState,
     schema: &TidemarkSchema,
-    cache: &Arc<ResponseCache>,
+    (cache, prechecks): (&Arc<ResponseCache>, &Prechecks),
     headers: &HeaderMap,
     request: async_graphql::Request,
 ) -> Response {
-    let cacheable = match precheck(&request.query, &app.settings) {
+    let cacheable = match prechecks.of(&request.query, &app.settings) {
         Precheck::Refused(message) => {
             metrics::counter!("serving_graphql_refused_total").increment(1);
             let refused =
@@ -721,7 +760,7 @@ pub fn graphiql() -> Router<Arc<AppState>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Precheck, precheck};
+    use super::{Precheck, Prechecks, precheck};
     use crate::config::ServingSettings;
 
     fn settings() -> ServingSettings {
@@ -791,5 +830,33 @@ mod tests {
         // A cycle is left for async-graphql's validation to report.
         let cycle = "{ ...A } fragment A on Q { x ...B } fragment B on Q { y ...A }";
         assert_eq!(precheck(cycle, &s), Precheck::Admitted { cacheable: false });
+    }
+
+    #[test]
+    fn a_query_texts_precheck_is_kept_and_given_again_within_bounds() {
+        let s = settings();
+        let prechecks = Prechecks::new(2);
+        let texts = [
+            "{ revenue(from: 1, to: 2) { points { bucket } } }",
+            "{ userOrders(userId: \"u\") { orders { orderId } } }",
+            "{ a { b { c { d { e } } } } }",
+        ];
+        for text in &texts[..2] {
+            assert_eq!(prechecks.of(text, &s), precheck(text, &s));
+            assert_eq!(prechecks.of(text, &s), precheck(text, &s), "kept: {text}");
+        }
+        assert_eq!(prechecks.seen.lock().unwrap().len(), 2);
+        // A third text past the capacity starts over from it.
+        assert_eq!(
+            prechecks.of(texts[2], &s),
+            Precheck::Refused("Query is nested too deep.")
+        );
+        assert_eq!(prechecks.seen.lock().unwrap().len(), 1);
+        let huge = "{ a }".replace('a', &"x ".repeat(10_000));
+        assert_eq!(prechecks.of(&huge, &s), precheck(&huge, &s));
+        assert!(
+            !prechecks.seen.lock().unwrap().contains_key(&huge),
+            "too large: not kept"
+        );
     }
 }
