@@ -68,7 +68,7 @@ pub const GZIP_FROM: usize = 16 * 1024;
 
 /// A kept answer: its JSON and, made once — the first time a client that
 /// accepts gzip asks for an answer of at least [`GZIP_FROM`] bytes — the same
-/// compressed. A dashboard's 30-day answer of 3.3 MB is then sent as a tenth of
+/// compressed. A dashboard's 30-day answer of 3.3 MB is then sent as an eighth of
 /// that to every browser asking it again, and compressed once per data version
 /// rather than once per request. The compressed copy is not counted in
 /// `cache_bytes` (it is a fraction of the JSON it comes from).
