@@ -71,10 +71,12 @@ where
             let answer = compute().await?;
             // Off the runtime's workers: a 30-day dashboard answer is 3.3 MB of
             // JSON, 10–25 ms during which a worker would answer no request.
-            let serializing = tokio::task::spawn_blocking(move || serde_json::to_vec(&answer));
+            let serializing = tokio::task::spawn_blocking(move || {
+                serde_json::to_vec(&answer).map_err(|e| e.to_string())
+            });
             let bytes = crate::views::timed("json", serializing)
                 .await
-                .map_err(|e| Problem::internal().detail(format!("serializing the answer: {e}")))?
+                .unwrap_or_else(|panicked| Err(panicked.to_string()))
                 .map(Bytes::from)
                 .map_err(|e| Problem::internal().detail(format!("serializing the answer: {e}")));
             metrics::histogram!("serving_answer_compute_seconds", "route" => route)

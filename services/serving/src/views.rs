@@ -459,14 +459,15 @@ impl Views {
         from: i64,
         to: i64,
     ) -> Result<(SpeedRead, Option<Meta>), tidemark_speedview::Error> {
+        let full = || {
+            let read = self
+                .speed
+                .track(min_epoch, granularity, dimension, from, to);
+            timed("speed_full", read)
+        };
         let Some(observed) = self.speed.meta().await? else {
             // Empty view (lost, being rebuilt): nothing to key a cache on.
-            let tracked = timed(
-                "speed_full",
-                self.speed
-                    .track(min_epoch, granularity, dimension, from, to),
-            )
-            .await?;
+            let tracked = full().await?;
             let read = (tracked.cells().clone(), tracked.buyers().clone());
             return Ok((read, tracked.meta()));
         };
@@ -486,14 +487,7 @@ impl Views {
                 tidemark_speedview::Refreshed::Full => "full",
             },
             None => {
-                *entry = Some(
-                    timed(
-                        "speed_full",
-                        self.speed
-                            .track(min_epoch, granularity, dimension, from, to),
-                    )
-                    .await?,
-                );
+                *entry = Some(full().await?);
                 "full"
             }
         };
