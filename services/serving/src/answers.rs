@@ -62,6 +62,8 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::compute::Computing;
+
 /// Answers this large or larger are also kept gzip-compressed for the clients
 /// that accept it; smaller ones gain too little for the work.
 pub const GZIP_FROM: usize = 16 * 1024;
@@ -87,22 +89,19 @@ impl Body {
     }
 
     /// The answer gzip-compressed (fastest level: it is made while a request
-    /// waits), or `None` when it is too small to be worth it.
-    pub async fn gzip(&self) -> Option<Bytes> {
+    /// waits) on a computing thread, or `None` when it is too small to be worth it.
+    pub async fn gzip(&self, computing: &Computing) -> Option<Bytes> {
         if self.json.len() < GZIP_FROM {
             return None;
         }
         let gzip = self
             .gzip
             .get_or_init(|| {
-                let json = self.json.clone();
-                async move {
-                    let compressing = crate::views::timed(
-                        "gzip",
-                        tokio::task::spawn_blocking(move || compress(&json)),
-                    );
-                    compressing.await.expect("compressing does not panic")
-                }
+                let compressing = computing.run({
+                    let json = self.json.clone();
+                    move || compress(&json)
+                });
+                crate::views::timed("gzip", compressing)
             })
             .await;
         Some(gzip.clone())
@@ -113,14 +112,14 @@ impl Body {
 /// the request's `Accept-Encoding` takes gzip and the answer is large enough
 /// ([`Body::gzip`]). Either way it says `Vary: Accept-Encoding`, so a shared
 /// cache keeps the two apart.
-pub async fn respond(body: &Body, request: &HeaderMap) -> Response {
+pub async fn respond(body: &Body, request: &HeaderMap, computing: &Computing) -> Response {
     let json = (
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
     if accepts_gzip(request)
-        && let Some(gzip) = body.gzip().await
+        && let Some(gzip) = body.gzip(computing).await
     {
         let encoding = (header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         return ([json, vary, encoding], gzip).into_response();
@@ -492,9 +491,10 @@ mod tests {
             .collect();
         assert!(json.len() >= GZIP_FROM);
         let body = Body::new(Bytes::from(json.clone()));
+        let computing = Computing::new(1, 0).unwrap();
         let (first, again) = (
-            body.gzip().await.unwrap(),
-            body.clone().gzip().await.unwrap(),
+            body.gzip(&computing).await.unwrap(),
+            body.clone().gzip(&computing).await.unwrap(),
         );
         assert_eq!(first.as_ptr(), again.as_ptr(), "kept, not compressed again");
         assert!(first.len() * 4 < json.len());
@@ -504,7 +504,7 @@ mod tests {
             .unwrap();
         assert_eq!(inflated, json);
         let small = Body::new(Bytes::from_static(b"{\"points\":[]}"));
-        assert_eq!(small.gzip().await, None);
+        assert_eq!(small.gzip(&computing).await, None);
     }
 
     #[tokio::test]

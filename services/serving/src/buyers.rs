@@ -16,6 +16,7 @@
 //! answer is the exact count as of the one position it states.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use foldhash::{HashMap, HashSet};
 
@@ -25,17 +26,13 @@ use tidemark_speedview::Buyer;
 
 use crate::local::LocalBuckets;
 use crate::query::{MAX_GROUPS, RevenueRequest};
-use crate::views::{BuyerCounts, ViewError, Views};
+use crate::views::{BuyerCounts, Held, ViewError, Views};
 
 /// Buyers per answer cell: (local bucket start, grouped values, currency).
 pub type Buyers = BTreeMap<(i64, Vec<String>, Currency), i64>;
 
 /// A cell's grouped values, borrowed (`""` past the question's attributes).
 type Groups<'a> = [&'a str; MAX_GROUPS];
-
-/// How many speed buyers a computation counts between letting other tasks run
-/// (each a few hundred nanoseconds: a yield about every millisecond).
-const YIELD_EVERY: usize = 4_096;
 
 fn groups_of<'a>(values: impl Iterator<Item = &'a str>) -> Groups<'a> {
     let mut groups = [""; MAX_GROUPS];
@@ -97,128 +94,196 @@ impl<'a> Ask<'a> {
 /// The buyers of every cell of an answer: the batch view's (`batch`, counted in
 /// the published `state`) plus the speed view's users (`speed`, read with the
 /// answer's revenue at the cursor it states) that the batch does not already hold
-/// in the same cell.
-pub async fn buyers<'b>(
+/// in the same cell. The speed users are grouped on a computing thread (see
+/// [`crate::compute`]): once to learn whom to ask ClickHouse about, and again,
+/// after it answered, to count.
+pub async fn buyers(
     views: &Views,
     req: &Ask<'_>,
     state: Option<&PublishedState>,
-    batch: &BuyerCounts,
-    speed: &'b BTreeSet<Buyer>,
+    batch: Arc<BuyerCounts>,
+    speed: Arc<BTreeSet<Buyer>>,
 ) -> Result<Buyers, ViewError> {
-    let per_currency = req.report_currency.is_none();
-    let currency_of = |code: &str| -> Currency {
-        match req.report_currency {
+    let counting = Arc::new(Counting::of(req));
+    let asked = {
+        let (counting, speed) = (counting.clone(), speed.clone());
+        views.computing().run(move || counting.users(&speed)).await
+    };
+    let held = match (asked, state) {
+        (Some((users, (from, to))), Some(state)) => {
+            // Of the recent users, those the batch already counts in the same
+            // cell: asked only over the buckets that hold recent users (usually
+            // the last few).
+            let key = req.key_sql();
+            let among_key = match &req.buckets {
+                Some(local) => local.key_sql(from, to),
+                None => key.clone(),
+            };
+            let among = BuyersQuery {
+                from,
+                to,
+                key: &among_key,
+                ..req.query(&key)
+            };
+            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+            views.buyers_among(state, &among, &users).await?
+        }
+        _ => Arc::default(),
+    };
+    Ok(views
+        .computing()
+        .run(move || counting.count(&batch, &speed, &held))
+        .await)
+}
+
+/// What counting an [`Ask`]'s speed buyers needs, owned (it runs on a computing
+/// thread).
+struct Counting {
+    from: i64,
+    to: i64,
+    buckets: Option<LocalBuckets>,
+    group_by: Vec<Attribute>,
+    filters: Vec<(Attribute, Vec<String>)>,
+    currency: Option<Currency>,
+    report_currency: Option<Currency>,
+}
+
+/// The speed view's users per cell (bucket start, grouped values, currency or
+/// `""` across currencies), borrowed from the buyers (a live stream puts tens of
+/// thousands of them in each computation). Hashed, not ordered: ordered maps of
+/// them compared strings byte by byte (memcmp led serving's profile at 2,000
+/// GraphQL requests/s with ~20,000 speed buyers per computation). foldhash is
+/// seeded per process.
+type Recent<'b> = HashMap<(i64, Groups<'b>, &'b str), HashSet<&'b str>>;
+
+fn value(b: &Buyer, a: Attribute) -> &str {
+    match a {
+        Attribute::City => &b.city,
+        Attribute::Category => &b.category,
+        Attribute::Product => &b.product,
+    }
+}
+
+impl Counting {
+    fn of(req: &Ask<'_>) -> Self {
+        Counting {
+            from: req.from,
+            to: req.to,
+            buckets: req.buckets,
+            group_by: req.group_by.to_vec(),
+            filters: req.filters.to_vec(),
+            currency: req.currency,
+            report_currency: req.report_currency,
+        }
+    }
+
+    /// The answer's currency of a cell counted in `code` (`""`: across them).
+    fn currency_of(&self, code: &str) -> Currency {
+        match self.report_currency {
             Some(c) => c,
             None => code.parse().unwrap_or_else(|_| {
-                req.currency
+                self.currency
                     .unwrap_or_else(|| "EUR".parse().expect("a currency"))
             }),
         }
-    };
-    let key = req.key_sql();
-    let query = req.query(&key);
-    let bucket_of = |k: i64| match &req.buckets {
-        Some(local) if local.granularity == Granularity::Day => local.day_start(k),
-        _ => k,
-    };
-    let mut out = Buyers::new();
-    for ((k, groups, currency), n) in batch {
-        out.insert(
-            (bucket_of(*k), groups.clone(), currency_of(currency)),
-            *n as i64,
-        );
     }
-    // The speed view's users per cell, keyed by values borrowed from the buyers
-    // (a live stream puts tens of thousands of them in each computation).
-    let value = |b: &'b Buyer, a: Attribute| -> &'b str {
-        match a {
-            Attribute::City => &b.city,
-            Attribute::Category => &b.category,
-            Attribute::Product => &b.product,
+
+    /// The answer's bucket of a batch key (a local day's is its day number).
+    fn bucket_of(&self, k: i64) -> i64 {
+        match &self.buckets {
+            Some(local) if local.granularity == Granularity::Day => local.day_start(k),
+            _ => k,
         }
-    };
-    // Hashed, not ordered: ordered maps of them compared strings byte by byte
-    // (memcmp led serving's profile at 2,000 GraphQL requests/s with ~20,000 speed
-    // buyers per computation). foldhash is seeded per process.
-    let mut recent: HashMap<(i64, Groups<'b>, &'b str), HashSet<&'b str>> = HashMap::default();
-    let mut starts: HashMap<i64, i64> = HashMap::default();
-    for (n, b) in speed.iter().enumerate() {
-        if n % YIELD_EVERY == YIELD_EVERY - 1 {
-            // Requests waiting on this worker thread go first now and then.
-            tokio::task::yield_now().await;
+    }
+
+    fn recent<'b>(&self, speed: &'b BTreeSet<Buyer>) -> Recent<'b> {
+        let per_currency = self.report_currency.is_none();
+        let mut recent = Recent::default();
+        let mut starts: HashMap<i64, i64> = HashMap::default();
+        for b in speed {
+            if b.minute < self.from
+                || b.minute >= self.to
+                || self.currency.is_some_and(|c| c != b.currency)
+                || !self.filters.iter().all(|(a, values)| {
+                    values
+                        .binary_search_by(|v| v.as_str().cmp(value(b, *a)))
+                        .is_ok()
+                })
+            {
+                continue;
+            }
+            let start = *starts
+                .entry(b.minute)
+                .or_insert_with(|| self.buckets.as_ref().map_or(0, |l| l.start(b.minute)));
+            let groups = groups_of(self.group_by.iter().map(|a| value(b, *a)));
+            let currency = if per_currency {
+                b.currency.as_str()
+            } else {
+                ""
+            };
+            recent
+                .entry((start, groups, currency))
+                .or_default()
+                .insert(&b.user_id);
         }
-        if b.minute < req.from
-            || b.minute >= req.to
-            || req.currency.is_some_and(|c| c != b.currency)
-            || !req.filters.iter().all(|(a, values)| {
-                values
-                    .binary_search_by(|v| v.as_str().cmp(value(b, *a)))
-                    .is_ok()
-            })
-        {
-            continue;
-        }
-        let start = *starts
-            .entry(b.minute)
-            .or_insert_with(|| req.buckets.as_ref().map_or(0, |l| l.start(b.minute)));
-        let groups = groups_of(req.group_by.iter().map(|a| value(b, *a)));
-        let currency = if per_currency {
-            b.currency.as_str()
-        } else {
-            ""
-        };
         recent
-            .entry((start, groups, currency))
-            .or_default()
-            .insert(&b.user_id);
     }
-    if recent.is_empty() {
-        return Ok(out);
-    }
-    // Of the recent users, those the batch already counts in the same cell: asked
-    // only over the buckets that hold recent users (usually the last few).
-    let users: HashSet<&str> = recent.values().flatten().copied().collect();
-    let users: Vec<&str> = users.into_iter().collect();
-    let (from, to) = match &req.buckets {
-        Some(local) => {
-            let first = recent.keys().map(|(s, _, _)| *s).min().unwrap_or(req.from);
-            let last = recent.keys().map(|(s, _, _)| local.next(*s)).max();
-            (first.max(req.from), last.unwrap_or(req.to).min(req.to))
+
+    /// The distinct recent users and the span of the buckets holding them;
+    /// `None` when there are none.
+    fn users(&self, speed: &BTreeSet<Buyer>) -> Option<(Vec<String>, (i64, i64))> {
+        let recent = self.recent(speed);
+        if recent.is_empty() {
+            return None;
         }
-        None => (req.from, req.to),
-    };
-    let among_key = match &req.buckets {
-        Some(local) => local.key_sql(from, to),
-        None => key.clone(),
-    };
-    let among = BuyersQuery {
-        from,
-        to,
-        key: &among_key,
-        ..query
-    };
-    let held = match state {
-        Some(state) => views.buyers_among(state, &among, &users).await?,
-        None => Default::default(),
-    };
-    let held: HashSet<(i64, Groups<'_>, &str, &str)> = held
-        .iter()
-        .map(|((k, g, c), u)| {
-            let groups = groups_of(g.iter().map(String::as_str));
-            (bucket_of(*k), groups, c.as_str(), u.as_str())
-        })
-        .collect();
-    for ((start, groups, currency), users) in recent {
-        let new = users
-            .iter()
-            .filter(|u| !held.contains(&(start, groups, currency, **u)))
-            .count() as i64;
-        let groups = groups[..req.group_by.len()]
-            .iter()
-            .map(|g| (*g).to_owned())
-            .collect();
-        *out.entry((start, groups, currency_of(currency)))
-            .or_default() += new;
+        let users: HashSet<&str> = recent.values().flatten().copied().collect();
+        let span = match &self.buckets {
+            Some(local) => {
+                let first = recent.keys().map(|(s, _, _)| *s).min().unwrap_or(self.from);
+                let last = recent.keys().map(|(s, _, _)| local.next(*s)).max();
+                (first.max(self.from), last.unwrap_or(self.to).min(self.to))
+            }
+            None => (self.from, self.to),
+        };
+        Some((users.into_iter().map(str::to_owned).collect(), span))
     }
-    Ok(out)
+
+    /// The batch's counts plus, per cell, the recent users it does not `held`.
+    fn count(&self, batch: &BuyerCounts, speed: &BTreeSet<Buyer>, held: &Held) -> Buyers {
+        let mut out = Buyers::new();
+        for ((k, groups, currency), n) in batch {
+            out.insert(
+                (
+                    self.bucket_of(*k),
+                    groups.clone(),
+                    self.currency_of(currency),
+                ),
+                *n as i64,
+            );
+        }
+        let recent = self.recent(speed);
+        if recent.is_empty() {
+            return out;
+        }
+        let held: HashSet<(i64, Groups<'_>, &str, &str)> = held
+            .iter()
+            .map(|((k, g, c), u)| {
+                let groups = groups_of(g.iter().map(String::as_str));
+                (self.bucket_of(*k), groups, c.as_str(), u.as_str())
+            })
+            .collect();
+        for ((start, groups, currency), users) in recent {
+            let new = users
+                .iter()
+                .filter(|u| !held.contains(&(start, groups, currency, **u)))
+                .count() as i64;
+            let groups = groups[..self.group_by.len()]
+                .iter()
+                .map(|g| (*g).to_owned())
+                .collect();
+            *out.entry((start, groups, self.currency_of(currency)))
+                .or_default() += new;
+        }
+        out
+    }
 }

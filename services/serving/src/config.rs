@@ -87,6 +87,13 @@ pub struct ServingSettings {
     /// dashboard questions a second drove ClickHouse to 22.8 GB and the kernel's
     /// OOM killer).
     pub clickhouse_max_memory_bytes: u64,
+    /// Threads computing answers' heavy steps (counting buyers, converting,
+    /// writing JSON, compressing); more steps wait their turn.
+    pub compute_threads: usize,
+    /// How many steps of `nice` below the service those threads run (0–19; 0:
+    /// the same priority): requests answered from kept answers take a core from
+    /// a computation at once (see `serving::compute`).
+    pub compute_niceness: u8,
 }
 
 impl Default for ServingSettings {
@@ -113,6 +120,8 @@ impl Default for ServingSettings {
             auth_cache_ttl: Duration::from_secs(5),
             clickhouse_concurrency: 4,
             clickhouse_max_memory_bytes: 2 * 1024 * 1024 * 1024,
+            compute_threads: std::thread::available_parallelism().map_or(2, usize::from),
+            compute_niceness: 10,
         }
     }
 }
@@ -139,6 +148,11 @@ impl Validate for Config {
         self.clickhouse.validate(problems);
         if self.serving.max_points <= 0 || self.serving.max_page == 0 {
             problems.push("serving.max_points and serving.max_page must be positive".into());
+        }
+        if self.serving.compute_niceness > 19 || self.serving.compute_threads == 0 {
+            problems.push(
+                "serving.compute_niceness must be 0–19 and serving.compute_threads positive".into(),
+            );
         }
     }
 }

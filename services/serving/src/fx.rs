@@ -28,6 +28,7 @@ use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::local::Buckets;
 use crate::query::Answer;
+use crate::views::{Merged, Views};
 
 /// How far back a missing day's rate may be taken from.
 pub const LOOKBACK_DAYS: u64 = 7;
@@ -96,13 +97,28 @@ fn has_amounts(t: &Totals) -> bool {
 /// date: those before the range (keys `buckets` names no bucket of) count only
 /// towards the cumulative amounts. Counts are unchanged; amounts follow the rule
 /// of the module docs.
-pub async fn convert<'a>(
+/// The rates are read here; the conversion runs on a computing thread (see
+/// [`crate::compute`]), `merged` given back with the answer.
+pub async fn convert(
+    views: &Views,
+    merged: Merged,
+    buckets: Buckets,
+    to: Currency,
+) -> Result<(Answer, Merged), Problem> {
+    let rates = rates_for(views.pool(), merged.pieces(), to).await?;
+    let converting = views.computing().run(move || {
+        convert_at(&rates, merged.pieces(), &buckets, to).map(|answer| (answer, merged))
+    });
+    crate::views::timed("fx_convert", converting).await
+}
+
+/// The rates converting `pieces` to `to` needs.
+async fn rates_for<'a>(
     pool: &PgPool,
     pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)> + Clone,
-    buckets: &Buckets,
     to: Currency,
-) -> Result<Answer, Problem> {
-    let needed = needed_rates(pieces.clone(), to);
+) -> Result<Rates, Problem> {
+    let needed = needed_rates(pieces, to);
     let rates = if needed.is_empty() {
         Rates::default()
     } else {
@@ -121,7 +137,7 @@ pub async fn convert<'a>(
                 )
             })?
     };
-    convert_at(&rates, pieces, buckets, to)
+    Ok(rates)
 }
 
 /// The (date, currency) rates converting `pieces` to `to` needs: those of every

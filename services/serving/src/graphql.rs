@@ -714,23 +714,26 @@ async fn execute(
     };
     let version = crate::answers::timed_version(&app.views, "graphql").await;
     let schema = schema.clone();
+    let computing = app.views.computing().clone();
     let (result, outcome) = cache
         .get(key, version, move || async move {
             let started = std::time::Instant::now();
             let response = schema.execute(request).await;
+            let ok = response.errors.is_empty();
+            let serializing = computing.run(move || serde_json::to_vec(&response));
+            let body = Bytes::from(
+                crate::views::timed("json", serializing)
+                    .await
+                    .unwrap_or_default(),
+            );
             metrics::histogram!("serving_answer_compute_seconds", "route" => "graphql")
                 .record(started.elapsed().as_secs_f64());
-            let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
-            if response.errors.is_empty() {
-                Ok(body)
-            } else {
-                Err(body)
-            }
+            if ok { Ok(body) } else { Err(body) }
         })
         .await;
     metrics::counter!("serving_graphql_cache_total", "result" => outcome.as_str()).increment(1);
     match result {
-        Ok(body) => crate::answers::respond(&body, headers).await,
+        Ok(body) => crate::answers::respond(&body, headers, app.views.computing()).await,
         Err(errors) => json(errors),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod answers;
 pub mod buyers;
+pub mod compute;
 pub mod config;
 pub mod fx;
 pub mod graphql;
@@ -54,6 +55,10 @@ pub async fn serve(
     let redis = Arc::new(Redis::new(&config.redis)?);
     let ch = clickhouse::client(&config.clickhouse);
     let settings = config.serving.clone();
+    let computing = Arc::new(compute::Computing::new(
+        settings.compute_threads,
+        settings.compute_niceness,
+    )?);
     let batch_reads = ch.clone().with_setting(
         "max_memory_usage",
         settings.clickhouse_max_memory_bytes.to_string(),
@@ -65,6 +70,7 @@ pub async fn serve(
             batch_reads,
             SpeedView::new(redis.clone()),
             &settings,
+            computing,
         ),
         settings: settings.clone(),
         answers: Arc::new(answers::Answers::new(

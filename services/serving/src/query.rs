@@ -817,10 +817,10 @@ async fn answer_with_buyers(
             return Err(ViewError::Unavailable(Part::Speed));
         }
         let batch: std::sync::Arc<crate::views::BuyerCounts> = batch?;
-        let (state, speed) = (merged.state.as_ref(), &merged.speed_buyers);
+        let (state, speed) = (merged.state.as_ref(), merged.speed_buyers.clone());
         crate::views::timed(
             "buyers_count",
-            crate::buyers::buyers(views, ask, state, &batch, speed),
+            crate::buyers::buyers(views, ask, state, batch, speed),
         )
         .await
     }
@@ -842,10 +842,7 @@ async fn merged_answer(
         .await
         .map_err(|e| unavailable(&e))?;
     let answer = match report_currency {
-        Some(to) => {
-            let conversion = crate::fx::convert(views.pool(), merged.pieces(), &read.buckets, to);
-            crate::views::timed("fx_convert", conversion).await?
-        }
+        Some(to) => return crate::fx::convert(views, merged, read.buckets, to).await,
         None => {
             let mut out = Answer::new();
             for ((key, _, groups, currency), t) in merged.pieces() {

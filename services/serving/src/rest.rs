@@ -64,6 +64,7 @@ where
     Fut: std::future::Future<Output = Result<T, Problem>> + Send + 'static,
 {
     let version = crate::answers::timed_version(&state.views, route).await;
+    let computing = state.views.computing().clone();
     let (result, outcome) = state
         .answers
         .get(question, version, move || async move {
@@ -71,12 +72,10 @@ where
             let answer = compute().await?;
             // Off the runtime's workers: a 30-day dashboard answer is 3.3 MB of
             // JSON, 10–25 ms during which a worker would answer no request.
-            let serializing = tokio::task::spawn_blocking(move || {
-                serde_json::to_vec(&answer).map_err(|e| e.to_string())
-            });
+            let serializing =
+                computing.run(move || serde_json::to_vec(&answer).map_err(|e| e.to_string()));
             let bytes = crate::views::timed("json", serializing)
                 .await
-                .unwrap_or_else(|panicked| Err(panicked.to_string()))
                 .map(Bytes::from)
                 .map_err(|e| Problem::internal().detail(format!("serializing the answer: {e}")));
             metrics::histogram!("serving_answer_compute_seconds", "route" => route)
@@ -87,7 +86,7 @@ where
     metrics::counter!("serving_answers_total", "route" => route, "result" => outcome.as_str())
         .increment(1);
     match result {
-        Ok(body) => crate::answers::respond(&body, request).await,
+        Ok(body) => crate::answers::respond(&body, request, state.views.computing()).await,
         Err(problem) => rejected(route, problem),
     }
 }

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::compute::Computing;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -323,6 +324,8 @@ pub struct Views {
     rates: Kept<Option<String>>,
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
+    /// Where the heavy steps of a computation run.
+    computing: Arc<Computing>,
 }
 
 impl Views {
@@ -332,8 +335,10 @@ impl Views {
         ch: clickhouse::Client,
         speed: SpeedView,
         settings: &crate::config::ServingSettings,
+        computing: Arc<Computing>,
     ) -> Self {
         Self {
+            computing,
             ch_permits: tokio::sync::Semaphore::new(settings.clickhouse_concurrency.max(1)),
             pool,
             ch,
@@ -349,6 +354,11 @@ impl Views {
             held: Mutex::new(HashMap::new()),
             rates: Kept::default(),
         }
+    }
+
+    /// The threads computing answers' heavy steps (see [`crate::compute`]).
+    pub fn computing(&self) -> &Arc<Computing> {
+        &self.computing
     }
 
     /// The Postgres pool (exchange rates).
