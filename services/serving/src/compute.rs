@@ -1,19 +1,22 @@
-//! Where the heavy steps of computing an answer run: threads of their own, at a
-//! lower CPU priority than the threads answering requests.
+//! Where the heavy steps of computing an answer run: threads of their own,
+//! optionally at a lower CPU priority than the threads answering requests.
 //!
 //! A kept answer is sent in well under a millisecond; computing a new one takes
 //! milliseconds of CPU (counting buyers, converting currencies, writing JSON,
 //! compressing) — 10 ms for a small question with a live stream, 100–250 ms for
-//! a 30-day dashboard under load. On two cores, a request that arrived while one
-//! ran waited for a core behind it: REST's p99 at 2,000 requests/s was 3–5 ms
-//! beside `/healthz`'s 1.2 ms, and a computation runs in about a tenth of that
-//! time. So those steps run here, `serving.compute_niceness` steps of `nice`
-//! below the process (`SCHED_BATCH`, which the kernel never lets preempt a
-//! thread it wakes): a request's thread takes a core from a computation at
-//! once, and a computation uses what the requests leave — all of it when they
-//! leave all of it. The steps are pure CPU; their reads (ClickHouse, Redis,
-//! Postgres) stay on the runtime's workers, whose connections are shared with
-//! the requests.
+//! a 30-day dashboard under load. Those steps run here rather than on the
+//! runtime's workers, so a worker never holds a request behind them, and at most
+//! `serving.compute_threads` of them run at once (the rest wait their turn).
+//! The steps are pure CPU; their reads (ClickHouse, Redis, Postgres) stay on the
+//! runtime's workers, whose connections are shared with the requests.
+//!
+//! `serving.compute_niceness` above 0 runs them that many steps of `nice` below
+//! the process (and `SCHED_BATCH`): a request's thread then takes a core from a
+//! computation at once, and computations get what everything else leaves. At
+//! 10, in `cargo xtask bench serving` (100,000 orders), REST's p99 at 2,000/s
+//! did not move (4.02 ms, 4.33 at 0, the runs' spread 3.3–5.3) and while
+//! ClickHouse was busy with the distinct dashboard questions the steps waited
+//! seconds (p50 ≤ 5 s against ≤ 100 ms at 0): off by default.
 
 use std::future::Future;
 
@@ -34,17 +37,20 @@ impl Computing {
     /// `niceness` steps of `nice` below this one (0: the same priority; at most 19).
     pub fn new(threads: usize, niceness: u8) -> std::io::Result<Computing> {
         let target = (nice_of_this_thread() + i32::from(niceness)).min(19);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder
             // The runtime's own worker runs nothing: the steps are blocking tasks.
             .worker_threads(1)
             .max_blocking_threads(threads.max(1))
-            .thread_name("serving-compute")
-            .on_thread_start(move || {
+            .thread_name("serving-compute");
+        if niceness > 0 {
+            builder.on_thread_start(move || {
                 if let Err(e) = lower_this_thread(target) {
                     tracing::warn!(error = %e, niceness = target, "Computing at the requests' priority");
                 }
-            })
-            .build()?;
+            });
+        }
+        let runtime = builder.build()?;
         Ok(Computing {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),

@@ -90,9 +90,10 @@ pub struct ServingSettings {
     /// Threads computing answers' heavy steps (counting buyers, converting,
     /// writing JSON, compressing); more steps wait their turn.
     pub compute_threads: usize,
-    /// How many steps of `nice` below the service those threads run (0–19; 0:
-    /// the same priority): requests answered from kept answers take a core from
-    /// a computation at once (see `serving::compute`).
+    /// How many steps of `nice` below the service those threads run (0–19; 0,
+    /// the default: the same priority). Above 0, requests answered from kept
+    /// answers take a core from a computation at once, and computations get
+    /// what other processes leave (see `serving::compute`).
     pub compute_niceness: u8,
 }
 
@@ -121,7 +122,7 @@ impl Default for ServingSettings {
             clickhouse_concurrency: 4,
             clickhouse_max_memory_bytes: 2 * 1024 * 1024 * 1024,
             compute_threads: std::thread::available_parallelism().map_or(2, usize::from),
-            compute_niceness: 10,
+            compute_niceness: 0,
         }
     }
 }

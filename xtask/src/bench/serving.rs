@@ -658,7 +658,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "MB",
         Target::None,
     ));
-    if let [(_, rest), (_, graphql)] = &doors.rows[..] {
+    if let [(_, rest), (_, graphql), ..] = &doors.rows[..] {
         report.figure(Figure::anchored(
             "REST p99 next to GraphQL's, same question",
             rest.p99_ms,
@@ -930,7 +930,9 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
         )
     })
     .to_string();
-    eprintln!("xtask bench: {RATE} requests/s for {SECONDS} s each: /healthz, REST, GraphQL");
+    eprintln!(
+        "xtask bench: {RATE} requests/s for {SECONDS} s each: /healthz, REST, GraphQL, REST with gzip"
+    );
     let ask = |name: &str, url: &str, body: Option<&str>| {
         rate(bench, read_key, (name, url, body), None, RATE, SECONDS)
     };
@@ -944,7 +946,51 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
         Some(&graphql_body),
     )?;
     let after = scrape(serving).await?;
+    // As most apps' HTTP clients ask: compressed answers welcome.
+    let rest_gzip = rate(
+        bench,
+        read_key,
+        ("rest-gzip", &rest_url, None),
+        BROWSER,
+        RATE,
+        SECONDS,
+    )?;
+    let after_gzip = scrape(serving).await?;
+    // What each door's answer weighs, plain and as a browser receives it.
+    let http = reqwest::Client::new();
+    let mut sizes = Vec::new();
+    for (door, accept) in [
+        ("REST", None),
+        ("REST", BROWSER),
+        ("GraphQL", None),
+        ("GraphQL", BROWSER),
+    ] {
+        let mut request = match door {
+            "REST" => http.get(&rest_url),
+            _ => http
+                .post(format!("{serving}/graphql"))
+                .header("content-type", "application/json")
+                .body(graphql_body.clone()),
+        };
+        if let Some(accept) = accept {
+            request = request.header("accept-encoding", accept);
+        }
+        let answer = request
+            .bearer_auth(read_key)
+            .send()
+            .await?
+            .error_for_status()?;
+        let encoding = answer
+            .headers()
+            .get("content-encoding")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("identity")
+            .to_owned();
+        let bytes = answer.bytes().await?.len();
+        sizes.push(format!("{door} {:.1} KB ({encoding})", bytes as f64 / 1e3));
+    }
     let inside = vec![
+        format!("the small question's answer: {}", sizes.join(", ")),
         inside(
             "REST",
             &before,
@@ -961,10 +1007,21 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
             "serving_graphql_cache_total",
         ),
         steps("GraphQL", &between, &after),
+        inside(
+            "REST (gzip accepted)",
+            &after,
+            &after_gzip,
+            "/v1/revenue",
+            "serving_answers_total",
+        ),
     ];
     Ok(Doors {
         trivial,
-        rows: vec![("REST `/v1/revenue`", rest), ("GraphQL `revenue`", graphql)],
+        rows: vec![
+            ("REST `/v1/revenue`", rest),
+            ("GraphQL `revenue`", graphql),
+            ("REST `/v1/revenue` (gzip accepted)", rest_gzip),
+        ],
         inside,
     })
 }
