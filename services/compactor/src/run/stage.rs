@@ -7,6 +7,11 @@ use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 
 use super::{Compactor, Result, Run, RunError};
+
+/// Cells or buyers made into staged rows at once: made a whole insert batch at a
+/// time (a third of a run's cells, with their joined values), they held
+/// gigabytes in a run of 10M orders.
+const ROWS_AT_ONCE: usize = 65_536;
 use crate::aggregate;
 
 impl Compactor {
@@ -18,8 +23,6 @@ impl Compactor {
         /// Inserts running at once: ClickHouse parses and writes each on threads of
         /// its own while this process serialises the next.
         const INSERTS: usize = 3;
-        /// Rows of a batch made into `revenue_agg` rows at once.
-        const ROWS_AT_ONCE: usize = 65_536;
         self.set_step(run, "stage").await?;
         let t = Instant::now();
         let orders = source.clone();
@@ -66,9 +69,7 @@ impl Compactor {
                         shards.iter().map(|_| None).collect();
                     for (index, cells) in &batch {
                         let grid = &aggregates.grids[*index];
-                        // Rows made a slice at a time: a batch's rows made at once,
-                        // with their joined values, held gigabytes per batch in a
-                        // run of 10M orders.
+                        // Rows made a slice at a time (see ROWS_AT_ONCE).
                         for offset in (0..cells.height()).step_by(ROWS_AT_ONCE) {
                             let cells = cells.slice(offset as i64, ROWS_AT_ONCE);
                             for row in &aggregates.staged_rows(grid, &cells, run_id)? {
@@ -111,15 +112,22 @@ impl Compactor {
             .expect("the buyers task does not panic")?;
         let staging = run.staging_buyers();
         self.create_staging(&staging, "buyers").await?;
-        let rows = aggregate::buyer_rows(&frame, run.run_id)?;
-        for (shard, ch) in self.shards.iter().enumerate() {
-            let mut insert = ch.insert::<aggregate::BuyerRow<'_>>(&staging).await?;
-            for row in rows
-                .iter()
-                .filter(|r| tidemark_batchview::shard_of(r.bucket, self.shards.len()) == shard)
-            {
+        // An INSERT per shard with rows, the rows made a slice at a time (a run's
+        // buyers, one per order line, are millions).
+        let mut inserts: Vec<Option<Insert<aggregate::BuyerRow<'_>>>> =
+            self.shards.iter().map(|_| None).collect();
+        for offset in (0..frame.height()).step_by(ROWS_AT_ONCE) {
+            let part = frame.slice(offset as i64, ROWS_AT_ONCE);
+            for row in &aggregate::buyer_rows(&part, run.run_id)? {
+                let shard = tidemark_batchview::shard_of(row.bucket, self.shards.len());
+                let insert = match &mut inserts[shard] {
+                    Some(insert) => insert,
+                    empty => empty.insert(self.shards[shard].insert(&staging).await?),
+                };
                 insert.write(row).await?;
             }
+        }
+        for insert in inserts.into_iter().flatten() {
             insert.end().await?;
         }
         Ok(frame.height() as u64)
