@@ -87,7 +87,7 @@ impl Drop for Computing {
 
 /// The `nice` value of the calling thread (field 19 of its `stat`), 0 when it
 /// cannot be read.
-pub fn nice_of_this_thread() -> i32 {
+fn nice_of_this_thread() -> i32 {
     std::fs::read_to_string("/proc/thread-self/stat")
         .ok()
         .and_then(|stat| {

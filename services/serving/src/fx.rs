@@ -92,13 +92,13 @@ fn has_amounts(t: &Totals) -> bool {
     t.revenue_minor != 0 || t.booked.refunded_minor != 0 || t.restated.refunded_minor != 0
 }
 
-/// The answer cells of `pieces` in `to`. `pieces` are sums per (bucket key, UTC
-/// date, grouped values, currency), from the midnight (UTC) of the range's first
-/// date: those before the range (keys `buckets` names no bucket of) count only
-/// towards the cumulative amounts. Counts are unchanged; amounts follow the rule
-/// of the module docs.
-/// The rates are read here; the conversion runs on a computing thread (see
-/// [`crate::compute`]), `merged` given back with the answer.
+/// The answer cells of `merged`'s pieces in `to`, and `merged` given back. The
+/// pieces are sums per (bucket key, UTC date, grouped values, currency), from the
+/// midnight (UTC) of the range's first date: those before the range (keys
+/// `buckets` names no bucket of) count only towards the cumulative amounts.
+/// Counts are unchanged; amounts follow the rule of the module docs. The rates
+/// are read here; the conversion runs on a computing thread (see
+/// [`crate::compute`]).
 pub async fn convert(
     views: &Views,
     merged: Merged,

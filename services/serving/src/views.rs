@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::compute::Computing;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -28,6 +27,7 @@ use tidemark_batchview::{BuyersQuery, CellsQuery, PieceKey, PublishedState};
 use tidemark_domain::{Attribute, Currency, Dimension, Granularity, Grid, Totals};
 use tidemark_speedview::{Buyer, Meta, SpeedView};
 
+use crate::compute::Computing;
 use crate::local::Buckets;
 
 /// Which part of an answer a store could not provide.
