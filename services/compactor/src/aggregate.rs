@@ -17,6 +17,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use polars::prelude::*;
 use tidemark_batchview::{AggRow, dimension_code, granularity_code};
@@ -90,37 +91,51 @@ const DAY_US: i64 = 86_400_000_000;
 /// The distinct values of string columns in byte order, and each row's code: the
 /// rank of its value, so that codes sort as the strings do.
 struct Dictionary {
-    values: Vec<String>,
+    values: Arc<Vec<String>>,
     /// Per column, per row.
     codes: Vec<Vec<u64>>,
 }
 
 impl Dictionary {
-    fn of(columns: &[&Column]) -> PolarsResult<Self> {
-        let mut index: PlHashMap<&str, u32> = PlHashMap::default();
-        let mut seen = Vec::with_capacity(columns.len());
+    /// The codes of `columns`' rows in a dictionary of `values` (distinct, in
+    /// byte order) that holds all of them.
+    fn coded(values: &Arc<Vec<String>>, columns: &[&Column]) -> PolarsResult<Self> {
+        let rank: PlHashMap<&str, u64> = values
+            .iter()
+            .enumerate()
+            .map(|(r, v)| (v.as_str(), r as u64))
+            .collect();
+        let mut codes = Vec::with_capacity(columns.len());
         for column in columns {
-            let column = column.str()?;
-            let mut codes = Vec::with_capacity(column.len());
-            for value in column.iter() {
-                let next = index.len() as u32;
-                codes.push(*index.entry(value.unwrap_or("")).or_insert(next));
-            }
-            seen.push(codes);
-        }
-        let mut distinct: Vec<(&str, u32)> = index.into_iter().collect();
-        distinct.sort_unstable();
-        let mut rank = vec![0_u64; distinct.len()];
-        for (r, (_, first)) in distinct.iter().enumerate() {
-            rank[*first as usize] = r as u64;
+            codes.push(
+                column
+                    .str()?
+                    .iter()
+                    .map(|value| {
+                        rank.get(value.unwrap_or("")).copied().ok_or_else(
+                            || polars_err!(ComputeError: "{value:?} is not in the run's dictionary"),
+                        )
+                    })
+                    .collect::<PolarsResult<Vec<u64>>>()?,
+            );
         }
         Ok(Self {
-            values: distinct.iter().map(|(v, _)| (*v).to_owned()).collect(),
-            codes: seen
-                .into_iter()
-                .map(|codes| codes.into_iter().map(|s| rank[s as usize]).collect())
-                .collect(),
+            values: values.clone(),
+            codes,
         })
+    }
+
+    /// The distinct values of `columns`, in byte order.
+    fn values_of(columns: &[&Column]) -> PolarsResult<Arc<Vec<String>>> {
+        let mut seen: PlHashSet<&str> = PlHashSet::default();
+        for column in columns {
+            for value in column.str()?.iter() {
+                seen.insert(value.unwrap_or(""));
+            }
+        }
+        let mut values: Vec<String> = seen.into_iter().map(str::to_owned).collect();
+        values.sort_unstable();
+        Ok(Arc::new(values))
     }
 }
 
@@ -175,11 +190,11 @@ pub struct Grid {
 pub struct Aggregates {
     /// The first midnight (UTC) of the run's orders, in µs: bucket 0.
     base_us: i64,
-    currencies: Vec<String>,
+    currencies: Arc<Vec<String>>,
     /// The dictionaries of city, category and product.
-    cities: Vec<String>,
-    categories: Vec<String>,
-    products: Vec<String>,
+    cities: Arc<Vec<String>>,
+    categories: Arc<Vec<String>>,
+    products: Arc<Vec<String>>,
     pub grids: Vec<Grid>,
 }
 
@@ -365,14 +380,62 @@ fn micros(frame: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
 /// (restated), and added to the orders' minute grids. Hours are rolled up from
 /// minutes and days from hours (sums compose).
 pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
-    let mut out = Aggregates {
-        base_us: 0,
-        currencies: Vec::new(),
-        cities: Vec::new(),
-        categories: Vec::new(),
-        products: Vec::new(),
-        grids: Vec::new(),
-    };
+    match RunKeys::of(rows)? {
+        Some(keys) => grids_within(rows, &keys, None),
+        None => Ok(Aggregates::empty(None)),
+    }
+}
+
+/// What the grids of every range of a run share, so that their keys mean the
+/// same: the run's first midnight (UTC), its minutes and its dictionaries.
+pub struct RunKeys {
+    base_us: i64,
+    /// Minutes from `base_us` to the last event time, inclusive.
+    buckets: u64,
+    currency: Arc<Vec<String>>,
+    city: Arc<Vec<String>>,
+    category: Arc<Vec<String>>,
+    product: Arc<Vec<String>>,
+}
+
+impl RunKeys {
+    /// The keys of a run's lake rows (`None` without rows).
+    pub fn of(rows: &DataFrame) -> PolarsResult<Option<Self>> {
+        if rows.height() == 0 {
+            return Ok(None);
+        }
+        let (mut first, mut last) = (i64::MAX, i64::MIN);
+        for name in ["created_us", "adjusted_us"] {
+            let times = rows.column(name)?.i64()?;
+            first = first.min(times.min().unwrap_or(i64::MAX));
+            last = last.max(times.max().unwrap_or(i64::MIN));
+        }
+        if first > last {
+            polars_bail!(ComputeError: "rows without an event time");
+        }
+        let base_us = first.div_euclid(DAY_US) * DAY_US;
+        let distinct = |name: &str| Dictionary::values_of(&[rows.column(name)?]);
+        Ok(Some(Self {
+            base_us,
+            buckets: ((last - base_us) / MINUTE_US) as u64 + 1,
+            currency: distinct("currency")?,
+            city: distinct("city")?,
+            category: distinct("category")?,
+            product: distinct("product_id")?,
+        }))
+    }
+}
+
+/// The grids of `rows` (a run's, or [`rows_within`] a window of it) keyed by
+/// `keys`. With a `window` (`[from_us, to_us)`, whole hours), only the cells of
+/// minutes within it: the minute, quarter-hour and hour cells exactly, the day
+/// cells as the window's part of them (see [`Aggregates::take_days`]).
+pub fn grids_within(
+    rows: &DataFrame,
+    run: &RunKeys,
+    window: Option<(i64, i64)>,
+) -> PolarsResult<Aggregates> {
+    let mut out = Aggregates::empty(Some(run));
     if rows.height() == 0 {
         return Ok(out);
     }
@@ -392,23 +455,16 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
     let created = orders.column("created_us")?.i64()?;
     let booked = micros(&adjustments, "adjusted_us")?;
     let restated = micros(&adjustments, "created_us")?;
-    let few = || booked.iter().chain(&restated).copied();
-    let (Some(first), Some(last)) = (
-        created.min().into_iter().chain(few()).min(),
-        created.max().into_iter().chain(few()).max(),
-    ) else {
-        polars_bail!(ComputeError: "rows without an event time");
-    };
-    out.base_us = first.div_euclid(DAY_US) * DAY_US;
-    let minute = |us: &i64| ((us - out.base_us) / MINUTE_US) as u64;
+    let minute = |us: &i64| ((us - run.base_us) / MINUTE_US) as u64;
     let minutes: Vec<u64> = created.into_no_null_iter().map(|us| minute(&us)).collect();
-    let buckets = ((last - out.base_us) / MINUTE_US) as u64 + 1;
-    let dictionary =
-        |name: &str| Dictionary::of(&[orders.column(name)?, adjustments.column(name)?]);
-    let currency = dictionary("currency")?;
-    let city = dictionary("city")?;
-    let category = dictionary("category")?;
-    let product = dictionary("product_id")?;
+    let buckets = run.buckets;
+    let dictionary = |values: &Arc<Vec<String>>, name: &str| {
+        Dictionary::coded(values, &[orders.column(name)?, adjustments.column(name)?])
+    };
+    let currency = dictionary(&run.currency, "currency")?;
+    let city = dictionary(&run.city, "city")?;
+    let category = dictionary(&run.category, "category")?;
+    let product = dictionary(&run.product, "product_id")?;
     let currencies = currency.values.len() as u64;
     let (cities, categories) = (city.values.len() as u64, category.values.len() as u64);
     let layout = |values: usize| Layout {
@@ -558,6 +614,11 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
         });
     }
     drop((places, cube));
+    if let Some((from_us, to_us)) = window {
+        for grid in &mut minute_grids {
+            grid.trim(run.base_us, from_us, to_us)?;
+        }
+    }
     let quarter_grids = minute_grids
         .iter()
         .map(|g| g.roll_up(Granularity::QuarterHour, 15))
@@ -575,14 +636,79 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
         .into_iter()
         .flatten()
         .collect();
-    out.currencies = currency.values;
-    out.cities = city.values;
-    out.categories = category.values;
-    out.products = product.values;
     Ok(out)
 }
 
+impl Aggregates {
+    fn empty(keys: Option<&RunKeys>) -> Self {
+        let values =
+            |f: fn(&RunKeys) -> &Arc<Vec<String>>| keys.map(f).cloned().unwrap_or_default();
+        Aggregates {
+            base_us: keys.map_or(0, |k| k.base_us),
+            currencies: values(|k| &k.currency),
+            cities: values(|k| &k.city),
+            categories: values(|k| &k.category),
+            products: values(|k| &k.product),
+            grids: Vec::new(),
+        }
+    }
+
+    /// Takes the day grids out: a window's are its part of each day's cells,
+    /// summed over a run's windows by [`Aggregates::days`].
+    pub fn take_days(&mut self) -> Vec<Grid> {
+        let (days, rest) = std::mem::take(&mut self.grids)
+            .into_iter()
+            .partition(|g| g.granularity == Granularity::Day);
+        self.grids = rest;
+        days
+    }
+
+    /// The day grids of a run from its windows' parts ([`Aggregates::take_days`]
+    /// of [`grids_within`] each window, all with the run's `keys`).
+    pub fn days(keys: &RunKeys, parts: Vec<Vec<Grid>>) -> PolarsResult<Self> {
+        let mut out = Aggregates::empty(Some(keys));
+        let mut dimensions: Vec<(Dimension, Layout, Vec<DataFrame>)> = Vec::new();
+        for grid in parts.into_iter().flatten() {
+            match dimensions.iter_mut().find(|(d, ..)| *d == grid.dimension) {
+                Some((_, _, cells)) => cells.push(grid.cells),
+                None => dimensions.push((grid.dimension, grid.layout, vec![grid.cells])),
+            }
+        }
+        for (dimension, layout, cells) in dimensions {
+            out.grids.push(Grid {
+                granularity: Granularity::Day,
+                dimension,
+                layout,
+                cells: combine(cells)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Cells held, over every grid.
+    pub fn cells(&self) -> usize {
+        self.grids.iter().map(|g| g.cells.height()).sum()
+    }
+}
+
 impl Grid {
+    /// Keeps only the cells of buckets that start within `[from_us, to_us)`: a
+    /// zero-copy slice, the cells being sorted by key and so by bucket.
+    fn trim(&mut self, base_us: i64, from_us: i64, to_us: i64) -> PolarsResult<()> {
+        let width_us = self.granularity.seconds() * 1_000_000;
+        let first_key = |us: i64| {
+            let bucket = ((us - base_us).max(0) / width_us) as u64;
+            bucket
+                .saturating_mul(self.layout.values)
+                .saturating_mul(self.layout.currencies)
+        };
+        let keys = keys_of(&self.cells)?;
+        let start = keys.partition_point(|&k| k < first_key(from_us));
+        let end = keys.partition_point(|&k| k < first_key(to_us));
+        self.cells = self.cells.slice(start as i64, end - start);
+        Ok(())
+    }
+
     /// The grid's cells summed into buckets `factor` times as wide.
     fn roll_up(&self, granularity: Granularity, factor: u64) -> PolarsResult<Grid> {
         let layout = self.layout;
@@ -600,6 +726,52 @@ impl Grid {
             cells: group(keys, &self.cells, Source::AllCells)?,
         })
     }
+}
+
+/// Whole hours, as `[from_us, to_us)`, that together cover every hour holding
+/// an order's or a correction's time among `rows`, each range about `size` of
+/// those times (one hour may hold more). Every minute, quarter-hour and hour
+/// cell lies within one hour, so the ranges split a run's cells into disjoint
+/// sets, each summed from [`rows_within`] its range; days are summed from the
+/// ranges' parts ([`Aggregates::days`]).
+pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
+    const HOUR_US: i64 = 3_600_000_000;
+    if rows.height() == 0 {
+        return Ok(Vec::new());
+    }
+    let mut per_hour: PlHashMap<i64, usize> = PlHashMap::default();
+    for name in ["created_us", "adjusted_us"] {
+        for us in rows.column(name)?.i64()?.iter().flatten() {
+            *per_hour.entry(us.div_euclid(HOUR_US)).or_default() += 1;
+        }
+    }
+    let mut hours: Vec<(i64, usize)> = per_hour.into_iter().collect();
+    hours.sort_unstable();
+    let mut ranges: Vec<(i64, i64, usize)> = Vec::new();
+    for (hour, count) in hours {
+        match ranges.last_mut() {
+            Some((_, last, held)) if *held + count <= size => {
+                (*last, *held) = (hour, *held + count)
+            }
+            _ => ranges.push((hour, hour, count)),
+        }
+    }
+    Ok(ranges
+        .into_iter()
+        .map(|(first, last, _)| (first * HOUR_US, (last + 1) * HOUR_US))
+        .collect())
+}
+
+/// The rows that add to cells within `[from_us, to_us)`: order lines created
+/// then, and corrections booked then (at `adjusted_us`) or restating an order
+/// created then: [`grids_within`] the range of them are those cells (the
+/// corrections' cells outside the range are partial and left out).
+pub fn rows_within(rows: &DataFrame, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
+    let within = |name: &str| col(name).gt_eq(lit(from_us)).and(col(name).lt(lit(to_us)));
+    rows.clone()
+        .lazy()
+        .filter(within("created_us").or(within("adjusted_us").fill_null(lit(false))))
+        .collect()
 }
 
 /// A row of a run's staging table, borrowing its strings from the dictionaries.
@@ -751,33 +923,38 @@ pub fn buyer_rows(frame: &DataFrame, run_id: u64) -> PolarsResult<Vec<BuyerRow<'
 /// One run's rows for `revenue_agg`, owned (for comparisons; staging streams
 /// [`StagedRow`]s instead).
 pub fn aggregate(rows: &DataFrame, run_id: u64) -> PolarsResult<Vec<AggRow>> {
-    let aggregates = grids(rows)?;
-    let mut out = Vec::new();
-    for grid in &aggregates.grids {
-        out.extend(
-            aggregates
-                .staged_rows(grid, &grid.cells, run_id)?
-                .into_iter()
-                .map(|r| AggRow {
-                    granularity: r.granularity,
-                    dimension: r.dimension,
-                    bucket: r.bucket,
-                    value: r.value.into_owned(),
-                    currency: r.currency.to_owned(),
-                    run_id: r.run_id,
-                    revenue_minor: r.revenue_minor,
-                    orders: r.orders,
-                    items: r.items,
-                    booked_refunded_minor: r.booked_refunded_minor,
-                    booked_refunded_items: r.booked_refunded_items,
-                    booked_cancelled_orders: r.booked_cancelled_orders,
-                    restated_refunded_minor: r.restated_refunded_minor,
-                    restated_refunded_items: r.restated_refunded_items,
-                    restated_cancelled_orders: r.restated_cancelled_orders,
-                }),
-        );
+    grids(rows)?.rows(run_id)
+}
+
+impl Aggregates {
+    /// Every grid's rows, owned.
+    pub fn rows(&self, run_id: u64) -> PolarsResult<Vec<AggRow>> {
+        let mut out = Vec::with_capacity(self.cells());
+        for grid in &self.grids {
+            out.extend(
+                self.staged_rows(grid, &grid.cells, run_id)?
+                    .into_iter()
+                    .map(|r| AggRow {
+                        granularity: r.granularity,
+                        dimension: r.dimension,
+                        bucket: r.bucket,
+                        value: r.value.into_owned(),
+                        currency: r.currency.to_owned(),
+                        run_id: r.run_id,
+                        revenue_minor: r.revenue_minor,
+                        orders: r.orders,
+                        items: r.items,
+                        booked_refunded_minor: r.booked_refunded_minor,
+                        booked_refunded_items: r.booked_refunded_items,
+                        booked_cancelled_orders: r.booked_cancelled_orders,
+                        restated_refunded_minor: r.restated_refunded_minor,
+                        restated_refunded_items: r.restated_refunded_items,
+                        restated_cancelled_orders: r.restated_cancelled_orders,
+                    }),
+            );
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Adds `more` to `totals`, currency by currency.
@@ -877,13 +1054,14 @@ mod tests {
         ) {
             // One dictionary over two columns (orders' and adjustments').
             let (a, b) = column.split_at(split.min(column.len()));
-            let dict = Dictionary::of(&[&strings(a), &strings(b)]).unwrap();
+            let columns = [&strings(a), &strings(b)];
+            let dict = Dictionary::coded(&Dictionary::values_of(&columns).unwrap(), &columns).unwrap();
             let codes: Vec<u64> = dict.codes.concat();
             // The values are the distinct strings, in byte order.
             let mut expected = column.clone();
             expected.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             expected.dedup();
-            prop_assert_eq!(&dict.values, &expected);
+            prop_assert_eq!(&*dict.values, &expected);
             for (i, value) in column.iter().enumerate() {
                 prop_assert_eq!(&dict.values[codes[i] as usize], value);
                 for (j, other) in column.iter().enumerate() {
@@ -1023,6 +1201,111 @@ mod tests {
                 })
                 .collect::<Result<_, TestCaseError>>()?;
             prop_assert_eq!(got, expected);
+        }
+    }
+
+    /// A row's cell key (granularity, dimension, bucket, value, currency).
+    fn cell(r: &AggRow) -> (i8, i8, u32, String, String) {
+        (
+            r.granularity,
+            r.dimension,
+            r.bucket,
+            r.value.clone(),
+            r.currency.clone(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Staging aggregates a run a range of hours at a time: the ranges' cells
+        /// are disjoint and, with the days summed from their parts, equal the
+        /// whole run's, corrections booked in another hour or day than their
+        /// order's included; so are the buyers.
+        #[test]
+        fn cells_aggregated_a_range_of_hours_at_a_time_equal_the_whole_runs(
+            rows in proptest::collection::vec(
+                (
+                    0_i64..5 * DAY_US,
+                    prop::sample::select(vec!["Berlin", "Oslo"]),
+                    prop::sample::select(vec!["books", "games"]),
+                    prop::sample::select(vec!["p-1", "p-2"]),
+                    prop::sample::select(vec!["EUR", "JPY"]),
+                    1_i64..5,
+                    0_i64..1_000,
+                    (0_u8..4, proptest::option::of((0_i64..3 * DAY_US, any::<bool>()))),
+                ),
+                1..60,
+            ),
+            size in 1_usize..50,
+        ) {
+            let start = 1_764_000_000_000_000 / DAY_US * DAY_US;
+            let lines: Vec<_> = rows
+                .iter()
+                .map(|r| (start + r.0, r.1, r.2, r.3, r.4, r.5, r.6))
+                .collect();
+            let mut frame = orders(&lines);
+            let users: Vec<String> = rows.iter().map(|r| format!("u{}", r.7.0)).collect();
+            frame.with_column(Column::new("user_id".into(), users)).unwrap();
+            // Each correction a row of its own: its order's time and line, the
+            // time it was booked, what it takes back.
+            let corrected: Vec<(usize, i64, bool)> = rows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.7.1.map(|(after, cancel)| (i, lines[i].0 + after, cancel)))
+                .collect();
+            if !corrected.is_empty() {
+                let picks: Vec<IdxSize> = corrected.iter().map(|c| c.0 as IdxSize).collect();
+                let mut adjustments = frame.take(&IdxCa::new("i".into(), picks)).unwrap();
+                let int = |name: &str, f: &dyn Fn(&(usize, i64, bool)) -> i64| {
+                    Column::new(name.into(), corrected.iter().map(f).collect::<Vec<_>>())
+                };
+                let columns = [
+                    Column::new(
+                        "adjusted_us".into(),
+                        corrected.iter().map(|c| Some(c.1)).collect::<Vec<_>>(),
+                    ),
+                    Column::new(
+                        "adjustment_kind".into(),
+                        corrected
+                            .iter()
+                            .map(|c| Some(if c.2 { "cancellation" } else { "refund" }))
+                            .collect::<Vec<_>>(),
+                    ),
+                    int("refunded_minor", &|c| lines[c.0].5 * lines[c.0].6),
+                    int("refunded_quantity", &|c| lines[c.0].5),
+                    int("cancel_first", &|c| i64::from(c.2)),
+                    int("cancel_category_first", &|c| i64::from(c.2)),
+                ];
+                for column in columns {
+                    let name = column.name().clone();
+                    adjustments.replace(&name, column).unwrap();
+                }
+                frame.vstack_mut(&adjustments).unwrap();
+            }
+            let whole = aggregate(&frame, 1).unwrap();
+            let (mut parts, mut days, mut buyer_rows) = (Vec::new(), Vec::new(), 0);
+            let keys = RunKeys::of(&frame).unwrap().unwrap();
+            let ranges = hour_ranges(&frame, size).unwrap();
+            for window in ranges.windows(2) {
+                prop_assert!(window[0].1 <= window[1].0, "ranges in order, apart");
+            }
+            for &(from, to) in &ranges {
+                prop_assert_eq!((from % 3_600_000_000, to % 3_600_000_000), (0, 0));
+                let rows = rows_within(&frame, from, to).unwrap();
+                let mut aggregates = grids_within(&rows, &keys, Some((from, to))).unwrap();
+                days.push(aggregates.take_days());
+                parts.extend(aggregates.rows(1).unwrap());
+                buyer_rows += buyers(&rows).unwrap().height();
+            }
+            parts.extend(Aggregates::days(&keys, days).unwrap().rows(1).unwrap());
+            let cells = |rows: &[AggRow]| -> BTreeMap<_, _> {
+                rows.iter().map(|r| (cell(r), r.clone())).collect()
+            };
+            let (whole_cells, part_cells) = (cells(&whole), cells(&parts));
+            prop_assert_eq!(part_cells.len(), parts.len(), "no cell in two ranges");
+            prop_assert_eq!(whole_cells, part_cells);
+            prop_assert_eq!(buyer_rows, buyers(&frame).unwrap().height());
         }
     }
 

@@ -196,6 +196,22 @@ impl Compactor {
 }
 
 /// Batch lag: now minus the published watermark's time.
+/// The process's peak resident memory so far (`VmHWM`), in MB: logged after each
+/// step of a run, it shows which step set the peak (0 where `/proc` is missing).
+fn peak_resident_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+            line.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
 pub(crate) fn set_batch_lag(state: &PublishedState) {
     let lag = (Utc::now() - state.watermark_time)
         .num_milliseconds()
@@ -288,6 +304,7 @@ impl Compactor {
         let t = Instant::now();
         let written = self.write_lake(run).await?;
         let lake_ms = t.elapsed().as_millis() as u64;
+        let lake_peak_mb = peak_resident_mb();
         let source = match run.kind {
             Kind::Incremental => written.orders.clone(),
             Kind::Rebuild => self.read_lake(run.threshold).await?,
@@ -295,9 +312,11 @@ impl Compactor {
         let t = Instant::now();
         let staged = self.stage(run, &source).await?;
         let stage_ms = t.elapsed().as_millis() as u64;
+        let stage_peak_mb = peak_resident_mb();
         let t = Instant::now();
         let report = self.audit(run, &written, &source).await?;
         let audit_ms = t.elapsed().as_millis() as u64;
+        let audit_peak_mb = peak_resident_mb();
         if !report.problems.is_empty() {
             return self.fail(run, report).await;
         }
@@ -310,6 +329,9 @@ impl Compactor {
             stage_ms,
             audit_ms,
             publish_ms = t.elapsed().as_millis() as u64,
+            lake_peak_mb,
+            stage_peak_mb,
+            audit_peak_mb,
             "Batch run steps"
         );
         if let Err(e) = self.compact(&written.days).await {

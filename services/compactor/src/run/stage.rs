@@ -7,130 +7,183 @@ use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 
 use super::{Compactor, Result, Run, RunError};
+use crate::aggregate;
 
 /// Cells or buyers made into staged rows at once: made a whole insert batch at a
 /// time (a third of a run's cells, with their joined values), they held
 /// gigabytes in a run of 10M orders.
 const ROWS_AT_ONCE: usize = 65_536;
-use crate::aggregate;
+/// Order lines and corrections aggregated at once (whole hours: one hour may
+/// hold more). A run's cells were aggregated all at once: 5.7 cells per order
+/// line held next to the run's orders, the larger part of a large run's memory.
+const ROWS_PER_RANGE: usize = 100_000;
+/// Ranges written at once, each by an INSERT per shard and table kept open for
+/// the whole step: ClickHouse parses and writes each on threads of its own while
+/// this process aggregates the next range and serialises the others.
+const LANES: usize = 3;
+
+/// One range of hours' staged rows: the cells and the buyers within it (or, last,
+/// the days' cells).
+struct Range {
+    aggregates: aggregate::Aggregates,
+    buyers: DataFrame,
+}
+
+/// The INSERTs of a lane, per shard, opened at its first row.
+struct Lane {
+    cells: Vec<Option<Insert<aggregate::StagedRow<'static>>>>,
+    buyers: Vec<Option<Insert<aggregate::BuyerRow<'static>>>>,
+}
 
 impl Compactor {
-    /// Writes the run's aggregates to a staging table of its own (rebuilt from
-    /// scratch on every attempt), shaped like `revenue_agg` so that publishing can
-    /// attach its partitions; sharded, each shard's staging holds the rows of its
-    /// days ([`tidemark_batchview::shard_of`]). Returns the rows staged.
+    /// Writes the run's aggregates to staging tables of its own (rebuilt from
+    /// scratch on every attempt), shaped like `revenue_agg` and `buyers` so that
+    /// publishing can attach their partitions; sharded, each shard's staging
+    /// holds the rows of its days ([`tidemark_batchview::shard_of`]). Returns the
+    /// `revenue_agg` rows staged.
+    ///
+    /// A blocking thread aggregates the run a range of whole hours at a time
+    /// ([`aggregate::hour_ranges`]: every cell but a day's lies within one hour,
+    /// so the ranges' cells are disjoint; the days' are summed from the ranges'
+    /// parts and written last), one range ahead of [`LANES`] tasks that write
+    /// them.
     pub async fn stage(&self, run: &Run, source: &DataFrame) -> Result<u64> {
-        /// Inserts running at once: ClickHouse parses and writes each on threads of
-        /// its own while this process serialises the next.
-        const INSERTS: usize = 3;
         self.set_step(run, "stage").await?;
         let t = Instant::now();
-        let orders = source.clone();
-        let aggregates = tokio::task::spawn_blocking(move || aggregate::grids(&orders))
-            .await
-            .expect("the aggregation task does not panic")?;
-        let aggregate_ms = t.elapsed().as_millis() as u64;
-        let t = Instant::now();
-        let staging = run.staging();
+        let (staging, staging_buyers) = (run.staging(), run.staging_buyers());
         self.create_staging(&staging, "revenue_agg").await?;
-        let staged: usize = aggregates.grids.iter().map(|g| g.cells.height()).sum();
-        // The grids in batches of about a third of the rows each (ClickHouse writes
-        // each INSERT as a few parts, so few large ones), as zero-copy slices. The
-        // grids come in revenue_agg's order and each is sorted by its key, so every
-        // batch is sorted as the table is and ClickHouse does not sort it again.
-        let batch_rows = staged.div_ceil(INSERTS).max(50_000);
-        let mut batches: Vec<Vec<(usize, DataFrame)>> = vec![Vec::new()];
-        let mut filled = 0;
-        for (index, grid) in aggregates.grids.iter().enumerate() {
-            let mut offset = 0;
-            while offset < grid.cells.height() {
-                let take = (batch_rows - filled).min(grid.cells.height() - offset);
-                let slice = grid.cells.slice(offset as i64, take);
-                batches
-                    .last_mut()
-                    .expect("never empty")
-                    .push((index, slice));
-                (offset, filled) = (offset + take, filled + take);
-                if filled == batch_rows {
-                    batches.push(Vec::new());
-                    filled = 0;
+        self.create_staging(&staging_buyers, "buyers").await?;
+        let orders = source.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Range>>(1);
+        let aggregating = tokio::task::spawn_blocking(move || {
+            let mut aggregate_ms = 0;
+            let mut days = Vec::new();
+            let planned = aggregate::RunKeys::of(&orders).and_then(|keys| {
+                let ranges = aggregate::hour_ranges(&orders, ROWS_PER_RANGE)?;
+                Ok((keys, ranges))
+            });
+            let (keys, ranges) = match planned {
+                Ok((Some(keys), ranges)) => (keys, ranges),
+                Ok((None, _)) => return (0, 0),
+                Err(e) => {
+                    drop(tx.blocking_send(Err(e.into())));
+                    return (0, 0);
+                }
+            };
+            for &(from_us, to_us) in &ranges {
+                let t = Instant::now();
+                let range = (|| {
+                    let rows = aggregate::rows_within(&orders, from_us, to_us)?;
+                    let mut aggregates =
+                        aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
+                    days.push(aggregates.take_days());
+                    let buyers = aggregate::buyers(&rows)?;
+                    Ok::<_, PolarsError>(Range { aggregates, buyers })
+                })()
+                .map_err(RunError::from);
+                aggregate_ms += t.elapsed().as_millis() as u64;
+                let failed = range.is_err();
+                if tx.blocking_send(range).is_err() || failed {
+                    return (ranges.len(), aggregate_ms);
                 }
             }
-        }
-        let (shards, run_id) = (self.shards.clone(), run.run_id);
-        let (table, aggregates) = (staging.clone(), std::sync::Arc::new(aggregates));
-        futures::stream::iter(batches.into_iter().filter(|b| !b.is_empty()))
-            .map(move |batch| {
-                let (shards, staging, aggregates) =
-                    (shards.clone(), table.clone(), aggregates.clone());
+            // The days' cells, summed from the ranges' parts, last.
+            let t = Instant::now();
+            let days = aggregate::Aggregates::days(&keys, days)
+                .map(|aggregates| Range {
+                    aggregates,
+                    buyers: DataFrame::empty(),
+                })
+                .map_err(RunError::from);
+            aggregate_ms += t.elapsed().as_millis() as u64;
+            drop(tx.blocking_send(days));
+            (ranges.len(), aggregate_ms)
+        });
+        let ranges = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let (staged, buyers) = futures::stream::iter(0..LANES)
+            .map(|_| {
+                let ranges = ranges.clone();
+                let (staging, staging_buyers) = (&staging, &staging_buyers);
                 async move {
-                    // An INSERT per shard that the batch has rows for.
-                    let mut inserts: Vec<Option<Insert<aggregate::StagedRow<'_>>>> =
-                        shards.iter().map(|_| None).collect();
-                    for (index, cells) in &batch {
-                        let grid = &aggregates.grids[*index];
-                        // Rows made a slice at a time (see ROWS_AT_ONCE).
-                        for offset in (0..cells.height()).step_by(ROWS_AT_ONCE) {
-                            let cells = cells.slice(offset as i64, ROWS_AT_ONCE);
-                            for row in &aggregates.staged_rows(grid, &cells, run_id)? {
-                                let shard = tidemark_batchview::shard_of(row.bucket, shards.len());
-                                let insert = match &mut inserts[shard] {
-                                    Some(insert) => insert,
-                                    empty => empty.insert(shards[shard].insert(&staging).await?),
-                                };
-                                insert.write(row).await?;
-                            }
-                        }
+                    let mut lane = Lane {
+                        cells: self.shards.iter().map(|_| None).collect(),
+                        buyers: self.shards.iter().map(|_| None).collect(),
+                    };
+                    let (mut staged, mut buyers) = (0, 0);
+                    loop {
+                        let next = ranges.lock().await.recv().await;
+                        let Some(range) = next.transpose()? else {
+                            break;
+                        };
+                        staged += range.aggregates.cells() as u64;
+                        buyers += range.buyers.height() as u64;
+                        self.write_range(&mut lane, &range, run.run_id, staging, staging_buyers)
+                            .await?;
                     }
-                    for insert in inserts.into_iter().flatten() {
+                    for insert in lane.cells.into_iter().flatten() {
                         insert.end().await?;
                     }
-                    Ok::<_, RunError>(())
+                    for insert in lane.buyers.into_iter().flatten() {
+                        insert.end().await?;
+                    }
+                    Ok::<_, RunError>((staged, buyers))
                 }
             })
-            .buffer_unordered(INSERTS)
-            .try_collect::<Vec<()>>()
+            .buffer_unordered(LANES)
+            .try_fold((0, 0), |(s, b), (staged, buyers)| async move {
+                Ok((s + staged, b + buyers))
+            })
             .await?;
-        let buyers = self.stage_buyers(run, source).await?;
+        let (ranges, aggregate_ms) = aggregating.await.expect("the aggregation does not panic");
         tracing::info!(
             run_id = run.run_id,
             rows = staged,
             buyers,
+            ranges,
             aggregate_ms,
-            insert_ms = t.elapsed().as_millis() as u64,
+            stage_ms = t.elapsed().as_millis() as u64,
             "Staged"
         );
-        Ok(staged as u64)
+        Ok(staged)
     }
 
-    /// Writes the run's rows of `buyers` (who bought where and when) to a staging
-    /// table of their own. Returns the rows staged.
-    pub async fn stage_buyers(&self, run: &Run, source: &DataFrame) -> Result<u64> {
-        let orders = source.clone();
-        let frame = tokio::task::spawn_blocking(move || aggregate::buyers(&orders))
-            .await
-            .expect("the buyers task does not panic")?;
-        let staging = run.staging_buyers();
-        self.create_staging(&staging, "buyers").await?;
-        // An INSERT per shard with rows, the rows made a slice at a time (a run's
-        // buyers, one per order line, are millions).
-        let mut inserts: Vec<Option<Insert<aggregate::BuyerRow<'_>>>> =
-            self.shards.iter().map(|_| None).collect();
-        for offset in (0..frame.height()).step_by(ROWS_AT_ONCE) {
-            let part = frame.slice(offset as i64, ROWS_AT_ONCE);
-            for row in &aggregate::buyer_rows(&part, run.run_id)? {
-                let shard = tidemark_batchview::shard_of(row.bucket, self.shards.len());
-                let insert = match &mut inserts[shard] {
+    /// Writes a range's cells and buyers to the lane's INSERTs, made into rows
+    /// [`ROWS_AT_ONCE`] at a time.
+    async fn write_range(
+        &self,
+        lane: &mut Lane,
+        range: &Range,
+        run_id: u64,
+        staging: &str,
+        staging_buyers: &str,
+    ) -> Result<()> {
+        let shards = self.shards.len();
+        let aggregates = &range.aggregates;
+        for grid in &aggregates.grids {
+            for offset in (0..grid.cells.height()).step_by(ROWS_AT_ONCE) {
+                let cells = grid.cells.slice(offset as i64, ROWS_AT_ONCE);
+                for row in &aggregates.staged_rows(grid, &cells, run_id)? {
+                    let shard = tidemark_batchview::shard_of(row.bucket, shards);
+                    let insert = match &mut lane.cells[shard] {
+                        Some(insert) => insert,
+                        empty => empty.insert(self.shards[shard].insert(staging).await?),
+                    };
+                    insert.write(row).await?;
+                }
+            }
+        }
+        for offset in (0..range.buyers.height()).step_by(ROWS_AT_ONCE) {
+            let part = range.buyers.slice(offset as i64, ROWS_AT_ONCE);
+            for row in &aggregate::buyer_rows(&part, run_id)? {
+                let shard = tidemark_batchview::shard_of(row.bucket, shards);
+                let insert = match &mut lane.buyers[shard] {
                     Some(insert) => insert,
-                    empty => empty.insert(self.shards[shard].insert(&staging).await?),
+                    empty => empty.insert(self.shards[shard].insert(staging_buyers).await?),
                 };
                 insert.write(row).await?;
             }
         }
-        for insert in inserts.into_iter().flatten() {
-            insert.end().await?;
-        }
-        Ok(frame.height() as u64)
+        Ok(())
     }
 
     /// Creates `staging`, shaped like `table`, empty, on every shard's writer.
