@@ -751,7 +751,7 @@ pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)
     for (hour, count) in hours {
         match ranges.last_mut() {
             Some((_, last, held)) if *held + count <= size => {
-                (*last, *held) = (hour, *held + count)
+                (*last, *held) = (hour, *held + count);
             }
             _ => ranges.push((hour, hour, count)),
         }

@@ -8,7 +8,7 @@ use tidemark_platform::shutdown;
 /// Polars allocates and frees buffers of hundreds of MB per operation on large
 /// runs; with glibc's malloc each is a fresh mapping, and the run spent whole
 /// seconds with both cores in the kernel (page faults, unmapping). jemalloc's
-/// options (keep freed pages a minute, return them from a background thread) are
+/// options (keep freed pages a second, return them from a background thread) are
 /// set at build time in `.cargo/config.toml`.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

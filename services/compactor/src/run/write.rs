@@ -130,6 +130,7 @@ impl Compactor {
             raw_files,
             raw_records = written.raw_records,
             orders = written.orders.height(),
+            orders_mb = written.orders.estimated_size() / 1_000_000,
             parquet_files = written.parquet_keys.len(),
             wait_ms,
             encode_ms,
