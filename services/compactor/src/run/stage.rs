@@ -9,9 +9,9 @@ use polars::prelude::*;
 use super::{Compactor, Result, Run, RunError};
 use crate::aggregate;
 
-/// Cells or buyers made into staged rows at once: made a whole insert batch at a
-/// time (a third of a run's cells, with their joined values), they held
-/// gigabytes in a run of 10M orders.
+/// Cells or buyers made into staged rows at once (each row with its values
+/// joined from the dictionaries): made a third of a run's cells at a time, they
+/// held gigabytes in a run of 10M orders.
 const ROWS_AT_ONCE: usize = 65_536;
 /// Order lines and corrections aggregated at once (whole hours: one hour may
 /// hold more). A run's cells were aggregated all at once: 5.7 cells per order
