@@ -143,16 +143,7 @@ pub fn tail(path: &Path, n: usize) -> String {
 
 /// A process's peak resident memory so far (`VmHWM`), in bytes.
 pub fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    tidemark_platform::metrics::peak_resident_bytes(Some(pid))
 }
 
 /// Like [`run`], also returning the child's peak resident memory in bytes, read

@@ -86,6 +86,7 @@ impl Sums {
 pub type CurrencyTotals = BTreeMap<String, Sums>;
 
 const MINUTE_US: i64 = 60_000_000;
+const HOUR_US: i64 = 3_600_000_000;
 const DAY_US: i64 = 86_400_000_000;
 
 /// The distinct values of string columns in byte order, and each row's code: the
@@ -735,7 +736,6 @@ impl Grid {
 /// sets, each summed from [`rows_within`] its range; days are summed from the
 /// ranges' parts ([`Aggregates::days`]).
 pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
-    const HOUR_US: i64 = 3_600_000_000;
     if rows.height() == 0 {
         return Ok(Vec::new());
     }
@@ -1294,7 +1294,7 @@ mod tests {
                 prop_assert!(window[0].1 <= window[1].0, "ranges in order, apart");
             }
             for &(from, to) in &ranges {
-                prop_assert_eq!((from % 3_600_000_000, to % 3_600_000_000), (0, 0));
+                prop_assert_eq!((from % HOUR_US, to % HOUR_US), (0, 0));
                 let rows = rows_within(&frame, from, to).unwrap();
                 let mut aggregates = grids_within(&rows, &keys, Some((from, to))).unwrap();
                 days.push(aggregates.take_days());

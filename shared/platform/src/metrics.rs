@@ -84,3 +84,23 @@ pub async fn track_http(request: Request, next: Next) -> Response {
     .increment(1);
     response
 }
+
+/// The peak resident memory so far (`VmHWM`) of the process `pid`, or of this
+/// one without, in bytes; `None` where `/proc` cannot tell (the process is gone,
+/// or not on Linux).
+pub fn peak_resident_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_owned(),
+        |pid| format!("/proc/{pid}/status"),
+    );
+    let status = std::fs::read_to_string(path).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}

@@ -140,13 +140,7 @@ impl Process {
 
     /// Peak resident set size so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("/proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
+        tidemark_platform::metrics::peak_resident_bytes(Some(self.pid())).expect("VmHWM") / 1024
     }
 
     /// User plus system CPU time used so far, in milliseconds.

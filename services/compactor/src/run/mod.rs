@@ -195,23 +195,13 @@ impl Compactor {
     }
 }
 
-/// Batch lag: now minus the published watermark's time.
-/// The process's peak resident memory so far (`VmHWM`), in MB: logged after each
-/// step of a run, it shows which step set the peak (0 where `/proc` is missing).
+/// The process's peak resident memory so far, in MB: logged after each step of a
+/// run, it shows which step set the peak (0 where `/proc` cannot tell).
 fn peak_resident_mb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-            line.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb / 1024)
+    tidemark_platform::metrics::peak_resident_bytes(None).map_or(0, |b| b / 1_000_000)
 }
 
+/// Batch lag: now minus the published watermark's time.
 pub(crate) fn set_batch_lag(state: &PublishedState) {
     let lag = (Utc::now() - state.watermark_time)
         .num_milliseconds()

@@ -99,10 +99,10 @@ impl Compactor {
             drop(tx.blocking_send(days));
             (ranges.len(), aggregate_ms)
         });
-        let ranges = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        let queue = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
         let (staged, buyers) = futures::stream::iter(0..LANES)
             .map(|_| {
-                let ranges = ranges.clone();
+                let queue = queue.clone();
                 let (staging, staging_buyers) = (&staging, &staging_buyers);
                 async move {
                     let mut lane = Lane {
@@ -111,7 +111,7 @@ impl Compactor {
                     };
                     let (mut staged, mut buyers) = (0, 0);
                     loop {
-                        let next = ranges.lock().await.recv().await;
+                        let next = queue.lock().await.recv().await;
                         let Some(range) = next.transpose()? else {
                             break;
                         };
