@@ -1,8 +1,11 @@
 //! Facts about the machine: where binaries are, whether we are root, free ports.
 
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher, RandomState};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, PoisonError};
 
 /// The workspace root (where `.tidemark/` and `target/` live).
 pub fn workspace_root() -> PathBuf {
@@ -12,13 +15,26 @@ pub fn workspace_root() -> PathBuf {
         .expect("the workspace root exists")
 }
 
-/// A free loopback port (racy in theory: another process may take it before the
-/// server binds it; fine for local stacks and tests).
+/// A free loopback port for a server to listen on, drawn at random from below
+/// Linux's ephemeral range (32768–60999 by default). `bind(port 0)` would hand out
+/// a port from that range and release it, and until the server binds it any
+/// outgoing connection on the machine may take it as its local port (a private
+/// ClickHouse under the suite's load once never answered; its error log was not
+/// kept, and this is the likeliest cause). Still
+/// racy in theory (another process may bind the port first); never the same
+/// port twice within one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    const PORTS: std::ops::Range<u16> = 20_000..32_768;
+    let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
+    let random = RandomState::new();
+    let span = u64::from(PORTS.end - PORTS.start);
+    let port = (0u32..10_000)
+        .map(|draw| PORTS.start + u16::try_from(random.hash_one(draw) % span).expect("in range"))
+        .find(|port| !given.contains(port) && TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free loopback port below the ephemeral range");
+    given.insert(port);
+    port
 }
 
 /// The user id and group id of `user`, if the user exists.
@@ -68,4 +84,19 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
     versions
         .last()
         .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_distinct_and_bindable() {
+        let ports: BTreeSet<u16> = (0..200).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 200, "a port was handed out twice");
+        for port in ports {
+            assert!((20_000..32_768).contains(&port), "{port}");
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+    }
 }

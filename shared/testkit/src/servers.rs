@@ -286,16 +286,49 @@ impl PrivateServer {
         *self.child.lock().unwrap() = Some(child);
         // Generous: a cold ClickHouse creates its system tables first, and while the
         // suite starts two cores are shared by dozens of tests (once seen at 60 s).
-        let held =
-            tidemark_launch::until(Duration::from_secs(180), Duration::from_millis(20), || {
-                self.ready()
-            })
-            .await;
+        // A server that exits instead (a port taken, a bad config) ends the wait.
+        let answered = tidemark_launch::until(
+            Duration::from_secs(180),
+            Duration::from_millis(20),
+            || async { self.exited().is_some() || self.ready().await },
+        )
+        .await;
+        if let Some(status) = self.exited() {
+            panic!("the private server exited ({status}); {}", self.logs());
+        }
         assert!(
-            held,
-            "the private server did not answer within 180 s; its log:\n{}",
-            self.log()
+            answered,
+            "the private server did not answer within 180 s; {}",
+            self.logs()
         );
+    }
+
+    /// How the server's process ended, if it has.
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.lock().unwrap();
+        child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Its output and the end of each error log in its folder (ClickHouse writes
+    /// why it stopped there, not to its output).
+    fn logs(&self) -> String {
+        let mut logs = format!("its output:\n{}", self.log());
+        let errors = std::fs::read_dir(self.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".err.log"));
+        for entry in errors {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            logs += &format!(
+                "\n{}:\n{}",
+                entry.file_name().to_string_lossy(),
+                tail.join("\n")
+            );
+        }
+        logs
     }
 
     /// What the server has printed since it first started (HAProxy: its servers
@@ -755,5 +788,26 @@ impl PrivateAlerting {
 
     pub fn prometheus_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.prometheus.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_exits_while_starting_fails_at_once_with_its_logs() {
+        let port = tidemark_launch::free_port();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        let start = tokio::spawn(PrivateServer::start(Kind::Redis { password: None }, port));
+        let Err(panic) = start.await else {
+            panic!("Redis started on a taken port");
+        };
+        let message = panic.into_panic();
+        let message = message
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert!(message.contains("the private server exited"), "{message}");
+        assert!(message.contains("Address already in use"), "{message}");
     }
 }
