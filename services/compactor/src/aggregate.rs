@@ -411,19 +411,32 @@ impl RunKeys {
             first = first.min(times.min().unwrap_or(i64::MAX));
             last = last.max(times.max().unwrap_or(i64::MIN));
         }
-        if first > last {
+        Self::spanning(first, last, |name| {
+            Dictionary::values_of(&[rows.column(name)?])
+        })
+        .map(Some)
+    }
+
+    /// The keys of a run whose event times lie in `[first_us, last_us]` and whose
+    /// distinct values (in byte order) of each of `currency`, `city`, `category`
+    /// and `product_id` are `values(name)`.
+    pub fn spanning(
+        first_us: i64,
+        last_us: i64,
+        values: impl Fn(&str) -> PolarsResult<Arc<Vec<String>>>,
+    ) -> PolarsResult<Self> {
+        if first_us > last_us {
             polars_bail!(ComputeError: "rows without an event time");
         }
-        let base_us = first.div_euclid(DAY_US) * DAY_US;
-        let distinct = |name: &str| Dictionary::values_of(&[rows.column(name)?]);
-        Ok(Some(Self {
+        let base_us = first_us.div_euclid(DAY_US) * DAY_US;
+        Ok(Self {
             base_us,
-            buckets: ((last - base_us) / MINUTE_US) as u64 + 1,
-            currency: distinct("currency")?,
-            city: distinct("city")?,
-            category: distinct("category")?,
-            product: distinct("product_id")?,
-        }))
+            buckets: ((last_us - base_us) / MINUTE_US) as u64 + 1,
+            currency: values("currency")?,
+            city: values("city")?,
+            category: values("category")?,
+            product: values("product_id")?,
+        })
     }
 }
 

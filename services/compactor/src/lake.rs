@@ -12,6 +12,7 @@ use tidemark_orderlog::RawRecordRef;
 use tidemark_platform::config::S3Config;
 
 use crate::aggregate::{self, CurrencyTotals};
+use crate::held::{Held, Holder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -440,9 +441,11 @@ pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<D
 /// Copies of an order are the same immutable rows of the log (the relay landed a
 /// range twice), so any copy may be kept: the first one is, which keeps the rows
 /// in the order they were read. Lines are keyed by their event's id (the order's,
-/// or the adjustment's: UUIDs, kept as 128-bit integers) and line number.
+/// or the adjustment's: a UUID, kept as two 64-bit halves) and line number: 24
+/// bytes an entry, where a `u128` key's alignment made 32 (a run of 10M orders
+/// holds as many entries).
 #[derive(Default)]
-struct OrderIds(PlHashSet<(u128, i64)>);
+struct OrderIds(PlHashSet<(u64, u64, u32)>);
 
 impl OrderIds {
     /// The rows whose order line was not seen before (in this frame or earlier
@@ -456,7 +459,10 @@ impl OrderIds {
             let id = adjustment.or(order).unwrap_or("");
             let id = uuid::Uuid::try_parse(id)
                 .map_err(|e| LakeError::Invalid(format!("event id `{id}` is not a UUID: {e}")))?;
-            first.push(self.0.insert((id.as_u128(), line.unwrap_or(1))));
+            let line = u32::try_from(line.unwrap_or(1))
+                .map_err(|_| LakeError::Invalid(format!("event `{id}` has line {line:?}")))?;
+            let (high, low) = id.as_u64_pair();
+            first.push(self.0.insert((high, low, line)));
         }
         if first.iter().all(|f| *f) {
             return Ok(orders);
@@ -506,13 +512,13 @@ pub struct LakeFile {
 pub struct LakeWriter {
     ids: OrderIds,
     days: BTreeMap<i64, DayFile>,
-    orders: Vec<DataFrame>,
+    orders: Holder,
     pub raw_records: u64,
     pub raw_totals: CurrencyTotals,
 }
 
 /// The columns of the lake's rows that aggregation and the audit read.
-const MEASURED: [&str; 17] = [
+pub const MEASURED: [&str; 17] = [
     "created_us",
     "user_id",
     "adjusted_us",
@@ -563,17 +569,17 @@ impl LakeWriter {
             file.writer.write_batch(&part)?;
             file.rows += part.height() as u64;
         }
-        self.orders.push(
-            with_measures(orders.lazy())
+        self.orders.add(
+            &with_measures(orders.lazy())
                 .select(MEASURED.map(col))
                 .collect()?,
-        );
+        )?;
         Ok(())
     }
 
     /// The Parquet files, in date order, and the orders with the [`MEASURED`]
     /// columns.
-    pub fn finish(self) -> Result<(Vec<LakeFile>, DataFrame)> {
+    pub fn finish(self) -> Result<(Vec<LakeFile>, Held)> {
         let mut files = Vec::with_capacity(self.days.len());
         for (day, file) in self.days {
             file.writer.finish()?;
@@ -591,18 +597,7 @@ impl LakeWriter {
                 body,
             });
         }
-        let orders = if self.orders.is_empty() {
-            DataFrame::empty()
-        } else {
-            concat(
-                self.orders
-                    .into_iter()
-                    .map(IntoLazy::lazy)
-                    .collect::<Vec<_>>(),
-                UnionArgs::default(),
-            )?
-            .collect()?
-        };
+        let orders = self.orders.finish()?;
         Ok((files, orders))
     }
 }
@@ -951,7 +946,7 @@ mod tests {
         assert_eq!(written, [(day, 2, 2), (day + 1, 1, 1)]);
         assert_eq!(orders.height(), 3);
         assert_eq!(
-            aggregate::currency_totals(&orders).unwrap()["EUR"].of(Dimension::Total),
+            orders.currency_totals().unwrap()["EUR"].of(Dimension::Total),
             [900, 3, 6]
         );
     }

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod held;
 pub mod lake;
 pub mod run;
 mod schedule;

@@ -35,7 +35,7 @@ impl Compactor {
         };
         let lake = self.read_lake(state.threshold).await?;
         let mut expected = Cells::new();
-        for row in aggregate::aggregate(&lake, state.run_id)? {
+        for row in aggregate::aggregate(&lake.rows()?, state.run_id)? {
             expected.insert(
                 (
                     row.granularity,
@@ -98,7 +98,8 @@ impl Compactor {
         }
         let mut drift = Drift {
             run_id: state.run_id,
-            lake_orders: aggregate::currency_totals(&lake)?
+            lake_orders: lake
+                .currency_totals()?
                 .values()
                 .map(|s| s.orders as u64)
                 .sum(),

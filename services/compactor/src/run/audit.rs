@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
-use polars::prelude::*;
 use serde::Serialize;
 use tidemark_domain::{Currency, Dimension, Granularity};
 
 use super::{Compactor, Kind, Outcome, Result, Run, RunError, Written, manifest};
 use crate::aggregate::{self, CurrencyTotals};
+use crate::held::Held;
 use crate::lake;
 
 /// The audit's findings (stored with the run).
@@ -50,19 +50,14 @@ struct StagedSums {
 impl Compactor {
     /// Reconciles raw JSON ↔ Parquet ↔ staging and checks keys, amounts and
     /// currencies.
-    pub async fn audit(
-        &self,
-        run: &Run,
-        written: &Written,
-        source: &DataFrame,
-    ) -> Result<AuditReport> {
+    pub async fn audit(&self, run: &Run, written: &Written, source: &Held) -> Result<AuditReport> {
         self.set_step(run, "audit").await?;
         let mut report = AuditReport {
             raw_records: written.raw_records,
             raw: written.raw_totals.clone(),
             ..AuditReport::default()
         };
-        let deduped = aggregate::currency_totals(&written.orders)?;
+        let deduped = written.orders.currency_totals()?;
         let duplicates = written.raw_records - written.orders.height() as u64;
         if duplicates > 0 {
             tracing::warn!(
@@ -84,7 +79,7 @@ impl Compactor {
         report.parquet = parquet;
         report.source = match run.kind {
             Kind::Incremental => deduped,
-            Kind::Rebuild => aggregate::currency_totals(source)?,
+            Kind::Rebuild => source.currency_totals()?,
         };
         check_staging(&mut report, &sums);
         self.check_buyers(run, source, &mut report).await?;
@@ -92,27 +87,8 @@ impl Compactor {
     }
 
     /// Staged buyers hold exactly the users of the run's order lines.
-    async fn check_buyers(
-        &self,
-        run: &Run,
-        source: &DataFrame,
-        report: &mut AuditReport,
-    ) -> Result<()> {
-        let expected = if source.height() == 0 {
-            0
-        } else {
-            source
-                .clone()
-                .lazy()
-                .filter(col("adjusted_us").is_null())
-                .select([col("user_id").n_unique()])
-                .collect()?
-                .column("user_id")?
-                .cast(&DataType::UInt64)?
-                .u64()?
-                .get(0)
-                .unwrap_or(0)
-        };
+    async fn check_buyers(&self, run: &Run, source: &Held, report: &mut AuditReport) -> Result<()> {
+        let expected = source.buyers()?;
         let staged: u64 = self
             .ch
             .query(&format!(

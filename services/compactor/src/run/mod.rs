@@ -295,16 +295,20 @@ impl Compactor {
         let written = self.write_lake(run).await?;
         let lake_ms = t.elapsed().as_millis() as u64;
         let lake_peak_mb = peak_resident_mb();
+        let rebuilt;
         let source = match run.kind {
-            Kind::Incremental => written.orders.clone(),
-            Kind::Rebuild => self.read_lake(run.threshold).await?,
+            Kind::Incremental => &written.orders,
+            Kind::Rebuild => {
+                rebuilt = self.read_lake(run.threshold).await?;
+                &rebuilt
+            }
         };
         let t = Instant::now();
-        let staged = self.stage(run, &source).await?;
+        let staged = self.stage(run, source).await?;
         let stage_ms = t.elapsed().as_millis() as u64;
         let stage_peak_mb = peak_resident_mb();
         let t = Instant::now();
-        let report = self.audit(run, &written, &source).await?;
+        let report = self.audit(run, &written, source).await?;
         let audit_ms = t.elapsed().as_millis() as u64;
         let audit_peak_mb = peak_resident_mb();
         if !report.problems.is_empty() {

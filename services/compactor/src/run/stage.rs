@@ -8,6 +8,7 @@ use polars::prelude::*;
 
 use super::{Compactor, Result, Run, RunError};
 use crate::aggregate;
+use crate::held::Held;
 
 /// Cells or buyers made into staged rows at once (each row with its values
 /// joined from the dictionaries): made a third of a run's cells at a time, they
@@ -47,7 +48,7 @@ impl Compactor {
     /// so the ranges' cells are disjoint; the days' are summed from the ranges'
     /// parts and written last), one range ahead of [`LANES`] tasks that write
     /// them.
-    pub async fn stage(&self, run: &Run, source: &DataFrame) -> Result<u64> {
+    pub async fn stage(&self, run: &Run, source: &Held) -> Result<u64> {
         self.set_step(run, "stage").await?;
         let t = Instant::now();
         let (staging, staging_buyers) = (run.staging(), run.staging_buyers());
@@ -58,8 +59,8 @@ impl Compactor {
         let aggregating = tokio::task::spawn_blocking(move || {
             let mut aggregate_ms = 0;
             let mut days = Vec::new();
-            let planned = aggregate::RunKeys::of(&orders).and_then(|keys| {
-                let ranges = aggregate::hour_ranges(&orders, ROWS_PER_RANGE)?;
+            let planned = orders.keys().and_then(|keys| {
+                let ranges = orders.hour_ranges(ROWS_PER_RANGE)?;
                 Ok((keys, ranges))
             });
             let (keys, ranges) = match planned {
@@ -73,7 +74,7 @@ impl Compactor {
             for &(from_us, to_us) in &ranges {
                 let t = Instant::now();
                 let range = (|| {
-                    let rows = aggregate::rows_within(&orders, from_us, to_us)?;
+                    let rows = orders.within(from_us, to_us)?;
                     let mut aggregates =
                         aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
                     days.push(aggregates.take_days());

@@ -8,12 +8,13 @@ use polars::prelude::*;
 
 use super::{Compactor, Result, Run, RunError, manifest};
 use crate::aggregate::CurrencyTotals;
+use crate::held::Held;
 use crate::lake;
 
 /// The new orders a run read from the raw lake and wrote to the Parquet lake.
 pub struct Written {
-    /// Orders with `created_us` and `revenue`.
-    pub orders: DataFrame,
+    /// The run's order lines and corrections, as the stage and the audit read them.
+    pub orders: Held,
     /// Raw records in the run's range, before de-duplication.
     pub raw_records: u64,
     pub raw_totals: CurrencyTotals,
@@ -141,18 +142,21 @@ impl Compactor {
     }
 
     /// Every order in the Parquet lake with `txid < threshold`.
-    pub async fn read_lake(&self, threshold: u64) -> Result<DataFrame> {
+    pub async fn read_lake(&self, threshold: u64) -> Result<Held> {
         let keys = manifest::lake_files(&self.pool).await?;
         let frames = self.read_parquet(&keys).await?;
         if frames.is_empty() {
-            return Ok(DataFrame::empty());
+            return Ok(Held::of(&DataFrame::empty())?);
         }
         let all = concat(
             frames.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
             UnionArgs::default(),
         )?
         .filter(col("txid").lt(lit(threshold.min(i64::MAX as u64) as i64)));
-        Ok(lake::with_measures(all).collect()?)
+        let measured = lake::with_measures(all)
+            .select(lake::MEASURED.map(col))
+            .collect()?;
+        Ok(Held::of(&measured)?)
     }
 
     /// Downloads objects, eight at a time, in order.
