@@ -327,7 +327,7 @@ pub mod zookeeper {
     pub fn config(dir: &Path, port: u16) -> String {
         format!(
             "tickTime=500\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\n\
-             admin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+             admin.enableServer=false\n4lw.commands.whitelist=srvr\n",
             dir.display()
         )
     }
@@ -344,19 +344,23 @@ pub mod zookeeper {
         command
     }
 
-    /// Whether it answers `ruok` with `imok`.
+    /// Whether it serves clients: `srvr` names its mode, or says it is "not
+    /// currently serving requests". (`ruok` answers `imok` once the process has
+    /// bound the port, serving or not; likely why a test's first DDL once failed
+    /// under the suite's load, ClickHouse finding its ZooKeeper connections
+    /// closed: "All connection tries failed".)
     pub async fn ready(port: u16) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let ask = async {
             let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-            stream.write_all(b"ruok").await?;
+            stream.write_all(b"srvr").await?;
             let mut answer = Vec::new();
             stream.read_to_end(&mut answer).await?;
             Ok::<_, std::io::Error>(answer)
         };
         matches!(
             tokio::time::timeout(PROBE_TIMEOUT, ask).await,
-            Ok(Ok(answer)) if answer == b"imok"
+            Ok(Ok(answer)) if String::from_utf8_lossy(&answer).contains("Mode: ")
         )
     }
 }
