@@ -45,6 +45,11 @@ pub struct CompactorSettings {
     /// thread idle and no connection open; the cause is not yet known.
     #[serde(with = "millis")]
     pub read_back_timeout: Duration,
+    /// A run's Parquet file is uploaded in parts of this many bytes while it is
+    /// written (S3 multipart), so memory holds a part per date, not whole files;
+    /// a file smaller than a part is uploaded whole. At least 5 MiB: S3 (and the
+    /// tests' server) refuse smaller parts but the last.
+    pub upload_part_bytes: usize,
 }
 
 impl Default for CompactorSettings {
@@ -56,6 +61,7 @@ impl Default for CompactorSettings {
             relay_wait: Duration::from_secs(60),
             max_files_per_partition: 8,
             read_back_timeout: Duration::from_secs(120),
+            upload_part_bytes: 8 << 20,
         }
     }
 }
@@ -84,6 +90,9 @@ impl Validate for Config {
         self.lease.validate(problems);
         if self.compactor.max_files_per_partition < 2 {
             problems.push("compactor.max_files_per_partition must be at least 2".into());
+        }
+        if self.compactor.upload_part_bytes < 5 << 20 {
+            problems.push("compactor.upload_part_bytes must be at least 5 MiB (5242880)".into());
         }
         if self.compactor.read_back_timeout.is_zero() {
             problems.push("compactor.read_back_timeout must be positive".into());

@@ -5,6 +5,7 @@ use std::io::{Cursor, Write};
 use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 use tidemark_domain::AdjustmentKind;
@@ -25,6 +26,15 @@ pub enum LakeError {
 }
 
 pub type Result<T, E = LakeError> = std::result::Result<T, E>;
+
+/// An object being written in parts ([`Store::start_upload`]).
+pub struct Upload {
+    key: String,
+    id: String,
+    parts: Vec<CompletedPart>,
+    /// Bytes sent so far.
+    pub bytes: u64,
+}
 
 /// Object storage under the deployment's prefix.
 #[derive(Clone)]
@@ -120,6 +130,86 @@ impl Store {
             .delete_object()
             .bucket(&self.config.bucket)
             .key(self.config.key(key))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        Ok(())
+    }
+
+    /// Starts writing `key` in parts (an S3 multipart upload): none of it is
+    /// visible until [`Store::complete`].
+    pub async fn start_upload(&self, key: &str) -> Result<Upload> {
+        let started = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(key))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        let id = started
+            .upload_id()
+            .ok_or_else(|| LakeError::S3(format!("no upload id in the answer for {key}")))?;
+        Ok(Upload {
+            key: key.to_owned(),
+            id: id.to_owned(),
+            parts: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Sends the next part of `upload` (S3 takes parts of at least 5 MiB, but the
+    /// last).
+    pub async fn upload_part(&self, upload: &mut Upload, body: Vec<u8>) -> Result<()> {
+        let number = i32::try_from(upload.parts.len() + 1)
+            .map_err(|_| LakeError::S3(format!("too many parts for {}", upload.key)))?;
+        let bytes = body.len() as u64;
+        let sent = self
+            .client
+            .upload_part()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(&upload.key))
+            .upload_id(&upload.id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        upload.parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(sent.e_tag().map(str::to_owned))
+                .build(),
+        );
+        upload.bytes += bytes;
+        Ok(())
+    }
+
+    /// Makes the object of `upload` out of its parts.
+    pub async fn complete(&self, upload: Upload) -> Result<()> {
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(&upload.key))
+            .upload_id(&upload.id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(upload.parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| s3_error(&e))?;
+        Ok(())
+    }
+
+    /// Gives up `upload`: the store drops its parts.
+    pub async fn abort(&self, upload: Upload) -> Result<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.config.bucket)
+            .key(self.config.key(&upload.key))
+            .upload_id(&upload.id)
             .send()
             .await
             .map_err(|e| s3_error(&e))?;
@@ -496,7 +586,8 @@ struct DayFile {
     rows: u64,
 }
 
-/// One event date's Parquet file of a run.
+/// One event date's Parquet file of a run: its bytes not yet taken by
+/// [`LakeWriter::take_parts`] (all of them if none were).
 pub struct LakeFile {
     /// Days since the epoch.
     pub day: i64,
@@ -575,6 +666,24 @@ impl LakeWriter {
                 .collect()?,
         )?;
         Ok(())
+    }
+
+    /// The bytes written so far of each date's file that holds at least `min` of
+    /// them, taken out of memory (the writer never reads back what it wrote): parts
+    /// of the files to upload while the run is written. [`LakeWriter::finish`]
+    /// then gives each file's remaining bytes.
+    pub fn take_parts(&mut self, min: usize) -> Vec<(i64, Vec<u8>)> {
+        self.days
+            .iter()
+            .filter_map(|(day, file)| {
+                let mut buffer = file
+                    .buffer
+                    .0
+                    .lock()
+                    .expect("no writer panics holding the buffer");
+                (buffer.len() >= min.max(1)).then(|| (*day, std::mem::take(&mut *buffer)))
+            })
+            .collect()
     }
 
     /// The Parquet files, in date order, and the orders with the [`MEASURED`]
@@ -949,6 +1058,37 @@ mod tests {
             orders.currency_totals().unwrap()["EUR"].of(Dimension::Total),
             [900, 3, 6]
         );
+    }
+
+    #[test]
+    fn a_file_taken_in_parts_while_written_is_the_parts_and_the_rest() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 12, 0, 0).unwrap();
+        let group = |first: u32| {
+            let lines: Vec<String> = (first..first + 50)
+                .map(|order| raw_line(order, at, 5, i64::from(order)))
+                .collect();
+            vec![in_range(parse_raw(lines.join("\n").as_bytes()).unwrap(), 0, 9).unwrap()]
+        };
+        let mut writer = LakeWriter::default();
+        let mut parts = Vec::new();
+        for first in [1, 51, 101] {
+            writer.add(group(first)).unwrap();
+            assert!(writer.take_parts(usize::MAX).is_empty(), "below the size");
+            for (day, part) in writer.take_parts(1) {
+                assert_eq!(day, at.timestamp() / 86_400);
+                parts.push(part);
+            }
+        }
+        assert_eq!(parts.len(), 3, "a part after each group");
+        let (files, _) = writer.finish().unwrap();
+        let [file] = &files[..] else {
+            panic!("one date")
+        };
+        let mut whole = parts.concat();
+        whole.extend_from_slice(&file.body);
+        let rows = from_parquet(&whole).unwrap();
+        assert_eq!(rows.height(), 150);
+        assert_eq!(file.rows, 150);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Step 2: write the run's orders from the raw lake to the Parquet lake.
 
-use std::collections::BTreeSet;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
@@ -30,8 +31,11 @@ impl Compactor {
     /// A task downloads the raw objects (eight at a time) and parses them (two at a
     /// time, on blocking threads), keeping only the run's range; meanwhile this one
     /// types, de-duplicates and encodes them in groups of about [`GROUP_ROWS`]
-    /// records. Memory holds a group of raw records and the Parquet files being
-    /// written, not the whole run as text or as full frames.
+    /// records, and uploads each date's file in parts of
+    /// `compactor.upload_part_bytes` as it grows (completed once the run's last
+    /// group is in it; aborted if the step fails). Memory holds a group of raw
+    /// records and a part of each date's file, not the run as text, as full frames
+    /// or as whole files.
     pub async fn write_lake(&self, run: &Run) -> Result<Written> {
         /// Records per group (each a Parquet row group per date): large enough
         /// for good row groups (DuckDB writes 122,880 rows), small enough that the
@@ -68,64 +72,103 @@ impl Compactor {
                 }
             }
         }));
-        let (mut writer, mut group, mut rows) = (lake::LakeWriter::default(), Vec::new(), 0);
-        let (mut wait_ms, mut encode_ms) = (0, 0);
-        loop {
-            let t = Instant::now();
-            let next = parsed.recv().await.transpose()?;
-            wait_ms += t.elapsed().as_millis() as u64;
-            let done = next.is_none();
-            if let Some(frame) = next {
-                rows += frame.height();
-                group.push(frame);
-            }
-            if rows >= GROUP_ROWS || (done && !group.is_empty()) {
-                let t = Instant::now();
-                let frames = std::mem::take(&mut group);
-                writer = tokio::task::spawn_blocking(move || writer.add(frames).map(|()| writer))
-                    .await
-                    .expect("the lake task does not panic")?;
-                encode_ms += t.elapsed().as_millis() as u64;
-                rows = 0;
-            }
-            if done {
-                break;
-            }
-        }
-        // The channel also closes if the reader died: only its clean end means that
-        // every object was read.
-        reader.await.expect("the raw reader does not panic");
-        let t = Instant::now();
-        let (raw_records, raw_totals) = (writer.raw_records, writer.raw_totals.clone());
-        let (files, orders) = tokio::task::spawn_blocking(move || writer.finish())
-            .await
-            .expect("the lake task does not panic")?;
-        let mut written = Written {
-            orders,
-            raw_records,
-            raw_totals,
-            parquet_keys: Vec::new(),
-            days: BTreeSet::new(),
-        };
         let run_id = run.run_id;
-        for file in files {
-            let key = lake::lake_key(file.day, &format!("part-{run_id:012}"));
-            let bytes = file.body.len() as i64;
-            self.store.put(&key, file.body).await?;
-            let record = manifest::LakeFile {
-                key: &key,
-                dt: manifest::date_of(file.day),
-                run_id: run_id as i64,
-                rows: file.rows as i64,
-                bytes,
-                compacted: false,
+        let key_of = |day: i64| lake::lake_key(day, &format!("part-{run_id:012}"));
+        // Each date's file, uploaded in parts while it is written (S3 multipart).
+        let mut uploads: BTreeMap<i64, lake::Upload> = BTreeMap::new();
+        let (mut wait_ms, mut encode_ms, mut upload_ms, mut parts) = (0, 0, 0, 0);
+        let written = async {
+            let (mut writer, mut group, mut rows) = (lake::LakeWriter::default(), Vec::new(), 0);
+            loop {
+                let t = Instant::now();
+                let next = parsed.recv().await.transpose()?;
+                wait_ms += t.elapsed().as_millis() as u64;
+                let done = next.is_none();
+                if let Some(frame) = next {
+                    rows += frame.height();
+                    group.push(frame);
+                }
+                if rows >= GROUP_ROWS || (done && !group.is_empty()) {
+                    let t = Instant::now();
+                    let frames = std::mem::take(&mut group);
+                    writer =
+                        tokio::task::spawn_blocking(move || writer.add(frames).map(|()| writer))
+                            .await
+                            .expect("the lake task does not panic")?;
+                    encode_ms += t.elapsed().as_millis() as u64;
+                    rows = 0;
+                    let t = Instant::now();
+                    for (day, body) in writer.take_parts(self.settings.upload_part_bytes) {
+                        let upload = match uploads.entry(day) {
+                            Entry::Occupied(e) => e.into_mut(),
+                            Entry::Vacant(e) => {
+                                e.insert(self.store.start_upload(&key_of(day)).await?)
+                            }
+                        };
+                        self.store.upload_part(upload, body).await?;
+                        parts += 1;
+                    }
+                    upload_ms += t.elapsed().as_millis() as u64;
+                }
+                if done {
+                    break;
+                }
+            }
+            // The channel also closes if the reader died: only its clean end means
+            // that every object was read.
+            reader.await.expect("the raw reader does not panic");
+            let (raw_records, raw_totals) = (writer.raw_records, writer.raw_totals.clone());
+            let (files, orders) = tokio::task::spawn_blocking(move || writer.finish())
+                .await
+                .expect("the lake task does not panic")?;
+            let mut written = Written {
+                orders,
+                raw_records,
+                raw_totals,
+                parquet_keys: Vec::new(),
+                days: BTreeSet::new(),
             };
-            let mut tx = self.begin().await?;
-            manifest::record(&mut *tx, &record).await?;
-            self.commit(tx).await?;
-            written.parquet_keys.push(key);
-            written.days.insert(file.day);
+            let t = Instant::now();
+            for file in files {
+                let key = key_of(file.day);
+                let bytes = match uploads.remove(&file.day) {
+                    Some(mut upload) => {
+                        self.store.upload_part(&mut upload, file.body).await?;
+                        let bytes = upload.bytes;
+                        self.store.complete(upload).await?;
+                        bytes
+                    }
+                    None => {
+                        let bytes = file.body.len() as u64;
+                        self.store.put(&key, file.body).await?;
+                        bytes
+                    }
+                };
+                let record = manifest::LakeFile {
+                    key: &key,
+                    dt: manifest::date_of(file.day),
+                    run_id: run_id as i64,
+                    rows: file.rows as i64,
+                    bytes: bytes as i64,
+                    compacted: false,
+                };
+                let mut tx = self.begin().await?;
+                manifest::record(&mut *tx, &record).await?;
+                self.commit(tx).await?;
+                written.parquet_keys.push(key);
+                written.days.insert(file.day);
+            }
+            upload_ms += t.elapsed().as_millis() as u64;
+            Ok::<_, RunError>(written)
         }
+        .await;
+        // A failed run's parts are dropped (the next attempt writes the same keys).
+        for (_, upload) in uploads {
+            if let Err(e) = self.store.abort(upload).await {
+                tracing::warn!(error = %e, run_id, "An unfinished Parquet upload was not aborted");
+            }
+        }
+        let written = written?;
         tracing::info!(
             run_id = run.run_id,
             raw_files,
@@ -135,7 +178,8 @@ impl Compactor {
             parquet_files = written.parquet_keys.len(),
             wait_ms,
             encode_ms,
-            upload_ms = t.elapsed().as_millis() as u64,
+            parts,
+            upload_ms,
             "Lake written"
         );
         Ok(written)

@@ -1,4 +1,4 @@
-//! Reading a lake file's columns by range from real S3.
+//! Reading a lake file's columns by range from real S3, and writing one in parts.
 
 use polars::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -73,4 +73,39 @@ async fn a_file_that_is_not_parquet_or_lacks_a_column_is_an_error() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no column `city`"), "{err}");
+}
+
+#[tokio::test]
+async fn an_object_uploaded_in_parts_is_their_concatenation_and_an_aborted_one_is_none() {
+    let store = store().await;
+    // Every part but the last at least 5 MiB, as S3 requires.
+    let parts: Vec<Vec<u8>> = [5 << 20, 5 << 20, 1_000]
+        .iter()
+        .enumerate()
+        .map(|(i, len)| (0..*len).map(|b| (b % 251 + i) as u8).collect())
+        .collect();
+    let mut upload = store.start_upload("lake/test/parts.parquet").await.unwrap();
+    for part in &parts {
+        store.upload_part(&mut upload, part.clone()).await.unwrap();
+    }
+    assert_eq!(upload.bytes, (10 << 20) + 1_000);
+    assert!(
+        store.get("lake/test/parts.parquet").await.is_err(),
+        "nothing is visible before the upload completes"
+    );
+    store.complete(upload).await.unwrap();
+    let read = store.get("lake/test/parts.parquet").await.unwrap();
+    assert_eq!(read.as_ref(), parts.concat().as_slice());
+
+    let mut upload = store
+        .start_upload("lake/test/aborted.parquet")
+        .await
+        .unwrap();
+    store
+        .upload_part(&mut upload, parts[0].clone())
+        .await
+        .unwrap();
+    store.abort(upload).await.unwrap();
+    assert!(store.get("lake/test/aborted.parquet").await.is_err());
+    assert!(store.list("lake/test/aborted").await.unwrap().is_empty());
 }
