@@ -703,6 +703,11 @@ impl Aggregates {
     pub fn cells(&self) -> usize {
         self.grids.iter().map(|g| g.cells.height()).sum()
     }
+
+    /// Bytes the grids' cells take (polars' estimate).
+    pub fn estimated_size(&self) -> usize {
+        self.grids.iter().map(|g| g.cells.estimated_size()).sum()
+    }
 }
 
 impl Grid {

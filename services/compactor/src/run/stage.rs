@@ -57,7 +57,7 @@ impl Compactor {
         let orders = source.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Range>>(1);
         let aggregating = tokio::task::spawn_blocking(move || {
-            let mut aggregate_ms = 0;
+            let (mut aggregate_ms, mut range_mb) = (0, 0);
             let mut days = Vec::new();
             let planned = orders.keys().and_then(|keys| {
                 let ranges = orders.hour_ranges(ROWS_PER_RANGE)?;
@@ -65,10 +65,10 @@ impl Compactor {
             });
             let (keys, ranges) = match planned {
                 Ok((Some(keys), ranges)) => (keys, ranges),
-                Ok((None, _)) => return (0, 0),
+                Ok((None, _)) => return (0, 0, 0),
                 Err(e) => {
                     drop(tx.blocking_send(Err(e.into())));
-                    return (0, 0);
+                    return (0, 0, 0);
                 }
             };
             for &(from_us, to_us) in &ranges {
@@ -83,9 +83,13 @@ impl Compactor {
                 })()
                 .map_err(RunError::from);
                 aggregate_ms += t.elapsed().as_millis() as u64;
+                if let Ok(range) = &range {
+                    let bytes = range.aggregates.estimated_size() + range.buyers.estimated_size();
+                    range_mb = range_mb.max(bytes / 1_000_000);
+                }
                 let failed = range.is_err();
                 if tx.blocking_send(range).is_err() || failed {
-                    return (ranges.len(), aggregate_ms);
+                    return (ranges.len(), aggregate_ms, range_mb);
                 }
             }
             // The days' cells, summed from the ranges' parts, last.
@@ -98,7 +102,7 @@ impl Compactor {
                 .map_err(RunError::from);
             aggregate_ms += t.elapsed().as_millis() as u64;
             drop(tx.blocking_send(days));
-            (ranges.len(), aggregate_ms)
+            (ranges.len(), aggregate_ms, range_mb)
         });
         let queue = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
         let (staged, buyers) = futures::stream::iter(0..LANES)
@@ -135,12 +139,14 @@ impl Compactor {
                 Ok((s + staged, b + buyers))
             })
             .await?;
-        let (ranges, aggregate_ms) = aggregating.await.expect("the aggregation does not panic");
+        let (ranges, aggregate_ms, range_mb) =
+            aggregating.await.expect("the aggregation does not panic");
         tracing::info!(
             run_id = run.run_id,
             rows = staged,
             buyers,
             ranges,
+            range_mb,
             aggregate_ms,
             stage_ms = t.elapsed().as_millis() as u64,
             "Staged"
