@@ -405,26 +405,22 @@ impl RunKeys {
         if rows.height() == 0 {
             return Ok(None);
         }
-        let (mut first, mut last) = (i64::MAX, i64::MIN);
-        for name in ["created_us", "adjusted_us"] {
-            let times = rows.column(name)?.i64()?;
-            first = first.min(times.min().unwrap_or(i64::MAX));
-            last = last.max(times.max().unwrap_or(i64::MIN));
-        }
-        Self::spanning(first, last, |name| {
-            Dictionary::values_of(&[rows.column(name)?])
-        })
-        .map(Some)
+        Self::spanning(rows, |name| Dictionary::values_of(&[rows.column(name)?])).map(Some)
     }
 
-    /// The keys of a run whose event times lie in `[first_us, last_us]` and whose
-    /// distinct values (in byte order) of each of `currency`, `city`, `category`
-    /// and `product_id` are `values(name)`.
+    /// The keys of a run whose event times are those of `rows` (`created_us`,
+    /// `adjusted_us`) and whose distinct values (in byte order) of each of
+    /// `currency`, `city`, `category` and `product_id` are `values(name)`.
     pub fn spanning(
-        first_us: i64,
-        last_us: i64,
+        rows: &DataFrame,
         values: impl Fn(&str) -> PolarsResult<Arc<Vec<String>>>,
     ) -> PolarsResult<Self> {
+        let (mut first_us, mut last_us) = (i64::MAX, i64::MIN);
+        for name in ["created_us", "adjusted_us"] {
+            let times = rows.column(name)?.i64()?;
+            first_us = first_us.min(times.min().unwrap_or(i64::MAX));
+            last_us = last_us.max(times.max().unwrap_or(i64::MIN));
+        }
         if first_us > last_us {
             polars_bail!(ComputeError: "rows without an event time");
         }

@@ -154,13 +154,7 @@ impl Held {
         if self.height() == 0 {
             return Ok(None);
         }
-        let (mut first, mut last) = (i64::MAX, i64::MIN);
-        for name in ["created_us", "adjusted_us"] {
-            let times = self.frame.column(name)?.i64()?;
-            first = first.min(times.min().unwrap_or(i64::MAX));
-            last = last.max(times.max().unwrap_or(i64::MIN));
-        }
-        RunKeys::spanning(first, last, |name| {
+        RunKeys::spanning(&self.frame, |name| {
             let i = CODED
                 .iter()
                 .position(|c| *c == name)
@@ -278,7 +272,7 @@ mod tests {
         assert_eq!(
             held.within(2 * hour, 4 * hour).unwrap(),
             rows.slice(1, 2),
-            "the second hour's line and the refund booked in the third"
+            "the third hour's line and the refund booked in the fourth"
         );
         assert_eq!(held.buyers().unwrap(), 2);
         assert_eq!(
