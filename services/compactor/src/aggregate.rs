@@ -664,35 +664,13 @@ impl Aggregates {
     }
 
     /// Takes the day grids out: a window's are its part of each day's cells,
-    /// summed over a run's windows by [`Aggregates::days`].
+    /// summed over a run's windows by [`Days`].
     pub fn take_days(&mut self) -> Vec<Grid> {
         let (days, rest) = std::mem::take(&mut self.grids)
             .into_iter()
             .partition(|g| g.granularity == Granularity::Day);
         self.grids = rest;
         days
-    }
-
-    /// The day grids of a run from its windows' parts ([`Aggregates::take_days`]
-    /// of [`grids_within`] each window, all with the run's `keys`).
-    pub fn days(keys: &RunKeys, parts: Vec<Vec<Grid>>) -> PolarsResult<Self> {
-        let mut out = Aggregates::empty(Some(keys));
-        let mut dimensions: Vec<(Dimension, Layout, Vec<DataFrame>)> = Vec::new();
-        for grid in parts.into_iter().flatten() {
-            match dimensions.iter_mut().find(|(d, ..)| *d == grid.dimension) {
-                Some((_, _, cells)) => cells.push(grid.cells),
-                None => dimensions.push((grid.dimension, grid.layout, vec![grid.cells])),
-            }
-        }
-        for (dimension, layout, cells) in dimensions {
-            out.grids.push(Grid {
-                granularity: Granularity::Day,
-                dimension,
-                layout,
-                cells: combine(cells)?,
-            });
-        }
-        Ok(out)
     }
 
     /// Cells held, over every grid.
@@ -703,6 +681,75 @@ impl Aggregates {
     /// Bytes the grids' cells take (polars' estimate).
     pub fn estimated_size(&self) -> usize {
         self.grids.iter().map(|g| g.cells.estimated_size()).sum()
+    }
+}
+
+/// The day cells of a run, summed from its ranges' parts
+/// ([`Aggregates::take_days`] of [`grids_within`] each range, all with the run's
+/// keys) as they come: a range of one hour holds about as many day cells as hour
+/// cells, so a run's parts, kept until its last range, held most of its hours'
+/// cells again (gigabytes at 10M orders). A dimension's parts are summed into its
+/// grid once they hold as many cells as the sum (and at least `fold_cells`), so
+/// no more than about twice the run's day cells are held and every part is
+/// summed about twice.
+pub struct Days {
+    out: Aggregates,
+    fold_cells: usize,
+    /// Per dimension: its layout, the sum so far, the parts not yet in it.
+    dimensions: Vec<(Dimension, Layout, DataFrame, Vec<DataFrame>)>,
+}
+
+impl Days {
+    pub fn new(keys: &RunKeys, fold_cells: usize) -> Self {
+        Days {
+            out: Aggregates::empty(Some(keys)),
+            fold_cells,
+            dimensions: Vec::new(),
+        }
+    }
+
+    /// Adds a range's part of the day cells.
+    pub fn add(&mut self, part: Vec<Grid>) -> PolarsResult<()> {
+        for grid in part {
+            let at = match self
+                .dimensions
+                .iter()
+                .position(|(d, ..)| *d == grid.dimension)
+            {
+                Some(at) => at,
+                None => {
+                    let empty = grid.cells.clear();
+                    self.dimensions
+                        .push((grid.dimension, grid.layout, empty, Vec::new()));
+                    self.dimensions.len() - 1
+                }
+            };
+            let (_, _, sum, parts) = &mut self.dimensions[at];
+            parts.push(grid.cells);
+            let pending: usize = parts.iter().map(DataFrame::height).sum();
+            if pending >= sum.height().max(self.fold_cells) {
+                *sum = combine(
+                    std::iter::once(std::mem::take(sum))
+                        .chain(parts.drain(..))
+                        .collect(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's day grids.
+    pub fn finish(self) -> PolarsResult<Aggregates> {
+        let mut out = self.out;
+        for (dimension, layout, sum, parts) in self.dimensions {
+            out.grids.push(Grid {
+                granularity: Granularity::Day,
+                dimension,
+                layout,
+                cells: combine(std::iter::once(sum).chain(parts).collect())?,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -748,7 +795,7 @@ impl Grid {
 /// those times (one hour may hold more). Every minute, quarter-hour and hour
 /// cell lies within one hour, so the ranges split a run's cells into disjoint
 /// sets, each summed from [`rows_within`] its range; days are summed from the
-/// ranges' parts ([`Aggregates::days`]).
+/// ranges' parts ([`Days`]).
 pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
     if rows.height() == 0 {
         return Ok(Vec::new());
@@ -1255,6 +1302,7 @@ mod tests {
                 1..48,
             ),
             size in 4_usize..40,
+            fold_cells in 0_usize..6,
         ) {
             let start = 1_764_000_000_000_000 / DAY_US * DAY_US;
             let lines: Vec<_> = rows
@@ -1301,8 +1349,9 @@ mod tests {
                 frame.vstack_mut(&adjustments).unwrap();
             }
             let whole = aggregate(&frame, 1).unwrap();
-            let (mut parts, mut days, mut buyer_rows) = (Vec::new(), Vec::new(), 0);
+            let (mut parts, mut buyer_rows) = (Vec::new(), 0);
             let keys = RunKeys::of(&frame).unwrap().unwrap();
+            let mut days = Days::new(&keys, fold_cells);
             let ranges = hour_ranges(&frame, size).unwrap();
             for window in ranges.windows(2) {
                 prop_assert!(window[0].1 <= window[1].0, "ranges in order, apart");
@@ -1311,11 +1360,11 @@ mod tests {
                 prop_assert_eq!((from % HOUR_US, to % HOUR_US), (0, 0));
                 let rows = rows_within(&frame, from, to).unwrap();
                 let mut aggregates = grids_within(&rows, &keys, Some((from, to))).unwrap();
-                days.push(aggregates.take_days());
+                days.add(aggregates.take_days()).unwrap();
                 parts.extend(aggregates.rows(1).unwrap());
                 buyer_rows += buyers(&rows).unwrap().height();
             }
-            parts.extend(Aggregates::days(&keys, days).unwrap().rows(1).unwrap());
+            parts.extend(days.finish().unwrap().rows(1).unwrap());
             let cells = |rows: &[AggRow]| -> BTreeMap<_, _> {
                 rows.iter().map(|r| (cell(r), r.clone())).collect()
             };

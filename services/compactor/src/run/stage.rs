@@ -18,6 +18,9 @@ const ROWS_AT_ONCE: usize = 65_536;
 /// hold more). A run's cells were aggregated all at once: 5.7 cells per order
 /// line held next to the run's orders, the larger part of a large run's memory.
 const ROWS_PER_RANGE: usize = 100_000;
+/// Day cells a grid's parts may hold before they are summed (see
+/// [`aggregate::Days`]).
+const DAY_CELLS_AT_ONCE: usize = 65_536;
 /// Ranges written at once, each by an INSERT per shard and table kept open for
 /// the whole step: ClickHouse parses and writes each on threads of its own while
 /// this process aggregates the next range and serialises the others.
@@ -58,7 +61,6 @@ impl Compactor {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Range>>(1);
         let aggregating = tokio::task::spawn_blocking(move || {
             let (mut aggregate_ms, mut range_mb) = (0, 0);
-            let mut days = Vec::new();
             let planned = orders.keys().and_then(|keys| {
                 let ranges = orders.hour_ranges(ROWS_PER_RANGE)?;
                 Ok((keys, ranges))
@@ -71,13 +73,14 @@ impl Compactor {
                     return (0, 0, 0);
                 }
             };
+            let mut days = aggregate::Days::new(&keys, DAY_CELLS_AT_ONCE);
             for &(from_us, to_us) in &ranges {
                 let t = Instant::now();
                 let range = (|| {
                     let rows = orders.within(from_us, to_us)?;
                     let mut aggregates =
                         aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
-                    days.push(aggregates.take_days());
+                    days.add(aggregates.take_days())?;
                     let buyers = aggregate::buyers(&rows)?;
                     Ok::<_, PolarsError>(Range { aggregates, buyers })
                 })()
@@ -94,7 +97,8 @@ impl Compactor {
             }
             // The days' cells, summed from the ranges' parts, last.
             let t = Instant::now();
-            let days = aggregate::Aggregates::days(&keys, days)
+            let days = days
+                .finish()
                 .map(|aggregates| Range {
                     aggregates,
                     buyers: DataFrame::empty(),
