@@ -728,11 +728,7 @@ impl Days {
             parts.push(grid.cells);
             let pending: usize = parts.iter().map(DataFrame::height).sum();
             if pending >= sum.height().max(self.fold_cells) {
-                *sum = combine(
-                    std::iter::once(std::mem::take(sum))
-                        .chain(parts.drain(..))
-                        .collect(),
-                )?;
+                fold(sum, parts)?;
             }
         }
         Ok(())
@@ -741,16 +737,26 @@ impl Days {
     /// The run's day grids.
     pub fn finish(self) -> PolarsResult<Aggregates> {
         let mut out = self.out;
-        for (dimension, layout, sum, parts) in self.dimensions {
+        for (dimension, layout, mut sum, mut parts) in self.dimensions {
+            fold(&mut sum, &mut parts)?;
             out.grids.push(Grid {
                 granularity: Granularity::Day,
                 dimension,
                 layout,
-                cells: combine(std::iter::once(sum).chain(parts).collect())?,
+                cells: sum,
             });
         }
         Ok(out)
     }
+}
+
+/// Sums `parts` into `sum` (already summed: left as it is without parts).
+fn fold(sum: &mut DataFrame, parts: &mut Vec<DataFrame>) -> PolarsResult<()> {
+    if !parts.is_empty() {
+        let frames = std::iter::once(std::mem::take(sum)).chain(parts.drain(..));
+        *sum = combine(frames.collect())?;
+    }
+    Ok(())
 }
 
 impl Grid {
