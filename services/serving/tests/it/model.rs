@@ -542,8 +542,9 @@ async fn served_aggregates_are_never_above_truth_and_equal_it_when_quiet() {
         Config {
             cases,
             max_shrink_iters: 300,
-            // A failure must be reported before nextest kills the test (240 s):
-            // shrinking stops after a minute with the smallest input found so far.
+            // A failure must be reported before nextest kills the test (ten minutes,
+            // .config/nextest.toml): shrinking stops after a minute with the smallest
+            // input found so far.
             max_shrink_time: 60_000,
             failure_persistence: None,
             ..Config::default()
