@@ -479,3 +479,54 @@ async fn r18_concurrent_refunds_never_pass_the_order() {
         "every refund that fits is taken"
     );
 }
+
+/// The refund path's reads, planned as a connection keeps them (the generic plan)
+/// while the adjustments tables hold a few rows and have no statistics — a fresh
+/// database — stay on their indexes. Without the transaction's planner settings
+/// (`adjust::BY_KEY`) Postgres 15 plans both with sequential scans there (checked
+/// by hand with this same script), and kept those plans as the tables grew: a
+/// refund read the whole tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_refund_paths_reads_stay_on_their_indexes_in_a_fresh_database() {
+    use tidemark_ingest::adjust::{BY_KEY, GIVEN_BACK, LOAD};
+    let db = tidemark_testkit::postgres().await;
+    // A few rows, one page each, never analyzed.
+    sqlx::raw_sql(
+        "INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+           SELECT gen_random_uuid(), 'u', 'Berlin', 'EUR', now() FROM generate_series(1, 60); \
+         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, unit_price_minor) \
+           SELECT order_id, 1, 'p-1', 'books', 2, 100 FROM orders; \
+         INSERT INTO adjustments (adjustment_id, order_id, kind, created_at) \
+           SELECT gen_random_uuid(), order_id, 'refund', now() FROM orders; \
+         INSERT INTO adjustment_lines (adjustment_id, line_no, quantity, amount_minor) \
+           SELECT adjustment_id, 1, 1, 100 FROM adjustments",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(BY_KEY).execute(&mut *tx).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL plan_cache_mode = force_generic_plan; \
+         PREPARE given_back(uuid[]) AS {GIVEN_BACK}; \
+         PREPARE load(uuid[], uuid[]) AS {LOAD}"
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    for (name, execute) in [
+        ("given_back", "EXPLAIN EXECUTE given_back('{}')"),
+        ("load", "EXPLAIN EXECUTE load('{}', '{}')"),
+    ] {
+        let plan: Vec<String> = sqlx::query_scalar(execute)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index"), "{name} reads no index:\n{plan}");
+        assert!(
+            !plan.contains("Seq Scan"),
+            "{name} scans a table whole:\n{plan}"
+        );
+    }
+}
