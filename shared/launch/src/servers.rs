@@ -109,6 +109,7 @@ pub mod redis {
                 "",
             ])
             .args(["--appendonly", if persist { "yes" } else { "no" }])
+            .args(["--hash-max-listpack-entries", "16"])
             .arg("--dir")
             .arg(dir);
         command
