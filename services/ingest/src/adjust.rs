@@ -422,12 +422,12 @@ pub const GIVEN_BACK: &str = "SELECT a.order_id, l.line_no, sum(l.quantity)::int
 
 /// The cancellations of the orders `$1` and the adjustments `$2`, with their lines.
 pub const LOAD: &str = "SELECT a.adjustment_id, a.order_id, a.kind, a.created_at, a.request, \
-                array_agg(l.line_no ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
-                array_agg(l.quantity ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
-                array_agg(l.amount_minor ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL) \
-         FROM adjustments a LEFT JOIN adjustment_lines l USING (adjustment_id) \
-         WHERE (a.order_id = ANY($1) AND a.kind = 'cancellation') OR a.adjustment_id = ANY($2) \
-         GROUP BY a.adjustment_id ORDER BY a.txid, a.seq";
+     array_agg(l.line_no ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
+     array_agg(l.quantity ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL), \
+     array_agg(l.amount_minor ORDER BY l.line_no) FILTER (WHERE l.line_no IS NOT NULL) \
+     FROM adjustments a LEFT JOIN adjustment_lines l USING (adjustment_id) \
+     WHERE (a.order_id = ANY($1) AND a.kind = 'cancellation') OR a.adjustment_id = ANY($2) \
+     GROUP BY a.adjustment_id ORDER BY a.txid, a.seq";
 
 /// What the adjustments of `order_ids` gave back so far, per order as one
 /// adjustment holding each line's sums: all `remaining` needs, read in one row per
