@@ -406,28 +406,32 @@ async fn lock_cursor(tx: &mut PgConnection) -> Result<LogPosition, sqlx::Error> 
 /// How far the loader is behind the log.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Lag {
-    /// Rows of the log after its cursor (counted up to a million per table).
+    /// Rows of the log after its cursor, counted up to
+    /// [`tidemark_orderlog::LAG_COUNTED`] per table (as the other consumers' lag).
     pub rows: i64,
     /// Age of the oldest of them.
     pub seconds: f64,
 }
 
+/// Measures the loader's lag, reading at most [`tidemark_orderlog::LAG_COUNTED`]
+/// rows of each table of the log.
 pub async fn lag(pool: &PgPool) -> Result<Lag, sqlx::Error> {
     let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
         "WITH c AS (SELECT coalesce(max(txid), '0') AS txid, coalesce(max(seq), 0) AS seq \
                     FROM consumer_cursors WHERE consumer = $1) \
          SELECT count(*), min(at) FROM c, LATERAL (( \
              SELECT ingested_at AS at FROM orders o WHERE (o.txid, o.seq) > (c.txid, c.seq) \
-             ORDER BY o.txid, o.seq LIMIT 1000000 \
+             ORDER BY o.txid, o.seq LIMIT $2 \
          ) UNION ALL ( \
              SELECT ingested_at FROM adjustments a WHERE (a.txid, a.seq) > (c.txid, c.seq) \
-             ORDER BY a.txid, a.seq LIMIT 1000000 \
+             ORDER BY a.txid, a.seq LIMIT $2 \
          ) UNION ALL ( \
              SELECT recorded_at FROM customer_changes k WHERE (k.txid, k.seq) > (c.txid, c.seq) \
-             ORDER BY k.txid, k.seq LIMIT 1000000 \
+             ORDER BY k.txid, k.seq LIMIT $2 \
          )) behind",
     )
     .bind(CONSUMER)
+    .bind(tidemark_orderlog::LAG_COUNTED)
     .fetch_one(pool)
     .await?;
     let seconds = oldest.map_or(0.0, |t| {

@@ -68,8 +68,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         report.row(
             format!("speed layer lag at {rate} orders/s, sampled every 250 ms"),
             format!(
-                "max {:.2} s / {} rows; max in the first 10 s {:.2} s, in the last 10 s {:.2} s",
-                lag.max_seconds, lag.max_rows, lag.first_seconds, lag.last_seconds
+                "max {:.2} s / {} rows (counted up to {} per table); max in the first 10 s \
+                 {:.2} s, in the last 10 s {:.2} s",
+                lag.max_seconds,
+                lag.max_rows,
+                tidemark_orderlog::LAG_COUNTED,
+                lag.first_seconds,
+                lag.last_seconds
             ),
             String::new(),
             None,
