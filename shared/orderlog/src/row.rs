@@ -34,15 +34,23 @@ macro_rules! order_from {
 
 /// The lines of the order `o`, gathered in line order as `l` (for [`order_from!`]
 /// and the log's adjustment rows).
+///
+/// The aggregates read a subquery sorted by `line_no`, which the primary key's
+/// index scan delivers in that order: Postgres 15 does not pull up a subquery
+/// with `ORDER BY`, and its aggregates take their input in the order given. Four
+/// `array_agg(… ORDER BY line_no)` instead sorted each order's lines four times:
+/// 5,000 orders of the log read in 38 ms instead of 28 (the log read's cost is
+/// mostly this gathering; 4 ms without it).
 #[macro_export]
 macro_rules! order_lines {
     () => {
         "CROSS JOIN LATERAL ( \
-             SELECT array_agg(product_id ORDER BY line_no) AS line_products, \
-                    array_agg(category ORDER BY line_no) AS line_categories, \
-                    array_agg(quantity ORDER BY line_no) AS line_quantities, \
-                    array_agg(unit_price_minor ORDER BY line_no) AS line_prices \
-             FROM order_lines WHERE order_lines.order_id = o.order_id \
+             SELECT array_agg(product_id) AS line_products, \
+                    array_agg(category) AS line_categories, \
+                    array_agg(quantity) AS line_quantities, \
+                    array_agg(unit_price_minor) AS line_prices \
+             FROM (SELECT product_id, category, quantity, unit_price_minor FROM order_lines \
+                   WHERE order_lines.order_id = o.order_id ORDER BY line_no) in_line_order \
          ) l"
     };
 }

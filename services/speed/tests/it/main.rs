@@ -3,6 +3,7 @@
 mod exactness;
 mod faults;
 mod horizon;
+mod log;
 mod ops;
 mod process;
 mod undecodable;

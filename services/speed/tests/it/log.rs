@@ -1,0 +1,109 @@
+//! Reading the log: each order's lines in line order, and lag measured at a
+//! bounded cost.
+
+use tidemark_domain::{Event, LogPosition};
+use tidemark_orderlog::{LAG_COUNTED, lag, range};
+
+/// Every plan the lines' read may get — custom, generic (a connection's after
+/// five executions), and one sorting instead of walking the primary key — gives
+/// an order's lines in `line_no` order, however they are stored.
+#[tokio::test]
+async fn the_log_read_gives_an_orders_lines_in_line_order_whatever_their_storage_order() {
+    let db = tidemark_testkit::postgres().await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let order_id: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+         VALUES (gen_random_uuid(), 'u1', 'Berlin', 'EUR', now()) RETURNING order_id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    // Stored last line first, the middle one last.
+    for line_no in [3_i16, 1, 2] {
+        sqlx::query(
+            "INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+                                      unit_price_minor) VALUES ($1, $2, $3, 'books', $2, 100)",
+        )
+        .bind(order_id)
+        .bind(line_no)
+        .bind(format!("p{line_no}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut conn = db.pool.acquire().await.unwrap();
+    for settings in [
+        "SET plan_cache_mode = auto",
+        "SET plan_cache_mode = force_generic_plan",
+        "SET enable_indexscan = off",
+    ] {
+        sqlx::query(settings).execute(&mut *conn).await.unwrap();
+        let rows = range(
+            &mut *conn,
+            LogPosition::ZERO,
+            LogPosition::new(i64::MAX as u64, i64::MAX),
+        )
+        .await
+        .unwrap();
+        let [row] = &rows[..] else {
+            panic!("one order: {rows:?}")
+        };
+        let Event::Order(order) = &row.event else {
+            panic!("an order: {row:?}")
+        };
+        let lines: Vec<(&str, i32)> = order
+            .lines
+            .iter()
+            .map(|l| (l.product_id.as_str(), l.quantity))
+            .collect();
+        assert_eq!(lines, [("p1", 1), ("p2", 2), ("p3", 3)], "{settings}");
+    }
+}
+
+/// The lag measurement reads at most `LAG_COUNTED` rows of each table (its count a
+/// floor past that), exact below it, and ages the first row after the cursor.
+#[tokio::test]
+async fn lag_counts_up_to_its_cap_and_ages_the_oldest_row_behind() {
+    let db = tidemark_testkit::postgres().await;
+    // The oldest row first (its own transaction), then more than the cap.
+    sqlx::query(
+        "INSERT INTO orders (order_id, user_id, city, currency, created_at, ingested_at) \
+         VALUES (gen_random_uuid(), 'u', 'Berlin', 'EUR', now(), now() - interval '30 s')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let more = LAG_COUNTED + 50;
+    sqlx::query(
+        "INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+         SELECT gen_random_uuid(), 'u' || n, 'Berlin', 'EUR', now() FROM generate_series(1, $1) n",
+    )
+    .bind(more)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let all = lag(&db.pool, LogPosition::ZERO).await.unwrap();
+    assert_eq!(all.rows, LAG_COUNTED, "counted up to the cap");
+    assert!(
+        (30.0..60.0).contains(&all.seconds),
+        "aged by the oldest row: {}",
+        all.seconds
+    );
+
+    // Below the cap the count is exact: a cursor 60 rows from the end.
+    let (txid, seq): (i64, i64) = sqlx::query_as(
+        "SELECT txid::text::int8, seq FROM orders ORDER BY txid, seq OFFSET $1 LIMIT 1",
+    )
+    .bind(more + 1 - 61)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let near = lag(&db.pool, LogPosition::new(txid as u64, seq))
+        .await
+        .unwrap();
+    assert_eq!(near.rows, 60);
+    assert!(near.seconds < 30.0, "{}", near.seconds);
+}
