@@ -71,7 +71,7 @@
 //! with a batch in hand cannot apply it once its successor has written (or raised
 //! the fence on taking over, [`SpeedView::raise_fence`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use redis::Script;
@@ -127,10 +127,12 @@ pub fn source_of(dimension: Dimension) -> Dimension {
     }
 }
 
-/// Changes to apply, grouped by Redis hash: (epoch, minute, shape).
+/// Changes to apply, grouped by Redis hash: (epoch, minute, shape). The maps hash
+/// with foldhash: SipHash was ~6 % of the speed consumer's CPU at 20,000 orders/s
+/// (each row touches ten fields or so).
 #[derive(Debug, Default)]
 pub struct Delta {
-    hashes: HashMap<(u64, i64, &'static str), HashMap<String, i64>>,
+    hashes: foldhash::HashMap<(u64, i64, &'static str), foldhash::HashMap<String, i64>>,
     rows: usize,
 }
 
