@@ -38,9 +38,9 @@ macro_rules! order_from {
 /// The aggregates read a subquery sorted by `line_no`, which the primary key's
 /// index scan delivers in that order: Postgres 15 does not pull up a subquery
 /// with `ORDER BY`, and its aggregates take their input in the order given. Four
-/// `array_agg(… ORDER BY line_no)` instead sorted each order's lines four times:
-/// 5,000 orders of the log read in 38 ms instead of 28 (the log read's cost is
-/// mostly this gathering; 4 ms without it).
+/// `array_agg(… ORDER BY line_no)`, as before, sorted each order's lines four
+/// times: 5,000 orders of the log took 38 ms to read that way and take 28 ms now
+/// (the log read's cost is mostly this gathering; 4 ms without it).
 #[macro_export]
 macro_rules! order_lines {
     () => {

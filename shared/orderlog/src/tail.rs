@@ -185,9 +185,9 @@ pub async fn range<'e>(
 
 /// How many rows after a cursor a lag measurement counts in each table of the
 /// log. Counting reads every row it counts: counted up to a million, a consumer
-/// 46 s behind at 20,000 orders/s had its lag measured by a Postgres backend
-/// busy all the time (`bench speed`, `pg_stat_statements`: 15 % of Postgres's
-/// time in that minute), taken from the consumer it measured. Past the cap the
+/// 40–50 s behind at 20,000 orders/s had its lag measured by a Postgres backend
+/// busy all the time (`bench speed`, `pg_stat_statements`: 61 s of the minute's
+/// ~400 s of statement time), taken from the consumer it measured. Past the cap the
 /// count is a floor; the age, which alerts and readiness use, is that of the
 /// oldest row counted: the first rows in log order, whose transactions wrote
 /// first.
