@@ -965,3 +965,69 @@ async fn large_hashes_and_totals_past_two_to_the_53_apply_exactly() {
         );
     }
 }
+
+/// One apply over more minutes than one `ZADD` of the script carries, in two
+/// epochs: every minute is indexed and read back, and a read tracked from before
+/// the apply adds its change (one packed value of 20,000 hashes) to equal a full read.
+#[tokio::test]
+async fn an_apply_over_thousands_of_minutes_indexes_and_tracks_every_one() {
+    let config = tidemark_testkit::redis();
+    let view = view(&config);
+    assert_eq!(
+        view.reset(LogPosition::ZERO, 0, 1, 0).await.unwrap(),
+        Applied::Done
+    );
+    let start = Utc
+        .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
+        .unwrap()
+        .timestamp();
+    let minutes: i64 = 5_000;
+    let mut tracked = view
+        .track(
+            0,
+            Granularity::Minute,
+            Dimension::City,
+            start,
+            start + minutes * 60,
+        )
+        .await
+        .unwrap();
+    let mut delta = Delta::default();
+    for k in 0..minutes {
+        let mut o = order(k as u128, 0, "Oslo", "p", "EUR", 1, 100 + k);
+        o.created_at = Utc.timestamp_opt(start + k * 60 + 7, 0).unwrap();
+        // 4,500 minutes in epoch 0 (more than Lua's `unpack` takes at once as
+        // members of one `ZADD`), the rest in epoch 1.
+        delta.add(u64::from(k >= 4_500), &Event::Order(o));
+    }
+    assert_eq!(
+        view.apply(LogPosition::ZERO, LogPosition::new(9, 1), 1, 0, &delta)
+            .await
+            .unwrap(),
+        Applied::Done
+    );
+    let full = view
+        .read(
+            0,
+            Granularity::Minute,
+            Dimension::City,
+            start,
+            start + minutes * 60,
+        )
+        .await
+        .unwrap();
+    assert_eq!(full.epochs.keys().copied().collect::<Vec<_>>(), [0, 1]);
+    for k in 0..minutes {
+        let cell = cell(&full, start + k * 60, "Oslo", "EUR");
+        assert_eq!(
+            (cell.orders, cell.revenue_minor),
+            (1, 100 + k),
+            "minute {k}"
+        );
+    }
+    assert_eq!(
+        view.refresh(&mut tracked).await.unwrap(),
+        tidemark_speedview::Refreshed::Changes(10 * 5_000)
+    );
+    assert_eq!(**tracked.cells(), full.total());
+}
