@@ -67,6 +67,14 @@ impl worker::StepError for StepError {
     }
 }
 
+/// Records the time since `started` as a phase of a step: `read` (waiting for the
+/// log read, which ran while the last batch was applied), `delta` (summing the
+/// batch per cell), `apply` (the Redis script).
+fn phase(name: &'static str, started: Instant) {
+    metrics::histogram!("speed_step_phase_seconds", "phase" => name)
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// What one step did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -190,7 +198,9 @@ impl Consumer {
             Some(next) if next.from == meta.cursor => next.read,
             _ => self.read_after(meta.cursor),
         };
+        let waited = Instant::now();
         let (cuts, tail) = read.await.expect("the log read does not panic")?;
+        phase("read", waited);
         let Some(last) = tail.rows.last() else {
             return match tail.stopped {
                 Some(stopped) => Err(stopped.into()),
@@ -203,16 +213,20 @@ impl Consumer {
             read: self.read_after(to),
         });
         drop(ahead);
+        let built = Instant::now();
         let mut delta = Delta::default();
         for row in &tail.rows {
             delta.add(epoch_of(row.position.txid, &cuts), &row.event);
         }
+        phase("delta", built);
         let now_ms = Utc::now().timestamp_millis();
-        match self
+        let applying = Instant::now();
+        let applied = self
             .view
             .apply(meta.cursor, to, now_ms, fence.token, &delta)
-            .await?
-        {
+            .await?;
+        phase("apply", applying);
+        match applied {
             Applied::Done => {
                 if let Some(newest) = tail.rows.iter().map(|r| r.ingested_at).max() {
                     let age = (Utc::now() - newest).num_milliseconds().max(0);

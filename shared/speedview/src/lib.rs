@@ -22,11 +22,18 @@
 //! category, products from city, category and product (an order holds a product in
 //! one line, of one category). So every cell, order counts included, is the exact
 //! sum of the stored cells it covers, and an order costs about a third fewer
-//! writes than with every shape kept. Each shape has a hash of its own per minute,
-//! so a read fetches only the shape it sums, never another's fields.
+//! writes than with every shape kept. Each shape has a hash of its own per minute.
+//!
+//! Only the order counts (`o`, `bc`, `sc`) are kept in every stored shape; the
+//! amounts (revenue, items, refunded minor units and items) only in
+//! `city_category_product` ([`AMOUNTS`]): they add up across an order's lines, so
+//! any cell's amount is the sum of the products' cells it covers, where an order
+//! of two categories is still one order of its city. A read fetches its source's
+//! hash for the counts and the products' hash for the amounts; a single-line order
+//! costs six fields instead of ten.
 //!
 //! Fields are `{metric}:{currency}:{value}`; the value comes last so it may
-//! contain colons. Example: `r:EUR:Berlin` in the `city` hash. Metrics:
+//! contain colons. Example: `o:EUR:Berlin` in the `city` hash. Metrics:
 //!
 //! | metric | holds |
 //! |---|---|
@@ -91,7 +98,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub use tidemark_domain::{CellKey, Grid, Totals};
 
 /// The layout this build writes and reads (`layout` in `p:meta`).
-pub const LAYOUT: &str = "4";
+pub const LAYOUT: &str = "5";
 
 /// How long the changes of an apply stay readable in `p:changes` (ms, by Redis's
 /// clock). A tracked read more than this behind is read in full.
@@ -116,6 +123,15 @@ pub const STORED: [Dimension; 3] = [
     Dimension::CityCategory,
     Dimension::CityCategoryProduct,
 ];
+
+/// The shape that holds the amounts (revenue, items, refunded minor units and
+/// items): they add up across an order's lines, so every coarser shape's amount is
+/// the sum of this shape's cells it covers.
+pub const AMOUNTS: Dimension = Dimension::CityCategoryProduct;
+
+/// The metrics every stored shape holds: counts of orders, which do not add up
+/// across an order's lines (an order of two categories is one order of its city).
+const COUNTS: [&str; 3] = ["o", "bc", "sc"];
 
 /// The name of the buyers' hash of a minute.
 const BUYERS: &str = "buyers";
@@ -151,10 +167,6 @@ impl Delta {
         for dim in STORED {
             for cell in event.contributions(dim) {
                 let bucket = Granularity::Minute.bucket_of_secs(cell.at.timestamp());
-                let fields = self
-                    .hashes
-                    .entry((epoch, bucket, dim.as_str()))
-                    .or_default();
                 let t = &cell.totals;
                 for (metric, amount) in [
                     ("r", t.revenue_minor),
@@ -167,9 +179,14 @@ impl Delta {
                     ("si", t.restated.refunded_items),
                     ("sc", t.restated.cancelled_orders),
                 ] {
-                    if amount != 0 {
+                    if amount != 0 && (dim == AMOUNTS || COUNTS.contains(&metric)) {
                         let field = format!("{metric}:{currency}:{}", cell.value);
-                        *fields.entry(field).or_insert(0) += amount;
+                        *self
+                            .hashes
+                            .entry((epoch, bucket, dim.as_str()))
+                            .or_default()
+                            .entry(field)
+                            .or_insert(0) += amount;
                     }
                 }
             }
@@ -205,6 +222,9 @@ impl Delta {
         use std::fmt::Write;
         let mut out = String::new();
         for ((epoch, bucket, shape), fields) in &self.hashes {
+            if fields.is_empty() {
+                continue;
+            }
             if !out.is_empty() {
                 out.push(HASH_SEPARATOR);
             }
@@ -674,6 +694,9 @@ impl SpeedView {
             .arg(question.to)
             .arg(source_of(question.dimension).as_str())
             .arg(LAYOUT);
+        if source_of(question.dimension) != AMOUNTS {
+            invocation.arg(AMOUNTS.as_str());
+        }
         if buyers {
             invocation.arg(BUYERS);
         }
@@ -880,7 +903,7 @@ impl SpeedView {
                     }
                     if shape == BUYERS {
                         buyers.push(parse_buyer(minute, field)?);
-                    } else if shape == source {
+                    } else if shape == source || shape == AMOUNTS.as_str() {
                         add_cell(&mut cells, &tracked.question, minute, field, parse(amount)?)?;
                     }
                 }
@@ -1009,8 +1032,12 @@ fn decode_read(out: &[String], question: &Question) -> Result<(Snapshot, Vec<Buy
     Ok((Snapshot { meta, epochs }, buyers))
 }
 
-/// Adds a stored field of `question`'s source shape in `minute` to `grid`: its
-/// value cut to the question's dimension, its minute to its granularity's bucket.
+/// Adds a stored field in `minute` to `grid` if it answers `question` — an order
+/// count of the question's source shape ([`source_of`]), or an amount (of
+/// [`AMOUNTS`]) —: its value cut to the question's dimension, its minute to its
+/// granularity's bucket. The field's shape is that of its value, told by how many
+/// attributes it joins (no attribute holds the separator). An amount of another
+/// shape, or a count of a shape the read did not ask for, is corrupt.
 fn add_cell(
     grid: &mut Grid,
     question: &Question,
@@ -1018,12 +1045,28 @@ fn add_cell(
     field: &str,
     amount: i64,
 ) -> Result<()> {
-    let (dimension, source) = (question.dimension, source_of(question.dimension));
+    let dimension = question.dimension;
     let mut parts = field.splitn(3, ':');
     let (Some(metric), Some(currency), Some(value)) = (parts.next(), parts.next(), parts.next())
     else {
         return Err(corrupt(field));
     };
+    let source = match value.matches(tidemark_domain::VALUE_SEPARATOR).count() {
+        0 => Dimension::City,
+        1 => Dimension::CityCategory,
+        _ => Dimension::CityCategoryProduct,
+    };
+    if COUNTS.contains(&metric) {
+        if source != source_of(dimension) {
+            return if source == AMOUNTS {
+                Ok(())
+            } else {
+                Err(corrupt(field))
+            };
+        }
+    } else if source != AMOUNTS {
+        return Err(corrupt(field));
+    }
     let currency: Currency = currency.parse().map_err(|_| corrupt(field))?;
     let value = if source == dimension {
         value.to_owned()
@@ -1106,19 +1149,40 @@ mod tests {
 
     #[test]
     fn a_reply_decodes_into_epochs_and_cells() {
+        let sep = tidemark_domain::VALUE_SEPARATOR;
+        let (books, games) = (
+            format!("Zürich{sep}books{sep}p1"),
+            format!("Zürich{sep}games{sep}p2"),
+        );
+        let (r1, r2, o2, sr2) = (
+            format!("r:KWD:{books}"),
+            format!("r:KWD:{games}"),
+            format!("o:KWD:{games}"),
+            format!("sr:KWD:{games}"),
+        );
+        // The city's order count from its own hash; its amounts from the products'
+        // (whose order counts a city read leaves out).
         let snapshot = decode_snapshot_as(
             &reply(&[
-                "0",
-                "120",
-                "r:KWD:Zürich",
-                "1299",
                 "0",
                 "120",
                 "o:KWD:Zürich",
                 "1",
                 "0",
                 "120",
-                "sr:KWD:Zürich",
+                &r1,
+                "1000",
+                "0",
+                "120",
+                &r2,
+                "299",
+                "0",
+                "120",
+                &o2,
+                "1",
+                "0",
+                "120",
+                &sr2,
                 "300",
             ]),
             Granularity::Minute,
@@ -1138,12 +1202,26 @@ mod tests {
 
     #[test]
     fn data_this_build_cannot_read_is_an_error_not_a_gap() {
+        let sep = tidemark_domain::VALUE_SEPARATOR;
+        let product =
+            |metric: &str, currency: &str| format!("{metric}:{currency}:Oslo{sep}c{sep}p");
+        let (xyz, q, bare, odd) = (
+            product("r", "XYZ"),
+            product("q", "EUR"),
+            product("r", "EUR"),
+            format!("r:EUR:Oslo{sep}c{sep}p{sep}x"),
+        );
         for fields in [
-            vec!["0", "120", "r:XYZ:Oslo", "5"],
+            vec!["0", "120", &xyz, "5"],
+            vec!["0", "120", &q, "5"],
             vec!["0", "120", "q:EUR:Oslo", "5"],
             vec!["0", "120", "r:EUR", "5"],
-            vec!["0", "minute", "r:EUR:Oslo", "5"],
-            vec!["0", "120", "r:EUR:Oslo"],
+            vec!["0", "minute", &bare, "5"],
+            vec!["0", "120", &bare],
+            // Amounts are stored only by product; a count of a shape not asked for.
+            vec!["0", "120", "r:EUR:Oslo", "5"],
+            vec!["0", "120", "o:EUR:Oslo\u{1f}c", "5"],
+            vec!["0", "120", &odd, "5"],
         ] {
             let decoded = decode_snapshot_as(&reply(&fields), Granularity::Minute, Dimension::City);
             assert!(
@@ -1154,9 +1232,9 @@ mod tests {
         assert!(
             decode_snapshot_as(&["1".to_owned()], Granularity::Minute, Dimension::City).is_err()
         );
-        // A category read sums `city_category` cells: one without a category is corrupt.
+        // A category read sums `city_category` counts: a city's is corrupt.
         let decoded = decode_snapshot_as(
-            &reply(&["0", "120", "r:EUR:Oslo", "5"]),
+            &reply(&["0", "120", "o:EUR:Oslo", "5"]),
             Granularity::Minute,
             Dimension::Category,
         );

@@ -81,12 +81,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             format!("speed layer lag at {rate} orders/s, sampled every 250 ms"),
             format!(
                 "max {:.2} s / {} rows (counted up to {} per table); max in the first 10 s \
-                 {:.2} s, in the last 10 s {:.2} s",
+                 {:.2} s, in the last 10 s {:.2} s; the consumer's steps: {}",
                 lag.max_seconds,
                 lag.max_rows,
                 tidemark_orderlog::LAG_COUNTED,
                 lag.first_seconds,
-                lag.last_seconds
+                lag.last_seconds,
+                lag.phases_text()
             ),
             String::new(),
             None,
@@ -267,7 +268,7 @@ async fn freshness(
             ],
         )
         .await?;
-    bench
+    let speed = bench
         .service(
             "speed",
             &[
@@ -312,7 +313,8 @@ async fn freshness(
         ],
     )?;
     stop.cancel();
-    let speed_lag = SpeedLag::of(&speed_sampler.await??, seconds as f64);
+    let mut speed_lag = SpeedLag::of(&speed_sampler.await??, seconds as f64);
+    speed_lag.phases = step_phases(&speed).await?;
     let Some(vault_sampler) = vault_sampler else {
         pool.close().await;
         bench.stop_services().await;
@@ -380,6 +382,45 @@ struct SpeedLag {
     /// The largest lag in the run's first and last 10 seconds: equal when flat.
     first_seconds: f64,
     last_seconds: f64,
+    /// The consumer's steps by phase (`speed_step_phase_seconds`): name, seconds in
+    /// all, steps.
+    phases: Vec<(String, f64, f64)>,
+}
+
+impl SpeedLag {
+    /// The phases as `read 41 ms × 300 (12.3 s), …`.
+    fn phases_text(&self) -> String {
+        self.phases
+            .iter()
+            .map(|(name, sum, count)| {
+                format!(
+                    "{name} {:.1} ms × {count:.0} ({sum:.1} s)",
+                    1e3 * sum / count.max(1.0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The speed service's step phases from its `/metrics`: (phase, seconds, steps).
+async fn step_phases(speed: &str) -> Result<Vec<(String, f64, f64)>> {
+    let text = reqwest::get(format!("{speed}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let value = |series: &str, phase: &str| -> f64 {
+        let name = format!("speed_step_phase_seconds_{series}{{phase=\"{phase}\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(["read", "delta", "apply"]
+        .iter()
+        .map(|p| ((*p).to_owned(), value("sum", p), value("count", p)))
+        .collect())
 }
 
 impl SpeedLag {
@@ -396,6 +437,7 @@ impl SpeedLag {
             max_rows: samples.iter().map(|(_, l)| l.rows).max().unwrap_or(0),
             first_seconds: max(&|at| at < 10.0),
             last_seconds: max(&|at| at >= run_seconds - 10.0 && at < run_seconds),
+            phases: Vec::new(),
         }
     }
 }
