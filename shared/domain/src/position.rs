@@ -3,8 +3,10 @@
 //! Postgres `orders` is the log. Each row carries the id of the transaction that
 //! wrote it (`txid`, an `xid8`) and a sequence value (`seq`). Log order is
 //! `(txid, seq)`; a consumer only reads rows whose `txid` is below the horizon
-//! `pg_snapshot_xmin(pg_current_snapshot())`, because everything below it has
-//! committed or aborted for good. See ARCHITECTURE.md, "The log".
+//! `log_horizon()` (`pg_snapshot_xmin(pg_current_snapshot())`, passing over
+//! transactions registered as never writing the log), because every transaction
+//! below it that writes the log has committed or aborted for good. See
+//! ARCHITECTURE.md, "The log".
 
 use std::fmt;
 

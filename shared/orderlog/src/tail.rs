@@ -6,12 +6,14 @@
 //! their log index) and merges them.
 //!
 //! [`tail`] is the only way Tidemark's consumers read new rows. It returns rows
-//! after a cursor whose transaction id is below the horizon
-//! `pg_snapshot_xmin(pg_current_snapshot())` taken in the *same statement*: every
-//! transaction below the horizon has finished, and any transaction that writes
-//! later gets a larger id, so a row below the horizon can never appear after the
-//! tail has passed it. A transaction that commits late holds the horizon back;
-//! consumers wait for it instead of skipping its rows.
+//! after a cursor whose transaction id is below the horizon `log_horizon()` taken
+//! in the *same statement* — `pg_snapshot_xmin(pg_current_snapshot())`, the
+//! oldest transaction still running, passing over those registered as never
+//! writing the log (the warehouse loader's; migration `0014_log_horizon.sql`):
+//! every transaction below the horizon has finished or never writes the log, and
+//! any transaction that writes later gets a larger id, so a row below the horizon
+//! can never appear after the tail has passed it. A transaction that commits late
+//! holds the horizon back; consumers wait for it instead of skipping its rows.
 //!
 //! A row this build cannot decode ends the read at that row ([`Tail::stopped`]):
 //! the rows before it are returned, nothing after it is.
@@ -125,7 +127,7 @@ pub async fn tail<'e>(
     // table gives its first `limit` rows (an index range scan), the merge the first
     // `limit` of both.
     let read: Vec<TailRow> = sqlx::query_as(concat!(
-        "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) \
+        "WITH h AS (SELECT log_horizon() AS xmin) \
          SELECT h.xmin::text::int8 AS horizon, t.* \
          FROM h LEFT JOIN LATERAL ( \
              SELECT * FROM ((",

@@ -103,11 +103,6 @@ pub async fn ground_truth_corrections(
         .collect()
 }
 
-/// The position of the newest committed row of the log (orders and
-/// adjustments, log order), if any.
-///
-/// Consumers pause while *any* transaction in the Postgres cluster (other tests'
-/// databases included) holds the horizon, so "caught up" means reaching this
 /// Cells of either grid whose values differ (a cell missing on one side counts).
 pub fn differing<K: Ord, V: PartialEq>(
     truth: &std::collections::BTreeMap<K, V>,
@@ -122,6 +117,11 @@ pub fn differing<K: Ord, V: PartialEq>(
         .count()
 }
 
+/// The position of the newest committed row of the log (orders and
+/// adjustments, log order), if any.
+///
+/// Consumers pause while *any* transaction in the Postgres cluster (other tests'
+/// databases included) holds the horizon, so "caught up" means reaching this
 /// position, not seeing one idle poll.
 pub async fn log_head(pool: &PgPool) -> Option<(u64, i64)> {
     let head: Option<(i64, i64)> = sqlx::query_as(

@@ -107,3 +107,55 @@ async fn lag_counts_up_to_its_cap_and_ages_the_oldest_row_behind() {
     assert_eq!(near.rows, 60);
     assert!(near.seconds < 30.0, "{}", near.seconds);
 }
+
+/// Longer than any other test holds a transaction open.
+const PASSED_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A transaction registered in `log_horizon_exempt` (the warehouse loader's,
+/// which never writes the log) does not hold the tail back; the same transaction
+/// unregistered does, and rows it writes are read once it commits.
+#[tokio::test]
+async fn the_tail_passes_over_a_registered_transaction_and_waits_for_any_other() {
+    let db = tidemark_testkit::postgres().await;
+    let insert = "WITH o AS (INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+                  VALUES (gen_random_uuid(), 'u', 'Berlin', 'EUR', now()) RETURNING order_id) \
+                  INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+                  unit_price_minor) SELECT order_id, 1, 'p', 'books', 1, 100 FROM o";
+    let tail = async || {
+        let tail = tidemark_orderlog::tail(&db.pool, LogPosition::ZERO, 100)
+            .await
+            .unwrap();
+        assert!(tail.stopped.is_none(), "{:?}", tail.stopped);
+        tail.rows.len()
+    };
+    // An open transaction with an id, then an order committed after it.
+    let mut open = db.pool.begin().await.unwrap();
+    let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    sqlx::query(insert).execute(&db.pool).await.unwrap();
+    assert_eq!(tail().await, 0, "held back by the open transaction");
+    sqlx::query("INSERT INTO log_horizon_exempt (holder, xid) VALUES ('vault', $1::text::xid8)")
+        .bind(xid)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Transaction ids are the cluster's: another test's open transaction may hold
+    // the horizon a while (R13's for 60 s).
+    let read = async |n| {
+        tidemark_testkit::wait::eventually(PASSED_WITHIN, "rows read", async || tail().await == n)
+            .await;
+    };
+    read(1).await;
+    // Once another transaction is registered instead, this one holds the tail again.
+    sqlx::query("UPDATE log_horizon_exempt SET xid = pg_current_xact_id()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(insert).execute(&db.pool).await.unwrap();
+    assert_eq!(tail().await, 0, "held back again");
+    sqlx::query(insert).execute(&mut *open).await.unwrap();
+    open.commit().await.unwrap();
+    read(3).await;
+}
