@@ -127,7 +127,7 @@ pub async fn tail<'e>(
     // table gives its first `limit` rows (an index range scan), the merge the first
     // `limit` of both.
     let read: Vec<TailRow> = sqlx::query_as(concat!(
-        "WITH h AS (SELECT log_horizon() AS xmin) \
+        "WITH h AS MATERIALIZED (SELECT log_horizon() AS xmin) \
          SELECT h.xmin::text::int8 AS horizon, t.* \
          FROM h LEFT JOIN LATERAL ( \
              SELECT * FROM ((",

@@ -159,3 +159,47 @@ async fn the_tail_passes_over_a_registered_transaction_and_waits_for_any_other()
     open.commit().await.unwrap();
     read(3).await;
 }
+
+/// The tail computes the horizon once per read, not once per row: `log_horizon()`
+/// runs a query, and inlined into the read it ran for every row returned (5,000
+/// rows read in 22 ms instead of 1.7 ms; the speed layer fell 16 s behind at
+/// 20,000 orders/s).
+#[tokio::test]
+async fn the_tail_computes_the_horizon_once_per_read() {
+    let db = tidemark_testkit::postgres().await;
+    sqlx::query(
+        "WITH o AS (INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+         SELECT gen_random_uuid(), 'u', 'Berlin', 'EUR', now() FROM generate_series(1, 50) \
+         RETURNING order_id) \
+         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+         unit_price_minor) SELECT order_id, 1, 'p', 'books', 1, 100 FROM o",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL track_functions = 'all'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // Another test's open transaction may hold the horizon: read until the rows
+    // are below it, counting the reads.
+    let mut reads = 0;
+    while tidemark_orderlog::tail(&mut *tx, LogPosition::ZERO, 100)
+        .await
+        .unwrap()
+        .rows
+        .len()
+        < 50
+    {
+        reads += 1;
+        assert!(reads < 6_000, "the horizon stayed behind the rows");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let calls: i64 =
+        sqlx::query_scalar("SELECT pg_stat_get_xact_function_calls('log_horizon'::regproc)")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(calls, reads + 1, "one call per read");
+}
