@@ -112,6 +112,9 @@ async fn r5_compactor_sigkilled_at_each_step_never_half_publishes() {
 /// What a ClickHouse fault mid-run left: the slowest a failed run took to end
 /// after the fault, and the worst drift and duplicate rows after each rerun.
 struct FaultOutcome {
+    /// Attempts in publish whose run flipped before the fault landed (then exact,
+    /// and repeated).
+    late: usize,
     slowest_failure: Duration,
     worst_drift: usize,
     worst_dupes: u64,
@@ -135,32 +138,51 @@ async fn clickhouse_fault_mid_run(
     env.ingest(&batch(&mut rng, &mut sent, 500)).await;
     rerun(env).await;
     let mut outcome = FaultOutcome {
+        late: 0,
         slowest_failure: Duration::ZERO,
         worst_drift: 0,
         worst_dupes: 0,
         cells: 0,
     };
     for step in ["stage", "publish"] {
-        env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
-        let before = env.published().await.run_id;
-        let process = loop {
-            if let Some(p) = at_step(env, step).await {
-                break p;
+        // Seen in publish, the run may finish its ClickHouse part (attaching the
+        // partitions, milliseconds) before the fault lands, then flip and fail in a
+        // later step: published with ClickHouse there, which must be exact. Such an
+        // attempt is checked and repeated with fresh orders.
+        let mut late = 0;
+        let before = loop {
+            env.ingest(&batch(&mut rng, &mut sent, 3_000)).await;
+            let before = env.published().await.run_id;
+            let process = loop {
+                if let Some(p) = at_step(env, step).await {
+                    break p;
+                }
+            };
+            fault(clickhouse);
+            let faulted = std::time::Instant::now();
+            let status = process.exit(within).await;
+            outcome.slowest_failure = outcome.slowest_failure.max(faulted.elapsed());
+            assert!(
+                !status.success(),
+                "a run without ClickHouse fails: {status}"
+            );
+            let state = tidemark_batchview::PublishedState::load(&env.db.pool)
+                .await
+                .unwrap()
+                .unwrap();
+            if state.run_id == before {
+                break before;
             }
+            late += 1;
+            outcome.late += 1;
+            assert!(
+                step == "publish" && late < 5,
+                "nothing published without ClickHouse ({step}, attempt {late})"
+            );
+            recover(clickhouse).await;
+            let (drift, _) = env.drift().await;
+            assert_eq!(drift, 0, "a run published before the fault is exact");
         };
-        fault(clickhouse);
-        let faulted = std::time::Instant::now();
-        let status = process.exit(within).await;
-        outcome.slowest_failure = outcome.slowest_failure.max(faulted.elapsed());
-        assert!(
-            !status.success(),
-            "a run without ClickHouse fails: {status}"
-        );
-        let state = tidemark_batchview::PublishedState::load(&env.db.pool)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(state.run_id, before, "nothing published without ClickHouse");
         recover(clickhouse).await;
         let (drift, _) = env.drift().await;
         outcome.worst_drift = outcome.worst_drift.max(drift);
@@ -191,9 +213,10 @@ async fn r5_clickhouse_stopped_mid_run_publishes_nothing_then_the_rerun_is_exact
         "R5",
         format!(
             "ClickHouse stopped while the compactor was in stage, then in publish: the runs \
-             failed, nothing published; after restart the rerun: drift {} of {} cells, \
+             failed, nothing published ({} attempts in publish flipped before the stop \
+             landed: exact, repeated); after restart the rerun: drift {} of {} cells, \
              duplicate ClickHouse rows {}",
-            outcome.worst_drift, outcome.cells, outcome.worst_dupes
+            outcome.late, outcome.worst_drift, outcome.cells, outcome.worst_dupes
         ),
     );
     assert_eq!(outcome.worst_drift, 0);
@@ -230,10 +253,12 @@ async fn r5_clickhouse_hung_mid_run_fails_within_the_timeout_then_the_rerun_is_e
         format!(
             "ClickHouse hung (SIGSTOP) while the compactor was in stage, then in publish, \
              clickhouse.timeout {} s: the runs failed by themselves within {:.1} s, nothing \
-             published; after SIGCONT the rerun: drift {} of {} cells, duplicate ClickHouse \
+             published ({} attempts in publish flipped before the pause landed: exact, \
+             repeated); after SIGCONT the rerun: drift {} of {} cells, duplicate ClickHouse \
              rows {}",
             TIMEOUT.as_secs(),
             outcome.slowest_failure.as_secs_f64(),
+            outcome.late,
             outcome.worst_drift,
             outcome.cells,
             outcome.worst_dupes
