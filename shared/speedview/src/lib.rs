@@ -222,9 +222,6 @@ impl Delta {
         use std::fmt::Write;
         let mut out = String::new();
         for ((epoch, bucket, shape), fields) in &self.hashes {
-            if fields.is_empty() {
-                continue;
-            }
             if !out.is_empty() {
                 out.push(HASH_SEPARATOR);
             }
@@ -883,17 +880,7 @@ impl SpeedView {
                 continue;
             }
             for hash in change.split(HASH_SEPARATOR).filter(|h| !h.is_empty()) {
-                let (key, packed) = hash
-                    .split_once(KEY_SEPARATOR)
-                    .ok_or_else(|| corrupt(hash))?;
-                let mut parts = key.splitn(3, ':');
-                let (Some(epoch), Some(minute), Some(shape)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
-                    return Err(corrupt(key));
-                };
-                let epoch: u64 = epoch.parse().map_err(|_| corrupt(key))?;
-                let minute = parse(minute)?;
+                let (epoch, minute, shape, packed) = decode_change_hash(hash)?;
                 let mut values = packed.split(CHANGE_SEPARATOR);
                 while let Some(field) = values.next() {
                     let amount = values.next().ok_or_else(|| corrupt(packed))?;
@@ -917,6 +904,21 @@ impl SpeedView {
         tracked.mark = mark;
         Ok(Refreshed::Changes(fields))
     }
+}
+
+/// One hash of a change (see [`Delta::change`]): its epoch, minute, shape and
+/// packed fields.
+fn decode_change_hash(hash: &str) -> Result<(u64, i64, &str, &str)> {
+    let (key, packed) = hash
+        .split_once(KEY_SEPARATOR)
+        .ok_or_else(|| corrupt(hash))?;
+    let mut parts = key.splitn(3, ':');
+    let (Some(epoch), Some(minute), Some(shape)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(corrupt(key));
+    };
+    let epoch = epoch.parse().map_err(|_| corrupt(key))?;
+    Ok((epoch, parse(minute)?, shape, packed))
 }
 
 /// Whether `changes` (field, value pairs of the entries after a tracked read's last)
