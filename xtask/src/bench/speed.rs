@@ -46,7 +46,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         let (fast, _, fast_lag) = freshness(bench, FAST_RATE, FAST_SECONDS, false).await?;
         let mut report = BenchReport::new(
             "speed-fast",
-            &format!("release build; {FAST_RATE} orders/s for {FAST_SECONDS} s only"),
+            format!("release build; {FAST_RATE} orders/s for {FAST_SECONDS} s only"),
         );
         fast_figures(&mut report, &fast, &fast_lag);
         return Ok(report);
