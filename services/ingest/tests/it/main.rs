@@ -9,6 +9,7 @@ mod group;
 mod ops;
 mod process;
 mod relay;
+mod store;
 mod vault;
 
 use std::collections::HashMap;
