@@ -11,8 +11,8 @@ fn code(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>) -> String {
     let error = result.expect_err("the statement is refused");
     error
         .as_database_error()
-        .and_then(|e| e.code())
-        .map(|c| c.into_owned())
+        .and_then(sqlx::error::DatabaseError::code)
+        .map(std::borrow::Cow::into_owned)
         .unwrap_or_else(|| panic!("not a database error: {error}"))
 }
 
