@@ -109,6 +109,8 @@ pub struct Consumer {
 struct Ahead {
     from: LogPosition,
     read: JoinHandle<Result<(epochs::Cuts, Tail), StepError>>,
+    /// This instance's last apply moved the view's cursor to `from`.
+    applied: bool,
 }
 
 impl Consumer {
@@ -184,19 +186,32 @@ impl Consumer {
     /// ends) already runs, so Postgres and Redis work at the same time. That read
     /// is used only if the next step finds the cursor where it started; it is the
     /// read that step would make, only earlier: the epoch of a row is fixed by its
-    /// position and the durable cut list, whichever snapshot reads it.
+    /// position and the durable cut list, whichever snapshot reads it. After an
+    /// apply of its own the step does not read the cursor from the view: the
+    /// apply checks it (one Redis round trip fewer per step, about a millisecond of
+    /// each ~8 ms step at 20,000 orders/s).
     pub async fn step(&self) -> Result<Step, StepError> {
         let Some(fence) = self.lease.fence() else {
             return Ok(Step::Standby);
         };
         self.raise(fence).await?;
-        let Some(meta) = self.view.meta().await? else {
-            return self.rebuild(fence).await;
-        };
         let mut ahead = self.ahead.lock().await;
-        let read = match ahead.take() {
-            Some(next) if next.from == meta.cursor => next.read,
-            _ => self.read_after(meta.cursor),
+        let (cursor, read) = match ahead.take() {
+            // Where this instance's last apply left the cursor: no need to ask the
+            // view. The apply checks the cursor itself (and that the view is there,
+            // in this layout): if another writer moved it or Redis lost it, the
+            // apply says so and the next step asks.
+            Some(next) if next.applied => (next.from, next.read),
+            next => {
+                let Some(meta) = self.view.meta().await? else {
+                    return self.rebuild(fence).await;
+                };
+                let read = match next {
+                    Some(next) if next.from == meta.cursor => next.read,
+                    _ => self.read_after(meta.cursor),
+                };
+                (meta.cursor, read)
+            }
         };
         let waited = Instant::now();
         let (cuts, tail) = read.await.expect("the log read does not panic")?;
@@ -211,8 +226,8 @@ impl Consumer {
         *ahead = Some(Ahead {
             from: to,
             read: self.read_after(to),
+            applied: false,
         });
-        drop(ahead);
         let built = Instant::now();
         let mut delta = Delta::default();
         for row in &tail.rows {
@@ -223,11 +238,14 @@ impl Consumer {
         let applying = Instant::now();
         let applied = self
             .view
-            .apply(meta.cursor, to, now_ms, fence.token, &delta)
+            .apply(cursor, to, now_ms, fence.token, &delta)
             .await?;
         phase("apply", applying);
         match applied {
             Applied::Done => {
+                if let Some(next) = ahead.as_mut() {
+                    next.applied = true;
+                }
                 if let Some(newest) = tail.rows.iter().map(|r| r.ingested_at).max() {
                     let age = (Utc::now() - newest).num_milliseconds().max(0);
                     metrics::histogram!("speed_freshness_seconds").record(age as f64 / 1000.0);

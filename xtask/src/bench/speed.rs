@@ -417,20 +417,23 @@ struct SpeedLag {
     last_seconds: f64,
     /// The largest lag in each 10 seconds of the run, in order.
     by_ten_seconds: Vec<f64>,
-    /// The consumer's steps by phase (`speed_step_phase_seconds`): name, seconds in
-    /// all, steps.
-    phases: Vec<(String, f64, f64)>,
+    /// The consumer's steps by phase (`speed_step_phase_seconds`).
+    phases: Vec<Phase>,
 }
 
 impl SpeedLag {
-    /// The phases as `read 41 ms × 300 (12.3 s), …`.
+    /// The phases as `read 41 ms × 300 (12.3 s; 2 over 50 ms), …`.
     fn phases_text(&self) -> String {
         self.phases
             .iter()
-            .map(|(name, sum, count)| {
+            .map(|p| {
                 format!(
-                    "{name} {:.1} ms × {count:.0} ({sum:.1} s)",
-                    1e3 * sum / count.max(1.0)
+                    "{} {:.1} ms × {:.0} ({:.1} s; {:.0} over 50 ms)",
+                    p.name,
+                    1e3 * p.seconds / p.steps.max(1.0),
+                    p.steps,
+                    p.seconds,
+                    p.steps - p.within_50ms
                 )
             })
             .collect::<Vec<_>>()
@@ -438,15 +441,24 @@ impl SpeedLag {
     }
 }
 
-/// The speed service's step phases from its `/metrics`: (phase, seconds, steps).
-async fn step_phases(speed: &str) -> Result<Vec<(String, f64, f64)>> {
+/// One phase of the consumer's steps, from its histogram.
+struct Phase {
+    name: String,
+    seconds: f64,
+    steps: f64,
+    /// Steps whose phase took at most 50 ms (the histogram's bucket).
+    within_50ms: f64,
+}
+
+/// The speed service's step phases from its `/metrics`.
+async fn step_phases(speed: &str) -> Result<Vec<Phase>> {
     let text = reqwest::get(format!("{speed}/metrics"))
         .await?
         .error_for_status()?
         .text()
         .await?;
-    let value = |series: &str, phase: &str| -> f64 {
-        let name = format!("speed_step_phase_seconds_{series}{{phase=\"{phase}\"}}");
+    let value = |series: &str, labels: &str| -> f64 {
+        let name = format!("speed_step_phase_seconds_{series}{{{labels}}}");
         text.lines()
             .find_map(|l| l.strip_prefix(&name))
             .and_then(|v| v.trim().parse().ok())
@@ -454,7 +466,15 @@ async fn step_phases(speed: &str) -> Result<Vec<(String, f64, f64)>> {
     };
     Ok(["read", "delta", "apply"]
         .iter()
-        .map(|p| ((*p).to_owned(), value("sum", p), value("count", p)))
+        .map(|p| {
+            let phase = format!("phase=\"{p}\"");
+            Phase {
+                name: (*p).to_owned(),
+                seconds: value("sum", &phase),
+                steps: value("count", &phase),
+                within_50ms: value("bucket", &format!("{phase},le=\"0.05\"")),
+            }
+        })
         .collect())
 }
 
