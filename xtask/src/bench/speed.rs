@@ -279,13 +279,6 @@ async fn freshness(
     let redis_url = bench.stack.redis_url();
     eprintln!("xtask bench: freshness at {rate} orders/s for {seconds} s");
     let db = bench.database(&format!("fresh{rate}")).await?;
-    if let Ok(sql) = std::env::var("XSQL") {
-        let pool = sqlx::PgPool::connect(&db).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await?;
-        pool.close().await;
-    }
     let pool = sqlx::PgPool::connect(&db).await?;
     let (_, key) = auth::create(&pool, "bench", &[Scope::Ingest], None).await?;
     pool.close().await;
