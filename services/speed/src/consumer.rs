@@ -286,9 +286,7 @@ impl Consumer {
     ) -> JoinHandle<Result<(epochs::Cuts, Tail), StepError>> {
         let (pool, batch_size) = (self.pool.clone(), self.settings.batch_size);
         tokio::spawn(async move {
-            let mut tx = pool
-                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .await?;
+            let mut tx = pool.begin_with(tidemark_orderlog::TAIL_TRANSACTION).await?;
             let cuts = epochs::load(&mut *tx).await?;
             let tail = tidemark_orderlog::tail(&mut *tx, cursor, batch_size).await?;
             tx.commit().await?;

@@ -21,4 +21,4 @@ pub mod tail;
 
 pub use raw::{RAW_TIME_FORMAT, RawLine, RawLineRef, RawRecord, RawRecordRef};
 pub use row::{EventRow, LogRow, OrderRow, Undecodable};
-pub use tail::{LAG_COUNTED, Lag, LogError, Tail, lag, range, tail};
+pub use tail::{LAG_COUNTED, Lag, LogError, TAIL_TRANSACTION, Tail, lag, range, tail};

@@ -117,7 +117,19 @@ fn decode_until_stopped(
     (decoded, None)
 }
 
-/// Reads up to `limit` rows after `after`, below the current horizon.
+/// The transaction a consumer reads the tail in: one snapshot for the epoch cuts
+/// and the rows, and index range scans only. Postgres keeps a generic plan for the
+/// read after five executions, and without the cursor's values it guesses a third
+/// of each table after it, twice: once `ANALYZE` had run on the log in
+/// `bench speed`'s 20,000 orders/s minute (autovacuum, 20 s in), the generic plan
+/// read `adjustments` whole and sorted it at every read (27,000 rows then, 40-50 ms
+/// a read and growing, `auto_explain`), where the index gives the few rows after
+/// the cursor in order.
+pub const TAIL_TRANSACTION: &str =
+    "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL enable_seqscan = off";
+
+/// Reads up to `limit` rows after `after`, below the current horizon (a consumer
+/// reads in a transaction begun with [`TAIL_TRANSACTION`]).
 pub async fn tail<'e>(
     db: impl PgExecutor<'e>,
     after: LogPosition,
