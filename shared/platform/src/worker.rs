@@ -147,7 +147,7 @@ pub async fn run<F, Fut, E>(
                         continue;
                     }
                     Pace::Idle => {
-                        idle = (idle + 1).min(IDLE_HALVINGS + 1);
+                        idle = idle.saturating_add(1);
                         idle_wait(pacing.poll_interval, idle)
                     }
                 }

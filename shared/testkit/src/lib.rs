@@ -39,7 +39,7 @@ pub use figure::{figure, heavy};
 pub use fuzz::{Fuzzed, schemathesis};
 pub use isolate::{TestDb, clickhouse, postgres, redis, s3};
 pub use load::OrderLoad;
-pub use orders::{Straddle, insert, random_order};
+pub use orders::{Straddle, insert, insert_refunded, random_order};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;
 pub use servers::{

@@ -49,6 +49,26 @@ pub fn random_order(rng: &mut StdRng) -> Order {
     }
 }
 
+/// Inserts `n` one-line orders, each refunded once, by SQL in one batch: the log's
+/// four tables filled for a test of how they are read (plans, scans), not of what
+/// the rows hold.
+pub async fn insert_refunded(db: impl sqlx::PgExecutor<'_>, n: i32) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO orders (order_id, user_id, city, currency, created_at) \
+           SELECT gen_random_uuid(), 'u', 'Berlin', 'EUR', now() FROM generate_series(1, {n}); \
+         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, \
+                                  unit_price_minor) \
+           SELECT order_id, 1, 'p-1', 'books', 2, 100 FROM orders; \
+         INSERT INTO adjustments (adjustment_id, order_id, kind, created_at) \
+           SELECT gen_random_uuid(), order_id, 'refund', now() FROM orders; \
+         INSERT INTO adjustment_lines (adjustment_id, line_no, quantity, amount_minor) \
+           SELECT adjustment_id, 1, 1, 100 FROM adjustments"
+    )))
+    .execute(db)
+    .await
+    .expect("refunded orders inserted");
+}
+
 /// Inserts `order` into the log by SQL, in the caller's transaction if given
 /// one: what ingest's store does for one new order, without its checks.
 pub async fn insert(db: impl sqlx::PgExecutor<'_>, order: &Order) {

@@ -491,19 +491,7 @@ async fn the_refund_paths_reads_stay_on_their_indexes_in_a_fresh_database() {
     use tidemark_ingest::adjust::{BY_KEY, GIVEN_BACK, LOAD};
     let db = tidemark_testkit::postgres().await;
     // A few rows, one page each, never analyzed.
-    sqlx::raw_sql(
-        "INSERT INTO orders (order_id, user_id, city, currency, created_at) \
-           SELECT gen_random_uuid(), 'u', 'Berlin', 'EUR', now() FROM generate_series(1, 60); \
-         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, unit_price_minor) \
-           SELECT order_id, 1, 'p-1', 'books', 2, 100 FROM orders; \
-         INSERT INTO adjustments (adjustment_id, order_id, kind, created_at) \
-           SELECT gen_random_uuid(), order_id, 'refund', now() FROM orders; \
-         INSERT INTO adjustment_lines (adjustment_id, line_no, quantity, amount_minor) \
-           SELECT adjustment_id, 1, 1, 100 FROM adjustments",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    tidemark_testkit::insert_refunded(&db.pool, 60).await;
     let mut tx = db.pool.begin().await.unwrap();
     sqlx::query(BY_KEY).execute(&mut *tx).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

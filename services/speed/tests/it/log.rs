@@ -209,20 +209,11 @@ async fn the_tail_computes_the_horizon_once_per_read() {
 #[tokio::test]
 async fn the_tail_reads_the_log_by_its_indexes_whatever_the_estimates() {
     let db = tidemark_testkit::postgres().await;
-    sqlx::raw_sql(
-        "INSERT INTO orders (order_id, user_id, city, currency, created_at) \
-           SELECT gen_random_uuid(), 'u', 'Berlin', 'EUR', now() FROM generate_series(1, 3000); \
-         INSERT INTO order_lines (order_id, line_no, product_id, category, quantity, unit_price_minor) \
-           SELECT order_id, 1, 'p-1', 'books', 2, 100 FROM orders; \
-         INSERT INTO adjustments (adjustment_id, order_id, kind, created_at) \
-           SELECT gen_random_uuid(), order_id, 'refund', now() FROM orders; \
-         INSERT INTO adjustment_lines (adjustment_id, line_no, quantity, amount_minor) \
-           SELECT adjustment_id, 1, 1, 100 FROM adjustments; \
-         ANALYZE orders, order_lines, adjustments, adjustment_lines",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    tidemark_testkit::insert_refunded(&db.pool, 3_000).await;
+    sqlx::query("ANALYZE orders, order_lines, adjustments, adjustment_lines")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     // The last rows of the log, as a consumer that keeps up reads them.
     let (txid, seq): (i64, i64) = sqlx::query_as(
         "SELECT txid::text::int8, seq - 20 FROM adjustments ORDER BY txid DESC, seq DESC LIMIT 1",
