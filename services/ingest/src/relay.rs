@@ -32,7 +32,7 @@ use chrono::{Datelike, NaiveDate, Timelike};
 use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use tidemark_domain::LogPosition;
-use tidemark_orderlog::{LogError, LogRow, RawRecord, Undecodable};
+use tidemark_orderlog::{LogError, LogRow, RawRecord, TAIL_TRANSACTION, Undecodable};
 use tidemark_platform::config::S3Config;
 use tidemark_platform::lease::{FenceError, Fenced, Lease};
 use tidemark_platform::worker::{self, Pace, Pacing, Status};
@@ -220,9 +220,11 @@ impl Relay {
                 (until, rows)
             }
             None => {
+                let mut read = self.pool.begin_with(TAIL_TRANSACTION).await?;
                 let tail =
-                    tidemark_orderlog::tail(&self.pool, cursor.position, self.settings.batch_size)
+                    tidemark_orderlog::tail(&mut *read, cursor.position, self.settings.batch_size)
                         .await?;
+                read.commit().await?;
                 let Some(last) = tail.rows.last() else {
                     if let Some(stopped) = tail.stopped {
                         // The horizon is not passed: the row below it is not landed.

@@ -445,8 +445,11 @@ pub struct Lag {
 }
 
 /// Measures the loader's lag, reading at most [`tidemark_orderlog::LAG_COUNTED`]
-/// rows of each table of the log.
+/// rows of each table of the log, on their indexes
+/// ([`tidemark_orderlog::TAIL_TRANSACTION`]: its cursor is read in the statement, so
+/// every plan of it guesses a third of each table after it).
 pub async fn lag(pool: &PgPool) -> Result<Lag, sqlx::Error> {
+    let mut read = pool.begin_with(tidemark_orderlog::TAIL_TRANSACTION).await?;
     let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
         "WITH c AS (SELECT coalesce(max(txid), '0') AS txid, coalesce(max(seq), 0) AS seq \
                     FROM consumer_cursors WHERE consumer = $1) \
@@ -463,8 +466,9 @@ pub async fn lag(pool: &PgPool) -> Result<Lag, sqlx::Error> {
     )
     .bind(CONSUMER)
     .bind(tidemark_orderlog::LAG_COUNTED)
-    .fetch_one(pool)
+    .fetch_one(&mut *read)
     .await?;
+    read.commit().await?;
     let seconds = oldest.map_or(0.0, |t| {
         (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
     });

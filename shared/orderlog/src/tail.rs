@@ -20,7 +20,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
-use sqlx::{FromRow, PgExecutor, Row};
+use sqlx::{FromRow, PgExecutor, PgPool, Row};
 use tidemark_domain::LogPosition;
 
 use crate::row::{EventRow, LogRow, Undecodable};
@@ -117,19 +117,20 @@ fn decode_until_stopped(
     (decoded, None)
 }
 
-/// The transaction a consumer reads the tail in: one snapshot for the epoch cuts
-/// and the rows, and index range scans only. Postgres keeps a generic plan for the
-/// read after five executions, and without the cursor's values it guesses a third
-/// of each table after it, twice: once `ANALYZE` had run on the log in
-/// `bench speed`'s 20,000 orders/s minute (autovacuum, 20 s in), the generic plan
-/// read `adjustments` whole and sorted it at every read (27,000 rows then, 40-50 ms
-/// a read and growing, `auto_explain`), where the index gives the few rows after
-/// the cursor in order.
+/// The transaction every read of the log by position runs in — the tail, a range,
+/// a lag: one snapshot, and index range scans only. Postgres keeps a generic plan
+/// for a read after five executions, and without the cursor's values it guesses a
+/// third of each table after it: once `ANALYZE` had run on the log in
+/// `bench speed`'s 20,000 orders/s minute (autovacuum, 20 s in), the tail's generic
+/// plan read `adjustments` whole and sorted it at every read (27,000 rows then,
+/// 40-50 ms a read and growing, `auto_explain`), where the index gives the few rows
+/// after the cursor in order. [`range`] and [`lag`] begin it themselves; a
+/// consumer begins it for [`tail`], which it reads in one snapshot with more.
 pub const TAIL_TRANSACTION: &str =
     "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL enable_seqscan = off";
 
-/// Reads up to `limit` rows after `after`, below the current horizon (a consumer
-/// reads in a transaction begun with [`TAIL_TRANSACTION`]).
+/// Reads up to `limit` rows after `after`, below the current horizon (in a
+/// transaction begun with [`TAIL_TRANSACTION`]).
 pub async fn tail<'e>(
     db: impl PgExecutor<'e>,
     after: LogPosition,
@@ -169,12 +170,13 @@ pub async fn tail<'e>(
 
 /// Reads every row in `(after, until]` in log order, regardless of the horizon
 /// (the caller read them below a horizon before, so they are final). A row that
-/// cannot be decoded fails the read.
-pub async fn range<'e>(
-    db: impl PgExecutor<'e>,
+/// cannot be decoded fails the read. Reads in a [`TAIL_TRANSACTION`].
+pub async fn range(
+    pool: &PgPool,
     after: LogPosition,
     until: LogPosition,
 ) -> Result<Vec<LogRow>, LogError> {
+    let mut read = pool.begin_with(TAIL_TRANSACTION).await?;
     let rows: Vec<EventRow> = sqlx::query_as(concat!(
         "SELECT * FROM (",
         order_events!(),
@@ -189,8 +191,9 @@ pub async fn range<'e>(
     .bind(after.seq)
     .bind(until.txid as i64)
     .bind(until.seq)
-    .fetch_all(db)
+    .fetch_all(&mut *read)
     .await?;
+    read.commit().await?;
     match decode_until_stopped(rows) {
         (rows, None) => Ok(rows),
         (_, Some(stopped)) => Err(stopped.into()),
@@ -218,8 +221,9 @@ pub struct Lag {
 }
 
 /// Measures a consumer's lag from its cursor, reading at most [`LAG_COUNTED`]
-/// rows of each table.
-pub async fn lag<'e>(db: impl PgExecutor<'e>, cursor: LogPosition) -> Result<Lag, sqlx::Error> {
+/// rows of each table (in a [`TAIL_TRANSACTION`]).
+pub async fn lag(pool: &PgPool, cursor: LogPosition) -> Result<Lag, sqlx::Error> {
+    let mut read = pool.begin_with(TAIL_TRANSACTION).await?;
     let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT count(*), min(ingested_at) FROM (( \
              SELECT ingested_at FROM orders \
@@ -234,8 +238,9 @@ pub async fn lag<'e>(db: impl PgExecutor<'e>, cursor: LogPosition) -> Result<Lag
     .bind(cursor.txid as i64)
     .bind(cursor.seq)
     .bind(LAG_COUNTED)
-    .fetch_one(db)
+    .fetch_one(&mut *read)
     .await?;
+    read.commit().await?;
     let seconds = oldest.map_or(0.0, |t| {
         (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
     });

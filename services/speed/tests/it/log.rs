@@ -36,15 +36,15 @@ async fn the_log_read_gives_an_orders_lines_in_line_order_whatever_their_storage
     }
     tx.commit().await.unwrap();
 
-    let mut conn = db.pool.acquire().await.unwrap();
-    for settings in [
-        "SET plan_cache_mode = auto",
-        "SET plan_cache_mode = force_generic_plan",
-        "SET enable_indexscan = off",
+    for setting in [
+        ("plan_cache_mode", "auto"),
+        ("plan_cache_mode", "force_generic_plan"),
+        ("enable_indexscan", "off"),
     ] {
-        sqlx::query(settings).execute(&mut *conn).await.unwrap();
+        let pool =
+            tidemark_platform::postgres::pool_with(&db.config, "plans", 1, &[setting]).unwrap();
         let rows = range(
-            &mut *conn,
+            &pool,
             LogPosition::ZERO,
             LogPosition::new(i64::MAX as u64, i64::MAX),
         )
@@ -61,7 +61,7 @@ async fn the_log_read_gives_an_orders_lines_in_line_order_whatever_their_storage
             .iter()
             .map(|l| (l.product_id.as_str(), l.quantity))
             .collect();
-        assert_eq!(lines, [("p1", 1), ("p2", 2), ("p3", 3)], "{settings}");
+        assert_eq!(lines, [("p1", 1), ("p2", 2), ("p3", 3)], "{setting:?}");
     }
 }
 
@@ -201,50 +201,77 @@ async fn the_tail_computes_the_horizon_once_per_read() {
     assert_eq!(calls, reads + 1, "one call per read");
 }
 
-/// The consumer's read of the tail stays on the log's indexes whatever the
-/// planner's estimates (`orderlog::TAIL_TRANSACTION`). Here they are skewed to
-/// favour reading the tables whole — as the read's generic plan was once `ANALYZE`
-/// had run in `bench speed`'s 20,000 orders/s minute: it read `adjustments` whole
-/// and sorted it at every read.
+/// Every read of the log by position — the tail, a range, a lag — stays on the
+/// log's indexes whatever the planner's estimates (`orderlog::TAIL_TRANSACTION`).
+/// Here they are skewed to favour reading the tables whole, on every connection of
+/// a pool — as the tail's generic plan was once `ANALYZE` had run in
+/// `bench speed`'s 20,000 orders/s minute: it read `adjustments` whole and sorted
+/// it at every read.
 #[tokio::test]
-async fn the_tail_reads_the_log_by_its_indexes_whatever_the_estimates() {
+async fn reads_of_the_log_keep_to_its_indexes_whatever_the_estimates() {
     let db = tidemark_testkit::postgres().await;
     tidemark_testkit::insert_refunded(&db.pool, 3_000).await;
     sqlx::query("ANALYZE orders, order_lines, adjustments, adjustment_lines")
         .execute(&db.pool)
         .await
         .unwrap();
+    // Pools of one connection, so the statistics read after a read are of its
+    // backend; two, as a plan a connection keeps is not planned again for another
+    // transaction's settings.
+    let skewed = || {
+        tidemark_platform::postgres::pool_with(
+            &db.config,
+            "skewed",
+            1,
+            &[
+                ("plan_cache_mode", "force_generic_plan"),
+                ("cpu_index_tuple_cost", "100"),
+            ],
+        )
+        .unwrap()
+    };
+    let (plain, ours) = (skewed(), skewed());
     // The last rows of the log, as a consumer that keeps up reads them.
     let (txid, seq): (i64, i64) = sqlx::query_as(
-        "SELECT txid::text::int8, seq - 20 FROM adjustments ORDER BY txid DESC, seq DESC LIMIT 1",
+        "SELECT txid::text::int8, seq FROM adjustments ORDER BY txid DESC, seq DESC LIMIT 1",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let after = LogPosition::new(txid as u64, seq);
-    // Sequential scans of the log's two tables while reading the tail in a
-    // transaction begun with `begin`.
-    let scans = async |begin: &'static str| -> i64 {
-        let mut tx = db.pool.begin_with(begin).await.unwrap();
-        sqlx::raw_sql(
-            "SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL cpu_index_tuple_cost = 100",
+    let (after, last) = (
+        LogPosition::new(txid as u64, seq - 20),
+        LogPosition::new(txid as u64, seq),
+    );
+    // Sequential scans of the log's two tables so far (the backend's pending
+    // counts are flushed when the first statement ends).
+    let scanned = async |pool: &sqlx::PgPool| -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT sum(seq_scan)::int8 FROM pg_stat_user_tables \
+             WHERE relname IN ('orders', 'adjustments')",
         )
-        .execute(&mut *tx)
+        .fetch_one(pool)
         .await
-        .unwrap();
-        // Counts of the connection not yet reported (the setup's) show here too.
-        let count = "SELECT sum(seq_scan)::int8 FROM pg_stat_xact_user_tables \
-                     WHERE relname IN ('orders', 'adjustments')";
-        let before: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
+        .unwrap()
+    };
+    // The tail's last 20 rows, in a transaction begun with `begin`.
+    let tail = async |pool: &sqlx::PgPool, begin: &'static str| {
         // Another test's open transaction may hold the horizon back.
         let mut waited = 0;
-        while tidemark_orderlog::tail(&mut *tx, after, 5_000)
-            .await
-            .unwrap()
-            .rows
-            .len()
-            < 20
-        {
+        loop {
+            let mut tx = pool.begin_with(begin).await.unwrap();
+            let rows = tidemark_orderlog::tail(&mut *tx, after, 5_000)
+                .await
+                .unwrap()
+                .rows
+                .len();
+            tx.rollback().await.unwrap();
+            if rows >= 20 {
+                break;
+            }
             waited += 1;
             assert!(
                 waited * 20 < PASSED_WITHIN.as_millis(),
@@ -252,13 +279,19 @@ async fn the_tail_reads_the_log_by_its_indexes_whatever_the_estimates() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let after: i64 = sqlx::query_scalar(count).fetch_one(&mut *tx).await.unwrap();
-        tx.rollback().await.unwrap();
-        after - before
     };
+
+    let start = scanned(&plain).await;
+    tail(&plain, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await;
     assert!(
-        scans("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await > 0,
+        scanned(&plain).await > start,
         "with these estimates Postgres reads the tables whole; the test proves nothing"
     );
-    assert_eq!(scans(tidemark_orderlog::TAIL_TRANSACTION).await, 0);
+    let start = scanned(&ours).await;
+    tail(&ours, tidemark_orderlog::TAIL_TRANSACTION).await;
+    assert_eq!(scanned(&ours).await, start, "the tail");
+    assert_eq!(range(&ours, after, last).await.unwrap().len(), 20);
+    assert_eq!(scanned(&ours).await, start, "a range");
+    assert_eq!(lag(&ours, after).await.unwrap().rows, 20);
+    assert_eq!(scanned(&ours).await, start, "a lag");
 }
