@@ -28,6 +28,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use tidemark_domain::LogPosition;
+use tidemark_orderlog::TAIL_TRANSACTION;
 use tidemark_platform::lease::{FenceError, Fenced, Lease};
 use tidemark_platform::worker::{self, Pace, Pacing, Status};
 use tokio_util::sync::CancellationToken;
@@ -327,7 +328,14 @@ impl Loader {
         .fetch_optional(&self.pool)
         .await?;
         if let Some((txid, seq)) = cursor {
-            let (_, rows, _, _) = self.next_batch(&self.pool, txid, seq).await?;
+            // The poll, on the log's indexes as every read of it. The load's
+            // statements are left to the planner: forced to the indexes too
+            // (sequential scans, or also hash and merge joins, off), a loader
+            // catching up loaded 4,100-4,700 rows/s instead of 7,800 (`bench
+            // speed`, its batches of thousands of orders joined to their lines).
+            let mut read = self.pool.begin_with(TAIL_TRANSACTION).await?;
+            let (_, rows, _, _) = self.next_batch(&mut *read, txid, seq).await?;
+            read.commit().await?;
             if rows == 0 {
                 return Ok(Step::Idle);
             }
@@ -446,10 +454,10 @@ pub struct Lag {
 
 /// Measures the loader's lag, reading at most [`tidemark_orderlog::LAG_COUNTED`]
 /// rows of each table of the log, on their indexes
-/// ([`tidemark_orderlog::TAIL_TRANSACTION`]: its cursor is read in the statement, so
+/// ([`TAIL_TRANSACTION`]: its cursor is read in the statement, so
 /// every plan of it guesses a third of each table after it).
 pub async fn lag(pool: &PgPool) -> Result<Lag, sqlx::Error> {
-    let mut read = pool.begin_with(tidemark_orderlog::TAIL_TRANSACTION).await?;
+    let mut read = pool.begin_with(TAIL_TRANSACTION).await?;
     let (rows, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
         "WITH c AS (SELECT coalesce(max(txid), '0') AS txid, coalesce(max(seq), 0) AS seq \
                     FROM consumer_cursors WHERE consumer = $1) \

@@ -27,7 +27,7 @@ impl TestDb {
             max_connections: 20,
             ..PostgresConfig::default()
         };
-        let pool = tidemark_platform::postgres::pool(&config, "tidemark-test").expect("pool");
+        let pool = tidemark_platform::postgres::pool(&config, APPLICATION_NAME).expect("pool");
         TestDb {
             name: name.to_owned(),
             pool,
@@ -35,6 +35,36 @@ impl TestDb {
         }
     }
 }
+
+impl TestDb {
+    /// Closes the pool and waits until its connections have ended (seen from
+    /// `observer`, a pool on the same database): a backend flushes its table
+    /// statistics before it leaves `pg_stat_activity`, so from then on the
+    /// database's statistics (`pg_stat_user_tables`) count only what the
+    /// connections opened since do.
+    pub async fn close_and_settle(&self, observer: &PgPool) {
+        self.pool.close().await;
+        crate::wait::eventually(
+            std::time::Duration::from_secs(30),
+            "the pool's connections ended",
+            async || {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name = $1",
+                )
+                .bind(APPLICATION_NAME)
+                .fetch_one(observer)
+                .await
+                .expect("pg_stat_activity read")
+                    == 0
+            },
+        )
+        .await;
+    }
+}
+
+/// The pool's `application_name`.
+const APPLICATION_NAME: &str = "tidemark-test";
 
 /// Creates a database of its own for one test, migrated.
 pub async fn postgres() -> TestDb {

@@ -26,6 +26,7 @@ pub mod isolate;
 pub mod load;
 pub mod log;
 pub mod orders;
+pub mod plans;
 pub mod process;
 pub mod proxy;
 pub mod servers;
@@ -40,6 +41,7 @@ pub use fuzz::{Fuzzed, schemathesis};
 pub use isolate::{TestDb, clickhouse, postgres, redis, s3};
 pub use load::OrderLoad;
 pub use orders::{Straddle, insert, insert_refunded, random_order};
+pub use plans::{analyze_log, seq_scans, skewed_pool};
 pub use process::{Process, ServiceEnv};
 pub use proxy::SlowProxy;
 pub use servers::{

@@ -37,6 +37,11 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         let mut report =
             BenchReport::new("speed-saturation", "release build; the speed layer alone");
         saturation_figure(&mut report, &saturated, mix_rate);
+        loader_alone_row(
+            &mut report,
+            saturated.vault_rows_per_sec,
+            saturated.rows_per_sec,
+        );
         return Ok(report);
     }
     // TIDEMARK_BENCH_SPEED=fast runs only the 20,000 orders/s minute (about a
@@ -103,13 +108,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         None,
         "never falling behind",
     );
-    report.row(
-        format!("warehouse loader alone over the same {SATURATION_ROWS} preloaded rows"),
-        format!("{vault_rows_per_sec:.0} rows/s"),
-        format!("the speed layer over them: {rows_per_sec:.0} rows/s"),
-        Some(vault_rows_per_sec / rows_per_sec),
-        "above the rates it must follow",
-    );
+    loader_alone_row(&mut report, vault_rows_per_sec, rows_per_sec);
     report.figure(Figure::alone(
         &format!("freshness at {RATE} orders/s, p99"),
         fresh.p99_ms,
@@ -205,6 +204,17 @@ fn lag_row(report: &mut BenchReport, rate: u64, lag: &SpeedLag) {
         String::new(),
         None,
         "flat",
+    );
+}
+
+/// The warehouse loader alone over the preloaded log, next to the speed layer.
+fn loader_alone_row(report: &mut BenchReport, vault_rows_per_sec: f64, rows_per_sec: f64) {
+    report.row(
+        format!("warehouse loader alone over the same {SATURATION_ROWS} preloaded rows"),
+        format!("{vault_rows_per_sec:.0} rows/s"),
+        format!("the speed layer over them: {rows_per_sec:.0} rows/s"),
+        Some(vault_rows_per_sec / rows_per_sec),
+        "above the rates it must follow",
     );
 }
 
@@ -624,7 +634,12 @@ async fn saturation(bench: &mut Harness<'_>) -> Result<Saturation> {
 /// default size: rows loaded per second.
 async fn vault_saturation(db: &str) -> Result<f64> {
     eprintln!("xtask bench: the warehouse loader over the same {SATURATION_ROWS} rows");
-    let pool = sqlx::PgPool::connect(db).await?;
+    // A pool as ingest's (its session settings: no JIT).
+    let config = tidemark_platform::config::PostgresConfig {
+        url: db.to_owned().into(),
+        ..Default::default()
+    };
+    let pool = tidemark_platform::postgres::pool(&config, "bench-vault")?;
     let loader = tidemark_ingest::vault::Loader::new(
         pool.clone(),
         tidemark_ingest::config::VaultSettings::default(),

@@ -300,3 +300,49 @@ async fn the_running_loader_reports_its_lag_and_catches_up() {
         .unwrap();
     assert_eq!(ready["advisories"]["vault"], "ok", "{ready}");
 }
+
+/// A loader that keeps up polls the log, and measures its lag, by the log's
+/// indexes whatever the planner's estimates (`orderlog::TAIL_TRANSACTION`): their
+/// generic plans cannot know the cursor is at the end of the log. Here the
+/// estimates are skewed to favour reading the tables whole, on every connection of
+/// the loader's pool.
+#[tokio::test]
+async fn a_loader_that_keeps_up_polls_by_the_logs_indexes_whatever_the_estimates() {
+    let db = tidemark_testkit::postgres().await;
+    tidemark_testkit::insert_refunded(&db.pool, 3_000).await;
+    let unfenced = || tidemark_platform::lease::Lease::unfenced("vault");
+    let loaded = load_all(
+        &Loader::new(db.pool.clone(), VaultSettings::default(), unfenced()),
+        &db.pool,
+    )
+    .await;
+    assert_eq!(loaded, 6_000);
+    tidemark_testkit::analyze_log(&db.pool).await;
+    // Two pools: a plan a connection keeps is not planned again for another
+    // transaction's settings.
+    let (plain, ours) = (
+        tidemark_testkit::skewed_pool(&db),
+        tidemark_testkit::skewed_pool(&db),
+    );
+    // The statistics are the database's: the setup's connections end first.
+    db.close_and_settle(&plain).await;
+    let scanned = async |pool| {
+        tidemark_testkit::seq_scans(pool, &["orders", "adjustments", "customer_changes"]).await
+    };
+    let start = scanned(&plain).await;
+    let mut tx = plain.begin().await.unwrap();
+    tidemark_orderlog::tail(&mut *tx, tidemark_domain::LogPosition::ZERO, 100)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        scanned(&plain).await > start,
+        "with these estimates Postgres reads the log whole; the test proves nothing"
+    );
+    let start = scanned(&ours).await;
+    let loader = Loader::new(ours.clone(), VaultSettings::default(), unfenced());
+    assert_eq!(loader.step().await.unwrap(), Step::Idle);
+    assert_eq!(scanned(&ours).await, start, "the poll");
+    assert_eq!(vault::lag(&ours).await.unwrap().rows, 0);
+    assert_eq!(scanned(&ours).await, start, "the lag");
+}

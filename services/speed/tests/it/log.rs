@@ -211,26 +211,13 @@ async fn the_tail_computes_the_horizon_once_per_read() {
 async fn reads_of_the_log_keep_to_its_indexes_whatever_the_estimates() {
     let db = tidemark_testkit::postgres().await;
     tidemark_testkit::insert_refunded(&db.pool, 3_000).await;
-    sqlx::query("ANALYZE orders, order_lines, adjustments, adjustment_lines")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    // Pools of one connection, so the statistics read after a read are of its
-    // backend; two, as a plan a connection keeps is not planned again for another
+    tidemark_testkit::analyze_log(&db.pool).await;
+    // Two pools: a plan a connection keeps is not planned again for another
     // transaction's settings.
-    let skewed = || {
-        tidemark_platform::postgres::pool_with(
-            &db.config,
-            "skewed",
-            1,
-            &[
-                ("plan_cache_mode", "force_generic_plan"),
-                ("cpu_index_tuple_cost", "100"),
-            ],
-        )
-        .unwrap()
-    };
-    let (plain, ours) = (skewed(), skewed());
+    let (plain, ours) = (
+        tidemark_testkit::skewed_pool(&db),
+        tidemark_testkit::skewed_pool(&db),
+    );
     // The last rows of the log, as a consumer that keeps up reads them.
     let (txid, seq): (i64, i64) = sqlx::query_as(
         "SELECT txid::text::int8, seq FROM adjustments ORDER BY txid DESC, seq DESC LIMIT 1",
@@ -242,21 +229,9 @@ async fn reads_of_the_log_keep_to_its_indexes_whatever_the_estimates() {
         LogPosition::new(txid as u64, seq - 20),
         LogPosition::new(txid as u64, seq),
     );
-    // Sequential scans of the log's two tables so far (the backend's pending
-    // counts are flushed when the first statement ends).
-    let scanned = async |pool: &sqlx::PgPool| -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query_scalar(
-            "SELECT sum(seq_scan)::int8 FROM pg_stat_user_tables \
-             WHERE relname IN ('orders', 'adjustments')",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap()
-    };
+    // The statistics are the database's: the setup's connections end first.
+    db.close_and_settle(&plain).await;
+    let scanned = async |pool| tidemark_testkit::seq_scans(pool, &["orders", "adjustments"]).await;
     // The tail's last 20 rows, in a transaction begun with `begin`.
     let tail = async |pool: &sqlx::PgPool, begin: &'static str| {
         // Another test's open transaction may hold the horizon back.
