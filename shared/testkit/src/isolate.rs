@@ -34,9 +34,7 @@ impl TestDb {
             config,
         }
     }
-}
 
-impl TestDb {
     /// Closes the pool and waits until its connections have ended (seen from
     /// `observer`, a pool on the same database): a backend flushes its table
     /// statistics before it leaves `pg_stat_activity`, so from then on the
