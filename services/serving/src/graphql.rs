@@ -26,8 +26,9 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::config::ServingSettings;
+use crate::fields::PointFields;
 use crate::history::{self, OrderPage, OrderView};
-use crate::query::{self, RevenueSeries, Summary};
+use crate::query::{self, RevenueRequest, RevenueSeries, Summary};
 use crate::residence::ResidenceAnswer;
 
 pub type TidemarkSchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
@@ -170,6 +171,17 @@ fn revenue_params(
     params
 }
 
+/// The fields of each point a `revenue` selection asks for: buyers are counted
+/// only when `points { buyers }` is selected (through fragments too; aliases
+/// do not matter), as REST's `fields` (see [`crate::fields`]).
+fn point_fields(ctx: &Context<'_>) -> PointFields {
+    if ctx.look_ahead().field("points").field("buyers").exists() {
+        PointFields::ALL
+    } else {
+        PointFields::ALL.without_buyers()
+    }
+}
+
 pub struct QueryRoot;
 
 #[Object]
@@ -220,8 +232,12 @@ impl QueryRoot {
             report_currency,
         };
         let params = revenue_params(&from, &to, granularity, slice, basis, allow_partial);
+        let fields = point_fields(ctx);
         let result = async {
-            let request = query::revenue_request(&params, &state.settings)?;
+            let request = RevenueRequest {
+                fields,
+                ..query::revenue_request(&params, &state.settings)?
+            };
             query::revenue(&state.views, &request).await
         }
         .await
@@ -400,6 +416,7 @@ impl SubscriptionRoot {
         };
         // Reject bad arguments before the first push.
         query::revenue_request(&window(), &state.settings).map_err(|p| error(&p))?;
+        let fields = point_fields(ctx);
         let poll = state.settings.subscription_poll;
         Ok(futures::stream::unfold(None::<String>, move |last| {
             let state = state.clone();
@@ -409,7 +426,10 @@ impl SubscriptionRoot {
                     let cursor = state.views.speed_cursor().await;
                     if last.is_none() || cursor != last {
                         let result = async {
-                            let request = query::revenue_request(&window(), &state.settings)?;
+                            let request = RevenueRequest {
+                                fields,
+                                ..query::revenue_request(&window(), &state.settings)?
+                            };
                             query::revenue(&state.views, &request).await
                         }
                         .await

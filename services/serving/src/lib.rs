@@ -5,6 +5,7 @@ pub mod answers;
 pub mod buyers;
 pub mod compute;
 pub mod config;
+pub mod fields;
 pub mod fx;
 pub mod graphql;
 pub mod history;

@@ -12,6 +12,7 @@ use tidemark_domain::{Attribute, Basis, Currency, Dimension, Granularity, Totals
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::config::ServingSettings;
+use crate::fields::PointFields;
 use crate::local::{self, Buckets, LocalBuckets};
 use crate::views::{Freshness, Merged, Part, Read, ViewError, Views};
 
@@ -36,6 +37,9 @@ pub struct RevenueRequest {
     /// Which time refunds and cancellations count at.
     pub basis: Basis,
     pub allow_partial: bool,
+    /// The fields of each point asked (REST's `fields`; GraphQL's selection
+    /// decides whether buyers are counted): see [`crate::fields`].
+    pub fields: PointFields,
 }
 
 impl RevenueRequest {
@@ -491,7 +495,7 @@ fn parse_filters(
 }
 
 /// The parameters of `GET /v1/revenue`.
-const REVENUE_PARAMS: [&str; 12] = [
+const REVENUE_PARAMS: [&str; 13] = [
     "from",
     "to",
     "granularity",
@@ -504,6 +508,7 @@ const REVENUE_PARAMS: [&str; 12] = [
     "basis",
     "allow_partial",
     "report_currency",
+    "fields",
 ];
 
 fn unknown_params(params: &HashMap<String, String>, known: &[&str], errors: &mut Errors) {
@@ -566,6 +571,7 @@ pub fn revenue_request(
     let zone = parse_zone(get("tz"), &mut errors);
     let from = parse_time(get("from"), zone, "from", &mut errors);
     let to = parse_time(get("to"), zone, "to", &mut errors);
+    let fields = PointFields::parse(get("fields"), &mut errors);
     let mut request = None;
     if let (Some(from), Some(to), Some(granularity)) = (from, to, granularity) {
         let local = LocalBuckets::new(zone, granularity);
@@ -603,6 +609,7 @@ pub fn revenue_request(
             report_currency,
             basis,
             allow_partial,
+            fields,
         });
     }
     errors.finish()?;
@@ -726,9 +733,18 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         filters: &req.filters,
         currency: req.currency,
     };
-    let ask = crate::buyers::Ask::of(req);
-    let (cells, merged, buyers) =
-        answer_with_buyers(views, &read, &ask, req.report_currency, req.allow_partial).await?;
+    let (cells, merged, buyers) = if req.fields.buyers() {
+        let ask = crate::buyers::Ask::of(req);
+        let (cells, merged, buyers) =
+            answer_with_buyers(views, &read, &ask, req.report_currency, req.allow_partial).await?;
+        (cells, merged, Some(buyers))
+    } else {
+        // Not asked: no distinct count, the dearest part of a computation.
+        let state = views.state().await;
+        let (cells, merged) =
+            merged_answer(views, state, &read, req.report_currency, req.allow_partial).await?;
+        (cells, merged, None)
+    };
     let cells: Vec<_> = cells
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
@@ -748,9 +764,10 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
             }]));
     }
     let buyers = match buyers {
-        Ok(buyers) => Some(buyers),
-        Err(_) if req.allow_partial => None,
-        Err(e) => return Err(unavailable(&e)),
+        None => None,
+        Some(Ok(buyers)) => Some(buyers),
+        Some(Err(_)) if req.allow_partial => None,
+        Some(Err(e)) => return Err(unavailable(&e)),
     };
     let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
     let one = req.group_by.len() == 1;

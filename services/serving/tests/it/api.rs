@@ -853,3 +853,148 @@ async fn a_large_answer_is_sent_gzip_compressed_to_a_client_that_takes_it() {
     assert_eq!(encoding.as_deref(), Some("gzip"));
     assert_eq!(inflate(&gzip), plain);
 }
+
+/// REST's `fields` keeps only the named fields of each point, in the whole
+/// answer's order and with its values; unique buyers are counted only when asked
+/// (REST's `fields`, GraphQL's selection); a field that is not one is a 400 naming
+/// the fields.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_holds_the_fields_asked_and_counts_buyers_only_when_asked() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(43);
+    let orders: Vec<_> = (0..40).map(|_| random_order(&mut rng)).collect();
+    env.ingest(&orders[..30]).await;
+    env.speed_caught_up().await;
+    let published = env
+        .compactor
+        .run_once(tidemark_compactor::Kind::Incremental)
+        .await
+        .unwrap();
+    assert!(matches!(
+        published,
+        tidemark_compactor::Outcome::Published { .. }
+    ));
+    env.ingest(&orders[30..]).await;
+    env.speed_caught_up().await;
+    let (from, to) = full_range();
+    let series = |granularity: &str, fields: Option<&str>| {
+        let fields = fields.map_or_else(String::new, |f| format!("&fields={f}"));
+        format!(
+            "/v1/revenue?from={from}&to={to}&granularity={granularity}&group_by=city,category{fields}"
+        )
+    };
+    let json = async |path: String| -> serde_json::Value {
+        let r = env.get(&path).await;
+        assert_eq!(r.status(), 200, "{path}");
+        r.json().await.unwrap()
+    };
+    // How many times the batch view's buyers were counted so far.
+    let counted = async || {
+        let text = env.serving.metrics().await;
+        tidemark_testkit::metric(&text, r#"serving_read_seconds_count{part="batch_buyers"}"#)
+            .map_or(0, |count| count as u64)
+    };
+
+    let whole = json(series("hour", None)).await;
+    let points = whole["points"].as_array().unwrap();
+    assert!(points.len() > 5, "{whole}");
+    assert!(points.iter().all(|p| p["buyers"].as_i64().unwrap() >= 1));
+    let after_whole = counted().await;
+    assert!(after_whole >= 1, "the whole answer counted buyers");
+
+    let asked = ["bucket", "dimensions", "currency", "net_revenue_minor"];
+    // A question not asked before (the batch's buyers are kept per question).
+    let minutes = json(series("minute", Some(&asked.join(",")))).await;
+    assert!(!minutes["points"].as_array().unwrap().is_empty());
+    assert_eq!(
+        counted().await,
+        after_whole,
+        "no buyers asked, none counted"
+    );
+    let some = json(series("hour", Some(&asked.join(",")))).await;
+    let keys =
+        |v: &serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(
+        keys(&some),
+        keys(&whole),
+        "the answer's other parts stay whole"
+    );
+    let some_points = some["points"].as_array().unwrap();
+    assert_eq!(some_points.len(), points.len());
+    for (part, point) in some_points.iter().zip(points) {
+        let mut expected = serde_json::Map::new();
+        for name in asked {
+            expected.insert(name.to_owned(), point[name].clone());
+        }
+        assert_eq!(part, &serde_json::Value::Object(expected));
+    }
+    // The text keeps the whole answer's order of fields.
+    let text = env
+        .get(&series("hour", Some("net_revenue_minor,bucket")))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains(r#"{"bucket":"#), "{text}");
+
+    let with_buyers = json(series("day", Some("bucket,dimensions,buyers"))).await;
+    assert!(counted().await > after_whole, "buyers asked, counted");
+    assert!(
+        with_buyers["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["buyers"].as_i64().unwrap() >= 1)
+    );
+
+    let graphql = |granularity: &str, fields: &str| {
+        format!(
+            "{{ revenue(from: \"{from}\", to: \"{to}\", granularity: {granularity}, \
+               groupBy: [CITY]) {{ points {{ {fields} }} }} }}"
+        )
+    };
+    let before = counted().await;
+    let answer = env
+        .graphql(&graphql("QUARTER_HOUR", "bucket group revenueMinor"))
+        .await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    assert_eq!(
+        counted().await,
+        before,
+        "GraphQL without buyers counts none"
+    );
+    let answer = env
+        .graphql(&format!(
+            "{} fragment F on Point {{ buyers }}",
+            graphql("MINUTE", "bucket ...F")
+        ))
+        .await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    assert!(
+        counted().await > before,
+        "GraphQL with buyers (in a fragment) counts them"
+    );
+    let points = answer["data"]["revenue"]["points"].as_array().unwrap();
+    assert!(!points.is_empty());
+    assert!(points.iter().all(|p| p["buyers"].as_i64().unwrap() >= 1));
+
+    for (fields, code) in [("bucket,nope", "invalid"), ("bucket,bucket", "duplicate")] {
+        let r = env.get(&series("hour", Some(fields))).await;
+        assert_eq!(r.status(), 400, "{fields}");
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            "application/problem+json"
+        );
+        let problem: serde_json::Value = r.json().await.unwrap();
+        let error = &problem["errors"][0];
+        assert_eq!(error["pointer"], "fields", "{problem}");
+        assert_eq!(error["code"], code, "{problem}");
+        if code == "invalid" {
+            let detail = error["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("`nope`") && detail.contains("buyers"),
+                "{detail}"
+            );
+        }
+    }
+}

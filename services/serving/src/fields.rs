@@ -1,0 +1,313 @@
+//! Partial answers: REST's `fields` names the fields of each point an app wants,
+//! as a GraphQL query selects them.
+//!
+//! A dashboard that draws revenue per hour needs three of a point's eighteen
+//! fields; the whole point is about four times the bytes, and `buyers` is the
+//! dearest part of a computation (a distinct count over the batch view's users).
+//! An answer asked without `buyers` (REST without it in `fields`, GraphQL without
+//! it in the selection) is computed without counting them; the other fields are
+//! the same values the whole answer holds (one computation of them, shared by
+//! both doors through [`crate::query::revenue`]).
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+
+use crate::query::{Errors, Point, RevenueSeries};
+
+/// Every field of a [`Point`] by its JSON name, in the order an answer gives them.
+pub const POINT_FIELDS: [&str; 18] = [
+    "bucket",
+    "local_bucket",
+    "group",
+    "dimensions",
+    "currency",
+    "revenue_minor",
+    "revenue",
+    "orders",
+    "items",
+    "average_order_value_minor",
+    "buyers",
+    "gross_revenue_minor",
+    "refunded_minor",
+    "net_revenue_minor",
+    "net_revenue",
+    "refunded_items",
+    "cancelled_orders",
+    "net_average_order_value_minor",
+];
+
+const BUYERS: usize = 10;
+
+/// Which fields of each point an answer holds (a set of [`POINT_FIELDS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PointFields(u32);
+
+impl Default for PointFields {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl PointFields {
+    pub const ALL: PointFields = PointFields((1 << POINT_FIELDS.len()) - 1);
+
+    fn has(self, index: usize) -> bool {
+        self.0 & (1 << index) != 0
+    }
+
+    /// Whether the answer counts unique buyers.
+    pub fn buyers(self) -> bool {
+        self.has(BUYERS)
+    }
+
+    /// The same fields but `buyers` (a GraphQL selection without it).
+    #[must_use]
+    pub fn without_buyers(self) -> PointFields {
+        PointFields(self.0 & !(1 << BUYERS))
+    }
+
+    /// `fields`: field names of [`POINT_FIELDS`], comma-separated, each at most
+    /// once; absent, every field.
+    pub fn parse(raw: Option<&str>, errors: &mut Errors) -> PointFields {
+        let Some(raw) = raw else {
+            return PointFields::ALL;
+        };
+        let mut fields = 0u32;
+        for name in raw.split(',').map(str::trim) {
+            match POINT_FIELDS.iter().position(|f| *f == name) {
+                Some(i) if fields & (1 << i) != 0 => {
+                    errors.add("fields", "duplicate", format!("names {name} twice"));
+                }
+                Some(i) => fields |= 1 << i,
+                None => {
+                    let shown: String = name.chars().take(40).collect();
+                    errors.add(
+                        "fields",
+                        "invalid",
+                        format!(
+                            "`{shown}` is not a field of a point; the fields are {}",
+                            POINT_FIELDS.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        PointFields(fields)
+    }
+}
+
+/// A point with only some of its fields, serialised as the whole point would
+/// be with the others left out.
+struct SelectedPoint<'a>(&'a Point, PointFields);
+
+impl Serialize for SelectedPoint<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (p, fields) = (self.0, self.1);
+        let mut map = serializer.serialize_map(None)?;
+        // Each field by its index in `POINT_FIELDS`, if asked.
+        macro_rules! entries {
+            ($($index:expr => $value:expr),* $(,)?) => {
+                $(if fields.has($index) {
+                    map.serialize_entry(POINT_FIELDS[$index], $value)?;
+                })*
+            };
+        }
+        entries!(0 => &p.bucket, 1 => &p.local_bucket, 2 => &p.group);
+        if let Some(dimensions) = &p.dimensions {
+            entries!(3 => dimensions);
+        }
+        let net = &p.net;
+        entries!(
+            4 => &p.currency,
+            5 => &p.revenue_minor,
+            6 => &p.revenue,
+            7 => &p.orders,
+            8 => &p.items,
+            9 => &p.average_order_value_minor,
+            BUYERS => &p.buyers,
+            11 => &net.gross_revenue_minor,
+            12 => &net.refunded_minor,
+            13 => &net.net_revenue_minor,
+            14 => &net.net_revenue,
+            15 => &net.refunded_items,
+            16 => &net.cancelled_orders,
+            17 => &net.net_average_order_value_minor,
+        );
+        map.end()
+    }
+}
+
+/// A revenue series as REST sends it: every field of its envelope, and of each
+/// point the fields asked.
+pub struct RestSeries {
+    pub series: RevenueSeries,
+    pub fields: PointFields,
+}
+
+impl Serialize for RestSeries {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.fields == PointFields::ALL {
+            return self.series.serialize(serializer);
+        }
+        envelope(&self.series, self.fields).serialize(serializer)
+    }
+}
+
+/// `series` with only `fields` of each point.
+fn envelope(s: &RevenueSeries, fields: PointFields) -> Envelope<'_> {
+    Envelope {
+        granularity: &s.granularity,
+        group_by: &s.group_by,
+        tz: &s.tz,
+        report_currency: &s.report_currency,
+        from: &s.from,
+        to: &s.to,
+        points: s.points.iter().map(|p| SelectedPoint(p, fields)).collect(),
+        currencies: &s.currencies,
+        partial: s.partial,
+        missing: &s.missing,
+        freshness: &s.freshness,
+    }
+}
+
+/// [`RevenueSeries`]'s fields, in its order (a test holds the two together).
+#[derive(Serialize)]
+struct Envelope<'a> {
+    granularity: &'a str,
+    group_by: &'a Option<String>,
+    tz: &'a str,
+    report_currency: &'a Option<String>,
+    from: &'a chrono::DateTime<chrono::Utc>,
+    to: &'a chrono::DateTime<chrono::Utc>,
+    points: Vec<SelectedPoint<'a>>,
+    currencies: &'a [crate::query::CurrencyInfo],
+    partial: bool,
+    missing: &'a [String],
+    freshness: &'a crate::views::Freshness,
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::query::{CurrencyInfo, Dimensions, Net};
+    use crate::views::Freshness;
+
+    fn point(dimensions: Option<Dimensions>, buyers: Option<i64>) -> Point {
+        Point {
+            bucket: Utc.timestamp_opt(1_764_547_200, 0).unwrap(),
+            local_bucket: "2025-12-01T05:30:00+05:30".into(),
+            group: dimensions.as_ref().and_then(|d| d.city.clone()),
+            dimensions,
+            currency: "EUR".into(),
+            revenue_minor: 1299,
+            revenue: "12.99".into(),
+            orders: 2,
+            items: 3,
+            average_order_value_minor: 650,
+            buyers,
+            net: Net {
+                gross_revenue_minor: 1299,
+                refunded_minor: 299,
+                net_revenue_minor: 1000,
+                net_revenue: "10.00".into(),
+                refunded_items: 1,
+                cancelled_orders: 0,
+                net_average_order_value_minor: 500,
+            },
+        }
+    }
+
+    fn series() -> RevenueSeries {
+        let berlin = Dimensions {
+            city: Some("Berlin".into()),
+            ..Dimensions::default()
+        };
+        RevenueSeries {
+            granularity: "hour".into(),
+            group_by: Some("city".into()),
+            tz: "Asia/Kolkata".into(),
+            report_currency: None,
+            from: Utc.timestamp_opt(1_764_547_200, 0).unwrap(),
+            to: Utc.timestamp_opt(1_764_633_600, 0).unwrap(),
+            points: vec![point(Some(berlin), Some(2)), point(None, None)],
+            currencies: vec![CurrencyInfo {
+                code: "EUR".into(),
+                exponent: 2,
+            }],
+            partial: false,
+            missing: Vec::new(),
+            freshness: Freshness {
+                batch: None,
+                speed: None,
+                as_of: Utc.timestamp_opt(1_764_633_000, 0).unwrap(),
+            },
+        }
+    }
+
+    fn parse(raw: Option<&str>) -> (PointFields, usize) {
+        let mut errors = Errors::default();
+        let fields = PointFields::parse(raw, &mut errors);
+        (fields, errors.finish().err().map_or(0, |p| p.errors.len()))
+    }
+
+    fn json(series: RevenueSeries, fields: PointFields) -> String {
+        serde_json::to_string(&RestSeries { series, fields }).unwrap()
+    }
+
+    #[test]
+    fn every_field_named_is_the_whole_answer_byte_for_byte() {
+        let whole = serde_json::to_string(&series()).unwrap();
+        let (all, errors) = parse(Some(&POINT_FIELDS.join(",")));
+        assert_eq!((all, errors), (PointFields::ALL, 0));
+        assert_eq!(parse(None), (PointFields::ALL, 0));
+        // Through the selecting serialiser, every field given: the same bytes,
+        // so POINT_FIELDS and the envelope follow Point and RevenueSeries.
+        let s = series();
+        let envelope = envelope(&s, PointFields::ALL);
+        assert_eq!(serde_json::to_string(&envelope).unwrap(), whole);
+        assert_eq!(json(series(), PointFields::ALL), whole);
+    }
+
+    #[test]
+    fn a_point_holds_the_fields_named_in_its_own_order() {
+        let (fields, errors) = parse(Some("net_revenue_minor, bucket,dimensions"));
+        assert_eq!(errors, 0);
+        assert!(!fields.buyers());
+        let text = json(series(), fields);
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let points = value["points"].as_array().unwrap();
+        assert_eq!(
+            points[0],
+            serde_json::json!({
+                "bucket": "2025-12-01T00:00:00Z",
+                "dimensions": { "city": "Berlin" },
+                "net_revenue_minor": 1000,
+            })
+        );
+        // A point without dimensions (no grouping) has none to show.
+        assert_eq!(
+            points[1],
+            serde_json::json!({ "bucket": "2025-12-01T00:00:00Z", "net_revenue_minor": 1000 })
+        );
+        assert!(
+            text.contains(r#"{"bucket":"2025-12-01T00:00:00Z","dimensions":"#),
+            "{text}"
+        );
+        assert_eq!(value["tz"], "Asia/Kolkata", "the envelope stays whole");
+        assert!(value["freshness"]["as_of"].is_string());
+        let (fields, _) = parse(Some("buyers"));
+        assert!(fields.buyers());
+        assert!(!PointFields::ALL.without_buyers().buyers());
+    }
+
+    #[test]
+    fn unknown_and_repeated_fields_are_errors() {
+        assert_eq!(parse(Some("bucket,nope")).1, 1);
+        assert_eq!(parse(Some("bucket,bucket")).1, 1);
+        assert_eq!(parse(Some("")).1, 1, "no field at all");
+        assert_eq!(parse(Some("bucket,,orders")).1, 1, "an empty name");
+        assert_eq!(parse(Some("Bucket")).1, 1, "names are exact");
+    }
+}
