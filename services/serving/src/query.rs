@@ -135,7 +135,7 @@ impl Net {
     }
 }
 
-/// One cell of a revenue series.
+/// One cell of a revenue series (REST with `fields`: only the fields named).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
 pub struct Point {
     /// Bucket start (UTC).
