@@ -73,6 +73,18 @@ pub fn orders_between(seed: u64, count: usize, lines: usize, (from, to): (i64, i
 
 pub use tidemark_generator::send::order_json;
 
+/// Whether a GraphQL response (answered 200 either way) holds errors. Its data is
+/// skipped, not built: a load generator that built every 43 KB answer as a tree
+/// spent the cores it shares with the server under test.
+pub fn graphql_errors(body: &[u8]) -> serde_json::Result<bool> {
+    #[derive(Deserialize)]
+    struct Outcome {
+        #[serde(default)]
+        errors: Option<serde::de::IgnoredAny>,
+    }
+    Ok(serde_json::from_slice::<Outcome>(body)?.errors.is_some())
+}
+
 /// What a scenario measured (printed as JSON by the load test, read back by
 /// `cargo xtask bench`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -216,6 +228,20 @@ pub async fn send_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn graphql_errors_are_found_whatever_the_data() {
+        let data =
+            br#"{"data":{"revenue":{"points":[{"bucket":"2026-12-01T00:00:00Z","errors":1}]}}}"#;
+        assert!(
+            !graphql_errors(data).unwrap(),
+            "a field named errors in the data"
+        );
+        assert!(!graphql_errors(br#"{"data":null,"errors":null}"#).unwrap());
+        assert!(graphql_errors(br#"{"data":null,"errors":[{"message":"no"}]}"#).unwrap());
+        assert!(graphql_errors(br#"{"errors":[],"data":{}}"#).unwrap());
+        assert!(graphql_errors(b"<html>").is_err());
+    }
 
     #[test]
     fn requests_never_sent_are_errors_with_their_cause_but_no_latency() {

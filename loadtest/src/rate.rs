@@ -108,20 +108,22 @@ async fn outcome(
         .await
         .map_err(|_| "unreadable-body".to_owned())?;
     if graphql {
-        let body = if gzipped {
+        let inflated;
+        let json = if gzipped {
             use std::io::Read;
             let mut json = Vec::new();
             flate2::read::GzDecoder::new(&body[..])
                 .read_to_end(&mut json)
                 .map_err(|_| "unreadable-body".to_owned())?;
-            json
+            inflated = json;
+            &inflated[..]
         } else {
-            body.to_vec()
+            &body[..]
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|_| "unreadable-body".to_owned())?;
-        if !value.get("errors").is_none_or(serde_json::Value::is_null) {
-            return Err("graphql-errors".to_owned());
+        match crate::graphql_errors(json) {
+            Ok(false) => {}
+            Ok(true) => return Err("graphql-errors".to_owned()),
+            Err(_) => return Err("unreadable-body".to_owned()),
         }
     }
     Ok(())

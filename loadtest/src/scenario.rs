@@ -154,12 +154,10 @@ pub async fn run(name: Name, s: &Settings) -> anyhow::Result<Vec<Report>> {
             let outcome = match request.send().await {
                 Ok(r) if r.status().is_success() => {
                     // A GraphQL error arrives with 200: count it as the error it is.
-                    match r.json::<serde_json::Value>().await {
-                        Ok(body) if body.get("errors").is_none_or(serde_json::Value::is_null) => {
-                            Ok(())
-                        }
-                        Ok(_) => Err("graphql-errors".to_owned()),
-                        Err(_) => Err("unreadable-body".to_owned()),
+                    match r.bytes().await.map(|body| crate::graphql_errors(&body)) {
+                        Ok(Ok(false)) => Ok(()),
+                        Ok(Ok(true)) => Err("graphql-errors".to_owned()),
+                        _ => Err("unreadable-body".to_owned()),
                     }
                 }
                 Ok(r) => Err(r.status().as_u16().to_string()),
