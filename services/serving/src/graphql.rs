@@ -287,8 +287,15 @@ impl QueryRoot {
             report_currency,
         };
         slice.into_params(&mut params, "top_by");
+        // Buyers are counted when the selection shows them.
+        let look = ctx.look_ahead();
+        let buyers = look.field("totals").field("buyers").exists()
+            || look.field("top").field("buyers").exists();
         let result = async {
-            let request = query::summary_request(&params, &state.settings)?;
+            let request = query::SummaryRequest {
+                buyers,
+                ..query::summary_request(&params, &state.settings)?
+            };
             query::summary(&state.views, &request).await
         }
         .await

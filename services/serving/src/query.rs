@@ -733,18 +733,15 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         filters: &req.filters,
         currency: req.currency,
     };
-    let (cells, merged, buyers) = if req.fields.buyers() {
-        let ask = crate::buyers::Ask::of(req);
-        let (cells, merged, buyers) =
-            answer_with_buyers(views, &read, &ask, req.report_currency, req.allow_partial).await?;
-        (cells, merged, Some(buyers))
-    } else {
-        // Not asked: no distinct count, the dearest part of a computation.
-        let state = views.state().await;
-        let (cells, merged) =
-            merged_answer(views, state, &read, req.report_currency, req.allow_partial).await?;
-        (cells, merged, None)
-    };
+    let ask = req.fields.buyers().then(|| crate::buyers::Ask::of(req));
+    let (cells, merged, buyers) = answer(
+        views,
+        &read,
+        ask.as_ref(),
+        req.report_currency,
+        req.allow_partial,
+    )
+    .await?;
     let cells: Vec<_> = cells
         .into_iter()
         .filter(|(_, t)| shown(t, req.basis))
@@ -763,12 +760,6 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
                 ),
             }]));
     }
-    let buyers = match buyers {
-        None => None,
-        Some(Ok(buyers)) => Some(buyers),
-        Some(Err(_)) if req.allow_partial => None,
-        Some(Err(e)) => return Err(unavailable(&e)),
-    };
     let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
     let one = req.group_by.len() == 1;
     let points = cells
@@ -805,6 +796,32 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         missing: missing(&merged.missing),
         freshness: merged.freshness,
     })
+}
+
+/// An answer's cells and, when `ask`ed, its buyers (not asked: no distinct count,
+/// the dearest part of a computation). Buyers that cannot be counted fail the
+/// answer, or with `allow_partial` are left out (`None`) as the part missing.
+async fn answer(
+    views: &Views,
+    read: &Read<'_>,
+    ask: Option<&crate::buyers::Ask<'_>>,
+    report_currency: Option<Currency>,
+    allow_partial: bool,
+) -> Result<(Answer, Merged, Option<crate::buyers::Buyers>), Problem> {
+    let Some(ask) = ask else {
+        let state = views.state().await;
+        let (cells, merged) =
+            merged_answer(views, state, read, report_currency, allow_partial).await?;
+        return Ok((cells, merged, None));
+    };
+    let (cells, merged, buyers) =
+        answer_with_buyers(views, read, ask, report_currency, allow_partial).await?;
+    let buyers = match buyers {
+        Ok(buyers) => Some(buyers),
+        Err(_) if allow_partial => None,
+        Err(e) => return Err(unavailable(&e)),
+    };
+    Ok((cells, merged, buyers))
 }
 
 /// An answer's cells and its buyers, of one published state and one speed
@@ -899,6 +916,9 @@ pub struct SummaryRequest {
     pub report_currency: Option<Currency>,
     pub basis: Basis,
     pub allow_partial: bool,
+    /// Whether unique buyers are counted (REST: always; GraphQL: when its
+    /// selection has them).
+    pub buyers: bool,
 }
 
 const SUMMARY_PARAMS: [&str; 12] = [
@@ -991,6 +1011,7 @@ pub fn summary_request(
         report_currency,
         basis,
         allow_partial,
+        buyers: true,
     })
 }
 
@@ -1031,15 +1052,8 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
                 currency: req.currency,
                 report_currency: req.report_currency,
             };
-            let (cells, merged, buyers) =
-                answer_with_buyers(views, &read, &ask, req.report_currency, req.allow_partial)
-                    .await?;
-            let buyers = match buyers {
-                Ok(buyers) => Some(buyers),
-                Err(_) if req.allow_partial => None,
-                Err(e) => return Err(unavailable(&e)),
-            };
-            Ok::<_, Problem>((cells, merged, buyers))
+            let ask = req.buyers.then_some(&ask);
+            answer(views, &read, ask, req.report_currency, req.allow_partial).await
         }
     };
     let (total, total_merged, total_buyers) = read(Vec::new()).await?;

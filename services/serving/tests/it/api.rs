@@ -856,8 +856,8 @@ async fn a_large_answer_is_sent_gzip_compressed_to_a_client_that_takes_it() {
 
 /// REST's `fields` keeps only the named fields of each point, in the whole
 /// answer's order and with its values; unique buyers are counted only when asked
-/// (REST's `fields`, GraphQL's selection); a field that is not one is a 400 naming
-/// the fields.
+/// (REST's `fields`, GraphQL's selection of a series or a summary); a field that
+/// is not one is a 400 naming the fields.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_answer_holds_the_fields_asked_and_counts_buyers_only_when_asked() {
     let env = Env::new().await;
@@ -977,6 +977,31 @@ async fn an_answer_holds_the_fields_asked_and_counts_buyers_only_when_asked() {
     let points = answer["data"]["revenue"]["points"].as_array().unwrap();
     assert!(!points.is_empty());
     assert!(points.iter().all(|p| p["buyers"].as_i64().unwrap() >= 1));
+
+    // The summary likewise: its totals and top groups count buyers when shown.
+    let summary = |top_by: &str, fields: &str| {
+        format!(
+            "{{ summary(from: \"{from}\", to: \"{to}\", topBy: [{top_by}]) \
+               {{ totals {{ currency revenueMinor }} top {{ group {fields} }} }} }}"
+        )
+    };
+    let before = counted().await;
+    let answer = env.graphql(&summary("CATEGORY", "orders")).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    assert_eq!(
+        counted().await,
+        before,
+        "a summary without buyers counts none"
+    );
+    let answer = env.graphql(&summary("PRODUCT", "orders buyers")).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    assert!(
+        counted().await > before,
+        "a summary showing buyers counts them"
+    );
+    let top = answer["data"]["summary"]["top"].as_array().unwrap();
+    assert!(!top.is_empty());
+    assert!(top.iter().all(|t| t["buyers"].as_i64().unwrap() >= 1));
 
     for (fields, code) in [("bucket,nope", "invalid"), ("bucket,bucket", "duplicate")] {
         let r = env.get(&series("hour", Some(fields))).await;
