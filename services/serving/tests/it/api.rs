@@ -953,27 +953,22 @@ async fn an_answer_holds_the_fields_asked_and_counts_buyers_only_when_asked() {
                groupBy: [CITY]) {{ points {{ {fields} }} }} }}"
         )
     };
-    let before = counted().await;
-    let answer = env
-        .graphql(&graphql("QUARTER_HOUR", "bucket group revenueMinor"))
-        .await;
-    assert!(answer["errors"].is_null(), "{answer}");
-    assert_eq!(
-        counted().await,
-        before,
-        "GraphQL without buyers counts none"
-    );
-    let answer = env
-        .graphql(&format!(
-            "{} fragment F on Point {{ buyers }}",
-            graphql("MINUTE", "bucket ...F")
-        ))
-        .await;
-    assert!(answer["errors"].is_null(), "{answer}");
-    assert!(
-        counted().await > before,
-        "GraphQL with buyers (in a fragment) counts them"
-    );
+    // Asks a GraphQL query (it must succeed): its answer, and whether it counted
+    // buyers (the counter only grows).
+    let ask = async |query: String| {
+        let before = counted().await;
+        let answer = env.graphql(&query).await;
+        assert!(answer["errors"].is_null(), "{answer}");
+        (counted().await > before, answer)
+    };
+    let (counts, _) = ask(graphql("QUARTER_HOUR", "bucket group revenueMinor")).await;
+    assert!(!counts, "GraphQL without buyers counts none");
+    let (counts, answer) = ask(format!(
+        "{} fragment F on Point {{ buyers }}",
+        graphql("MINUTE", "bucket ...F")
+    ))
+    .await;
+    assert!(counts, "GraphQL with buyers (in a fragment) counts them");
     let points = answer["data"]["revenue"]["points"].as_array().unwrap();
     assert!(!points.is_empty());
     assert!(points.iter().all(|p| p["buyers"].as_i64().unwrap() >= 1));
@@ -985,20 +980,10 @@ async fn an_answer_holds_the_fields_asked_and_counts_buyers_only_when_asked() {
                {{ totals {{ currency revenueMinor }} top {{ group {fields} }} }} }}"
         )
     };
-    let before = counted().await;
-    let answer = env.graphql(&summary("CATEGORY", "orders")).await;
-    assert!(answer["errors"].is_null(), "{answer}");
-    assert_eq!(
-        counted().await,
-        before,
-        "a summary without buyers counts none"
-    );
-    let answer = env.graphql(&summary("PRODUCT", "orders buyers")).await;
-    assert!(answer["errors"].is_null(), "{answer}");
-    assert!(
-        counted().await > before,
-        "a summary showing buyers counts them"
-    );
+    let (counts, _) = ask(summary("CATEGORY", "orders")).await;
+    assert!(!counts, "a summary without buyers counts none");
+    let (counts, answer) = ask(summary("PRODUCT", "orders buyers")).await;
+    assert!(counts, "a summary showing buyers counts them");
     let top = answer["data"]["summary"]["top"].as_array().unwrap();
     assert!(!top.is_empty());
     assert!(top.iter().all(|t| t["buyers"].as_i64().unwrap() >= 1));
