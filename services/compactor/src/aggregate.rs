@@ -86,7 +86,7 @@ impl Sums {
 pub type CurrencyTotals = BTreeMap<String, Sums>;
 
 const MINUTE_US: i64 = 60_000_000;
-const HOUR_US: i64 = 3_600_000_000;
+pub(crate) const HOUR_US: i64 = 3_600_000_000;
 const DAY_US: i64 = 86_400_000_000;
 
 /// The distinct values of string columns in byte order, and each row's code: the
@@ -389,6 +389,7 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
 
 /// What the grids of every range of a run share, so that their keys mean the
 /// same: the run's first midnight (UTC), its minutes and its dictionaries.
+#[derive(Debug, PartialEq)]
 pub struct RunKeys {
     base_us: i64,
     /// Minutes from `base_us` to the last event time, inclusive.
@@ -415,12 +416,17 @@ impl RunKeys {
         rows: &DataFrame,
         values: impl Fn(&str) -> PolarsResult<Arc<Vec<String>>>,
     ) -> PolarsResult<Self> {
-        let (mut first_us, mut last_us) = (i64::MAX, i64::MIN);
-        for name in ["created_us", "adjusted_us"] {
-            let times = rows.column(name)?.i64()?;
-            first_us = first_us.min(times.min().unwrap_or(i64::MAX));
-            last_us = last_us.max(times.max().unwrap_or(i64::MIN));
-        }
+        let (first_us, last_us) = event_times(rows)?.unwrap_or((i64::MAX, i64::MIN));
+        Self::between(first_us, last_us, values)
+    }
+
+    /// The keys of a run whose first and last event times are `first_us` and
+    /// `last_us`, and whose values are `values(name)` (as [`RunKeys::spanning`]).
+    pub fn between(
+        first_us: i64,
+        last_us: i64,
+        values: impl Fn(&str) -> PolarsResult<Arc<Vec<String>>>,
+    ) -> PolarsResult<Self> {
         if first_us > last_us {
             polars_bail!(ComputeError: "rows without an event time");
         }
@@ -434,6 +440,18 @@ impl RunKeys {
             product: values("product_id")?,
         })
     }
+}
+
+/// The first and last event times (`created_us`, `adjusted_us`) of `rows`;
+/// `None` without any.
+pub fn event_times(rows: &DataFrame) -> PolarsResult<Option<(i64, i64)>> {
+    let (mut first_us, mut last_us) = (i64::MAX, i64::MIN);
+    for name in ["created_us", "adjusted_us"] {
+        let times = rows.column(name)?.i64()?;
+        first_us = first_us.min(times.min().unwrap_or(i64::MAX));
+        last_us = last_us.max(times.max().unwrap_or(i64::MIN));
+    }
+    Ok((first_us <= last_us).then_some((first_us, last_us)))
 }
 
 /// The grids of `rows` (a run's, or [`rows_within`] a window of it) keyed by
@@ -803,19 +821,29 @@ impl Grid {
 /// sets, each summed from [`rows_within`] its range; days are summed from the
 /// ranges' parts ([`Days`]).
 pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
+    let mut per_hour = BTreeMap::new();
+    count_hours(&mut per_hour, rows)?;
+    Ok(ranges_of_hours(&per_hour, size))
+}
+
+/// Adds to `per_hour` (by hour since the epoch) the orders' and corrections'
+/// times among `rows` (`created_us`, `adjusted_us`) that fall in each hour.
+pub fn count_hours(per_hour: &mut BTreeMap<i64, usize>, rows: &DataFrame) -> PolarsResult<()> {
     if rows.height() == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    let mut per_hour: PlHashMap<i64, usize> = PlHashMap::default();
     for name in ["created_us", "adjusted_us"] {
         for us in rows.column(name)?.i64()?.iter().flatten() {
             *per_hour.entry(us.div_euclid(HOUR_US)).or_default() += 1;
         }
     }
-    let mut hours: Vec<(i64, usize)> = per_hour.into_iter().collect();
-    hours.sort_unstable();
+    Ok(())
+}
+
+/// [`hour_ranges`] of the times counted by [`count_hours`].
+pub fn ranges_of_hours(per_hour: &BTreeMap<i64, usize>, size: usize) -> Vec<(i64, i64)> {
     let mut ranges: Vec<(i64, i64, usize)> = Vec::new();
-    for (hour, count) in hours {
+    for (&hour, &count) in per_hour {
         match ranges.last_mut() {
             Some((_, last, held)) if *held + count <= size => {
                 (*last, *held) = (hour, *held + count);
@@ -823,10 +851,10 @@ pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)
             _ => ranges.push((hour, hour, count)),
         }
     }
-    Ok(ranges
+    ranges
         .into_iter()
         .map(|(first, last, _)| (first * HOUR_US, (last + 1) * HOUR_US))
-        .collect())
+        .collect()
 }
 
 /// The rows that add to cells within `[from_us, to_us)`: order lines created

@@ -50,6 +50,14 @@ pub struct CompactorSettings {
     /// a file smaller than a part is uploaded whole. At least 5 MiB: S3 (and the
     /// tests' server) refuse smaller parts but the last.
     pub upload_part_bytes: usize,
+    /// Bytes of a run's order lines held in memory between its lake step and its
+    /// audit; past them every hour's lines go to a file of their own on local
+    /// disk and are read back with their range of the stage (see `held`). A
+    /// run's memory then holds this much of them, not the run.
+    pub hold_memory_bytes: usize,
+    /// Where a run makes the directory of those files (removed when the run
+    /// ends); the system's temporary directory (`TMPDIR`) when unset.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for CompactorSettings {
@@ -62,6 +70,18 @@ impl Default for CompactorSettings {
             max_files_per_partition: 8,
             read_back_timeout: Duration::from_secs(120),
             upload_part_bytes: 8 << 20,
+            hold_memory_bytes: 16 << 20,
+            spill_dir: None,
+        }
+    }
+}
+
+impl CompactorSettings {
+    /// Where a run's held rows go past `hold_memory_bytes`.
+    pub fn spill(&self) -> crate::held::Spill {
+        crate::held::Spill {
+            memory_bytes: self.hold_memory_bytes,
+            dir: self.spill_dir.clone(),
         }
     }
 }

@@ -1,20 +1,32 @@
 //! A run's order lines and corrections, held from the lake step to the audit.
 //!
-//! The stage aggregates a run a range of hours at a time and the audit counts it
-//! whole, so the run's rows stay in memory between the steps: the columns both
-//! read ([`lake::MEASURED`]): as the lake step makes them, eleven 64-bit integers
-//! and six text columns, each text value a 16-byte view and its bytes (polars'
-//! `estimated_size` counts only the bytes). The text columns that few distinct
-//! values fill are held as codes into the run's values instead (4 bytes a row),
-//! flags and quantities in narrower integers, and revenue is computed when a range
-//! is read rather than held. Ranges are read back as polars frames of the same
-//! columns and types as before ([`Held::within`]), so aggregation is unchanged.
+//! The stage aggregates a run a range of whole hours at a time, so the run's rows
+//! are held by hour: each row in the hour of its order's time (`created_us`), and a
+//! correction booked in another hour also in that one (a *booked copy*), so that a
+//! range reads only its own hours and gets exactly [`aggregate::rows_within`] it.
+//! What the audit needs of the whole run (its totals per currency, its buyers, its
+//! first and last event times, its values) is counted as rows are added, so that
+//! nothing reads the run whole again.
+//!
+//! Held rows have the columns both steps read ([`lake::MEASURED`]), held small: the
+//! text columns that few distinct values fill as codes into the run's values (4
+//! bytes a row), flags and quantities in narrower integers, revenue computed when a
+//! range is read. Past `Spill::memory_bytes` of them in memory, every hour's rows
+//! are written to a Parquet file of their own on local disk (a directory removed
+//! with the last [`Held`]) and read back with their range: a run's memory no longer
+//! grows with its size (at 10M orders the held rows were ~0.9 GB of the stage's
+//! 2.2 GB peak). Ranges are read back as polars frames of the same columns and
+//! types as the lake step made them ([`Held::within`]), so aggregation is unchanged.
+//!
+//! [`lake::MEASURED`]: crate::lake::MEASURED
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use polars::prelude::*;
 
-use crate::aggregate::{self, CurrencyTotals, RunKeys};
+use crate::aggregate::{self, CurrencyTotals, HOUR_US, RunKeys};
 use crate::lake::MEASURED;
 
 /// The text columns held as codes (`UInt32`, null for null). `user_id` keeps its
@@ -26,6 +38,9 @@ const CODED: [&str; 5] = [
     "product_id",
     "currency",
 ];
+
+/// Marks a booked copy: a correction held again in the hour it was booked in.
+const BOOKED_COPY: &str = "booked_copy";
 
 /// The integer columns held narrower than the lake step makes them (`Int64`): 0/1
 /// flags as booleans (a bit), quantities in four bytes. Narrowed strictly (a
@@ -42,25 +57,98 @@ fn narrowed() -> [(&'static str, DataType); 6] {
     ]
 }
 
-/// Rows decoded at once where the audit reads the whole run.
-const ROWS_AT_ONCE: usize = 1 << 20;
+/// Where held rows go once they pass a size in memory.
+#[derive(Clone, Debug)]
+pub struct Spill {
+    /// Bytes of held rows (polars' estimate) kept in memory; past them every
+    /// hour's rows in memory are written to local disk.
+    pub memory_bytes: usize,
+    /// The directory in which a run makes its own (the system's temporary
+    /// directory when `None`).
+    pub dir: Option<PathBuf>,
+}
+
+impl Spill {
+    /// Rows stay in memory.
+    pub fn never() -> Spill {
+        Spill {
+            memory_bytes: usize::MAX,
+            dir: None,
+        }
+    }
+}
+
+impl Default for Spill {
+    fn default() -> Self {
+        Spill::never()
+    }
+}
+
+/// An hour's held rows: in memory, and written to disk.
+#[derive(Default)]
+struct Hour {
+    frames: Vec<DataFrame>,
+    files: Vec<PathBuf>,
+}
 
 /// Builds a [`Held`] from a run's frames of [`MEASURED`] columns, one at a time.
 #[derive(Default)]
 pub struct Holder {
-    frames: Vec<DataFrame>,
+    spill: Spill,
     codes: [PlHashMap<String, u32>; CODED.len()],
     values: [Vec<String>; CODED.len()],
+    /// Whether a coded column held a null.
+    nulls: [bool; CODED.len()],
+    hours: BTreeMap<i64, Hour>,
+    /// Event times per hour ([`aggregate::count_hours`]).
+    per_hour: BTreeMap<i64, usize>,
+    span: Option<(i64, i64)>,
+    totals: CurrencyTotals,
+    users: PlHashSet<String>,
+    rows: usize,
+    /// An empty frame of the held columns.
+    template: Option<DataFrame>,
+    in_memory: usize,
+    disk: Option<tempfile::TempDir>,
+    files: usize,
+    spilled: u64,
 }
 
 impl Holder {
+    pub fn new(spill: Spill) -> Holder {
+        Holder {
+            spill,
+            ..Holder::default()
+        }
+    }
+
     /// Adds rows with the [`MEASURED`] columns.
     pub fn add(&mut self, measured: &DataFrame) -> PolarsResult<()> {
+        if measured.height() == 0 {
+            return Ok(());
+        }
+        self.rows += measured.height();
+        aggregate::add_totals(&mut self.totals, aggregate::currency_totals(measured)?);
+        aggregate::count_hours(&mut self.per_hour, measured)?;
+        if let Some((first, last)) = aggregate::event_times(measured)? {
+            let (f, l) = self.span.unwrap_or((first, last));
+            self.span = Some((f.min(first), l.max(last)));
+        }
+        let adjusted = measured.column("adjusted_us")?.i64()?;
+        let users = measured.column("user_id")?.str()?;
+        for (user, adjusted) in users.iter().zip(adjusted.iter()) {
+            if let (Some(user), None) = (user, adjusted)
+                && !self.users.contains(user)
+            {
+                self.users.insert(user.to_owned());
+            }
+        }
         let mut held = measured.drop("revenue")?;
         for (i, name) in CODED.into_iter().enumerate() {
             let (codes, values) = (&mut self.codes[i], &mut self.values[i]);
-            let coded: UInt32Chunked = held
-                .column(name)?
+            let column = held.column(name)?;
+            self.nulls[i] |= column.null_count() > 0;
+            let coded: UInt32Chunked = column
                 .str()?
                 .iter()
                 .map(|value| {
@@ -85,83 +173,201 @@ impl Holder {
             let narrow = wide.strict_cast(&dtype)?;
             held.with_column(narrow)?;
         }
-        self.frames.push(held);
+        let created: Vec<i64> = held
+            .column("created_us")?
+            .i64()?
+            .iter()
+            .map(|us| us.map_or(i64::MIN, |us| us.div_euclid(HOUR_US)))
+            .collect();
+        // Corrections booked in another hour than their order's, held again there.
+        let elsewhere: BooleanChunked = adjusted
+            .iter()
+            .zip(&created)
+            .map(|(us, &hour)| us.is_some_and(|us| us.div_euclid(HOUR_US) != hour))
+            .collect();
+        let copies = held.filter(&elsewhere)?;
+        held.with_column(Column::new(BOOKED_COPY.into(), vec![false; held.height()]))?;
+        if self.template.is_none() {
+            self.template = Some(held.clear());
+        }
+        let mut parts = by_hour(&held, &created)?;
+        if copies.height() > 0 {
+            let booked: Vec<i64> = copies
+                .column("adjusted_us")?
+                .i64()?
+                .iter()
+                .map(|us| us.map_or(i64::MIN, |us| us.div_euclid(HOUR_US)))
+                .collect();
+            let mut copies = copies;
+            copies.with_column(Column::new(BOOKED_COPY.into(), vec![true; copies.height()]))?;
+            parts.extend(by_hour(&copies, &booked)?);
+        }
+        for (hour, part) in parts {
+            self.in_memory += part.estimated_size();
+            self.hours.entry(hour).or_default().frames.push(part);
+        }
+        if self.in_memory > self.spill.memory_bytes {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every hour's rows in memory to a file of its own.
+    fn write_out(&mut self) -> PolarsResult<()> {
+        let disk = match &mut self.disk {
+            Some(disk) => disk,
+            empty => {
+                let dir = self.spill.dir.clone().unwrap_or_else(std::env::temp_dir);
+                std::fs::create_dir_all(&dir)?;
+                empty.insert(
+                    tempfile::Builder::new()
+                        .prefix("tidemark-compactor-held-")
+                        .tempdir_in(dir)?,
+                )
+            }
+        };
+        for (hour, held) in &mut self.hours {
+            let Some((first, rest)) = held.frames.split_first() else {
+                continue;
+            };
+            let mut rows = first.clone();
+            for frame in rest {
+                rows.vstack_mut(frame)?;
+            }
+            let path = disk.path().join(format!("{hour}-{}.parquet", self.files));
+            let file = std::fs::File::create(&path)?;
+            ParquetWriter::new(file)
+                .with_compression(ParquetCompression::Uncompressed)
+                .finish(&mut rows)?;
+            self.spilled += std::fs::metadata(&path)?.len();
+            self.files += 1;
+            held.files.push(path);
+            held.frames.clear();
+        }
+        self.in_memory = 0;
         Ok(())
     }
 
     pub fn finish(self) -> PolarsResult<Held> {
-        let frame = match self.frames.len() {
-            0 => DataFrame::empty(),
-            _ => concat(
-                self.frames
-                    .into_iter()
-                    .map(IntoLazy::lazy)
-                    .collect::<Vec<_>>(),
-                UnionArgs::default(),
-            )?
-            .collect()?,
-        };
-        Ok(Held {
-            frame,
-            values: Arc::new(self.values),
-        })
+        Ok(Held(Arc::new(Inner {
+            hours: self.hours,
+            values: self.values,
+            nulls: self.nulls,
+            per_hour: self.per_hour,
+            span: self.span,
+            totals: self.totals,
+            buyers: self.users.len() as u64,
+            rows: self.rows,
+            template: self.template,
+            in_memory: self.in_memory,
+            spilled: self.spilled,
+            files: self.files,
+            _disk: self.disk,
+        })))
     }
 }
 
-/// A run's rows with the [`MEASURED`] columns, text columns coded (see the module).
+/// `rows` split by hour, `hours` being each row's (each row taken once).
+fn by_hour(rows: &DataFrame, hours: &[i64]) -> PolarsResult<Vec<(i64, DataFrame)>> {
+    let mut rows_of: BTreeMap<i64, Vec<IdxSize>> = BTreeMap::new();
+    for (i, &hour) in hours.iter().enumerate() {
+        rows_of.entry(hour).or_default().push(i as IdxSize);
+    }
+    if rows_of.len() == 1 {
+        return Ok(rows_of.into_keys().map(|h| (h, rows.clone())).collect());
+    }
+    rows_of
+        .into_iter()
+        .map(|(hour, rows_in)| Ok((hour, rows.take(&IdxCa::from_vec("".into(), rows_in))?)))
+        .collect()
+}
+
+/// A run's rows with the [`MEASURED`] columns, held by hour (see the module).
+/// Clones share them.
 #[derive(Clone)]
-pub struct Held {
-    frame: DataFrame,
+pub struct Held(Arc<Inner>);
+
+struct Inner {
+    hours: BTreeMap<i64, Hour>,
     /// Each coded column's values, by code.
-    values: Arc<[Vec<String>; CODED.len()]>,
+    values: [Vec<String>; CODED.len()],
+    nulls: [bool; CODED.len()],
+    per_hour: BTreeMap<i64, usize>,
+    span: Option<(i64, i64)>,
+    totals: CurrencyTotals,
+    buyers: u64,
+    rows: usize,
+    template: Option<DataFrame>,
+    in_memory: usize,
+    spilled: u64,
+    files: usize,
+    /// Removed (with its files) when the last clone is dropped.
+    _disk: Option<tempfile::TempDir>,
 }
 
 impl Held {
-    /// Holds `measured` (rows with the [`MEASURED`] columns).
+    /// Holds `measured` (rows with the [`MEASURED`] columns) in memory.
     pub fn of(measured: &DataFrame) -> PolarsResult<Held> {
         let mut holder = Holder::default();
-        if measured.height() > 0 {
-            holder.add(measured)?;
-        }
+        holder.add(measured)?;
         holder.finish()
     }
 
     pub fn height(&self) -> usize {
-        self.frame.height()
+        self.0.rows
     }
 
-    /// Bytes held by the rows (polars' estimate; the values not counted).
+    /// Bytes of rows held in memory (polars' estimate; the values not counted).
     pub fn estimated_size(&self) -> usize {
-        self.frame.estimated_size()
+        self.0.in_memory
     }
 
-    /// The rows that add to cells within `[from_us, to_us)`
+    /// Bytes of rows written to local disk, and the files.
+    pub fn spilled(&self) -> (u64, usize) {
+        (self.0.spilled, self.0.files)
+    }
+
+    /// The rows that add to cells within `[from_us, to_us)`, whole hours
     /// ([`aggregate::rows_within`]), with the [`MEASURED`] columns as the lake
-    /// step made them.
+    /// step made them, read from the range's hours only: its orders' rows and the
+    /// corrections booked in it whose order lies outside it.
     pub fn within(&self, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
-        self.decoded(aggregate::rows_within(&self.frame, from_us, to_us)?)
+        polars_ensure!(
+            from_us % HOUR_US == 0 && to_us % HOUR_US == 0,
+            InvalidOperation: "held rows are read by whole hours, not [{from_us}, {to_us})"
+        );
+        // An hour's row and its correction booked in the same hour are both in the
+        // range or both out of it: the correction has no copy.
+        let hours =
+            from_us.div_euclid(HOUR_US)..to_us.div_euclid(HOUR_US).max(from_us.div_euclid(HOUR_US));
+        let within = |name: &str| col(name).gt_eq(lit(from_us)).and(col(name).lt(lit(to_us)));
+        let copy = col(BOOKED_COPY);
+        let wanted = (copy.clone().not().and(within("created_us"))).or(copy
+            .and(within("adjusted_us"))
+            .and(within("created_us").not()));
+        self.rows_of(self.0.hours.range(hours).map(|(_, h)| h).collect(), wanted)
     }
 
     /// Every row with the [`MEASURED`] columns (a copy of the whole run as the lake
-    /// step made it: for small runs and tests).
+    /// step made it, by hour: for small runs and tests).
     pub fn rows(&self) -> PolarsResult<DataFrame> {
-        self.decoded(self.frame.clone())
+        self.rows_of(self.0.hours.values().collect(), col(BOOKED_COPY).not())
     }
 
     /// The run's keys (first midnight, minutes, dictionaries) for
     /// [`aggregate::grids_within`]; `None` without rows.
     pub fn keys(&self) -> PolarsResult<Option<RunKeys>> {
-        if self.height() == 0 {
+        let Some((first_us, last_us)) = self.0.span else {
             return Ok(None);
-        }
-        RunKeys::spanning(&self.frame, |name| {
+        };
+        RunKeys::between(first_us, last_us, |name| {
             let i = CODED
                 .iter()
                 .position(|c| *c == name)
                 .ok_or_else(|| polars_err!(ColumnNotFound: "{name} is not a coded column"))?;
-            let mut values = self.values[i].clone();
+            let mut values = self.0.values[i].clone();
             // A null reads as "" in the dictionaries (as `Dictionary::values_of`).
-            if self.frame.column(name)?.null_count() > 0 {
+            if self.0.nulls[i] {
                 values.push(String::new());
             }
             values.sort_unstable();
@@ -172,45 +378,49 @@ impl Held {
     }
 
     /// The run's ranges of whole hours ([`aggregate::hour_ranges`]).
-    pub fn hour_ranges(&self, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
-        aggregate::hour_ranges(&self.frame, size)
+    pub fn hour_ranges(&self, size: usize) -> Vec<(i64, i64)> {
+        aggregate::ranges_of_hours(&self.0.per_hour, size)
     }
 
-    /// [`aggregate::currency_totals`] of every row, read [`ROWS_AT_ONCE`] at a time.
-    pub fn currency_totals(&self) -> PolarsResult<CurrencyTotals> {
-        let mut totals = CurrencyTotals::new();
-        for offset in (0..self.height()).step_by(ROWS_AT_ONCE) {
-            let rows = self.decoded(self.frame.slice(offset as i64, ROWS_AT_ONCE))?;
-            aggregate::add_totals(&mut totals, aggregate::currency_totals(&rows)?);
-        }
-        Ok(totals)
+    /// [`aggregate::currency_totals`] of every row.
+    pub fn currency_totals(&self) -> CurrencyTotals {
+        self.0.totals.clone()
     }
 
     /// The distinct users of the run's order lines (corrections left out).
-    pub fn buyers(&self) -> PolarsResult<u64> {
-        if self.height() == 0 {
-            return Ok(0);
+    pub fn buyers(&self) -> u64 {
+        self.0.buyers
+    }
+
+    /// The rows of `hours` that `wanted` keeps, decoded.
+    fn rows_of(&self, hours: Vec<&Hour>, wanted: Expr) -> PolarsResult<DataFrame> {
+        let mut frames = Vec::new();
+        for hour in hours {
+            frames.extend(hour.frames.iter().cloned());
+            for path in &hour.files {
+                frames.push(ParquetReader::new(std::fs::File::open(path)?).finish()?);
+            }
         }
-        let users = self
-            .frame
-            .clone()
-            .lazy()
-            .filter(col("adjusted_us").is_null())
-            .select([col("user_id").n_unique()])
-            .collect()?;
-        Ok(users
-            .column("user_id")?
-            .cast(&DataType::UInt64)?
-            .u64()?
-            .get(0)
-            .unwrap_or(0))
+        let rows = match frames.len() {
+            0 => match &self.0.template {
+                Some(template) => template.clone(),
+                None => return Ok(DataFrame::empty()),
+            },
+            _ => concat(
+                frames.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
+                UnionArgs::default(),
+            )?
+            .filter(wanted)
+            .collect()?,
+        };
+        self.decoded(rows.drop(BOOKED_COPY)?)
     }
 
     /// Held rows with their text decoded and revenue computed, in
     /// [`MEASURED`]'s order.
     fn decoded(&self, mut rows: DataFrame) -> PolarsResult<DataFrame> {
         for (i, name) in CODED.into_iter().enumerate() {
-            let values = &self.values[i];
+            let values = &self.0.values[i];
             let text: StringChunked = rows
                 .column(name)?
                 .u32()?
@@ -232,6 +442,8 @@ impl Held {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn measured() -> DataFrame {
@@ -274,9 +486,9 @@ mod tests {
             rows.slice(1, 2),
             "the third hour's line and the refund booked in the fourth"
         );
-        assert_eq!(held.buyers().unwrap(), 2);
+        assert_eq!(held.buyers(), 2);
         assert_eq!(
-            held.currency_totals().unwrap(),
+            held.currency_totals(),
             aggregate::currency_totals(&rows).unwrap()
         );
     }
@@ -291,5 +503,96 @@ mod tests {
         rows.with_column(Column::new("quantity".into(), [1i64 << 40, 1, 0]))
             .unwrap();
         assert!(Holder::default().add(&rows).is_err(), "a quantity past i32");
+    }
+
+    /// Rows of [`MEASURED`] columns: order lines over 30 hours, a quarter of them
+    /// corrections booked up to five hours after their order (`spec`: created
+    /// minute, user, city or null, correction's delay in minutes).
+    fn frame_of(spec: &[(i64, u8, Option<u8>, Option<i64>)]) -> DataFrame {
+        let minute = 60_000_000i64;
+        let int = |f: &dyn Fn(usize) -> i64| -> Vec<i64> { (0..spec.len()).map(f).collect() };
+        let adjusted = |i: usize| spec[i].3;
+        df! {
+            "created_us" => int(&|i| spec[i].0 * minute),
+            "user_id" => spec.iter().map(|s| format!("u{}", s.1)).collect::<Vec<_>>(),
+            "adjusted_us" => (0..spec.len()).map(|i| adjusted(i).map(|d| (spec[i].0 + d) * minute)).collect::<Vec<_>>(),
+            "adjustment_kind" => (0..spec.len()).map(|i| adjusted(i).map(|d| if d % 2 == 0 { "refund" } else { "cancellation" })).collect::<Vec<_>>(),
+            "refunded_quantity" => int(&|i| i64::from(adjusted(i).is_some())),
+            "refunded_minor" => int(&|i| if adjusted(i).is_some() { 100 + i as i64 } else { 0 }),
+            "cancel_first" => int(&|i| adjusted(i).map_or(0, |d| d % 2)),
+            "cancel_category_first" => int(&|i| adjusted(i).map_or(0, |d| d % 2)),
+            "revenue" => int(&|i| if adjusted(i).is_some() { 0 } else { (1 + i as i64 % 3) * (100 + i as i64) }),
+            "quantity" => int(&|i| if adjusted(i).is_some() { 0 } else { 1 + i as i64 % 3 }),
+            "unit_price_minor" => int(&|i| 100 + i as i64),
+            "city" => spec.iter().map(|s| s.2.map(|c| ["Berlin", "Paris", "Oslo"][usize::from(c) % 3])).collect::<Vec<_>>(),
+            "category" => int(&|i| i as i64 % 4).iter().map(|c| format!("c{c}")).collect::<Vec<_>>(),
+            "product_id" => int(&|i| i as i64 % 7).iter().map(|p| format!("p{p}")).collect::<Vec<_>>(),
+            "currency" => int(&|i| i as i64 % 2).iter().map(|c| ["EUR", "JPY"][*c as usize]).collect::<Vec<_>>(),
+            "order_first" => int(&|i| i64::from(adjusted(i).is_none() && i % 2 == 0)),
+            "category_first" => int(&|i| i64::from(adjusted(i).is_none())),
+        }
+        .unwrap()
+    }
+
+    /// `rows` in one order, to compare sets of rows.
+    fn sorted(rows: &DataFrame) -> DataFrame {
+        rows.sort(MEASURED, SortMultipleOptions::default()).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// Held in memory or written to disk after any group, a range's rows are
+        /// exactly those [`aggregate::rows_within`] it, and what is counted as
+        /// rows are added equals what the whole run gives.
+        #[test]
+        fn held_rows_written_to_disk_or_not_read_back_as_rows_within_each_range(
+            spec in proptest::collection::vec(
+                (0..1_800i64, 0..20u8, proptest::option::weighted(0.9, 0..3u8),
+                 proptest::option::weighted(0.25, 0..300i64)),
+                1..400,
+            ),
+            groups in 1..6usize,
+            spill in any::<bool>(),
+            ranges in proptest::collection::vec((0..34i64, 1..8i64), 1..6),
+        ) {
+            let rows = frame_of(&spec);
+            let memory_bytes = if spill { 0 } else { usize::MAX };
+            let mut holder = Holder::new(Spill { memory_bytes, dir: None });
+            let size = rows.height().div_ceil(groups);
+            for offset in (0..rows.height()).step_by(size) {
+                holder.add(&rows.slice(offset as i64, size)).unwrap();
+            }
+            let held = holder.finish().unwrap();
+            let dir = held.0._disk.as_ref().map(|d| d.path().to_owned());
+            prop_assert_eq!(dir.is_some(), spill, "written to disk only past the budget");
+            prop_assert_eq!(held.height(), rows.height());
+            prop_assert_eq!(sorted(&held.rows().unwrap()), sorted(&rows));
+            for (first, hours) in ranges {
+                let (from, to) = (first * HOUR_US, (first + hours) * HOUR_US);
+                prop_assert_eq!(
+                    sorted(&held.within(from, to).unwrap()),
+                    sorted(&aggregate::rows_within(&rows, from, to).unwrap()),
+                    "the rows within [{}, {})", from, to
+                );
+            }
+            prop_assert_eq!(held.hour_ranges(50), aggregate::hour_ranges(&rows, 50).unwrap());
+            prop_assert_eq!(held.currency_totals(), aggregate::currency_totals(&rows).unwrap());
+            let users = rows
+                .clone()
+                .lazy()
+                .filter(col("adjusted_us").is_null())
+                .select([col("user_id").n_unique()])
+                .collect()
+                .unwrap();
+            let users = users.column("user_id").unwrap().cast(&DataType::UInt64).unwrap();
+            prop_assert_eq!(Some(held.buyers()), users.u64().unwrap().get(0));
+            prop_assert_eq!(held.keys().unwrap(), RunKeys::of(&rows).unwrap());
+            prop_assert!(held.within(HOUR_US / 2, HOUR_US).is_err(), "not a whole hour");
+            drop(held);
+            if let Some(dir) = dir {
+                prop_assert!(!dir.exists(), "the files go with the last held rows");
+            }
+        }
     }
 }

@@ -99,7 +99,7 @@ impl Compactor {
         let mut drift = Drift {
             run_id: state.run_id,
             lake_orders: lake
-                .currency_totals()?
+                .currency_totals()
                 .values()
                 .map(|s| s.orders as u64)
                 .sum(),

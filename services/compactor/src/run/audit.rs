@@ -57,7 +57,7 @@ impl Compactor {
             raw: written.raw_totals.clone(),
             ..AuditReport::default()
         };
-        let deduped = written.orders.currency_totals()?;
+        let deduped = written.orders.currency_totals();
         let duplicates = written.raw_records - written.orders.height() as u64;
         if duplicates > 0 {
             tracing::warn!(
@@ -79,7 +79,7 @@ impl Compactor {
         report.parquet = parquet;
         report.source = match run.kind {
             Kind::Incremental => deduped,
-            Kind::Rebuild => source.currency_totals()?,
+            Kind::Rebuild => source.currency_totals(),
         };
         check_staging(&mut report, &sums);
         self.check_buyers(run, source, &mut report).await?;
@@ -88,7 +88,7 @@ impl Compactor {
 
     /// Staged buyers hold exactly the users of the run's order lines.
     async fn check_buyers(&self, run: &Run, source: &Held, report: &mut AuditReport) -> Result<()> {
-        let expected = source.buyers()?;
+        let expected = source.buyers();
         let staged: u64 = self
             .ch
             .query(&format!(

@@ -156,6 +156,9 @@ pub enum Outcome {
         run_id: u64,
         rows_in: u64,
         rows_out: u64,
+        /// Bytes of the run's rows held on local disk between its steps (see
+        /// `compactor.hold_memory_bytes`), removed when it ended.
+        held_on_disk: u64,
     },
     /// The audit failed: nothing published, staging kept.
     AuditFailed { run_id: u64, problems: Vec<String> },
@@ -337,6 +340,7 @@ impl Compactor {
             run_id: run.run_id,
             rows_in: written.orders.height() as u64,
             rows_out: staged,
+            held_on_disk: written.orders.spilled().0,
         })
     }
 

@@ -61,10 +61,9 @@ impl Compactor {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Range>>(1);
         let aggregating = tokio::task::spawn_blocking(move || {
             let (mut aggregate_ms, mut range_mb) = (0, 0);
-            let planned = orders.keys().and_then(|keys| {
-                let ranges = orders.hour_ranges(ROWS_PER_RANGE)?;
-                Ok((keys, ranges))
-            });
+            let planned = orders
+                .keys()
+                .map(|keys| (keys, orders.hour_ranges(ROWS_PER_RANGE)));
             let (keys, ranges) = match planned {
                 Ok((Some(keys), ranges)) => (keys, ranges),
                 Ok((None, _)) => return (0, 0, 0),

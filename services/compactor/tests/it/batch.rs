@@ -22,9 +22,16 @@ async fn published_aggregates_equal_sql_below_the_watermark() {
     let mut sent = Vec::new();
     for round in 0..3 {
         env.ingest(&batch(&mut rng, &mut sent, 300)).await;
-        let run_id = published(&env.compactor.run_once(Kind::Incremental).await.unwrap());
-        assert_eq!(run_id, round + 1);
+        let outcome = env.compactor.run_once(Kind::Incremental).await.unwrap();
+        assert_eq!(published(&outcome), round + 1);
         env.assert_exact().await;
+        // The run's held rows went to disk (see `Env`), and went with the run.
+        assert!(
+            matches!(outcome, Outcome::Published { held_on_disk, .. } if held_on_disk > 0),
+            "{outcome:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(env.spill.path()).unwrap().collect();
+        assert!(left.is_empty(), "held rows left on disk: {left:?}");
     }
     // Orders after the cut are not in the batch view (the speed layer has them).
     let state = env.published().await;

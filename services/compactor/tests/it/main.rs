@@ -26,6 +26,8 @@ pub struct Env {
     pub s3: S3Config,
     pub ch: ClickHouseConfig,
     pub compactor: Compactor,
+    /// Where the compactor's runs write their held rows (every group's).
+    pub spill: tempfile::TempDir,
     relay: CancellationToken,
 }
 
@@ -59,6 +61,11 @@ impl Env {
         // a test's runs are small, so a try that outlasts 20 s is abandoned sooner.
         config.compactor.read_back_timeout = Duration::from_secs(20);
         config.compactor.max_files_per_partition = max_files_per_partition;
+        // Every group of a run's rows goes to disk and is read back by hour: the
+        // tests' exactness is that of the path a large run takes.
+        let spill = tempfile::tempdir().unwrap();
+        config.compactor.hold_memory_bytes = 0;
+        config.compactor.spill_dir = Some(spill.path().to_owned());
         // Runs cut short (a crash) leave their lease to lapse; a short lease keeps
         // the reruns quick.
         config.lease.ttl = Duration::from_millis(500);
@@ -82,6 +89,7 @@ impl Env {
             s3,
             ch,
             compactor,
+            spill,
             relay: token,
         }
     }
