@@ -8,7 +8,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
-use tidemark_domain::AdjustmentKind;
+use tidemark_domain::{AdjustmentKind, LogPosition};
 use tidemark_orderlog::RawRecordRef;
 use tidemark_platform::config::S3Config;
 
@@ -23,6 +23,10 @@ pub enum LakeError {
     Polars(#[from] PolarsError),
     #[error("invalid raw record: {0}")]
     Invalid(String),
+    /// A raw object holds a log row outside the relay batch it was recorded
+    /// with: the manifest cannot say where records may repeat ([`Repeats`]).
+    #[error("a record of a raw object lies outside its relay batch: {0}")]
+    OutsideBatch(String),
 }
 
 pub type Result<T, E = LakeError> = std::result::Result<T, E>;
@@ -526,34 +530,153 @@ pub fn orders_from_raw(raw: DataFrame, from_txid: u64, to_txid: u64) -> Result<D
     ids.first_copies(orders)
 }
 
+/// Whether a raw record may repeat one of another raw file of the run (see
+/// [`Repeats`]); records without the column may.
+pub const MAY_REPEAT: &str = "may_repeat";
+
+/// Where the records of a run's raw files may repeat each other.
+///
+/// The relay lands a batch of log rows with positions in `(after, until]` as one
+/// object per event hour (each row in one of them) and records the batch with
+/// each object. The log holds each row once, so two files can hold the same row
+/// only if they come from two batches whose ranges overlap (a range landed twice
+/// with other bounds): only rows in those overlaps, or outside their own file's
+/// batch (which the relay never writes), need the order-id set. Held whole, it
+/// grew with a run (24 bytes a line in a hash table of a power of two of them:
+/// about 400 MB at 10M orders, 600 MB while it doubled) although a relay that
+/// never repeats a range fills it for nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Repeats {
+    zones: Vec<(LogPosition, LogPosition)>,
+    /// Every record may repeat (the manifest's batches not trusted).
+    everywhere: bool,
+}
+
+impl Repeats {
+    /// The overlaps of `batches` (`(after, until]` each; the same batch given
+    /// once per object), as disjoint ranges in log order.
+    pub fn of(batches: impl IntoIterator<Item = (LogPosition, LogPosition)>) -> Repeats {
+        let mut batches: Vec<_> = batches.into_iter().collect();
+        batches.sort_unstable();
+        batches.dedup();
+        let mut zones: Vec<(LogPosition, LogPosition)> = Vec::new();
+        // The furthest end of the batches so far: a batch starting before it
+        // overlaps one of them up to it (every earlier end is at most it).
+        let mut reach: Option<LogPosition> = None;
+        for (after, until) in batches {
+            if let Some(reach) = reach
+                && after < reach
+            {
+                let zone = (after, until.min(reach));
+                match zones.last_mut() {
+                    Some(last) if zone.0 <= last.1 => last.1 = last.1.max(zone.1),
+                    _ => zones.push(zone),
+                }
+            }
+            reach = Some(reach.map_or(until, |r| r.max(until)));
+        }
+        Repeats {
+            zones,
+            everywhere: false,
+        }
+    }
+
+    /// Every record may repeat.
+    pub fn everywhere() -> Repeats {
+        Repeats {
+            zones: Vec::new(),
+            everywhere: true,
+        }
+    }
+
+    fn holds(&self, position: LogPosition) -> bool {
+        let i = self.zones.partition_point(|(after, _)| *after < position);
+        i > 0 && position <= self.zones[i - 1].1
+    }
+
+    /// `raw` (the records of the raw object `key`, with `txid` and `seq`) with
+    /// [`MAY_REPEAT`] set where a record lies in an overlap. A record outside
+    /// `batch`, its object's, is [`LakeError::OutsideBatch`]: its copy may lie in
+    /// another object outside every overlap, unchecked (unless every record may
+    /// repeat).
+    pub fn mark(
+        &self,
+        mut raw: DataFrame,
+        key: &str,
+        batch: (LogPosition, LogPosition),
+    ) -> Result<DataFrame> {
+        let may: BooleanChunked = if self.everywhere {
+            BooleanChunked::full("".into(), true, raw.height())
+        } else {
+            let (after, until) = batch;
+            let txids = raw.column("txid")?.i64()?;
+            let seqs = raw.column("seq")?.i64()?;
+            let mut may = Vec::with_capacity(raw.height());
+            for (txid, seq) in txids.iter().zip(seqs.iter()) {
+                let position = match (txid.and_then(|t| u64::try_from(t).ok()), seq) {
+                    (Some(txid), Some(seq)) => LogPosition::new(txid, seq),
+                    _ => {
+                        return Err(LakeError::Invalid(format!(
+                            "a record of {key} has no position"
+                        )));
+                    }
+                };
+                if !(after < position && position <= until) {
+                    return Err(LakeError::OutsideBatch(format!(
+                        "{key} holds {position:?}, recorded with ({after:?}, {until:?}]"
+                    )));
+                }
+                may.push(self.holds(position));
+            }
+            BooleanChunked::from_slice("".into(), &may)
+        };
+        raw.with_column(may.with_name(MAY_REPEAT.into()).into_column())?;
+        Ok(raw)
+    }
+}
+
 /// The order lines seen so far in a run, to keep one copy of each.
 ///
 /// Copies of an order are the same immutable rows of the log (the relay landed a
 /// range twice), so any copy may be kept: the first one is, which keeps the rows
 /// in the order they were read. Lines are keyed by their event's id (the order's,
 /// or the adjustment's: a UUID, kept as two 64-bit halves) and line number: 24
-/// bytes an entry, where a `u128` key's alignment made 32 (a run of 10M orders
-/// holds as many entries).
+/// bytes an entry, where a `u128` key's alignment made 32. Only the lines that
+/// [may repeat](Repeats) are held.
 #[derive(Default)]
 struct OrderIds(PlHashSet<(u64, u64, u32)>);
 
 impl OrderIds {
     /// The rows whose order line was not seen before (in this frame or earlier
-    /// ones).
+    /// ones), without [`MAY_REPEAT`]: a row it says may not repeat is a first
+    /// copy. Every row's event id must be a UUID.
     fn first_copies(&mut self, orders: DataFrame) -> Result<DataFrame> {
         let ids = orders.column("order_id")?.str()?;
         let adjustments = orders.column("adjustment_id")?.str()?;
         let lines = orders.column("line_no")?.i64()?;
+        let may_repeat: Vec<bool> = match orders.column(MAY_REPEAT) {
+            Ok(column) => column.bool()?.iter().map(|m| m != Some(false)).collect(),
+            Err(_) => vec![true; orders.height()],
+        };
         let mut first = Vec::with_capacity(ids.len());
-        for ((order, adjustment), line) in ids.iter().zip(adjustments.iter()).zip(lines.iter()) {
+        for (((order, adjustment), line), may_repeat) in ids
+            .iter()
+            .zip(adjustments.iter())
+            .zip(lines.iter())
+            .zip(may_repeat)
+        {
             let id = adjustment.or(order).unwrap_or("");
             let id = uuid::Uuid::try_parse(id)
                 .map_err(|e| LakeError::Invalid(format!("event id `{id}` is not a UUID: {e}")))?;
             let line = u32::try_from(line.unwrap_or(1))
                 .map_err(|_| LakeError::Invalid(format!("event `{id}` has line {line:?}")))?;
             let (high, low) = id.as_u64_pair();
-            first.push(self.0.insert((high, low, line)));
+            first.push(!may_repeat || self.0.insert((high, low, line)));
         }
+        let orders = match orders.get_column_index(MAY_REPEAT) {
+            Some(_) => orders.drop(MAY_REPEAT)?,
+            None => orders,
+        };
         if first.iter().all(|f| *f) {
             return Ok(orders);
         }
@@ -676,6 +799,11 @@ impl LakeWriter {
         Ok(())
     }
 
+    /// Order lines held to find repeated records ([`Repeats`]).
+    pub fn ids_held(&self) -> usize {
+        self.ids.0.len()
+    }
+
     /// The bytes written so far of each date's file that holds at least `min` of
     /// them, taken out of memory (the writer never reads back what it wrote): parts
     /// of the files to upload while the run is written. [`LakeWriter::finish`]
@@ -752,6 +880,29 @@ pub fn from_parquet(bytes: &[u8]) -> Result<DataFrame> {
 /// Reads `columns` of the Parquet object `key`, downloading only its footer and
 /// those columns' chunks (ranged GETs, four at a time) rather than the whole file.
 pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<DataFrame> {
+    let mut groups: Vec<DataFrame> = Vec::new();
+    read_column_groups(store, key, columns, |group| {
+        groups.push(group);
+        Ok(())
+    })
+    .await?;
+    let mut groups = groups.into_iter();
+    let mut all = groups.next().unwrap_or_default();
+    for group in groups {
+        all.vstack_mut(&group)?;
+    }
+    Ok(all)
+}
+
+/// [`read_columns`] a row group at a time, each group's frame given to `each`:
+/// memory holds one group's chunks, not the file's columns (the audit of a run of
+/// 10M orders read its two files' ten columns whole, 1.2 GB at its peak).
+pub async fn read_column_groups(
+    store: &Store,
+    key: &str,
+    columns: &[&str],
+    mut each: impl FnMut(DataFrame) -> Result<()>,
+) -> Result<()> {
     /// Bytes fetched from the end first: the footer of a lake file is a few KB.
     const TAIL: u64 = 64 * 1024;
     /// Chunks closer than this are fetched in one GET.
@@ -777,8 +928,9 @@ pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<
     let metadata = ParquetReader::new(Cursor::new(&tail[..]))
         .get_metadata()?
         .clone();
-    let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+    let names: Vec<String> = columns.iter().map(|c| (*c).to_owned()).collect();
     for group in &metadata.row_groups {
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
         for column in columns {
             let chunks = group
                 .columns_under_root_iter(column)
@@ -787,38 +939,45 @@ pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<
                 ranges.push(chunk.byte_range());
             }
         }
-    }
-    ranges.sort_by_key(|r| r.start);
-    let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        match merged.last_mut() {
-            Some(last) if range.start <= last.end + GAP => last.end = last.end.max(range.end),
-            _ => merged.push(range),
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            match merged.last_mut() {
+                Some(last) if range.start <= last.end + GAP => last.end = last.end.max(range.end),
+                _ => merged.push(range),
+            }
         }
-    }
-    // Chunks inside the tail are already here.
-    merged.retain(|r| r.start < tail_start);
-    let pieces: Vec<(u64, bytes::Bytes)> = futures::stream::iter(merged)
-        .map(|r| {
-            let (store, key) = (store.clone(), key.to_owned());
-            async move { Ok::<_, LakeError>((r.start, store.get_range(&key, r).await?)) }
+        // Chunks inside the tail are already here.
+        merged.retain(|r| r.start < tail_start);
+        let pieces: Vec<(u64, bytes::Bytes)> = futures::stream::iter(merged)
+            .map(|r| {
+                let (store, key) = (store.clone(), key.to_owned());
+                async move { Ok::<_, LakeError>((r.start, store.get_range(&key, r).await?)) }
+            })
+            .buffered(4)
+            .try_collect()
+            .await?;
+        // The file's metadata with this row group alone, over a buffer that
+        // holds only its chunks (and the tail).
+        let mut one = (*metadata).clone();
+        one.num_rows = group.num_rows();
+        one.row_groups = vec![group.clone()];
+        let (tail, names) = (tail.clone(), names.clone());
+        let frame = tokio::task::spawn_blocking(move || {
+            let mut sparse = vec![0u8; size as usize];
+            for (start, body) in pieces.iter().chain([(tail_start, tail)].iter()) {
+                let start = *start as usize;
+                sparse[start..start + body.len()].copy_from_slice(body);
+            }
+            let mut reader = ParquetReader::new(Cursor::new(sparse));
+            reader.set_metadata(Arc::new(one));
+            reader.with_columns(Some(names)).finish()
         })
-        .buffered(4)
-        .try_collect()
-        .await?;
-    let columns: Vec<String> = columns.iter().map(|c| (*c).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let mut sparse = vec![0u8; size as usize];
-        for (start, body) in pieces.iter().chain([(tail_start, tail)].iter()) {
-            let start = *start as usize;
-            sparse[start..start + body.len()].copy_from_slice(body);
-        }
-        let mut reader = ParquetReader::new(Cursor::new(sparse));
-        reader.set_metadata(metadata);
-        Ok(reader.with_columns(Some(columns)).finish()?)
-    })
-    .await
-    .expect("the Parquet decoding task does not panic")
+        .await
+        .expect("the Parquet decoding task does not panic")?;
+        each(frame)?;
+    }
+    Ok(())
 }
 
 /// The length of a Parquet file's footer (metadata, its length and the magic
@@ -889,6 +1048,81 @@ mod tests {
         format!(
             r#"{{"order_id":"00000000-0000-0000-0000-{order:012}","user_id":"u","city":"Oslo","currency":"EUR","created_at":"{at}","ingested_at":"{at}","txid":{txid},"seq":{seq},"lines":[{{"product_id":"p-1","category":"books","quantity":2,"unit_price_minor":100}},{{"product_id":"p-2","category":"books","quantity":1,"unit_price_minor":1000}},{{"product_id":"p-3","category":"games","quantity":3,"unit_price_minor":10}}]}}"#
         )
+    }
+
+    #[test]
+    fn records_may_repeat_only_where_two_relay_batches_overlap() {
+        let p = |txid: u64, seq: i64| LogPosition::new(txid, seq);
+        // Consecutive batches, one given once per object: nowhere.
+        let consecutive = Repeats::of([
+            (p(7, 0), p(7, 10)),
+            (p(7, 10), p(9, 3)),
+            (p(7, 0), p(7, 10)),
+        ]);
+        assert_eq!(consecutive, Repeats::of([]));
+        let overlapping = Repeats::of([
+            (p(7, 0), p(7, 10)),
+            (p(7, 5), p(7, 15)),
+            (p(7, 20), p(8, 30)),
+            (p(8, 25), p(9, 40)),
+            (p(8, 26), p(8, 28)),
+        ]);
+        for (at, may) in [
+            (p(7, 5), false),
+            (p(7, 6), true),
+            (p(7, 10), true),
+            (p(7, 11), false),
+            (p(8, 25), false),
+            (p(8, 26), true),
+            (p(8, 30), true),
+            (p(8, 31), false),
+            (p(9, 0), false),
+        ] {
+            assert_eq!(overlapping.holds(at), may, "{at:?}");
+        }
+    }
+
+    #[test]
+    fn only_records_that_may_repeat_are_held_to_find_their_copies() {
+        let at = Utc.with_ymd_and_hms(2026, 11, 20, 23, 0, 0).unwrap();
+        let p = |seq: i64| LogPosition::new(5, seq);
+        // Batch (0, 4] landed, then (2, 6] over it: orders 3 and 4 twice.
+        let first = (p(0), p(4));
+        let second = (p(2), p(6));
+        let repeats = Repeats::of([first, second]);
+        let file = |lines: &[String], batch| {
+            let raw = in_range(parse_raw(lines.join("\n").as_bytes()).unwrap(), 0, 9).unwrap();
+            repeats.mark(raw, "raw/a.jsonl", batch)
+        };
+        let mut writer = LakeWriter::default();
+        let one = (1..=4)
+            .map(|n| raw_line(n, at, 5, i64::from(n)))
+            .collect::<Vec<_>>();
+        let two = (3..=6)
+            .map(|n| raw_line(n, at, 5, i64::from(n)))
+            .collect::<Vec<_>>();
+        writer.add(vec![file(&one, first).unwrap()]).unwrap();
+        writer.add(vec![file(&two, second).unwrap()]).unwrap();
+        assert_eq!(writer.ids_held(), 2, "orders 3 and 4, not 1, 2, 5, 6");
+        let (_, orders) = writer.finish().unwrap();
+        assert_eq!(orders.height(), 6, "each order once");
+        // A record outside its object's batch: the manifest cannot be trusted.
+        let outside = file(&[raw_line(9, at, 5, 9)], second);
+        assert!(
+            matches!(outside, Err(LakeError::OutsideBatch(_))),
+            "{outside:?}"
+        );
+        // Then every record is held, and the copies are still found.
+        let everywhere = Repeats::everywhere();
+        let mut writer = LakeWriter::default();
+        for (lines, batch) in [(&one, first), (&two, second)] {
+            let raw = in_range(parse_raw(lines.join("\n").as_bytes()).unwrap(), 0, 9).unwrap();
+            writer
+                .add(vec![everywhere.mark(raw, "raw/a.jsonl", batch).unwrap()])
+                .unwrap();
+        }
+        assert_eq!(writer.ids_held(), 6);
+        assert_eq!(writer.finish().unwrap().1.height(), 6);
     }
 
     #[test]

@@ -176,14 +176,19 @@ async fn compaction_round(bench: &mut Harness<'_>, python: &Path, orders: usize)
                 .body(aws_sdk_s3::primitives::ByteStream::from(body))
                 .send()
                 .await?;
+            // Each file a relay batch of its own: log rows (3, 2n] of its orders'
+            // n, as the relay records them.
+            let first = i * PER_FILE;
             sqlx::query(
                 "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
                    until_seq, min_txid, max_txid, rows, bytes) \
-                 VALUES ($1, current_date, 0, '3', 0, '3', 0, '3', '3', $2, $3)",
+                 VALUES ($1, current_date, 0, '3', $4, '3', $5, '3', '3', $2, $3)",
             )
             .bind(&key)
             .bind(records)
             .bind(bytes)
+            .bind((2 * first) as i64)
+            .bind((2 * (first + count)) as i64)
             .execute(&pool)
             .await?;
             anyhow::Ok(())

@@ -158,16 +158,21 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
                     .body(aws_sdk_s3::primitives::ByteStream::from(body))
                     .send()
                     .await?;
+                // Each file a relay batch of its own: log rows (xid, 2n] of its
+                // orders' n (`backfill_file`), as the relay records them.
+                let first = i * PER_FILE;
                 sqlx::query(
                     "INSERT INTO lake_raw_files (key, dt, hour, after_txid, after_seq, until_txid, \
                        until_seq, min_txid, max_txid, rows, bytes) \
-                     VALUES ($1, current_date, 0, $2::text::xid8, 0, $2::text::xid8, 0, \
+                     VALUES ($1, current_date, 0, $2::text::xid8, $5, $2::text::xid8, $6, \
                              $2::text::xid8, $2::text::xid8, $3, $4)",
                 )
                 .bind(&key)
                 .bind(xid)
                 .bind(lines.len() as i64)
                 .bind(bytes as i64)
+                .bind((2 * first) as i64)
+                .bind((2 * (first + count)) as i64)
                 .execute(&pool)
                 .await?;
                 let mut insert = anchor.insert::<Line>("lines").await?;

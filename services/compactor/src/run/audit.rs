@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tidemark_domain::{Currency, Dimension, Granularity};
 
@@ -157,14 +156,12 @@ impl Compactor {
                 "cancel_category_first",
             ];
             let mut totals = CurrencyTotals::new();
-            let mut frames = futures::stream::iter(written.parquet_keys.clone())
-                .map(|key| {
-                    let store = self.store.clone();
-                    async move { lake::read_columns(&store, &key, &COLUMNS).await }
+            for key in &written.parquet_keys {
+                lake::read_column_groups(&self.store, key, &COLUMNS, |group| {
+                    aggregate::add_totals(&mut totals, aggregate::currency_totals(&group)?);
+                    Ok(())
                 })
-                .buffered(2);
-            while let Some(frame) = frames.try_next().await? {
-                aggregate::add_totals(&mut totals, aggregate::currency_totals(&frame)?);
+                .await?;
             }
             tracing::debug!(run_id = run.run_id, "Parquet columns read back");
             Ok::<_, RunError>((totals, t.elapsed().as_millis() as u64))

@@ -5,6 +5,7 @@
 
 use chrono::NaiveDate;
 use sqlx::{PgConnection, PgPool};
+use tidemark_domain::LogPosition;
 
 /// A Parquet file of the lake.
 pub struct LakeFile<'a> {
@@ -33,21 +34,41 @@ pub async fn relay_horizon(pool: &PgPool) -> Result<Option<u64>, sqlx::Error> {
     Ok(horizon.map(|h| h as u64))
 }
 
+/// A raw object and the relay batch it came from: log rows with positions in
+/// `(after, until]` (the batch's objects split its rows by event hour).
+#[derive(Clone)]
+pub struct RawFile {
+    pub key: String,
+    pub after: LogPosition,
+    pub until: LogPosition,
+}
+
 /// Raw objects holding rows with `from <= txid < to`, in key order.
 pub async fn raw_files_between(
     pool: &PgPool,
     from: u64,
     to: u64,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT key FROM lake_raw_files \
+) -> Result<Vec<RawFile>, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT key, after_txid::text::int8, after_seq, until_txid::text::int8, until_seq \
+         FROM lake_raw_files \
          WHERE max_txid >= $1::int8::text::xid8 AND min_txid < $2::int8::text::xid8 \
          ORDER BY key",
     )
     .bind(from as i64)
     .bind(to as i64)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(key, after_txid, after_seq, until_txid, until_seq)| RawFile {
+                key,
+                after: LogPosition::new(after_txid as u64, after_seq),
+                until: LogPosition::new(until_txid as u64, until_seq),
+            },
+        )
+        .collect())
 }
 
 /// Raw objects of event date `dt` holding rows with `txid < below`, in key order.
