@@ -537,10 +537,11 @@ pub const MAY_REPEAT: &str = "may_repeat";
 /// Where the records of a run's raw files may repeat each other.
 ///
 /// The relay lands a batch of log rows with positions in `(after, until]` as one
-/// object per event hour (each row in one of them) and records the batch with
-/// each object. The log holds each row once, so two files can hold the same row
-/// only if they come from two batches whose ranges overlap (a range landed twice
-/// with other bounds): only rows in those overlaps, or outside their own file's
+/// object per event hour (each row in one of them) and records the batch and the
+/// hour with each object. The log holds each row once, so two files can hold the
+/// same row only if they come from two batches whose ranges overlap (a range
+/// landed twice with other bounds), or from one batch and one hour under two keys
+/// (then the whole batch may repeat): only rows there, or outside their own file's
 /// batch (which the relay never writes), need the order-id set. Held whole, it
 /// grew with a run (24 bytes a line in a hash table of a power of two of them:
 /// about 400 MB at 10M orders, 600 MB while it doubled) although a relay that
@@ -553,13 +554,23 @@ pub struct Repeats {
 }
 
 impl Repeats {
-    /// The overlaps of `batches` (`(after, until]` each; the same batch given
-    /// once per object), as disjoint ranges in log order.
-    pub fn of(batches: impl IntoIterator<Item = (LogPosition, LogPosition)>) -> Repeats {
-        let mut batches: Vec<_> = batches.into_iter().collect();
-        batches.sort_unstable();
-        batches.dedup();
+    /// Where the records of `objects` may repeat: each object given by its
+    /// batch (`(after, until]`) and its hour within it. The overlaps of two
+    /// batches, and every batch with two objects of one hour, as disjoint ranges
+    /// in log order.
+    pub fn of(objects: impl IntoIterator<Item = (LogPosition, LogPosition, i64)>) -> Repeats {
+        let mut objects: Vec<_> = objects.into_iter().collect();
+        objects.sort_unstable();
+        let mut batches: Vec<(LogPosition, LogPosition)> = Vec::with_capacity(objects.len());
         let mut zones: Vec<(LogPosition, LogPosition)> = Vec::new();
+        for (i, &(after, until, hour)) in objects.iter().enumerate() {
+            if i > 0 && objects[i - 1] == (after, until, hour) {
+                zones.push((after, until));
+            }
+            if batches.last() != Some(&(after, until)) {
+                batches.push((after, until));
+            }
+        }
         // The furthest end of the batches so far: a batch starting before it
         // overlaps one of them up to it (every earlier end is at most it).
         let mut reach: Option<LogPosition> = None;
@@ -567,16 +578,20 @@ impl Repeats {
             if let Some(reach) = reach
                 && after < reach
             {
-                let zone = (after, until.min(reach));
-                match zones.last_mut() {
-                    Some(last) if zone.0 <= last.1 => last.1 = last.1.max(zone.1),
-                    _ => zones.push(zone),
-                }
+                zones.push((after, until.min(reach)));
             }
             reach = Some(reach.map_or(until, |r| r.max(until)));
         }
+        zones.sort_unstable();
+        let mut merged: Vec<(LogPosition, LogPosition)> = Vec::with_capacity(zones.len());
+        for zone in zones {
+            match merged.last_mut() {
+                Some(last) if zone.0 <= last.1 => last.1 = last.1.max(zone.1),
+                _ => merged.push(zone),
+            }
+        }
         Repeats {
-            zones,
+            zones: merged,
             everywhere: false,
         }
     }
@@ -1053,19 +1068,22 @@ mod tests {
     #[test]
     fn records_may_repeat_only_where_two_relay_batches_overlap() {
         let p = |txid: u64, seq: i64| LogPosition::new(txid, seq);
-        // Consecutive batches, one given once per object: nowhere.
+        // Consecutive batches, one of them in objects of two hours: nowhere.
         let consecutive = Repeats::of([
-            (p(7, 0), p(7, 10)),
-            (p(7, 10), p(9, 3)),
-            (p(7, 0), p(7, 10)),
+            (p(7, 0), p(7, 10), 100),
+            (p(7, 10), p(9, 3), 100),
+            (p(7, 0), p(7, 10), 101),
         ]);
         assert_eq!(consecutive, Repeats::of([]));
         let overlapping = Repeats::of([
-            (p(7, 0), p(7, 10)),
-            (p(7, 5), p(7, 15)),
-            (p(7, 20), p(8, 30)),
-            (p(8, 25), p(9, 40)),
-            (p(8, 26), p(8, 28)),
+            (p(7, 0), p(7, 10), 100),
+            (p(7, 5), p(7, 15), 100),
+            (p(7, 20), p(8, 30), 100),
+            (p(8, 25), p(9, 40), 100),
+            (p(8, 26), p(8, 28), 100),
+            // One batch, one hour, two keys: the whole batch.
+            (p(9, 50), p(9, 60), 100),
+            (p(9, 50), p(9, 60), 100),
         ]);
         for (at, may) in [
             (p(7, 5), false),
@@ -1077,6 +1095,10 @@ mod tests {
             (p(8, 30), true),
             (p(8, 31), false),
             (p(9, 0), false),
+            (p(9, 50), false),
+            (p(9, 51), true),
+            (p(9, 60), true),
+            (p(9, 61), false),
         ] {
             assert_eq!(overlapping.holds(at), may, "{at:?}");
         }
@@ -1089,7 +1111,7 @@ mod tests {
         // Batch (0, 4] landed, then (2, 6] over it: orders 3 and 4 twice.
         let first = (p(0), p(4));
         let second = (p(2), p(6));
-        let repeats = Repeats::of([first, second]);
+        let repeats = Repeats::of([(first.0, first.1, 0), (second.0, second.1, 0)]);
         let file = |lines: &[String], batch| {
             let raw = in_range(parse_raw(lines.join("\n").as_bytes()).unwrap(), 0, 9).unwrap();
             repeats.mark(raw, "raw/a.jsonl", batch)

@@ -41,6 +41,8 @@ pub struct RawFile {
     pub key: String,
     pub after: LogPosition,
     pub until: LogPosition,
+    /// The event hour of the batch's rows it holds (hours since the epoch).
+    pub hour: i64,
 }
 
 /// Raw objects holding rows with `from <= txid < to`, in key order.
@@ -49,8 +51,9 @@ pub async fn raw_files_between(
     from: u64,
     to: u64,
 ) -> Result<Vec<RawFile>, sqlx::Error> {
-    let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT key, after_txid::text::int8, after_seq, until_txid::text::int8, until_seq \
+    let rows: Vec<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT key, after_txid::text::int8, after_seq, until_txid::text::int8, until_seq, \
+           (dt - DATE '1970-01-01')::int8 * 24 + hour \
          FROM lake_raw_files \
          WHERE max_txid >= $1::int8::text::xid8 AND min_txid < $2::int8::text::xid8 \
          ORDER BY key",
@@ -62,10 +65,11 @@ pub async fn raw_files_between(
     Ok(rows
         .into_iter()
         .map(
-            |(key, after_txid, after_seq, until_txid, until_seq)| RawFile {
+            |(key, after_txid, after_seq, until_txid, until_seq, hour)| RawFile {
                 key,
                 after: LogPosition::new(after_txid as u64, after_seq),
                 until: LogPosition::new(until_txid as u64, until_seq),
+                hour,
             },
         )
         .collect())

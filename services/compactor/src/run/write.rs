@@ -41,7 +41,7 @@ impl Compactor {
         self.set_step(run, "write_lake").await?;
         let files =
             manifest::raw_files_between(&self.pool, run.from_threshold, run.threshold).await?;
-        let repeats = lake::Repeats::of(files.iter().map(|f| (f.after, f.until)));
+        let repeats = lake::Repeats::of(files.iter().map(|f| (f.after, f.until, f.hour)));
         match self.write_lake_files(run, files.clone(), repeats).await {
             Err(RunError::Lake(lake::LakeError::OutsideBatch(e))) => {
                 tracing::warn!(
