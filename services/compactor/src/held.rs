@@ -173,12 +173,7 @@ impl Holder {
             let narrow = wide.strict_cast(&dtype)?;
             held.with_column(narrow)?;
         }
-        let created: Vec<i64> = held
-            .column("created_us")?
-            .i64()?
-            .iter()
-            .map(|us| us.map_or(i64::MIN, |us| us.div_euclid(HOUR_US)))
-            .collect();
+        let created = hours_of(&held, "created_us")?;
         // Corrections booked in another hour than their order's, held again there.
         let elsewhere: BooleanChunked = adjusted
             .iter()
@@ -192,12 +187,7 @@ impl Holder {
         }
         let mut parts = by_hour(&held, &created)?;
         if copies.height() > 0 {
-            let booked: Vec<i64> = copies
-                .column("adjusted_us")?
-                .i64()?
-                .iter()
-                .map(|us| us.map_or(i64::MIN, |us| us.div_euclid(HOUR_US)))
-                .collect();
+            let booked = hours_of(&copies, "adjusted_us")?;
             let mut copies = copies;
             copies.with_column(Column::new(BOOKED_COPY.into(), vec![true; copies.height()]))?;
             parts.extend(by_hour(&copies, &booked)?);
@@ -265,6 +255,16 @@ impl Holder {
             _disk: self.disk,
         })))
     }
+}
+
+/// Each row's hour (since the epoch) of the time in µs `name`.
+fn hours_of(rows: &DataFrame, name: &str) -> PolarsResult<Vec<i64>> {
+    Ok(rows
+        .column(name)?
+        .i64()?
+        .iter()
+        .map(|us| us.map_or(i64::MIN, |us| us.div_euclid(HOUR_US)))
+        .collect())
 }
 
 /// `rows` split by hour, `hours` being each row's (each row taken once).
