@@ -58,6 +58,11 @@ pub struct CompactorSettings {
     /// Where a run makes the directory of those files (removed when the run
     /// ends); the system's temporary directory (`TMPDIR`) when unset.
     pub spill_dir: Option<std::path::PathBuf>,
+    /// Bytes the stage's aggregated ranges may hold while they wait to be
+    /// written and are written (a range larger than this is written alone).
+    /// More lets ClickHouse take several INSERTs at once; less bounds a large
+    /// run's peak.
+    pub stage_memory_bytes: usize,
 }
 
 impl Default for CompactorSettings {
@@ -72,6 +77,7 @@ impl Default for CompactorSettings {
             upload_part_bytes: 8 << 20,
             hold_memory_bytes: 16 << 20,
             spill_dir: None,
+            stage_memory_bytes: 128 << 20,
         }
     }
 }

@@ -38,11 +38,17 @@ fn server_client(config: &ClickHouseConfig) -> clickhouse::Client {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(2))
         .build(connector);
+    let compression = if config.compresses() {
+        clickhouse::Compression::Lz4
+    } else {
+        clickhouse::Compression::None
+    };
     clickhouse::Client::with_http_client(client)
         .with_url(&config.url)
         .with_user(&config.user)
         .with_password(config.password.expose_secret())
         .with_validation(false)
+        .with_compression(compression)
 }
 
 #[derive(clickhouse::Row, Deserialize)]

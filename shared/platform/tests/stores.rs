@@ -125,6 +125,74 @@ async fn clickhouse_answers_through_the_crate_without_validation() {
     assert_eq!(sum, 45);
 }
 
+/// A row (in a module of its own: the derive names the crate `clickhouse`,
+/// which this file's `clickhouse` shadows).
+mod probe {
+    #[derive(clickhouse::Row, serde::Serialize, serde::Deserialize)]
+    pub struct Probe {
+        pub id: u64,
+        pub name: String,
+    }
+}
+use probe::Probe;
+
+/// The client compresses or not as configured (`auto` on loopback: not), and
+/// either way an INSERT arrives whole and an answer reads back.
+#[tokio::test]
+async fn clickhouse_inserts_and_answers_compressed_or_not() {
+    use tidemark_platform::config::Compression;
+    let config = tidemark_testkit::clickhouse();
+    clickhouse::migrate(&config)
+        .await
+        .expect("database created");
+    for (compression, compresses) in [
+        (Compression::Lz4, true),
+        (Compression::None, false),
+        (Compression::Auto, false),
+    ] {
+        let config = tidemark_platform::config::ClickHouseConfig {
+            compression,
+            ..config.clone()
+        };
+        assert_eq!(config.compresses(), compresses, "{compression:?}");
+        let client = clickhouse::client(&config);
+        client
+            .query("DROP TABLE IF EXISTS probe")
+            .execute()
+            .await
+            .unwrap();
+        client
+            .query("CREATE TABLE probe (id UInt64, name String) ENGINE = MergeTree ORDER BY id")
+            .execute()
+            .await
+            .unwrap();
+        let mut insert = client.insert::<Probe>("probe").await.unwrap();
+        for id in 0..100_000_u64 {
+            let name = format!("probe {}", id % 100);
+            insert.write(&Probe { id, name }).await.unwrap();
+        }
+        insert.end().await.expect("the INSERT is taken");
+        let (count, sum, names): (u64, u64, u64) = client
+            .query("SELECT count(), sum(id), uniqExact(name) FROM probe")
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(
+            (count, sum, names),
+            (100_000, 4_999_950_000, 100),
+            "{compression:?}"
+        );
+        let rows = client
+            .query("SELECT id, name FROM probe WHERE id >= ? ORDER BY id")
+            .bind(99_990_u64)
+            .fetch_all::<Probe>()
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 10);
+        assert_eq!(rows[9].name, "probe 99");
+    }
+}
+
 #[tokio::test]
 async fn redis_answers_under_the_key_prefix() {
     let redis = Redis::new(&tidemark_testkit::redis()).unwrap();

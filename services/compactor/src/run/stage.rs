@@ -5,6 +5,7 @@ use std::time::Instant;
 use clickhouse::insert::Insert;
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Compactor, Result, Run, RunError};
 use crate::aggregate;
@@ -27,11 +28,15 @@ const DAY_CELLS_AT_ONCE: usize = 65_536;
 const LANES: usize = 3;
 
 /// One range of hours' staged rows: the cells and the buyers within it (or, last,
-/// the days' cells).
+/// the days' cells), with its part of the memory budget while it is written.
 struct Range {
     aggregates: aggregate::Aggregates,
     buyers: DataFrame,
+    _budget: Option<OwnedSemaphorePermit>,
 }
+
+/// The budget's unit, in bytes.
+const MIB: usize = 1 << 20;
 
 /// The INSERTs of a lane, per shard, opened at its first row.
 struct Lane {
@@ -49,8 +54,11 @@ impl Compactor {
     /// A blocking thread aggregates the run a range of whole hours at a time
     /// ([`aggregate::hour_ranges`]: every cell but a day's lies within one hour,
     /// so the ranges' cells are disjoint; the days' are summed from the ranges'
-    /// parts and written last), one range ahead of [`LANES`] tasks that write
-    /// them.
+    /// parts and written last), ahead of [`LANES`] tasks that write them. The
+    /// ranges aggregated and not yet written hold at most
+    /// `compactor.stage_memory_bytes` between them (one range alone may hold more):
+    /// an hour of a run of 10M orders aggregated into 136 MB, and five of them
+    /// in flight set the run's peak.
     pub async fn stage(&self, run: &Run, source: &Held) -> Result<u64> {
         self.set_step(run, "stage").await?;
         let t = Instant::now();
@@ -58,6 +66,8 @@ impl Compactor {
         self.create_staging(&staging, "revenue_agg").await?;
         self.create_staging(&staging_buyers, "buyers").await?;
         let orders = source.clone();
+        let budget_mib = (self.settings.stage_memory_bytes / MIB).max(1);
+        let budget = std::sync::Arc::new(Semaphore::new(budget_mib));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Range>>(1);
         let aggregating = tokio::task::spawn_blocking(move || {
             let (mut aggregate_ms, mut range_mb) = (0, 0);
@@ -81,14 +91,26 @@ impl Compactor {
                         aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
                     days.add(aggregates.take_days())?;
                     let buyers = aggregate::buyers(&rows)?;
-                    Ok::<_, PolarsError>(Range { aggregates, buyers })
+                    Ok::<_, PolarsError>(Range {
+                        aggregates,
+                        buyers,
+                        _budget: None,
+                    })
                 })()
                 .map_err(RunError::from);
                 aggregate_ms += t.elapsed().as_millis() as u64;
-                if let Ok(range) = &range {
+                let range = range.map(|mut range| {
                     let bytes = range.aggregates.estimated_size() + range.buyers.estimated_size();
                     range_mb = range_mb.max(bytes / 1_000_000);
-                }
+                    // Waits for the ranges in flight to leave room (all of the
+                    // budget for a range larger than it).
+                    let mib = (bytes / MIB).clamp(1, budget_mib) as u32;
+                    let permit = tokio::runtime::Handle::current()
+                        .block_on(budget.clone().acquire_many_owned(mib))
+                        .expect("the budget is never closed");
+                    range._budget = Some(permit);
+                    range
+                });
                 let failed = range.is_err();
                 if tx.blocking_send(range).is_err() || failed {
                     return (ranges.len(), aggregate_ms, range_mb);
@@ -101,6 +123,7 @@ impl Compactor {
                 .map(|aggregates| Range {
                     aggregates,
                     buyers: DataFrame::empty(),
+                    _budget: None,
                 })
                 .map_err(RunError::from);
             aggregate_ms += t.elapsed().as_millis() as u64;

@@ -66,6 +66,9 @@ impl Env {
         let spill = tempfile::tempdir().unwrap();
         config.compactor.hold_memory_bytes = 0;
         config.compactor.spill_dir = Some(spill.path().to_owned());
+        // The least budget for aggregated ranges: each is written alone, the
+        // path of a range larger than the budget.
+        config.compactor.stage_memory_bytes = 0;
         // Runs cut short (a crash) leave their lease to lapse; a short lease keeps
         // the reruns quick.
         config.lease.ttl = Duration::from_millis(500);
