@@ -455,9 +455,10 @@ pub fn event_times(rows: &DataFrame) -> PolarsResult<Option<(i64, i64)>> {
 }
 
 /// The grids of `rows` (a run's, or [`rows_within`] a window of it) keyed by
-/// `keys`. With a `window` (`[from_us, to_us)`, whole hours), only the cells of
-/// minutes within it: the minute, quarter-hour and hour cells exactly, the day
-/// cells as the window's part of them (see [`Aggregates::take_days`]).
+/// `keys`. With a `window` (`[from_us, to_us)`, whole hours or quarter hours of
+/// one hour), only the cells of minutes within it: the minute and quarter-hour
+/// cells exactly, the hour cells of a part of an hour and the day cells as the
+/// window's part of them (see [`Aggregates::take`]).
 pub fn grids_within(
     rows: &DataFrame,
     run: &RunKeys,
@@ -681,14 +682,15 @@ impl Aggregates {
         }
     }
 
-    /// Takes the day grids out: a window's are its part of each day's cells,
-    /// summed over a run's windows by [`Days`].
-    pub fn take_days(&mut self) -> Vec<Grid> {
-        let (days, rest) = std::mem::take(&mut self.grids)
+    /// Takes the grids of `granularity` out: a window's day grids are its part
+    /// of each day's cells (and the hour grids of a window within an hour its
+    /// part of the hour's), summed over the windows by [`Parts`].
+    pub fn take(&mut self, granularity: Granularity) -> Vec<Grid> {
+        let (taken, rest) = std::mem::take(&mut self.grids)
             .into_iter()
-            .partition(|g| g.granularity == Granularity::Day);
+            .partition(|g| g.granularity == granularity);
         self.grids = rest;
-        days
+        taken
     }
 
     /// Cells held, over every grid.
@@ -702,31 +704,34 @@ impl Aggregates {
     }
 }
 
-/// The day cells of a run, summed from its ranges' parts
-/// ([`Aggregates::take_days`] of [`grids_within`] each range, all with the run's
-/// keys) as they come: a range of one hour holds about as many day cells as hour
-/// cells, so a run's parts, kept until its last range, held most of its hours'
-/// cells again (gigabytes at 10M orders). A dimension's parts are summed into its
-/// grid once they hold as many cells as the sum (and at least `fold_cells`), so
-/// no more than about twice the run's day cells are held and every part is
-/// summed about twice.
-pub struct Days {
+/// The cells of one granularity summed from ranges' parts ([`Aggregates::take`]
+/// of [`grids_within`] each range, all with the run's keys) as they come: a
+/// run's day cells from every range, or an hour's cells from the ranges an hour
+/// too large for one range is split into. A range of one hour holds about as
+/// many day cells as hour cells, so a run's parts, kept until its last range,
+/// held most of its hours' cells again (gigabytes at 10M orders). A dimension's
+/// parts are summed into its grid once they hold as many cells as the sum (and
+/// at least `fold_cells`), so no more than about twice the sum's cells are held
+/// and every part is summed about twice.
+pub struct Parts {
     out: Aggregates,
+    granularity: Granularity,
     fold_cells: usize,
     /// Per dimension: its layout, the sum so far, the parts not yet in it.
     dimensions: Vec<(Dimension, Layout, DataFrame, Vec<DataFrame>)>,
 }
 
-impl Days {
-    pub fn new(keys: &RunKeys, fold_cells: usize) -> Self {
-        Days {
+impl Parts {
+    pub fn new(keys: &RunKeys, granularity: Granularity, fold_cells: usize) -> Self {
+        Parts {
             out: Aggregates::empty(Some(keys)),
+            granularity,
             fold_cells,
             dimensions: Vec::new(),
         }
     }
 
-    /// Adds a range's part of the day cells.
+    /// Adds a range's part of the cells.
     pub fn add(&mut self, part: Vec<Grid>) -> PolarsResult<()> {
         for grid in part {
             let at = match self
@@ -752,13 +757,13 @@ impl Days {
         Ok(())
     }
 
-    /// The run's day grids.
+    /// The grids summed.
     pub fn finish(self) -> PolarsResult<Aggregates> {
         let mut out = self.out;
         for (dimension, layout, mut sum, mut parts) in self.dimensions {
             fold(&mut sum, &mut parts)?;
             out.grids.push(Grid {
-                granularity: Granularity::Day,
+                granularity: self.granularity,
                 dimension,
                 layout,
                 cells: sum,
@@ -814,12 +819,14 @@ impl Grid {
     }
 }
 
-/// Whole hours, as `[from_us, to_us)`, that together cover every hour holding
-/// an order's or a correction's time among `rows`, each range about `size` of
-/// those times (one hour may hold more). Every minute, quarter-hour and hour
-/// cell lies within one hour, so the ranges split a run's cells into disjoint
-/// sets, each summed from [`rows_within`] its range; days are summed from the
-/// ranges' parts ([`Days`]).
+/// Ranges, as `[from_us, to_us)`, in order, that together cover every hour
+/// holding an order's or a correction's time among `rows`, each about `size` of
+/// those times: whole hours, and an hour holding more than `size` split in
+/// halves or quarters (a quarter may hold more). Every minute and quarter-hour
+/// cell lies within one quarter hour and every hour cell within one hour, so the
+/// ranges split a run's cells into disjoint sets, each summed from
+/// [`rows_within`] its range; the hours split in parts and the days are summed
+/// from the ranges' parts ([`Parts`]).
 pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
     let mut per_hour = BTreeMap::new();
     count_hours(&mut per_hour, rows)?;
@@ -842,19 +849,34 @@ pub fn count_hours(per_hour: &mut BTreeMap<i64, usize>, rows: &DataFrame) -> Pol
 
 /// [`hour_ranges`] of the times counted by [`count_hours`].
 pub fn ranges_of_hours(per_hour: &BTreeMap<i64, usize>, size: usize) -> Vec<(i64, i64)> {
-    let mut ranges: Vec<(i64, i64, usize)> = Vec::new();
+    // Each range with the times it holds, and whether it may take the next hour.
+    let mut ranges: Vec<(i64, i64, usize, bool)> = Vec::new();
     for (&hour, &count) in per_hour {
+        let start = hour * HOUR_US;
+        if count > size {
+            let parts = if count > 2 * size { 4 } else { 2 };
+            let width = HOUR_US / parts;
+            ranges
+                .extend((0..parts).map(|p| (start + p * width, start + (p + 1) * width, 0, false)));
+            continue;
+        }
         match ranges.last_mut() {
-            Some((_, last, held)) if *held + count <= size => {
-                (*last, *held) = (hour, *held + count);
+            Some((_, last, held, true)) if *held + count <= size => {
+                (*last, *held) = (start + HOUR_US, *held + count);
             }
-            _ => ranges.push((hour, hour, count)),
+            _ => ranges.push((start, start + HOUR_US, count, true)),
         }
     }
     ranges
         .into_iter()
-        .map(|(first, last, _)| (first * HOUR_US, (last + 1) * HOUR_US))
+        .map(|(from, to, ..)| (from, to))
         .collect()
+}
+
+/// Whether a range of [`hour_ranges`] is a part of an hour (its hour cells are
+/// partial, summed with the hour's other parts).
+pub fn part_of_hour(from_us: i64, to_us: i64) -> bool {
+    to_us - from_us < HOUR_US
 }
 
 /// The rows that add to cells within `[from_us, to_us)`: order lines created
@@ -1316,10 +1338,11 @@ mod tests {
         // Few cases, few ranges each: every range is a full aggregation, slow in
         // a debug build (64 cases with ranges of one line took 240 s in CI).
 
-        /// Staging aggregates a run a range of hours at a time: the ranges' cells
-        /// are disjoint and, with the days summed from their parts, equal the
-        /// whole run's, corrections booked in another hour or day than their
-        /// order's included; so are the buyers.
+        /// Staging aggregates a run a range of hours (or of quarter hours of an
+        /// hour holding more than a range) at a time: the ranges' cells are
+        /// disjoint and, with the days and the split hours summed from their
+        /// parts, equal the whole run's, corrections booked in another quarter,
+        /// hour or day than their order's included; so are the buyers.
         #[test]
         fn cells_aggregated_a_range_of_hours_at_a_time_equal_the_whole_runs(
             rows in proptest::collection::vec(
@@ -1335,13 +1358,17 @@ mod tests {
                 ),
                 1..48,
             ),
-            size in 4_usize..40,
+            size in 1_usize..40,
             fold_cells in 0_usize..6,
+            dense in any::<bool>(),
         ) {
             let start = 1_764_000_000_000_000 / DAY_US * DAY_US;
+            // Dense: every time within two hours, so that hours hold more than a
+            // range and are split in parts.
+            let time = |us: i64| if dense { us % (2 * HOUR_US) } else { us };
             let lines: Vec<_> = rows
                 .iter()
-                .map(|r| (start + r.0, r.1, r.2, r.3, r.4, r.5, r.6))
+                .map(|r| (start + time(r.0), r.1, r.2, r.3, r.4, r.5, r.6))
                 .collect();
             let mut frame = orders(&lines);
             let users: Vec<String> = rows.iter().map(|r| format!("u{}", r.7.0)).collect();
@@ -1351,7 +1378,9 @@ mod tests {
             let corrected: Vec<(usize, i64, bool)> = rows
                 .iter()
                 .enumerate()
-                .filter_map(|(i, r)| r.7.1.map(|(after, cancel)| (i, lines[i].0 + after, cancel)))
+                .filter_map(|(i, r)| {
+                    r.7.1.map(|(after, cancel)| (i, lines[i].0 + time(after), cancel))
+                })
                 .collect();
             if !corrected.is_empty() {
                 let picks: Vec<IdxSize> = corrected.iter().map(|c| c.0 as IdxSize).collect();
@@ -1385,18 +1414,38 @@ mod tests {
             let whole = aggregate(&frame, 1).unwrap();
             let (mut parts, mut buyer_rows) = (Vec::new(), 0);
             let keys = RunKeys::of(&frame).unwrap().unwrap();
-            let mut days = Days::new(&keys, fold_cells);
+            let mut days = Parts::new(&keys, Granularity::Day, fold_cells);
+            // The hour split in parts being summed.
+            let mut hour: Option<(i64, Parts)> = None;
             let ranges = hour_ranges(&frame, size).unwrap();
             for window in ranges.windows(2) {
                 prop_assert!(window[0].1 <= window[1].0, "ranges in order, apart");
             }
             for &(from, to) in &ranges {
-                prop_assert_eq!((from % HOUR_US, to % HOUR_US), (0, 0));
+                if part_of_hour(from, to) {
+                    let quarter = HOUR_US / 4;
+                    prop_assert_eq!((from % quarter, to % quarter), (0, 0));
+                    prop_assert_eq!(from.div_euclid(HOUR_US), (to - 1).div_euclid(HOUR_US));
+                } else {
+                    prop_assert_eq!((from % HOUR_US, to % HOUR_US), (0, 0));
+                }
+                if let Some((start, _)) = &hour && from >= start + HOUR_US {
+                    parts.extend(hour.take().unwrap().1.finish().unwrap().rows(1).unwrap());
+                }
                 let rows = rows_within(&frame, from, to).unwrap();
                 let mut aggregates = grids_within(&rows, &keys, Some((from, to))).unwrap();
-                days.add(aggregates.take_days()).unwrap();
+                days.add(aggregates.take(Granularity::Day)).unwrap();
+                if part_of_hour(from, to) {
+                    let start = from - from.rem_euclid(HOUR_US);
+                    let (_, sums) = hour
+                        .get_or_insert_with(|| (start, Parts::new(&keys, Granularity::Hour, fold_cells)));
+                    sums.add(aggregates.take(Granularity::Hour)).unwrap();
+                }
                 parts.extend(aggregates.rows(1).unwrap());
                 buyer_rows += buyers(&rows).unwrap().height();
+            }
+            if let Some((_, sums)) = hour {
+                parts.extend(sums.finish().unwrap().rows(1).unwrap());
             }
             parts.extend(days.finish().unwrap().rows(1).unwrap());
             let cells = |rows: &[AggRow]| -> BTreeMap<_, _> {
@@ -1407,6 +1456,27 @@ mod tests {
             prop_assert_eq!(whole_cells, part_cells);
             prop_assert_eq!(buyer_rows, buyers(&frame).unwrap().height());
         }
+    }
+
+    #[test]
+    fn an_hour_holding_more_than_a_range_is_split_in_halves_or_quarters() {
+        let per_hour = BTreeMap::from([(0, 3), (1, 10), (2, 25), (3, 2), (4, 2), (6, 5)]);
+        let (h, q) = (HOUR_US, HOUR_US / 4);
+        assert_eq!(
+            ranges_of_hours(&per_hour, 8),
+            [
+                (0, h),
+                (h, h + 2 * q),
+                (h + 2 * q, 2 * h),
+                (2 * h, 2 * h + q),
+                (2 * h + q, 2 * h + 2 * q),
+                (2 * h + 2 * q, 2 * h + 3 * q),
+                (2 * h + 3 * q, 3 * h),
+                (3 * h, 5 * h),
+                (6 * h, 7 * h),
+            ]
+        );
+        assert!(part_of_hour(h, h + 2 * q) && !part_of_hour(3 * h, 5 * h));
     }
 
     #[test]

@@ -305,6 +305,36 @@ struct Inner {
     _disk: Option<tempfile::TempDir>,
 }
 
+/// Reads a [`Held`]'s ranges in order, keeping the rows of the last hour read
+/// for a part of it until a range leaves it.
+pub struct Reader<'a> {
+    held: &'a Held,
+    hour: Option<(i64, DataFrame)>,
+}
+
+impl Reader<'_> {
+    /// [`Held::within`].
+    pub fn within(&mut self, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
+        if !aggregate::part_of_hour(from_us, to_us) {
+            self.hour = None;
+            return self.held.within(from_us, to_us);
+        }
+        let start = from_us - from_us.rem_euclid(HOUR_US);
+        polars_ensure!(
+            to_us <= start + HOUR_US,
+            InvalidOperation: "[{from_us}, {to_us}) is shorter than an hour but not within one"
+        );
+        let rows = match &self.hour {
+            Some((hour, rows)) if *hour == start => rows,
+            _ => {
+                let rows = self.held.within(start, start + HOUR_US)?;
+                &self.hour.insert((start, rows)).1
+            }
+        };
+        aggregate::rows_within(rows, from_us, to_us)
+    }
+}
+
 impl Held {
     /// Holds `measured` (rows with the [`MEASURED`] columns) in memory.
     pub fn of(measured: &DataFrame) -> PolarsResult<Held> {
@@ -331,10 +361,18 @@ impl Held {
     /// ([`aggregate::rows_within`]), with the [`MEASURED`] columns as the lake
     /// step made them, read from the range's hours only: its orders' rows and the
     /// corrections booked in it whose order lies outside it.
+    ///
+    /// A range within one hour is that hour's rows [`aggregate::rows_within`] it
+    /// (every row that adds to a cell of the range is among the hour's, once).
     pub fn within(&self, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
+        let hour = from_us - from_us.rem_euclid(HOUR_US);
+        if from_us < to_us && to_us <= hour + HOUR_US && (from_us, to_us) != (hour, hour + HOUR_US)
+        {
+            return aggregate::rows_within(&self.within(hour, hour + HOUR_US)?, from_us, to_us);
+        }
         polars_ensure!(
             from_us % HOUR_US == 0 && to_us % HOUR_US == 0,
-            InvalidOperation: "held rows are read by whole hours, not [{from_us}, {to_us})"
+            InvalidOperation: "held rows are read by whole hours or within one, not [{from_us}, {to_us})"
         );
         // An hour's row and its correction booked in the same hour are both in the
         // range or both out of it: the correction has no copy.
@@ -346,6 +384,14 @@ impl Held {
             .and(within("adjusted_us"))
             .and(within("created_us").not()));
         self.rows_of(self.0.hours.range(hours).map(|(_, h)| h).collect(), wanted)
+    }
+
+    /// [`Held::within`] ranges in order, an hour split in parts read once.
+    pub fn reader(&self) -> Reader<'_> {
+        Reader {
+            held: self,
+            hour: None,
+        }
     }
 
     /// Every row with the [`MEASURED`] columns (a copy of the whole run as the lake
@@ -554,7 +600,11 @@ mod tests {
             ),
             groups in 1..6usize,
             spill in any::<bool>(),
-            ranges in proptest::collection::vec((0..34i64, 1..8i64), 1..6),
+            ranges in proptest::collection::vec(
+                (0..34i64, 1..8i64, proptest::option::of((0..4i64, 1..4i64))),
+                1..6,
+            ),
+            range_size in 1..60usize,
         ) {
             let rows = frame_of(&spec);
             let memory_bytes = if spill { 0 } else { usize::MAX };
@@ -568,15 +618,33 @@ mod tests {
             prop_assert_eq!(dir.is_some(), spill, "written to disk only past the budget");
             prop_assert_eq!(held.height(), rows.height());
             prop_assert_eq!(sorted(&held.rows().unwrap()), sorted(&rows));
-            for (first, hours) in ranges {
-                let (from, to) = (first * HOUR_US, (first + hours) * HOUR_US);
+            // Whole hours, or quarters within one hour.
+            let quarter = HOUR_US / 4;
+            for (first, hours, part) in ranges {
+                let (from, to) = match part {
+                    None => (first * HOUR_US, (first + hours) * HOUR_US),
+                    Some((q, n)) => {
+                        let from = first * HOUR_US + q * quarter;
+                        (from, (from + n * quarter).min((first + 1) * HOUR_US))
+                    }
+                };
                 prop_assert_eq!(
                     sorted(&held.within(from, to).unwrap()),
                     sorted(&aggregate::rows_within(&rows, from, to).unwrap()),
                     "the rows within [{}, {})", from, to
                 );
             }
-            prop_assert_eq!(held.hour_ranges(50), aggregate::hour_ranges(&rows, 50).unwrap());
+            // The stage's ranges, read in order (an hour split in parts read once).
+            let planned = held.hour_ranges(range_size);
+            prop_assert_eq!(&planned, &aggregate::hour_ranges(&rows, range_size).unwrap());
+            let mut reader = held.reader();
+            for (from, to) in planned {
+                prop_assert_eq!(
+                    sorted(&reader.within(from, to).unwrap()),
+                    sorted(&aggregate::rows_within(&rows, from, to).unwrap()),
+                    "the rows within [{}, {}) read in order", from, to
+                );
+            }
             prop_assert_eq!(held.currency_totals(), aggregate::currency_totals(&rows).unwrap());
             let users = rows
                 .clone()
@@ -588,7 +656,10 @@ mod tests {
             let users = users.column("user_id").unwrap().cast(&DataType::UInt64).unwrap();
             prop_assert_eq!(Some(held.buyers()), users.u64().unwrap().get(0));
             prop_assert_eq!(held.keys().unwrap(), RunKeys::of(&rows).unwrap());
-            prop_assert!(held.within(HOUR_US / 2, HOUR_US).is_err(), "not a whole hour");
+            prop_assert!(
+                held.within(HOUR_US / 2, 3 * HOUR_US / 2).is_err(),
+                "neither whole hours nor within one"
+            );
             drop(held);
             if let Some(dir) = dir {
                 prop_assert!(!dir.exists(), "the files go with the last held rows");

@@ -240,7 +240,10 @@ impl Dimension {
             [] => std::borrow::Cow::Borrowed(""),
             [one] => std::borrow::Cow::Borrowed(value_of(*one)),
             many => {
-                let mut joined = String::new();
+                // Sized first: a cell's value is made for every staged cell.
+                let len = many.iter().map(|a| value_of(*a).len()).sum::<usize>()
+                    + (many.len() - 1) * VALUE_SEPARATOR.len_utf8();
+                let mut joined = String::with_capacity(len);
                 for (i, a) in many.iter().enumerate() {
                     if i > 0 {
                         joined.push(VALUE_SEPARATOR);

@@ -8,20 +8,17 @@ use polars::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Compactor, Result, Run, RunError};
-use crate::aggregate;
+use crate::aggregate::{self, HOUR_US};
 use crate::held::Held;
+use tidemark_domain::Granularity;
 
 /// Cells or buyers made into staged rows at once (each row with its values
 /// joined from the dictionaries): made a third of a run's cells at a time, they
 /// held gigabytes in a run of 10M orders.
 const ROWS_AT_ONCE: usize = 65_536;
-/// Order lines and corrections aggregated at once (whole hours: one hour may
-/// hold more). A run's cells were aggregated all at once: 5.7 cells per order
-/// line held next to the run's orders, the larger part of a large run's memory.
-const ROWS_PER_RANGE: usize = 100_000;
-/// Day cells a grid's parts may hold before they are summed (see
-/// [`aggregate::Days`]).
-const DAY_CELLS_AT_ONCE: usize = 65_536;
+/// Day (or split hour) cells a grid's parts may hold before they are summed
+/// (see [`aggregate::Parts`]).
+const CELLS_AT_ONCE: usize = 65_536;
 /// Ranges written at once, each by an INSERT per shard and table kept open for
 /// the whole step: ClickHouse parses and writes each on threads of its own while
 /// this process aggregates the next range and serialises the others.
@@ -38,6 +35,53 @@ struct Range {
 /// The budget's unit, in bytes.
 const MIB: usize = 1 << 20;
 
+impl Range {
+    /// Cells summed from parts (no buyers).
+    fn cells(aggregates: aggregate::Aggregates) -> Range {
+        Range {
+            aggregates,
+            buyers: DataFrame::empty(),
+            _budget: None,
+        }
+    }
+}
+
+/// Sends the aggregated ranges to the lanes, each with its part of the budget,
+/// and counts the figures of the step's log.
+struct Sender {
+    tx: tokio::sync::mpsc::Sender<Result<Range>>,
+    budget: std::sync::Arc<Semaphore>,
+    budget_mib: usize,
+    range_mb: usize,
+    aggregate_ms: u64,
+}
+
+impl Sender {
+    /// Sends a range made since `made_from`, once the ranges in flight leave room
+    /// for it (all of the budget for a range larger than it). False when the
+    /// step stops: the range failed or the lanes are gone.
+    fn send(&mut self, range: PolarsResult<Range>, made_from: Instant) -> bool {
+        self.aggregate_ms += made_from.elapsed().as_millis() as u64;
+        let range = range.map_err(RunError::from).map(|mut range| {
+            let bytes = range.aggregates.estimated_size() + range.buyers.estimated_size();
+            self.range_mb = self.range_mb.max(bytes / 1_000_000);
+            let mib = (bytes / MIB).clamp(1, self.budget_mib) as u32;
+            let permit = tokio::runtime::Handle::current()
+                .block_on(self.budget.clone().acquire_many_owned(mib))
+                .expect("the budget is never closed");
+            range._budget = Some(permit);
+            range
+        });
+        let failed = range.is_err();
+        self.tx.blocking_send(range).is_ok() && !failed
+    }
+
+    /// `(ranges, aggregate_ms, range_mb)`
+    fn figures(&self, ranges: usize) -> (usize, u64, usize) {
+        (ranges, self.aggregate_ms, self.range_mb)
+    }
+}
+
 /// The INSERTs of a lane, per shard, opened at its first row.
 struct Lane {
     cells: Vec<Option<Insert<aggregate::StagedRow<'static>>>>,
@@ -51,14 +95,15 @@ impl Compactor {
     /// holds the rows of its days ([`tidemark_batchview::shard_of`]). Returns the
     /// `revenue_agg` rows staged.
     ///
-    /// A blocking thread aggregates the run a range of whole hours at a time
-    /// ([`aggregate::hour_ranges`]: every cell but a day's lies within one hour,
-    /// so the ranges' cells are disjoint; the days' are summed from the ranges'
-    /// parts and written last), ahead of [`LANES`] tasks that write them. The
-    /// ranges aggregated and not yet written hold at most
-    /// `compactor.stage_memory_bytes` between them (one range alone may hold more):
-    /// an hour of a run of 10M orders aggregated into 136 MB, and five of them
-    /// in flight set the run's peak.
+    /// A blocking thread aggregates the run a range at a time
+    /// ([`aggregate::hour_ranges`]: whole hours, or quarters or halves of an hour
+    /// holding more than `compactor.stage_range_rows`; every minute and quarter-hour cell
+    /// lies within a quarter and every hour cell within an hour, so the ranges'
+    /// cells are disjoint; a split hour's cells are summed from its parts and
+    /// written after them, the days' from every range and written last), ahead
+    /// of [`LANES`] tasks that write them. The ranges aggregated and not yet
+    /// written hold at most `compactor.stage_memory_bytes` between them (one
+    /// range alone may hold more).
     pub async fn stage(&self, run: &Run, source: &Held) -> Result<u64> {
         self.set_step(run, "stage").await?;
         let t = Instant::now();
@@ -67,68 +112,80 @@ impl Compactor {
         self.create_staging(&staging_buyers, "buyers").await?;
         let orders = source.clone();
         let budget_mib = (self.settings.stage_memory_bytes / MIB).max(1);
+        let range_rows = self.settings.stage_range_rows.max(1);
         let budget = std::sync::Arc::new(Semaphore::new(budget_mib));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Range>>(1);
         let aggregating = tokio::task::spawn_blocking(move || {
-            let (mut aggregate_ms, mut range_mb) = (0, 0);
+            let mut out = Sender {
+                tx,
+                budget,
+                budget_mib,
+                range_mb: 0,
+                aggregate_ms: 0,
+            };
             let planned = orders
                 .keys()
-                .map(|keys| (keys, orders.hour_ranges(ROWS_PER_RANGE)));
+                .map(|keys| (keys, orders.hour_ranges(range_rows)));
             let (keys, ranges) = match planned {
                 Ok((Some(keys), ranges)) => (keys, ranges),
                 Ok((None, _)) => return (0, 0, 0),
                 Err(e) => {
-                    drop(tx.blocking_send(Err(e.into())));
+                    out.send(Err(e), Instant::now());
                     return (0, 0, 0);
                 }
             };
-            let mut days = aggregate::Days::new(&keys, DAY_CELLS_AT_ONCE);
+            let mut days = aggregate::Parts::new(&keys, Granularity::Day, CELLS_AT_ONCE);
+            // The hour split in parts whose hour cells are being summed.
+            let mut hour: Option<(i64, aggregate::Parts)> = None;
+            let mut reader = orders.reader();
             for &(from_us, to_us) in &ranges {
                 let t = Instant::now();
+                if let Some((start, _)) = &hour
+                    && from_us >= start + HOUR_US
+                {
+                    let (_, sums) = hour.take().expect("an hour is being summed");
+                    if !out.send(sums.finish().map(Range::cells), t) {
+                        return out.figures(ranges.len());
+                    }
+                }
+                let t = Instant::now();
                 let range = (|| {
-                    let rows = orders.within(from_us, to_us)?;
+                    let rows = reader.within(from_us, to_us)?;
                     let mut aggregates =
                         aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
-                    days.add(aggregates.take_days())?;
+                    days.add(aggregates.take(Granularity::Day))?;
+                    if aggregate::part_of_hour(from_us, to_us) {
+                        let start = from_us - from_us.rem_euclid(HOUR_US);
+                        let (_, sums) = hour.get_or_insert_with(|| {
+                            (
+                                start,
+                                aggregate::Parts::new(&keys, Granularity::Hour, CELLS_AT_ONCE),
+                            )
+                        });
+                        sums.add(aggregates.take(Granularity::Hour))?;
+                    }
                     let buyers = aggregate::buyers(&rows)?;
-                    Ok::<_, PolarsError>(Range {
+                    Ok(Range {
                         aggregates,
                         buyers,
                         _budget: None,
                     })
-                })()
-                .map_err(RunError::from);
-                aggregate_ms += t.elapsed().as_millis() as u64;
-                let range = range.map(|mut range| {
-                    let bytes = range.aggregates.estimated_size() + range.buyers.estimated_size();
-                    range_mb = range_mb.max(bytes / 1_000_000);
-                    // Waits for the ranges in flight to leave room (all of the
-                    // budget for a range larger than it).
-                    let mib = (bytes / MIB).clamp(1, budget_mib) as u32;
-                    let permit = tokio::runtime::Handle::current()
-                        .block_on(budget.clone().acquire_many_owned(mib))
-                        .expect("the budget is never closed");
-                    range._budget = Some(permit);
-                    range
-                });
-                let failed = range.is_err();
-                if tx.blocking_send(range).is_err() || failed {
-                    return (ranges.len(), aggregate_ms, range_mb);
+                })();
+                if !out.send(range, t) {
+                    return out.figures(ranges.len());
                 }
             }
-            // The days' cells, summed from the ranges' parts, last.
+            // The last split hour's cells, then the days', summed from the ranges'
+            // parts.
             let t = Instant::now();
-            let days = days
-                .finish()
-                .map(|aggregates| Range {
-                    aggregates,
-                    buyers: DataFrame::empty(),
-                    _budget: None,
-                })
-                .map_err(RunError::from);
-            aggregate_ms += t.elapsed().as_millis() as u64;
-            drop(tx.blocking_send(days));
-            (ranges.len(), aggregate_ms, range_mb)
+            if let Some((_, sums)) = hour
+                && !out.send(sums.finish().map(Range::cells), t)
+            {
+                return out.figures(ranges.len());
+            }
+            let t = Instant::now();
+            out.send(days.finish().map(Range::cells), t);
+            out.figures(ranges.len())
         });
         let queue = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
         let (staged, buyers) = futures::stream::iter(0..LANES)

@@ -69,6 +69,9 @@ impl Env {
         // The least budget for aggregated ranges: each is written alone, the
         // path of a range larger than the budget.
         config.compactor.stage_memory_bytes = 0;
+        // Ranges of a few hundred lines: the tests' busy hours are split in
+        // halves or quarters, summed from their parts, as a large run's are.
+        config.compactor.stage_range_rows = 300;
         // Runs cut short (a crash) leave their lease to lapse; a short lease keeps
         // the reruns quick.
         config.lease.ttl = Duration::from_millis(500);
