@@ -83,7 +83,7 @@ impl Default for CompactorSettings {
             upload_part_bytes: 8 << 20,
             hold_memory_bytes: 16 << 20,
             spill_dir: None,
-            stage_memory_bytes: 128 << 20,
+            stage_memory_bytes: 64 << 20,
             stage_range_rows: 100_000,
         }
     }

@@ -306,10 +306,10 @@ struct Inner {
 }
 
 /// Reads a [`Held`]'s ranges in order, keeping the rows of the last hour read
-/// for a part of it until a range leaves it.
+/// for a part of it (their text coded) until a range leaves it.
 pub struct Reader<'a> {
     held: &'a Held,
-    hour: Option<(i64, DataFrame)>,
+    hour: Option<(i64, Option<DataFrame>)>,
 }
 
 impl Reader<'_> {
@@ -327,11 +327,15 @@ impl Reader<'_> {
         let rows = match &self.hour {
             Some((hour, rows)) if *hour == start => rows,
             _ => {
-                let rows = self.held.within(start, start + HOUR_US)?;
+                let rows = self.held.coded_within(start, start + HOUR_US)?;
                 &self.hour.insert((start, rows)).1
             }
         };
-        aggregate::rows_within(rows, from_us, to_us)
+        let part = rows
+            .as_ref()
+            .map(|rows| aggregate::rows_within(rows, from_us, to_us))
+            .transpose()?;
+        self.held.decoded(part)
     }
 }
 
@@ -365,10 +369,18 @@ impl Held {
     /// A range within one hour is that hour's rows [`aggregate::rows_within`] it
     /// (every row that adds to a cell of the range is among the hour's, once).
     pub fn within(&self, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
+        self.decoded(self.coded_within(from_us, to_us)?)
+    }
+
+    /// [`Held::within`], its text still coded (`None` without rows held).
+    fn coded_within(&self, from_us: i64, to_us: i64) -> PolarsResult<Option<DataFrame>> {
         let hour = from_us - from_us.rem_euclid(HOUR_US);
         if from_us < to_us && to_us <= hour + HOUR_US && (from_us, to_us) != (hour, hour + HOUR_US)
         {
-            return aggregate::rows_within(&self.within(hour, hour + HOUR_US)?, from_us, to_us);
+            return self
+                .coded_within(hour, hour + HOUR_US)?
+                .map(|rows| aggregate::rows_within(&rows, from_us, to_us))
+                .transpose();
         }
         polars_ensure!(
             from_us % HOUR_US == 0 && to_us % HOUR_US == 0,
@@ -383,7 +395,7 @@ impl Held {
         let wanted = (copy.clone().not().and(within("created_us"))).or(copy
             .and(within("adjusted_us"))
             .and(within("created_us").not()));
-        self.rows_of(self.0.hours.range(hours).map(|(_, h)| h).collect(), wanted)
+        self.coded_rows_of(self.0.hours.range(hours).map(|(_, h)| h).collect(), wanted)
     }
 
     /// [`Held::within`] ranges in order, an hour split in parts read once.
@@ -397,7 +409,7 @@ impl Held {
     /// Every row with the [`MEASURED`] columns (a copy of the whole run as the lake
     /// step made it, by hour: for small runs and tests).
     pub fn rows(&self) -> PolarsResult<DataFrame> {
-        self.rows_of(self.0.hours.values().collect(), col(BOOKED_COPY).not())
+        self.decoded(self.coded_rows_of(self.0.hours.values().collect(), col(BOOKED_COPY).not())?)
     }
 
     /// The run's keys (first midnight, minutes, dictionaries) for
@@ -438,8 +450,9 @@ impl Held {
         self.0.buyers
     }
 
-    /// The rows of `hours` that `wanted` keeps, decoded.
-    fn rows_of(&self, hours: Vec<&Hour>, wanted: Expr) -> PolarsResult<DataFrame> {
+    /// The rows of `hours` that `wanted` keeps, text coded, without the booked
+    /// copies' flag (`None` without rows held).
+    fn coded_rows_of(&self, hours: Vec<&Hour>, wanted: Expr) -> PolarsResult<Option<DataFrame>> {
         let mut frames = Vec::new();
         for hour in hours {
             frames.extend(hour.frames.iter().cloned());
@@ -450,7 +463,7 @@ impl Held {
         let rows = match frames.len() {
             0 => match &self.0.template {
                 Some(template) => template.clone(),
-                None => return Ok(DataFrame::empty()),
+                None => return Ok(None),
             },
             _ => concat(
                 frames.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
@@ -459,12 +472,15 @@ impl Held {
             .filter(wanted)
             .collect()?,
         };
-        self.decoded(rows.drop(BOOKED_COPY)?)
+        rows.drop(BOOKED_COPY).map(Some)
     }
 
     /// Held rows with their text decoded and revenue computed, in
-    /// [`MEASURED`]'s order.
-    fn decoded(&self, mut rows: DataFrame) -> PolarsResult<DataFrame> {
+    /// [`MEASURED`]'s order (no rows held: an empty frame).
+    fn decoded(&self, rows: Option<DataFrame>) -> PolarsResult<DataFrame> {
+        let Some(mut rows) = rows else {
+            return Ok(DataFrame::empty());
+        };
         for (i, name) in CODED.into_iter().enumerate() {
             let values = &self.0.values[i];
             let text: StringChunked = rows
