@@ -884,11 +884,13 @@ pub fn part_of_hour(from_us: i64, to_us: i64) -> bool {
 /// created then: [`grids_within`] the range of them are those cells (the
 /// corrections' cells outside the range are partial and left out).
 pub fn rows_within(rows: &DataFrame, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
+    rows.clone().lazy().filter(within(from_us, to_us)).collect()
+}
+
+/// Whether a row is among [`rows_within`] `[from_us, to_us)`.
+pub fn within(from_us: i64, to_us: i64) -> Expr {
     let within = |name: &str| col(name).gt_eq(lit(from_us)).and(col(name).lt(lit(to_us)));
-    rows.clone()
-        .lazy()
-        .filter(within("created_us").or(within("adjusted_us").fill_null(lit(false))))
-        .collect()
+    within("created_us").or(within("adjusted_us").fill_null(lit(false)))
 }
 
 /// A row of a run's staging table, borrowing its strings from the dictionaries.

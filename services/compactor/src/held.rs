@@ -305,40 +305,6 @@ struct Inner {
     _disk: Option<tempfile::TempDir>,
 }
 
-/// Reads a [`Held`]'s ranges in order, keeping the rows of the last hour read
-/// for a part of it (their text coded) until a range leaves it.
-pub struct Reader<'a> {
-    held: &'a Held,
-    hour: Option<(i64, Option<DataFrame>)>,
-}
-
-impl Reader<'_> {
-    /// [`Held::within`].
-    pub fn within(&mut self, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
-        if !aggregate::part_of_hour(from_us, to_us) {
-            self.hour = None;
-            return self.held.within(from_us, to_us);
-        }
-        let start = from_us - from_us.rem_euclid(HOUR_US);
-        polars_ensure!(
-            to_us <= start + HOUR_US,
-            InvalidOperation: "[{from_us}, {to_us}) is shorter than an hour but not within one"
-        );
-        let rows = match &self.hour {
-            Some((hour, rows)) if *hour == start => rows,
-            _ => {
-                let rows = self.held.coded_within(start, start + HOUR_US)?;
-                &self.hour.insert((start, rows)).1
-            }
-        };
-        let part = rows
-            .as_ref()
-            .map(|rows| aggregate::rows_within(rows, from_us, to_us))
-            .transpose()?;
-        self.held.decoded(part)
-    }
-}
-
 impl Held {
     /// Holds `measured` (rows with the [`MEASURED`] columns) in memory.
     pub fn of(measured: &DataFrame) -> PolarsResult<Held> {
@@ -367,7 +333,8 @@ impl Held {
     /// corrections booked in it whose order lies outside it.
     ///
     /// A range within one hour is that hour's rows [`aggregate::rows_within`] it
-    /// (every row that adds to a cell of the range is among the hour's, once).
+    /// (every row that adds to a cell of the range is among the hour's, once),
+    /// read without holding the hour.
     pub fn within(&self, from_us: i64, to_us: i64) -> PolarsResult<DataFrame> {
         self.decoded(self.coded_within(from_us, to_us)?)
     }
@@ -377,15 +344,23 @@ impl Held {
         let hour = from_us - from_us.rem_euclid(HOUR_US);
         if from_us < to_us && to_us <= hour + HOUR_US && (from_us, to_us) != (hour, hour + HOUR_US)
         {
-            return self
-                .coded_within(hour, hour + HOUR_US)?
-                .map(|rows| aggregate::rows_within(&rows, from_us, to_us))
-                .transpose();
+            // The hour's rows within the part, each file filtered as it is read:
+            // no more than a file and the part in memory, not the hour.
+            let (hours, wanted) = self.hours_within(hour, hour + HOUR_US);
+            let wanted = wanted.and(aggregate::within(from_us, to_us));
+            return self.coded_rows_of(hours, &wanted);
         }
         polars_ensure!(
             from_us % HOUR_US == 0 && to_us % HOUR_US == 0,
             InvalidOperation: "held rows are read by whole hours or within one, not [{from_us}, {to_us})"
         );
+        let (hours, wanted) = self.hours_within(from_us, to_us);
+        self.coded_rows_of(hours, &wanted)
+    }
+
+    /// The hours of `[from_us, to_us)` (whole hours) and which of their rows are
+    /// within it.
+    fn hours_within(&self, from_us: i64, to_us: i64) -> (Vec<&Hour>, Expr) {
         // An hour's row and its correction booked in the same hour are both in the
         // range or both out of it: the correction has no copy.
         let hours =
@@ -395,21 +370,13 @@ impl Held {
         let wanted = (copy.clone().not().and(within("created_us"))).or(copy
             .and(within("adjusted_us"))
             .and(within("created_us").not()));
-        self.coded_rows_of(self.0.hours.range(hours).map(|(_, h)| h).collect(), wanted)
-    }
-
-    /// [`Held::within`] ranges in order, an hour split in parts read once.
-    pub fn reader(&self) -> Reader<'_> {
-        Reader {
-            held: self,
-            hour: None,
-        }
+        (self.0.hours.range(hours).map(|(_, h)| h).collect(), wanted)
     }
 
     /// Every row with the [`MEASURED`] columns (a copy of the whole run as the lake
     /// step made it, by hour: for small runs and tests).
     pub fn rows(&self) -> PolarsResult<DataFrame> {
-        self.decoded(self.coded_rows_of(self.0.hours.values().collect(), col(BOOKED_COPY).not())?)
+        self.decoded(self.coded_rows_of(self.0.hours.values().collect(), &col(BOOKED_COPY).not())?)
     }
 
     /// The run's keys (first midnight, minutes, dictionaries) for
@@ -452,25 +419,35 @@ impl Held {
 
     /// The rows of `hours` that `wanted` keeps, text coded, without the booked
     /// copies' flag (`None` without rows held).
-    fn coded_rows_of(&self, hours: Vec<&Hour>, wanted: Expr) -> PolarsResult<Option<DataFrame>> {
-        let mut frames = Vec::new();
+    fn coded_rows_of(&self, hours: Vec<&Hour>, wanted: &Expr) -> PolarsResult<Option<DataFrame>> {
+        // Each frame filtered as it is read: memory holds a file and the rows
+        // kept, not every file of the hours.
+        let kept = |frame: DataFrame| frame.lazy().filter(wanted.clone()).collect();
+        let mut rows: Option<DataFrame> = None;
         for hour in hours {
-            frames.extend(hour.frames.iter().cloned());
-            for path in &hour.files {
-                frames.push(ParquetReader::new(std::fs::File::open(path)?).finish()?);
+            let read = hour
+                .files
+                .iter()
+                .map(|path| ParquetReader::new(std::fs::File::open(path)?).finish());
+            for frame in hour.frames.iter().cloned().map(Ok).chain(read) {
+                let frame = kept(frame?)?;
+                match &mut rows {
+                    Some(rows) => {
+                        rows.vstack_mut(&frame)?;
+                    }
+                    None => rows = Some(frame),
+                }
             }
         }
-        let rows = match frames.len() {
-            0 => match &self.0.template {
+        let rows = match rows {
+            Some(mut rows) => {
+                rows.rechunk_mut();
+                rows
+            }
+            None => match &self.0.template {
                 Some(template) => template.clone(),
                 None => return Ok(None),
             },
-            _ => concat(
-                frames.into_iter().map(IntoLazy::lazy).collect::<Vec<_>>(),
-                UnionArgs::default(),
-            )?
-            .filter(wanted)
-            .collect()?,
         };
         rows.drop(BOOKED_COPY).map(Some)
     }
@@ -650,15 +627,14 @@ mod tests {
                     "the rows within [{}, {})", from, to
                 );
             }
-            // The stage's ranges, read in order (an hour split in parts read once).
+            // The stage's ranges (an hour holding more than one split in parts).
             let planned = held.hour_ranges(range_size);
             prop_assert_eq!(&planned, &aggregate::hour_ranges(&rows, range_size).unwrap());
-            let mut reader = held.reader();
             for (from, to) in planned {
                 prop_assert_eq!(
-                    sorted(&reader.within(from, to).unwrap()),
+                    sorted(&held.within(from, to).unwrap()),
                     sorted(&aggregate::rows_within(&rows, from, to).unwrap()),
-                    "the rows within [{}, {}) read in order", from, to
+                    "the rows within the stage's range [{}, {})", from, to
                 );
             }
             prop_assert_eq!(held.currency_totals(), aggregate::currency_totals(&rows).unwrap());

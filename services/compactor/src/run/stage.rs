@@ -137,7 +137,6 @@ impl Compactor {
             let mut days = aggregate::Parts::new(&keys, Granularity::Day, CELLS_AT_ONCE);
             // The hour split in parts whose hour cells are being summed.
             let mut hour: Option<(i64, aggregate::Parts)> = None;
-            let mut reader = orders.reader();
             for &(from_us, to_us) in &ranges {
                 let t = Instant::now();
                 if let Some((start, _)) = &hour
@@ -150,7 +149,7 @@ impl Compactor {
                 }
                 let t = Instant::now();
                 let range = (|| {
-                    let rows = reader.within(from_us, to_us)?;
+                    let rows = orders.within(from_us, to_us)?;
                     let mut aggregates =
                         aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
                     days.add(aggregates.take(Granularity::Day))?;
