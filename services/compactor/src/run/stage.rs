@@ -13,9 +13,10 @@ use crate::held::Held;
 use tidemark_domain::Granularity;
 
 /// Cells or buyers made into staged rows at once (each row with its values
-/// joined from the dictionaries): made a third of a run's cells at a time, they
-/// held gigabytes in a run of 10M orders.
-const ROWS_AT_ONCE: usize = 65_536;
+/// joined from the dictionaries, ~150 bytes): made a third of a run's cells at a
+/// time, they held gigabytes in a run of 10M orders; 65,536 at a time, ~10 MB a
+/// lane.
+const ROWS_AT_ONCE: usize = 16_384;
 /// Day (or split hour) cells a grid's parts may hold before they are summed
 /// (see [`aggregate::Parts`]).
 const CELLS_AT_ONCE: usize = 65_536;
