@@ -389,7 +389,7 @@ pub fn grids(rows: &DataFrame) -> PolarsResult<Aggregates> {
 
 /// What the grids of every range of a run share, so that their keys mean the
 /// same: the run's first midnight (UTC), its minutes and its dictionaries.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RunKeys {
     base_us: i64,
     /// Minutes from `base_us` to the last event time, inclusive.
@@ -458,7 +458,7 @@ pub fn event_times(rows: &DataFrame) -> PolarsResult<Option<(i64, i64)>> {
 /// `keys`. With a `window` (`[from_us, to_us)`, whole hours or quarter hours of
 /// one hour), only the cells of minutes within it: the minute and quarter-hour
 /// cells exactly, the hour cells of a part of an hour and the day cells as the
-/// window's part of them (see [`Aggregates::take`]).
+/// window's part of them (summed by [`PartialCells`]).
 pub fn grids_within(
     rows: &DataFrame,
     run: &RunKeys,
@@ -685,7 +685,7 @@ impl Aggregates {
     /// Takes the grids of `granularity` out: a window's day grids are its part
     /// of each day's cells (and the hour grids of a window within an hour its
     /// part of the hour's), summed over the windows by [`Parts`].
-    pub fn take(&mut self, granularity: Granularity) -> Vec<Grid> {
+    fn take(&mut self, granularity: Granularity) -> Vec<Grid> {
         let (taken, rest) = std::mem::take(&mut self.grids)
             .into_iter()
             .partition(|g| g.granularity == granularity);
@@ -713,7 +713,7 @@ impl Aggregates {
 /// parts are summed into its grid once they hold as many cells as the sum (and
 /// at least `fold_cells`), so no more than about twice the sum's cells are held
 /// and every part is summed about twice.
-pub struct Parts {
+struct Parts {
     out: Aggregates,
     granularity: Granularity,
     fold_cells: usize,
@@ -722,7 +722,7 @@ pub struct Parts {
 }
 
 impl Parts {
-    pub fn new(keys: &RunKeys, granularity: Granularity, fold_cells: usize) -> Self {
+    fn new(keys: &RunKeys, granularity: Granularity, fold_cells: usize) -> Self {
         Parts {
             out: Aggregates::empty(Some(keys)),
             granularity,
@@ -732,7 +732,7 @@ impl Parts {
     }
 
     /// Adds a range's part of the cells.
-    pub fn add(&mut self, part: Vec<Grid>) -> PolarsResult<()> {
+    fn add(&mut self, part: Vec<Grid>) -> PolarsResult<()> {
         for grid in part {
             let at = match self
                 .dimensions
@@ -758,7 +758,7 @@ impl Parts {
     }
 
     /// The grids summed.
-    pub fn finish(self) -> PolarsResult<Aggregates> {
+    fn finish(self) -> PolarsResult<Aggregates> {
         let mut out = self.out;
         for (dimension, layout, mut sum, mut parts) in self.dimensions {
             fold(&mut sum, &mut parts)?;
@@ -770,6 +770,65 @@ impl Parts {
             });
         }
         Ok(out)
+    }
+}
+
+/// The cells a run's ranges ([`hour_ranges`]) leave partial, summed as the ranges
+/// come in order: the days' from every range, and the hour's of an hour split in
+/// parts, complete once a range starts past it.
+pub struct PartialCells {
+    keys: RunKeys,
+    fold_cells: usize,
+    days: Parts,
+    /// The split hour being summed: its start and its parts.
+    hour: Option<(i64, Parts)>,
+}
+
+impl PartialCells {
+    pub fn new(keys: &RunKeys, fold_cells: usize) -> Self {
+        PartialCells {
+            keys: keys.clone(),
+            fold_cells,
+            days: Parts::new(keys, Granularity::Day, fold_cells),
+            hour: None,
+        }
+    }
+
+    /// The cells of the split hour a range from `from_us` leaves, complete.
+    pub fn left_before(&mut self, from_us: i64) -> PolarsResult<Option<Aggregates>> {
+        match &self.hour {
+            Some((start, _)) if from_us >= start + HOUR_US => {
+                let (_, sums) = self.hour.take().expect("an hour is being summed");
+                sums.finish().map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Takes the partial grids out of the `[from_us, to_us)` range's
+    /// `aggregates`: its part of the days, and of its hour if it is a part of one.
+    pub fn take(
+        &mut self,
+        from_us: i64,
+        to_us: i64,
+        aggregates: &mut Aggregates,
+    ) -> PolarsResult<()> {
+        self.days.add(aggregates.take(Granularity::Day))?;
+        if part_of_hour(from_us, to_us) {
+            let start = from_us - from_us.rem_euclid(HOUR_US);
+            let (keys, fold_cells) = (&self.keys, self.fold_cells);
+            let (_, sums) = self
+                .hour
+                .get_or_insert_with(|| (start, Parts::new(keys, Granularity::Hour, fold_cells)));
+            sums.add(aggregates.take(Granularity::Hour))?;
+        }
+        Ok(())
+    }
+
+    /// The last split hour's cells (if any), then the days'.
+    pub fn finish(self) -> PolarsResult<Vec<Aggregates>> {
+        let hour = self.hour.map(|(_, sums)| sums.finish()).transpose()?;
+        Ok(hour.into_iter().chain([self.days.finish()?]).collect())
     }
 }
 
@@ -826,7 +885,7 @@ impl Grid {
 /// cell lies within one quarter hour and every hour cell within one hour, so the
 /// ranges split a run's cells into disjoint sets, each summed from
 /// [`rows_within`] its range; the hours split in parts and the days are summed
-/// from the ranges' parts ([`Parts`]).
+/// from the ranges' parts ([`PartialCells`]).
 pub fn hour_ranges(rows: &DataFrame, size: usize) -> PolarsResult<Vec<(i64, i64)>> {
     let mut per_hour = BTreeMap::new();
     count_hours(&mut per_hour, rows)?;
@@ -875,7 +934,7 @@ pub fn ranges_of_hours(per_hour: &BTreeMap<i64, usize>, size: usize) -> Vec<(i64
 
 /// Whether a range of [`hour_ranges`] is a part of an hour (its hour cells are
 /// partial, summed with the hour's other parts).
-pub fn part_of_hour(from_us: i64, to_us: i64) -> bool {
+fn part_of_hour(from_us: i64, to_us: i64) -> bool {
     to_us - from_us < HOUR_US
 }
 
@@ -1416,9 +1475,7 @@ mod tests {
             let whole = aggregate(&frame, 1).unwrap();
             let (mut parts, mut buyer_rows) = (Vec::new(), 0);
             let keys = RunKeys::of(&frame).unwrap().unwrap();
-            let mut days = Parts::new(&keys, Granularity::Day, fold_cells);
-            // The hour split in parts being summed.
-            let mut hour: Option<(i64, Parts)> = None;
+            let mut partial = PartialCells::new(&keys, fold_cells);
             let ranges = hour_ranges(&frame, size).unwrap();
             for window in ranges.windows(2) {
                 prop_assert!(window[0].1 <= window[1].0, "ranges in order, apart");
@@ -1431,25 +1488,18 @@ mod tests {
                 } else {
                     prop_assert_eq!((from % HOUR_US, to % HOUR_US), (0, 0));
                 }
-                if let Some((start, _)) = &hour && from >= start + HOUR_US {
-                    parts.extend(hour.take().unwrap().1.finish().unwrap().rows(1).unwrap());
+                if let Some(hour) = partial.left_before(from).unwrap() {
+                    parts.extend(hour.rows(1).unwrap());
                 }
                 let rows = rows_within(&frame, from, to).unwrap();
                 let mut aggregates = grids_within(&rows, &keys, Some((from, to))).unwrap();
-                days.add(aggregates.take(Granularity::Day)).unwrap();
-                if part_of_hour(from, to) {
-                    let start = from - from.rem_euclid(HOUR_US);
-                    let (_, sums) = hour
-                        .get_or_insert_with(|| (start, Parts::new(&keys, Granularity::Hour, fold_cells)));
-                    sums.add(aggregates.take(Granularity::Hour)).unwrap();
-                }
+                partial.take(from, to, &mut aggregates).unwrap();
                 parts.extend(aggregates.rows(1).unwrap());
                 buyer_rows += buyers(&rows).unwrap().height();
             }
-            if let Some((_, sums)) = hour {
-                parts.extend(sums.finish().unwrap().rows(1).unwrap());
+            for summed in partial.finish().unwrap() {
+                parts.extend(summed.rows(1).unwrap());
             }
-            parts.extend(days.finish().unwrap().rows(1).unwrap());
             let cells = |rows: &[AggRow]| -> BTreeMap<_, _> {
                 rows.iter().map(|r| (cell(r), r.clone())).collect()
             };

@@ -8,9 +8,8 @@ use polars::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Compactor, Result, Run, RunError};
-use crate::aggregate::{self, HOUR_US};
+use crate::aggregate;
 use crate::held::Held;
-use tidemark_domain::Granularity;
 
 /// Cells or buyers made into staged rows at once (each row with its values
 /// joined from the dictionaries, ~150 bytes): made a third of a run's cells at a
@@ -18,7 +17,7 @@ use tidemark_domain::Granularity;
 /// lane.
 const ROWS_AT_ONCE: usize = 16_384;
 /// Day (or split hour) cells a grid's parts may hold before they are summed
-/// (see [`aggregate::Parts`]).
+/// (see [`aggregate::PartialCells`]).
 const CELLS_AT_ONCE: usize = 65_536;
 /// Ranges written at once, each by an INSERT per shard and table kept open for
 /// the whole step: ClickHouse parses and writes each on threads of its own while
@@ -135,35 +134,20 @@ impl Compactor {
                     return (0, 0, 0);
                 }
             };
-            let mut days = aggregate::Parts::new(&keys, Granularity::Day, CELLS_AT_ONCE);
-            // The hour split in parts whose hour cells are being summed.
-            let mut hour: Option<(i64, aggregate::Parts)> = None;
+            let mut partial = aggregate::PartialCells::new(&keys, CELLS_AT_ONCE);
             for &(from_us, to_us) in &ranges {
                 let t = Instant::now();
-                if let Some((start, _)) = &hour
-                    && from_us >= start + HOUR_US
+                if let Some(hour) = partial.left_before(from_us).transpose()
+                    && !out.send(hour.map(Range::cells), t)
                 {
-                    let (_, sums) = hour.take().expect("an hour is being summed");
-                    if !out.send(sums.finish().map(Range::cells), t) {
-                        return out.figures(ranges.len());
-                    }
+                    return out.figures(ranges.len());
                 }
                 let t = Instant::now();
                 let range = (|| {
                     let rows = orders.within(from_us, to_us)?;
                     let mut aggregates =
                         aggregate::grids_within(&rows, &keys, Some((from_us, to_us)))?;
-                    days.add(aggregates.take(Granularity::Day))?;
-                    if aggregate::part_of_hour(from_us, to_us) {
-                        let start = from_us - from_us.rem_euclid(HOUR_US);
-                        let (_, sums) = hour.get_or_insert_with(|| {
-                            (
-                                start,
-                                aggregate::Parts::new(&keys, Granularity::Hour, CELLS_AT_ONCE),
-                            )
-                        });
-                        sums.add(aggregates.take(Granularity::Hour))?;
-                    }
+                    partial.take(from_us, to_us, &mut aggregates)?;
                     let buyers = aggregate::buyers(&rows)?;
                     Ok(Range {
                         aggregates,
@@ -177,14 +161,20 @@ impl Compactor {
             }
             // The last split hour's cells, then the days', summed from the ranges'
             // parts.
-            let t = Instant::now();
-            if let Some((_, sums)) = hour
-                && !out.send(sums.finish().map(Range::cells), t)
-            {
-                return out.figures(ranges.len());
+            let mut t = Instant::now();
+            match partial.finish() {
+                Ok(summed) => {
+                    for aggregates in summed {
+                        if !out.send(Ok(Range::cells(aggregates)), t) {
+                            break;
+                        }
+                        t = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    out.send(Err(e), t);
+                }
             }
-            let t = Instant::now();
-            out.send(days.finish().map(Range::cells), t);
             out.figures(ranges.len())
         });
         let queue = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
