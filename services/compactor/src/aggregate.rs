@@ -265,96 +265,171 @@ enum Source {
 /// Sums of rows with the same key, sorted by key: `revenue_minor`, `orders`,
 /// `items` (and `category_orders` from [`Source::Places`]), or corrections.
 fn group(keys: Vec<u64>, rows: &DataFrame, source: Source) -> PolarsResult<DataFrame> {
-    let all: Vec<&str>;
-    let (measures, sums): (&[&str], Vec<Expr>) = match source {
-        Source::Places => (
-            &["revenue", "quantity", "order_first", "category_first"],
-            vec![
-                col("revenue").sum().alias("revenue_minor"),
-                col("order_first").sum().alias("orders"),
-                col("quantity").sum().alias("items"),
-                col("category_first").sum().alias("category_orders"),
-            ],
-        ),
-        Source::Products => (
-            &["revenue", "quantity"],
-            vec![
-                col("revenue").sum().alias("revenue_minor"),
-                len().cast(DataType::Int64).alias("orders"),
-                col("quantity").sum().alias("items"),
-            ],
-        ),
-        Source::Cells(measures) => (measures, measures.iter().map(|m| col(*m).sum()).collect()),
-        Source::AllCells => {
-            all = rows
-                .get_column_names()
-                .into_iter()
-                .map(PlSmallStr::as_str)
-                .filter(|name| *name != "key")
-                .collect();
-            (&all[..], all.iter().map(|m| col(*m).sum()).collect())
-        }
-        Source::PlacesByCategory => (
-            &["revenue_minor", "category_orders", "items"],
-            vec![
-                col("revenue_minor").sum(),
-                col("category_orders").sum().alias("orders"),
-                col("items").sum(),
-            ],
-        ),
-        Source::Corrections { prefix, cancel } => {
-            all = vec!["refunded_minor", "refunded_quantity", cancel];
+    // Each output column: its name and the column of `rows` it sums (`None`:
+    // counts the rows).
+    let sums: Vec<(String, Option<&str>)> = match source {
+        Source::Places => vec![
+            ("revenue_minor".into(), Some("revenue")),
+            ("orders".into(), Some("order_first")),
+            ("items".into(), Some("quantity")),
+            ("category_orders".into(), Some("category_first")),
+        ],
+        Source::Products => vec![
+            ("revenue_minor".into(), Some("revenue")),
+            ("orders".into(), None),
+            ("items".into(), Some("quantity")),
+        ],
+        Source::Cells(measures) => measures.iter().map(|m| (m.to_string(), Some(*m))).collect(),
+        Source::AllCells => rows
+            .get_column_names()
+            .into_iter()
+            .map(PlSmallStr::as_str)
+            .filter(|name| *name != "key")
+            .map(|name| (name.to_owned(), Some(name)))
+            .collect(),
+        Source::PlacesByCategory => vec![
+            ("revenue_minor".into(), Some("revenue_minor")),
+            ("orders".into(), Some("category_orders")),
+            ("items".into(), Some("items")),
+        ],
+        Source::Corrections { prefix, cancel } => vec![
+            (format!("{prefix}_refunded_minor"), Some("refunded_minor")),
             (
-                &all[..],
-                vec![
-                    col("refunded_minor")
-                        .sum()
-                        .alias(format!("{prefix}_refunded_minor")),
-                    col("refunded_quantity")
-                        .sum()
-                        .alias(format!("{prefix}_refunded_items")),
-                    col(cancel)
-                        .sum()
-                        .alias(format!("{prefix}_cancelled_orders")),
-                ],
-            )
-        }
+                format!("{prefix}_refunded_items"),
+                Some("refunded_quantity"),
+            ),
+            (format!("{prefix}_cancelled_orders"), Some(cancel)),
+        ],
     };
-    let mut columns = vec![Column::new("key".into(), keys)];
-    for name in measures {
-        columns.push(rows.column(name)?.clone());
+    let mut measures = Vec::with_capacity(sums.len());
+    for (name, summed) in sums {
+        let values = match summed {
+            Some(column) => Some(int64s(rows.column(column)?)?),
+            None => None,
+        };
+        measures.push((name, values));
     }
-    DataFrame::new(rows.height(), columns)?
-        .lazy()
-        .group_by([col("key")])
-        .agg(sums)
-        .sort(["key"], SortMultipleOptions::default())
-        .collect()
+    sum_by_key(keys, measures)
 }
 
-/// Cells of the same layout summed into one grid with every measure (0 where a
-/// frame lacks one), sorted by key.
-fn combine(frames: Vec<DataFrame>) -> PolarsResult<DataFrame> {
-    let padded: Vec<LazyFrame> = frames
-        .into_iter()
-        .map(|frame| {
-            let missing: Vec<Expr> = MEASURES
-                .iter()
-                .filter(|m| frame.column(m).is_err())
-                .map(|m| lit(0_i64).cast(DataType::Int64).alias(*m))
-                .collect();
-            frame.lazy().with_columns(missing).select(
-                std::iter::once(col("key"))
-                    .chain(MEASURES.map(col))
-                    .collect::<Vec<_>>(),
-            )
+/// The values of an integer column as `i64`s, nulls as 0 (borrowed when they
+/// already are).
+fn int64s(column: &Column) -> PolarsResult<Cow<'_, [i64]>> {
+    if let Ok(ints) = column.i64()
+        && let Ok(values) = ints.cont_slice()
+    {
+        return Ok(Cow::Borrowed(values));
+    }
+    let ints = column.cast(&DataType::Int64)?;
+    Ok(Cow::Owned(
+        ints.i64()?.iter().map(|v| v.unwrap_or(0)).collect(),
+    ))
+}
+
+/// Cells, sorted by key, of `key` and each measure: its name and its sum over
+/// the rows of each key (`None`: the number of rows).
+///
+/// The rows are sorted by key and each run of one key summed: polars' hashed
+/// group-by gathered every group's sums through a list of its rows' indices,
+/// and most cells here (minutes × places × products) hold one or two rows.
+fn sum_by_key(
+    keys: Vec<u64>,
+    measures: Vec<(String, Option<Cow<'_, [i64]>>)>,
+) -> PolarsResult<DataFrame> {
+    let rows = keys.len();
+    let Ok(_) = u32::try_from(rows) else {
+        polars_bail!(ComputeError: "{rows} rows summed at once (at most 2^32)");
+    };
+    let mut order: Vec<(u64, u32)> = keys.into_iter().zip(0_u32..).collect();
+    // Stable (driftsort): a roll-up's or regrouping's rows come in sorted runs,
+    // one per source bucket, which it merges instead of sorting them anew.
+    order.sort_by_key(|&(key, _)| key);
+    // Each cell's key and its first row in `order` (sized exactly: a grid's
+    // columns are held until written).
+    let distinct = 1 + order
+        .windows(2)
+        .filter(|pair| pair[0].0 != pair[1].0)
+        .count();
+    let mut cells: Vec<u64> = Vec::with_capacity(distinct);
+    let mut starts: Vec<usize> = Vec::with_capacity(distinct + 1);
+    for (at, &(key, _)) in order.iter().enumerate() {
+        if cells.last() != Some(&key) {
+            cells.push(key);
+            starts.push(at);
+        }
+    }
+    starts.push(rows);
+    // A measure at a time: one column's values read at once.
+    let sums: Vec<Vec<i64>> = measures
+        .iter()
+        .map(|(_, values)| {
+            starts
+                .windows(2)
+                .map(|cell| match values {
+                    Some(values) => order[cell[0]..cell[1]]
+                        .iter()
+                        .map(|&(_, row)| values[row as usize])
+                        .sum(),
+                    None => (cell[1] - cell[0]) as i64,
+                })
+                .collect()
         })
         .collect();
-    concat(padded, UnionArgs::default())?
-        .group_by([col("key")])
-        .agg(MEASURES.map(|m| col(m).sum()))
-        .sort(["key"], SortMultipleOptions::default())
-        .collect()
+    let height = cells.len();
+    let mut columns = Vec::with_capacity(1 + measures.len());
+    columns.push(Column::new("key".into(), cells));
+    for ((name, _), sum) in measures.into_iter().zip(sums) {
+        columns.push(Column::new(name.into(), sum));
+    }
+    DataFrame::new(height, columns)
+}
+
+/// Grids of the same layout (each sorted by key) summed into one with every
+/// measure (0 where a grid lacks one), sorted by key.
+///
+/// The grids are merged, not grouped anew: the orders' cells of a range are
+/// many and its corrections' few, so each cell is visited once.
+fn combine(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
+    let keys = frames
+        .iter()
+        .map(keys_of)
+        .collect::<PolarsResult<Vec<_>>>()?;
+    // The merged keys, and the merged cell each grid's cell adds to.
+    let mut merged: Vec<u64> = Vec::with_capacity(keys.iter().map(|k| k.len()).sum());
+    let mut slots: Vec<Vec<u32>> = keys.iter().map(|k| Vec::with_capacity(k.len())).collect();
+    let mut at = vec![0_usize; frames.len()];
+    while let Some(key) = keys
+        .iter()
+        .zip(&at)
+        .filter_map(|(keys, &at)| keys.get(at).copied())
+        .min()
+    {
+        let slot = u32::try_from(merged.len())
+            .map_err(|_| polars_err!(ComputeError: "more than 2^32 cells combined at once"))?;
+        merged.push(key);
+        for ((keys, at), slots) in keys.iter().zip(&mut at).zip(&mut slots) {
+            while keys.get(*at) == Some(&key) {
+                slots.push(slot);
+                *at += 1;
+            }
+        }
+    }
+    merged.shrink_to_fit();
+    let height = merged.len();
+    let mut columns = Vec::with_capacity(1 + MEASURES.len());
+    columns.push(Column::new("key".into(), merged));
+    for measure in MEASURES {
+        let mut sum = vec![0_i64; height];
+        for (frame, slots) in frames.iter().zip(&slots) {
+            if let Ok(column) = frame.column(measure) {
+                for (&slot, value) in slots.iter().zip(int64s(column)?.iter()) {
+                    sum[slot as usize] += value;
+                }
+            }
+        }
+        columns.push(Column::new(measure.into(), sum));
+    }
+    DataFrame::new(height, columns)
 }
 
 fn keys_of(cells: &DataFrame) -> PolarsResult<&[u64]> {
@@ -633,7 +708,7 @@ pub fn grids_within(
                     cancel,
                 },
             )?;
-            combine(vec![cells, booked, restated])?
+            combine(&[cells, booked, restated])?
         };
         minute_grids.push(Grid {
             granularity: Granularity::Minute,
@@ -836,7 +911,7 @@ impl PartialCells {
 fn fold(sum: &mut DataFrame, parts: &mut Vec<DataFrame>) -> PolarsResult<()> {
     if !parts.is_empty() {
         let frames = std::iter::once(std::mem::take(sum)).chain(parts.drain(..));
-        *sum = combine(frames.collect())?;
+        *sum = combine(&frames.collect::<Vec<_>>())?;
     }
     Ok(())
 }
