@@ -1,4 +1,4 @@
-//! Aggregates with polars: revenue, orders and items per time bucket, dimension
+//! Aggregates: revenue, orders and items per time bucket, dimension
 //! value and currency, for every granularity and dimension; and the corrections
 //! (refunds and cancellations) on both bases, booked at their own time and
 //! restated at their order's.
@@ -10,10 +10,11 @@
 //! Cells are grouped by one integer key, not by strings. Each string column a
 //! cell is keyed by (city, category, product, currency) is dictionary-coded, a
 //! value's code being its rank in byte order, and a cell's key packs its bucket,
-//! value code and currency code (see [`Layout`]). Grouping hashes one `u64`
-//! instead of two or three strings per order, and a grid sorted by key is sorted
-//! as `revenue_agg` sorts its rows (bucket, value, currency): staging receives its
-//! rows in order, which ClickHouse then need not sort.
+//! value code and currency code (see [`Layout`]). Cells are summed by sorting
+//! the rows by that `u64` ([`sum_by_key`]) instead of hashing two or three
+//! strings per order, and a grid sorted by key is sorted as `revenue_agg` sorts
+//! its rows (bucket, value, currency): staging receives its rows in order, which
+//! ClickHouse then need not sort.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
