@@ -1397,6 +1397,60 @@ mod tests {
     }
 
     proptest! {
+        /// Grids summed by sorting (`sum_by_key`), then merged with others that
+        /// lack some measures (`combine`), equal each key's sums counted one row
+        /// at a time, in key order, each key once.
+        #[test]
+        fn cells_summed_by_sorting_and_merged_equal_each_keys_sums(
+            frames in proptest::collection::vec(
+                proptest::collection::vec((0_u64..40, -1_000_i64..1_000), 0..60),
+                1..5,
+            ),
+        ) {
+            let mut model: BTreeMap<u64, [i64; 2]> = BTreeMap::new();
+            let grids: Vec<DataFrame> = frames
+                .iter()
+                .enumerate()
+                .map(|(i, rows)| {
+                    // Every other frame sums the second measure, the others count rows
+                    // into the first.
+                    let measure = MEASURES[i % 2];
+                    for &(key, value) in rows {
+                        let sum = model.entry(key).or_default();
+                        sum[i % 2] += if i % 2 == 0 { 1 } else { value };
+                    }
+                    let values: Vec<i64> = rows.iter().map(|&(_, v)| v).collect();
+                    let summed = (i % 2 == 1).then_some(Cow::Owned(values));
+                    sum_by_key(
+                        rows.iter().map(|&(key, _)| key).collect(),
+                        vec![(measure.to_owned(), summed)],
+                    )
+                    .unwrap()
+                })
+                .collect();
+            for grid in &grids {
+                let keys = keys_of(grid).unwrap();
+                prop_assert!(keys.windows(2).all(|pair| pair[0] < pair[1]));
+            }
+            let combined = combine(&grids).unwrap();
+            let keys = keys_of(&combined).unwrap().to_vec();
+            let sums = |m: &str| int64s(combined.column(m).unwrap()).unwrap().into_owned();
+            let (first, second) = (sums(MEASURES[0]), sums(MEASURES[1]));
+            let got: BTreeMap<u64, [i64; 2]> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, &key)| (key, [first[i], second[i]]))
+                .collect();
+            prop_assert_eq!(keys.len(), got.len());
+            prop_assert!(keys.windows(2).all(|pair| pair[0] < pair[1]));
+            prop_assert_eq!(got, model);
+            for measure in &MEASURES[2..] {
+                prop_assert!(sums(measure).iter().all(|&v| v == 0));
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// The packed-key aggregation equals a plain group-by over strings, and
