@@ -29,6 +29,45 @@ use polars::prelude::*;
 use crate::aggregate::{self, CurrencyTotals, HOUR_US, RunKeys};
 use crate::lake::MEASURED;
 
+/// How a run's spill directory is named: the prefix, then the process's id and a
+/// random part, so that one left by a killed process can be told from a live
+/// one's.
+const SPILL_PREFIX: &str = "tidemark-compactor-held-";
+
+/// Removes the spill directories in `dir` of processes no longer running (a run
+/// removes its own with its last [`Held`], but not when it is killed) and
+/// returns how many. Where processes cannot be looked up (no `/proc`), none.
+/// Another process of this machine's, running, keeps its directory; the spill
+/// directory is local disk, never shared between machines.
+fn sweep_stale(dir: &std::path::Path) -> usize {
+    let processes = std::path::Path::new("/proc");
+    if !processes.join("self").exists() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(SPILL_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !processes.join(pid.to_string()).exists()
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            swept += 1;
+        }
+    }
+    swept
+}
+
 /// The text columns held as codes (`UInt32`, null for null). `user_id` keeps its
 /// text: it has nearly a value per row.
 const CODED: [&str; 5] = [
@@ -209,9 +248,17 @@ impl Holder {
             empty => {
                 let dir = self.spill.dir.clone().unwrap_or_else(std::env::temp_dir);
                 std::fs::create_dir_all(&dir)?;
+                let swept = sweep_stale(&dir);
+                if swept > 0 {
+                    tracing::info!(
+                        swept,
+                        dir = %dir.display(),
+                        "Removed spill directories of stopped processes"
+                    );
+                }
                 empty.insert(
                     tempfile::Builder::new()
-                        .prefix("tidemark-compactor-held-")
+                        .prefix(&format!("{SPILL_PREFIX}{}-", std::process::id()))
                         .tempdir_in(dir)?,
                 )
             }
@@ -576,6 +623,58 @@ mod tests {
     /// `rows` in one order, to compare sets of rows.
     fn sorted(rows: &DataFrame) -> DataFrame {
         rows.sort(MEASURED, SortMultipleOptions::default()).unwrap()
+    }
+
+    /// A run that writes its rows to disk first removes the spill directories of
+    /// processes no longer running (a SIGKILLed run's), keeps a running
+    /// process's and anything else, and names its own by its process.
+    #[test]
+    fn spilling_removes_the_directories_of_stopped_processes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let own = std::process::id();
+        // Process ids stop at 2^22: 999,999,999 never runs; 1 always does.
+        let kept = [
+            format!("{SPILL_PREFIX}{own}-a"),
+            format!("{SPILL_PREFIX}1-b"),
+            format!("{SPILL_PREFIX}notapid"),
+            "elsewhere-999999999-c".to_owned(),
+        ];
+        let stale = format!("{SPILL_PREFIX}999999999-d");
+        for name in kept.iter().chain([&stale]) {
+            std::fs::create_dir(path(name)).unwrap();
+            std::fs::write(path(name).join("0-0.parquet"), b"rows").unwrap();
+        }
+        let spill = Spill {
+            memory_bytes: 0,
+            dir: Some(dir.path().to_owned()),
+        };
+        let mut holder = Holder::new(spill);
+        holder
+            .add(&frame_of(&[
+                (0, 1, Some(1), None),
+                (1_200, 2, None, Some(5)),
+            ]))
+            .unwrap();
+        let held = holder.finish().unwrap();
+        assert!(
+            !path(&stale).exists(),
+            "a stopped process's directory is removed"
+        );
+        for name in &kept {
+            assert!(path(name).join("0-0.parquet").exists(), "{name} is kept");
+        }
+        let ours = held
+            .0
+            ._disk
+            .as_ref()
+            .expect("written to disk")
+            .path()
+            .to_owned();
+        let name = ours.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(name.starts_with(&format!("{SPILL_PREFIX}{own}-")), "{name}");
+        drop(held);
+        assert!(!ours.exists(), "a run's directory goes with its last Held");
     }
 
     proptest! {
