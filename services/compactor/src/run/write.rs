@@ -20,8 +20,9 @@ pub struct Written {
     /// Raw records in the run's range, before de-duplication.
     pub raw_records: u64,
     pub raw_totals: CurrencyTotals,
-    /// The run's Parquet files.
+    /// The run's Parquet files, and their bytes.
     pub parquet_keys: Vec<String>,
+    pub parquet_bytes: u64,
     pub days: BTreeSet<i64>,
 }
 
@@ -163,6 +164,7 @@ impl Compactor {
                 raw_records,
                 raw_totals,
                 parquet_keys: Vec::new(),
+                parquet_bytes: 0,
                 days: BTreeSet::new(),
             };
             let t = Instant::now();
@@ -193,6 +195,7 @@ impl Compactor {
                 manifest::record(&mut *tx, &record).await?;
                 self.commit(tx).await?;
                 written.parquet_keys.push(key);
+                written.parquet_bytes += bytes;
                 written.days.insert(file.day);
             }
             upload_ms += t.elapsed().as_millis() as u64;
@@ -216,6 +219,7 @@ impl Compactor {
             spilled_files = written.orders.spilled().1,
             ids_held,
             parquet_files = written.parquet_keys.len(),
+            parquet_mb = written.parquet_bytes / 1_000_000,
             wait_ms,
             encode_ms,
             parts,
