@@ -338,9 +338,10 @@ fn sum_by_key(
     measures: Vec<(String, Option<Cow<'_, [i64]>>)>,
 ) -> PolarsResult<DataFrame> {
     let rows = keys.len();
-    let Ok(_) = u32::try_from(rows) else {
-        polars_bail!(ComputeError: "{rows} rows summed at once (at most 2^32)");
-    };
+    polars_ensure!(
+        u32::try_from(rows).is_ok(),
+        ComputeError: "{rows} rows summed at once (at most 2^32)"
+    );
     let mut order: Vec<(u64, u32)> = keys.into_iter().zip(0_u32..).collect();
     // Stable (driftsort): a roll-up's or regrouping's rows come in sorted runs,
     // one per source bucket, which it merges instead of sorting them anew.
@@ -396,7 +397,12 @@ fn combine(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
         .map(keys_of)
         .collect::<PolarsResult<Vec<_>>>()?;
     // The merged keys, and the merged cell each grid's cell adds to.
-    let mut merged: Vec<u64> = Vec::with_capacity(keys.iter().map(|k| k.len()).sum());
+    let cells: usize = keys.iter().map(|k| k.len()).sum();
+    polars_ensure!(
+        u32::try_from(cells).is_ok(),
+        ComputeError: "{cells} cells combined at once (at most 2^32)"
+    );
+    let mut merged: Vec<u64> = Vec::with_capacity(cells);
     let mut slots: Vec<Vec<u32>> = keys.iter().map(|k| Vec::with_capacity(k.len())).collect();
     let mut at = vec![0_usize; frames.len()];
     while let Some(key) = keys
@@ -405,8 +411,7 @@ fn combine(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
         .filter_map(|(keys, &at)| keys.get(at).copied())
         .min()
     {
-        let slot = u32::try_from(merged.len())
-            .map_err(|_| polars_err!(ComputeError: "more than 2^32 cells combined at once"))?;
+        let slot = merged.len() as u32;
         merged.push(key);
         for ((keys, at), slots) in keys.iter().zip(&mut at).zip(&mut slots) {
             while keys.get(*at) == Some(&key) {

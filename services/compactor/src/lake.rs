@@ -877,8 +877,9 @@ pub fn with_measures(orders: LazyFrame) -> LazyFrame {
 /// The lake's Parquet settings: zstd at level 1, its fastest. The default
 /// level (3) was a tenth of the lake step's CPU in a profiled 3M-order run.
 fn parquet_writer<W: Write>(out: W) -> ParquetWriter<W> {
-    let level = polars::polars_utils::compression::ZstdLevel::try_new(1).ok();
-    ParquetWriter::new(out).with_compression(ParquetCompression::Zstd(level))
+    let level =
+        polars::polars_utils::compression::ZstdLevel::try_new(1).expect("1 is a zstd level");
+    ParquetWriter::new(out).with_compression(ParquetCompression::Zstd(Some(level)))
 }
 
 /// A frame as Parquet.
