@@ -420,6 +420,11 @@ impl<'a> Harness<'a> {
         drop(std::fs::remove_dir_all(
             self.stack.data("s3").join(&s3.bucket).join(&s3.prefix),
         ));
+        self.drop_clickhouse(clickhouse_db).await
+    }
+
+    /// Drops a benchmark's ClickHouse database (its background merges with it).
+    pub(super) async fn drop_clickhouse(&self, clickhouse_db: &str) -> Result<()> {
         clickhouse::Client::default()
             .with_url(self.stack.clickhouse_url())
             .with_validation(false)

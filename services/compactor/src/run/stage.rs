@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use clickhouse::insert::Insert;
+use clickhouse::insert_native::InsertNative;
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -11,9 +11,9 @@ use super::{Compactor, Result, Run, RunError};
 use crate::aggregate;
 use crate::held::Held;
 
-/// Cells or buyers made into staged rows at once (each row with its values
-/// joined from the dictionaries, ~150 bytes): made a third of a run's cells at a
-/// time, they held gigabytes in a run of 10M orders; 65,536 at a time, ~10 MB a
+/// Cells or buyers made into one Native block (each row with its values joined
+/// from the dictionaries, ~150 bytes): made a third of a run's cells at a time,
+/// staged rows held gigabytes in a run of 10M orders; 65,536 at a time, ~10 MB a
 /// lane.
 const ROWS_AT_ONCE: usize = 16_384;
 /// Day (or split hour) cells a grid's parts may hold before they are summed
@@ -21,7 +21,7 @@ const ROWS_AT_ONCE: usize = 16_384;
 const CELLS_AT_ONCE: usize = 65_536;
 /// Ranges written at once, each by an INSERT per shard and table kept open for
 /// the whole step: ClickHouse parses and writes each on threads of its own while
-/// this process aggregates the next range and serialises the others.
+/// this process aggregates the next range and encodes the others.
 const LANES: usize = 3;
 
 /// One range of hours' staged rows: the cells and the buyers within it (or, last,
@@ -84,8 +84,8 @@ impl Sender {
 
 /// The INSERTs of a lane, per shard, opened at its first row.
 struct Lane {
-    cells: Vec<Option<Insert<aggregate::StagedRow<'static>>>>,
-    buyers: Vec<Option<Insert<aggregate::BuyerRow<'static>>>>,
+    cells: Vec<Option<InsertNative>>,
+    buyers: Vec<Option<InsertNative>>,
 }
 
 impl Compactor {
@@ -227,8 +227,8 @@ impl Compactor {
         Ok(staged)
     }
 
-    /// Writes a range's cells and buyers to the lane's INSERTs, made into rows
-    /// [`ROWS_AT_ONCE`] at a time.
+    /// Writes a range's cells and buyers to the lane's INSERTs, in Native blocks
+    /// of at most [`ROWS_AT_ONCE`] rows.
     async fn write_range(
         &self,
         lane: &mut Lane,
@@ -242,25 +242,19 @@ impl Compactor {
         for grid in &aggregates.grids {
             for offset in (0..grid.cells.height()).step_by(ROWS_AT_ONCE) {
                 let cells = grid.cells.slice(offset as i64, ROWS_AT_ONCE);
-                for row in &aggregates.staged_rows(grid, &cells, run_id)? {
-                    let shard = tidemark_batchview::shard_of(row.bucket, shards);
-                    let insert = match &mut lane.cells[shard] {
-                        Some(insert) => insert,
-                        empty => empty.insert(self.shards[shard].insert(staging).await?),
-                    };
-                    insert.write(row).await?;
+                for (shard, block) in aggregates.staged_blocks(grid, &cells, run_id, shards)? {
+                    let insert = lane.cells[shard]
+                        .get_or_insert_with(|| self.shards[shard].insert_native(staging));
+                    insert.write(&block).await?;
                 }
             }
         }
         for offset in (0..range.buyers.height()).step_by(ROWS_AT_ONCE) {
             let part = range.buyers.slice(offset as i64, ROWS_AT_ONCE);
-            for row in &aggregate::buyer_rows(&part, run_id)? {
-                let shard = tidemark_batchview::shard_of(row.bucket, shards);
-                let insert = match &mut lane.buyers[shard] {
-                    Some(insert) => insert,
-                    empty => empty.insert(self.shards[shard].insert(staging_buyers).await?),
-                };
-                insert.write(row).await?;
+            for (shard, block) in aggregate::buyer_blocks(&part, run_id, shards)? {
+                let insert = lane.buyers[shard]
+                    .get_or_insert_with(|| self.shards[shard].insert_native(staging_buyers));
+                insert.write(&block).await?;
             }
         }
         Ok(())
