@@ -1051,6 +1051,7 @@ struct CellColumns<'c> {
 const COUNTS: [usize; 6] = [1, 2, 4, 5, 7, 8];
 
 impl Aggregates {
+    /// `cells` (a grid or a slice of one) taken apart into [`CellColumns`].
     fn cell_columns<'c>(&self, grid: &Grid, cells: &'c DataFrame) -> PolarsResult<CellColumns<'c>> {
         let width_us = grid.granularity.seconds() * 1_000_000;
         let mut measures = Vec::with_capacity(MEASURES.len());
