@@ -1212,28 +1212,29 @@ pub fn buyer_blocks(
         .iter()
         .map(|bucket| (bucket.unwrap_or(0) / 1_000_000).clamp(0, i64::from(u32::MAX)) as u32)
         .collect();
-    let mut texts = BTreeMap::new();
-    for name in ["city", "category", "product_id", "currency", "user_id"] {
+    // `buyers`' text columns and the frame's columns they come from.
+    let mut texts = Vec::with_capacity(5);
+    for (name, source) in [
+        ("city", "city"),
+        ("category", "category"),
+        ("product", "product_id"),
+        ("currency", "currency"),
+        ("user_id", "user_id"),
+    ] {
         let text: Vec<&str> = frame
-            .column(name)?
+            .column(source)?
             .str()?
             .iter()
             .map(|v| v.unwrap_or(""))
             .collect();
-        texts.insert(name, text);
+        texts.push((name, text));
     }
     let mut blocks = Vec::new();
     for (shard, rows) in by_shard(&buckets, shards) {
         let mut block = BlockBuilder::new();
         column::<u32>(&mut block, "bucket", rows.iter().map(|&i| buckets[i]))?;
-        for (name, source) in [
-            ("city", "city"),
-            ("category", "category"),
-            ("product", "product_id"),
-            ("currency", "currency"),
-            ("user_id", "user_id"),
-        ] {
-            column::<&str>(&mut block, name, rows.iter().map(|&i| texts[source][i]))?;
+        for (name, text) in &texts {
+            column::<&str>(&mut block, name, rows.iter().map(|&i| text[i]))?;
         }
         column::<u64>(
             &mut block,
