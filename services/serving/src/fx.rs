@@ -164,18 +164,20 @@ fn convert_at<'a>(
     to: Currency,
 ) -> Result<Answer, Problem> {
     refuse_missing(rates, &needed_rates(pieces.clone(), to))?;
+    // Keyed by the pieces' own grouped values (borrowed): a piece's values are
+    // copied once per answer cell, at the end, not once per piece.
+    let mut out: BTreeMap<(i64, &[String], Currency), Totals> = BTreeMap::new();
     // Per (grouped values, currency, date): the pieces in time order.
-    type Partition = BTreeMap<(Vec<String>, Currency, i64), BTreeMap<i64, Totals>>;
-    let mut out = Answer::new();
-    let mut partitions = Partition::new();
+    let mut partitions: BTreeMap<(&[String], Currency, i64), BTreeMap<i64, Totals>> =
+        BTreeMap::new();
     for ((key, date, groups, currency), t) in pieces {
         if *currency == to {
             if let Some(bucket) = buckets.bucket(*key) {
-                out.entry((bucket, groups.clone(), to)).or_default().add(*t);
+                out.entry((bucket, groups, to)).or_default().add(*t);
             }
         } else {
             partitions
-                .entry((groups.clone(), *currency, *date))
+                .entry((groups, *currency, *date))
                 .or_default()
                 .entry(*key)
                 .or_default()
@@ -218,10 +220,13 @@ fn convert_at<'a>(
             t.revenue_minor = converted[0];
             t.booked.refunded_minor = converted[1];
             t.restated.refunded_minor = converted[2];
-            out.entry((bucket, groups.clone(), to)).or_default().add(t);
+            out.entry((bucket, groups, to)).or_default().add(t);
         }
     }
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|((bucket, groups, currency), t)| ((bucket, groups.to_vec(), currency), t))
+        .collect())
 }
 
 /// A 422 naming the (date, currency) pairs of `needed` without a rate.

@@ -762,13 +762,16 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     }
     let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
     let one = req.group_by.len() == 1;
+    // The cells and the buyers are both in key order: read side by side.
+    let mut buyers = buyers.as_ref().map(|b| b.iter().peekable());
     let points = cells
         .into_iter()
         .map(|((bucket, values, currency), t)| Point {
-            buyers: buyers.as_ref().map(|b| {
-                b.get(&(bucket, values.clone(), currency))
-                    .copied()
-                    .unwrap_or(0)
+            buyers: buyers.as_mut().map(|b| {
+                let here = (bucket, &values, currency);
+                while b.next_if(|((k, g, c), _)| (*k, g, *c) < here).is_some() {}
+                b.next_if(|((k, g, c), _)| (*k, g, *c) == here)
+                    .map_or(0, |(_, n)| *n)
             }),
             bucket: at(bucket),
             local_bucket: local.show(bucket),
@@ -878,15 +881,16 @@ async fn merged_answer(
     let answer = match report_currency {
         Some(to) => return crate::fx::convert(views, merged, read.buckets, to).await,
         None => {
-            let mut out = Answer::new();
+            // Keyed by the pieces' grouped values (borrowed), copied once per cell.
+            let mut out: BTreeMap<(i64, &[String], Currency), Totals> = BTreeMap::new();
             for ((key, _, groups, currency), t) in merged.pieces() {
                 if let Some(bucket) = read.buckets.bucket(*key) {
-                    out.entry((bucket, groups.clone(), *currency))
-                        .or_default()
-                        .add(*t);
+                    out.entry((bucket, groups, *currency)).or_default().add(*t);
                 }
             }
-            out
+            out.into_iter()
+                .map(|((bucket, groups, currency), t)| ((bucket, groups.to_vec(), currency), t))
+                .collect()
         }
     };
     Ok((answer, merged))

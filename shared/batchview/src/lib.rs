@@ -346,7 +346,7 @@ impl CellsQuery<'_> {
              WHERE granularity = ? AND dimension = ? \
                AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
                AND run_id >= ? AND run_id <= ?{filter} \
-             GROUP BY k, d, g, currency LIMIT {}",
+             GROUP BY k, d, g, currency ORDER BY k, d, g, currency LIMIT {}",
             limit.saturating_add(1).min(u64::MAX as usize / 2),
             key = self.key.replace("{t}", t),
         )
@@ -382,17 +382,29 @@ pub async fn cells(
     if rows.len() > limit {
         return Err(Error::TooLarge(limit));
     }
-    let mut out = BTreeMap::new();
-    for row in rows {
-        let currency = row.currency.parse::<Currency>().map_err(|e| {
+    // An answer holds a handful of currencies: each code is parsed once.
+    let mut parsed: Vec<(String, Currency)> = Vec::new();
+    let mut currency_of = |code: String| -> Result<Currency, Error> {
+        if let Some((_, c)) = parsed.iter().find(|(known, _)| *known == code) {
+            return Ok(*c);
+        }
+        let c = code.parse::<Currency>().map_err(|e| {
             Error::Corrupt(format!(
                 "a published row of {} by {} has {e}",
                 q.granularity, q.shape
             ))
         })?;
-        out.insert((row.k, row.d, row.g, currency), totals!(row));
-    }
-    Ok(out)
+        parsed.push((code, c));
+        Ok(c)
+    };
+    // The rows come in key order (`ORDER BY`, the same order as the keys'): the
+    // map is built from them without a search per row.
+    rows.into_iter()
+        .map(|row| {
+            let currency = currency_of(row.currency)?;
+            Ok(((row.k, row.d, row.g, currency), totals!(row)))
+        })
+        .collect()
 }
 
 /// A question of who bought, over `buyers` (the published runs' rows).
