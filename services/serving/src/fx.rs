@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Days, NaiveDate};
 use sqlx::PgPool;
 use tidemark_batchview::PieceKey;
-use tidemark_domain::fx::Rate;
+use tidemark_domain::fx::{Conversion, Rate};
 use tidemark_domain::{Currency, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
@@ -188,7 +188,12 @@ fn convert_at<'a>(
         || Problem::new(ProblemKind::Validation).detail("A converted amount does not fit 64 bits.");
     for ((groups, currency, date), keys) in partitions {
         let day = date_of(date);
-        let rates_of_day = rates.on(currency, day).zip(rates.on(to, day));
+        // `None`: no rates (then every amount of the date is zero); `Some(None)`:
+        // rates whose factors overflow.
+        let conversion = rates
+            .on(currency, day)
+            .zip(rates.on(to, day))
+            .map(|(from_rate, to_rate)| Conversion::new(currency, from_rate, to, to_rate));
         // Exact cumulative amounts and their rounded conversions so far.
         let mut exact = [0i64; 3];
         let mut rounded = [0i64; 3];
@@ -200,13 +205,15 @@ fn convert_at<'a>(
             ];
             let mut converted = [0i64; 3];
             for i in 0..3 {
+                if amounts[i] == 0 {
+                    // The cumulative amount, and so its rounding, is unchanged.
+                    continue;
+                }
                 exact[i] = exact[i].checked_add(amounts[i]).ok_or_else(too_large)?;
-                let now = match rates_of_day {
+                let now = match conversion {
                     _ if exact[i] == 0 => 0,
-                    Some((from_rate, to_rate)) => {
-                        tidemark_domain::fx::convert(exact[i], currency, from_rate, to, to_rate)
-                            .ok_or_else(too_large)?
-                    }
+                    Some(Some(conversion)) => conversion.apply(exact[i]).ok_or_else(too_large)?,
+                    Some(None) => return Err(too_large()),
                     // Only a date whose amounts are all zero goes without a rate.
                     None => 0,
                 };

@@ -106,25 +106,50 @@ pub fn convert(
     to: Currency,
     to_rate: Rate,
 ) -> Option<i64> {
-    if from == to {
+    if from == to || amount == 0 {
         return Some(amount);
     }
-    // amount · (to_rate / from_rate) · 10^(exp(to) − exp(from))
-    let ten = |n: u32| 10_i128.checked_pow(n);
-    let num = i128::from(amount)
-        .checked_mul(to_rate.mantissa)?
-        .checked_mul(ten(from_rate.scale + u32::from(to.exponent()))?)?;
-    let den = from_rate
-        .mantissa
-        .checked_mul(ten(to_rate.scale + u32::from(from.exponent()))?)?;
-    let (q, r) = (num.div_euclid(den), num.rem_euclid(den));
-    // Half to even: up when the remainder is above half, or exactly half and q odd.
-    let up = match (2 * r).cmp(&den) {
-        std::cmp::Ordering::Greater => true,
-        std::cmp::Ordering::Equal => q % 2 != 0,
-        std::cmp::Ordering::Less => false,
-    };
-    i64::try_from(q + i128::from(up)).ok()
+    Conversion::new(from, from_rate, to, to_rate)?.apply(amount)
+}
+
+/// [`convert`] of one currency pair at one pair of rates, its factors worked
+/// out once for the many amounts of a day converted alike.
+#[derive(Clone, Copy, Debug)]
+pub struct Conversion {
+    /// amount · `num` / `den`: amount · (to_rate / from_rate) · 10^(exp(to) − exp(from)).
+    num: i128,
+    /// Positive (rates are).
+    den: i128,
+}
+
+impl Conversion {
+    /// `None` if a factor would overflow.
+    pub fn new(from: Currency, from_rate: Rate, to: Currency, to_rate: Rate) -> Option<Conversion> {
+        let ten = |n: u32| 10_i128.checked_pow(n);
+        Some(Conversion {
+            num: to_rate
+                .mantissa
+                .checked_mul(ten(from_rate.scale + u32::from(to.exponent()))?)?,
+            den: from_rate
+                .mantissa
+                .checked_mul(ten(to_rate.scale + u32::from(from.exponent()))?)?,
+        })
+    }
+
+    /// `amount` converted, rounded half to even; `None` if it would overflow.
+    pub fn apply(&self, amount: i64) -> Option<i64> {
+        let num = i128::from(amount).checked_mul(self.num)?;
+        let q = num.div_euclid(self.den);
+        // In [0, den): no second division.
+        let r = num - q * self.den;
+        // Half to even: up when the remainder is above half, or exactly half and q odd.
+        let up = match (2 * r).cmp(&self.den) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal => q % 2 != 0,
+            std::cmp::Ordering::Less => false,
+        };
+        i64::try_from(q + i128::from(up)).ok()
+    }
 }
 
 /// The rates of a file in the ECB's CSV format.
@@ -278,6 +303,37 @@ mod tests {
             Some(303)
         );
         assert_eq!(convert(i64::MAX, c("JPY"), jpy, c("KWD"), kwd), None);
+    }
+
+    proptest::proptest! {
+        /// The factors worked out once give what the whole product divided
+        /// directly gives (two divisions, rounded half to even), or overflow alike.
+        #[test]
+        fn a_conversion_equals_the_direct_division(
+            amount in proptest::prelude::any::<i64>(),
+            from_mantissa in 1_i128..10_000_000_000,
+            from_scale in 0_u32..=12,
+            to_mantissa in 1_i128..10_000_000_000,
+            to_scale in 0_u32..=12,
+            pair in proptest::sample::select(vec![("USD", "EUR"), ("JPY", "KWD"), ("KWD", "JPY"), ("EUR", "GBP")]),
+        ) {
+            let (from, to) = (c(pair.0), c(pair.1));
+            let from_rate = Rate { mantissa: from_mantissa, scale: from_scale };
+            let to_rate = Rate { mantissa: to_mantissa, scale: to_scale };
+            let ten = |n: u32| 10_i128.checked_pow(n);
+            let direct = (|| {
+                let num = i128::from(amount)
+                    .checked_mul(to_rate.mantissa)?
+                    .checked_mul(ten(from_rate.scale + u32::from(to.exponent()))?)?;
+                let den = from_rate
+                    .mantissa
+                    .checked_mul(ten(to_rate.scale + u32::from(from.exponent()))?)?;
+                let (q, r) = (num.div_euclid(den), num.rem_euclid(den));
+                let up = 2 * r > den || (2 * r == den && q % 2 != 0);
+                i64::try_from(q + i128::from(up)).ok()
+            })();
+            proptest::prop_assert_eq!(convert(amount, from, from_rate, to, to_rate), direct);
+        }
     }
 
     #[test]
