@@ -27,7 +27,7 @@ use tidemark_domain::{Currency, Totals};
 use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::local::Buckets;
-use crate::query::Answer;
+use crate::query::{Answer, Sums};
 use crate::views::{Merged, Views};
 
 /// How far back a missing day's rate may be taken from.
@@ -164,16 +164,14 @@ fn convert_at<'a>(
     to: Currency,
 ) -> Result<Answer, Problem> {
     refuse_missing(rates, &needed_rates(pieces.clone(), to))?;
-    // Keyed by the pieces' own grouped values (borrowed): a piece's values are
-    // copied once per answer cell, at the end, not once per piece.
-    let mut out: BTreeMap<(i64, &[String], Currency), Totals> = BTreeMap::new();
+    let mut out = Sums::default();
     // Per (grouped values, currency, date): the pieces in time order.
     let mut partitions: BTreeMap<(&[String], Currency, i64), BTreeMap<i64, Totals>> =
         BTreeMap::new();
     for ((key, date, groups, currency), t) in pieces {
         if *currency == to {
             if let Some(bucket) = buckets.bucket(*key) {
-                out.entry((bucket, groups, to)).or_default().add(*t);
+                out.add(bucket, groups, to, *t);
             }
         } else {
             partitions
@@ -227,13 +225,10 @@ fn convert_at<'a>(
             t.revenue_minor = converted[0];
             t.booked.refunded_minor = converted[1];
             t.restated.refunded_minor = converted[2];
-            out.entry((bucket, groups, to)).or_default().add(t);
+            out.add(bucket, groups, to, t);
         }
     }
-    Ok(out
-        .into_iter()
-        .map(|((bucket, groups, currency), t)| ((bucket, groups.to_vec(), currency), t))
-        .collect())
+    Ok(out.answer())
 }
 
 /// A 422 naming the (date, currency) pairs of `needed` without a rate.

@@ -666,6 +666,25 @@ pub fn residence_request(
 /// The cells of an answer: (local bucket start, grouped values, currency).
 pub type Answer = BTreeMap<(i64, Vec<String>, Currency), Totals>;
 
+/// An answer being summed, keyed by the pieces' own grouped values (borrowed):
+/// a piece's values are copied once per answer cell, by [`Sums::answer`], not
+/// once per piece.
+#[derive(Default)]
+pub struct Sums<'a>(BTreeMap<(i64, &'a [String], Currency), Totals>);
+
+impl<'a> Sums<'a> {
+    pub fn add(&mut self, bucket: i64, groups: &'a [String], currency: Currency, t: Totals) {
+        self.0.entry((bucket, groups, currency)).or_default().add(t);
+    }
+
+    pub fn answer(self) -> Answer {
+        self.0
+            .into_iter()
+            .map(|((bucket, groups, currency), t)| ((bucket, groups.to_vec(), currency), t))
+            .collect()
+    }
+}
+
 pub fn unavailable(e: &ViewError) -> Problem {
     let part = match e {
         ViewError::Unavailable(part) => part,
@@ -881,16 +900,13 @@ async fn merged_answer(
     let answer = match report_currency {
         Some(to) => return crate::fx::convert(views, merged, read.buckets, to).await,
         None => {
-            // Keyed by the pieces' grouped values (borrowed), copied once per cell.
-            let mut out: BTreeMap<(i64, &[String], Currency), Totals> = BTreeMap::new();
+            let mut sums = Sums::default();
             for ((key, _, groups, currency), t) in merged.pieces() {
                 if let Some(bucket) = read.buckets.bucket(*key) {
-                    out.entry((bucket, groups, *currency)).or_default().add(*t);
+                    sums.add(bucket, groups, *currency, *t);
                 }
             }
-            out.into_iter()
-                .map(|((bucket, groups, currency), t)| ((bucket, groups.to_vec(), currency), t))
-                .collect()
+            sums.answer()
         }
     };
     Ok((answer, merged))
