@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
+use super::cpu::{CpuMeter, CpuUse};
 use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, pgbench};
 
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
@@ -69,7 +70,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "xtask bench: the same on a Postgres of its own with durable commits (fsync on), \
          then pgbench there"
     );
-    let (durable, durable_tps) = durable_pair(bench, SINGLE_ORDERS).await?;
+    let DurablePair {
+        ingest: durable,
+        pgbench_tps: durable_tps,
+        ingest_cpu: durable_cpu,
+        pgbench_cpu: durable_pgbench_cpu,
+    } = durable_pair(bench, SINGLE_ORDERS).await?;
     let ingest_rss = bench.peak_rss_mb("ingest").unwrap_or(f64::NAN);
 
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -127,6 +133,18 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         format!("pgbench single-row INSERT, 32 clients, same server: {durable_tps:.0} tps"),
         Some(durable.items_per_sec / durable_tps),
         "≥ 1.5×, p99 ≤ 25 ms",
+    );
+    report.row(
+        "CPU during the durable pair, by program (core-seconds; the machine's idle share is \
+         time spent waiting, for the disk's flushes among others)"
+            .into(),
+        durable_cpu.text(Some((SINGLE_ORDERS as f64, "order"))),
+        format!(
+            "pgbench: {}",
+            durable_pgbench_cpu.text(Some((durable_tps * durable_pgbench_cpu.seconds, "insert")))
+        ),
+        None,
+        "",
     );
     report.figure(Figure::anchored(
         "batched ingest, 1-line orders",
@@ -187,8 +205,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
 /// Single-order ingest and pgbench on a Postgres of their own with durable
 /// commits: the test stack's server runs with `fsync=off` (given on its command
 /// line, which `ALTER SYSTEM` cannot override), where a commit costs no flush and
-/// group commit can save only round trips. Returns ingest's report and pgbench's tps.
-async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<(Report, f64)> {
+/// group commit can save only round trips.
+async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<DurablePair> {
     use tidemark_launch::servers::postgres;
     let bin_dir = super::pg_bin("postgres")?
         .parent()
@@ -247,6 +265,7 @@ async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<(Report,
                 ],
             )
             .await?;
+        let meter = CpuMeter::start();
         let report: Report = bench.loadtest(
             &[
                 "ingest-single",
@@ -262,13 +281,28 @@ async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<(Report,
                 ("TIDEMARK_INGEST_KEY", key.as_str()),
             ],
         )?;
+        let ingest_cpu = meter.finish().await?;
         bench.stop_services().await;
+        let meter = CpuMeter::start();
         let tps = pgbench(bench.stack, &url("pgbench"))?;
-        anyhow::Ok((report, tps))
+        anyhow::Ok(DurablePair {
+            ingest: report,
+            pgbench_tps: tps,
+            ingest_cpu,
+            pgbench_cpu: meter.finish().await?,
+        })
     }
     .await;
     bench.stop_services().await;
     drop(crate::proc::stop(pid, "postgres", "INT", Duration::from_secs(30)).await);
     drop(std::fs::remove_dir_all(&root));
     measured
+}
+
+/// Single-order ingest and pgbench, each with the CPU it used, on the durable Postgres.
+struct DurablePair {
+    ingest: Report,
+    pgbench_tps: f64,
+    ingest_cpu: CpuUse,
+    pgbench_cpu: CpuUse,
 }

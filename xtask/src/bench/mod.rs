@@ -8,6 +8,7 @@
 //! types.
 
 mod compactor;
+mod cpu;
 mod ingest;
 mod serving;
 mod speed;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use tidemark_loadtest::freshness::FreshnessReport;
 use tidemark_platform::auth::{self, Scope};
 
+use super::cpu::{CpuMeter, CpuUse, Statement, Statements, statements_text};
 use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, unlink_prefix};
 use crate::proc::run;
 
@@ -48,16 +49,22 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     // minute and a half; `target/bench/speed-fast.json`): it sits at its tipping
     // point on two shared cores, so it is the figure worth repeating.
     if std::env::var("TIDEMARK_BENCH_SPEED").as_deref() == Ok("fast") {
-        let (fast, _, fast_lag) = freshness(bench, FAST_RATE, FAST_SECONDS, false).await?;
+        let fast = freshness(bench, FAST_RATE, FAST_SECONDS, false).await?;
         let mut report = BenchReport::new(
             "speed-fast",
             format!("release build; {FAST_RATE} orders/s for {FAST_SECONDS} s only"),
         );
-        fast_figures(&mut report, &fast, &fast_lag);
+        fast_figures(&mut report, &fast);
         return Ok(report);
     }
-    let (fresh, vault, speed_lag) = freshness(bench, RATE, SECONDS, true).await?;
-    let (fast, _, fast_lag) = freshness(bench, FAST_RATE, FAST_SECONDS, false).await?;
+    let FreshnessRun {
+        fresh,
+        vault,
+        lag: speed_lag,
+        cpu,
+        statements,
+    } = freshness(bench, RATE, SECONDS, true).await?;
+    let fast = freshness(bench, FAST_RATE, FAST_SECONDS, false).await?;
     // Only the freshness runs start ingest.
     let ingest_rss = bench.peak_rss_mb("ingest").unwrap_or(f64::NAN);
     let vault = vault.context("the first run loads the warehouse")?;
@@ -88,7 +95,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "p99 ≤ 50 ms",
     );
     lag_row(&mut report, RATE, &speed_lag);
-    fast_figures(&mut report, &fast, &fast_lag);
+    cpu_row(&mut report, RATE, &fresh, &cpu, &statements);
+    fast_figures(&mut report, &fast);
     report.row(
         format!(
             "warehouse loader (ingest's vault loader, beside the freshness run): lag sampled \
@@ -152,7 +160,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
 }
 
 /// The 20,000 orders/s minute: its freshness and lag rows, and its figures.
-fn fast_figures(report: &mut BenchReport, fast: &FreshnessReport, fast_lag: &SpeedLag) {
+fn fast_figures(report: &mut BenchReport, run: &FreshnessRun) {
+    let FreshnessRun {
+        fresh: fast,
+        lag: fast_lag,
+        ..
+    } = run;
     freshness_row(
         report,
         &format!("freshness at {FAST_RATE} orders/s for {FAST_SECONDS} s, warehouse loader off"),
@@ -160,6 +173,7 @@ fn fast_figures(report: &mut BenchReport, fast: &FreshnessReport, fast_lag: &Spe
         "p99 ≤ 100 ms",
     );
     lag_row(report, FAST_RATE, fast_lag);
+    cpu_row(report, FAST_RATE, fast, &run.cpu, &run.statements);
     report.figure(Figure::alone(
         &format!("freshness at {FAST_RATE} orders/s (warehouse loader off), p99"),
         fast.p99_ms,
@@ -180,6 +194,35 @@ fn fast_figures(report: &mut BenchReport, fast: &FreshnessReport, fast_lag: &Spe
         "s",
         Target::Ours(Bound::AtMost, 0.1),
     ));
+}
+
+/// Where the CPU went during a freshness run at `rate`: per program, and per
+/// order sent.
+fn cpu_row(
+    report: &mut BenchReport,
+    rate: u64,
+    fresh: &FreshnessReport,
+    cpu: &CpuUse,
+    statements: &[Statement],
+) {
+    report.row(
+        format!(
+            "CPU during the {rate} orders/s stream, by program (core-seconds, of {} cores)",
+            std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+        ),
+        // The orders sent in the metered seconds, at the run's achieved rate.
+        cpu.text(Some((fresh.achieved_rate * cpu.seconds, "order"))),
+        String::new(),
+        None,
+        "",
+    );
+    report.row(
+        format!("Postgres's statements during the {rate} orders/s stream, by execution time"),
+        statements_text(statements),
+        String::new(),
+        None,
+        "",
+    );
 }
 
 /// The speed layer's lag sampled during a freshness run at `rate`.
@@ -285,7 +328,7 @@ async fn freshness(
     rate: u64,
     seconds: u64,
     vault: bool,
-) -> Result<(FreshnessReport, Option<VaultLag>, SpeedLag)> {
+) -> Result<FreshnessRun> {
     let redis_url = bench.stack.redis_url();
     eprintln!("xtask bench: freshness at {rate} orders/s for {seconds} s");
     let db = bench.database(&format!("fresh{rate}")).await?;
@@ -325,6 +368,14 @@ async fn freshness(
         stop.clone(),
     ));
     let started = Instant::now();
+    // The CPU of the stream's seconds only (after them the speed layer may
+    // still be catching up, alone).
+    let statements = Statements::start(&db).await?;
+    let meter = CpuMeter::start();
+    let stream_cpu = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        Ok::<_, anyhow::Error>((meter.finish().await?, statements.top(6).await?))
+    });
     let fresh = bench.loadtest(
         &[
             "freshness",
@@ -348,13 +399,20 @@ async fn freshness(
             ("TIDEMARK_INGEST_KEY", key.as_str()),
         ],
     )?;
+    let (cpu, statements) = stream_cpu.await??;
     stop.cancel();
     let mut speed_lag = SpeedLag::of(&speed_sampler.await??, seconds as f64);
     speed_lag.phases = step_phases(&speed).await?;
     let Some(vault_sampler) = vault_sampler else {
         pool.close().await;
         bench.stop_services().await;
-        return Ok((fresh, None, speed_lag));
+        return Ok(FreshnessRun {
+            fresh,
+            vault: None,
+            lag: speed_lag,
+            cpu,
+            statements,
+        });
     };
     let streamed = Instant::now();
     let samples = vault_sampler.await?;
@@ -386,7 +444,24 @@ async fn freshness(
         catch_up_seconds,
         rows_per_sec: rows as f64 / started.elapsed().as_secs_f64(),
     };
-    Ok((fresh, Some(vault), speed_lag))
+    Ok(FreshnessRun {
+        fresh,
+        vault: Some(vault),
+        lag: speed_lag,
+        cpu,
+        statements,
+    })
+}
+
+/// What a freshness run measured.
+struct FreshnessRun {
+    fresh: FreshnessReport,
+    /// The warehouse loader's lag, when it ran.
+    vault: Option<VaultLag>,
+    lag: SpeedLag,
+    /// The machine's CPU over the stream's seconds, and Postgres's statements.
+    cpu: CpuUse,
+    statements: Vec<Statement>,
 }
 
 /// The narrative row of a freshness run: what was sent, and its percentiles.
