@@ -33,6 +33,7 @@ use sqlx::postgres::PgPoolCopyExt;
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
+use super::cpu::CpuMeter;
 use super::{BenchReport, Bound, Figure, Harness, Target, unlink_prefix};
 use crate::proc::run;
 
@@ -961,15 +962,24 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
     let ask = |name: &str, url: &str, body: Option<&str>| {
         rate(bench, read_key, (name, url, body), None, RATE, SECONDS)
     };
+    // Where the machine's CPU went in each phase (the load generator's included).
+    let mut cpu = Vec::new();
+    let requests = RATE.parse::<f64>()? * SECONDS.parse::<f64>()?;
+    let meter = CpuMeter::start();
     let trivial = ask("healthz", &format!("{serving}/healthz"), None)?;
+    cpu.push(("/healthz", meter.finish().await?));
     let before = scrape(serving).await?;
+    let meter = CpuMeter::start();
     let rest = ask("rest", &rest_url, None)?;
+    cpu.push(("REST", meter.finish().await?));
     let between = scrape(serving).await?;
+    let meter = CpuMeter::start();
     let graphql = ask(
         "graphql",
         &format!("{serving}/graphql"),
         Some(&graphql_body),
     )?;
+    cpu.push(("GraphQL", meter.finish().await?));
     let after = scrape(serving).await?;
     // As most apps' HTTP clients ask: compressed answers welcome.
     let rest_gzip = rate(
@@ -984,7 +994,9 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
     // REST asked for the fields the GraphQL query selects: the same answer.
     let rest_fields_url =
         format!("{rest_url}&fields=bucket,group,currency,revenue_minor,orders,items");
+    let meter = CpuMeter::start();
     let rest_fields = ask("rest-fields", &rest_fields_url, None)?;
+    cpu.push(("REST with GraphQL's fields", meter.finish().await?));
     let after_fields = scrape(serving).await?;
     // What each door's answer weighs, plain and as a browser receives it.
     let http = reqwest::Client::new();
@@ -1021,7 +1033,7 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
         let bytes = answer.bytes().await?.len();
         sizes.push(format!("{door} {:.1} KB ({encoding})", bytes as f64 / 1e3));
     }
-    let inside = vec![
+    let mut inside = vec![
         format!("the small question's answer: {}", sizes.join(", ")),
         inside(
             "REST",
@@ -1054,6 +1066,12 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
             "serving_answers_total",
         ),
     ];
+    inside.extend(cpu.iter().map(|(phase, used)| {
+        format!(
+            "CPU while {phase} was asked {RATE}/s: {}",
+            used.text(Some((requests, "request")))
+        )
+    }));
     Ok(Doors {
         trivial,
         rows: vec![
