@@ -122,12 +122,19 @@ impl Readings {
     /// runtime's threads); `first` marks the run's start.
     async fn read(mut self, first: bool) -> Self {
         tokio::task::spawn_blocking(move || {
+            // Processes only: a process's time is the sum of its threads', and
+            // listed as processes of their own (sysinfo's default) they were
+            // counted twice.
             let kind = ProcessRefreshKind::nothing()
                 .with_cpu()
-                .with_exe(UpdateKind::OnlyIfNotSet);
+                .with_exe(UpdateKind::OnlyIfNotSet)
+                .without_tasks();
             self.system
                 .refresh_processes_specifics(ProcessesToUpdate::All, true, kind);
             for (pid, process) in self.system.processes() {
+                if process.thread_kind().is_some() {
+                    continue;
+                }
                 // The kernel's name of the process, unless it was cut at 15
                 // bytes (`tidemark-loadte`): then its executable's. Not the
                 // executable's always: Debian's `redis-server` is a link to
@@ -265,22 +272,38 @@ pub(super) fn statements_text(statements: &[Statement]) -> String {
 mod tests {
     use super::*;
 
+    /// This process's CPU time so far, seconds, as the kernel counts it
+    /// (`utime` and `stime` of `/proc/self/stat`, in ticks of 1/100 s).
+    fn own_cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        let fields: Vec<u64> = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        (fields[0] + fields[1]) as f64 / 100.0
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_program_is_counted_with_its_time() {
+        let before = own_cpu_seconds();
         let meter = CpuMeter::start();
-        // This test's own process spins a core for about half a second.
-        let spun = tokio::task::spawn_blocking(|| {
-            let until = Instant::now() + Duration::from_millis(600);
+        // This test's own process spins until the kernel has counted 0.6 s of its
+        // CPU (however long that takes on a busy machine).
+        tokio::task::spawn_blocking(move || {
             let mut n = 0u64;
-            while Instant::now() < until {
-                n = n.wrapping_add(1);
+            while own_cpu_seconds() - before < 0.6 {
+                for _ in 0..100_000 {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
             }
-            n
         })
         .await
         .unwrap();
-        assert!(spun > 0);
         let used = meter.finish().await.unwrap();
+        let counted_by_kernel = own_cpu_seconds() - before;
         let me = std::env::current_exe().unwrap();
         let me = me.file_name().unwrap().to_string_lossy();
         let (_, seconds) = used
@@ -289,8 +312,8 @@ mod tests {
             .find(|(p, _)| *p == me)
             .expect("the test's own process is listed");
         assert!(
-            *seconds >= 0.4,
-            "{seconds} core-seconds counted for 0.6 s of spinning"
+            *seconds >= 0.4 && *seconds <= counted_by_kernel + 0.05,
+            "{seconds} core-seconds counted, the kernel counted {counted_by_kernel}"
         );
         assert!(used.busy > 0.0 && used.busy <= 1.0);
         assert!(used.text(Some((1.0, "run"))).contains(&*me));
