@@ -235,7 +235,12 @@ impl Stack {
                 let dir = self.data("redis");
                 fs::create_dir_all(&dir)?;
                 let bin = which("redis-server").context("redis-server is not installed")?;
-                servers::redis::server(&bin, self.ports.redis, &dir, self.kind == Kind::Up)
+                tidemark_launch::prioritized(servers::redis::server(
+                    &bin,
+                    self.ports.redis,
+                    &dir,
+                    self.kind == Kind::Up,
+                ))
             }
             Server::ClickHouse => {
                 let dir = self.data("clickhouse");

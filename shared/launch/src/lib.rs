@@ -7,5 +7,8 @@ pub mod host;
 pub mod servers;
 pub mod wait;
 
-pub use host::{cargo_bin, free_port, is_root, postgres_bin_dir, which, workspace_root};
+pub use host::{
+    REAL_TIME_NICE, REAL_TIME_SERVICES, cargo_bin, free_port, is_root, postgres_bin_dir,
+    prioritized, which, workspace_root,
+};
 pub use wait::until;
