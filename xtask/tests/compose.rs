@@ -67,6 +67,37 @@ fn compose(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The real-time path (Redis and the speed consumer, in both topologies) gets the
+/// cores first on a shared host, as `cargo xtask up` starts it (nice -10): four
+/// times the default CPU weight; nothing else has more than the default.
+#[test]
+fn the_real_time_path_has_the_larger_cpu_weight() {
+    let rendered = compose(&["--profile", "cluster", "config"]);
+    let mut service = "";
+    let mut weighted = Vec::new();
+    for line in rendered.lines() {
+        if let Some(name) = line
+            .strip_prefix("  ")
+            .and_then(|l| l.strip_suffix(':'))
+            .filter(|l| !l.starts_with(' '))
+        {
+            service = name;
+        }
+        if let Some(shares) = line.trim().strip_prefix("cpu_shares:") {
+            weighted.push((
+                service.to_owned(),
+                shares.trim().trim_matches('"').to_owned(),
+            ));
+        }
+    }
+    weighted.sort();
+    let expected: Vec<(String, String)> = ["redis", "redis-replica", "speed", "speed-1", "speed-2"]
+        .iter()
+        .map(|s| ((*s).to_owned(), "4096".to_owned()))
+        .collect();
+    assert_eq!(weighted, expected);
+}
+
 /// Issue 22: the profile `cluster` validates and holds the topology past one
 /// machine, configured as the tests on loopback run it; without the profile none
 /// of it starts.
