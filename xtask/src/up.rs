@@ -284,9 +284,7 @@ fn start_service(
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
         .current_dir(&stack.root);
-    if tidemark_launch::REAL_TIME_SERVICES.contains(&name) {
-        cmd = tidemark_launch::prioritized(cmd);
-    }
+    let mut cmd = tidemark_launch::at_service_priority(name, cmd);
     spawn_detached(&mut cmd, &stack.log(name), &pid_file)
         .with_context(|| format!("start {name}"))?;
     Ok(())

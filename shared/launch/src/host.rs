@@ -62,12 +62,22 @@ pub fn is_root() -> bool {
 /// runnable task among dozens — too little to keep up, though they needed about
 /// a sixth of the machine: the speed layer fell 33–37 s behind in a minute
 /// (`bench speed`, 2026-12-04); with these two at −10 (nothing else changed) its lag
-/// stayed flat, at most 0.49 s. A deployment on shared hosts does the same
+/// stayed flat, at most 0.46–0.61 s in four runs. A deployment on shared hosts does the same
 /// (systemd's `Nice=`, a container's CPU shares).
 pub const REAL_TIME_NICE: i32 = -10;
 
 /// The services on the real-time path (Redis, a server, is the other).
 pub const REAL_TIME_SERVICES: [&str; 1] = ["speed"];
+
+/// `command`, which starts Tidemark's `service`, at that service's priority:
+/// [`prioritized`] for those on the real-time path, as it is for the others.
+pub fn at_service_priority(service: &str, command: Command) -> Command {
+    if REAL_TIME_SERVICES.contains(&service) {
+        prioritized(command)
+    } else {
+        command
+    }
+}
 
 /// `command` to run at [`REAL_TIME_NICE`], through `nice`; as it is when this
 /// process may not raise a priority (not root) or `nice` is missing.

@@ -8,7 +8,7 @@ pub mod servers;
 pub mod wait;
 
 pub use host::{
-    REAL_TIME_NICE, REAL_TIME_SERVICES, cargo_bin, free_port, is_root, postgres_bin_dir,
+    REAL_TIME_NICE, at_service_priority, cargo_bin, free_port, is_root, postgres_bin_dir,
     prioritized, which, workspace_root,
 };
 pub use wait::until;

@@ -124,7 +124,8 @@ impl Readings {
         tokio::task::spawn_blocking(move || {
             // Processes only: a process's time is the sum of its threads', and
             // listed as processes of their own (sysinfo's default) they were
-            // counted twice.
+            // counted twice. Kernel threads (block I/O's workers) are processes
+            // of their own and stay listed.
             let kind = ProcessRefreshKind::nothing()
                 .with_cpu()
                 .with_exe(UpdateKind::OnlyIfNotSet)
@@ -132,9 +133,6 @@ impl Readings {
             self.system
                 .refresh_processes_specifics(ProcessesToUpdate::All, true, kind);
             for (pid, process) in self.system.processes() {
-                if process.thread_kind().is_some() {
-                    continue;
-                }
                 // The kernel's name of the process, unless it was cut at 15
                 // bytes (`tidemark-loadte`): then its executable's. Not the
                 // executable's always: Debian's `redis-server` is a link to

@@ -464,9 +464,7 @@ impl<'a> Harness<'a> {
             .env("TIDEMARK_HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env("TIDEMARK_TELEMETRY__LOG_FILTER", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v)));
-        if tidemark_launch::REAL_TIME_SERVICES.contains(&name) {
-            cmd = tidemark_launch::prioritized(cmd);
-        }
+        let mut cmd = tidemark_launch::at_service_priority(name, cmd);
         let pid = spawn_detached(&mut cmd, &log, &pid_file)?;
         self.processes
             .push((pid, format!("tidemark-{name}"), pid_file));
