@@ -14,7 +14,7 @@ use crate::stack::{Kind, S3_ACCESS_KEY, S3_SECRET_KEY, Stack};
 pub async fn run(keep: bool, lint: bool, heavy: bool, nextest_args: &[String]) -> Result<()> {
     let started = Instant::now();
     install::ensure()?;
-    report_free_disk();
+    report_free_disk("at the start");
     if lint {
         cargo(&["fmt", "--all", "--", "--check"], &[]).await?;
     }
@@ -39,6 +39,7 @@ pub async fn run(keep: bool, lint: bool, heavy: bool, nextest_args: &[String]) -
         stack.stop(&[]).await?;
     }
     print_figures(&figures, nextest_args.is_empty());
+    report_free_disk("at the end");
     let secs = started.elapsed().as_secs();
     match &outcome {
         Ok(()) => eprintln!("xtask: all checks passed in {secs} s"),
@@ -86,11 +87,12 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
     cargo(&args, &env).await
 }
 
-/// A clean build of the workspace and its tests fills about 6 GiB of `target/`
-/// (7.5 GiB with incremental caches); a disk too full for that fails the build
-/// halfway with "No space left on device", so the free space is printed first
-/// and a shortfall named.
-fn report_free_disk() {
+/// A clean build of the workspace and its tests fills about 6.5 GiB of `target/`
+/// (more with incremental caches) and the suite's servers about 2 GiB more; a disk
+/// too full for that fails the build or the suite halfway with "No space left on
+/// device", so the free space is printed `when` (at the start, a shortfall named;
+/// at the end, what was left).
+fn report_free_disk(when: &str) {
     const NEEDED_GIB: u64 = 12;
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| ".".into());
     let out = crate::proc::run(std::process::Command::new("df").args(["-Pk", &dir]));
@@ -107,10 +109,10 @@ fn report_free_disk() {
     });
     match free_gib {
         Some(gib) if gib < NEEDED_GIB => eprintln!(
-            "xtask: warning: {gib} GiB free on the disk holding {dir}; a clean build and \
-             the suite need about {NEEDED_GIB} GiB"
+            "xtask: warning: {gib} GiB free {when} on the disk holding {dir}; a clean build \
+             and the suite need about {NEEDED_GIB} GiB"
         ),
-        Some(gib) => eprintln!("xtask: {gib} GiB free on the disk holding {dir}"),
+        Some(gib) => eprintln!("xtask: {gib} GiB free {when} on the disk holding {dir}"),
         None => eprintln!("xtask: could not read the free disk space (df)"),
     }
 }

@@ -265,7 +265,7 @@ async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<DurableP
                 ],
             )
             .await?;
-        let meter = CpuMeter::start();
+        let meter = CpuMeter::start().await;
         let report: Report = bench.loadtest(
             &[
                 "ingest-single",
@@ -283,7 +283,7 @@ async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<DurableP
         )?;
         let ingest_cpu = meter.finish().await?;
         bench.stop_services().await;
-        let meter = CpuMeter::start();
+        let meter = CpuMeter::start().await;
         let tps = pgbench(bench.stack, &url("pgbench"))?;
         anyhow::Ok(DurablePair {
             ingest: report,

@@ -965,15 +965,15 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
     // Where the machine's CPU went in each phase (the load generator's included).
     let mut cpu = Vec::new();
     let requests = RATE.parse::<f64>()? * SECONDS.parse::<f64>()?;
-    let meter = CpuMeter::start();
+    let meter = CpuMeter::start().await;
     let trivial = ask("healthz", &format!("{serving}/healthz"), None)?;
     cpu.push(("/healthz", meter.finish().await?));
     let before = scrape(serving).await?;
-    let meter = CpuMeter::start();
+    let meter = CpuMeter::start().await;
     let rest = ask("rest", &rest_url, None)?;
     cpu.push(("REST", meter.finish().await?));
     let between = scrape(serving).await?;
-    let meter = CpuMeter::start();
+    let meter = CpuMeter::start().await;
     let graphql = ask(
         "graphql",
         &format!("{serving}/graphql"),
@@ -994,7 +994,7 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
     // REST asked for the fields the GraphQL query selects: the same answer.
     let rest_fields_url =
         format!("{rest_url}&fields=bucket,group,currency,revenue_minor,orders,items");
-    let meter = CpuMeter::start();
+    let meter = CpuMeter::start().await;
     let rest_fields = ask("rest-fields", &rest_fields_url, None)?;
     cpu.push(("REST with GraphQL's fields", meter.finish().await?));
     let after_fields = scrape(serving).await?;

@@ -371,7 +371,7 @@ async fn freshness(
     // The CPU of the stream's seconds only (after them the speed layer may
     // still be catching up, alone).
     let statements = Statements::start(&db).await?;
-    let meter = CpuMeter::start();
+    let meter = CpuMeter::start().await;
     let stream_cpu = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         Ok::<_, anyhow::Error>((meter.finish().await?, statements.top(6).await?))

@@ -78,16 +78,8 @@ impl Env {
     ) -> Env {
         let (private, db) = if private_postgres {
             let pg = tidemark_testkit::PrivatePostgres::start().await;
-            let config = pg.config();
-            let pool = tidemark_platform::postgres::pool(&config, "tidemark-test").unwrap();
-            (
-                Some(pg),
-                TestDb {
-                    name: "postgres".into(),
-                    pool,
-                    config,
-                },
-            )
+            let db = TestDb::of("postgres", pg.config());
+            (Some(pg), db)
         } else {
             (None, tidemark_testkit::postgres().await)
         };
