@@ -14,9 +14,9 @@ pub(crate) fn unique(prefix: &str) -> String {
 
 /// A Postgres database with the migrations applied.
 ///
-/// One of the shared server's is dropped when its test ends, unless the test is
-/// failing (its data is kept to look at): a suite's 125 databases took 1.2 GB,
-/// and a CI machine once ran out of disk near the suite's end.
+/// A database on the shared server is dropped when its test ends, unless the
+/// test is failing (its data is kept to look at): a suite's 125 databases took
+/// 1.2 GB, and a CI machine once ran out of disk near the suite's end.
 pub struct TestDb {
     pub name: String,
     pub pool: PgPool,
