@@ -90,8 +90,8 @@ async fn checks(stack: &Stack, lint: bool, heavy: bool, nextest_args: &[String])
 /// A clean build of the workspace and its tests fills about 6.5 GiB of `target/`
 /// (more with incremental caches) and the suite's servers about 2 GiB more; a disk
 /// too full for that fails the build or the suite halfway with "No space left on
-/// device", so the free space is printed `when` (at the start, a shortfall named;
-/// at the end, what was left).
+/// device", so the free space is printed `when` (at the start, and at the end to
+/// show what the run left), a shortfall named.
 fn report_free_disk(when: &str) {
     const NEEDED_GIB: u64 = 12;
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| ".".into());
