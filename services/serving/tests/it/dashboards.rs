@@ -3,6 +3,7 @@
 //! Grafana macros substituted, PromQL against the test Prometheus scraping this
 //! test's services, and the JSON API panels against serving.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -334,6 +335,21 @@ async fn every_dashboard_panel_returns_data_after_a_generator_burst() {
                             let path = field["jsonPath"].as_str().unwrap();
                             let values = json_path(&body, path);
                             assert!(!values.is_empty(), "{title}: nothing at {path} in {body}");
+                        }
+                        // A panel that names the fields it draws gets those and
+                        // no more (the dashboard question's answer is a quarter
+                        // of the whole).
+                        if let Some(fields) = url.split("&fields=").nth(1) {
+                            let asked: BTreeSet<&str> = fields.split(',').collect();
+                            for point in body["points"].as_array().unwrap() {
+                                let held: BTreeSet<&str> = point
+                                    .as_object()
+                                    .unwrap()
+                                    .keys()
+                                    .map(String::as_str)
+                                    .collect();
+                                assert_eq!(held, asked, "{title}: a point of {url}");
+                            }
                         }
                     }
                     other => panic!("{title}: unknown datasource {other}"),
