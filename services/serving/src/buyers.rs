@@ -94,9 +94,12 @@ impl<'a> Ask<'a> {
 /// The buyers of every cell of an answer: the batch view's (`batch`, counted in
 /// the published `state`) plus the speed view's users (`speed`, read with the
 /// answer's revenue at the cursor it states) that the batch does not already hold
-/// in the same cell. The speed users are grouped on a computing thread (see
-/// [`crate::compute`]): once to learn whom to ask ClickHouse about, and again,
-/// after it answered, to count.
+/// in the same cell. Only a cell the batch has buyers in can hold a recent user
+/// already: ClickHouse is asked about the recent users of those cells alone
+/// (usually none — a live stream's users are in the last minutes, which the
+/// batch view does not reach yet), and the count is done in the same pass over
+/// the speed users when there is nothing to ask. The speed users are grouped
+/// on a computing thread (see [`crate::compute`]).
 pub async fn buyers(
     views: &Views,
     req: &Ask<'_>,
@@ -105,35 +108,51 @@ pub async fn buyers(
     speed: Arc<BTreeSet<Buyer>>,
 ) -> Result<Buyers, ViewError> {
     let counting = Arc::new(Counting::of(req));
-    let asked = {
-        let (counting, speed) = (counting.clone(), speed.clone());
-        views.computing().run(move || counting.users(&speed)).await
+    let first = {
+        let (counting, batch, speed) = (counting.clone(), batch.clone(), speed.clone());
+        views
+            .computing()
+            .run(move || counting.count_or_ask(&batch, &speed))
+            .await
     };
-    let held = match (asked, state) {
-        (Some((users, (from, to))), Some(state)) => {
-            // Of the recent users, those the batch already counts in the same
-            // cell: asked only over the buckets that hold recent users (usually
-            // the last few).
-            let key = req.key_sql();
-            let among_key = match &req.buckets {
-                Some(local) => local.key_sql(from, to),
-                None => key.clone(),
-            };
-            let among = BuyersQuery {
-                from,
-                to,
-                key: &among_key,
-                ..req.query(&key)
-            };
-            let users: Vec<&str> = users.iter().map(String::as_str).collect();
-            views.buyers_among(state, &among, &users).await?
-        }
-        _ => Arc::default(),
+    let (users, (from, to)) = match first {
+        Pass::Counted(buyers) => return Ok(buyers),
+        Pass::Ask(users, span) => (users, span),
     };
+    // Of the recent users, those the batch already counts in the same cell:
+    // asked only over the buckets that hold them. (Batch buyers come with a
+    // published state; without one there are none to hold.)
+    let Some(state) = state else {
+        return Ok(views
+            .computing()
+            .run(move || counting.count(&batch, &speed, &Held::default()))
+            .await);
+    };
+    let key = req.key_sql();
+    let among_key = match &req.buckets {
+        Some(local) => local.key_sql(from, to),
+        None => key.clone(),
+    };
+    let among = BuyersQuery {
+        from,
+        to,
+        key: &among_key,
+        ..req.query(&key)
+    };
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let held = views.buyers_among(state, &among, &users).await?;
     Ok(views
         .computing()
         .run(move || counting.count(&batch, &speed, &held))
         .await)
+}
+
+/// The first pass over the speed users: the count, or whom to ask about.
+enum Pass {
+    Counted(Buyers),
+    /// The distinct recent users of the cells the batch has buyers in, and the
+    /// span of those cells' buckets.
+    Ask(Vec<String>, (i64, i64)),
 }
 
 /// What counting an [`Ask`]'s speed buyers needs, owned (it runs on a computing
@@ -229,27 +248,61 @@ impl Counting {
         recent
     }
 
-    /// The distinct recent users and the span of the buckets holding them;
-    /// `None` when there are none.
-    fn users(&self, speed: &BTreeSet<Buyer>) -> Option<(Vec<String>, (i64, i64))> {
+    /// The count, when no recent user is in a cell the batch has buyers in
+    /// (nothing to ask ClickHouse); else those users and their cells' span.
+    fn count_or_ask(&self, batch: &BuyerCounts, speed: &BTreeSet<Buyer>) -> Pass {
         let recent = self.recent(speed);
-        if recent.is_empty() {
-            return None;
+        let in_batch: HashSet<(i64, Groups<'_>, &str)> = batch
+            .keys()
+            .map(|(k, g, c)| {
+                let groups = groups_of(g.iter().map(String::as_str));
+                (self.bucket_of(*k), groups, c.as_str())
+            })
+            .collect();
+        let shared: Vec<_> = recent
+            .iter()
+            .filter(|(cell, _)| in_batch.contains(*cell))
+            .collect();
+        if shared.is_empty() {
+            return Pass::Counted(self.tally(batch, recent, |_, _| false));
         }
-        let users: HashSet<&str> = recent.values().flatten().copied().collect();
+        let users: HashSet<&str> = shared.iter().flat_map(|(_, u)| u.iter().copied()).collect();
         let span = match &self.buckets {
             Some(local) => {
-                let first = recent.keys().map(|(s, _, _)| *s).min().unwrap_or(self.from);
-                let last = recent.keys().map(|(s, _, _)| local.next(*s)).max();
-                (first.max(self.from), last.unwrap_or(self.to).min(self.to))
+                let first = shared.iter().map(|((s, _, _), _)| *s).min();
+                let last = shared.iter().map(|((s, _, _), _)| local.next(*s)).max();
+                (
+                    first.unwrap_or(self.from).max(self.from),
+                    last.unwrap_or(self.to).min(self.to),
+                )
             }
             None => (self.from, self.to),
         };
-        Some((users.into_iter().map(str::to_owned).collect(), span))
+        Pass::Ask(users.into_iter().map(str::to_owned).collect(), span)
     }
 
     /// The batch's counts plus, per cell, the recent users it does not `held`.
     fn count(&self, batch: &BuyerCounts, speed: &BTreeSet<Buyer>, held: &Held) -> Buyers {
+        let recent = self.recent(speed);
+        let held: HashSet<(i64, Groups<'_>, &str, &str)> = held
+            .iter()
+            .map(|((k, g, c), u)| {
+                let groups = groups_of(g.iter().map(String::as_str));
+                (self.bucket_of(*k), groups, c.as_str(), u.as_str())
+            })
+            .collect();
+        self.tally(batch, recent, |(start, groups, currency), user| {
+            held.contains(&(*start, *groups, *currency, user))
+        })
+    }
+
+    /// The batch's counts plus, per cell, the `recent` users not `held` there.
+    fn tally<'b>(
+        &self,
+        batch: &BuyerCounts,
+        recent: Recent<'b>,
+        held: impl Fn(&(i64, Groups<'b>, &'b str), &str) -> bool,
+    ) -> Buyers {
         let mut out = Buyers::new();
         for ((k, groups, currency), n) in batch {
             out.insert(
@@ -261,22 +314,9 @@ impl Counting {
                 *n as i64,
             );
         }
-        let recent = self.recent(speed);
-        if recent.is_empty() {
-            return out;
-        }
-        let held: HashSet<(i64, Groups<'_>, &str, &str)> = held
-            .iter()
-            .map(|((k, g, c), u)| {
-                let groups = groups_of(g.iter().map(String::as_str));
-                (self.bucket_of(*k), groups, c.as_str(), u.as_str())
-            })
-            .collect();
-        for ((start, groups, currency), users) in recent {
-            let new = users
-                .iter()
-                .filter(|u| !held.contains(&(start, groups, currency, **u)))
-                .count() as i64;
+        for (cell, users) in recent {
+            let new = users.iter().filter(|u| !held(&cell, u)).count() as i64;
+            let (start, groups, currency) = cell;
             let groups = groups[..self.group_by.len()]
                 .iter()
                 .map(|g| (*g).to_owned())
@@ -285,5 +325,90 @@ impl Counting {
                 .or_default() += new;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur() -> Currency {
+        "EUR".parse().unwrap()
+    }
+
+    fn buyer(minute: i64, city: &str, user: &str) -> Buyer {
+        Buyer {
+            minute,
+            city: city.into(),
+            category: "books".into(),
+            product: "p1".into(),
+            currency: eur(),
+            user_id: user.into(),
+        }
+    }
+
+    /// Hourly by city in UTC over two hours, counted across currencies.
+    fn counting() -> Counting {
+        Counting {
+            from: 0,
+            to: 7_200,
+            buckets: Some(LocalBuckets::new(chrono_tz::UTC, Granularity::Hour)),
+            group_by: vec![Attribute::City],
+            filters: Vec::new(),
+            currency: None,
+            report_currency: Some(eur()),
+        }
+    }
+
+    fn key(k: i64, city: &str) -> tidemark_batchview::BuyerKey {
+        (k, vec![city.to_owned()], String::new())
+    }
+
+    #[test]
+    fn recent_users_of_cells_the_batch_has_no_buyers_in_are_counted_without_asking() {
+        // The batch has buyers in Berlin's first hour; the recent users are in
+        // its second hour and in Paris's first.
+        let batch = BuyerCounts::from([(key(0, "Berlin"), 2)]);
+        let speed = BTreeSet::from([
+            buyer(3_600, "Berlin", "u1"),
+            buyer(3_660, "Berlin", "u1"),
+            buyer(3_600, "Berlin", "u2"),
+            buyer(60, "Paris", "u1"),
+        ]);
+        let Pass::Counted(counted) = counting().count_or_ask(&batch, &speed) else {
+            panic!("asked ClickHouse about users no batch cell can hold");
+        };
+        let cell = |k: i64, city: &str| (k, vec![city.to_owned()], eur());
+        assert_eq!(
+            counted,
+            Buyers::from([
+                (cell(0, "Berlin"), 2),
+                (cell(3_600, "Berlin"), 2),
+                (cell(0, "Paris"), 1)
+            ])
+        );
+    }
+
+    #[test]
+    fn recent_users_of_a_cell_the_batch_has_buyers_in_are_asked_about_and_only_they() {
+        let batch = BuyerCounts::from([(key(0, "Berlin"), 2)]);
+        let speed = BTreeSet::from([
+            buyer(120, "Berlin", "u1"),
+            buyer(3_600, "Berlin", "u2"),
+            buyer(60, "Paris", "u3"),
+        ]);
+        let c = counting();
+        let Pass::Ask(users, span) = c.count_or_ask(&batch, &speed) else {
+            panic!("counted a recent user the batch may hold already");
+        };
+        assert_eq!(users, vec!["u1".to_owned()]);
+        assert_eq!(span, (0, 3_600), "only Berlin's first hour is asked over");
+        // The batch holds u1 there already: counted once.
+        let held = Held::from([(key(0, "Berlin"), "u1".to_owned())]);
+        let counted = c.count(&batch, &speed, &held);
+        let cell = |k: i64, city: &str| (k, vec![city.to_owned()], eur());
+        assert_eq!(counted[&cell(0, "Berlin")], 2);
+        assert_eq!(counted[&cell(3_600, "Berlin")], 1);
+        assert_eq!(counted[&cell(0, "Paris")], 1);
     }
 }
