@@ -18,6 +18,7 @@
 //! currencies missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
 
 use chrono::{DateTime, Days, NaiveDate};
 use sqlx::PgPool;
@@ -28,7 +29,7 @@ use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::local::Buckets;
 use crate::query::{Answer, Sums};
-use crate::views::{Merged, Views};
+use crate::views::{Merged, Pieces, Views};
 
 /// How far back a missing day's rate may be taken from.
 pub const LOOKBACK_DAYS: u64 = 7;
@@ -92,6 +93,45 @@ fn has_amounts(t: &Totals) -> bool {
     t.revenue_minor != 0 || t.booked.refunded_minor != 0 || t.restated.refunded_minor != 0
 }
 
+/// A conversion kept with what it was made of: the same batch pieces (the one
+/// copy the batch cache holds of a published state's), the same speed pieces
+/// and the same rates give the same answer. The batch pieces are held weakly:
+/// once the batch cache lets them go, so does this (and their place in memory
+/// is not reused while it is held, so no other pieces can pass for them).
+pub struct Converted {
+    batch: Weak<Pieces>,
+    speed: Pieces,
+    rates: String,
+    answer: Answer,
+}
+
+impl Converted {
+    /// About how much memory it holds (as [`crate::views::pieces_bytes`] counts).
+    pub fn bytes(&self) -> usize {
+        const PER_CELL: usize =
+            size_of::<(i64, Vec<String>, Currency)>() + size_of::<Totals>() + 16;
+        let cells: usize = self
+            .answer
+            .keys()
+            .map(|(_, values, _)| {
+                PER_CELL
+                    + values
+                        .iter()
+                        .map(|v| size_of::<String>() + v.capacity())
+                        .sum::<usize>()
+            })
+            .sum();
+        cells + crate::views::pieces_bytes(&self.speed)
+    }
+
+    /// Whether it was made of `merged`'s pieces with `rates`.
+    fn made_of(&self, merged: &Merged, rates: &str) -> bool {
+        self.rates == rates
+            && Weak::ptr_eq(&self.batch, &Arc::downgrade(&merged.batch))
+            && self.speed == merged.speed
+    }
+}
+
 /// The answer cells of `merged`'s pieces in `to`, and `merged` given back. The
 /// pieces are sums per (bucket key, UTC date, grouped values, currency), from the
 /// midnight (UTC) of the range's first date: those before the range (keys
@@ -99,17 +139,49 @@ fn has_amounts(t: &Totals) -> bool {
 /// Counts are unchanged; amounts follow the rule of the module docs. The rates
 /// are read here; the conversion runs on a computing thread (see
 /// [`crate::compute`]).
+///
+/// A question (`question`: what was read, and `to`) asked again whose pieces
+/// and rates have not changed gets the conversion kept of it: with a live
+/// stream the speed cursor moves every moment, but a question over days the
+/// stream does not reach reads the same pieces each time, and converting them
+/// was the dearest step of its computation.
 pub async fn convert(
     views: &Views,
+    question: String,
     merged: Merged,
     buckets: Buckets,
     to: Currency,
 ) -> Result<(Answer, Merged), Problem> {
+    // Read before the rates are: a later rates file changes it, so a conversion
+    // is never kept under the version of rates older than its own.
+    let version = views.rates_version().await;
+    let kept = version.as_deref().and_then(|version| {
+        views
+            .conversion(&question)
+            .filter(|k| k.made_of(&merged, version))
+    });
+    if let Some(kept) = kept {
+        metrics::counter!("serving_conversions_total", "result" => "kept").increment(1);
+        return Ok((kept.answer.clone(), merged));
+    }
+    metrics::counter!("serving_conversions_total", "result" => "made").increment(1);
     let rates = rates_for(views.pool(), merged.pieces(), to).await?;
     let converting = views.computing().run(move || {
         convert_at(&rates, merged.pieces(), &buckets, to).map(|answer| (answer, merged))
     });
-    crate::views::timed("fx_convert", converting).await
+    let (answer, merged) = crate::views::timed("fx_convert", converting).await?;
+    if let (Some(rates), true) = (version, merged.missing.is_empty()) {
+        views.keep_conversion(
+            question,
+            Arc::new(Converted {
+                batch: Arc::downgrade(&merged.batch),
+                speed: merged.speed.clone(),
+                rates,
+                answer: answer.clone(),
+            }),
+        );
+    }
+    Ok((answer, merged))
 }
 
 /// The rates converting `pieces` to `to` needs.

@@ -898,7 +898,10 @@ async fn merged_answer(
         .await
         .map_err(|e| unavailable(&e))?;
     let answer = match report_currency {
-        Some(to) => return crate::fx::convert(views, merged, read.buckets, to).await,
+        Some(to) => {
+            let question = format!("{}|{to}", read.describe());
+            return crate::fx::convert(views, question, merged, read.buckets, to).await;
+        }
         None => {
             let mut sums = Sums::default();
             for ((key, _, groups, currency), t) in merged.pieces() {

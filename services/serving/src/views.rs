@@ -99,7 +99,7 @@ pub struct Read<'a> {
 
 impl Read<'_> {
     /// The cache key of the batch part.
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "{}|{}|{}|{}|{:?}|{}|{:?}|{:?}|{:?}",
             self.granularity,
@@ -322,6 +322,9 @@ pub struct Views {
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
     rates: Kept<Option<String>>,
+    /// Conversions to a reporting currency by question (see
+    /// [`crate::fx::convert`]), and their estimated bytes.
+    conversions: Mutex<(HashMap<String, Arc<crate::fx::Converted>>, usize)>,
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
     /// Where the heavy steps of a computation run.
@@ -353,6 +356,32 @@ impl Views {
             buyers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             rates: Kept::default(),
+            conversions: Mutex::new((HashMap::new(), 0)),
+        }
+    }
+
+    /// The conversion kept of `question` (see [`crate::fx::convert`]).
+    pub fn conversion(&self, question: &str) -> Option<Arc<crate::fx::Converted>> {
+        let kept = self.conversions.lock().expect("not poisoned");
+        kept.0.get(question).cloned()
+    }
+
+    /// Keeps the conversion of `question` in place of the one before, within
+    /// `cache_entries` questions and `cache_bytes` (all dropped when full, as
+    /// the batch pieces are).
+    pub fn keep_conversion(&self, question: String, converted: Arc<crate::fx::Converted>) {
+        let weight = converted.bytes();
+        let mut guard = self.conversions.lock().expect("not poisoned");
+        let (kept, bytes) = &mut *guard;
+        if kept.len() >= self.cache_entries || *bytes + weight > self.cache_bytes {
+            kept.clear();
+            *bytes = 0;
+        }
+        if weight <= self.cache_bytes {
+            *bytes += weight;
+            if let Some(old) = kept.insert(question, converted) {
+                *bytes = bytes.saturating_sub(old.bytes());
+            }
         }
     }
 
@@ -394,6 +423,7 @@ impl Views {
                     *self.batch.lock().expect("not poisoned") = (HashMap::new(), 0);
                     self.buyers.lock().expect("not poisoned").clear();
                     self.held.lock().expect("not poisoned").clear();
+                    *self.conversions.lock().expect("not poisoned") = (HashMap::new(), 0);
                 }
                 Ok(state)
             }

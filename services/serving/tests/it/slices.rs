@@ -454,6 +454,95 @@ async fn a_reporting_currency_converts_at_each_days_rate_and_days_add_up() {
     }
 }
 
+/// A question in a reporting currency asked again after the data moved: its
+/// conversion is kept while the pieces it was made of and the rates are the
+/// same, and made again when either changes — the answer equal to SQL each time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_conversion_serves_only_while_its_pieces_and_rates_are_the_same() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(4218);
+    // Orders around the clock changes (March to November), none recent.
+    env.ingest(&orders(&mut rng, 0)).await;
+    let published = env.compactor.run_once(Kind::Incremental).await.unwrap();
+    assert!(matches!(published, Outcome::Published { .. }));
+    let file = tidemark_ingest::fx::parse(&rates_file()).unwrap();
+    tidemark_ingest::fx::store(&env.db.pool, &file)
+        .await
+        .unwrap();
+    env.speed_caught_up().await;
+
+    let slice = Slice {
+        granularity: "hour",
+        tz: "Europe/Berlin",
+        group_by: vec!["city"],
+        filters: vec![],
+        currency: None,
+        report: Some("EUR"),
+        order_time: false,
+    };
+    let (from, to) = ("2026-03-01", "2026-05-01");
+    let exact = async || {
+        let served = served_slice(&env, &slice, from, to).await?;
+        let zone = slice.tz.parse().unwrap();
+        let start = tidemark_serving::local::parse_time(from, zone).unwrap();
+        let end = tidemark_serving::local::parse_time(to, zone).unwrap();
+        let truth: SliceCells = slice
+            .truth(&env.db.pool)
+            .await
+            .into_iter()
+            .filter(|((bucket, _, _), _)| *bucket >= start && *bucket < end)
+            .collect();
+        assert!(!truth.is_empty());
+        if served == truth {
+            Ok(())
+        } else {
+            Err(format!("served {served:?}\nSQL {truth:?}"))
+        }
+    };
+    let conversions = async || {
+        let text = env.serving.metrics().await;
+        let count = |result: &str| {
+            let series = format!("serving_conversions_total{{result=\"{result}\"}}");
+            tidemark_testkit::metric(&text, &series).map_or(0, |n| n as u64)
+        };
+        (count("made"), count("kept"))
+    };
+
+    exact().await.unwrap();
+    assert_eq!(conversions().await, (1, 0));
+
+    // The stream moves on outside the question (an order of today): the speed
+    // cursor moved, so the answer is computed again, of the same pieces.
+    env.ingest(&[random_order(&mut rng)]).await;
+    env.speed_caught_up().await;
+    exact().await.unwrap();
+    assert_eq!(conversions().await, (1, 1), "the conversion kept served");
+
+    // A late order inside the question's range: its pieces changed.
+    let mut late = random_order(&mut rng);
+    late.created_at = at("2026-03-15T12:00:00Z");
+    env.ingest(&[late]).await;
+    env.speed_caught_up().await;
+    exact().await.unwrap();
+    assert_eq!(conversions().await, (2, 1), "made again of the new pieces");
+
+    // A later rates file corrects every rate: made again with the new rates
+    // (read again within `state_ttl`).
+    let corrected = rates_file().replacen(",1.", ",3.", usize::MAX);
+    let file = tidemark_ingest::fx::parse(&corrected).unwrap();
+    tidemark_ingest::fx::store(&env.db.pool, &file)
+        .await
+        .unwrap();
+    tidemark_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "the answer converted at the corrected rates",
+        || async { exact().await.is_ok() },
+    )
+    .await;
+    let (made, kept) = conversions().await;
+    assert!(made >= 3 && kept >= 1, "made {made}, kept {kept}");
+}
+
 /// Buyers in both views, more of them than one question to ClickHouse may name:
 /// each counted once.
 #[tokio::test(flavor = "multi_thread")]
