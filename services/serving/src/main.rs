@@ -2,6 +2,15 @@ use clap::{Parser, Subcommand};
 use tidemark_platform::service::{self, CommonArgs, ENV_HELP};
 use tidemark_platform::shutdown;
 
+/// A computation of a dashboard's 30-day answer makes and drops hundreds of
+/// thousands of small values (its cells, points, strings); with glibc's malloc,
+/// `_int_malloc`, `malloc_consolidate`, `unlink_chunk` and `free` were a quarter
+/// of serving's CPU while that question was asked 2,000 times a second (`bench
+/// serving`, a profile of the serving process), much of it on the runtime's
+/// workers, where requests wait.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Tidemark serving: REST and GraphQL over the exact merge of the batch and speed
 /// views, plus order history.
 #[derive(Parser)]

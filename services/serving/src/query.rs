@@ -780,31 +780,13 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
             }]));
     }
     let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
-    let one = req.group_by.len() == 1;
-    // The cells and the buyers are both in key order: read side by side.
-    let mut buyers = buyers.as_ref().map(|b| b.iter().peekable());
-    let points = cells
-        .into_iter()
-        .map(|((bucket, values, currency), t)| Point {
-            buyers: buyers.as_mut().map(|b| {
-                let here = (bucket, &values, currency);
-                while b.next_if(|((k, g, c), _)| (*k, g, *c) < here).is_some() {}
-                b.next_if(|((k, g, c), _)| (*k, g, *c) == here)
-                    .map_or(0, |(_, n)| *n)
-            }),
-            bucket: at(bucket),
-            local_bucket: local.show(bucket),
-            group: if one { values.first().cloned() } else { None },
-            dimensions: (!req.group_by.is_empty()).then(|| Dimensions::of(&req.group_by, &values)),
-            currency: currency.to_string(),
-            revenue_minor: t.revenue_minor,
-            revenue: decimal(t.revenue_minor, currency),
-            orders: t.orders,
-            items: t.items,
-            average_order_value_minor: aov(&t),
-            net: Net::of(&t, req.basis, currency),
-        })
-        .collect();
+    // A point per cell: thousands of strings (local times, amounts) for a
+    // dashboard's 30 days, made on a computing thread, not a request's worker.
+    let (group_by, basis) = (req.group_by.clone(), req.basis);
+    let making = views
+        .computing()
+        .run(move || points(cells, buyers.as_ref(), local, &group_by, basis));
+    let points = crate::views::timed("points", making).await;
     Ok(RevenueSeries {
         granularity: req.granularity.as_str().to_owned(),
         group_by: (!req.group_by.is_empty()).then(|| names(&req.group_by)),
@@ -818,6 +800,44 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         missing: missing(&merged.missing),
         freshness: merged.freshness,
     })
+}
+
+/// An answer's cell: (bucket, grouped values, currency) and its totals.
+type Cell = ((i64, Vec<String>, Currency), Totals);
+
+/// The points of `cells` (in key order), with the `buyers` of each when counted.
+fn points(
+    cells: Vec<Cell>,
+    buyers: Option<&crate::buyers::Buyers>,
+    local: LocalBuckets,
+    group_by: &[Attribute],
+    basis: Basis,
+) -> Vec<Point> {
+    let one = group_by.len() == 1;
+    // The cells and the buyers are both in key order: read side by side.
+    let mut buyers = buyers.map(|b| b.iter().peekable());
+    cells
+        .into_iter()
+        .map(|((bucket, values, currency), t)| Point {
+            buyers: buyers.as_mut().map(|b| {
+                let here = (bucket, &values, currency);
+                while b.next_if(|((k, g, c), _)| (*k, g, *c) < here).is_some() {}
+                b.next_if(|((k, g, c), _)| (*k, g, *c) == here)
+                    .map_or(0, |(_, n)| *n)
+            }),
+            bucket: at(bucket),
+            local_bucket: local.show(bucket),
+            group: if one { values.first().cloned() } else { None },
+            dimensions: (!group_by.is_empty()).then(|| Dimensions::of(group_by, &values)),
+            currency: currency.to_string(),
+            revenue_minor: t.revenue_minor,
+            revenue: decimal(t.revenue_minor, currency),
+            orders: t.orders,
+            items: t.items,
+            average_order_value_minor: aov(&t),
+            net: Net::of(&t, basis, currency),
+        })
+        .collect()
 }
 
 /// An answer's cells and, when `ask`ed, its buyers (not asked: no distinct count,
