@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use foldhash::{HashMap, HashSet};
 
-use tidemark_batchview::{BuyersQuery, PublishedState};
+use tidemark_batchview::{BuyerKey, BuyersQuery, PublishedState};
 use tidemark_domain::{Attribute, Currency, Granularity};
 use tidemark_speedview::Buyer;
 
@@ -248,17 +248,21 @@ impl Counting {
         recent
     }
 
+    /// The cell of a batch key as [`Counting::recent`] keys its cells.
+    fn cell_of<'k>(&self, (k, g, c): &'k BuyerKey) -> (i64, Groups<'k>, &'k str) {
+        (
+            self.bucket_of(*k),
+            groups_of(g.iter().map(String::as_str)),
+            c.as_str(),
+        )
+    }
+
     /// The count, when no recent user is in a cell the batch has buyers in
     /// (nothing to ask ClickHouse); else those users and their cells' span.
     fn count_or_ask(&self, batch: &BuyerCounts, speed: &BTreeSet<Buyer>) -> Pass {
         let recent = self.recent(speed);
-        let in_batch: HashSet<(i64, Groups<'_>, &str)> = batch
-            .keys()
-            .map(|(k, g, c)| {
-                let groups = groups_of(g.iter().map(String::as_str));
-                (self.bucket_of(*k), groups, c.as_str())
-            })
-            .collect();
+        let in_batch: HashSet<(i64, Groups<'_>, &str)> =
+            batch.keys().map(|key| self.cell_of(key)).collect();
         let shared: Vec<_> = recent
             .iter()
             .filter(|(cell, _)| in_batch.contains(*cell))
@@ -286,9 +290,9 @@ impl Counting {
         let recent = self.recent(speed);
         let held: HashSet<(i64, Groups<'_>, &str, &str)> = held
             .iter()
-            .map(|((k, g, c), u)| {
-                let groups = groups_of(g.iter().map(String::as_str));
-                (self.bucket_of(*k), groups, c.as_str(), u.as_str())
+            .map(|(key, u)| {
+                let (start, groups, currency) = self.cell_of(key);
+                (start, groups, currency, u.as_str())
             })
             .collect();
         self.tally(batch, recent, |(start, groups, currency), user| {
@@ -360,8 +364,13 @@ mod tests {
         }
     }
 
-    fn key(k: i64, city: &str) -> tidemark_batchview::BuyerKey {
+    fn key(k: i64, city: &str) -> BuyerKey {
         (k, vec![city.to_owned()], String::new())
+    }
+
+    /// An answer's cell, counted across currencies (in euros).
+    fn cell(k: i64, city: &str) -> (i64, Vec<String>, Currency) {
+        (k, vec![city.to_owned()], eur())
     }
 
     #[test]
@@ -378,7 +387,6 @@ mod tests {
         let Pass::Counted(counted) = counting().count_or_ask(&batch, &speed) else {
             panic!("asked ClickHouse about users no batch cell can hold");
         };
-        let cell = |k: i64, city: &str| (k, vec![city.to_owned()], eur());
         assert_eq!(
             counted,
             Buyers::from([
@@ -406,7 +414,6 @@ mod tests {
         // The batch holds u1 there already: counted once.
         let held = Held::from([(key(0, "Berlin"), "u1".to_owned())]);
         let counted = c.count(&batch, &speed, &held);
-        let cell = |k: i64, city: &str| (k, vec![city.to_owned()], eur());
         assert_eq!(counted[&cell(0, "Berlin")], 2);
         assert_eq!(counted[&cell(3_600, "Berlin")], 1);
         assert_eq!(counted[&cell(0, "Paris")], 1);
