@@ -137,6 +137,29 @@ impl Serialize for SelectedPoint<'_> {
     }
 }
 
+/// Points with only some of their fields, as a JSON array.
+pub struct SelectedPoints<'a>(pub &'a [Point], pub PointFields);
+
+impl Serialize for SelectedPoints<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|p| SelectedPoint(p, self.1)))
+    }
+}
+
+/// An answer's points with `fields` of each: their JSON made once per points
+/// (see [`crate::query::Points::json`]) and copied into every answer stating
+/// them, whose freshness moves with the data while they stay the same.
+struct PointsJson<'a>(&'a crate::query::Points, PointFields);
+
+impl Serialize for PointsJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.json(self.1) {
+            Some(json) => json.serialize(serializer),
+            None => SelectedPoints(self.0.list(), self.1).serialize(serializer),
+        }
+    }
+}
+
 /// A revenue series as REST sends it: every field of its envelope, and of each
 /// point the fields asked.
 pub struct RestSeries {
@@ -146,9 +169,6 @@ pub struct RestSeries {
 
 impl Serialize for RestSeries {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.fields == PointFields::ALL {
-            return self.series.serialize(serializer);
-        }
         envelope(&self.series, self.fields).serialize(serializer)
     }
 }
@@ -162,7 +182,7 @@ fn envelope(s: &RevenueSeries, fields: PointFields) -> Envelope<'_> {
         report_currency: &s.report_currency,
         from: &s.from,
         to: &s.to,
-        points: s.points.iter().map(|p| SelectedPoint(p, fields)).collect(),
+        points: PointsJson(&s.points, fields),
         currencies: &s.currencies,
         partial: s.partial,
         missing: &s.missing,
@@ -179,7 +199,7 @@ struct Envelope<'a> {
     report_currency: &'a Option<String>,
     from: &'a chrono::DateTime<chrono::Utc>,
     to: &'a chrono::DateTime<chrono::Utc>,
-    points: Vec<SelectedPoint<'a>>,
+    points: PointsJson<'a>,
     currencies: &'a [crate::query::CurrencyInfo],
     partial: bool,
     missing: &'a [String],
@@ -191,7 +211,9 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     use super::*;
-    use crate::query::{CurrencyInfo, Dimensions, Net};
+    use std::sync::Arc;
+
+    use crate::query::{CurrencyInfo, Dimensions, Net, Points};
     use crate::views::Freshness;
 
     fn point(dimensions: Option<Dimensions>, buyers: Option<i64>) -> Point {
@@ -231,7 +253,10 @@ mod tests {
             report_currency: None,
             from: Utc.timestamp_opt(1_764_547_200, 0).unwrap(),
             to: Utc.timestamp_opt(1_764_633_600, 0).unwrap(),
-            points: vec![point(Some(berlin), Some(2)), point(None, None)],
+            points: Arc::new(Points::new(vec![
+                point(Some(berlin), Some(2)),
+                point(None, None),
+            ])),
             currencies: vec![CurrencyInfo {
                 code: "EUR".into(),
                 exponent: 2,
@@ -300,6 +325,32 @@ mod tests {
         let (fields, _) = parse(Some("buyers"));
         assert!(fields.buyers());
         assert!(!PointFields::ALL.without_buyers().buyers());
+    }
+
+    #[test]
+    fn points_json_is_made_once_and_sent_with_each_answers_own_envelope() {
+        let (fields, _) = parse(Some("bucket,buyers"));
+        let first = series();
+        let points = first.points.clone();
+        assert!(json(first, fields).contains(r#""buyers":2"#));
+        assert!(points.json(fields).is_some(), "kept with the points");
+        // A later answer stating the same points at a newer position: the kept
+        // JSON inside its own envelope, byte for byte what is made afresh.
+        let later = |points: Arc<Points>| {
+            let mut s = series();
+            s.points = points;
+            s.freshness.as_of = Utc.timestamp_opt(1_764_640_000, 0).unwrap();
+            s
+        };
+        let fresh = Arc::new(Points::new(series().points.list().to_vec()));
+        let sent = json(later(points.clone()), fields);
+        assert_eq!(sent, json(later(fresh), fields));
+        assert!(sent.contains("2025-12-02T01:46:40Z"), "{sent}");
+        // Other fields of the same points are not taken from it.
+        assert!(points.json(PointFields::ALL).is_none());
+        let whole = json(later(points.clone()), PointFields::ALL);
+        assert_eq!(whole, serde_json::to_string(&later(points)).unwrap());
+        assert!(whole.contains(r#""revenue":"12.99""#));
     }
 
     #[test]

@@ -102,26 +102,13 @@ pub struct Converted {
     batch: Weak<Pieces>,
     speed: Pieces,
     rates: String,
-    answer: Answer,
+    answer: Arc<Answer>,
 }
 
 impl Converted {
     /// About how much memory it holds (as [`crate::views::pieces_bytes`] counts).
     pub fn bytes(&self) -> usize {
-        const PER_CELL: usize =
-            size_of::<(i64, Vec<String>, Currency)>() + size_of::<Totals>() + 16;
-        let cells: usize = self
-            .answer
-            .keys()
-            .map(|(_, values, _)| {
-                PER_CELL
-                    + values
-                        .iter()
-                        .map(|v| size_of::<String>() + v.capacity())
-                        .sum::<usize>()
-            })
-            .sum();
-        cells + crate::views::pieces_bytes(&self.speed)
+        crate::query::answer_bytes(&self.answer) + crate::views::pieces_bytes(&self.speed)
     }
 
     /// Whether it was made of `merged`'s pieces with `rates`.
@@ -151,7 +138,7 @@ pub async fn convert(
     merged: Merged,
     buckets: Buckets,
     to: Currency,
-) -> Result<(Answer, Merged), Problem> {
+) -> Result<(Arc<Answer>, Merged), Problem> {
     // Read before the rates are: a later rates file changes it, so a conversion
     // is never kept under the version of rates older than its own.
     let version = views.rates_version().await;
@@ -167,7 +154,7 @@ pub async fn convert(
     metrics::counter!("serving_conversions_total", "result" => "made").increment(1);
     let rates = rates_for(views.pool(), merged.pieces(), to).await?;
     let converting = views.computing().run(move || {
-        convert_at(&rates, merged.pieces(), &buckets, to).map(|answer| (answer, merged))
+        convert_at(&rates, merged.pieces(), &buckets, to).map(|answer| (Arc::new(answer), merged))
     });
     let (answer, merged) = crate::views::timed("fx_convert", converting).await?;
     if let (Some(rates), true) = (version, merged.missing.is_empty()) {

@@ -2,10 +2,12 @@
 //! revenue and summary answers, and their response shapes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use tidemark_domain::money::decimal;
 use tidemark_domain::order::MAX_TEXT_CHARS;
 use tidemark_domain::{Attribute, Basis, Currency, Dimension, Granularity, Totals};
@@ -187,6 +189,7 @@ fn currency_infos<'a>(codes: impl IntoIterator<Item = &'a Currency>) -> Vec<Curr
 
 /// A revenue time series (sparse: buckets without orders are omitted).
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema, async_graphql::SimpleObject)]
+#[graphql(complex)]
 pub struct RevenueSeries {
     pub granularity: String,
     /// The dimensions grouped by, comma-separated (`city,category`).
@@ -197,13 +200,134 @@ pub struct RevenueSeries {
     pub report_currency: Option<String>,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
-    pub points: Vec<Point>,
+    /// The points, in bucket and group order (GraphQL: [`RevenueSeries::points`]).
+    #[schema(value_type = Vec<Point>)]
+    #[graphql(skip)]
+    pub points: Arc<Points>,
     /// The currencies of the points, with their exponents.
     pub currencies: Vec<CurrencyInfo>,
     /// True when a store was down and `allow_partial` asked for what was available.
     pub partial: bool,
     pub missing: Vec<String>,
     pub freshness: Freshness,
+}
+
+#[async_graphql::ComplexObject]
+impl RevenueSeries {
+    /// The points, in bucket and group order.
+    async fn points(&self) -> &[Point] {
+        &self.points.list
+    }
+}
+
+/// An answer's points, and their JSON once REST has sent them: made once per
+/// question while its cells and buyers stay the same (see [`MadePoints`]).
+#[derive(Debug)]
+pub struct Points {
+    list: Vec<Point>,
+    /// The points' JSON with the fields it was made with (see
+    /// [`crate::fields`]); `None` inside if it could not be made.
+    json: OnceLock<(PointFields, Option<Box<RawValue>>)>,
+}
+
+impl Points {
+    pub fn new(list: Vec<Point>) -> Points {
+        Points {
+            list,
+            json: OnceLock::new(),
+        }
+    }
+
+    pub fn list(&self) -> &[Point] {
+        &self.list
+    }
+
+    /// The points' JSON array with `fields` of each, made the first time it is
+    /// asked and kept; `None` when first made with other fields (the points of
+    /// one question are sent with the fields it asks).
+    pub fn json(&self, fields: PointFields) -> Option<&RawValue> {
+        let (made_with, json) = self.json.get_or_init(|| {
+            let selected = crate::fields::SelectedPoints(&self.list, fields);
+            (fields, serde_json::value::to_raw_value(&selected).ok())
+        });
+        (*made_with == fields).then_some(json.as_deref()).flatten()
+    }
+
+    /// About how much memory the points hold, counting their JSON as large as
+    /// them (the JSON of every field is about that; of fewer, less).
+    fn bytes(&self) -> usize {
+        let strings = |p: &Point| {
+            let dimensions = p.dimensions.as_ref().map_or(0, |d| {
+                [&d.city, &d.category, &d.product]
+                    .into_iter()
+                    .flatten()
+                    .map(String::capacity)
+                    .sum()
+            });
+            p.local_bucket.capacity()
+                + p.group.as_ref().map_or(0, String::capacity)
+                + dimensions
+                + p.currency.capacity()
+                + p.revenue.capacity()
+                + p.net.net_revenue.capacity()
+        };
+        2 * self
+            .list
+            .iter()
+            .map(|p| size_of::<Point>() + strings(p))
+            .sum::<usize>()
+    }
+}
+
+/// The whole points (every field).
+impl Serialize for Points {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.list.serialize(serializer)
+    }
+}
+
+/// An answer's points kept with what they were made of: the same question
+/// (zone, granularity, grouping, basis) over the same cells with the same
+/// buyers has the same points.
+pub struct MadePoints {
+    cells: Arc<Answer>,
+    buyers: Option<crate::buyers::Buyers>,
+    points: Arc<Points>,
+}
+
+impl MadePoints {
+    /// About how much memory it holds (cells and buyers as
+    /// [`answer_bytes`] counts, the points as [`Points`] does).
+    pub fn bytes(&self) -> usize {
+        let buyers = self.buyers.as_ref().map_or(0, |b| {
+            b.keys()
+                .map(|(_, values, _)| cell_bytes(values) + size_of::<i64>())
+                .sum()
+        });
+        answer_bytes(&self.cells) + buyers + self.points.bytes()
+    }
+
+    fn made_of(&self, cells: &Arc<Answer>, buyers: &Option<crate::buyers::Buyers>) -> bool {
+        (Arc::ptr_eq(&self.cells, cells) || self.cells == *cells) && self.buyers == *buyers
+    }
+}
+
+/// About how much memory an answer's cells hold.
+pub fn answer_bytes(answer: &Answer) -> usize {
+    answer
+        .keys()
+        .map(|(_, values, _)| cell_bytes(values) + size_of::<Totals>())
+        .sum()
+}
+
+/// About how much memory a cell's key holds in a map.
+fn cell_bytes(values: &[String]) -> usize {
+    size_of::<(i64, Vec<String>, Currency)>()
+        + 16
+        + values
+            .iter()
+            .map(|v| size_of::<String>() + v.capacity())
+            .sum::<usize>()
 }
 
 /// Totals of one currency.
@@ -761,32 +885,27 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         req.allow_partial,
     )
     .await?;
-    let cells: Vec<_> = cells
-        .into_iter()
-        .filter(|(_, t)| shown(t, req.basis))
-        .collect();
-    if cells.len() > views.max_cells() {
+    let shown_cells = cells.values().filter(|t| shown(t, req.basis)).count();
+    if shown_cells > views.max_cells() {
         return Err(Problem::new(ProblemKind::Validation)
             .detail("The answer would be too large.")
             .errors(vec![FieldError {
                 pointer: "group_by".into(),
                 code: "too_many_cells".into(),
                 detail: format!(
-                    "the answer holds {} cells (bucket × group × currency); at most {}: narrow the \
-                     range, coarsen the granularity, or filter",
-                    cells.len(),
+                    "the answer holds {shown_cells} cells (bucket × group × currency); at most {}: \
+                     narrow the range, coarsen the granularity, or filter",
                     views.max_cells()
                 ),
             }]));
     }
-    let currencies = currency_infos(cells.iter().map(|((_, _, currency), _)| currency));
-    // A point per cell: thousands of strings (local times, amounts) for a
-    // dashboard's 30 days, made on a computing thread, not a request's worker.
-    let (group_by, basis) = (req.group_by.clone(), req.basis);
-    let making = views
-        .computing()
-        .run(move || points(cells, buyers.as_ref(), local, &group_by, basis));
-    let points = crate::views::timed("points", making).await;
+    let currencies = currency_infos(
+        cells
+            .iter()
+            .filter(|(_, t)| shown(t, req.basis))
+            .map(|((_, _, currency), _)| currency),
+    );
+    let points = points_of(views, format!("{req:?}"), cells, buyers, req).await;
     Ok(RevenueSeries {
         granularity: req.granularity.as_str().to_owned(),
         group_by: (!req.group_by.is_empty()).then(|| names(&req.group_by)),
@@ -802,12 +921,47 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     })
 }
 
-/// An answer's cell: (bucket, grouped values, currency) and its totals.
-type Cell = ((i64, Vec<String>, Currency), Totals);
+/// The points of `cells` with their `buyers`, kept per question while both stay
+/// the same: with a live stream every answer's position moves, though a question
+/// over past days has the same cells each time, and making its points —
+/// thousands of local times and decimal strings — and their JSON were the
+/// dearest part of its computation. Compared and made on a computing thread,
+/// not a request's worker.
+async fn points_of(
+    views: &Views,
+    question: String,
+    cells: Arc<Answer>,
+    buyers: Option<crate::buyers::Buyers>,
+    req: &RevenueRequest,
+) -> Arc<Points> {
+    let kept = views.points(&question);
+    let (local, group_by, basis) = (req.local(), req.group_by.clone(), req.basis);
+    let making = views.computing().run(move || {
+        if let Some(kept) = kept.filter(|k| k.made_of(&cells, &buyers)) {
+            return (kept.points.clone(), None);
+        }
+        let list = points(&cells, buyers.as_ref(), local, &group_by, basis);
+        let points = Arc::new(Points::new(list));
+        let made = MadePoints {
+            cells,
+            buyers,
+            points: points.clone(),
+        };
+        (points, Some(made))
+    });
+    let (points, made) = crate::views::timed("points", making).await;
+    let result = if made.is_some() { "made" } else { "kept" };
+    metrics::counter!("serving_points_total", "result" => result).increment(1);
+    if let Some(made) = made {
+        views.keep_points(question, Arc::new(made));
+    }
+    points
+}
 
-/// The points of `cells` (in key order), with the `buyers` of each when counted.
+/// The points of the `cells` shown on `basis` (in key order), with the `buyers`
+/// of each when counted.
 fn points(
-    cells: Vec<Cell>,
+    cells: &Answer,
     buyers: Option<&crate::buyers::Buyers>,
     local: LocalBuckets,
     group_by: &[Attribute],
@@ -817,25 +971,26 @@ fn points(
     // The cells and the buyers are both in key order: read side by side.
     let mut buyers = buyers.map(|b| b.iter().peekable());
     cells
-        .into_iter()
+        .iter()
+        .filter(|(_, t)| shown(t, basis))
         .map(|((bucket, values, currency), t)| Point {
             buyers: buyers.as_mut().map(|b| {
-                let here = (bucket, &values, currency);
+                let here = (*bucket, values, *currency);
                 while b.next_if(|((k, g, c), _)| (*k, g, *c) < here).is_some() {}
                 b.next_if(|((k, g, c), _)| (*k, g, *c) == here)
                     .map_or(0, |(_, n)| *n)
             }),
-            bucket: at(bucket),
-            local_bucket: local.show(bucket),
+            bucket: at(*bucket),
+            local_bucket: local.show(*bucket),
             group: if one { values.first().cloned() } else { None },
-            dimensions: (!group_by.is_empty()).then(|| Dimensions::of(group_by, &values)),
+            dimensions: (!group_by.is_empty()).then(|| Dimensions::of(group_by, values)),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
-            revenue: decimal(t.revenue_minor, currency),
+            revenue: decimal(t.revenue_minor, *currency),
             orders: t.orders,
             items: t.items,
-            average_order_value_minor: aov(&t),
-            net: Net::of(&t, basis, currency),
+            average_order_value_minor: aov(t),
+            net: Net::of(t, basis, *currency),
         })
         .collect()
 }
@@ -849,7 +1004,7 @@ async fn answer(
     ask: Option<&crate::buyers::Ask<'_>>,
     report_currency: Option<Currency>,
     allow_partial: bool,
-) -> Result<(Answer, Merged, Option<crate::buyers::Buyers>), Problem> {
+) -> Result<(Arc<Answer>, Merged, Option<crate::buyers::Buyers>), Problem> {
     let Some(ask) = ask else {
         let state = views.state().await;
         let (cells, merged) =
@@ -875,7 +1030,14 @@ async fn answer_with_buyers(
     ask: &crate::buyers::Ask<'_>,
     report_currency: Option<Currency>,
     allow_partial: bool,
-) -> Result<(Answer, Merged, Result<crate::buyers::Buyers, ViewError>), Problem> {
+) -> Result<
+    (
+        Arc<Answer>,
+        Merged,
+        Result<crate::buyers::Buyers, ViewError>,
+    ),
+    Problem,
+> {
     let state = views.state().await;
     let known = state.as_ref().ok().cloned();
     let key = ask.key_sql();
@@ -912,7 +1074,7 @@ async fn merged_answer(
     read: &Read<'_>,
     report_currency: Option<Currency>,
     allow_partial: bool,
-) -> Result<(Answer, Merged), Problem> {
+) -> Result<(Arc<Answer>, Merged), Problem> {
     let merged = views
         .revenue(state, read, allow_partial)
         .await
@@ -929,7 +1091,7 @@ async fn merged_answer(
                     sums.add(bucket, groups, *currency, *t);
                 }
             }
-            sums.answer()
+            Arc::new(sums.answer())
         }
     };
     Ok((answer, merged))
@@ -1109,24 +1271,27 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         };
     let mut currencies: Vec<Currency> = Vec::new();
     let totals = total
-        .into_iter()
+        .iter()
         .filter(|(_, t)| shown(t, req.basis))
         .inspect(|((_, _, currency), _)| currencies.push(*currency))
-        .map(|((_, _, currency), t)| CurrencyTotals {
+        .map(|(&(_, _, currency), t)| CurrencyTotals {
             buyers: buyers_of(&total_buyers, &[], currency),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
             revenue: decimal(t.revenue_minor, currency),
             orders: t.orders,
             items: t.items,
-            average_order_value_minor: aov(&t),
-            net: Net::of(&t, req.basis, currency),
+            average_order_value_minor: aov(t),
+            net: Net::of(t, req.basis, currency),
         })
         .collect();
     let mut per_currency: BTreeMap<Currency, Vec<(Vec<String>, Totals)>> = BTreeMap::new();
-    for ((_, values, currency), t) in by {
-        if shown(&t, req.basis) {
-            per_currency.entry(currency).or_default().push((values, t));
+    for ((_, values, currency), t) in by.iter() {
+        if shown(t, req.basis) {
+            per_currency
+                .entry(*currency)
+                .or_default()
+                .push((values.clone(), *t));
         }
     }
     let mut top = Vec::new();

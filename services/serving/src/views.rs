@@ -306,25 +306,88 @@ pub(crate) async fn timed<T>(part: &'static str, read: impl Future<Output = T>) 
     out
 }
 
+/// Values kept by key within a number of entries and an estimate of their
+/// bytes. When either would be passed, every entry is dropped (a cache of
+/// questions has no better order to drop them in: a published run drops them all
+/// anyway); a value larger than the whole budget is not kept.
+struct Bounded<K, V> {
+    entries: usize,
+    bytes: usize,
+    kept: Mutex<Weighed<K, V>>,
+}
+
+/// Values with their estimated bytes, and those bytes' sum.
+struct Weighed<K, V> {
+    values: HashMap<K, (Arc<V>, usize)>,
+    bytes: usize,
+}
+
+impl<K, V> Default for Weighed<K, V> {
+    fn default() -> Self {
+        Self {
+            values: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
+    fn new(entries: usize, bytes: usize) -> Self {
+        Self {
+            entries,
+            bytes,
+            kept: Mutex::default(),
+        }
+    }
+
+    fn get<Q>(&self, key: &Q) -> Option<Arc<V>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let kept = self.kept.lock().expect("not poisoned");
+        kept.values.get(key).map(|(value, _)| value.clone())
+    }
+
+    /// Keeps `value` (about `weight` bytes) under `key`, in place of the one before.
+    fn keep(&self, key: K, value: Arc<V>, weight: usize) {
+        let mut kept = self.kept.lock().expect("not poisoned");
+        if let Some((_, old)) = kept.values.remove(&key) {
+            kept.bytes -= old;
+        }
+        if kept.values.len() >= self.entries || kept.bytes + weight > self.bytes {
+            *kept = Weighed::default();
+        }
+        if weight <= self.bytes {
+            kept.bytes += weight;
+            kept.values.insert(key, (value, weight));
+        }
+    }
+
+    fn clear(&self) {
+        *self.kept.lock().expect("not poisoned") = Weighed::default();
+    }
+}
+
 pub struct Views {
     pool: PgPool,
     ch: clickhouse::Client,
     speed: SpeedView,
     state_ttl: Duration,
     cache_entries: usize,
-    /// Most (estimated) bytes of batch pieces kept.
-    cache_bytes: usize,
     max_cells: usize,
     state: Kept<Option<PublishedState>>,
-    /// Batch pieces by question, and their estimated bytes.
-    batch: Mutex<(HashMap<BatchKey, Arc<Pieces>>, usize)>,
+    /// Batch pieces by question.
+    batch: Bounded<BatchKey, Pieces>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
     rates: Kept<Option<String>>,
     /// Conversions to a reporting currency by question (see
-    /// [`crate::fx::convert`]), and their estimated bytes.
-    conversions: Mutex<(HashMap<String, Arc<crate::fx::Converted>>, usize)>,
+    /// [`crate::fx::convert`]).
+    conversions: Bounded<String, crate::fx::Converted>,
+    /// Answers' points by question (see [`crate::query::revenue`]).
+    points: Bounded<String, crate::query::MadePoints>,
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
     /// Where the heavy steps of a computation run.
@@ -348,41 +411,40 @@ impl Views {
             speed,
             state_ttl: settings.state_ttl,
             cache_entries: settings.cache_entries,
-            cache_bytes: settings.cache_bytes,
             max_cells: settings.max_cells,
             state: Kept::default(),
-            batch: Mutex::new((HashMap::new(), 0)),
+            batch: Bounded::new(settings.cache_entries, settings.cache_bytes),
             speed_cells: Mutex::new(HashMap::new()),
             buyers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             rates: Kept::default(),
-            conversions: Mutex::new((HashMap::new(), 0)),
+            conversions: Bounded::new(settings.cache_entries, settings.cache_bytes),
+            points: Bounded::new(settings.cache_entries, settings.cache_bytes),
         }
     }
 
     /// The conversion kept of `question` (see [`crate::fx::convert`]).
     pub fn conversion(&self, question: &str) -> Option<Arc<crate::fx::Converted>> {
-        let kept = self.conversions.lock().expect("not poisoned");
-        kept.0.get(question).cloned()
+        self.conversions.get(question)
     }
 
     /// Keeps the conversion of `question` in place of the one before, within
-    /// `cache_entries` questions and `cache_bytes` (all dropped when full, as
-    /// the batch pieces are).
+    /// `cache_entries` questions and `cache_bytes`.
     pub fn keep_conversion(&self, question: String, converted: Arc<crate::fx::Converted>) {
         let weight = converted.bytes();
-        let mut guard = self.conversions.lock().expect("not poisoned");
-        let (kept, bytes) = &mut *guard;
-        if kept.len() >= self.cache_entries || *bytes + weight > self.cache_bytes {
-            kept.clear();
-            *bytes = 0;
-        }
-        if weight <= self.cache_bytes {
-            *bytes += weight;
-            if let Some(old) = kept.insert(question, converted) {
-                *bytes = bytes.saturating_sub(old.bytes());
-            }
-        }
+        self.conversions.keep(question, converted, weight);
+    }
+
+    /// The points kept of `question` (see [`crate::query::revenue`]).
+    pub fn points(&self, question: &str) -> Option<Arc<crate::query::MadePoints>> {
+        self.points.get(question)
+    }
+
+    /// Keeps the points of `question` in place of those before, within
+    /// `cache_entries` questions and `cache_bytes`.
+    pub fn keep_points(&self, question: String, made: Arc<crate::query::MadePoints>) {
+        let weight = made.bytes();
+        self.points.keep(question, made, weight);
     }
 
     /// The threads computing answers' heavy steps (see [`crate::compute`]).
@@ -420,10 +482,11 @@ impl Views {
                 });
                 if changed {
                     // Cells of an older state are never asked for again.
-                    *self.batch.lock().expect("not poisoned") = (HashMap::new(), 0);
+                    self.batch.clear();
                     self.buyers.lock().expect("not poisoned").clear();
                     self.held.lock().expect("not poisoned").clear();
-                    *self.conversions.lock().expect("not poisoned") = (HashMap::new(), 0);
+                    self.conversions.clear();
+                    self.points.clear();
                 }
                 Ok(state)
             }
@@ -441,9 +504,9 @@ impl Views {
         read: &Read<'_>,
     ) -> Result<Arc<Pieces>, tidemark_batchview::Error> {
         let key = (state.run_id, state.base_run_id, read.describe());
-        if let Some(pieces) = self.batch.lock().expect("not poisoned").0.get(&key) {
+        if let Some(pieces) = self.batch.get(&key) {
             metrics::counter!("serving_batch_cache_total", "result" => "hit").increment(1);
-            return Ok(pieces.clone());
+            return Ok(pieces);
         }
         metrics::counter!("serving_batch_cache_total", "result" => "miss").increment(1);
         let bucket_key = read.buckets.key_sql(read.from, read.to);
@@ -472,18 +535,7 @@ impl Views {
             .await?,
         );
         let weight = pieces_bytes(&pieces);
-        let mut guard = self.batch.lock().expect("not poisoned");
-        let (cache, bytes) = &mut *guard;
-        if cache.len() >= self.cache_entries || *bytes + weight > self.cache_bytes {
-            cache.clear();
-            *bytes = 0;
-        }
-        if weight <= self.cache_bytes {
-            *bytes += weight;
-            if let Some(old) = cache.insert(key, pieces.clone()) {
-                *bytes = bytes.saturating_sub(pieces_bytes(&old));
-            }
-        }
+        self.batch.keep(key, pieces.clone(), weight);
         Ok(pieces)
     }
 

@@ -456,9 +456,11 @@ async fn a_reporting_currency_converts_at_each_days_rate_and_days_add_up() {
 
 /// A question in a reporting currency asked again after the data moved: its
 /// conversion is kept while the pieces it was made of and the rates are the
-/// same, and made again when either changes — the answer equal to SQL each time.
+/// same, and made again when either changes. Its points (and those of the same
+/// question per currency, whose cells are compared by value) likewise, while
+/// its cells and buyers are the same — the answer equal to SQL each time.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_kept_conversion_serves_only_while_its_pieces_and_rates_are_the_same() {
+async fn kept_conversions_and_points_serve_only_while_what_they_are_made_of_is_the_same() {
     let env = Env::new().await;
     let mut rng = StdRng::seed_from_u64(4218);
     // Orders around the clock changes (March to November), none recent.
@@ -471,7 +473,7 @@ async fn a_kept_conversion_serves_only_while_its_pieces_and_rates_are_the_same()
         .unwrap();
     env.speed_caught_up().await;
 
-    let slice = Slice {
+    let in_euros = Slice {
         granularity: "hour",
         tz: "Europe/Berlin",
         group_by: vec!["city"],
@@ -480,9 +482,13 @@ async fn a_kept_conversion_serves_only_while_its_pieces_and_rates_are_the_same()
         report: Some("EUR"),
         order_time: false,
     };
+    let per_currency = Slice {
+        report: None,
+        ..in_euros.clone()
+    };
     let (from, to) = ("2026-03-01", "2026-05-01");
-    let exact = async || {
-        let served = served_slice(&env, &slice, from, to).await?;
+    let exact = async |slice: &Slice| {
+        let served = served_slice(&env, slice, from, to).await?;
         let zone = slice.tz.parse().unwrap();
         let start = tidemark_serving::local::parse_time(from, zone).unwrap();
         let end = tidemark_serving::local::parse_time(to, zone).unwrap();
@@ -499,35 +505,59 @@ async fn a_kept_conversion_serves_only_while_its_pieces_and_rates_are_the_same()
             Err(format!("served {served:?}\nSQL {truth:?}"))
         }
     };
-    let conversions = async || {
+    let both_exact = async || {
+        exact(&in_euros).await.unwrap();
+        exact(&per_currency).await.unwrap();
+    };
+    // (made, kept) of `serving_{what}_total`.
+    let counts = async |what: &str| {
         let text = env.serving.metrics().await;
         let count = |result: &str| {
-            let series = format!("serving_conversions_total{{result=\"{result}\"}}");
+            let series = format!("serving_{what}_total{{result=\"{result}\"}}");
             tidemark_testkit::metric(&text, &series).map_or(0, |n| n as u64)
         };
         (count("made"), count("kept"))
     };
 
-    exact().await.unwrap();
-    assert_eq!(conversions().await, (1, 0));
+    both_exact().await;
+    assert_eq!(counts("conversions").await, (1, 0));
+    assert_eq!(counts("points").await, (2, 0));
 
     // The stream moves on outside the question (an order of today): the speed
     // cursor moved, so the answer is computed again, of the same pieces.
     env.ingest(&[random_order(&mut rng)]).await;
     env.speed_caught_up().await;
-    exact().await.unwrap();
-    assert_eq!(conversions().await, (1, 1), "the conversion kept served");
+    both_exact().await;
+    assert_eq!(
+        counts("conversions").await,
+        (1, 1),
+        "the conversion kept served"
+    );
+    assert_eq!(
+        counts("points").await,
+        (2, 2),
+        "both questions' points kept"
+    );
 
     // A late order inside the question's range: its pieces changed.
     let mut late = random_order(&mut rng);
     late.created_at = at("2026-03-15T12:00:00Z");
     env.ingest(&[late]).await;
     env.speed_caught_up().await;
-    exact().await.unwrap();
-    assert_eq!(conversions().await, (2, 1), "made again of the new pieces");
+    both_exact().await;
+    assert_eq!(
+        counts("conversions").await,
+        (2, 1),
+        "made again of the new pieces"
+    );
+    assert_eq!(
+        counts("points").await,
+        (4, 2),
+        "made again of the new cells"
+    );
 
     // A later rates file corrects every rate: made again with the new rates
-    // (read again within `state_ttl`).
+    // (read again within `state_ttl`); the points per currency stay.
     let corrected = rates_file().replacen(",1.", ",3.", usize::MAX);
     let file = tidemark_ingest::fx::parse(&corrected).unwrap();
     tidemark_ingest::fx::store(&env.db.pool, &file)
@@ -536,11 +566,13 @@ async fn a_kept_conversion_serves_only_while_its_pieces_and_rates_are_the_same()
     tidemark_testkit::eventually(
         std::time::Duration::from_secs(10),
         "the answer converted at the corrected rates",
-        || async { exact().await.is_ok() },
+        || async { exact(&in_euros).await.is_ok() },
     )
     .await;
-    let (made, kept) = conversions().await;
+    let (made, kept) = counts("conversions").await;
     assert!(made >= 3 && kept >= 1, "made {made}, kept {kept}");
+    assert!(counts("points").await.0 >= 5, "made of the converted cells");
+    exact(&per_currency).await.unwrap();
 }
 
 /// Buyers in both views, more of them than one question to ClickHouse may name:
