@@ -261,6 +261,10 @@ impl Counting {
     /// (nothing to ask ClickHouse); else those users and their cells' span.
     fn count_or_ask(&self, batch: &BuyerCounts, speed: &BTreeSet<Buyer>) -> Pass {
         let recent = self.recent(speed);
+        if recent.is_empty() {
+            // A question over days the stream has not reached.
+            return Pass::Counted(self.tally(batch, recent, |_, _| false));
+        }
         let in_batch: HashSet<(i64, Groups<'_>, &str)> =
             batch.keys().map(|key| self.cell_of(key)).collect();
         let shared: Vec<_> = recent
@@ -395,6 +399,13 @@ mod tests {
                 (cell(0, "Paris"), 1)
             ])
         );
+        // Every recent user after the range (a question over past days): the
+        // batch's counts alone.
+        let later = BTreeSet::from([buyer(7_200, "Berlin", "u9")]);
+        let Pass::Counted(counted) = counting().count_or_ask(&batch, &later) else {
+            panic!("asked ClickHouse with no recent user in the range");
+        };
+        assert_eq!(counted, Buyers::from([(cell(0, "Berlin"), 2)]));
     }
 
     #[test]

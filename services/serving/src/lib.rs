@@ -2,6 +2,7 @@
 //! and the speed view (Redis), plus order history from Postgres (see [`views`]).
 
 pub mod answers;
+mod bounded;
 pub mod buyers;
 pub mod compute;
 pub mod config;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub settings: ServingSettings,
     /// Finished REST answers (see [`answers`]).
     pub answers: Arc<answers::Answers<tidemark_platform::problem::Problem>>,
+    /// REST revenue questions validated, by query string (see [`rest::Asked`]).
+    questions: bounded::Bounded<String, rest::Asked>,
 }
 
 /// Runs the APIs until `shutdown` is cancelled.
@@ -81,6 +84,7 @@ pub async fn serve(
             settings.revalidate_within,
             settings.recent_within,
         )),
+        questions: bounded::Bounded::new(settings.cache_entries, settings.cache_bytes),
     });
     let auth = Authenticator::new(
         pool.clone(),

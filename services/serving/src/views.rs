@@ -27,6 +27,7 @@ use tidemark_batchview::{BuyersQuery, CellsQuery, PieceKey, PublishedState};
 use tidemark_domain::{Attribute, Currency, Dimension, Granularity, Grid, Totals};
 use tidemark_speedview::{Buyer, Meta, SpeedView};
 
+use crate::bounded::Bounded;
 use crate::compute::Computing;
 use crate::local::Buckets;
 
@@ -304,69 +305,6 @@ pub(crate) async fn timed<T>(part: &'static str, read: impl Future<Output = T>) 
     metrics::histogram!("serving_read_seconds", "part" => part)
         .record(started.elapsed().as_secs_f64());
     out
-}
-
-/// Values kept by key within a number of entries and an estimate of their
-/// bytes. When either would be passed, every entry is dropped (a cache of
-/// questions has no better order to drop them in: a published run drops them all
-/// anyway); a value larger than the whole budget is not kept.
-struct Bounded<K, V> {
-    entries: usize,
-    bytes: usize,
-    kept: Mutex<Weighed<K, V>>,
-}
-
-/// Values with their estimated bytes, and those bytes' sum.
-struct Weighed<K, V> {
-    values: HashMap<K, (Arc<V>, usize)>,
-    bytes: usize,
-}
-
-impl<K, V> Default for Weighed<K, V> {
-    fn default() -> Self {
-        Self {
-            values: HashMap::new(),
-            bytes: 0,
-        }
-    }
-}
-
-impl<K: std::hash::Hash + Eq, V> Bounded<K, V> {
-    fn new(entries: usize, bytes: usize) -> Self {
-        Self {
-            entries,
-            bytes,
-            kept: Mutex::default(),
-        }
-    }
-
-    fn get<Q>(&self, key: &Q) -> Option<Arc<V>>
-    where
-        K: std::borrow::Borrow<Q>,
-        Q: std::hash::Hash + Eq + ?Sized,
-    {
-        let kept = self.kept.lock().expect("not poisoned");
-        kept.values.get(key).map(|(value, _)| value.clone())
-    }
-
-    /// Keeps `value` (about `weight` bytes) under `key`, in place of the one before.
-    fn keep(&self, key: K, value: Arc<V>, weight: usize) {
-        let mut kept = self.kept.lock().expect("not poisoned");
-        if let Some((_, old)) = kept.values.remove(&key) {
-            kept.bytes -= old;
-        }
-        if kept.values.len() >= self.entries || kept.bytes + weight > self.bytes {
-            *kept = Weighed::default();
-        }
-        if weight <= self.bytes {
-            kept.bytes += weight;
-            kept.values.insert(key, (value, weight));
-        }
-    }
-
-    fn clear(&self) {
-        *self.kept.lock().expect("not poisoned") = Weighed::default();
-    }
 }
 
 pub struct Views {
