@@ -72,7 +72,10 @@ pub async fn serve(
         views: views::Views::new(
             pool.clone(),
             batch_reads,
-            SpeedView::new(redis.clone()),
+            [
+                SpeedView::new(redis.clone()),
+                SpeedView::new(Arc::new(Redis::new(&config.redis)?)),
+            ],
             &settings,
             computing,
         ),

@@ -311,6 +311,10 @@ pub struct Views {
     pool: PgPool,
     ch: clickhouse::Client,
     speed: SpeedView,
+    /// The same view over a connection of its own, for the cursor every request
+    /// reads (the data version): on the connection that carries a computation's
+    /// reads of cells and buyers, it waited behind their replies.
+    cursor: SpeedView,
     state_ttl: Duration,
     cache_entries: usize,
     max_cells: usize,
@@ -337,11 +341,12 @@ impl Views {
     pub fn new(
         pool: PgPool,
         ch: clickhouse::Client,
-        speed: SpeedView,
+        [speed, cursor]: [SpeedView; 2],
         settings: &crate::config::ServingSettings,
         computing: Arc<Computing>,
     ) -> Self {
         Self {
+            cursor,
             computing,
             ch_permits: tokio::sync::Semaphore::new(settings.clickhouse_concurrency.max(1)),
             pool,
@@ -715,14 +720,14 @@ impl Views {
     /// answer stands in for the outage. See [`crate::answers`].
     pub async fn data_version(&self) -> Option<crate::answers::DataVersion> {
         let run = self.state().await.ok()?.map(|s| s.run_id);
-        let cursor = self.speed.meta().await.ok()?.map(|m| m.cursor.to_string());
+        let cursor = self.cursor.meta().await.ok()?.map(|m| m.cursor.to_string());
         let rates = self.rates_version().await?;
         Some((run, cursor, Some(rates)))
     }
 
     /// The speed view's cursor, for subscriptions to notice new data.
     pub async fn speed_cursor(&self) -> Option<String> {
-        self.speed
+        self.cursor
             .meta()
             .await
             .ok()

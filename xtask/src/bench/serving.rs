@@ -509,14 +509,17 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let distinct_steps = steps("distinct", &before_distinct, &scrape(&serving).await?);
     settled.push(("after the distinct questions", settle(&ch).await?));
     let before_repeated = scrape(&serving).await?;
+    let meter = CpuMeter::start().await;
+    let (per_second, seconds) = ("2000", "15");
     let repeated = rate(
         bench,
         &read_key,
         ("repeated", &urls[0], None),
         BROWSER,
-        "2000",
-        "15",
+        per_second,
+        seconds,
     )?;
+    let repeated_cpu = meter.finish().await?;
     let after_repeated = scrape(&serving).await?;
     let repeated_inside = [
         inside(
@@ -527,6 +530,13 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             "serving_answers_total",
         ),
         steps("repeated", &before_repeated, &after_repeated),
+        format!(
+            "CPU while the dashboard question was repeated {per_second}/s: {}",
+            repeated_cpu.text(Some((
+                per_second.parse::<f64>()? * seconds.parse::<f64>()?,
+                "request"
+            )))
+        ),
     ];
     stream.abort();
     let streamed = streamed.load(std::sync::atomic::Ordering::Relaxed);
