@@ -464,14 +464,21 @@ pub fn schema(state: Arc<AppState>, settings: &ServingSettings) -> TidemarkSchem
 
 /// `POST /graphql` (authenticated by the router's key check; see
 /// [`subscriptions`] for `/graphql/ws`).
-pub fn router(executor: TidemarkSchema, settings: &ServingSettings) -> Router<Arc<AppState>> {
-    let cache = Arc::new(ResponseCache::new(
-        settings.cache_entries,
-        settings.cache_bytes,
-        settings.max_stale,
-        settings.revalidate_within,
-        settings.recent_within,
-    ));
+pub fn router(
+    executor: TidemarkSchema,
+    settings: &ServingSettings,
+    computing: Arc<crate::compute::Computing>,
+) -> Router<Arc<AppState>> {
+    let cache = Arc::new(
+        ResponseCache::new(
+            settings.cache_entries,
+            settings.cache_bytes,
+            settings.max_stale,
+            settings.revalidate_within,
+            settings.recent_within,
+        )
+        .compressing(computing),
+    );
     let prechecks = Arc::new(Prechecks::new(settings.cache_entries));
     Router::new().route(
         "/graphql",

@@ -77,16 +77,19 @@ pub async fn serve(
                 SpeedView::new(Arc::new(Redis::new(&config.redis)?)),
             ],
             &settings,
-            computing,
+            computing.clone(),
         ),
         settings: settings.clone(),
-        answers: Arc::new(answers::Answers::new(
-            settings.cache_entries,
-            settings.cache_bytes,
-            settings.max_stale,
-            settings.revalidate_within,
-            settings.recent_within,
-        )),
+        answers: Arc::new(
+            answers::Answers::new(
+                settings.cache_entries,
+                settings.cache_bytes,
+                settings.max_stale,
+                settings.revalidate_within,
+                settings.recent_within,
+            )
+            .compressing(computing.clone()),
+        ),
         questions: bounded::Bounded::new(settings.cache_entries, settings.cache_bytes),
     });
     let auth = Authenticator::new(
@@ -98,7 +101,11 @@ pub async fn serve(
     );
     let schema = graphql::schema(state.clone(), &settings);
     let api = rest::router()
-        .merge(graphql::router(schema.clone(), &settings))
+        .merge(graphql::router(
+            schema.clone(),
+            &settings,
+            state.views.computing().clone(),
+        ))
         .route_layer(middleware::from_fn_with_state(
             (auth.clone(), Scope::Read),
             auth::require,
