@@ -34,7 +34,7 @@ use sqlx::postgres::PgPoolCopyExt;
 use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
-use super::cpu::CpuMeter;
+use super::cpu::{CpuMeter, Statements, statements_text};
 use super::{BenchReport, Bound, Figure, Harness, Target, unlink_prefix};
 use crate::proc::run;
 
@@ -510,6 +510,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     settled.push(("after the distinct questions", settle(&ch).await?));
     let before_repeated = scrape(&serving).await?;
     let meter = CpuMeter::start().await;
+    let statements = Statements::start(&db).await?;
     let (per_second, seconds) = ("2000", "15");
     let repeated = rate(
         bench,
@@ -520,6 +521,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         seconds,
     )?;
     let repeated_cpu = meter.finish().await?;
+    let repeated_statements = statements.top(5).await?;
     let after_repeated = scrape(&serving).await?;
     let repeated_inside = [
         inside(
@@ -536,6 +538,11 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
                 per_second.parse::<f64>()? * seconds.parse::<f64>()?,
                 "request"
             )))
+        ),
+        format!(
+            "Postgres's statements while the dashboard question was repeated (the live \
+             stream and serving's reads), by time: {}",
+            statements_text(&repeated_statements)
         ),
     ];
     stream.abort();
