@@ -3,7 +3,7 @@
 //! introspection can be switched off (`serving.graphql_*`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
@@ -479,7 +479,7 @@ pub fn router(
         )
         .compressing(computing),
     );
-    let prechecks = Arc::new(Prechecks::new(settings.cache_entries));
+    let prechecks = Arc::new(Prechecks::new(settings.cache_entries, settings.cache_bytes));
     Router::new().route(
         "/graphql",
         post(
@@ -587,35 +587,37 @@ type ResponseCache = crate::answers::Answers<Bytes>;
 
 /// Prechecks by query text: a dashboard sends the same few texts thousands of
 /// times a second, and parsing one (pest, recursive) was a twentieth of serving's
-/// CPU in a profile at 2,000 requests/s. Bounded by entries (cleared when full);
-/// each text is at most `graphql_max_query_bytes`.
+/// CPU in a profile at 2,000 requests/s. Bounded like the other per-question
+/// caches, by `cache_entries` and `cache_bytes` (each text weighs its length):
+/// by entries alone, 10,000 texts of up to `graphql_max_query_bytes` each could
+/// have held hundreds of megabytes.
 struct Prechecks {
-    seen: Mutex<HashMap<String, Precheck>>,
-    capacity: usize,
+    seen: crate::bounded::Bounded<String, Precheck>,
 }
 
 impl Prechecks {
-    fn new(capacity: usize) -> Self {
+    fn new(entries: usize, bytes: usize) -> Self {
         Prechecks {
-            seen: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
+            seen: crate::bounded::Bounded::new(entries.max(1), bytes),
         }
     }
 
     fn of(&self, query: &str, settings: &ServingSettings) -> Precheck {
-        if let Some(found) = self.seen.lock().expect("not poisoned").get(query) {
+        if let Some(found) = self.seen.get(query) {
             return *found;
         }
         let found = precheck(query, settings);
         // A text too large is refused by its length alone: not kept.
         if query.len() <= settings.graphql_max_query_bytes {
-            let mut seen = self.seen.lock().expect("not poisoned");
-            if seen.len() >= self.capacity {
-                seen.clear();
-            }
-            seen.insert(query.to_owned(), found);
+            self.seen
+                .keep(query.to_owned(), Arc::new(found), Self::weight(query));
         }
         found
+    }
+
+    /// A kept text's bytes: the text and its entry.
+    fn weight(query: &str) -> usize {
+        query.len() + std::mem::size_of::<(String, Precheck)>()
     }
 }
 
@@ -872,28 +874,34 @@ mod tests {
     #[test]
     fn a_query_texts_precheck_is_kept_and_given_again_within_bounds() {
         let s = settings();
-        let prechecks = Prechecks::new(2);
         let texts = [
             "{ revenue(from: 1, to: 2) { points { bucket } } }",
             "{ userOrders(userId: \"u\") { orders { orderId } } }",
             "{ a { b { c { d { e } } } } }",
         ];
+        let prechecks = Prechecks::new(2, 1 << 20);
         for text in &texts[..2] {
             assert_eq!(prechecks.of(text, &s), precheck(text, &s));
             assert_eq!(prechecks.of(text, &s), precheck(text, &s), "kept: {text}");
         }
-        assert_eq!(prechecks.seen.lock().unwrap().len(), 2);
-        // A third text past the capacity starts over from it.
+        assert!(texts[..2].iter().all(|t| prechecks.seen.get(*t).is_some()));
+        // A third text past the entries starts over from it.
         assert_eq!(
             prechecks.of(texts[2], &s),
             Precheck::Refused("Query is nested too deep.")
         );
-        assert_eq!(prechecks.seen.lock().unwrap().len(), 1);
+        assert!(prechecks.seen.get(texts[2]).is_some());
+        assert!(texts[..2].iter().all(|t| prechecks.seen.get(*t).is_none()));
         let huge = "{ a }".replace('a', &"x ".repeat(10_000));
         assert_eq!(prechecks.of(&huge, &s), precheck(&huge, &s));
-        assert!(
-            !prechecks.seen.lock().unwrap().contains_key(&huge),
-            "too large: not kept"
-        );
+        assert!(prechecks.seen.get(&huge).is_none(), "too large: not kept");
+        // Bounded by bytes too: a text past the bytes starts over from it.
+        let bytes = Prechecks::weight(texts[0]) + Prechecks::weight(texts[1]);
+        let prechecks = Prechecks::new(100, bytes);
+        for text in &texts {
+            assert_eq!(prechecks.of(text, &s), precheck(text, &s));
+            assert!(prechecks.seen.get(*text).is_some(), "kept: {text}");
+        }
+        assert!(texts[..2].iter().all(|t| prechecks.seen.get(*t).is_none()));
     }
 }

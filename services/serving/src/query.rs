@@ -885,7 +885,17 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
         req.allow_partial,
     )
     .await?;
-    let shown_cells = cells.values().filter(|t| shown(t, req.basis)).count();
+    // The cells shown on the basis, counted and their currencies found in one pass.
+    let mut shown_cells = 0;
+    let currencies = currency_infos(
+        cells
+            .iter()
+            .filter(|(_, t)| shown(t, req.basis))
+            .map(|((_, _, currency), _)| {
+                shown_cells += 1;
+                currency
+            }),
+    );
     if shown_cells > views.max_cells() {
         return Err(Problem::new(ProblemKind::Validation)
             .detail("The answer would be too large.")
@@ -899,12 +909,6 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
                 ),
             }]));
     }
-    let currencies = currency_infos(
-        cells
-            .iter()
-            .filter(|(_, t)| shown(t, req.basis))
-            .map(|((_, _, currency), _)| currency),
-    );
     let points = points_of(views, format!("{req:?}"), cells, buyers, req).await;
     Ok(RevenueSeries {
         granularity: req.granularity.as_str().to_owned(),
