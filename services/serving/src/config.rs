@@ -40,8 +40,9 @@ pub struct ServingSettings {
     /// Questions kept per cache (batch cells, speed reads, answers).
     pub cache_entries: usize,
     /// Memory the batch-cells cache, the answers cache, the conversions kept
-    /// (see `crate::fx::convert`), the points kept (see `crate::query::revenue`)
-    /// and REST's validated questions may hold, each: a cache past it starts over
+    /// (see `crate::fx::convert`), the points kept (see `crate::query::revenue`),
+    /// REST's validated questions and GraphQL's prechecked query texts may hold,
+    /// each: a cache past it starts over
     /// (entries alone do not bound memory — a 30-day hourly question by two
     /// attributes keeps ~150,000 cells and a 4 MB answer).
     pub cache_bytes: usize,

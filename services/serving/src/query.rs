@@ -887,15 +887,12 @@ pub async fn revenue(views: &Views, req: &RevenueRequest) -> Result<RevenueSerie
     .await?;
     // The cells shown on the basis, counted and their currencies found in one pass.
     let mut shown_cells = 0;
-    let currencies = currency_infos(
-        cells
-            .iter()
-            .filter(|(_, t)| shown(t, req.basis))
-            .map(|((_, _, currency), _)| {
-                shown_cells += 1;
-                currency
-            }),
-    );
+    let currencies = currency_infos(cells.iter().filter(|(_, t)| shown(t, req.basis)).map(
+        |((_, _, currency), _)| {
+            shown_cells += 1;
+            currency
+        },
+    ));
     if shown_cells > views.max_cells() {
         return Err(Problem::new(ProblemKind::Validation)
             .detail("The answer would be too large.")

@@ -19,7 +19,10 @@
 //! And REST and GraphQL at 2,000 requests/s on a small question (the last 24
 //! hours, hourly, by city) next to `/healthz` — measured first, and each throughput phase starts
 //! when ClickHouse runs nothing (a request the overloaded distinct phase gave up
-//! leaves its statements running). `TIDEMARK_BENCH_ORDERS` scales the backfill.
+//! leaves its statements running). `TIDEMARK_BENCH_ORDERS` scales the backfill;
+//! `TIDEMARK_BENCH_KEEP_CLICKHOUSE=1` leaves the run's ClickHouse databases (the
+//! batch view and the anchor's lines table) and its lakes in the test stack, for
+//! trying statements on them afterwards (drop them by hand).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -552,10 +555,17 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let serving_rss = bench.peak_rss_mb("serving").unwrap_or(f64::NAN);
     pool.close().await;
     unlink_prefix(&bench.stack.ports.redis.to_string(), &format!("{prefix}:*"))?;
-    bench.drop_batch_stores(&s3, &ch_db).await?;
-    ch.query(&format!("DROP DATABASE IF EXISTS {anchor_db}"))
-        .execute()
-        .await?;
+    if std::env::var("TIDEMARK_BENCH_KEEP_CLICKHOUSE").as_deref() == Ok("1") {
+        eprintln!(
+            "xtask bench: ClickHouse databases {ch_db} and {anchor_db} kept, and S3 prefix {}",
+            s3.prefix
+        );
+    } else {
+        bench.drop_batch_stores(&s3, &ch_db).await?;
+        ch.query(&format!("DROP DATABASE IF EXISTS {anchor_db}"))
+            .execute()
+            .await?;
+    }
     drop(std::fs::remove_file(&url_file));
 
     let mut report = BenchReport::new(
