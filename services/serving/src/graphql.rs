@@ -589,8 +589,8 @@ type ResponseCache = crate::answers::Answers<Bytes>;
 /// times a second, and parsing one (pest, recursive) was a twentieth of serving's
 /// CPU in a profile at 2,000 requests/s. Bounded like the other per-question
 /// caches, by `cache_entries` and `cache_bytes` (each text weighs its length):
-/// by entries alone, 10,000 texts of up to `graphql_max_query_bytes` each could
-/// have held hundreds of megabytes.
+/// by entries alone, the default 2,000 texts of up to `graphql_max_query_bytes`
+/// (16 KiB) each could hold 32 MB outside `cache_bytes`.
 struct Prechecks {
     seen: crate::bounded::Bounded<String, Precheck>,
 }
