@@ -86,7 +86,7 @@ macro_rules! micros {
 }
 
 /// The statements of one load, in order (parameters: the batch's bounds, see
-/// `in_batch!`), each run after [`LOAD_PLANNING`].
+/// `in_batch!`), run in a [`LOAD_TRANSACTION`].
 pub const LOAD: [&str; 10] = [
     concat!(
         "INSERT INTO vault.hub_customer (customer_hk, user_id, load_date, record_source) \
@@ -197,10 +197,10 @@ pub const LOAD: [&str; 10] = [
     ),
 ];
 
-/// Set in a load's transaction: each statement planned for its own batch's
+/// How a load's transaction begins: each statement planned for its own batch's
 /// bounds (see `in_batch!`); a plan made once for any bounds assumes the
 /// default share of the table.
-pub const LOAD_PLANNING: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
+pub const LOAD_TRANSACTION: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
 
 /// The end of the next batch: the horizon, and the last of the first `$3` rows
 /// after `($1, $2)` below it with how many they are (none: no row).
@@ -354,8 +354,7 @@ impl Loader {
                 return Ok(Step::Idle);
             }
         }
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(LOAD_PLANNING).execute(&mut *tx).await?;
+        let mut tx = self.pool.begin_with(LOAD_TRANSACTION).await?;
         fence.bound(&mut tx).await?;
         let after = lock_cursor(&mut tx).await?;
         self.pass_over(&mut tx).await?;

@@ -160,11 +160,7 @@ async fn a_load_reads_its_batch_by_the_logs_indexes_however_long_the_log() {
     let ((after_txid, after_seq), (until_txid, until_seq)) =
         (bound(50_000).await, bound(50_020).await);
     for statement in vault::LOAD {
-        let mut tx = h.db.pool.begin().await.unwrap();
-        sqlx::query(vault::LOAD_PLANNING)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        let mut tx = h.db.pool.begin_with(vault::LOAD_TRANSACTION).await.unwrap();
         let (plan,): (serde_json::Value,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "EXPLAIN (FORMAT JSON) {statement}"
         )))
