@@ -501,6 +501,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     eprintln!("xtask bench: 1,000 distinct questions at 50/s, then one at 2,000/s");
     let url_list = format!("@{}", url_file.display());
     let before_distinct = scrape(&serving).await?;
+    let meter = CpuMeter::start().await;
     let distinct = rate(
         bench,
         &read_key,
@@ -509,7 +510,19 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "50",
         "20",
     )?;
-    let distinct_steps = steps("distinct", &before_distinct, &scrape(&serving).await?);
+    // Where a distinct question's CPU goes, per question answered (the phase is
+    // saturated: what is answered is what the machine could do).
+    let distinct_cpu = meter.finish().await?;
+    let distinct_steps = [
+        steps("distinct", &before_distinct, &scrape(&serving).await?),
+        format!(
+            "CPU while distinct questions were asked 50/s: {}",
+            distinct_cpu.text(Some((
+                distinct.requests.saturating_sub(distinct.errors) as f64,
+                "question answered"
+            )))
+        ),
+    ];
     settled.push(("after the distinct questions", settle(&ch).await?));
     let before_repeated = scrape(&serving).await?;
     let meter = CpuMeter::start().await;
@@ -735,7 +748,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "serving's peak resident memory over the question phases: {serving_rss:.0} MB"
     ));
     report.notes.extend(doors.inside.iter().cloned());
-    report.notes.extend([singles_steps, distinct_steps]);
+    report.notes.push(singles_steps);
+    report.notes.extend(distinct_steps);
     report.notes.extend(repeated_inside);
     report.notes.push(format!(
         "waited for ClickHouse to run no statement: {}",
