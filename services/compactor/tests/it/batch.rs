@@ -140,6 +140,56 @@ async fn a_failed_audit_publishes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_staging_table_laid_out_unlike_the_batch_view_is_not_attached() {
+    let env = Env::new(8).await;
+    let mut rng = StdRng::seed_from_u64(44);
+    let mut sent = Vec::new();
+    env.ingest(&batch(&mut rng, &mut sent, 200)).await;
+    let c = &env.compactor;
+    let run = c.plan(Kind::Incremental).await.unwrap();
+    assert!(c.wait_for_relay(&run).await.unwrap());
+    let written = c.write_lake(&run).await.unwrap();
+    c.stage(&run, &written.orders).await.unwrap();
+    let report = c.audit(&run, &written, &written.orders).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // The same rows, staged in a table of finer granules (as a staging table
+    // made from another definition than the live table's would be).
+    let client = tidemark_platform::clickhouse::client(&env.ch);
+    let staging = run.staging();
+    for sql in [
+        format!("RENAME TABLE {staging} TO {staging}_was"),
+        format!(
+            "CREATE TABLE {staging} AS {staging}_was ENGINE = ReplacingMergeTree \
+             PARTITION BY toYYYYMM(bucket) \
+             ORDER BY (granularity, dimension, bucket, value, currency, run_id) \
+             SETTINGS index_granularity = 1024"
+        ),
+        format!("INSERT INTO {staging} SELECT * FROM {staging}_was"),
+    ] {
+        client.query(&sql).execute().await.unwrap();
+    }
+    let refused = c.copy(&run).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("is not laid out as revenue_agg"),
+        "{refused}"
+    );
+    let copied: u64 = client
+        .query("SELECT count() FROM revenue_agg WHERE run_id = ?")
+        .bind(run.run_id)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(copied, 0, "no partition of it attached");
+
+    // The run, resumed, stages afresh and publishes exactly.
+    assert_eq!(
+        published(&c.run_once(Kind::Incremental).await.unwrap()),
+        run.run_id
+    );
+    env.assert_exact().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_run_killed_at_any_step_converges_without_duplicates() {
     let env = Env::new(8).await;
     let mut rng = StdRng::seed_from_u64(43);
