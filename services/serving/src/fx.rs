@@ -205,12 +205,18 @@ fn needed_rates<'a>(
     pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)>,
     to: Currency,
 ) -> BTreeSet<(NaiveDate, Currency)> {
-    let mut needed = BTreeSet::new();
+    // Thousands of pieces name a few dozen (date, currency) pairs: found by hash,
+    // made dates once each.
+    let mut days: foldhash::HashSet<(i64, Currency)> = foldhash::HashSet::default();
     for ((_, date, _, currency), t) in pieces {
         if *currency != to && has_amounts(t) {
-            needed.insert((date_of(*date), *currency));
-            needed.insert((date_of(*date), to));
+            days.insert((*date, *currency));
         }
+    }
+    let mut needed = BTreeSet::new();
+    for (date, currency) in days {
+        needed.insert((date_of(date), currency));
+        needed.insert((date_of(date), to));
     }
     needed
 }
@@ -224,26 +230,32 @@ fn convert_at<'a>(
 ) -> Result<Answer, Problem> {
     refuse_missing(rates, &needed_rates(pieces.clone(), to))?;
     let mut out = Sums::default();
-    // Per (grouped values, currency, date): the pieces in time order.
-    let mut partitions: BTreeMap<(&[String], Currency, i64), BTreeMap<i64, Totals>> =
-        BTreeMap::new();
+    // The pieces to convert as (grouped values by number, currency, date, key,
+    // totals), sorted: each (values, currency, date) is then a run in time order.
+    // Numbered values compare as integers (a map keyed by the values compared
+    // their strings a dozen times per piece: profiled, a fifth of the conversion).
+    let mut numbers: foldhash::HashMap<&[String], u32> = foldhash::HashMap::default();
+    let mut numbered: Vec<&[String]> = Vec::new();
+    let mut series: Vec<(u32, Currency, i64, i64, Totals)> = Vec::new();
     for ((key, date, groups, currency), t) in pieces {
         if *currency == to {
             if let Some(bucket) = buckets.bucket(*key) {
                 out.add(bucket, groups, to, *t);
             }
         } else {
-            partitions
-                .entry((groups, *currency, *date))
-                .or_default()
-                .entry(*key)
-                .or_default()
-                .add(*t);
+            let number = *numbers.entry(groups).or_insert_with(|| {
+                numbered.push(groups);
+                u32::try_from(numbered.len() - 1).expect("fewer groups than pieces")
+            });
+            series.push((number, *currency, *date, *key, *t));
         }
     }
+    series
+        .sort_unstable_by_key(|(number, currency, date, key, _)| (*number, *currency, *date, *key));
     let too_large =
         || Problem::new(ProblemKind::Validation).detail("A converted amount does not fit 64 bits.");
-    for ((groups, currency, date), keys) in partitions {
+    for run in series.chunk_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2)) {
+        let (groups, currency, date) = (numbered[run[0].0 as usize], run[0].1, run[0].2);
         let day = date_of(date);
         // `None`: no rates (then every amount of the date is zero); `Some(None)`:
         // rates whose factors overflow.
@@ -254,7 +266,13 @@ fn convert_at<'a>(
         // Exact cumulative amounts and their rounded conversions so far.
         let mut exact = [0i64; 3];
         let mut rounded = [0i64; 3];
-        for (key, t) in keys {
+        // A key both views hold comes twice: summed first.
+        for same in run.chunk_by(|a, b| a.3 == b.3) {
+            let key = same[0].3;
+            let mut t = Totals::default();
+            for piece in same {
+                t.add(piece.4);
+            }
             let amounts = [
                 t.revenue_minor,
                 t.booked.refunded_minor,
@@ -280,7 +298,6 @@ fn convert_at<'a>(
             let Some(bucket) = buckets.bucket(key) else {
                 continue;
             };
-            let mut t = t;
             t.revenue_minor = converted[0];
             t.booked.refunded_minor = converted[1];
             t.restated.refunded_minor = converted[2];
