@@ -514,7 +514,13 @@ pub async fn buyers(
     state: &PublishedState,
     q: &BuyersQuery<'_>,
 ) -> Result<BTreeMap<BuyerKey, u64>, Error> {
-    let sql = q.sql("uniqExact(user_id) AS n", false, "GROUP BY k, g, c");
+    // In the map's key order (ClickHouse orders arrays and strings as Rust does,
+    // element by element and byte by byte): the map is built without sorting.
+    let sql = q.sql(
+        "uniqExact(user_id) AS n",
+        false,
+        "GROUP BY k, g, c ORDER BY k, g, c",
+    );
     let rows: Vec<BuyerCount> = fetch_all(client, q.bind(client.query(&sql), state)).await?;
     Ok(rows.into_iter().map(|r| ((r.k, r.g, r.c), r.n)).collect())
 }
@@ -526,7 +532,11 @@ pub async fn buyers_among(
     q: &BuyersQuery<'_>,
     users: &[&str],
 ) -> Result<BTreeSet<(BuyerKey, String)>, Error> {
-    let sql = q.sql("user_id AS u", true, "GROUP BY k, g, c, u");
+    let sql = q.sql(
+        "user_id AS u",
+        true,
+        "GROUP BY k, g, c, u ORDER BY k, g, c, u",
+    );
     let query = q.bind(client.query(&sql), state).bind(users);
     let rows: Vec<BuyerPresence> = fetch_all(client, query).await?;
     Ok(rows.into_iter().map(|r| ((r.k, r.g, r.c), r.u)).collect())
