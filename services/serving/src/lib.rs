@@ -15,6 +15,7 @@ pub mod page;
 pub mod query;
 pub mod residence;
 pub mod rest;
+pub mod unfolding;
 pub mod views;
 
 use std::sync::Arc;
@@ -78,6 +79,9 @@ pub async fn serve(
             ],
             &settings,
             computing.clone(),
+            // One server: see `unfolding`.
+            (!config.clickhouse.sharded())
+                .then(|| unfolding::Unfolding::new(ch.clone(), pool.clone())),
         ),
         settings: settings.clone(),
         answers: Arc::new(

@@ -334,6 +334,8 @@ pub struct Views {
     ch_permits: tokio::sync::Semaphore,
     /// Where the heavy steps of a computation run.
     computing: Arc<Computing>,
+    /// When batch reads may go without `FINAL` (`None`: never, a sharded view).
+    unfolding: Option<Arc<crate::unfolding::Unfolding>>,
 }
 
 impl Views {
@@ -344,8 +346,10 @@ impl Views {
         [speed, cursor]: [SpeedView; 2],
         settings: &crate::config::ServingSettings,
         computing: Arc<Computing>,
+        unfolding: Option<Arc<crate::unfolding::Unfolding>>,
     ) -> Self {
         Self {
+            unfolding,
             cursor,
             computing,
             ch_permits: tokio::sync::Semaphore::new(settings.clickhouse_concurrency.max(1)),
@@ -463,20 +467,40 @@ impl Views {
             group_by: read.group_by,
             filters: read.filters,
             currency: read.currency,
+            fold: true,
         };
+        let limit = self.max_cells.saturating_mul(READ_FACTOR);
         let _permit = self.ch_permits.acquire().await.expect("never closed");
-        let pieces = Arc::new(
-            timed(
-                "batch_cells",
-                tidemark_batchview::cells(
-                    &self.ch,
-                    state,
-                    &query,
-                    self.max_cells.saturating_mul(READ_FACTOR),
-                ),
-            )
-            .await?,
-        );
+        // Without `FINAL` only at a generation counted clean, and only if it is
+        // still the view's after the read (see `crate::unfolding`).
+        let clean = match &self.unfolding {
+            Some(unfolding) => unfolding
+                .clean_generation(state)
+                .await
+                .map(|generation| (unfolding, generation)),
+            None => None,
+        };
+        let mut pieces = None;
+        if let Some((unfolding, generation)) = &clean {
+            let query = CellsQuery {
+                fold: false,
+                ..query
+            };
+            let read = tidemark_batchview::cells(&self.ch, state, &query, limit);
+            let read = timed("batch_cells", read).await?;
+            if unfolding.unchanged(generation).await {
+                pieces = Some(read);
+            }
+        }
+        let fold = if pieces.is_some() { "none" } else { "final" };
+        metrics::counter!("serving_batch_reads_total", "fold" => fold).increment(1);
+        let pieces = Arc::new(match pieces {
+            Some(pieces) => pieces,
+            None => {
+                let read = tidemark_batchview::cells(&self.ch, state, &query, limit);
+                timed("batch_cells", read).await?
+            }
+        });
         let weight = pieces_bytes(&pieces);
         self.batch.keep(key, pieces.clone(), weight);
         Ok(pieces)

@@ -5,7 +5,9 @@
 //! it processed. The published state (Postgres `batch_state`, one row, changed
 //! atomically) says which runs count: `base_run_id ..= run_id`. The view of a cell
 //! is the sum of its rows from those runs; rows of unpublished runs are invisible.
-//! Reads use `FINAL` so a run copied twice (a crash during publish) counts once.
+//! Reads use `FINAL` so a run copied twice (a compactor paused inside its publish
+//! resuming after its successor published the run) counts once; serving reads
+//! without it where it has counted that no run is there twice ([`clean`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,8 @@ use tidemark_domain::{Attribute, Corrections, Currency, Dimension, Granularity, 
 pub enum Error {
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
     /// A published row this build cannot read: an answer without it would be
     /// silently wrong, so there is no answer.
     #[error("unexpected batch view data: {0}")]
@@ -270,6 +274,9 @@ pub struct CellsQuery<'a> {
     pub filters: &'a [(Attribute, Vec<String>)],
     /// Only this currency.
     pub currency: Option<Currency>,
+    /// Fold rows attached twice (`FINAL`). Without, the read is exact only at a
+    /// [`Generation`] found [`clean`] and unchanged across the read.
+    pub fold: bool,
 }
 
 /// A cell of a [`CellsQuery`]'s answer: bucket key, UTC date (or 0), grouped
@@ -342,13 +349,14 @@ impl CellsQuery<'_> {
                     sum(booked_refunded_items) AS s_bi, sum(booked_cancelled_orders) AS s_bc, \
                     sum(restated_refunded_minor) AS s_sr, sum(restated_refunded_items) AS s_si, \
                     sum(restated_cancelled_orders) AS s_sc \
-             FROM revenue_agg FINAL \
+             FROM revenue_agg{fold} \
              WHERE granularity = ? AND dimension = ? \
                AND bucket >= toDateTime(?) AND bucket < toDateTime(?) \
                AND run_id >= ? AND run_id <= ?{filter} \
              GROUP BY k, d, g, currency ORDER BY k, d, g, currency LIMIT {}",
             limit.saturating_add(1).min(u64::MAX as usize / 2),
             key = self.key.replace("{t}", t),
+            fold = if self.fold { " FINAL" } else { "" },
         )
     }
 }
@@ -405,6 +413,59 @@ pub async fn cells(
             Ok(((row.k, row.d, row.g, currency), totals!(row)))
         })
         .collect()
+}
+
+/// What `revenue_agg` holds, as far as a row attached twice is concerned: the
+/// highest block number of each partition's active parts. Every attach (and
+/// insert) takes block numbers above all taken before, and a merge keeps its
+/// parts' highest, so two equal generations have had no rows added between them.
+pub type Generation = Vec<(String, u64)>;
+
+/// The [`Generation`] of `revenue_agg` on the server of `client` (one server: a
+/// sharded view's reads go through `Distributed` tables, whose replicas this
+/// cannot see; they always fold).
+pub async fn generation(client: &clickhouse::Client) -> Result<Generation, Error> {
+    Ok(client
+        .query(
+            "SELECT partition_id, max(max_block_number) FROM system.parts \
+             WHERE database = currentDatabase() AND table = 'revenue_agg' AND active \
+             GROUP BY partition_id ORDER BY partition_id",
+        )
+        .fetch_all::<(String, u64)>()
+        .await?)
+}
+
+/// Whether `revenue_agg` holds no published run's rows twice at `generation`:
+/// its rows of the published runs are exactly as many as their publishes
+/// staged (`batch_runs.rows_out`), and the generation was the same before and
+/// after they were counted. A run attached twice (a compactor paused between
+/// its check and its attach, resuming after its successor published the same
+/// run — the one fault `FINAL` is kept for) counts more. `None`: the generation
+/// moved while counting (ask again).
+pub async fn clean(
+    client: &clickhouse::Client,
+    pool: &sqlx::PgPool,
+    state: &PublishedState,
+    generation: &Generation,
+) -> Result<Option<bool>, Error> {
+    let held: u64 = client
+        .query("SELECT count() FROM revenue_agg WHERE run_id >= ? AND run_id <= ?")
+        .bind(state.base_run_id)
+        .bind(state.run_id)
+        .fetch_one()
+        .await?;
+    if self::generation(client).await? != *generation {
+        return Ok(None);
+    }
+    let staged: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(rows_out), 0)::int8 FROM batch_runs \
+         WHERE run_id BETWEEN $1 AND $2 AND status = 'published'",
+    )
+    .bind(state.base_run_id as i64)
+    .bind(state.run_id as i64)
+    .fetch_one(pool)
+    .await?;
+    Ok(Some(i64::try_from(held).is_ok_and(|held| held == staged)))
 }
 
 /// A question of who bought, over `buyers` (the published runs' rows).

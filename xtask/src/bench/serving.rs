@@ -469,6 +469,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
                 group_by: &group_by,
                 filters: &filters,
                 currency: None,
+                fold: true,
             },
             usize::MAX / 4,
         )

@@ -242,3 +242,134 @@ async fn r20_the_redis_primary_killed_answers_stay_never_wrong_then_exact() {
         ),
     );
 }
+
+/// A counter of serving's, from its `/metrics`.
+async fn serving_metric(env: &Env, series: &str) -> u64 {
+    let text = env.get("/metrics").await.text().await.unwrap();
+    tidemark_testkit::metric(&text, series).unwrap_or(0.0) as u64
+}
+
+/// The served hourly grid by `group_by` from `days` after the full range's start,
+/// and the truth by SQL over the same buckets.
+async fn served_and_true(
+    env: &Env,
+    days: i64,
+    (group_by, dimension): (Option<&str>, &str),
+) -> (Grid, Grid) {
+    let (from, to) = full_range();
+    let from =
+        chrono::DateTime::parse_from_rfc3339(&from).unwrap() + chrono::Days::new(days as u64);
+    let path = format!(
+        "/v1/revenue?from={}&to={to}&granularity=hour{}",
+        from.format("%Y-%m-%dT%H:%M:%SZ"),
+        group_by.map_or(String::new(), |g| format!("&group_by={g}"))
+    );
+    let response = env.get(&path).await;
+    assert_eq!(response.status(), 200);
+    let served = grid_of(&response.json::<serde_json::Value>().await.unwrap()["points"]);
+    let truth = tidemark_testkit::ground_truth(&env.db.pool, 3600, dimension, 0, u64::MAX)
+        .await
+        .into_iter()
+        .filter(|((b, _, _), _)| *b >= from.timestamp())
+        .map(|((b, v, c), t)| {
+            (
+                (b, if group_by.is_some() { v } else { String::new() }, c),
+                t,
+            )
+        })
+        .collect();
+    (served, truth)
+}
+
+type Grid = std::collections::BTreeMap<(i64, String, String), [i64; 3]>;
+
+/// Batch reads go without `FINAL` once the view is counted clean; a published
+/// run attached a second time (the fault `FINAL` folds) is counted, reads fold
+/// again, and every answer stays exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_attached_twice_makes_batch_reads_fold_and_answers_stay_exact() {
+    let env = Env::new().await;
+    let mut rng = StdRng::seed_from_u64(67);
+    let orders: Vec<_> = (0..300).map(|_| random_order(&mut rng)).collect();
+    env.ingest(&orders).await;
+    let run_id = match env.compactor.run_once(Kind::Incremental).await.unwrap() {
+        tidemark_compactor::Outcome::Published { run_id, .. } => run_id,
+        other => panic!("expected a publish, got {other:?}"),
+    };
+    env.speed_caught_up().await;
+    let unfolded = r#"serving_batch_reads_total{fold="none"}"#;
+    let clean = r#"serving_batch_generations_total{result="clean"}"#;
+    let twice = r#"serving_batch_generations_total{result="rows twice"}"#;
+
+    // The first read folds and has the view counted; then reads go without FINAL.
+    let (served, truth) = served_and_true(&env, 0, GROUPINGS[1]).await;
+    assert_eq!(served, truth);
+    tidemark_testkit::eventually(
+        Duration::from_secs(10),
+        "the view counted clean",
+        || async { serving_metric(&env, clean).await >= 1 },
+    )
+    .await;
+    for grouping in &GROUPINGS[2..] {
+        let (served, truth) = served_and_true(&env, 0, *grouping).await;
+        assert_eq!(served, truth, "{grouping:?}");
+    }
+    assert_eq!(
+        serving_metric(&env, unfolded).await,
+        2,
+        "two reads without FINAL"
+    );
+
+    // The published run's partitions attached a second time.
+    let ch = tidemark_platform::clickhouse::client(&env.clickhouse);
+    for sql in [
+        "CREATE TABLE again AS revenue_agg".to_owned(),
+        format!("INSERT INTO again SELECT * FROM revenue_agg WHERE run_id = {run_id}"),
+    ] {
+        ch.query(&sql).execute().await.unwrap();
+    }
+    let partitions: Vec<String> = ch
+        .query(
+            "SELECT DISTINCT partition_id FROM system.parts \
+             WHERE database = currentDatabase() AND table = 'again' AND active",
+        )
+        .fetch_all()
+        .await
+        .unwrap();
+    for partition in &partitions {
+        ch.query(&format!(
+            "ALTER TABLE revenue_agg ATTACH PARTITION ID '{partition}' FROM again"
+        ))
+        .execute()
+        .await
+        .unwrap();
+    }
+    let count = |sql: &'static str| {
+        let ch = ch.clone();
+        async move { ch.query(sql).bind(run_id).fetch_one::<u64>().await.unwrap() }
+    };
+    assert_eq!(
+        count("SELECT count() FROM revenue_agg WHERE run_id = ?").await,
+        2 * count("SELECT count() FROM revenue_agg FINAL WHERE run_id = ?").await,
+        "every row of the run is there twice"
+    );
+
+    // Questions not read before (a day later in the range): counted, folded, exact.
+    let (served, truth) = served_and_true(&env, 1, GROUPINGS[1]).await;
+    assert_eq!(served, truth);
+    tidemark_testkit::eventually(
+        Duration::from_secs(10),
+        "the rows counted twice",
+        || async { serving_metric(&env, twice).await >= 1 },
+    )
+    .await;
+    for grouping in GROUPINGS {
+        let (served, truth) = served_and_true(&env, 2, grouping).await;
+        assert_eq!(served, truth, "{grouping:?}");
+    }
+    assert_eq!(
+        serving_metric(&env, unfolded).await,
+        2,
+        "no read without FINAL since the run was attached twice"
+    );
+}
