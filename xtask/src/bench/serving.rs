@@ -1266,7 +1266,22 @@ fn steps(phase: &str, before: &str, after: &str) -> String {
             (n > 0.0).then(|| format!("{part} {n:.0}× p50 {} p99 {} ms", q(0.5), q(0.99)))
         })
         .collect();
-    format!("{phase} phase, steps inside serving: {}", parts.join("; "))
+    // Batch reads with and without `FINAL` (serving's `unfolding`).
+    let folds: Vec<String> = {
+        let name = "serving_batch_reads_total";
+        let (b, a) = (
+            samples(before, name, None, "fold"),
+            samples(after, name, None, "fold"),
+        );
+        a.iter()
+            .map(|(fold, n)| format!("{fold} {:.0}", n - b.get(fold).copied().unwrap_or(0.0)))
+            .collect()
+    };
+    format!(
+        "{phase} phase, steps inside serving: {}; batch reads by fold: {}",
+        parts.join("; "),
+        folds.join(", ")
+    )
 }
 
 /// The raw JSON Lines of backfill file `i` (one-line orders in `window`, one in
