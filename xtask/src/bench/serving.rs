@@ -1277,10 +1277,14 @@ fn steps(phase: &str, before: &str, after: &str) -> String {
             .map(|(fold, n)| format!("{fold} {:.0}", n - b.get(fold).copied().unwrap_or(0.0)))
             .collect()
     };
+    let folds = if folds.is_empty() {
+        String::new()
+    } else {
+        format!("; batch reads by fold: {}", folds.join(", "))
+    };
     format!(
-        "{phase} phase, steps inside serving: {}; batch reads by fold: {}",
-        parts.join("; "),
-        folds.join(", ")
+        "{phase} phase, steps inside serving: {}{folds}",
+        parts.join("; ")
     )
 }
 
@@ -1436,6 +1440,17 @@ serving_read_seconds_count{part=\"fx_rates\"} 4
         assert_eq!(
             steps("one", before, after),
             "one phase, steps inside serving: batch_cells 10× p50 ≤ 100 p99 ≤ inf ms"
+        );
+        // With serving's batch reads by fold: those of the phase.
+        let before = format!("{before}serving_batch_reads_total{{fold=\"final\"}} 1\n");
+        let after = format!(
+            "{after}serving_batch_reads_total{{fold=\"final\"}} 2\n\
+             serving_batch_reads_total{{fold=\"none\"}} 9\n"
+        );
+        assert_eq!(
+            steps("one", &before, &after),
+            "one phase, steps inside serving: batch_cells 10× p50 ≤ 100 p99 ≤ inf ms; \
+             batch reads by fold: final 1, none 9"
         );
     }
 }
