@@ -29,7 +29,7 @@ use tidemark_platform::problem::{FieldError, Problem, ProblemKind};
 
 use crate::local::Buckets;
 use crate::query::{Answer, Sums};
-use crate::views::{Merged, Pieces, Views};
+use crate::views::{BatchPieces, Merged, Pieces, Views};
 
 /// How far back a missing day's rate may be taken from.
 pub const LOOKBACK_DAYS: u64 = 7;
@@ -99,7 +99,7 @@ fn has_amounts(t: &Totals) -> bool {
 /// once the batch cache lets them go, so does this (and their place in memory
 /// is not reused while it is held, so no other pieces can pass for them).
 pub struct Converted {
-    batch: Weak<Pieces>,
+    batch: Weak<BatchPieces>,
     speed: Pieces,
     rates: String,
     answer: Arc<Answer>,
@@ -108,7 +108,7 @@ pub struct Converted {
 impl Converted {
     /// About how much memory it holds (as [`crate::views::pieces_bytes`] counts).
     pub fn bytes(&self) -> usize {
-        crate::query::answer_bytes(&self.answer) + crate::views::pieces_bytes(&self.speed)
+        crate::query::answer_bytes(&self.answer) + crate::views::pieces_bytes(self.speed.keys())
     }
 
     /// Whether it was made of `merged`'s pieces with `rates`.

@@ -993,6 +993,12 @@ fn points(
     let one = group_by.len() == 1;
     // The cells and the buyers are both in key order: read side by side.
     let mut buyers = buyers.map(|b| b.iter().peekable());
+    // A bucket's points come one after another: its local time is shown once.
+    let mut shown_at: Option<(i64, String)> = None;
+    let mut show = |bucket: i64| match &shown_at {
+        Some((at, shown)) if *at == bucket => shown.clone(),
+        _ => shown_at.insert((bucket, local.show(bucket))).1.clone(),
+    };
     cells
         .iter()
         .filter(|(_, t)| shown(t, basis))
@@ -1004,7 +1010,7 @@ fn points(
                     .map_or(0, |(_, n)| *n)
             }),
             bucket: at(*bucket),
-            local_bucket: local.show(*bucket),
+            local_bucket: show(*bucket),
             group: if one { values.first().cloned() } else { None },
             dimensions: (!group_by.is_empty()).then(|| Dimensions::of(group_by, values)),
             currency: currency.to_string(),

@@ -181,23 +181,25 @@ fn describe(query: &BuyersQuery<'_>) -> String {
 /// Sums per (bucket key, UTC date or 0, grouped values, currency).
 pub type Pieces = BTreeMap<PieceKey, Totals>;
 
-/// About how much memory `pieces` hold: each entry's key and totals, its grouped
-/// values' heap, and a B-tree node's share per entry.
-pub fn pieces_bytes(pieces: &Pieces) -> usize {
+/// The batch view's sums, as [`Pieces`] but each key once in no order
+/// ([`tidemark_batchview::cells`]): nothing that sums them needs an order.
+pub type BatchPieces = Vec<(PieceKey, Totals)>;
+
+/// About how much memory pieces with these keys hold: each entry's key and
+/// totals, its grouped values' heap, and a B-tree node's share per entry.
+pub fn pieces_bytes<'a>(keys: impl Iterator<Item = &'a PieceKey>) -> usize {
     const PER_ENTRY: usize = size_of::<PieceKey>() + size_of::<Totals>() + 16;
-    pieces
-        .keys()
-        .map(|(_, _, values, _)| {
-            PER_ENTRY
-                + values.capacity() * size_of::<String>()
-                + values.iter().map(String::capacity).sum::<usize>()
-        })
-        .sum()
+    keys.map(|(_, _, values, _)| {
+        PER_ENTRY
+            + values.capacity() * size_of::<String>()
+            + values.iter().map(String::capacity).sum::<usize>()
+    })
+    .sum()
 }
 
 /// Both views' pieces and how they were read: the answer is their sum.
 pub struct Merged {
-    pub batch: Arc<Pieces>,
+    pub batch: Arc<BatchPieces>,
     pub speed: Pieces,
     /// The published state the batch pieces are of (`None`: none yet, or unknown
     /// with the batch part missing).
@@ -213,7 +215,8 @@ pub struct Merged {
 impl Merged {
     /// Every piece of both views (a key may come twice: once from each).
     pub fn pieces(&self) -> impl Iterator<Item = (&PieceKey, &Totals)> + Clone {
-        self.batch.iter().chain(self.speed.iter())
+        let batch = self.batch.iter().map(|(key, totals)| (key, totals));
+        batch.chain(self.speed.iter())
     }
 }
 
@@ -320,7 +323,7 @@ pub struct Views {
     max_cells: usize,
     state: Kept<Option<PublishedState>>,
     /// Batch pieces by question.
-    batch: Bounded<BatchKey, Pieces>,
+    batch: Bounded<BatchKey, BatchPieces>,
     speed_cells: Mutex<HashMap<SpeedKey, SpeedSlot>>,
     buyers: Mutex<HashMap<BuyersKey, Arc<BuyerCounts>>>,
     held: Mutex<HashMap<BuyersKey, HeldSlot>>,
@@ -449,7 +452,7 @@ impl Views {
         &self,
         state: &PublishedState,
         read: &Read<'_>,
-    ) -> Result<Arc<Pieces>, tidemark_batchview::Error> {
+    ) -> Result<Arc<BatchPieces>, tidemark_batchview::Error> {
         let key = (state.run_id, state.base_run_id, read.describe());
         if let Some(pieces) = self.batch.get(&key) {
             metrics::counter!("serving_batch_cache_total", "result" => "hit").increment(1);
@@ -501,7 +504,7 @@ impl Views {
                 timed("batch_cells", read).await?
             }
         });
-        let weight = pieces_bytes(&pieces);
+        let weight = pieces_bytes(pieces.iter().map(|(key, _)| key));
         self.batch.keep(key, pieces.clone(), weight);
         Ok(pieces)
     }
@@ -791,9 +794,9 @@ mod tests {
     fn the_weight_of_pieces_grows_with_their_cells_and_values() {
         let eur: Currency = "EUR".parse().unwrap();
         let mut pieces = Pieces::new();
-        assert_eq!(pieces_bytes(&pieces), 0);
+        assert_eq!(pieces_bytes(pieces.keys()), 0);
         pieces.insert((0, 0, vec!["Berlin".into()], eur), Totals::default());
-        let one = pieces_bytes(&pieces);
+        let one = pieces_bytes(pieces.keys());
         assert!(one >= size_of::<PieceKey>() + size_of::<Totals>() + "Berlin".len());
         pieces.insert(
             (
@@ -804,7 +807,7 @@ mod tests {
             ),
             Totals::default(),
         );
-        let two = pieces_bytes(&pieces);
+        let two = pieces_bytes(pieces.keys());
         assert!(
             two >= 2 * one + "a much longer category name".len(),
             "{one} {two}"

@@ -406,14 +406,16 @@ impl CellsQuery<'_> {
     }
 }
 
-/// The published cells of `q`, summed per answer cell (and UTC date); refused
-/// with [`Error::TooLarge`] beyond `limit` of them.
+/// The published cells of `q`, summed per answer cell (and UTC date): each key
+/// once, in no order (ordering them, in ClickHouse or here, cost as much as
+/// reading them, and serving sums them by hash); refused with
+/// [`Error::TooLarge`] beyond `limit` of them.
 pub async fn cells(
     client: &clickhouse::Client,
     state: &PublishedState,
     q: &CellsQuery<'_>,
     limit: usize,
-) -> Result<BTreeMap<PieceKey, Totals>, Error> {
+) -> Result<Vec<(PieceKey, Totals)>, Error> {
     let mut query = client.query(&q.sql(limit));
     if q.splits() {
         query = query.bind(tidemark_domain::VALUE_SEPARATOR.to_string());
