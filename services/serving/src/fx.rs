@@ -233,9 +233,8 @@ fn convert_at<'a>(
     // The pieces to convert as (grouped values by number, currency, date, key,
     // totals), sorted: each (values, currency, date) is then a run in time order.
     // Numbered values compare as integers (a map keyed by the values compared
-    // their strings a dozen times per piece: profiled, a fifth of the conversion).
-    let mut numbers: foldhash::HashMap<&[String], u32> = foldhash::HashMap::default();
-    let mut numbered: Vec<&[String]> = Vec::new();
+    // their strings a dozen times per piece: profiled, a fifth of the conversion),
+    // and are summed by the same number (hashed once per piece).
     let mut series: Vec<(u32, Currency, i64, i64, Totals)> =
         Vec::with_capacity(pieces.size_hint().0);
     for ((key, date, groups, currency), t) in pieces {
@@ -244,11 +243,7 @@ fn convert_at<'a>(
                 out.add(bucket, groups, to, *t);
             }
         } else {
-            let number = *numbers.entry(groups).or_insert_with(|| {
-                numbered.push(groups);
-                u32::try_from(numbered.len() - 1).expect("fewer groups than pieces")
-            });
-            series.push((number, *currency, *date, *key, *t));
+            series.push((out.number(groups), *currency, *date, *key, *t));
         }
     }
     series
@@ -256,7 +251,7 @@ fn convert_at<'a>(
     let too_large =
         || Problem::new(ProblemKind::Validation).detail("A converted amount does not fit 64 bits.");
     for run in series.chunk_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2)) {
-        let (groups, currency, date) = (numbered[run[0].0 as usize], run[0].1, run[0].2);
+        let (groups, currency, date) = (run[0].0, run[0].1, run[0].2);
         let day = date_of(date);
         // `None`: no rates (then every amount of the date is zero); `Some(None)`:
         // rates whose factors overflow.
@@ -302,7 +297,7 @@ fn convert_at<'a>(
             t.revenue_minor = converted[0];
             t.booked.refunded_minor = converted[1];
             t.restated.refunded_minor = converted[2];
-            out.add(bucket, groups, to, t);
+            out.add_numbered(bucket, groups, to, t);
         }
     }
     Ok(out.answer())

@@ -804,8 +804,18 @@ pub struct Sums<'a> {
 
 impl<'a> Sums<'a> {
     pub fn add(&mut self, bucket: i64, groups: &'a [String], currency: Currency, t: Totals) {
+        let id = self.number(groups);
+        self.add_numbered(bucket, id, currency, t);
+    }
+
+    /// The number of `groups`, given when first seen.
+    pub fn number(&mut self, groups: &'a [String]) -> u32 {
         let next = u32::try_from(self.groups.len()).expect("fewer groups than cells");
-        let id = *self.groups.entry(groups).or_insert(next);
+        *self.groups.entry(groups).or_insert(next)
+    }
+
+    /// Adds to the cell of the groups numbered `id` ([`Sums::number`]).
+    pub fn add_numbered(&mut self, bucket: i64, id: u32, currency: Currency, t: Totals) {
         self.cells.entry((bucket, id, currency)).or_default().add(t);
     }
 
