@@ -375,6 +375,10 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let mut answers = Vec::new();
     let mut drawn = Vec::new();
     let before_singles = scrape(&serving).await?;
+    // What a question costs each program when nothing else is asked (the
+    // distinct phase's CPU is that of a saturated machine, given-up questions
+    // included): the live stream and the background work are beside it.
+    let meter = CpuMeter::start().await;
     for from in &singles {
         let t = Instant::now();
         let r = http
@@ -395,7 +399,14 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         drawn.push(serde_json::from_slice::<serde_json::Value>(&bytes)?);
         parsed_ms.push(parsing.elapsed().as_secs_f64() * 1e3);
     }
-    let singles_steps = steps("one at a time", &before_singles, &scrape(&serving).await?);
+    let singles_cpu = meter.finish().await?;
+    let singles_steps = [
+        steps("one at a time", &before_singles, &scrape(&serving).await?),
+        format!(
+            "CPU while the question was asked one at a time: {}",
+            singles_cpu.text(Some((singles.len() as f64, "question")))
+        ),
+    ];
     // Every field, orders too, for the cross-check; not timed.
     for from in &singles {
         let r = http.get(whole(*from)).bearer_auth(&read_key).send().await?;
@@ -749,7 +760,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         "serving's peak resident memory over the question phases: {serving_rss:.0} MB"
     ));
     report.notes.extend(doors.inside.iter().cloned());
-    report.notes.push(singles_steps);
+    report.notes.extend(singles_steps);
     report.notes.extend(distinct_steps);
     report.notes.extend(repeated_inside);
     report.notes.push(format!(
