@@ -40,6 +40,35 @@ pub(super) struct CpuUse {
 }
 
 impl CpuUse {
+    /// What this run used beyond `idle` (the same machine without the run's
+    /// work, its use scaled to this run's length): each program's core-seconds
+    /// and the machine's busy share less idle's, the work's own cost. A
+    /// program's may come out below zero by the spread between the two.
+    pub fn beyond(&self, idle: &CpuUse) -> CpuUse {
+        let scale = self.seconds / idle.seconds.max(f64::EPSILON);
+        let idle_of: HashMap<&str, f64> = idle
+            .programs
+            .iter()
+            .map(|(program, used)| (program.as_str(), *used))
+            .collect();
+        let mut programs: Vec<(String, f64)> = self
+            .programs
+            .iter()
+            .map(|(program, used)| {
+                let before = idle_of.get(program.as_str()).copied().unwrap_or(0.0);
+                (program.clone(), used - scale * before)
+            })
+            .collect();
+        programs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        CpuUse {
+            seconds: self.seconds,
+            programs,
+            processes: HashMap::new(),
+            busy: self.busy - idle.busy,
+            steal: self.steal,
+        }
+    }
+
     /// `postgres 41.2 s (0.69 cores), tidemark-ingest 30.1 s (0.50), …; machine busy 97 %, steal 2 %`
     /// with, given `per` units of work, the microseconds each program spent per unit.
     pub fn text(&self, per: Option<(f64, &str)>) -> String {
@@ -288,6 +317,42 @@ pub(super) fn statements_text(statements: &[Statement]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_work_of_a_run_is_its_use_beyond_the_idle_machine_s() {
+        let used = |seconds: f64, programs: &[(&str, f64)], busy: f64| CpuUse {
+            seconds,
+            programs: programs
+                .iter()
+                .map(|(p, s)| ((*p).to_owned(), *s))
+                .collect(),
+            processes: HashMap::new(),
+            busy,
+            steal: 0.0,
+        };
+        // Idle measured over half the run's time: its use counts twice.
+        let run = used(
+            4.0,
+            &[("clickhouse", 2.4), ("postgres", 1.1), ("serving", 2.0)],
+            0.8,
+        );
+        let idle = used(
+            2.0,
+            &[("postgres", 0.5), ("serving", 0.1), ("cron", 0.2)],
+            0.3,
+        );
+        let work = run.beyond(&idle);
+        let programs: Vec<(&str, i64)> = work
+            .programs
+            .iter()
+            .map(|(p, s)| (p.as_str(), (s * 1000.0).round() as i64))
+            .collect();
+        assert_eq!(
+            programs,
+            [("clickhouse", 2400), ("serving", 1800), ("postgres", 100)]
+        );
+        assert!((work.busy - 0.5).abs() < 1e-9 && (work.seconds - 4.0).abs() < 1e-9);
+    }
 
     /// This process's CPU time so far, seconds, as the kernel counts it
     /// (`utime` and `stime` of `/proc/self/stat`, in ticks of 1/100 s).

@@ -393,6 +393,10 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         r.bytes().await?;
     }
     let calm_cpu = meter.finish().await?;
+    // The same time with no question asked: the stream and background work alone.
+    let meter = CpuMeter::start().await;
+    tokio::time::sleep(Duration::from_secs_f64(calm_cpu.seconds)).await;
+    let calm_cpu = calm_cpu.beyond(&meter.finish().await?);
     let before_singles = scrape(&serving).await?;
     for from in &singles {
         let t = Instant::now();
@@ -417,7 +421,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let singles_steps = [
         steps("one at a time", &before_singles, &scrape(&serving).await?),
         format!(
-            "CPU while {CALM} distinct questions were asked one after another: {}",
+            "CPU of {CALM} distinct questions asked one after another, beyond what the \
+             machine used as long without them: {}",
             calm_cpu.text(Some((CALM as f64, "question")))
         ),
     ];
