@@ -391,11 +391,11 @@ impl CellsQuery<'_> {
             .collect())
     }
 
-    /// Without `ORDER BY`: ordering the rows (on two cores, beside the grouping)
-    /// cost ClickHouse more than sorting the map's keys costs here, and grouping
-    /// by the stored value instead of an array of its parts about as much again
-    /// (measured on `bench serving`'s batch view: the dashboard question's
-    /// statement 21 ms of ClickHouse's CPU before, 15 after).
+    /// Without `ORDER BY` (nothing that sums the pieces needs an order), and
+    /// grouped by the stored value where it can be: ordering the rows and
+    /// building an array of the value's parts per row were a third of the
+    /// statement's CPU (measured on `bench serving`'s batch view: the dashboard
+    /// question's statement 20–22 ms of ClickHouse's user CPU before, 15 after).
     fn sql(&self, limit: usize) -> String {
         let t = "toInt64(toUInt32(bucket))";
         let with = if self.splits() {
