@@ -251,7 +251,7 @@ fn convert_at<'a>(
     let too_large =
         || Problem::new(ProblemKind::Validation).detail("A converted amount does not fit 64 bits.");
     for run in series.chunk_by(|a, b| (a.0, a.1, a.2) == (b.0, b.1, b.2)) {
-        let (groups, currency, date) = (run[0].0, run[0].1, run[0].2);
+        let (id, currency, date) = (run[0].0, run[0].1, run[0].2);
         let day = date_of(date);
         // `None`: no rates (then every amount of the date is zero); `Some(None)`:
         // rates whose factors overflow.
@@ -297,7 +297,7 @@ fn convert_at<'a>(
             t.revenue_minor = converted[0];
             t.booked.refunded_minor = converted[1];
             t.restated.refunded_minor = converted[2];
-            out.add_numbered(bucket, groups, to, t);
+            out.add_numbered(bucket, id, to, t);
         }
     }
     Ok(out.answer())
