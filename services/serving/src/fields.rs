@@ -66,6 +66,14 @@ impl PointFields {
         PointFields(self.0 & !(1 << BUYERS))
     }
 
+    /// About the bytes of the JSON of `points` points with these fields: a
+    /// buffer's first size (a date and time, a decimal or a pair of dimensions
+    /// with its name is 20–60 bytes).
+    pub fn json_bytes(self, points: usize) -> usize {
+        let per_point = 2 + 40 * self.0.count_ones() as usize;
+        points.saturating_mul(per_point)
+    }
+
     /// `fields`: field names of [`POINT_FIELDS`], comma-separated, each at most
     /// once; absent, every field.
     pub fn parse(raw: Option<&str>, errors: &mut Errors) -> PointFields {
@@ -165,6 +173,18 @@ impl Serialize for PointsJson<'_> {
 pub struct RestSeries {
     pub series: RevenueSeries,
     pub fields: PointFields,
+}
+
+impl RestSeries {
+    /// About the bytes of its JSON: the points' (made already, or as their
+    /// estimate) and the envelope's.
+    pub fn json_bytes(&self) -> usize {
+        let points = self.series.points.json(self.fields).map_or_else(
+            || self.fields.json_bytes(self.series.points.list().len()),
+            |json| json.get().len(),
+        );
+        points + 2048
+    }
 }
 
 impl Serialize for RestSeries {
@@ -351,6 +371,36 @@ mod tests {
         let whole = json(later(points.clone()), PointFields::ALL);
         assert_eq!(whole, serde_json::to_string(&later(points)).unwrap());
         assert!(whole.contains(r#""revenue":"12.99""#));
+    }
+
+    #[test]
+    fn an_answer_s_json_fits_the_buffer_sized_for_it() {
+        let two_dimensions = || Dimensions {
+            city: Some("Berlin".into()),
+            category: Some("electronics".into()),
+            ..Dimensions::default()
+        };
+        for raw in [
+            None,
+            Some("bucket,dimensions,net_revenue,buyers"),
+            Some("bucket"),
+        ] {
+            let (fields, _) = parse(raw);
+            let points: Vec<Point> = (0..100)
+                .map(|_| point(Some(two_dimensions()), Some(12_345)))
+                .collect();
+            let list = SelectedPoints(&points, fields);
+            let made = serde_json::to_vec(&list).unwrap().len();
+            let sized = fields.json_bytes(points.len());
+            // Written without growing, and not many times too large.
+            assert!(made <= sized, "{raw:?}: {made} > {sized}");
+            assert!(sized <= 3 * made, "{raw:?}: {sized} for {made}");
+            let mut series = series();
+            series.points = Arc::new(Points::new(points));
+            let rest = RestSeries { series, fields };
+            let whole = serde_json::to_vec(&rest).unwrap().len();
+            assert!(whole <= rest.json_bytes(), "{raw:?}: {whole}");
+        }
     }
 
     #[test]

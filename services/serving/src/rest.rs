@@ -48,6 +48,25 @@ fn rejected(route: &'static str, problem: Problem) -> Response {
     problem.into_response()
 }
 
+/// An answer REST computes, and about the bytes of its JSON (the first size of
+/// the buffer it is written into).
+trait JsonAnswer: serde::Serialize {
+    fn json_bytes(&self) -> usize;
+}
+
+impl JsonAnswer for crate::fields::RestSeries {
+    fn json_bytes(&self) -> usize {
+        crate::fields::RestSeries::json_bytes(self)
+    }
+}
+
+impl JsonAnswer for Summary {
+    fn json_bytes(&self) -> usize {
+        // An envelope and the top groups: a few kilobytes.
+        4096
+    }
+}
+
 /// A revenue or summary answer, through the answers both doors share (see
 /// [`crate::answers`]): kept per data version, computed once for the requests
 /// that arrive while it is computed.
@@ -59,7 +78,7 @@ async fn answer<T, F, Fut>(
     compute: F,
 ) -> Response
 where
-    T: serde::Serialize + Send + 'static,
+    T: JsonAnswer + Send + 'static,
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, Problem>> + Send + 'static,
 {
@@ -72,8 +91,12 @@ where
             let answer = compute().await?;
             // Off the runtime's workers: a 30-day dashboard answer is 3.3 MB of
             // JSON, 10–25 ms during which a worker would answer no request.
-            let serializing =
-                computing.run(move || serde_json::to_vec(&answer).map_err(|e| e.to_string()));
+            let serializing = computing.run(move || {
+                let mut out = Vec::with_capacity(answer.json_bytes());
+                serde_json::to_writer(&mut out, &answer)
+                    .map(|()| out)
+                    .map_err(|e| e.to_string())
+            });
             let bytes = crate::views::timed("json", serializing)
                 .await
                 .map(Bytes::from)

@@ -1285,6 +1285,11 @@ fn steps(phase: &str, before: &str, after: &str) -> String {
         samples(before, &format!("{name}_count"), None, "part"),
         samples(after, &format!("{name}_count"), None, "part"),
     );
+    // The mean from the sums: the buckets' bounds alone cannot tell 6 ms from 9.
+    let (b_sum, a_sum) = (
+        samples(before, &format!("{name}_sum"), None, "part"),
+        samples(after, &format!("{name}_sum"), None, "part"),
+    );
     let parts: Vec<String> = a
         .iter()
         .filter_map(|(part, n)| {
@@ -1293,7 +1298,16 @@ fn steps(phase: &str, before: &str, after: &str) -> String {
                 quantile(before, after, name, ("part", part), q)
                     .map_or("—".to_owned(), |v| format!("≤ {v}"))
             };
-            (n > 0.0).then(|| format!("{part} {n:.0}× p50 {} p99 {} ms", q(0.5), q(0.99)))
+            let sum =
+                a_sum.get(part).copied().unwrap_or(0.0) - b_sum.get(part).copied().unwrap_or(0.0);
+            let mean = sum / n * 1e3;
+            (n > 0.0).then(|| {
+                format!(
+                    "{part} {n:.0}× mean {mean:.2} p50 {} p99 {} ms",
+                    q(0.5),
+                    q(0.99)
+                )
+            })
         })
         .collect();
     // Batch reads with and without `FINAL` (serving's `unfolding`).
@@ -1457,6 +1471,7 @@ serving_data_version_seconds_bucket{route=\"/v1/revenue\",le=\"+Inf\"} 110
 serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.01\"} 1
 serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.1\"} 2
 serving_read_seconds_bucket{part=\"batch_cells\",le=\"+Inf\"} 2
+serving_read_seconds_sum{part=\"batch_cells\"} 0.06
 serving_read_seconds_count{part=\"batch_cells\"} 2
 serving_read_seconds_count{part=\"fx_rates\"} 4
 ";
@@ -1464,12 +1479,13 @@ serving_read_seconds_count{part=\"fx_rates\"} 4
 serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.01\"} 1
 serving_read_seconds_bucket{part=\"batch_cells\",le=\"0.1\"} 11
 serving_read_seconds_bucket{part=\"batch_cells\",le=\"+Inf\"} 12
+serving_read_seconds_sum{part=\"batch_cells\"} 0.9
 serving_read_seconds_count{part=\"batch_cells\"} 12
 serving_read_seconds_count{part=\"fx_rates\"} 4
 ";
         assert_eq!(
             steps("one", before, after),
-            "one phase, steps inside serving: batch_cells 10× p50 ≤ 100 p99 ≤ inf ms"
+            "one phase, steps inside serving: batch_cells 10× mean 84.00 p50 ≤ 100 p99 ≤ inf ms"
         );
         // With serving's batch reads by fold: those of the phase.
         let before = format!("{before}serving_batch_reads_total{{fold=\"final\"}} 1\n");
@@ -1479,8 +1495,8 @@ serving_read_seconds_count{part=\"fx_rates\"} 4
         );
         assert_eq!(
             steps("one", &before, &after),
-            "one phase, steps inside serving: batch_cells 10× p50 ≤ 100 p99 ≤ inf ms; \
-             batch reads by fold: final 1, none 9"
+            "one phase, steps inside serving: batch_cells 10× mean 84.00 p50 ≤ 100 p99 ≤ inf \
+             ms; batch reads by fold: final 1, none 9"
         );
     }
 }
