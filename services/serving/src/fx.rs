@@ -400,7 +400,7 @@ mod tests {
             }
             pieces
         };
-        let total = |answer: &Answer| answer.values().map(|t| t.revenue_minor).sum::<i64>();
+        let total = |answer: &Answer| answer.iter().map(|(_, t)| t.revenue_minor).sum::<i64>();
         for to in [eur, jpy] {
             let whole = Buckets::Whole {
                 from: first * 86_400,
@@ -437,7 +437,7 @@ mod tests {
                     let answer =
                         convert_at(&rates, pieces_of(&buckets).iter(), &buckets, to).unwrap();
                     assert_eq!(total(&answer), expected, "{zone} {granularity} to {to}");
-                    let orders: i64 = answer.values().map(|t| t.orders).sum();
+                    let orders: i64 = answer.iter().map(|(_, t)| t.orders).sum();
                     assert_eq!(orders, minutes.len() as i64);
                 }
             }

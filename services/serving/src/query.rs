@@ -322,8 +322,8 @@ impl MadePoints {
 /// About how much memory an answer's cells hold.
 pub fn answer_bytes(answer: &Answer) -> usize {
     answer
-        .keys()
-        .map(|(_, values, _)| cell_bytes(values) + size_of::<Totals>())
+        .iter()
+        .map(|((_, values, _), _)| cell_bytes(values) + size_of::<Totals>())
         .sum()
 }
 
@@ -794,8 +794,11 @@ pub fn residence_request(
     }
 }
 
-/// The cells of an answer: (local bucket start, grouped values, currency).
-pub type Answer = BTreeMap<(i64, Vec<String>, Currency), Totals>;
+/// The cells of an answer: (local bucket start, grouped values, currency), in
+/// key order, each key once. A vector rather than a map: nothing looks a cell
+/// up, and building a B-tree of a 30-day answer's thousands of cells was a
+/// twentieth of serving's CPU on distinct questions (profiled).
+pub type Answer = Vec<((i64, Vec<String>, Currency), Totals)>;
 
 /// An answer being summed. A piece's grouped values are borrowed and numbered
 /// when first seen (one hash lookup per piece), and the sums are kept by that
@@ -1341,7 +1344,8 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
         .iter()
         .filter(|(_, t)| shown(t, req.basis))
         .inspect(|((_, _, currency), _)| currencies.push(*currency))
-        .map(|(&(_, _, currency), t)| CurrencyTotals {
+        .map(|((_, _, currency), t)| (*currency, t))
+        .map(|(currency, t)| CurrencyTotals {
             buyers: buyers_of(&total_buyers, &[], currency),
             currency: currency.to_string(),
             revenue_minor: t.revenue_minor,
@@ -1444,7 +1448,8 @@ mod tests {
             let currencies: [Currency; 3] =
                 ["EUR", "JPY", "USD"].map(|c| c.parse().unwrap());
             let mut sums = Sums::default();
-            let mut expected = Answer::new();
+            let mut expected: std::collections::BTreeMap<(i64, Vec<String>, Currency), Totals> =
+                std::collections::BTreeMap::new();
             for (bucket, groups, currency, amount) in &pieces {
                 let t = Totals { revenue_minor: *amount, orders: 1, ..Totals::default() };
                 sums.add(*bucket, groups, currencies[*currency], t);
@@ -1453,7 +1458,7 @@ mod tests {
                     .or_default()
                     .add(t);
             }
-            prop_assert_eq!(sums.answer(), expected);
+            prop_assert_eq!(sums.answer(), expected.into_iter().collect::<Answer>());
         }
     }
 }

@@ -407,6 +407,9 @@ pub struct Views {
     conversions: Bounded<String, crate::fx::Converted>,
     /// Answers' points by question (see [`crate::query::revenue`]).
     points: Bounded<String, crate::query::MadePoints>,
+    /// The rows of the last batch read: the next one makes room for a quarter
+    /// more at first (a dashboard's questions read alike).
+    last_read_rows: std::sync::atomic::AtomicUsize,
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
     /// Where the heavy steps of a computation run.
@@ -430,6 +433,7 @@ impl Views {
             cursor,
             cursor_read: SharedRead::new(CURSOR_SHARED_WITHIN),
             computing,
+            last_read_rows: std::sync::atomic::AtomicUsize::new(0),
             ch_permits: tokio::sync::Semaphore::new(settings.clickhouse_concurrency.max(1)),
             pool,
             ch,
@@ -480,6 +484,15 @@ impl Views {
     /// The Postgres pool (exchange rates).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The rows a batch read makes room for at first: a quarter more than the
+    /// last one read.
+    fn room(&self) -> usize {
+        let last = self
+            .last_read_rows
+            .load(std::sync::atomic::Ordering::Relaxed);
+        last + last / 4
     }
 
     /// Most cells one answer may hold (`serving.max_cells`).
@@ -564,7 +577,7 @@ impl Views {
                 fold: false,
                 ..query
             };
-            let read = tidemark_batchview::cells(&self.ch, state, &query, limit);
+            let read = tidemark_batchview::cells(&self.ch, state, &query, limit, self.room());
             let read = timed("batch_cells", read).await?;
             if unfolding.unchanged(generation).await {
                 pieces = Some(read);
@@ -575,10 +588,12 @@ impl Views {
         let pieces = Arc::new(match pieces {
             Some(pieces) => pieces,
             None => {
-                let read = tidemark_batchview::cells(&self.ch, state, &query, limit);
+                let read = tidemark_batchview::cells(&self.ch, state, &query, limit, self.room());
                 timed("batch_cells", read).await?
             }
         });
+        self.last_read_rows
+            .store(pieces.len(), std::sync::atomic::Ordering::Relaxed);
         let weight = pieces_bytes(pieces.iter().map(|(key, _)| key));
         self.batch.keep(key, pieces.clone(), weight);
         Ok(pieces)

@@ -502,6 +502,7 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
                 fold: true,
             },
             usize::MAX / 4,
+            0,
         )
         .await?;
         revenue_ms.push(t.elapsed().as_secs_f64() * 1e3);
