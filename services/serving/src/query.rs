@@ -797,15 +797,16 @@ pub fn residence_request(
 /// The cells of an answer: (local bucket start, grouped values, currency), in
 /// key order, each key once. A vector rather than a map: nothing looks a cell
 /// up, and building a B-tree of a 30-day answer's thousands of cells was a
-/// twentieth of serving's CPU on distinct questions (profiled).
-pub type Answer = Vec<((i64, Vec<String>, Currency), Totals)>;
+/// twentieth of serving's CPU on distinct questions (profiled). A group's
+/// values are shared by its cells: a copy per cell was three allocations each.
+pub type Answer = Vec<((i64, Arc<[String]>, Currency), Totals)>;
 
 /// An answer being summed. A piece's grouped values are borrowed and numbered
 /// when first seen (one hash lookup per piece), and the sums are kept by that
 /// number: summing compares no strings, where a map ordered by the values
 /// compared them a dozen times per piece (a fifth of serving's CPU on distinct
 /// converted questions, profiled in `cargo xtask bench serving`). [`Sums::answer`]
-/// orders the values once and copies them once per answer cell.
+/// orders the values once and copies them once per group, shared by its cells.
 #[derive(Default)]
 pub struct Sums<'a> {
     groups: foldhash::HashMap<&'a [String], u32>,
@@ -858,9 +859,10 @@ impl<'a> Sums<'a> {
             totals.push(t);
         }
         keys.sort_unstable();
+        let shared: Vec<Arc<[String]>> = ordered.iter().map(|(g, _)| Arc::from(*g)).collect();
         keys.into_iter()
             .map(|(bucket, group, currency, at)| {
-                let key = (bucket, ordered[group].0.to_vec(), currency);
+                let key = (bucket, shared[group].clone(), currency);
                 (key, totals[at as usize])
             })
             .collect()
@@ -1044,9 +1046,12 @@ fn points(
             .filter(|(_, t)| shown(t, basis))
             .map(|((bucket, values, currency), t)| Point {
                 buyers: buyers.as_mut().map(|b| {
-                    let here = (*bucket, values, *currency);
-                    while b.next_if(|((k, g, c), _)| (*k, g, *c) < here).is_some() {}
-                    b.next_if(|((k, g, c), _)| (*k, g, *c) == here)
+                    let here = (*bucket, &values[..], *currency);
+                    while b
+                        .next_if(|((k, g, c), _)| (*k, g.as_slice(), *c) < here)
+                        .is_some()
+                    {}
+                    b.next_if(|((k, g, c), _)| (*k, g.as_slice(), *c) == here)
                         .map_or(0, |(_, n)| *n)
                 }),
                 bucket: at(*bucket),
@@ -1362,7 +1367,7 @@ pub async fn summary(views: &Views, req: &SummaryRequest) -> Result<Summary, Pro
             per_currency
                 .entry(*currency)
                 .or_default()
-                .push((values.clone(), *t));
+                .push((values.to_vec(), *t));
         }
     }
     let mut top = Vec::new();
@@ -1458,7 +1463,11 @@ mod tests {
                     .or_default()
                     .add(t);
             }
-            prop_assert_eq!(sums.answer(), expected.into_iter().collect::<Answer>());
+            let expected: Answer = expected
+                .into_iter()
+                .map(|((bucket, groups, currency), t)| ((bucket, groups.into(), currency), t))
+                .collect();
+            prop_assert_eq!(sums.answer(), expected);
         }
     }
 }
