@@ -413,6 +413,9 @@ pub struct Views {
     /// Batch-view statements in flight (`clickhouse_concurrency`).
     ch_permits: tokio::sync::Semaphore,
     ch_concurrency: usize,
+    /// The batch-view client with one thread per statement (see
+    /// [`Views::batch_client`]), made once.
+    ch_one_thread: clickhouse::Client,
     /// Where the heavy steps of a computation run.
     computing: Arc<Computing>,
     /// When batch reads may go without `FINAL` (`None`: never, a sharded view).
@@ -437,6 +440,7 @@ impl Views {
             last_read_rows: std::sync::atomic::AtomicUsize::new(0),
             ch_permits: tokio::sync::Semaphore::new(settings.clickhouse_concurrency.max(1)),
             ch_concurrency: settings.clickhouse_concurrency.max(1),
+            ch_one_thread: ch.clone().with_setting("max_threads", "1"),
             pool,
             ch,
             speed,
@@ -499,12 +503,12 @@ impl Views {
     /// Measured on `bench serving`'s view (100,000 orders, the dashboard
     /// question's two statements from three clients at once): 28.2–29.0 ms of
     /// ClickHouse's CPU per question on one thread each, 30.8–31.3 on the default.
-    fn batch_client(&self) -> std::borrow::Cow<'_, clickhouse::Client> {
+    fn batch_client(&self) -> &clickhouse::Client {
         let in_flight = self.ch_concurrency - self.ch_permits.available_permits();
         if in_flight > 2 {
-            std::borrow::Cow::Owned(self.ch.clone().with_setting("max_threads", "1"))
+            &self.ch_one_thread
         } else {
-            std::borrow::Cow::Borrowed(&self.ch)
+            &self.ch
         }
     }
 
@@ -599,8 +603,8 @@ impl Views {
                 fold: false,
                 ..query
             };
-            let client = self.batch_client();
-            let read = tidemark_batchview::cells(&client, state, &query, limit, self.room());
+            let read =
+                tidemark_batchview::cells(self.batch_client(), state, &query, limit, self.room());
             let read = timed("batch_cells", read).await?;
             if unfolding.unchanged(generation).await {
                 pieces = Some(read);
@@ -611,8 +615,13 @@ impl Views {
         let pieces = Arc::new(match pieces {
             Some(pieces) => pieces,
             None => {
-                let client = self.batch_client();
-                let read = tidemark_batchview::cells(&client, state, &query, limit, self.room());
+                let read = tidemark_batchview::cells(
+                    self.batch_client(),
+                    state,
+                    &query,
+                    limit,
+                    self.room(),
+                );
                 timed("batch_cells", read).await?
             }
         });
@@ -775,7 +784,7 @@ impl Views {
         let counts = Arc::new(
             timed(
                 "batch_buyers",
-                tidemark_batchview::buyers(&self.batch_client(), state, query),
+                tidemark_batchview::buyers(self.batch_client(), state, query),
             )
             .await
             .map_err(|e| {
@@ -820,7 +829,7 @@ impl Views {
             let _permit = self.ch_permits.acquire().await.expect("never closed");
             let held = timed(
                 "batch_buyers_among",
-                tidemark_batchview::buyers_among(&self.batch_client(), state, query, chunk),
+                tidemark_batchview::buyers_among(self.batch_client(), state, query, chunk),
             )
             .await
             .map_err(|e| {
