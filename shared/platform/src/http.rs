@@ -11,6 +11,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{BoxError, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -205,6 +206,15 @@ pub async fn serve(
 ) -> io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "Listening");
+    // Answers go out as soon as they are written: with Nagle's algorithm the last
+    // partial segment of an answer waits for the client's ACK of the ones before,
+    // up to a delayed ACK's 40 ms on a real network. (On loopback `bench serving`
+    // measured no difference: REST p99 1.46 / 1.59 ms with it, 1.38 without.)
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY could not be set on a connection");
+        }
+    });
     let server =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = std::pin::pin!(server.into_future());
