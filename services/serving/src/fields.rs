@@ -9,8 +9,9 @@
 //! the same values the whole answer holds (one computation of them, shared by
 //! both doors through [`crate::query::revenue`]).
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
-use serde::ser::{SerializeMap, Serializer};
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 
 use crate::query::{Errors, Point, RevenueSeries};
 
@@ -105,12 +106,12 @@ impl PointFields {
 }
 
 /// A point with only some of its fields, serialised as the whole point would
-/// be with the others left out.
-struct SelectedPoint<'a>(&'a Point, PointFields);
+/// be with the others left out; its bucket's time already written as text.
+struct SelectedPoint<'a>(&'a Point, PointFields, &'a str);
 
 impl Serialize for SelectedPoint<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let (p, fields) = (self.0, self.1);
+        let (p, fields, bucket) = (self.0, self.1, self.2);
         let mut map = serializer.serialize_map(None)?;
         // Each field by its index in `POINT_FIELDS`, if asked.
         macro_rules! entries {
@@ -120,7 +121,7 @@ impl Serialize for SelectedPoint<'_> {
                 })*
             };
         }
-        entries!(0 => &p.bucket, 1 => &p.local_bucket, 2 => &p.group);
+        entries!(0 => bucket, 1 => &p.local_bucket, 2 => &p.group);
         if let Some(dimensions) = &p.dimensions {
             entries!(3 => dimensions);
         }
@@ -150,7 +151,19 @@ pub struct SelectedPoints<'a>(pub &'a [Point], pub PointFields);
 
 impl Serialize for SelectedPoints<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|p| SelectedPoint(p, self.1)))
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        // A bucket's points come one after another: its time is written as text
+        // once for them (as chrono's `Serialize` writes it), not once per point.
+        let mut shown: Option<(DateTime<Utc>, String)> = None;
+        for p in self.0 {
+            if shown.as_ref().is_none_or(|(at, _)| *at != p.bucket) {
+                let text = p.bucket.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+                shown = Some((p.bucket, text));
+            }
+            let bucket = shown.as_ref().map_or("", |(_, text)| text.as_str());
+            seq.serialize_element(&SelectedPoint(p, self.1, bucket))?;
+        }
+        seq.end()
     }
 }
 
@@ -303,16 +316,24 @@ mod tests {
 
     #[test]
     fn every_field_named_is_the_whole_answer_byte_for_byte() {
-        let whole = serde_json::to_string(&series()).unwrap();
+        // Points of two buckets, one of them off the second (each bucket's time
+        // is written once for its points).
+        let mut s = series();
+        let mut points = s.points.list().to_vec();
+        let mut later = points[1].clone();
+        later.bucket = Utc.timestamp_opt(1_764_550_800, 123_000_000).unwrap();
+        points.push(later);
+        s.points = Arc::new(Points::new(points));
+        let whole = serde_json::to_string(&s).unwrap();
+        assert!(whole.contains(r#""bucket":"2025-12-01T01:00:00.123Z""#));
         let (all, errors) = parse(Some(&POINT_FIELDS.join(",")));
         assert_eq!((all, errors), (PointFields::ALL, 0));
         assert_eq!(parse(None), (PointFields::ALL, 0));
         // Through the selecting serialiser, every field given: the same bytes,
         // so POINT_FIELDS and the envelope follow Point and RevenueSeries.
-        let s = series();
         let envelope = envelope(&s, PointFields::ALL);
         assert_eq!(serde_json::to_string(&envelope).unwrap(), whole);
-        assert_eq!(json(series(), PointFields::ALL), whole);
+        assert_eq!(json(s.clone(), PointFields::ALL), whole);
     }
 
     #[test]

@@ -76,25 +76,31 @@ impl RevenueRequest {
 )]
 pub struct Dimensions {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub city: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub city: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub category: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub product: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub product: Option<Arc<str>>,
 }
 
 impl Dimensions {
     fn of(group_by: &[Attribute], values: &[String]) -> Self {
         let mut out = Dimensions::default();
         for (a, v) in group_by.iter().zip(values) {
-            let slot = match a {
-                Attribute::City => &mut out.city,
-                Attribute::Category => &mut out.category,
-                Attribute::Product => &mut out.product,
-            };
-            *slot = Some(v.clone());
+            *out.slot(*a) = Some(Arc::from(v.as_str()));
         }
         out
+    }
+
+    fn slot(&mut self, a: Attribute) -> &mut Option<Arc<str>> {
+        match a {
+            Attribute::City => &mut self.city,
+            Attribute::Category => &mut self.category,
+            Attribute::Product => &mut self.product,
+        }
     }
 }
 
@@ -144,13 +150,16 @@ pub struct Point {
     pub bucket: DateTime<Utc>,
     /// The same instant in the question's zone, with its offset
     /// (`2026-11-21T00:00:00+05:30`): a repeated hour shows its two offsets.
-    pub local_bucket: String,
+    #[schema(value_type = String)]
+    pub local_bucket: Arc<str>,
     /// The value when grouped by one dimension.
-    pub group: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub group: Option<Arc<str>>,
     /// The value of each dimension grouped by (absent without `group_by`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dimensions: Option<Dimensions>,
-    pub currency: String,
+    #[schema(value_type = String)]
+    pub currency: Arc<str>,
     pub revenue_minor: i64,
     /// The same revenue in major units, exact, by the currency's exponent
     /// (`1299` → `"12.99"` EUR, `"1299"` JPY, `"1.299"` KWD).
@@ -263,18 +272,20 @@ impl Points {
     /// About how much memory the points hold, counting their JSON as large as
     /// them (the JSON of every field is about that; of fewer, less).
     fn bytes(&self) -> usize {
+        // A bucket's local time, a group's values and a currency are shared by
+        // their points: counted with each (at most the points' own strings again).
         let strings = |p: &Point| {
             let dimensions = p.dimensions.as_ref().map_or(0, |d| {
                 [&d.city, &d.category, &d.product]
                     .into_iter()
                     .flatten()
-                    .map(String::capacity)
+                    .map(|v| v.len())
                     .sum()
             });
-            p.local_bucket.capacity()
-                + p.group.as_ref().map_or(0, String::capacity)
+            p.local_bucket.len()
+                + p.group.as_ref().map_or(0, |g| g.len())
                 + dimensions
-                + p.currency.capacity()
+                + p.currency.len()
                 + p.revenue.capacity()
                 + p.net.net_revenue.capacity()
         };
@@ -1028,14 +1039,45 @@ fn points(
     group_by: &[Attribute],
     basis: Basis,
 ) -> Vec<Point> {
-    let one = group_by.len() == 1;
     // The cells and the buyers are both in key order: read side by side.
     let mut buyers = buyers.map(|b| b.iter().peekable());
-    // A bucket's points come one after another: its local time is shown once.
-    let mut shown_at: Option<(i64, String)> = None;
+    // A bucket's points come one after another: its local time is shown once,
+    // and shared by them.
+    let mut shown_at: Option<(i64, Arc<str>)> = None;
     let mut show = |bucket: i64| match &shown_at {
         Some((at, shown)) if *at == bucket => shown.clone(),
-        _ => shown_at.insert((bucket, local.show(bucket))).1.clone(),
+        _ => shown_at
+            .insert((bucket, Arc::from(local.show(bucket))))
+            .1
+            .clone(),
+    };
+    // A group's values are one allocation shared by its cells (`Sums::answer`),
+    // so its point values are made once per group, known by that allocation's
+    // address (a copy per point was three allocations of the points' seven).
+    let mut groups: foldhash::HashMap<*const String, (Option<Arc<str>>, Dimensions)> =
+        foldhash::HashMap::default();
+    let mut group_of = |values: &Arc<[String]>| {
+        if group_by.is_empty() {
+            return (None, None);
+        }
+        let (group, dimensions) = groups
+            .entry(Arc::as_ptr(values).cast::<String>())
+            .or_insert_with(|| {
+                let mut dimensions = Dimensions::of(group_by, values);
+                let group = (group_by.len() == 1).then(|| dimensions.slot(group_by[0]).clone());
+                (group.flatten(), dimensions)
+            });
+        (group.clone(), Some(dimensions.clone()))
+    };
+    // An answer holds a handful of currencies: each code's text is made once.
+    let mut codes: Vec<(Currency, Arc<str>)> = Vec::new();
+    let mut code_of = |currency: Currency| {
+        if let Some((_, code)) = codes.iter().find(|(c, _)| *c == currency) {
+            return code.clone();
+        }
+        let code: Arc<str> = Arc::from(currency.as_str());
+        codes.push((currency, code.clone()));
+        code
     };
     // Sized once: grown by doubling, the points (a few hundred bytes each)
     // were copied and their pages faulted in again at every step.
@@ -1044,27 +1086,30 @@ fn points(
         cells
             .iter()
             .filter(|(_, t)| shown(t, basis))
-            .map(|((bucket, values, currency), t)| Point {
-                buyers: buyers.as_mut().map(|b| {
-                    let here = (*bucket, &values[..], *currency);
-                    while b
-                        .next_if(|((k, g, c), _)| (*k, g.as_slice(), *c) < here)
-                        .is_some()
-                    {}
-                    b.next_if(|((k, g, c), _)| (*k, g.as_slice(), *c) == here)
-                        .map_or(0, |(_, n)| *n)
-                }),
-                bucket: at(*bucket),
-                local_bucket: show(*bucket),
-                group: if one { values.first().cloned() } else { None },
-                dimensions: (!group_by.is_empty()).then(|| Dimensions::of(group_by, values)),
-                currency: currency.to_string(),
-                revenue_minor: t.revenue_minor,
-                revenue: decimal(t.revenue_minor, *currency),
-                orders: t.orders,
-                items: t.items,
-                average_order_value_minor: aov(t),
-                net: Net::of(t, basis, *currency),
+            .map(|((bucket, values, currency), t)| {
+                let (group, dimensions) = group_of(values);
+                Point {
+                    buyers: buyers.as_mut().map(|b| {
+                        let here = (*bucket, &values[..], *currency);
+                        while b
+                            .next_if(|((k, g, c), _)| (*k, g.as_slice(), *c) < here)
+                            .is_some()
+                        {}
+                        b.next_if(|((k, g, c), _)| (*k, g.as_slice(), *c) == here)
+                            .map_or(0, |(_, n)| *n)
+                    }),
+                    bucket: at(*bucket),
+                    local_bucket: show(*bucket),
+                    group,
+                    dimensions,
+                    currency: code_of(*currency),
+                    revenue_minor: t.revenue_minor,
+                    revenue: decimal(t.revenue_minor, *currency),
+                    orders: t.orders,
+                    items: t.items,
+                    average_order_value_minor: aov(t),
+                    net: Net::of(t, basis, *currency),
+                }
             });
     points.extend(made);
     points
