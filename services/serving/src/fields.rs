@@ -167,20 +167,6 @@ impl Serialize for SelectedPoints<'_> {
     }
 }
 
-/// An answer's points with `fields` of each: their JSON made once per points
-/// (see [`crate::query::Points::json`]) and copied into every answer stating
-/// them, whose freshness moves with the data while they stay the same.
-struct PointsJson<'a>(&'a crate::query::Points, PointFields);
-
-impl Serialize for PointsJson<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self.0.json(self.1) {
-            Some(json) => json.serialize(serializer),
-            None => SelectedPoints(self.0.list(), self.1).serialize(serializer),
-        }
-    }
-}
-
 /// A revenue series as REST sends it: every field of its envelope, and of each
 /// point the fields asked.
 pub struct RestSeries {
@@ -194,45 +180,67 @@ impl RestSeries {
     pub fn json_bytes(&self) -> usize {
         let points = self.series.points.json(self.fields).map_or_else(
             || self.fields.json_bytes(self.series.points.list().len()),
-            |json| json.get().len(),
+            <[u8]>::len,
         );
         points + 2048
     }
-}
 
-impl Serialize for RestSeries {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        envelope(&self.series, self.fields).serialize(serializer)
+    /// Its JSON, written as [`RevenueSeries`]' with only `fields` of each point:
+    /// the envelope's fields before and after the points, and between them the
+    /// points' JSON made once per points (see [`crate::query::Points::json`]),
+    /// copied into every answer stating them — whose freshness moves with the
+    /// data while they stay the same.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let s = &self.series;
+        let head = Head {
+            granularity: &s.granularity,
+            group_by: &s.group_by,
+            tz: &s.tz,
+            report_currency: &s.report_currency,
+            from: &s.from,
+            to: &s.to,
+        };
+        serde_json::to_writer(&mut *out, &head)?;
+        // `{…}` open again for the points; then the rest's `{…}` as `,…}`.
+        let closed = out.pop();
+        debug_assert_eq!(closed, Some(b'}'));
+        out.extend_from_slice(br#","points":"#);
+        match s.points.json(self.fields) {
+            Some(json) => out.extend_from_slice(json),
+            None => {
+                let points = SelectedPoints(s.points.list(), self.fields);
+                serde_json::to_writer(&mut *out, &points)?;
+            }
+        }
+        let tail = out.len();
+        let rest = Tail {
+            currencies: &s.currencies,
+            partial: s.partial,
+            missing: &s.missing,
+            freshness: &s.freshness,
+        };
+        serde_json::to_writer(&mut *out, &rest)?;
+        debug_assert_eq!(out[tail], b'{');
+        out[tail] = b',';
+        Ok(())
     }
 }
 
-/// `series` with only `fields` of each point.
-fn envelope(s: &RevenueSeries, fields: PointFields) -> Envelope<'_> {
-    Envelope {
-        granularity: &s.granularity,
-        group_by: &s.group_by,
-        tz: &s.tz,
-        report_currency: &s.report_currency,
-        from: &s.from,
-        to: &s.to,
-        points: PointsJson(&s.points, fields),
-        currencies: &s.currencies,
-        partial: s.partial,
-        missing: &s.missing,
-        freshness: &s.freshness,
-    }
-}
-
-/// [`RevenueSeries`]'s fields, in its order (a test holds the two together).
+/// [`RevenueSeries`]' fields before its points, in its order (a test holds
+/// them together).
 #[derive(Serialize)]
-struct Envelope<'a> {
+struct Head<'a> {
     granularity: &'a str,
     group_by: &'a Option<String>,
     tz: &'a str,
     report_currency: &'a Option<String>,
-    from: &'a chrono::DateTime<chrono::Utc>,
-    to: &'a chrono::DateTime<chrono::Utc>,
-    points: PointsJson<'a>,
+    from: &'a DateTime<Utc>,
+    to: &'a DateTime<Utc>,
+}
+
+/// [`RevenueSeries`]' fields after its points, in its order.
+#[derive(Serialize)]
+struct Tail<'a> {
     currencies: &'a [crate::query::CurrencyInfo],
     partial: bool,
     missing: &'a [String],
@@ -311,7 +319,9 @@ mod tests {
     }
 
     fn json(series: RevenueSeries, fields: PointFields) -> String {
-        serde_json::to_string(&RestSeries { series, fields }).unwrap()
+        let mut out = Vec::new();
+        RestSeries { series, fields }.write_json(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
@@ -330,10 +340,20 @@ mod tests {
         assert_eq!((all, errors), (PointFields::ALL, 0));
         assert_eq!(parse(None), (PointFields::ALL, 0));
         // Through the selecting serialiser, every field given: the same bytes,
-        // so POINT_FIELDS and the envelope follow Point and RevenueSeries.
-        let envelope = envelope(&s, PointFields::ALL);
-        assert_eq!(serde_json::to_string(&envelope).unwrap(), whole);
+        // so POINT_FIELDS and the envelope follow Point and RevenueSeries —
+        // made afresh, and from the points' kept JSON.
         assert_eq!(json(s.clone(), PointFields::ALL), whole);
+        assert!(s.points.json(PointFields::ALL).is_some());
+        assert_eq!(json(s.clone(), PointFields::ALL), whole);
+        // With nothing missing and with something missing (the envelope's
+        // optional fields both ways).
+        let mut partial = s.clone();
+        partial.partial = true;
+        partial.missing = vec!["speed".into()];
+        partial.report_currency = Some("EUR".into());
+        partial.group_by = None;
+        let whole = serde_json::to_string(&partial).unwrap();
+        assert_eq!(json(partial, PointFields::ALL), whole);
     }
 
     #[test]
@@ -419,8 +439,9 @@ mod tests {
             let mut series = series();
             series.points = Arc::new(Points::new(points));
             let rest = RestSeries { series, fields };
-            let whole = serde_json::to_vec(&rest).unwrap().len();
-            assert!(whole <= rest.json_bytes(), "{raw:?}: {whole}");
+            let mut whole = Vec::new();
+            rest.write_json(&mut whole).unwrap();
+            assert!(whole.len() <= rest.json_bytes(), "{raw:?}: {}", whole.len());
         }
     }
 

@@ -48,15 +48,20 @@ fn rejected(route: &'static str, problem: Problem) -> Response {
     problem.into_response()
 }
 
-/// An answer REST computes, and about the bytes of its JSON (the first size of
+/// An answer REST computes: its JSON, and about its bytes (the first size of
 /// the buffer it is written into).
-trait JsonAnswer: serde::Serialize {
+trait JsonAnswer {
     fn json_bytes(&self) -> usize;
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
 }
 
 impl JsonAnswer for crate::fields::RestSeries {
     fn json_bytes(&self) -> usize {
         crate::fields::RestSeries::json_bytes(self)
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        crate::fields::RestSeries::write_json(self, out)
     }
 }
 
@@ -64,6 +69,10 @@ impl JsonAnswer for Summary {
     fn json_bytes(&self) -> usize {
         // An envelope and the top groups: a few kilobytes.
         4096
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, self)
     }
 }
 
@@ -93,7 +102,8 @@ where
             // JSON, 10–25 ms during which a worker would answer no request.
             let serializing = computing.run(move || {
                 let mut out = Vec::with_capacity(answer.json_bytes());
-                serde_json::to_writer(&mut out, &answer)
+                answer
+                    .write_json(&mut out)
                     .map(|()| out)
                     .map_err(|e| e.to_string())
             });

@@ -12,8 +12,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// ingest, not become its own revenue series), codes without minor units (`XXX`
 /// "no currency", `XAU` gold, `XDR`), special codes (`XTS` for testing), funds
 /// (`BOV`, `CLF`, `USN`, …) and codes superseded by another (`HRK`).
+///
+/// The code and its exponent (a function of the code, so ordering and equality
+/// are the code's): the exponent is looked up once, where the code is parsed,
+/// not at every amount shown.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Currency([u8; 3]);
+pub struct Currency([u8; 3], u8);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not an accepted ISO 4217 currency code")]
@@ -31,23 +35,21 @@ impl Currency {
     pub fn all() -> impl Iterator<Item = Currency> {
         use iso_currency::IntoEnumIterator;
         let mut codes: Vec<Currency> = iso_currency::Currency::iter()
-            .filter(|c| accepted(*c).is_some())
-            .map(|c| Currency::from_code(c.code()))
+            .filter_map(Currency::accepted)
             .collect();
         codes.sort_unstable();
         codes.into_iter()
     }
 
-    fn from_code(code: &str) -> Currency {
-        Currency(
-            code.as_bytes()
-                .try_into()
-                .expect("ISO 4217 codes are three letters"),
-        )
-    }
-
-    fn iso(&self) -> iso_currency::Currency {
-        iso_currency::Currency::from_code(self.as_str()).expect("constructed from the ISO list")
+    /// `c`, if a shop may take payments in it.
+    fn accepted(c: iso_currency::Currency) -> Option<Currency> {
+        let exponent = accepted(c)?;
+        let code = c
+            .code()
+            .as_bytes()
+            .try_into()
+            .expect("ISO 4217 codes are three letters");
+        Some(Currency(code, exponent))
     }
 
     pub fn as_str(&self) -> &str {
@@ -56,7 +58,7 @@ impl Currency {
 
     /// Digits after the decimal point (2 for EUR, 0 for JPY, 3 for KWD).
     pub fn exponent(&self) -> u8 {
-        accepted(self.iso()).expect("only accepted codes are constructed")
+        self.1
     }
 }
 
@@ -65,8 +67,7 @@ impl FromStr for Currency {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         iso_currency::Currency::from_code(s)
-            .filter(|c| accepted(*c).is_some())
-            .map(|c| Currency::from_code(c.code()))
+            .and_then(Currency::accepted)
             .ok_or_else(|| CurrencyError(s.chars().take(16).collect()))
     }
 }
@@ -100,19 +101,30 @@ impl<'de> Deserialize<'de> for Currency {
 /// exponent (`12345` EUR → `123.45`, JPY → `12345`, KWD → `12.345`). A string,
 /// because money is never a float.
 pub fn decimal(minor: i64, currency: Currency) -> String {
-    let exp = u32::from(currency.exponent());
-    if exp == 0 {
-        return minor.to_string();
+    let exp = usize::from(currency.exponent());
+    // The digits of |minor| from the right, with zeros before them up to one
+    // more than the exponent (a whole unit's digit): written by hand, as every
+    // point of an answer shows two amounts and `format!` was a share of serving's
+    // time making them.
+    let mut digits = [b'0'; 24];
+    let (mut rest, mut at) = (minor.unsigned_abs(), digits.len());
+    while rest > 0 {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
     }
-    let sign = if minor < 0 { "-" } else { "" };
-    let abs = minor.unsigned_abs();
-    let scale = 10_u64.pow(exp);
-    format!(
-        "{sign}{}.{:0width$}",
-        abs / scale,
-        abs % scale,
-        width = exp as usize
-    )
+    let shown = &digits[at.min(digits.len() - exp - 1)..];
+    let (units, fraction) = shown.split_at(shown.len() - exp);
+    let mut out = String::with_capacity(shown.len() + 2);
+    if minor < 0 {
+        out.push('-');
+    }
+    out.extend(units.iter().map(|d| char::from(*d)));
+    if exp > 0 {
+        out.push('.');
+        out.extend(fraction.iter().map(|d| char::from(*d)));
+    }
+    out
 }
 
 /// Formats minor units as a decimal amount for people (`12345`, EUR → `123.45 EUR`).
@@ -184,5 +196,54 @@ mod tests {
         assert_eq!(decimal(1_299, kwd), "1.299");
         assert_eq!(decimal(1_299, jpy), "1299");
         assert_eq!(decimal(i64::MIN, eur), "-92233720368547758.08");
+    }
+
+    #[test]
+    fn decimals_are_the_integer_division_by_the_exponent() {
+        let by_division = |minor: i64, exp: u32| {
+            let (abs, scale) = (minor.unsigned_abs(), 10_u64.pow(exp));
+            let sign = if minor < 0 { "-" } else { "" };
+            match exp {
+                0 => format!("{sign}{abs}"),
+                _ => format!(
+                    "{sign}{}.{:0w$}",
+                    abs / scale,
+                    abs % scale,
+                    w = exp as usize
+                ),
+            }
+        };
+        // One currency of each exponent.
+        let mut exponents: Vec<Currency> = Currency::all().collect();
+        exponents.sort_by_key(Currency::exponent);
+        exponents.dedup_by_key(|c| c.exponent());
+        assert!(exponents.len() >= 3, "{exponents:?}");
+        let mut amounts = vec![
+            0,
+            1,
+            -1,
+            9,
+            10,
+            99,
+            100,
+            101,
+            1_000,
+            12_345,
+            i64::MAX,
+            i64::MIN,
+        ];
+        let mut x: i64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            amounts.push(x >> (x & 63).clamp(0, 60));
+        }
+        for c in exponents {
+            for &minor in &amounts {
+                let exp = u32::from(c.exponent());
+                assert_eq!(decimal(minor, c), by_division(minor, exp), "{minor} {c}");
+            }
+        }
     }
 }
