@@ -393,7 +393,7 @@ mod tests {
             let mut pieces = std::collections::BTreeMap::new();
             for (at, amount) in &minutes {
                 let t: &mut Totals = pieces
-                    .entry((buckets.key(*at), at.div_euclid(86_400), Vec::new(), usd))
+                    .entry((buckets.key(*at), at.div_euclid(86_400), Arc::from([]), usd))
                     .or_default();
                 t.revenue_minor += amount;
                 t.orders += 1;

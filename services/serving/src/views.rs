@@ -156,7 +156,7 @@ impl Read<'_> {
             } else {
                 0
             };
-            let values = groups.iter().map(|i| parts[*i].to_owned()).collect();
+            let values: Arc<[String]> = groups.iter().map(|i| parts[*i].to_owned()).collect();
             out.entry((key, date, values, *currency))
                 .or_default()
                 .add(*totals);
@@ -187,12 +187,13 @@ pub type Pieces = BTreeMap<PieceKey, Totals>;
 pub type BatchPieces = Vec<(PieceKey, Totals)>;
 
 /// About how much memory pieces with these keys hold: each entry's key and
-/// totals, its grouped values' heap, and a B-tree node's share per entry.
+/// totals, its grouped values' heap, and a B-tree node's share per entry (a
+/// group's values shared by its pieces are counted with each: at most that).
 pub fn pieces_bytes<'a>(keys: impl Iterator<Item = &'a PieceKey>) -> usize {
     const PER_ENTRY: usize = size_of::<PieceKey>() + size_of::<Totals>() + 16;
     keys.map(|(_, _, values, _)| {
         PER_ENTRY
-            + values.capacity() * size_of::<String>()
+            + values.len() * size_of::<String>()
             + values.iter().map(String::capacity).sum::<usize>()
     })
     .sum()
@@ -985,14 +986,14 @@ mod tests {
         let eur: Currency = "EUR".parse().unwrap();
         let mut pieces = Pieces::new();
         assert_eq!(pieces_bytes(pieces.keys()), 0);
-        pieces.insert((0, 0, vec!["Berlin".into()], eur), Totals::default());
+        pieces.insert((0, 0, Arc::from(["Berlin".into()]), eur), Totals::default());
         let one = pieces_bytes(pieces.keys());
         assert!(one >= size_of::<PieceKey>() + size_of::<Totals>() + "Berlin".len());
         pieces.insert(
             (
                 3_600,
                 0,
-                vec!["Berlin".into(), "a much longer category name".into()],
+                Arc::from(["Berlin".into(), "a much longer category name".into()]),
                 eur,
             ),
             Totals::default(),
