@@ -171,10 +171,10 @@ pub async fn convert(
     Ok((answer, merged))
 }
 
-/// The rates converting `pieces` to `to` needs.
+/// The rates converting `pieces` to `to` needs; a 422 naming those missing.
 async fn rates_for<'a>(
     pool: &PgPool,
-    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)> + Clone,
+    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)>,
     to: Currency,
 ) -> Result<Rates, Problem> {
     let needed = needed_rates(pieces, to);
@@ -196,6 +196,7 @@ async fn rates_for<'a>(
                 )
             })?
     };
+    refuse_missing(&rates, &needed)?;
     Ok(rates)
 }
 
@@ -221,14 +222,13 @@ fn needed_rates<'a>(
     needed
 }
 
-/// [`convert`] with the rates at hand.
+/// [`convert`] with the rates at hand: every one the pieces need ([`rates_for`]).
 fn convert_at<'a>(
     rates: &Rates,
-    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)> + Clone,
+    pieces: impl Iterator<Item = (&'a PieceKey, &'a Totals)>,
     buckets: &Buckets,
     to: Currency,
 ) -> Result<Answer, Problem> {
-    refuse_missing(rates, &needed_rates(pieces.clone(), to))?;
     let mut out = Sums::with_capacity(pieces.size_hint().0);
     // The pieces to convert as (grouped values by number, currency, date, key,
     // totals), sorted: each (values, currency, date) is then a run in time order.
