@@ -1056,7 +1056,7 @@ fn points(
     };
     // A group's values are one allocation shared by its cells (`Sums::answer`),
     // so its point values are made once per group, known by that allocation's
-    // address (a copy per point was three allocations of the points' seven).
+    // address (copied per point, they were two of a point's six allocations).
     let mut groups: foldhash::HashMap<*const String, (Option<Arc<str>>, Dimensions)> =
         foldhash::HashMap::default();
     let mut group_of = |values: &Arc<[String]>| {
