@@ -23,13 +23,6 @@ pub struct Currency([u8; 3], u8);
 #[error("`{0}` is not an accepted ISO 4217 currency code")]
 pub struct CurrencyError(pub String);
 
-/// Whether a shop may take payments in `c`, and its exponent if so.
-fn accepted(c: iso_currency::Currency) -> Option<u8> {
-    let exponent = c.exponent()?;
-    let active = !c.is_fund() && !c.is_special() && c.is_superseded().is_none();
-    active.then(|| u8::try_from(exponent).ok()).flatten()
-}
-
 impl Currency {
     /// Every accepted code, in alphabetical order.
     pub fn all() -> impl Iterator<Item = Currency> {
@@ -41,9 +34,10 @@ impl Currency {
         codes.into_iter()
     }
 
-    /// `c`, if a shop may take payments in it.
+    /// `c`, with its exponent, if a shop may take payments in it.
     fn accepted(c: iso_currency::Currency) -> Option<Currency> {
-        let exponent = accepted(c)?;
+        let active = !c.is_fund() && !c.is_special() && c.is_superseded().is_none();
+        let exponent = u8::try_from(c.exponent()?).ok().filter(|_| active)?;
         let code = c
             .code()
             .as_bytes()
