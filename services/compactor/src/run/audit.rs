@@ -1,7 +1,7 @@
 //! Step 4: audit the run (raw ↔ Parquet ↔ staging), or fail it.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tidemark_domain::{Currency, Dimension, Granularity};
@@ -9,7 +9,7 @@ use tidemark_domain::{Currency, Dimension, Granularity};
 use super::{Compactor, Kind, Outcome, Result, Run, RunError, Written, manifest};
 use crate::aggregate::{self, CurrencyTotals};
 use crate::held::Held;
-use crate::lake;
+use crate::lake::{self, Store};
 
 /// The audit's findings (stored with the run).
 #[derive(Debug, Default, Serialize)]
@@ -48,8 +48,27 @@ struct StagedSums {
 
 impl Compactor {
     /// Reconciles raw JSON ↔ Parquet ↔ staging and checks keys, amounts and
-    /// currencies.
+    /// currencies, reading the run's Parquet files back first.
     pub async fn audit(&self, run: &Run, written: &Written, source: &Held) -> Result<AuditReport> {
+        let parquet = read_back_lake(
+            self.store.clone(),
+            written.parquet_keys.clone(),
+            self.settings.read_back_timeout,
+            run.run_id,
+        )
+        .await?;
+        self.audit_read_back(run, written, source, parquet).await
+    }
+
+    /// [`Compactor::audit`] given the totals of the run's Parquet files as read
+    /// back ([`read_back_lake`]).
+    pub async fn audit_read_back(
+        &self,
+        run: &Run,
+        written: &Written,
+        source: &Held,
+        parquet: CurrencyTotals,
+    ) -> Result<AuditReport> {
         self.set_step(run, "audit").await?;
         let mut report = AuditReport {
             raw_records: written.raw_records,
@@ -69,7 +88,19 @@ impl Compactor {
                 .problems
                 .push("raw totals changed by de-duplication without duplicates".into());
         }
-        let (parquet, sums) = self.read_back_bounded(run, written).await?;
+        let t = Instant::now();
+        let sums = bounded(
+            self.settings.read_back_timeout,
+            run.run_id,
+            "staging sums",
+            || self.staged_sums(run),
+        )
+        .await?;
+        tracing::info!(
+            run_id = run.run_id,
+            staging_ms = t.elapsed().as_millis() as u64,
+            "Audit read staging"
+        );
         if parquet != deduped {
             report.problems.push(format!(
                 "parquet totals {parquet:?} differ from raw {deduped:?}"
@@ -104,106 +135,33 @@ impl Compactor {
         Ok(())
     }
 
-    /// [`Compactor::read_back`] within `read_back_timeout`, tried three times. It
-    /// only reads, so abandoning one and starting again is safe.
-    async fn read_back_bounded(
-        &self,
-        run: &Run,
-        written: &Written,
-    ) -> Result<(CurrencyTotals, Vec<StagedSums>)> {
-        let limit = self.settings.read_back_timeout;
-        for attempt in 1..=3 {
-            match tokio::time::timeout(limit, self.read_back(run, written)).await {
-                Ok(result) => return result,
-                Err(_) => {
-                    metrics::counter!("compactor_read_back_timeouts_total").increment(1);
-                    tracing::warn!(
-                        run_id = run.run_id,
-                        attempt,
-                        timeout_ms = limit.as_millis() as u64,
-                        "The audit's read-back did not finish in time; reading again"
-                    );
-                }
-            }
-        }
-        Err(RunError::ReadBack(format!(
-            "three read-backs of run {} each outlasted {} ms",
-            run.run_id,
-            limit.as_millis()
-        )))
-    }
-
-    /// What landed, read back: the totals of the run's Parquet files (from S3, only
-    /// the columns the totals need, fetched by range) and staging's sums in
-    /// ClickHouse, both at once.
-    async fn read_back(
-        &self,
-        run: &Run,
-        written: &Written,
-    ) -> Result<(CurrencyTotals, Vec<StagedSums>)> {
-        let t = Instant::now();
-        let parquet = async {
-            const COLUMNS: [&str; 10] = [
-                "currency",
-                "quantity",
-                "unit_price_minor",
-                "order_first",
-                "category_first",
-                "adjustment_kind",
-                "refunded_minor",
-                "refunded_quantity",
-                "cancel_first",
-                "cancel_category_first",
-            ];
-            let mut totals = CurrencyTotals::new();
-            for key in &written.parquet_keys {
-                lake::read_column_groups(&self.store, key, &COLUMNS, |group| {
-                    aggregate::add_totals(&mut totals, aggregate::currency_totals(&group)?);
-                    Ok(())
-                })
-                .await?;
-            }
-            tracing::debug!(run_id = run.run_id, "Parquet columns read back");
-            Ok::<_, RunError>((totals, t.elapsed().as_millis() as u64))
-        };
-        let sums = async {
-            Ok::<_, RunError>((
-                self.ch
-                    .query(&format!(
-                        "SELECT toString(granularity) AS g, toString(dimension) AS d, currency AS c, \
-                                sum(revenue_minor) AS s_revenue, sum(orders) AS s_orders, \
-                                sum(items) AS s_items, \
-                                sum(booked_refunded_minor) AS s_br, \
-                                sum(booked_refunded_items) AS s_bi, \
-                                sum(booked_cancelled_orders) AS s_bc, \
-                                sum(restated_refunded_minor) AS s_sr, \
-                                sum(restated_refunded_items) AS s_si, \
-                                sum(restated_cancelled_orders) AS s_sc, \
-                                countIf(value = '' AND dimension != 'total') AS s_empty_values, \
-                                countIf(orders = 0 AND booked_refunded_minor = 0 \
-                                    AND booked_refunded_items = 0 AND booked_cancelled_orders = 0 \
-                                    AND restated_refunded_minor = 0 AND restated_refunded_items = 0 \
-                                    AND restated_cancelled_orders = 0) AS s_empty_rows, \
-                                countIf(revenue_minor < 0 OR booked_refunded_minor < 0 \
-                                    OR restated_refunded_minor < 0) AS s_negative, \
-                                count() AS s_rows \
-                         FROM {} GROUP BY granularity, dimension, currency",
-                        self.across(&run.staging())
-                    ))
-                    .fetch_all::<StagedSums>()
-                    .await
-                    .inspect(|_| tracing::debug!(run_id = run.run_id, "Staging sums read"))?,
-                t.elapsed().as_millis() as u64,
+    /// Staging's sums and checks, per granularity × dimension × currency.
+    async fn staged_sums(&self, run: &Run) -> Result<Vec<StagedSums>> {
+        Ok(self
+            .ch
+            .query(&format!(
+                "SELECT toString(granularity) AS g, toString(dimension) AS d, currency AS c, \
+                        sum(revenue_minor) AS s_revenue, sum(orders) AS s_orders, \
+                        sum(items) AS s_items, \
+                        sum(booked_refunded_minor) AS s_br, \
+                        sum(booked_refunded_items) AS s_bi, \
+                        sum(booked_cancelled_orders) AS s_bc, \
+                        sum(restated_refunded_minor) AS s_sr, \
+                        sum(restated_refunded_items) AS s_si, \
+                        sum(restated_cancelled_orders) AS s_sc, \
+                        countIf(value = '' AND dimension != 'total') AS s_empty_values, \
+                        countIf(orders = 0 AND booked_refunded_minor = 0 \
+                            AND booked_refunded_items = 0 AND booked_cancelled_orders = 0 \
+                            AND restated_refunded_minor = 0 AND restated_refunded_items = 0 \
+                            AND restated_cancelled_orders = 0) AS s_empty_rows, \
+                        countIf(revenue_minor < 0 OR booked_refunded_minor < 0 \
+                            OR restated_refunded_minor < 0) AS s_negative, \
+                        count() AS s_rows \
+                 FROM {} GROUP BY granularity, dimension, currency",
+                self.across(&run.staging())
             ))
-        };
-        let ((parquet, parquet_ms), (sums, staging_ms)) = tokio::try_join!(parquet, sums)?;
-        tracing::info!(
-            run_id = run.run_id,
-            parquet_ms,
-            staging_ms,
-            "Audit read back"
-        );
-        Ok((parquet, sums))
+            .fetch_all::<StagedSums>()
+            .await?)
     }
 
     /// Records a failed audit. The run's lake files leave the manifest (the next run
@@ -239,6 +197,79 @@ impl Compactor {
             problems: report.problems,
         })
     }
+}
+
+/// `read` within `limit`, tried three times. It only reads, so abandoning one
+/// and starting again is safe.
+async fn bounded<T, F: Future<Output = Result<T>>>(
+    limit: Duration,
+    run_id: u64,
+    what: &str,
+    read: impl Fn() -> F,
+) -> Result<T> {
+    for attempt in 1..=3 {
+        match tokio::time::timeout(limit, read()).await {
+            Ok(result) => return result,
+            Err(_) => {
+                metrics::counter!("compactor_read_back_timeouts_total").increment(1);
+                tracing::warn!(
+                    run_id,
+                    attempt,
+                    what,
+                    timeout_ms = limit.as_millis() as u64,
+                    "The audit's read-back did not finish in time; reading again"
+                );
+            }
+        }
+    }
+    Err(RunError::ReadBack(format!(
+        "three read-backs of run {run_id}'s {what} each outlasted {} ms",
+        limit.as_millis()
+    )))
+}
+
+/// The totals of a run's Parquet files (`keys`) as they landed: read back from
+/// S3 (only the columns the totals need, fetched by range), each attempt within
+/// `limit` (`compactor.read_back_timeout`), three attempts. It depends on nothing
+/// after the lake step, so a run reads it back while it stages
+/// ([`Compactor::execute`]).
+pub async fn read_back_lake(
+    store: Store,
+    keys: Vec<String>,
+    limit: Duration,
+    run_id: u64,
+) -> Result<CurrencyTotals> {
+    let t = Instant::now();
+    let totals = bounded(limit, run_id, "Parquet files", || async {
+        const COLUMNS: [&str; 10] = [
+            "currency",
+            "quantity",
+            "unit_price_minor",
+            "order_first",
+            "category_first",
+            "adjustment_kind",
+            "refunded_minor",
+            "refunded_quantity",
+            "cancel_first",
+            "cancel_category_first",
+        ];
+        let mut totals = CurrencyTotals::new();
+        for key in &keys {
+            lake::read_column_groups(&store, key, &COLUMNS, |group| {
+                aggregate::add_totals(&mut totals, aggregate::currency_totals(&group)?);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(totals)
+    })
+    .await?;
+    tracing::info!(
+        run_id,
+        parquet_ms = t.elapsed().as_millis() as u64,
+        "Audit read back the lake"
+    );
+    Ok(totals)
 }
 
 /// Staging: keys set, amounts valid, currencies known, and every granularity ×

@@ -198,6 +198,12 @@ impl Compactor {
     }
 }
 
+/// `step`'s output, and the milliseconds from `since` to its end.
+async fn timed<T>(since: Instant, step: impl Future<Output = T>) -> (T, u64) {
+    let output = step.await;
+    (output, since.elapsed().as_millis() as u64)
+}
+
 /// The process's peak resident memory so far, in MB: logged after each step of a
 /// run, it shows which step set the peak (0 where `/proc` cannot tell).
 fn peak_resident_mb() -> u64 {
@@ -306,12 +312,26 @@ impl Compactor {
                 &rebuilt
             }
         };
+        // The lake is written: its read-back, the audit's first half, needs
+        // nothing the stage makes, and waits on S3 more than it computes, so it
+        // runs beside the stage rather than after it.
         let t = Instant::now();
+        let read_back = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(timed(
+            t,
+            audit::read_back_lake(
+                self.store.clone(),
+                written.parquet_keys.clone(),
+                self.settings.read_back_timeout,
+                run.run_id,
+            ),
+        )));
         let staged = self.stage(run, source).await?;
         let stage_ms = t.elapsed().as_millis() as u64;
+        let (parquet, read_back_ms) = read_back.await.expect("the read-back does not panic");
+        let parquet = parquet?;
         let stage_peak_mb = peak_resident_mb();
         let t = Instant::now();
-        let report = self.audit(run, &written, source).await?;
+        let report = self.audit_read_back(run, &written, source, parquet).await?;
         let audit_ms = t.elapsed().as_millis() as u64;
         let audit_peak_mb = peak_resident_mb();
         if !report.problems.is_empty() {
@@ -324,6 +344,7 @@ impl Compactor {
             rows = written.orders.height(),
             lake_ms,
             stage_ms,
+            read_back_ms,
             audit_ms,
             publish_ms = t.elapsed().as_millis() as u64,
             lake_peak_mb,
