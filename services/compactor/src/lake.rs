@@ -898,13 +898,9 @@ pub fn from_parquet(bytes: &[u8]) -> Result<DataFrame> {
 /// Reads `columns` of the Parquet object `key`, downloading only its footer and
 /// those columns' chunks (ranged GETs, four at a time) rather than the whole file.
 pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<DataFrame> {
-    let mut groups: Vec<DataFrame> = Vec::new();
-    read_column_groups(store, key, columns, |group| {
-        groups.push(group);
-        Ok(())
-    })
-    .await?;
-    let mut groups = groups.into_iter();
+    let mut groups = read_column_groups(store, key, columns, Ok)
+        .await?
+        .into_iter();
     let mut all = groups.next().unwrap_or_default();
     for group in groups {
         all.vstack_mut(&group)?;
@@ -912,15 +908,18 @@ pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<
     Ok(all)
 }
 
-/// [`read_columns`] a row group at a time, each group's frame given to `each`:
-/// memory holds one group's chunks, not the file's columns (the audit of a run of
-/// 10M orders read its two files' ten columns whole, 1.2 GB at its peak).
-pub async fn read_column_groups(
+/// [`read_columns`] a row group at a time, each group's frame given to `each`
+/// and what it makes of it kept: memory holds one group's chunks, not the file's
+/// columns (the audit of a run of 10M orders read its two files' ten columns
+/// whole, 1.2 GB at its peak). `each` runs on the blocking thread that decodes
+/// the group, never on the async task: polars' lazy engine, run inside a task
+/// joined with a ClickHouse INSERT, left the run hung (see `run::execute`).
+pub async fn read_column_groups<T: Send + 'static>(
     store: &Store,
     key: &str,
     columns: &[&str],
-    mut each: impl FnMut(DataFrame) -> Result<()>,
-) -> Result<()> {
+    each: fn(DataFrame) -> Result<T>,
+) -> Result<Vec<T>> {
     /// Bytes fetched from the end first: the footer of a lake file is a few KB.
     const TAIL: u64 = 64 * 1024;
     /// Chunks closer than this are fetched in one GET.
@@ -947,6 +946,7 @@ pub async fn read_column_groups(
         .get_metadata()?
         .clone();
     let names: Vec<String> = columns.iter().map(|c| (*c).to_owned()).collect();
+    let mut made = Vec::with_capacity(metadata.row_groups.len());
     for group in &metadata.row_groups {
         let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
         for column in columns {
@@ -989,13 +989,13 @@ pub async fn read_column_groups(
             }
             let mut reader = ParquetReader::new(Cursor::new(sparse));
             reader.set_metadata(Arc::new(one));
-            reader.with_columns(Some(names)).finish()
+            each(reader.with_columns(Some(names)).finish()?)
         })
         .await
         .expect("the Parquet decoding task does not panic")?;
-        each(frame)?;
+        made.push(frame);
     }
-    Ok(())
+    Ok(made)
 }
 
 /// The length of a Parquet file's footer (metadata, its length and the magic

@@ -255,11 +255,13 @@ pub async fn read_back_lake(
         ];
         let mut totals = CurrencyTotals::new();
         for key in &keys {
-            lake::read_column_groups(&store, key, &COLUMNS, |group| {
-                aggregate::add_totals(&mut totals, aggregate::currency_totals(&group)?);
-                Ok(())
+            let groups = lake::read_column_groups(&store, key, &COLUMNS, |group| {
+                Ok(aggregate::currency_totals(&group)?)
             })
             .await?;
+            for group in groups {
+                aggregate::add_totals(&mut totals, group);
+            }
         }
         Ok(totals)
     })

@@ -314,7 +314,8 @@ impl Compactor {
         };
         // The lake is written: its read-back, the audit's first half, needs
         // nothing the stage makes, and waits on S3 more than it computes, so it
-        // runs beside the stage rather than after it.
+        // runs beside the stage rather than after it, as a task of its own (see
+        // `lake::read_column_groups` for what a shared task once cost).
         let t = Instant::now();
         let read_back = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(timed(
             t,
