@@ -912,8 +912,10 @@ pub async fn read_columns(store: &Store, key: &str, columns: &[&str]) -> Result<
 /// and what it makes of it kept: memory holds one group's chunks, not the file's
 /// columns (the audit of a run of 10M orders read its two files' ten columns
 /// whole, 1.2 GB at its peak). `each` runs on the blocking thread that decodes
-/// the group, never on the async task: polars' lazy engine, run inside a task
-/// joined with a ClickHouse INSERT, left the run hung (see `run::execute`).
+/// the group, never on the async task: the audit's per-group totals (polars'
+/// lazy engine), run on the task's thread while the task also drove the
+/// stage's INSERTs, left the run hung (ARCHITECTURE.md, "No wait of a run is
+/// unbounded").
 pub async fn read_column_groups<T: Send + 'static>(
     store: &Store,
     key: &str,

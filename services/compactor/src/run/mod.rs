@@ -314,8 +314,9 @@ impl Compactor {
         };
         // The lake is written: its read-back, the audit's first half, needs
         // nothing the stage makes, and waits on S3 more than it computes, so it
-        // runs beside the stage rather than after it, as a task of its own (see
-        // `lake::read_column_groups` for what a shared task once cost).
+        // runs beside the stage rather than after it, as a task of its own:
+        // nothing it does can then hold up a wake-up of the stage's futures
+        // (`lake::read_column_groups`).
         let t = Instant::now();
         let read_back = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(timed(
             t,
