@@ -8,7 +8,7 @@ use std::time::Instant;
 use futures::{StreamExt, TryStreamExt};
 use polars::prelude::*;
 
-use super::{Compactor, Result, Run, RunError, manifest};
+use super::{Compactor, Result, Run, RunError, manifest, timed};
 use crate::aggregate::CurrencyTotals;
 use crate::held::Held;
 use crate::lake;
@@ -34,8 +34,9 @@ impl Compactor {
     /// time, on blocking threads), keeping only the run's range; meanwhile this one
     /// types, de-duplicates and encodes them in groups of about [`GROUP_ROWS`]
     /// records, and uploads each date's file in parts of
-    /// `compactor.upload_part_bytes` as it grows (completed once the run's last
-    /// group is in it; aborted if the step fails). Memory holds a group of raw
+    /// `compactor.upload_part_bytes` as it grows (a group's parts while the next
+    /// group is encoded; completed once the run's last group is in it; aborted if
+    /// the step fails). Memory holds a group of raw
     /// records and a part of each date's file, not the run as text, as full frames
     /// or as whole files.
     pub async fn write_lake(&self, run: &Run) -> Result<Written> {
@@ -116,6 +117,8 @@ impl Compactor {
                 Vec::new(),
                 0,
             );
+            // Parts of the dates' files taken from the writer, not yet sent.
+            let mut ready: Vec<(i64, Vec<u8>)> = Vec::new();
             loop {
                 let t = Instant::now();
                 let next = parsed.recv().await.transpose()?;
@@ -126,31 +129,33 @@ impl Compactor {
                     group.push(frame);
                 }
                 if rows >= GROUP_ROWS || (done && !group.is_empty()) {
+                    // The previous group's parts go up while this one is encoded
+                    // (on a blocking thread: polars never runs on this task).
                     let t = Instant::now();
                     let frames = std::mem::take(&mut group);
-                    writer =
-                        tokio::task::spawn_blocking(move || writer.add(frames).map(|()| writer))
-                            .await
-                            .expect("the lake task does not panic")?;
-                    encode_ms += t.elapsed().as_millis() as u64;
+                    let encoding =
+                        tokio::task::spawn_blocking(move || writer.add(frames).map(|()| writer));
+                    let sending = send_parts(
+                        &self.store,
+                        &mut uploads,
+                        std::mem::take(&mut ready),
+                        &key_of,
+                    );
+                    let ((encoded, encoded_ms), (sent, sent_ms)) =
+                        tokio::join!(timed(t, encoding), timed(t, Box::pin(sending)));
+                    parts += sent?;
+                    writer = encoded.expect("the lake task does not panic")?;
+                    (encode_ms, upload_ms) = (encode_ms + encoded_ms, upload_ms + sent_ms);
                     rows = 0;
-                    let t = Instant::now();
-                    for (day, body) in writer.take_parts(self.settings.upload_part_bytes) {
-                        let upload = match uploads.entry(day) {
-                            Entry::Occupied(e) => e.into_mut(),
-                            Entry::Vacant(e) => {
-                                e.insert(self.store.start_upload(&key_of(day)).await?)
-                            }
-                        };
-                        self.store.upload_part(upload, body).await?;
-                        parts += 1;
-                    }
-                    upload_ms += t.elapsed().as_millis() as u64;
+                    ready = writer.take_parts(self.settings.upload_part_bytes);
                 }
                 if done {
                     break;
                 }
             }
+            let t = Instant::now();
+            parts += Box::pin(send_parts(&self.store, &mut uploads, ready, &key_of)).await?;
+            upload_ms += t.elapsed().as_millis() as u64;
             // The channel also closes if the reader died: only its clean end means
             // that every object was read.
             reader.await.expect("the raw reader does not panic");
@@ -268,4 +273,23 @@ impl Compactor {
         }
         Ok(frames)
     }
+}
+
+/// Sends `parts` (date, bytes) as the next parts of their dates' uploads, starting
+/// an upload at a date's first part. Returns the parts sent.
+async fn send_parts(
+    store: &lake::Store,
+    uploads: &mut BTreeMap<i64, lake::Upload>,
+    parts: Vec<(i64, Vec<u8>)>,
+    key_of: &impl Fn(i64) -> String,
+) -> Result<usize> {
+    let sent = parts.len();
+    for (day, body) in parts {
+        let upload = match uploads.entry(day) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(store.start_upload(&key_of(day)).await?),
+        };
+        store.upload_part(upload, body).await?;
+    }
+    Ok(sent)
 }
