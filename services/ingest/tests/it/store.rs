@@ -84,3 +84,78 @@ async fn a_line_needs_its_order_and_orders_are_never_removed() {
         .unwrap();
     assert_eq!(orders, 2);
 }
+
+/// A batch of new orders is copied; a batch holding one stored order copies
+/// nothing, and `store` then tells its new orders from duplicates and conflicts.
+/// Texts that CSV quotes (commas, quotes, line breaks, an empty-looking number)
+/// come back as sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_new_orders_is_copied_and_a_resent_one_is_told_apart() {
+    use tidemark_ingest::store::{self, StoreError};
+
+    let db = tidemark_testkit::postgres().await;
+    let mut rng = StdRng::seed_from_u64(16);
+    let mut fresh: Vec<_> = (0..40).map(|_| random_order(&mut rng)).collect();
+    for (order, user) in fresh
+        .iter_mut()
+        .zip(["a,b", "say \"hi\"", "two\nlines", "007", " x "])
+    {
+        order.user_id = user.into();
+    }
+    fresh[5].lines[0].product_id = "p,\"1\"\r\n".into();
+    fresh.sort_unstable_by_key(|o| o.order_id);
+    let refs: Vec<_> = fresh.iter().collect();
+    assert!(
+        store::copy_new(&db.pool, &refs).await.unwrap(),
+        "all new: copied"
+    );
+    let count = |sql| crate::scalar(&db.pool, sql);
+    let lines: usize = fresh.iter().map(|o| o.lines.len()).sum();
+    assert_eq!(count("SELECT count(*) FROM orders").await, 40);
+    assert_eq!(
+        count("SELECT count(*) FROM order_lines").await,
+        lines as i64
+    );
+    let ids: Vec<_> = fresh.iter().map(|o| o.order_id).collect();
+    let stored: Vec<tidemark_orderlog::OrderRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        tidemark_orderlog::order_columns!(),
+        " FROM ",
+        tidemark_orderlog::order_from!(),
+        " WHERE o.order_id = ANY($1) ORDER BY o.order_id"
+    ))
+    .bind(&ids)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 40);
+    for (row, order) in stored.iter().zip(&fresh) {
+        assert!(row.holds(order), "{order:?} came back as {row:?}");
+    }
+
+    // One stored order among 20 new ones: nothing copied.
+    let mut mixed: Vec<_> = (0..20).map(|_| random_order(&mut rng)).collect();
+    mixed.push(fresh[3].clone());
+    mixed.sort_unstable_by_key(|o| o.order_id);
+    let refs: Vec<_> = mixed.iter().collect();
+    assert!(!store::copy_new(&db.pool, &refs).await.unwrap());
+    assert_eq!(
+        count("SELECT count(*) FROM orders").await,
+        40,
+        "nothing of it stays"
+    );
+
+    // Through `store`: the 20 created, the resent one a duplicate.
+    let outcome = store::store(&db.pool, &mixed).await.unwrap();
+    assert_eq!(outcome.created, 20);
+    assert_eq!(outcome.duplicates, vec![fresh[3].order_id]);
+    // A resend of the first batch with one order changed: a conflict, nothing stored.
+    let mut changed = fresh.clone();
+    changed[7].city = "Lima".into();
+    changed.extend((0..5).map(|_| random_order(&mut rng)));
+    match store::store(&db.pool, &changed).await {
+        Err(StoreError::Conflict(ids)) => assert_eq!(ids, vec![fresh[7].order_id]),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(count("SELECT count(*) FROM orders").await, 60);
+}
