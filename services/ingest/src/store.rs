@@ -70,21 +70,6 @@ pub async fn store(pool: &PgPool, orders: &[Order]) -> Result<Outcome, StoreErro
         return store_one(pool, order, duplicates).await;
     }
 
-    // A batch of new orders (the common case) is copied: `COPY` skips the
-    // statement's per-row conflict handling and its join of lines to the orders
-    // inserted (`bench ingest`: 12–13 % more orders/s). Should one of them be
-    // stored already (a resent batch), it stores nothing and the batch takes the
-    // statement below, which tells new orders from duplicates.
-    if unique.len() >= COPY_FROM {
-        if copy_new(pool, &unique).await? {
-            return Ok(Outcome {
-                created: unique.len(),
-                duplicates,
-            });
-        }
-        metrics::counter!("ingest_batch_copy_fallbacks_total").increment(1);
-    }
-
     let mut tx = pool.begin().await?;
     let inserted: Vec<Uuid> = insert(&unique).fetch_all(&mut *tx).await?;
 
@@ -139,98 +124,6 @@ async fn store_one(
         // Inserted by a transaction that then rolled back: try again.
         None => Box::pin(store_one(pool, order, duplicates)).await,
     }
-}
-
-/// Batches of at least this many orders are first tried with `COPY`.
-const COPY_FROM: usize = 16;
-
-/// Copies `orders` and their lines in one transaction if none of them is
-/// stored yet; `false` (nothing stored) if one is. The rows go in the order
-/// given (by id), so concurrent batches sharing ids wait for each other in one
-/// order, as the statement's do; one that waited for a batch holding its id
-/// finds it stored once that batch commits.
-pub async fn copy_new(pool: &PgPool, orders: &[&Order]) -> Result<bool, sqlx::Error> {
-    let (order_rows, line_rows) = copy_rows(orders)?;
-    let mut tx = pool.begin().await?;
-    let copied = async {
-        let mut copy = tx
-            .copy_in_raw(
-                "COPY orders (order_id, user_id, city, currency, created_at) \
-                 FROM STDIN WITH (FORMAT csv)",
-            )
-            .await?;
-        copy.send(order_rows).await?;
-        copy.finish().await?;
-        let mut copy = tx
-            .copy_in_raw(
-                "COPY order_lines (order_id, line_no, product_id, category, quantity, \
-                                   unit_price_minor) \
-                 FROM STDIN WITH (FORMAT csv)",
-            )
-            .await?;
-        copy.send(line_rows).await?;
-        copy.finish().await
-    }
-    .await;
-    match copied {
-        Ok(_) => {
-            tx.commit().await?;
-            Ok(true)
-        }
-        Err(e)
-            if e.as_database_error()
-                .is_some_and(sqlx::error::DatabaseError::is_unique_violation) =>
-        {
-            tx.rollback().await?;
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// The orders' rows and their lines' rows as `COPY … (FORMAT csv)` takes them.
-/// Every text is quoted, so an empty one stays a value (unquoted, it would be
-/// `NULL`); times are written to the microsecond, what Postgres keeps (the
-/// statement's binding truncates the same way).
-fn copy_rows(orders: &[&Order]) -> Result<(Vec<u8>, Vec<u8>), sqlx::Error> {
-    fn writer() -> csv::Writer<Vec<u8>> {
-        csv::WriterBuilder::new()
-            .quote_style(csv::QuoteStyle::NonNumeric)
-            .from_writer(Vec::new())
-    }
-    fn done(w: csv::Writer<Vec<u8>>) -> Result<Vec<u8>, sqlx::Error> {
-        w.into_inner()
-            .map_err(|e| sqlx::Error::Encode(Box::new(e.into_error())))
-    }
-    let encode = |e: csv::Error| sqlx::Error::Encode(Box::new(e));
-    let (mut order_rows, mut line_rows) = (writer(), writer());
-    for order in orders {
-        let id = order.order_id.to_string();
-        order_rows
-            .write_record([
-                id.as_str(),
-                &order.user_id,
-                &order.city,
-                order.currency.as_str(),
-                &order
-                    .created_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ])
-            .map_err(encode)?;
-        for (no, line) in (1..).zip(&order.lines) {
-            line_rows
-                .serialize((
-                    id.as_str(),
-                    no,
-                    &line.product_id,
-                    &line.category,
-                    line.quantity,
-                    line.unit_price_minor,
-                ))
-                .map_err(encode)?;
-        }
-    }
-    Ok((done(order_rows)?, done(line_rows)?))
 }
 
 type Insert<'q> = sqlx::query::QueryScalar<'q, sqlx::Postgres, Uuid, sqlx::postgres::PgArguments>;
