@@ -90,11 +90,6 @@ impl Harness {
 
 pub use tidemark_testkit::random_order;
 
-/// The one number a statement such as `SELECT count(*) FROM orders` answers.
-pub async fn scalar(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
 pub use tidemark_generator::send::order_json;
 
 /// Every raw record under the S3 prefix: order id → how many times it appears.

@@ -387,7 +387,15 @@ async fn r20_standby_ingest_instances_take_over_the_relay_and_the_vault_loader()
         "SELECT coalesce(sum(rows), 0)::int8 FROM lake_raw_files",
         "SELECT count(*) FROM vault.hub_order",
     );
-    let count = |sql| crate::scalar(&db.pool, sql);
+    let count = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
     tidemark_testkit::eventually(
         Duration::from_secs(60),
         "the lake and the vault catch up",
