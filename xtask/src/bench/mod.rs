@@ -635,6 +635,13 @@ pub(super) fn copy_csv(db_url: &str, csv: &CsvFiles) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// The middle value (the upper one of an even count); NaN for none.
+pub(super) fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// pgbench: single-order inserts (an `orders` row and its one line, one statement),
 /// 32 clients, 15 s; returns tps.
 pub(super) fn pgbench(stack: &Stack, db_url: &str) -> Result<f64> {

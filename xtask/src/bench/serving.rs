@@ -38,7 +38,7 @@ use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
 use super::cpu::{CpuMeter, Statements, statements_text};
-use super::{BenchReport, Bound, Figure, Harness, Target, unlink_prefix};
+use super::{BenchReport, Bound, Figure, Harness, Target, median, unlink_prefix};
 use crate::proc::run;
 
 const DAYS: i64 = 90;
@@ -817,12 +817,6 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_default()
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn max(v: &[f64]) -> f64 {
