@@ -9,9 +9,11 @@
 //! at once; under heavy load orders queue while the slots are busy and the next
 //! group takes them all, so the commits per order fall as the load rises.
 //!
-//! Each order keeps its own outcome. The group is one `INSERT … ON CONFLICT DO
-//! NOTHING` in id order (the same statement and lock order as a batch request); an
-//! order it did not insert is looked up afterwards: the same content is a
+//! Each order keeps its own outcome. The group is one `INSERT` in id order (the
+//! same statements and lock order as a batch request): first one that inserts
+//! every order or, on a unique violation, nothing; then, only if it failed so, one
+//! with `ON CONFLICT DO NOTHING`, after which an order it did not insert is looked
+//! up: the same content is a
 //! duplicate, other content a conflict, and neither touches its neighbours. An order
 //! whose id repeats inside the group is stored alone after the group, so it meets
 //! the first one as a committed row, as a request arriving just after it would. If
@@ -156,7 +158,16 @@ async fn commit(pool: &PgPool, group: Vec<Pending>) {
     let mut orders: Vec<&Order> = written.iter().map(|p| &p.order).collect();
     orders.sort_unstable_by_key(|o| o.order_id);
 
-    match store::insert(&orders).fetch_all(pool).await {
+    // New orders, the usual case, in the cheaper statement; if one of them is
+    // stored already (nothing of the group is then), the sorting-out statement.
+    let result = match async { store::insert_all(&orders)?.execute(pool).await }.await {
+        Ok(_) => Ok(orders.iter().map(|o| o.order_id).collect()),
+        Err(e) if store::is_unique_violation(&e) => {
+            async { store::insert(&orders)?.fetch_all(pool).await }.await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(inserted) => {
             let inserted: HashSet<Uuid> = inserted.into_iter().collect();
             let others: Vec<Uuid> = written
