@@ -9,22 +9,22 @@
 //! at once; under heavy load orders queue while the slots are busy and the next
 //! group takes them all, so the commits per order fall as the load rises.
 //!
-//! Each order keeps its own outcome. The group is one `INSERT` in id order (the
-//! same statements and lock order as a batch request): first one that inserts
-//! every order or, on a unique violation, nothing; then, only if it failed so, one
-//! with `ON CONFLICT DO NOTHING`, after which an order it did not insert is looked
-//! up: the same content is a
-//! duplicate, other content a conflict, and neither touches its neighbours. An order
-//! whose id repeats inside the group is stored alone after the group, so it meets
-//! the first one as a committed row, as a request arriving just after it would. If
-//! the statement fails for a reason one order could cause, each order of the group
-//! is stored alone, so a bad order fails only itself; if Postgres is unavailable,
-//! every order of the group gets that error (and its request a 503).
+//! Each order keeps its own outcome. The group is written in id order by a batch
+//! request's statements (so in the same lock order): first a plain `INSERT` of
+//! every order, which on a unique violation inserts nothing; only then one with `ON
+//! CONFLICT DO NOTHING`, after which an order it did not insert is looked up: the
+//! same content is a duplicate, other content a conflict, and neither touches its
+//! neighbours. An order whose id repeats inside the group is stored alone after
+//! the group, so it meets the first one as a committed row, as a request arriving
+//! just after it would. If the statements fail for a reason one order could cause,
+//! each order of the group is stored alone, so a bad order fails only itself; if
+//! Postgres is unavailable, every order of the group gets that error (and its
+//! request a 503).
 //!
 //! Groups commit through a pool of their own, one connection per commit slot,
-//! whose sessions plan the group statement once (`plan_cache_mode =
-//! force_generic_plan`): its text is the same for every group, only the arrays
-//! differ, and under `auto` Postgres went on planning it per execution (measured
+//! whose sessions plan the group statements once (`plan_cache_mode =
+//! force_generic_plan`): their texts are the same for every group, only the arrays
+//! differ, and under `auto` Postgres went on planning them per execution (measured
 //! with the release build at 32 connections, alternating runs of 60,000 orders:
 //! 11,857 / 12,009 orders/s generic, 10,205 / 10,931 auto). The setting is the
 //! session's, so the service's other statements (the vault loader's ranges) keep
