@@ -9,7 +9,9 @@ use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
 use super::cpu::{CpuMeter, CpuUse};
-use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, median, pg_bin, pgbench};
+use super::{
+    BenchReport, Bound, Figure, Harness, Target, copy_csv, median, metric, pg_bin, pgbench, scrape,
+};
 use crate::proc::run;
 use std::process::Command;
 
@@ -449,25 +451,11 @@ struct Groups {
 
 impl Groups {
     async fn read(ingest: &str) -> Result<Groups> {
-        let text = reqwest::get(format!("{ingest}/metrics"))
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        // `name value` or `name{labels} value`; absent before the first group.
-        let value = |name: &str| -> f64 {
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with([' ', '{']))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let text = scrape(ingest).await?;
         Ok(Groups {
-            commits: value("ingest_group_commit_orders_count"),
-            orders: value("ingest_group_commit_orders_sum"),
-            seconds: value("ingest_group_commit_seconds_sum"),
+            commits: metric(&text, "ingest_group_commit_orders_count"),
+            orders: metric(&text, "ingest_group_commit_orders_sum"),
+            seconds: metric(&text, "ingest_group_commit_seconds_sum"),
         })
     }
 

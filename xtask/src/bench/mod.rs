@@ -635,6 +635,28 @@ pub(super) fn copy_csv(db_url: &str, csv: &CsvFiles) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// A service's `/metrics` text.
+pub(super) async fn scrape(service: &str) -> Result<String> {
+    Ok(reqwest::get(format!("{service}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
+/// The sum of the samples of `series` in a `/metrics` text: a metric's name (all
+/// its labelled series), or a name with its labels (that one series); 0 when
+/// absent (a metric appears with its first sample).
+pub(super) fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The middle value (the upper one of an even count); NaN for none.
 pub(super) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -669,6 +691,20 @@ pub(super) fn pgbench(stack: &Stack, db_url: &str) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[expect(clippy::float_cmp, reason = "the samples and their sums are exact in binary")]
+    fn a_metric_is_read_by_its_name_or_one_labelled_series() {
+        let text = "# TYPE g summary\n\
+                    g_count 12\n\
+                    g_count_total 99\n\
+                    p_sum{phase=\"read\"} 1.5\n\
+                    p_sum{phase=\"apply\"} 2.25\n";
+        assert_eq!(metric(text, "g_count"), 12.0, "not g_count_total");
+        assert_eq!(metric(text, "p_sum"), 3.75, "every series of the name");
+        assert_eq!(metric(text, "p_sum{phase=\"apply\"}"), 2.25);
+        assert_eq!(metric(text, "absent"), 0.0);
+    }
 
     #[test]
     fn a_figure_is_judged_by_its_own_value_or_its_ratio_to_the_anchor() {

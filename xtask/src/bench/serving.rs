@@ -38,7 +38,7 @@ use tidemark_loadtest::Report;
 use tidemark_platform::auth::{self, Scope};
 
 use super::cpu::{CpuMeter, Statements, statements_text};
-use super::{BenchReport, Bound, Figure, Harness, Target, median, unlink_prefix};
+use super::{BenchReport, Bound, Figure, Harness, Target, median, scrape, unlink_prefix};
 use crate::proc::run;
 
 const DAYS: i64 = 90;
@@ -1162,15 +1162,6 @@ async fn doors(bench: &Harness<'_>, serving: &str, read_key: &str) -> Result<Doo
         ],
         inside,
     })
-}
-
-/// Serving's `/metrics` text.
-async fn scrape(serving: &str) -> Result<String> {
-    Ok(reqwest::get(format!("{serving}/metrics"))
-        .await?
-        .error_for_status()?
-        .text()
-        .await?)
 }
 
 /// The samples of `name` (with the label `with` among its labels, if given) in

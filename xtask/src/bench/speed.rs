@@ -12,7 +12,7 @@ use tidemark_loadtest::freshness::FreshnessReport;
 use tidemark_platform::auth::{self, Scope};
 
 use super::cpu::{CpuMeter, CpuUse, Statement, Statements, statements_text};
-use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, unlink_prefix};
+use super::{BenchReport, Bound, Figure, Harness, Target, copy_csv, metric, scrape, unlink_prefix};
 use crate::proc::run;
 
 const RATE: u64 = 5_000;
@@ -530,17 +530,12 @@ struct Phase {
 
 /// The speed service's step phases from its `/metrics`.
 async fn step_phases(speed: &str) -> Result<Vec<Phase>> {
-    let text = reqwest::get(format!("{speed}/metrics"))
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
+    let text = scrape(speed).await?;
     let value = |series: &str, labels: &str| -> f64 {
-        let name = format!("speed_step_phase_seconds_{series}{{{labels}}}");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric(
+            &text,
+            &format!("speed_step_phase_seconds_{series}{{{labels}}}"),
+        )
     };
     Ok(["read", "delta", "apply"]
         .iter()
