@@ -693,7 +693,10 @@ mod tests {
     use super::*;
 
     #[test]
-    #[expect(clippy::float_cmp, reason = "the samples and their sums are exact in binary")]
+    #[expect(
+        clippy::float_cmp,
+        reason = "the samples and their sums are exact in binary"
+    )]
     fn a_metric_is_read_by_its_name_or_one_labelled_series() {
         let text = "# TYPE g summary\n\
                     g_count 12\n\
