@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use chrono::Utc;
-use futures::StreamExt;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -197,32 +200,103 @@ impl Recorder {
 
 /// Sends pre-built bodies to `url` with `concurrency` requests in flight; each body
 /// counts `items` on success.
+///
+/// Each request in flight is a client of its own, as pgbench's are: a task with
+/// one HTTP/1.1 connection (opened again after a failure), taking the next body
+/// once its answer is read, so answers are handled on every worker thread rather
+/// than in one task polling them all. A failed request's cause is its status, or
+/// `connection`.
 pub async fn send_all(
-    client: &reqwest::Client,
     url: &str,
     key: &str,
     content_type: &str,
     bodies: Vec<(Vec<u8>, u64)>,
     concurrency: usize,
-) -> (Arc<Recorder>, Duration) {
+) -> anyhow::Result<(Arc<Recorder>, Duration)> {
+    let url = reqwest::Url::parse(url)?;
+    let authority = format!(
+        "{}:{}",
+        url.host_str().context("a URL with a host")?,
+        url.port_or_known_default().context("a URL with a port")?
+    );
+    let target = http::Uri::try_from(url.path())?;
+    let auth = http::HeaderValue::try_from(format!("Bearer {key}"))?;
+    let content_type = http::HeaderValue::try_from(content_type)?;
     let recorder = Arc::new(Recorder::default());
+    let bodies = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
     let started = Instant::now();
-    futures::stream::iter(bodies)
-        .for_each_concurrent(concurrency, |(body, items)| {
-            let recorder = recorder.clone();
-            let request = client
-                .post(url)
-                .bearer_auth(key)
-                .header("content-type", content_type)
-                .body(body);
-            async move {
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (recorder, bodies, authority) = (recorder.clone(), bodies.clone(), authority.clone());
+        let (target, auth, content_type) = (target.clone(), auth.clone(), content_type.clone());
+        clients.spawn(async move {
+            let mut connection = None;
+            loop {
+                let Some((body, items)) = bodies.lock().expect("not poisoned").next() else {
+                    return;
+                };
+                let request = http::Request::post(target.clone())
+                    .header(http::header::HOST, &authority)
+                    .header(http::header::AUTHORIZATION, &auth)
+                    .header(http::header::CONTENT_TYPE, &content_type)
+                    .body(Full::new(bytes::Bytes::from(body)))
+                    .expect("a request of valid parts");
                 let t = Instant::now();
-                let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
-                recorder.record(t.elapsed(), ok, items);
+                match send(&mut connection, &authority, request).await {
+                    Ok(status) if status.is_success() => recorder.record(t.elapsed(), true, items),
+                    Ok(status) => recorder.record_error(t.elapsed(), status.as_str()),
+                    Err(_) => {
+                        connection = None;
+                        recorder.record_error(t.elapsed(), "connection");
+                    }
+                }
             }
-        })
-        .await;
-    (recorder, started.elapsed())
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.context("a load-test client panicked")?;
+    }
+    Ok((recorder, started.elapsed()))
+}
+
+/// Sends `request` on `connection` and reads the whole answer; returns its status.
+/// A connection the server has closed since (an idle timeout) is replaced before
+/// sending, and one whose answer says `Connection: close` (ingest's refusals of a
+/// request with a body) is dropped after it.
+async fn send(
+    connection: &mut Option<SendRequest<Full<bytes::Bytes>>>,
+    authority: &str,
+    request: http::Request<Full<bytes::Bytes>>,
+) -> anyhow::Result<http::StatusCode> {
+    if let Some(open) = connection.as_mut()
+        && open.ready().await.is_err()
+    {
+        *connection = None;
+    }
+    let sender = match connection {
+        Some(sender) => sender,
+        None => {
+            let stream = tokio::net::TcpStream::connect(authority).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, driver) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            // Its error, if any, is the next request's.
+            tokio::spawn(async move { driver.await.ok() });
+            sender.ready().await?;
+            connection.insert(sender)
+        }
+    };
+    let answer = sender.send_request(request).await?;
+    let status = answer.status();
+    let close = answer
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    answer.into_body().collect().await?;
+    if close {
+        *connection = None;
+    }
+    Ok(status)
 }
 
 #[cfg(test)]

@@ -170,9 +170,6 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
     let report = match Cli::parse().scenario {
         Scenario::IngestBatch {
             url,
@@ -195,15 +192,9 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let url = format!("{}/v1/orders", url.trim_end_matches('/'));
-            let (rec, elapsed) = tidemark_loadtest::send_all(
-                &client,
-                &url,
-                &key,
-                "application/json",
-                bodies,
-                concurrency,
-            )
-            .await;
+            let (rec, elapsed) =
+                tidemark_loadtest::send_all(&url, &key, "application/json", bodies, concurrency)
+                    .await?;
             rec.report("ingest-batch", elapsed)
         }
         Scenario::IngestSingle {
@@ -221,15 +212,9 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let url = format!("{}/v1/orders", url.trim_end_matches('/'));
-            let (rec, elapsed) = tidemark_loadtest::send_all(
-                &client,
-                &url,
-                &key,
-                "application/json",
-                bodies,
-                concurrency,
-            )
-            .await;
+            let (rec, elapsed) =
+                tidemark_loadtest::send_all(&url, &key, "application/json", bodies, concurrency)
+                    .await?;
             rec.report("ingest-single", elapsed)
         }
         Scenario::Freshness {
