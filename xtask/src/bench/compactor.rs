@@ -16,12 +16,23 @@ use crate::stack::Stack;
 pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     let python = duckdb_python(bench.stack)?;
     let mut rounds = Vec::new();
-    // TIDEMARK_BENCH_SIZES=a,b overrides the sizes (for quick iterations).
-    let sizes: Vec<usize> = std::env::var("TIDEMARK_BENCH_SIZES")
-        .ok()
-        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .filter(|v: &Vec<usize>| v.len() == 2)
-        .unwrap_or_else(|| vec![1_000_000, 10_000_000]);
+    // TIDEMARK_BENCH_SIZES=a,b overrides the sizes (for quick iterations); two,
+    // since the scaling figure compares them.
+    let sizes: Vec<usize> = match std::env::var("TIDEMARK_BENCH_SIZES") {
+        Ok(text) => {
+            let sizes: Vec<usize> = text
+                .split(',')
+                .map(|n| n.trim().replace('_', "").parse())
+                .collect::<Result<_, _>>()
+                .ok()
+                .filter(|v: &Vec<usize>| v.len() == 2 && v.iter().all(|&n| n > 0))
+                .with_context(|| {
+                    format!("TIDEMARK_BENCH_SIZES={text}: two order counts, e.g. 100000,1000000")
+                })?;
+            sizes
+        }
+        Err(_) => vec![1_000_000, 10_000_000],
+    };
     for orders in sizes {
         eprintln!("xtask bench: compaction of {orders} orders");
         rounds.push((orders, compaction_round(bench, &python, orders).await?));
