@@ -39,11 +39,6 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
             ],
         )
         .await?;
-    let env = [
-        ("TIDEMARK_INGEST_URL", url.as_str()),
-        ("TIDEMARK_INGEST_KEY", key.as_str()),
-    ];
-
     // Rounds of a few seconds each, ours and the anchor's in turn (which goes first
     // alternating), their medians compared: one round of each moved the ratio by a
     // quarter from run to run on this shared machine, the anchor as much as ours.
@@ -79,37 +74,12 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     )?;
 
     eprintln!("xtask bench: single-order ingest at 32 connections, then pgbench");
-    let groups_before = Groups::read(&url).await?;
-    let meter = CpuMeter::start().await;
-    let single: Report = bench.loadtest(
-        &[
-            "ingest-single",
-            "--seed",
-            "2",
-            "--count",
-            &SINGLE_ORDERS.to_string(),
-            "--concurrency",
-            "32",
-        ],
-        &env,
-    )?;
-    let single_cpu = meter.finish().await?;
-    let single_groups = Groups::read(&url).await?.since(groups_before);
-    let meter = CpuMeter::start().await;
-    let pgbench_tps = pgbench(bench.stack, &pgbench_db)?;
-    let pgbench_cpu = meter.finish().await?;
-    bench.stop_services().await;
+    let fsync_off = single_pair(bench, (&url, &key), 2, SINGLE_ORDERS, &pgbench_db).await?;
     eprintln!(
         "xtask bench: the same on a Postgres of its own with durable commits (fsync on), \
          then pgbench there"
     );
-    let DurablePair {
-        ingest: durable,
-        pgbench_tps: durable_tps,
-        ingest_cpu: durable_cpu,
-        pgbench_cpu: durable_pgbench_cpu,
-        groups: durable_groups,
-    } = durable_pair(bench, SINGLE_ORDERS).await?;
+    let durable = durable_pair(bench, SINGLE_ORDERS).await?;
     let ingest_rss = bench.peak_rss_mb("ingest").unwrap_or(f64::NAN);
 
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -117,10 +87,11 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         .await?;
     pool.close().await;
     let expected = (ROUNDS * (BATCH_ORDERS + BASKET_ORDERS) + SINGLE_ORDERS) as i64;
-    if stored != expected || single.errors != 0 || durable.errors != 0 {
+    if stored != expected || fsync_off.ingest.errors != 0 || durable.ingest.errors != 0 {
         bail!(
-            "bench run was not clean: stored {stored} of {expected}; single {single:?}; \
-             durable {durable:?}"
+            "bench run was not clean: stored {stored} of {expected}; single {:?}; durable {:?}",
+            fsync_off.ingest,
+            durable.ingest
         );
     }
     let mut report = BenchReport::new(
@@ -144,48 +115,18 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
         ),
         "COPY of the same rows (orders and order_lines)",
     );
-    report.row(
-        "single-order ingest, 32 connections".into(),
-        format!(
-            "{:.0} orders/s (p50 {:.1} ms, p99 {:.1} ms)",
-            single.items_per_sec, single.p50_ms, single.p99_ms
-        ),
-        format!("pgbench single-row INSERT, 32 clients: {pgbench_tps:.0} tps"),
-        Some(single.items_per_sec / pgbench_tps),
-        "≥ 1.5×, p99 ≤ 25 ms",
+    fsync_off.rows(
+        &mut report,
+        "single-order ingest, 32 connections",
+        "pgbench single-row INSERT, 32 clients",
+        "CPU during the single-order pair, by program (core-seconds)",
     );
-    report.row(
-        "single-order ingest, 32 connections, durable commits (a Postgres of its own, fsync on)"
-            .into(),
-        format!(
-            "{:.0} orders/s (p50 {:.1} ms, p99 {:.1} ms)",
-            durable.items_per_sec, durable.p50_ms, durable.p99_ms
-        ),
-        format!("pgbench single-row INSERT, 32 clients, same server: {durable_tps:.0} tps"),
-        Some(durable.items_per_sec / durable_tps),
-        "≥ 1.5×, p99 ≤ 25 ms",
-    );
-    report.row(
-        "CPU during the single-order pair, by program (core-seconds)".into(),
-        single_cpu.text(Some((SINGLE_ORDERS as f64, "order"))),
-        format!(
-            "pgbench: {}",
-            pgbench_cpu.text(Some((pgbench_tps * pgbench_cpu.seconds, "insert")))
-        ),
-        None,
-        "",
-    );
-    report.row(
+    durable.rows(
+        &mut report,
+        "single-order ingest, 32 connections, durable commits (a Postgres of its own, fsync on)",
+        "pgbench single-row INSERT, 32 clients, same server",
         "CPU during the durable pair, by program (core-seconds; the machine's idle share is \
-         time spent waiting, for the disk's flushes among others)"
-            .into(),
-        durable_cpu.text(Some((SINGLE_ORDERS as f64, "order"))),
-        format!(
-            "pgbench: {}",
-            durable_pgbench_cpu.text(Some((durable_tps * durable_pgbench_cpu.seconds, "insert")))
-        ),
-        None,
-        "",
+         time spent waiting, for the disk's flushes among others)",
     );
     report.figure(Figure::anchored(
         "batched ingest, 1-line orders (median of the rounds)",
@@ -203,30 +144,33 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     ));
     report.figure(Figure::anchored(
         "single-order ingest, 32 connections",
-        single.items_per_sec,
-        ("pgbench single-row INSERT, 32 clients", pgbench_tps),
+        fsync_off.ingest.items_per_sec,
+        (
+            "pgbench single-row INSERT, 32 clients",
+            fsync_off.pgbench_tps,
+        ),
         "orders/s",
         Target::Ratio(Bound::AtLeast, 1.5),
     ));
     report.figure(Figure::anchored(
         "single-order ingest, 32 connections, durable commits",
-        durable.items_per_sec,
+        durable.ingest.items_per_sec,
         (
             "pgbench single-row INSERT, 32 clients, durable commits",
-            durable_tps,
+            durable.pgbench_tps,
         ),
         "orders/s",
         Target::Ratio(Bound::AtLeast, 1.5),
     ));
     report.figure(Figure::alone(
         "single-order ingest, 32 connections, durable commits, p99",
-        durable.p99_ms,
+        durable.ingest.p99_ms,
         "ms",
         Target::Ours(Bound::AtMost, 25.0),
     ));
     report.figure(Figure::alone(
         "single-order ingest, 32 connections, p99",
-        single.p99_ms,
+        fsync_off.ingest.p99_ms,
         "ms",
         Target::Ours(Bound::AtMost, 25.0),
     ));
@@ -238,8 +182,8 @@ pub(super) async fn measure(bench: &mut Harness<'_>) -> Result<BenchReport> {
     ));
     report.notes.push(format!(
         "single-order runs' group commits: {} (fsync off); {} (durable)",
-        single_groups.text(single.seconds),
-        durable_groups.text(durable.seconds)
+        fsync_off.groups.text(fsync_off.ingest.seconds),
+        durable.groups.text(durable.ingest.seconds)
     ));
     report
         .notes
@@ -335,7 +279,7 @@ fn settle(databases: &[&str]) -> Result<()> {
 /// commits: the test stack's server runs with `fsync=off` (given on its command
 /// line, which `ALTER SYSTEM` cannot override), where a commit costs no flush and
 /// group commit can save only round trips.
-async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<DurablePair> {
+async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<SinglePair> {
     use tidemark_launch::servers::postgres;
     let bin_dir = super::pg_bin("postgres")?
         .parent()
@@ -394,35 +338,7 @@ async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<DurableP
                 ],
             )
             .await?;
-        let groups_before = Groups::read(&ingest).await?;
-        let meter = CpuMeter::start().await;
-        let report: Report = bench.loadtest(
-            &[
-                "ingest-single",
-                "--seed",
-                "4",
-                "--count",
-                &orders.to_string(),
-                "--concurrency",
-                "32",
-            ],
-            &[
-                ("TIDEMARK_INGEST_URL", ingest.as_str()),
-                ("TIDEMARK_INGEST_KEY", key.as_str()),
-            ],
-        )?;
-        let ingest_cpu = meter.finish().await?;
-        let groups = Groups::read(&ingest).await?.since(groups_before);
-        bench.stop_services().await;
-        let meter = CpuMeter::start().await;
-        let tps = pgbench(bench.stack, &url("pgbench"))?;
-        anyhow::Ok(DurablePair {
-            ingest: report,
-            pgbench_tps: tps,
-            ingest_cpu,
-            pgbench_cpu: meter.finish().await?,
-            groups,
-        })
+        single_pair(bench, (&ingest, &key), 4, orders, &url("pgbench")).await
     }
     .await;
     bench.stop_services().await;
@@ -431,13 +347,84 @@ async fn durable_pair(bench: &mut Harness<'_>, orders: usize) -> Result<DurableP
     measured
 }
 
-/// Single-order ingest and pgbench, each with the CPU it used, on the durable Postgres.
-struct DurablePair {
+/// Single-order ingest at 32 connections to `ingest` (its URL and key; stopped
+/// after), orders of `seed`, then pgbench's single-row INSERTs on `pgbench_db`:
+/// each with the CPU it used, and ingest's group commits during its run.
+async fn single_pair(
+    bench: &mut Harness<'_>,
+    (ingest, key): (&str, &str),
+    seed: u64,
+    orders: usize,
+    pgbench_db: &str,
+) -> Result<SinglePair> {
+    let groups_before = Groups::read(ingest).await?;
+    let meter = CpuMeter::start().await;
+    let report: Report = bench.loadtest(
+        &[
+            "ingest-single",
+            "--seed",
+            &seed.to_string(),
+            "--count",
+            &orders.to_string(),
+            "--concurrency",
+            "32",
+        ],
+        &[
+            ("TIDEMARK_INGEST_URL", ingest),
+            ("TIDEMARK_INGEST_KEY", key),
+        ],
+    )?;
+    let ingest_cpu = meter.finish().await?;
+    let groups = Groups::read(ingest).await?.since(groups_before);
+    bench.stop_services().await;
+    let meter = CpuMeter::start().await;
+    let pgbench_tps = pgbench(bench.stack, pgbench_db)?;
+    Ok(SinglePair {
+        ingest: report,
+        pgbench_tps,
+        ingest_cpu,
+        pgbench_cpu: meter.finish().await?,
+        groups,
+    })
+}
+
+/// Single-order ingest and pgbench on one server ([`single_pair`]).
+struct SinglePair {
     ingest: Report,
     pgbench_tps: f64,
     ingest_cpu: CpuUse,
     pgbench_cpu: CpuUse,
     groups: Groups,
+}
+
+impl SinglePair {
+    /// The report's rows: the rates side by side, then the CPU each used.
+    fn rows(&self, report: &mut BenchReport, measure: &str, anchor: &str, cpu: &str) {
+        let ingest = &self.ingest;
+        report.row(
+            measure.into(),
+            format!(
+                "{:.0} orders/s (p50 {:.1} ms, p99 {:.1} ms)",
+                ingest.items_per_sec, ingest.p50_ms, ingest.p99_ms
+            ),
+            format!("{anchor}: {:.0} tps", self.pgbench_tps),
+            Some(ingest.items_per_sec / self.pgbench_tps),
+            "≥ 1.5×, p99 ≤ 25 ms",
+        );
+        report.row(
+            cpu.into(),
+            self.ingest_cpu.text(Some((ingest.items as f64, "order"))),
+            format!(
+                "pgbench: {}",
+                self.pgbench_cpu.text(Some((
+                    self.pgbench_tps * self.pgbench_cpu.seconds,
+                    "insert"
+                )))
+            ),
+            None,
+            "",
+        );
+    }
 }
 
 /// Ingest's group commits (`ingest::group`) as its `/metrics` counts them.
